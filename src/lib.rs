@@ -1,0 +1,9 @@
+//! depwatch turns a directory of small dependency files into healthy Kubernetes deployments.
+//!
+//! # Layout
+//! - [`cli`]: command-line arguments, every flag also an environment variable.
+//! - [`sim`]: the simulated Kubernetes cluster (`depwatch sim`) that tests, benchmarks and the
+//!   demo run against; the daemon reaches it only through a kubeconfig.
+
+pub mod cli;
+pub mod sim;

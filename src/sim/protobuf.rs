@@ -1,0 +1,231 @@
+//! Decoding of the Kubernetes protobuf envelope for the typed creates kubectl sends
+//! (`kubectl create namespace` posts `application/vnd.kubernetes.protobuf` and does not retry
+//! with JSON). Only the wire format and the few messages kubectl's typed creates use are read:
+//! the `runtime.Unknown` envelope, `ObjectMeta`, Namespace, ConfigMap, Secret, ServiceAccount.
+
+use serde_json::{json, Map, Value};
+
+const MAGIC: &[u8] = b"k8s\0";
+
+#[derive(Debug)]
+enum Field<'a> {
+    Varint,
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {
+    let mut out = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos).ok_or("truncated varint")?;
+        *pos += 1;
+        out |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(out);
+        }
+    }
+    Err("varint too long".into())
+}
+
+/// Split a message into (field number, value) pairs.
+fn fields(buf: &[u8]) -> Result<Vec<(u64, Field<'_>)>, String> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < buf.len() {
+        let tag = varint(buf, &mut pos)?;
+        let (num, wire) = (tag >> 3, tag & 7);
+        let f = match wire {
+            0 => {
+                varint(buf, &mut pos)?;
+                Field::Varint
+            }
+            1 => {
+                pos += 8;
+                Field::Fixed
+            }
+            2 => {
+                let len = varint(buf, &mut pos)? as usize;
+                let end = pos.checked_add(len).ok_or("length overflow")?;
+                let b = buf.get(pos..end).ok_or("truncated field")?;
+                pos = end;
+                Field::Bytes(b)
+            }
+            5 => {
+                pos += 4;
+                Field::Fixed
+            }
+            w => return Err(format!("unsupported wire type {w}")),
+        };
+        out.push((num, f));
+    }
+    Ok(out)
+}
+
+fn string(b: &[u8]) -> Result<String, String> {
+    String::from_utf8(b.to_vec()).map_err(|_| "invalid UTF-8 in string field".to_string())
+}
+
+fn map_entry(b: &[u8], value_as_base64: bool) -> Result<(String, Value), String> {
+    let mut k = String::new();
+    let mut v = Value::String(String::new());
+    for (num, f) in fields(b)? {
+        if let Field::Bytes(x) = f {
+            match num {
+                1 => k = string(x)?,
+                2 if value_as_base64 => {
+                    use base64::Engine;
+                    v = Value::String(base64::engine::general_purpose::STANDARD.encode(x))
+                }
+                2 => v = Value::String(string(x)?),
+                _ => {}
+            }
+        }
+    }
+    Ok((k, v))
+}
+
+fn object_meta(b: &[u8]) -> Result<Value, String> {
+    let mut m = Map::new();
+    let mut labels = Map::new();
+    let mut annotations = Map::new();
+    for (num, f) in fields(b)? {
+        if let Field::Bytes(x) = f {
+            match num {
+                1 => {
+                    m.insert("name".into(), json!(string(x)?));
+                }
+                2 => {
+                    m.insert("generateName".into(), json!(string(x)?));
+                }
+                3 => {
+                    m.insert("namespace".into(), json!(string(x)?));
+                }
+                11 => {
+                    let (k, v) = map_entry(x, false)?;
+                    labels.insert(k, v);
+                }
+                12 => {
+                    let (k, v) = map_entry(x, false)?;
+                    annotations.insert(k, v);
+                }
+                _ => {}
+            }
+        }
+    }
+    if !labels.is_empty() {
+        m.insert("labels".into(), Value::Object(labels));
+    }
+    if !annotations.is_empty() {
+        m.insert("annotations".into(), Value::Object(annotations));
+    }
+    Ok(Value::Object(m))
+}
+
+/// Decode a protobuf-encoded object into its JSON form.
+pub fn decode(body: &[u8]) -> Result<Value, String> {
+    let rest = body
+        .strip_prefix(MAGIC)
+        .ok_or("protobuf body does not start with the k8s magic prefix")?;
+    let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
+    for (num, f) in fields(rest)? {
+        match (num, f) {
+            (1, Field::Bytes(tm)) => {
+                for (n, f) in fields(tm)? {
+                    match (n, f) {
+                        (1, Field::Bytes(x)) => api_version = string(x)?,
+                        (2, Field::Bytes(x)) => kind = string(x)?,
+                        _ => {}
+                    }
+                }
+            }
+            (2, Field::Bytes(x)) => raw = x,
+            _ => {}
+        }
+    }
+    let mut obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {}});
+    let mut data = Map::new();
+    let mut binary = Map::new();
+    let mut finalizers = Vec::new();
+    for (num, f) in fields(raw)? {
+        match (kind.as_str(), num, f) {
+            (_, 1, Field::Bytes(x)) => obj["metadata"] = object_meta(x)?,
+            ("Namespace", 2, Field::Bytes(spec)) => {
+                for (n, f) in fields(spec)? {
+                    if let (1, Field::Bytes(x)) = (n, f) {
+                        finalizers.push(json!(string(x)?));
+                    }
+                }
+            }
+            ("ConfigMap", 2, Field::Bytes(x)) => {
+                let (k, v) = map_entry(x, false)?;
+                data.insert(k, v);
+            }
+            ("ConfigMap", 3, Field::Bytes(x)) | ("Secret", 2, Field::Bytes(x)) => {
+                let (k, v) = map_entry(x, true)?;
+                binary.insert(k, v);
+            }
+            ("Secret", 3, Field::Bytes(x)) => obj["type"] = json!(string(x)?),
+            ("Secret", 4, Field::Bytes(x)) | ("ConfigMap", 4, Field::Bytes(x)) => {
+                let (k, v) = map_entry(x, false)?;
+                data.insert(k, v);
+            }
+            ("Namespace" | "ConfigMap" | "Secret" | "ServiceAccount", _, _) => {}
+            (other, _, _) => {
+                return Err(format!(
+                    "protobuf bodies of kind {other} are not supported by the simulated cluster; send JSON"
+                ))
+            }
+        }
+    }
+    match kind.as_str() {
+        "Namespace" if !finalizers.is_empty() => obj["spec"] = json!({"finalizers": finalizers}),
+        "ConfigMap" => {
+            if !data.is_empty() {
+                obj["data"] = Value::Object(data);
+            }
+            if !binary.is_empty() {
+                obj["binaryData"] = Value::Object(binary);
+            }
+        }
+        "Secret" => {
+            if !binary.is_empty() {
+                obj["data"] = Value::Object(binary);
+            }
+            if !data.is_empty() {
+                obj["stringData"] = Value::Object(data);
+            }
+        }
+        _ => {}
+    }
+    Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ld(num: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![(num << 3) | 2, payload.len() as u8];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_a_namespace_as_kubectl_sends_it() {
+        let mut label = ld(1, b"team");
+        label.extend(ld(2, b"payments"));
+        let mut meta = ld(1, b"prod");
+        meta.extend(ld(11, &label));
+        let ns = ld(1, &meta);
+        let mut tm = ld(1, b"v1");
+        tm.extend(ld(2, b"Namespace"));
+        let mut body = MAGIC.to_vec();
+        body.extend(ld(1, &tm));
+        body.extend(ld(2, &ns));
+        let obj = decode(&body).expect("decodes");
+        assert_eq!(obj["kind"], "Namespace");
+        assert_eq!(obj["metadata"]["name"], "prod");
+        assert_eq!(obj["metadata"]["labels"]["team"], "payments");
+        assert!(decode(b"nope").is_err());
+    }
+}

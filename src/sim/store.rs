@@ -1,0 +1,389 @@
+//! Versioned object storage for the simulated cluster: every write bumps one global
+//! `resourceVersion` (as etcd's revision does), is kept in a bounded event history for watches
+//! that resume, and is broadcast to live watches.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use super::resources::ResourceType;
+
+/// How many past events a watch can resume from before it gets 410 Expired.
+const HISTORY: usize = 20_000;
+
+/// An API error rendered as a `kind: Status` body.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn not_found(rt: &ResourceType, name: &str) -> Self {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("{} \"{}\" not found", rt.qualified(), name),
+        )
+        .with_details(rt, name)
+    }
+
+    pub fn already_exists(rt: &ResourceType, name: &str) -> Self {
+        ApiError::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{}\" already exists", rt.qualified(), name),
+        )
+        .with_details(rt, name)
+    }
+
+    pub fn conflict(rt: &ResourceType, name: &str) -> Self {
+        ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                rt.qualified(),
+                name
+            ),
+        )
+        .with_details(rt, name)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(400, "BadRequest", message)
+    }
+
+    pub fn invalid(rt: &ResourceType, name: &str, causes: Vec<(String, String)>) -> Self {
+        let message = format!(
+            "{}.{} \"{}\" is invalid: {}",
+            rt.kind,
+            rt.group,
+            name,
+            causes
+                .iter()
+                .map(|(f, m)| format!("{f}: {m}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let message = message.replacen(&format!("{}. ", rt.kind), &format!("{} ", rt.kind), 1);
+        let mut e = ApiError::new(422, "Invalid", message).with_details(rt, name);
+        if let Some(d) = e.details.as_mut() {
+            d["causes"] = Value::Array(
+                causes
+                    .into_iter()
+                    .map(|(field, message)| {
+                        json!({"reason": "FieldValueInvalid", "message": message, "field": field})
+                    })
+                    .collect(),
+            );
+        }
+        e
+    }
+
+    pub fn with_details(mut self, rt: &ResourceType, name: &str) -> Self {
+        let mut d = json!({"name": name, "kind": rt.plural});
+        if !rt.group.is_empty() {
+            d["group"] = json!(rt.group);
+        }
+        self.details = Some(d);
+        self
+    }
+
+    pub fn to_status(&self) -> Value {
+        let mut s = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some(d) = &self.details {
+            s["details"] = d.clone();
+        }
+        s
+    }
+}
+
+/// Identity of a stored object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjKey {
+    /// `ResourceType::qualified()`, e.g. `deployments.apps`.
+    pub resource: String,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjKey {
+    pub fn new(rt: &ResourceType, namespace: &str, name: &str) -> Self {
+        ObjKey {
+            resource: rt.qualified(),
+            namespace: if rt.namespaced {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
+            name: name.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as watches see it.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub rv: u64,
+    pub kind: EventType,
+    pub key: ObjKey,
+    pub object: Value,
+}
+
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<ObjKey, Value>,
+    history: VecDeque<Arc<StoredEvent>>,
+    /// Events at or below this revision are gone; resuming from below it is 410 Expired.
+    compacted: u64,
+}
+
+/// The cluster's state. Cheap to share; all access is short and synchronous.
+pub struct Store {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Arc<StoredEvent>>,
+}
+
+/// What a watch starts from.
+pub enum WatchStart {
+    /// Events after the requested revision, then live ones.
+    Replay(Vec<Arc<StoredEvent>>, broadcast::Receiver<Arc<StoredEvent>>),
+    /// The requested revision is older than the retained history.
+    Expired,
+}
+
+/// A serialisable copy of the whole state, used to restart a sim with the same state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub rv: u64,
+    pub objects: Vec<(String, String, String, Value)>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(8192);
+        Store {
+            inner: Mutex::new(Inner {
+                rv: 1,
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                compacted: 1,
+            }),
+            events,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn current_rv(&self) -> u64 {
+        self.lock().rv
+    }
+
+    pub fn get(&self, key: &ObjKey) -> Option<Value> {
+        self.lock().objects.get(key).cloned()
+    }
+
+    /// All objects of one resource, optionally in one namespace, and the revision they are at.
+    pub fn list(&self, resource: &str, namespace: Option<&str>) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        let items = inner
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        (items, inner.rv)
+    }
+
+    /// Atomically read, change and write one object. `f` sees the current object (if any) and
+    /// returns the new one, `None` to delete it, or an error to leave it unchanged. The store
+    /// sets `metadata.resourceVersion` on what is written and returns it.
+    pub fn mutate<F>(&self, key: &ObjKey, f: F) -> Result<Option<Value>, ApiError>
+    where
+        F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
+    {
+        let mut inner = self.lock();
+        let current = inner.objects.get(key);
+        let existed = current.is_some();
+        let next = f(current)?;
+        match next {
+            Some(mut obj) => {
+                if existed && inner.objects.get(key) == Some(&obj) {
+                    return Ok(Some(obj));
+                }
+                inner.rv += 1;
+                let rv = inner.rv;
+                obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                inner.objects.insert(key.clone(), obj.clone());
+                let kind = if existed {
+                    EventType::Modified
+                } else {
+                    EventType::Added
+                };
+                self.record(&mut inner, kind, key, obj.clone());
+                Ok(Some(obj))
+            }
+            None => {
+                if let Some(mut old) = inner.objects.remove(key) {
+                    inner.rv += 1;
+                    let rv = inner.rv;
+                    old["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                    self.record(&mut inner, EventType::Deleted, key, old.clone());
+                    return Ok(Some(old));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn record(&self, inner: &mut Inner, kind: EventType, key: &ObjKey, object: Value) {
+        let ev = Arc::new(StoredEvent {
+            rv: inner.rv,
+            kind,
+            key: key.clone(),
+            object,
+        });
+        inner.history.push_back(ev.clone());
+        while inner.history.len() > HISTORY {
+            if let Some(old) = inner.history.pop_front() {
+                inner.compacted = old.rv;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(ev);
+    }
+
+    /// Start a watch after revision `from`.
+    pub fn watch_from(&self, from: u64) -> WatchStart {
+        let inner = self.lock();
+        if from < inner.compacted {
+            return WatchStart::Expired;
+        }
+        let rx = self.events.subscribe();
+        let replay = inner
+            .history
+            .iter()
+            .filter(|e| e.rv > from)
+            .cloned()
+            .collect();
+        WatchStart::Replay(replay, rx)
+    }
+
+    /// A consistent snapshot of one resource plus a live receiver for what follows it.
+    pub fn list_and_watch(
+        &self,
+        resource: &str,
+        namespace: Option<&str>,
+    ) -> (Vec<Value>, u64, broadcast::Receiver<Arc<StoredEvent>>) {
+        let inner = self.lock();
+        let rx = self.events.subscribe();
+        let items = inner
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        (items, inner.rv, rx)
+    }
+
+    /// Forget all event history, as an etcd compaction does: every watch that resumes from an
+    /// older revision gets 410 Expired and must list again.
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            rv: inner.rv,
+            objects: inner
+                .objects
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.resource.clone(),
+                        k.namespace.clone(),
+                        k.name.clone(),
+                        v.clone(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn restore(&self, snap: Snapshot) {
+        let mut inner = self.lock();
+        inner.rv = snap.rv;
+        inner.compacted = snap.rv;
+        inner.history.clear();
+        inner.objects = snap
+            .objects
+            .into_iter()
+            .map(|(resource, namespace, name, v)| {
+                (
+                    ObjKey {
+                        resource,
+                        namespace,
+                        name,
+                    },
+                    v,
+                )
+            })
+            .collect();
+    }
+}
