@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "depwatch", version, about = "Turns a directory of dependency files into healthy Kubernetes deployments")]
+#[command(
+    name = "depwatch",
+    version,
+    about = "Turns a directory of dependency files into healthy Kubernetes deployments"
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Command,
@@ -80,7 +84,9 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{v} is out of range; expected a fraction from 0.0 to 1.0"))
+        Err(format!(
+            "{v} is out of range; expected a fraction from 0.0 to 1.0"
+        ))
     }
 }
 

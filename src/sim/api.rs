@@ -50,7 +50,8 @@ impl Faults {
     }
     /// End every watch after this long (zero: only the client's `timeoutSeconds`).
     pub fn set_watch_timeout(&self, d: Duration) {
-        self.watch_timeout_secs.store(d.as_secs(), Ordering::Relaxed);
+        self.watch_timeout_secs
+            .store(d.as_secs(), Ordering::Relaxed);
     }
     fn error_rate(&self) -> f64 {
         f64::from_bits(self.error_rate.load(Ordering::Relaxed))
@@ -174,14 +175,33 @@ async fn route(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    let not_found = || ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"));
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let not_found = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    };
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["version"] => return Ok(json_response(200, &discovery::version())),
         ["healthz"] | ["readyz"] | ["livez"] => return Ok("ok".into_response()),
-        ["api"] => return Ok(json_response(200, &discovery::core_versions(&state.server_addr))),
+        ["api"] => {
+            return Ok(json_response(
+                200,
+                &discovery::core_versions(&state.server_addr),
+            ))
+        }
         ["apis"] => return Ok(json_response(200, &discovery::groups())),
-        ["apis", g] => return discovery::group(g).map(|v| json_response(200, &v)).ok_or_else(not_found),
+        ["apis", g] => {
+            return discovery::group(g)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(not_found)
+        }
         ["openapi", "v3"] => return Ok(json_response(200, &discovery::openapi_index())),
         ["openapi", "v3", rest @ ..] => {
             return discovery::openapi_group(&rest.join("/"))
@@ -241,10 +261,13 @@ async fn route(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("unknown");
-    let manager = params
-        .get("fieldManager")
-        .cloned()
-        .unwrap_or_else(|| user_agent.split('/').next().unwrap_or("unknown").to_string());
+    let manager = params.get("fieldManager").cloned().unwrap_or_else(|| {
+        user_agent
+            .split('/')
+            .next()
+            .unwrap_or("unknown")
+            .to_string()
+    });
     let store = &state.store;
     match (method, &target.name) {
         (&Method::GET, None) => {
@@ -255,11 +278,23 @@ async fn route(
             }
         }
         (&Method::GET, Some(name)) => {
-            let key = ObjKey::new(target.rt, target.namespace.as_deref().unwrap_or_default(), name);
-            let obj = store.get(&key).ok_or_else(|| ApiError::not_found(target.rt, name))?;
+            let key = ObjKey::new(
+                target.rt,
+                target.namespace.as_deref().unwrap_or_default(),
+                name,
+            );
+            let obj = store
+                .get(&key)
+                .ok_or_else(|| ApiError::not_found(target.rt, name))?;
             if table::wants_table(accept) {
-                let include = params.get("includeObject").map(String::as_str).unwrap_or("Metadata");
-                return Ok(json_response(200, &table::render(target.rt, &[obj], store.current_rv(), include)));
+                let include = params
+                    .get("includeObject")
+                    .map(String::as_str)
+                    .unwrap_or("Metadata");
+                return Ok(json_response(
+                    200,
+                    &table::render(target.rt, &[obj], store.current_rv(), include),
+                ));
             }
             Ok(json_response(200, &obj))
         }
@@ -275,7 +310,11 @@ async fn route(
             patch_object(store, &target, name, body, content_type, params, &manager)
         }
         (&Method::DELETE, Some(name)) => {
-            let key = ObjKey::new(target.rt, target.namespace.as_deref().unwrap_or_default(), name);
+            let key = ObjKey::new(
+                target.rt,
+                target.namespace.as_deref().unwrap_or_default(),
+                name,
+            );
             let rt = target.rt;
             let deleted = store.mutate(&key, |cur| match cur {
                 Some(_) => Ok(None),
@@ -288,31 +327,48 @@ async fn route(
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",
-            format!("the server does not allow this method on the requested resource ({method} {path})"),
+            format!(
+                "the server does not allow this method on the requested resource ({method} {path})"
+            ),
         )),
     }
 }
 
 fn decode_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
     if content_type.starts_with("application/vnd.kubernetes.protobuf") {
-        return protobuf::decode(body)
-            .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
+        return protobuf::decode(body).map_err(|e| ApiError::new(415, "UnsupportedMediaType", e));
     }
     if content_type.contains("yaml") {
-        return serde_saphyr::from_slice::<Value>(body)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")));
+        return serde_saphyr::from_slice::<Value>(body).map_err(|e| {
+            ApiError::bad_request(format!("the request body is not valid YAML: {e}"))
+        });
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
 fn selectors(params: &Params) -> Result<(Selector, Selector), ApiError> {
-    let labels = Selector::parse(params.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let fields = Selector::parse(params.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    let labels = Selector::parse(
+        params
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or(""),
+    )?;
+    let fields = Selector::parse(
+        params
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or(""),
+    )?;
     Ok((labels, fields))
 }
 
-fn list(store: &Store, target: &Target, params: &Params, accept: &str) -> Result<Response, ApiError> {
+fn list(
+    store: &Store,
+    target: &Target,
+    params: &Params,
+    accept: &str,
+) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(params)?;
     let (items, rv) = store.list(&target.rt.qualified(), target.namespace.as_deref());
     let items: Vec<Value> = items
@@ -320,8 +376,14 @@ fn list(store: &Store, target: &Target, params: &Params, accept: &str) -> Result
         .filter(|o| labels.matches_labels(o) && fields.matches_fields(o))
         .collect();
     if table::wants_table(accept) {
-        let include = params.get("includeObject").map(String::as_str).unwrap_or("Metadata");
-        return Ok(json_response(200, &table::render(target.rt, &items, rv, include)));
+        let include = params
+            .get("includeObject")
+            .map(String::as_str)
+            .unwrap_or("Metadata");
+        return Ok(json_response(
+            200,
+            &table::render(target.rt, &items, rv, include),
+        ));
     }
     Ok(json_response(
         200,
@@ -341,12 +403,8 @@ fn watch_line(kind: &str, object: &Value) -> Bytes {
 }
 
 fn expired_line(rv: &str) -> Bytes {
-    let status = ApiError::new(
-        410,
-        "Expired",
-        format!("too old resource version: {rv}"),
-    )
-    .to_status();
+    let status =
+        ApiError::new(410, "Expired", format!("too old resource version: {rv}")).to_status();
     watch_line("ERROR", &status)
 }
 
@@ -357,7 +415,9 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
     let namespace = target.namespace.clone();
     let requested_rv = params.get("resourceVersion").cloned().unwrap_or_default();
     let initial_events = params.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let bookmarks = params.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let mut timeout = params
         .get("timeoutSeconds")
         .and_then(|s| s.parse::<u64>().ok())
@@ -379,51 +439,58 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
         if end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        watch_line("BOOKMARK", &json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta}))
+        watch_line(
+            "BOOKMARK",
+            &json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta}),
+        )
     };
 
     let mut first: Vec<Bytes> = Vec::new();
-    let (mut last_rv, mut live) = if initial_events || requested_rv.is_empty() || requested_rv == "0" {
-        let (items, rv, live) = state.store.list_and_watch(&rt.qualified(), target.namespace.as_deref());
-        for obj in items {
-            let probe = StoredEvent {
-                rv,
-                kind: super::store::EventType::Added,
-                key: ObjKey::new(rt, meta::namespace(&obj), meta::name(&obj)),
-                object: obj,
-            };
-            if matches(&probe) {
-                first.push(watch_line("ADDED", &probe.object));
-            }
-        }
-        if initial_events {
-            first.push(bookmark(rv, true));
-        }
-        (rv, live)
-    } else {
-        let from: u64 = requested_rv
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}")))?;
-        match state.store.watch_from(from) {
-            WatchStart::Expired => {
-                let body = Body::from(expired_line(&requested_rv));
-                return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
-            }
-            WatchStart::Replay(events, live) => {
-                let mut last = from;
-                for ev in events {
-                    last = ev.rv;
-                    if matches(&ev) {
-                        first.push(watch_line(ev.kind.as_str(), &ev.object));
-                    }
+    let (mut last_rv, mut live) =
+        if initial_events || requested_rv.is_empty() || requested_rv == "0" {
+            let (items, rv, live) = state
+                .store
+                .list_and_watch(&rt.qualified(), target.namespace.as_deref());
+            for obj in items {
+                let probe = StoredEvent {
+                    rv,
+                    kind: super::store::EventType::Added,
+                    key: ObjKey::new(rt, meta::namespace(&obj), meta::name(&obj)),
+                    object: obj,
+                };
+                if matches(&probe) {
+                    first.push(watch_line("ADDED", &probe.object));
                 }
-                (last, live)
             }
-        }
-    };
+            if initial_events {
+                first.push(bookmark(rv, true));
+            }
+            (rv, live)
+        } else {
+            let from: u64 = requested_rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}"))
+            })?;
+            match state.store.watch_from(from) {
+                WatchStart::Expired => {
+                    let body = Body::from(expired_line(&requested_rv));
+                    return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+                }
+                WatchStart::Replay(events, live) => {
+                    let mut last = from;
+                    for ev in events {
+                        last = ev.rv;
+                        if matches(&ev) {
+                            first.push(watch_line(ev.kind.as_str(), &ev.object));
+                        }
+                    }
+                    (last, live)
+                }
+            }
+        };
 
     let shutdown = state.shutdown.clone();
     let store = state.store.clone();
+    let mut compactions = store.compactions();
     tokio::spawn(async move {
         for line in first {
             if tx.send(Ok(line)).await.is_err() {
@@ -443,6 +510,10 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
             let line = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = sleep_until => return,
+                _ = compactions.changed() => {
+                    let _ = tx.send(Ok(expired_line(&last_rv.to_string()))).await;
+                    return;
+                }
                 _ = ticker.tick(), if bookmarks => {
                     // Everything up to the store's revision has been sent or filtered out only
                     // once the receiver is drained; the bookmark waits for that.
@@ -554,7 +625,8 @@ fn pod_spec_defaults(spec: &mut Value) {
             if c["imagePullPolicy"].is_null() {
                 let image = c["image"].as_str().unwrap_or_default();
                 let latest = !image.contains('@')
-                    && (image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or("").contains(':'));
+                    && (image.ends_with(":latest")
+                        || !image.rsplit('/').next().unwrap_or("").contains(':'));
                 c["imagePullPolicy"] = json!(if latest { "Always" } else { "IfNotPresent" });
             }
             if c["resources"].is_null() {
@@ -585,7 +657,9 @@ fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Result<(), A
             let labels = &obj["spec"]["template"]["metadata"]["labels"];
             if sel.is_null() || sel.as_object().is_some_and(|m| m.is_empty()) {
                 causes.push(("spec.selector".into(), "Required value".into()));
-            } else if !Selector::from_label_selector(sel).matches_labels(&json!({"metadata": {"labels": labels}})) {
+            } else if !Selector::from_label_selector(sel)
+                .matches_labels(&json!({"metadata": {"labels": labels}}))
+            {
                 causes.push((
                     "spec.template.metadata.labels".into(),
                     format!("Invalid value: {labels}: `selector` does not match template `labels`"),
@@ -593,11 +667,17 @@ fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Result<(), A
             }
             if let Some(old) = old {
                 if old["spec"]["selector"] != *sel {
-                    causes.push(("spec.selector".into(), format!("Invalid value: {sel}: field is immutable")));
+                    causes.push((
+                        "spec.selector".into(),
+                        format!("Invalid value: {sel}: field is immutable"),
+                    ));
                 }
             }
             if obj["spec"]["replicas"].as_i64().is_some_and(|r| r < 0) {
-                causes.push(("spec.replicas".into(), "Invalid value: must be greater than or equal to 0".into()));
+                causes.push((
+                    "spec.replicas".into(),
+                    "Invalid value: must be greater than or equal to 0".into(),
+                ));
             }
             Some(("spec.template.spec", &obj["spec"]["template"]["spec"]))
         }
@@ -610,10 +690,18 @@ fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Result<(), A
                 for (i, c) in cs.iter().enumerate() {
                     let cname = c["name"].as_str().unwrap_or_default();
                     if !meta::valid_label(cname) {
-                        causes.push((format!("{prefix}.containers[{i}].name"), format!("Invalid value: \"{cname}\": must be a lowercase RFC 1123 label")));
+                        causes.push((
+                            format!("{prefix}.containers[{i}].name"),
+                            format!(
+                                "Invalid value: \"{cname}\": must be a lowercase RFC 1123 label"
+                            ),
+                        ));
                     }
                     if c["image"].as_str().is_none_or(|s| s.trim().is_empty()) {
-                        causes.push((format!("{prefix}.containers[{i}].image"), "Required value".into()));
+                        causes.push((
+                            format!("{prefix}.containers[{i}].image"),
+                            "Required value".into(),
+                        ));
                     }
                 }
             }
@@ -632,16 +720,26 @@ fn check_namespace(store: &Store, rt: &ResourceType, ns: Option<&str>) -> Result
         return Ok(());
     }
     let ns = ns.unwrap_or_default();
-    if store.get(&ObjKey::new(resources::namespaces(), "", ns)).is_none() {
+    if store
+        .get(&ObjKey::new(resources::namespaces(), "", ns))
+        .is_none()
+    {
         return Err(ApiError::not_found(resources::namespaces(), ns));
     }
     Ok(())
 }
 
-fn create(store: &Store, target: &Target, mut obj: Value, manager: &str) -> Result<Value, ApiError> {
+fn create(
+    store: &Store,
+    target: &Target,
+    mut obj: Value,
+    manager: &str,
+) -> Result<Value, ApiError> {
     let rt = target.rt;
     if !obj.is_object() {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     }
     if let Some(kind) = obj["kind"].as_str() {
         if kind != rt.kind {
@@ -680,14 +778,24 @@ fn create(store: &Store, target: &Target, mut obj: Value, manager: &str) -> Resu
                 return Err(ApiError::invalid(
                     rt,
                     "",
-                    vec![("metadata.name".into(), "Required value: name or generateName is required".into())],
+                    vec![(
+                        "metadata.name".into(),
+                        "Required value: name or generateName is required".into(),
+                    )],
                 ))
             }
         }
     }
     let now = meta::now();
     if let Some(m) = obj["metadata"].as_object_mut() {
-        for k in ["resourceVersion", "uid", "creationTimestamp", "deletionTimestamp", "managedFields", "generation"] {
+        for k in [
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "managedFields",
+            "generation",
+        ] {
             m.remove(k);
         }
     }
@@ -705,7 +813,8 @@ fn create(store: &Store, target: &Target, mut obj: Value, manager: &str) -> Resu
         Some(_) => Err(ApiError::already_exists(rt, &name)),
         None => Ok(Some(obj)),
     })?;
-    created.ok_or_else(|| ApiError::new(500, "InternalError", "object vanished while being created"))
+    created
+        .ok_or_else(|| ApiError::new(500, "InternalError", "object vanished while being created"))
 }
 
 /// Turn a client's desired object into what is stored, given the stored one: identity and
@@ -739,7 +848,15 @@ fn finish_write(
     if !new["metadata"].is_object() {
         new["metadata"] = json!({});
     }
-    for k in ["uid", "creationTimestamp", "name", "namespace", "generation", "deletionTimestamp", "resourceVersion"] {
+    for k in [
+        "uid",
+        "creationTimestamp",
+        "name",
+        "namespace",
+        "generation",
+        "deletionTimestamp",
+        "resourceVersion",
+    ] {
         match old["metadata"].get(k) {
             Some(v) => new["metadata"][k] = v.clone(),
             None => {
@@ -775,12 +892,24 @@ fn finish_write(
                 new["metadata"]["managedFields"] = mf.clone();
             }
         }
-        track_update(Some(old), &mut new, manager, &rt.api_version(), &meta::now());
+        track_update(
+            Some(old),
+            &mut new,
+            manager,
+            &rt.api_version(),
+            &meta::now(),
+        );
     }
     Ok(new)
 }
 
-fn update(store: &Store, target: &Target, name: &str, obj: Value, manager: &str) -> Result<Value, ApiError> {
+fn update(
+    store: &Store,
+    target: &Target,
+    name: &str,
+    obj: Value,
+    manager: &str,
+) -> Result<Value, ApiError> {
     let rt = target.rt;
     let key = ObjKey::new(rt, target.namespace.as_deref().unwrap_or_default(), name);
     let sub = target.sub.as_deref();
@@ -807,20 +936,32 @@ fn patch_object(
     let media = content_type.split(';').next().unwrap_or_default().trim();
     if media == "application/apply-patch+yaml" || media == "application/apply-patch+json" {
         let Some(manager) = params.get("fieldManager").filter(|m| !m.is_empty()) else {
-            return Err(ApiError::bad_request("fieldManager is required for apply requests"));
+            return Err(ApiError::bad_request(
+                "fieldManager is required for apply requests",
+            ));
         };
         let force = params.get("force").is_some_and(|f| f == "true");
-        let mut config: Value = serde_saphyr::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the apply configuration is not valid YAML or JSON: {e}")))?;
-        if config["metadata"]["name"].as_str().is_some_and(|n| n != name) {
-            return Err(ApiError::bad_request("the name in the apply configuration does not match the URL"));
+        let mut config: Value = serde_saphyr::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the apply configuration is not valid YAML or JSON: {e}"
+            ))
+        })?;
+        if config["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n != name)
+        {
+            return Err(ApiError::bad_request(
+                "the name in the apply configuration does not match the URL",
+            ));
         }
         config["metadata"]["name"] = json!(name);
         if rt.namespaced {
             config["metadata"]["namespace"] = json!(ns);
             check_namespace(store, rt, Some(&ns))?;
         }
-        if config["apiVersion"].as_str() != Some(&rt.api_version()) || config["kind"].as_str() != Some(rt.kind) {
+        if config["apiVersion"].as_str() != Some(&rt.api_version())
+            || config["kind"].as_str() != Some(rt.kind)
+        {
             return Err(ApiError::bad_request(format!(
                 "the apply configuration must have apiVersion {:?} and kind {:?}",
                 rt.api_version(),

@@ -320,20 +320,24 @@ fn write_managers(obj: &mut Value, managers: Vec<Manager>, now: &str) {
 
 /// Record ownership for a non-apply write (create, update, patch): the fields that `new` sets
 /// differently from `old` now belong to `manager`; fields that disappeared belong to nobody.
-pub fn track_update(old: Option<&Value>, new: &mut Value, manager: &str, api_version: &str, now: &str) {
+pub fn track_update(
+    old: Option<&Value>,
+    new: &mut Value,
+    manager: &str,
+    api_version: &str,
+    now: &str,
+) {
     let old_leaves = old.map(|o| leaves(o, false)).unwrap_or_default();
     let new_leaves = leaves(new, false);
     let mut managers = old.map(read_managers).unwrap_or_default();
     let changed: FieldSet = new_leaves
         .iter()
-        .filter(|p| {
-            !old_leaves.contains(*p)
-                || old.and_then(|o| get_at(o, p)) != get_at(new, p)
-        })
+        .filter(|p| !old_leaves.contains(*p) || old.and_then(|o| get_at(o, p)) != get_at(new, p))
         .cloned()
         .collect();
     for m in &mut managers {
-        m.fields.retain(|p| new_leaves.contains(p) && !changed.contains(p));
+        m.fields
+            .retain(|p| new_leaves.contains(p) && !changed.contains(p));
     }
     if !changed.is_empty() {
         match managers
@@ -362,9 +366,9 @@ pub fn apply(
     api_version: &str,
     now: &str,
 ) -> Result<Value, ApiError> {
-    let mut obj = live.cloned().unwrap_or_else(|| {
-        json!({"apiVersion": config["apiVersion"], "kind": config["kind"], "metadata": {}})
-    });
+    let mut obj = live.cloned().unwrap_or_else(
+        || json!({"apiVersion": config["apiVersion"], "kind": config["kind"], "metadata": {}}),
+    );
     let mut managers = live.map(read_managers).unwrap_or_default();
     let applied = leaves(config, false);
 
@@ -466,25 +470,53 @@ mod tests {
     #[test]
     fn a_different_value_owned_by_another_manager_conflicts() {
         let a = apply(None, &lease("a"), "a", false, "coordination.k8s.io/v1", NOW).expect("a");
-        let err = apply(Some(&a), &lease("b"), "b", false, "coordination.k8s.io/v1", NOW)
-            .expect_err("conflict");
+        let err = apply(
+            Some(&a),
+            &lease("b"),
+            "b",
+            false,
+            "coordination.k8s.io/v1",
+            NOW,
+        )
+        .expect_err("conflict");
         assert_eq!(err.code, 409);
         let causes = &err.details.expect("details")["causes"];
         assert_eq!(causes[0]["reason"], "FieldManagerConflict");
         assert_eq!(causes[0]["field"], ".spec.holderIdentity");
         // Same value: shared ownership, no conflict.
-        let shared = apply(Some(&a), &lease("a"), "b", false, "coordination.k8s.io/v1", NOW)
-            .expect("shared");
+        let shared = apply(
+            Some(&a),
+            &lease("a"),
+            "b",
+            false,
+            "coordination.k8s.io/v1",
+            NOW,
+        )
+        .expect("shared");
         assert_eq!(
             shared["metadata"]["managedFields"].as_array().map(Vec::len),
             Some(2)
         );
         // Forced: b takes the field.
-        let forced =
-            apply(Some(&a), &lease("b"), "b", true, "coordination.k8s.io/v1", NOW).expect("force");
+        let forced = apply(
+            Some(&a),
+            &lease("b"),
+            "b",
+            true,
+            "coordination.k8s.io/v1",
+            NOW,
+        )
+        .expect("force");
         assert_eq!(forced["spec"]["holderIdentity"], "b");
-        let again = apply(Some(&forced), &lease("c"), "b", false, "coordination.k8s.io/v1", NOW)
-            .expect("b owns it now");
+        let again = apply(
+            Some(&forced),
+            &lease("c"),
+            "b",
+            false,
+            "coordination.k8s.io/v1",
+            NOW,
+        )
+        .expect("b owns it now");
         assert_eq!(again["spec"]["holderIdentity"], "c");
     }
 

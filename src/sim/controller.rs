@@ -47,7 +47,11 @@ fn int(v: &Value) -> i64 {
 
 /// Resolve an int-or-percent (`25%`, `1`) against a replica count.
 fn int_or_percent(v: &Value, total: i64, round_up: bool, default: &str) -> i64 {
-    let v = if v.is_null() { json!(default) } else { v.clone() };
+    let v = if v.is_null() {
+        json!(default)
+    } else {
+        v.clone()
+    };
     match v {
         Value::Number(n) => n.as_i64().unwrap_or(0),
         Value::String(s) => {
@@ -194,12 +198,10 @@ impl Controller {
     }
 
     fn pod_ready(pod: &Value) -> bool {
-        pod["status"]["conditions"]
-            .as_array()
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
+        pod["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
     }
 
     fn health_by_rs(&self, namespace: &str, rs_uid: &str) -> Vec<PodHealth> {
@@ -482,9 +484,7 @@ impl Controller {
             } else {
                 (Fate::Ready, Duration::ZERO)
             };
-            let waiting = |reason: &str, message: String| {
-                json!({"waiting": {"reason": reason, "message": message}})
-            };
+            let waiting = |reason: &str, message: String| json!({"waiting": {"reason": reason, "message": message}});
             let mut restarts = 0u64;
             let mut last_state = json!({});
             let (state, running, ready) = if !valid_image_reference(image) {
@@ -563,9 +563,8 @@ impl Controller {
                 "lastState": last_state,
             }));
         }
-        let cond = |t: &str, ok: bool| {
-            json!({"type": t, "status": if ok { "True" } else { "False" }})
-        };
+        let cond =
+            |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
         json!({
             "phase": if all_running { "Running" } else { "Pending" },
             "hostIP": "10.0.0.1",
@@ -654,7 +653,9 @@ impl Controller {
             .and_then(|c| c["reason"].as_str())
             .unwrap_or_default()
             .to_string();
-        let deadline = dep["spec"]["progressDeadlineSeconds"].as_u64().unwrap_or(600);
+        let deadline = dep["spec"]["progressDeadlineSeconds"]
+            .as_u64()
+            .unwrap_or(600);
         let stalled = self
             .last_progress
             .get(&uid)
@@ -712,9 +713,17 @@ impl Controller {
             .and_then(|cs| cs.iter().find(|c| c["type"] == "Available"))
             .cloned();
         let (a_status, a_reason, a_message) = if is_available {
-            ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+            (
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.",
+            )
         } else {
-            ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+            (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )
         };
         let available_cond = match old_available {
             Some(c) if c["status"] == a_status && c["reason"] == a_reason => c,

@@ -53,9 +53,7 @@ pub fn controller_uid(obj: &Value) -> Option<&str> {
 
 /// RFC 1123 DNS subdomain: what most object names must be.
 pub fn valid_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(valid_label_part)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_label_part)
 }
 
 /// RFC 1123 DNS label: namespace names and similar.

@@ -170,9 +170,7 @@ impl Sim {
             server_addr: self.addr.to_string(),
             shutdown: shutdown.clone(),
         });
-        let app = axum::Router::new()
-            .fallback(api::handle)
-            .with_state(state);
+        let app = axum::Router::new().fallback(api::handle).with_state(state);
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned());
@@ -235,7 +233,10 @@ impl Sim {
         if let Some((token, task)) = self.server.take() {
             token.cancel();
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

@@ -40,8 +40,13 @@ pub fn json_patch(target: &Value, patch_body: &[u8]) -> Result<Value, ApiError> 
     let patch: json_patch::Patch = serde_json::from_slice(patch_body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
     let mut doc = target.clone();
-    json_patch::patch(&mut doc, &patch)
-        .map_err(|e| ApiError::new(422, "Invalid", format!("the JSON patch could not be applied: {e}")))?;
+    json_patch::patch(&mut doc, &patch).map_err(|e| {
+        ApiError::new(
+            422,
+            "Invalid",
+            format!("the JSON patch could not be applied: {e}"),
+        )
+    })?;
     Ok(doc)
 }
 
@@ -63,7 +68,9 @@ pub fn strategic_merge_patch(target: &Value, patch_body: &[u8]) -> Result<Value,
     };
     let mut doc = target.clone();
     let Value::Object(map) = &mut doc else {
-        return Err(ApiError::bad_request("the target object is not a JSON object"));
+        return Err(ApiError::bad_request(
+            "the target object is not a JSON object",
+        ));
     };
     merge_map(map, &patch, &mut Vec::new())?;
     Ok(doc)
@@ -293,7 +300,10 @@ mod tests {
             {"name": "web", "image": "web:2"}]}}}}));
         let cs = &out["spec"]["template"]["spec"]["containers"];
         assert_eq!(cs[0]["image"], "web:2");
-        assert_eq!(cs[0]["ports"][0]["containerPort"], 80, "untouched fields stay");
+        assert_eq!(
+            cs[0]["ports"][0]["containerPort"], 80,
+            "untouched fields stay"
+        );
         assert_eq!(cs[1]["image"], "side:1", "the sidecar keeps its image");
     }
 

@@ -182,6 +182,8 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<StoredEvent>>,
+    /// Bumped by each compaction; open watches end with 410 Expired when it moves.
+    compactions: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a watch starts from.
@@ -208,7 +210,9 @@ impl Default for Store {
 impl Store {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(8192);
+        let (compactions, _) = tokio::sync::watch::channel(0);
         Store {
+            compactions,
             inner: Mutex::new(Inner {
                 rv: 1,
                 objects: BTreeMap::new(),
@@ -238,9 +242,7 @@ impl Store {
         let items = inner
             .objects
             .iter()
-            .filter(|(k, _)| {
-                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
-            })
+            .filter(|(k, _)| k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns))
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv)
@@ -331,9 +333,7 @@ impl Store {
         let items = inner
             .objects
             .iter()
-            .filter(|(k, _)| {
-                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
-            })
+            .filter(|(k, _)| k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns))
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv, rx)
@@ -344,7 +344,16 @@ impl Store {
     pub fn compact(&self) {
         let mut inner = self.lock();
         inner.history.clear();
+        // The compaction takes a revision of its own, so even a watch that is fully up to date
+        // must list again when it resumes.
+        inner.rv += 1;
         inner.compacted = inner.rv;
+        self.compactions.send_modify(|n| *n += 1);
+    }
+
+    /// Notified on every compaction.
+    pub fn compactions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.compactions.subscribe()
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -7,9 +7,9 @@ use super::resources::ResourceType;
 
 /// Whether an `Accept` header asks for a Table.
 pub fn wants_table(accept: &str) -> bool {
-    accept.split(',').any(|part| {
-        part.contains("as=Table") && part.contains("g=meta.k8s.io")
-    })
+    accept
+        .split(',')
+        .any(|part| part.contains("as=Table") && part.contains("g=meta.k8s.io"))
 }
 
 fn col(name: &str, kind: &str, priority: u8, description: &str) -> Value {
@@ -35,7 +35,10 @@ fn n(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
-fn columns_and_cells(rt: &ResourceType) -> (Vec<Value>, fn(&Value) -> Vec<Value>) {
+/// Renders one object's row cells.
+type Cells = fn(&Value) -> Vec<Value>;
+
+fn columns_and_cells(rt: &ResourceType) -> (Vec<Value>, Cells) {
     match (rt.group, rt.plural) {
         ("apps", "deployments") => (
             vec![

@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests: waiting with deadlines and running kubectl.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The result of one kubectl invocation.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// kubectl pointed at one cluster, with its discovery cache in the test's own directory.
+pub struct Kubectl {
+    pub kubeconfig: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Kubectl {
+    pub fn new(dir: &Path, kubeconfig_text: &str) -> Kubectl {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_text).expect("write kubeconfig");
+        Kubectl {
+            kubeconfig,
+            cache: dir.join("kube-cache"),
+        }
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let out = tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("KUBECACHEDIR", &self.cache)
+            .env("HOME", self.cache.parent().unwrap_or(Path::new("/tmp")))
+            .output()
+            .await
+            .expect("kubectl runs (is it installed?)");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Run and require success.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert_eq!(out.code, 0, "kubectl {args:?} failed: {out:?}");
+        out.stdout
+    }
+}
+
+/// Count the audit-log lines matching a predicate on the parsed JSON.
+pub fn audit_count(path: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| pred(v))
+        .count()
+}

@@ -1,0 +1,474 @@
+//! The `kube` crate against the simulated cluster: watches through timeouts and expiry, the
+//! four patch types, server-side-apply conflicts, leader election, fault injection, restarts.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{audit_count, wait_for};
+use depwatch::sim::{Sim, SimConfig};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use serde_json::json;
+
+fn deployment(name: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [{"name": "patch-demo-ctr", "image": "nginx:1.25"}],
+                    "tolerations": [{"effect": "NoSchedule", "key": "dedicated", "value": "test-team"}]
+                }
+            }
+        }
+    }))
+    .expect("valid deployment")
+}
+
+fn images(d: &Deployment) -> Vec<(String, String)> {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_sees_every_change_through_watch_timeouts_and_410() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let sim = Sim::start(SimConfig {
+        watch_timeout: Some(Duration::from_secs(1)),
+        audit_log: Some(audit.clone()),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let client = sim.client().expect("client");
+    let api: Api<Deployment> = Api::namespaced(client, "default");
+    api.create(&PostParams::default(), &deployment("watched"))
+        .await
+        .expect("create");
+
+    let seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    for streaming in [false, true] {
+        let seen = seen.clone();
+        let mut config = watcher::Config::default().fields("metadata.name=watched");
+        if streaming {
+            config = config.streaming_lists();
+        }
+        let stream = watcher(api.clone(), config)
+            .default_backoff()
+            .applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                if let Ok(d) = item {
+                    if let Some(step) = d.metadata.annotations.and_then(|a| a.get("step").cloned())
+                    {
+                        let tag = if streaming { "s" } else { "l" };
+                        seen.lock().expect("lock").insert(format!("{tag}{step}"));
+                    }
+                }
+            }
+        });
+    }
+
+    let watches = |a: &std::path::Path| audit_count(a, |l| l["verb"] == "watch");
+    let lists = |a: &std::path::Path| {
+        audit_count(a, |l| {
+            l["verb"] == "get" && l["path"] == "/apis/apps/v1/namespaces/default/deployments"
+        })
+    };
+    for step in 1..=5 {
+        if step == 3 {
+            // Force 410 Expired on the next resume: both watchers must relist.
+            let streamed = |a: &std::path::Path| {
+                audit_count(a, |l| {
+                    l["verb"] == "watch"
+                        && l["query"]
+                            .as_str()
+                            .is_some_and(|q| q.contains("sendInitialEvents=true"))
+                })
+            };
+            let (lists_before, streamed_before) = (lists(&audit), streamed(&audit));
+            sim.compact();
+            wait_for(
+                "both watchers to start over after 410 Expired",
+                Duration::from_secs(15),
+                || async {
+                    (lists(&audit) > lists_before && streamed(&audit) > streamed_before)
+                        .then_some(())
+                },
+            )
+            .await;
+        } else {
+            // Let at least one watch end at --watch-timeout and be resumed.
+            let before = watches(&audit);
+            wait_for("watches to be resumed", Duration::from_secs(15), || async {
+                (watches(&audit) >= before + 2).then_some(())
+            })
+            .await;
+        }
+        api.patch(
+            "watched",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"step": step.to_string()}}})),
+        )
+        .await
+        .expect("patch");
+        wait_for(
+            &format!("both watchers to see step {step}"),
+            Duration::from_secs(15),
+            || async {
+                let s = seen.lock().expect("lock");
+                (s.contains(&format!("l{step}")) && s.contains(&format!("s{step}"))).then_some(())
+            },
+        )
+        .await;
+    }
+    let expired = std::fs::read_to_string(&audit).expect("audit");
+    assert!(
+        expired.contains("\"verb\":\"watch\""),
+        "watches are audited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_types_behave_like_the_api_server() {
+    // Cases from the Kubernetes task "Update API Objects in Place Using kubectl patch".
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let api: Api<Deployment> = Api::namespaced(sim.client().expect("client"), "default");
+    api.create(&PostParams::default(), &deployment("patch-demo"))
+        .await
+        .expect("create");
+    let pp = PatchParams::default();
+
+    // Strategic merge: containers merge by name, so the Deployment has two containers.
+    let d = api
+        .patch(
+            "patch-demo",
+            &pp,
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "patch-demo-ctr-2", "image": "redis"}]}}}})),
+        )
+        .await
+        .expect("strategic");
+    assert_eq!(
+        images(&d),
+        vec![
+            ("patch-demo-ctr".into(), "nginx:1.25".into()),
+            ("patch-demo-ctr-2".into(), "redis".into())
+        ]
+    );
+    let gen_after_first = d.metadata.generation;
+
+    // Strategic merge: tolerations have no merge key, so the list is replaced.
+    let d = api
+        .patch(
+            "patch-demo",
+            &pp,
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"tolerations": [
+            {"effect": "NoSchedule", "key": "disktype", "value": "ssd"}]}}}})),
+        )
+        .await
+        .expect("strategic tolerations");
+    let tol = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.tolerations.clone())
+        .expect("tolerations");
+    assert_eq!(tol.len(), 1);
+    assert_eq!(tol[0].key.as_deref(), Some("disktype"));
+    assert!(
+        d.metadata.generation > gen_after_first,
+        "spec changes bump the generation"
+    );
+
+    // JSON merge patch: lists are replaced whole.
+    let d = api
+        .patch(
+            "patch-demo",
+            &pp,
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "patch-demo-ctr-3", "image": "gcr.io/google-samples/hello-app:2.0"}]}}}})),
+        )
+        .await
+        .expect("merge");
+    assert_eq!(
+        images(&d),
+        vec![(
+            "patch-demo-ctr-3".into(),
+            "gcr.io/google-samples/hello-app:2.0".into()
+        )]
+    );
+
+    // JSON patch.
+    let p: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/spec/replicas", "value": 3}]))
+            .expect("patch");
+    let d = api
+        .patch("patch-demo", &pp, &Patch::Json::<()>(p))
+        .await
+        .expect("json patch");
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(3));
+
+    // Strategic merge with $retainKeys: switching to Recreate drops rollingUpdate.
+    let d = api
+        .patch(
+            "patch-demo",
+            &pp,
+            &Patch::Strategic(
+                json!({"spec": {"strategy": {"$retainKeys": ["type"], "type": "Recreate"}}}),
+            ),
+        )
+        .await
+        .expect("retainKeys");
+    let strategy = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.clone())
+        .expect("strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("Recreate"));
+    assert!(strategy.rolling_update.is_none());
+
+    // Server-side apply: only the applied fields change; the manager is recorded.
+    let cfg = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "patch-demo"},
+        "spec": {"template": {"spec": {"containers": [{"name": "patch-demo-ctr-3", "image": "hello-app:3.0"}]}}}});
+    let d = api
+        .patch(
+            "patch-demo",
+            &PatchParams::apply("ci").force(),
+            &Patch::Apply(&cfg),
+        )
+        .await
+        .expect("apply");
+    assert_eq!(
+        images(&d),
+        vec![("patch-demo-ctr-3".into(), "hello-app:3.0".into())]
+    );
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    let managers: Vec<String> = d
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.contains(&"ci".to_string()), "{managers:?}");
+
+    // Precondition: a stale resourceVersion is a 409 Conflict.
+    let mut stale = api.get("patch-demo").await.expect("get");
+    api.patch(
+        "patch-demo",
+        &pp,
+        &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}}})),
+    )
+    .await
+    .expect("label");
+    stale.metadata.labels = Some([("y".to_string(), "2".to_string())].into());
+    let err = api
+        .replace("patch-demo", &PostParams::default(), &stale)
+        .await
+        .expect_err("stale update");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"),
+        "{err:?}"
+    );
+
+    // Missing object and invalid object give real Status errors.
+    let err = api.get("nope").await.expect_err("missing");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404 && s.reason == "NotFound"),
+        "{err:?}"
+    );
+    let mut bad = deployment("bad");
+    bad.spec.as_mut().expect("spec").selector.match_labels =
+        Some([("app".to_string(), "other".to_string())].into());
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("invalid");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.reason == "Invalid"),
+        "{err:?}"
+    );
+    let err = api
+        .create(&PostParams::default(), &deployment("patch-demo"))
+        .await
+        .expect_err("exists");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_conflict_is_a_409_field_manager_conflict() {
+    use http_body_util::BodyExt;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let client = sim.client().expect("client");
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let cfg = |replicas: i32| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ssa"},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "ssa"}},
+                 "template": {"metadata": {"labels": {"app": "ssa"}}, "spec": {"containers": [{"name": "a", "image": "a:1"}]}}}})
+    };
+    api.patch("ssa", &PatchParams::apply("alpha"), &Patch::Apply(cfg(2)))
+        .await
+        .expect("alpha creates");
+    // Same value from another manager: shared ownership, no conflict.
+    api.patch("ssa", &PatchParams::apply("beta"), &Patch::Apply(cfg(2)))
+        .await
+        .expect("shared");
+
+    let req = http::Request::builder()
+        .method("PATCH")
+        .uri("/apis/apps/v1/namespaces/default/deployments/ssa?fieldManager=gamma")
+        .header("content-type", "application/apply-patch+yaml")
+        .body(cfg(5).to_string().into_bytes())
+        .expect("request");
+    let resp = client
+        .send(req.map(kube::client::Body::from))
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 409);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&body).expect("status json");
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "Conflict");
+    let causes = status["details"]["causes"].as_array().expect("causes");
+    assert!(
+        causes
+            .iter()
+            .all(|c| c["reason"] == "FieldManagerConflict" && c["field"] == ".spec.replicas"),
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .expect("message")
+            .contains("conflict with \"alpha\""),
+        "{status}"
+    );
+
+    let d = api
+        .patch(
+            "ssa",
+            &PatchParams::apply("gamma").force(),
+            &Patch::Apply(cfg(5)),
+        )
+        .await
+        .expect("forced");
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_acquired_and_handed_over_by_a_leader_election_crate() {
+    use kube_lease_manager::LeaseManagerBuilder;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let client = sim.client().expect("client");
+    let manager = |id: &str| {
+        LeaseManagerBuilder::new(client.clone(), "depwatch-leader")
+            .with_namespace("default")
+            .with_identity(id)
+            .with_duration(3)
+            .with_grace(1)
+            .build()
+    };
+    let first = manager("replica-a").await.expect("manager a");
+    let second = manager("replica-b").await.expect("manager b");
+    let a = tokio::time::timeout(Duration::from_secs(10), first.changed())
+        .await
+        .expect("a decides")
+        .expect("a ok");
+    assert!(a, "the first replica becomes leader");
+    // While a holds the lease, b cannot get it.
+    let b_try = tokio::time::timeout(Duration::from_millis(1500), second.changed()).await;
+    assert!(
+        b_try.is_err() || b_try.is_ok_and(|r| r.is_ok_and(|held| !held)),
+        "b must not lead while a does"
+    );
+    first.release().await.expect("a releases");
+    let b = wait_for("b to take the lease", Duration::from_secs(15), || async {
+        match tokio::time::timeout(Duration::from_secs(2), second.changed()).await {
+            Ok(Ok(true)) => Some(true),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(b);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, "default");
+    let lease = leases.get("depwatch-leader").await.expect("lease exists");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("replica-b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_rate_fails_about_that_fraction_with_500_status() {
+    let sim = Sim::start(SimConfig {
+        error_rate: 0.2,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let api: Api<Namespace> = Api::all(sim.client().expect("client"));
+    let (mut ok, mut failed) = (0u32, 0u32);
+    for _ in 0..500 {
+        match api.get("default").await {
+            Ok(_) => ok += 1,
+            Err(kube::Error::Api(s)) if s.code == 500 && s.reason == "InternalError" => failed += 1,
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    let rate = f64::from(failed) / 500.0;
+    // 3.5 standard deviations either side of 0.2 for 500 draws.
+    assert!(
+        (0.13..=0.27).contains(&rate),
+        "failure rate {rate} (ok {ok}, failed {failed})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_the_same_port_keeps_the_state() {
+    let mut sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let addr = sim.addr();
+    let api: Api<Namespace> = Api::all(sim.client().expect("client"));
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "kept"}})).expect("ns");
+    let created = api
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create");
+    sim.stop().await;
+    assert!(
+        api.get("kept").await.is_err(),
+        "a stopped sim refuses requests"
+    );
+    sim.restart().await.expect("restart");
+    assert_eq!(sim.addr(), addr);
+    let again = api.get("kept").await.expect("state kept");
+    assert_eq!(again.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        again.metadata.resource_version,
+        created.metadata.resource_version
+    );
+}

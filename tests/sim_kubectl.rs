@@ -1,0 +1,194 @@
+//! Real kubectl against the simulated cluster.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_for, Kubectl};
+use depwatch::sim::{Sim, SimConfig};
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: prod
+spec:
+  replicas: 3
+  progressDeadlineSeconds: 5
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: example.com/web:1.0.0
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_drives_a_deployment_through_rollout_failure_and_undo() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+
+    // `create ns` is a typed create: kubectl sends it as protobuf.
+    k.ok(&["create", "ns", "prod"]).await;
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(&manifest, DEPLOYMENT).expect("write manifest");
+    k.ok(&["apply", "-f", manifest.to_str().expect("utf-8 path")])
+        .await;
+
+    let table = wait_for(
+        "READY 3/3 in kubectl get deploy",
+        Duration::from_secs(20),
+        || async {
+            let out = k.ok(&["-n", "prod", "get", "deploy"]).await;
+            out.lines()
+                .any(|l| l.starts_with("web ") && l.contains(" 3/3 "))
+                .then_some(out)
+        },
+    )
+    .await;
+    assert!(
+        table.contains("UP-TO-DATE"),
+        "server-side table columns: {table}"
+    );
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "deploy/web",
+        "web=example.com/web:1.1.0",
+    ])
+    .await;
+    let out = k
+        .run(&[
+            "-n",
+            "prod",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=60s",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "good image rolls out: {out:?}");
+    assert!(out.stdout.contains("successfully rolled out"), "{out:?}");
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "deploy/web",
+        "web=example.com/web:fail-pull",
+    ])
+    .await;
+    let out = k
+        .run(&[
+            "-n",
+            "prod",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=60s",
+        ])
+        .await;
+    assert_eq!(out.code, 1, "bad image fails the rollout: {out:?}");
+    assert!(
+        out.stderr.contains("exceeded its progress deadline"),
+        "{out:?}"
+    );
+    let pods = k.ok(&["-n", "prod", "get", "pods"]).await;
+    assert!(
+        pods.contains("ImagePullBackOff") || pods.contains("ErrImagePull"),
+        "{pods}"
+    );
+
+    k.ok(&["-n", "prod", "rollout", "undo", "deploy/web"]).await;
+    let out = k
+        .run(&[
+            "-n",
+            "prod",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=60s",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "undo rolls back to a healthy version: {out:?}");
+
+    let json = k
+        .ok(&["-n", "prod", "get", "deploy", "web", "-o", "json"])
+        .await;
+    let dep: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        "example.com/web:1.1.0"
+    );
+    assert_eq!(dep["status"]["readyReplicas"], 3);
+
+    k.ok(&["-n", "prod", "delete", "deploy", "web"]).await;
+    let out = k.run(&["-n", "prod", "get", "deploy", "web"]).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("NotFound") || out.stderr.contains("not found"),
+        "{out:?}"
+    );
+    // Background cascading deletion removes the ReplicaSets and their pods.
+    wait_for(
+        "owned pods to be collected",
+        Duration::from_secs(10),
+        || async {
+            let out = k.ok(&["-n", "prod", "get", "pods", "-o", "name"]).await;
+            out.trim().is_empty().then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_k_of_an_ordinary_application() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    let app = dir.path().join("app");
+    std::fs::create_dir(&app).expect("mkdir");
+    let files = [
+        ("kustomization.yaml", "namespace: default\nresources:\n- sa.yaml\n- role.yaml\n- binding.yaml\n- cm.yaml\n- deploy.yaml\n"),
+        ("sa.yaml", "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: depwatch\n"),
+        ("role.yaml", "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: depwatch\nrules:\n- apiGroups: [apps]\n  resources: [deployments]\n  verbs: [get, list, watch, patch]\n"),
+        ("binding.yaml", "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: depwatch\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: depwatch\nsubjects:\n- kind: ServiceAccount\n  name: depwatch\n"),
+        ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: deps\ndata:\n  web_default.dep: \"1.0.0\"\n"),
+        ("deploy.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: depwatch\nspec:\n  selector:\n    matchLabels: {app: depwatch}\n  template:\n    metadata:\n      labels: {app: depwatch}\n    spec:\n      serviceAccountName: depwatch\n      containers:\n      - name: depwatch\n        image: example.com/depwatch:0.1.0\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(app.join(name), text).expect("write");
+    }
+    let out = k.ok(&["apply", "-k", app.to_str().expect("utf-8")]).await;
+    for kind in [
+        "serviceaccount/depwatch",
+        "role.rbac.authorization.k8s.io/depwatch",
+        "rolebinding.rbac.authorization.k8s.io/depwatch",
+        "configmap/deps",
+        "deployment.apps/depwatch",
+    ] {
+        assert!(out.contains(&format!("{kind} created")), "{kind} in {out}");
+    }
+    // A second apply is a no-op patch of each object.
+    let out = k.ok(&["apply", "-k", app.to_str().expect("utf-8")]).await;
+    assert!(out.contains("configmap/deps unchanged"), "{out}");
+    let cm = k
+        .ok(&[
+            "get",
+            "cm",
+            "deps",
+            "-o",
+            "jsonpath={.data.web_default\\.dep}",
+        ])
+        .await;
+    assert_eq!(cm, "1.0.0");
+}
