@@ -16,6 +16,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Print a line for the person or program that started us; a closed stdout is not an error
+/// worth stopping a server for.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -53,9 +62,9 @@ async fn main() -> anyhow::Result<()> {
                 sim.write_kubeconfig(path)
                     .with_context(|| format!("writing kubeconfig to {}", path.display()))?;
             }
-            println!("simulated cluster listening on {}", sim.url());
+            say(&format!("simulated cluster listening on {}", sim.url()));
             if let Some(path) = &sim_args.kubeconfig_out {
-                println!("kubeconfig written to {}", path.display());
+                say(&format!("kubeconfig written to {}", path.display()));
             }
             shutdown_signal().await;
             sim.shutdown()

@@ -472,3 +472,28 @@ async fn restart_on_the_same_port_keeps_the_state() {
         created.metadata.resource_version
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_rate_fails_writes_with_409_and_leaves_reads_alone() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let api: Api<Namespace> = Api::all(sim.client().expect("client"));
+    sim.faults().set_conflict_rate(1.0);
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "never"}})).expect("ns");
+    let err = api
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect_err("conflict");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err:?}"
+    );
+    api.get("default").await.expect("reads are unaffected");
+    sim.faults().set_conflict_rate(0.0);
+    assert!(
+        api.get("never").await.is_err(),
+        "the refused write did not happen"
+    );
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("writes work again");
+}
