@@ -29,8 +29,202 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: watch the dependency directory and deploy every change.
+    Run(RunArgs),
+    /// Validate dependency files; exits non-zero and lists every problem if any file is bad.
+    Check(CheckArgs),
+    /// Show each managed service's desired, deployed and last good images.
+    Status(StateArgs),
+    /// Show a service's deploy history (NAMESPACE/DEPLOYMENT).
+    History(HistoryArgs),
+    /// The daemon on an embedded simulated cluster with example files: see it work with no
+    /// cluster at all.
+    Demo(DemoArgs),
     /// Serve a simulated Kubernetes API server on loopback, for tests and demos.
     Sim(SimArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. 100ms, 30s, 5m"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+/// Options shared by the daemon and the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Directory of dependency files (`<deployment>_<namespace>.dep`). Seed name: DEPS.
+    #[arg(
+        long,
+        env = "DEPWATCH_DEPS",
+        default_value = "/var/lib/depwatch/deps",
+        help_heading = "Files"
+    )]
+    pub deps: PathBuf,
+
+    /// Directory for the state database.
+    #[arg(
+        long,
+        env = "DEPWATCH_STATE_DIR",
+        default_value = "/var/lib/depwatch/state",
+        help_heading = "Files"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Quiet window for writers that give no completion signal, and for coalescing bursts.
+    #[arg(long, env = "DEPWATCH_DEBOUNCE", default_value = "100ms", value_parser = parse_duration, help_heading = "Files")]
+    pub debounce: Duration,
+
+    /// Longest wait for a file still being written before it is read anyway.
+    #[arg(long, env = "DEPWATCH_MAX_WAIT", default_value = "10s", value_parser = parse_duration, help_heading = "Files")]
+    pub max_wait: Duration,
+
+    /// How often the whole directory is compared with the record.
+    #[arg(long, env = "DEPWATCH_RESYNC", default_value = "5m", value_parser = parse_duration, help_heading = "Files")]
+    pub resync: Duration,
+
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "DEPWATCH_KUBECONFIG", help_heading = "Kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubeconfig context to use.
+    #[arg(long, env = "DEPWATCH_CONTEXT", help_heading = "Kubernetes")]
+    pub context: Option<String>,
+
+    /// Do not create missing namespaces; deploying into one fails instead.
+    #[arg(
+        long,
+        env = "DEPWATCH_NO_CREATE_NAMESPACE",
+        help_heading = "Kubernetes"
+    )]
+    pub no_create_namespace: bool,
+
+    /// Repository for versions and digests (default: the repository the container runs).
+    /// Seed name: ECR_REPO.
+    #[arg(long, env = "DEPWATCH_IMAGE_REPO", help_heading = "Kubernetes")]
+    pub image_repo: Option<String>,
+
+    /// How many services may talk to the API server at once.
+    #[arg(long, env = "DEPWATCH_WORKERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000), help_heading = "Deploys")]
+    pub workers: u32,
+
+    /// Bound of the queue of services waiting for a worker.
+    #[arg(long, env = "DEPWATCH_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Deploys")]
+    pub queue_capacity: u32,
+
+    /// How long a rollout may take before it counts as failed.
+    #[arg(long, env = "DEPWATCH_ROLLOUT_TIMEOUT", default_value = "5m", value_parser = parse_duration, help_heading = "Deploys")]
+    pub rollout_timeout: Duration,
+
+    /// Roll back to the previous images when a rollout fails or times out.
+    #[arg(long, env = "DEPWATCH_ROLLBACK", value_enum, default_value_t = Toggle::On, help_heading = "Deploys")]
+    pub rollback: Toggle,
+
+    /// How long ErrImagePull may persist before the rollout counts as failed.
+    #[arg(long, env = "DEPWATCH_PULL_GRACE", default_value = "3s", value_parser = parse_duration, help_heading = "Deploys")]
+    pub pull_grace: Duration,
+
+    /// Restarts in CrashLoopBackOff that make a rollout fail.
+    #[arg(
+        long,
+        env = "DEPWATCH_CRASH_RESTARTS",
+        default_value_t = 2,
+        help_heading = "Deploys"
+    )]
+    pub crash_restarts: i32,
+
+    /// How long shutdown waits for in-flight deploys.
+    #[arg(long, env = "DEPWATCH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, help_heading = "Deploys")]
+    pub shutdown_grace: Duration,
+
+    /// Slack incoming-webhook URL for deploy outcomes. Seed name: WEBHOOK_FOR_SLACK.
+    #[arg(
+        long,
+        env = "DEPWATCH_SLACK_WEBHOOK",
+        hide_env_values = true,
+        help_heading = "Notifications"
+    )]
+    pub slack_webhook: Option<String>,
+}
+
+impl DaemonArgs {
+    pub fn to_config(&self) -> crate::daemon::DaemonConfig {
+        crate::daemon::DaemonConfig {
+            deps_dir: self.deps.clone(),
+            state_dir: self.state_dir.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            workers: self.workers as usize,
+            queue_capacity: self.queue_capacity as usize,
+            quiet: self.debounce,
+            max_wait: self.max_wait,
+            resync: self.resync,
+            rollout_timeout: self.rollout_timeout,
+            create_namespace: !self.no_create_namespace,
+            image_repo: self.image_repo.clone(),
+            rollback: self.rollback == Toggle::On,
+            slack_webhook: self.slack_webhook.clone(),
+            fail_fast: crate::deploy::rollout::FailFast {
+                pull_grace: self.pull_grace,
+                crash_restarts: self.crash_restarts,
+            },
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Directory to check (default: --deps / DEPWATCH_DEPS / DEPS).
+    pub dir: Option<PathBuf>,
+    #[arg(long, env = "DEPWATCH_DEPS", hide = true)]
+    pub deps: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// Directory of the state database.
+    #[arg(
+        long,
+        env = "DEPWATCH_STATE_DIR",
+        default_value = "/var/lib/depwatch/state"
+    )]
+    pub state_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The service as NAMESPACE/DEPLOYMENT (e.g. prod/payments).
+    pub service: String,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// How many deploys to show, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Exit once every example service has an outcome, printing a summary (for scripts).
+    #[arg(long)]
+    pub once: bool,
+    /// How long the example that hangs may take before it counts as timed out.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub rollout_timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]

@@ -5,5 +5,16 @@
 //! - [`sim`]: the simulated Kubernetes cluster (`depwatch sim`) that tests, benchmarks and the
 //!   demo run against; the daemon reaches it only through a kubeconfig.
 
+pub mod alert;
+pub mod check;
 pub mod cli;
+pub mod daemon;
+pub mod debounce;
+pub mod demo;
+pub mod depfile;
+pub mod deploy;
+pub mod ingest;
+pub mod queue;
 pub mod sim;
+pub mod store;
+pub mod watch;

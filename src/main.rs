@@ -49,11 +49,138 @@ async fn shutdown_signal() {
     }
 }
 
+/// Accept the seed's environment names as aliases of ours.
+fn seed_env_aliases() {
+    for (ours, seed) in [
+        ("DEPWATCH_DEPS", "DEPS"),
+        ("DEPWATCH_IMAGE_REPO", "ECR_REPO"),
+        ("DEPWATCH_SLACK_WEBHOOK", "WEBHOOK_FOR_SLACK"),
+    ] {
+        if std::env::var_os(ours).is_none() {
+            if let Some(v) = std::env::var_os(seed) {
+                std::env::set_var(ours, v);
+            }
+        }
+    }
+}
+
+/// A cancellation token fired by SIGINT or SIGTERM: the one owner of signal handling.
+fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        t.cancel();
+    });
+    token
+}
+
+fn print_table(rows: Vec<Vec<String>>) {
+    let widths: Vec<usize> = (0..rows.first().map(Vec::len).unwrap_or(0))
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        say(line.join("  ").trim_end());
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // A .env file beside the daemon is read when present; the real environment wins.
+    let _ = dotenvy::dotenv();
+    seed_env_aliases();
     let args = Args::parse();
     init_logging(args.log_format);
     match args.command {
+        Command::Run(run) => {
+            let cancel = shutdown_token();
+            depwatch::daemon::run(run.daemon.to_config(), cancel).await?;
+        }
+        Command::Demo(demo) => {
+            let cancel = shutdown_token();
+            depwatch::demo::run(demo.once, demo.rollout_timeout, cancel).await?;
+        }
+        Command::Check(check) => {
+            let dir = check
+                .dir
+                .or(check.deps)
+                .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/depwatch/deps"));
+            let (good, problems) = depwatch::check::check_dir(&dir);
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            say(&format!(
+                "{good} valid dependency file(s), {} problem(s) in {}",
+                problems.len(),
+                dir.display()
+            ));
+            if !problems.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Command::Status(state) => {
+            let store = depwatch::store::Store::open(&state.state_dir)?;
+            let services = store.services()?;
+            if state.json {
+                say(&serde_json::to_string_pretty(&services)?);
+            } else {
+                let mut rows = vec![vec![
+                    "SERVICE".into(),
+                    "STATUS".into(),
+                    "DESIRED".into(),
+                    "DEPLOYED".into(),
+                    "LAST GOOD".into(),
+                    "MESSAGE".into(),
+                ]];
+                for s in services {
+                    rows.push(vec![
+                        format!("{}/{}", s.namespace, s.name),
+                        s.status,
+                        s.desired,
+                        s.deployed,
+                        s.last_good,
+                        s.message,
+                    ]);
+                }
+                print_table(rows);
+            }
+        }
+        Command::History(h) => {
+            let key = depwatch::depfile::ServiceKey::parse_slash(&h.service)
+                .map_err(anyhow::Error::msg)?;
+            let store = depwatch::store::Store::open(&h.state.state_dir)?;
+            let history = store.history(Some(&key), h.limit)?;
+            if h.state.json {
+                say(&serde_json::to_string_pretty(&history)?);
+            } else {
+                let mut rows = vec![vec![
+                    "ID".into(),
+                    "STARTED".into(),
+                    "OUTCOME".into(),
+                    "TRIGGER".into(),
+                    "FROM".into(),
+                    "TO".into(),
+                    "MESSAGE".into(),
+                ]];
+                for d in history {
+                    rows.push(vec![
+                        d.id.to_string(),
+                        d.started_at,
+                        d.outcome,
+                        d.trigger,
+                        d.from_image,
+                        d.to_image,
+                        d.message,
+                    ]);
+                }
+                print_table(rows);
+            }
+        }
         Command::Sim(sim_args) => {
             let sim = depwatch::sim::Sim::start(sim_args.to_config())
                 .await

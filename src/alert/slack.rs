@@ -1,0 +1,247 @@
+//! Slack incoming-webhook messages, colour-coded by outcome.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// How a deploy ended, as people are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    RolledBack,
+    RollbackFailed,
+    Drift,
+}
+
+impl Outcome {
+    /// Green for success, red for failure, amber for timeouts and rollbacks.
+    pub fn colour(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "#2eb886",
+            Outcome::Failed | Outcome::RollbackFailed => "#d40e0d",
+            Outcome::TimedOut | Outcome::RolledBack | Outcome::Drift => "#daa038",
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "deployed",
+            Outcome::Failed => "failed to deploy",
+            Outcome::TimedOut => "timed out deploying",
+            Outcome::RolledBack => "rolled back",
+            Outcome::RollbackFailed => "could not roll back",
+            Outcome::Drift => "drifted",
+        }
+    }
+}
+
+/// One message about one service.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub service: String,
+    pub namespace: String,
+    pub from: String,
+    pub to: String,
+    pub duration: Duration,
+    /// The reason and the pod's own message, for failures.
+    pub reason: String,
+}
+
+impl Report {
+    pub fn title(&self) -> String {
+        format!(
+            "{} {} ({})",
+            self.outcome.word(),
+            self.service,
+            self.namespace
+        )
+    }
+
+    pub fn to_slack(&self) -> serde_json::Value {
+        let mut fields = vec![
+            json!({"title": "Service", "value": self.service, "short": true}),
+            json!({"title": "Namespace", "value": self.namespace, "short": true}),
+            json!({"title": "Image", "value": format!("{} → {}", self.from, self.to), "short": false}),
+            json!({"title": "Duration", "value": format!("{:.1}s", self.duration.as_secs_f64()), "short": true}),
+        ];
+        if !self.reason.is_empty() {
+            fields.push(json!({"title": "Reason", "value": self.reason, "short": false}));
+        }
+        let text = if self.reason.is_empty() {
+            format!("{}: {} → {}", self.title(), self.from, self.to)
+        } else {
+            format!(
+                "{}: {} → {}: {}",
+                self.title(),
+                self.from,
+                self.to,
+                self.reason
+            )
+        };
+        json!({
+            "text": text,
+            "attachments": [{
+                "color": self.outcome.colour(),
+                "fallback": text,
+                "title": self.title(),
+                "fields": fields,
+            }]
+        })
+    }
+}
+
+/// Counters of what happened to notifications.
+#[derive(Debug, Default)]
+pub struct NotifyStats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Queues reports for a background sender. Cloning is cheap.
+#[derive(Clone)]
+pub struct Notifier {
+    tx: Option<mpsc::Sender<Report>>,
+    pub stats: Arc<NotifyStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// Worth retrying, after at least this long if the receiver said so.
+    #[error("{1}")]
+    Retry(Option<Duration>, String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+async fn send_once(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<(), SendError> {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| SendError::Retry(None, e.without_url().to_string()))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    if status.as_u16() == 429 {
+        let after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Err(SendError::Retry(after, "429 Too Many Requests".into()));
+    }
+    if status.is_server_error() {
+        return Err(SendError::Retry(None, format!("HTTP {status}")));
+    }
+    Err(SendError::Permanent(format!("HTTP {status}")))
+}
+
+impl Notifier {
+    /// A notifier that sends nowhere (no webhook configured).
+    pub fn disabled() -> Self {
+        Notifier {
+            tx: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Start the background sender for a Slack incoming webhook. The URL is a secret: it is
+    /// never logged.
+    pub fn slack(webhook: String, timeout: Duration) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Report>(1024);
+        let stats: Arc<NotifyStats> = Arc::default();
+        let counters = stats.clone();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        tokio::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                let body = report.to_slack();
+                let attempt = || async {
+                    match send_once(&client, &webhook, &body).await {
+                        Err(SendError::Retry(Some(after), why)) => {
+                            // Honour Retry-After before the backoff's own delay.
+                            tokio::time::sleep(after).await;
+                            Err(SendError::Retry(Some(after), why))
+                        }
+                        other => other,
+                    }
+                };
+                let result = attempt
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(30))
+                            .with_max_times(6)
+                            .with_jitter(),
+                    )
+                    .when(|e| matches!(e, SendError::Retry(..)))
+                    .await;
+                match result {
+                    Ok(()) => {
+                        counters.sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(service = %report.service, namespace = %report.namespace, error = %e, "Slack notification failed");
+                    }
+                }
+            }
+        });
+        Notifier {
+            tx: Some(tx),
+            stats,
+        }
+    }
+
+    /// Queue a report without waiting.
+    pub fn report(&self, report: Report) {
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(report).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("notification queue full; a Slack message was dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_colour_coded_and_carry_the_reason() {
+        let r = Report {
+            outcome: Outcome::Failed,
+            service: "payments".into(),
+            namespace: "prod".into(),
+            from: "repo:1.0".into(),
+            to: "repo:1.1".into(),
+            duration: Duration::from_millis(2500),
+            reason: "ImagePullBackOff: not found".into(),
+        };
+        let v = r.to_slack();
+        assert_eq!(v["attachments"][0]["color"], "#d40e0d");
+        assert!(v["text"]
+            .as_str()
+            .expect("text")
+            .contains("ImagePullBackOff"));
+        assert_eq!(Outcome::Succeeded.colour(), "#2eb886");
+        assert_eq!(Outcome::TimedOut.colour(), Outcome::RolledBack.colour());
+    }
+}

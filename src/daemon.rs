@@ -1,0 +1,173 @@
+//! `depwatch run`: wires the stages into one set of tasks and owns their start-up and shutdown.
+//!
+//! ```text
+//! files ─notify─▶ watch ─▶ debounce ─▶ ingest (read, hash, parse) ─▶ scheduler table
+//!                                                                      │ bounded queue
+//!                                                                      ▼
+//!                                   workers (N permits) ─▶ deploy: ensure ns ▶ patch ▶ await rollout
+//!                                                                      │             │ failed
+//!                                                                      ▼             ▼
+//!                                                              store + alert   roll back + store + alert
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::alert::Notifier;
+use crate::deploy::{rollout::FailFast, DeployConfig, Deployer};
+use crate::ingest::{self, Ingest, IngestConfig};
+use crate::queue::{QueueConfig, Scheduler, Workers};
+use crate::store::{Store, StoreError};
+use crate::watch;
+
+/// Everything `depwatch run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub deps_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub quiet: Duration,
+    pub max_wait: Duration,
+    pub resync: Duration,
+    pub rollout_timeout: Duration,
+    pub create_namespace: bool,
+    pub image_repo: Option<String>,
+    pub rollback: bool,
+    pub slack_webhook: Option<String>,
+    pub fail_fast: FailFast,
+    /// How long shutdown waits for in-flight deploys before leaving them to the next start.
+    pub shutdown_grace: Duration,
+}
+
+/// Fatal errors: the daemon cannot start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("dependency directory {0} does not exist or is not a directory")]
+    DepsDir(PathBuf),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot load Kubernetes configuration: {0}")]
+    KubeConfig(String),
+    #[error(transparent)]
+    Watch(#[from] watch::WatchError),
+}
+
+/// Build a kube client from a kubeconfig file (and context), or infer one (KUBECONFIG,
+/// ~/.kube/config, in-cluster service account).
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Client, DaemonError> {
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(String::from),
+        ..Default::default()
+    };
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| DaemonError::KubeConfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|e| DaemonError::KubeConfig(format!("{}: {e}", path.display())))?
+        }
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| DaemonError::KubeConfig(e.to_string()))
+}
+
+/// Run the daemon until `cancel` fires, then drain in-flight deploys within the grace period.
+pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), DaemonError> {
+    if !config.deps_dir.is_dir() {
+        return Err(DaemonError::DepsDir(config.deps_dir.clone()));
+    }
+    let store = Store::open(&config.state_dir)?;
+    for d in store.interrupted()? {
+        tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), "a deploy was interrupted by a stop; it is judged again now");
+        store.finish_deploy(
+            d.id,
+            "interrupted",
+            "",
+            "depwatch stopped during this deploy",
+        )?;
+    }
+    let client = kube_client(config.kubeconfig.as_deref(), config.context.as_deref()).await?;
+    let notifier = match &config.slack_webhook {
+        Some(url) if !url.is_empty() => Notifier::slack(url.clone(), Duration::from_secs(10)),
+        _ => Notifier::disabled(),
+    };
+    let deployer = Deployer::new(
+        client,
+        DeployConfig {
+            create_namespace: config.create_namespace,
+            image_repo: config.image_repo.clone(),
+            rollout_timeout: config.rollout_timeout,
+            fail_fast: config.fail_fast,
+        },
+    );
+    let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
+    let workers = Workers::new(
+        deployer,
+        store.clone(),
+        notifier,
+        QueueConfig {
+            workers: config.workers,
+            capacity: config.queue_capacity,
+            rollback: config.rollback,
+        },
+    );
+
+    // Watch before the first scan, so nothing written in between is missed.
+    let (event_tx, event_rx) = mpsc::channel(4096);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let _watch = watch::watch_dir(&config.deps_dir, event_tx, overflow.clone())?;
+
+    let tracker = TaskTracker::new();
+    let stages = CancellationToken::new();
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(workers.run(scheduler.clone(), queue_rx, tracker.clone(), stages.clone()));
+
+    let mut ingest = Ingest::new(config.deps_dir.clone(), store.clone(), scheduler.clone());
+    ingest.rescan("startup").await;
+    tracing::info!(dir = %config.deps_dir.display(), "watching for dependency file changes");
+    set.spawn(ingest::run(
+        IngestConfig {
+            quiet: config.quiet,
+            max_wait: config.max_wait,
+            resync: config.resync,
+        },
+        ingest,
+        event_rx,
+        overflow,
+        stages.clone(),
+    ));
+
+    cancel.cancelled().await;
+    tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");
+    stages.cancel();
+    while set.join_next().await.is_some() {}
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = %humantime::format_duration(config.shutdown_grace),
+            "in-flight deploys did not finish in time; they are recorded as interrupted and judged at the next start"
+        );
+    }
+    Ok(())
+}

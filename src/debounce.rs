@@ -1,0 +1,216 @@
+//! Stage 2, debouncing: per-path trailing-edge coalescing of file signals, with time passed in.
+//!
+//! A save that has visibly completed (close after write, rename into place) is due at once; a
+//! file being written (data modified, not yet closed) is never due until it is closed, or until
+//! the maximum wait passes for writers that never signal completion; anything else (create,
+//! remove, unknown changes) is due after a quiet window with no further events. Hands "this
+//! path may have changed" to the reader, which hashes the content and decides.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// What a file event says about a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// A save finished: closed after writing, or renamed into place.
+    Completed,
+    /// Data was written and the file is still open.
+    Writing,
+    /// Something else happened (created, removed, attributes, unknown).
+    Touched,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    first: Instant,
+    last: Instant,
+    writing: bool,
+    completed: bool,
+}
+
+/// The pure coalescing core.
+#[derive(Debug)]
+pub struct Debouncer {
+    quiet: Duration,
+    max_wait: Duration,
+    pending: HashMap<PathBuf, Entry>,
+}
+
+impl Debouncer {
+    pub fn new(quiet: Duration, max_wait: Duration) -> Self {
+        Debouncer {
+            quiet,
+            max_wait: max_wait.max(quiet),
+            pending: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, path: PathBuf, signal: Signal, now: Instant) {
+        let e = self.pending.entry(path).or_insert(Entry {
+            first: now,
+            last: now,
+            writing: false,
+            completed: false,
+        });
+        e.last = now;
+        match signal {
+            Signal::Completed => {
+                e.completed = true;
+                e.writing = false;
+            }
+            Signal::Writing => {
+                e.writing = true;
+                e.completed = false;
+            }
+            Signal::Touched => {}
+        }
+    }
+
+    fn due_at(&self, e: &Entry) -> Instant {
+        let cap = e.first + self.max_wait;
+        if e.completed {
+            e.last
+        } else if e.writing {
+            cap
+        } else {
+            (e.last + self.quiet).min(cap)
+        }
+    }
+
+    /// Paths whose time has come, removed from the pending set.
+    pub fn take_due(&mut self, now: Instant) -> Vec<PathBuf> {
+        let due: Vec<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, e)| self.due_at(e) <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &due {
+            self.pending.remove(p);
+        }
+        due
+    }
+
+    /// When the next path becomes due, if any is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|e| self.due_at(e)).min()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUIET: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn p(s: &str) -> PathBuf {
+        PathBuf::from(s)
+    }
+
+    /// Table-driven: a sequence of (offset ms, path, signal), then which paths are due at which
+    /// offsets.
+    #[test]
+    fn coalescing_cases() {
+        type Case = (
+            &'static str,
+            Vec<(u64, &'static str, Signal)>,
+            Vec<(u64, Vec<&'static str>)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a completed save is due at once",
+                vec![(0, "a", Signal::Completed)],
+                vec![(0, vec!["a"])],
+            ),
+            (
+                "truncate-then-write: writes, then close",
+                vec![
+                    (0, "a", Signal::Writing),
+                    (10, "a", Signal::Writing),
+                    (20, "a", Signal::Completed),
+                ],
+                vec![(15, vec![]), (20, vec!["a"])],
+            ),
+            (
+                "a writer pausing longer than the quiet window is not read mid-write",
+                vec![(0, "a", Signal::Writing), (1000, "a", Signal::Writing)],
+                vec![(500, vec![]), (1500, vec![]), (4999, vec![])],
+            ),
+            (
+                "a writer that never closes is read at the maximum wait",
+                vec![(0, "a", Signal::Writing)],
+                vec![(4999, vec![]), (5000, vec!["a"])],
+            ),
+            (
+                "a create or remove waits for the quiet window, trailing edge",
+                vec![(0, "a", Signal::Touched), (50, "a", Signal::Touched)],
+                vec![(100, vec![]), (150, vec!["a"])],
+            ),
+            (
+                "a burst ending in a rename onto the path is one read",
+                vec![
+                    (0, "a", Signal::Touched),
+                    (1, "a", Signal::Writing),
+                    (2, "a", Signal::Completed),
+                ],
+                vec![(2, vec!["a"]), (500, vec![])],
+            ),
+            (
+                "paths are independent",
+                vec![(0, "a", Signal::Writing), (0, "b", Signal::Completed)],
+                vec![(0, vec!["b"]), (5000, vec!["a"])],
+            ),
+            (
+                "writing again after a completion waits for the next close",
+                vec![(0, "a", Signal::Completed), (1, "a", Signal::Writing)],
+                vec![(1, vec![]), (3000, vec![]), (3001, vec![])],
+            ),
+            (
+                "endless touches are capped by the maximum wait",
+                (0..100).map(|i| (i * 60, "a", Signal::Touched)).collect(),
+                vec![(4999, vec![]), (5000, vec!["a"])],
+            ),
+        ];
+        for (name, events, checks) in cases {
+            let start = Instant::now();
+            let mut d = Debouncer::new(QUIET, MAX);
+            let mut events = events.into_iter().peekable();
+            for (at, want) in checks {
+                while let Some((t, _, _)) = events.peek() {
+                    if *t > at {
+                        break;
+                    }
+                    let (t, path, sig) = events.next().expect("peeked");
+                    d.add(p(path), sig, start + Duration::from_millis(t));
+                }
+                let mut got: Vec<String> = d
+                    .take_due(start + Duration::from_millis(at))
+                    .into_iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                got.sort();
+                assert_eq!(got, want, "{name} at {at}ms");
+            }
+        }
+    }
+
+    #[test]
+    fn next_deadline_points_at_the_earliest_path() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(QUIET, MAX);
+        assert_eq!(d.next_deadline(), None);
+        d.add(p("a"), Signal::Writing, t0);
+        d.add(p("b"), Signal::Touched, t0);
+        assert_eq!(d.next_deadline(), Some(t0 + QUIET));
+        assert_eq!(d.take_due(t0 + QUIET), vec![p("b")]);
+        assert_eq!(d.next_deadline(), Some(t0 + MAX));
+    }
+}

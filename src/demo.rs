@@ -1,0 +1,185 @@
+//! `depwatch demo`: the one place that starts both the simulated cluster and the daemon, which
+//! still meet only through a kubeconfig. A new user sees a deploy, a failure with the pod's own
+//! reason and rollback, and a timeout, with no cluster at all.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::{self, DaemonConfig};
+use crate::deploy::rollout::FailFast;
+use crate::sim::{Sim, SimConfig};
+use crate::store::Store;
+
+/// The example files, embedded so an installed binary can run the demo.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "web_demo.dep",
+        include_str!("../examples/deps/web_demo.dep"),
+    ),
+    (
+        "api_demo.dep",
+        include_str!("../examples/deps/api_demo.dep"),
+    ),
+    (
+        "worker_demo.dep",
+        include_str!("../examples/deps/worker_demo.dep"),
+    ),
+    (
+        "reports_demo.dep",
+        include_str!("../examples/deps/reports_demo.dep"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("simulated cluster: {0}")]
+    Sim(#[from] crate::sim::SimError),
+    #[error("setting up the example deployments: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("preparing the demo directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
+async fn seed_cluster(client: kube::Client) -> Result<(), DemoError> {
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": "demo"}}))
+        .map_err(kube::Error::SerdeError)?;
+    ns.create(&PostParams::default(), &obj).await?;
+    let deps: Api<Deployment> = Api::namespaced(client, "demo");
+    for (file, _) in EXAMPLES {
+        let name = file.split('_').next().unwrap_or("web");
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}},
+                             "spec": {"containers": [{"name": name, "image": format!("example.com/{name}:1.0.0")}]}}
+            }
+        }))
+        .map_err(kube::Error::SerdeError)?;
+        deps.create(&PostParams::default(), &d).await?;
+    }
+    Ok(())
+}
+
+/// Run the demo until `cancel` fires (or, with `once`, until every example has an outcome).
+pub async fn run(
+    once: bool,
+    rollout_timeout: Duration,
+    cancel: CancellationToken,
+) -> Result<(), DemoError> {
+    let sim = Sim::start(SimConfig {
+        ready_delay: Duration::from_millis(800),
+        ..SimConfig::default()
+    })
+    .await?;
+    seed_cluster(sim.client()?).await?;
+
+    let root = std::env::temp_dir().join(format!("depwatch-demo-{}", std::process::id()));
+    let io = |source| DemoError::Dir {
+        path: root.clone(),
+        source,
+    };
+    let deps = root.join("deps");
+    let state = root.join("state");
+    std::fs::create_dir_all(&deps).map_err(io)?;
+    let kubeconfig = root.join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).map_err(io)?;
+    for (name, text) in EXAMPLES {
+        std::fs::write(deps.join(name), text).map_err(io)?;
+    }
+
+    say("depwatch demo: a simulated cluster with 4 Deployments in namespace demo, each running 1.0.0");
+    say(&format!("  dependency files: {}", deps.display()));
+    say(&format!("  kubeconfig:       {}", kubeconfig.display()));
+    say("  web_demo.dep asks for a good version, api_demo.dep one that cannot be pulled,");
+    say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready.");
+    say("Try:");
+    say(&format!("  echo 1.2.0 > {}/web_demo.dep", deps.display()));
+    say(&format!(
+        "  kubectl --kubeconfig {} -n demo get deploy,pods",
+        kubeconfig.display()
+    ));
+    say(&format!(
+        "  depwatch history demo/web --state-dir {}",
+        state.display()
+    ));
+    say("");
+
+    let config = DaemonConfig {
+        deps_dir: deps.clone(),
+        state_dir: state.clone(),
+        kubeconfig: Some(kubeconfig),
+        context: None,
+        workers: 100,
+        queue_capacity: 1024,
+        quiet: Duration::from_millis(100),
+        max_wait: Duration::from_secs(10),
+        resync: Duration::from_secs(300),
+        rollout_timeout,
+        create_namespace: true,
+        image_repo: None,
+        rollback: true,
+        slack_webhook: None,
+        fail_fast: FailFast::default(),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let daemon_cancel = cancel.child_token();
+    let daemon = tokio::spawn(daemon::run(config, daemon_cancel.clone()));
+    if once {
+        let store = loop {
+            if let Ok(s) = Store::open(&state) {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let settled = |s: &str| !matches!(s, "" | "deploying");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let services = store.services()?;
+            if services.len() == EXAMPLES.len() && services.iter().all(|s| settled(&s.status)) {
+                say("summary:");
+                for s in services {
+                    let last = store.history(Some(&s.key()), 1)?.into_iter().next();
+                    let message = last.map(|d| d.message).unwrap_or_default();
+                    say(&format!(
+                        "  {}/{}: {} — {}",
+                        s.namespace, s.name, s.status, message
+                    ));
+                }
+                break;
+            }
+        }
+        daemon_cancel.cancel();
+    }
+    match daemon.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "the daemon task failed"),
+    }
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

@@ -1,0 +1,613 @@
+//! Stage 0, parsing: a dependency file's name and bytes become a [`ServiceKey`] and a
+//! [`DepSpec`], or a [`DepFileError`] naming the file, the line and what was expected.
+//!
+//! Pure: no file system, no cluster, no network. The file name alone identifies the service
+//! (`payments_prod.dep` is Deployment `payments` in namespace `prod`); sub-directories only
+//! organise files.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The extension of dependency files.
+pub const EXTENSION: &str = "dep";
+
+/// A managed service: one Deployment in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ServiceKey {
+    /// The dependency file name for this service.
+    pub fn file_name(&self) -> String {
+        format!("{}_{}.{EXTENSION}", self.name, self.namespace)
+    }
+
+    /// Parse `namespace/name` (the CLI and API form).
+    pub fn parse_slash(s: &str) -> Result<ServiceKey, String> {
+        let (ns, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/DEPLOYMENT, e.g. prod/payments"))?;
+        ServiceKey::new(name, ns)
+    }
+
+    /// Validate both parts as Kubernetes names.
+    pub fn new(name: &str, namespace: &str) -> Result<ServiceKey, String> {
+        if !valid_subdomain(name) {
+            return Err(format!(
+                "deployment name {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric)"
+            ));
+        }
+        if !valid_label(namespace) {
+            return Err(format!(
+                "namespace {namespace:?} is not a valid Kubernetes namespace (lower-case letters, digits and '-', at most 63 characters, starting and ending alphanumeric)"
+            ));
+        }
+        Ok(ServiceKey {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn valid_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_label)
+}
+
+/// Whether a file name is a temporary or editor file that must never be read as a
+/// dependency file: dotfiles (rsync's `.name.XXXXXX`, emacs `.#` locks, `..data`), swap and
+/// backup files, vim's `4913` probe, `*.tmp`, JetBrains `___jb_` files.
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with('.')
+        || name.ends_with('~')
+        || name == "4913"
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
+        || name.ends_with(".swo")
+        || name.ends_with(".tmp")
+        || name.ends_with(".bak")
+        || name.ends_with(".orig")
+        || name.contains("___jb_")
+        || name.starts_with('#')
+}
+
+/// The service a path names, `Ok(None)` if the path is not a dependency file at all (other
+/// extension, temporary or editor file), or an error if it looks like one but the name is bad.
+pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(None);
+    };
+    if is_ignored_name(name) {
+        return Ok(None);
+    }
+    let Some(stem) = name.strip_suffix(&format!(".{EXTENSION}")) else {
+        return Ok(None);
+    };
+    let err = |message: String| DepFileError {
+        file: path.display().to_string(),
+        line: None,
+        message,
+    };
+    let Some((deployment, namespace)) = stem.rsplit_once('_') else {
+        return Err(err(format!(
+            "file name {name:?} must be <deployment>_<namespace>.dep, e.g. payments_prod.dep"
+        )));
+    };
+    if deployment.contains('_') {
+        return Err(err(format!(
+            "file name {name:?} has more than one '_': deployment names and namespaces cannot contain '_'; expected <deployment>_<namespace>.dep"
+        )));
+    }
+    ServiceKey::new(deployment, namespace)
+        .map(Some)
+        .map_err(err)
+}
+
+/// What a dependency file asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSpec {
+    /// A tag or version: the image becomes `<repository>:<tag>`.
+    Tag(String),
+    /// A digest: the image becomes `<repository>@<digest>`.
+    Digest(String),
+    /// A full image reference used as written.
+    Reference(String),
+}
+
+impl fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSpec::Tag(s) | ImageSpec::Digest(s) | ImageSpec::Reference(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A parsed dependency file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DepSpec {
+    /// Images by container; `None` means "the service's main container" (the one named like the
+    /// Deployment, or its only container).
+    pub images: Vec<(Option<String>, ImageSpec)>,
+    /// Repository for tags and digests, overriding the global one.
+    pub repository: Option<String>,
+    pub rollout_timeout: Option<Duration>,
+    /// Roll back automatically on failure (overrides the global policy).
+    pub rollback: Option<bool>,
+}
+
+/// A problem with one dependency file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DepFileError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for DepFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file, l, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+const EXPECTED: &str = "expected a version (1.42.0), a digest (sha256:…), an image reference (registry/repo:tag), or a YAML mapping such as `images: {api: repo/api:1.2}`";
+
+/// Validate a tag as the registry distribution spec defines it.
+fn valid_tag(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn valid_digest(s: &str) -> Result<(), String> {
+    let (alg, hex) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not a digest"))?;
+    let len = match alg {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        other => {
+            return Err(format!(
+                "unsupported digest algorithm {other:?}; expected sha256, sha384 or sha512"
+            ))
+        }
+    };
+    if hex.len() != len
+        || !hex
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        return Err(format!(
+            "digest {s:?} must be {alg}: followed by {len} lower-case hex digits"
+        ));
+    }
+    Ok(())
+}
+
+/// Validate a full image reference with the OCI distribution grammar.
+pub fn validate_reference(s: &str) -> Result<(), String> {
+    s.parse::<oci_spec::distribution::Reference>()
+        .map(|_| ())
+        .map_err(|e| format!("{s:?} is not a valid image reference: {e}"))
+}
+
+/// Classify one version/image value.
+pub fn classify(value: &str) -> Result<ImageSpec, String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err("the value is empty".into());
+    }
+    if v.chars().any(char::is_whitespace) {
+        return Err(format!("{v:?} contains spaces; {EXPECTED}"));
+    }
+    let looks_like_digest = v
+        .split_once(':')
+        .is_some_and(|(alg, _)| matches!(alg, "sha256" | "sha384" | "sha512"));
+    if looks_like_digest {
+        valid_digest(v)?;
+        return Ok(ImageSpec::Digest(v.to_string()));
+    }
+    if v.contains('/') || v.contains('@') || v.contains(':') {
+        validate_reference(v)?;
+        return Ok(ImageSpec::Reference(v.to_string()));
+    }
+    if valid_tag(v) {
+        Ok(ImageSpec::Tag(v.to_string()))
+    } else {
+        Err(format!(
+            "{v:?} is not a valid tag (letters, digits, '_', '.', '-', at most 128 characters, not starting with '.' or '-'); {EXPECTED}"
+        ))
+    }
+}
+
+/// The repository part of an image reference as written (`example.com/web:1.0` →
+/// `example.com/web`).
+pub fn repository_of(image: &str) -> &str {
+    let no_digest = image.split('@').next().unwrap_or(image);
+    match no_digest.rfind(':') {
+        Some(i) if !no_digest[i..].contains('/') => &no_digest[..i],
+        _ => no_digest,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct YamlForm {
+    images: Option<std::collections::BTreeMap<String, String>>,
+    image: Option<String>,
+    version: Option<String>,
+    container: Option<String>,
+    repository: Option<String>,
+    rollout_timeout: Option<String>,
+    rollback: Option<bool>,
+}
+
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Parse a dependency file's content. `file` is used in error messages only.
+pub fn parse(file: &str, bytes: &[u8]) -> Result<DepSpec, DepFileError> {
+    let err = |line: Option<usize>, message: String| DepFileError {
+        file: file.to_string(),
+        line,
+        message,
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| err(None, format!("not UTF-8 text ({e}); {EXPECTED}")))?;
+    let meaningful: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split(" #").next().unwrap_or(l).trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    match meaningful.as_slice() {
+        [] => Err(err(None, format!("the file is empty; {EXPECTED}"))),
+        [(line, value)]
+            if !value.contains(": ") && !value.ends_with(':') && !value.starts_with('{') =>
+        {
+            let spec = classify(value).map_err(|m| err(Some(*line), m))?;
+            Ok(DepSpec {
+                images: vec![(None, spec)],
+                ..DepSpec::default()
+            })
+        }
+        _ => parse_yaml(file, text),
+    }
+}
+
+fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
+    let err = |line: Option<usize>, message: String| DepFileError {
+        file: file.to_string(),
+        line,
+        message,
+    };
+    let form: YamlForm = serde_saphyr::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        let line = msg
+            .split("line ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok());
+        err(
+            line,
+            format!("not a valid dependency file: {msg}; {EXPECTED}"),
+        )
+    })?;
+    let mut spec = DepSpec {
+        repository: form.repository.clone(),
+        rollback: form.rollback,
+        ..DepSpec::default()
+    };
+    if let Some(repo) = &form.repository {
+        validate_reference(repo)
+            .map_err(|m| err(line_of(text, "repository"), format!("repository: {m}")))?;
+        if repo.contains('@') || repository_of(repo) != repo {
+            return Err(err(
+                line_of(text, "repository"),
+                format!("repository: {repo:?} must be a repository without a tag or digest, e.g. example.com/team/web"),
+            ));
+        }
+    }
+    if let Some(t) = &form.rollout_timeout {
+        let d = humantime::parse_duration(t).map_err(|e| {
+            err(
+                line_of(text, "rolloutTimeout"),
+                format!("rolloutTimeout: {t:?} is not a duration ({e}); expected e.g. 90s or 5m"),
+            )
+        })?;
+        spec.rollout_timeout = Some(d);
+    }
+    let single = match (&form.version, &form.image) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                line_of(text, "image"),
+                "use either `version` or `image`, not both".into(),
+            ))
+        }
+        (Some(v), None) => Some(("version", v)),
+        (None, Some(i)) => Some(("image", i)),
+        (None, None) => None,
+    };
+    if let Some((field, value)) = single {
+        let s = classify(value).map_err(|m| err(line_of(text, field), format!("{field}: {m}")))?;
+        spec.images.push((form.container.clone(), s));
+    } else if form.container.is_some() {
+        return Err(err(
+            line_of(text, "container"),
+            "`container` needs a `version` or `image` to set".into(),
+        ));
+    }
+    if let Some(images) = &form.images {
+        if single.is_some() {
+            return Err(err(
+                line_of(text, "images"),
+                "use either `images` or `version`/`image`, not both".into(),
+            ));
+        }
+        if images.is_empty() {
+            return Err(err(
+                line_of(text, "images"),
+                "`images` is empty; name at least one container".into(),
+            ));
+        }
+        for (container, value) in images {
+            if !valid_label(container) {
+                return Err(err(
+                    line_of(text, container),
+                    format!("images: {container:?} is not a valid container name"),
+                ));
+            }
+            let s = classify(value).map_err(|m| {
+                err(
+                    line_of(text, &format!("{container}:")),
+                    format!("images.{container}: {m}"),
+                )
+            })?;
+            spec.images.push((Some(container.clone()), s));
+        }
+    }
+    if spec.images.is_empty() {
+        return Err(err(None, format!("no image to deploy; {EXPECTED}")));
+    }
+    Ok(spec)
+}
+
+/// Why the wanted images cannot be applied to a Deployment's containers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ResolveError(pub String);
+
+/// Work out each container's new image from a spec and the containers the Deployment has now
+/// (`(name, image)` in order). `global_repository` is `--image-repo` / `ECR_REPO`.
+pub fn resolve(
+    spec: &DepSpec,
+    key: &ServiceKey,
+    current: &[(String, String)],
+    global_repository: Option<&str>,
+) -> Result<Vec<(String, String)>, ResolveError> {
+    let names: Vec<&str> = current.iter().map(|(n, _)| n.as_str()).collect();
+    let mut out = Vec::new();
+    for (container, image) in &spec.images {
+        let (name, now) = match container {
+            Some(c) => current
+                .iter()
+                .find(|(n, _)| n == c)
+                .ok_or_else(|| {
+                    ResolveError(format!(
+                        "Deployment {} in {} has no container {c:?} (it has: {})",
+                        key.name,
+                        key.namespace,
+                        names.join(", ")
+                    ))
+                })?,
+            None => match current.iter().find(|(n, _)| *n == key.name) {
+                Some(found) => found,
+                None if current.len() == 1 => &current[0],
+                None => {
+                    return Err(ResolveError(format!(
+                        "Deployment {} in {} has {} containers ({}) and none is named {}; name the container in the file, e.g. `container: {}` with `version: …`",
+                        key.name,
+                        key.namespace,
+                        current.len(),
+                        names.join(", "),
+                        key.name,
+                        names.first().copied().unwrap_or("app")
+                    )))
+                }
+            },
+        };
+        let repo = spec
+            .repository
+            .as_deref()
+            .or(global_repository)
+            .unwrap_or_else(|| repository_of(now));
+        let new = match image {
+            ImageSpec::Tag(t) => format!("{repo}:{t}"),
+            ImageSpec::Digest(d) => format!("{repo}@{d}"),
+            ImageSpec::Reference(r) => r.clone(),
+        };
+        out.push((name.clone(), new));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("payments", "prod").expect("valid")
+    }
+
+    #[test]
+    fn file_names_split_into_deployment_and_namespace() {
+        let k = service_for_path(&PathBuf::from("/deps/team/payments_prod.dep"))
+            .expect("ok")
+            .expect("a dep file");
+        assert_eq!(k, key());
+        assert_eq!(k.file_name(), "payments_prod.dep");
+        for ignored in [
+            ".payments_prod.dep.swp",
+            "payments_prod.dep~",
+            "4913",
+            ".#payments_prod.dep",
+            "payments_prod.dep.tmp",
+            "payments_prod.dep___jb_tmp___",
+            ".payments_prod.dep.Xa81kq",
+            "..data",
+            "README.md",
+            "payments_prod.last",
+        ] {
+            assert_eq!(
+                service_for_path(&PathBuf::from(ignored)),
+                Ok(None),
+                "{ignored}"
+            );
+        }
+        for bad in [
+            "payments.dep",
+            "Payments_prod.dep",
+            "pay_ments_prod.dep",
+            "payments_Prod.dep",
+            "_prod.dep",
+            "payments_.dep",
+        ] {
+            let e = service_for_path(&PathBuf::from(bad)).expect_err(bad);
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn scalar_forms() {
+        let one = |s: &str| parse("f.dep", s.as_bytes()).map(|d| d.images[0].1.clone());
+        assert_eq!(one("1.42.0\n"), Ok(ImageSpec::Tag("1.42.0".into())));
+        assert_eq!(
+            one("# deployed by CI\n\nnginx-1.24.0  # pinned\n"),
+            Ok(ImageSpec::Tag("nginx-1.24.0".into()))
+        );
+        let digest = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(one(&digest), Ok(ImageSpec::Digest(digest.clone())));
+        assert_eq!(
+            one("registry.example.com:5000/team/web:2.0"),
+            Ok(ImageSpec::Reference(
+                "registry.example.com:5000/team/web:2.0".into()
+            ))
+        );
+        assert_eq!(
+            one(&format!("web@{digest}")),
+            Ok(ImageSpec::Reference(format!("web@{digest}")))
+        );
+        for bad in [
+            "",
+            "  \n# only a comment\n",
+            "1.0 2.0",
+            "sha256:abc",
+            "Web/App:1",
+            "-rc1",
+            "repo:tag:extra",
+        ] {
+            let e = parse("svc_ns.dep", bad.as_bytes()).expect_err(bad);
+            assert!(e.to_string().starts_with("svc_ns.dep"), "{e}");
+        }
+        let e = parse("svc_ns.dep", b"# header\n\n1.0 2.0\n").expect_err("spaces");
+        assert_eq!(e.line, Some(3));
+        assert!(parse("f.dep", &[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn yaml_forms() {
+        let d = parse("f.dep", b"images:\n  api: repo/api:1.2\n  sidecar: repo/s:3\nrolloutTimeout: 90s\nrollback: false\n").expect("yaml");
+        assert_eq!(d.images.len(), 2);
+        assert_eq!(d.rollout_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(d.rollback, Some(false));
+        let d = parse(
+            "f.dep",
+            b"version: 2.0.1\ncontainer: api\nrepository: example.com/api\n",
+        )
+        .expect("yaml");
+        assert_eq!(
+            d.images,
+            vec![(Some("api".into()), ImageSpec::Tag("2.0.1".into()))]
+        );
+        let e = parse(
+            "f.dep",
+            b"images:\n  api: repo/api:1.2\n  side: Not Valid\n",
+        )
+        .expect_err("bad image");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("images.side"), "{e}");
+        let e = parse("f.dep", b"version: 1.0\ncolour: blue\n").expect_err("unknown field");
+        assert!(e.message.contains("colour"), "{e}");
+        let e = parse("f.dep", b"rolloutTimeout: soon\nversion: 1\n").expect_err("duration");
+        assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn resolving_images_against_containers() {
+        let current = vec![
+            (
+                "payments".to_string(),
+                "example.com/payments:1.0".to_string(),
+            ),
+            ("sidecar".to_string(), "example.com/envoy:1.29".to_string()),
+        ];
+        let spec = parse("f", b"1.1").expect("tag");
+        assert_eq!(
+            resolve(&spec, &key(), &current, None),
+            Ok(vec![("payments".into(), "example.com/payments:1.1".into())])
+        );
+        assert_eq!(
+            resolve(&spec, &key(), &current, Some("ecr.example/pay")),
+            Ok(vec![("payments".into(), "ecr.example/pay:1.1".into())])
+        );
+        let spec = parse("f", b"images:\n  sidecar: example.com/envoy:1.30\n").expect("yaml");
+        assert_eq!(
+            resolve(&spec, &key(), &current, None),
+            Ok(vec![("sidecar".into(), "example.com/envoy:1.30".into())])
+        );
+        let spec = parse("f", b"images:\n  nope: a/b:1\n").expect("yaml");
+        let e = resolve(&spec, &key(), &current, None).expect_err("unknown container");
+        assert!(e.0.contains("no container \"nope\""), "{e}");
+        let two = vec![
+            ("a".to_string(), "x:1".to_string()),
+            ("b".to_string(), "y:1".to_string()),
+        ];
+        let e =
+            resolve(&parse("f", b"2").expect("tag"), &key(), &two, None).expect_err("ambiguous");
+        assert!(e.0.contains("container"), "{e}");
+        assert_eq!(
+            repository_of("example.com:5000/web:1.0"),
+            "example.com:5000/web"
+        );
+        assert_eq!(
+            repository_of("example.com:5000/web"),
+            "example.com:5000/web"
+        );
+        assert_eq!(repository_of("web@sha256:00"), "web");
+    }
+}

@@ -1,0 +1,244 @@
+//! Stage 3, reading: a path that may have changed is read, hashed and parsed; a new valid
+//! version becomes the service's desired state in the scheduler. Unchanged content (a `touch`,
+//! our own reads, a restart) never deploys; a pinned failed version is not retried; an invalid
+//! file is reported and changes nothing. Also drives the watcher → debouncer loop, the start-up
+//! scan, rescans on overflow and the periodic resync (level-triggered: the whole directory is
+//! compared with the record).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::debounce::Debouncer;
+use crate::depfile::{self, ServiceKey};
+use crate::queue::{Desired, Scheduler};
+use crate::store::Store;
+use crate::watch::FileEvent;
+
+pub fn content_hash(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The meaningful text of a file, for comparing a seed `.last` with a `.dep`.
+fn meaningful(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split(" #").next().unwrap_or(l).trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub struct Ingest {
+    dir: PathBuf,
+    store: Store,
+    scheduler: Scheduler,
+    /// Which service each seen path defines.
+    known: HashMap<PathBuf, ServiceKey>,
+}
+
+impl Ingest {
+    pub fn new(dir: PathBuf, store: Store, scheduler: Scheduler) -> Self {
+        Ingest {
+            dir,
+            store,
+            scheduler,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Import a seed `<name>.last` beside a `.dep` on first sight of the service: if it records
+    /// the same version the file asks for, that version counts as deployed.
+    fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
+        if self.store.service(key).ok().flatten().is_some() {
+            return;
+        }
+        let last = path.with_extension("last");
+        let Ok(previous) = std::fs::read_to_string(&last) else {
+            return;
+        };
+        if meaningful(&previous) == meaningful(text) {
+            let _ = self.store.update_service(key, |r| {
+                r.path = path.display().to_string();
+                r.content_hash = hash.to_string();
+                r.status = "succeeded".into();
+                r.message = format!("imported from {}", last.display());
+            });
+            tracing::info!(service = %key, file = %last.display(), "imported the seed's last deployed version; no redeploy");
+        }
+    }
+
+    /// Act on one path that may have changed.
+    pub async fn path_changed(&mut self, path: &Path, trigger: &str) {
+        let key = match depfile::service_for_path(path) {
+            Ok(Some(k)) => k,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid dependency file name; ignored");
+                return;
+            }
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.known.remove(path).is_some() && !self.known.values().any(|k| *k == key) {
+                    tracing::info!(service = %key, file = %path.display(), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
+                    self.scheduler.forget(&key);
+                    let _ = self.store.update_service(&key, |r| {
+                        r.status = "unmanaged".into();
+                        r.message = format!("{} was removed", path.display());
+                    });
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read dependency file");
+                return;
+            }
+        };
+        if let Some((other, _)) = self
+            .known
+            .iter()
+            .find(|(p, k)| **k == key && p.as_path() != path && p.exists())
+        {
+            let message = format!(
+                "service {key} is defined twice, by {} and {}; nothing deployed until one is removed",
+                other.display(),
+                path.display()
+            );
+            tracing::error!("{message}");
+            let _ = self.store.update_service(&key, |r| {
+                r.status = "invalid".into();
+                r.message = message.clone();
+            });
+            return;
+        }
+        self.known.insert(path.to_path_buf(), key.clone());
+        let hash = content_hash(&bytes);
+        let shown = path.display().to_string();
+        let spec = match depfile::parse(&shown, &bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
+                let _ = self.store.update_service(&key, |r| {
+                    r.path = shown.clone();
+                    if r.status != "deploying" {
+                        r.status = "invalid".into();
+                    }
+                    r.message = e.to_string();
+                });
+                return;
+            }
+        };
+        self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash);
+        let record = self.store.service(&key).ok().flatten().unwrap_or_default();
+        if record.failed_hash == hash {
+            tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
+            return;
+        }
+        let settled = matches!(record.status.as_str(), "succeeded" | "unchanged");
+        if record.content_hash == hash && settled {
+            return;
+        }
+        if self.scheduler.desired(&key).is_some_and(|d| d.hash == hash)
+            && record.status == "deploying"
+        {
+            return;
+        }
+        tracing::info!(service = %key, file = %shown, trigger, "new desired version");
+        self.scheduler
+            .submit(
+                key,
+                Desired {
+                    spec,
+                    hash,
+                    path: path.to_path_buf(),
+                    trigger: trigger.to_string(),
+                    actor: trigger.to_string(),
+                },
+            )
+            .await;
+    }
+
+    /// Compare the whole directory with what is known and recorded.
+    pub async fn rescan(&mut self, trigger: &str) {
+        let paths = match crate::watch::scan(&self.dir) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot scan the dependency directory");
+                return;
+            }
+        };
+        let gone: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| !paths.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.path_changed(&p, trigger).await;
+        }
+        for p in paths {
+            self.path_changed(&p, trigger).await;
+        }
+    }
+}
+
+/// Settings of the watch → debounce → read loop.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub quiet: Duration,
+    pub max_wait: Duration,
+    pub resync: Duration,
+}
+
+/// Run the loop until cancelled. The start-up scan has already happened.
+pub async fn run(
+    config: IngestConfig,
+    mut ingest: Ingest,
+    mut events: mpsc::Receiver<FileEvent>,
+    overflow: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let mut debouncer = Debouncer::new(config.quiet, config.max_wait);
+    let mut resync = tokio::time::interval(config.resync);
+    resync.tick().await;
+    loop {
+        let next = debouncer.next_deadline();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = resync.tick() => ingest.rescan("resync").await,
+            _ = sleep => {}
+            ev = events.recv() => match ev {
+                None => return,
+                Some(FileEvent::Rescan) => {
+                    overflow.store(false, Ordering::SeqCst);
+                    tracing::info!("rescanning the dependency directory");
+                    ingest.rescan("rescan").await;
+                }
+                Some(FileEvent::Path(p, signal)) => {
+                    debouncer.add(p, signal, tokio::time::Instant::now());
+                }
+            },
+        }
+        if overflow.swap(false, Ordering::SeqCst) {
+            tracing::warn!("file events overflowed; rescanning");
+            ingest.rescan("rescan").await;
+        }
+        for path in debouncer.take_due(tokio::time::Instant::now()) {
+            ingest.path_changed(&path, "file").await;
+        }
+    }
+}

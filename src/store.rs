@@ -1,0 +1,365 @@
+//! The record: an embedded SQLite database in the state directory holding each service's
+//! desired, deployed and last-good images and every deploy with its outcome. It survives
+//! restarts, and the CLI reads it while the daemon is stopped.
+//!
+//! Calls are synchronous and short (WAL mode, one connection behind a mutex); a handful happen
+//! per deploy, so they run inline on the async workers.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::depfile::ServiceKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// A service as last recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceRecord {
+    pub namespace: String,
+    pub name: String,
+    /// The dependency file it came from.
+    pub path: String,
+    /// SHA-256 of the file content last acted on.
+    pub content_hash: String,
+    /// Images the file asks for, `container=image` joined by `, `.
+    pub desired: String,
+    /// Images last seen running after a deploy.
+    pub deployed: String,
+    /// Images of the last healthy rollout: what a rollback restores.
+    pub last_good: String,
+    /// succeeded, failed, deploying, removed, invalid, …
+    pub status: String,
+    /// Content hash of a version that failed: not retried until the content changes.
+    pub failed_hash: String,
+    pub message: String,
+    pub updated_at: String,
+}
+
+impl ServiceRecord {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+/// One deploy attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeployRecord {
+    pub id: i64,
+    pub namespace: String,
+    pub name: String,
+    /// file, resync, startup, api, operator
+    pub trigger: String,
+    pub actor: String,
+    pub from_image: String,
+    pub to_image: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    /// in_progress, succeeded, unchanged, failed, timed_out, rolled_back, rollback_failed,
+    /// superseded, interrupted
+    pub outcome: String,
+    pub message: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS services (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL DEFAULT '',
+    content_hash TEXT NOT NULL DEFAULT '',
+    desired TEXT NOT NULL DEFAULT '',
+    deployed TEXT NOT NULL DEFAULT '',
+    last_good TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    failed_hash TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS deploys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    from_image TEXT NOT NULL,
+    to_image TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    outcome TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
+";
+
+pub fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
+    Ok(ServiceRecord {
+        namespace: r.get(0)?,
+        name: r.get(1)?,
+        path: r.get(2)?,
+        content_hash: r.get(3)?,
+        desired: r.get(4)?,
+        deployed: r.get(5)?,
+        last_good: r.get(6)?,
+        status: r.get(7)?,
+        failed_hash: r.get(8)?,
+        message: r.get(9)?,
+        updated_at: r.get(10)?,
+    })
+}
+
+fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
+    Ok(DeployRecord {
+        id: r.get(0)?,
+        namespace: r.get(1)?,
+        name: r.get(2)?,
+        trigger: r.get(3)?,
+        actor: r.get(4)?,
+        from_image: r.get(5)?,
+        to_image: r.get(6)?,
+        started_at: r.get(7)?,
+        ended_at: r.get(8)?,
+        outcome: r.get(9)?,
+        message: r.get(10)?,
+    })
+}
+
+const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message";
+
+impl Store {
+    /// Open (creating if needed) `depwatch.db` in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join("depwatch.db");
+        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|source| StoreError::Open { path, source })?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
+        let sql =
+            format!("SELECT {SERVICE_COLUMNS} FROM services WHERE namespace = ?1 AND name = ?2");
+        Ok(self
+            .conn()
+            .query_row(&sql, params![key.namespace, key.name], service_row)
+            .optional()?)
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([], service_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_service(&self, r: &ServiceRecord) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        );
+        self.conn().execute(
+            &sql,
+            params![
+                r.namespace,
+                r.name,
+                r.path,
+                r.content_hash,
+                r.desired,
+                r.deployed,
+                r.last_good,
+                r.status,
+                r.failed_hash,
+                r.message,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Change a service record in place (creating it if missing).
+    pub fn update_service(
+        &self,
+        key: &ServiceKey,
+        f: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<ServiceRecord, StoreError> {
+        let mut r = self.service(key)?.unwrap_or_else(|| ServiceRecord {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ..ServiceRecord::default()
+        });
+        f(&mut r);
+        self.put_service(&r)?;
+        Ok(r)
+    }
+
+    /// Record a deploy as started; returns its id.
+    pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)",
+            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn finish_deploy(
+        &self,
+        id: i64,
+        outcome: &str,
+        to_image: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deploys SET ended_at = ?2, outcome = ?3, to_image = CASE WHEN ?4 = '' THEN to_image ELSE ?4 END, message = ?5 WHERE id = ?1",
+            params![id, now(), outcome, to_image, message],
+        )?;
+        Ok(())
+    }
+
+    pub fn deploy(&self, id: i64) -> Result<Option<DeployRecord>, StoreError> {
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE id = ?1");
+        Ok(self
+            .conn()
+            .query_row(&sql, params![id], deploy_row)
+            .optional()?)
+    }
+
+    /// Newest first.
+    pub fn history(
+        &self,
+        key: Option<&ServiceKey>,
+        limit: usize,
+    ) -> Result<Vec<DeployRecord>, StoreError> {
+        let conn = self.conn();
+        let rows = match key {
+            Some(k) => {
+                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3");
+                let mut stmt = conn.prepare(&sql)?;
+                let rows =
+                    stmt.query_map(params![k.namespace, k.name, limit as i64], deploy_row)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+            None => {
+                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT ?1");
+                let mut stmt = conn.prepare(&sql)?;
+                let rows = stmt.query_map(params![limit as i64], deploy_row)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Deploys a crash left "in progress": marked interrupted so the record never lies.
+    pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = 'in_progress' ORDER BY id"
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([], deploy_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ServiceKey::new("web", "demo").expect("key");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.update_service(&key, |r| {
+                r.desired = "web=example.com/web:1.1".into();
+                r.status = "deploying".into();
+            })
+            .expect("put");
+            let id = s
+                .start_deploy(&DeployRecord {
+                    namespace: "demo".into(),
+                    name: "web".into(),
+                    trigger: "file".into(),
+                    actor: "file".into(),
+                    from_image: "web=example.com/web:1.0".into(),
+                    to_image: "web=example.com/web:1.1".into(),
+                    started_at: now(),
+                    outcome: "in_progress".into(),
+                    ..DeployRecord::default()
+                })
+                .expect("start");
+            assert_eq!(s.interrupted().expect("q").len(), 1);
+            s.finish_deploy(id, "succeeded", "", "healthy")
+                .expect("finish");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        let r = s.service(&key).expect("q").expect("exists");
+        assert_eq!(r.desired, "web=example.com/web:1.1");
+        let h = s.history(Some(&key), 10).expect("history");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].outcome, "succeeded");
+        assert_eq!(h[0].to_image, "web=example.com/web:1.1");
+        assert!(h[0].ended_at.is_some());
+        assert!(s.interrupted().expect("q").is_empty());
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "x").expect("write");
+        let e = Store::open(&file.join("sub")).err().expect("fails");
+        assert!(e.to_string().contains("not-a-dir"), "{e}");
+    }
+}
