@@ -33,6 +33,8 @@ pub struct Controller {
     pod_born: HashMap<String, Instant>,
     /// When each Deployment (by UID) last made progress, for its progress deadline.
     last_progress: HashMap<String, Instant>,
+    /// Per-phase index of objects by controlling owner: resource → owner UID → objects.
+    owned_index: std::cell::RefCell<HashMap<String, HashMap<String, Vec<Value>>>>,
 }
 
 /// What the kubelet reports for one pod this tick.
@@ -101,6 +103,7 @@ impl Controller {
             behaviours,
             pod_born: HashMap::new(),
             last_progress: HashMap::new(),
+            owned_index: Default::default(),
         }
     }
 
@@ -118,11 +121,17 @@ impl Controller {
     /// One step of every controller.
     pub fn reconcile(&mut self) {
         self.collect_garbage();
+        self.refresh();
         self.deployments();
+        self.refresh();
         self.replicasets();
+        self.refresh();
         self.kubelet();
+        self.refresh();
         self.replicaset_status();
+        self.refresh();
         self.deployment_status();
+        self.refresh();
     }
 
     /// Change one object in place; spec changes bump `metadata.generation`.
@@ -189,12 +198,27 @@ impl Controller {
         self.last_progress.retain(|uid, _| uids.contains(uid));
     }
 
-    fn owned(&self, rt: &ResourceType, namespace: &str, owner_uid: &str) -> Vec<Value> {
-        let (items, _) = self.store.list(&rt.qualified(), Some(namespace));
-        items
-            .into_iter()
-            .filter(|i| meta::controller_uid(i) == Some(owner_uid))
-            .collect()
+    /// Objects of a kind controlled by `owner_uid`, from an index built once per phase (as an
+    /// informer cache would be), so a tick costs O(objects) rather than O(owners × objects).
+    fn owned(&self, rt: &ResourceType, _namespace: &str, owner_uid: &str) -> Vec<Value> {
+        let resource = rt.qualified();
+        let mut cache = self.owned_index.borrow_mut();
+        let index = cache.entry(resource.clone()).or_insert_with(|| {
+            let (items, _) = self.store.list(&resource, None);
+            let mut by_owner: HashMap<String, Vec<Value>> = HashMap::new();
+            for i in items {
+                if let Some(uid) = meta::controller_uid(&i) {
+                    by_owner.entry(uid.to_string()).or_default().push(i);
+                }
+            }
+            by_owner
+        });
+        index.get(owner_uid).cloned().unwrap_or_default()
+    }
+
+    /// Forget the per-phase index: the next phase sees this phase's writes.
+    fn refresh(&self) {
+        self.owned_index.borrow_mut().clear();
     }
 
     fn pod_ready(pod: &Value) -> bool {

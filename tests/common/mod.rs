@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: waiting with deadlines and running kubectl.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

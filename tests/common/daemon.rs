@@ -1,0 +1,350 @@
+//! A test environment for the daemon: a simulated cluster in-process, a temp dependency
+//! directory, a local Slack receiver, and the real `depwatch run` binary between them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use depwatch::sim::{Sim, SimConfig};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use serde_json::{json, Value};
+
+use super::{audit_count, wait_for};
+
+/// One message received by the local Slack receiver, with what the cluster said at that moment.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Value,
+    /// `updated/available/desired` of the message's Deployment when the message arrived.
+    pub rollout_at_receipt: Option<(i32, i32, i32)>,
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub deps: PathBuf,
+    pub state: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub audit: PathBuf,
+    pub sim: Sim,
+    pub client: kube::Client,
+    pub slack_url: String,
+    pub slack: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Env {
+    pub async fn new(config: SimConfig) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit.jsonl");
+        let sim = Sim::start(SimConfig {
+            audit_log: Some(audit.clone()),
+            ..config
+        })
+        .await
+        .expect("sim starts");
+        let kubeconfig = dir.path().join("kubeconfig");
+        sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let deps = dir.path().join("deps");
+        std::fs::create_dir(&deps).expect("mkdir deps");
+        let client = sim.client().expect("client");
+        let slack: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let slack_url = start_slack(slack.clone(), client.clone()).await;
+        Env {
+            state: dir.path().join("state"),
+            dir,
+            deps,
+            kubeconfig,
+            audit,
+            sim,
+            client,
+            slack_url,
+            slack,
+        }
+    }
+
+    /// Create a namespace (if needed) and a Deployment, and wait until it is healthy.
+    pub async fn deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        containers: &[(&str, &str)],
+        replicas: i32,
+    ) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        if nss.get_opt(ns).await.expect("get ns").is_none() {
+            let obj: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+            nss.create(&PostParams::default(), &obj)
+                .await
+                .expect("create ns");
+        }
+        let cs: Vec<Value> = containers
+            .iter()
+            .map(|(n, i)| json!({"name": n, "image": i}))
+            .collect();
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": cs}}}
+        }))
+        .expect("deployment");
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+        api.create(&PostParams::default(), &d)
+            .await
+            .expect("create deployment");
+    }
+
+    pub async fn wait_ready(&self, ns: &str, name: &str) {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+        wait_for(
+            &format!("{ns}/{name} ready"),
+            Duration::from_secs(30),
+            || async {
+                let d = api.get(name).await.ok()?;
+                let st = d.status?;
+                (st.available_replicas == d.spec?.replicas && st.updated_replicas == st.replicas)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    pub async fn images(&self, ns: &str, name: &str) -> Vec<(String, String)> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+        let d = api.get(name).await.expect("get deployment");
+        d.spec
+            .and_then(|s| s.template.spec)
+            .map(|s| {
+                s.containers
+                    .into_iter()
+                    .map(|c| (c.name, c.image.unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn image(&self, ns: &str, name: &str) -> String {
+        self.images(ns, name)
+            .await
+            .into_iter()
+            .next()
+            .map(|(_, i)| i)
+            .unwrap_or_default()
+    }
+
+    pub async fn wait_image(&self, ns: &str, name: &str, want: &str) {
+        wait_for(
+            &format!("{ns}/{name} to run {want}"),
+            Duration::from_secs(30),
+            || async { (self.image(ns, name).await == want).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Write a dependency file the way a shell redirection does (truncate, write, close).
+    pub fn write_dep(&self, file: &str, content: &str) {
+        std::fs::write(self.deps.join(file), content).expect("write dep file");
+    }
+
+    /// PATCH requests to one Deployment, from the audit log.
+    pub fn patches(&self, ns: &str, name: &str) -> usize {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}");
+        audit_count(&self.audit, |l| l["method"] == "PATCH" && l["path"] == path)
+    }
+
+    /// All PATCH requests to Deployments.
+    pub fn all_patches(&self) -> usize {
+        audit_count(&self.audit, |l| {
+            l["method"] == "PATCH"
+                && l["path"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("/deployments/"))
+        })
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.slack.lock().expect("lock").clone()
+    }
+
+    pub async fn wait_messages(&self, n: usize) -> Vec<Received> {
+        wait_for(
+            &format!("{n} Slack message(s)"),
+            Duration::from_secs(30),
+            || async {
+                let m = self.messages();
+                (m.len() >= n).then_some(m)
+            },
+        )
+        .await
+    }
+
+    /// Start `depwatch run` against this environment.
+    pub async fn daemon(&self, extra: &[&str]) -> Daemon {
+        let log = self
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", rand_suffix()));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--deps".into(),
+            self.deps.display().to_string(),
+            "--state-dir".into(),
+            self.state.display().to_string(),
+            "--kubeconfig".into(),
+            self.kubeconfig.display().to_string(),
+            "--slack-webhook".into(),
+            self.slack_url.clone(),
+            "--debounce".into(),
+            "50ms".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(&args)
+            .env("RUST_LOG", "info,depwatch=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("depwatch run starts");
+        let d = Daemon {
+            child: Some(child),
+            log,
+        };
+        let log = d.log.clone();
+        wait_for(
+            "the daemon to watch the directory",
+            Duration::from_secs(30),
+            || async {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("watching for dependency file changes")
+                    .then_some(())
+            },
+        )
+        .await;
+        d
+    }
+
+    pub fn store(&self) -> depwatch::store::Store {
+        depwatch::store::Store::open(&self.state).expect("state db")
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running daemon; killed on drop, stopped gracefully by `stop`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .expect("kill");
+            let status = child.wait().expect("wait");
+            assert!(
+                status.success(),
+                "daemon exits cleanly: {status:?}\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A local Slack incoming-webhook receiver on a free loopback port.
+async fn start_slack(store: Arc<Mutex<Vec<Received>>>, client: kube::Client) -> String {
+    use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            let store = store.clone();
+            let client = client.clone();
+            async move {
+                let fields = body["attachments"][0]["fields"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let field = |t: &str| {
+                    fields
+                        .iter()
+                        .find(|f| f["title"] == t)
+                        .and_then(|f| f["value"].as_str().map(String::from))
+                };
+                let mut rollout = None;
+                if let (Some(ns), Some(name)) = (field("Namespace"), field("Service")) {
+                    let api: Api<Deployment> = Api::namespaced(client, &ns);
+                    if let Ok(d) = api.get(&name).await {
+                        let st = d.status.unwrap_or_default();
+                        rollout = Some((
+                            st.updated_replicas.unwrap_or(0),
+                            st.available_replicas.unwrap_or(0),
+                            d.spec.and_then(|s| s.replicas).unwrap_or(1),
+                        ));
+                    }
+                }
+                store.lock().expect("lock").push(Received {
+                    body,
+                    rollout_at_receipt: rollout,
+                });
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/hook")
+}
+
+pub fn colour(m: &Received) -> String {
+    m.body["attachments"][0]["color"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub fn text(m: &Received) -> String {
+    m.body["text"].as_str().unwrap_or_default().to_string()
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

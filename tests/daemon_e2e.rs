@@ -1,0 +1,328 @@
+//! The real `depwatch run` binary against the simulated cluster, end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{colour, text, Env};
+use common::wait_for;
+use depwatch::sim::SimConfig;
+
+const GREEN: &str = "#2eb886";
+const RED: &str = "#d40e0d";
+const AMBER: &str = "#daa038";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 3)
+        .await;
+    env.wait_ready("demo", "web").await;
+    let daemon = env.daemon(&[]).await;
+
+    env.write_dep("web_demo.dep", "1.1.0\n");
+    env.wait_image("demo", "web", "example.com/web:1.1.0").await;
+    let messages = env.wait_messages(1).await;
+    assert_eq!(colour(&messages[0]), GREEN, "{:?}", messages[0]);
+    assert!(
+        text(&messages[0]).contains("example.com/web:1.1.0"),
+        "{}",
+        text(&messages[0])
+    );
+    let (updated, available, desired) = messages[0]
+        .rollout_at_receipt
+        .expect("deployment read at receipt");
+    assert_eq!(
+        (updated, available),
+        (desired, desired),
+        "the message came after the rollout was healthy"
+    );
+    assert_eq!(env.patches("demo", "web"), 1, "exactly one PATCH");
+
+    // `touch` and rewriting the same bytes change nothing.
+    env.write_dep("web_demo.dep", "1.1.0\n");
+    let history = env.store().history(None, 10).expect("history");
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].outcome, "succeeded");
+    assert_eq!(history[0].from_image, "web=example.com/web:1.0.0");
+    daemon.stop();
+    assert_eq!(env.patches("demo", "web"), 1);
+    assert_eq!(env.messages().len(), 1, "one message only");
+    let dep = env.images("demo", "web").await;
+    assert_eq!(
+        dep,
+        vec![("web".to_string(), "example.com/web:1.1.0".to_string())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_image_fails_fast_red_with_the_pods_reason() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "api", &[("api", "example.com/api:1.0.0")], 2)
+        .await;
+    env.wait_ready("demo", "api").await;
+    let _daemon = env.daemon(&["--rollback", "off"]).await;
+
+    env.write_dep("api_demo.dep", "2.0.0-fail-pull\n");
+    let messages = env.wait_messages(1).await;
+    let m = &messages[0];
+    assert_eq!(colour(m), RED, "{m:?}");
+    let t = text(m);
+    assert!(
+        t.contains("ImagePullBackOff") || t.contains("ErrImagePull"),
+        "{t}"
+    );
+    assert!(
+        t.contains("example.com/api:2.0.0-fail-pull"),
+        "the pod's own message: {t}"
+    );
+    assert!(
+        !t.contains("ProgressDeadlineExceeded"),
+        "failed from the pods, long before the deadline: {t}"
+    );
+    let svc = env
+        .store()
+        .service(&depwatch::depfile::ServiceKey::new("api", "demo").expect("key"))
+        .expect("q")
+        .expect("recorded");
+    assert_eq!(svc.status, "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_never_gets_ready_times_out_amber() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment(
+        "demo",
+        "reports",
+        &[("reports", "example.com/reports:1.0.0")],
+        1,
+    )
+    .await;
+    env.wait_ready("demo", "reports").await;
+    let _daemon = env
+        .daemon(&["--rollout-timeout", "2s", "--rollback", "off"])
+        .await;
+    env.write_dep("reports_demo.dep", "1.1.0-hang\n");
+    let messages = env.wait_messages(1).await;
+    assert_eq!(colour(&messages[0]), AMBER, "{:?}", messages[0]);
+    assert!(
+        text(&messages[0]).contains("not healthy after 2s"),
+        "{}",
+        text(&messages[0])
+    );
+    let h = env.store().history(None, 5).expect("history");
+    assert_eq!(h[0].outcome, "timed_out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.deployment("demo", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    env.write_dep("web_demo.dep", "1.1.0");
+    env.write_dep("api_demo.dep", "1.0.0");
+    let daemon = env.daemon(&[]).await;
+    env.wait_image("demo", "web", "example.com/web:1.1.0").await;
+    env.wait_messages(1).await;
+    wait_for(
+        "api to be recorded as current",
+        Duration::from_secs(20),
+        || async {
+            let s = env
+                .store()
+                .service(&depwatch::depfile::ServiceKey::new("api", "demo").ok()?)
+                .ok()??;
+            (s.status == "succeeded").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.patches("demo", "api"),
+        0,
+        "api already ran 1.0.0: no patch"
+    );
+    daemon.stop();
+    let patches_before = env.all_patches();
+
+    // Unchanged files: a restart patches nothing.
+    let daemon = env.daemon(&[]).await;
+    daemon.stop();
+    assert_eq!(env.all_patches(), patches_before);
+
+    // A change made while stopped is deployed at start.
+    env.write_dep("api_demo.dep", "1.2.0");
+    let _daemon = env.daemon(&[]).await;
+    env.wait_image("demo", "api", "example.com/api:1.2.0").await;
+    assert_eq!(env.patches("demo", "web"), 1, "web is not redeployed");
+    assert_eq!(env.patches("demo", "api"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_services_deploy_once_each_and_latest_wins() {
+    let env = Env::new(SimConfig {
+        ready_delay: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await;
+    let names: Vec<String> = (0..200).map(|i| format!("svc-{i:03}")).collect();
+    for n in &names {
+        env.deployment(
+            "bulk",
+            n,
+            &[(n.as_str(), &format!("example.com/{n}:1.0.0"))],
+            1,
+        )
+        .await;
+    }
+    let _daemon = env.daemon(&["--workers", "20"]).await;
+    for n in &names {
+        env.write_dep(&format!("{n}_bulk.dep"), "2.0.0\n");
+    }
+    // Three quick changes to one service end on the last.
+    env.write_dep("svc-000_bulk.dep", "2.1.0\n");
+    env.write_dep("svc-000_bulk.dep", "2.2.0\n");
+    env.write_dep("svc-000_bulk.dep", "2.3.0\n");
+
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.client.clone(), "bulk");
+    wait_for(
+        "all 200 services to run their new version",
+        Duration::from_secs(120),
+        || async {
+            let list = api.list(&Default::default()).await.ok()?;
+            let done = list
+                .items
+                .iter()
+                .filter(|d| {
+                    let img = d
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.template.spec.as_ref())
+                        .and_then(|s| s.containers[0].image.clone())
+                        .unwrap_or_default();
+                    img.ends_with(":2.0.0") || img.ends_with(":2.3.0")
+                })
+                .count();
+            (done == 200).then_some(())
+        },
+    )
+    .await;
+    env.wait_image("bulk", "svc-000", "example.com/svc-000:2.3.0")
+        .await;
+    wait_for(
+        "every deploy to settle",
+        Duration::from_secs(60),
+        || async {
+            let services = env.store().services().ok()?;
+            (services.len() == 200 && services.iter().all(|s| s.status == "succeeded"))
+                .then_some(())
+        },
+    )
+    .await;
+    for n in &names[1..] {
+        assert_eq!(env.patches("bulk", n), 1, "{n} patched once");
+    }
+    assert!(
+        env.patches("bulk", "svc-000") <= 4,
+        "at most one patch per change"
+    );
+    assert_eq!(
+        env.image("bulk", "svc-000").await,
+        "example.com/svc-000:2.3.0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_keep_their_image_and_multi_container_files_set_exactly_the_named_ones() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment(
+        "demo",
+        "web",
+        &[
+            ("web", "example.com/web:1.0.0"),
+            ("envoy", "example.com/envoy:1.29"),
+        ],
+        1,
+    )
+    .await;
+    env.deployment(
+        "demo",
+        "api",
+        &[
+            ("api", "example.com/api:1.0.0"),
+            ("envoy", "example.com/envoy:1.29"),
+            ("log", "example.com/log:3"),
+        ],
+        1,
+    )
+    .await;
+    let _daemon = env.daemon(&[]).await;
+    env.write_dep("web_demo.dep", "1.1.0");
+    env.write_dep(
+        "api_demo.dep",
+        "images:\n  api: example.com/api:2.0.0\n  envoy: example.com/envoy:1.30\n",
+    );
+    env.wait_image("demo", "web", "example.com/web:1.1.0").await;
+    env.wait_image("demo", "api", "example.com/api:2.0.0").await;
+    assert_eq!(
+        env.images("demo", "web").await,
+        vec![
+            ("web".into(), "example.com/web:1.1.0".into()),
+            ("envoy".into(), "example.com/envoy:1.29".into())
+        ]
+    );
+    assert_eq!(
+        env.images("demo", "api").await,
+        vec![
+            ("api".into(), "example.com/api:2.0.0".into()),
+            ("envoy".into(), "example.com/envoy:1.30".into()),
+            ("log".into(), "example.com/log:3".into())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_files_are_reported_and_nothing_is_deployed() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.deployment("demo", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    let daemon = env.daemon(&[]).await;
+    env.write_dep("web.dep", "1.1.0");
+    env.write_dep("Web_demo.dep", "1.1.0");
+    env.write_dep("web_demo.dep", "not a version");
+    env.write_dep("api_demo.dep", "");
+    std::fs::write(env.deps.join("garbage_demo.dep"), [0xff, 0x00, 0xfe]).expect("write");
+    let key = |n: &str| depwatch::depfile::ServiceKey::new(n, "demo").expect("key");
+    wait_for(
+        "the invalid files to be recorded",
+        Duration::from_secs(20),
+        || async {
+            let s = env.store();
+            let web = s.service(&key("web")).ok()??;
+            let api = s.service(&key("api")).ok()??;
+            (web.status == "invalid" && api.status == "invalid").then_some((web, api))
+        },
+    )
+    .await;
+    let web = env.store().service(&key("web")).expect("q").expect("web");
+    assert!(
+        web.message.contains("web_demo.dep:1:"),
+        "names the file and line: {}",
+        web.message
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.contains("web.dep") && log.contains("Web_demo.dep"),
+        "bad names are logged"
+    );
+    assert_eq!(env.all_patches(), 0, "nothing deployed");
+
+    // The daemon keeps running: a valid version deploys.
+    env.write_dep("web_demo.dep", "1.2.0");
+    env.wait_image("demo", "web", "example.com/web:1.2.0").await;
+    assert_eq!(env.image("demo", "api").await, "example.com/api:1.0.0");
+}
