@@ -183,10 +183,6 @@ impl Env {
 
     /// Start `depwatch run` against this environment.
     pub async fn daemon(&self, extra: &[&str]) -> Daemon {
-        let log = self
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", rand_suffix()));
         let mut args: Vec<String> = vec![
             "run".into(),
             "--deps".into(),
@@ -201,8 +197,24 @@ impl Env {
             "50ms".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.daemon_with(&args, &[], self.dir.path()).await
+    }
+
+    /// Start the binary with exactly these arguments and extra environment, in `cwd`.
+    pub async fn daemon_with(
+        &self,
+        args: &[String],
+        envs: &[(&str, String)],
+        cwd: &Path,
+    ) -> Daemon {
+        let log = self
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", rand_suffix()));
         let child = Command::new(env!("CARGO_BIN_EXE_depwatch"))
-            .args(&args)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .current_dir(cwd)
             .env("RUST_LOG", "info,depwatch=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
