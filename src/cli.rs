@@ -37,6 +37,14 @@ pub enum Command {
     Status(StateArgs),
     /// Show a service's deploy history (NAMESPACE/DEPLOYMENT).
     History(HistoryArgs),
+    /// Deploy a version that failed again (lifts the pin on it).
+    Retry(ServiceArgs),
+    /// Deploy the last good images by writing them into the service's file.
+    Rollback(ServiceArgs),
+    /// Stop deploying a service's file changes until it is resumed.
+    Suspend(ServiceArgs),
+    /// Deploy a suspended service's file changes again.
+    Resume(ServiceArgs),
     /// The daemon on an embedded simulated cluster with example files: see it work with no
     /// cluster at all.
     Demo(DemoArgs),
@@ -142,6 +150,24 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, help_heading = "Deploys")]
     pub shutdown_grace: Duration,
 
+    /// Restore the desired images when they are changed behind depwatch's back (drift is
+    /// always recorded and reported).
+    #[arg(long, env = "DEPWATCH_SELF_HEAL", help_heading = "Deploys")]
+    pub self_heal: bool,
+
+    /// Deploys kept in the history per service.
+    #[arg(
+        long,
+        env = "DEPWATCH_HISTORY_KEEP",
+        default_value_t = 200,
+        help_heading = "Files"
+    )]
+    pub history_keep: usize,
+
+    /// Deploys older than this are removed from the history (e.g. 90d); kept forever if unset.
+    #[arg(long, env = "DEPWATCH_HISTORY_MAX_AGE", value_parser = parse_duration, help_heading = "Files")]
+    pub history_max_age: Option<Duration>,
+
     /// Slack incoming-webhook URL for deploy outcomes. Seed name: WEBHOOK_FOR_SLACK.
     #[arg(
         long,
@@ -174,8 +200,24 @@ impl DaemonArgs {
                 crash_restarts: self.crash_restarts,
             },
             shutdown_grace: self.shutdown_grace,
+            history_keep: self.history_keep,
+            history_max_age: self.history_max_age,
+            self_heal: self.self_heal,
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServiceArgs {
+    /// The service as NAMESPACE/DEPLOYMENT (e.g. prod/payments).
+    pub service: String,
+    /// Directory of the state database.
+    #[arg(
+        long,
+        env = "DEPWATCH_STATE_DIR",
+        default_value = "/var/lib/depwatch/state"
+    )]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -46,6 +46,12 @@ pub struct DaemonConfig {
     pub fail_fast: FailFast,
     /// How long shutdown waits for in-flight deploys before leaving them to the next start.
     pub shutdown_grace: Duration,
+    /// Deploy history kept per service.
+    pub history_keep: usize,
+    /// Deploy history older than this is removed.
+    pub history_max_age: Option<Duration>,
+    /// Restore the desired images when they are changed behind depwatch's back.
+    pub self_heal: bool,
 }
 
 /// Fatal errors: the daemon cannot start or keep running.
@@ -94,15 +100,20 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
     if !config.deps_dir.is_dir() {
         return Err(DaemonError::DepsDir(config.deps_dir.clone()));
     }
+    // One spelling of every path: the watcher reports paths under the directory as given, and
+    // the scanner must name the same files the same way.
+    let mut config = config;
+    config.deps_dir = config
+        .deps_dir
+        .canonicalize()
+        .map_err(|_| DaemonError::DepsDir(config.deps_dir.clone()))?;
     let store = Store::open(&config.state_dir)?;
+    let pruned = store.prune(config.history_keep, config.history_max_age)?;
+    if pruned > 0 {
+        tracing::info!(pruned, "old deploy history removed (retention)");
+    }
     for d in store.interrupted()? {
-        tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), "a deploy was interrupted by a stop; it is judged again now");
-        store.finish_deploy(
-            d.id,
-            "interrupted",
-            "",
-            "depwatch stopped during this deploy",
-        )?;
+        tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "a deploy was interrupted by a stop; it is judged again now");
     }
     let client = kube_client(config.kubeconfig.as_deref(), config.context.as_deref()).await?;
     let notifier = match &config.slack_webhook {
@@ -120,13 +131,15 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
     );
     let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
     let workers = Workers::new(
-        deployer,
+        deployer.clone(),
         store.clone(),
-        notifier,
+        notifier.clone(),
         QueueConfig {
             workers: config.workers,
             capacity: config.queue_capacity,
             rollback: config.rollback,
+            history_keep: config.history_keep,
+            history_max_age: config.history_max_age,
         },
     );
 
@@ -142,6 +155,22 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
 
     let mut ingest = Ingest::new(config.deps_dir.clone(), store.clone(), scheduler.clone());
     ingest.rescan("startup").await;
+    // Deploys a stop interrupted are resumed by their service's worker; those whose file is
+    // gone are closed here so the record never shows work in progress that nobody does.
+    for d in store.interrupted()? {
+        let key = crate::depfile::ServiceKey {
+            name: d.name.clone(),
+            namespace: d.namespace.clone(),
+        };
+        if scheduler.desired(&key).is_none() {
+            store.finish_deploy(
+                d.id,
+                "interrupted",
+                "",
+                "depwatch stopped during this deploy",
+            )?;
+        }
+    }
     tracing::info!(dir = %config.deps_dir.display(), "watching for dependency file changes");
     set.spawn(ingest::run(
         IngestConfig {
@@ -154,6 +183,31 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
         overflow,
         stages.clone(),
     ));
+
+    set.spawn(crate::deploy::drift::run(
+        deployer,
+        store.clone(),
+        notifier,
+        scheduler.clone(),
+        config.self_heal,
+        stages.clone(),
+    ));
+    let retention = store.clone();
+    let (keep, max_age, every) = (config.history_keep, config.history_max_age, config.resync);
+    let stop = stages.clone();
+    set.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = retention.prune(keep, max_age) {
+                        tracing::warn!(error = %e, "history retention failed");
+                    }
+                }
+            }
+        }
+    });
 
     cancel.cancelled().await;
     tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");

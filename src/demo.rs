@@ -143,6 +143,9 @@ pub async fn run(
         slack_webhook: None,
         fail_fast: FailFast::default(),
         shutdown_grace: Duration::from_secs(5),
+        history_keep: 200,
+        history_max_age: None,
+        self_heal: false,
     };
     let daemon_cancel = cancel.child_token();
     let daemon = tokio::spawn(daemon::run(config, daemon_cancel.clone()));

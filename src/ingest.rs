@@ -138,6 +138,16 @@ impl Ingest {
         };
         self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash);
         let record = self.store.service(&key).ok().flatten().unwrap_or_default();
+        if record.suspended {
+            tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`");
+            return;
+        }
+        // `depwatch retry` clears the pin and marks the service; the re-read is the operator's.
+        let trigger = if record.status == "retry" {
+            "operator"
+        } else {
+            trigger
+        };
         if record.failed_hash == hash {
             tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
             return;

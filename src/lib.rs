@@ -14,6 +14,7 @@ pub mod demo;
 pub mod depfile;
 pub mod deploy;
 pub mod ingest;
+pub mod operator;
 pub mod queue;
 pub mod sim;
 pub mod store;

@@ -64,6 +64,10 @@ fn seed_env_aliases() {
     }
 }
 
+fn service_key(s: &str) -> anyhow::Result<depwatch::depfile::ServiceKey> {
+    depwatch::depfile::ServiceKey::parse_slash(s).map_err(anyhow::Error::msg)
+}
+
 /// A cancellation token fired by SIGINT or SIGTERM: the one owner of signal handling.
 fn shutdown_token() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
@@ -100,6 +104,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(run) => {
             let cancel = shutdown_token();
             depwatch::daemon::run(run.daemon.to_config(), cancel).await?;
+        }
+        Command::Retry(a) => {
+            let key = service_key(&a.service)?;
+            say(&depwatch::operator::retry(&a.state_dir, &key)?);
+        }
+        Command::Rollback(a) => {
+            let key = service_key(&a.service)?;
+            say(&depwatch::operator::rollback(&a.state_dir, &key)?);
+        }
+        Command::Suspend(a) => {
+            let key = service_key(&a.service)?;
+            say(&depwatch::operator::suspend(&a.state_dir, &key, true)?);
+        }
+        Command::Resume(a) => {
+            let key = service_key(&a.service)?;
+            say(&depwatch::operator::suspend(&a.state_dir, &key, false)?);
         }
         Command::Demo(demo) => {
             let cancel = shutdown_token();

@@ -68,6 +68,10 @@ pub struct QueueConfig {
     pub capacity: usize,
     /// Roll back automatically when a rollout fails or times out.
     pub rollback: bool,
+    /// Deploy history kept per service.
+    pub history_keep: usize,
+    /// Deploy history older than this is removed.
+    pub history_max_age: Option<Duration>,
 }
 
 /// Gauges read by metrics and status.
@@ -203,10 +207,15 @@ impl Workers {
         let mut superseded = slot.generation.subscribe();
         superseded.borrow_and_update();
         let record = self.store.service(key).ok().flatten().unwrap_or_default();
+        if record.suspended {
+            tracing::info!("service is suspended; change recorded, not deployed");
+            return;
+        }
         if record.failed_hash == desired.hash && desired.trigger != "operator" {
             tracing::info!("version failed before; not retried until the file changes");
             return;
         }
+        let interrupted = self.store.in_progress(key).ok().flatten();
 
         // Plan and patch while holding a worker permit.
         let permit = match self.permits.acquire().await {
@@ -221,6 +230,38 @@ impl Workers {
                 return;
             }
         };
+        if let (true, Some(row)) = (plan.is_noop(), &interrupted) {
+            // A stop interrupted this very deploy after its patch: judge it now, never patch
+            // it again, and finish the same record.
+            drop(permit);
+            tracing::warn!(
+                deploy = row.id,
+                "resuming a deploy interrupted by a stop; judging its rollout"
+            );
+            let plan = deploy::Plan {
+                before: store::parse_images(&record.last_good),
+                ..plan
+            };
+            self.finish_rollout(
+                key,
+                &desired,
+                &plan,
+                Some(row.id),
+                plan.generation,
+                superseded,
+                started,
+            )
+            .await;
+            return;
+        }
+        if let Some(row) = &interrupted {
+            let _ = self.store.finish_deploy(
+                row.id,
+                "interrupted",
+                "",
+                "depwatch stopped during this deploy and the file changed since",
+            );
+        }
         if plan.is_noop() {
             drop(permit);
             tracing::info!(images = %deploy::show(&plan.after), "already running the desired images; no patch");
@@ -295,7 +336,24 @@ impl Workers {
         };
         drop(permit);
         tracing::info!(from = %deploy::show(&plan.before), to = %deploy::show(&plan.after), generation, "patched; waiting for the rollout");
+        self.finish_rollout(
+            key, &desired, &plan, deploy_id, generation, superseded, started,
+        )
+        .await;
+    }
 
+    /// Wait for the rollout and act on its outcome.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_rollout(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        plan: &deploy::Plan,
+        deploy_id: Option<i64>,
+        generation: i64,
+        superseded: watch::Receiver<u64>,
+        started: tokio::time::Instant,
+    ) {
         let timeout = desired
             .spec
             .rollout_timeout
@@ -343,8 +401,8 @@ impl Workers {
                 tracing::warn!(%reason, %message, "rollout failed");
                 self.after_failure(
                     key,
-                    &desired,
-                    &plan,
+                    desired,
+                    plan,
                     deploy_id,
                     "failed",
                     &why,
@@ -361,8 +419,8 @@ impl Workers {
                 tracing::warn!(%why, "rollout timed out");
                 self.after_failure(
                     key,
-                    &desired,
-                    &plan,
+                    desired,
+                    plan,
                     deploy_id,
                     "timed_out",
                     &why,
@@ -404,16 +462,41 @@ impl Workers {
         let mut report_outcome = None;
         let mut deployed = deploy::show(&plan.after);
         if rollback {
+            // Restore the last images known to be healthy: the ones captured before the patch,
+            // unless those were themselves an unfinished (superseded) rollout.
+            let last_good = self
+                .store
+                .service(key)
+                .ok()
+                .flatten()
+                .map(|r| store::parse_images(&r.last_good))
+                .unwrap_or_default();
             let restore: Images = plan
-                .before
-                .iter()
-                .filter(|(c, _)| plan.changes.contains_key(*c))
-                .map(|(c, i)| (c.clone(), i.clone()))
+                .after
+                .keys()
+                .filter(|c| {
+                    plan.before.get(*c) != plan.after.get(*c)
+                        || last_good
+                            .get(*c)
+                            .is_some_and(|g| plan.after.get(*c) != Some(g))
+                })
+                .filter_map(|c| {
+                    last_good
+                        .get(c)
+                        .or_else(|| plan.before.get(c))
+                        .map(|i| (c.clone(), i.clone()))
+                })
                 .collect();
             let cause = format!("depwatch: rollback after {outcome} ({why})");
-            let result = match self.permits.acquire().await {
-                Ok(_permit) => self.deployer.patch(key, &restore, &cause).await,
-                Err(_) => return,
+            let result = if restore.is_empty() {
+                Err(deploy::DeployError::Resolve(crate::depfile::ResolveError(
+                    "no earlier images are known to restore".into(),
+                )))
+            } else {
+                match self.permits.acquire().await {
+                    Ok(_permit) => self.deployer.patch(key, &restore, &cause).await,
+                    Err(_) => return,
+                }
             };
             match result {
                 Ok(generation) => {
@@ -459,7 +542,7 @@ impl Workers {
                 service: key.name.clone(),
                 namespace: key.namespace.clone(),
                 from: deploy::show(&plan.after),
-                to: deploy::show(&plan.before),
+                to: deployed.clone(),
                 duration: elapsed,
                 reason: why.to_string(),
             });

@@ -50,6 +50,16 @@ pub struct ServiceRecord {
     pub failed_hash: String,
     pub message: String,
     pub updated_at: String,
+    /// An operator suspended the service: file changes are recorded but not deployed.
+    pub suspended: bool,
+}
+
+/// Parse `container=image, …` back into a map.
+pub fn parse_images(s: &str) -> std::collections::BTreeMap<String, String> {
+    s.split(", ")
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(c, i)| (c.to_string(), i.to_string()))
+        .collect()
 }
 
 impl ServiceRecord {
@@ -100,6 +110,7 @@ CREATE TABLE IF NOT EXISTS services (
     failed_hash TEXT NOT NULL DEFAULT '',
     message TEXT NOT NULL DEFAULT '',
     updated_at TEXT NOT NULL DEFAULT '',
+    suspended INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (namespace, name)
 );
 CREATE TABLE IF NOT EXISTS deploys (
@@ -118,8 +129,17 @@ CREATE TABLE IF NOT EXISTS deploys (
 CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
 ";
 
+/// Fixed-width UTC timestamps (`2026-01-02T03:04:05.123456Z`), so text order is time order.
 pub fn now() -> String {
-    jiff::Timestamp::now().to_string()
+    timestamp(jiff::Timestamp::now())
+}
+
+pub fn timestamp(t: jiff::Timestamp) -> String {
+    format!(
+        "{}.{:06}Z",
+        t.strftime("%Y-%m-%dT%H:%M:%S"),
+        t.subsec_microsecond()
+    )
 }
 
 fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
@@ -135,6 +155,7 @@ fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
         failed_hash: r.get(8)?,
         message: r.get(9)?,
         updated_at: r.get(10)?,
+        suspended: r.get::<_, i64>(11)? != 0,
     })
 }
 
@@ -154,7 +175,7 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
     })
 }
 
-const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at";
+const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message";
 
 impl Store {
@@ -204,7 +225,7 @@ impl Store {
 
     pub fn put_service(&self, r: &ServiceRecord) -> Result<(), StoreError> {
         let sql = format!(
-            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         );
         self.conn().execute(
             &sql,
@@ -219,7 +240,8 @@ impl Store {
                 r.status,
                 r.failed_hash,
                 r.message,
-                now()
+                now(),
+                i64::from(r.suspended)
             ],
         )?;
         Ok(())
@@ -227,6 +249,16 @@ impl Store {
 
     /// Change a service record in place (creating it if missing).
     pub fn update_service(
+        &self,
+        key: &ServiceKey,
+        f: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<ServiceRecord, StoreError> {
+        self.update_service_inner(key, f).inspect_err(|e| {
+            tracing::error!(service = %key, error = %e, "cannot record the service state");
+        })
+    }
+
+    fn update_service_inner(
         &self,
         key: &ServiceKey,
         f: impl FnOnce(&mut ServiceRecord),
@@ -259,10 +291,14 @@ impl Store {
         to_image: &str,
         message: &str,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
+        let r = self.conn().execute(
             "UPDATE deploys SET ended_at = ?2, outcome = ?3, to_image = CASE WHEN ?4 = '' THEN to_image ELSE ?4 END, message = ?5 WHERE id = ?1",
             params![id, now(), outcome, to_image, message],
-        )?;
+        );
+        if let Err(e) = &r {
+            tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
+        }
+        r?;
         Ok(())
     }
 
@@ -297,6 +333,46 @@ impl Store {
             }
         };
         Ok(rows)
+    }
+
+    /// The unfinished deploy of a service, if a stop interrupted one.
+    pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = 'in_progress' ORDER BY id DESC LIMIT 1");
+        Ok(self
+            .conn()
+            .query_row(&sql, params![key.namespace, key.name], deploy_row)
+            .optional()?)
+    }
+
+    /// Apply the retention policy: keep at most `keep` deploys per service, and none older
+    /// than `max_age`. Unfinished deploys are always kept. Returns how many were removed.
+    pub fn prune(
+        &self,
+        keep: usize,
+        max_age: Option<std::time::Duration>,
+    ) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        let mut removed = conn.execute(
+            "DELETE FROM deploys WHERE outcome != 'in_progress' AND id IN (
+                SELECT id FROM (
+                    SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
+                ) WHERE n > ?1)",
+            params![keep as i64],
+        )?;
+        if let Some(age) = max_age {
+            let cutoff = timestamp(
+                jiff::Timestamp::now()
+                    .checked_sub(
+                        jiff::SignedDuration::try_from(age).unwrap_or(jiff::SignedDuration::MAX),
+                    )
+                    .unwrap_or(jiff::Timestamp::MIN),
+            );
+            removed += conn.execute(
+                "DELETE FROM deploys WHERE outcome != 'in_progress' AND started_at < ?1",
+                params![cutoff],
+            )?;
+        }
+        Ok(removed)
     }
 
     /// Deploys a crash left "in progress": marked interrupted so the record never lies.
@@ -352,6 +428,35 @@ mod tests {
         assert_eq!(h[0].to_image, "web=example.com/web:1.1");
         assert!(h[0].ended_at.is_some());
         assert!(s.interrupted().expect("q").is_empty());
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_per_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        for svc in ["a", "b"] {
+            for _ in 0..5 {
+                let id = s
+                    .start_deploy(&DeployRecord {
+                        namespace: "ns".into(),
+                        name: svc.into(),
+                        started_at: now(),
+                        outcome: "in_progress".into(),
+                        ..DeployRecord::default()
+                    })
+                    .expect("start");
+                s.finish_deploy(id, "succeeded", "", "").expect("finish");
+            }
+        }
+        assert_eq!(s.prune(3, None).expect("prune"), 4);
+        let a = ServiceKey::new("a", "ns").expect("key");
+        assert_eq!(s.history(Some(&a), 10).expect("h").len(), 3);
+        assert_eq!(
+            s.prune(3, Some(std::time::Duration::ZERO)).expect("prune"),
+            6
+        );
+        assert!(s.history(None, 10).expect("h").is_empty());
+        assert_eq!(parse_images("a=x:1, b=y@sha256:00").len(), 2);
     }
 
     #[test]

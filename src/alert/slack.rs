@@ -75,10 +75,10 @@ impl Report {
             fields.push(json!({"title": "Reason", "value": self.reason, "short": false}));
         }
         let text = if self.reason.is_empty() {
-            format!("{}: {} → {}", self.title(), self.from, self.to)
+            format!("{} from {} to {}", self.title(), self.from, self.to)
         } else {
             format!(
-                "{}: {} → {}: {}",
+                "{} from {} to {}: {}",
                 self.title(),
                 self.from,
                 self.to,

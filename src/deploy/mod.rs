@@ -3,6 +3,7 @@
 //! manager `depwatch`, a `kubernetes.io/change-cause`), then judge the rollout from shared
 //! watches, and roll back to the captured images when it fails.
 
+pub mod drift;
 pub mod rollout;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,8 @@ pub struct Plan {
     pub changes: Images,
     /// All containers' images after the deploy.
     pub after: Images,
+    /// The Deployment's generation when read: what an interrupted rollout must reach.
+    pub generation: i64,
 }
 
 impl Plan {
@@ -127,6 +130,11 @@ impl Deployer {
 
     pub fn config(&self) -> &DeployConfig {
         &self.config
+    }
+
+    /// The shared watches, for drift detection.
+    pub fn watches(&self) -> &Watches {
+        &self.watches
     }
 
     async fn ensure_namespace(&self, ns: &str) -> Result<(), DeployError> {
@@ -213,6 +221,7 @@ impl Deployer {
             before,
             changes,
             after,
+            generation: dep.metadata.generation.unwrap_or(0),
         })
     }
 

@@ -215,9 +215,11 @@ pub struct Watches {
     client: Client,
     by_namespace: Arc<DashMap<String, NamespaceWatch>>,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// Moves on any change in any watched namespace.
+    any_change: Arc<watch::Sender<u64>>,
 }
 
-fn spawn_reflector<K>(api: Api<K>, tx: watch::Sender<u64>) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, tx: watch::Sender<u64>, any: Arc<watch::Sender<u64>>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -238,6 +240,7 @@ where
                 tracing::debug!(error = %e, "watch interrupted; it resumes with backoff");
             }
             tx.send_modify(|n| *n += 1);
+            any.send_modify(|n| *n += 1);
         }
     });
     reader
@@ -249,7 +252,21 @@ impl Watches {
             client,
             by_namespace: Arc::default(),
             lock: Arc::default(),
+            any_change: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Notified on any change in any watched namespace.
+    pub fn any_change(&self) -> watch::Receiver<u64> {
+        self.any_change.subscribe()
+    }
+
+    /// The namespaces being watched now.
+    pub fn watched(&self) -> Vec<(String, NamespaceWatch)> {
+        self.by_namespace
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 
     /// The watch of `namespace`, started (and synced) if it is not running yet.
@@ -266,12 +283,18 @@ impl Watches {
             deployments: spawn_reflector(
                 Api::namespaced(self.client.clone(), namespace),
                 tx.clone(),
+                self.any_change.clone(),
             ),
             replicasets: spawn_reflector(
                 Api::namespaced(self.client.clone(), namespace),
                 tx.clone(),
+                self.any_change.clone(),
             ),
-            pods: spawn_reflector(Api::namespaced(self.client.clone(), namespace), tx),
+            pods: spawn_reflector(
+                Api::namespaced(self.client.clone(), namespace),
+                tx,
+                self.any_change.clone(),
+            ),
             changed: rx,
         };
         for ready in [

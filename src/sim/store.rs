@@ -339,6 +339,11 @@ impl Store {
         (items, inner.rv, rx)
     }
 
+    /// Every change from now on, as it is committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+        self.events.subscribe()
+    }
+
     /// Forget all event history, as an etcd compaction does: every watch that resumes from an
     /// older revision gets 410 Expired and must list again.
     pub fn compact(&self) {

@@ -1,0 +1,126 @@
+//! Operator commands (`depwatch retry|rollback|suspend|resume SERVICE`). They act through the
+//! record and the dependency file, never on the cluster directly: the file stays the source of
+//! truth and the running daemon picks the change up like any other save.
+
+use std::path::{Path, PathBuf};
+
+use crate::depfile::ServiceKey;
+use crate::store::{self, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("service {0} is not in the record (is depwatch managing it? see `depwatch status`)")]
+    Unknown(ServiceKey),
+    #[error("service {0} has no known good images to roll back to")]
+    NoLastGood(ServiceKey),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Replace a file atomically: write a hidden temporary file beside it, then rename it over the
+/// target (the watcher ignores the temporary name and sees one completed save).
+pub fn write_atomically(path: &Path, content: &str) -> Result<(), OperatorError> {
+    let err = |source| OperatorError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("dep");
+    let tmp = dir.join(format!(".{name}.depwatch-{}", std::process::id()));
+    std::fs::write(&tmp, content).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e)
+    })
+}
+
+fn record(store: &Store, key: &ServiceKey) -> Result<store::ServiceRecord, OperatorError> {
+    store
+        .service(key)?
+        .ok_or_else(|| OperatorError::Unknown(key.clone()))
+}
+
+/// Make the daemon read the file again (same content, new save).
+fn resave(path: &str) -> Result<(), OperatorError> {
+    let p = Path::new(path);
+    let content = std::fs::read_to_string(p).map_err(|source| OperatorError::Write {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    write_atomically(p, &content)
+}
+
+/// Lift the pin on a failed version and deploy it again.
+pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
+    let store = Store::open(state_dir)?;
+    let r = record(&store, key)?;
+    store.update_service(key, |s| {
+        s.failed_hash.clear();
+        s.status = "retry".into();
+        s.message = "retry requested by an operator".into();
+    })?;
+    resave(&r.path)?;
+    Ok(format!("retrying {key}: {} will be deployed again", r.path))
+}
+
+/// Write the last good images into the service's file.
+pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
+    let store = Store::open(state_dir)?;
+    let r = record(&store, key)?;
+    let images = store::parse_images(&r.last_good);
+    if images.is_empty() || r.path.is_empty() {
+        return Err(OperatorError::NoLastGood(key.clone()));
+    }
+    let mut content = format!(
+        "# rolled back by an operator at {} to the last good images\n",
+        store::now()
+    );
+    if images.len() == 1 {
+        content.push_str(
+            images
+                .values()
+                .next()
+                .map(String::as_str)
+                .unwrap_or_default(),
+        );
+        content.push('\n');
+    } else {
+        content.push_str("images:\n");
+        for (c, i) in &images {
+            content.push_str(&format!("  {c}: {i}\n"));
+        }
+    }
+    write_atomically(Path::new(&r.path), &content)?;
+    Ok(format!("{key}: wrote {} to {}", r.last_good, r.path))
+}
+
+/// Stop (or restart) deploying a service's file changes.
+pub fn suspend(
+    state_dir: &Path,
+    key: &ServiceKey,
+    suspended: bool,
+) -> Result<String, OperatorError> {
+    let store = Store::open(state_dir)?;
+    let r = record(&store, key)?;
+    store.update_service(key, |s| {
+        s.suspended = suspended;
+        s.message = if suspended {
+            "suspended by an operator".into()
+        } else {
+            "resumed by an operator".into()
+        };
+    })?;
+    if suspended {
+        Ok(format!(
+            "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
+        ))
+    } else {
+        resave(&r.path)?;
+        Ok(format!("{key} resumed"))
+    }
+}
