@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use depwatch::daemon::{self, DaemonConfig};
-use depwatch::deploy::rollout::FailFast;
 use depwatch::sim::{Sim, SimConfig};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
@@ -74,25 +73,13 @@ async fn create(client: &kube::Client, ns: &str, names: &[String]) {
 
 fn config(deps: &Path, state: &Path, kubeconfig: &Path) -> DaemonConfig {
     DaemonConfig {
-        deps_dir: deps.to_path_buf(),
-        state_dir: state.to_path_buf(),
-        kubeconfig: Some(kubeconfig.to_path_buf()),
-        context: None,
-        workers: 100,
-        queue_capacity: 1024,
-        quiet: Duration::from_millis(100),
-        max_wait: Duration::from_secs(10),
-        resync: Duration::from_secs(300),
         rollout_timeout: Duration::from_secs(60),
-        create_namespace: true,
-        image_repo: None,
-        rollback: true,
-        slack_webhook: None,
-        fail_fast: FailFast::default(),
         shutdown_grace: Duration::from_secs(5),
-        history_keep: 200,
-        history_max_age: None,
-        self_heal: false,
+        ..DaemonConfig::new(
+            deps.to_path_buf(),
+            state.to_path_buf(),
+            Some(kubeconfig.to_path_buf()),
+        )
     }
 }
 

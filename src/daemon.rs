@@ -54,6 +54,33 @@ pub struct DaemonConfig {
     pub self_heal: bool,
 }
 
+impl DaemonConfig {
+    /// The defaults `depwatch run` uses, for a directory, a state directory and a kubeconfig.
+    pub fn new(deps_dir: PathBuf, state_dir: PathBuf, kubeconfig: Option<PathBuf>) -> Self {
+        DaemonConfig {
+            deps_dir,
+            state_dir,
+            kubeconfig,
+            context: None,
+            workers: 100,
+            queue_capacity: 1024,
+            quiet: Duration::from_millis(100),
+            max_wait: Duration::from_secs(10),
+            resync: Duration::from_secs(300),
+            rollout_timeout: Duration::from_secs(300),
+            create_namespace: true,
+            image_repo: None,
+            rollback: true,
+            slack_webhook: None,
+            fail_fast: FailFast::default(),
+            shutdown_grace: Duration::from_secs(30),
+            history_keep: 200,
+            history_max_age: None,
+            self_heal: false,
+        }
+    }
+}
+
 /// Fatal errors: the daemon cannot start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -12,7 +12,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::{self, DaemonConfig};
-use crate::deploy::rollout::FailFast;
 use crate::sim::{Sim, SimConfig};
 use crate::store::Store;
 
@@ -127,25 +126,9 @@ pub async fn run(
     say("");
 
     let config = DaemonConfig {
-        deps_dir: deps.clone(),
-        state_dir: state.clone(),
-        kubeconfig: Some(kubeconfig),
-        context: None,
-        workers: 100,
-        queue_capacity: 1024,
-        quiet: Duration::from_millis(100),
-        max_wait: Duration::from_secs(10),
-        resync: Duration::from_secs(300),
         rollout_timeout,
-        create_namespace: true,
-        image_repo: None,
-        rollback: true,
-        slack_webhook: None,
-        fail_fast: FailFast::default(),
         shutdown_grace: Duration::from_secs(5),
-        history_keep: 200,
-        history_max_age: None,
-        self_heal: false,
+        ..DaemonConfig::new(deps.clone(), state.clone(), Some(kubeconfig))
     };
     let daemon_cancel = cancel.child_token();
     let daemon = tokio::spawn(daemon::run(config, daemon_cancel.clone()));
