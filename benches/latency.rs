@@ -75,6 +75,7 @@ fn config(deps: &Path, state: &Path, kubeconfig: &Path) -> DaemonConfig {
     DaemonConfig {
         rollout_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
+        http_addr: None,
         ..DaemonConfig::new(
             deps.to_path_buf(),
             state.to_path_buf(),

@@ -168,6 +168,24 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_HISTORY_MAX_AGE", value_parser = parse_duration, help_heading = "Files")]
     pub history_max_age: Option<Duration>,
 
+    /// Address of the status page, JSON API and metrics.
+    #[arg(
+        long,
+        env = "DEPWATCH_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        help_heading = "HTTP"
+    )]
+    pub http_addr: std::net::SocketAddr,
+
+    /// Do not serve the status page, API and metrics.
+    #[arg(long, env = "DEPWATCH_NO_HTTP", help_heading = "HTTP")]
+    pub no_http: bool,
+
+    /// File of `name:token` lines: the bearer tokens allowed to make changes through the API
+    /// (without it the API is read-only).
+    #[arg(long, env = "DEPWATCH_API_TOKEN_FILE", help_heading = "HTTP")]
+    pub api_token_file: Option<PathBuf>,
+
     /// Slack incoming-webhook URL for deploy outcomes. Seed name: WEBHOOK_FOR_SLACK.
     #[arg(
         long,
@@ -203,6 +221,8 @@ impl DaemonArgs {
             history_keep: self.history_keep,
             history_max_age: self.history_max_age,
             self_heal: self.self_heal,
+            http_addr: (!self.no_http).then_some(self.http_addr),
+            api_token_file: self.api_token_file.clone(),
         }
     }
 }
@@ -243,6 +263,9 @@ pub struct StateArgs {
         default_value = "/var/lib/depwatch/state"
     )]
     pub state_dir: PathBuf,
+    /// Ask a running daemon's API (e.g. http://127.0.0.1:8080) instead of reading the database.
+    #[arg(long, env = "DEPWATCH_API")]
+    pub api: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -267,6 +290,9 @@ pub struct DemoArgs {
     /// How long the example that hangs may take before it counts as timed out.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub rollout_timeout: Duration,
+    /// Address of the demo's status page (port 0 picks a free port).
+    #[arg(long, env = "DEPWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]

@@ -52,6 +52,10 @@ pub struct DaemonConfig {
     pub history_max_age: Option<Duration>,
     /// Restore the desired images when they are changed behind depwatch's back.
     pub self_heal: bool,
+    /// Where the status page and API listen; `None` turns them off.
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Named bearer tokens allowed to make changes through the API.
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -77,6 +81,8 @@ impl DaemonConfig {
             history_keep: 200,
             history_max_age: None,
             self_heal: false,
+            http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+            api_token_file: None,
         }
     }
 }
@@ -92,6 +98,8 @@ pub enum DaemonError {
     KubeConfig(String),
     #[error(transparent)]
     Watch(#[from] watch::WatchError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 /// Build a kube client from a kubeconfig file (and context), or infer one (KUBECONFIG,
@@ -99,6 +107,7 @@ pub enum DaemonError {
 pub async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     context: Option<&str>,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> Result<kube::Client, DaemonError> {
     let options = kube::config::KubeConfigOptions {
         context: context.map(String::from),
@@ -119,11 +128,27 @@ pub async fn kube_client(
             .await
             .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
     };
-    kube::Client::try_from(config).map_err(|e| DaemonError::KubeConfig(e.to_string()))
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| DaemonError::KubeConfig(e.to_string()))?;
+    Ok(match metrics {
+        Some(m) => builder
+            .with_layer(&crate::metrics::KubeRequestsLayer(m.clone()))
+            .build(),
+        None => builder.build(),
+    })
 }
 
 /// Run the daemon until `cancel` fires, then drain in-flight deploys within the grace period.
 pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), DaemonError> {
+    run_with(config, cancel, None).await
+}
+
+/// [`run`], telling `on_listen` where the status page and API listen.
+pub async fn run_with(
+    config: DaemonConfig,
+    cancel: CancellationToken,
+    on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), DaemonError> {
     if !config.deps_dir.is_dir() {
         return Err(DaemonError::DepsDir(config.deps_dir.clone()));
     }
@@ -142,13 +167,25 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
     for d in store.interrupted()? {
         tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "a deploy was interrupted by a stop; it is judged again now");
     }
-    let client = kube_client(config.kubeconfig.as_deref(), config.context.as_deref()).await?;
+    let tokens = match &config.api_token_file {
+        Some(path) => crate::http::read_tokens(path)?,
+        None => Vec::new(),
+    };
+    let metrics = crate::metrics::Metrics::new();
+    let client = kube_client(
+        config.kubeconfig.as_deref(),
+        config.context.as_deref(),
+        Some(&metrics),
+    )
+    .await?;
     let notifier = match &config.slack_webhook {
-        Some(url) if !url.is_empty() => Notifier::slack(url.clone(), Duration::from_secs(10)),
+        Some(url) if !url.is_empty() => {
+            Notifier::slack(url.clone(), Duration::from_secs(10), metrics.clone())
+        }
         _ => Notifier::disabled(),
     };
     let deployer = Deployer::new(
-        client,
+        client.clone(),
         DeployConfig {
             create_namespace: config.create_namespace,
             image_repo: config.image_repo.clone(),
@@ -168,6 +205,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
             history_keep: config.history_keep,
             history_max_age: config.history_max_age,
         },
+        metrics.clone(),
     );
 
     // Watch before the first scan, so nothing written in between is missed.
@@ -178,6 +216,33 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
     let tracker = TaskTracker::new();
     let stages = CancellationToken::new();
     let mut set = tokio::task::JoinSet::new();
+    let scanned = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = config.http_addr {
+        let state = Arc::new(crate::http::HttpState {
+            store: store.clone(),
+            deps_dir: config.deps_dir.clone(),
+            tokens,
+            metrics: metrics.clone(),
+            queue: scheduler.stats.clone(),
+            scanned: scanned.clone(),
+            client: client.clone(),
+            watches: Some(deployer.watches().clone()),
+            shutdown: stages.clone(),
+            post_lock: tokio::sync::Mutex::new(()),
+        });
+        // Bound before anything else runs, so a taken port is a clear start-up error.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| crate::http::HttpError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| crate::http::HttpError::Bind { addr, source })?;
+        tracing::info!(url = %format!("http://{bound}/"), "status page and API listening");
+        if let Some(tx) = on_listen {
+            let _ = tx.send(bound);
+        }
+        set.spawn(crate::http::serve(listener, state, stages.clone()));
+    }
     set.spawn(workers.run(scheduler.clone(), queue_rx, tracker.clone(), stages.clone()));
 
     let mut ingest = Ingest::new(config.deps_dir.clone(), store.clone(), scheduler.clone());
@@ -198,6 +263,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
             )?;
         }
     }
+    scanned.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(dir = %config.deps_dir.display(), "watching for dependency file changes");
     set.spawn(ingest::run(
         IngestConfig {

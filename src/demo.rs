@@ -85,6 +85,7 @@ async fn seed_cluster(client: kube::Client) -> Result<(), DemoError> {
 pub async fn run(
     once: bool,
     rollout_timeout: Duration,
+    http_addr: std::net::SocketAddr,
     cancel: CancellationToken,
 ) -> Result<(), DemoError> {
     let sim = Sim::start(SimConfig {
@@ -128,10 +129,16 @@ pub async fn run(
     let config = DaemonConfig {
         rollout_timeout,
         shutdown_grace: Duration::from_secs(5),
+        http_addr: Some(http_addr),
         ..DaemonConfig::new(deps.clone(), state.clone(), Some(kubeconfig))
     };
     let daemon_cancel = cancel.child_token();
-    let daemon = tokio::spawn(daemon::run(config, daemon_cancel.clone()));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let daemon = tokio::spawn(daemon::run_with(config, daemon_cancel.clone(), Some(tx)));
+    if let Ok(addr) = rx.await {
+        say(&format!("status page: http://{addr}/   (API: http://{addr}/api/v1/services, metrics: http://{addr}/metrics)"));
+        say("");
+    }
     if once {
         let store = loop {
             if let Ok(s) = Store::open(&state) {

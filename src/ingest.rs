@@ -21,6 +21,17 @@ use crate::queue::{Desired, Scheduler};
 use crate::store::Store;
 use crate::watch::FileEvent;
 
+/// The header the API writes into a dependency file: the request id and its actor.
+pub const REQUEST_HEADER: &str = "# depwatch request ";
+
+/// `(request id, actor)` from a file the API wrote.
+pub fn api_request(text: &str) -> Option<(String, String)> {
+    let line = text.lines().find(|l| l.starts_with(REQUEST_HEADER))?;
+    let rest = line.strip_prefix(REQUEST_HEADER)?;
+    let (id, actor) = rest.split_once(" by ")?;
+    Some((id.trim().to_string(), actor.trim().to_string()))
+}
+
 pub fn content_hash(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -161,6 +172,11 @@ impl Ingest {
         {
             return;
         }
+        // Content written by the API carries its request: `# depwatch request <id> by <actor>`.
+        let (trigger, actor, request_id) = match api_request(&String::from_utf8_lossy(&bytes)) {
+            Some((id, actor)) => ("api", actor, id),
+            None => (trigger, trigger.to_string(), String::new()),
+        };
         tracing::info!(service = %key, file = %shown, trigger, "new desired version");
         self.scheduler
             .submit(
@@ -170,7 +186,9 @@ impl Ingest {
                     hash,
                     path: path.to_path_buf(),
                     trigger: trigger.to_string(),
-                    actor: trigger.to_string(),
+                    actor,
+                    request_id,
+                    seen_at: tokio::time::Instant::now(),
                 },
             )
             .await;

@@ -64,6 +64,42 @@ fn seed_env_aliases() {
     }
 }
 
+/// GET a JSON document from a running daemon's API.
+async fn api_get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let resp = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach the depwatch API at {base}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!("the depwatch API answered {status} for {path}: {body}");
+    }
+    resp.json()
+        .await
+        .with_context(|| format!("the depwatch API sent unexpected JSON for {path}"))
+}
+
+fn text(v: &serde_json::Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
+fn record_from_view(v: serde_json::Value) -> depwatch::store::ServiceRecord {
+    depwatch::store::ServiceRecord {
+        namespace: text(&v, "namespace"),
+        name: text(&v, "name"),
+        path: text(&v, "path"),
+        desired: text(&v, "desired"),
+        deployed: text(&v, "deployed"),
+        last_good: text(&v, "last_good"),
+        status: text(&v, "status"),
+        message: text(&v, "message"),
+        updated_at: text(&v, "updated_at"),
+        suspended: v["suspended"].as_bool().unwrap_or(false),
+        ..Default::default()
+    }
+}
+
 fn service_key(s: &str) -> anyhow::Result<depwatch::depfile::ServiceKey> {
     depwatch::depfile::ServiceKey::parse_slash(s).map_err(anyhow::Error::msg)
 }
@@ -123,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(demo) => {
             let cancel = shutdown_token();
-            depwatch::demo::run(demo.once, demo.rollout_timeout, cancel).await?;
+            depwatch::demo::run(demo.once, demo.rollout_timeout, demo.http_addr, cancel).await?;
         }
         Command::Check(check) => {
             let dir = check
@@ -144,8 +180,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status(state) => {
-            let store = depwatch::store::Store::open(&state.state_dir)?;
-            let services = store.services()?;
+            let services: Vec<depwatch::store::ServiceRecord> = match &state.api {
+                Some(api) => {
+                    let views: Vec<serde_json::Value> = api_get(api, "/api/v1/services").await?;
+                    views.into_iter().map(record_from_view).collect()
+                }
+                None => depwatch::store::Store::open(&state.state_dir)?.services()?,
+            };
             if state.json {
                 say(&serde_json::to_string_pretty(&services)?);
             } else {
@@ -171,10 +212,18 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::History(h) => {
-            let key = depwatch::depfile::ServiceKey::parse_slash(&h.service)
-                .map_err(anyhow::Error::msg)?;
-            let store = depwatch::store::Store::open(&h.state.state_dir)?;
-            let history = store.history(Some(&key), h.limit)?;
+            let key = service_key(&h.service)?;
+            let history: Vec<depwatch::store::DeployRecord> = match &h.state.api {
+                Some(api) => {
+                    let path = format!(
+                        "/api/v1/deploys?service={}/{}&limit={}",
+                        key.namespace, key.name, h.limit
+                    );
+                    api_get(api, &path).await?
+                }
+                None => depwatch::store::Store::open(&h.state.state_dir)?
+                    .history(Some(&key), h.limit)?,
+            };
             if h.state.json {
                 say(&serde_json::to_string_pretty(&history)?);
             } else {

@@ -57,8 +57,11 @@ fn resave(path: &str) -> Result<(), OperatorError> {
 
 /// Lift the pin on a failed version and deploy it again.
 pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    let store = Store::open(state_dir)?;
-    let r = record(&store, key)?;
+    retry_with(&Store::open(state_dir)?, key)
+}
+
+pub fn retry_with(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+    let r = record(store, key)?;
     store.update_service(key, |s| {
         s.failed_hash.clear();
         s.status = "retry".into();
@@ -70,8 +73,11 @@ pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError
 
 /// Write the last good images into the service's file.
 pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    let store = Store::open(state_dir)?;
-    let r = record(&store, key)?;
+    rollback_with(&Store::open(state_dir)?, key)
+}
+
+pub fn rollback_with(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+    let r = record(store, key)?;
     let images = store::parse_images(&r.last_good);
     if images.is_empty() || r.path.is_empty() {
         return Err(OperatorError::NoLastGood(key.clone()));

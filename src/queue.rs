@@ -33,6 +33,10 @@ pub struct Desired {
     /// file, startup, resync, api, operator
     pub trigger: String,
     pub actor: String,
+    /// The API request that wrote this content, if any.
+    pub request_id: String,
+    /// When the change was seen, for the change→patch and change→healthy metrics.
+    pub seen_at: tokio::time::Instant,
 }
 
 struct Slot {
@@ -96,6 +100,7 @@ pub struct Workers {
     pub store: Store,
     pub notifier: Notifier,
     pub config: QueueConfig,
+    pub metrics: crate::metrics::Metrics,
     permits: Arc<Semaphore>,
 }
 
@@ -153,8 +158,15 @@ impl Scheduler {
 }
 
 impl Workers {
-    pub fn new(deployer: Deployer, store: Store, notifier: Notifier, config: QueueConfig) -> Self {
+    pub fn new(
+        deployer: Deployer,
+        store: Store,
+        notifier: Notifier,
+        config: QueueConfig,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         Workers {
+            metrics,
             permits: Arc::new(Semaphore::new(config.workers.max(1))),
             deployer,
             store,
@@ -262,17 +274,61 @@ impl Workers {
                 "depwatch stopped during this deploy and the file changed since",
             );
         }
+        if plan.is_noop() && !self.deployer.healthy_now(key, plan.generation).await {
+            // The desired images are there but their rollout is not healthy (yet): judge it
+            // like a deploy in flight, and roll back to the last good images if it fails.
+            drop(permit);
+            tracing::info!(images = %deploy::show(&plan.after), "already patched to the desired images; judging their rollout");
+            let deploy_id = self
+                .store
+                .start_deploy(&DeployRecord {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    trigger: desired.trigger.clone(),
+                    actor: desired.actor.clone(),
+                    request_id: desired.request_id.clone(),
+                    from_image: record.last_good.clone(),
+                    to_image: deploy::show(&plan.after),
+                    started_at: store::now(),
+                    outcome: "in_progress".into(),
+                    ..DeployRecord::default()
+                })
+                .ok();
+            let _ = self.store.update_service(key, |r| {
+                r.path = desired.path.display().to_string();
+                r.desired = deploy::show(&plan.after);
+                r.status = "deploying".into();
+            });
+            let before = store::parse_images(&record.last_good);
+            let plan = deploy::Plan {
+                before: if before.is_empty() {
+                    plan.before.clone()
+                } else {
+                    before
+                },
+                ..plan
+            };
+            self.finish_rollout(
+                key,
+                &desired,
+                &plan,
+                deploy_id,
+                plan.generation,
+                superseded,
+                started,
+            )
+            .await;
+            return;
+        }
         if plan.is_noop() {
             drop(permit);
-            tracing::info!(images = %deploy::show(&plan.after), "already running the desired images; no patch");
+            tracing::info!(images = %deploy::show(&plan.after), "already running the desired images, healthy; no patch");
             let _ = self.store.update_service(key, |r| {
                 r.path = desired.path.display().to_string();
                 r.content_hash = desired.hash.clone();
                 r.desired = deploy::show(&plan.after);
                 r.deployed = deploy::show(&plan.after);
-                if r.last_good.is_empty() || r.status != "failed" {
-                    r.last_good = deploy::show(&plan.after);
-                }
+                r.last_good = deploy::show(&plan.after);
                 r.status = "succeeded".into();
                 r.failed_hash.clear();
                 r.message = "already running the desired images".into();
@@ -296,6 +352,7 @@ impl Workers {
                 name: key.name.clone(),
                 trigger: desired.trigger.clone(),
                 actor: desired.actor.clone(),
+                request_id: desired.request_id.clone(),
                 from_image: deploy::show(&plan.before),
                 to_image: deploy::show(&plan.after),
                 started_at: store::now(),
@@ -335,6 +392,9 @@ impl Workers {
             }
         };
         drop(permit);
+        self.metrics
+            .change_to_patch
+            .observe(desired.seen_at.elapsed().as_secs_f64());
         tracing::info!(from = %deploy::show(&plan.before), to = %deploy::show(&plan.after), generation, "patched; waiting for the rollout");
         self.finish_rollout(
             key, &desired, &plan, deploy_id, generation, superseded, started,
@@ -373,6 +433,7 @@ impl Workers {
             reason,
         };
         let finish = |outcome: &str, message: &str| {
+            self.metrics.deploy(outcome);
             if let Some(id) = deploy_id {
                 let _ = self.store.finish_deploy(id, outcome, "", message);
             }
@@ -381,6 +442,9 @@ impl Workers {
             WaitOutcome::Healthy => {
                 tracing::info!(seconds = elapsed.as_secs_f64(), "rollout healthy");
                 finish("succeeded", "rollout healthy");
+                self.metrics
+                    .change_to_healthy
+                    .observe(desired.seen_at.elapsed().as_secs_f64());
                 let _ = self.store.update_service(key, |r| {
                     r.content_hash = desired.hash.clone();
                     r.deployed = deploy::show(&plan.after);
@@ -525,6 +589,7 @@ impl Workers {
             }
             tracing::warn!(outcome = %final_outcome, "{message}");
         }
+        self.metrics.deploy(&final_outcome);
         if let Some(id) = deploy_id {
             let _ = self.store.finish_deploy(id, &final_outcome, "", &message);
         }
@@ -596,11 +661,13 @@ impl Workers {
         outcome: &str,
         message: &str,
     ) {
+        self.metrics.deploy(outcome);
         if let Ok(id) = self.store.start_deploy(&DeployRecord {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             trigger: desired.trigger.clone(),
             actor: desired.actor.clone(),
+            request_id: desired.request_id.clone(),
             from_image: deploy::show(from),
             to_image: deploy::show(to),
             started_at: store::now(),

@@ -30,7 +30,7 @@ pub enum StoreError {
 }
 
 /// A service as last recorded.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ServiceRecord {
     pub namespace: String,
     pub name: String,
@@ -72,7 +72,8 @@ impl ServiceRecord {
 }
 
 /// One deploy attempt.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct DeployRecord {
     pub id: i64,
     pub namespace: String,
@@ -88,11 +89,30 @@ pub struct DeployRecord {
     /// superseded, interrupted
     pub outcome: String,
     pub message: String,
+    /// The API request that asked for this deploy, if any.
+    pub request_id: String,
+}
+
+/// A deploy request received through the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestRecord {
+    pub id: String,
+    pub idempotency_key: String,
+    /// SHA-256 of the request body, to tell a retry from a different request.
+    pub body_hash: String,
+    pub namespace: String,
+    pub name: String,
+    /// The dependency file content written for it.
+    pub content: String,
+    pub actor: String,
+    pub created_at: String,
 }
 
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Moves on every write, so the status page can refresh live.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 const SCHEMA: &str = "
@@ -124,9 +144,20 @@ CREATE TABLE IF NOT EXISTS deploys (
     started_at TEXT NOT NULL,
     ended_at TEXT,
     outcome TEXT NOT NULL,
-    message TEXT NOT NULL DEFAULT ''
+    message TEXT NOT NULL DEFAULT '',
+    request_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    body_hash TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    content TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 ";
 
 /// Fixed-width UTC timestamps (`2026-01-02T03:04:05.123456Z`), so text order is time order.
@@ -159,6 +190,19 @@ fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
     })
 }
 
+fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
+    Ok(RequestRecord {
+        id: r.get(0)?,
+        idempotency_key: r.get(1)?,
+        body_hash: r.get(2)?,
+        namespace: r.get(3)?,
+        name: r.get(4)?,
+        content: r.get(5)?,
+        actor: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
 fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
     Ok(DeployRecord {
         id: r.get(0)?,
@@ -172,11 +216,12 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         ended_at: r.get(8)?,
         outcome: r.get(9)?,
         message: r.get(10)?,
+        request_id: r.get(11)?,
     })
 }
 
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
-const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id";
 
 impl Store {
     /// Open (creating if needed) `depwatch.db` in `state_dir`.
@@ -199,7 +244,69 @@ impl Store {
             .map_err(|source| StoreError::Open { path, source })?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Notified after every write.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Record an API deploy request, or return the one already recorded under the same
+    /// idempotency key (the caller compares body hashes).
+    pub fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO requests (id, idempotency_key, body_hash, namespace, name, content, actor, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![r.id, r.idempotency_key, r.body_hash, r.namespace, r.name, r.content, r.actor, r.created_at],
+        )?;
+        Ok(conn.query_row(
+            "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE idempotency_key = ?1",
+            params![r.idempotency_key],
+            request_row,
+        )?)
+    }
+
+    pub fn request_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE idempotency_key = ?1",
+                params![idempotency_key],
+                request_row,
+            )
+            .optional()?)
+    }
+
+    pub fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE id = ?1",
+                params![id],
+                request_row,
+            )
+            .optional()?)
+    }
+
+    /// The deploy a request led to, if it has started.
+    pub fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE request_id = ?1 ORDER BY id DESC LIMIT 1"
+        );
+        Ok(self
+            .conn()
+            .query_row(&sql, params![id], deploy_row)
+            .optional()?)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -244,6 +351,7 @@ impl Store {
                 i64::from(r.suspended)
             ],
         )?;
+        self.changed();
         Ok(())
     }
 
@@ -277,11 +385,14 @@ impl Store {
     pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)",
-            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message],
+            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10)",
+            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
         )?;
-        Ok(conn.last_insert_rowid())
+        let id = conn.last_insert_rowid();
+        drop(conn);
+        self.changed();
+        Ok(id)
     }
 
     pub fn finish_deploy(
@@ -299,6 +410,7 @@ impl Store {
             tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
         }
         r?;
+        self.changed();
         Ok(())
     }
 

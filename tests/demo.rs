@@ -7,6 +7,7 @@ fn the_demo_shows_a_deploy_a_failure_and_a_timeout() {
     let out = Command::new(env!("CARGO_BIN_EXE_depwatch"))
         .args(["demo", "--once"])
         .env("NO_COLOR", "1")
+        .env("DEPWATCH_HTTP_ADDR", "127.0.0.1:0")
         .output()
         .expect("demo runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -15,12 +15,22 @@ fn key(name: &str, ns: &str) -> ServiceKey {
 }
 
 async fn wait_status(env: &Env, k: &ServiceKey, status: &str) {
-    wait_for(
-        &format!("{k} to be {status}"),
+    let waited = tokio::time::timeout(
         Duration::from_secs(30),
-        || async { (env.store().service(k).ok()??.status == status).then_some(()) },
+        wait_for(
+            &format!("{k} to be {status}"),
+            Duration::from_secs(60),
+            || async { (env.store().service(k).ok()??.status == status).then_some(()) },
+        ),
     )
     .await;
+    if waited.is_err() {
+        panic!(
+            "timed out waiting for {k} to be {status}; record: {:?}\ndaemon logs:\n{}",
+            env.store().service(k),
+            env.daemon_logs()
+        );
+    }
 }
 
 fn count(log: &str, needle: &str) -> usize {

@@ -110,6 +110,7 @@ pub struct NotifyStats {
 pub struct Notifier {
     tx: Option<mpsc::Sender<Report>>,
     pub stats: Arc<NotifyStats>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,15 +158,17 @@ impl Notifier {
         Notifier {
             tx: None,
             stats: Arc::default(),
+            metrics: None,
         }
     }
 
     /// Start the background sender for a Slack incoming webhook. The URL is a secret: it is
     /// never logged.
-    pub fn slack(webhook: String, timeout: Duration) -> Self {
+    pub fn slack(webhook: String, timeout: Duration, metrics: crate::metrics::Metrics) -> Self {
         let (tx, mut rx) = mpsc::channel::<Report>(1024);
         let stats: Arc<NotifyStats> = Arc::default();
         let counters = stats.clone();
+        let sent_metrics = metrics.clone();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -196,9 +199,11 @@ impl Notifier {
                 match result {
                     Ok(()) => {
                         counters.sent.fetch_add(1, Ordering::Relaxed);
+                        sent_metrics.notification("sent");
                     }
                     Err(e) => {
                         counters.failed.fetch_add(1, Ordering::Relaxed);
+                        sent_metrics.notification("failed");
                         tracing::warn!(service = %report.service, namespace = %report.namespace, error = %e, "Slack notification failed");
                     }
                 }
@@ -207,6 +212,7 @@ impl Notifier {
         Notifier {
             tx: Some(tx),
             stats,
+            metrics: Some(metrics),
         }
     }
 
@@ -215,6 +221,9 @@ impl Notifier {
         let Some(tx) = &self.tx else { return };
         if tx.try_send(report).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.notification("dropped");
+            }
             tracing::warn!("notification queue full; a Slack message was dropped");
         }
     }

@@ -310,6 +310,30 @@ impl Deployer {
         }
     }
 
+    /// Whether the rollout at `generation` is healthy right now (one judgement from the shared
+    /// watch, no waiting).
+    pub async fn healthy_now(&self, key: &ServiceKey, generation: i64) -> bool {
+        let ns = self.watches.namespace(&key.namespace).await;
+        let mut first_seen = Default::default();
+        // The watch may trail the read that produced `generation` by a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut changed = ns.changed.clone();
+        loop {
+            match ns.judge(
+                &key.name,
+                generation,
+                self.config.fail_fast,
+                &mut first_seen,
+            ) {
+                Health::Healthy => return true,
+                Health::Progressing(m) if m.contains("observe") && Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+                }
+                _ => return false,
+            }
+        }
+    }
+
     /// The images a Deployment runs now, per the shared watch.
     pub async fn live_images(&self, key: &ServiceKey) -> Option<Images> {
         self.watches

@@ -215,6 +215,7 @@ impl Env {
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .current_dir(cwd)
+            .env("DEPWATCH_HTTP_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info,depwatch=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -240,6 +241,23 @@ impl Env {
         d
     }
 
+    /// Every daemon log of this environment, oldest first, for failure messages.
+    pub fn daemon_logs(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().contains("daemon-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        logs.iter()
+            .map(|p| format!("== {}\n{}", p.display(), read(p)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn store(&self) -> depwatch::store::Store {
         depwatch::store::Store::open(&self.state).expect("state db")
     }
@@ -258,6 +276,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `http://127.0.0.1:PORT` of the status page and API, from the daemon's log.
+    pub fn http_url(&self) -> String {
+        let log = self.log_text();
+        let at = log
+            .find("url=http://")
+            .expect("the daemon logs its HTTP address");
+        let rest = &log[at + 4..];
+        let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
+        rest[..end].trim_end_matches('/').to_string()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,513 @@
+//! The JSON API under `/api/v1`, plus `/healthz`, `/readyz` and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::Json;
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{authorize, ApiError, ErrorBody, HttpState, BODY_LIMIT};
+use crate::depfile::{self, ImageSpec, ServiceKey};
+use crate::ingest::REQUEST_HEADER;
+use crate::operator;
+use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
+
+type Shared = State<Arc<HttpState>>;
+
+/// A service with its latest deploy and the images it runs now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub status: String,
+    pub desired: String,
+    /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet).
+    pub running: String,
+    pub deployed: String,
+    pub last_good: String,
+    /// The failure reason or other message of the latest change.
+    pub message: String,
+    pub suspended: bool,
+    pub path: String,
+    pub updated_at: String,
+    pub last_deploy: Option<DeployRecord>,
+}
+
+/// One service with its history, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceDetail {
+    pub service: ServiceView,
+    pub history: Vec<DeployRecord>,
+}
+
+pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
+    let key = r.key();
+    let last_deploy = state
+        .store
+        .history(Some(&key), 1)
+        .ok()
+        .and_then(|h| h.into_iter().next());
+    let running = match &state.watches {
+        Some(w) => w
+            .watched()
+            .into_iter()
+            .find(|(ns, _)| *ns == key.namespace)
+            .and_then(|(_, nw)| nw.images(&key.name))
+            .map(|i| crate::deploy::show(&i))
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    ServiceView {
+        namespace: r.namespace,
+        name: r.name,
+        status: r.status,
+        desired: r.desired,
+        running,
+        deployed: r.deployed,
+        last_good: r.last_good,
+        message: r.message,
+        suspended: r.suspended,
+        path: r.path,
+        updated_at: r.updated_at,
+        last_deploy,
+    }
+}
+
+/// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "alive", body = String)))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready: the start-up scan is done and the Kubernetes API server answers.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "ready", body = String),
+    (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
+pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
+    if !state.scanned.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the start-up scan of the dependency directory is not done",
+        ));
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok("ok"),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the Kubernetes API server is not reachable: {e}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the Kubernetes API server did not answer within 2s",
+        )),
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): Shared) -> impl IntoResponse {
+    let services = state.store.services().unwrap_or_default();
+    let text = state.metrics.encode(&state.queue, &services);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// Every managed service.
+#[utoipa::path(get, path = "/api/v1/services", tag = "services", responses((status = 200, body = Vec<ServiceView>)))]
+pub async fn list_services(State(state): Shared) -> Result<Json<Vec<ServiceView>>, ApiError> {
+    let mut out = Vec::new();
+    for r in state.store.services()? {
+        out.push(view(&state, r).await);
+    }
+    Ok(Json(out))
+}
+
+fn key_from_path(namespace: &str, name: &str) -> Result<ServiceKey, ApiError> {
+    ServiceKey::new(name, namespace)
+        .map_err(|m| ApiError::field(StatusCode::BAD_REQUEST, "service", m))
+}
+
+/// One service with its deploy history.
+#[utoipa::path(get, path = "/api/v1/services/{namespace}/{name}", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path, description = "Deployment name")),
+    responses((status = 200, body = ServiceDetail), (status = 404, body = ErrorBody)))]
+pub async fn get_service(
+    State(state): Shared,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<ServiceDetail>, ApiError> {
+    let key = key_from_path(&namespace, &name)?;
+    let r = state.store.service(&key)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("service {key} is not managed by depwatch"),
+        )
+    })?;
+    let history = state.store.history(Some(&key), 50)?;
+    Ok(Json(ServiceDetail {
+        service: view(&state, r).await,
+        history,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeploysQuery {
+    /// `namespace/deployment`; all services when absent.
+    pub service: Option<String>,
+    /// How many, newest first (default 50, at most 1000).
+    pub limit: Option<usize>,
+}
+
+/// Deploys, newest first, optionally of one service.
+#[utoipa::path(get, path = "/api/v1/deploys", tag = "deploys", params(DeploysQuery),
+    responses((status = 200, body = Vec<DeployRecord>), (status = 400, body = ErrorBody)))]
+pub async fn list_deploys(
+    State(state): Shared,
+    Query(q): Query<DeploysQuery>,
+) -> Result<Json<Vec<DeployRecord>>, ApiError> {
+    let key = match &q.service {
+        Some(s) => Some(
+            ServiceKey::parse_slash(s)
+                .map_err(|m| ApiError::field(StatusCode::BAD_REQUEST, "service", m))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    Ok(Json(state.store.history(key.as_ref(), limit)?))
+}
+
+/// A deploy request: one of `version` (a tag or digest) or `image` (a full reference).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployBody {
+    /// The Deployment's name.
+    pub service: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// Where a request stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestView {
+    pub id: String,
+    pub service: String,
+    pub namespace: String,
+    /// pending, succeeded, failed, rolled_back or superseded
+    pub status: String,
+    pub actor: String,
+    pub created_at: String,
+    /// The dependency file written for the request.
+    pub file: String,
+    pub deploy: Option<DeployRecord>,
+}
+
+fn status_of(outcome: &str) -> &'static str {
+    match outcome {
+        "in_progress" => "pending",
+        "succeeded" | "unchanged" => "succeeded",
+        "rolled_back" => "rolled_back",
+        "superseded" => "superseded",
+        _ => "failed",
+    }
+}
+
+fn dep_path(state: &HttpState, key: &ServiceKey) -> std::path::PathBuf {
+    state
+        .store
+        .service(key)
+        .ok()
+        .flatten()
+        .map(|r| std::path::PathBuf::from(r.path))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| state.deps_dir.join(key.file_name()))
+}
+
+fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestView, ApiError> {
+    let key = ServiceKey {
+        name: r.name.clone(),
+        namespace: r.namespace.clone(),
+    };
+    let path = dep_path(state, &key);
+    let deploy = state.store.deploy_for_request(&r.id)?;
+    let status = match &deploy {
+        Some(d) => status_of(&d.outcome).to_string(),
+        None => {
+            // Another save replaced the file before this one was deployed: superseded.
+            let still_there = std::fs::read_to_string(&path)
+                .map(|t| t.contains(&r.id))
+                .unwrap_or(false);
+            if still_there {
+                "pending".into()
+            } else {
+                "superseded".into()
+            }
+        }
+    };
+    Ok(RequestView {
+        id: r.id.clone(),
+        service: r.name.clone(),
+        namespace: r.namespace.clone(),
+        status,
+        actor: r.actor.clone(),
+        created_at: r.created_at.clone(),
+        file: path.display().to_string(),
+        deploy,
+    })
+}
+
+fn parse_body(bytes: &[u8]) -> Result<DeployBody, ApiError> {
+    let body: DeployBody = serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"))
+            }
+            Category::Data => {
+                let msg = e.to_string();
+                let field = msg.split('`').nth(1).map(String::from);
+                ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, message: format!("invalid deploy request: {msg}; expected {{\"service\", \"namespace\", \"version\" or \"image\"}}"), field }
+            }
+        }
+    })?;
+    if let Err(m) = ServiceKey::new(&body.service, "default") {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "service",
+            m,
+        ));
+    }
+    if let Err(m) = ServiceKey::new("x", &body.namespace) {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "namespace",
+            m,
+        ));
+    }
+    match (&body.version, &body.image) {
+        (Some(v), None) => match depfile::classify(v) {
+            Ok(ImageSpec::Tag(_)) | Ok(ImageSpec::Digest(_)) => {}
+            Ok(ImageSpec::Reference(_)) => {
+                return Err(ApiError::field(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "version",
+                    format!("{v:?} is a full image reference; send it as \"image\""),
+                ))
+            }
+            Err(m) => {
+                return Err(ApiError::field(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "version",
+                    m,
+                ))
+            }
+        },
+        (None, Some(i)) => {
+            if let Err(m) = depfile::validate_reference(i) {
+                return Err(ApiError::field(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "image",
+                    m,
+                ));
+            }
+            if i.chars().any(char::is_whitespace) {
+                return Err(ApiError::field(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "image",
+                    "the image reference contains spaces",
+                ));
+            }
+        }
+        _ => {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "version",
+                "give exactly one of \"version\" (a tag or digest) or \"image\" (a full reference)",
+            ))
+        }
+    }
+    Ok(body)
+}
+
+/// Ask for a deploy: the dependency file is written atomically and the request tracked. The
+/// same `Idempotency-Key` with the same body returns the same request; with a different body it
+/// is a 409.
+#[utoipa::path(post, path = "/api/v1/deploys", tag = "deploys", request_body = DeployBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of the same request safe")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "accepted; the file is written", body = RequestView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_deploy(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<RequestView>), ApiError> {
+    let actor = authorize(&state, &headers)?;
+    let bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {BODY_LIMIT} bytes"),
+        )
+    })?;
+    let body = parse_body(&bytes)?;
+    let key = ServiceKey::new(&body.service, &body.namespace)
+        .map_err(|m| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "service", m))?;
+    let body_hash = {
+        let canonical = serde_json::to_vec(&body).unwrap_or_default();
+        Sha256::digest(&canonical)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let id: String = {
+        let b: [u8; 12] = rand::rng().random();
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    };
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("auto-{id}"));
+    if idempotency_key.len() > 200 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key",
+            "the Idempotency-Key header is longer than 200 characters",
+        ));
+    }
+
+    let _guard = state.post_lock.lock().await;
+    let value = body
+        .version
+        .clone()
+        .or(body.image.clone())
+        .unwrap_or_default();
+    let content = format!("{REQUEST_HEADER}{id} by {actor}\n{value}\n");
+    let candidate = RequestRecord {
+        id: id.clone(),
+        idempotency_key: idempotency_key.clone(),
+        body_hash: body_hash.clone(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        content: content.clone(),
+        actor: actor.clone(),
+        created_at: store::now(),
+    };
+    // An earlier request under this key: the same one again, or a conflicting reuse.
+    if let Some(r) = state.store.request_by_key(&idempotency_key)? {
+        if r.body_hash != body_hash {
+            return Err(ApiError::field(
+                StatusCode::CONFLICT,
+                "Idempotency-Key",
+                "this Idempotency-Key was used for a different request",
+            ));
+        }
+        return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r)?)));
+    }
+    let path = dep_path(&state, &key);
+    operator::write_atomically(&path, &content)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let recorded = state.store.put_request(&candidate)?;
+    tracing::info!(service = %key, request = %id, %actor, "deploy requested through the API");
+    Ok((StatusCode::ACCEPTED, Json(request_view(&state, &recorded)?)))
+}
+
+/// Where a deploy request stands.
+#[utoipa::path(get, path = "/api/v1/requests/{id}", tag = "deploys", params(("id" = String, Path)),
+    responses((status = 200, body = RequestView), (status = 404, body = ErrorBody)))]
+pub async fn get_request(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<RequestView>, ApiError> {
+    let r = state
+        .store
+        .request(&id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no deploy request {id}")))?;
+    Ok(Json(request_view(&state, &r)?))
+}
+
+/// The outcome of an operator call.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    pub message: String,
+}
+
+fn operator_error(e: operator::OperatorError) -> ApiError {
+    match e {
+        operator::OperatorError::Unknown(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+        operator::OperatorError::NoLastGood(_) => {
+            ApiError::new(StatusCode::CONFLICT, e.to_string())
+        }
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+/// Deploy a pinned failed version again.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/retry", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn retry_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let actor = authorize(&state, &headers)?;
+    let key = key_from_path(&namespace, &name)?;
+    let message = operator::retry_with(&state.store, &key).map_err(operator_error)?;
+    tracing::info!(service = %key, %actor, "retry requested through the API");
+    Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
+}
+
+/// Deploy the last good images by writing them into the service's file.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/rollback", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn rollback_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let actor = authorize(&state, &headers)?;
+    let key = key_from_path(&namespace, &name)?;
+    let message = operator::rollback_with(&state.store, &key).map_err(operator_error)?;
+    tracing::info!(service = %key, %actor, "rollback requested through the API");
+    Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
+}
+
+/// Server-sent events: a `change` event whenever the record changes.
+#[utoipa::path(get, path = "/api/v1/events", tag = "services", responses((status = 200, description = "text/event-stream of `change` events", content_type = "text/event-stream")))]
+pub async fn events(State(state): Shared) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.store.subscribe();
+    let stream = tokio_stream::wrappers::WatchStream::new(rx)
+        .map(|n| Ok(Event::default().event("change").data(n.to_string())))
+        .take_until(state.shutdown.clone().cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "health", responses((status = 200, description = "the OpenAPI document")))]
+pub async fn openapi_json(
+    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> impl IntoResponse {
+    Json(doc.as_ref().clone())
+}

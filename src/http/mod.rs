@@ -1,0 +1,260 @@
+//! The HTTP face of the daemon: health and readiness, Prometheus metrics, the JSON API under
+//! `/api/v1` with its OpenAPI document, and the status page. The API changes desired state only
+//! by writing dependency files; it never talks to the cluster behind the files' back.
+
+pub mod api;
+pub mod page;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::deploy::rollout::Watches;
+use crate::metrics::Metrics;
+use crate::queue::QueueStats;
+use crate::store::Store;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// A named API token from `--api-token-file`.
+#[derive(Clone)]
+pub struct Token {
+    pub name: String,
+    secret: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot read the API token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: expected `name:token` (one named token per line, # comments allowed)")]
+    TokenLine { path: PathBuf, line: usize },
+    #[error("cannot listen on {addr} for the HTTP API: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Read `name:token` lines.
+pub fn read_tokens(path: &Path) -> Result<Vec<Token>, HttpError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HttpError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut tokens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(':') {
+            Some((name, secret)) if !name.trim().is_empty() && secret.trim().len() >= 8 => tokens
+                .push(Token {
+                    name: name.trim().to_string(),
+                    secret: secret.trim().to_string(),
+                }),
+            _ => {
+                return Err(HttpError::TokenLine {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                })
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+/// What the handlers share.
+pub struct HttpState {
+    pub store: Store,
+    pub deps_dir: PathBuf,
+    pub tokens: Vec<Token>,
+    pub metrics: Metrics,
+    pub queue: Arc<QueueStats>,
+    /// Set once the start-up scan is done.
+    pub scanned: Arc<AtomicBool>,
+    pub client: kube::Client,
+    pub watches: Option<Watches>,
+    pub shutdown: CancellationToken,
+    /// Serialises deploy requests so one idempotency key writes the file once.
+    pub post_lock: tokio::sync::Mutex<()>,
+}
+
+/// A JSON error: what was wrong and, for bad bodies, which field.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: Some(field.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            axum::Json(ErrorBody {
+                error: self.message,
+                field: self.field,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"depwatch\""),
+            );
+        }
+        resp
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+/// The name of the token presented as `Authorization: Bearer <token>`, compared in constant time.
+pub fn authorize(state: &HttpState, headers: &axum::http::HeaderMap) -> Result<String, ApiError> {
+    if state.tokens.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this API is read-only: start depwatch with --api-token-file to allow changes",
+        ));
+    }
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing `Authorization: Bearer <token>` header",
+            )
+        })?;
+    let mut found = None;
+    for t in &state.tokens {
+        if bool::from(t.secret.as_bytes().ct_eq(presented.as_bytes())) {
+            found = Some(t.name.clone());
+        }
+    }
+    found.ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the bearer token is not valid"))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "depwatch",
+        description = "Deploy requests, service state and history of a depwatch daemon. Mutating calls need `Authorization: Bearer <token>`."
+    ),
+    components(schemas(ErrorBody, crate::store::ServiceRecord, crate::store::DeployRecord))
+)]
+struct ApiDoc;
+
+/// The router and the OpenAPI document generated from the same route list.
+pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(page::status_page))
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::readyz))
+        .routes(routes!(api::metrics))
+        .routes(routes!(api::list_services))
+        .routes(routes!(api::get_service))
+        .routes(routes!(api::list_deploys, api::create_deploy))
+        .routes(routes!(api::get_request))
+        .routes(routes!(api::retry_service))
+        .routes(routes!(api::rollback_service))
+        .routes(routes!(api::events))
+        .routes(routes!(api::openapi_json))
+        .with_state(state)
+        .split_for_parts();
+    let doc_json = Arc::new(doc.clone());
+    let router = router
+        .layer(axum::Extension(doc_json))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    (router, doc)
+}
+
+/// Serve on a bound listener until `cancel`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    cancel: CancellationToken,
+) {
+    let (router, _) = router(state);
+    let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "the status page and API stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_are_validated_and_secrets_never_printed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("tokens");
+        std::fs::write(
+            &p,
+            "# release managers\nrelease-bot: s3cr3t-t0ken-1\nalice:another-long-token\n",
+        )
+        .expect("write");
+        let t = read_tokens(&p).expect("valid");
+        assert_eq!(t.len(), 2);
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+        std::fs::write(&p, "release-bot s3cr3t\n").expect("write");
+        let e = read_tokens(&p).expect_err("bad line");
+        assert!(e.to_string().contains("tokens:1"), "{e}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The status page: one server-rendered HTML page embedded in the binary, readable without
+//! JavaScript and live with it (server-sent events trigger a refresh of the table body).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::Html;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::api::{view, ServiceView};
+use super::HttpState;
+use crate::store::DeployRecord;
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The colour class of a status.
+fn tone(status: &str) -> &'static str {
+    match status {
+        "succeeded" | "unchanged" => "ok",
+        "failed" | "rollback_failed" | "invalid" => "bad",
+        "rolled_back" | "timed_out" | "drifted" | "superseded" | "interrupted" | "drift" => "warn",
+        "deploying" | "in_progress" | "retry" => "busy",
+        _ => "idle",
+    }
+}
+
+fn duration(d: &DeployRecord) -> String {
+    let (Ok(start), Some(Ok(end))) = (
+        d.started_at.parse::<jiff::Timestamp>(),
+        d.ended_at.as_deref().map(str::parse::<jiff::Timestamp>),
+    ) else {
+        return "…".into();
+    };
+    let ms = end.as_millisecond() - start.as_millisecond();
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+fn short_time(t: &str) -> String {
+    t.get(..19).unwrap_or(t).replace('T', " ")
+}
+
+fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
+    let last = s
+        .last_deploy
+        .as_ref()
+        .map(|d| {
+            format!(
+                "{} UTC<br><small>{} · {}</small>",
+                esc(&short_time(&d.started_at)),
+                esc(&d.outcome),
+                duration(d)
+            )
+        })
+        .unwrap_or_else(|| "—".into());
+    let dots: String = history
+        .iter()
+        .map(|d| {
+            format!(
+                "<span class=\"dot {}\" title=\"{} {} → {}\"></span>",
+                tone(&d.outcome),
+                esc(&d.outcome),
+                esc(&short_time(&d.started_at)),
+                esc(&d.to_image)
+            )
+        })
+        .collect();
+    let status = if s.suspended {
+        format!("{} (suspended)", s.status)
+    } else {
+        s.status.clone()
+    };
+    format!(
+        "<tr data-service=\"{ns}/{name}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
+         <td><span class=\"badge {tone}\">{status}</span></td><td class=\"img\">{desired}</td>\
+         <td class=\"img\">{running}</td><td>{last}</td><td class=\"msg\">{message}</td><td>{dots}</td></tr>",
+        ns = esc(&s.namespace),
+        name = esc(&s.name),
+        tone = tone(&s.status),
+        status = esc(&status),
+        desired = esc(&s.desired),
+        running = esc(if s.running.is_empty() { &s.deployed } else { &s.running }),
+        message = esc(&s.message),
+    )
+}
+
+async fn rows(state: &HttpState) -> String {
+    let records = state.store.services().unwrap_or_default();
+    if records.is_empty() {
+        return "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into();
+    }
+    let mut out = String::new();
+    for r in records {
+        let history = state.store.history(Some(&r.key()), 8).unwrap_or_default();
+        let v = view(state, r).await;
+        out.push_str(&row(&v, &history));
+    }
+    out
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PageQuery {
+    /// Return only the table rows (used by the page's live refresh).
+    pub rows: Option<u8>,
+}
+
+const STYLE: &str = "
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#1d1d1f;background:#fafafa}
+h1{font-size:1.4rem;margin:0 0 .2rem}p.sub{color:#666;margin:0 0 1.2rem}
+table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+th,td{padding:.55rem .7rem;border-bottom:1px solid #eee;text-align:left;vertical-align:top;font-size:.9rem}
+th{background:#f3f3f5;font-weight:600}td.img{font-family:ui-monospace,monospace;font-size:.8rem}
+td.msg{max-width:28rem;color:#444;font-size:.8rem}small{color:#777}td.svc{font-weight:600}
+.badge{padding:.15rem .5rem;border-radius:1rem;font-size:.8rem;color:#fff;white-space:nowrap}
+.ok{background:#2eb886}.bad{background:#d40e0d}.warn{background:#daa038}.busy{background:#3b82f6}.idle{background:#999}
+.dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.2rem}
+td.empty{color:#777;text-align:center;padding:2rem}
+";
+
+const SCRIPT: &str = "
+(function(){
+  if(!window.EventSource)return;
+  var busy=false;
+  function refresh(){
+    if(busy)return;busy=true;
+    fetch('/?rows=1').then(function(r){return r.text()}).then(function(t){
+      document.getElementById('rows').innerHTML=t;
+      document.getElementById('live').textContent='live';
+    }).finally(function(){busy=false});
+  }
+  var es=new EventSource('/api/v1/events');
+  es.addEventListener('change',refresh);
+  es.onerror=function(){document.getElementById('live').textContent='reconnecting…'};
+})();
+";
+
+/// The status page.
+#[utoipa::path(get, path = "/", tag = "status page", params(PageQuery),
+    responses((status = 200, description = "the status page (HTML)", content_type = "text/html")))]
+pub async fn status_page(
+    State(state): State<Arc<HttpState>>,
+    Query(q): Query<PageQuery>,
+) -> Html<String> {
+    let body = rows(&state).await;
+    if q.rows.is_some() {
+        return Html(body);
+    }
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>depwatch</title>\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <noscript><meta http-equiv=\"refresh\" content=\"10\"></noscript><style>{STYLE}</style></head><body>\
+         <h1>depwatch</h1><p class=\"sub\">What runs where · <span id=\"live\">updated {now} UTC</span></p>\
+         <table><thead><tr><th>Service</th><th>Status</th><th>Desired</th><th>Running</th>\
+         <th>Last deploy</th><th>Reason</th><th>Recent</th></tr></thead><tbody id=\"rows\">{body}</tbody></table>\
+         <script>{SCRIPT}</script></body></html>",
+        now = esc(&short_time(&crate::store::now())),
+    ))
+}

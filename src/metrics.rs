@@ -1,0 +1,254 @@
+//! Prometheus metrics (`/metrics`): deploys by outcome, change→healthy and change→patch
+//! durations, queue depth, pending and running deploys, services by status, notifications by
+//! result, Kubernetes requests by verb and code.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub verb: String,
+    pub code: String,
+}
+
+/// Every metric, registered once. Cheap to clone (all handles are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub deploys: Family<OutcomeLabel, Counter>,
+    pub change_to_healthy: Histogram,
+    pub change_to_patch: Histogram,
+    pub queue_depth: Gauge,
+    pub pending: Gauge,
+    pub running: Gauge,
+    pub services: Family<StatusLabel, Gauge>,
+    pub notifications: Family<ResultLabel, Counter>,
+    pub kube_requests: Family<RequestLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("depwatch");
+        let deploys = Family::<OutcomeLabel, Counter>::default();
+        registry.register("deploys", "Deploys by outcome", deploys.clone());
+        let change_to_healthy = Histogram::new(exponential_buckets(0.25, 2.0, 12));
+        registry.register(
+            "change_to_healthy_seconds",
+            "Time from seeing a file change to a healthy rollout",
+            change_to_healthy.clone(),
+        );
+        let change_to_patch = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "change_to_patch_seconds",
+            "Time from seeing a file change to the API server accepting the patch",
+            change_to_patch.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Services queued for a worker",
+            queue_depth.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "pending_deploys",
+            "Deploys waiting for their service's running deploy",
+            pending.clone(),
+        );
+        let running = Gauge::default();
+        registry.register("running_deploys", "Deploys in progress", running.clone());
+        let services = Family::<StatusLabel, Gauge>::default();
+        registry.register("services", "Managed services by status", services.clone());
+        let notifications = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notifications by result",
+            notifications.clone(),
+        );
+        let kube_requests = Family::<RequestLabel, Counter>::default();
+        registry.register(
+            "kubernetes_requests",
+            "Requests to the Kubernetes API server by verb and response code",
+            kube_requests.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            deploys,
+            change_to_healthy,
+            change_to_patch,
+            queue_depth,
+            pending,
+            running,
+            services,
+            notifications,
+            kube_requests,
+        }
+    }
+
+    pub fn deploy(&self, outcome: &str) {
+        self.deploys
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn notification(&self, result: &str) {
+        self.notifications
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Refresh the gauges that are read from elsewhere, then encode everything.
+    pub fn encode(
+        &self,
+        queue: &crate::queue::QueueStats,
+        services: &[crate::store::ServiceRecord],
+    ) -> String {
+        let queued = queue.queued.load(Ordering::Relaxed) as i64;
+        let running = queue.running.load(Ordering::Relaxed) as i64;
+        self.queue_depth.set(queued);
+        self.pending.set(queued);
+        self.running.set(running);
+        self.services.clear();
+        for s in services {
+            self.services
+                .get_or_create(&StatusLabel {
+                    status: s.status.clone(),
+                })
+                .inc();
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// A tower layer counting Kubernetes API requests by verb and response code.
+#[derive(Clone)]
+pub struct KubeRequestsLayer(pub Metrics);
+
+impl<S> tower::Layer<S> for KubeRequestsLayer {
+    type Service = KubeRequests<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        KubeRequests {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct KubeRequests<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+fn verb<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.contains("watch=true") || q.contains("watch=1"));
+    match *req.method() {
+        http::Method::GET if watch => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for KubeRequests<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let verb = verb(&req).to_string();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let code = match &res {
+                Ok(r) => r.status().as_u16().to_string(),
+                Err(_) => "error".to_string(),
+            };
+            metrics
+                .kube_requests
+                .get_or_create(&RequestLabel { verb, code })
+                .inc();
+            res
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.deploy("succeeded");
+        m.notification("sent");
+        m.change_to_patch.observe(0.004);
+        let text = m.encode(&crate::queue::QueueStats::default(), &[]);
+        assert!(
+            text.contains("depwatch_deploys_total{outcome=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("depwatch_notifications_total{result=\"sent\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("depwatch_change_to_patch_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("depwatch_queue_depth 0"), "{text}");
+    }
+}

@@ -1,0 +1,685 @@
+//! The HTTP API, metrics, OpenAPI document and status page, driven over real HTTP against the
+//! `depwatch run` binary on the simulated cluster.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::daemon::Env;
+use common::wait_for;
+use depwatch::sim::SimConfig;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "tok-0123456789abcdef";
+
+async fn setup(env: &Env) -> (common::daemon::Daemon, String) {
+    let tokens = env.dir.path().join("tokens");
+    std::fs::write(&tokens, format!("# who may deploy\nrelease-bot:{TOKEN}\n")).expect("tokens");
+    let daemon = env
+        .daemon(&[
+            "--api-token-file",
+            tokens.to_str().expect("utf-8"),
+            "--rollout-timeout",
+            "20s",
+        ])
+        .await;
+    let url = daemon.http_url();
+    (daemon, url)
+}
+
+fn dep_files(env: &Env) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&env.deps)
+        .expect("deps")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Parse Prometheus text exposition: every line is a comment or `name{labels} value`.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unterminated labels in {line}");
+        }
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        out.push((series.to_string(), v));
+    }
+    out
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s == series)
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.wait_ready("demo", "web").await;
+    let (_daemon, url) = setup(&env).await;
+    let http = reqwest::Client::new();
+
+    assert_eq!(
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+    wait_for("readyz", Duration::from_secs(10), || async {
+        (http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .ok()?
+            .status()
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let metrics_before = parse_prometheus(
+        &http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+
+    let body = json!({"service": "web", "namespace": "demo", "version": "1.1.0"});
+    // No token: 401, nothing written.
+    let r = http
+        .post(format!("{url}/api/v1/deploys"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 401);
+    assert!(r.json::<Value>().await.expect("json")["error"]
+        .as_str()
+        .expect("error")
+        .contains("Bearer"));
+    let r = http
+        .post(format!("{url}/api/v1/deploys"))
+        .bearer_auth("wrong-token-value")
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 401);
+    assert!(
+        dep_files(&env).is_empty(),
+        "nothing written without a valid token"
+    );
+
+    // Bad bodies: 4xx naming the field, nothing written.
+    let post = |b: String| {
+        http.post(format!("{url}/api/v1/deploys"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(b)
+            .send()
+    };
+    for (raw, status, field) in [
+        ("{not json".to_string(), 400, None),
+        (
+            json!({"service": "Web_App", "namespace": "demo", "version": "1.1.0"}).to_string(),
+            422,
+            Some("service"),
+        ),
+        (
+            json!({"service": "web", "namespace": "de_mo", "version": "1.1.0"}).to_string(),
+            422,
+            Some("namespace"),
+        ),
+        (
+            json!({"service": "web", "namespace": "demo", "image": "Not A/Valid:Image"})
+                .to_string(),
+            422,
+            Some("image"),
+        ),
+        (
+            json!({"service": "web", "namespace": "demo", "version": "1.0 beta"}).to_string(),
+            422,
+            Some("version"),
+        ),
+        (
+            json!({"service": "web", "namespace": "demo"}).to_string(),
+            422,
+            Some("version"),
+        ),
+        (
+            json!({"service": "web", "namespace": "demo", "version": "1", "colour": "blue"})
+                .to_string(),
+            422,
+            Some("colour"),
+        ),
+        (
+            format!("{{\"service\": \"{}\"}}", "x".repeat(100_000)),
+            413,
+            None,
+        ),
+    ] {
+        let r = post(raw.clone()).await.expect("post");
+        assert_eq!(r.status().as_u16(), status, "{}", &raw[..raw.len().min(80)]);
+        let e: Value = r.json().await.expect("json error");
+        assert!(e["error"].is_string(), "{e}");
+        if let Some(f) = field {
+            assert_eq!(e["field"], f, "{e}");
+        }
+    }
+    assert!(
+        dep_files(&env).is_empty(),
+        "nothing written for bad requests"
+    );
+
+    // Idempotent POST: twice with the same key is one request and one deploy.
+    let send = |b: &Value, key: &str| {
+        http.post(format!("{url}/api/v1/deploys"))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", key)
+            .json(b)
+            .send()
+    };
+    let first: Value = {
+        let r = send(&body, "k-1").await.expect("post");
+        assert_eq!(r.status(), 202);
+        r.json().await.expect("json")
+    };
+    let second: Value = {
+        let r = send(&body, "k-1").await.expect("post");
+        assert_eq!(r.status(), 202);
+        r.json().await.expect("json")
+    };
+    assert_eq!(first["id"], second["id"]);
+    let other = json!({"service": "web", "namespace": "demo", "version": "9.9.9"});
+    assert_eq!(
+        send(&other, "k-1").await.expect("post").status(),
+        409,
+        "same key, different body"
+    );
+    let id = first["id"].as_str().expect("id").to_string();
+    let done = wait_for(
+        "the request to succeed",
+        Duration::from_secs(30),
+        || async {
+            let v: Value = http
+                .get(format!("{url}/api/v1/requests/{id}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["status"] == "succeeded").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(done["actor"], "release-bot");
+    assert_eq!(
+        done["deploy"]["actor"], "release-bot",
+        "the token's name is the actor"
+    );
+    assert_eq!(env.image("demo", "web").await, "example.com/web:1.1.0");
+    assert_eq!(env.patches("demo", "web"), 1, "one request, one deploy");
+    assert_eq!(dep_files(&env), vec!["web_demo.dep".to_string()]);
+    assert_eq!(
+        http.get(format!("{url}/api/v1/requests/nope"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        404
+    );
+
+    // Reads.
+    let services: Value = http
+        .get(format!("{url}/api/v1/services"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(services[0]["name"], "web");
+    assert_eq!(services[0]["status"], "succeeded");
+    assert_eq!(services[0]["running"], "web=example.com/web:1.1.0");
+    let one: Value = http
+        .get(format!("{url}/api/v1/services/demo/web"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["history"][0]["outcome"], "succeeded");
+    assert_eq!(
+        http.get(format!("{url}/api/v1/services/demo/nope"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        404
+    );
+    let deploys: Value = http
+        .get(format!("{url}/api/v1/deploys?service=demo/web&limit=1"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(deploys.as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        http.get(format!("{url}/api/v1/deploys?service=bad"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        400
+    );
+
+    // A failing version through the API ends rolled back; retry and rollback endpoints work.
+    let bad = json!({"service": "web", "namespace": "demo", "version": "2.0.0-fail-pull"});
+    let r: Value = send(&bad, "k-2")
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let id2 = r["id"].as_str().expect("id").to_string();
+    wait_for(
+        "the bad request to be rolled back",
+        Duration::from_secs(30),
+        || async {
+            let v: Value = http
+                .get(format!("{url}/api/v1/requests/{id2}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["status"] == "rolled_back").then_some(())
+        },
+    )
+    .await;
+    let patches = env.patches("demo", "web");
+    assert_eq!(
+        http.post(format!("{url}/api/v1/services/demo/web/retry"))
+            .send()
+            .await
+            .expect("post")
+            .status(),
+        401
+    );
+    let r = http
+        .post(format!("{url}/api/v1/services/demo/web/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    wait_for(
+        "the retried version to be patched",
+        Duration::from_secs(20),
+        || async { (env.patches("demo", "web") > patches).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "the retry to be rolled back again",
+        Duration::from_secs(30),
+        || async {
+            let v: Value = http
+                .get(format!("{url}/api/v1/services/demo/web"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["service"]["status"] == "rolled_back").then_some(())
+        },
+    )
+    .await;
+    let r = http
+        .post(format!("{url}/api/v1/services/demo/web/rollback"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    let file = std::fs::read_to_string(env.deps.join("web_demo.dep")).expect("file");
+    assert!(file.contains("example.com/web:1.1.0"), "{file}");
+    assert_eq!(
+        http.post(format!("{url}/api/v1/services/demo/nope/rollback"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("post")
+            .status(),
+        404
+    );
+
+    // The CLI reads the same state through the API.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let status: Value = serde_json::from_str(&cli(&[
+        "status",
+        "--api",
+        &url,
+        "--json",
+        "--state-dir",
+        "/nonexistent",
+    ]))
+    .expect("json");
+    assert_eq!(status[0]["name"], "web");
+    let history = cli(&[
+        "history",
+        "demo/web",
+        "--api",
+        &url,
+        "--state-dir",
+        "/nonexistent",
+    ]);
+    assert!(
+        history.contains("rolled_back") && history.contains("succeeded"),
+        "{history}"
+    );
+
+    // Metrics parse and moved.
+    let after = parse_prometheus(
+        &http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+    let ok = "depwatch_deploys_total{outcome=\"succeeded\"}";
+    assert!(
+        sample(&after, ok) >= sample(&metrics_before, ok) + 1.0,
+        "deploy counter moved"
+    );
+    assert!(sample(&after, "depwatch_deploys_total{outcome=\"rolled_back\"}") >= 1.0);
+    assert!(
+        after.iter().any(
+            |(s, v)| s.starts_with("depwatch_kubernetes_requests_total{")
+                && s.contains("verb=\"patch\"")
+                && *v >= 2.0
+        ),
+        "kube requests by verb and code"
+    );
+    assert!(after
+        .iter()
+        .any(|(s, _)| s.starts_with("depwatch_change_to_patch_seconds_bucket")));
+    assert!(after
+        .iter()
+        .any(|(s, _)| s.starts_with("depwatch_services{")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_in_the_openapi_document_and_events_stream() {
+    let env = Env::new(SimConfig::default()).await;
+    let (_daemon, url) = setup(&env).await;
+    let http = reqwest::Client::new();
+    let doc: Value = http
+        .get(format!("{url}/api/v1/openapi.json"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(p, item)| {
+            item.as_object()
+                .into_iter()
+                .flatten()
+                .map(move |(m, _)| (m.to_uppercase(), p.clone()))
+        })
+        .filter(|(m, _)| ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&m.as_str()))
+        .collect();
+    // The routes the server answers, probed one by one.
+    let served = [
+        ("GET", "/"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/api/v1/services"),
+        ("GET", "/api/v1/services/{namespace}/{name}"),
+        ("GET", "/api/v1/deploys"),
+        ("POST", "/api/v1/deploys"),
+        ("GET", "/api/v1/requests/{id}"),
+        ("POST", "/api/v1/services/{namespace}/{name}/retry"),
+        ("POST", "/api/v1/services/{namespace}/{name}/rollback"),
+        ("GET", "/api/v1/events"),
+        ("GET", "/api/v1/openapi.json"),
+    ];
+    for (m, p) in served {
+        assert!(
+            documented.contains(&(m.to_string(), p.to_string())),
+            "{m} {p} is served but not documented"
+        );
+    }
+    for (m, p) in &documented {
+        let concrete = p
+            .replace("{namespace}", "demo")
+            .replace("{name}", "web")
+            .replace("{id}", "x");
+        let req = http.request(m.parse().expect("method"), format!("{url}{concrete}"));
+        let resp = if p.contains("events") {
+            tokio::time::timeout(Duration::from_secs(5), req.send())
+                .await
+                .expect("headers in time")
+                .expect("send")
+        } else {
+            req.send().await.expect("send")
+        };
+        let code = resp.status().as_u16();
+        assert!(code != 405, "{m} {p} is documented but not routed ({code})");
+        assert!(
+            code != 404 || p.contains('{'),
+            "{m} {p} is documented but answers 404"
+        );
+        if p.contains("events") {
+            assert_eq!(resp.headers()["content-type"], "text/event-stream");
+            // The stream announces the current state at once.
+            let mut resp = resp;
+            let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+                .await
+                .expect("an event in time")
+                .expect("chunk")
+                .expect("data");
+            assert!(String::from_utf8_lossy(&chunk).contains("event: change"));
+        }
+    }
+    assert_eq!(served.len(), documented.len(), "documented: {documented:?}");
+}
+
+fn chromium() -> String {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return c.to_string();
+        }
+    }
+    panic!("headless Chromium is required for the status page test; ./scripts/test installs Debian's `chromium`");
+}
+
+fn chromium_args(profile: &std::path::Path) -> Vec<String> {
+    [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1400,600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("--user-data-dir={}", profile.display())])
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_services_in_headless_chromium() {
+    let browser = chromium();
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.deployment("demo", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    env.deployment(
+        "demo",
+        "reports",
+        &[("reports", "example.com/reports:1.0.0")],
+        1,
+    )
+    .await;
+    let daemon = env
+        .daemon(&["--rollback", "off", "--rollout-timeout", "10m"])
+        .await;
+    let url = daemon.http_url();
+    env.write_dep("web_demo.dep", "1.1.0");
+    env.write_dep("api_demo.dep", "2.0.0-fail-pull");
+    env.write_dep("reports_demo.dep", "3.0.0-hang");
+    let store = env.store();
+    wait_for(
+        "healthy, failed and deploying services",
+        Duration::from_secs(30),
+        || async {
+            let s = store.services().ok()?;
+            let status = |n: &str| s.iter().find(|r| r.name == n).map(|r| r.status.clone());
+            (status("web")? == "succeeded"
+                && status("api")? == "failed"
+                && status("reports")? == "deploying")
+                .then_some(())
+        },
+    )
+    .await;
+
+    let profile = env.dir.path().join("chromium-profile");
+    let dom = wait_for(
+        "the page rows to render in Chromium",
+        Duration::from_secs(60),
+        || async {
+            let run = tokio::process::Command::new(&browser)
+                .args(chromium_args(&profile))
+                .arg("--dump-dom")
+                .arg(format!("{url}/"))
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(20), run)
+                .await
+                .ok()?
+                .ok()?;
+            let dom = String::from_utf8_lossy(&out.stdout).to_string();
+            (dom.contains("data-service=\"demo/web\"")
+                && dom.contains("data-service=\"demo/api\"")
+                && dom.contains("data-service=\"demo/reports\""))
+            .then_some(dom)
+        },
+    )
+    .await;
+    let row = |svc: &str| {
+        let start = dom
+            .find(&format!("data-service=\"demo/{svc}\""))
+            .expect("row");
+        let end = dom[start..]
+            .find("</tr>")
+            .map(|e| start + e)
+            .unwrap_or(dom.len());
+        dom[start..end].to_string()
+    };
+    assert!(
+        row("web").contains("succeeded") && row("web").contains("badge ok"),
+        "{}",
+        row("web")
+    );
+    assert!(
+        row("api").contains("failed") && row("api").contains("badge bad"),
+        "{}",
+        row("api")
+    );
+    assert!(
+        row("api").contains("ImagePullBackOff"),
+        "the failure reason is shown: {}",
+        row("api")
+    );
+    assert!(
+        row("reports").contains("deploying") && row("reports").contains("badge busy"),
+        "{}",
+        row("reports")
+    );
+
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let run = tokio::process::Command::new(&browser)
+        .args(chromium_args(&profile))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("{url}/"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the screenshot is taken in time")
+        .expect("chromium runs");
+    assert!(
+        shot.exists(),
+        "screenshot saved: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(&shot).expect("png").len() > 1000);
+}
