@@ -279,21 +279,12 @@ impl Workers {
             // like a deploy in flight, and roll back to the last good images if it fails.
             drop(permit);
             tracing::info!(images = %deploy::show(&plan.after), "already patched to the desired images; judging their rollout");
-            let deploy_id = self
-                .store
-                .start_deploy(&DeployRecord {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    trigger: desired.trigger.clone(),
-                    actor: desired.actor.clone(),
-                    request_id: desired.request_id.clone(),
-                    from_image: record.last_good.clone(),
-                    to_image: deploy::show(&plan.after),
-                    started_at: store::now(),
-                    outcome: "in_progress".into(),
-                    ..DeployRecord::default()
-                })
-                .ok();
+            let deploy_id = self.start_record(
+                key,
+                &desired,
+                record.last_good.clone(),
+                deploy::show(&plan.after),
+            );
             let _ = self.store.update_service(key, |r| {
                 r.path = desired.path.display().to_string();
                 r.desired = deploy::show(&plan.after);
@@ -345,21 +336,12 @@ impl Workers {
             }
             return;
         }
-        let deploy_id = self
-            .store
-            .start_deploy(&DeployRecord {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                trigger: desired.trigger.clone(),
-                actor: desired.actor.clone(),
-                request_id: desired.request_id.clone(),
-                from_image: deploy::show(&plan.before),
-                to_image: deploy::show(&plan.after),
-                started_at: store::now(),
-                outcome: "in_progress".into(),
-                ..DeployRecord::default()
-            })
-            .ok();
+        let deploy_id = self.start_record(
+            key,
+            &desired,
+            deploy::show(&plan.before),
+            deploy::show(&plan.after),
+        );
         let _ = self.store.update_service(key, |r| {
             r.path = desired.path.display().to_string();
             r.desired = deploy::show(&plan.after);
@@ -650,6 +632,30 @@ impl Workers {
             duration: elapsed,
             reason: message.to_string(),
         });
+    }
+
+    /// Record a deploy as started, on behalf of `desired`.
+    fn start_record(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        from: String,
+        to: String,
+    ) -> Option<i64> {
+        self.store
+            .start_deploy(&DeployRecord {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                trigger: desired.trigger.clone(),
+                actor: desired.actor.clone(),
+                request_id: desired.request_id.clone(),
+                from_image: from,
+                to_image: to,
+                started_at: store::now(),
+                outcome: "in_progress".into(),
+                ..DeployRecord::default()
+            })
+            .ok()
     }
 
     fn record_instant(

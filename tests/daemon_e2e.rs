@@ -326,3 +326,29 @@ async fn invalid_files_are_reported_and_nothing_is_deployed() {
     env.wait_image("demo", "web", "example.com/web:1.2.0").await;
     assert_eq!(env.image("demo", "api").await, "example.com/api:1.0.0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
+    let env = Env::new(SimConfig::default()).await;
+    for n in ["a", "b", "c", "d"] {
+        env.deployment("slow", n, &[(n, &format!("example.com/{n}:1"))], 1).await;
+    }
+    // Two workers; three rollouts that never become healthy.
+    let _daemon = env.daemon(&["--workers", "2", "--rollout-timeout", "10m"]).await;
+    for n in ["a", "b", "c"] {
+        env.write_dep(&format!("{n}_slow.dep"), "2-hang");
+    }
+    wait_for("three hanging rollouts in flight", Duration::from_secs(20), || async {
+        let s = env.store().services().ok()?;
+        (s.iter().filter(|r| r.status == "deploying").count() == 3).then_some(())
+    })
+    .await;
+    env.write_dep("d_slow.dep", "2");
+    let key = depwatch::depfile::ServiceKey::new("d", "slow").expect("key");
+    wait_for("the fourth service to deploy past them", Duration::from_secs(20), || async {
+        (env.store().service(&key).ok()??.status == "succeeded").then_some(())
+    })
+    .await;
+    let still = env.store().services().expect("services");
+    assert_eq!(still.iter().filter(|r| r.status == "deploying").count(), 3, "{still:?}");
+}
