@@ -52,6 +52,14 @@ pub enum Command {
     Sim(SimArgs),
 }
 
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(d)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. 100ms, 30s, 5m"))
@@ -93,7 +101,7 @@ pub struct DaemonArgs {
     pub max_wait: Duration,
 
     /// How often the whole directory is compared with the record.
-    #[arg(long, env = "DEPWATCH_RESYNC", default_value = "5m", value_parser = parse_duration, help_heading = "Files")]
+    #[arg(long, env = "DEPWATCH_RESYNC", default_value = "5m", value_parser = parse_positive_duration, help_heading = "Files")]
     pub resync: Duration,
 
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).
@@ -126,7 +134,7 @@ pub struct DaemonArgs {
     pub queue_capacity: u32,
 
     /// How long a rollout may take before it counts as failed.
-    #[arg(long, env = "DEPWATCH_ROLLOUT_TIMEOUT", default_value = "5m", value_parser = parse_duration, help_heading = "Deploys")]
+    #[arg(long, env = "DEPWATCH_ROLLOUT_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration, help_heading = "Deploys")]
     pub rollout_timeout: Duration,
 
     /// Roll back to the previous images when a rollout fails or times out.
@@ -147,7 +155,7 @@ pub struct DaemonArgs {
     pub crash_restarts: i32,
 
     /// How long shutdown waits for in-flight deploys.
-    #[arg(long, env = "DEPWATCH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, help_heading = "Deploys")]
+    #[arg(long, env = "DEPWATCH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_positive_duration, help_heading = "Deploys")]
     pub shutdown_grace: Duration,
 
     /// Restore the desired images when they are changed behind depwatch's back (drift is
@@ -376,6 +384,12 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn zero_intervals_are_refused() {
+        let err = Args::try_parse_from(["depwatch", "run", "--resync", "0s"]).expect_err("zero");
+        assert!(err.to_string().contains("longer than zero"), "{err}");
     }
 
     #[test]

@@ -224,6 +224,7 @@ pub async fn run_with(
             tokens,
             metrics: metrics.clone(),
             queue: scheduler.stats.clone(),
+            scheduler: scheduler.clone(),
             scanned: scanned.clone(),
             client: client.clone(),
             watches: Some(deployer.watches().clone()),
@@ -313,7 +314,7 @@ pub async fn run_with(
     {
         tracing::warn!(
             grace = %humantime::format_duration(config.shutdown_grace),
-            "in-flight deploys did not finish in time; they are recorded as interrupted and judged at the next start"
+            "in-flight deploys did not finish in time; they stay in progress in the record and are judged at the next start"
         );
     }
     Ok(())

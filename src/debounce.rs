@@ -99,6 +99,15 @@ impl Debouncer {
         self.pending.values().map(|e| self.due_at(e)).min()
     }
 
+    /// Paths still open for writing: not to be read by anyone yet.
+    pub fn writing(&self) -> std::collections::HashSet<PathBuf> {
+        self.pending
+            .iter()
+            .filter(|(_, e)| e.writing)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
@@ -210,6 +219,7 @@ mod tests {
         d.add(p("a"), Signal::Writing, t0);
         d.add(p("b"), Signal::Touched, t0);
         assert_eq!(d.next_deadline(), Some(t0 + QUIET));
+        assert_eq!(d.writing().into_iter().collect::<Vec<_>>(), vec![p("a")]);
         assert_eq!(d.take_due(t0 + QUIET), vec![p("b")]);
         assert_eq!(d.next_deadline(), Some(t0 + MAX));
     }

@@ -253,6 +253,21 @@ pub fn repository_of(image: &str) -> &str {
     }
 }
 
+/// A line without its `#` comment (one at the start, or after a space or tab), trimmed.
+pub fn strip_comment(line: &str) -> &str {
+    let mut prev_blank = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && prev_blank {
+            return line[..i].trim();
+        }
+        prev_blank = c.is_whitespace();
+    }
+    line.trim()
+}
+
+/// Longest rollout timeout a file may ask for.
+const MAX_ROLLOUT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct YamlForm {
@@ -281,7 +296,7 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<DepSpec, DepFileError> {
     let meaningful: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
-        .map(|(i, l)| (i + 1, l.split(" #").next().unwrap_or(l).trim()))
+        .map(|(i, l)| (i + 1, strip_comment(l)))
         .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
         .collect();
     match meaningful.as_slice() {
@@ -339,6 +354,14 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
                 format!("rolloutTimeout: {t:?} is not a duration ({e}); expected e.g. 90s or 5m"),
             )
         })?;
+        if d.is_zero() || d > MAX_ROLLOUT_TIMEOUT {
+            return Err(err(
+                line_of(text, "rolloutTimeout"),
+                format!(
+                    "rolloutTimeout: {t:?} is out of range; expected more than 0 and at most 24h"
+                ),
+            ));
+        }
         spec.rollout_timeout = Some(d);
     }
     let single = match (&form.version, &form.image) {
@@ -565,6 +588,11 @@ mod tests {
         assert!(e.message.contains("colour"), "{e}");
         let e = parse("f.dep", b"rolloutTimeout: soon\nversion: 1\n").expect_err("duration");
         assert_eq!(e.line, Some(1));
+        let e = parse("f.dep", b"version: 1\nrolloutTimeout: 500000000000y\n").expect_err("huge");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(strip_comment("1.2.0\t# pinned"), "1.2.0");
+        assert_eq!(strip_comment("# all comment"), "");
+        assert_eq!(strip_comment("a#b"), "a#b");
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub fn content_hash(bytes: &[u8]) -> String {
 /// The meaningful text of a file, for comparing a seed `.last` with a `.dep`.
 fn meaningful(text: &str) -> String {
     text.lines()
-        .map(|l| l.split(" #").next().unwrap_or(l).trim())
+        .map(depfile::strip_comment)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect::<Vec<_>>()
         .join("\n")
@@ -163,8 +163,28 @@ impl Ingest {
             tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
             return;
         }
-        let settled = matches!(record.status.as_str(), "succeeded" | "unchanged");
+        // Drifted services keep their recorded content: only a file change (or --self-heal)
+        // deploys again, never a resync or a restart.
+        let settled = matches!(
+            record.status.as_str(),
+            "succeeded" | "unchanged" | "drifted"
+        );
         if record.content_hash == hash && settled {
+            // Nothing to deploy, but the scheduler knows what is desired (for --self-heal).
+            if self.scheduler.desired(&key).is_none() {
+                self.scheduler.remember(
+                    key,
+                    Desired {
+                        spec,
+                        hash,
+                        path: path.to_path_buf(),
+                        trigger: "self-heal".into(),
+                        actor: "depwatch".into(),
+                        request_id: String::new(),
+                        seen_at: tokio::time::Instant::now(),
+                    },
+                );
+            }
             return;
         }
         if self.scheduler.desired(&key).is_some_and(|d| d.hash == hash)
@@ -196,6 +216,16 @@ impl Ingest {
 
     /// Compare the whole directory with what is known and recorded.
     pub async fn rescan(&mut self, trigger: &str) {
+        self.rescan_except(trigger, &Default::default()).await
+    }
+
+    /// [`Self::rescan`], leaving out files still open for writing (their close will be
+    /// reported), so a rescan never reads a half-written file.
+    pub async fn rescan_except(
+        &mut self,
+        trigger: &str,
+        writing: &std::collections::HashSet<PathBuf>,
+    ) {
         let paths = match crate::watch::scan(&self.dir) {
             Ok(p) => p,
             Err(e) => {
@@ -212,8 +242,32 @@ impl Ingest {
         for p in gone {
             self.path_changed(&p, trigger).await;
         }
+        if trigger == "startup" {
+            self.forget_removed_while_stopped(&paths);
+        }
         for p in paths {
+            if writing.contains(&p) {
+                continue;
+            }
             self.path_changed(&p, trigger).await;
+        }
+    }
+
+    /// Services whose file was deleted while depwatch was stopped are no longer managed.
+    fn forget_removed_while_stopped(&self, present: &[PathBuf]) {
+        let Ok(records) = self.store.services() else {
+            return;
+        };
+        for r in records {
+            let path = PathBuf::from(&r.path);
+            let gone = !r.path.is_empty() && !present.contains(&path) && !path.exists();
+            if gone && r.status != "unmanaged" {
+                tracing::info!(service = %r.key(), file = %r.path, "dependency file removed while depwatch was stopped; no longer managed");
+                let _ = self.store.update_service(&r.key(), |s| {
+                    s.status = "unmanaged".into();
+                    s.message = format!("{} was removed", r.path);
+                });
+            }
         }
     }
 }
@@ -247,14 +301,14 @@ pub async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = resync.tick() => ingest.rescan("resync").await,
+            _ = resync.tick() => ingest.rescan_except("resync", &debouncer.writing()).await,
             _ = sleep => {}
             ev = events.recv() => match ev {
                 None => return,
                 Some(FileEvent::Rescan) => {
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
-                    ingest.rescan("rescan").await;
+                    ingest.rescan_except("rescan", &debouncer.writing()).await;
                 }
                 Some(FileEvent::Path(p, signal)) => {
                     debouncer.add(p, signal, tokio::time::Instant::now());
@@ -263,7 +317,7 @@ pub async fn run(
         }
         if overflow.swap(false, Ordering::SeqCst) {
             tracing::warn!("file events overflowed; rescanning");
-            ingest.rescan("rescan").await;
+            ingest.rescan_except("rescan", &debouncer.writing()).await;
         }
         for path in debouncer.take_due(tokio::time::Instant::now()) {
             ingest.path_changed(&path, "file").await;

@@ -135,11 +135,13 @@ impl Metrics {
     pub fn encode(
         &self,
         queue: &crate::queue::QueueStats,
+        depth: usize,
         services: &[crate::store::ServiceRecord],
     ) -> String {
         let queued = queue.queued.load(Ordering::Relaxed) as i64;
         let running = queue.running.load(Ordering::Relaxed) as i64;
-        self.queue_depth.set(queued);
+        self.queue_depth.set(depth as i64);
+        // Queued or waiting for their service's running deploy to finish.
         self.pending.set(queued);
         self.running.set(running);
         self.services.clear();
@@ -236,7 +238,7 @@ mod tests {
         m.deploy("succeeded");
         m.notification("sent");
         m.change_to_patch.observe(0.004);
-        let text = m.encode(&crate::queue::QueueStats::default(), &[]);
+        let text = m.encode(&crate::queue::QueueStats::default(), 0, &[]);
         assert!(
             text.contains("depwatch_deploys_total{outcome=\"succeeded\"} 1"),
             "{text}"

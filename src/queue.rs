@@ -125,6 +125,11 @@ impl Scheduler {
             .clone()
     }
 
+    /// Services in the bounded queue, waiting for the dispatcher.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Record a new desired state and queue the service unless it is queued already.
     pub async fn submit(&self, key: ServiceKey, desired: Desired) {
         let slot = self.slot(&key);
@@ -141,6 +146,12 @@ impl Scheduler {
                 tracing::debug!("scheduler stopped; change kept in the table");
             }
         }
+    }
+
+    /// Know a service's desired state without deploying it (it already runs).
+    pub fn remember(&self, key: ServiceKey, desired: Desired) {
+        let slot = self.slot(&key);
+        *slot.desired.lock().unwrap_or_else(|e| e.into_inner()) = Some(desired);
     }
 
     /// The file is gone: stop managing the service (nothing in the cluster is deleted).
@@ -209,6 +220,10 @@ impl Workers {
     }
 
     async fn process(&self, key: &ServiceKey, slot: &Slot, cancel: CancellationToken) {
+        // Subscribe before reading the desired state: a change that lands in between must count
+        // as superseding this deploy.
+        let mut superseded = slot.generation.subscribe();
+        superseded.borrow_and_update();
         let Some(desired) = slot.desired() else {
             return;
         };
@@ -216,8 +231,6 @@ impl Workers {
             return;
         }
         let started = tokio::time::Instant::now();
-        let mut superseded = slot.generation.subscribe();
-        superseded.borrow_and_update();
         let record = self.store.service(key).ok().flatten().unwrap_or_default();
         if record.suspended {
             tracing::info!("service is suspended; change recorded, not deployed");
@@ -492,6 +505,11 @@ impl Workers {
         elapsed: Duration,
     ) {
         let rollback = desired.spec.rollback.unwrap_or(self.config.rollback);
+        // Pin the failed version first, so a stop during the rollback never redeploys it.
+        let _ = self.store.update_service(key, |r| {
+            r.content_hash = desired.hash.clone();
+            r.failed_hash = desired.hash.clone();
+        });
         // People hear about the failure at once, with the pod's reason; the rollback's outcome
         // follows in its own message.
         self.notifier.report(Report {
@@ -604,10 +622,14 @@ impl Workers {
         elapsed: Duration,
     ) {
         tracing::error!(%message, "deploy failed before any change");
+        // The content counts as acted on: a resync or restart does not retry (and re-report) it;
+        // re-saving the file or `depwatch retry` does.
         let _ = self.store.update_service(key, |r| {
             r.path = desired.path.display().to_string();
+            r.content_hash = desired.hash.clone();
             r.status = "failed".into();
-            r.message = message.to_string();
+            r.message =
+                format!("{message} (fix it, then re-save the file or run `depwatch retry`)");
         });
         self.record_instant(
             key,

@@ -151,7 +151,14 @@ pub fn watch_dir(
 pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    // Symlinked directories are followed once each: a link back up the tree is no loop.
+    let mut seen = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
+        if let Ok(real) = std::fs::canonicalize(&d) {
+            if !seen.insert(real) {
+                continue;
+            }
+        }
         let entries = match std::fs::read_dir(&d) {
             Ok(e) => e,
             Err(e) if d == dir => return Err(e),
@@ -273,6 +280,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("team")).expect("mkdir");
         std::fs::write(dir.path().join("team/api_demo.dep"), "2.0").expect("write");
         std::fs::write(dir.path().join("team/notes.txt"), "x").expect("write");
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("team/loop")).expect("loop link");
         let found = scan(dir.path()).expect("scan");
         assert_eq!(
             found,

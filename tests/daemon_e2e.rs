@@ -146,17 +146,45 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
     daemon.stop();
     let patches_before = env.all_patches();
 
-    // Unchanged files: a restart patches nothing.
+    // Unchanged files: a restart patches nothing. A third service deployed after the
+    // restart's scan shows the pipeline ran before we count.
+    env.deployment(
+        "demo",
+        "worker",
+        &[("worker", "example.com/worker:1.0.0")],
+        1,
+    )
+    .await;
     let daemon = env.daemon(&[]).await;
+    env.write_dep("worker_demo.dep", "1.1.0");
+    env.wait_image("demo", "worker", "example.com/worker:1.1.0")
+        .await;
     daemon.stop();
-    assert_eq!(env.all_patches(), patches_before);
+    assert_eq!(
+        env.all_patches(),
+        patches_before + 1,
+        "only the worker was patched"
+    );
 
-    // A change made while stopped is deployed at start.
+    // A change made while stopped is deployed at start; a file deleted while stopped ends
+    // management of its service.
     env.write_dep("api_demo.dep", "1.2.0");
+    std::fs::remove_file(env.deps.join("worker_demo.dep")).expect("rm");
     let _daemon = env.daemon(&[]).await;
     env.wait_image("demo", "api", "example.com/api:1.2.0").await;
     assert_eq!(env.patches("demo", "web"), 1, "web is not redeployed");
     assert_eq!(env.patches("demo", "api"), 1);
+    let worker = env
+        .store()
+        .service(&depwatch::depfile::ServiceKey::new("worker", "demo").expect("key"))
+        .expect("q")
+        .expect("recorded");
+    assert_eq!(worker.status, "unmanaged");
+    assert_eq!(
+        env.image("demo", "worker").await,
+        "example.com/worker:1.1.0",
+        "nothing deleted in the cluster"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,24 +359,37 @@ async fn invalid_files_are_reported_and_nothing_is_deployed() {
 async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
     let env = Env::new(SimConfig::default()).await;
     for n in ["a", "b", "c", "d"] {
-        env.deployment("slow", n, &[(n, &format!("example.com/{n}:1"))], 1).await;
+        env.deployment("slow", n, &[(n, &format!("example.com/{n}:1"))], 1)
+            .await;
     }
     // Two workers; three rollouts that never become healthy.
-    let _daemon = env.daemon(&["--workers", "2", "--rollout-timeout", "10m"]).await;
+    let _daemon = env
+        .daemon(&["--workers", "2", "--rollout-timeout", "10m"])
+        .await;
     for n in ["a", "b", "c"] {
         env.write_dep(&format!("{n}_slow.dep"), "2-hang");
     }
-    wait_for("three hanging rollouts in flight", Duration::from_secs(20), || async {
-        let s = env.store().services().ok()?;
-        (s.iter().filter(|r| r.status == "deploying").count() == 3).then_some(())
-    })
+    wait_for(
+        "three hanging rollouts in flight",
+        Duration::from_secs(20),
+        || async {
+            let s = env.store().services().ok()?;
+            (s.iter().filter(|r| r.status == "deploying").count() == 3).then_some(())
+        },
+    )
     .await;
     env.write_dep("d_slow.dep", "2");
     let key = depwatch::depfile::ServiceKey::new("d", "slow").expect("key");
-    wait_for("the fourth service to deploy past them", Duration::from_secs(20), || async {
-        (env.store().service(&key).ok()??.status == "succeeded").then_some(())
-    })
+    wait_for(
+        "the fourth service to deploy past them",
+        Duration::from_secs(20),
+        || async { (env.store().service(&key).ok()??.status == "succeeded").then_some(()) },
+    )
     .await;
     let still = env.store().services().expect("services");
-    assert_eq!(still.iter().filter(|r| r.status == "deploying").count(), 3, "{still:?}");
+    assert_eq!(
+        still.iter().filter(|r| r.status == "deploying").count(),
+        3,
+        "{still:?}"
+    );
 }

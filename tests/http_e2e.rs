@@ -541,11 +541,29 @@ async fn every_route_is_in_the_openapi_document_and_events_stream() {
     // Not ready while the Kubernetes API server is unreachable.
     let mut env = env;
     env.sim.stop().await;
-    let r = http.get(format!("{url}/readyz")).send().await.expect("readyz");
+    let r = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
     assert_eq!(r.status(), 503);
     let e: Value = r.json().await.expect("json");
-    assert!(e["error"].as_str().expect("error").contains("Kubernetes API server"), "{e}");
-    assert_eq!(http.get(format!("{url}/healthz")).send().await.expect("healthz").status(), 200, "still alive");
+    assert!(
+        e["error"]
+            .as_str()
+            .expect("error")
+            .contains("Kubernetes API server"),
+        "{e}"
+    );
+    assert_eq!(
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200,
+        "still alive"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,7 +579,10 @@ async fn without_a_token_file_the_api_is_read_only() {
         .await
         .expect("post");
     assert_eq!(r.status(), 403);
-    assert!(r.json::<Value>().await.expect("json")["error"].as_str().expect("error").contains("--api-token-file"));
+    assert!(r.json::<Value>().await.expect("json")["error"]
+        .as_str()
+        .expect("error")
+        .contains("--api-token-file"));
     assert!(dep_files(&env).is_empty());
 }
 

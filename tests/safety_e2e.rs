@@ -262,8 +262,10 @@ async fn drift_is_recorded_and_reported_and_self_heal_restores() {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
         .await;
+    env.deployment("prod", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
     env.write_dep("web_prod.dep", "1.1.0");
-    let daemon = env.daemon(&[]).await;
+    let daemon = env.daemon(&["--resync", "200ms"]).await;
     let k = key("web", "prod");
     wait_status(&env, &k, "succeeded").await;
     let kubectl = Kubectl::new(env.dir.path(), &env.sim.kubeconfig());
@@ -296,6 +298,21 @@ async fn drift_is_recorded_and_reported_and_self_heal_restores() {
         "example.com/web:hotfix",
         "without --self-heal nothing is changed"
     );
+    daemon.stop();
+    // Neither resyncs nor a restart undo the drift without --self-heal. A change to another
+    // service, deployed after the restart's scan, shows the pipeline has run.
+    let patches = env.patches("prod", "web");
+    let daemon = env.daemon(&["--resync", "200ms"]).await;
+    env.write_dep("api_prod.dep", "1.1.0");
+    env.wait_image("prod", "api", "example.com/api:1.1.0").await;
+    // Three resync periods pass: the scenario under test, not a wait for a result.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        env.patches("prod", "web"),
+        patches,
+        "drift is not undone without --self-heal"
+    );
+    assert_eq!(env.image("prod", "web").await, "example.com/web:hotfix");
     daemon.stop();
 
     let _daemon = env.daemon(&["--self-heal"]).await;

@@ -17,7 +17,8 @@ async fn a_slow_in_place_write_is_never_read_half_written() {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
         .await;
-    let _daemon = env.daemon(&[]).await;
+    // Resyncs every 100ms must not read the open file either.
+    let _daemon = env.daemon(&["--resync", "100ms"]).await;
     let path = env.deps.join("web_demo.dep");
     let mut f = std::fs::File::create(&path).expect("create");
     f.write_all(b"1.1").expect("write");

@@ -179,8 +179,8 @@ impl Notifier {
                 let attempt = || async {
                     match send_once(&client, &webhook, &body).await {
                         Err(SendError::Retry(Some(after), why)) => {
-                            // Honour Retry-After before the backoff's own delay.
-                            tokio::time::sleep(after).await;
+                            // Honour Retry-After (up to five minutes) before the backoff's own delay.
+                            tokio::time::sleep(after.min(Duration::from_secs(300))).await;
                             Err(SendError::Retry(Some(after), why))
                         }
                         other => other,

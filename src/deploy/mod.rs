@@ -272,9 +272,18 @@ impl Deployer {
         timeout: Duration,
         mut superseded: Option<watch::Receiver<u64>>,
     ) -> WaitOutcome {
-        let ns = self.watches.namespace(&key.namespace).await;
+        // Bounded (files cap the timeout at 24h); the deadline counts from the start of the wait.
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(7 * 24 * 3600));
+        let ns =
+            match tokio::time::timeout_at(deadline, self.watches.namespace(&key.namespace)).await {
+                Ok(ns) => ns,
+                Err(_) => {
+                    return WaitOutcome::TimedOut {
+                        last: "the namespace's watches never synced".into(),
+                    }
+                }
+            };
         let mut changed = ns.changed.clone();
-        let deadline = Instant::now() + timeout;
         let mut first_seen = Default::default();
         let mut last;
         loop {

@@ -297,14 +297,16 @@ impl Watches {
             ),
             changed: rx,
         };
-        for ready in [
-            w.deployments.wait_until_ready().await,
-            w.replicasets.wait_until_ready().await,
-            w.pods.wait_until_ready().await,
-        ] {
-            if ready.is_err() {
-                tracing::warn!(namespace, "a shared watch stopped before its first list");
-            }
+        // A namespace depwatch may not list (RBAC) never syncs: do not hold every other
+        // namespace behind it. Waiters then judge from what arrives, under their own deadline.
+        let synced = tokio::time::timeout(Duration::from_secs(10), async {
+            w.deployments.wait_until_ready().await.is_ok()
+                && w.replicasets.wait_until_ready().await.is_ok()
+                && w.pods.wait_until_ready().await.is_ok()
+        })
+        .await;
+        if synced != Ok(true) {
+            tracing::warn!(namespace, "the shared watches of this namespace have not synced (is depwatch allowed to list deployments, replicasets and pods there?)");
         }
         self.by_namespace.insert(namespace.to_string(), w.clone());
         w

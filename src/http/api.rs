@@ -118,7 +118,9 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): Shared) -> impl IntoResponse {
     let services = state.store.services().unwrap_or_default();
-    let text = state.metrics.encode(&state.queue, &services);
+    let text = state
+        .metrics
+        .encode(&state.queue, state.scheduler.depth(), &services);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -95,6 +95,7 @@ pub struct HttpState {
     pub tokens: Vec<Token>,
     pub metrics: Metrics,
     pub queue: Arc<QueueStats>,
+    pub scheduler: crate::queue::Scheduler,
     /// Set once the start-up scan is done.
     pub scanned: Arc<AtomicBool>,
     pub client: kube::Client,
