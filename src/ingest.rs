@@ -193,9 +193,27 @@ impl Ingest {
             return;
         }
         // Content written by the API carries its request: `# depwatch request <id> by <actor>`.
-        let (trigger, actor, request_id) = match api_request(&String::from_utf8_lossy(&bytes)) {
-            Some((id, actor)) => ("api", actor, id),
-            None => (trigger, trigger.to_string(), String::new()),
+        let text = String::from_utf8_lossy(&bytes);
+        let rolled_back_by = text
+            .lines()
+            .find_map(|l| l.strip_prefix(crate::operator::ROLLED_BACK_BY))
+            .and_then(|rest| rest.split(" at ").next())
+            .map(String::from);
+        let retry_by = (trigger == "operator")
+            .then(|| {
+                record
+                    .message
+                    .strip_prefix(crate::operator::RETRY_BY)
+                    .map(String::from)
+            })
+            .flatten();
+        // Who asked: an operator's retry, then the API request that wrote the file, then an
+        // operator's rollback, else the file itself.
+        let (trigger, actor, request_id) = match (retry_by, api_request(&text), rolled_back_by) {
+            (Some(actor), _, _) => ("operator", actor, String::new()),
+            (None, Some((id, actor)), _) => ("api", actor, id),
+            (None, None, Some(actor)) => ("operator", actor, String::new()),
+            (None, None, None) => (trigger, trigger.to_string(), String::new()),
         };
         tracing::info!(service = %key, file = %shown, trigger, "new desired version");
         self.scheduler

@@ -57,15 +57,25 @@ fn resave(path: &str) -> Result<(), OperatorError> {
 
 /// Lift the pin on a failed version and deploy it again.
 pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    retry_with(&Store::open(state_dir)?, key)
+    retry_with(&Store::open(state_dir)?, key, &local_actor())
 }
 
-pub fn retry_with(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+/// Who runs a CLI command: the local user.
+pub fn local_actor() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "operator".into())
+}
+
+/// The marker the daemon reads to record who asked for a retry.
+pub const RETRY_BY: &str = "retry requested by ";
+
+pub fn retry_with(store: &Store, key: &ServiceKey, actor: &str) -> Result<String, OperatorError> {
     let r = record(store, key)?;
     store.update_service(key, |s| {
         s.failed_hash.clear();
         s.status = "retry".into();
-        s.message = "retry requested by an operator".into();
+        s.message = format!("{RETRY_BY}{actor}");
     })?;
     resave(&r.path)?;
     Ok(format!("retrying {key}: {} will be deployed again", r.path))
@@ -73,17 +83,24 @@ pub fn retry_with(store: &Store, key: &ServiceKey) -> Result<String, OperatorErr
 
 /// Write the last good images into the service's file.
 pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    rollback_with(&Store::open(state_dir)?, key)
+    rollback_with(&Store::open(state_dir)?, key, &local_actor())
 }
 
-pub fn rollback_with(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+/// The first line of a file written by `rollback`; the daemon reads the actor from it.
+pub const ROLLED_BACK_BY: &str = "# rolled back by ";
+
+pub fn rollback_with(
+    store: &Store,
+    key: &ServiceKey,
+    actor: &str,
+) -> Result<String, OperatorError> {
     let r = record(store, key)?;
     let images = store::parse_images(&r.last_good);
     if images.is_empty() || r.path.is_empty() {
         return Err(OperatorError::NoLastGood(key.clone()));
     }
     let mut content = format!(
-        "# rolled back by an operator at {} to the last good images\n",
+        "{ROLLED_BACK_BY}{actor} at {} to the last good images\n",
         store::now()
     );
     if images.len() == 1 {

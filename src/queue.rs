@@ -567,11 +567,13 @@ impl Workers {
                     let timeout = self.deployer.config().rollout_timeout;
                     match self.deployer.wait(key, generation, timeout, None).await {
                         WaitOutcome::Healthy => {
+                            let mut now_running = plan.after.clone();
+                            now_running.extend(restore.clone());
                             final_outcome = "rolled_back".into();
                             message =
-                                format!("rolled back to {}: {why}", deploy::show(&plan.before));
+                                format!("rolled back to {}: {why}", deploy::show(&now_running));
                             report_outcome = Some(Outcome::RolledBack);
-                            deployed = deploy::show(&plan.before);
+                            deployed = deploy::show(&now_running);
                         }
                         other => {
                             final_outcome = "rollback_failed".into();

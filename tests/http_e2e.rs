@@ -353,7 +353,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         || async { (env.patches("demo", "web") > patches).then_some(()) },
     )
     .await;
-    wait_for(
+    let retried = wait_for(
         "the retry to be rolled back again",
         Duration::from_secs(30),
         || async {
@@ -365,10 +365,15 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
                 .json()
                 .await
                 .ok()?;
-            (v["service"]["status"] == "rolled_back").then_some(())
+            (v["service"]["status"] == "rolled_back").then_some(v)
         },
     )
     .await;
+    assert_eq!(retried["history"][0]["trigger"], "operator", "{retried}");
+    assert_eq!(
+        retried["history"][0]["actor"], "release-bot",
+        "the token's name is recorded for retries too"
+    );
     let r = http
         .post(format!("{url}/api/v1/services/demo/web/rollback"))
         .bearer_auth(TOKEN)

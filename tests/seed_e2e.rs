@@ -215,3 +215,32 @@ fn check_lists_every_problem_and_exits_non_zero() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 valid"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let daemon = env.daemon(&["--log-format", "json"]).await;
+    env.write_dep("web_demo.dep", "1.1.0");
+    env.wait_image("demo", "web", "example.com/web:1.1.0").await;
+    let key = ServiceKey::new("web", "demo").expect("key");
+    wait_for(
+        "the deploy to be recorded",
+        Duration::from_secs(20),
+        || async { (env.store().service(&key).ok()??.status == "succeeded").then_some(()) },
+    )
+    .await;
+    daemon.stop();
+    let log = env.daemon_logs();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with("== ")).collect();
+    assert!(lines.len() > 3, "{log}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("rollout healthy") && l.contains("demo/web")));
+}

@@ -475,7 +475,7 @@ pub async fn retry_service(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let actor = authorize(&state, &headers)?;
     let key = key_from_path(&namespace, &name)?;
-    let message = operator::retry_with(&state.store, &key).map_err(operator_error)?;
+    let message = operator::retry_with(&state.store, &key, &actor).map_err(operator_error)?;
     tracing::info!(service = %key, %actor, "retry requested through the API");
     Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
 }
@@ -491,7 +491,7 @@ pub async fn rollback_service(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let actor = authorize(&state, &headers)?;
     let key = key_from_path(&namespace, &name)?;
-    let message = operator::rollback_with(&state.store, &key).map_err(operator_error)?;
+    let message = operator::rollback_with(&state.store, &key, &actor).map_err(operator_error)?;
     tracing::info!(service = %key, %actor, "rollback requested through the API");
     Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
 }
