@@ -613,6 +613,22 @@ mod tests {
             resolve(&spec, &key(), &current, Some("ecr.example/pay")),
             Ok(vec![("payments".into(), "ecr.example/pay:1.1".into())])
         );
+        let spec =
+            parse("f", b"version: 1.2\nrepository: mirror.example/payments\n").expect("yaml");
+        assert_eq!(
+            resolve(&spec, &key(), &current, Some("ecr.example/pay")),
+            Ok(vec![(
+                "payments".into(),
+                "mirror.example/payments:1.2".into()
+            )]),
+            "a per-service repository wins over the global one"
+        );
+        let e = parse(
+            "f",
+            b"version: 1.2\nrepository: mirror.example/payments:1.0\n",
+        )
+        .expect_err("tagged repo");
+        assert!(e.message.contains("repository"), "{e}");
         let spec = parse("f", b"images:\n  sidecar: example.com/envoy:1.30\n").expect("yaml");
         assert_eq!(
             resolve(&spec, &key(), &current, None),

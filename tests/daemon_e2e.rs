@@ -38,6 +38,33 @@ async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() 
         "the message came after the rollout was healthy"
     );
     assert_eq!(env.patches("demo", "web"), 1, "exactly one PATCH");
+    // The patch changes only the image, under depwatch's field manager, with a change-cause
+    // that `kubectl rollout history` shows.
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.client.clone(), "demo");
+    let dep = api.get("web").await.expect("get");
+    let cause = dep
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default()
+        .get("kubernetes.io/change-cause")
+        .cloned()
+        .unwrap_or_default();
+    assert!(cause.starts_with("depwatch: web_demo.dep"), "{cause}");
+    let managers: Vec<String> = dep
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.contains(&"depwatch".to_string()), "{managers:?}");
+    assert_eq!(
+        dep.spec.and_then(|s| s.replicas),
+        Some(3),
+        "fields depwatch does not own are untouched"
+    );
 
     // `touch` and rewriting the same bytes change nothing.
     env.write_dep("web_demo.dep", "1.1.0\n");

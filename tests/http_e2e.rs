@@ -393,6 +393,54 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         404
     );
 
+    // A request replaced by a newer one before it was deployed ends superseded.
+    let v3: Value = send(
+        &json!({"service": "web", "namespace": "demo", "version": "3.0.0-hang"}),
+        "k-3",
+    )
+    .await
+    .expect("post")
+    .json()
+    .await
+    .expect("json");
+    let v4: Value = send(
+        &json!({"service": "web", "namespace": "demo", "version": "1.1.0"}),
+        "k-4",
+    )
+    .await
+    .expect("post")
+    .json()
+    .await
+    .expect("json");
+    let (id3, id4) = (
+        v3["id"].as_str().expect("id").to_string(),
+        v4["id"].as_str().expect("id").to_string(),
+    );
+    wait_for(
+        "the newer request to win",
+        Duration::from_secs(30),
+        || async {
+            let a: Value = http
+                .get(format!("{url}/api/v1/requests/{id3}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let b: Value = http
+                .get(format!("{url}/api/v1/requests/{id4}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (a["status"] == "superseded" && b["status"] == "succeeded").then_some(())
+        },
+    )
+    .await;
+
     // The CLI reads the same state through the API.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))

@@ -397,3 +397,39 @@ async fn operator_rollback_suspend_and_resume_act_through_the_file() {
     );
     env.wait_image("prod", "web", "example.com/web:1.2.0").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_can_turn_rollback_off_for_its_service_and_status_reads_the_record() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    let _daemon = env.daemon(&[]).await;
+    env.write_dep(
+        "api_prod.dep",
+        "version: 2.0.0-fail-pull\nrollback: false\n",
+    );
+    let k = key("api", "prod");
+    wait_status(&env, &k, "failed").await;
+    assert_eq!(
+        env.image("prod", "api").await,
+        "example.com/api:2.0.0-fail-pull",
+        "not rolled back"
+    );
+    assert_eq!(env.patches("prod", "api"), 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args([
+            "status",
+            "--json",
+            "--state-dir",
+            env.state.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("status runs");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status[0]["name"], "api");
+    assert_eq!(status[0]["status"], "failed");
+    assert!(status[0]["message"]
+        .as_str()
+        .expect("message")
+        .contains("ImagePullBackOff"));
+}

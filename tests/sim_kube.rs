@@ -14,6 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
+use kube::ResourceExt;
 use serde_json::json;
 
 fn deployment(name: &str) -> Deployment {
@@ -496,4 +497,105 @@ async fn conflict_rate_fails_writes_with_409_and_leaves_reads_alone() {
     api.create(&PostParams::default(), &ns)
         .await
         .expect("writes work again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_status_moves_through_the_real_reasons() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let mut events = sim.store().subscribe();
+    let api: Api<Deployment> = Api::namespaced(sim.client().expect("client"), "default");
+    api.create(&PostParams::default(), &deployment("reasons"))
+        .await
+        .expect("create");
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            if ev.key.name != "reasons" || ev.key.resource != "deployments.apps" {
+                continue;
+            }
+            for c in ev.object["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let pair = (
+                    c["type"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                );
+                let mut v = s.lock().expect("lock");
+                if v.last() != Some(&pair) && !v.contains(&pair) {
+                    v.push(pair);
+                }
+            }
+        }
+    });
+    let has = |t: &str, r: &str| {
+        seen.lock()
+            .expect("lock")
+            .contains(&(t.to_string(), r.to_string()))
+    };
+    wait_for(
+        "the first rollout to complete",
+        Duration::from_secs(15),
+        || async { has("Progressing", "NewReplicaSetAvailable").then_some(()) },
+    )
+    .await;
+    assert!(
+        has("Progressing", "NewReplicaSetCreated"),
+        "{:?}",
+        seen.lock().expect("lock")
+    );
+    assert!(
+        has("Available", "MinimumReplicasAvailable")
+            || has("Available", "MinimumReplicasUnavailable")
+    );
+    seen.lock().expect("lock").clear();
+    api.patch(
+        "reasons",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "patch-demo-ctr", "image": "nginx:1.26"}]}}}})),
+    )
+    .await
+    .expect("patch");
+    wait_for(
+        "the rolling update to complete",
+        Duration::from_secs(15),
+        || async {
+            let d = api.get("reasons").await.ok()?;
+            let st = d.status?;
+            (st.observed_generation == d.metadata.generation
+                && st.updated_replicas == Some(2)
+                && st.replicas == Some(2))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        has("Progressing", "ReplicaSetUpdated"),
+        "{:?}",
+        seen.lock().expect("lock")
+    );
+    let d = api.get("reasons").await.expect("get");
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_delays_every_request() {
+    let sim = Sim::start(SimConfig {
+        latency: Duration::from_millis(150),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let api: Api<Namespace> = Api::all(sim.client().expect("client"));
+    let t0 = std::time::Instant::now();
+    api.get("default").await.expect("get");
+    // A lower bound: the injected delay happened (no claim about how fast anything is).
+    assert!(t0.elapsed() >= Duration::from_millis(150));
 }

@@ -33,6 +33,8 @@ pub struct Controller {
     pod_born: HashMap<String, Instant>,
     /// When each Deployment (by UID) last made progress, for its progress deadline.
     last_progress: HashMap<String, Instant>,
+    /// Deployments (by UID) whose new ReplicaSet was created in this tick.
+    created: HashSet<String>,
     /// Per-phase index of objects by controlling owner: resource → owner UID → objects.
     owned_index: std::cell::RefCell<HashMap<String, HashMap<String, Vec<Value>>>>,
 }
@@ -104,6 +106,7 @@ impl Controller {
             pod_born: HashMap::new(),
             last_progress: HashMap::new(),
             owned_index: Default::default(),
+            created: HashSet::new(),
         }
     }
 
@@ -310,6 +313,7 @@ impl Controller {
                     "status": {"replicas": 0, "observedGeneration": 1}
                 });
                 self.create(resources::replicasets(), rs.clone());
+                self.created.insert(uid.clone());
                 self.last_progress.insert(uid.clone(), Instant::now());
                 rs
             }
@@ -684,9 +688,8 @@ impl Controller {
             .last_progress
             .get(&uid)
             .is_some_and(|t| t.elapsed() > Duration::from_secs(deadline));
-        let created_now = new_rs
-            .map(|rs| int(&rs["status"]["replicas"]) == 0 && updated == 0)
-            .unwrap_or(false);
+        // The sync that created the new ReplicaSet reports NewReplicaSetCreated once.
+        let created_now = self.created.remove(&uid);
         let (status, reason, message) = if complete {
             (
                 "True",
