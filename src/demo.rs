@@ -126,6 +126,14 @@ pub async fn run(
     ));
     say("");
 
+    // A busy default port is no reason for a demo to fail: take any free one instead.
+    let http_addr = match std::net::TcpListener::bind(http_addr) {
+        Ok(l) => {
+            drop(l);
+            http_addr
+        }
+        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
     let config = DaemonConfig {
         rollout_timeout,
         shutdown_grace: Duration::from_secs(5),

@@ -450,6 +450,15 @@ impl Workers {
                 });
                 self.notifier
                     .report(report(Outcome::Succeeded, String::new()));
+                self.deployer.event(
+                    key,
+                    "DeploySucceeded",
+                    &format!(
+                        "depwatch deployed {} (rollout healthy)",
+                        deploy::show(&plan.after)
+                    ),
+                    false,
+                );
             }
             WaitOutcome::Superseded => {
                 tracing::info!("a newer version arrived; this rollout wait is superseded");
@@ -602,6 +611,20 @@ impl Workers {
             r.status = final_outcome.clone();
             r.message = message.clone();
         });
+        self.deployer.event(
+            key,
+            match final_outcome.as_str() {
+                "rolled_back" => "DeployRolledBack",
+                "rollback_failed" => "DeployRollbackFailed",
+                "timed_out" => "DeployTimedOut",
+                _ => "DeployFailed",
+            },
+            &format!(
+                "depwatch: {} ({final_outcome}): {message}",
+                deploy::show(&plan.after)
+            ),
+            true,
+        );
         if let Some(outcome) = report_outcome {
             // The rollback message reads "rolled back web (prod) from <failed> to <restored>".
             self.notifier.report(Report {

@@ -65,6 +65,23 @@ async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() 
         Some(3),
         "fields depwatch does not own are untouched"
     );
+    let events: kube::Api<k8s_openapi::api::core::v1::Event> =
+        kube::Api::namespaced(env.client.clone(), "demo");
+    wait_for(
+        "a Kubernetes Event on the Deployment",
+        Duration::from_secs(10),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("DeploySucceeded")
+                        && e.involved_object.name.as_deref() == Some("web")
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     // `touch` and rewriting the same bytes change nothing.
     env.write_dep("web_demo.dep", "1.1.0\n");

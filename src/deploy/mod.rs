@@ -343,6 +343,42 @@ impl Deployer {
         }
     }
 
+    /// Record a Kubernetes Event on the Deployment (`kubectl describe` shows it). Best effort:
+    /// sent in the background, never delaying or failing a deploy.
+    pub fn event(&self, key: &ServiceKey, reason: &str, message: &str, warning: bool) {
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), &key.namespace);
+        let now = jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap_or_else(|_| jiff::Timestamp::now())
+            .to_string();
+        let body = json!({
+            "metadata": {"generateName": format!("{}.", key.name), "namespace": key.namespace},
+            "involvedObject": {"apiVersion": "apps/v1", "kind": "Deployment", "name": key.name, "namespace": key.namespace},
+            "reason": reason,
+            "message": message.chars().take(1000).collect::<String>(),
+            "type": if warning { "Warning" } else { "Normal" },
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1
+        });
+        let key = key.clone();
+        tokio::spawn(async move {
+            let event: k8s_openapi::api::core::v1::Event = match serde_json::from_value(body) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not build a Kubernetes Event");
+                    return;
+                }
+            };
+            if let Err(e) = api.create(&PostParams::default(), &event).await {
+                tracing::debug!(service = %key, error = %e, "could not record a Kubernetes Event");
+            }
+        });
+    }
+
     /// The images a Deployment runs now, per the shared watch.
     pub async fn live_images(&self, key: &ServiceKey) -> Option<Images> {
         self.watches
