@@ -437,3 +437,51 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
         "{still:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_complete_through_api_server_errors_conflicts_and_short_watches() {
+    let env = Env::new(SimConfig::default()).await;
+    let names: Vec<String> = (0..20).map(|i| format!("svc-{i:02}")).collect();
+    for n in &names {
+        env.deployment(
+            "flaky",
+            n,
+            &[(n.as_str(), &format!("example.com/{n}:1"))],
+            1,
+        )
+        .await;
+    }
+    // From now on a fifth of requests fail, a fifth of writes conflict, watches end every second.
+    env.sim.faults().set_error_rate(0.2);
+    env.sim.faults().set_conflict_rate(0.2);
+    env.sim.faults().set_watch_timeout(Duration::from_secs(1));
+    let _daemon = env.daemon(&[]).await;
+    for n in &names {
+        env.write_dep(&format!("{n}_flaky.dep"), "2\n");
+    }
+    wait_for(
+        "every service to be deployed despite the faults",
+        Duration::from_secs(90),
+        || async {
+            let s = env.store().services().ok()?;
+            (s.len() == names.len() && s.iter().all(|r| r.status == "succeeded")).then_some(())
+        },
+    )
+    .await;
+    env.sim.faults().set_error_rate(0.0);
+    env.sim.faults().set_conflict_rate(0.0);
+    let failed = common::audit_count(&env.audit, |l| l["code"] == 500);
+    let conflicts = common::audit_count(&env.audit, |l| l["code"] == 409 && l["method"] == "PATCH");
+    assert!(
+        failed > 0 && conflicts > 0,
+        "the faults were exercised: {failed} errors, {conflicts} conflicts"
+    );
+    for n in &names {
+        assert_eq!(env.image("flaky", n).await, format!("example.com/{n}:2"));
+        let path = format!("/apis/apps/v1/namespaces/flaky/deployments/{n}");
+        let applied = common::audit_count(&env.audit, |l| {
+            l["method"] == "PATCH" && l["path"] == path && l["code"] == 200
+        });
+        assert_eq!(applied, 1, "{n}: one patch took effect");
+    }
+}
