@@ -202,6 +202,15 @@ pub struct DaemonArgs {
         help_heading = "Notifications"
     )]
     pub slack_webhook: Option<String>,
+
+    /// A URL that receives every deploy outcome as a JSON document (POST).
+    #[arg(
+        long,
+        env = "DEPWATCH_WEBHOOK_URL",
+        hide_env_values = true,
+        help_heading = "Notifications"
+    )]
+    pub webhook_url: Option<String>,
 }
 
 impl DaemonArgs {
@@ -221,6 +230,7 @@ impl DaemonArgs {
             image_repo: self.image_repo.clone(),
             rollback: self.rollback == Toggle::On,
             slack_webhook: self.slack_webhook.clone(),
+            webhook_url: self.webhook_url.clone(),
             fail_fast: crate::deploy::rollout::FailFast {
                 pull_grace: self.pull_grace,
                 crash_restarts: self.crash_restarts,

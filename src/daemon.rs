@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub image_repo: Option<String>,
     pub rollback: bool,
     pub slack_webhook: Option<String>,
+    /// A generic JSON webhook that receives every outcome.
+    pub webhook_url: Option<String>,
     pub fail_fast: FailFast,
     /// How long shutdown waits for in-flight deploys before leaving them to the next start.
     pub shutdown_grace: Duration,
@@ -76,6 +78,7 @@ impl DaemonConfig {
             image_repo: None,
             rollback: true,
             slack_webhook: None,
+            webhook_url: None,
             fail_fast: FailFast::default(),
             shutdown_grace: Duration::from_secs(30),
             history_keep: 200,
@@ -178,12 +181,13 @@ pub async fn run_with(
         Some(&metrics),
     )
     .await?;
-    let notifier = match &config.slack_webhook {
-        Some(url) if !url.is_empty() => {
-            Notifier::slack(url.clone(), Duration::from_secs(10), metrics.clone())
-        }
-        _ => Notifier::disabled(),
-    };
+    let mut notifier = Notifier::new(metrics.clone());
+    if let Some(url) = config.slack_webhook.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_slack(url, Duration::from_secs(10));
+    }
+    if let Some(url) = config.webhook_url.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_webhook(url, Duration::from_secs(10));
+    }
     let deployer = Deployer::new(
         client.clone(),
         DeployConfig {

@@ -485,3 +485,26 @@ async fn deploys_complete_through_api_server_errors_conflicts_and_short_watches(
         assert_eq!(applied, 1, "{n}: one patch took effect");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_webhook_receives_every_outcome_as_json() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let _daemon = env.daemon(&["--webhook-url", &env.slack_url.clone()]).await;
+    env.write_dep("web_demo.dep", "1.1.0");
+    let messages = env.wait_messages(2).await;
+    let json = messages
+        .iter()
+        .find(|m| m.body["event"] == "depwatch.deploy")
+        .expect("a JSON webhook document");
+    assert_eq!(json.body["outcome"], "succeeded");
+    assert_eq!(json.body["service"], "web");
+    assert_eq!(json.body["namespace"], "demo");
+    assert_eq!(json.body["to"], "web=example.com/web:1.1.0");
+    assert!(json.body["duration_seconds"].as_f64().is_some());
+    assert!(
+        messages.iter().any(|m| m.body["attachments"].is_array()),
+        "Slack still gets its message"
+    );
+}

@@ -64,6 +64,21 @@ impl Report {
         )
     }
 
+    /// The generic webhook document.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "event": "depwatch.deploy",
+            "outcome": format!("{:?}", self.outcome).to_lowercase(),
+            "service": self.service,
+            "namespace": self.namespace,
+            "from": self.from,
+            "to": self.to,
+            "duration_seconds": self.duration.as_secs_f64(),
+            "reason": self.reason,
+            "time": crate::store::now(),
+        })
+    }
+
     pub fn to_slack(&self) -> serde_json::Value {
         let mut fields = vec![
             json!({"title": "Service", "value": self.service, "short": true}),
@@ -105,12 +120,19 @@ pub struct NotifyStats {
     pub dropped: AtomicU64,
 }
 
-/// Queues reports for a background sender. Cloning is cheap.
+/// Queues reports for background senders (Slack, a generic JSON webhook). Cloning is cheap.
 #[derive(Clone)]
 pub struct Notifier {
-    tx: Option<mpsc::Sender<Report>>,
+    sinks: Vec<Sink>,
     pub stats: Arc<NotifyStats>,
     metrics: Option<crate::metrics::Metrics>,
+}
+
+#[derive(Clone)]
+struct Sink {
+    /// For logs: "Slack" or "webhook" (never the URL, which is a secret).
+    name: &'static str,
+    tx: mpsc::Sender<Report>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,31 +175,58 @@ async fn send_once(
 }
 
 impl Notifier {
-    /// A notifier that sends nowhere (no webhook configured).
+    /// A notifier that sends nowhere (no receiver configured).
     pub fn disabled() -> Self {
         Notifier {
-            tx: None,
+            sinks: Vec::new(),
             stats: Arc::default(),
             metrics: None,
         }
     }
 
-    /// Start the background sender for a Slack incoming webhook. The URL is a secret: it is
-    /// never logged.
+    /// A notifier with no receivers yet; add them with [`Self::with_slack`] and
+    /// [`Self::with_webhook`].
+    pub fn new(metrics: crate::metrics::Metrics) -> Self {
+        Notifier {
+            sinks: Vec::new(),
+            stats: Arc::default(),
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Send to a Slack incoming webhook. The URL is a secret: it is never logged.
     pub fn slack(webhook: String, timeout: Duration, metrics: crate::metrics::Metrics) -> Self {
+        Notifier::new(metrics).with_slack(webhook, timeout)
+    }
+
+    pub fn with_slack(self, webhook: String, timeout: Duration) -> Self {
+        self.with_sink("Slack", webhook, timeout, Report::to_slack)
+    }
+
+    /// Send every outcome as a JSON document to a generic webhook.
+    pub fn with_webhook(self, url: String, timeout: Duration) -> Self {
+        self.with_sink("webhook", url, timeout, Report::to_json)
+    }
+
+    fn with_sink(
+        mut self,
+        name: &'static str,
+        url: String,
+        timeout: Duration,
+        body: fn(&Report) -> serde_json::Value,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Report>(1024);
-        let stats: Arc<NotifyStats> = Arc::default();
-        let counters = stats.clone();
-        let sent_metrics = metrics.clone();
+        let counters = self.stats.clone();
+        let metrics = self.metrics.clone();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         tokio::spawn(async move {
             while let Some(report) = rx.recv().await {
-                let body = report.to_slack();
+                let body = body(&report);
                 let attempt = || async {
-                    match send_once(&client, &webhook, &body).await {
+                    match send_once(&client, &url, &body).await {
                         Err(SendError::Retry(Some(after), why)) => {
                             // Honour Retry-After (up to five minutes) before the backoff's own delay.
                             tokio::time::sleep(after.min(Duration::from_secs(300))).await;
@@ -196,35 +245,36 @@ impl Notifier {
                     )
                     .when(|e| matches!(e, SendError::Retry(..)))
                     .await;
-                match result {
-                    Ok(()) => {
-                        counters.sent.fetch_add(1, Ordering::Relaxed);
-                        sent_metrics.notification("sent");
-                    }
-                    Err(e) => {
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                        sent_metrics.notification("failed");
-                        tracing::warn!(service = %report.service, namespace = %report.namespace, error = %e, "Slack notification failed");
-                    }
+                let outcome = if result.is_ok() { "sent" } else { "failed" };
+                match &result {
+                    Ok(()) => counters.sent.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => counters.failed.fetch_add(1, Ordering::Relaxed),
+                };
+                if let Some(m) = &metrics {
+                    m.notification(outcome);
+                }
+                if let Err(e) = result {
+                    tracing::warn!(sink = name, service = %report.service, namespace = %report.namespace, error = %e, "notification failed");
                 }
             }
         });
-        Notifier {
-            tx: Some(tx),
-            stats,
-            metrics: Some(metrics),
-        }
+        self.sinks.push(Sink { name, tx });
+        self
     }
 
-    /// Queue a report without waiting.
+    /// Queue a report for every receiver without waiting.
     pub fn report(&self, report: Report) {
-        let Some(tx) = &self.tx else { return };
-        if tx.try_send(report).is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &self.metrics {
-                m.notification("dropped");
+        for sink in &self.sinks {
+            if sink.tx.try_send(report.clone()).is_err() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.notification("dropped");
+                }
+                tracing::warn!(
+                    sink = sink.name,
+                    "notification queue full; a message was dropped"
+                );
             }
-            tracing::warn!("notification queue full; a Slack message was dropped");
         }
     }
 }
