@@ -248,6 +248,27 @@ mod tests {
         assert_eq!(classify(&mkdir), vec![FileEvent::Rescan]);
     }
 
+    #[tokio::test]
+    async fn a_full_channel_raises_the_overflow_flag_instead_of_dropping_silently() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, mut rx) = mpsc::channel(1);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let _watch = watch_dir(dir.path(), tx, overflow.clone()).expect("watch");
+        for i in 0..20 {
+            std::fs::write(dir.path().join(format!("s{i}_ns.dep")), "1").expect("write");
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !overflow.load(Ordering::SeqCst) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "overflow was never flagged"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The consumer still has something to wake it up.
+        assert!(rx.recv().await.is_some());
+    }
+
     #[test]
     fn a_renamed_symlink_means_rescan() {
         let dir = tempfile::tempdir().expect("tempdir");

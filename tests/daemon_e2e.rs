@@ -304,6 +304,14 @@ async fn two_hundred_services_deploy_once_each_and_latest_wins() {
         env.image("bulk", "svc-000").await,
         "example.com/svc-000:2.3.0"
     );
+    // Rollouts are judged from watches shared by the namespace, not one watch per deploy.
+    let watches = common::audit_count(&env.audit, |l| {
+        l["verb"] == "watch"
+            && l["path"]
+                .as_str()
+                .is_some_and(|p| p.contains("/namespaces/bulk/"))
+    });
+    assert!(watches <= 12, "{watches} watch requests for 200 deploys");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,6 +207,25 @@ pub struct NamespaceWatch {
     pub replicasets: Store<ReplicaSet>,
     pub pods: Store<Pod>,
     pub changed: watch::Receiver<u64>,
+    /// Lookups by name and owner, rebuilt once per change and shared by every waiter, so a
+    /// burst of events costs one pass over the namespace rather than one per waiting service.
+    index: Arc<std::sync::Mutex<Index>>,
+}
+
+#[derive(Default)]
+struct Index {
+    version: Option<u64>,
+    deployments: HashMap<String, Arc<Deployment>>,
+    replicasets_by_owner: HashMap<String, Vec<Arc<ReplicaSet>>>,
+    pods_by_owner: HashMap<String, Vec<Arc<Pod>>>,
+}
+
+fn controller_uid(
+    refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+) -> Option<String> {
+    refs.iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
 }
 
 /// All namespace watches, started on first use and shared by every service.
@@ -296,6 +315,7 @@ impl Watches {
                 self.any_change.clone(),
             ),
             changed: rx,
+            index: Arc::default(),
         };
         // A namespace depwatch may not list (RBAC) never syncs: do not hold every other
         // namespace behind it. Waiters then judge from what arrives, under their own deadline.
@@ -314,6 +334,38 @@ impl Watches {
 }
 
 impl NamespaceWatch {
+    /// The index for the current change count, rebuilt if anything changed since.
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        // Read the count before the stores: the index is never older than its label.
+        let version = *self.changed.borrow();
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if index.version != Some(version) {
+            let mut fresh = Index {
+                version: Some(version),
+                ..Index::default()
+            };
+            for d in self.deployments.state() {
+                fresh.deployments.insert(d.name_any(), d);
+            }
+            for rs in self.replicasets.state() {
+                if let Some(owner) = controller_uid(rs.owner_references()) {
+                    fresh
+                        .replicasets_by_owner
+                        .entry(owner)
+                        .or_default()
+                        .push(rs);
+                }
+            }
+            for p in self.pods.state() {
+                if let Some(owner) = controller_uid(p.owner_references()) {
+                    fresh.pods_by_owner.entry(owner).or_default().push(p);
+                }
+            }
+            *index = fresh;
+        }
+        index
+    }
+
     /// Judge `name`'s rollout from the cached state.
     pub fn judge(
         &self,
@@ -322,21 +374,31 @@ impl NamespaceWatch {
         fail_fast: FailFast,
         first_seen: &mut HashMap<(String, String), Instant>,
     ) -> Health {
-        let Some(dep) = self
-            .deployments
-            .state()
-            .into_iter()
-            .find(|d| d.name_any() == name)
-        else {
+        let index = self.index();
+        let Some(dep) = index.deployments.get(name).cloned() else {
             return Health::Failed {
                 reason: "DeploymentDeleted".into(),
                 message: format!("Deployment {name} disappeared during the rollout"),
             };
         };
-        let rss = self.replicasets.state();
-        let pods = self.pods.state();
-        let new_pods = match new_replicaset(&dep, &rss) {
-            Some(rs) => new_pods(&dep, rs, &pods),
+        let no_rs = Vec::new();
+        let no_pods = Vec::new();
+        let rss = dep
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|u| index.replicasets_by_owner.get(u))
+            .unwrap_or(&no_rs);
+        let new_pods = match new_replicaset(&dep, rss) {
+            Some(rs) => {
+                let pods = rs
+                    .metadata
+                    .uid
+                    .as_ref()
+                    .and_then(|u| index.pods_by_owner.get(u))
+                    .unwrap_or(&no_pods);
+                new_pods(&dep, rs, pods)
+            }
             None => Vec::new(),
         };
         judge(
@@ -351,11 +413,7 @@ impl NamespaceWatch {
 
     /// The images a Deployment runs now, per container, from the cache.
     pub fn images(&self, name: &str) -> Option<BTreeMap<String, String>> {
-        let dep = self
-            .deployments
-            .state()
-            .into_iter()
-            .find(|d| d.name_any() == name)?;
+        let dep = self.index().deployments.get(name).cloned()?;
         Some(container_images(&dep))
     }
 }

@@ -517,10 +517,13 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
                 _ = ticker.tick(), if bookmarks => {
                     // Everything up to the store's revision has been sent or filtered out only
                     // once the receiver is drained; the bookmark waits for that.
+                    // Read the revision first: every event at or below it is already in the
+                    // channel, so an empty channel means all of them were handled.
+                    let current = store.current_rv();
                     if !live.is_empty() {
                         continue;
                     }
-                    last_rv = last_rv.max(store.current_rv());
+                    last_rv = last_rv.max(current);
                     bookmark(last_rv, false)
                 }
                 ev = live.recv() => match ev {
@@ -535,8 +538,30 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
                         watch_line(ev.kind.as_str(), &ev.object)
                     }
                     Err(RecvError::Lagged(_)) => {
-                        let _ = tx.send(Ok(expired_line(&last_rv.to_string()))).await;
-                        return;
+                        // A slow reader fell behind the live channel: catch up from the event
+                        // history, as the API server's watch cache does; 410 only when even the
+                        // history no longer reaches back.
+                        match store.watch_from(last_rv) {
+                            WatchStart::Replay(missed, rx) => {
+                                live = rx;
+                                for ev in missed {
+                                    if ev.rv <= last_rv {
+                                        continue;
+                                    }
+                                    last_rv = ev.rv;
+                                    if matches(&ev)
+                                        && tx.send(Ok(watch_line(ev.kind.as_str(), &ev.object))).await.is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                                continue;
+                            }
+                            WatchStart::Expired => {
+                                let _ = tx.send(Ok(expired_line(&last_rv.to_string()))).await;
+                                return;
+                            }
+                        }
                     }
                     Err(RecvError::Closed) => return,
                 },

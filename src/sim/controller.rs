@@ -31,6 +31,8 @@ pub struct Controller {
     behaviours: Behaviours,
     /// When each pod (by UID) was created, at sub-second precision for the kubelet's clock.
     pod_born: HashMap<String, Instant>,
+    /// Reconcile passes so far.
+    ticks: u64,
     /// When each Deployment (by UID) last made progress, for its progress deadline.
     last_progress: HashMap<String, Instant>,
     /// Deployments (by UID) whose new ReplicaSet was created in this tick.
@@ -104,26 +106,40 @@ impl Controller {
             store,
             behaviours,
             pod_born: HashMap::new(),
+            ticks: 0,
             last_progress: HashMap::new(),
             owned_index: Default::default(),
             created: HashSet::new(),
         }
     }
 
-    pub async fn run(mut self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => self.reconcile(),
-            }
-        }
+    /// Run on a thread of its own until cancelled: reconciling is synchronous CPU work that
+    /// must not hold up the API server's request handling.
+    pub fn spawn(
+        mut self,
+        cancel: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("sim-controller".into())
+            .spawn(move || {
+                while !cancel.is_cancelled() {
+                    let started = Instant::now();
+                    self.reconcile();
+                    std::thread::sleep(
+                        TICK.saturating_sub(started.elapsed())
+                            .max(Duration::from_millis(5)),
+                    );
+                }
+            })
     }
 
     /// One step of every controller.
     pub fn reconcile(&mut self) {
-        self.collect_garbage();
+        // Garbage collection reads every kind; a real collector is not instant either.
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % 5 == 0 {
+            self.collect_garbage();
+        }
         self.refresh();
         self.deployments();
         self.refresh();

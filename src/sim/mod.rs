@@ -93,6 +93,8 @@ pub enum SimError {
     Scenario(String),
     #[error("cannot build a client for the simulated cluster: {0}")]
     Client(String),
+    #[error("cannot start the simulated cluster's controller thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A running simulated cluster. Dropping it stops the server and the controllers.
@@ -147,7 +149,9 @@ impl Sim {
         };
         sim.serve().await?;
         let controller = controller::Controller::new(sim.store.clone(), behaviours);
-        tokio::spawn(controller.run(sim.controller.clone()));
+        controller
+            .spawn(sim.controller.clone())
+            .map_err(SimError::Thread)?;
         Ok(sim)
     }
 
