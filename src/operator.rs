@@ -103,7 +103,25 @@ pub fn rollback_with(
         "{ROLLED_BACK_BY}{actor} at {} to the last good images\n",
         store::now()
     );
-    if images.len() == 1 {
+    // Per-service settings in the current file survive the rollback.
+    let settings = std::fs::read(&r.path)
+        .ok()
+        .and_then(|b| crate::depfile::parse(&r.path, &b).ok())
+        .map(|spec| {
+            let mut extra = String::new();
+            if let Some(t) = spec.rollout_timeout {
+                extra.push_str(&format!(
+                    "rolloutTimeout: {}\n",
+                    humantime::format_duration(t)
+                ));
+            }
+            if let Some(b) = spec.rollback {
+                extra.push_str(&format!("rollback: {b}\n"));
+            }
+            extra
+        })
+        .unwrap_or_default();
+    if images.len() == 1 && settings.is_empty() {
         content.push_str(
             images
                 .values()
@@ -117,6 +135,7 @@ pub fn rollback_with(
         for (c, i) in &images {
             content.push_str(&format!("  {c}: {i}\n"));
         }
+        content.push_str(&settings);
     }
     write_atomically(Path::new(&r.path), &content)?;
     Ok(format!("{key}: wrote {} to {}", r.last_good, r.path))
@@ -145,5 +164,45 @@ pub fn suspend(
     } else {
         resave(&r.path)?;
         Ok(format!("{key} resumed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollback_writes_the_last_good_images_and_keeps_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state")).expect("store");
+        let key = ServiceKey::new("web", "prod").expect("key");
+        let path = dir.path().join("web_prod.dep");
+        std::fs::write(
+            &path,
+            "version: 2.0-bad\nrolloutTimeout: 90s\nrollback: false\n",
+        )
+        .expect("write");
+        assert!(matches!(
+            rollback_with(&store, &key, "alice"),
+            Err(OperatorError::Unknown(_))
+        ));
+        store
+            .update_service(&key, |r| {
+                r.path = path.display().to_string();
+                r.last_good = "web=example.com/web:1.0".into();
+            })
+            .expect("record");
+        rollback_with(&store, &key, "alice").expect("rollback");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# rolled back by alice at "), "{text}");
+        let spec =
+            crate::depfile::parse("web_prod.dep", text.as_bytes()).expect("the result parses");
+        assert_eq!(
+            spec.rollout_timeout,
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(spec.rollback, Some(false));
+        assert_eq!(spec.images.len(), 1);
+        assert_eq!(spec.images[0].1.to_string(), "example.com/web:1.0");
     }
 }
