@@ -38,6 +38,15 @@ fn dep_files(env: &Env) -> Vec<String> {
     v
 }
 
+/// GET a JSON document; `None` if the request or the JSON fails.
+async fn get_json(http: &reqwest::Client, url: String) -> Option<Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}
+
+async fn get_status(http: &reqwest::Client, url: String) -> u16 {
+    http.get(url).send().await.expect("get").status().as_u16()
+}
+
 /// Parse Prometheus text exposition: every line is a comment or `name{labels} value`.
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
@@ -230,14 +239,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         "the request to succeed",
         Duration::from_secs(30),
         || async {
-            let v: Value = http
-                .get(format!("{url}/api/v1/requests/{id}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: Value = get_json(&http, format!("{url}/api/v1/requests/{id}")).await?;
             (v["status"] == "succeeded").then_some(v)
         },
     )
@@ -251,58 +253,34 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
     assert_eq!(env.patches("demo", "web"), 1, "one request, one deploy");
     assert_eq!(dep_files(&env), vec!["web_demo.dep".to_string()]);
     assert_eq!(
-        http.get(format!("{url}/api/v1/requests/nope"))
-            .send()
-            .await
-            .expect("get")
-            .status(),
+        get_status(&http, format!("{url}/api/v1/requests/nope")).await,
         404
     );
 
     // Reads.
-    let services: Value = http
-        .get(format!("{url}/api/v1/services"))
-        .send()
-        .await
-        .expect("get")
-        .json()
+    let services: Value = get_json(&http, format!("{url}/api/v1/services"))
         .await
         .expect("json");
     assert_eq!(services[0]["name"], "web");
     assert_eq!(services[0]["status"], "succeeded");
     assert_eq!(services[0]["running"], "web=example.com/web:1.1.0");
-    let one: Value = http
-        .get(format!("{url}/api/v1/services/demo/web"))
-        .send()
-        .await
-        .expect("get")
-        .json()
+    let one: Value = get_json(&http, format!("{url}/api/v1/services/demo/web"))
         .await
         .expect("json");
     assert_eq!(one["history"][0]["outcome"], "succeeded");
     assert_eq!(
-        http.get(format!("{url}/api/v1/services/demo/nope"))
-            .send()
-            .await
-            .expect("get")
-            .status(),
+        get_status(&http, format!("{url}/api/v1/services/demo/nope")).await,
         404
     );
-    let deploys: Value = http
-        .get(format!("{url}/api/v1/deploys?service=demo/web&limit=1"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let deploys: Value = get_json(
+        &http,
+        format!("{url}/api/v1/deploys?service=demo/web&limit=1"),
+    )
+    .await
+    .expect("json");
     assert_eq!(deploys.as_array().map(Vec::len), Some(1));
     assert_eq!(
-        http.get(format!("{url}/api/v1/deploys?service=bad"))
-            .send()
-            .await
-            .expect("get")
-            .status(),
+        get_status(&http, format!("{url}/api/v1/deploys?service=bad")).await,
         400
     );
 
@@ -319,14 +297,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         "the bad request to be rolled back",
         Duration::from_secs(30),
         || async {
-            let v: Value = http
-                .get(format!("{url}/api/v1/requests/{id2}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: Value = get_json(&http, format!("{url}/api/v1/requests/{id2}")).await?;
             (v["status"] == "rolled_back").then_some(())
         },
     )
@@ -357,14 +328,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         "the retry to be rolled back again",
         Duration::from_secs(30),
         || async {
-            let v: Value = http
-                .get(format!("{url}/api/v1/services/demo/web"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: Value = get_json(&http, format!("{url}/api/v1/services/demo/web")).await?;
             (v["service"]["status"] == "rolled_back").then_some(v)
         },
     )
@@ -420,22 +384,8 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         "the newer request to win",
         Duration::from_secs(30),
         || async {
-            let a: Value = http
-                .get(format!("{url}/api/v1/requests/{id3}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let b: Value = http
-                .get(format!("{url}/api/v1/requests/{id4}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let a: Value = get_json(&http, format!("{url}/api/v1/requests/{id3}")).await?;
+            let b: Value = get_json(&http, format!("{url}/api/v1/requests/{id4}")).await?;
             (a["status"] == "superseded" && b["status"] == "succeeded").then_some(())
         },
     )
@@ -515,12 +465,7 @@ async fn every_route_is_in_the_openapi_document_and_events_stream() {
     let env = Env::new(SimConfig::default()).await;
     let (_daemon, url) = setup(&env).await;
     let http = reqwest::Client::new();
-    let doc: Value = http
-        .get(format!("{url}/api/v1/openapi.json"))
-        .send()
-        .await
-        .expect("get")
-        .json()
+    let doc: Value = get_json(&http, format!("{url}/api/v1/openapi.json"))
         .await
         .expect("json");
     let documented: BTreeSet<(String, String)> = doc["paths"]
