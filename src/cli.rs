@@ -270,6 +270,12 @@ pub struct CheckArgs {
     pub dir: Option<PathBuf>,
     #[arg(long, env = "DEPWATCH_DEPS", hide = true)]
     pub deps: Option<PathBuf>,
+    /// Also check this kubeconfig file parses and names a usable context.
+    #[arg(long, env = "DEPWATCH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Also check this API token file (`name:token` lines).
+    #[arg(long, env = "DEPWATCH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

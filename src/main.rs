@@ -166,7 +166,17 @@ async fn main() -> anyhow::Result<()> {
                 .dir
                 .or(check.deps)
                 .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/depwatch/deps"));
-            let (good, problems) = depwatch::check::check_dir(&dir);
+            let (good, mut problems) = depwatch::check::check_dir(&dir);
+            if let Some(path) = &check.api_token_file {
+                if let Err(e) = depwatch::http::read_tokens(path) {
+                    problems.push(e.to_string());
+                }
+            }
+            if let Some(path) = &check.kubeconfig {
+                if let Err(e) = depwatch::daemon::kube_client(Some(path), None, None).await {
+                    problems.push(e.to_string());
+                }
+            }
             for p in &problems {
                 eprintln!("error: {p}");
             }

@@ -244,3 +244,25 @@ async fn json_logs_are_one_object_per_line() {
         .iter()
         .any(|l| l.contains("rollout healthy") && l.contains("demo/web")));
 }
+
+#[test]
+fn check_also_validates_the_token_file_and_kubeconfig() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("web_prod.dep"), "1.0.0").expect("write");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "release-bot:long-enough-token\nbroken line\n").expect("write");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "this: [is not a kubeconfig").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["check", dir.path().to_str().expect("utf-8")])
+        .arg("--api-token-file")
+        .arg(&tokens)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokens:2"), "names the token file line: {err}");
+    assert!(err.contains("kubeconfig"), "names the kubeconfig: {err}");
+}
