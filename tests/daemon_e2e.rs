@@ -52,6 +52,19 @@ async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() 
         .cloned()
         .unwrap_or_default();
     assert!(cause.starts_with("depwatch: web_demo.dep"), "{cause}");
+    let kubectl = common::Kubectl::new(env.dir.path(), &env.sim.kubeconfig());
+    let history = wait_for(
+        "kubectl rollout history to show depwatch's change-cause",
+        Duration::from_secs(10),
+        || async {
+            let out = kubectl
+                .ok(&["-n", "demo", "rollout", "history", "deploy/web"])
+                .await;
+            out.contains("depwatch: web_demo.dep").then_some(out)
+        },
+    )
+    .await;
+    assert!(history.contains("2 "), "{history}");
     let managers: Vec<String> = dep
         .metadata
         .managed_fields

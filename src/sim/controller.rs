@@ -335,7 +335,31 @@ impl Controller {
             }
         };
 
-        // The Deployment carries its newest revision, and annotations mirror the template's.
+        // Like the real controller, the new ReplicaSet carries the Deployment's own annotations
+        // (so `kubectl rollout history` shows each revision's change-cause).
+        let mut wanted = new_rs["metadata"]["annotations"].clone();
+        if let Some(own) = dep["metadata"]["annotations"].as_object() {
+            for (k, v) in own {
+                if k != REVISION && k != "kubectl.kubernetes.io/last-applied-configuration" {
+                    wanted[k] = v.clone();
+                }
+            }
+        }
+        if wanted != new_rs["metadata"]["annotations"] {
+            self.update(resources::replicasets(), &new_rs, |o| {
+                if let (Some(target), Some(src)) = (
+                    o["metadata"]["annotations"].as_object_mut(),
+                    wanted.as_object(),
+                ) {
+                    for (k, v) in src {
+                        if k != REVISION && k != "deployment.kubernetes.io/revision-history" {
+                            target.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            });
+        }
+        // The Deployment carries its newest revision.
         if dep["metadata"]["annotations"][REVISION].as_str() != Some(&new_rev.to_string()) {
             let r = new_rev.to_string();
             self.update(resources::deployments(), dep, |o| {
