@@ -107,10 +107,6 @@ impl Debouncer {
             .map(|(p, _)| p.clone())
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
 }
 
 #[cfg(test)]

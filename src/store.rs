@@ -414,14 +414,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn deploy(&self, id: i64) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE id = ?1");
-        Ok(self
-            .conn()
-            .query_row(&sql, params![id], deploy_row)
-            .optional()?)
-    }
-
     /// Newest first.
     pub fn history(
         &self,

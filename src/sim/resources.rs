@@ -37,15 +37,6 @@ impl ResourceType {
             format!("{}.{}", self.plural, self.group)
         }
     }
-
-    /// The URL prefix of this kind's group/version: `/api/v1` or `/apis/apps/v1`.
-    pub fn gv_prefix(&self) -> String {
-        if self.group.is_empty() {
-            format!("/api/{}", self.version)
-        } else {
-            format!("/apis/{}/{}", self.group, self.version)
-        }
-    }
 }
 
 macro_rules! rt {
@@ -320,13 +311,6 @@ pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static Resou
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// The kind for an object's `apiVersion` and `kind`.
-pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
-    RESOURCES
-        .iter()
-        .find(|r| r.api_version() == api_version && r.kind == kind)
-}
-
 pub fn namespaces() -> &'static ResourceType {
     by_plural("", "namespaces")
 }
@@ -374,8 +358,6 @@ mod tests {
         assert_eq!(deployments().kind, "Deployment");
         assert_eq!(replicasets().kind, "ReplicaSet");
         assert_eq!(pods().kind, "Pod");
-        assert_eq!(by_kind("apps/v1", "Deployment"), Some(deployments()));
         assert_eq!(deployments().qualified(), "deployments.apps");
-        assert_eq!(pods().gv_prefix(), "/api/v1");
     }
 }
