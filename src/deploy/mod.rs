@@ -117,6 +117,8 @@ pub struct Deployer {
     client: Client,
     watches: Watches,
     config: DeployConfig,
+    /// Namespaces known to exist, so a deploy costs no namespace read after the first.
+    known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
 }
 
 impl Deployer {
@@ -125,6 +127,7 @@ impl Deployer {
             watches: Watches::new(client.clone()),
             client,
             config,
+            known_namespaces: Default::default(),
         }
     }
 
@@ -138,6 +141,15 @@ impl Deployer {
     }
 
     async fn ensure_namespace(&self, ns: &str) -> Result<(), DeployError> {
+        if self.known_namespaces.contains(ns) {
+            return Ok(());
+        }
+        self.ensure_namespace_uncached(ns).await?;
+        self.known_namespaces.insert(ns.to_string());
+        Ok(())
+    }
+
+    async fn ensure_namespace_uncached(&self, ns: &str) -> Result<(), DeployError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let found = (|| api.get_opt(ns))
             .retry(backoff())
@@ -193,9 +205,13 @@ impl Deployer {
                 action: "reading the Deployment",
                 source,
             })?
-            .ok_or_else(|| DeployError::MissingDeployment {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
+            .ok_or_else(|| {
+                // The namespace may have gone too: look again next time.
+                self.known_namespaces.remove(&key.namespace);
+                DeployError::MissingDeployment {
+                    name: key.name.clone(),
+                    namespace: key.namespace.clone(),
+                }
             })?;
         let before = rollout::container_images(&dep);
         let current: Vec<(String, String)> = dep
