@@ -464,6 +464,25 @@ fn operator_error(e: operator::OperatorError) -> ApiError {
     }
 }
 
+type OperatorCall =
+    fn(&crate::store::Store, &ServiceKey, &str) -> Result<String, operator::OperatorError>;
+
+/// Run an operator command for the token's owner.
+fn operator_call(
+    state: &HttpState,
+    headers: &HeaderMap,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    call: OperatorCall,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let actor = authorize(state, headers)?;
+    let key = key_from_path(namespace, name)?;
+    let message = call(&state.store, &key, &actor).map_err(operator_error)?;
+    tracing::info!(service = %key, %actor, "{what} requested through the API");
+    Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
+}
+
 /// Deploy a pinned failed version again.
 #[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/retry", tag = "services",
     params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
@@ -473,11 +492,14 @@ pub async fn retry_service(
     headers: HeaderMap,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let actor = authorize(&state, &headers)?;
-    let key = key_from_path(&namespace, &name)?;
-    let message = operator::retry_with(&state.store, &key, &actor).map_err(operator_error)?;
-    tracing::info!(service = %key, %actor, "retry requested through the API");
-    Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
+    operator_call(
+        &state,
+        &headers,
+        &namespace,
+        &name,
+        "retry",
+        operator::retry_with,
+    )
 }
 
 /// Deploy the last good images by writing them into the service's file.
@@ -489,11 +511,14 @@ pub async fn rollback_service(
     headers: HeaderMap,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let actor = authorize(&state, &headers)?;
-    let key = key_from_path(&namespace, &name)?;
-    let message = operator::rollback_with(&state.store, &key, &actor).map_err(operator_error)?;
-    tracing::info!(service = %key, %actor, "rollback requested through the API");
-    Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
+    operator_call(
+        &state,
+        &headers,
+        &namespace,
+        &name,
+        "rollback",
+        operator::rollback_with,
+    )
 }
 
 /// Server-sent events: a `change` event whenever the record changes.
