@@ -47,6 +47,19 @@ async fn get_status(http: &reqwest::Client, url: String) -> u16 {
     http.get(url).send().await.expect("get").status().as_u16()
 }
 
+/// Fetch and parse `/metrics`.
+async fn get_metrics(http: &reqwest::Client, url: &str) -> Vec<(String, f64)> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    parse_prometheus(&text)
+}
+
 /// Parse Prometheus text exposition: every line is a comment or `name{labels} value`.
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
@@ -111,16 +124,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
             .then_some(())
     })
     .await;
-    let metrics_before = parse_prometheus(
-        &http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text"),
-    );
+    let metrics_before = get_metrics(&http, &url).await;
 
     let body = json!({"service": "web", "namespace": "demo", "version": "1.1.0"});
     // No token: 401, nothing written.
@@ -428,16 +432,7 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
     );
 
     // Metrics parse and moved.
-    let after = parse_prometheus(
-        &http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text"),
-    );
+    let after = get_metrics(&http, &url).await;
     let ok = "depwatch_deploys_total{outcome=\"succeeded\"}";
     assert!(
         sample(&after, ok) >= sample(&metrics_before, ok) + 1.0,
