@@ -20,9 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alert::Notifier;
+use crate::deploy::attempt::{Engine, Permits};
+use crate::deploy::recorder::{ApiWaits, Recorder};
 use crate::deploy::{rollout::FailFast, DeployConfig, Deployer};
+use crate::domain::{DeployOutcome, Trigger};
 use crate::ingest::{self, Ingest, IngestConfig};
-use crate::queue::{QueueConfig, Scheduler, Workers};
+use crate::queue::Scheduler;
 use crate::store::{Store, StoreError};
 use crate::watch;
 
@@ -106,12 +109,12 @@ pub enum DaemonError {
 }
 
 /// Build a kube client from a kubeconfig file (and context), or infer one (KUBECONFIG,
-/// ~/.kube/config, in-cluster service account).
+/// ~/.kube/config, in-cluster service account). Also returns the API server's URL.
 pub async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     context: Option<&str>,
     metrics: Option<&crate::metrics::Metrics>,
-) -> Result<kube::Client, DaemonError> {
+) -> Result<(kube::Client, String), DaemonError> {
     let options = kube::config::KubeConfigOptions {
         context: context.map(String::from),
         ..Default::default()
@@ -131,14 +134,16 @@ pub async fn kube_client(
             .await
             .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
     };
+    let server = config.cluster_url.to_string();
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|e| DaemonError::KubeConfig(e.to_string()))?;
-    Ok(match metrics {
+    let client = match metrics {
         Some(m) => builder
             .with_layer(&crate::metrics::KubeRequestsLayer(m.clone()))
             .build(),
         None => builder.build(),
-    })
+    };
+    Ok((client, server))
 }
 
 /// Run the daemon until `cancel` fires, then drain in-flight deploys within the grace period.
@@ -175,7 +180,7 @@ pub async fn run_with(
         None => Vec::new(),
     };
     let metrics = crate::metrics::Metrics::new();
-    let client = kube_client(
+    let (client, server) = kube_client(
         config.kubeconfig.as_deref(),
         config.context.as_deref(),
         Some(&metrics),
@@ -195,22 +200,24 @@ pub async fn run_with(
             image_repo: config.image_repo.clone(),
             rollout_timeout: config.rollout_timeout,
             fail_fast: config.fail_fast,
+            server,
         },
     );
+    let api_waits = Arc::new(ApiWaits::default());
+    let recorder = Recorder {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        notifier,
+        deployer: deployer.clone(),
+        api_waits: api_waits.clone(),
+    };
+    let engine = Engine {
+        deployer: deployer.clone(),
+        recorder: recorder.clone(),
+        permits: Permits::new(config.workers),
+        rollback: config.rollback,
+    };
     let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
-    let workers = Workers::new(
-        deployer.clone(),
-        store.clone(),
-        notifier.clone(),
-        QueueConfig {
-            workers: config.workers,
-            capacity: config.queue_capacity,
-            rollback: config.rollback,
-            history_keep: config.history_keep,
-            history_max_age: config.history_max_age,
-        },
-        metrics.clone(),
-    );
 
     // Watch before the first scan, so nothing written in between is missed.
     let (event_tx, event_rx) = mpsc::channel(4096);
@@ -232,6 +239,7 @@ pub async fn run_with(
             scanned: scanned.clone(),
             client: client.clone(),
             watches: Some(deployer.watches().clone()),
+            api_waits: api_waits.clone(),
             shutdown: stages.clone(),
             post_lock: tokio::sync::Mutex::new(()),
         });
@@ -248,10 +256,16 @@ pub async fn run_with(
         }
         set.spawn(crate::http::serve(listener, state, stages.clone()));
     }
-    set.spawn(workers.run(scheduler.clone(), queue_rx, tracker.clone(), stages.clone()));
+    set.spawn(crate::queue::run(
+        engine,
+        scheduler.clone(),
+        queue_rx,
+        tracker.clone(),
+        stages.clone(),
+    ));
 
     let mut ingest = Ingest::new(config.deps_dir.clone(), store.clone(), scheduler.clone());
-    ingest.rescan("startup").await;
+    ingest.rescan(Trigger::Startup).await;
     // Deploys a stop interrupted are resumed by their service's worker; those whose file is
     // gone are closed here so the record never shows work in progress that nobody does.
     for d in store.interrupted()? {
@@ -262,8 +276,7 @@ pub async fn run_with(
         if scheduler.desired(&key).is_none() {
             store.finish_deploy(
                 d.id,
-                "interrupted",
-                "",
+                DeployOutcome::Interrupted,
                 "depwatch stopped during this deploy",
             )?;
         }
@@ -282,12 +295,24 @@ pub async fn run_with(
         stages.clone(),
     ));
 
+    let heal = config.self_heal.then(|| {
+        let (tx, mut rx) = mpsc::channel::<crate::depfile::ServiceKey>(1024);
+        let scheduler = scheduler.clone();
+        set.spawn(async move {
+            while let Some(key) = rx.recv().await {
+                if let Some(mut desired) = scheduler.desired(&key) {
+                    desired.trigger = Trigger::SelfHeal;
+                    desired.actor = "depwatch".into();
+                    scheduler.submit(key, desired).await;
+                }
+            }
+        });
+        tx
+    });
     set.spawn(crate::deploy::drift::run(
         deployer,
-        store.clone(),
-        notifier,
-        scheduler.clone(),
-        config.self_heal,
+        recorder,
+        heal,
         stages.clone(),
     ));
     let retention = store.clone();

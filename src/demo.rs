@@ -154,14 +154,13 @@ pub async fn run(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let settled = |s: &str| !matches!(s, "" | "deploying");
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             let services = store.services()?;
-            if services.len() == EXAMPLES.len() && services.iter().all(|s| settled(&s.status)) {
+            if services.len() == EXAMPLES.len() && services.iter().all(|s| !s.status.in_flight()) {
                 say("summary:");
                 for s in services {
                     let last = store.history(Some(&s.key()), 1)?.into_iter().next();

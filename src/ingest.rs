@@ -17,20 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::debounce::Debouncer;
 use crate::depfile::{self, ServiceKey};
-use crate::queue::{Desired, Scheduler};
+use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
+use crate::queue::Scheduler;
 use crate::store::Store;
 use crate::watch::FileEvent;
-
-/// The header the API writes into a dependency file: the request id and its actor.
-pub const REQUEST_HEADER: &str = "# depwatch request ";
-
-/// `(request id, actor)` from a file the API wrote.
-pub fn api_request(text: &str) -> Option<(String, String)> {
-    let line = text.lines().find(|l| l.starts_with(REQUEST_HEADER))?;
-    let rest = line.strip_prefix(REQUEST_HEADER)?;
-    let (id, actor) = rest.split_once(" by ")?;
-    Some((id.trim().to_string(), actor.trim().to_string()))
-}
 
 pub fn content_hash(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
@@ -78,7 +68,7 @@ impl Ingest {
             let _ = self.store.update_service(key, |r| {
                 r.path = path.display().to_string();
                 r.content_hash = hash.to_string();
-                r.status = "succeeded".into();
+                r.status = ServiceStatus::Succeeded;
                 r.message = format!("imported from {}", last.display());
             });
             tracing::info!(service = %key, file = %last.display(), "imported the seed's last deployed version; no redeploy");
@@ -86,7 +76,7 @@ impl Ingest {
     }
 
     /// Act on one path that may have changed.
-    pub async fn path_changed(&mut self, path: &Path, trigger: &str) {
+    pub async fn path_changed(&mut self, path: &Path, trigger: Trigger) {
         let key = match depfile::service_for_path(path) {
             Ok(Some(k)) => k,
             Ok(None) => return,
@@ -102,7 +92,7 @@ impl Ingest {
                     tracing::info!(service = %key, file = %path.display(), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
                     let _ = self.store.update_service(&key, |r| {
-                        r.status = "unmanaged".into();
+                        r.status = ServiceStatus::Unmanaged;
                         r.message = format!("{} was removed", path.display());
                     });
                 }
@@ -125,7 +115,7 @@ impl Ingest {
             );
             tracing::error!("{message}");
             let _ = self.store.update_service(&key, |r| {
-                r.status = "invalid".into();
+                r.status = ServiceStatus::Invalid;
                 r.message = message.clone();
             });
             return;
@@ -139,8 +129,8 @@ impl Ingest {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
                 let _ = self.store.update_service(&key, |r| {
                     r.path = shown.clone();
-                    if r.status != "deploying" {
-                        r.status = "invalid".into();
+                    if r.status != ServiceStatus::Deploying {
+                        r.status = ServiceStatus::Invalid;
                     }
                     r.message = e.to_string();
                 });
@@ -154,22 +144,16 @@ impl Ingest {
             return;
         }
         // `depwatch retry` clears the pin and marks the service; the re-read is the operator's.
-        let trigger = if record.status == "retry" {
-            "operator"
-        } else {
-            trigger
-        };
-        if record.failed_hash == hash {
+        let retry_by = (record.status == ServiceStatus::Retry)
+            .then(|| Asker::retry_actor(&record.message))
+            .flatten();
+        if record.failed_hash == hash && retry_by.is_none() {
             tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
             return;
         }
         // Drifted services keep their recorded content: only a file change (or --self-heal)
         // deploys again, never a resync or a restart.
-        let settled = matches!(
-            record.status.as_str(),
-            "succeeded" | "unchanged" | "drifted"
-        );
-        if record.content_hash == hash && settled {
+        if record.content_hash == hash && record.status.settled() {
             // Nothing to deploy, but the scheduler knows what is desired (for --self-heal).
             if self.scheduler.desired(&key).is_none() {
                 self.scheduler.remember(
@@ -178,7 +162,7 @@ impl Ingest {
                         spec,
                         hash,
                         path: path.to_path_buf(),
-                        trigger: "self-heal".into(),
+                        trigger: Trigger::SelfHeal,
                         actor: "depwatch".into(),
                         request_id: String::new(),
                         seen_at: tokio::time::Instant::now(),
@@ -188,34 +172,22 @@ impl Ingest {
             return;
         }
         if self.scheduler.desired(&key).is_some_and(|d| d.hash == hash)
-            && record.status == "deploying"
+            && record.status == ServiceStatus::Deploying
         {
             return;
         }
-        // Content written by the API carries its request: `# depwatch request <id> by <actor>`.
-        let text = String::from_utf8_lossy(&bytes);
-        let rolled_back_by = text
-            .lines()
-            .find_map(|l| l.strip_prefix(crate::operator::ROLLED_BACK_BY))
-            .and_then(|rest| rest.split(" at ").next())
-            .map(String::from);
-        let retry_by = (trigger == "operator")
-            .then(|| {
-                record
-                    .message
-                    .strip_prefix(crate::operator::RETRY_BY)
-                    .map(String::from)
-            })
-            .flatten();
-        // Who asked: an operator's retry, then the API request that wrote the file, then an
-        // operator's rollback, else the file itself.
-        let (trigger, actor, request_id) = match (retry_by, api_request(&text), rolled_back_by) {
-            (Some(actor), _, _) => ("operator", actor, String::new()),
-            (None, Some((id, actor)), _) => ("api", actor, id),
-            (None, None, Some(actor)) => ("operator", actor, String::new()),
-            (None, None, None) => (trigger, trigger.to_string(), String::new()),
+        // Who asked: an operator's retry, then the API request or operator's rollback that
+        // wrote the file, else the file itself.
+        let asker = Asker::find(&String::from_utf8_lossy(&bytes));
+        let (trigger, actor, request_id) = match (retry_by, asker) {
+            (Some(actor), _) => (Trigger::Operator, actor, String::new()),
+            (None, Some(Asker::Request { id, actor })) => (Trigger::Api, actor, id),
+            (None, Some(Asker::Rollback { actor, .. })) => {
+                (Trigger::Operator, actor, String::new())
+            }
+            (None, None) => (trigger, trigger.to_string(), String::new()),
         };
-        tracing::info!(service = %key, file = %shown, trigger, "new desired version");
+        tracing::info!(service = %key, file = %shown, %trigger, "new desired version");
         self.scheduler
             .submit(
                 key,
@@ -223,7 +195,7 @@ impl Ingest {
                     spec,
                     hash,
                     path: path.to_path_buf(),
-                    trigger: trigger.to_string(),
+                    trigger,
                     actor,
                     request_id,
                     seen_at: tokio::time::Instant::now(),
@@ -233,7 +205,7 @@ impl Ingest {
     }
 
     /// Compare the whole directory with what is known and recorded.
-    pub async fn rescan(&mut self, trigger: &str) {
+    pub async fn rescan(&mut self, trigger: Trigger) {
         self.rescan_except(trigger, &Default::default()).await
     }
 
@@ -241,7 +213,7 @@ impl Ingest {
     /// reported), so a rescan never reads a half-written file.
     pub async fn rescan_except(
         &mut self,
-        trigger: &str,
+        trigger: Trigger,
         writing: &std::collections::HashSet<PathBuf>,
     ) {
         let paths = match crate::watch::scan(&self.dir) {
@@ -260,7 +232,7 @@ impl Ingest {
         for p in gone {
             self.path_changed(&p, trigger).await;
         }
-        if trigger == "startup" {
+        if trigger == Trigger::Startup {
             self.forget_removed_while_stopped(&paths);
         }
         for p in paths {
@@ -279,10 +251,10 @@ impl Ingest {
         for r in records {
             let path = PathBuf::from(&r.path);
             let gone = !r.path.is_empty() && !present.contains(&path) && !path.exists();
-            if gone && r.status != "unmanaged" {
+            if gone && r.status != ServiceStatus::Unmanaged {
                 tracing::info!(service = %r.key(), file = %r.path, "dependency file removed while depwatch was stopped; no longer managed");
                 let _ = self.store.update_service(&r.key(), |s| {
-                    s.status = "unmanaged".into();
+                    s.status = ServiceStatus::Unmanaged;
                     s.message = format!("{} was removed", r.path);
                 });
             }
@@ -319,14 +291,14 @@ pub async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = resync.tick() => ingest.rescan_except("resync", &debouncer.writing()).await,
+            _ = resync.tick() => ingest.rescan_except(Trigger::Resync, &debouncer.writing()).await,
             _ = sleep => {}
             ev = events.recv() => match ev {
                 None => return,
                 Some(FileEvent::Rescan) => {
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
-                    ingest.rescan_except("rescan", &debouncer.writing()).await;
+                    ingest.rescan_except(Trigger::Rescan, &debouncer.writing()).await;
                 }
                 Some(FileEvent::Path(p, signal)) => {
                     debouncer.add(p, signal, tokio::time::Instant::now());
@@ -335,10 +307,12 @@ pub async fn run(
         }
         if overflow.swap(false, Ordering::SeqCst) {
             tracing::warn!("file events overflowed; rescanning");
-            ingest.rescan_except("rescan", &debouncer.writing()).await;
+            ingest
+                .rescan_except(Trigger::Rescan, &debouncer.writing())
+                .await;
         }
         for path in debouncer.take_due(tokio::time::Instant::now()) {
-            ingest.path_changed(&path, "file").await;
+            ingest.path_changed(&path, Trigger::File).await;
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod debounce;
 pub mod demo;
 pub mod depfile;
 pub mod deploy;
+pub mod domain;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -80,26 +80,6 @@ async fn api_get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyh
         .with_context(|| format!("the depwatch API sent unexpected JSON for {path}"))
 }
 
-fn text(v: &serde_json::Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
-
-fn record_from_view(v: serde_json::Value) -> depwatch::store::ServiceRecord {
-    depwatch::store::ServiceRecord {
-        namespace: text(&v, "namespace"),
-        name: text(&v, "name"),
-        path: text(&v, "path"),
-        desired: text(&v, "desired"),
-        deployed: text(&v, "deployed"),
-        last_good: text(&v, "last_good"),
-        status: text(&v, "status"),
-        message: text(&v, "message"),
-        updated_at: text(&v, "updated_at"),
-        suspended: v["suspended"].as_bool().unwrap_or(false),
-        ..Default::default()
-    }
-}
-
 fn service_key(s: &str) -> anyhow::Result<depwatch::depfile::ServiceKey> {
     depwatch::depfile::ServiceKey::parse_slash(s).map_err(anyhow::Error::msg)
 }
@@ -191,10 +171,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status(state) => {
             let services: Vec<depwatch::store::ServiceRecord> = match &state.api {
-                Some(api) => {
-                    let views: Vec<serde_json::Value> = api_get(api, "/api/v1/services").await?;
-                    views.into_iter().map(record_from_view).collect()
-                }
+                // A service view is a record with more fields; the record's are read from it.
+                Some(api) => api_get(api, "/api/v1/services").await?,
                 None => depwatch::store::Store::open(&state.state_dir)?.services()?,
             };
             if state.json {
@@ -211,10 +189,10 @@ async fn main() -> anyhow::Result<()> {
                 for s in services {
                     rows.push(vec![
                         format!("{}/{}", s.namespace, s.name),
-                        s.status,
-                        s.desired,
-                        s.deployed,
-                        s.last_good,
+                        s.status.to_string(),
+                        s.desired.to_string(),
+                        s.deployed.to_string(),
+                        s.last_good.to_string(),
                         s.message,
                     ]);
                 }
@@ -250,8 +228,8 @@ async fn main() -> anyhow::Result<()> {
                     rows.push(vec![
                         d.id.to_string(),
                         d.started_at,
-                        d.outcome,
-                        d.trigger,
+                        d.outcome.to_string(),
+                        d.trigger.to_string(),
                         d.from_image,
                         d.to_image,
                         d.message,

@@ -2,7 +2,6 @@
 //! durations, queue depth, pending and running deploys, services by status, notifications by
 //! result, Kubernetes requests by verb and code.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::domain::{DeployOutcome, ServiceStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -115,10 +116,10 @@ impl Metrics {
         }
     }
 
-    pub fn deploy(&self, outcome: &str) {
+    pub fn deploy(&self, outcome: DeployOutcome) {
         self.deploys
             .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
+                outcome: outcome.as_str().to_string(),
             })
             .inc();
     }
@@ -132,23 +133,16 @@ impl Metrics {
     }
 
     /// Refresh the gauges that are read from elsewhere, then encode everything.
-    pub fn encode(
-        &self,
-        queue: &crate::queue::QueueStats,
-        depth: usize,
-        services: &[crate::store::ServiceRecord],
-    ) -> String {
-        let queued = queue.queued.load(Ordering::Relaxed) as i64;
-        let running = queue.running.load(Ordering::Relaxed) as i64;
-        self.queue_depth.set(depth as i64);
+    pub fn encode(&self, queue: QueueGauges, statuses: &[ServiceStatus]) -> String {
+        self.queue_depth.set(queue.depth as i64);
         // Queued or waiting for their service's running deploy to finish.
-        self.pending.set(queued);
-        self.running.set(running);
+        self.pending.set(queue.queued as i64);
+        self.running.set(queue.running as i64);
         self.services.clear();
-        for s in services {
+        for s in statuses {
             self.services
                 .get_or_create(&StatusLabel {
-                    status: s.status.clone(),
+                    status: s.as_str().to_string(),
                 })
                 .inc();
         }
@@ -158,6 +152,16 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The scheduler's gauges at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueGauges {
+    /// Services in the bounded queue.
+    pub depth: usize,
+    /// Queued or waiting for their service's running deploy.
+    pub queued: usize,
+    pub running: usize,
 }
 
 /// A tower layer counting Kubernetes API requests by verb and response code.
@@ -235,10 +239,10 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let m = Metrics::new();
-        m.deploy("succeeded");
+        m.deploy(DeployOutcome::Succeeded);
         m.notification("sent");
         m.change_to_patch.observe(0.004);
-        let text = m.encode(&crate::queue::QueueStats::default(), 0, &[]);
+        let text = m.encode(QueueGauges::default(), &[ServiceStatus::Drifted]);
         assert!(
             text.contains("depwatch_deploys_total{outcome=\"succeeded\"} 1"),
             "{text}"
@@ -252,5 +256,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("depwatch_queue_depth 0"), "{text}");
+        assert!(
+            text.contains("depwatch_services{status=\"drifted\"} 1"),
+            "{text}"
+        );
     }
 }

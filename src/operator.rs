@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::depfile::ServiceKey;
+use crate::domain::{Asker, ServiceStatus};
 use crate::store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +68,12 @@ pub fn local_actor() -> String {
         .unwrap_or_else(|_| "operator".into())
 }
 
-/// The marker the daemon reads to record who asked for a retry.
-pub const RETRY_BY: &str = "retry requested by ";
-
 pub fn retry_with(store: &Store, key: &ServiceKey, actor: &str) -> Result<String, OperatorError> {
     let r = record(store, key)?;
     store.update_service(key, |s| {
         s.failed_hash.clear();
-        s.status = "retry".into();
-        s.message = format!("{RETRY_BY}{actor}");
+        s.status = ServiceStatus::Retry;
+        s.message = Asker::retry_note(actor);
     })?;
     resave(&r.path)?;
     Ok(format!("retrying {key}: {} will be deployed again", r.path))
@@ -86,23 +84,21 @@ pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorEr
     rollback_with(&Store::open(state_dir)?, key, &local_actor())
 }
 
-/// The first line of a file written by `rollback`; the daemon reads the actor from it.
-pub const ROLLED_BACK_BY: &str = "# rolled back by ";
-
 pub fn rollback_with(
     store: &Store,
     key: &ServiceKey,
     actor: &str,
 ) -> Result<String, OperatorError> {
     let r = record(store, key)?;
-    let images = store::parse_images(&r.last_good);
+    let images = r.last_good.clone();
     if images.is_empty() || r.path.is_empty() {
         return Err(OperatorError::NoLastGood(key.clone()));
     }
-    let mut content = format!(
-        "{ROLLED_BACK_BY}{actor} at {} to the last good images\n",
-        store::now()
-    );
+    let mut content = Asker::Rollback {
+        actor: actor.to_string(),
+        at: store::now(),
+    }
+    .header();
     // Per-service settings in the current file survive the rollback.
     let settings = std::fs::read(&r.path)
         .ok()
@@ -132,7 +128,7 @@ pub fn rollback_with(
         content.push('\n');
     } else {
         content.push_str("images:\n");
-        for (c, i) in &images {
+        for (c, i) in images.iter() {
             content.push_str(&format!("  {c}: {i}\n"));
         }
         content.push_str(&settings);
@@ -189,7 +185,7 @@ mod tests {
         store
             .update_service(&key, |r| {
                 r.path = path.display().to_string();
-                r.last_good = "web=example.com/web:1.0".into();
+                r.last_good = crate::domain::Images::parse("web=example.com/web:1.0");
             })
             .expect("record");
         rollback_with(&store, &key, "alice").expect("rollback");

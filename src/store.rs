@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::depfile::ServiceKey;
+use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -30,7 +31,8 @@ pub enum StoreError {
 }
 
 /// A service as last recorded.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct ServiceRecord {
     pub namespace: String,
     pub name: String,
@@ -39,27 +41,18 @@ pub struct ServiceRecord {
     /// SHA-256 of the file content last acted on.
     pub content_hash: String,
     /// Images the file asks for, `container=image` joined by `, `.
-    pub desired: String,
+    pub desired: Images,
     /// Images last seen running after a deploy.
-    pub deployed: String,
+    pub deployed: Images,
     /// Images of the last healthy rollout: what a rollback restores.
-    pub last_good: String,
-    /// succeeded, failed, deploying, removed, invalid, …
-    pub status: String,
+    pub last_good: Images,
+    pub status: ServiceStatus,
     /// Content hash of a version that failed: not retried until the content changes.
     pub failed_hash: String,
     pub message: String,
     pub updated_at: String,
     /// An operator suspended the service: file changes are recorded but not deployed.
     pub suspended: bool,
-}
-
-/// Parse `container=image, …` back into a map.
-pub fn parse_images(s: &str) -> std::collections::BTreeMap<String, String> {
-    s.split(", ")
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(c, i)| (c.to_string(), i.to_string()))
-        .collect()
 }
 
 impl ServiceRecord {
@@ -78,16 +71,13 @@ pub struct DeployRecord {
     pub id: i64,
     pub namespace: String,
     pub name: String,
-    /// file, resync, startup, api, operator
-    pub trigger: String,
+    pub trigger: Trigger,
     pub actor: String,
     pub from_image: String,
     pub to_image: String,
     pub started_at: String,
     pub ended_at: Option<String>,
-    /// in_progress, succeeded, unchanged, failed, timed_out, rolled_back, rollback_failed,
-    /// superseded, interrupted
-    pub outcome: String,
+    pub outcome: DeployOutcome,
     pub message: String,
     /// The API request that asked for this deploy, if any.
     pub request_id: String,
@@ -398,13 +388,12 @@ impl Store {
     pub fn finish_deploy(
         &self,
         id: i64,
-        outcome: &str,
-        to_image: &str,
+        outcome: DeployOutcome,
         message: &str,
     ) -> Result<(), StoreError> {
         let r = self.conn().execute(
-            "UPDATE deploys SET ended_at = ?2, outcome = ?3, to_image = CASE WHEN ?4 = '' THEN to_image ELSE ?4 END, message = ?5 WHERE id = ?1",
-            params![id, now(), outcome, to_image, message],
+            "UPDATE deploys SET ended_at = ?2, outcome = ?3, message = ?4 WHERE id = ?1",
+            params![id, now(), outcome, message],
         );
         if let Err(e) = &r {
             tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
@@ -441,10 +430,14 @@ impl Store {
 
     /// The unfinished deploy of a service, if a stop interrupted one.
     pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = 'in_progress' ORDER BY id DESC LIMIT 1");
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 1");
         Ok(self
             .conn()
-            .query_row(&sql, params![key.namespace, key.name], deploy_row)
+            .query_row(
+                &sql,
+                params![key.namespace, key.name, DeployOutcome::InProgress],
+                deploy_row,
+            )
             .optional()?)
     }
 
@@ -457,11 +450,11 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let conn = self.conn();
         let mut removed = conn.execute(
-            "DELETE FROM deploys WHERE outcome != 'in_progress' AND id IN (
+            "DELETE FROM deploys WHERE outcome != ?2 AND id IN (
                 SELECT id FROM (
                     SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
                 ) WHERE n > ?1)",
-            params![keep as i64],
+            params![keep as i64, DeployOutcome::InProgress],
         )?;
         if let Some(age) = max_age {
             let cutoff = timestamp(
@@ -472,8 +465,8 @@ impl Store {
                     .unwrap_or(jiff::Timestamp::MIN),
             );
             removed += conn.execute(
-                "DELETE FROM deploys WHERE outcome != 'in_progress' AND started_at < ?1",
-                params![cutoff],
+                "DELETE FROM deploys WHERE outcome != ?2 AND started_at < ?1",
+                params![cutoff, DeployOutcome::InProgress],
             )?;
         }
         Ok(removed)
@@ -481,12 +474,10 @@ impl Store {
 
     /// Deploys a crash left "in progress": marked interrupted so the record never lies.
     pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = 'in_progress' ORDER BY id"
-        );
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = ?1 ORDER BY id");
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map([], deploy_row)?;
+        let rows = stmt.query_map(params![DeployOutcome::InProgress], deploy_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
@@ -502,33 +493,33 @@ mod tests {
         {
             let s = Store::open(dir.path()).expect("open");
             s.update_service(&key, |r| {
-                r.desired = "web=example.com/web:1.1".into();
-                r.status = "deploying".into();
+                r.desired = Images::parse("web=example.com/web:1.1");
+                r.status = ServiceStatus::Deploying;
             })
             .expect("put");
             let id = s
                 .start_deploy(&DeployRecord {
                     namespace: "demo".into(),
                     name: "web".into(),
-                    trigger: "file".into(),
+                    trigger: Trigger::File,
                     actor: "file".into(),
                     from_image: "web=example.com/web:1.0".into(),
                     to_image: "web=example.com/web:1.1".into(),
                     started_at: now(),
-                    outcome: "in_progress".into(),
+                    outcome: DeployOutcome::InProgress,
                     ..DeployRecord::default()
                 })
                 .expect("start");
             assert_eq!(s.interrupted().expect("q").len(), 1);
-            s.finish_deploy(id, "succeeded", "", "healthy")
+            s.finish_deploy(id, DeployOutcome::Succeeded, "healthy")
                 .expect("finish");
         }
         let s = Store::open(dir.path()).expect("reopen");
         let r = s.service(&key).expect("q").expect("exists");
-        assert_eq!(r.desired, "web=example.com/web:1.1");
+        assert_eq!(r.desired.to_string(), "web=example.com/web:1.1");
         let h = s.history(Some(&key), 10).expect("history");
         assert_eq!(h.len(), 1);
-        assert_eq!(h[0].outcome, "succeeded");
+        assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
         assert_eq!(h[0].to_image, "web=example.com/web:1.1");
         assert!(h[0].ended_at.is_some());
         assert!(s.interrupted().expect("q").is_empty());
@@ -545,11 +536,12 @@ mod tests {
                         namespace: "ns".into(),
                         name: svc.into(),
                         started_at: now(),
-                        outcome: "in_progress".into(),
+                        outcome: DeployOutcome::InProgress,
                         ..DeployRecord::default()
                     })
                     .expect("start");
-                s.finish_deploy(id, "succeeded", "", "").expect("finish");
+                s.finish_deploy(id, DeployOutcome::Succeeded, "")
+                    .expect("finish");
             }
         }
         assert_eq!(s.prune(3, None).expect("prune"), 4);
@@ -560,7 +552,6 @@ mod tests {
             6
         );
         assert!(s.history(None, 10).expect("h").is_empty());
-        assert_eq!(parse_images("a=x:1, b=y@sha256:00").len(), 2);
     }
 
     #[test]

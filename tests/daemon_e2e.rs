@@ -100,7 +100,7 @@ async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() 
     env.write_dep("web_demo.dep", "1.1.0\n");
     let history = env.store().history(None, 10).expect("history");
     assert_eq!(history.len(), 1, "{history:?}");
-    assert_eq!(history[0].outcome, "succeeded");
+    assert_eq!(history[0].outcome.as_str(), "succeeded");
     assert_eq!(history[0].from_image, "web=example.com/web:1.0.0");
     daemon.stop();
     assert_eq!(env.patches("demo", "web"), 1);
@@ -142,7 +142,7 @@ async fn a_bad_image_fails_fast_red_with_the_pods_reason() {
         .service(&depwatch::depfile::ServiceKey::new("api", "demo").expect("key"))
         .expect("q")
         .expect("recorded");
-    assert_eq!(svc.status, "failed");
+    assert_eq!(svc.status.as_str(), "failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +168,7 @@ async fn a_version_that_never_gets_ready_times_out_amber() {
         text(&messages[0])
     );
     let h = env.store().history(None, 5).expect("history");
-    assert_eq!(h[0].outcome, "timed_out");
+    assert_eq!(h[0].outcome.as_str(), "timed_out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +191,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
                 .store()
                 .service(&depwatch::depfile::ServiceKey::new("api", "demo").ok()?)
                 .ok()??;
-            (s.status == "succeeded").then_some(())
+            (s.status.as_str() == "succeeded").then_some(())
         },
     )
     .await;
@@ -236,7 +236,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
         .service(&depwatch::depfile::ServiceKey::new("worker", "demo").expect("key"))
         .expect("q")
         .expect("recorded");
-    assert_eq!(worker.status, "unmanaged");
+    assert_eq!(worker.status.as_str(), "unmanaged");
     assert_eq!(
         env.image("demo", "worker").await,
         "example.com/worker:1.1.0",
@@ -301,7 +301,7 @@ async fn two_hundred_services_deploy_once_each_and_latest_wins() {
         Duration::from_secs(60),
         || async {
             let services = env.store().services().ok()?;
-            (services.len() == 200 && services.iter().all(|s| s.status == "succeeded"))
+            (services.len() == 200 && services.iter().all(|s| s.status.as_str() == "succeeded"))
                 .then_some(())
         },
     )
@@ -397,7 +397,8 @@ async fn invalid_files_are_reported_and_nothing_is_deployed() {
             let s = env.store();
             let web = s.service(&key("web")).ok()??;
             let api = s.service(&key("api")).ok()??;
-            (web.status == "invalid" && api.status == "invalid").then_some((web, api))
+            (web.status.as_str() == "invalid" && api.status.as_str() == "invalid")
+                .then_some((web, api))
         },
     )
     .await;
@@ -439,7 +440,11 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
         Duration::from_secs(20),
         || async {
             let s = env.store().services().ok()?;
-            (s.iter().filter(|r| r.status == "deploying").count() == 3).then_some(())
+            (s.iter()
+                .filter(|r| r.status.as_str() == "deploying")
+                .count()
+                == 3)
+                .then_some(())
         },
     )
     .await;
@@ -448,12 +453,17 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
     wait_for(
         "the fourth service to deploy past them",
         Duration::from_secs(20),
-        || async { (env.store().service(&key).ok()??.status == "succeeded").then_some(()) },
+        || async {
+            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+        },
     )
     .await;
     let still = env.store().services().expect("services");
     assert_eq!(
-        still.iter().filter(|r| r.status == "deploying").count(),
+        still
+            .iter()
+            .filter(|r| r.status.as_str() == "deploying")
+            .count(),
         3,
         "{still:?}"
     );
@@ -485,7 +495,8 @@ async fn deploys_complete_through_api_server_errors_conflicts_and_short_watches(
         Duration::from_secs(90),
         || async {
             let s = env.store().services().ok()?;
-            (s.len() == names.len() && s.iter().all(|r| r.status == "succeeded")).then_some(())
+            (s.len() == names.len() && s.iter().all(|r| r.status.as_str() == "succeeded"))
+                .then_some(())
         },
     )
     .await;

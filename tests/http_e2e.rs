@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
+use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use serde_json::{json, Value};
 
@@ -639,10 +640,10 @@ async fn the_status_page_renders_services_in_headless_chromium() {
         Duration::from_secs(30),
         || async {
             let s = store.services().ok()?;
-            let status = |n: &str| s.iter().find(|r| r.name == n).map(|r| r.status.clone());
-            (status("web")? == "succeeded"
-                && status("api")? == "failed"
-                && status("reports")? == "deploying")
+            let status = |n: &str| s.iter().find(|r| r.name == n).map(|r| r.status);
+            (status("web")? == ServiceStatus::Succeeded
+                && status("api")? == ServiceStatus::Failed
+                && status("reports")? == ServiceStatus::Deploying)
                 .then_some(())
         },
     )
@@ -682,12 +683,14 @@ async fn the_status_page_renders_services_in_headless_chromium() {
         dom[start..end].to_string()
     };
     assert!(
-        row("web").contains("succeeded") && row("web").contains("badge ok"),
+        row("web").contains("data-status=\"succeeded\"")
+            && row("web").contains(">healthy<")
+            && row("web").contains("badge ok"),
         "{}",
         row("web")
     );
     assert!(
-        row("api").contains("failed") && row("api").contains("badge bad"),
+        row("api").contains(">failed<") && row("api").contains("badge bad"),
         "{}",
         row("api")
     );
@@ -697,7 +700,7 @@ async fn the_status_page_renders_services_in_headless_chromium() {
         row("api")
     );
     assert!(
-        row("reports").contains("deploying") && row("reports").contains("badge busy"),
+        row("reports").contains(">deploying<") && row("reports").contains("badge busy"),
         "{}",
         row("reports")
     );

@@ -20,7 +20,7 @@ async fn wait_status(env: &Env, k: &ServiceKey, status: &str) {
         wait_for(
             &format!("{k} to be {status}"),
             Duration::from_secs(60),
-            || async { (env.store().service(k).ok()??.status == status).then_some(()) },
+            || async { (env.store().service(k).ok()??.status.as_str() == status).then_some(()) },
         ),
     )
     .await;
@@ -124,7 +124,7 @@ async fn a_failed_version_is_rolled_back_pinned_and_never_retried_until_it_chang
     env.write_dep("payments_prod.dep", "1.2.0\n");
     wait_for("1.2.0 to be healthy", Duration::from_secs(30), || async {
         let s = env.store().service(&k).ok()??;
-        (s.status == "succeeded" && s.deployed.contains("1.2.0")).then_some(())
+        (s.status.as_str() == "succeeded" && s.deployed.to_string().contains("1.2.0")).then_some(())
     })
     .await;
     assert_eq!(env.patches("prod", "payments"), 3);
@@ -179,14 +179,15 @@ async fn versions_arriving_mid_rollout_supersede_it_without_rollback() {
         Duration::from_secs(30),
         || async {
             let s = env.store().service(&k).ok()??;
-            (s.status == "succeeded" && s.deployed == "api=example.com/api:4").then_some(())
+            (s.status.as_str() == "succeeded" && s.deployed.to_string() == "api=example.com/api:4")
+                .then_some(())
         },
     )
     .await;
     let history = env.store().history(Some(&k), 10).expect("history");
     let outcomes: Vec<(String, String)> = history
         .iter()
-        .map(|d| (d.to_image.clone(), d.outcome.clone()))
+        .map(|d| (d.to_image.clone(), d.outcome.to_string()))
         .collect();
     assert_eq!(
         outcomes,
@@ -224,7 +225,12 @@ async fn a_deploy_interrupted_by_kill_9_is_judged_and_rolled_back_after_restart(
     .await;
     daemon.kill();
     assert_eq!(
-        env.store().service(&k).expect("q").expect("rec").status,
+        env.store()
+            .service(&k)
+            .expect("q")
+            .expect("rec")
+            .status
+            .as_str(),
         "deploying"
     );
 
@@ -249,7 +255,7 @@ async fn a_deploy_interrupted_by_kill_9_is_judged_and_rolled_back_after_restart(
     );
     let history = env.store().history(Some(&k), 10).expect("history");
     assert_eq!(history.len(), 1, "recorded once: {history:?}");
-    assert_eq!(history[0].outcome, "rolled_back");
+    assert_eq!(history[0].outcome.as_str(), "rolled_back");
     assert!(
         history[0].message.contains("CrashLoopBackOff"),
         "{}",
@@ -292,7 +298,7 @@ async fn drift_is_recorded_and_reported_and_self_heal_restores() {
     );
     wait_status(&env, &k, "drifted").await;
     let history = env.store().history(Some(&k), 5).expect("history");
-    assert_eq!(history[0].outcome, "drift");
+    assert_eq!(history[0].outcome.as_str(), "drift");
     assert_eq!(
         env.image("prod", "web").await,
         "example.com/web:hotfix",

@@ -94,7 +94,7 @@ async fn missing_deployments_and_namespaces_are_clear_failures() {
     assert!(
         texts
             .iter()
-            .any(|t| t.contains("no Deployment ghost in default")),
+            .any(|t| t.contains("no Deployment ghost in namespace default")),
         "{texts:?}"
     );
     assert!(
@@ -173,7 +173,9 @@ async fn a_dead_slack_never_delays_a_deploy_and_429_is_retried_after_retry_after
     wait_for(
         "web to be recorded healthy despite a dead Slack",
         Duration::from_secs(20),
-        || async { (env.store().service(&key).ok()??.status == "succeeded").then_some(()) },
+        || async {
+            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+        },
     )
     .await;
     daemon.stop();
@@ -228,7 +230,9 @@ async fn json_logs_are_one_object_per_line() {
     wait_for(
         "the deploy to be recorded",
         Duration::from_secs(20),
-        || async { (env.store().service(&key).ok()??.status == "succeeded").then_some(()) },
+        || async {
+            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+        },
     )
     .await;
     daemon.stop();

@@ -68,7 +68,7 @@ async fn rename_saves_subdirectories_and_deletion() {
     std::fs::remove_file(env.deps.join("web_demo.dep")).expect("rm");
     let key = ServiceKey::new("web", "demo").expect("key");
     wait_for("web to be unmanaged", Duration::from_secs(10), || async {
-        (env.store().service(&key).ok()??.status == "unmanaged").then_some(())
+        (env.store().service(&key).ok()??.status.as_str() == "unmanaged").then_some(())
     })
     .await;
     assert_eq!(env.image("demo", "web").await, "example.com/web:1.2.0");

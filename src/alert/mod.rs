@@ -5,4 +5,4 @@
 
 pub mod slack;
 
-pub use slack::{Notifier, Outcome, Report};
+pub use slack::{Notifier, Report};

@@ -8,43 +8,37 @@ use backon::{ExponentialBuilder, Retryable};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-/// How a deploy ended, as people are told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Succeeded,
-    Failed,
-    TimedOut,
-    RolledBack,
-    RollbackFailed,
-    Drift,
+use crate::domain::{human_duration, DeployOutcome, Tone};
+
+/// Green for success, red for failure, amber for timeouts, rollbacks and drift.
+pub fn colour(outcome: DeployOutcome) -> &'static str {
+    match outcome.tone() {
+        Tone::Good => "#2eb886",
+        Tone::Bad => "#d40e0d",
+        Tone::Warning | Tone::Busy => "#daa038",
+    }
 }
 
-impl Outcome {
-    /// Green for success, red for failure, amber for timeouts and rollbacks.
-    pub fn colour(self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "#2eb886",
-            Outcome::Failed | Outcome::RollbackFailed => "#d40e0d",
-            Outcome::TimedOut | Outcome::RolledBack | Outcome::Drift => "#daa038",
-        }
-    }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "deployed",
-            Outcome::Failed => "failed to deploy",
-            Outcome::TimedOut => "timed out deploying",
-            Outcome::RolledBack => "rolled back",
-            Outcome::RollbackFailed => "could not roll back",
-            Outcome::Drift => "drifted",
-        }
+/// How a message's title words an outcome.
+fn verb(outcome: DeployOutcome) -> &'static str {
+    match outcome {
+        DeployOutcome::Succeeded | DeployOutcome::Unchanged => "deployed",
+        DeployOutcome::Unverified => "deployed (unverified: 0 replicas)",
+        DeployOutcome::Failed => "failed to deploy",
+        DeployOutcome::TimedOut => "timed out deploying",
+        DeployOutcome::RolledBack => "rolled back",
+        DeployOutcome::RollbackFailed => "could not roll back",
+        DeployOutcome::Drift => "drifted",
+        DeployOutcome::Superseded => "superseded",
+        DeployOutcome::Interrupted => "interrupted",
+        DeployOutcome::InProgress => "deploying",
     }
 }
 
 /// One message about one service.
 #[derive(Debug, Clone)]
 pub struct Report {
-    pub outcome: Outcome,
+    pub outcome: DeployOutcome,
     pub service: String,
     pub namespace: String,
     pub from: String,
@@ -58,7 +52,7 @@ impl Report {
     pub fn title(&self) -> String {
         format!(
             "{} {} ({})",
-            self.outcome.word(),
+            verb(self.outcome),
             self.service,
             self.namespace
         )
@@ -68,12 +62,12 @@ impl Report {
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "event": "depwatch.deploy",
-            "outcome": format!("{:?}", self.outcome).to_lowercase(),
+            "outcome": self.outcome,
             "service": self.service,
             "namespace": self.namespace,
             "from": self.from,
             "to": self.to,
-            "duration_seconds": self.duration.as_secs_f64(),
+            "duration_seconds": (self.duration.as_secs_f64() * 1000.0).round() / 1000.0,
             "reason": self.reason,
             "time": crate::store::now(),
         })
@@ -84,7 +78,7 @@ impl Report {
             json!({"title": "Service", "value": self.service, "short": true}),
             json!({"title": "Namespace", "value": self.namespace, "short": true}),
             json!({"title": "Image", "value": format!("{} → {}", self.from, self.to), "short": false}),
-            json!({"title": "Duration", "value": format!("{:.1}s", self.duration.as_secs_f64()), "short": true}),
+            json!({"title": "Duration", "value": human_duration(self.duration), "short": true}),
         ];
         if !self.reason.is_empty() {
             fields.push(json!({"title": "Reason", "value": self.reason, "short": false}));
@@ -103,7 +97,7 @@ impl Report {
         json!({
             "text": text,
             "attachments": [{
-                "color": self.outcome.colour(),
+                "color": colour(self.outcome),
                 "fallback": text,
                 "title": self.title(),
                 "fields": fields,
@@ -286,7 +280,7 @@ mod tests {
     #[test]
     fn messages_are_colour_coded_and_carry_the_reason() {
         let r = Report {
-            outcome: Outcome::Failed,
+            outcome: DeployOutcome::Failed,
             service: "payments".into(),
             namespace: "prod".into(),
             from: "repo:1.0".into(),
@@ -296,11 +290,16 @@ mod tests {
         };
         let v = r.to_slack();
         assert_eq!(v["attachments"][0]["color"], "#d40e0d");
+        assert_eq!(r.to_json()["outcome"], "failed");
         assert!(v["text"]
             .as_str()
             .expect("text")
             .contains("ImagePullBackOff"));
-        assert_eq!(Outcome::Succeeded.colour(), "#2eb886");
-        assert_eq!(Outcome::TimedOut.colour(), Outcome::RolledBack.colour());
+        assert_eq!(colour(DeployOutcome::Succeeded), "#2eb886");
+        assert_eq!(
+            colour(DeployOutcome::TimedOut),
+            colour(DeployOutcome::RolledBack)
+        );
+        assert_eq!(r.to_slack()["attachments"][0]["fields"][3]["value"], "2.5s");
     }
 }

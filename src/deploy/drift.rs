@@ -1,40 +1,44 @@
 //! Drift: the shared watches notice when a managed Deployment's images change behind
-//! depwatch's back (`kubectl set image`, another tool). Drift is recorded and reported once per
-//! drifted state; with `--self-heal` the desired images are deployed again.
+//! depwatch's back (`kubectl set image`, another tool). Each drifted state is recorded once,
+//! through the recorder like any deploy outcome; with `--self-heal` the service is handed back
+//! to the scheduler to deploy its desired images again.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{Notifier, Outcome, Report};
+use super::recorder::{Drift, Recorder};
+use super::Deployer;
 use crate::depfile::ServiceKey;
-use crate::deploy::{show, Deployer, Images};
-use crate::queue::Scheduler;
-use crate::store::{self, DeployRecord, Store};
+use crate::domain::{Images, ServiceStatus};
 
-/// Services whose recorded state can drift: settled, managed, not suspended.
-fn watched_status(status: &str) -> bool {
-    matches!(
-        status,
-        "succeeded" | "unchanged" | "rolled_back" | "failed" | "timed_out" | "drifted"
-    )
+/// The containers whose live image differs from the recorded one, with the live image.
+/// Containers the record does not name, or the cache does not show, are not drift.
+pub fn drifted(recorded: &Images, live: &Images) -> Images {
+    recorded
+        .iter()
+        .filter_map(|(c, img)| {
+            let now = live.get(c)?;
+            (now != img).then(|| (c.clone(), now.clone()))
+        })
+        .collect()
 }
 
 pub async fn run(
     deployer: Deployer,
-    store: Store,
-    notifier: Notifier,
-    scheduler: Scheduler,
-    self_heal: bool,
+    recorder: Recorder,
+    heal: Option<mpsc::Sender<ServiceKey>>,
     cancel: CancellationToken,
 ) {
     let watches = deployer.watches().clone();
+    let store = recorder.store.clone();
     // Watch every namespace that has managed services, not only those deployed to since start.
     if let Ok(records) = store.services() {
         let mut namespaces: Vec<String> = records
             .into_iter()
-            .filter(|r| r.status != "unmanaged")
+            .filter(|r| r.status != ServiceStatus::Unmanaged)
             .map(|r| r.namespace)
             .collect();
         namespaces.sort();
@@ -47,7 +51,7 @@ pub async fn run(
         }
     }
     let mut changed = watches.any_change();
-    let mut reported: HashMap<ServiceKey, String> = HashMap::new();
+    let mut reported: HashMap<ServiceKey, Images> = HashMap::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -64,74 +68,63 @@ pub async fn run(
         };
         let watched = watches.watched();
         for r in records {
-            if !watched_status(&r.status) || r.suspended || r.deployed.is_empty() {
+            if !r.status.watch_drift() || r.suspended || r.deployed.is_empty() {
                 continue;
             }
             let Some((_, ns)) = watched.iter().find(|(n, _)| *n == r.namespace) else {
                 continue;
             };
             let key = r.key();
-            let Some(live) = ns.images(&key.name) else {
+            let Some((live, uid)) = ns.images_and_uid(&key.name) else {
                 continue;
             };
-            let recorded = store::parse_images(&r.deployed);
-            let drifted: Images = recorded
-                .iter()
-                .filter(|(c, img)| live.get(*c).is_some_and(|l| l != *img))
-                .map(|(c, _)| (c.clone(), live.get(c).cloned().unwrap_or_default()))
-                .collect();
-            if drifted.is_empty() {
+            let drift = drifted(&r.deployed, &live);
+            if drift.is_empty() {
                 reported.remove(&key);
                 continue;
             }
-            let now_running = show(&live);
-            if reported.get(&key) == Some(&now_running) {
+            if reported.get(&key) == Some(&live) {
                 continue;
             }
-            reported.insert(key.clone(), now_running.clone());
-            let message = format!(
-                "images changed outside depwatch: {} → {}",
-                r.deployed,
-                show(&drifted)
-            );
-            tracing::warn!(service = %key, %message, self_heal, "drift");
-            if let Ok(id) = store.start_deploy(&DeployRecord {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                trigger: "drift".into(),
-                actor: "cluster".into(),
-                from_image: r.deployed.clone(),
-                to_image: now_running.clone(),
-                started_at: store::now(),
-                outcome: "in_progress".into(),
-                ..DeployRecord::default()
-            }) {
-                let _ = store.finish_deploy(id, "drift", "", &message);
-            }
-            let _ = store.update_service(&key, |s| {
-                s.status = "drifted".into();
-                s.message = message.clone();
-            });
-            notifier.report(Report {
-                outcome: Outcome::Drift,
-                service: key.name.clone(),
-                namespace: key.namespace.clone(),
-                from: r.deployed.clone(),
-                to: now_running,
-                duration: Duration::ZERO,
-                reason: if self_heal {
-                    "changed outside depwatch; restoring the desired images (--self-heal)".into()
-                } else {
-                    "changed outside depwatch; the file still asks for the recorded images".into()
+            reported.insert(key.clone(), live.clone());
+            recorder.drift(
+                &key,
+                &Drift {
+                    recorded: r.deployed.clone(),
+                    running: live,
+                    drifted: drift,
+                    uid,
+                    self_heal: heal.is_some(),
                 },
-            });
-            if self_heal {
-                if let Some(mut desired) = scheduler.desired(&key) {
-                    desired.trigger = "self-heal".into();
-                    desired.actor = "depwatch".into();
-                    scheduler.submit(key, desired).await;
-                }
+            );
+            if let Some(tx) = &heal {
+                let _ = tx.send(key).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_recorded_containers_running_other_images_drift() {
+        let table = [
+            ("web=w:1", "web=w:1", ""),
+            ("web=w:1", "web=w:2", "web=w:2"),
+            ("web=w:1, side=s:1", "web=w:1, side=s:2", "side=s:2"),
+            // A container added outside depwatch is not in the record: not drift.
+            ("web=w:1", "web=w:1, debug=d:1", ""),
+            // A container the cache does not show (yet) is not drift either.
+            ("web=w:1, side=s:1", "web=w:1", ""),
+        ];
+        for (recorded, live, want) in table {
+            assert_eq!(
+                drifted(&Images::parse(recorded), &Images::parse(live)),
+                Images::parse(want),
+                "{recorded} vs {live}"
+            );
         }
     }
 }

@@ -3,13 +3,15 @@
 //! manager `depwatch`, a `kubernetes.io/change-cause`), then judge the rollout from shared
 //! watches, and roll back to the captured images when it fails.
 
+pub mod attempt;
 pub mod drift;
+pub mod lifecycle;
+pub mod recorder;
 pub mod rollout;
 
-use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -19,21 +21,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::depfile::{self, DepSpec, ServiceKey};
+pub use crate::domain::Images;
 use rollout::{FailFast, Health, Watches};
 
 pub const FIELD_MANAGER: &str = "depwatch";
-
-/// Images by container name.
-pub type Images = BTreeMap<String, String>;
-
-/// `web=example.com/web:1.1, sidecar=…`
-pub fn show(images: &Images) -> String {
-    images
-        .iter()
-        .map(|(c, i)| format!("{c}={i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// Settings of the deploy stage.
 #[derive(Debug, Clone)]
@@ -43,26 +34,77 @@ pub struct DeployConfig {
     pub image_repo: Option<String>,
     pub rollout_timeout: Duration,
     pub fail_fast: FailFast,
+    /// The API server's URL, for messages.
+    pub server: String,
 }
 
 /// A per-deploy failure before or while writing to the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    #[error("no Deployment {name} in {namespace}")]
+    #[error("no Deployment {name} in namespace {namespace}")]
     MissingDeployment { name: String, namespace: String },
     #[error("namespace {0} does not exist and namespace creation is off (--no-create-namespace)")]
     MissingNamespace(String),
     #[error("{0}")]
     Resolve(#[from] depfile::ResolveError),
-    #[error("Kubernetes API error during {action}: {source}")]
+    #[error("{}", describe_kube(action, server, source))]
     Kube {
         action: &'static str,
+        server: String,
         source: kube::Error,
     },
 }
 
+impl DeployError {
+    /// Connection failures, timeouts, 5xx, 429 and 409 pass: they are retried, never pinned.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeployError::Kube { source, .. } => transient(source),
+            _ => false,
+        }
+    }
+}
+
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+/// One line a person can act on: what failed, where, and the API server's own words.
+fn describe_kube(action: &str, server: &str, e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!(
+            "the Kubernetes API server at {server} refused {action}: {} {} ({})",
+            s.code, s.reason, s.message
+        ),
+        other if transient(other) => format!(
+            "cannot reach the Kubernetes API server at {server} while {action}: {}",
+            error_chain(other)
+        ),
+        other => format!("{action} failed: {}", error_chain(other)),
+    }
+}
+
+/// An error and its causes, each said once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// What a deploy will change.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub key: ServiceKey,
     /// Every container's image before the deploy: what a rollback restores.
@@ -73,6 +115,10 @@ pub struct Plan {
     pub after: Images,
     /// The Deployment's generation when read: what an interrupted rollout must reach.
     pub generation: i64,
+    /// The Deployment's uid: Kubernetes Events name it so `kubectl describe` lists them.
+    pub uid: String,
+    /// `spec.paused`: a patch would roll nothing out.
+    pub paused: bool,
 }
 
 impl Plan {
@@ -85,6 +131,8 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
     Healthy,
+    /// Complete, with 0 desired replicas: nothing verified.
+    NoReplicas,
     Failed {
         reason: String,
         message: String,
@@ -96,20 +144,16 @@ pub enum WaitOutcome {
     Superseded,
 }
 
-fn transient(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
-        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-        _ => false,
+impl fmt::Display for WaitOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitOutcome::Healthy => f.write_str("healthy"),
+            WaitOutcome::NoReplicas => f.write_str("complete with 0 replicas (unverified)"),
+            WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
+            WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
+            WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
+        }
     }
-}
-
-fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(6)
-        .with_jitter()
 }
 
 #[derive(Clone)]
@@ -140,6 +184,14 @@ impl Deployer {
         &self.watches
     }
 
+    fn kube_error(&self, action: &'static str) -> impl FnOnce(kube::Error) -> DeployError + '_ {
+        move |source| DeployError::Kube {
+            action,
+            server: self.config.server.clone(),
+            source,
+        }
+    }
+
     async fn ensure_namespace(&self, ns: &str) -> Result<(), DeployError> {
         if self.known_namespaces.contains(ns) {
             return Ok(());
@@ -151,60 +203,41 @@ impl Deployer {
 
     async fn ensure_namespace_uncached(&self, ns: &str) -> Result<(), DeployError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let found = (|| api.get_opt(ns))
-            .retry(backoff())
-            .when(transient)
+        let found = api
+            .get_opt(ns)
             .await
-            .map_err(|source| DeployError::Kube {
-                action: "reading the namespace",
-                source,
-            })?;
+            .map_err(self.kube_error("reading the namespace"))?;
         if found.is_some() {
             return Ok(());
         }
         if !self.config.create_namespace {
             return Err(DeployError::MissingNamespace(ns.to_string()));
         }
-        let obj: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": ns}})).map_err(|e| {
-                DeployError::Kube {
-                    action: "building the namespace",
-                    source: kube::Error::SerdeError(e),
-                }
-            })?;
+        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))
+            .map_err(|e| self.kube_error("building the namespace")(kube::Error::SerdeError(e)))?;
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()
         };
-        match (|| api.create(&pp, &obj))
-            .retry(backoff())
-            .when(|e| transient(e) && !matches!(e, kube::Error::Api(s) if s.code == 409))
-            .await
-        {
+        match api.create(&pp, &obj).await {
             Ok(_) => {
                 tracing::info!(namespace = ns, "created namespace");
                 Ok(())
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(source) => Err(DeployError::Kube {
-                action: "creating the namespace",
-                source,
-            }),
+            Err(source) => Err(self.kube_error("creating the namespace")(source)),
         }
     }
 
-    /// Read the Deployment and work out the new images.
+    /// Read the Deployment and work out the new images. One try: the lifecycle decides
+    /// whether and when an error is worth another.
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
         self.ensure_namespace(&key.namespace).await?;
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
-        let dep = (|| api.get_opt(&key.name))
-            .retry(backoff())
-            .when(transient)
+        let dep = api
+            .get_opt(&key.name)
             .await
-            .map_err(|source| DeployError::Kube {
-                action: "reading the Deployment",
-                source,
-            })?
+            .map_err(self.kube_error("reading the Deployment"))?
             .ok_or_else(|| {
                 // The namespace may have gone too: look again next time.
                 self.known_namespaces.remove(&key.namespace);
@@ -214,6 +247,7 @@ impl Deployer {
                 }
             })?;
         let before = rollout::container_images(&dep);
+        // In the Deployment's own order, for messages that list its containers.
         let current: Vec<(String, String)> = dep
             .spec
             .as_ref()
@@ -225,19 +259,19 @@ impl Deployer {
                     .collect()
             })
             .unwrap_or_default();
-        let wanted = depfile::resolve(spec, key, &current, self.config.image_repo.as_deref())?;
-        let changes: Images = wanted
-            .into_iter()
-            .filter(|(c, img)| before.get(c) != Some(img))
-            .collect();
-        let mut after = before.clone();
-        after.extend(changes.clone());
+        let wanted: Images =
+            depfile::resolve(spec, key, &current, self.config.image_repo.as_deref())?
+                .into_iter()
+                .collect();
+        let changes = before.changed_in(&wanted);
         Ok(Plan {
             key: key.clone(),
+            after: before.with(&changes),
             before,
             changes,
-            after,
             generation: dep.metadata.generation.unwrap_or(0),
+            uid: dep.metadata.uid.clone().unwrap_or_default(),
+            paused: dep.spec.as_ref().and_then(|s| s.paused).unwrap_or(false),
         })
     }
 
@@ -261,35 +295,28 @@ impl Deployer {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
-        let patch = Patch::Strategic(&body);
-        let dep = (|| api.patch(&key.name, &pp, &patch))
-            .retry(backoff())
-            .when(transient)
+        let dep = api
+            .patch(&key.name, &pp, &Patch::Strategic(&body))
             .await
             .map_err(|e| match e {
                 kube::Error::Api(s) if s.code == 404 => DeployError::MissingDeployment {
                     name: key.name.clone(),
                     namespace: key.namespace.clone(),
                 },
-                source => DeployError::Kube {
-                    action: "patching the Deployment",
-                    source,
-                },
+                source => self.kube_error("patching the Deployment")(source),
             })?;
         Ok(dep.metadata.generation.unwrap_or(0))
     }
 
-    /// Wait for the rollout that reaches `generation`, until healthy, failed, timed out, or a
-    /// newer version supersedes it (`superseded` changes).
+    /// Wait for the rollout that reaches `generation`, until healthy, failed, the deadline,
+    /// or a newer version supersedes it (`superseded` changes).
     pub async fn wait(
         &self,
         key: &ServiceKey,
         generation: i64,
-        timeout: Duration,
+        deadline: Instant,
         mut superseded: Option<watch::Receiver<u64>>,
     ) -> WaitOutcome {
-        // Bounded (files cap the timeout at 24h); the deadline counts from the start of the wait.
-        let deadline = Instant::now() + timeout.min(Duration::from_secs(7 * 24 * 3600));
         let ns =
             match tokio::time::timeout_at(deadline, self.watches.namespace(&key.namespace)).await {
                 Ok(ns) => ns,
@@ -310,6 +337,7 @@ impl Deployer {
                 &mut first_seen,
             ) {
                 Health::Healthy => return WaitOutcome::Healthy,
+                Health::NoReplicas => return WaitOutcome::NoReplicas,
                 Health::Failed { reason, message } => {
                     return WaitOutcome::Failed { reason, message }
                 }
@@ -335,12 +363,12 @@ impl Deployer {
         }
     }
 
-    /// Whether the rollout at `generation` is healthy right now (one judgement from the shared
-    /// watch, no waiting).
-    pub async fn healthy_now(&self, key: &ServiceKey, generation: i64) -> bool {
+    /// The rollout at `generation` judged once from the shared watch, no waiting (but for the
+    /// watch to catch up with the read that produced `generation`).
+    pub async fn health_now(&self, key: &ServiceKey, generation: i64) -> lifecycle::HealthNow {
+        use lifecycle::HealthNow;
         let ns = self.watches.namespace(&key.namespace).await;
         let mut first_seen = Default::default();
-        // The watch may trail the read that produced `generation` by a moment.
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut changed = ns.changed.clone();
         loop {
@@ -350,18 +378,19 @@ impl Deployer {
                 self.config.fail_fast,
                 &mut first_seen,
             ) {
-                Health::Healthy => return true,
+                Health::Healthy => return HealthNow::Healthy,
+                Health::NoReplicas => return HealthNow::NoReplicas,
                 Health::Progressing(m) if m.contains("observe") && Instant::now() < deadline => {
                     let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
                 }
-                _ => return false,
+                _ => return HealthNow::NotHealthy,
             }
         }
     }
 
-    /// Record a Kubernetes Event on the Deployment (`kubectl describe` shows it). Best effort:
-    /// sent in the background, never delaying or failing a deploy.
-    pub fn event(&self, key: &ServiceKey, reason: &str, message: &str, warning: bool) {
+    /// Record a Kubernetes Event on the Deployment `uid` (`kubectl describe` lists Events by
+    /// the object's uid). Best effort: sent in the background, never delaying a deploy.
+    pub fn event(&self, key: &ServiceKey, uid: &str, reason: &str, message: &str, warning: bool) {
         let api: Api<k8s_openapi::api::core::v1::Event> =
             Api::namespaced(self.client.clone(), &key.namespace);
         let now = jiff::Timestamp::now()
@@ -370,7 +399,8 @@ impl Deployer {
             .to_string();
         let body = json!({
             "metadata": {"generateName": format!("{}.", key.name), "namespace": key.namespace},
-            "involvedObject": {"apiVersion": "apps/v1", "kind": "Deployment", "name": key.name, "namespace": key.namespace},
+            "involvedObject": {"apiVersion": "apps/v1", "kind": "Deployment", "name": key.name,
+                               "namespace": key.namespace, "uid": uid},
             "reason": reason,
             "message": message.chars().take(1000).collect::<String>(),
             "type": if warning { "Warning" } else { "Normal" },

@@ -3,7 +3,7 @@
 //! pure function over the Deployment, its ReplicaSets and pods; the waiting is driven by watches
 //! shared by every service in a namespace (reflectors), never by polling.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::domain::Images;
+
 const REVISION: &str = "deployment.kubernetes.io/revision";
 
 /// Where a rollout stands.
@@ -25,6 +27,8 @@ pub enum Health {
     /// Still going; the text says what it waits for.
     Progressing(String),
     Healthy,
+    /// Complete with 0 desired replicas: no pod ran the images, so nothing is verified.
+    NoReplicas,
     /// Failed: a reason (`ImagePullBackOff`, `ProgressDeadlineExceeded`, …) and the message
     /// the cluster gave.
     Failed {
@@ -58,17 +62,25 @@ const DETERMINISTIC: &[&str] = &[
     "CreateContainerConfigError",
 ];
 
-/// The Deployment's current ReplicaSet: the one owned by it whose revision matches the
-/// Deployment's revision annotation.
+/// The Deployment's current ReplicaSet: owned by it, carrying the Deployment's revision, and
+/// running the template's own images. The last check matters while caches trail each other: a
+/// Deployment just rolled back may still name the failed ReplicaSet's revision, and a verdict
+/// must only ever be made on the pods of the template being judged.
 pub fn new_replicaset<'a>(dep: &Deployment, rss: &'a [Arc<ReplicaSet>]) -> Option<&'a ReplicaSet> {
     let uid = dep.metadata.uid.as_deref()?;
     let revision = dep.annotations().get(REVISION)?;
+    let images = container_images(dep);
     rss.iter().map(|r| r.as_ref()).find(|rs| {
         rs.owner_references()
             .iter()
             .any(|o| o.controller == Some(true) && o.uid == uid)
             && rs.annotations().get(REVISION) == Some(revision)
+            && replicaset_images(rs) == images
     })
+}
+
+fn replicaset_images(rs: &ReplicaSet) -> Images {
+    template_images(rs.spec.as_ref().and_then(|s| s.template.as_ref()))
 }
 
 fn selector_matches(dep: &Deployment, pod: &Pod) -> bool {
@@ -128,6 +140,12 @@ pub fn judge(
             "waiting for the deployment controller to observe the update".into(),
         );
     }
+    if dep.spec.as_ref().and_then(|s| s.paused) == Some(true) {
+        return Health::Failed {
+            reason: "DeploymentPaused".into(),
+            message: "Deployment is paused".into(),
+        };
+    }
     let status = dep.status.clone().unwrap_or_default();
     if let Some(c) = status
         .conditions
@@ -179,6 +197,9 @@ pub fn judge(
         }
     }
     let desired = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if desired == 0 {
+        return Health::NoReplicas;
+    }
     let updated = status.updated_replicas.unwrap_or(0);
     let replicas = status.replicas.unwrap_or(0);
     let available = status.available_replicas.unwrap_or(0);
@@ -412,16 +433,26 @@ impl NamespaceWatch {
     }
 
     /// The images a Deployment runs now, per container, from the cache.
-    pub fn images(&self, name: &str) -> Option<BTreeMap<String, String>> {
+    pub fn images(&self, name: &str) -> Option<Images> {
+        self.images_and_uid(name).map(|(images, _)| images)
+    }
+
+    /// The images a Deployment runs now and its uid, from the cache.
+    pub fn images_and_uid(&self, name: &str) -> Option<(Images, String)> {
         let dep = self.index().deployments.get(name).cloned()?;
-        Some(container_images(&dep))
+        Some((
+            container_images(&dep),
+            dep.metadata.uid.clone().unwrap_or_default(),
+        ))
     }
 }
 
-pub fn container_images(dep: &Deployment) -> BTreeMap<String, String> {
-    dep.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
+pub fn container_images(dep: &Deployment) -> Images {
+    template_images(dep.spec.as_ref().map(|s| &s.template))
+}
+
+fn template_images(t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> Images {
+    t.and_then(|t| t.spec.as_ref())
         .map(|s| {
             s.containers
                 .iter()
@@ -575,12 +606,18 @@ status:
         ));
     }
 
+    fn replicaset(name: &str, uid: &str, owner: &str, revision: &str, image: &str) -> ReplicaSet {
+        yaml(&format!(
+            "metadata: {{name: {name}, uid: {uid}, annotations: {{deployment.kubernetes.io/revision: '{revision}'}}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: x, uid: {owner}, controller: true}}]}}\nspec: {{selector: {{}}, template: {{spec: {{containers: [{{name: web, image: '{image}'}}]}}}}}}"
+        ))
+    }
+
     #[test]
-    fn the_new_replicaset_is_found_by_owner_and_revision() {
+    fn the_new_replicaset_is_found_by_owner_revision_and_template() {
         let dep: Deployment = yaml(DEP);
-        let old: ReplicaSet = yaml("metadata: {name: web-old, uid: rs1, annotations: {deployment.kubernetes.io/revision: '1'}, ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web, uid: d1, controller: true}]}");
-        let new: ReplicaSet = yaml("metadata: {name: web-abc, uid: rs2, annotations: {deployment.kubernetes.io/revision: '2'}, ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web, uid: d1, controller: true}]}");
-        let foreign: ReplicaSet = yaml("metadata: {name: other, uid: rs3, annotations: {deployment.kubernetes.io/revision: '2'}, ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: other, uid: d9, controller: true}]}");
+        let old = replicaset("web-old", "rs1", "d1", "1", "web:1");
+        let new = replicaset("web-abc", "rs2", "d1", "2", "web:2");
+        let foreign = replicaset("other", "rs3", "d9", "2", "web:2");
         let rss = vec![Arc::new(foreign), Arc::new(old), Arc::new(new)];
         let rs = new_replicaset(&dep, &rss).expect("found");
         assert_eq!(rs.name_any(), "web-abc");
@@ -589,5 +626,48 @@ status:
         stranger.metadata.labels = Some([("app".to_string(), "other".to_string())].into());
         let pods = vec![mine, Arc::new(stranger)];
         assert_eq!(new_pods(&dep, rs, &pods).len(), 1);
+    }
+
+    #[test]
+    fn a_rollback_is_never_judged_on_the_failed_replicaset() {
+        // Just rolled back to web:1: the Deployment's template is web:1 while its revision
+        // annotation (or a trailing ReplicaSet cache) still names the failed web:2 revision.
+        let mut dep: Deployment = yaml(DEP);
+        dep.spec.as_mut().expect("spec").template = yaml(
+            "{metadata: {labels: {app: web}}, spec: {containers: [{name: web, image: 'web:1'}]}}",
+        );
+        let failed = replicaset("web-abc", "rs2", "d1", "2", "web:2");
+        let restored = replicaset("web-old", "rs1", "d1", "1", "web:1");
+        let rss = vec![Arc::new(failed), Arc::new(restored)];
+        assert!(new_replicaset(&dep, &rss).is_none());
+        // Once the restored ReplicaSet carries the new revision, it is the one judged.
+        let restored = replicaset("web-old", "rs1", "d1", "2", "web:1");
+        let rss = vec![Arc::new(restored)];
+        assert_eq!(
+            new_replicaset(&dep, &rss).map(|r| r.name_any()).as_deref(),
+            Some("web-old")
+        );
+    }
+
+    #[test]
+    fn paused_and_empty_deployments_are_told_apart_from_healthy_ones() {
+        let mut dep: Deployment = yaml(DEP);
+        dep.spec.as_mut().expect("spec").paused = Some(true);
+        assert_eq!(
+            run(&dep, 2, &[]),
+            Health::Failed {
+                reason: "DeploymentPaused".into(),
+                message: "Deployment is paused".into()
+            }
+        );
+        let mut dep: Deployment = yaml(DEP);
+        dep.spec.as_mut().expect("spec").replicas = Some(0);
+        let st = dep.status.as_mut().expect("status");
+        st.replicas = Some(0);
+        st.updated_replicas = Some(0);
+        st.available_replicas = Some(0);
+        assert_eq!(run(&dep, 2, &[]), Health::NoReplicas);
+        // Not before the controller observed the patch.
+        assert!(matches!(run(&dep, 3, &[]), Health::Progressing(_)));
     }
 }

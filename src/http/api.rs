@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, ApiError, ErrorBody, HttpState, BODY_LIMIT};
 use crate::depfile::{self, ImageSpec, ServiceKey};
-use crate::ingest::REQUEST_HEADER;
+use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
 use crate::operator;
 use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
 
@@ -30,12 +30,12 @@ type Shared = State<Arc<HttpState>>;
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
-    pub status: String,
-    pub desired: String,
+    pub status: ServiceStatus,
+    pub desired: Images,
     /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet).
-    pub running: String,
-    pub deployed: String,
-    pub last_good: String,
+    pub running: Images,
+    pub deployed: Images,
+    pub last_good: Images,
     /// The failure reason or other message of the latest change.
     pub message: String,
     pub suspended: bool,
@@ -64,9 +64,8 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
             .into_iter()
             .find(|(ns, _)| *ns == key.namespace)
             .and_then(|(_, nw)| nw.images(&key.name))
-            .map(|i| crate::deploy::show(&i))
             .unwrap_or_default(),
-        None => String::new(),
+        None => Images::new(),
     };
     ServiceView {
         namespace: r.namespace,
@@ -101,11 +100,21 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
             "the start-up scan of the dependency directory is not done",
         ));
     }
+    let (waiting, error) = state.api_waits.now();
+    if waiting > 0 {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{waiting} deploy(s) waiting for the Kubernetes API server: {error}"),
+        ));
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.client.apiserver_version()).await {
         Ok(Ok(_)) => Ok("ok"),
         Ok(Err(e)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the Kubernetes API server is not reachable: {e}"),
+            format!(
+                "the Kubernetes API server is not reachable: {}",
+                crate::deploy::error_chain(&e)
+            ),
         )),
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -117,10 +126,19 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): Shared) -> impl IntoResponse {
-    let services = state.store.services().unwrap_or_default();
-    let text = state
-        .metrics
-        .encode(&state.queue, state.scheduler.depth(), &services);
+    let statuses: Vec<ServiceStatus> = state
+        .store
+        .services()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.status)
+        .collect();
+    let gauges = crate::metrics::QueueGauges {
+        depth: state.scheduler.depth(),
+        queued: state.queue.queued.load(Ordering::Relaxed),
+        running: state.queue.running.load(Ordering::Relaxed),
+    };
+    let text = state.metrics.encode(gauges, &statuses);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -206,29 +224,47 @@ pub struct DeployBody {
     pub image: Option<String>,
 }
 
+/// Where a deploy request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Pending,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Superseded,
+}
+
+impl From<DeployOutcome> for RequestStatus {
+    fn from(outcome: DeployOutcome) -> Self {
+        match outcome {
+            DeployOutcome::InProgress => RequestStatus::Pending,
+            DeployOutcome::Succeeded | DeployOutcome::Unchanged | DeployOutcome::Unverified => {
+                RequestStatus::Succeeded
+            }
+            DeployOutcome::RolledBack => RequestStatus::RolledBack,
+            DeployOutcome::Superseded => RequestStatus::Superseded,
+            DeployOutcome::Failed
+            | DeployOutcome::TimedOut
+            | DeployOutcome::RollbackFailed
+            | DeployOutcome::Interrupted
+            | DeployOutcome::Drift => RequestStatus::Failed,
+        }
+    }
+}
+
 /// Where a request stands.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RequestView {
     pub id: String,
     pub service: String,
     pub namespace: String,
-    /// pending, succeeded, failed, rolled_back or superseded
-    pub status: String,
+    pub status: RequestStatus,
     pub actor: String,
     pub created_at: String,
     /// The dependency file written for the request.
     pub file: String,
     pub deploy: Option<DeployRecord>,
-}
-
-fn status_of(outcome: &str) -> &'static str {
-    match outcome {
-        "in_progress" => "pending",
-        "succeeded" | "unchanged" => "succeeded",
-        "rolled_back" => "rolled_back",
-        "superseded" => "superseded",
-        _ => "failed",
-    }
 }
 
 fn dep_path(state: &HttpState, key: &ServiceKey) -> std::path::PathBuf {
@@ -250,16 +286,16 @@ fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestView, Api
     let path = dep_path(state, &key);
     let deploy = state.store.deploy_for_request(&r.id)?;
     let status = match &deploy {
-        Some(d) => status_of(&d.outcome).to_string(),
+        Some(d) => RequestStatus::from(d.outcome),
         None => {
             // Another save replaced the file before this one was deployed: superseded.
             let still_there = std::fs::read_to_string(&path)
                 .map(|t| t.contains(&r.id))
                 .unwrap_or(false);
             if still_there {
-                "pending".into()
+                RequestStatus::Pending
             } else {
-                "superseded".into()
+                RequestStatus::Superseded
             }
         }
     };
@@ -404,7 +440,11 @@ pub async fn create_deploy(
         .clone()
         .or(body.image.clone())
         .unwrap_or_default();
-    let content = format!("{REQUEST_HEADER}{id} by {actor}\n{value}\n");
+    let asker = Asker::Request {
+        id: id.clone(),
+        actor: actor.clone(),
+    };
+    let content = format!("{}{value}\n", asker.header());
     let candidate = RequestRecord {
         id: id.clone(),
         idempotency_key: idempotency_key.clone(),

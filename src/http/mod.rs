@@ -100,6 +100,8 @@ pub struct HttpState {
     pub scanned: Arc<AtomicBool>,
     pub client: kube::Client,
     pub watches: Option<Watches>,
+    /// Deploys waiting for the API server, for `/readyz`.
+    pub api_waits: Arc<crate::deploy::recorder::ApiWaits>,
     pub shutdown: CancellationToken,
     /// Serialises deploy requests so one idempotency key writes the file once.
     pub post_lock: tokio::sync::Mutex<()>,

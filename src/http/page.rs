@@ -10,6 +10,7 @@ use utoipa::IntoParams;
 
 use super::api::{view, ServiceView};
 use super::HttpState;
+use crate::domain::{ServiceStatus, Tone};
 use crate::store::DeployRecord;
 
 fn esc(s: &str) -> String {
@@ -27,14 +28,28 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// The colour class of a status.
-fn tone(status: &str) -> &'static str {
+/// The colour class of an outcome.
+fn tone_class(tone: Tone) -> &'static str {
+    match tone {
+        Tone::Good => "ok",
+        Tone::Bad => "bad",
+        Tone::Warning => "warn",
+        Tone::Busy => "busy",
+    }
+}
+
+/// The colour class of a service's status.
+fn status_class(status: ServiceStatus) -> &'static str {
     match status {
-        "succeeded" | "unchanged" => "ok",
-        "failed" | "rollback_failed" | "invalid" => "bad",
-        "rolled_back" | "timed_out" | "drifted" | "superseded" | "interrupted" | "drift" => "warn",
-        "deploying" | "in_progress" | "retry" => "busy",
-        _ => "idle",
+        ServiceStatus::Succeeded => "ok",
+        ServiceStatus::Failed | ServiceStatus::RollbackFailed | ServiceStatus::Invalid => "bad",
+        ServiceStatus::RolledBack
+        | ServiceStatus::TimedOut
+        | ServiceStatus::Drifted
+        | ServiceStatus::Unverified
+        | ServiceStatus::WaitingForApi => "warn",
+        ServiceStatus::Deploying | ServiceStatus::Retry => "busy",
+        ServiceStatus::Pending | ServiceStatus::Unmanaged => "idle",
     }
 }
 
@@ -46,7 +61,7 @@ fn duration(d: &DeployRecord) -> String {
         return "…".into();
     };
     let ms = end.as_millisecond() - start.as_millisecond();
-    format!("{:.1}s", ms as f64 / 1000.0)
+    crate::domain::human_duration(std::time::Duration::from_millis(ms.max(0) as u64))
 }
 
 fn short_time(t: &str) -> String {
@@ -61,7 +76,7 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
             format!(
                 "{} UTC<br><small>{} · {}</small>",
                 esc(&short_time(&d.started_at)),
-                esc(&d.outcome),
+                esc(d.outcome.label()),
                 duration(d)
             )
         })
@@ -71,28 +86,34 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
         .map(|d| {
             format!(
                 "<span class=\"dot {}\" title=\"{} {} → {}\"></span>",
-                tone(&d.outcome),
-                esc(&d.outcome),
+                tone_class(d.outcome.tone()),
+                esc(d.outcome.label()),
                 esc(&short_time(&d.started_at)),
                 esc(&d.to_image)
             )
         })
         .collect();
     let status = if s.suspended {
-        format!("{} (suspended)", s.status)
+        format!("{} (suspended)", s.status.label())
     } else {
-        s.status.clone()
+        s.status.label().to_string()
+    };
+    let running = if s.running.is_empty() {
+        &s.deployed
+    } else {
+        &s.running
     };
     format!(
-        "<tr data-service=\"{ns}/{name}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
+        "<tr data-service=\"{ns}/{name}\" data-status=\"{code}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
          <td><span class=\"badge {tone}\">{status}</span></td><td class=\"img\">{desired}</td>\
          <td class=\"img\">{running}</td><td>{last}</td><td class=\"msg\">{message}</td><td>{dots}</td></tr>",
         ns = esc(&s.namespace),
         name = esc(&s.name),
-        tone = tone(&s.status),
+        code = s.status,
+        tone = status_class(s.status),
         status = esc(&status),
-        desired = esc(&s.desired),
-        running = esc(if s.running.is_empty() { &s.deployed } else { &s.running }),
+        desired = esc(&s.desired.to_string()),
+        running = esc(&running.to_string()),
         message = esc(&s.message),
     )
 }

@@ -37,6 +37,10 @@ pub struct Controller {
     last_progress: HashMap<String, Instant>,
     /// Deployments (by UID) whose new ReplicaSet was created in this tick.
     created: HashSet<String>,
+    /// The generation of each Deployment (by UID) the sync phase last acted on: status reports
+    /// it as observedGeneration, never a generation written after the sync read the object
+    /// (as the real controller reports the generation of the object it synced).
+    synced: HashMap<String, Value>,
     /// Per-phase index of objects by controlling owner: resource → owner UID → objects.
     owned_index: std::cell::RefCell<HashMap<String, HashMap<String, Vec<Value>>>>,
 }
@@ -110,6 +114,7 @@ impl Controller {
             last_progress: HashMap::new(),
             owned_index: Default::default(),
             created: HashSet::new(),
+            synced: HashMap::new(),
         }
     }
 
@@ -214,6 +219,7 @@ impl Controller {
             }
         }
         self.pod_born.retain(|uid, _| uids.contains(uid));
+        self.synced.retain(|uid, _| uids.contains(uid));
         self.last_progress.retain(|uid, _| uids.contains(uid));
     }
 
@@ -359,6 +365,8 @@ impl Controller {
                 }
             });
         }
+        self.synced
+            .insert(uid.clone(), dep["metadata"]["generation"].clone());
         // The Deployment carries its newest revision.
         if dep["metadata"]["annotations"][REVISION].as_str() != Some(&new_rev.to_string()) {
             let r = new_rev.to_string();
@@ -679,6 +687,11 @@ impl Controller {
         let uid = meta::uid_of(dep).to_string();
         let desired = dep["spec"]["replicas"].as_i64().unwrap_or(1);
         let template = &dep["spec"]["template"];
+        let observed = self
+            .synced
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| dep["status"]["observedGeneration"].clone());
         let rss = self.owned(resources::replicasets(), ns, &uid);
         let new_rs = rss
             .iter()
@@ -707,7 +720,7 @@ impl Controller {
             || int(&old["readyReplicas"]) < ready
             || int(&old["availableReplicas"]) < available
             || int(&old["replicas"]) > replicas
-            || old["observedGeneration"] != dep["metadata"]["generation"];
+            || old["observedGeneration"] != observed;
         if progressed {
             self.last_progress.insert(uid.clone(), Instant::now());
         }
@@ -798,7 +811,7 @@ impl Controller {
                         "message": a_message, "lastUpdateTime": now, "lastTransitionTime": now}),
         };
         let mut status = json!({
-            "observedGeneration": dep["metadata"]["generation"].clone(),
+            "observedGeneration": observed,
             "replicas": replicas,
             "updatedReplicas": updated,
             "readyReplicas": ready,

@@ -1,0 +1,128 @@
+//! Stage 5, doing: carries out one deploy. Each [`Action`] the lifecycle asks for becomes one
+//! call to the cluster (API writes hold a worker permit), its result goes back as an
+//! [`Input`], and each [`Event`](super::lifecycle::Event) goes to the recorder.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings};
+use super::recorder::Recorder;
+use super::{DeployError, Deployer};
+use crate::depfile::ServiceKey;
+use crate::domain::{DeployOutcome, Desired};
+
+/// Bounds how many deploys talk to the API server at once. Waiting for a rollout holds no
+/// permit, so slow rollouts never stall other services.
+#[derive(Clone)]
+pub struct Permits(Arc<Semaphore>);
+
+impl Permits {
+    pub fn new(n: usize) -> Self {
+        Permits(Arc::new(Semaphore::new(n.max(1))))
+    }
+
+    /// Run `work` holding one permit; the permit is released when `work` ends.
+    pub async fn hold<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let _permit = self.0.acquire().await.ok()?;
+        Some(work.await)
+    }
+}
+
+/// Everything a deploy needs. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub deployer: Deployer,
+    pub recorder: Recorder,
+    pub permits: Permits,
+    /// Roll back automatically when a rollout fails or times out (a file may override it).
+    pub rollback: bool,
+}
+
+fn failure(e: DeployError) -> Failure {
+    Failure {
+        transient: e.is_transient(),
+        message: e.to_string(),
+    }
+}
+
+impl Engine {
+    /// What the record knows of the service as a deploy begins.
+    fn known(&self, key: &ServiceKey, desired: &Desired) -> Known {
+        let store = &self.recorder.store;
+        let record = store.service(key).ok().flatten().unwrap_or_default();
+        Known {
+            pinned: !record.failed_hash.is_empty() && record.failed_hash == desired.hash,
+            last_good: record.last_good,
+            suspended: record.suspended,
+            interrupted: store
+                .in_progress(key)
+                .ok()
+                .flatten()
+                .filter(|d| d.outcome == DeployOutcome::InProgress)
+                .map(|d| d.id),
+        }
+    }
+
+    /// Deploy `desired` to the service, from plan to verdict. `superseded` moves when a newer
+    /// version arrives.
+    pub async fn deploy(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        mut superseded: watch::Receiver<u64>,
+    ) {
+        let settings = Settings {
+            rollout_timeout: desired
+                .spec
+                .rollout_timeout
+                .unwrap_or(self.deployer.config().rollout_timeout),
+            rollback: self.rollback,
+        };
+        let known = self.known(key, desired);
+        let mut machine = Lifecycle::new(desired.clone(), known, settings, Instant::now());
+        let mut attempt = self.recorder.begin(key, desired);
+        let (mut events, mut action) = machine.start();
+        loop {
+            for e in &events {
+                attempt.apply(e);
+            }
+            let input = match action {
+                Action::Done => return,
+                Action::Plan => {
+                    let plan = self.permits.hold(self.deployer.plan(key, &desired.spec));
+                    let Some(result) = plan.await else { return };
+                    if let Ok(p) = &result {
+                        attempt.set_uid(&p.uid);
+                    }
+                    Input::Planned(result.map_err(failure))
+                }
+                Action::CheckHealth { generation } => {
+                    Input::Health(self.deployer.health_now(key, generation).await)
+                }
+                Action::Patch { images, cause } => {
+                    let patch = self.permits.hold(self.deployer.patch(key, &images, &cause));
+                    let Some(result) = patch.await else { return };
+                    Input::Patched(result.map_err(failure))
+                }
+                Action::Wait {
+                    generation,
+                    deadline,
+                    supersedable,
+                } => {
+                    let rx = supersedable.then(|| superseded.clone());
+                    Input::Waited(self.deployer.wait(key, generation, deadline, rx).await)
+                }
+                Action::Sleep(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => Input::Slept,
+                        Ok(()) = superseded.changed() => Input::Superseded,
+                    }
+                }
+            };
+            (events, action) = machine.step(input, Instant::now());
+        }
+    }
+}

@@ -1,0 +1,1259 @@
+//! Stage 5, deciding: one deploy's lifecycle as a state machine with no I/O.
+//!
+//! ```text
+//! start ─▶ plan ─┬─ nothing to change ─▶ check health ─┬─ healthy ─▶ AlreadyRunning
+//!                │                                     └─ not yet ─▶ wait ─┐
+//!                ├─ changes ─▶ patch ─▶ wait ─┬─ healthy / 0 replicas ─▶ Finished
+//!                │                            ├─ superseded ─▶ Finished
+//!                │                            └─ failed / timed out ─▶ RolloutFailed (pin)
+//!                │                                   └─▶ roll back: patch ─▶ wait ─▶ Finished
+//!                └─ paused / missing / invalid ─▶ NotStarted
+//! transient API errors at plan or patch ─▶ ApiUnreachable, retry with backoff until the deadline
+//! ```
+//!
+//! The driver ([`super::attempt`]) carries out each [`Action`] and feeds the result back as an
+//! [`Input`]; every [`Event`] goes to the recorder, which is the only place that writes the
+//! record, metrics, notifications and Kubernetes Events. Each deploy that does anything emits
+//! exactly one of `NotStarted`, `AlreadyRunning` or `Started … Finished`: one history row.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::time::Instant;
+
+use super::{Plan, WaitOutcome};
+use crate::domain::{human_duration, DeployOutcome, Desired, Images, Trigger};
+
+/// What the record knows of the service as the deploy begins.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The images of the last healthy rollout.
+    pub last_good: Images,
+    pub suspended: bool,
+    /// The desired content is a version whose rollout failed.
+    pub pinned: bool,
+    /// The record's unfinished deploy, if a stop interrupted one.
+    pub interrupted: Option<i64>,
+}
+
+/// The service's settings for this deploy.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub rollout_timeout: Duration,
+    pub rollback: bool,
+}
+
+/// A failed API call, classified by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Connection, timeout, 5xx, 429 or 409: worth retrying.
+    pub transient: bool,
+    pub message: String,
+}
+
+/// The health of a rollout right now, without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthNow {
+    Healthy,
+    /// Complete, but with 0 desired replicas: nothing was verified.
+    NoReplicas,
+    NotHealthy,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read the Deployment and work out the images (answer: [`Input::Planned`]).
+    Plan,
+    /// Judge the rollout at `generation` once (answer: [`Input::Health`]).
+    CheckHealth {
+        generation: i64,
+    },
+    /// Write these images (answer: [`Input::Patched`]).
+    Patch {
+        images: Images,
+        cause: String,
+    },
+    /// Wait for the rollout reaching `generation` (answer: [`Input::Waited`]). Only a forward
+    /// rollout can be superseded by a newer version; a rollback is always seen through.
+    Wait {
+        generation: i64,
+        deadline: Instant,
+        supersedable: bool,
+    },
+    /// Sleep before trying the API server again (answer: [`Input::Slept`], or
+    /// [`Input::Superseded`] if a newer version arrives meanwhile).
+    Sleep(Duration),
+    Done,
+}
+
+/// The result of the last action.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Planned(Result<Plan, Failure>),
+    Health(HealthNow),
+    Patched(Result<i64, Failure>),
+    Waited(WaitOutcome),
+    Slept,
+    Superseded,
+}
+
+/// What happened, for the recorder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Nothing is done, and why.
+    Skipped(&'static str),
+    /// A deploy a stop interrupted is closed: the file changed since.
+    CloseInterrupted { id: i64 },
+    /// The API server did not answer; the call is tried again.
+    ApiUnreachable { error: String, retry_in: Duration },
+    /// The API server answers again.
+    ApiBack,
+    /// Nothing was changed in the cluster: one history row, failed.
+    NotStarted {
+        from: Images,
+        requested: String,
+        message: String,
+        /// The content counts as acted on (a resync does not try it again).
+        settled: bool,
+    },
+    /// The cluster already runs the desired images.
+    AlreadyRunning {
+        images: Images,
+        /// With 0 replicas nothing proves them healthy: they do not become last good.
+        verified: bool,
+        /// Worth a history row (not for start-up and resync checks).
+        record: bool,
+    },
+    /// A deploy begins: its history row opens (or, when resumed, is taken over).
+    Started {
+        from: Images,
+        to: Images,
+        resumed: Option<i64>,
+        /// The images before depwatch's first deploy of the service count as last good.
+        baseline: Option<Images>,
+    },
+    /// Images written; `rollback` tells the rollback's patch from the deploy's.
+    Patched { generation: i64, rollback: bool },
+    /// The rollout's verdict is failure: the version is pinned and people are told at once.
+    RolloutFailed {
+        outcome: DeployOutcome,
+        reason: String,
+    },
+    /// The deploy is over.
+    Finished(Finish),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub outcome: DeployOutcome,
+    pub message: String,
+    /// What runs now, when known.
+    pub running: Option<Images>,
+    /// `running` becomes the last good images.
+    pub good: bool,
+    /// The content counts as acted on.
+    pub settled: bool,
+    /// Tell people (a failure already announced by `RolloutFailed` is not told twice).
+    pub announce: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Planning,
+    Checking(Plan),
+    Patching(Plan),
+    Rolling(Plan),
+    Reverting {
+        plan: Plan,
+        restore: Images,
+        why: String,
+    },
+    RevertWait {
+        plan: Plan,
+        restore: Images,
+        why: String,
+    },
+    Done,
+}
+
+/// The lifecycle of one deploy.
+pub struct Lifecycle {
+    desired: Desired,
+    known: Known,
+    settings: Settings,
+    phase: Phase,
+    /// Transient errors are retried until then.
+    deadline: Instant,
+    backoff: backon::ExponentialBackoff,
+    /// A history row is open.
+    started: bool,
+    unreachable: bool,
+}
+
+/// The images a rollback restores: every container this deploy changed, and every container
+/// not running its last good image, back to the last good image (or, where none is known,
+/// the image before this deploy). Empty when nothing is known to restore.
+pub fn rollback_images(before: &Images, after: &Images, last_good: &Images) -> Images {
+    after
+        .iter()
+        .filter(|(c, img)| {
+            before.get(*c) != Some(*img) || last_good.get(*c).is_some_and(|g| g != *img)
+        })
+        .filter_map(|(c, img)| {
+            let to = last_good.get(c).or_else(|| before.get(c))?;
+            (to != img).then(|| (c.clone(), to.clone()))
+        })
+        .collect()
+}
+
+fn backoff() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Lifecycle {
+    pub fn new(desired: Desired, known: Known, settings: Settings, now: Instant) -> Self {
+        Lifecycle {
+            deadline: now + settings.rollout_timeout,
+            desired,
+            known,
+            settings,
+            phase: Phase::Planning,
+            backoff: backoff(),
+            started: false,
+            unreachable: false,
+        }
+    }
+
+    /// The first step.
+    pub fn start(&mut self) -> (Vec<Event>, Action) {
+        if self.known.suspended {
+            return self.done(vec![Event::Skipped(
+                "the service is suspended; the change is recorded, not deployed",
+            )]);
+        }
+        if self.known.pinned && self.desired.trigger != Trigger::Operator {
+            return self.done(vec![Event::Skipped(
+                "this version failed before; it is not retried until the file changes",
+            )]);
+        }
+        (Vec::new(), Action::Plan)
+    }
+
+    /// The next step, given the result of the last action at `now`.
+    pub fn step(&mut self, input: Input, now: Instant) -> (Vec<Event>, Action) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, input) {
+            (Phase::Planning, Input::Planned(Ok(plan))) => self.planned(plan, now),
+            (Phase::Planning, Input::Planned(Err(f))) => self.plan_failed(f, now),
+            (Phase::Planning, Input::Slept) => {
+                self.phase = Phase::Planning;
+                (Vec::new(), Action::Plan)
+            }
+            (Phase::Checking(plan), Input::Health(h)) => self.checked(plan, h, now),
+            (Phase::Patching(plan), Input::Patched(Ok(generation))) => {
+                self.patched(plan, generation, now)
+            }
+            (Phase::Patching(plan), Input::Patched(Err(f))) => self.patch_failed(plan, f, now),
+            (Phase::Patching(plan), Input::Slept) => self.patch(plan),
+            (Phase::Rolling(plan), Input::Waited(w)) => self.judged(plan, w, now),
+            (Phase::Reverting { plan, restore, why }, input) => {
+                self.reverting(plan, restore, why, input, now)
+            }
+            (Phase::RevertWait { plan, restore, why }, Input::Waited(w)) => {
+                self.reverted(plan, restore, why, w)
+            }
+            (_, Input::Superseded) => self.superseded(),
+            (phase, input) => {
+                // A driver bug, not a cluster state: end the deploy visibly.
+                self.finish(
+                    Vec::new(),
+                    DeployOutcome::Failed,
+                    format!("internal error: unexpected {input:?} while {phase:?}"),
+                    None,
+                )
+            }
+        }
+    }
+
+    fn done(&mut self, events: Vec<Event>) -> (Vec<Event>, Action) {
+        self.phase = Phase::Done;
+        (events, Action::Done)
+    }
+
+    fn back(&mut self, events: &mut Vec<Event>) {
+        if std::mem::take(&mut self.unreachable) {
+            events.push(Event::ApiBack);
+        }
+    }
+
+    fn finish(
+        &mut self,
+        mut events: Vec<Event>,
+        outcome: DeployOutcome,
+        message: String,
+        running: Option<Images>,
+    ) -> (Vec<Event>, Action) {
+        let good = matches!(outcome, DeployOutcome::Succeeded);
+        let announce = !matches!(
+            outcome,
+            DeployOutcome::Superseded | DeployOutcome::InProgress
+        );
+        events.push(Event::Finished(Finish {
+            outcome,
+            message,
+            running,
+            good,
+            settled: outcome != DeployOutcome::Superseded,
+            announce,
+        }));
+        self.done(events)
+    }
+
+    /// Retry a transient failure after a backoff, unless the deadline has passed.
+    fn retry(&mut self, f: &Failure, next: Phase, now: Instant) -> Option<(Vec<Event>, Action)> {
+        if !f.transient || now >= self.deadline {
+            return None;
+        }
+        let delay = self
+            .backoff
+            .next()
+            .unwrap_or(Duration::from_secs(5))
+            .min(self.deadline - now);
+        self.unreachable = true;
+        self.phase = next;
+        Some((
+            vec![Event::ApiUnreachable {
+                error: f.message.clone(),
+                retry_in: delay,
+            }],
+            Action::Sleep(delay),
+        ))
+    }
+
+    fn give_up_message(&self, f: &Failure) -> String {
+        if f.transient {
+            format!(
+                "{} (retried for {}; tried again at the next resync, or re-save the file)",
+                f.message,
+                human_duration(self.settings.rollout_timeout)
+            )
+        } else {
+            format!(
+                "{} (fix it, then re-save the file or run `depwatch retry`)",
+                f.message
+            )
+        }
+    }
+
+    fn close_interrupted(&mut self, events: &mut Vec<Event>) {
+        if let Some(id) = self.known.interrupted.take() {
+            events.push(Event::CloseInterrupted { id });
+        }
+    }
+
+    fn plan_failed(&mut self, f: Failure, now: Instant) -> (Vec<Event>, Action) {
+        if let Some(next) = self.retry(&f, Phase::Planning, now) {
+            return next;
+        }
+        let mut events = Vec::new();
+        self.back(&mut events);
+        self.close_interrupted(&mut events);
+        events.push(Event::NotStarted {
+            from: Images::new(),
+            requested: self.desired.requested(),
+            message: self.give_up_message(&f),
+            settled: !f.transient,
+        });
+        self.done(events)
+    }
+
+    fn planned(&mut self, plan: Plan, now: Instant) -> (Vec<Event>, Action) {
+        let mut events = Vec::new();
+        self.back(&mut events);
+        if plan.paused {
+            self.close_interrupted(&mut events);
+            events.push(Event::NotStarted {
+                from: plan.before.clone(),
+                requested: plan.after.to_string(),
+                message: format!(
+                    "Deployment is paused: nothing was changed (run `kubectl rollout resume deployment/{} -n {}`, then `depwatch retry`)",
+                    plan.key.name, plan.key.namespace
+                ),
+                settled: true,
+            });
+            return self.done(events);
+        }
+        if !plan.is_noop() {
+            self.close_interrupted(&mut events);
+            events.push(self.started(&plan, plan.before.clone(), None));
+            let (more, action) = self.patch(plan);
+            events.extend(more);
+            return (events, action);
+        }
+        if let Some(id) = self.known.interrupted.take() {
+            // A stop interrupted this very deploy after its patch: judge it now, never patch
+            // it again, and finish the same record.
+            let plan = self.judged_from_last_good(plan);
+            events.push(self.started(&plan, plan.before.clone(), Some(id)));
+            return (events, self.wait(plan, now, true));
+        }
+        let generation = plan.generation;
+        self.phase = Phase::Checking(plan);
+        (events, Action::CheckHealth { generation })
+    }
+
+    /// A plan with nothing to change is judged against the last good images: those are what
+    /// a failure restores.
+    fn judged_from_last_good(&self, plan: Plan) -> Plan {
+        if self.known.last_good.is_empty() {
+            return plan;
+        }
+        Plan {
+            before: self.known.last_good.clone(),
+            ..plan
+        }
+    }
+
+    fn started(&mut self, plan: &Plan, from: Images, resumed: Option<i64>) -> Event {
+        self.started = true;
+        Event::Started {
+            from,
+            to: plan.after.clone(),
+            resumed,
+            baseline: self.known.last_good.is_empty().then(|| plan.before.clone()),
+        }
+    }
+
+    fn checked(&mut self, plan: Plan, health: HealthNow, now: Instant) -> (Vec<Event>, Action) {
+        let record = !matches!(
+            self.desired.trigger,
+            Trigger::Startup | Trigger::Resync | Trigger::Rescan
+        );
+        match health {
+            HealthNow::Healthy | HealthNow::NoReplicas => self.done(vec![Event::AlreadyRunning {
+                images: plan.after,
+                verified: health == HealthNow::Healthy,
+                record,
+            }]),
+            HealthNow::NotHealthy => {
+                // The desired images are there but their rollout is not healthy (yet): judge
+                // it like a deploy in flight, and roll back if it fails.
+                let plan = self.judged_from_last_good(plan);
+                let event = self.started(&plan, plan.before.clone(), None);
+                (vec![event], self.wait(plan, now, true))
+            }
+        }
+    }
+
+    fn patch(&mut self, plan: Plan) -> (Vec<Event>, Action) {
+        let cause = format!(
+            "depwatch: {} ({}) set {}",
+            self.desired.file_name(),
+            self.desired.trigger,
+            plan.changes
+        );
+        let images = plan.changes.clone();
+        self.phase = Phase::Patching(plan);
+        (Vec::new(), Action::Patch { images, cause })
+    }
+
+    fn patch_failed(&mut self, plan: Plan, f: Failure, now: Instant) -> (Vec<Event>, Action) {
+        if let Some(next) = self.retry(&f, Phase::Patching(plan), now) {
+            return next;
+        }
+        let mut events = Vec::new();
+        self.back(&mut events);
+        let message = self.give_up_message(&f);
+        let (mut events, action) = self.finish(events, DeployOutcome::Failed, message, None);
+        if let Some(Event::Finished(finish)) = events.last_mut() {
+            finish.settled = !f.transient;
+        }
+        (events, action)
+    }
+
+    fn patched(&mut self, plan: Plan, generation: i64, now: Instant) -> (Vec<Event>, Action) {
+        let mut events = Vec::new();
+        self.back(&mut events);
+        events.push(Event::Patched {
+            generation,
+            rollback: false,
+        });
+        let plan = Plan { generation, ..plan };
+        (events, self.wait(plan, now, true))
+    }
+
+    /// Wait for `plan.generation`; the deadline measures the rollout from now.
+    fn wait(&mut self, plan: Plan, now: Instant, forward: bool) -> Action {
+        let action = Action::Wait {
+            generation: plan.generation,
+            deadline: now + self.settings.rollout_timeout,
+            supersedable: forward,
+        };
+        self.phase = Phase::Rolling(plan);
+        action
+    }
+
+    fn superseded(&mut self) -> (Vec<Event>, Action) {
+        let mut events = Vec::new();
+        self.back(&mut events);
+        if !self.started {
+            return self.done(events);
+        }
+        self.finish(
+            events,
+            DeployOutcome::Superseded,
+            "a newer version arrived during the rollout".into(),
+            None,
+        )
+    }
+
+    fn judged(&mut self, plan: Plan, waited: WaitOutcome, now: Instant) -> (Vec<Event>, Action) {
+        let (outcome, why) = match waited {
+            WaitOutcome::Healthy => {
+                let running = Some(plan.after);
+                return self.finish(
+                    Vec::new(),
+                    DeployOutcome::Succeeded,
+                    "rollout healthy".into(),
+                    running,
+                );
+            }
+            WaitOutcome::NoReplicas => {
+                let running = Some(plan.after);
+                return self.finish(
+                    Vec::new(),
+                    DeployOutcome::Unverified,
+                    "deployed, unverified: the Deployment has 0 replicas, so nothing proved these images healthy".into(),
+                    running,
+                );
+            }
+            WaitOutcome::Superseded => return self.superseded(),
+            WaitOutcome::Failed { reason, message } => {
+                (DeployOutcome::Failed, format!("{reason}: {message}"))
+            }
+            WaitOutcome::TimedOut { last } => (
+                DeployOutcome::TimedOut,
+                format!(
+                    "rollout not healthy after {}: {last}",
+                    human_duration(self.settings.rollout_timeout)
+                ),
+            ),
+        };
+        let mut events = vec![Event::RolloutFailed {
+            outcome,
+            reason: why.clone(),
+        }];
+        let (more, action) = self.after_failure(plan, outcome, why, now);
+        events.extend(more);
+        (events, action)
+    }
+
+    fn after_failure(
+        &mut self,
+        plan: Plan,
+        outcome: DeployOutcome,
+        why: String,
+        now: Instant,
+    ) -> (Vec<Event>, Action) {
+        let running = Some(plan.after.clone());
+        if !self.desired.spec.rollback.unwrap_or(self.settings.rollback) {
+            let (events, action) = self.finish(Vec::new(), outcome, why, running);
+            return (Self::quiet(events), action);
+        }
+        let restore = rollback_images(&plan.before, &plan.after, &self.known.last_good);
+        if restore.is_empty() {
+            let message = format!("{why}; no earlier images are known to restore");
+            let (events, action) =
+                self.finish(Vec::new(), DeployOutcome::RollbackFailed, message, running);
+            return (events, action);
+        }
+        // The rollback's own API errors are retried for as long as a rollout may take.
+        self.deadline = now + self.settings.rollout_timeout;
+        self.backoff = backoff();
+        self.revert_patch(plan, restore, why, outcome)
+    }
+
+    /// The failure was announced by `RolloutFailed`.
+    fn quiet(mut events: Vec<Event>) -> Vec<Event> {
+        if let Some(Event::Finished(f)) = events.last_mut() {
+            f.announce = false;
+        }
+        events
+    }
+
+    fn revert_patch(
+        &mut self,
+        plan: Plan,
+        restore: Images,
+        why: String,
+        outcome: DeployOutcome,
+    ) -> (Vec<Event>, Action) {
+        let cause = format!("depwatch: rollback after {outcome} ({why})");
+        let images = restore.clone();
+        self.phase = Phase::Reverting { plan, restore, why };
+        (Vec::new(), Action::Patch { images, cause })
+    }
+
+    fn reverting(
+        &mut self,
+        plan: Plan,
+        restore: Images,
+        why: String,
+        input: Input,
+        now: Instant,
+    ) -> (Vec<Event>, Action) {
+        match input {
+            Input::Patched(Ok(generation)) => {
+                let mut events = Vec::new();
+                self.back(&mut events);
+                events.push(Event::Patched {
+                    generation,
+                    rollback: true,
+                });
+                let action = Action::Wait {
+                    generation,
+                    deadline: now + self.settings.rollout_timeout,
+                    supersedable: false,
+                };
+                self.phase = Phase::RevertWait { plan, restore, why };
+                (events, action)
+            }
+            Input::Patched(Err(f)) => {
+                let next = Phase::Reverting {
+                    plan: plan.clone(),
+                    restore: restore.clone(),
+                    why: why.clone(),
+                };
+                if let Some(retry) = self.retry(&f, next, now) {
+                    return retry;
+                }
+                let mut events = Vec::new();
+                self.back(&mut events);
+                let message = format!("{why}; the rollback patch failed: {}", f.message);
+                let running = Some(plan.after);
+                self.finish(events, DeployOutcome::RollbackFailed, message, running)
+            }
+            Input::Slept => {
+                let cause = format!("depwatch: rollback ({why})");
+                let images = restore.clone();
+                self.phase = Phase::Reverting { plan, restore, why };
+                (Vec::new(), Action::Patch { images, cause })
+            }
+            other => self.step_unexpected(other),
+        }
+    }
+
+    fn step_unexpected(&mut self, input: Input) -> (Vec<Event>, Action) {
+        self.finish(
+            Vec::new(),
+            DeployOutcome::RollbackFailed,
+            format!("internal error: unexpected {input:?} during a rollback"),
+            None,
+        )
+    }
+
+    fn reverted(
+        &mut self,
+        plan: Plan,
+        restore: Images,
+        why: String,
+        waited: WaitOutcome,
+    ) -> (Vec<Event>, Action) {
+        let running = plan.after.with(&restore);
+        let (outcome, message) = match waited {
+            WaitOutcome::Healthy => (
+                DeployOutcome::RolledBack,
+                format!("rolled back to {running}: {why}"),
+            ),
+            WaitOutcome::NoReplicas => (
+                DeployOutcome::RolledBack,
+                format!("rolled back to {running} (0 replicas: unverified): {why}"),
+            ),
+            other => (
+                DeployOutcome::RollbackFailed,
+                format!("{why}; the rollback did not become healthy: {other}"),
+            ),
+        };
+        self.finish(Vec::new(), outcome, message, Some(running))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::depfile::{self, ServiceKey};
+
+    fn images(s: &str) -> Images {
+        Images::parse(s)
+    }
+
+    #[test]
+    fn rollback_images_restore_what_changed_to_the_last_good() {
+        // (before, after, last good) → restored
+        let table = [
+            // The usual case: the deploy changed web; last good is what ran before.
+            ("web=w:1", "web=w:2", "web=w:1", "web=w:1"),
+            // First deploy ever: nothing recorded as good; the image before is restored.
+            ("web=w:1", "web=w:2", "", "web=w:1"),
+            // The image before was an unfinished (superseded) rollout: last good wins.
+            ("web=w:1.5", "web=w:2", "web=w:1", "web=w:1"),
+            // A sidecar the deploy did not touch stays, unless it is not its last good.
+            (
+                "web=w:1, side=s:1",
+                "web=w:2, side=s:1",
+                "web=w:1, side=s:1",
+                "web=w:1",
+            ),
+            (
+                "web=w:1, side=s:9",
+                "web=w:2, side=s:9",
+                "web=w:1, side=s:1",
+                "side=s:1, web=w:1",
+            ),
+            // Nothing changed and nothing better known: nothing to restore.
+            ("web=w:2", "web=w:2", "", ""),
+            ("web=w:2", "web=w:2", "web=w:2", ""),
+            // A judged no-op (already patched) restores the last good.
+            ("web=w:1", "web=w:2", "web=w:1", "web=w:1"),
+            // A container new in this deploy, with no earlier image, cannot be restored.
+            ("web=w:1", "web=w:2, new=n:1", "web=w:1", "web=w:1"),
+        ];
+        for (before, after, good, want) in table {
+            assert_eq!(
+                rollback_images(&images(before), &images(after), &images(good)),
+                images(want),
+                "before {before:?}, after {after:?}, last good {good:?}"
+            );
+        }
+    }
+
+    fn desired(trigger: Trigger) -> Desired {
+        Desired {
+            spec: depfile::parse("web_prod.dep", b"2.0\n").expect("parses"),
+            hash: "h2".into(),
+            path: "/deps/web_prod.dep".into(),
+            trigger,
+            actor: "file".into(),
+            request_id: String::new(),
+            seen_at: Instant::now(),
+        }
+    }
+
+    fn plan(before: &str, after: &str) -> Plan {
+        let before = images(before);
+        let after = images(after);
+        Plan {
+            key: ServiceKey::new("web", "prod").expect("key"),
+            changes: before.changed_in(&after),
+            before,
+            after,
+            generation: 4,
+            uid: "u1".into(),
+            paused: false,
+        }
+    }
+
+    const SETTINGS: Settings = Settings {
+        rollout_timeout: Duration::from_secs(60),
+        rollback: true,
+    };
+
+    /// Run the machine against scripted answers; returns every event and the actions taken.
+    fn run(desired: Desired, known: Known, answers: Vec<Input>) -> (Vec<Event>, Vec<Action>) {
+        let t0 = Instant::now();
+        let mut m = Lifecycle::new(desired, known, SETTINGS, t0);
+        let (mut events, mut action) = m.start();
+        let mut actions = vec![action.clone()];
+        let mut answers = answers.into_iter();
+        let mut now = t0;
+        while action != Action::Done {
+            if let Action::Sleep(d) = action {
+                now += d;
+            }
+            let input = answers
+                .next()
+                .unwrap_or_else(|| panic!("no answer for {action:?}; events {events:?}"));
+            let (more, next) = m.step(input, now);
+            events.extend(more);
+            action = next;
+            actions.push(action.clone());
+        }
+        assert!(answers.next().is_none(), "unused answers");
+        (events, actions)
+    }
+
+    fn finish(events: &[Event]) -> &Finish {
+        let finishes: Vec<&Finish> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Finished(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finishes.len(), 1, "exactly one Finished: {events:?}");
+        finishes[0]
+    }
+
+    /// Every run writes at most one history row.
+    fn rows(events: &[Event]) -> usize {
+        events
+            .iter()
+            .filter(|e| {
+                matches!(e, Event::Started { .. } | Event::NotStarted { .. })
+                    || matches!(e, Event::AlreadyRunning { record: true, .. })
+            })
+            .count()
+    }
+
+    fn failed(transient: bool) -> Failure {
+        Failure {
+            transient,
+            message: "boom".into(),
+        }
+    }
+
+    #[test]
+    fn a_healthy_deploy_patches_waits_and_becomes_last_good() {
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(matches!(&actions[1], Action::Patch { images: i, .. } if *i == images("web=w:2")));
+        assert!(matches!(
+            actions[2],
+            Action::Wait {
+                generation: 5,
+                supersedable: true,
+                ..
+            }
+        ));
+        assert!(
+            matches!(&events[0], Event::Started { baseline: Some(b), .. } if *b == images("web=w:1"))
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Succeeded);
+        assert!(f.good && f.settled && f.announce);
+        assert_eq!(f.running, Some(images("web=w:2")));
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn a_failed_rollout_pins_rolls_back_and_judges_the_rollback() {
+        let known = Known {
+            last_good: images("web=w:1"),
+            ..Known::default()
+        };
+        let (events, actions) = run(
+            desired(Trigger::File),
+            known,
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "ImagePullBackOff".into(),
+                    message: "pod web-1: back-off".into(),
+                }),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(matches!(&actions[3], Action::Patch { images: i, .. } if *i == images("web=w:1")));
+        assert!(matches!(
+            actions[4],
+            Action::Wait {
+                generation: 6,
+                supersedable: false,
+                ..
+            }
+        ));
+        assert!(events.iter().any(|e| matches!(e, Event::RolloutFailed { outcome: DeployOutcome::Failed, reason } if reason.starts_with("ImagePullBackOff: pod web-1"))));
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RolledBack);
+        assert_eq!(f.running, Some(images("web=w:1")));
+        assert!(
+            !f.good,
+            "a rollback restores the last good; it makes nothing new good"
+        );
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn a_rollback_that_fails_says_why_in_words() {
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::TimedOut {
+                    last: "0 of 2 updated replicas available".into(),
+                }),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "CrashLoopBackOff".into(),
+                    message: "pod web-2 container web: back-off".into(),
+                }),
+            ],
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RollbackFailed);
+        assert_eq!(
+            f.message,
+            "rollout not healthy after 1m: 0 of 2 updated replicas available; the rollback did not become healthy: CrashLoopBackOff: pod web-2 container web: back-off"
+        );
+        assert!(!f.message.contains('{'), "no debug text");
+    }
+
+    #[test]
+    fn without_rollback_the_failure_is_final_and_announced_once() {
+        let mut d = desired(Trigger::File);
+        d.spec.rollback = Some(false);
+        let (events, actions) = run(
+            d,
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "ImagePullBackOff".into(),
+                    message: "m".into(),
+                }),
+            ],
+        );
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Patch { .. }))
+                .count(),
+            1
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Failed);
+        assert!(!f.announce, "RolloutFailed announced it");
+        assert_eq!(f.running, Some(images("web=w:2")));
+    }
+
+    #[test]
+    fn zero_replicas_is_deployed_but_unverified_and_never_last_good() {
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::NoReplicas),
+            ],
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Unverified);
+        assert!(!f.good);
+        assert!(f.message.contains("0 replicas"), "{}", f.message);
+        // Already running at 0 replicas: no row at start-up, and not verified.
+        let (events, _) = run(
+            desired(Trigger::Startup),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Health(HealthNow::NoReplicas),
+            ],
+        );
+        assert_eq!(
+            events,
+            vec![Event::AlreadyRunning {
+                images: images("web=w:2"),
+                verified: false,
+                record: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_paused_deployment_fails_at_once_without_a_patch_or_a_pin() {
+        let mut p = plan("web=w:1", "web=w:2");
+        p.paused = true;
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![Input::Planned(Ok(p))],
+        );
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, Action::Patch { .. } | Action::Wait { .. })));
+        match events.as_slice() {
+            [Event::NotStarted {
+                message,
+                settled: true,
+                ..
+            }] => {
+                assert!(message.starts_with("Deployment is paused"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::RolloutFailed { .. })));
+    }
+
+    #[test]
+    fn transient_errors_retry_with_backoff_until_they_succeed() {
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Err(failed(true))),
+                Input::Slept,
+                Input::Planned(Err(failed(true))),
+                Input::Slept,
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Err(failed(true))),
+                Input::Slept,
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        let sleeps: Vec<Duration> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Sleep(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sleeps.len(), 3);
+        assert!(sleeps
+            .iter()
+            .all(|d| *d >= Duration::from_millis(200) && *d <= Duration::from_secs(10)));
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::ApiUnreachable { .. }))
+                .count(),
+            3
+        );
+        assert_eq!(events.iter().filter(|e| **e == Event::ApiBack).count(), 2);
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::RolloutFailed { .. })),
+            "never pinned"
+        );
+        assert_eq!(finish(&events).outcome, DeployOutcome::Succeeded);
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn transient_errors_give_up_at_the_deadline_unpinned_and_unsettled() {
+        let mut answers = Vec::new();
+        // More than enough failures to pass a 60 s deadline at ≤ 5 s per retry.
+        for _ in 0..40 {
+            answers.push(Input::Planned(Err(failed(true))));
+            answers.push(Input::Slept);
+        }
+        let t0 = Instant::now();
+        let mut m = Lifecycle::new(desired(Trigger::File), Known::default(), SETTINGS, t0);
+        let (_, mut action) = m.start();
+        let mut now = t0;
+        let mut events = Vec::new();
+        for input in answers {
+            if let Action::Sleep(d) = action {
+                now += d;
+            }
+            let (more, next) = m.step(input, now);
+            events.extend(more);
+            action = next;
+            if action == Action::Done {
+                break;
+            }
+        }
+        assert_eq!(action, Action::Done);
+        assert!(now <= t0 + SETTINGS.rollout_timeout + Duration::from_secs(1));
+        match events.last() {
+            Some(Event::NotStarted {
+                settled: false,
+                message,
+                ..
+            }) => {
+                assert!(message.contains("next resync"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn a_permanent_patch_failure_is_one_row() {
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Err(failed(false))),
+            ],
+        );
+        assert_eq!(rows(&events), 1);
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Failed);
+        assert!(f.settled && f.announce && f.running.is_none());
+    }
+
+    #[test]
+    fn supersession_ends_the_wait_and_the_retries() {
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Superseded),
+            ],
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Superseded);
+        assert!(!f.settled && !f.announce);
+        // Superseded while the plan is retried: nothing started, nothing recorded.
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![Input::Planned(Err(failed(true))), Input::Superseded],
+        );
+        assert_eq!(rows(&events), 0);
+        assert!(matches!(events.last(), Some(Event::ApiBack)));
+    }
+
+    #[test]
+    fn suspended_and_pinned_services_are_skipped_unless_an_operator_retries() {
+        let pinned = Known {
+            pinned: true,
+            ..Known::default()
+        };
+        let (events, actions) = run(desired(Trigger::Resync), pinned.clone(), vec![]);
+        assert!(matches!(events.as_slice(), [Event::Skipped(_)]));
+        assert_eq!(actions, vec![Action::Done]);
+        let (_, actions) = run(
+            desired(Trigger::Operator),
+            pinned,
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(actions.iter().any(|a| matches!(a, Action::Patch { .. })));
+        let suspended = Known {
+            suspended: true,
+            ..Known::default()
+        };
+        let (events, _) = run(desired(Trigger::Operator), suspended, vec![]);
+        assert!(matches!(events.as_slice(), [Event::Skipped(_)]));
+    }
+
+    #[test]
+    fn an_interrupted_deploy_is_resumed_on_its_own_row_or_closed() {
+        let known = Known {
+            last_good: images("web=w:1"),
+            interrupted: Some(7),
+            ..Known::default()
+        };
+        // Same content, already patched: judged on row 7, never patched again.
+        let (events, actions) = run(
+            desired(Trigger::Startup),
+            known.clone(),
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Patch { .. })));
+        assert!(
+            matches!(&events[0], Event::Started { resumed: Some(7), from, .. } if *from == images("web=w:1"))
+        );
+        assert_eq!(finish(&events).outcome, DeployOutcome::Succeeded);
+        // The file changed since: row 7 is closed, a new deploy starts.
+        let (events, _) = run(
+            desired(Trigger::Startup),
+            known,
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:3"))),
+                Input::Patched(Ok(9)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert_eq!(events[0], Event::CloseInterrupted { id: 7 });
+        assert!(matches!(&events[1], Event::Started { resumed: None, .. }));
+    }
+
+    #[test]
+    fn an_unhealthy_noop_is_judged_and_rolled_back_to_the_last_good() {
+        let known = Known {
+            last_good: images("web=w:1"),
+            ..Known::default()
+        };
+        let (events, actions) = run(
+            desired(Trigger::File),
+            known,
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Health(HealthNow::NotHealthy),
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "CrashLoopBackOff".into(),
+                    message: "m".into(),
+                }),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(matches!(&actions[3], Action::Patch { images: i, .. } if *i == images("web=w:1")));
+        assert_eq!(finish(&events).outcome, DeployOutcome::RolledBack);
+        // Healthy already: one "unchanged" row for a file save, none for a resync.
+        for (trigger, record) in [(Trigger::File, true), (Trigger::Resync, false)] {
+            let (events, _) = run(
+                desired(trigger),
+                Known::default(),
+                vec![
+                    Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                    Input::Health(HealthNow::Healthy),
+                ],
+            );
+            assert!(
+                matches!(events.as_slice(), [Event::AlreadyRunning { verified: true, record: r, .. }] if *r == record)
+            );
+        }
+    }
+
+    #[test]
+    fn rollback_patch_errors_are_retried_then_reported() {
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "ErrImagePull".into(),
+                    message: "m".into(),
+                }),
+                Input::Patched(Err(failed(true))),
+                Input::Slept,
+                Input::Patched(Err(failed(false))),
+            ],
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RollbackFailed);
+        assert!(
+            f.message.contains("the rollback patch failed: boom"),
+            "{}",
+            f.message
+        );
+        assert_eq!(rows(&events), 1);
+    }
+}

@@ -1,0 +1,518 @@
+//! Stage 6, recording: the one place where what happened to a deploy is written down. Each
+//! lifecycle [`Event`] (and each drift) is applied to every sink: the record (service row and
+//! history row), metrics, notifications, Kubernetes Events, and one log line. Nothing here
+//! decides what happened; it only says so everywhere.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::lifecycle::{Event, Finish};
+use super::Deployer;
+use crate::alert::{Notifier, Report};
+use crate::depfile::ServiceKey;
+use crate::domain::{human_duration, DeployOutcome, Desired, Images, ServiceStatus, Tone};
+use crate::metrics::Metrics;
+use crate::store::{self, DeployRecord, ServiceRecord, Store};
+
+/// Deploys waiting for the API server right now, and its last error: `/readyz` reports them.
+#[derive(Debug, Default)]
+pub struct ApiWaits {
+    waiting: AtomicUsize,
+    last_error: Mutex<String>,
+}
+
+impl ApiWaits {
+    /// How many deploys wait, and the last error seen.
+    pub fn now(&self) -> (usize, String) {
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (self.waiting.load(Ordering::SeqCst), error)
+    }
+
+    fn enter(&self, error: &str) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.note(error);
+    }
+
+    fn note(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error.to_string();
+    }
+
+    fn leave(&self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Applies events to every sink. Cheap to clone.
+#[derive(Clone)]
+pub struct Recorder {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub notifier: Notifier,
+    pub deployer: Deployer,
+    pub api_waits: Arc<ApiWaits>,
+}
+
+/// One deploy as it is being recorded: its history row and what people are told about it.
+pub struct Attempt<'a> {
+    recorder: &'a Recorder,
+    key: &'a ServiceKey,
+    desired: &'a Desired,
+    row: Option<i64>,
+    from: Images,
+    to: Images,
+    uid: String,
+    began: Instant,
+    waiting: bool,
+    /// Why the rollout failed, for the rollback's message.
+    failure: String,
+}
+
+/// A drift of a service's images, as seen by the shared watch.
+#[derive(Debug, Clone)]
+pub struct Drift {
+    pub recorded: Images,
+    pub running: Images,
+    /// The containers that differ, with what they run now.
+    pub drifted: Images,
+    pub uid: String,
+    pub self_heal: bool,
+}
+
+impl Recorder {
+    pub fn begin<'a>(&'a self, key: &'a ServiceKey, desired: &'a Desired) -> Attempt<'a> {
+        Attempt {
+            recorder: self,
+            key,
+            desired,
+            row: None,
+            from: Images::new(),
+            to: Images::new(),
+            uid: String::new(),
+            began: Instant::now(),
+            waiting: false,
+            failure: String::new(),
+        }
+    }
+
+    fn update(&self, key: &ServiceKey, f: impl FnOnce(&mut ServiceRecord)) {
+        // Errors are logged by the store; a deploy goes on without its record.
+        let _ = self.store.update_service(key, f);
+    }
+
+    /// Write a complete history row; counted in `depwatch_deploys_total`.
+    fn row(&self, key: &ServiceKey, desired: Option<&Desired>, row: RowText) {
+        let record = DeployRecord {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            trigger: row.trigger,
+            actor: row.actor,
+            request_id: desired.map(|d| d.request_id.clone()).unwrap_or_default(),
+            from_image: row.from,
+            to_image: row.to,
+            started_at: store::now(),
+            outcome: row.outcome,
+            message: row.message,
+            ..DeployRecord::default()
+        };
+        if let Ok(id) = self.store.start_deploy(&record) {
+            let _ = self.store.finish_deploy(id, row.outcome, &record.message);
+        }
+        self.metrics.deploy(row.outcome);
+    }
+
+    fn kube_event(&self, key: &ServiceKey, uid: &str, outcome: DeployOutcome, message: &str) {
+        if uid.is_empty() {
+            return;
+        }
+        let reason = match outcome {
+            DeployOutcome::Succeeded => "DeploySucceeded",
+            DeployOutcome::Unverified => "DeployUnverified",
+            DeployOutcome::RolledBack => "DeployRolledBack",
+            DeployOutcome::RollbackFailed => "DeployRollbackFailed",
+            DeployOutcome::TimedOut => "DeployTimedOut",
+            DeployOutcome::Drift => "ImagesDrifted",
+            DeployOutcome::Failed => "DeployFailed",
+            DeployOutcome::InProgress
+            | DeployOutcome::Unchanged
+            | DeployOutcome::Superseded
+            | DeployOutcome::Interrupted => return,
+        };
+        let warning = outcome.tone() != Tone::Good;
+        self.deployer
+            .event(key, uid, reason, &format!("depwatch: {message}"), warning);
+    }
+
+    /// Images changed outside depwatch: one history row, the service marked drifted, people
+    /// told, and an Event on the Deployment.
+    pub fn drift(&self, key: &ServiceKey, d: &Drift) {
+        let message = format!(
+            "images changed outside depwatch: {} → {}",
+            d.recorded, d.drifted
+        );
+        tracing::warn!(service = %key, %message, self_heal = d.self_heal, "drift");
+        self.row(
+            key,
+            None,
+            RowText {
+                trigger: crate::domain::Trigger::Drift,
+                actor: "cluster".into(),
+                from: d.recorded.to_string(),
+                to: d.running.to_string(),
+                outcome: DeployOutcome::Drift,
+                message: message.clone(),
+            },
+        );
+        self.update(key, |s| {
+            s.status = ServiceStatus::Drifted;
+            s.message = message.clone();
+        });
+        self.notifier.report(Report {
+            outcome: DeployOutcome::Drift,
+            service: key.name.clone(),
+            namespace: key.namespace.clone(),
+            from: d.recorded.to_string(),
+            to: d.running.to_string(),
+            duration: Duration::ZERO,
+            reason: if d.self_heal {
+                "changed outside depwatch; restoring the desired images (--self-heal)".into()
+            } else {
+                "changed outside depwatch; the file still asks for the recorded images".into()
+            },
+        });
+        self.kube_event(key, &d.uid, DeployOutcome::Drift, &message);
+    }
+}
+
+/// The text of one history row.
+struct RowText {
+    trigger: crate::domain::Trigger,
+    actor: String,
+    from: String,
+    to: String,
+    outcome: DeployOutcome,
+    message: String,
+}
+
+impl Attempt<'_> {
+    /// Apply one event to every sink.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::Skipped(why) => tracing::info!("{why}"),
+            Event::CloseInterrupted { id } => self.close_interrupted(*id),
+            Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in),
+            Event::ApiBack => self.api_back(),
+            Event::NotStarted {
+                from,
+                requested,
+                message,
+                settled,
+            } => self.not_started(from, requested, message, *settled),
+            Event::AlreadyRunning {
+                images,
+                verified,
+                record,
+            } => self.already_running(images, *verified, *record),
+            Event::Started {
+                from,
+                to,
+                resumed,
+                baseline,
+            } => self.started(from, to, *resumed, baseline.as_ref()),
+            Event::Patched {
+                generation,
+                rollback,
+            } => self.patched(*generation, *rollback),
+            Event::RolloutFailed { outcome, reason } => self.rollout_failed(*outcome, reason),
+            Event::Finished(f) => self.finished(f),
+        }
+    }
+
+    /// The Deployment's uid, once the plan has read it (for Kubernetes Events).
+    pub fn set_uid(&mut self, uid: &str) {
+        self.uid = uid.to_string();
+    }
+
+    fn report(&self, outcome: DeployOutcome, from: String, to: String, reason: &str) -> Report {
+        Report {
+            outcome,
+            service: self.key.name.clone(),
+            namespace: self.key.namespace.clone(),
+            from,
+            to,
+            duration: self.began.elapsed(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn close_interrupted(&self, id: i64) {
+        let r = self.recorder;
+        let _ = r.store.finish_deploy(
+            id,
+            DeployOutcome::Interrupted,
+            "depwatch stopped during this deploy and the file changed since",
+        );
+        r.metrics.deploy(DeployOutcome::Interrupted);
+    }
+
+    fn unreachable(&mut self, error: &str, retry_in: Duration) {
+        let r = self.recorder;
+        if self.waiting {
+            r.api_waits.note(error);
+            tracing::debug!(%error, retry_in = %human_duration(retry_in), "still waiting for the API server");
+            return;
+        }
+        self.waiting = true;
+        r.api_waits.enter(error);
+        tracing::warn!("{error}; retrying with backoff");
+        let message = format!("waiting for the Kubernetes API server: {error}");
+        r.update(self.key, |s| {
+            s.status = ServiceStatus::WaitingForApi;
+            s.message = message;
+        });
+    }
+
+    fn api_back(&mut self) {
+        if !std::mem::take(&mut self.waiting) {
+            return;
+        }
+        let r = self.recorder;
+        r.api_waits.leave();
+        tracing::info!("the Kubernetes API server answers again");
+        r.update(self.key, |s| {
+            s.status = ServiceStatus::Deploying;
+            s.message.clear();
+        });
+    }
+
+    fn not_started(&mut self, from: &Images, requested: &str, message: &str, settled: bool) {
+        let r = self.recorder;
+        let d = self.desired;
+        tracing::error!(%message, "deploy failed; nothing was changed in the cluster");
+        r.row(
+            self.key,
+            Some(d),
+            RowText {
+                trigger: d.trigger,
+                actor: d.actor.clone(),
+                from: from.to_string(),
+                to: requested.to_string(),
+                outcome: DeployOutcome::Failed,
+                message: message.to_string(),
+            },
+        );
+        r.update(self.key, |s| {
+            s.path = d.path.display().to_string();
+            if settled {
+                s.content_hash = d.hash.clone();
+            }
+            s.status = ServiceStatus::Failed;
+            s.message = message.to_string();
+        });
+        let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+        r.notifier.report(self.report(
+            DeployOutcome::Failed,
+            or_dash(from.to_string()),
+            or_dash(requested.to_string()),
+            message,
+        ));
+    }
+
+    fn already_running(&mut self, images: &Images, verified: bool, record: bool) {
+        let r = self.recorder;
+        let d = self.desired;
+        let message = if verified {
+            "already running the desired images"
+        } else {
+            "already running the desired images, with 0 replicas (unverified)"
+        };
+        tracing::info!(images = %images, "{message}; no patch");
+        r.update(self.key, |s| {
+            s.path = d.path.display().to_string();
+            s.content_hash = d.hash.clone();
+            s.desired = images.clone();
+            s.deployed = images.clone();
+            if verified {
+                s.last_good = images.clone();
+            }
+            s.status = if verified {
+                ServiceStatus::Succeeded
+            } else {
+                ServiceStatus::Unverified
+            };
+            s.failed_hash.clear();
+            s.message = message.into();
+        });
+        if record {
+            r.row(
+                self.key,
+                Some(d),
+                RowText {
+                    trigger: d.trigger,
+                    actor: d.actor.clone(),
+                    from: images.to_string(),
+                    to: images.to_string(),
+                    outcome: DeployOutcome::Unchanged,
+                    message: message.into(),
+                },
+            );
+        }
+    }
+
+    fn started(&mut self, from: &Images, to: &Images, resumed: Option<i64>, base: Option<&Images>) {
+        let r = self.recorder;
+        let d = self.desired;
+        self.from = from.clone();
+        self.to = to.clone();
+        self.row = match resumed {
+            Some(id) => {
+                tracing::warn!(
+                    deploy = id,
+                    "resuming a deploy interrupted by a stop; judging its rollout"
+                );
+                Some(id)
+            }
+            None => r
+                .store
+                .start_deploy(&DeployRecord {
+                    namespace: self.key.namespace.clone(),
+                    name: self.key.name.clone(),
+                    trigger: d.trigger,
+                    actor: d.actor.clone(),
+                    request_id: d.request_id.clone(),
+                    from_image: from.to_string(),
+                    to_image: to.to_string(),
+                    started_at: store::now(),
+                    outcome: DeployOutcome::InProgress,
+                    ..DeployRecord::default()
+                })
+                .ok(),
+        };
+        r.update(self.key, |s| {
+            s.path = d.path.display().to_string();
+            s.desired = to.clone();
+            if let (true, Some(base)) = (s.last_good.is_empty(), base) {
+                s.last_good = base.clone();
+            }
+            s.status = ServiceStatus::Deploying;
+            s.message.clear();
+        });
+    }
+
+    fn patched(&self, generation: i64, rollback: bool) {
+        if rollback {
+            tracing::info!(generation, "rollback patched; waiting for its rollout");
+            return;
+        }
+        self.recorder
+            .metrics
+            .change_to_patch
+            .observe(self.desired.seen_at.elapsed().as_secs_f64());
+        tracing::info!(from = %self.from, to = %self.to, generation, "patched; waiting for the rollout");
+    }
+
+    fn rollout_failed(&mut self, outcome: DeployOutcome, reason: &str) {
+        let r = self.recorder;
+        self.failure = reason.to_string();
+        let hash = self.desired.hash.clone();
+        tracing::warn!(%outcome, %reason, "rollout failed; the version is pinned");
+        // Pinned first, so a stop during the rollback never redeploys it.
+        r.update(self.key, |s| {
+            s.content_hash = hash.clone();
+            s.failed_hash = hash;
+        });
+        // People hear at once, with the pod's reason; the rollback's outcome follows.
+        r.notifier
+            .report(self.report(outcome, self.from.to_string(), self.to.to_string(), reason));
+    }
+
+    fn finished(&mut self, f: &Finish) {
+        let r = self.recorder;
+        let d = self.desired;
+        self.api_back();
+        let elapsed = human_duration(self.began.elapsed());
+        match f.outcome.tone() {
+            Tone::Good => tracing::info!(outcome = %f.outcome, %elapsed, "{}", f.message),
+            _ => tracing::warn!(outcome = %f.outcome, %elapsed, "{}", f.message),
+        }
+        if let Some(id) = self.row {
+            let _ = r.store.finish_deploy(id, f.outcome, &f.message);
+            r.metrics.deploy(f.outcome);
+        }
+        if f.outcome == DeployOutcome::Succeeded {
+            r.metrics
+                .change_to_healthy
+                .observe(d.seen_at.elapsed().as_secs_f64());
+        }
+        r.update(self.key, |s| {
+            if f.settled {
+                s.content_hash = d.hash.clone();
+            }
+            if let Some(running) = &f.running {
+                s.deployed = running.clone();
+                if f.good {
+                    s.last_good = running.clone();
+                }
+            }
+            if f.good || f.outcome == DeployOutcome::Unverified {
+                s.failed_hash.clear();
+            }
+            if let Some(status) = f.outcome.service_status() {
+                s.status = status;
+                s.message = if f.good {
+                    String::new()
+                } else {
+                    f.message.clone()
+                };
+            }
+        });
+        r.kube_event(self.key, &self.uid, f.outcome, &self.event_text(f));
+        if f.announce {
+            r.notifier.report(self.finish_report(f));
+        }
+    }
+
+    fn event_text(&self, f: &Finish) -> String {
+        match f.outcome {
+            DeployOutcome::Succeeded => format!("deployed {} (rollout healthy)", self.to),
+            _ => format!("{} ({}): {}", self.to, f.outcome.label(), f.message),
+        }
+    }
+
+    fn finish_report(&self, f: &Finish) -> Report {
+        let reason = if f.good { "" } else { f.message.as_str() };
+        match (f.outcome, &f.running) {
+            // "rolled back web (prod) from <failed> to <restored>: <why it failed>"
+            (DeployOutcome::RolledBack, Some(running)) => self.report(
+                f.outcome,
+                self.to.to_string(),
+                running.to_string(),
+                &self.failure,
+            ),
+            (DeployOutcome::RollbackFailed, Some(running)) => {
+                self.report(f.outcome, self.to.to_string(), running.to_string(), reason)
+            }
+            _ => self.report(
+                f.outcome,
+                self.from.to_string(),
+                self.to.to_string(),
+                reason,
+            ),
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        // A deploy abandoned mid-wait (shutdown) no longer waits for the API server.
+        if self.waiting {
+            self.recorder.api_waits.leave();
+        }
+    }
+}

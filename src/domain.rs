@@ -1,0 +1,579 @@
+//! The vocabulary every stage shares: what state a service is in, how a deploy ended, what
+//! triggered it, the images of a Deployment, and who asked for a change. Each word has exactly
+//! one text form, used by the record (SQL), the API (JSON), the page, metrics and
+//! notifications alike; nothing else spells a status as a string.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::depfile::DepSpec;
+
+/// A name that is not part of a vocabulary (a record written by something else).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub name: String,
+}
+
+/// An enum whose variants each have one text form, with everything needed to store, serve
+/// and document it.
+macro_rules! vocabulary {
+    ($(#[$m:meta])* pub enum $name:ident ($what:literal) {
+        $($(#[$vm:meta])* $variant:ident = $text:literal,)+
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vm])* $variant,)+ }
+
+        impl $name {
+            /// Every word, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The one text form (SQL, JSON, metrics labels).
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownName { what: $what, name: s.to_string() }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl rusqlite::types::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                match v.as_str()? {
+                    // Rows written before a value was known.
+                    "" => Ok(Self::default()),
+                    text => text.parse().map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e))),
+                }
+            }
+        }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some(Self::ALL.iter().map(|v| v.as_str())))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+    };
+}
+
+vocabulary! {
+    /// Where a managed service stands, as the record, the API and the page show it.
+    pub enum ServiceStatus ("service status") {
+        /// Known, nothing acted on yet.
+        #[default]
+        Pending = "pending",
+        Deploying = "deploying",
+        /// A transient API error (connection, timeout, 5xx, 429, 409): retrying with backoff.
+        WaitingForApi = "waiting_for_api",
+        Succeeded = "succeeded",
+        /// Patched, but the Deployment has 0 replicas: nothing proved the images healthy.
+        Unverified = "unverified",
+        Failed = "failed",
+        TimedOut = "timed_out",
+        RolledBack = "rolled_back",
+        RollbackFailed = "rollback_failed",
+        /// Its images were changed outside depwatch.
+        Drifted = "drifted",
+        /// Its file does not parse, or two files define it.
+        Invalid = "invalid",
+        /// Its file was removed: no longer managed.
+        Unmanaged = "unmanaged",
+        /// An operator asked for a retry; the file is read again.
+        Retry = "retry",
+    }
+}
+
+vocabulary! {
+    /// How one deploy ended (or that it has not).
+    pub enum DeployOutcome ("deploy outcome") {
+        #[default]
+        InProgress = "in_progress",
+        /// Healthy rollout of the new images.
+        Succeeded = "succeeded",
+        /// Patched, but with 0 desired replicas nothing was verified.
+        Unverified = "unverified",
+        /// The cluster already ran the desired images, healthy.
+        Unchanged = "unchanged",
+        Failed = "failed",
+        TimedOut = "timed_out",
+        RolledBack = "rolled_back",
+        RollbackFailed = "rollback_failed",
+        /// A newer version arrived during the rollout.
+        Superseded = "superseded",
+        /// depwatch stopped during the deploy and the file changed since.
+        Interrupted = "interrupted",
+        /// Images changed outside depwatch.
+        Drift = "drift",
+    }
+}
+
+vocabulary! {
+    /// What started a deploy.
+    pub enum Trigger ("trigger") {
+        #[default]
+        File = "file",
+        Startup = "startup",
+        Resync = "resync",
+        Rescan = "rescan",
+        Api = "api",
+        Operator = "operator",
+        SelfHeal = "self-heal",
+        Drift = "drift",
+    }
+}
+
+impl ServiceStatus {
+    /// A service in this state is settled: drift is looked for, and unchanged content is
+    /// not deployed again by a resync or a restart.
+    pub fn settled(self) -> bool {
+        matches!(
+            self,
+            ServiceStatus::Succeeded | ServiceStatus::Unverified | ServiceStatus::Drifted
+        )
+    }
+
+    /// A deploy is due or under way: the verdict is still to come.
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            ServiceStatus::Pending
+                | ServiceStatus::Deploying
+                | ServiceStatus::WaitingForApi
+                | ServiceStatus::Retry
+        )
+    }
+
+    /// Deployed images are recorded, so drift can be told from them.
+    pub fn watch_drift(self) -> bool {
+        self.settled()
+            || matches!(
+                self,
+                ServiceStatus::Failed | ServiceStatus::TimedOut | ServiceStatus::RolledBack
+            )
+    }
+
+    /// Words for people.
+    pub fn label(self) -> &'static str {
+        match self {
+            ServiceStatus::Pending => "pending",
+            ServiceStatus::Deploying => "deploying",
+            ServiceStatus::WaitingForApi => "waiting for the API server",
+            ServiceStatus::Succeeded => "healthy",
+            ServiceStatus::Unverified => "deployed, unverified (0 replicas)",
+            ServiceStatus::Failed => "failed",
+            ServiceStatus::TimedOut => "timed out",
+            ServiceStatus::RolledBack => "rolled back",
+            ServiceStatus::RollbackFailed => "rollback failed",
+            ServiceStatus::Drifted => "drifted",
+            ServiceStatus::Invalid => "invalid file",
+            ServiceStatus::Unmanaged => "not managed",
+            ServiceStatus::Retry => "retry requested",
+        }
+    }
+}
+
+impl DeployOutcome {
+    /// The service's status after a deploy ending this way; `None` leaves it to whatever
+    /// superseded the deploy (a newer version, the file's removal).
+    pub fn service_status(self) -> Option<ServiceStatus> {
+        Some(match self {
+            DeployOutcome::InProgress | DeployOutcome::Superseded => return None,
+            DeployOutcome::Succeeded | DeployOutcome::Unchanged => ServiceStatus::Succeeded,
+            DeployOutcome::Unverified => ServiceStatus::Unverified,
+            DeployOutcome::Failed | DeployOutcome::Interrupted => ServiceStatus::Failed,
+            DeployOutcome::TimedOut => ServiceStatus::TimedOut,
+            DeployOutcome::RolledBack => ServiceStatus::RolledBack,
+            DeployOutcome::RollbackFailed => ServiceStatus::RollbackFailed,
+            DeployOutcome::Drift => ServiceStatus::Drifted,
+        })
+    }
+
+    /// Words for people.
+    pub fn label(self) -> &'static str {
+        match self {
+            DeployOutcome::InProgress => "in progress",
+            DeployOutcome::Succeeded => "deployed",
+            DeployOutcome::Unverified => "deployed, unverified",
+            DeployOutcome::Unchanged => "unchanged",
+            DeployOutcome::Failed => "failed",
+            DeployOutcome::TimedOut => "timed out",
+            DeployOutcome::RolledBack => "rolled back",
+            DeployOutcome::RollbackFailed => "rollback failed",
+            DeployOutcome::Superseded => "superseded",
+            DeployOutcome::Interrupted => "interrupted",
+            DeployOutcome::Drift => "drifted",
+        }
+    }
+
+    /// How good the news is, for colours and Event types.
+    pub fn tone(self) -> Tone {
+        match self {
+            DeployOutcome::Succeeded | DeployOutcome::Unchanged => Tone::Good,
+            DeployOutcome::Failed | DeployOutcome::RollbackFailed => Tone::Bad,
+            DeployOutcome::InProgress => Tone::Busy,
+            DeployOutcome::Unverified
+            | DeployOutcome::TimedOut
+            | DeployOutcome::RolledBack
+            | DeployOutcome::Superseded
+            | DeployOutcome::Interrupted
+            | DeployOutcome::Drift => Tone::Warning,
+        }
+    }
+}
+
+/// How good the news is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tone {
+    Good,
+    Warning,
+    Bad,
+    Busy,
+}
+
+/// A duration as people read it: `850ms`, `4.2s`, `3m 5s`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 && ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
+/// Images by container name. Its text form, `web=example.com/web:1.1, sidecar=…`, is what the
+/// record stores and people read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Images(BTreeMap<String, String>);
+
+impl Images {
+    pub fn new() -> Self {
+        Images(BTreeMap::new())
+    }
+
+    /// Read the text form back; an empty string is no images.
+    pub fn parse(s: &str) -> Images {
+        Images(
+            s.split(", ")
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(c, i)| (c.to_string(), i.to_string()))
+                .collect(),
+        )
+    }
+
+    /// The images of `other` laid over these.
+    pub fn with(&self, other: &Images) -> Images {
+        let mut out = self.clone();
+        out.0.extend(other.0.clone());
+        out
+    }
+
+    /// The containers whose image differs in `other` (with `other`'s image).
+    pub fn changed_in(&self, other: &Images) -> Images {
+        other
+            .iter()
+            .filter(|(c, i)| self.get(*c) != Some(*i))
+            .map(|(c, i)| (c.clone(), i.clone()))
+            .collect()
+    }
+}
+
+impl std::ops::Deref for Images {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Images {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl FromIterator<(String, String)> for Images {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        Images(iter.into_iter().collect())
+    }
+}
+
+impl IntoIterator for Images {
+    type Item = (String, String);
+    type IntoIter = std::collections::btree_map::IntoIter<String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl fmt::Display for Images {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, (c, i)) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{c}={i}")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde::Serialize for Images {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Images {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Images::parse(&String::deserialize(d)?))
+    }
+}
+
+impl rusqlite::types::ToSql for Images {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.to_string().into())
+    }
+}
+
+impl rusqlite::types::FromSql for Images {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(Images::parse(v.as_str()?))
+    }
+}
+
+impl utoipa::PartialSchema for Images {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "images by container: `web=example.com/web:1.1, sidecar=…`",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Images {}
+
+/// Who asked for the content of a dependency file, when it was not simply saved: written as
+/// the file's first line by the API and by `depwatch rollback`, read back by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asker {
+    /// An API deploy request.
+    Request { id: String, actor: String },
+    /// An operator's rollback.
+    Rollback { actor: String, at: String },
+}
+
+const REQUEST_HEADER: &str = "# depwatch request ";
+const ROLLBACK_HEADER: &str = "# rolled back by ";
+const RETRY_BY: &str = "retry requested by ";
+
+/// A name safe on one line of a file or log: control characters and spaces become `_`.
+fn one_word(s: &str) -> String {
+    let w: String = s
+        .chars()
+        .take(100)
+        .map(|c| if c.is_control() || c == ' ' { '_' } else { c })
+        .collect();
+    if w.is_empty() {
+        "unknown".into()
+    } else {
+        w
+    }
+}
+
+impl Asker {
+    /// The header line (with its newline).
+    pub fn header(&self) -> String {
+        match self {
+            Asker::Request { id, actor } => {
+                format!("{REQUEST_HEADER}{} by {}\n", one_word(id), one_word(actor))
+            }
+            Asker::Rollback { actor, at } => {
+                format!("{ROLLBACK_HEADER}{} at {}\n", one_word(actor), one_word(at))
+            }
+        }
+    }
+
+    /// The header of a file's text, if it has one.
+    pub fn find(text: &str) -> Option<Asker> {
+        text.lines().find_map(|line| {
+            if let Some(rest) = line.strip_prefix(REQUEST_HEADER) {
+                let (id, actor) = rest.split_once(" by ")?;
+                return Some(Asker::Request {
+                    id: id.trim().to_string(),
+                    actor: actor.trim().to_string(),
+                });
+            }
+            let rest = line.strip_prefix(ROLLBACK_HEADER)?;
+            let (actor, at) = rest.split_once(" at ").unwrap_or((rest, ""));
+            Some(Asker::Rollback {
+                actor: actor.trim().to_string(),
+                at: at.split_whitespace().next().unwrap_or_default().to_string(),
+            })
+        })
+    }
+
+    /// The record's note that `actor` asked for a retry.
+    pub fn retry_note(actor: &str) -> String {
+        format!("{RETRY_BY}{}", one_word(actor))
+    }
+
+    /// Who asked for a retry, from the record's note.
+    pub fn retry_actor(note: &str) -> Option<String> {
+        note.strip_prefix(RETRY_BY).map(String::from)
+    }
+}
+
+/// What a service's file asks for now.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub spec: DepSpec,
+    /// SHA-256 of the file content.
+    pub hash: String,
+    pub path: PathBuf,
+    pub trigger: Trigger,
+    pub actor: String,
+    /// The API request that wrote this content, if any.
+    pub request_id: String,
+    /// When the change was seen, for the change→patch and change→healthy metrics.
+    pub seen_at: tokio::time::Instant,
+}
+
+impl Desired {
+    /// The file's name, for change-cause annotations.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The images the file names, as written (before resolving against the cluster).
+    pub fn requested(&self) -> String {
+        self.spec
+            .images
+            .iter()
+            .map(|(c, i)| match c {
+                Some(c) => format!("{c}={i}"),
+                None => i.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_word_round_trips_through_its_one_text_form() {
+        for s in ServiceStatus::ALL {
+            assert_eq!(s.as_str().parse::<ServiceStatus>(), Ok(*s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(s.as_str().into()));
+        }
+        for o in DeployOutcome::ALL {
+            assert_eq!(o.as_str().parse::<DeployOutcome>(), Ok(*o));
+        }
+        for t in Trigger::ALL {
+            assert_eq!(t.as_str().parse::<Trigger>(), Ok(*t));
+        }
+        let e = "bogus".parse::<DeployOutcome>().expect_err("unknown");
+        assert_eq!(e.to_string(), "unknown deploy outcome \"bogus\"");
+    }
+
+    #[test]
+    fn images_own_their_text_form() {
+        let i = Images::parse("web=example.com/web:1.1, side=s@sha256:00");
+        assert_eq!(i.len(), 2);
+        assert_eq!(i.to_string(), "side=s@sha256:00, web=example.com/web:1.1");
+        assert_eq!(Images::parse(""), Images::new());
+        assert_eq!(Images::new().to_string(), "");
+        let newer = Images::parse("web=example.com/web:1.2");
+        assert_eq!(i.changed_in(&newer), newer);
+        assert_eq!(
+            i.with(&newer).to_string(),
+            "side=s@sha256:00, web=example.com/web:1.2"
+        );
+    }
+
+    #[test]
+    fn the_asker_header_is_written_and_read_in_one_place() {
+        let r = Asker::Request {
+            id: "abc".into(),
+            actor: "ci bot\nforged".into(),
+        };
+        let text = format!("{}1.2.0\n", r.header());
+        assert_eq!(text.lines().count(), 2, "a name never breaks the line");
+        assert_eq!(
+            Asker::find(&text),
+            Some(Asker::Request {
+                id: "abc".into(),
+                actor: "ci_bot_forged".into()
+            })
+        );
+        let rb = Asker::Rollback {
+            actor: "alice".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        };
+        assert_eq!(Asker::find(&rb.header()), Some(rb));
+        assert_eq!(Asker::find("1.2.0\n"), None);
+        assert_eq!(
+            Asker::retry_actor(&Asker::retry_note("bob")).as_deref(),
+            Some("bob")
+        );
+    }
+
+    #[test]
+    fn durations_are_rounded_for_people() {
+        use std::time::Duration;
+        assert_eq!(human_duration(Duration::from_micros(1_809_275)), "1.8s");
+        assert_eq!(human_duration(Duration::from_millis(42)), "42ms");
+        assert_eq!(human_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(human_duration(Duration::from_millis(185_400)), "3m 5s");
+    }
+}
