@@ -171,9 +171,7 @@ impl Ingest {
             }
             return;
         }
-        if self.scheduler.desired(&key).is_some_and(|d| d.hash == hash)
-            && record.status == ServiceStatus::Deploying
-        {
+        if self.scheduler.busy_with(&key, &hash) {
             return;
         }
         // Who asked: an operator's retry, then the API request or operator's rollback that

@@ -118,6 +118,16 @@ impl Scheduler {
         }
     }
 
+    /// A deploy of exactly this content is queued or running: a rescan must not supersede it
+    /// (it may be retrying through an API outage).
+    pub fn busy_with(&self, key: &ServiceKey, hash: &str) -> bool {
+        let Some(slot) = self.slots.get(key).map(|s| s.clone()) else {
+            return false;
+        };
+        let same = slot.desired().is_some_and(|d| d.hash == hash);
+        same && (slot.queued.load(Ordering::SeqCst) || slot.running.try_lock().is_err())
+    }
+
     /// The desired state of a service, if managed.
     pub fn desired(&self, key: &ServiceKey) -> Option<Desired> {
         self.slots.get(key).and_then(|s| s.desired())

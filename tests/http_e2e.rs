@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::daemon::Env;
-use common::wait_for;
+use common::{get_metrics, sample, wait_for};
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use serde_json::{json, Value};
@@ -46,55 +46,6 @@ async fn get_json(http: &reqwest::Client, url: String) -> Option<Value> {
 
 async fn get_status(http: &reqwest::Client, url: String) -> u16 {
     http.get(url).send().await.expect("get").status().as_u16()
-}
-
-/// Fetch and parse `/metrics`.
-async fn get_metrics(http: &reqwest::Client, url: &str) -> Vec<(String, f64)> {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    parse_prometheus(&text)
-}
-
-/// Parse Prometheus text exposition: every line is a comment or `name{labels} value`.
-fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("bad sample line: {line}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name in {line}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "unterminated labels in {line}");
-        }
-        let v: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line}"));
-        out.push((series.to_string(), v));
-    }
-    out
-}
-
-fn sample(samples: &[(String, f64)], series: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(s, _)| s == series)
-        .map(|(_, v)| *v)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

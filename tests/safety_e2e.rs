@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{colour, text, Env};
-use common::{wait_for, Kubectl};
+use common::{get_metrics, sample, wait_for, Kubectl};
 use depwatch::depfile::ServiceKey;
 use depwatch::sim::SimConfig;
 
@@ -299,6 +299,12 @@ async fn drift_is_recorded_and_reported_and_self_heal_restores() {
     wait_status(&env, &k, "drifted").await;
     let history = env.store().history(Some(&k), 5).expect("history");
     assert_eq!(history[0].outcome.as_str(), "drift");
+    let metrics = get_metrics(&reqwest::Client::new(), &daemon.http_url()).await;
+    assert_eq!(
+        sample(&metrics, "depwatch_deploys_total{outcome=\"drift\"}"),
+        1.0,
+        "drift is counted like every other outcome"
+    );
     assert_eq!(
         env.image("prod", "web").await,
         "example.com/web:hotfix",

@@ -85,3 +85,53 @@ pub fn audit_count(path: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> us
         .filter(|v| pred(v))
         .count()
 }
+
+/// Fetch and parse `/metrics`.
+pub async fn get_metrics(http: &reqwest::Client, url: &str) -> Vec<(String, f64)> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    parse_prometheus(&text)
+}
+
+/// Parse Prometheus text exposition: every line is a comment or `name{labels} value`.
+pub fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unterminated labels in {line}");
+        }
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        out.push((series.to_string(), v));
+    }
+    out
+}
+
+/// The value of one series (`name{labels}`), summed if repeated; 0 when absent.
+pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s == series)
+        .map(|(_, v)| *v)
+        .sum()
+}

@@ -1,0 +1,378 @@
+//! The verdicts depwatch gives, end to end through the binary against the simulated cluster:
+//! rollbacks judged on the restored template, API outages retried and never pinned, 0 replicas
+//! unverified, paused Deployments failing at once, Events that `kubectl describe` lists, and one
+//! history row per deploy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{colour, text, Env};
+use common::{wait_for, Kubectl};
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::{DeployOutcome, ServiceStatus};
+use depwatch::sim::SimConfig;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+fn key(name: &str, ns: &str) -> ServiceKey {
+    ServiceKey::new(name, ns).expect("valid key")
+}
+
+/// [`wait_for`], showing the daemon's logs if the condition never holds.
+async fn wait_or_show<T, F, Fut>(env: &Env, what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match tokio::time::timeout(within, wait_for(what, within * 2, check)).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}\n{}", env.daemon_logs()),
+    }
+}
+
+async fn wait_status(env: &Env, k: &ServiceKey, want: ServiceStatus, within: Duration) {
+    let what = format!("{k} to be {want}");
+    wait_or_show(env, &what, within, || async {
+        (env.store().service(k).ok()??.status == want).then_some(())
+    })
+    .await
+}
+
+/// The demo's four kinds of service, many copies each, several rounds: every verdict must be
+/// the right one (a working rollback is never reported as failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_scenario_gives_the_right_verdict_every_time() {
+    const COPIES: usize = 5;
+    const ROUNDS: usize = 3;
+    let env = Env::new(SimConfig::default()).await;
+    let kinds = [
+        ("web", "", ServiceStatus::Succeeded),
+        ("api", "-fail-pull", ServiceStatus::RolledBack),
+        ("worker", "-crash", ServiceStatus::RolledBack),
+        ("reports", "-hang", ServiceStatus::RolledBack),
+    ];
+    let mut services = Vec::new();
+    for (kind, _, _) in kinds {
+        for n in 0..COPIES {
+            let name = format!("{kind}{n}");
+            let image = format!("example.com/{name}:1.0.0");
+            env.deployment("demo", &name, &[(name.as_str(), image.as_str())], 2)
+                .await;
+            services.push(name);
+        }
+    }
+    for name in &services {
+        env.wait_ready("demo", name).await;
+    }
+    let daemon = env.daemon(&["--rollout-timeout", "4s"]).await;
+    let store = env.store();
+    for round in 1..=ROUNDS {
+        for (kind, suffix, _) in kinds {
+            for n in 0..COPIES {
+                env.write_dep(
+                    &format!("{kind}{n}_demo.dep"),
+                    &format!("1.{round}.0{suffix}\n"),
+                );
+            }
+        }
+        // Every service has a finished deploy of this round's version.
+        let want = services.len();
+        wait_for(
+            &format!("round {round}'s verdicts"),
+            Duration::from_secs(90),
+            || async {
+                let done = services
+                    .iter()
+                    .filter(|name| {
+                        store
+                            .history(Some(&key(name, "demo")), 1)
+                            .ok()
+                            .and_then(|h| h.into_iter().next())
+                            .is_some_and(|d| {
+                                d.to_image.contains(&format!(":1.{round}.0"))
+                                    && d.outcome != DeployOutcome::InProgress
+                            })
+                    })
+                    .count();
+                (done == want).then_some(())
+            },
+        )
+        .await;
+        for (kind, _, verdict) in kinds {
+            for n in 0..COPIES {
+                let name = format!("{kind}{n}");
+                let k = key(&name, "demo");
+                let record = store.service(&k).expect("query").expect("record");
+                let last = &store.history(Some(&k), 1).expect("history")[0];
+                assert_eq!(
+                    record.status,
+                    verdict,
+                    "round {round}, {k}: {} ({})\n{}",
+                    last.outcome,
+                    last.message,
+                    daemon.log_text()
+                );
+                // A good version becomes last good; a rollback restores it.
+                let good = if kind == "web" {
+                    format!("example.com/{name}:1.{round}.0")
+                } else {
+                    format!("example.com/{name}:1.0.0")
+                };
+                assert_eq!(env.image("demo", &name).await, good, "round {round}, {k}");
+                assert!(
+                    !last.message.contains('{'),
+                    "no debug text: {}",
+                    last.message
+                );
+            }
+        }
+    }
+}
+
+/// The API server is unreachable when depwatch starts and when the file changes. The change
+/// waits (status, `/readyz`), nothing is pinned, and it is deployed once the server answers:
+/// at once while within its deadline, or at the next resync once the deadline has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_is_retried_and_never_pins() {
+    let mut env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.deployment("prod", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.wait_ready("prod", "api").await;
+    env.sim.stop().await;
+    let daemon = env
+        .daemon(&["--rollout-timeout", "3s", "--resync", "1s"])
+        .await;
+    // web uses the 3s default deadline; api's file gives itself a minute.
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    env.write_dep("api_prod.dep", "version: 1.1.0\nrolloutTimeout: 60s\n");
+    let (web, api) = (key("web", "prod"), key("api", "prod"));
+    wait_status(
+        &env,
+        &api,
+        ServiceStatus::WaitingForApi,
+        Duration::from_secs(20),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = daemon.http_url();
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let body = ready.text().await.expect("body");
+    assert!(
+        body.contains("waiting for the Kubernetes API server"),
+        "{body}"
+    );
+    let record = env.store().service(&api).expect("q").expect("record");
+    assert!(
+        record.message.contains(&env.sim.url()),
+        "the message names the server: {}",
+        record.message
+    );
+    // web's deadline passes: one failed row, not pinned.
+    wait_or_show(&env, "web to give up", Duration::from_secs(20), || async {
+        let h = env.store().history(Some(&web), 5).ok()?;
+        (h.len() == 1 && h[0].outcome == DeployOutcome::Failed).then_some(())
+    })
+    .await;
+    let record = env.store().service(&web).expect("q").expect("record");
+    assert!(
+        record.failed_hash.is_empty(),
+        "a transient error never pins"
+    );
+    assert!(record.message.contains("next resync"), "{}", record.message);
+
+    env.sim.restart().await.expect("the API server is back");
+    wait_status(
+        &env,
+        &api,
+        ServiceStatus::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_status(
+        &env,
+        &web,
+        ServiceStatus::Succeeded,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(env.image("prod", "api").await, "example.com/api:1.1.0");
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1.0");
+    assert_eq!(env.patches("prod", "api"), 1);
+    assert_eq!(env.patches("prod", "web"), 1);
+    let api_rows = env.store().history(Some(&api), 10).expect("history");
+    assert_eq!(api_rows.len(), 1, "one row for one deploy: {api_rows:?}");
+    assert_eq!(api_rows[0].outcome, DeployOutcome::Succeeded);
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let logs = daemon.log_text();
+    assert!(
+        logs.contains("the Kubernetes API server answers again"),
+        "{logs}"
+    );
+}
+
+/// At 0 replicas no pod proves an image healthy: the deploy is recorded as unverified and the
+/// image never becomes last good, so a later rollback restores a version that was verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    let daemon = env.daemon(&[]).await;
+    let k = key("web", "prod");
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), "prod");
+    let scale = |n: i32| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .expect("scale");
+        }
+    };
+    scale(0).await;
+    env.write_dep("web_prod.dep", "1.2.0-crash\n");
+    wait_status(&env, &k, ServiceStatus::Unverified, Duration::from_secs(30)).await;
+    let record = env.store().service(&k).expect("q").expect("record");
+    assert_eq!(record.last_good.to_string(), "web=example.com/web:1.1.0");
+    assert_eq!(
+        record.deployed.to_string(),
+        "web=example.com/web:1.2.0-crash"
+    );
+    let h = env.store().history(Some(&k), 1).expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::Unverified);
+    assert!(h[0].message.contains("0 replicas"), "{}", h[0].message);
+    let m = env.wait_messages(2).await;
+    assert_eq!(colour(&m[1]), "#daa038", "unverified is not green");
+
+    scale(1).await;
+    env.write_dep("web_prod.dep", "1.3.0-fail-pull\n");
+    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(30)).await;
+    assert_eq!(
+        env.image("prod", "web").await,
+        "example.com/web:1.1.0",
+        "the rollback restores the last verified image, not the unverified crash\n{}",
+        daemon.log_text()
+    );
+}
+
+/// A paused Deployment would take the patch and roll nothing out: it fails at once, with that
+/// reason, and nothing is patched or pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_deployment_fails_at_once_without_a_patch() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), "prod");
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": true}})),
+    )
+    .await
+    .expect("pause");
+    let patches = env.patches("prod", "web");
+    let _daemon = env.daemon(&["--rollout-timeout", "10m"]).await;
+    let k = key("web", "prod");
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    // Well inside the rollout timeout: the verdict does not wait for it.
+    wait_status(&env, &k, ServiceStatus::Failed, Duration::from_secs(15)).await;
+    let m = env.wait_messages(1).await;
+    assert_eq!(colour(&m[0]), "#d40e0d");
+    assert!(
+        text(&m[0]).contains("Deployment is paused"),
+        "{}",
+        text(&m[0])
+    );
+    assert_eq!(
+        env.patches("prod", "web"),
+        patches,
+        "depwatch patched nothing"
+    );
+    let record = env.store().service(&k).expect("q").expect("record");
+    assert!(
+        record.failed_hash.is_empty(),
+        "not a rollout verdict: not pinned"
+    );
+    let h = env.store().history(Some(&k), 10).expect("history");
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(
+        h[0].message.starts_with("Deployment is paused"),
+        "{}",
+        h[0].message
+    );
+}
+
+/// `kubectl describe deploy` lists Events by the object's uid: depwatch's carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_describe_lists_depwatchs_events() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    let _daemon = env.daemon(&[]).await;
+    let k = key("web", "prod");
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    env.write_dep("web_prod.dep", "1.2.0-fail-pull\n");
+    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(30)).await;
+    let kubectl = Kubectl::new(env.dir.path(), &env.sim.kubeconfig());
+    let out = wait_for(
+        "the Events in kubectl describe",
+        Duration::from_secs(20),
+        || async {
+            let out = kubectl
+                .ok(&["-n", "prod", "describe", "deploy", "web"])
+                .await;
+            (out.contains("DeploySucceeded") && out.contains("DeployRolledBack")).then_some(out)
+        },
+    )
+    .await;
+    assert!(out.contains("depwatch"), "{out}");
+    assert!(!out.contains("Events:  <none>"), "{out}");
+}
+
+/// A deploy that fails before any change is one history row, one red message, and the
+/// Deployment is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_fails_before_any_change_is_one_row() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let _daemon = env.daemon(&[]).await;
+    let k = key("web", "prod");
+    // The file names a container the Deployment does not have.
+    env.write_dep("web_prod.dep", "images:\n  sidecar: example.com/side:2\n");
+    wait_status(&env, &k, ServiceStatus::Failed, Duration::from_secs(30)).await;
+    let h = env.store().history(Some(&k), 10).expect("history");
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(
+        h[0].message.contains("no container \"sidecar\""),
+        "{}",
+        h[0].message
+    );
+    assert_eq!(env.wait_messages(1).await.len(), 1);
+    assert_eq!(env.patches("prod", "web"), 0);
+}
