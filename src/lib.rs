@@ -2,6 +2,11 @@
 //!
 //! # Layout
 //! - [`cli`]: command-line arguments, every flag also an environment variable.
+//! - [`domain`]: the shared vocabulary (statuses, outcomes, triggers, images, who asked).
+//! - [`watch`] → [`debounce`] → [`ingest`]: files to desired state.
+//! - [`queue`]: latest wins, one deploy per service at a time.
+//! - [`deploy`]: [`deploy::lifecycle`] decides, [`deploy::attempt`] does,
+//!   [`deploy::recorder`] writes it down everywhere.
 //! - [`sim`]: the simulated Kubernetes cluster (`depwatch sim`) that tests, benchmarks and the
 //!   demo run against; the daemon reaches it only through a kubeconfig.
 

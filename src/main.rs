@@ -5,8 +5,10 @@ use clap::Parser;
 use depwatch::cli::{Args, Command, LogFormat};
 
 fn init_logging(format: LogFormat) {
+    // kube's client logs every failed request itself; depwatch logs each failure once, with the
+    // server and what it was doing.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
