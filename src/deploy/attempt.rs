@@ -9,7 +9,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings};
-use super::recorder::Recorder;
+use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
 use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Desired};
@@ -89,40 +89,58 @@ impl Engine {
             for e in &events {
                 attempt.apply(e);
             }
-            let input = match action {
-                Action::Done => return,
-                Action::Plan => {
-                    let plan = self.permits.hold(self.deployer.plan(key, &desired.spec));
-                    let Some(result) = plan.await else { return };
-                    if let Ok(p) = &result {
-                        attempt.set_uid(&p.uid);
-                    }
-                    Input::Planned(result.map_err(failure))
-                }
-                Action::CheckHealth { generation } => {
-                    Input::Health(self.deployer.health_now(key, generation).await)
-                }
-                Action::Patch { images, cause } => {
-                    let patch = self.permits.hold(self.deployer.patch(key, &images, &cause));
-                    let Some(result) = patch.await else { return };
-                    Input::Patched(result.map_err(failure))
-                }
-                Action::Wait {
-                    generation,
-                    deadline,
-                    supersedable,
-                } => {
-                    let rx = supersedable.then(|| superseded.clone());
-                    Input::Waited(self.deployer.wait(key, generation, deadline, rx).await)
-                }
-                Action::Sleep(d) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => Input::Slept,
-                        Ok(()) = superseded.changed() => Input::Superseded,
-                    }
-                }
+            let Some(input) = self
+                .act(key, desired, action, &mut superseded, &mut attempt)
+                .await
+            else {
+                return;
             };
             (events, action) = machine.step(input, Instant::now());
         }
+    }
+
+    /// Carry out one action; `None` when the deploy is over (or the permits are closed).
+    async fn act(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        action: Action,
+        superseded: &mut watch::Receiver<u64>,
+        attempt: &mut Attempt<'_>,
+    ) -> Option<Input> {
+        Some(match action {
+            Action::Done => return None,
+            Action::Plan => {
+                let result = self
+                    .permits
+                    .hold(self.deployer.plan(key, &desired.spec))
+                    .await?;
+                if let Ok(p) = &result {
+                    attempt.set_uid(&p.uid);
+                }
+                Input::Planned(result.map_err(failure))
+            }
+            Action::CheckHealth { generation } => {
+                Input::Health(self.deployer.health_now(key, generation).await)
+            }
+            Action::Patch { images, cause } => {
+                let patch = self.deployer.patch(key, &images, &cause);
+                Input::Patched(self.permits.hold(patch).await?.map_err(failure))
+            }
+            Action::Wait {
+                generation,
+                deadline,
+                supersedable,
+            } => {
+                let rx = supersedable.then(|| superseded.clone());
+                Input::Waited(self.deployer.wait(key, generation, deadline, rx).await)
+            }
+            Action::Sleep(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => Input::Slept,
+                    Ok(()) = superseded.changed() => Input::Superseded,
+                }
+            }
+        })
     }
 }

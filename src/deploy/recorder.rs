@@ -107,13 +107,13 @@ impl Recorder {
     }
 
     /// Write a complete history row; counted in `depwatch_deploys_total`.
-    fn row(&self, key: &ServiceKey, desired: Option<&Desired>, row: RowText) {
+    fn row(&self, key: &ServiceKey, row: RowText) {
         let record = DeployRecord {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             trigger: row.trigger,
             actor: row.actor,
-            request_id: desired.map(|d| d.request_id.clone()).unwrap_or_default(),
+            request_id: row.request_id,
             from_image: row.from,
             to_image: row.to,
             started_at: store::now(),
@@ -159,10 +159,10 @@ impl Recorder {
         tracing::warn!(service = %key, %message, self_heal = d.self_heal, "drift");
         self.row(
             key,
-            None,
             RowText {
                 trigger: crate::domain::Trigger::Drift,
                 actor: "cluster".into(),
+                request_id: String::new(),
                 from: d.recorded.to_string(),
                 to: d.running.to_string(),
                 outcome: DeployOutcome::Drift,
@@ -194,6 +194,7 @@ impl Recorder {
 struct RowText {
     trigger: crate::domain::Trigger,
     actor: String,
+    request_id: String,
     from: String,
     to: String,
     outcome: DeployOutcome,
@@ -251,6 +252,23 @@ impl Attempt<'_> {
         }
     }
 
+    /// A history row for a deploy that ended as it began.
+    fn complete_row(&self, from: String, to: String, outcome: DeployOutcome, message: &str) {
+        let d = self.desired;
+        self.recorder.row(
+            self.key,
+            RowText {
+                trigger: d.trigger,
+                actor: d.actor.clone(),
+                request_id: d.request_id.clone(),
+                from,
+                to,
+                outcome,
+                message: message.to_string(),
+            },
+        );
+    }
+
     fn close_interrupted(&self, id: i64) {
         let r = self.recorder;
         let _ = r.store.finish_deploy(
@@ -295,17 +313,11 @@ impl Attempt<'_> {
         let r = self.recorder;
         let d = self.desired;
         tracing::error!(%message, "deploy failed; nothing was changed in the cluster");
-        r.row(
-            self.key,
-            Some(d),
-            RowText {
-                trigger: d.trigger,
-                actor: d.actor.clone(),
-                from: from.to_string(),
-                to: requested.to_string(),
-                outcome: DeployOutcome::Failed,
-                message: message.to_string(),
-            },
+        self.complete_row(
+            from.to_string(),
+            requested.to_string(),
+            DeployOutcome::Failed,
+            message,
         );
         r.update(self.key, |s| {
             s.path = d.path.display().to_string();
@@ -350,18 +362,8 @@ impl Attempt<'_> {
             s.message = message.into();
         });
         if record {
-            r.row(
-                self.key,
-                Some(d),
-                RowText {
-                    trigger: d.trigger,
-                    actor: d.actor.clone(),
-                    from: images.to_string(),
-                    to: images.to_string(),
-                    outcome: DeployOutcome::Unchanged,
-                    message: message.into(),
-                },
-            );
+            let text = images.to_string();
+            self.complete_row(text.clone(), text, DeployOutcome::Unchanged, message);
         }
     }
 
