@@ -1,5 +1,6 @@
 //! Drift: the shared watches notice when a managed Deployment's images change behind
-//! depwatch's back (`kubectl set image`, another tool). Each drifted state is recorded once,
+//! depwatch's back (`kubectl set image`, another tool); only Deployments whose images changed
+//! are looked at, never the whole fleet. Each drifted state is recorded once,
 //! through the recorder like any deploy outcome; with `--self-heal` the service is handed back
 //! to the scheduler to deploy its desired images again.
 
@@ -50,32 +51,30 @@ pub async fn run(
             }
         }
     }
-    let mut changed = watches.any_change();
+    let changed = watches.changed();
     let mut reported: HashMap<ServiceKey, Images> = HashMap::new();
     loop {
-        tokio::select! {
+        // Coalesce bursts (a rollout is several events) into one look per Deployment.
+        let mut keys = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = changed.changed() => if r.is_err() { return },
-        }
-        // Coalesce bursts of events (a rollout is dozens) into one comparison.
+            keys = changed.take() => keys,
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        changed.borrow_and_update();
-        let Ok(records) = store.services() else {
-            continue;
-        };
-        let watched = watches.watched();
-        for r in records {
+        keys.extend(changed.take_now());
+        for key in keys {
+            let Ok(Some(r)) = store.service(&key) else {
+                continue;
+            };
             if !r.status.watch_drift() || r.suspended || r.deployed.is_empty() {
                 continue;
             }
-            let Some((_, ns)) = watched.iter().find(|(n, _)| *n == r.namespace) else {
+            let Some(ns) = watches.cached(&key.namespace) else {
                 continue;
             };
-            let key = r.key();
-            let Some((live, uid)) = ns.images_and_uid(&key.name) else {
+            let (Some(live), Some(dep)) = (ns.images(&key.name), ns.deployment(&key.name)) else {
                 continue;
             };
             let drift = drifted(&r.deployed, &live);
@@ -93,7 +92,7 @@ pub async fn run(
                     recorded: r.deployed.clone(),
                     running: live,
                     drifted: drift,
-                    uid,
+                    uid: dep.uid,
                     self_heal: heal.is_some(),
                 },
             );

@@ -4,6 +4,7 @@
 //! watches, and roll back to the captured images when it fails.
 
 pub mod attempt;
+pub mod cache;
 pub mod drift;
 pub mod lifecycle;
 pub mod recorder;
@@ -22,7 +23,8 @@ use tokio::time::Instant;
 
 use crate::depfile::{self, DepSpec, ServiceKey};
 pub use crate::domain::Images;
-use rollout::{FailFast, Health, Watches};
+use cache::Watches;
+use rollout::{DeploymentState, FailFast, Health};
 
 pub const FIELD_MANAGER: &str = "depwatch";
 
@@ -230,8 +232,41 @@ impl Deployer {
     }
 
     /// Read the Deployment and work out the new images. One try: the lifecycle decides
-    /// whether and when an error is worth another.
+    /// whether and when an error is worth another. The namespace's shared watch answers when it
+    /// knows the Deployment, so a deploy costs no read; otherwise the API server does.
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
+        let cached = self
+            .watches
+            .cached(&key.namespace)
+            .and_then(|w| w.deployment(&key.name));
+        let dep = match cached {
+            Some(dep) => dep,
+            None => self.read(key).await?,
+        };
+        // Sorted by name: the order only shows in messages that list the containers.
+        let current: Vec<(String, String)> = dep
+            .images
+            .iter()
+            .map(|(c, i)| (c.clone(), i.clone()))
+            .collect();
+        let wanted: Images =
+            depfile::resolve(spec, key, &current, self.config.image_repo.as_deref())?
+                .into_iter()
+                .collect();
+        let changes = dep.images.changed_in(&wanted);
+        Ok(Plan {
+            key: key.clone(),
+            after: dep.images.with(&changes),
+            before: dep.images,
+            changes,
+            generation: dep.generation,
+            uid: dep.uid,
+            paused: dep.paused,
+        })
+    }
+
+    /// The Deployment from the API server.
+    async fn read(&self, key: &ServiceKey) -> Result<DeploymentState, DeployError> {
         self.ensure_namespace(&key.namespace).await?;
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
         let dep = api
@@ -246,33 +281,7 @@ impl Deployer {
                     namespace: key.namespace.clone(),
                 }
             })?;
-        let before = rollout::container_images(&dep);
-        // In the Deployment's own order, for messages that list its containers.
-        let current: Vec<(String, String)> = dep
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .map(|s| {
-                s.containers
-                    .iter()
-                    .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let wanted: Images =
-            depfile::resolve(spec, key, &current, self.config.image_repo.as_deref())?
-                .into_iter()
-                .collect();
-        let changes = before.changed_in(&wanted);
-        Ok(Plan {
-            key: key.clone(),
-            after: before.with(&changes),
-            before,
-            changes,
-            generation: dep.metadata.generation.unwrap_or(0),
-            uid: dep.metadata.uid.clone().unwrap_or_default(),
-            paused: dep.spec.as_ref().and_then(|s| s.paused).unwrap_or(false),
-        })
+        Ok(DeploymentState::from(&dep))
     }
 
     /// Patch the images; returns the Deployment generation the rollout must reach.
@@ -309,7 +318,8 @@ impl Deployer {
     }
 
     /// Wait for the rollout that reaches `generation`, until healthy, failed, the deadline,
-    /// or a newer version supersedes it (`superseded` changes).
+    /// or a newer version supersedes it (`superseded` changes). Woken only by changes to this
+    /// Deployment, its ReplicaSets and their pods.
     pub async fn wait(
         &self,
         key: &ServiceKey,
@@ -326,11 +336,10 @@ impl Deployer {
                     }
                 }
             };
-        let mut changed = ns.changed.clone();
+        let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
-        let mut last;
         loop {
-            match ns.judge(
+            let last = match ns.judge(
                 &key.name,
                 generation,
                 self.config.fail_fast,
@@ -341,8 +350,8 @@ impl Deployer {
                 Health::Failed { reason, message } => {
                     return WaitOutcome::Failed { reason, message }
                 }
-                Health::Progressing(m) => last = m,
-            }
+                Health::Progressing(m) => m,
+            };
             let supersede = async {
                 match superseded.as_mut() {
                     Some(rx) => {
@@ -353,13 +362,42 @@ impl Deployer {
                     None => std::future::pending().await,
                 }
             };
+            // A pull error's grace ends without any event: look again when it may have.
+            let grace = async {
+                match first_seen.is_empty() {
+                    true => std::future::pending::<()>().await,
+                    false => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            };
             tokio::select! {
-                _ = changed.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => return WaitOutcome::TimedOut { last },
+                r = changed.changed() => if r.is_err() { changed = ns.subscribe(&key.name) },
+                _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, generation, last).await,
                 _ = supersede => return WaitOutcome::Superseded,
-                // Grace periods end without any event; look again now and then.
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = grace => {}
             }
+        }
+    }
+
+    /// The deadline passed. A rollout is judged by the cluster's time, not depwatch's backlog:
+    /// before calling it timed out, ask the API server whether it completed meanwhile.
+    async fn at_deadline(&self, key: &ServiceKey, generation: i64, last: String) -> WaitOutcome {
+        let timed_out = WaitOutcome::TimedOut { last };
+        let Ok(dep) = self.read(key).await else {
+            return timed_out;
+        };
+        let mut first_seen = Default::default();
+        let now = Instant::now();
+        match rollout::judge(
+            &dep,
+            generation,
+            &[],
+            self.config.fail_fast,
+            &mut first_seen,
+            now,
+        ) {
+            Health::Healthy => WaitOutcome::Healthy,
+            Health::NoReplicas => WaitOutcome::NoReplicas,
+            _ => timed_out,
         }
     }
 
@@ -368,9 +406,9 @@ impl Deployer {
     pub async fn health_now(&self, key: &ServiceKey, generation: i64) -> lifecycle::HealthNow {
         use lifecycle::HealthNow;
         let ns = self.watches.namespace(&key.namespace).await;
+        let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut changed = ns.changed.clone();
         loop {
             match ns.judge(
                 &key.name,
@@ -423,13 +461,5 @@ impl Deployer {
                 tracing::debug!(service = %key, error = %e, "could not record a Kubernetes Event");
             }
         });
-    }
-
-    /// The images a Deployment runs now, per the shared watch.
-    pub async fn live_images(&self, key: &ServiceKey) -> Option<Images> {
-        self.watches
-            .namespace(&key.namespace)
-            .await
-            .images(&key.name)
     }
 }

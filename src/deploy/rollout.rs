@@ -1,20 +1,15 @@
 //! Rollout health, judged as `kubectl rollout status` judges it (observedGeneration first), plus
 //! failing fast from the new ReplicaSet's pods with the pod's own reason. The judgement is a
-//! pure function over the Deployment, its ReplicaSets and pods; the waiting is driven by watches
-//! shared by every service in a namespace (reflectors), never by polling.
+//! pure function over compact states of the Deployment, its ReplicaSets and pods: only what
+//! judging and drift need, kept per object by [`super::cache`] as watch events arrive.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, reflector, Store};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
-use tokio::sync::watch;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
 use tokio::time::Instant;
 
 use crate::domain::Images;
@@ -62,396 +57,63 @@ const DETERMINISTIC: &[&str] = &[
     "CreateContainerConfigError",
 ];
 
-/// The Deployment's current ReplicaSet: owned by it, carrying the Deployment's revision, and
-/// running the template's own images. The last check matters while caches trail each other: a
-/// Deployment just rolled back may still name the failed ReplicaSet's revision, and a verdict
-/// must only ever be made on the pods of the template being judged.
-pub fn new_replicaset<'a>(dep: &Deployment, rss: &'a [Arc<ReplicaSet>]) -> Option<&'a ReplicaSet> {
-    let uid = dep.metadata.uid.as_deref()?;
-    let revision = dep.annotations().get(REVISION)?;
-    let images = container_images(dep);
-    rss.iter().map(|r| r.as_ref()).find(|rs| {
-        rs.owner_references()
-            .iter()
-            .any(|o| o.controller == Some(true) && o.uid == uid)
-            && rs.annotations().get(REVISION) == Some(revision)
-            && replicaset_images(rs) == images
-    })
+/// Waiting reasons that are failures once they persist for the pull grace.
+const GRACED: &str = "ErrImagePull";
+
+/// What judging and drift need of a Deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeploymentState {
+    pub uid: String,
+    pub generation: i64,
+    pub observed_generation: i64,
+    /// `spec.replicas` (1 when unset, as the API server defaults it).
+    pub desired: i32,
+    pub paused: bool,
+    pub revision: Option<String>,
+    /// The template's images: what is deployed.
+    pub images: Images,
+    pub replicas: i32,
+    pub updated: i32,
+    pub available: i32,
+    /// The Progressing condition's message when its reason is ProgressDeadlineExceeded.
+    pub deadline_exceeded: Option<String>,
 }
 
-fn replicaset_images(rs: &ReplicaSet) -> Images {
-    template_images(rs.spec.as_ref().and_then(|s| s.template.as_ref()))
+/// What judging needs of a ReplicaSet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaSetState {
+    pub uid: String,
+    /// The controlling Deployment's uid.
+    pub owner: Option<String>,
+    pub revision: Option<String>,
+    pub images: Images,
 }
 
-fn selector_matches(dep: &Deployment, pod: &Pod) -> bool {
-    let Some(sel) = dep.spec.as_ref().map(|s| &s.selector) else {
-        return false;
-    };
-    let labels = pod.labels();
-    let ok_labels = sel
-        .match_labels
-        .as_ref()
-        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
-    let ok_exprs = sel.match_expressions.as_ref().is_none_or(|exprs| {
-        exprs.iter().all(|e| {
-            let v = labels.get(&e.key);
-            let vals = e.values.clone().unwrap_or_default();
-            match e.operator.as_str() {
-                "In" => v.is_some_and(|v| vals.contains(v)),
-                "NotIn" => v.is_none_or(|v| !vals.contains(v)),
-                "Exists" => v.is_some(),
-                "DoesNotExist" => v.is_none(),
-                _ => false,
-            }
-        })
-    });
-    ok_labels && ok_exprs
+/// What judging needs of a pod: its controller and its containers that are waiting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodState {
+    pub name: String,
+    /// The controlling ReplicaSet's uid.
+    pub owner: Option<String>,
+    pub waiting: Vec<Waiting>,
 }
 
-/// The pods of the new ReplicaSet: matched by the Deployment's selector and owned by it.
-pub fn new_pods<'a>(dep: &Deployment, rs: &ReplicaSet, pods: &'a [Arc<Pod>]) -> Vec<&'a Pod> {
-    let Some(uid) = rs.metadata.uid.as_deref() else {
-        return Vec::new();
-    };
-    pods.iter()
-        .map(|p| p.as_ref())
-        .filter(|p| selector_matches(dep, p) && p.owner_references().iter().any(|o| o.uid == uid))
-        .collect()
+/// One container waiting, with the kubelet's reason and message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Waiting {
+    pub container: String,
+    pub reason: String,
+    pub message: String,
+    pub restarts: i32,
 }
 
-/// Judge a rollout. `generation` is the Deployment generation our patch produced;
-/// `first_seen` remembers when each (pod, reason) was first seen, for grace periods.
-pub fn judge(
-    dep: &Deployment,
-    generation: i64,
-    new_pods: &[&Pod],
-    fail_fast: FailFast,
-    first_seen: &mut HashMap<(String, String), Instant>,
-    now: Instant,
-) -> Health {
-    let observed = dep
-        .status
-        .as_ref()
-        .and_then(|s| s.observed_generation)
-        .unwrap_or(0);
-    let current = dep.metadata.generation.unwrap_or(0);
-    if current < generation || observed < current {
-        return Health::Progressing(
-            "waiting for the deployment controller to observe the update".into(),
-        );
-    }
-    if dep.spec.as_ref().and_then(|s| s.paused) == Some(true) {
-        return Health::Failed {
-            reason: "DeploymentPaused".into(),
-            message: "Deployment is paused".into(),
-        };
-    }
-    let status = dep.status.clone().unwrap_or_default();
-    if let Some(c) = status
-        .conditions
-        .as_ref()
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
-    {
-        if c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
-            return Health::Failed {
-                reason: "ProgressDeadlineExceeded".into(),
-                message: c
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| "the rollout exceeded its progress deadline".into()),
-            };
-        }
-    }
-    // Fail fast from the new pods' own container states.
-    for pod in new_pods {
-        let statuses = pod
-            .status
-            .as_ref()
-            .map(|s| {
-                let mut all = s.init_container_statuses.clone().unwrap_or_default();
-                all.extend(s.container_statuses.clone().unwrap_or_default());
-                all
-            })
-            .unwrap_or_default();
-        for cs in statuses {
-            let Some(waiting) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
-                continue;
-            };
-            let reason = waiting.reason.clone().unwrap_or_default();
-            let message = format!(
-                "pod {} container {}: {}",
-                pod.name_any(),
-                cs.name,
-                waiting.message.clone().unwrap_or_else(|| reason.clone())
-            );
-            let since = *first_seen
-                .entry((pod.name_any(), reason.clone()))
-                .or_insert(now);
-            let failed = DETERMINISTIC.contains(&reason.as_str())
-                || reason == "ImagePullBackOff"
-                || (reason == "ErrImagePull" && now.duration_since(since) >= fail_fast.pull_grace)
-                || (reason == "CrashLoopBackOff" && cs.restart_count >= fail_fast.crash_restarts);
-            if failed {
-                return Health::Failed { reason, message };
-            }
-        }
-    }
-    let desired = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    if desired == 0 {
-        return Health::NoReplicas;
-    }
-    let updated = status.updated_replicas.unwrap_or(0);
-    let replicas = status.replicas.unwrap_or(0);
-    let available = status.available_replicas.unwrap_or(0);
-    if updated < desired {
-        return Health::Progressing(format!("{updated} of {desired} new replicas updated"));
-    }
-    if replicas > updated {
-        return Health::Progressing(format!(
-            "{} old replicas pending termination",
-            replicas - updated
-        ));
-    }
-    if available < updated {
-        return Health::Progressing(format!(
-            "{available} of {updated} updated replicas available"
-        ));
-    }
-    Health::Healthy
-}
-
-/// Shared watches of one namespace: Deployments, ReplicaSets and Pods, with a change counter
-/// that wakes every waiter in the namespace.
-#[derive(Clone)]
-pub struct NamespaceWatch {
-    pub deployments: Store<Deployment>,
-    pub replicasets: Store<ReplicaSet>,
-    pub pods: Store<Pod>,
-    pub changed: watch::Receiver<u64>,
-    /// Lookups by name and owner, rebuilt once per change and shared by every waiter, so a
-    /// burst of events costs one pass over the namespace rather than one per waiting service.
-    index: Arc<std::sync::Mutex<Index>>,
-}
-
-#[derive(Default)]
-struct Index {
-    version: Option<u64>,
-    deployments: HashMap<String, Arc<Deployment>>,
-    replicasets_by_owner: HashMap<String, Vec<Arc<ReplicaSet>>>,
-    pods_by_owner: HashMap<String, Vec<Arc<Pod>>>,
-}
-
-fn controller_uid(
-    refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
-) -> Option<String> {
+pub fn controller_uid(refs: &[OwnerReference]) -> Option<String> {
     refs.iter()
         .find(|o| o.controller == Some(true))
         .map(|o| o.uid.clone())
 }
 
-/// All namespace watches, started on first use and shared by every service.
-#[derive(Clone)]
-pub struct Watches {
-    client: Client,
-    by_namespace: Arc<DashMap<String, NamespaceWatch>>,
-    lock: Arc<tokio::sync::Mutex<()>>,
-    /// Moves on any change in any watched namespace.
-    any_change: Arc<watch::Sender<u64>>,
-}
-
-fn spawn_reflector<K>(api: Api<K>, tx: watch::Sender<u64>, any: Arc<watch::Sender<u64>>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::debug!(error = %e, "watch interrupted; it resumes with backoff");
-            }
-            tx.send_modify(|n| *n += 1);
-            any.send_modify(|n| *n += 1);
-        }
-    });
-    reader
-}
-
-impl Watches {
-    pub fn new(client: Client) -> Self {
-        Watches {
-            client,
-            by_namespace: Arc::default(),
-            lock: Arc::default(),
-            any_change: Arc::new(watch::channel(0).0),
-        }
-    }
-
-    /// Notified on any change in any watched namespace.
-    pub fn any_change(&self) -> watch::Receiver<u64> {
-        self.any_change.subscribe()
-    }
-
-    /// The namespaces being watched now.
-    pub fn watched(&self) -> Vec<(String, NamespaceWatch)> {
-        self.by_namespace
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect()
-    }
-
-    /// The watch of `namespace`, started (and synced) if it is not running yet.
-    pub async fn namespace(&self, namespace: &str) -> NamespaceWatch {
-        if let Some(w) = self.by_namespace.get(namespace) {
-            return w.clone();
-        }
-        let _guard = self.lock.lock().await;
-        if let Some(w) = self.by_namespace.get(namespace) {
-            return w.clone();
-        }
-        let (tx, rx) = watch::channel(0u64);
-        let w = NamespaceWatch {
-            deployments: spawn_reflector(
-                Api::namespaced(self.client.clone(), namespace),
-                tx.clone(),
-                self.any_change.clone(),
-            ),
-            replicasets: spawn_reflector(
-                Api::namespaced(self.client.clone(), namespace),
-                tx.clone(),
-                self.any_change.clone(),
-            ),
-            pods: spawn_reflector(
-                Api::namespaced(self.client.clone(), namespace),
-                tx,
-                self.any_change.clone(),
-            ),
-            changed: rx,
-            index: Arc::default(),
-        };
-        // A namespace depwatch may not list (RBAC) never syncs: do not hold every other
-        // namespace behind it. Waiters then judge from what arrives, under their own deadline.
-        let synced = tokio::time::timeout(Duration::from_secs(10), async {
-            w.deployments.wait_until_ready().await.is_ok()
-                && w.replicasets.wait_until_ready().await.is_ok()
-                && w.pods.wait_until_ready().await.is_ok()
-        })
-        .await;
-        if synced != Ok(true) {
-            tracing::warn!(namespace, "the shared watches of this namespace have not synced (is depwatch allowed to list deployments, replicasets and pods there?)");
-        }
-        self.by_namespace.insert(namespace.to_string(), w.clone());
-        w
-    }
-}
-
-impl NamespaceWatch {
-    /// The index for the current change count, rebuilt if anything changed since.
-    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
-        // Read the count before the stores: the index is never older than its label.
-        let version = *self.changed.borrow();
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if index.version != Some(version) {
-            let mut fresh = Index {
-                version: Some(version),
-                ..Index::default()
-            };
-            for d in self.deployments.state() {
-                fresh.deployments.insert(d.name_any(), d);
-            }
-            for rs in self.replicasets.state() {
-                if let Some(owner) = controller_uid(rs.owner_references()) {
-                    fresh
-                        .replicasets_by_owner
-                        .entry(owner)
-                        .or_default()
-                        .push(rs);
-                }
-            }
-            for p in self.pods.state() {
-                if let Some(owner) = controller_uid(p.owner_references()) {
-                    fresh.pods_by_owner.entry(owner).or_default().push(p);
-                }
-            }
-            *index = fresh;
-        }
-        index
-    }
-
-    /// Judge `name`'s rollout from the cached state.
-    pub fn judge(
-        &self,
-        name: &str,
-        generation: i64,
-        fail_fast: FailFast,
-        first_seen: &mut HashMap<(String, String), Instant>,
-    ) -> Health {
-        let index = self.index();
-        let Some(dep) = index.deployments.get(name).cloned() else {
-            return Health::Failed {
-                reason: "DeploymentDeleted".into(),
-                message: format!("Deployment {name} disappeared during the rollout"),
-            };
-        };
-        let no_rs = Vec::new();
-        let no_pods = Vec::new();
-        let rss = dep
-            .metadata
-            .uid
-            .as_ref()
-            .and_then(|u| index.replicasets_by_owner.get(u))
-            .unwrap_or(&no_rs);
-        let new_pods = match new_replicaset(&dep, rss) {
-            Some(rs) => {
-                let pods = rs
-                    .metadata
-                    .uid
-                    .as_ref()
-                    .and_then(|u| index.pods_by_owner.get(u))
-                    .unwrap_or(&no_pods);
-                new_pods(&dep, rs, pods)
-            }
-            None => Vec::new(),
-        };
-        judge(
-            &dep,
-            generation,
-            &new_pods,
-            fail_fast,
-            first_seen,
-            Instant::now(),
-        )
-    }
-
-    /// The images a Deployment runs now, per container, from the cache.
-    pub fn images(&self, name: &str) -> Option<Images> {
-        self.images_and_uid(name).map(|(images, _)| images)
-    }
-
-    /// The images a Deployment runs now and its uid, from the cache.
-    pub fn images_and_uid(&self, name: &str) -> Option<(Images, String)> {
-        let dep = self.index().deployments.get(name).cloned()?;
-        Some((
-            container_images(&dep),
-            dep.metadata.uid.clone().unwrap_or_default(),
-        ))
-    }
-}
-
-pub fn container_images(dep: &Deployment) -> Images {
-    template_images(dep.spec.as_ref().map(|s| &s.template))
-}
-
-fn template_images(t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> Images {
+fn template_images(t: Option<&PodTemplateSpec>) -> Images {
     t.and_then(|t| t.spec.as_ref())
         .map(|s| {
             s.containers
@@ -460,6 +122,174 @@ fn template_images(t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> I
                 .collect()
         })
         .unwrap_or_default()
+}
+
+pub fn container_images(dep: &Deployment) -> Images {
+    template_images(dep.spec.as_ref().map(|s| &s.template))
+}
+
+impl From<&Deployment> for DeploymentState {
+    fn from(dep: &Deployment) -> Self {
+        let spec = dep.spec.as_ref();
+        let status = dep.status.as_ref();
+        let deadline_exceeded = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+            .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            .map(|c| {
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| "the rollout exceeded its progress deadline".into())
+            });
+        DeploymentState {
+            uid: dep.metadata.uid.clone().unwrap_or_default(),
+            generation: dep.metadata.generation.unwrap_or(0),
+            observed_generation: status.and_then(|s| s.observed_generation).unwrap_or(0),
+            desired: spec.and_then(|s| s.replicas).unwrap_or(1),
+            paused: spec.and_then(|s| s.paused).unwrap_or(false),
+            revision: dep.annotations().get(REVISION).cloned(),
+            images: container_images(dep),
+            replicas: status.and_then(|s| s.replicas).unwrap_or(0),
+            updated: status.and_then(|s| s.updated_replicas).unwrap_or(0),
+            available: status.and_then(|s| s.available_replicas).unwrap_or(0),
+            deadline_exceeded,
+        }
+    }
+}
+
+impl From<&ReplicaSet> for ReplicaSetState {
+    fn from(rs: &ReplicaSet) -> Self {
+        ReplicaSetState {
+            uid: rs.metadata.uid.clone().unwrap_or_default(),
+            owner: controller_uid(rs.owner_references()),
+            revision: rs.annotations().get(REVISION).cloned(),
+            images: template_images(rs.spec.as_ref().and_then(|s| s.template.as_ref())),
+        }
+    }
+}
+
+impl From<&Pod> for PodState {
+    fn from(pod: &Pod) -> Self {
+        let waiting = pod
+            .status
+            .iter()
+            .flat_map(|s| {
+                let init = s.init_container_statuses.iter().flatten();
+                init.chain(s.container_statuses.iter().flatten())
+            })
+            .filter_map(|cs| {
+                let w = cs.state.as_ref()?.waiting.as_ref()?;
+                let reason = w.reason.clone().unwrap_or_default();
+                Some(Waiting {
+                    container: cs.name.clone(),
+                    message: w.message.clone().unwrap_or_else(|| reason.clone()),
+                    reason,
+                    restarts: cs.restart_count,
+                })
+            })
+            .collect();
+        PodState {
+            name: pod.name_any(),
+            owner: controller_uid(pod.owner_references()),
+            waiting,
+        }
+    }
+}
+
+/// The Deployment's current ReplicaSet: owned by it, carrying the Deployment's revision, and
+/// running the template's own images. The last check matters while caches trail each other: a
+/// Deployment just rolled back may still name the failed ReplicaSet's revision, and a verdict
+/// must only ever be made on the pods of the template being judged.
+pub fn new_replicaset<'a>(
+    dep: &DeploymentState,
+    rss: impl IntoIterator<Item = &'a ReplicaSetState>,
+) -> Option<&'a ReplicaSetState> {
+    let revision = dep.revision.as_ref()?;
+    rss.into_iter().find(|rs| {
+        rs.owner.as_deref() == Some(dep.uid.as_str())
+            && rs.revision.as_ref() == Some(revision)
+            && rs.images == dep.images
+    })
+}
+
+/// Judge a rollout. `generation` is the Deployment generation our patch produced;
+/// `first_seen` remembers when each pod's `ErrImagePull` was first seen, for its grace.
+pub fn judge(
+    dep: &DeploymentState,
+    generation: i64,
+    new_pods: &[&PodState],
+    fail_fast: FailFast,
+    first_seen: &mut HashMap<String, Instant>,
+    now: Instant,
+) -> Health {
+    if dep.generation < generation || dep.observed_generation < dep.generation {
+        return Health::Progressing(
+            "waiting for the deployment controller to observe the update".into(),
+        );
+    }
+    if dep.paused {
+        return Health::Failed {
+            reason: "DeploymentPaused".into(),
+            message: "Deployment is paused".into(),
+        };
+    }
+    if let Some(message) = &dep.deadline_exceeded {
+        return Health::Failed {
+            reason: "ProgressDeadlineExceeded".into(),
+            message: message.clone(),
+        };
+    }
+    if let Some(failed) = pod_failure(new_pods, fail_fast, first_seen, now) {
+        return failed;
+    }
+    if dep.desired == 0 {
+        return Health::NoReplicas;
+    }
+    let (desired, updated) = (dep.desired, dep.updated);
+    if updated < desired {
+        return Health::Progressing(format!("{updated} of {desired} new replicas updated"));
+    }
+    if dep.replicas > updated {
+        return Health::Progressing(format!(
+            "{} old replicas pending termination",
+            dep.replicas - updated
+        ));
+    }
+    if dep.available < updated {
+        return Health::Progressing(format!(
+            "{} of {updated} updated replicas available",
+            dep.available
+        ));
+    }
+    Health::Healthy
+}
+
+/// Fail fast from the new pods' own container states.
+fn pod_failure(
+    pods: &[&PodState],
+    fail_fast: FailFast,
+    first_seen: &mut HashMap<String, Instant>,
+    now: Instant,
+) -> Option<Health> {
+    for pod in pods {
+        for w in &pod.waiting {
+            let graced = w.reason == GRACED && {
+                let since = *first_seen.entry(pod.name.clone()).or_insert(now);
+                now.duration_since(since) >= fail_fast.pull_grace
+            };
+            let failed = DETERMINISTIC.contains(&w.reason.as_str())
+                || w.reason == "ImagePullBackOff"
+                || graced
+                || (w.reason == "CrashLoopBackOff" && w.restarts >= fail_fast.crash_restarts);
+            if failed {
+                return Some(Health::Failed {
+                    reason: w.reason.clone(),
+                    message: format!("pod {} container {}: {}", pod.name, w.container, w.message),
+                });
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -508,10 +338,12 @@ status:
     }
 
     fn run(dep: &Deployment, generation: i64, pods: &[&Pod]) -> Health {
+        let pods: Vec<PodState> = pods.iter().map(|p| PodState::from(*p)).collect();
+        let pods: Vec<&PodState> = pods.iter().collect();
         judge(
-            dep,
+            &DeploymentState::from(dep),
             generation,
-            pods,
+            &pods,
             FailFast::default(),
             &mut HashMap::new(),
             Instant::now(),
@@ -592,7 +424,8 @@ status:
     fn err_image_pull_fails_after_its_grace() {
         let mut dep: Deployment = yaml(DEP);
         dep.status.as_mut().expect("status").updated_replicas = Some(1);
-        let p = pod("ErrImagePull", 0);
+        let dep = DeploymentState::from(&dep);
+        let p = PodState::from(&pod("ErrImagePull", 0));
         let mut seen = HashMap::new();
         let t0 = Instant::now();
         let ff = FailFast::default();
@@ -606,26 +439,30 @@ status:
         ));
     }
 
-    fn replicaset(name: &str, uid: &str, owner: &str, revision: &str, image: &str) -> ReplicaSet {
-        yaml(&format!(
+    fn replicaset(
+        name: &str,
+        uid: &str,
+        owner: &str,
+        revision: &str,
+        image: &str,
+    ) -> ReplicaSetState {
+        ReplicaSetState::from(&yaml::<ReplicaSet>(&format!(
             "metadata: {{name: {name}, uid: {uid}, annotations: {{deployment.kubernetes.io/revision: '{revision}'}}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: x, uid: {owner}, controller: true}}]}}\nspec: {{selector: {{}}, template: {{spec: {{containers: [{{name: web, image: '{image}'}}]}}}}}}"
-        ))
+        )))
     }
 
     #[test]
     fn the_new_replicaset_is_found_by_owner_revision_and_template() {
-        let dep: Deployment = yaml(DEP);
+        let dep = DeploymentState::from(&yaml::<Deployment>(DEP));
         let old = replicaset("web-old", "rs1", "d1", "1", "web:1");
         let new = replicaset("web-abc", "rs2", "d1", "2", "web:2");
         let foreign = replicaset("other", "rs3", "d9", "2", "web:2");
-        let rss = vec![Arc::new(foreign), Arc::new(old), Arc::new(new)];
+        let rss = [foreign, old, new];
         let rs = new_replicaset(&dep, &rss).expect("found");
-        assert_eq!(rs.name_any(), "web-abc");
-        let mine = Arc::new(pod("ContainerCreating", 0));
-        let mut stranger = pod("ContainerCreating", 0);
-        stranger.metadata.labels = Some([("app".to_string(), "other".to_string())].into());
-        let pods = vec![mine, Arc::new(stranger)];
-        assert_eq!(new_pods(&dep, rs, &pods).len(), 1);
+        assert_eq!(rs.uid, "rs2");
+        let p = PodState::from(&pod("ContainerCreating", 0));
+        assert_eq!(p.owner.as_deref(), Some("rs2"));
+        assert_eq!(p.waiting[0].reason, "ContainerCreating");
     }
 
     #[test]
@@ -636,16 +473,15 @@ status:
         dep.spec.as_mut().expect("spec").template = yaml(
             "{metadata: {labels: {app: web}}, spec: {containers: [{name: web, image: 'web:1'}]}}",
         );
+        let dep = DeploymentState::from(&dep);
         let failed = replicaset("web-abc", "rs2", "d1", "2", "web:2");
         let restored = replicaset("web-old", "rs1", "d1", "1", "web:1");
-        let rss = vec![Arc::new(failed), Arc::new(restored)];
-        assert!(new_replicaset(&dep, &rss).is_none());
+        assert!(new_replicaset(&dep, &[failed, restored]).is_none());
         // Once the restored ReplicaSet carries the new revision, it is the one judged.
         let restored = replicaset("web-old", "rs1", "d1", "2", "web:1");
-        let rss = vec![Arc::new(restored)];
         assert_eq!(
-            new_replicaset(&dep, &rss).map(|r| r.name_any()).as_deref(),
-            Some("web-old")
+            new_replicaset(&dep, &[restored]).map(|r| r.uid.as_str()),
+            Some("rs1")
         );
     }
 

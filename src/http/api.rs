@@ -60,10 +60,8 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
         .and_then(|h| h.into_iter().next());
     let running = match &state.watches {
         Some(w) => w
-            .watched()
-            .into_iter()
-            .find(|(ns, _)| *ns == key.namespace)
-            .and_then(|(_, nw)| nw.images(&key.name))
+            .cached(&key.namespace)
+            .and_then(|nw| nw.images(&key.name))
             .unwrap_or_default(),
         None => Images::new(),
     };

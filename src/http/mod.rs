@@ -19,7 +19,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::deploy::rollout::Watches;
+use crate::deploy::cache::Watches;
 use crate::metrics::Metrics;
 use crate::queue::QueueStats;
 use crate::store::Store;
