@@ -1,11 +1,16 @@
 //! The deployment controller, replica-set controller, kubelet and garbage collector in
-//! miniature. Each tick reads the store and moves the world one step, writing only what changed,
+//! miniature. Like the real controllers they react to changes: every store event marks the
+//! objects it concerns (and their owners) dirty, timers mark pods whose state moves with time
+//! and Deployments nearing their progress deadline, and each tick works only on those, so ten
+//! thousand idle Deployments cost nothing. Each step writes only what changed,
 //! so Deployment status evolves as the real controllers make it evolve: a new ReplicaSet per
 //! template (named by `pod-template-hash`), rolling scale-up and scale-down within
 //! maxSurge/maxUnavailable, pods whose fate follows their image, and the Progressing/Available
 //! conditions with the real reasons, including ProgressDeadlineExceeded.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::behaviour::{valid_image_reference, Behaviours, Fate};
 use super::meta;
 use super::resources::{self, ResourceType};
-use super::store::{ObjKey, Store};
+use super::store::{EventType, ObjKey, Store, StoredEvent};
 
 const TICK: Duration = Duration::from_millis(50);
 const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -41,8 +46,25 @@ pub struct Controller {
     /// it as observedGeneration, never a generation written after the sync read the object
     /// (as the real controller reports the generation of the object it synced).
     synced: HashMap<String, Value>,
-    /// Per-phase index of objects by controlling owner: resource → owner UID → objects.
-    owned_index: std::cell::RefCell<HashMap<String, HashMap<String, Vec<Value>>>>,
+    /// Every change in the store, in order.
+    feed: Receiver<Arc<StoredEvent>>,
+    /// Objects by controlling owner, kept from the feed: resource → owner UID → keys.
+    owners: HashMap<String, HashMap<String, HashSet<ObjKey>>>,
+    /// The owner each indexed object was filed under.
+    owner_of: HashMap<ObjKey, String>,
+    /// Keys of Deployments and ReplicaSets by UID, to reach an owner from what it owns.
+    keys: HashMap<String, ObjKey>,
+    /// What the next tick must look at.
+    dirty_deployments: BTreeSet<ObjKey>,
+    dirty_replicasets: BTreeSet<ObjKey>,
+    dirty_pods: BTreeSet<ObjKey>,
+    /// When an object must be looked at again without any event (pod fates, deadlines).
+    timers: BinaryHeap<Reverse<(Instant, ObjKey)>>,
+    scheduled: HashMap<ObjKey, Instant>,
+    /// Look at everything (start-up, restored state).
+    full: bool,
+    /// Something was deleted: collect orphans.
+    gc: bool,
 }
 
 /// What the kubelet reports for one pod this tick.
@@ -107,12 +129,22 @@ fn revision(obj: &Value) -> i64 {
 impl Controller {
     pub fn new(store: Arc<Store>, behaviours: Behaviours) -> Self {
         Controller {
+            feed: store.feed(),
+            owners: HashMap::new(),
+            owner_of: HashMap::new(),
+            keys: HashMap::new(),
+            dirty_deployments: BTreeSet::new(),
+            dirty_replicasets: BTreeSet::new(),
+            dirty_pods: BTreeSet::new(),
+            timers: BinaryHeap::new(),
+            scheduled: HashMap::new(),
+            full: true,
+            gc: true,
             store,
             behaviours,
             pod_born: HashMap::new(),
             ticks: 0,
             last_progress: HashMap::new(),
-            owned_index: Default::default(),
             created: HashSet::new(),
             synced: HashMap::new(),
         }
@@ -138,24 +170,177 @@ impl Controller {
             })
     }
 
-    /// One step of every controller.
+    /// One step of every controller, on what changed since the last.
     pub fn reconcile(&mut self) {
-        // Garbage collection reads every kind; a real collector is not instant either.
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % 5 == 0 {
-            self.collect_garbage();
+        self.absorb();
+        if std::mem::take(&mut self.full) {
+            self.everything_dirty();
         }
-        self.refresh();
-        self.deployments();
-        self.refresh();
-        self.replicasets();
-        self.refresh();
-        self.kubelet();
-        self.refresh();
-        self.replicaset_status();
-        self.refresh();
-        self.deployment_status();
-        self.refresh();
+        if std::mem::take(&mut self.gc) {
+            self.collect_garbage();
+            self.absorb();
+        }
+        self.due_timers();
+        let deployments = std::mem::take(&mut self.dirty_deployments);
+        for key in &deployments {
+            if let Some(dep) = self.store.get(key) {
+                if !dep["metadata"]["deletionTimestamp"].is_string() {
+                    self.sync_deployment(&dep);
+                }
+            }
+        }
+        self.absorb();
+        let replicasets = std::mem::take(&mut self.dirty_replicasets);
+        for key in &replicasets {
+            if let Some(rs) = self.store.get(key) {
+                self.scale_replicaset(&rs);
+            }
+        }
+        self.absorb();
+        for key in std::mem::take(&mut self.dirty_pods) {
+            if let Some(pod) = self.store.get(&key) {
+                self.kubelet(&key, &pod);
+            }
+        }
+        self.absorb();
+        let mut replicasets2 = std::mem::take(&mut self.dirty_replicasets);
+        replicasets2.extend(replicasets);
+        for key in &replicasets2 {
+            if let Some(rs) = self.store.get(key) {
+                self.replicaset_status(&rs);
+            }
+        }
+        self.absorb();
+        let mut deployments2 = std::mem::take(&mut self.dirty_deployments);
+        deployments2.extend(deployments);
+        for key in &deployments2 {
+            if let Some(dep) = self.store.get(key) {
+                self.deployment_status_one(key, &dep);
+            }
+        }
+    }
+
+    /// Take in every change since the last look: index it and mark what it concerns.
+    fn absorb(&mut self) {
+        while let Ok(ev) = self.feed.try_recv() {
+            self.note(&ev.key, &ev.object, ev.kind == EventType::Deleted);
+        }
+    }
+
+    /// Index one object and mark it and its owners dirty.
+    fn note(&mut self, key: &ObjKey, obj: &Value, deleted: bool) {
+        let uid = meta::uid_of(obj).to_string();
+        let owner = meta::controller_uid(obj).map(String::from);
+        if let Some(old) = self.owner_of.remove(key) {
+            if let Some(set) = self
+                .owners
+                .get_mut(&key.resource)
+                .and_then(|m| m.get_mut(&old))
+            {
+                set.remove(key);
+            }
+        }
+        if !deleted {
+            if let Some(owner) = &owner {
+                self.owners
+                    .entry(key.resource.clone())
+                    .or_default()
+                    .entry(owner.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.owner_of.insert(key.clone(), owner.clone());
+            }
+        }
+        let deps = resources::deployments().qualified();
+        let rss = resources::replicasets().qualified();
+        let pods = resources::pods().qualified();
+        let owner_key = owner.as_ref().and_then(|o| self.keys.get(o)).cloned();
+        if key.resource == deps || key.resource == rss {
+            match deleted {
+                true => self.keys.remove(&uid),
+                false => self.keys.insert(uid.clone(), key.clone()),
+            };
+        }
+        if deleted {
+            self.gc = true;
+            self.pod_born.remove(&uid);
+        }
+        if key.resource == deps {
+            self.dirty_deployments.insert(key.clone());
+        } else if key.resource == rss {
+            self.dirty_replicasets.insert(key.clone());
+            if let Some(dep) = owner_key {
+                self.dirty_deployments.insert(dep);
+            }
+        } else if key.resource == pods {
+            if !deleted {
+                self.dirty_pods.insert(key.clone());
+            }
+            if let Some(rs) = owner_key {
+                let dep = self
+                    .owner_of
+                    .get(&rs)
+                    .and_then(|d| self.keys.get(d))
+                    .cloned();
+                self.dirty_replicasets.insert(rs);
+                if let Some(dep) = dep {
+                    self.dirty_deployments.insert(dep);
+                }
+            }
+        }
+    }
+
+    /// Index and mark every object (start-up, or a restored state).
+    fn everything_dirty(&mut self) {
+        for rt in [
+            resources::deployments(),
+            resources::replicasets(),
+            resources::pods(),
+        ] {
+            let (items, _) = self.store.list(&rt.qualified(), None);
+            for obj in &items {
+                let key = ObjKey::new(rt, meta::namespace(obj), meta::name(obj));
+                self.note(&key, obj, false);
+            }
+        }
+        // Owners listed after what they own: mark again now every key is known.
+        let (pods, _) = self.store.list(&resources::pods().qualified(), None);
+        for obj in &pods {
+            let key = ObjKey::new(resources::pods(), meta::namespace(obj), meta::name(obj));
+            self.note(&key, obj, false);
+        }
+    }
+
+    /// Look at `key` again at `at` (the earliest of its requests wins).
+    fn schedule(&mut self, key: &ObjKey, at: Instant) {
+        if self.scheduled.get(key).is_some_and(|t| *t <= at) {
+            return;
+        }
+        self.scheduled.insert(key.clone(), at);
+        self.timers.push(Reverse((at, key.clone())));
+    }
+
+    fn due_timers(&mut self) {
+        let now = Instant::now();
+        let pods = resources::pods().qualified();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.timers.pop() else {
+                break;
+            };
+            if self.scheduled.get(&key) != Some(&at) {
+                continue;
+            }
+            self.scheduled.remove(&key);
+            if key.resource == pods {
+                self.dirty_pods.insert(key);
+            } else {
+                self.dirty_deployments.insert(key);
+            }
+        }
     }
 
     /// Change one object in place; spec changes bump `metadata.generation`.
@@ -223,27 +408,15 @@ impl Controller {
         self.last_progress.retain(|uid, _| uids.contains(uid));
     }
 
-    /// Objects of a kind controlled by `owner_uid`, from an index built once per phase (as an
-    /// informer cache would be), so a tick costs O(objects) rather than O(owners × objects).
+    /// Objects of a kind controlled by `owner_uid`, from the index kept from the feed.
     fn owned(&self, rt: &ResourceType, _namespace: &str, owner_uid: &str) -> Vec<Value> {
-        let resource = rt.qualified();
-        let mut cache = self.owned_index.borrow_mut();
-        let index = cache.entry(resource.clone()).or_insert_with(|| {
-            let (items, _) = self.store.list(&resource, None);
-            let mut by_owner: HashMap<String, Vec<Value>> = HashMap::new();
-            for i in items {
-                if let Some(uid) = meta::controller_uid(&i) {
-                    by_owner.entry(uid.to_string()).or_default().push(i);
-                }
-            }
-            by_owner
-        });
-        index.get(owner_uid).cloned().unwrap_or_default()
-    }
-
-    /// Forget the per-phase index: the next phase sees this phase's writes.
-    fn refresh(&self) {
-        self.owned_index.borrow_mut().clear();
+        self.owners
+            .get(&rt.qualified())
+            .and_then(|m| m.get(owner_uid))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.store.get(k))
+            .collect()
     }
 
     fn pod_ready(pod: &Value) -> bool {
@@ -260,16 +433,6 @@ impl Controller {
                 ready: Self::pod_ready(p),
             })
             .collect()
-    }
-
-    fn deployments(&mut self) {
-        let (deps, _) = self.store.list(&resources::deployments().qualified(), None);
-        for dep in deps {
-            if dep["metadata"]["deletionTimestamp"].is_string() {
-                continue;
-            }
-            self.sync_deployment(&dep);
-        }
     }
 
     fn sync_deployment(&mut self, dep: &Value) {
@@ -465,9 +628,9 @@ impl Controller {
         }
     }
 
-    fn replicasets(&mut self) {
-        let (rss, _) = self.store.list(&resources::replicasets().qualified(), None);
-        for rs in rss {
+    fn scale_replicaset(&mut self, rs: &Value) {
+        {
+            let rs = rs.clone();
             let ns = meta::namespace(&rs).to_string();
             let want = int(&rs["spec"]["replicas"]);
             let mut pods = self.owned(resources::pods(), &ns, meta::uid_of(&rs));
@@ -528,19 +691,47 @@ impl Controller {
         })
     }
 
-    /// The kubelet: move each pod's status along according to its images' fates.
-    fn kubelet(&mut self) {
-        let (pods, _) = self.store.list(&resources::pods().qualified(), None);
+    /// The kubelet: move a pod's status along according to its images' fates, and come back
+    /// when that status is next due to change.
+    fn kubelet(&mut self, key: &ObjKey, pod: &Value) {
         let now = Instant::now();
-        for pod in pods {
-            let uid = meta::uid_of(&pod).to_string();
-            let born = *self.pod_born.entry(uid).or_insert(now);
-            let age = now.saturating_duration_since(born);
-            let status = self.pod_status(&pod, age);
-            if !same_status(&pod["status"], &status) {
-                self.update(resources::pods(), &pod, |o| o["status"] = status);
-            }
+        let uid = meta::uid_of(pod).to_string();
+        let born = *self.pod_born.entry(uid).or_insert(now);
+        let age = now.saturating_duration_since(born);
+        let status = self.pod_status(pod, age);
+        if !same_status(&pod["status"], &status) {
+            self.update(resources::pods(), pod, |o| o["status"] = status);
         }
+        if let Some(next) = self.next_change(pod, age) {
+            self.schedule(key, born + next);
+        }
+    }
+
+    /// The pod's age at which its status next changes by itself, if it ever does.
+    fn next_change(&self, pod: &Value, age: Duration) -> Option<Duration> {
+        let containers = pod["spec"]["containers"].as_array()?;
+        containers
+            .iter()
+            .filter_map(|c| {
+                let image = c["image"].as_str().unwrap_or_default();
+                if !valid_image_reference(image) {
+                    return None;
+                }
+                let (fate, delay) = self.behaviours.fate(image);
+                let steps: Vec<Duration> = match fate {
+                    Fate::FailPull => vec![PULL_FAIL_AFTER, BACKOFF_AFTER],
+                    Fate::ConfigError => vec![PULL_FAIL_AFTER],
+                    Fate::Crash => {
+                        let since = age.saturating_sub(delay);
+                        let cycles = since.as_millis() / CRASH_CYCLE.as_millis();
+                        let next = CRASH_CYCLE * (cycles as u32 + 1);
+                        vec![delay, delay + Duration::from_millis(300), delay + next]
+                    }
+                    _ => vec![delay],
+                };
+                steps.into_iter().find(|t| *t > age)
+            })
+            .min()
     }
 
     fn pod_status(&self, pod: &Value, age: Duration) -> Value {
@@ -657,32 +848,22 @@ impl Controller {
         })
     }
 
-    fn replicaset_status(&mut self) {
-        let (rss, _) = self.store.list(&resources::replicasets().qualified(), None);
-        for rs in rss {
-            let health = self.health_by_rs(meta::namespace(&rs), meta::uid_of(&rs));
-            let ready = health.iter().filter(|h| h.ready).count();
-            let status = json!({
-                "replicas": health.len(),
-                "fullyLabeledReplicas": health.len(),
-                "readyReplicas": ready,
-                "availableReplicas": ready,
-                "observedGeneration": rs["metadata"]["generation"].clone(),
-            });
-            if rs["status"] != status {
-                self.update(resources::replicasets(), &rs, |o| o["status"] = status);
-            }
+    fn replicaset_status(&mut self, rs: &Value) {
+        let health = self.health_by_rs(meta::namespace(rs), meta::uid_of(rs));
+        let ready = health.iter().filter(|h| h.ready).count();
+        let status = json!({
+            "replicas": health.len(),
+            "fullyLabeledReplicas": health.len(),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "observedGeneration": rs["metadata"]["generation"].clone(),
+        });
+        if rs["status"] != status {
+            self.update(resources::replicasets(), rs, |o| o["status"] = status);
         }
     }
 
-    fn deployment_status(&mut self) {
-        let (deps, _) = self.store.list(&resources::deployments().qualified(), None);
-        for dep in deps {
-            self.deployment_status_one(&dep);
-        }
-    }
-
-    fn deployment_status_one(&mut self, dep: &Value) {
+    fn deployment_status_one(&mut self, key: &ObjKey, dep: &Value) {
         let ns = meta::namespace(dep);
         let uid = meta::uid_of(dep).to_string();
         let desired = dep["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -741,6 +922,12 @@ impl Controller {
             .last_progress
             .get(&uid)
             .is_some_and(|t| t.elapsed() > Duration::from_secs(deadline));
+        if !complete {
+            // Come back when the progress deadline passes, if nothing happens before.
+            if let Some(t) = self.last_progress.get(&uid).copied() {
+                self.schedule(key, t + Duration::from_secs(deadline) + TICK);
+            }
+        }
         // The sync that created the new ReplicaSet reports NewReplicaSetCreated once.
         let created_now = self.created.remove(&uid);
         let (status, reason, message) = if complete {

@@ -176,6 +176,8 @@ struct Inner {
     history: VecDeque<Arc<StoredEvent>>,
     /// Events at or below this revision are gone; resuming from below it is 410 Expired.
     compacted: u64,
+    /// The controller's own feed of every change: unbounded, so it never misses one.
+    feed: Option<std::sync::mpsc::Sender<Arc<StoredEvent>>>,
 }
 
 /// The cluster's state. Cheap to share; all access is short and synchronous.
@@ -218,6 +220,7 @@ impl Store {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
                 compacted: 1,
+                feed: None,
             }),
             events,
         }
@@ -239,13 +242,33 @@ impl Store {
     /// All objects of one resource, optionally in one namespace, and the revision they are at.
     pub fn list(&self, resource: &str, namespace: Option<&str>) -> (Vec<Value>, u64) {
         let inner = self.lock();
-        let items = inner
-            .objects
-            .iter()
-            .filter(|(k, _)| k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns))
+        let items = Self::of(&inner, resource, namespace)
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv)
+    }
+
+    /// The objects of one resource (and namespace): a range of the ordered map, not a scan.
+    fn of<'a>(
+        inner: &'a Inner,
+        resource: &'a str,
+        namespace: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Value)> + 'a {
+        let from = ObjKey {
+            resource: resource.to_string(),
+            namespace: namespace.unwrap_or_default().to_string(),
+            name: String::new(),
+        };
+        inner.objects.range(from..).take_while(move |(k, _)| {
+            k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+        })
+    }
+
+    /// Every change from now on, in order, for the controller.
+    pub fn feed(&self) -> std::sync::mpsc::Receiver<Arc<StoredEvent>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.lock().feed = Some(tx);
+        rx
     }
 
     /// Atomically read, change and write one object. `f` sees the current object (if any) and
@@ -302,6 +325,9 @@ impl Store {
                 inner.compacted = old.rv;
             }
         }
+        if let Some(feed) = &inner.feed {
+            let _ = feed.send(ev.clone());
+        }
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(ev);
     }
@@ -330,10 +356,7 @@ impl Store {
     ) -> (Vec<Value>, u64, broadcast::Receiver<Arc<StoredEvent>>) {
         let inner = self.lock();
         let rx = self.events.subscribe();
-        let items = inner
-            .objects
-            .iter()
-            .filter(|(k, _)| k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns))
+        let items = Self::of(&inner, resource, namespace)
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv, rx)
