@@ -468,8 +468,11 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     f
 }
 
+/// How one row of the table shows a figure.
+type Column = Box<dyn Fn(&Figures) -> String>;
+
 fn table(all: &[Figures]) {
-    let rows: Vec<(&str, Box<dyn Fn(&Figures) -> String>)> = vec![
+    let rows: Vec<(&str, Column)> = vec![
         (
             "RSS idle over N up-to-date files (MiB)",
             Box::new(|f| format!("{:.0}", f.idle_rss_mib)),
