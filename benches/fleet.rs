@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use depwatch::sim::store::ObjKey;
 use depwatch::sim::{Sim, SimConfig};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -73,12 +74,14 @@ fn rollout_done(obj: &Value) -> bool {
         && st["replicas"] == obj["spec"]["replicas"]
 }
 
-/// `(patched, healthy)` counts of Deployments running `tag`.
+/// `(patched, healthy)` counts of Deployments running `tag`, counted in place.
 fn progress(sim: &Sim, tag: &str) -> (usize, usize) {
-    let (deps, _) = sim.store().list("deployments.apps", Some(NS));
-    let patched: Vec<&Value> = deps.iter().filter(|d| image_of(d).ends_with(tag)).collect();
-    let healthy = patched.iter().filter(|d| rollout_done(d)).count();
-    (patched.len(), healthy)
+    let store = sim.store();
+    let patched = store.count("deployments.apps", Some(NS), |d| image_of(d).ends_with(tag));
+    let healthy = store.count("deployments.apps", Some(NS), |d| {
+        image_of(d).ends_with(tag) && rollout_done(d)
+    });
+    (patched, healthy)
 }
 
 /// One process's CPU seconds and resident memory (now and peak), from /proc.
@@ -268,11 +271,10 @@ async fn latencies(sim: &Sim, deps: &Path, name: &str, rounds: usize, tag: &str)
         }
         // Let the rollout settle: single changes on a quiet machine.
         let deadline = Instant::now() + Duration::from_secs(30);
+        let key = ObjKey::new(depwatch::sim::resources::deployments(), NS, name);
         while Instant::now() < deadline {
-            let d = sim.store().list("deployments.apps", Some(NS)).0;
-            if d.iter()
-                .any(|d| d["metadata"]["name"] == name && rollout_done(d) && image_of(d) == want)
-            {
+            let d = sim.store().get(&key).unwrap_or_default();
+            if rollout_done(&d) && image_of(&d) == want {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -422,7 +424,7 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(900), "the burst");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     f.burst_all_healthy_ms = ms(t0.elapsed());
     f.burst_all_patched_ms = ms(all_patched.unwrap_or_default());

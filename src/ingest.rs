@@ -5,7 +5,7 @@
 //! scan, rescans on overflow and the periodic resync (level-triggered: the whole directory is
 //! compared with the record).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::debounce::Debouncer;
 use crate::depfile::{self, ServiceKey};
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
-use crate::store::Store;
+use crate::store::{ServiceRecord, Store};
 use crate::watch::FileEvent;
 
 pub fn content_hash(bytes: &[u8]) -> String {
@@ -42,6 +42,11 @@ pub struct Ingest {
     scheduler: Scheduler,
     /// Which service each seen path defines.
     known: HashMap<PathBuf, ServiceKey>,
+    /// The same, by service: which paths define it (two is a conflict).
+    paths_of: HashMap<ServiceKey, HashSet<PathBuf>>,
+    /// Every record, read once for the start-up scan: 10,000 files cost one query, not
+    /// 10,000. Nothing deploys before that scan ends, so the copy cannot go stale.
+    startup_records: Option<HashMap<ServiceKey, ServiceRecord>>,
 }
 
 impl Ingest {
@@ -51,13 +56,53 @@ impl Ingest {
             store,
             scheduler,
             known: HashMap::new(),
+            paths_of: HashMap::new(),
+            startup_records: None,
         }
+    }
+
+    /// `path` no longer defines a service; whether any path still defines `key`.
+    fn unknow(&mut self, path: &Path, key: &ServiceKey) -> (bool, bool) {
+        let was = self.known.remove(path).is_some();
+        let paths = self.paths_of.get_mut(key);
+        if let Some(set) = paths {
+            set.remove(path);
+            if set.is_empty() {
+                self.paths_of.remove(key);
+            }
+        }
+        (was, self.paths_of.contains_key(key))
+    }
+
+    fn know(&mut self, path: &Path, key: &ServiceKey) {
+        self.known.insert(path.to_path_buf(), key.clone());
+        self.paths_of
+            .entry(key.clone())
+            .or_default()
+            .insert(path.to_path_buf());
+    }
+
+    /// Another existing file that defines `key`, if any.
+    fn other_definition(&self, key: &ServiceKey, path: &Path) -> Option<PathBuf> {
+        self.paths_of
+            .get(key)?
+            .iter()
+            .find(|p| p.as_path() != path && p.exists())
+            .cloned()
+    }
+
+    /// A service's record: from the start-up copy during the start-up scan, else the store.
+    fn record(&self, key: &ServiceKey) -> Option<ServiceRecord> {
+        if let Some(r) = self.startup_records.as_ref().and_then(|m| m.get(key)) {
+            return Some(r.clone());
+        }
+        self.store.service(key).ok().flatten()
     }
 
     /// Import a seed `<name>.last` beside a `.dep` on first sight of the service: if it records
     /// the same version the file asks for, that version counts as deployed.
     fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
-        if self.store.service(key).ok().flatten().is_some() {
+        if self.record(key).is_some() {
             return;
         }
         let last = path.with_extension("last");
@@ -88,7 +133,8 @@ impl Ingest {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if self.known.remove(path).is_some() && !self.known.values().any(|k| *k == key) {
+                let (was_known, still_defined) = self.unknow(path, &key);
+                if was_known && !still_defined {
                     tracing::info!(service = %key, file = %path.display(), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
                     let _ = self.store.update_service(&key, |r| {
@@ -103,11 +149,7 @@ impl Ingest {
                 return;
             }
         };
-        if let Some((other, _)) = self
-            .known
-            .iter()
-            .find(|(p, k)| **k == key && p.as_path() != path && p.exists())
-        {
+        if let Some(other) = self.other_definition(&key, path) {
             let message = format!(
                 "service {key} is defined twice, by {} and {}; nothing deployed until one is removed",
                 other.display(),
@@ -120,7 +162,7 @@ impl Ingest {
             });
             return;
         }
-        self.known.insert(path.to_path_buf(), key.clone());
+        self.know(path, &key);
         let hash = content_hash(&bytes);
         let shown = path.display().to_string();
         let spec = match depfile::parse(&shown, &bytes) {
@@ -138,7 +180,7 @@ impl Ingest {
             }
         };
         self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash);
-        let record = self.store.service(&key).ok().flatten().unwrap_or_default();
+        let record = self.record(&key).unwrap_or_default();
         if record.suspended {
             tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`");
             return;
@@ -221,17 +263,24 @@ impl Ingest {
                 return;
             }
         };
+        let present: HashSet<&PathBuf> = paths.iter().collect();
         let gone: Vec<PathBuf> = self
             .known
             .keys()
-            .filter(|p| !paths.contains(p))
+            .filter(|p| !present.contains(p))
             .cloned()
             .collect();
+        drop(present);
         for p in gone {
             self.path_changed(&p, trigger).await;
         }
         if trigger == Trigger::Startup {
             self.forget_removed_while_stopped(&paths);
+            self.startup_records = self
+                .store
+                .services()
+                .ok()
+                .map(|all| all.into_iter().map(|r| (r.key(), r)).collect());
         }
         for p in paths {
             if writing.contains(&p) {
@@ -239,6 +288,7 @@ impl Ingest {
             }
             self.path_changed(&p, trigger).await;
         }
+        self.startup_records = None;
     }
 
     /// Services whose file was deleted while depwatch was stopped are no longer managed.
@@ -246,9 +296,10 @@ impl Ingest {
         let Ok(records) = self.store.services() else {
             return;
         };
+        let present: HashSet<&Path> = present.iter().map(PathBuf::as_path).collect();
         for r in records {
             let path = PathBuf::from(&r.path);
-            let gone = !r.path.is_empty() && !present.contains(&path) && !path.exists();
+            let gone = !r.path.is_empty() && !present.contains(path.as_path()) && !path.exists();
             if gone && r.status != ServiceStatus::Unmanaged {
                 tracing::info!(service = %r.key(), file = %r.path, "dependency file removed while depwatch was stopped; no longer managed");
                 let _ = self.store.update_service(&r.key(), |s| {

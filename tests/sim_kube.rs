@@ -599,3 +599,47 @@ async fn latency_delays_every_request() {
     // A lower bound: the injected delay happened (no claim about how fast anything is).
     assert!(t0.elapsed() >= Duration::from_millis(150));
 }
+
+/// Lists are paged as the API server pages them: `limit` and a `continue` token, every page
+/// at the first page's revision, nothing missed or repeated; a bad token is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_paged_with_limit_and_continue() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let client = sim.client().expect("client");
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..7 {
+        let cm = serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}}))
+            .expect("configmap");
+        cms.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+    }
+    let mut names = Vec::new();
+    let mut params = kube::api::ListParams::default().limit(3);
+    let mut pages = 0;
+    let mut revisions = BTreeSet::new();
+    loop {
+        let page = cms.list(&params).await.expect("page");
+        pages += 1;
+        assert!(page.items.len() <= 3);
+        revisions.insert(page.metadata.resource_version.clone());
+        names.extend(page.items.iter().map(|c| c.name_any()));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        revisions.len(),
+        1,
+        "every page at the first page's revision"
+    );
+    let want: Vec<String> = (0..7).map(|i| format!("cm-{i}")).collect();
+    assert_eq!(names, want);
+    let bad = cms
+        .list(&kube::api::ListParams::default().continue_token("not-a-token"))
+        .await
+        .expect_err("refused");
+    assert!(matches!(bad, kube::Error::Api(s) if s.code == 400));
+}

@@ -370,11 +370,31 @@ fn list(
     accept: &str,
 ) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(params)?;
-    let (items, rv) = store.list(&target.rt.qualified(), target.namespace.as_deref());
-    let items: Vec<Value> = items
-        .into_iter()
-        .filter(|o| labels.matches_labels(o) && fields.matches_fields(o))
-        .collect();
+    let resource = target.rt.qualified();
+    // Paged like the API server: `limit`, and a `continue` token naming the last key served.
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let after = match params.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => Some(continue_key(token, &resource)?),
+        None => None,
+    };
+    let (page, current_rv, more) = store.list_page(
+        &resource,
+        target.namespace.as_deref(),
+        after.as_ref().map(|(k, _)| k),
+        limit,
+        |o| labels.matches_labels(o) && fields.matches_fields(o),
+    );
+    // Every page of one list reports the revision of its first page.
+    let rv = after.as_ref().map(|(_, rv)| *rv).unwrap_or(current_rv);
+    let next = match (more, page.last()) {
+        (true, Some((k, _))) => continue_token(k, rv),
+        _ => String::new(),
+    };
+    let items: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
     if table::wants_table(accept) {
         let include = params
             .get("includeObject")
@@ -390,10 +410,36 @@ fn list(
         &json!({
             "kind": format!("{}List", target.rt.kind),
             "apiVersion": target.rt.api_version(),
-            "metadata": {"resourceVersion": rv.to_string()},
+            "metadata": if next.is_empty() {
+                json!({"resourceVersion": rv.to_string()})
+            } else {
+                json!({"resourceVersion": rv.to_string(), "continue": next})
+            },
             "items": items,
         }),
     ))
+}
+
+/// A `continue` token: the revision of the list and the last key served, opaque to clients.
+fn continue_token(key: &ObjKey, rv: u64) -> String {
+    use base64::Engine;
+    let text = json!({"rv": rv, "ns": key.namespace, "name": key.name}).to_string();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+fn continue_key(token: &str, resource: &str) -> Result<(ObjKey, u64), ApiError> {
+    use base64::Engine;
+    let bad = || ApiError::bad_request("the continue token is not valid");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let key = ObjKey {
+        resource: resource.to_string(),
+        namespace: v["ns"].as_str().ok_or_else(bad)?.to_string(),
+        name: v["name"].as_str().ok_or_else(bad)?.to_string(),
+    };
+    Ok((key, v["rv"].as_u64().ok_or_else(bad)?))
 }
 
 fn watch_line(kind: &str, object: &Value) -> Bytes {

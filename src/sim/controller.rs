@@ -63,8 +63,10 @@ pub struct Controller {
     scheduled: HashMap<ObjKey, Instant>,
     /// Look at everything (start-up, restored state).
     full: bool,
-    /// Something was deleted: collect orphans.
+    /// A namespace was deleted (or at start-up): collect every orphan.
     gc: bool,
+    /// Deleted owners whose ReplicaSets or pods are now orphans.
+    orphaned: Vec<String>,
 }
 
 /// What the kubelet reports for one pod this tick.
@@ -140,6 +142,7 @@ impl Controller {
             scheduled: HashMap::new(),
             full: true,
             gc: true,
+            orphaned: Vec::new(),
             store,
             behaviours,
             pod_born: HashMap::new(),
@@ -181,6 +184,7 @@ impl Controller {
             self.collect_garbage();
             self.absorb();
         }
+        self.collect_orphans();
         self.due_timers();
         let deployments = std::mem::take(&mut self.dirty_deployments);
         for key in &deployments {
@@ -263,8 +267,12 @@ impl Controller {
             };
         }
         if deleted {
-            self.gc = true;
             self.pod_born.remove(&uid);
+            if key.resource == deps || key.resource == rss {
+                self.orphaned.push(uid.clone());
+            } else if key.resource == resources::namespaces().qualified() {
+                self.gc = true;
+            }
         }
         if key.resource == deps {
             self.dirty_deployments.insert(key.clone());
@@ -289,6 +297,19 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Delete what deleted owners controlled (background cascading deletion), one level per
+    /// pass: a Deployment's ReplicaSets now, their pods when those deletions come back.
+    fn collect_orphans(&mut self) {
+        while let Some(owner) = self.orphaned.pop() {
+            for rt in [resources::replicasets(), resources::pods()] {
+                for obj in self.owned(rt, "", &owner) {
+                    self.delete(rt, &obj);
+                }
+            }
+        }
+        self.absorb();
     }
 
     /// Index and mark every object (start-up, or a restored state).

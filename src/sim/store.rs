@@ -248,6 +248,42 @@ impl Store {
         (items, inner.rv)
     }
 
+    /// How many objects of one resource (and namespace) match `pred`, without copying any.
+    pub fn count(
+        &self,
+        resource: &str,
+        namespace: Option<&str>,
+        pred: impl Fn(&Value) -> bool,
+    ) -> usize {
+        let inner = self.lock();
+        Self::of(&inner, resource, namespace)
+            .filter(|(_, v)| pred(v))
+            .count()
+    }
+
+    /// One page of a list: up to `limit` objects matching `keep`, after `after` (a continue
+    /// token's last key), and whether more follow.
+    pub fn list_page(
+        &self,
+        resource: &str,
+        namespace: Option<&str>,
+        after: Option<&ObjKey>,
+        limit: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<(ObjKey, Value)>, u64, bool) {
+        let inner = self.lock();
+        let mut matching = Self::of(&inner, resource, namespace)
+            .filter(|(k, _)| after.is_none_or(|a| *k > a))
+            .filter(|(_, v)| keep(v));
+        let page: Vec<(ObjKey, Value)> = matching
+            .by_ref()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let more = matching.next().is_some();
+        (page, inner.rv, more)
+    }
+
     /// The objects of one resource (and namespace): a range of the ordered map, not a scan.
     fn of<'a>(
         inner: &'a Inner,
