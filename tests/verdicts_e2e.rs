@@ -376,3 +376,24 @@ async fn a_deploy_that_fails_before_any_change_is_one_row() {
     assert_eq!(env.wait_messages(1).await.len(), 1);
     assert_eq!(env.patches("prod", "web"), 0);
 }
+
+/// depwatch's view of the cluster lags (its watch events arrive seconds late) while the rollout
+/// itself is quick: the deadline measures the rollout, so before calling it timed out depwatch
+/// asks the API server, and nothing is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_view_of_the_cluster_never_causes_a_rollback() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.sim.faults().set_watch_delay(Duration::from_secs(3));
+    let _daemon = env.daemon(&["--rollout-timeout", "2s"]).await;
+    let k = key("web", "prod");
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    assert_eq!(env.patches("prod", "web"), 1, "no rollback");
+    let h = env.store().history(Some(&k), 5).expect("history");
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1.0");
+}

@@ -33,9 +33,19 @@ pub struct Faults {
     error_rate: AtomicU64,
     conflict_rate: AtomicU64,
     watch_timeout_secs: AtomicU64,
+    watch_delay_ms: AtomicU64,
 }
 
 impl Faults {
+    /// Hold every watch event this long before sending it (events queue behind each other):
+    /// a client whose view of the cluster lags ever further behind.
+    pub fn set_watch_delay(&self, d: Duration) {
+        self.watch_delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+    fn watch_delay(&self) -> Duration {
+        Duration::from_millis(self.watch_delay_ms.load(Ordering::Relaxed))
+    }
     pub fn set_latency(&self, d: Duration) {
         self.latency_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
@@ -536,6 +546,7 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
 
     let shutdown = state.shutdown.clone();
     let store = state.store.clone();
+    let faults = state.faults.clone();
     let mut compactions = store.compactions();
     tokio::spawn(async move {
         for line in first {
@@ -580,6 +591,10 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
                         last_rv = ev.rv;
                         if !matches(&ev) {
                             continue;
+                        }
+                        let delay = faults.watch_delay();
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
                         }
                         watch_line(ev.kind.as_str(), &ev.object)
                     }
