@@ -74,14 +74,18 @@ fn rollout_done(obj: &Value) -> bool {
         && st["replicas"] == obj["spec"]["replicas"]
 }
 
-/// `(patched, healthy)` counts of Deployments running `tag`, counted in place.
+/// `(patched, healthy)` counts of Deployments running `tag`, counted in place in one pass (the
+/// count holds the simulated cluster's store lock, so it is kept short and infrequent).
 fn progress(sim: &Sim, tag: &str) -> (usize, usize) {
-    let store = sim.store();
-    let patched = store.count("deployments.apps", Some(NS), |d| image_of(d).ends_with(tag));
-    let healthy = store.count("deployments.apps", Some(NS), |d| {
-        image_of(d).ends_with(tag) && rollout_done(d)
+    let healthy = std::cell::Cell::new(0);
+    let patched = sim.store().count("deployments.apps", Some(NS), |d| {
+        let patched = image_of(d).ends_with(tag);
+        if patched && rollout_done(d) {
+            healthy.set(healthy.get() + 1);
+        }
+        patched
     });
-    (patched, healthy)
+    (patched, healthy.get())
 }
 
 /// One process's CPU seconds and resident memory (now and peak), from /proc.
@@ -160,7 +164,7 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
     let t0 = Instant::now();
     while !check() {
         assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     t0.elapsed()
 }
@@ -404,7 +408,8 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     f.restart_ready_ms = ms(t0.elapsed());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Idle: the watches have synced and nothing happens.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     f.restart_patches = audit_patches(&audit) - patches_before;
     f.idle_rss_mib = proc_stats(daemon.child.id()).1;
 
@@ -424,7 +429,7 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(900), "the burst");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     f.burst_all_healthy_ms = ms(t0.elapsed());
     f.burst_all_patched_ms = ms(all_patched.unwrap_or_default());

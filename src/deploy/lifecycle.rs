@@ -292,6 +292,15 @@ impl Lifecycle {
         }
     }
 
+    /// After a final failure: the API server answered only if the failure was not transient.
+    fn answered_if(&mut self, f: &Failure, events: &mut Vec<Event>) {
+        if f.transient {
+            self.unreachable = false;
+        } else {
+            self.back(events);
+        }
+    }
+
     fn finish(
         &mut self,
         mut events: Vec<Event>,
@@ -362,7 +371,7 @@ impl Lifecycle {
             return next;
         }
         let mut events = Vec::new();
-        self.back(&mut events);
+        self.answered_if(&f, &mut events);
         self.close_interrupted(&mut events);
         events.push(Event::NotStarted {
             from: Images::new(),
@@ -468,7 +477,7 @@ impl Lifecycle {
             return next;
         }
         let mut events = Vec::new();
-        self.back(&mut events);
+        self.answered_if(&f, &mut events);
         let message = self.give_up_message(&f);
         let (mut events, action) = self.finish(events, DeployOutcome::Failed, message, None);
         if let Some(Event::Finished(finish)) = events.last_mut() {
@@ -634,7 +643,7 @@ impl Lifecycle {
                     return retry;
                 }
                 let mut events = Vec::new();
-                self.back(&mut events);
+                self.answered_if(&f, &mut events);
                 let message = format!("{why}; the rollback patch failed: {}", f.message);
                 let running = Some(plan.after);
                 self.finish(events, DeployOutcome::RollbackFailed, message, running)
@@ -1076,6 +1085,10 @@ mod tests {
             }
         }
         assert_eq!(action, Action::Done);
+        assert!(
+            !events.contains(&Event::ApiBack),
+            "giving up never says the API server answers"
+        );
         assert!(now <= t0 + SETTINGS.rollout_timeout + Duration::from_secs(1));
         match events.last() {
             Some(Event::NotStarted {

@@ -296,6 +296,13 @@ impl Attempt<'_> {
         });
     }
 
+    /// No longer waiting for the API server, because the deploy ended.
+    fn stop_waiting(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.recorder.api_waits.leave();
+        }
+    }
+
     fn api_back(&mut self) {
         if !std::mem::take(&mut self.waiting) {
             return;
@@ -312,6 +319,7 @@ impl Attempt<'_> {
     fn not_started(&mut self, from: &Images, requested: &str, message: &str, settled: bool) {
         let r = self.recorder;
         let d = self.desired;
+        self.stop_waiting();
         tracing::error!(%message, "deploy failed; nothing was changed in the cluster");
         self.complete_row(
             from.to_string(),
@@ -437,7 +445,7 @@ impl Attempt<'_> {
     fn finished(&mut self, f: &Finish) {
         let r = self.recorder;
         let d = self.desired;
-        self.api_back();
+        self.stop_waiting();
         let elapsed = human_duration(self.began.elapsed());
         match f.outcome.tone() {
             Tone::Good => tracing::info!(outcome = %f.outcome, %elapsed, "{}", f.message),
