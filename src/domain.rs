@@ -3,7 +3,6 @@
 //! one text form, used by the record (SQL), the API (JSON), the page, metrics and
 //! notifications alike; nothing else spells a status as a string.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -284,29 +283,71 @@ pub fn human_duration(d: std::time::Duration) -> String {
 }
 
 /// Images by container name. Its text form, `web=example.com/web:1.1, sidecar=…`, is what the
-/// record stores and people read.
+/// record stores and people read. Kept as a short vector sorted by container: most Deployments
+/// have one or two containers, and a map would cost a whole tree node for each copy held per
+/// service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Images(BTreeMap<String, String>);
+pub struct Images(Vec<(String, String)>);
 
 impl Images {
     pub fn new() -> Self {
-        Images(BTreeMap::new())
+        Images(Vec::new())
     }
 
     /// Read the text form back; an empty string is no images.
     pub fn parse(s: &str) -> Images {
-        Images(
-            s.split(", ")
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(c, i)| (c.to_string(), i.to_string()))
-                .collect(),
-        )
+        s.split(", ")
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(c, i)| (c.to_string(), i.to_string()))
+            .collect()
+    }
+
+    /// The image of one container.
+    pub fn get(&self, container: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(c, _)| c.as_str().cmp(container))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Set one container's image.
+    pub fn insert(&mut self, container: String, image: String) {
+        match self
+            .0
+            .binary_search_by(|(c, _)| c.as_str().cmp(container.as_str()))
+        {
+            Ok(i) => self.0[i].1 = image,
+            Err(i) => self.0.insert(i, (container, image)),
+        }
+    }
+
+    /// `(container, image)` in container order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(c, i)| (c, i))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(c, _)| c)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(_, i)| i)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The images of `other` laid over these.
     pub fn with(&self, other: &Images) -> Images {
         let mut out = self.clone();
-        out.0.extend(other.0.clone());
+        for (c, i) in other.iter() {
+            out.insert(c.clone(), i.clone());
+        }
         out
     }
 
@@ -314,34 +355,27 @@ impl Images {
     pub fn changed_in(&self, other: &Images) -> Images {
         other
             .iter()
-            .filter(|(c, i)| self.get(*c) != Some(*i))
+            .filter(|(c, i)| self.get(c) != Some(*i))
             .map(|(c, i)| (c.clone(), i.clone()))
             .collect()
     }
 }
 
-impl std::ops::Deref for Images {
-    type Target = BTreeMap<String, String>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Images {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
 impl FromIterator<(String, String)> for Images {
+    /// Later entries for the same container win, as they would in a map.
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        Images(iter.into_iter().collect())
+        let mut out = Images::new();
+        for (c, i) in iter {
+            out.insert(c, i);
+        }
+        out.0.shrink_to_fit();
+        out
     }
 }
 
 impl IntoIterator for Images {
     type Item = (String, String);
-    type IntoIter = std::collections::btree_map::IntoIter<String, String>;
+    type IntoIter = std::vec::IntoIter<(String, String)>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
     }
@@ -349,7 +383,7 @@ impl IntoIterator for Images {
 
 impl fmt::Display for Images {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, (c, i)) in self.0.iter().enumerate() {
+        for (n, (c, i)) in self.iter().enumerate() {
             if n > 0 {
                 f.write_str(", ")?;
             }
@@ -533,6 +567,11 @@ mod tests {
         assert_eq!(i.to_string(), "side=s@sha256:00, web=example.com/web:1.1");
         assert_eq!(Images::parse(""), Images::new());
         assert_eq!(Images::new().to_string(), "");
+        assert_eq!(
+            i.get("web").map(String::as_str),
+            Some("example.com/web:1.1")
+        );
+        assert_eq!(i.get("nope"), None);
         let newer = Images::parse("web=example.com/web:1.2");
         assert_eq!(i.changed_in(&newer), newer);
         assert_eq!(

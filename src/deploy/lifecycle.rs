@@ -198,7 +198,7 @@ pub fn rollback_images(before: &Images, after: &Images, last_good: &Images) -> I
     after
         .iter()
         .filter(|(c, img)| {
-            before.get(*c) != Some(*img) || last_good.get(*c).is_some_and(|g| g != *img)
+            before.get(c) != Some(*img) || last_good.get(c).is_some_and(|g| g != *img)
         })
         .filter_map(|(c, img)| {
             let to = last_good.get(c).or_else(|| before.get(c))?;
