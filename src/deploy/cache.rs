@@ -31,31 +31,96 @@ struct Cache {
     deployments: HashMap<String, DeploymentState>,
     /// Deployment uid → name.
     names: HashMap<String, String>,
-    /// ReplicaSets and pods by uid.
-    replicasets: HashMap<String, ReplicaSetState>,
-    pods: HashMap<String, PodState>,
-    /// Owner uid → owned uids (Deployment → ReplicaSets, ReplicaSet → pods).
-    rs_by_owner: HashMap<String, HashSet<String>>,
-    pods_by_owner: HashMap<String, HashSet<String>>,
+    /// ReplicaSets by their Deployment, pods by their ReplicaSet.
+    replicasets: Owned<ReplicaSetState>,
+    pods: Owned<PodState>,
     /// Deployment name → the rollouts waiting on it.
     waiters: HashMap<String, watch::Sender<u64>>,
 }
 
-fn index(by_owner: &mut HashMap<String, HashSet<String>>, owner: Option<&String>, uid: &str) {
-    if let Some(owner) = owner {
-        by_owner
-            .entry(owner.clone())
-            .or_default()
-            .insert(uid.to_string());
+/// Objects by uid, indexed by the uid of their controlling owner.
+struct Owned<T> {
+    items: HashMap<String, T>,
+    by_owner: HashMap<String, HashSet<String>>,
+}
+
+impl<T> Default for Owned<T> {
+    fn default() -> Self {
+        Owned {
+            items: HashMap::new(),
+            by_owner: HashMap::new(),
+        }
     }
 }
 
-fn unindex(by_owner: &mut HashMap<String, HashSet<String>>, owner: Option<&String>, uid: &str) {
-    if let Some(set) = owner.and_then(|o| by_owner.get_mut(o)) {
-        set.remove(uid);
-        if set.is_empty() {
-            by_owner.remove(owner.map(String::as_str).unwrap_or_default());
+/// A cached object's controlling owner.
+trait HasOwner {
+    fn owner(&self) -> Option<&String>;
+}
+
+impl HasOwner for ReplicaSetState {
+    fn owner(&self) -> Option<&String> {
+        self.owner.as_ref()
+    }
+}
+
+impl HasOwner for PodState {
+    fn owner(&self) -> Option<&String> {
+        self.owner.as_ref()
+    }
+}
+
+impl<T: HasOwner> Owned<T> {
+    fn get(&self, uid: &str) -> Option<&T> {
+        self.items.get(uid)
+    }
+
+    /// Store (or replace) an object, re-filing it if its owner changed.
+    fn put(&mut self, uid: String, item: T) {
+        self.remove(&uid);
+        if let Some(owner) = item.owner() {
+            self.by_owner
+                .entry(owner.clone())
+                .or_default()
+                .insert(uid.clone());
         }
+        self.items.insert(uid, item);
+    }
+
+    fn remove(&mut self, uid: &str) -> Option<T> {
+        let old = self.items.remove(uid)?;
+        if let Some(owner) = old.owner() {
+            if let Some(set) = self.by_owner.get_mut(owner) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.by_owner.remove(owner);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// The objects `owner` controls.
+    fn of(&self, owner: &str) -> impl Iterator<Item = &T> {
+        self.by_owner
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|u| self.items.get(u))
+    }
+
+    /// The uids not in `keep`.
+    fn missing(&self, keep: &HashSet<String>) -> Vec<String> {
+        self.items
+            .keys()
+            .filter(|u| !keep.contains(*u))
+            .cloned()
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.by_owner.is_empty()
     }
 }
 
@@ -141,35 +206,22 @@ impl Cached for Deployment {
 impl Cached for ReplicaSet {
     fn apply(&self, cache: &mut Cache) -> bool {
         let state = ReplicaSetState::from(self);
-        let uid = state.uid.clone();
-        if let Some(old) = cache.replicasets.get(&uid) {
-            let old_owner = old.owner.clone();
-            unindex(&mut cache.rs_by_owner, old_owner.as_ref(), &uid);
-        }
-        index(&mut cache.rs_by_owner, state.owner.as_ref(), &uid);
         let owner = state
             .owner
             .as_ref()
             .and_then(|o| cache.names.get(o))
             .cloned();
-        cache.replicasets.insert(uid, state);
+        cache.replicasets.put(state.uid.clone(), state);
         cache.wake(owner);
         false
     }
 
     fn delete(&self, cache: &mut Cache) {
-        let uid = self.metadata.uid.clone().unwrap_or_default();
-        remove_rs(cache, &uid);
+        remove_rs(cache, &self.key());
     }
 
     fn retain(cache: &mut Cache, keep: &HashSet<String>) {
-        let gone: Vec<String> = cache
-            .replicasets
-            .keys()
-            .filter(|u| !keep.contains(*u))
-            .cloned()
-            .collect();
-        for uid in gone {
+        for uid in cache.replicasets.missing(keep) {
             remove_rs(cache, &uid);
         }
     }
@@ -181,7 +233,6 @@ impl Cached for ReplicaSet {
 
 fn remove_rs(cache: &mut Cache, uid: &str) {
     if let Some(old) = cache.replicasets.remove(uid) {
-        unindex(&mut cache.rs_by_owner, old.owner.as_ref(), uid);
         let owner = old.owner.as_ref().and_then(|o| cache.names.get(o)).cloned();
         cache.wake(owner);
     }
@@ -189,32 +240,19 @@ fn remove_rs(cache: &mut Cache, uid: &str) {
 
 impl Cached for Pod {
     fn apply(&self, cache: &mut Cache) -> bool {
-        let uid = self.metadata.uid.clone().unwrap_or_default();
         let state = PodState::from(self);
-        if let Some(old) = cache.pods.get(&uid) {
-            let old_owner = old.owner.clone();
-            unindex(&mut cache.pods_by_owner, old_owner.as_ref(), &uid);
-        }
-        index(&mut cache.pods_by_owner, state.owner.as_ref(), &uid);
         let dep = cache.deployment_of_rs(state.owner.as_ref());
-        cache.pods.insert(uid, state);
+        cache.pods.put(self.key(), state);
         cache.wake(dep);
         false
     }
 
     fn delete(&self, cache: &mut Cache) {
-        let uid = self.metadata.uid.clone().unwrap_or_default();
-        remove_pod(cache, &uid);
+        remove_pod(cache, &self.key());
     }
 
     fn retain(cache: &mut Cache, keep: &HashSet<String>) {
-        let gone: Vec<String> = cache
-            .pods
-            .keys()
-            .filter(|u| !keep.contains(*u))
-            .cloned()
-            .collect();
-        for uid in gone {
+        for uid in cache.pods.missing(keep) {
             remove_pod(cache, &uid);
         }
     }
@@ -226,7 +264,6 @@ impl Cached for Pod {
 
 fn remove_pod(cache: &mut Cache, uid: &str) {
     if let Some(old) = cache.pods.remove(uid) {
-        unindex(&mut cache.pods_by_owner, old.owner.as_ref(), uid);
         let dep = cache.deployment_of_rs(old.owner.as_ref());
         cache.wake(dep);
     }
@@ -439,20 +476,8 @@ impl NamespaceWatch {
                 message: format!("Deployment {name} disappeared during the rollout"),
             };
         };
-        let owned = |by: &HashMap<String, HashSet<String>>, uid: &str| {
-            by.get(uid)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        let rss = owned(&cache.rs_by_owner, &dep.uid);
-        let rss = rss.iter().filter_map(|u| cache.replicasets.get(u));
-        let pods: Vec<&PodState> = match new_replicaset(dep, rss) {
-            Some(rs) => owned(&cache.pods_by_owner, &rs.uid)
-                .iter()
-                .filter_map(|u| cache.pods.get(u))
-                .collect(),
+        let pods: Vec<&PodState> = match new_replicaset(dep, cache.replicasets.of(&dep.uid)) {
+            Some(rs) => cache.pods.of(&rs.uid).collect(),
             None => Vec::new(),
         };
         judge(
@@ -531,10 +556,7 @@ mod tests {
         pod("p1", "r1", "ImagePullBackOff").delete(&mut w.lock());
         assert!(web.has_changed().expect("open"));
         assert!(!api.has_changed().expect("open"));
-        assert!(
-            w.lock().pods_by_owner.is_empty(),
-            "indexes shrink with the objects"
-        );
+        assert!(w.lock().pods.is_empty(), "indexes shrink with the objects");
     }
 
     #[test]
@@ -555,6 +577,5 @@ mod tests {
         Deployment::retain(&mut cache, &HashSet::new());
         assert!(cache.pods.is_empty() && cache.replicasets.is_empty());
         assert!(cache.deployments.is_empty() && cache.names.is_empty());
-        assert!(cache.rs_by_owner.is_empty() && cache.pods_by_owner.is_empty());
     }
 }
