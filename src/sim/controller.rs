@@ -369,7 +369,7 @@ impl Controller {
         let key = ObjKey::new(rt, meta::namespace(obj), meta::name(obj));
         let uid = meta::uid_of(obj).to_string();
         let track = rt.tracks_generation;
-        let _ = self.store.mutate(&key, |cur| {
+        let _ = self.store.write(&key, |cur| {
             // The object may have been replaced or deleted since this tick read it.
             let Some(cur) = cur.filter(|c| meta::uid_of(c) == uid) else {
                 return Ok(cur.cloned());
@@ -386,7 +386,7 @@ impl Controller {
 
     fn create(&self, rt: &ResourceType, obj: Value) {
         let key = ObjKey::new(rt, meta::namespace(&obj), meta::name(&obj));
-        let _ = self.store.mutate(&key, |cur| match cur {
+        let _ = self.store.write(&key, |cur| match cur {
             Some(c) => Ok(Some(c.clone())),
             None => Ok(Some(obj)),
         });
@@ -395,7 +395,7 @@ impl Controller {
     fn delete(&self, rt: &ResourceType, obj: &Value) {
         let key = ObjKey::new(rt, meta::namespace(obj), meta::name(obj));
         let uid = meta::uid_of(obj).to_string();
-        let _ = self.store.mutate(&key, |cur| match cur {
+        let _ = self.store.write(&key, |cur| match cur {
             Some(c) if meta::uid_of(c) == uid => Ok(None),
             other => Ok(other.cloned()),
         });
@@ -447,11 +447,17 @@ impl Controller {
         })
     }
 
-    fn health_by_rs(&self, namespace: &str, rs_uid: &str) -> Vec<PodHealth> {
-        self.owned(resources::pods(), namespace, rs_uid)
-            .iter()
-            .map(|p| PodHealth {
-                ready: Self::pod_ready(p),
+    /// The readiness of a ReplicaSet's pods, read in place (no copy of each pod).
+    fn health_by_rs(&self, _namespace: &str, rs_uid: &str) -> Vec<PodHealth> {
+        self.owners
+            .get(&resources::pods().qualified())
+            .and_then(|m| m.get(rs_uid))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| {
+                self.store.read(k, |p| PodHealth {
+                    ready: Self::pod_ready(p),
+                })
             })
             .collect()
     }

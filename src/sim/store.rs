@@ -248,6 +248,11 @@ impl Store {
         (items, inner.rv)
     }
 
+    /// Read one object in place, without copying it.
+    pub fn read<T>(&self, key: &ObjKey, f: impl FnOnce(&Value) -> T) -> Option<T> {
+        self.lock().objects.get(key).map(f)
+    }
+
     /// How many objects of one resource (and namespace) match `pred`, without copying any.
     pub fn count(
         &self,
@@ -272,7 +277,7 @@ impl Store {
         keep: impl Fn(&Value) -> bool,
     ) -> (Vec<(ObjKey, Value)>, u64, bool) {
         let inner = self.lock();
-        let mut matching = Self::of(&inner, resource, namespace)
+        let mut matching = Self::of_from(&inner, resource, namespace, after)
             .filter(|(k, _)| after.is_none_or(|a| *k > a))
             .filter(|(_, v)| keep(v));
         let page: Vec<(ObjKey, Value)> = matching
@@ -290,10 +295,23 @@ impl Store {
         resource: &'a str,
         namespace: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a ObjKey, &'a Value)> + 'a {
-        let from = ObjKey {
-            resource: resource.to_string(),
-            namespace: namespace.unwrap_or_default().to_string(),
-            name: String::new(),
+        Self::of_from(inner, resource, namespace, None)
+    }
+
+    /// [`Self::of`], starting at `start` (a page's last key) when given.
+    fn of_from<'a>(
+        inner: &'a Inner,
+        resource: &'a str,
+        namespace: Option<&'a str>,
+        start: Option<&ObjKey>,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Value)> + 'a {
+        let from = match start {
+            Some(k) => k.clone(),
+            None => ObjKey {
+                resource: resource.to_string(),
+                namespace: namespace.unwrap_or_default().to_string(),
+                name: String::new(),
+            },
         };
         inner.objects.range(from..).take_while(move |(k, _)| {
             k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
@@ -314,6 +332,22 @@ impl Store {
     where
         F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
     {
+        self.change(key, f, true)
+    }
+
+    /// [`Self::mutate`] for writers that do not need the result (the controllers): one copy of
+    /// the object fewer per write.
+    pub fn write<F>(&self, key: &ObjKey, f: F) -> Result<(), ApiError>
+    where
+        F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
+    {
+        self.change(key, f, false).map(|_| ())
+    }
+
+    fn change<F>(&self, key: &ObjKey, f: F, want: bool) -> Result<Option<Value>, ApiError>
+    where
+        F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
+    {
         let mut inner = self.lock();
         let current = inner.objects.get(key);
         let existed = current.is_some();
@@ -321,7 +355,7 @@ impl Store {
         match next {
             Some(mut obj) => {
                 if existed && inner.objects.get(key) == Some(&obj) {
-                    return Ok(Some(obj));
+                    return Ok(want.then_some(obj));
                 }
                 inner.rv += 1;
                 let rv = inner.rv;
@@ -332,16 +366,18 @@ impl Store {
                 } else {
                     EventType::Added
                 };
-                self.record(&mut inner, kind, key, obj.clone());
-                Ok(Some(obj))
+                let result = want.then(|| obj.clone());
+                self.record(&mut inner, kind, key, obj);
+                Ok(result)
             }
             None => {
                 if let Some(mut old) = inner.objects.remove(key) {
                     inner.rv += 1;
                     let rv = inner.rv;
                     old["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-                    self.record(&mut inner, EventType::Deleted, key, old.clone());
-                    return Ok(Some(old));
+                    let result = want.then(|| old.clone());
+                    self.record(&mut inner, EventType::Deleted, key, old);
+                    return Ok(result);
                 }
                 Ok(None)
             }
