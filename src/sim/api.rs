@@ -303,7 +303,12 @@ async fn route(
                     .unwrap_or("Metadata");
                 return Ok(json_response(
                     200,
-                    &table::render(target.rt, &[obj], store.current_rv(), include),
+                    &table::render(
+                        target.rt,
+                        std::slice::from_ref(obj.as_ref()),
+                        store.current_rv(),
+                        include,
+                    ),
                 ));
             }
             Ok(json_response(200, &obj))
@@ -512,7 +517,7 @@ fn watch(state: &Arc<ApiState>, target: &Target, params: &Params) -> Result<Resp
                     rv,
                     kind: super::store::EventType::Added,
                     key: ObjKey::new(rt, meta::namespace(&obj), meta::name(&obj)),
-                    object: obj,
+                    object: Arc::new(obj),
                 };
                 if matches(&probe) {
                     first.push(watch_line("ADDED", &probe.object));

@@ -430,7 +430,7 @@ impl Controller {
     }
 
     /// Objects of a kind controlled by `owner_uid`, from the index kept from the feed.
-    fn owned(&self, rt: &ResourceType, _namespace: &str, owner_uid: &str) -> Vec<Value> {
+    fn owned(&self, rt: &ResourceType, _namespace: &str, owner_uid: &str) -> Vec<Arc<Value>> {
         self.owners
             .get(&rt.qualified())
             .and_then(|m| m.get(owner_uid))
@@ -469,7 +469,7 @@ impl Controller {
         let template = dep["spec"]["template"].clone();
         let hash = template_hash(&template);
         let rss = self.owned(resources::replicasets(), &ns, &uid);
-        let max_rev = rss.iter().map(revision).max().unwrap_or(0);
+        let max_rev = rss.iter().map(|rs| revision(rs)).max().unwrap_or(0);
         let desired = dep["spec"]["replicas"].as_i64().unwrap_or(1);
 
         let new_rs = rss
@@ -527,7 +527,7 @@ impl Controller {
                 self.create(resources::replicasets(), rs.clone());
                 self.created.insert(uid.clone());
                 self.last_progress.insert(uid.clone(), Instant::now());
-                rs
+                Arc::new(rs)
             }
         };
 
@@ -569,11 +569,11 @@ impl Controller {
         }
 
         let new_uid = meta::uid_of(&new_rs).to_string();
-        let olds: Vec<Value> = rss
+        let olds: Vec<Arc<Value>> = rss
             .into_iter()
             .filter(|rs| meta::uid_of(rs) != new_uid)
             .collect();
-        let spec_of = |rs: &Value| int(&rs["spec"]["replicas"]);
+        let spec_of = |rs: &Arc<Value>| int(&rs["spec"]["replicas"]);
         let new_spec = spec_of(&new_rs);
         let strategy = &dep["spec"]["strategy"];
         if strategy["type"] == "Recreate" {
@@ -922,7 +922,10 @@ impl Controller {
         };
         let old = &dep["status"];
         let now = meta::now();
-        let rs_name = new_rs.map(meta::name).unwrap_or_default().to_string();
+        let rs_name = new_rs
+            .map(|rs| meta::name(rs))
+            .unwrap_or_default()
+            .to_string();
 
         let progressed = int(&old["updatedReplicas"]) < updated
             || int(&old["readyReplicas"]) < ready

@@ -167,12 +167,14 @@ pub struct StoredEvent {
     pub rv: u64,
     pub kind: EventType,
     pub key: ObjKey,
-    pub object: Value,
+    /// Shared with the store's own copy: an event costs no copy of the object.
+    pub object: Arc<Value>,
 }
 
 struct Inner {
     rv: u64,
-    objects: BTreeMap<ObjKey, Value>,
+    /// Shared, copied only on write: reads and events hold the same object.
+    objects: BTreeMap<ObjKey, Arc<Value>>,
     history: VecDeque<Arc<StoredEvent>>,
     /// Events at or below this revision are gone; resuming from below it is 410 Expired.
     compacted: u64,
@@ -235,7 +237,7 @@ impl Store {
         self.lock().rv
     }
 
-    pub fn get(&self, key: &ObjKey) -> Option<Value> {
+    pub fn get(&self, key: &ObjKey) -> Option<Arc<Value>> {
         self.lock().objects.get(key).cloned()
     }
 
@@ -250,7 +252,7 @@ impl Store {
 
     /// Read one object in place, without copying it.
     pub fn read<T>(&self, key: &ObjKey, f: impl FnOnce(&Value) -> T) -> Option<T> {
-        self.lock().objects.get(key).map(f)
+        self.lock().objects.get(key).map(|v| f(v))
     }
 
     /// How many objects of one resource (and namespace) match `pred`, without copying any.
@@ -313,9 +315,13 @@ impl Store {
                 name: String::new(),
             },
         };
-        inner.objects.range(from..).take_while(move |(k, _)| {
-            k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
-        })
+        inner
+            .objects
+            .range(from..)
+            .map(|(k, v)| (k, v.as_ref()))
+            .take_while(move |(k, _)| {
+                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+            })
     }
 
     /// Every change from now on, in order, for the controller.
@@ -349,34 +355,36 @@ impl Store {
         F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
     {
         let mut inner = self.lock();
-        let current = inner.objects.get(key);
+        let current = inner.objects.get(key).map(|v| v.as_ref());
         let existed = current.is_some();
         let next = f(current)?;
         match next {
             Some(mut obj) => {
-                if existed && inner.objects.get(key) == Some(&obj) {
+                if existed && inner.objects.get(key).map(|v| v.as_ref()) == Some(&obj) {
                     return Ok(want.then_some(obj));
                 }
                 inner.rv += 1;
                 let rv = inner.rv;
                 obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-                inner.objects.insert(key.clone(), obj.clone());
                 let kind = if existed {
                     EventType::Modified
                 } else {
                     EventType::Added
                 };
                 let result = want.then(|| obj.clone());
+                let obj = Arc::new(obj);
+                inner.objects.insert(key.clone(), obj.clone());
                 self.record(&mut inner, kind, key, obj);
                 Ok(result)
             }
             None => {
-                if let Some(mut old) = inner.objects.remove(key) {
+                if let Some(old) = inner.objects.remove(key) {
                     inner.rv += 1;
                     let rv = inner.rv;
+                    let mut old = Arc::unwrap_or_clone(old);
                     old["metadata"]["resourceVersion"] = Value::String(rv.to_string());
                     let result = want.then(|| old.clone());
-                    self.record(&mut inner, EventType::Deleted, key, old);
+                    self.record(&mut inner, EventType::Deleted, key, Arc::new(old));
                     return Ok(result);
                 }
                 Ok(None)
@@ -384,7 +392,7 @@ impl Store {
         }
     }
 
-    fn record(&self, inner: &mut Inner, kind: EventType, key: &ObjKey, object: Value) {
+    fn record(&self, inner: &mut Inner, kind: EventType, key: &ObjKey, object: Arc<Value>) {
         let ev = Arc::new(StoredEvent {
             rv: inner.rv,
             kind,
@@ -468,7 +476,7 @@ impl Store {
                         k.resource.clone(),
                         k.namespace.clone(),
                         k.name.clone(),
-                        v.clone(),
+                        v.as_ref().clone(),
                     )
                 })
                 .collect(),
@@ -490,7 +498,7 @@ impl Store {
                         namespace,
                         name,
                     },
-                    v,
+                    Arc::new(v),
                 )
             })
             .collect();
