@@ -820,6 +820,16 @@ mod tests {
             .count()
     }
 
+    /// The usual opening: web planned from w:1 to w:2 and patched to generation 5; then `rest`.
+    fn patched_then(rest: Vec<Input>) -> Vec<Input> {
+        let mut script = vec![
+            Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+            Input::Patched(Ok(5)),
+        ];
+        script.extend(rest);
+        script
+    }
+
     fn failed(transient: bool) -> Failure {
         Failure {
             transient,
@@ -832,11 +842,7 @@ mod tests {
         let (events, actions) = run(
             desired(Trigger::File),
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
-                Input::Waited(WaitOutcome::Healthy),
-            ],
+            patched_then(vec![Input::Waited(WaitOutcome::Healthy)]),
         );
         assert!(matches!(&actions[1], Action::Patch { images: i, .. } if *i == images("web=w:2")));
         assert!(matches!(
@@ -866,16 +872,14 @@ mod tests {
         let (events, actions) = run(
             desired(Trigger::File),
             known,
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
+            patched_then(vec![
                 Input::Waited(WaitOutcome::Failed {
                     reason: "ImagePullBackOff".into(),
                     message: "pod web-1: back-off".into(),
                 }),
                 Input::Patched(Ok(6)),
                 Input::Waited(WaitOutcome::Healthy),
-            ],
+            ]),
         );
         assert!(matches!(&actions[3], Action::Patch { images: i, .. } if *i == images("web=w:1")));
         assert!(matches!(
@@ -902,9 +906,7 @@ mod tests {
         let (events, _) = run(
             desired(Trigger::File),
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
+            patched_then(vec![
                 Input::Waited(WaitOutcome::TimedOut {
                     last: "0 of 2 updated replicas available".into(),
                 }),
@@ -913,7 +915,7 @@ mod tests {
                     reason: "CrashLoopBackOff".into(),
                     message: "pod web-2 container web: back-off".into(),
                 }),
-            ],
+            ]),
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::RollbackFailed);
@@ -931,14 +933,10 @@ mod tests {
         let (events, actions) = run(
             d,
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
-                Input::Waited(WaitOutcome::Failed {
-                    reason: "ImagePullBackOff".into(),
-                    message: "m".into(),
-                }),
-            ],
+            patched_then(vec![Input::Waited(WaitOutcome::Failed {
+                reason: "ImagePullBackOff".into(),
+                message: "m".into(),
+            })]),
         );
         assert_eq!(
             actions
@@ -958,11 +956,7 @@ mod tests {
         let (events, _) = run(
             desired(Trigger::File),
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
-                Input::Waited(WaitOutcome::NoReplicas),
-            ],
+            patched_then(vec![Input::Waited(WaitOutcome::NoReplicas)]),
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::Unverified);
@@ -1124,11 +1118,7 @@ mod tests {
         let (events, _) = run(
             desired(Trigger::File),
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
-                Input::Waited(WaitOutcome::Superseded),
-            ],
+            patched_then(vec![Input::Waited(WaitOutcome::Superseded)]),
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::Superseded);
@@ -1158,11 +1148,7 @@ mod tests {
         let (_, actions) = run(
             desired(Trigger::Operator),
             pinned,
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
-                Input::Waited(WaitOutcome::Healthy),
-            ],
+            patched_then(vec![Input::Waited(WaitOutcome::Healthy)]),
         );
         assert!(actions.iter().any(|a| matches!(a, Action::Patch { .. })));
         let suspended = Known {
@@ -1251,9 +1237,7 @@ mod tests {
         let (events, _) = run(
             desired(Trigger::File),
             Known::default(),
-            vec![
-                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
-                Input::Patched(Ok(5)),
+            patched_then(vec![
                 Input::Waited(WaitOutcome::Failed {
                     reason: "ErrImagePull".into(),
                     message: "m".into(),
@@ -1261,7 +1245,7 @@ mod tests {
                 Input::Patched(Err(failed(true))),
                 Input::Slept,
                 Input::Patched(Err(failed(false))),
-            ],
+            ]),
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::RollbackFailed);
