@@ -233,3 +233,24 @@ async fn the_in_cluster_example_applies_and_its_dependency_files_check() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_pages_through_a_long_list() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    k.ok(&["create", "ns", "paged"]).await;
+    for i in 0..7 {
+        k.ok(&["-n", "paged", "create", "configmap", &format!("cm{i}")])
+            .await;
+    }
+    // kubectl asks for server-side Tables in pages; every page but the last carries `continue`.
+    for args in [
+        ["-n", "paged", "get", "cm", "--chunk-size=2", "--no-headers"],
+        ["-n", "paged", "get", "cm", "--chunk-size=2", "-o=name"],
+    ] {
+        let out = k.ok(&args).await;
+        let names: Vec<&str> = out.lines().filter(|l| l.contains("cm")).collect();
+        assert_eq!(names.len(), 7, "{args:?} lists every ConfigMap: {out}");
+    }
+}

@@ -306,7 +306,7 @@ async fn route(
                     &table::render(
                         target.rt,
                         std::slice::from_ref(obj.as_ref()),
-                        store.current_rv(),
+                        json!({"resourceVersion": store.current_rv().to_string()}),
                         include,
                     ),
                 ));
@@ -410,6 +410,11 @@ fn list(
         _ => String::new(),
     };
     let items: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
+    let metadata = if next.is_empty() {
+        json!({"resourceVersion": rv.to_string()})
+    } else {
+        json!({"resourceVersion": rv.to_string(), "continue": next})
+    };
     if table::wants_table(accept) {
         let include = params
             .get("includeObject")
@@ -417,7 +422,7 @@ fn list(
             .unwrap_or("Metadata");
         return Ok(json_response(
             200,
-            &table::render(target.rt, &items, rv, include),
+            &table::render(target.rt, &items, metadata, include),
         ));
     }
     Ok(json_response(
@@ -425,11 +430,7 @@ fn list(
         &json!({
             "kind": format!("{}List", target.rt.kind),
             "apiVersion": target.rt.api_version(),
-            "metadata": if next.is_empty() {
-                json!({"resourceVersion": rv.to_string()})
-            } else {
-                json!({"resourceVersion": rv.to_string(), "continue": next})
-            },
+            "metadata": metadata,
             "items": items,
         }),
     ))

@@ -138,7 +138,8 @@ fn columns_and_cells(rt: &ResourceType) -> (Vec<Value>, Cells) {
 }
 
 /// Render objects as a Table; `include` is the request's `includeObject` (None, Metadata, Object).
-pub fn render(rt: &ResourceType, items: &[Value], rv: u64, include: &str) -> Value {
+/// A Table of `items`; `metadata` is the list's (resourceVersion, and `continue` when paged).
+pub fn render(rt: &ResourceType, items: &[Value], metadata: Value, include: &str) -> Value {
     let (columns, cells) = columns_and_cells(rt);
     let rows: Vec<Value> = items
         .iter()
@@ -161,7 +162,7 @@ pub fn render(rt: &ResourceType, items: &[Value], rv: u64, include: &str) -> Val
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
-        "metadata": {"resourceVersion": rv.to_string()},
+        "metadata": metadata,
         "columnDefinitions": columns,
         "rows": rows,
     })
