@@ -40,14 +40,15 @@ pub fn check_dir(dir: &Path) -> (usize, Vec<Problem>) {
             continue;
         }
         seen.insert(key, path.clone());
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                problems.push(format!("{}: cannot read: {e}", path.display()));
-                continue;
-            }
-        };
-        match depfile::parse(&path.display().to_string(), &bytes) {
+        let bytes =
+            match crate::safefs::read_capped(dir, &path, crate::safefs::DEFAULT_MAX_FILE_SIZE) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    continue;
+                }
+            };
+        match depfile::parse(&crate::safefs::shown(&path), &bytes) {
             Ok(_) => good += 1,
             Err(e) => problems.push(e.to_string()),
         }

@@ -30,7 +30,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch the dependency directory and deploy every change.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate dependency files; exits non-zero and lists every problem if any file is bad.
     Check(CheckArgs),
     /// Show each managed service's desired, deployed and last good images.
@@ -63,6 +63,34 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. 100ms, 30s, 5m"))
+}
+
+fn parse_glob(s: &str) -> Result<crate::bounds::Glob, String> {
+    crate::bounds::Glob::new(s)
+}
+
+/// A size in bytes: `65536`, `64KiB`, `1MiB` (also `KB`/`MB`/`k`/`m`, all powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; expected e.g. 65536, 64KiB, 1MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit; expected e.g. 65536, 64KiB, 1MiB"
+            ))
+        }
+    };
+    match n.checked_mul(scale) {
+        Some(v) if v > 0 && v <= 16 * 1024 * 1024 => Ok(v),
+        _ => Err(format!("{s:?} must be between 1 byte and 16MiB")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,13 +140,24 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_CONTEXT", help_heading = "Kubernetes")]
     pub context: Option<String>,
 
-    /// Do not create missing namespaces; deploying into one fails instead.
-    #[arg(
-        long,
-        env = "DEPWATCH_NO_CREATE_NAMESPACE",
-        help_heading = "Kubernetes"
-    )]
+    /// Accepted for old unit files: depwatch never creates namespaces.
+    #[arg(long, env = "DEPWATCH_NO_CREATE_NAMESPACE", hide = true)]
     pub no_create_namespace: bool,
+
+    /// Namespaces depwatch may deploy to: names and globs, comma-separated (e.g.
+    /// `prod,team-*`). Files and API requests for any other namespace are refused. Default: any.
+    #[arg(long, env = "DEPWATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub namespaces: Vec<crate::bounds::Glob>,
+
+    /// Image repositories depwatch may deploy: globs, comma-separated (e.g.
+    /// `registry.example.com/team/*`). Checked on the final image, after a plain version is
+    /// given its repository. Default: any.
+    #[arg(long, env = "DEPWATCH_ALLOWED_IMAGES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub allowed_images: Vec<crate::bounds::Glob>,
+
+    /// Largest dependency file read; larger files are refused unread.
+    #[arg(long, env = "DEPWATCH_MAX_FILE_SIZE", default_value = "64KiB", value_parser = parse_size, help_heading = "Bounds")]
+    pub max_file_size: u64,
 
     /// Repository for versions and digests (default: the repository the container runs).
     /// Seed name: ECR_REPO.
@@ -226,7 +265,11 @@ impl DaemonArgs {
             max_wait: self.max_wait,
             resync: self.resync,
             rollout_timeout: self.rollout_timeout,
-            create_namespace: !self.no_create_namespace,
+            bounds: crate::bounds::Bounds::from_globs(
+                self.namespaces.clone(),
+                self.allowed_images.clone(),
+            ),
+            max_file_size: self.max_file_size,
             image_repo: self.image_repo.clone(),
             rollback: self.rollback == Toggle::On,
             slack_webhook: self.slack_webhook.clone(),

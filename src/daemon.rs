@@ -42,7 +42,10 @@ pub struct DaemonConfig {
     pub max_wait: Duration,
     pub resync: Duration,
     pub rollout_timeout: Duration,
-    pub create_namespace: bool,
+    /// `--namespaces` and `--allowed-images`.
+    pub bounds: crate::bounds::Bounds,
+    /// `--max-file-size`: larger dependency files are refused unread.
+    pub max_file_size: u64,
     pub image_repo: Option<String>,
     pub rollback: bool,
     pub slack_webhook: Option<String>,
@@ -77,7 +80,8 @@ impl DaemonConfig {
             max_wait: Duration::from_secs(10),
             resync: Duration::from_secs(300),
             rollout_timeout: Duration::from_secs(300),
-            create_namespace: true,
+            bounds: crate::bounds::Bounds::default(),
+            max_file_size: crate::safefs::DEFAULT_MAX_FILE_SIZE,
             image_repo: None,
             rollback: true,
             slack_webhook: None,
@@ -161,11 +165,10 @@ pub async fn run_with(
         return Err(DaemonError::DepsDir(config.deps_dir.clone()));
     }
     // One spelling of every path: the watcher reports paths under the directory as given, and
-    // the scanner must name the same files the same way.
+    // the scanner must name the same files the same way. Absolute, but symlinks are kept: a
+    // git-sync root is a symlink swapped to each new checkout, and must be followed anew.
     let mut config = config;
-    config.deps_dir = config
-        .deps_dir
-        .canonicalize()
+    config.deps_dir = std::path::absolute(&config.deps_dir)
         .map_err(|_| DaemonError::DepsDir(config.deps_dir.clone()))?;
     let store = Store::open(&config.state_dir)?;
     let pruned = store.prune(config.history_keep, config.history_max_age)?;
@@ -196,7 +199,7 @@ pub async fn run_with(
     let deployer = Deployer::new(
         client.clone(),
         DeployConfig {
-            create_namespace: config.create_namespace,
+            bounds: Arc::new(config.bounds.clone()),
             image_repo: config.image_repo.clone(),
             rollout_timeout: config.rollout_timeout,
             fail_fast: config.fail_fast,
@@ -222,7 +225,7 @@ pub async fn run_with(
     // Watch before the first scan, so nothing written in between is missed.
     let (event_tx, event_rx) = mpsc::channel(4096);
     let overflow = Arc::new(AtomicBool::new(false));
-    let _watch = watch::watch_dir(&config.deps_dir, event_tx, overflow.clone())?;
+    let root_watch = watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone())?;
 
     let tracker = TaskTracker::new();
     let stages = CancellationToken::new();
@@ -242,6 +245,10 @@ pub async fn run_with(
             api_waits: api_waits.clone(),
             shutdown: stages.clone(),
             post_lock: tokio::sync::Mutex::new(()),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(crate::http::MAX_EVENT_STREAMS)),
+            bounds: Arc::new(config.bounds.clone()),
+            max_file_size: config.max_file_size,
+            root_problem: root_watch.problem.clone(),
         });
         // Bound before anything else runs, so a taken port is a clear start-up error.
         let listener = tokio::net::TcpListener::bind(addr)
@@ -264,7 +271,15 @@ pub async fn run_with(
         stages.clone(),
     ));
 
-    let mut ingest = Ingest::new(config.deps_dir.clone(), store.clone(), scheduler.clone());
+    let mut ingest = Ingest::new(
+        config.deps_dir.clone(),
+        store.clone(),
+        scheduler.clone(),
+        crate::ingest::FileRules {
+            max_file_size: config.max_file_size,
+            bounds: Arc::new(config.bounds.clone()),
+        },
+    );
     ingest.rescan(Trigger::Startup).await;
     // Deploys a stop interrupted are resumed by their service's worker; those whose file is
     // gone are closed here so the record never shows work in progress that nobody does.
@@ -282,7 +297,7 @@ pub async fn run_with(
         }
     }
     scanned.store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!(dir = %config.deps_dir.display(), "watching for dependency file changes");
+    tracing::info!(dir = %crate::safefs::shown(&config.deps_dir), "watching for dependency file changes");
     set.spawn(ingest::run(
         IngestConfig {
             quiet: config.quiet,
@@ -290,6 +305,7 @@ pub async fn run_with(
             resync: config.resync,
         },
         ingest,
+        root_watch,
         event_rx,
         overflow,
         stages.clone(),

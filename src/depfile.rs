@@ -103,7 +103,7 @@ pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError>
         return Ok(None);
     };
     let err = |message: String| DepFileError {
-        file: path.display().to_string(),
+        file: crate::safefs::shown(path),
         line: None,
         message,
     };
@@ -184,15 +184,14 @@ fn valid_tag(s: &str) -> bool {
 fn valid_digest(s: &str) -> Result<(), String> {
     let (alg, hex) = s
         .split_once(':')
-        .ok_or_else(|| format!("{s:?} is not a digest"))?;
+        .ok_or_else(|| "the value is not a digest".to_string())?;
     let len = match alg {
         "sha256" => 64,
         "sha384" => 96,
         "sha512" => 128,
         other => {
-            return Err(format!(
-                "unsupported digest algorithm {other:?}; expected sha256, sha384 or sha512"
-            ))
+            let _ = other;
+            return Err("unsupported digest algorithm; expected sha256, sha384 or sha512".into());
         }
     };
     if hex.len() != len
@@ -201,7 +200,7 @@ fn valid_digest(s: &str) -> Result<(), String> {
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     {
         return Err(format!(
-            "digest {s:?} must be {alg}: followed by {len} lower-case hex digits"
+            "the digest must be {alg}: followed by {len} lower-case hex digits"
         ));
     }
     Ok(())
@@ -211,7 +210,7 @@ fn valid_digest(s: &str) -> Result<(), String> {
 pub fn validate_reference(s: &str) -> Result<(), String> {
     s.parse::<oci_spec::distribution::Reference>()
         .map(|_| ())
-        .map_err(|e| format!("{s:?} is not a valid image reference: {e}"))
+        .map_err(|e| format!("not a valid image reference ({e})"))
 }
 
 /// Classify one version/image value.
@@ -221,7 +220,7 @@ pub fn classify(value: &str) -> Result<ImageSpec, String> {
         return Err("the value is empty".into());
     }
     if v.chars().any(char::is_whitespace) {
-        return Err(format!("{v:?} contains spaces; {EXPECTED}"));
+        return Err(format!("the value contains spaces; {EXPECTED}"));
     }
     let looks_like_digest = v
         .split_once(':')
@@ -238,7 +237,7 @@ pub fn classify(value: &str) -> Result<ImageSpec, String> {
         Ok(ImageSpec::Tag(v.to_string()))
     } else {
         Err(format!(
-            "{v:?} is not a valid tag (letters, digits, '_', '.', '-', at most 128 characters, not starting with '.' or '-'); {EXPECTED}"
+            "the value is not a valid tag (letters, digits, '_', '.', '-', at most 128 characters, not starting with '.' or '-'); {EXPECTED}"
         ))
     }
 }
@@ -278,6 +277,19 @@ struct YamlForm {
     repository: Option<String>,
     rollout_timeout: Option<String>,
     rollback: Option<bool>,
+}
+
+/// What kind of YAML problem a parser message describes, in words that quote nothing.
+fn yaml_problem(msg: &str) -> &'static str {
+    if msg.contains("unknown field") {
+        "an unknown field (expected images, image, version, container, repository, rolloutTimeout, rollback)"
+    } else if msg.contains("duplicate") {
+        "a field appears twice"
+    } else if msg.contains("invalid type") || msg.contains("expected") {
+        "a field or the document has the wrong type (expected a mapping of known fields)"
+    } else {
+        "not valid YAML"
+    }
 }
 
 fn line_of(text: &str, needle: &str) -> Option<usize> {
@@ -321,6 +333,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
         message,
     };
     let form: YamlForm = serde_saphyr::from_str(text).map_err(|e| {
+        // The parser's message may quote the file; only its position and kind are kept.
         let msg = e.to_string();
         let line = msg
             .split("line ")
@@ -329,7 +342,10 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             .and_then(|n| n.parse().ok());
         err(
             line,
-            format!("not a valid dependency file: {msg}; {EXPECTED}"),
+            format!(
+                "not a valid dependency file: {}; {EXPECTED}",
+                yaml_problem(&msg)
+            ),
         )
     })?;
     let mut spec = DepSpec {
@@ -343,7 +359,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
         if repo.contains('@') || repository_of(repo) != repo {
             return Err(err(
                 line_of(text, "repository"),
-                format!("repository: {repo:?} must be a repository without a tag or digest, e.g. example.com/team/web"),
+                "repository: must be a repository without a tag or digest, e.g. example.com/team/web".into(),
             ));
         }
     }
@@ -351,15 +367,13 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
         let d = humantime::parse_duration(t).map_err(|e| {
             err(
                 line_of(text, "rolloutTimeout"),
-                format!("rolloutTimeout: {t:?} is not a duration ({e}); expected e.g. 90s or 5m"),
+                format!("rolloutTimeout: not a duration ({e}); expected e.g. 90s or 5m"),
             )
         })?;
         if d.is_zero() || d > MAX_ROLLOUT_TIMEOUT {
             return Err(err(
                 line_of(text, "rolloutTimeout"),
-                format!(
-                    "rolloutTimeout: {t:?} is out of range; expected more than 0 and at most 24h"
-                ),
+                "rolloutTimeout: out of range; expected more than 0 and at most 24h".into(),
             ));
         }
         spec.rollout_timeout = Some(d);
@@ -401,7 +415,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             if !valid_label(container) {
                 return Err(err(
                     line_of(text, container),
-                    format!("images: {container:?} is not a valid container name"),
+                    "images: a key is not a valid container name (lower-case letters, digits and '-', at most 63)".into(),
                 ));
             }
             let s = classify(value).map_err(|m| {
@@ -585,7 +599,12 @@ mod tests {
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.message.contains("images.side"), "{e}");
         let e = parse("f.dep", b"version: 1.0\ncolour: blue\n").expect_err("unknown field");
-        assert!(e.message.contains("colour"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("an unknown field"), "{e}");
+        assert!(
+            !e.message.contains("colour"),
+            "the content is not echoed: {e}"
+        );
         let e = parse("f.dep", b"rolloutTimeout: soon\nversion: 1\n").expect_err("duration");
         assert_eq!(e.line, Some(1));
         let e = parse("f.dep", b"version: 1\nrolloutTimeout: 500000000000y\n").expect_err("huge");
@@ -653,5 +672,88 @@ mod tests {
             "example.com:5000/web"
         );
         assert_eq!(repository_of("web@sha256:00"), "web");
+    }
+
+    /// Property: for any input, built from fragments of valid files, YAML, kubeconfigs and
+    /// junk with a secret marker mixed in, parsing never panics, an accepted file has images
+    /// that are valid, and an error never quotes the content (the marker never appears).
+    #[test]
+    fn parse_never_panics_and_never_echoes_content() {
+        use rand::{Rng, SeedableRng};
+        const MARKER: &str = "Zq9SECRETq9Z";
+        let fragments: &[&str] = &[
+            "1.42.0",
+            "images:",
+            "  api: repo/api:1.2",
+            "version: ",
+            "image: ",
+            "container: web",
+            "repository: example.com/web",
+            "rolloutTimeout: 90s",
+            "rollback: false",
+            "# comment",
+            "{",
+            "}",
+            "[",
+            "]",
+            ":",
+            ": ",
+            "- ",
+            "\t",
+            "sha256:",
+            "@",
+            "/",
+            "apiVersion: v1",
+            "token: ",
+            "root:x:0:0:root:/root:/bin/bash",
+            "\u{0}",
+            "\u{feff}",
+            "&a",
+            "*a",
+            "!!str",
+            "---",
+            "...",
+            "'",
+            "\"",
+            "é",
+            "\r",
+            " ",
+            "\n",
+            MARKER,
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        for round in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..rng.random_range(1..12) {
+                text.push_str(fragments[rng.random_range(0..fragments.len())]);
+                if rng.random_bool(0.4) {
+                    text.push('\n');
+                }
+            }
+            let mut bytes = text.into_bytes();
+            if round % 7 == 0 && !bytes.is_empty() {
+                let at = rng.random_range(0..bytes.len());
+                bytes[at] = rng.random();
+            }
+            match parse("p.dep", &bytes) {
+                Ok(spec) => {
+                    assert!(!spec.images.is_empty(), "{bytes:?}");
+                    for (_, image) in &spec.images {
+                        let (ImageSpec::Tag(v) | ImageSpec::Digest(v) | ImageSpec::Reference(v)) =
+                            image;
+                        assert!(!v.chars().any(char::is_whitespace), "{bytes:?}");
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(
+                        !text.contains(MARKER),
+                        "content echoed: {text} for {bytes:?}"
+                    );
+                    assert!(!text.contains("root:x:0"), "content echoed: {text}");
+                    assert!(text.starts_with("p.dep"), "names the file: {text}");
+                }
+            }
+        }
     }
 }

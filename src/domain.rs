@@ -114,6 +114,9 @@ vocabulary! {
         Drifted = "drifted",
         /// Its file does not parse, or two files define it.
         Invalid = "invalid",
+        /// Its file cannot be read (permissions, not a regular file, too large, a symlink
+        /// leaving the directory); the last good state stays.
+        Unreadable = "unreadable",
         /// Its file was removed: no longer managed.
         Unmanaged = "unmanaged",
         /// An operator asked for a retry; the file is read again.
@@ -204,6 +207,7 @@ impl ServiceStatus {
             ServiceStatus::RollbackFailed => "rollback failed",
             ServiceStatus::Drifted => "drifted",
             ServiceStatus::Invalid => "invalid file",
+            ServiceStatus::Unreadable => "unreadable file",
             ServiceStatus::Unmanaged => "not managed",
             ServiceStatus::Retry => "retry requested",
         }
@@ -266,6 +270,45 @@ pub enum Tone {
     Warning,
     Bad,
     Busy,
+}
+
+/// The candidate closest to a name that was not found (a typo's likely intent), if any is close
+/// enough to be worth suggesting: at most a third of the name's length in edits, and at least 1.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .filter(|c| *c != name)
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// Edit distance in characters, counting a swap of two neighbours as one edit (optimal string
+/// alignment): `prdo` is one typo away from `prod`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// A duration as people read it: `850ms`, `4.2s`, `3m 5s`.
@@ -542,6 +585,25 @@ impl Desired {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn closest_suggests_a_likely_typo_and_nothing_far() {
+        let names = ["prod", "production", "staging", "kube-system"];
+        for (name, want) in [
+            ("prd", Some("prod")),
+            ("prdo", Some("prod")),
+            ("stagign", Some("staging")),
+            ("productoin", Some("production")),
+            ("payments", None),
+            ("prod", None),
+            ("x", None),
+        ] {
+            assert_eq!(closest(name, names), want, "{name}");
+        }
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
     use super::*;
 
     #[test]

@@ -15,10 +15,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounds::Bounds;
 use crate::debounce::Debouncer;
 use crate::depfile::{self, ServiceKey};
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
+use crate::safefs::{self, shown};
 use crate::store::{ServiceRecord, Store};
 use crate::watch::FileEvent;
 
@@ -36,8 +38,25 @@ fn meaningful(text: &str) -> String {
         .join("\n")
 }
 
+/// What ingest accepts: files up to a size, services and images within the bounds.
+#[derive(Debug, Clone)]
+pub struct FileRules {
+    pub max_file_size: u64,
+    pub bounds: Arc<Bounds>,
+}
+
+impl Default for FileRules {
+    fn default() -> Self {
+        FileRules {
+            max_file_size: crate::safefs::DEFAULT_MAX_FILE_SIZE,
+            bounds: Arc::default(),
+        }
+    }
+}
+
 pub struct Ingest {
     dir: PathBuf,
+    rules: FileRules,
     store: Store,
     scheduler: Scheduler,
     /// Which service each seen path defines.
@@ -50,9 +69,10 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(dir: PathBuf, store: Store, scheduler: Scheduler) -> Self {
+    pub fn new(dir: PathBuf, store: Store, scheduler: Scheduler, rules: FileRules) -> Self {
         Ingest {
             dir,
+            rules,
             store,
             scheduler,
             known: HashMap::new(),
@@ -106,18 +126,59 @@ impl Ingest {
             return;
         }
         let last = path.with_extension("last");
-        let Ok(previous) = std::fs::read_to_string(&last) else {
+        // The seed's record is read as carefully as the file itself.
+        let Ok(previous) = safefs::read_capped(&self.dir, &last, self.rules.max_file_size) else {
             return;
         };
+        let previous = String::from_utf8_lossy(&previous);
         if meaningful(&previous) == meaningful(text) {
             let _ = self.store.update_service(key, |r| {
                 r.path = path.display().to_string();
                 r.content_hash = hash.to_string();
                 r.status = ServiceStatus::Succeeded;
-                r.message = format!("imported from {}", last.display());
+                r.message = format!("imported from {}", shown(&last));
             });
-            tracing::info!(service = %key, file = %last.display(), "imported the seed's last deployed version; no redeploy");
+            tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
         }
+    }
+
+    /// A file that cannot be acted on: say why once, record it, deploy nothing; the last good
+    /// state stays.
+    fn refuse(&mut self, key: &ServiceKey, path: &Path, status: ServiceStatus, message: String) {
+        tracing::error!(service = %key, error = %message, "dependency file refused; nothing deployed, the last good state stays");
+        let _ = self.store.update_service(key, |r| {
+            if r.path.is_empty() {
+                r.path = path.display().to_string();
+            }
+            if !r.status.in_flight() {
+                r.status = status;
+            }
+            r.message = message.clone();
+        });
+    }
+
+    /// Images the file names in full must be within `--allowed-images` (plain versions are
+    /// checked when their repository is known, before the patch).
+    fn within_bounds(
+        &self,
+        file: &str,
+        spec: depfile::DepSpec,
+    ) -> Result<depfile::DepSpec, depfile::DepFileError> {
+        let named = spec.images.iter().filter_map(|(_, image)| match image {
+            depfile::ImageSpec::Reference(r) => Some(r.clone()),
+            depfile::ImageSpec::Tag(t) => spec.repository.as_ref().map(|r| format!("{r}:{t}")),
+            depfile::ImageSpec::Digest(d) => spec.repository.as_ref().map(|r| format!("{r}@{d}")),
+        });
+        for image in named {
+            if let Err(e) = self.rules.bounds.check_image(&image) {
+                return Err(depfile::DepFileError {
+                    file: file.to_string(),
+                    line: None,
+                    message: e.to_string(),
+                });
+            }
+        }
+        Ok(spec)
     }
 
     /// Act on one path that may have changed.
@@ -130,30 +191,45 @@ impl Ingest {
                 return;
             }
         };
-        let bytes = match std::fs::read(path) {
+        let read = safefs::read_capped_async(
+            self.dir.clone(),
+            path.to_path_buf(),
+            self.rules.max_file_size,
+        )
+        .await;
+        let bytes = match read {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.is_missing() => {
                 let (was_known, still_defined) = self.unknow(path, &key);
                 if was_known && !still_defined {
-                    tracing::info!(service = %key, file = %path.display(), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
+                    tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
                     let _ = self.store.update_service(&key, |r| {
                         r.status = ServiceStatus::Unmanaged;
-                        r.message = format!("{} was removed", path.display());
+                        r.message = format!("{} was removed", shown(path));
                     });
                 }
                 return;
             }
             Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "cannot read dependency file");
+                self.refuse(&key, path, ServiceStatus::Unreadable, e.to_string());
                 return;
             }
         };
+        if let Err(e) = self.rules.bounds.check_namespace(&key.namespace) {
+            self.refuse(
+                &key,
+                path,
+                ServiceStatus::Invalid,
+                format!("{}: {e}", shown(path)),
+            );
+            return;
+        }
         if let Some(other) = self.other_definition(&key, path) {
             let message = format!(
                 "service {key} is defined twice, by {} and {}; nothing deployed until one is removed",
-                other.display(),
-                path.display()
+                shown(&other),
+                shown(path)
             );
             tracing::error!("{message}");
             let _ = self.store.update_service(&key, |r| {
@@ -164,13 +240,13 @@ impl Ingest {
         }
         self.know(path, &key);
         let hash = content_hash(&bytes);
-        let shown = path.display().to_string();
-        let spec = match depfile::parse(&shown, &bytes) {
+        let file = shown(path);
+        let spec = match depfile::parse(&file, &bytes).and_then(|s| self.within_bounds(&file, s)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
                 let _ = self.store.update_service(&key, |r| {
-                    r.path = shown.clone();
+                    r.path = path.display().to_string();
                     if r.status != ServiceStatus::Deploying {
                         r.status = ServiceStatus::Invalid;
                     }
@@ -227,7 +303,7 @@ impl Ingest {
             }
             (None, None) => (trigger, trigger.to_string(), String::new()),
         };
-        tracing::info!(service = %key, file = %shown, %trigger, "new desired version");
+        tracing::info!(service = %key, %file, %trigger, "new desired version");
         self.scheduler
             .submit(
                 key,
@@ -259,7 +335,7 @@ impl Ingest {
         let paths = match crate::watch::scan(&self.dir) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(dir = %self.dir.display(), error = %e, "cannot scan the dependency directory");
+                tracing::error!(dir = %shown(&self.dir), error = %e, "cannot scan the dependency directory");
                 return;
             }
         };
@@ -311,6 +387,9 @@ impl Ingest {
     }
 }
 
+/// How often the dependency root's identity is checked besides its events.
+const ROOT_CHECK: Duration = Duration::from_secs(1);
+
 /// Settings of the watch → debounce → read loop.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -323,6 +402,7 @@ pub struct IngestConfig {
 pub async fn run(
     config: IngestConfig,
     mut ingest: Ingest,
+    mut root: crate::watch::RootWatch,
     mut events: mpsc::Receiver<FileEvent>,
     overflow: Arc<AtomicBool>,
     cancel: CancellationToken,
@@ -330,6 +410,11 @@ pub async fn run(
     let mut debouncer = Debouncer::new(config.quiet, config.max_wait);
     let mut resync = tokio::time::interval(config.resync);
     resync.tick().await;
+    // The root's own events say at once when it is replaced; this check catches what they
+    // cannot (a directory above the parent swapped).
+    let mut root_check = tokio::time::interval(ROOT_CHECK);
+    root_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut root_ok = true;
     loop {
         let next = debouncer.next_deadline();
         let sleep = async {
@@ -338,12 +423,19 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let mut root_event = false;
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = resync.tick() => ingest.rescan_except(Trigger::Resync, &debouncer.writing()).await,
+            _ = resync.tick() => {
+                if root_ok {
+                    ingest.rescan_except(Trigger::Resync, &debouncer.writing()).await;
+                }
+            }
+            _ = root_check.tick() => root_event = true,
             _ = sleep => {}
             ev = events.recv() => match ev {
                 None => return,
+                Some(FileEvent::Root) => root_event = true,
                 Some(FileEvent::Rescan) => {
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
@@ -353,6 +445,22 @@ pub async fn run(
                     debouncer.add(p, signal, tokio::time::Instant::now());
                 }
             },
+        }
+        if root_event {
+            match root.refresh() {
+                crate::watch::RootState::Same => root_ok = true,
+                crate::watch::RootState::Rewatched => {
+                    root_ok = true;
+                    ingest.rescan(Trigger::Rescan).await;
+                }
+                // Nothing is forgotten while the directory is away: a rescan now would take
+                // every service for removed.
+                crate::watch::RootState::Missing => root_ok = false,
+            }
+        }
+        if !root_ok {
+            overflow.store(false, Ordering::SeqCst);
+            continue;
         }
         if overflow.swap(false, Ordering::SeqCst) {
             tracing::warn!("file events overflowed; rescanning");

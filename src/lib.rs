@@ -11,6 +11,7 @@
 //!   demo run against; the daemon reaches it only through a kubeconfig.
 
 pub mod alert;
+pub mod bounds;
 pub mod check;
 pub mod cli;
 pub mod daemon;
@@ -24,6 +25,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod operator;
 pub mod queue;
+pub mod safefs;
 pub mod sim;
 pub mod store;
 pub mod watch;

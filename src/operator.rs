@@ -2,7 +2,7 @@
 //! record and the dependency file, never on the cluster directly: the file stays the source of
 //! truth and the running daemon picks the change up like any other save.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::depfile::ServiceKey;
 use crate::domain::{Asker, ServiceStatus};
@@ -16,28 +16,32 @@ pub enum OperatorError {
     Unknown(ServiceKey),
     #[error("service {0} has no known good images to roll back to")]
     NoLastGood(ServiceKey),
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] crate::safefs::WriteError),
+    #[error(transparent)]
+    Read(#[from] crate::safefs::ReadError),
 }
 
-/// Replace a file atomically: write a hidden temporary file beside it, then rename it over the
-/// target (the watcher ignores the temporary name and sees one completed save).
-pub fn write_atomically(path: &Path, content: &str) -> Result<(), OperatorError> {
-    let err = |source| OperatorError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("dep");
-    let tmp = dir.join(format!(".{name}.depwatch-{}", std::process::id()));
-    std::fs::write(&tmp, content).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })
+/// Largest file an operator command reads back (the daemon's own cap is usually smaller and
+/// refuses anything bigger anyway).
+const READ_CAP: u64 = 16 * 1024 * 1024;
+
+/// The directory a command may write in: the dependency root when known (the daemon's API),
+/// else the file's own directory (a local command names the file through the record).
+fn root_of<'a>(root: Option<&'a Path>, path: &'a Path) -> &'a Path {
+    root.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Replace a file atomically through [`crate::safefs::write_atomic`]: a random, exclusively
+/// created temporary beside it, fsynced and renamed over it (the watcher sees one completed
+/// save).
+pub fn write_atomically(
+    root: Option<&Path>,
+    path: &Path,
+    content: &str,
+) -> Result<(), OperatorError> {
+    crate::safefs::write_atomic(root_of(root, path), path, content.as_bytes())?;
+    Ok(())
 }
 
 fn record(store: &Store, key: &ServiceKey) -> Result<store::ServiceRecord, OperatorError> {
@@ -47,18 +51,16 @@ fn record(store: &Store, key: &ServiceKey) -> Result<store::ServiceRecord, Opera
 }
 
 /// Make the daemon read the file again (same content, new save).
-fn resave(path: &str) -> Result<(), OperatorError> {
+fn resave(root: Option<&Path>, path: &str) -> Result<(), OperatorError> {
     let p = Path::new(path);
-    let content = std::fs::read_to_string(p).map_err(|source| OperatorError::Write {
-        path: p.to_path_buf(),
-        source,
-    })?;
-    write_atomically(p, &content)
+    let content = crate::safefs::read_capped(root_of(root, p), p, READ_CAP)?;
+    crate::safefs::write_atomic(root_of(root, p), p, &content)?;
+    Ok(())
 }
 
 /// Lift the pin on a failed version and deploy it again.
 pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    retry_with(&Store::open(state_dir)?, key, &local_actor())
+    retry_with(&Store::open(state_dir)?, key, &local_actor(), None)
 }
 
 /// Who runs a CLI command: the local user.
@@ -68,26 +70,32 @@ pub fn local_actor() -> String {
         .unwrap_or_else(|_| "operator".into())
 }
 
-pub fn retry_with(store: &Store, key: &ServiceKey, actor: &str) -> Result<String, OperatorError> {
+pub fn retry_with(
+    store: &Store,
+    key: &ServiceKey,
+    actor: &str,
+    root: Option<&Path>,
+) -> Result<String, OperatorError> {
     let r = record(store, key)?;
     store.update_service(key, |s| {
         s.failed_hash.clear();
         s.status = ServiceStatus::Retry;
         s.message = Asker::retry_note(actor);
     })?;
-    resave(&r.path)?;
+    resave(root, &r.path)?;
     Ok(format!("retrying {key}: {} will be deployed again", r.path))
 }
 
 /// Write the last good images into the service's file.
 pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    rollback_with(&Store::open(state_dir)?, key, &local_actor())
+    rollback_with(&Store::open(state_dir)?, key, &local_actor(), None)
 }
 
 pub fn rollback_with(
     store: &Store,
     key: &ServiceKey,
     actor: &str,
+    root: Option<&Path>,
 ) -> Result<String, OperatorError> {
     let r = record(store, key)?;
     let images = r.last_good.clone();
@@ -100,7 +108,8 @@ pub fn rollback_with(
     }
     .header();
     // Per-service settings in the current file survive the rollback.
-    let settings = std::fs::read(&r.path)
+    let path = Path::new(&r.path);
+    let settings = crate::safefs::read_capped(root_of(root, path), path, READ_CAP)
         .ok()
         .and_then(|b| crate::depfile::parse(&r.path, &b).ok())
         .map(|spec| {
@@ -133,7 +142,7 @@ pub fn rollback_with(
         }
         content.push_str(&settings);
     }
-    write_atomically(Path::new(&r.path), &content)?;
+    write_atomically(root, path, &content)?;
     Ok(format!("{key}: wrote {} to {}", r.last_good, r.path))
 }
 
@@ -158,7 +167,7 @@ pub fn suspend(
             "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
         ))
     } else {
-        resave(&r.path)?;
+        resave(None, &r.path)?;
         Ok(format!("{key} resumed"))
     }
 }
@@ -179,7 +188,7 @@ mod tests {
         )
         .expect("write");
         assert!(matches!(
-            rollback_with(&store, &key, "alice"),
+            rollback_with(&store, &key, "alice", None),
             Err(OperatorError::Unknown(_))
         ));
         store
@@ -188,7 +197,7 @@ mod tests {
                 r.last_good = crate::domain::Images::parse("web=example.com/web:1.0");
             })
             .expect("record");
-        rollback_with(&store, &key, "alice").expect("rollback");
+        rollback_with(&store, &key, "alice", None).expect("rollback");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.starts_with("# rolled back by alice at "), "{text}");
         let spec =

@@ -213,14 +213,35 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id";
 
+/// The state directory 0700 and the database 0600 (SQLite gives its -wal and -shm files the
+/// database's mode), whatever the umask: history, pins and request records are nobody else's.
+fn private(state_dir: &Path, db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let f = state_dir.join(format!("depwatch.db{suffix}"));
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Open (creating if needed) `depwatch.db` in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+        let dir_error = |source| StoreError::Dir {
             path: state_dir.to_path_buf(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(state_dir).map_err(dir_error)?;
         let path = state_dir.join("depwatch.db");
+        private(state_dir, &path).map_err(dir_error)?;
         let conn = Connection::open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,

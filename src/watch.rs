@@ -24,6 +24,9 @@ pub enum FileEvent {
     Path(PathBuf, Signal),
     /// Anything may have changed: compare the whole directory.
     Rescan,
+    /// The dependency directory itself was deleted, created, replaced or (a symlink) swapped:
+    /// watch it again, then rescan.
+    Root,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +40,27 @@ pub struct DirWatch {
     _watcher: RecommendedWatcher,
 }
 
-/// Map one notify event to what it means for dependency files.
-pub fn classify(event: &notify::Event) -> Vec<FileEvent> {
+/// Whether `path` lies inside a dot directory under `root` (ConfigMap's timestamped
+/// `..2026_…` directories, git-sync's `.worktrees`): those are reached through their links.
+fn in_dot_dir(root: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return false;
+    };
+    let mut parts: Vec<_> = rel.components().collect();
+    parts.pop();
+    parts
+        .iter()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+}
+
+/// Map one notify event under `root` to what it means for dependency files.
+pub fn classify(event: &notify::Event, root: &Path) -> Vec<FileEvent> {
     if event.need_rescan() {
         return vec![FileEvent::Rescan];
+    }
+    // The root itself, or a directory above it, changed.
+    if event.paths.iter().any(|p| root.starts_with(p)) {
+        return vec![FileEvent::Root];
     }
     let link_or_dir = |p: &Path| {
         std::fs::symlink_metadata(p)
@@ -51,6 +71,7 @@ pub fn classify(event: &notify::Event) -> Vec<FileEvent> {
         p.file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| !depfile::is_ignored_name(n))
+            && !in_dot_dir(root, p)
     };
     let signal = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => Signal::Completed,
@@ -90,9 +111,9 @@ pub fn classify(event: &notify::Event) -> Vec<FileEvent> {
             return out;
         }
         EventKind::Modify(ModifyKind::Data(_)) => Signal::Writing,
-        // Attribute changes alone (chmod, touch's timestamps) change no content; touch also
-        // closes after writing, which the content hash then judges.
-        EventKind::Modify(ModifyKind::Metadata(_)) => return Vec::new(),
+        // Attribute changes (chmod, chown, touch's timestamps) change no content, but may make
+        // an unreadable file readable (or the reverse): read it again; the hash judges.
+        EventKind::Modify(ModifyKind::Metadata(_)) => Signal::Touched,
         EventKind::Create(CreateKind::Folder) => return vec![FileEvent::Rescan],
         EventKind::Create(_) => {
             if event.paths.iter().any(|p| link_or_dir(p)) {
@@ -111,15 +132,40 @@ pub fn classify(event: &notify::Event) -> Vec<FileEvent> {
 }
 
 /// Start watching `dir` recursively. Events go to `tx`; if it is full, `overflow` is raised and
-/// the event is dropped in favour of a rescan the consumer must perform.
+/// the event is dropped in favour of a rescan the consumer must perform. Symlinked directories
+/// are not descended (a link to `/` must not put the whole file system under watch); the files
+/// behind ConfigMap and git-sync links are watched in their real, in-root directories.
 pub fn watch_dir(
     dir: &Path,
     tx: mpsc::Sender<FileEvent>,
     overflow: Arc<AtomicBool>,
 ) -> Result<DirWatch, WatchError> {
+    let root = dir.to_path_buf();
+    let watcher = watcher(tx, overflow, move |ev| classify(ev, &root)).map_err(|source| {
+        WatchError::Watch {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    })?;
+    let mut watcher = watcher;
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .map_err(|source| WatchError::Watch {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    Ok(DirWatch { _watcher: watcher })
+}
+
+/// A notify watcher that never follows symlinks and forwards `map`ped events without blocking.
+fn watcher(
+    tx: mpsc::Sender<FileEvent>,
+    overflow: Arc<AtomicBool>,
+    map: impl Fn(&notify::Event) -> Vec<FileEvent> + Send + 'static,
+) -> notify::Result<RecommendedWatcher> {
     let handler = move |res: notify::Result<notify::Event>| {
         let events = match res {
-            Ok(ev) => classify(&ev),
+            Ok(ev) => map(&ev),
             Err(e) => {
                 tracing::warn!(error = %e, "file watch error; rescanning");
                 vec![FileEvent::Rescan]
@@ -133,27 +179,143 @@ pub fn watch_dir(
             }
         }
     };
-    let mut watcher = notify::recommended_watcher(handler).map_err(|source| WatchError::Watch {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
-    watcher
-        .watch(dir, RecursiveMode::Recursive)
-        .map_err(|source| WatchError::Watch {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
-    Ok(DirWatch { _watcher: watcher })
+    RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )
 }
 
-/// Every dependency-file path under `dir` (following symlinks to files, skipping dot
-/// directories such as ConfigMap's timestamped `..2026_…` directories).
+/// Identity of what a path resolves to (device and inode), following symlinks.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// What [`RootWatch::refresh`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootState {
+    /// The same directory as before, watched.
+    Same,
+    /// A new directory is at the root's path (recreated, replaced, a swapped symlink); it is
+    /// watched now and must be rescanned.
+    Rewatched,
+    /// Nothing (or no directory) is at the root's path.
+    Missing,
+}
+
+/// The dependency root's watch, kept pointing at whatever directory is at the root's path:
+/// a non-recursive watch on the parent notices the root being deleted, recreated, renamed or
+/// swapped (git-sync's root symlink), and [`Self::refresh`] then re-watches it.
+pub struct RootWatch {
+    root: PathBuf,
+    tx: mpsc::Sender<FileEvent>,
+    overflow: Arc<AtomicBool>,
+    dir: Option<DirWatch>,
+    watched: Option<(u64, u64)>,
+    _parent: Option<RecommendedWatcher>,
+    /// Why the root is not usable, for `/readyz`; `None` when it is watched.
+    pub problem: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RootWatch {
+    pub fn start(
+        root: &Path,
+        tx: mpsc::Sender<FileEvent>,
+        overflow: Arc<AtomicBool>,
+    ) -> Result<RootWatch, WatchError> {
+        let parent = match root.parent() {
+            Some(parent) => {
+                let r = root.to_path_buf();
+                let mut w = watcher(tx.clone(), overflow.clone(), move |ev| {
+                    if ev.need_rescan() || ev.paths.iter().any(|p| r.starts_with(p)) {
+                        vec![FileEvent::Root]
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .map_err(|source| WatchError::Watch {
+                    dir: parent.to_path_buf(),
+                    source,
+                })?;
+                // Without it the periodic refresh still notices, only later.
+                if let Err(e) = w.watch(parent, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %crate::safefs::shown(parent), error = %e, "cannot watch the dependency directory's parent; a replaced directory is noticed at the next check");
+                }
+                Some(w)
+            }
+            None => None,
+        };
+        let watched = identity(root);
+        let dir = Some(watch_dir(root, tx.clone(), overflow.clone())?);
+        Ok(RootWatch {
+            root: root.to_path_buf(),
+            tx,
+            overflow,
+            dir,
+            watched,
+            _parent: parent,
+            problem: Arc::default(),
+        })
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// Check what is at the root's path now, and watch it again if it changed.
+    pub fn refresh(&mut self) -> RootState {
+        let now = identity(&self.root);
+        if now.is_some() && now == self.watched && self.dir.is_some() {
+            return RootState::Same;
+        }
+        let Some(id) = now else {
+            if self.dir.take().is_some() || self.watched.take().is_some() {
+                tracing::error!(dir = %crate::safefs::shown(&self.root), "the dependency directory is missing; nothing is deployed or forgotten until it is back");
+            }
+            self.set_problem(Some(format!(
+                "the dependency directory {} is missing (deleted, or a symlink to nowhere)",
+                crate::safefs::shown(&self.root)
+            )));
+            return RootState::Missing;
+        };
+        // Drop the old watch first: its inotify watches belong to the old directory.
+        self.dir = None;
+        match watch_dir(&self.root, self.tx.clone(), self.overflow.clone()) {
+            Ok(w) => {
+                self.dir = Some(w);
+                self.watched = Some(id);
+                self.set_problem(None);
+                tracing::info!(dir = %crate::safefs::shown(&self.root), "the dependency directory was replaced; watching it again and rescanning");
+                RootState::Rewatched
+            }
+            Err(e) => {
+                self.set_problem(Some(e.to_string()));
+                tracing::error!(error = %e, "cannot watch the dependency directory again");
+                RootState::Missing
+            }
+        }
+    }
+}
+
+/// Every dependency-file path under `dir`, skipping dot directories (ConfigMap's timestamped
+/// `..2026_…` directories: their files are reached through the links). Symlinked directories
+/// are followed only when they resolve inside `dir` (each real directory once, so a link back
+/// up the tree is no loop); a link that leaves it is never walked. A `.dep` entry that is not a
+/// regular file inside `dir` (a FIFO, a link to `/dev/zero` or `/`) is still listed, so the
+/// reader can refuse it with a clear error.
 pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let root_real = std::fs::canonicalize(dir)?;
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
-    // Symlinked directories are followed once each: a link back up the tree is no loop.
+    // Directories reached through links wait until every real one is walked, so a directory
+    // with an alias is always listed under its real path.
+    let mut linked = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    while let Some(d) = stack.pop() {
+    let is_dep = |name: &str| name.ends_with(&format!(".{}", depfile::EXTENSION));
+    while let Some(d) = stack.pop().or_else(|| linked.pop()) {
         if let Ok(real) = std::fs::canonicalize(&d) {
             if !seen.insert(real) {
                 continue;
@@ -163,7 +325,7 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             Ok(e) => e,
             Err(e) if d == dir => return Err(e),
             Err(e) => {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot read sub-directory");
+                tracing::warn!(dir = %crate::safefs::shown(&d), error = %e, "cannot read sub-directory");
                 continue;
             }
         };
@@ -175,12 +337,21 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             if depfile::is_ignored_name(name) {
                 continue;
             }
-            match std::fs::metadata(&path) {
-                Ok(m) if m.is_dir() => stack.push(path),
-                Ok(m) if m.is_file() && name.ends_with(&format!(".{}", depfile::EXTENSION)) => {
-                    out.push(path)
-                }
-                _ => {}
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let linked_dir = kind.is_symlink()
+                && std::fs::canonicalize(&path)
+                    // Leaves the root, or leads nowhere: never walked.
+                    .is_ok_and(|real| real.starts_with(&root_real) && real.is_dir());
+            if linked_dir {
+                linked.push(path);
+            } else if is_dep(name) {
+                out.push(path);
             }
         }
     }
@@ -208,25 +379,28 @@ mod tests {
             &["/d/a_b.dep"],
         );
         assert_eq!(
-            classify(&close),
+            classify(&close, Path::new("/d")),
             vec![FileEvent::Path("/d/a_b.dep".into(), Signal::Completed)]
         );
         let open = ev(
             EventKind::Access(AccessKind::Open(AccessMode::Any)),
             &["/d/a_b.dep"],
         );
-        assert!(classify(&open).is_empty(), "our own reads are ignored");
+        assert!(
+            classify(&open, Path::new("/d")).is_empty(),
+            "our own reads are ignored"
+        );
         let read_close = ev(
             EventKind::Access(AccessKind::Close(AccessMode::Read)),
             &["/d/a_b.dep"],
         );
-        assert!(classify(&read_close).is_empty());
+        assert!(classify(&read_close, Path::new("/d")).is_empty());
         let write = ev(
             EventKind::Modify(ModifyKind::Data(DataChange::Any)),
             &["/d/a_b.dep"],
         );
         assert_eq!(
-            classify(&write),
+            classify(&write, Path::new("/d")),
             vec![FileEvent::Path("/d/a_b.dep".into(), Signal::Writing)]
         );
         let rename = ev(
@@ -234,18 +408,78 @@ mod tests {
             &["/d/.a_b.dep.swp", "/d/a_b.dep"],
         );
         assert_eq!(
-            classify(&rename),
+            classify(&rename, Path::new("/d")),
             vec![FileEvent::Path("/d/a_b.dep".into(), Signal::Completed)]
         );
         let tmp = ev(
             EventKind::Modify(ModifyKind::Data(DataChange::Any)),
             &["/d/4913", "/d/a_b.dep~"],
         );
-        assert!(classify(&tmp).is_empty(), "editor files are ignored");
+        assert!(
+            classify(&tmp, Path::new("/d")).is_empty(),
+            "editor files are ignored"
+        );
         let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert_eq!(classify(&overflow), vec![FileEvent::Rescan]);
+        assert_eq!(
+            classify(&overflow, Path::new("/d")),
+            vec![FileEvent::Rescan]
+        );
         let mkdir = ev(EventKind::Create(CreateKind::Folder), &["/d/team"]);
-        assert_eq!(classify(&mkdir), vec![FileEvent::Rescan]);
+        assert_eq!(classify(&mkdir, Path::new("/d")), vec![FileEvent::Rescan]);
+        let chmod = ev(
+            EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any)),
+            &["/d/a_b.dep"],
+        );
+        assert_eq!(
+            classify(&chmod, Path::new("/d")),
+            vec![FileEvent::Path("/d/a_b.dep".into(), Signal::Touched)],
+            "a permission change re-reads the file"
+        );
+        let in_dot_dir = ev(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/d/..2026_01_01/a_b.dep", "/d/.worktrees/abc/c_d.dep"],
+        );
+        assert!(classify(&in_dot_dir, Path::new("/d")).is_empty());
+        let dot_root = ev(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/home/u/.deps/a_b.dep"],
+        );
+        assert_eq!(classify(&dot_root, Path::new("/home/u/.deps")).len(), 1);
+        for kind in [
+            EventKind::Remove(notify::event::RemoveKind::Folder),
+            EventKind::Create(CreateKind::Folder),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+        ] {
+            let root_event = ev(kind, &["/d"]);
+            assert_eq!(
+                classify(&root_event, Path::new("/d")),
+                vec![FileEvent::Root]
+            );
+        }
+    }
+
+    #[test]
+    fn scan_never_walks_links_that_leave_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("foreign_prod.dep"), "1").expect("write");
+        let root = dir.path();
+        std::os::unix::fs::symlink("/", root.join("slash_x.dep")).expect("link");
+        std::os::unix::fs::symlink(outside.path(), root.join("elsewhere")).expect("link");
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero_x.dep")).expect("link");
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join("sub/inner_x.dep"), "1").expect("write");
+        std::os::unix::fs::symlink(root.join("sub"), root.join("alias")).expect("link");
+        let found = scan(root).expect("scan");
+        assert_eq!(
+            found,
+            vec![
+                root.join("slash_x.dep"),
+                root.join("sub/inner_x.dep"),
+                root.join("zero_x.dep"),
+            ],
+            "the links are listed for the reader to refuse; nothing outside is walked"
+        );
     }
 
     #[tokio::test]
@@ -283,7 +517,7 @@ mod tests {
                 link.to_str().expect("utf-8"),
             ],
         );
-        assert_eq!(classify(&rename), vec![FileEvent::Rescan]);
+        assert_eq!(classify(&rename, dir.path()), vec![FileEvent::Rescan]);
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub const FIELD_MANAGER: &str = "depwatch";
 /// Settings of the deploy stage.
 #[derive(Debug, Clone)]
 pub struct DeployConfig {
-    pub create_namespace: bool,
+    /// `--namespaces` and `--allowed-images`: checked on the final images of every deploy.
+    pub bounds: std::sync::Arc<crate::bounds::Bounds>,
     /// `--image-repo` / `ECR_REPO`.
     pub image_repo: Option<String>,
     pub rollout_timeout: Duration,
@@ -43,10 +44,22 @@ pub struct DeployConfig {
 /// A per-deploy failure before or while writing to the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    #[error("no Deployment {name} in namespace {namespace}")]
-    MissingDeployment { name: String, namespace: String },
-    #[error("namespace {0} does not exist and namespace creation is off (--no-create-namespace)")]
-    MissingNamespace(String),
+    #[error(
+        "no Deployment {name} in namespace {namespace}{}",
+        did_you_mean(suggestion)
+    )]
+    MissingDeployment {
+        name: String,
+        namespace: String,
+        suggestion: Option<String>,
+    },
+    #[error("namespace {namespace} does not exist{}; depwatch never creates namespaces (the Deployment would not be there either)", did_you_mean(suggestion))]
+    MissingNamespace {
+        namespace: String,
+        suggestion: Option<String>,
+    },
+    #[error(transparent)]
+    Bounds(#[from] crate::bounds::BoundsError),
     #[error("{0}")]
     Resolve(#[from] depfile::ResolveError),
     #[error("{}", describe_kube(action, server, source))]
@@ -65,6 +78,13 @@ impl DeployError {
             _ => false,
         }
     }
+}
+
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_deref()
+        .map(|s| format!(" (did you mean {s}?)"))
+        .unwrap_or_default()
 }
 
 fn transient(e: &kube::Error) -> bool {
@@ -212,22 +232,39 @@ impl Deployer {
         if found.is_some() {
             return Ok(());
         }
-        if !self.config.create_namespace {
-            return Err(DeployError::MissingNamespace(ns.to_string()));
+        // Creating it could never help: the Deployment would not be there either.
+        let names = self.names::<Namespace>(api).await;
+        Err(DeployError::MissingNamespace {
+            namespace: ns.to_string(),
+            suggestion: crate::domain::closest(ns, names.iter().map(String::as_str))
+                .map(String::from),
+        })
+    }
+
+    /// Names of the objects `api` lists, for suggestions; empty when listing is not allowed.
+    async fn names<K>(&self, api: Api<K>) -> Vec<String>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
+    {
+        match api.list_metadata(&kube::api::ListParams::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+            Err(_) => Vec::new(),
         }
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))
-            .map_err(|e| self.kube_error("building the namespace")(kube::Error::SerdeError(e)))?;
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PostParams::default()
-        };
-        match api.create(&pp, &obj).await {
-            Ok(_) => {
-                tracing::info!(namespace = ns, "created namespace");
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(source) => Err(self.kube_error("creating the namespace")(source)),
+    }
+
+    /// The error for a Deployment that is not there, with the closest existing name.
+    async fn missing_deployment(&self, key: &ServiceKey) -> DeployError {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
+        let names = self.names::<Deployment>(api).await;
+        DeployError::MissingDeployment {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            suggestion: crate::domain::closest(&key.name, names.iter().map(String::as_str))
+                .map(String::from),
         }
     }
 
@@ -235,6 +272,7 @@ impl Deployer {
     /// whether and when an error is worth another. The namespace's shared watch answers when it
     /// knows the Deployment, so a deploy costs no read; otherwise the API server does.
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
+        self.config.bounds.check_namespace(&key.namespace)?;
         let cached = self
             .watches
             .cached(&key.namespace)
@@ -253,6 +291,11 @@ impl Deployer {
             depfile::resolve(spec, key, &current, self.config.image_repo.as_deref())?
                 .into_iter()
                 .collect();
+        // On the final images: a plain version takes the running repository, which must
+        // itself be allowed.
+        self.config
+            .bounds
+            .check_images(wanted.values().map(String::as_str))?;
         let changes = dep.images.changed_in(&wanted);
         Ok(Plan {
             key: key.clone(),
@@ -269,19 +312,18 @@ impl Deployer {
     async fn read(&self, key: &ServiceKey) -> Result<DeploymentState, DeployError> {
         self.ensure_namespace(&key.namespace).await?;
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
-        let dep = api
+        let found = api
             .get_opt(&key.name)
             .await
-            .map_err(self.kube_error("reading the Deployment"))?
-            .ok_or_else(|| {
+            .map_err(self.kube_error("reading the Deployment"))?;
+        match found {
+            Some(dep) => Ok(DeploymentState::from(&dep)),
+            None => {
                 // The namespace may have gone too: look again next time.
                 self.known_namespaces.remove(&key.namespace);
-                DeployError::MissingDeployment {
-                    name: key.name.clone(),
-                    namespace: key.namespace.clone(),
-                }
-            })?;
-        Ok(DeploymentState::from(&dep))
+                Err(self.missing_deployment(key).await)
+            }
+        }
     }
 
     /// Patch the images; returns the Deployment generation the rollout must reach.
@@ -304,17 +346,11 @@ impl Deployer {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
-        let dep = api
-            .patch(&key.name, &pp, &Patch::Strategic(&body))
-            .await
-            .map_err(|e| match e {
-                kube::Error::Api(s) if s.code == 404 => DeployError::MissingDeployment {
-                    name: key.name.clone(),
-                    namespace: key.namespace.clone(),
-                },
-                source => self.kube_error("patching the Deployment")(source),
-            })?;
-        Ok(dep.metadata.generation.unwrap_or(0))
+        match api.patch(&key.name, &pp, &Patch::Strategic(&body)).await {
+            Ok(dep) => Ok(dep.metadata.generation.unwrap_or(0)),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing_deployment(key).await),
+            Err(source) => Err(self.kube_error("patching the Deployment")(source)),
+        }
     }
 
     /// Wait for the rollout that reaches `generation`, until healthy, failed, the deadline,

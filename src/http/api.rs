@@ -87,7 +87,8 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready: the start-up scan is done and the Kubernetes API server answers.
+/// Ready: the start-up scan is done, the dependency directory is there, and the Kubernetes API
+/// server answers.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "ready", body = String),
     (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
@@ -97,6 +98,14 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
             StatusCode::SERVICE_UNAVAILABLE,
             "the start-up scan of the dependency directory is not done",
         ));
+    }
+    let root_problem = state
+        .root_problem
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(problem) = root_problem {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, problem));
     }
     let (waiting, error) = state.api_waits.now();
     if waiting > 0 {
@@ -276,7 +285,7 @@ fn dep_path(state: &HttpState, key: &ServiceKey) -> std::path::PathBuf {
         .unwrap_or_else(|| state.deps_dir.join(key.file_name()))
 }
 
-fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestView, ApiError> {
+async fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestView, ApiError> {
     let key = ServiceKey {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
@@ -287,9 +296,16 @@ fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestView, Api
         Some(d) => RequestStatus::from(d.outcome),
         None => {
             // Another save replaced the file before this one was deployed: superseded.
-            let still_there = std::fs::read_to_string(&path)
-                .map(|t| t.contains(&r.id))
-                .unwrap_or(false);
+            // Read like any dependency file: a FIFO or a huge file planted at the path cannot
+            // stall this unauthenticated call.
+            let still_there = crate::safefs::read_capped_async(
+                state.deps_dir.clone(),
+                path.clone(),
+                state.max_file_size,
+            )
+            .await
+            .map(|t| String::from_utf8_lossy(&t).contains(&r.id))
+            .unwrap_or(false);
             if still_there {
                 RequestStatus::Pending
             } else {
@@ -398,7 +414,23 @@ pub async fn create_deploy(
     body: Body,
 ) -> Result<(StatusCode, Json<RequestView>), ApiError> {
     let actor = authorize(&state, &headers)?;
-    let bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|_| {
+    // Checked before the body is read: a bad key costs the client, not the daemon.
+    let idempotency_key = idempotency_key(&headers)?;
+    let bytes = tokio::time::timeout(
+        crate::http::BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, BODY_LIMIT),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body took longer than {} to arrive",
+                crate::domain::human_duration(crate::http::BODY_READ_TIMEOUT)
+            ),
+        )
+    })?
+    .map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is larger than {BODY_LIMIT} bytes"),
@@ -407,6 +439,16 @@ pub async fn create_deploy(
     let body = parse_body(&bytes)?;
     let key = ServiceKey::new(&body.service, &body.namespace)
         .map_err(|m| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "service", m))?;
+    state
+        .bounds
+        .check_namespace(&key.namespace)
+        .map_err(|e| ApiError::field(StatusCode::FORBIDDEN, "namespace", e.to_string()))?;
+    if let Some(image) = &body.image {
+        state
+            .bounds
+            .check_image(image)
+            .map_err(|e| ApiError::field(StatusCode::FORBIDDEN, "image", e.to_string()))?;
+    }
     let body_hash = {
         let canonical = serde_json::to_vec(&body).unwrap_or_default();
         Sha256::digest(&canonical)
@@ -418,19 +460,11 @@ pub async fn create_deploy(
         let b: [u8; 12] = rand::rng().random();
         b.iter().map(|x| format!("{x:02x}")).collect()
     };
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("auto-{id}"));
-    if idempotency_key.len() > 200 {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "Idempotency-Key",
-            "the Idempotency-Key header is longer than 200 characters",
-        ));
-    }
+    // Keys are scoped to the token: one holder's key never answers for another's request.
+    let idempotency_key = match idempotency_key {
+        Some(k) => format!("{actor}\n{k}"),
+        None => format!("auto-{id}"),
+    };
 
     let _guard = state.post_lock.lock().await;
     let value = body
@@ -462,14 +496,58 @@ pub async fn create_deploy(
                 "this Idempotency-Key was used for a different request",
             ));
         }
-        return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r)?)));
+        return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r).await?)));
     }
     let path = dep_path(&state, &key);
-    operator::write_atomically(&path, &content)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let root = state.deps_dir.clone();
+    let written = path.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::safefs::write_atomic(&root, &written, content.as_bytes())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(write_error)?;
     let recorded = state.store.put_request(&candidate)?;
     tracing::info!(service = %key, request = %id, %actor, "deploy requested through the API");
-    Ok((StatusCode::ACCEPTED, Json(request_view(&state, &recorded)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(request_view(&state, &recorded).await?),
+    ))
+}
+
+/// The `Idempotency-Key` header, if any: printable ASCII, at most 200 characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let bad = |m: &str| ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", m);
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let k = std::str::from_utf8(v.as_bytes())
+        .ok()
+        .filter(|k| k.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .ok_or_else(|| bad("the Idempotency-Key header must be printable ASCII"))?
+        .trim();
+    if k.is_empty() {
+        return Err(bad("the Idempotency-Key header is empty"));
+    }
+    if k.len() > 200 {
+        return Err(bad(
+            "the Idempotency-Key header is longer than 200 characters",
+        ));
+    }
+    Ok(Some(k.to_string()))
+}
+
+/// A file the API could not write: a read-only source (a ConfigMap volume, a read-only mount)
+/// is a conflict with a hint, not a server fault.
+fn write_error(e: crate::safefs::WriteError) -> ApiError {
+    if e.is_read_only() {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{e}; the dependency directory is read-only here (a ConfigMap volume or read-only mount?): change the files at their source, such as the ConfigMap or the git repository"),
+        )
+    } else {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
 }
 
 /// Where a deploy request stands.
@@ -479,11 +557,13 @@ pub async fn get_request(
     State(state): Shared,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, ApiError> {
-    let r = state
-        .store
-        .request(&id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no deploy request {id}")))?;
-    Ok(Json(request_view(&state, &r)?))
+    let r = state.store.request(&id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no deploy request {}", crate::safefs::escape(&id)),
+        )
+    })?;
+    Ok(Json(request_view(&state, &r).await?))
 }
 
 /// The outcome of an operator call.
@@ -498,15 +578,21 @@ fn operator_error(e: operator::OperatorError) -> ApiError {
         operator::OperatorError::NoLastGood(_) => {
             ApiError::new(StatusCode::CONFLICT, e.to_string())
         }
+        operator::OperatorError::Write(w) => write_error(w),
         other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }
 
-type OperatorCall =
-    fn(&crate::store::Store, &ServiceKey, &str) -> Result<String, operator::OperatorError>;
+type OperatorCall = fn(
+    &crate::store::Store,
+    &ServiceKey,
+    &str,
+    Option<&std::path::Path>,
+) -> Result<String, operator::OperatorError>;
 
-/// Run an operator command for the token's owner.
-fn operator_call(
+/// Run an operator command for the token's owner, on the blocking pool (it reads and writes
+/// files).
+async fn operator_call(
     state: &HttpState,
     headers: &HeaderMap,
     namespace: &str,
@@ -516,7 +602,16 @@ fn operator_call(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let actor = authorize(state, headers)?;
     let key = key_from_path(namespace, name)?;
-    let message = call(&state.store, &key, &actor).map_err(operator_error)?;
+    let (store, root, k, a) = (
+        state.store.clone(),
+        state.deps_dir.clone(),
+        key.clone(),
+        actor.clone(),
+    );
+    let message = tokio::task::spawn_blocking(move || call(&store, &k, &a, Some(&root)))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(operator_error)?;
     tracing::info!(service = %key, %actor, "{what} requested through the API");
     Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
 }
@@ -538,6 +633,7 @@ pub async fn retry_service(
         "retry",
         operator::retry_with,
     )
+    .await
 }
 
 /// Deploy the last good images by writing them into the service's file.
@@ -557,16 +653,39 @@ pub async fn rollback_service(
         "rollback",
         operator::rollback_with,
     )
+    .await
 }
 
-/// Server-sent events: a `change` event whenever the record changes.
-#[utoipa::path(get, path = "/api/v1/events", tag = "services", responses((status = 200, description = "text/event-stream of `change` events", content_type = "text/event-stream")))]
-pub async fn events(State(state): Shared) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// Server-sent events: a `change` event whenever the record changes. At most
+/// [`crate::http::MAX_EVENT_STREAMS`] at once.
+#[utoipa::path(get, path = "/api/v1/events", tag = "services", responses(
+    (status = 200, description = "text/event-stream of `change` events", content_type = "text/event-stream"),
+    (status = 503, description = "too many event streams are open", body = ErrorBody)))]
+pub async fn events(
+    State(state): Shared,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let permit = state
+        .event_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many event streams are open (at most {}); poll /api/v1/services instead",
+                    crate::http::MAX_EVENT_STREAMS
+                ),
+            )
+        })?;
     let rx = state.store.subscribe();
     let stream = tokio_stream::wrappers::WatchStream::new(rx)
-        .map(|n| Ok(Event::default().event("change").data(n.to_string())))
+        .map(move |n| {
+            // The permit lives as long as the stream.
+            let _ = &permit;
+            Ok(Event::default().event("change").data(n.to_string()))
+        })
         .take_until(state.shutdown.clone().cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// This document.

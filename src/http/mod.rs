@@ -105,6 +105,14 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Serialises deploy requests so one idempotency key writes the file once.
     pub post_lock: tokio::sync::Mutex<()>,
+    /// Open event streams, bounded.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// `--namespaces` and `--allowed-images`, checked on requests before any file is written.
+    pub bounds: Arc<crate::bounds::Bounds>,
+    /// `--max-file-size`, for reading dependency files.
+    pub max_file_size: u64,
+    /// Why the dependency directory is unusable (missing), for `/readyz`.
+    pub root_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.
@@ -176,8 +184,13 @@ pub fn authorize(state: &HttpState, headers: &axum::http::HeaderMap) -> Result<S
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110); the token is not.
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim)
+        .filter(|t| !t.is_empty())
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -227,17 +240,67 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
     (router, doc)
 }
 
-/// Serve on a bound listener until `cancel`.
+/// How long a client may take to send a request's headers (a slow-loris guard).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to send a request's body.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Open connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Event streams (`/api/v1/events`) open at once; more get 503.
+pub const MAX_EVENT_STREAMS: usize = 64;
+
+/// Serve on a bound listener until `cancel`: HTTP/1.1 with a header-read timeout and a cap on
+/// open connections, so a slow or greedy client cannot exhaust the daemon.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     cancel: CancellationToken,
 ) {
     let (router, _) = router(state);
-    let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
-    if let Err(e) = serve.await {
-        tracing::error!(error = %e, "the status page and API stopped");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS,
+                "too many HTTP connections; one refused"
+            );
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+                }
+            }
+        });
     }
+    tracker.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
 }
 
 #[cfg(test)]

@@ -42,7 +42,10 @@ fn tone_class(tone: Tone) -> &'static str {
 fn status_class(status: ServiceStatus) -> &'static str {
     match status {
         ServiceStatus::Succeeded => "ok",
-        ServiceStatus::Failed | ServiceStatus::RollbackFailed | ServiceStatus::Invalid => "bad",
+        ServiceStatus::Failed
+        | ServiceStatus::RollbackFailed
+        | ServiceStatus::Invalid
+        | ServiceStatus::Unreadable => "bad",
         ServiceStatus::RolledBack
         | ServiceStatus::TimedOut
         | ServiceStatus::Drifted
