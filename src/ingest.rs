@@ -150,7 +150,11 @@ impl Ingest {
             if r.path.is_empty() {
                 r.path = path.display().to_string();
             }
-            if !r.status.in_flight() {
+            // A deploy under way keeps its status; its verdict comes later.
+            if !matches!(
+                r.status,
+                ServiceStatus::Deploying | ServiceStatus::WaitingForApi
+            ) {
                 r.status = status;
             }
             r.message = message.clone();

@@ -141,15 +141,32 @@ pub fn watch_dir(
     overflow: Arc<AtomicBool>,
 ) -> Result<DirWatch, WatchError> {
     let root = dir.to_path_buf();
-    let watcher = watcher(tx, overflow, move |ev| classify(ev, &root)).map_err(|source| {
-        WatchError::Watch {
-            dir: dir.to_path_buf(),
-            source,
+    // A root that is itself a symlink (git-sync) is watched where it leads now; events are
+    // reported under the root's own spelling, as the scanner names the files.
+    let real = std::fs::canonicalize(dir).map_err(|e| WatchError::Watch {
+        dir: dir.to_path_buf(),
+        source: notify::Error::io(e),
+    })?;
+    let from = real.clone();
+    let watcher = watcher(tx, overflow, move |ev| {
+        if from == root {
+            return classify(ev, &root);
         }
+        let mut ev = ev.clone();
+        for p in ev.paths.iter_mut() {
+            if let Ok(rel) = p.strip_prefix(&from) {
+                *p = root.join(rel);
+            }
+        }
+        classify(&ev, &root)
+    })
+    .map_err(|source| WatchError::Watch {
+        dir: dir.to_path_buf(),
+        source,
     })?;
     let mut watcher = watcher;
     watcher
-        .watch(dir, RecursiveMode::Recursive)
+        .watch(&real, RecursiveMode::Recursive)
         .map_err(|source| WatchError::Watch {
             dir: dir.to_path_buf(),
             source,

@@ -227,17 +227,25 @@ impl Env {
             log,
         };
         let log = d.log.clone();
-        wait_for(
-            "the daemon to watch the directory",
+        let started = tokio::time::timeout(
             Duration::from_secs(30),
-            || async {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("watching for dependency file changes")
-                    .then_some(())
-            },
+            wait_for(
+                "the daemon to watch the directory",
+                Duration::from_secs(60),
+                || async {
+                    std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .contains("watching for dependency file changes")
+                        .then_some(())
+                },
+            ),
         )
         .await;
+        assert!(
+            started.is_ok(),
+            "the daemon did not start watching within 30s; its log:\n{}",
+            d.log_text()
+        );
         d
     }
 
@@ -285,6 +293,11 @@ impl Daemon {
         let rest = &log[at + 4..];
         let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
         rest[..end].trim_end_matches('/').to_string()
+    }
+
+    /// The daemon's process id (for /proc figures such as peak memory).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
     pub fn log_text(&self) -> String {
