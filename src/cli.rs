@@ -233,6 +233,11 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_API_TOKEN_FILE", help_heading = "HTTP")]
     pub api_token_file: Option<PathBuf>,
 
+    /// Open HTTP connections served at once; more are closed at accept. Idle and slow clients
+    /// are cut off after 10s without complete headers.
+    #[arg(long, env = "DEPWATCH_HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = "HTTP")]
+    pub http_max_connections: u32,
+
     /// Slack incoming-webhook URL for deploy outcomes. Seed name: WEBHOOK_FOR_SLACK.
     #[arg(
         long,
@@ -284,6 +289,7 @@ impl DaemonArgs {
             self_heal: self.self_heal,
             http_addr: (!self.no_http).then_some(self.http_addr),
             api_token_file: self.api_token_file.clone(),
+            http_max_connections: self.http_max_connections as usize,
         }
     }
 }

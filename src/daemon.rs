@@ -64,6 +64,8 @@ pub struct DaemonConfig {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Named bearer tokens allowed to make changes through the API.
     pub api_token_file: Option<PathBuf>,
+    /// Open HTTP connections served at once.
+    pub http_max_connections: usize,
 }
 
 impl DaemonConfig {
@@ -93,6 +95,7 @@ impl DaemonConfig {
             self_heal: false,
             http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
+            http_max_connections: crate::http::MAX_CONNECTIONS,
         }
     }
 }
@@ -261,7 +264,12 @@ pub async fn run_with(
         if let Some(tx) = on_listen {
             let _ = tx.send(bound);
         }
-        set.spawn(crate::http::serve(listener, state, stages.clone()));
+        set.spawn(crate::http::serve(
+            listener,
+            state,
+            config.http_max_connections,
+            stages.clone(),
+        ));
     }
     set.spawn(crate::queue::run(
         engine,

@@ -1080,3 +1080,48 @@ async fn state_is_private_whatever_the_umask() {
     }
     daemon.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new(SimConfig::default()).await;
+    let daemon = env.daemon(&["--http-max-connections", "3"]).await;
+    let addr = daemon.http_url().trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The server holds three; a fourth is closed at once, before any answer.
+    let mut extra = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the excess connection is closed unanswered: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // A slot frees when a client leaves; the daemon serves again.
+    idle.pop();
+    let http = reqwest::Client::new();
+    let url = daemon.http_url();
+    wait_for(
+        "a request to be served again",
+        Duration::from_secs(10),
+        || async {
+            let r = http.get(format!("{url}/healthz")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+    assert!(daemon.log_text().contains("too many HTTP connections"));
+    daemon.stop();
+}

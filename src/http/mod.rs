@@ -244,7 +244,8 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a client may take to send a request's body.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Open connections served at once; more are closed at accept.
+/// Default `--http-max-connections`: open connections served at once; more are closed at
+/// accept.
 pub const MAX_CONNECTIONS: usize = 512;
 /// Event streams (`/api/v1/events`) open at once; more get 503.
 pub const MAX_EVENT_STREAMS: usize = 64;
@@ -254,11 +255,13 @@ pub const MAX_EVENT_STREAMS: usize = 64;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
+    max_connections: usize,
     cancel: CancellationToken,
 ) {
     let (router, _) = router(state);
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let tracker = tokio_util::task::TaskTracker::new();
+    let (mut refused, mut last_said) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -274,10 +277,16 @@ pub async fn serve(
             }
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
-                "too many HTTP connections; one refused"
-            );
+            // Said once a minute at most: a flood must not flood the log too.
+            refused += 1;
+            if last_said.is_none_or(|t: std::time::Instant| t.elapsed().as_secs() >= 60) {
+                tracing::warn!(
+                    limit = max_connections,
+                    refused,
+                    "too many HTTP connections (--http-max-connections); refusing the excess"
+                );
+                last_said = Some(std::time::Instant::now());
+            }
             drop(stream);
             continue;
         };
