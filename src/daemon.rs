@@ -226,7 +226,8 @@ pub async fn run_with(
     let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
 
     // Watch before the first scan, so nothing written in between is missed.
-    let (event_tx, event_rx) = mpsc::channel(4096);
+    // Room for a burst of 10,000 saves (two events each) without falling back to a rescan.
+    let (event_tx, event_rx) = mpsc::channel(32_768);
     let overflow = Arc::new(AtomicBool::new(false));
     let root_watch = watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone())?;
 

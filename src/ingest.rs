@@ -121,13 +121,15 @@ impl Ingest {
 
     /// Import a seed `<name>.last` beside a `.dep` on first sight of the service: if it records
     /// the same version the file asks for, that version counts as deployed.
-    fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
+    async fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
         if self.record(key).is_some() {
             return;
         }
         let last = path.with_extension("last");
         // The seed's record is read as carefully as the file itself.
-        let Ok(previous) = safefs::read_capped(&self.dir, &last, self.rules.max_file_size) else {
+        let read =
+            safefs::read_capped_async(self.dir.clone(), last.clone(), self.rules.max_file_size);
+        let Ok(previous) = read.await else {
             return;
         };
         let previous = String::from_utf8_lossy(&previous);
@@ -187,20 +189,42 @@ impl Ingest {
 
     /// Act on one path that may have changed.
     pub async fn path_changed(&mut self, path: &Path, trigger: Trigger) {
-        let key = match depfile::service_for_path(path) {
-            Ok(Some(k)) => k,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "invalid dependency file name; ignored");
-                return;
+        self.paths_changed(vec![path.to_path_buf()], trigger).await
+    }
+
+    /// Act on paths that may have changed: dependency files are read in batches on the
+    /// blocking pool (one trip per [`READ_BATCH`] files), then judged one by one.
+    pub async fn paths_changed(&mut self, paths: Vec<PathBuf>, trigger: Trigger) {
+        let wanted: Vec<(PathBuf, ServiceKey)> = paths
+            .into_iter()
+            .filter_map(|p| match depfile::service_for_path(&p) {
+                Ok(Some(k)) => Some((p, k)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid dependency file name; ignored");
+                    None
+                }
+            })
+            .collect();
+        for chunk in wanted.chunks(READ_BATCH) {
+            let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
+            let reads =
+                safefs::read_many_async(self.dir.clone(), paths, self.rules.max_file_size).await;
+            for ((path, key), read) in chunk.iter().zip(reads) {
+                self.apply(path, key.clone(), read, trigger).await;
             }
-        };
-        let read = safefs::read_capped_async(
-            self.dir.clone(),
-            path.to_path_buf(),
-            self.rules.max_file_size,
-        )
-        .await;
+        }
+    }
+
+    /// Judge one read file: removed, refused, invalid, unchanged, pinned, or a new desired
+    /// version for the scheduler.
+    async fn apply(
+        &mut self,
+        path: &Path,
+        key: ServiceKey,
+        read: Result<Vec<u8>, safefs::ReadError>,
+        trigger: Trigger,
+    ) {
         let bytes = match read {
             Ok(b) => b,
             Err(e) if e.is_missing() => {
@@ -259,7 +283,8 @@ impl Ingest {
                 return;
             }
         };
-        self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash);
+        self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash)
+            .await;
         let record = self.record(&key).unwrap_or_default();
         if record.suspended {
             tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`");
@@ -336,7 +361,11 @@ impl Ingest {
         trigger: Trigger,
         writing: &std::collections::HashSet<PathBuf>,
     ) {
-        let paths = match crate::watch::scan(&self.dir) {
+        let dir = self.dir.clone();
+        let scanned = tokio::task::spawn_blocking(move || crate::watch::scan(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let paths = match scanned {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(dir = %shown(&self.dir), error = %e, "cannot scan the dependency directory");
@@ -351,9 +380,7 @@ impl Ingest {
             .cloned()
             .collect();
         drop(present);
-        for p in gone {
-            self.path_changed(&p, trigger).await;
-        }
+        self.paths_changed(gone, trigger).await;
         if trigger == Trigger::Startup {
             self.forget_removed_while_stopped(&paths);
             self.startup_records = self
@@ -362,12 +389,8 @@ impl Ingest {
                 .ok()
                 .map(|all| all.into_iter().map(|r| (r.key(), r)).collect());
         }
-        for p in paths {
-            if writing.contains(&p) {
-                continue;
-            }
-            self.path_changed(&p, trigger).await;
-        }
+        let due: Vec<PathBuf> = paths.into_iter().filter(|p| !writing.contains(p)).collect();
+        self.paths_changed(due, trigger).await;
         self.startup_records = None;
     }
 
@@ -390,6 +413,9 @@ impl Ingest {
         }
     }
 }
+
+/// Files read per trip to the blocking pool.
+const READ_BATCH: usize = 256;
 
 /// How often the dependency root's identity is checked besides its events.
 const ROOT_CHECK: Duration = Duration::from_secs(1);
@@ -472,8 +498,12 @@ pub async fn run(
                 .rescan_except(Trigger::Rescan, &debouncer.writing())
                 .await;
         }
-        for path in debouncer.take_due(tokio::time::Instant::now()) {
-            ingest.path_changed(&path, Trigger::File).await;
+        let due: Vec<PathBuf> = debouncer
+            .take_due(tokio::time::Instant::now())
+            .into_iter()
+            .collect();
+        if !due.is_empty() {
+            ingest.paths_changed(due, Trigger::File).await;
         }
     }
 }

@@ -98,6 +98,15 @@ fn kind_of(ft: std::fs::FileType) -> &'static str {
 /// Where `path` really is, provided that is inside `root` (itself possibly a symlink, as a
 /// git-sync root is).
 pub fn resolve_inside(root: &Path, path: &Path) -> Result<PathBuf, ReadError> {
+    let root_real = std::fs::canonicalize(root).map_err(|source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    resolve_inside_real(root, &root_real, path)
+}
+
+/// [`resolve_inside`] with the root already resolved (`root_real`).
+fn resolve_inside_real(root: &Path, root_real: &Path, path: &Path) -> Result<PathBuf, ReadError> {
     let io = |source: std::io::Error| ReadError::Io {
         path: path.to_path_buf(),
         source,
@@ -125,8 +134,7 @@ pub fn resolve_inside(root: &Path, path: &Path) -> Result<PathBuf, ReadError> {
         }
         Err(e) => return Err(io(e)),
     };
-    let root_real = std::fs::canonicalize(root).map_err(io)?;
-    if !real.starts_with(&root_real) {
+    if !real.starts_with(root_real) {
         return Err(ReadError::OutsideRoot {
             path: path.to_path_buf(),
             root: root.to_path_buf(),
@@ -138,6 +146,49 @@ pub fn resolve_inside(root: &Path, path: &Path) -> Result<PathBuf, ReadError> {
 /// Read a dependency file under `root`: a regular file inside the root, at most `max` bytes.
 pub fn read_capped(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     let real = resolve_inside(root, path)?;
+    read_resolved(root, &real, path, max)
+}
+
+/// [`read_capped`] for many files at once, resolving the root once: one trip to the blocking
+/// pool reads a whole burst.
+pub fn read_many(root: &Path, paths: &[PathBuf], max: u64) -> Vec<Result<Vec<u8>, ReadError>> {
+    let root_real = std::fs::canonicalize(root);
+    paths
+        .iter()
+        .map(|path| {
+            let root_real = root_real.as_ref().map_err(|e| ReadError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            })?;
+            let real = resolve_inside_real(root, root_real, path)?;
+            read_resolved(root, &real, path, max)
+        })
+        .collect()
+}
+
+/// [`read_many`] on the blocking pool, off the runtime's core threads.
+pub async fn read_many_async(
+    root: PathBuf,
+    paths: Vec<PathBuf>,
+    max: u64,
+) -> Vec<Result<Vec<u8>, ReadError>> {
+    let n = paths.len();
+    let shown_paths = paths.clone();
+    match tokio::task::spawn_blocking(move || read_many(&root, &paths, max)).await {
+        Ok(reads) if reads.len() == n => reads,
+        _ => shown_paths
+            .into_iter()
+            .map(|path| {
+                Err(ReadError::Io {
+                    path,
+                    source: std::io::Error::other("the reading task failed"),
+                })
+            })
+            .collect(),
+    }
+}
+
+fn read_resolved(root: &Path, real: &Path, path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     let io = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::NotFound {
             ReadError::Missing {
@@ -155,7 +206,7 @@ pub fn read_capped(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, ReadEr
         kind: kind_of(ft),
     };
     // Look before opening: opening a device can have effects of its own.
-    let meta = std::fs::symlink_metadata(&real).map_err(io)?;
+    let meta = std::fs::symlink_metadata(real).map_err(io)?;
     if !meta.is_file() {
         return Err(not_regular(meta.file_type()));
     }
@@ -164,7 +215,7 @@ pub fn read_capped(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, ReadEr
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(&real)
+        .open(real)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => ReadError::OutsideRoot {
                 path: path.to_path_buf(),

@@ -247,7 +247,9 @@ impl RootWatch {
             Some(parent) => {
                 let r = root.to_path_buf();
                 let mut w = watcher(tx.clone(), overflow.clone(), move |ev| {
-                    if ev.need_rescan() || ev.paths.iter().any(|p| r.starts_with(p)) {
+                    // Only the root's own entry matters here: the parent may be busy with
+                    // other files (logs, state) that must cost nothing.
+                    if ev.need_rescan() || ev.paths.contains(&r) {
                         vec![FileEvent::Root]
                     } else {
                         Vec::new()
@@ -561,5 +563,35 @@ mod tests {
                 dir.path().join("web_demo.dep")
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_busy_parent_costs_nothing_and_a_change_to_the_root_is_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("deps");
+        std::fs::create_dir(&root).expect("mkdir");
+        let (tx, mut rx) = mpsc::channel(4096);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let _watch = RootWatch::start(&root, tx, overflow).expect("watch");
+        // A log beside the root, written often, and the parent listed (events on the parent
+        // itself).
+        for i in 0..200 {
+            std::fs::write(parent.path().join("daemon.log"), format!("{i}")).expect("log");
+            let _ = std::fs::read_dir(parent.path()).map(|d| d.count());
+        }
+        // Then a change to the root's own entry.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event");
+        assert_eq!(first, Some(FileEvent::Root));
+        let mut roots = 1;
+        while let Ok(ev) = rx.try_recv() {
+            roots += usize::from(ev == FileEvent::Root);
+        }
+        // The chmod is seen by the parent's watch and by the root's own (a few events); the 400
+        // events beside it produce none.
+        assert!(roots <= 4, "{roots} root events for one change");
     }
 }

@@ -1125,3 +1125,79 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
     assert!(daemon.log_text().contains("too many HTTP connections"));
     daemon.stop();
 }
+
+/// A file unreadable at start-up is reported as such, and read as soon as a chmod makes it
+/// readable (no save, no resync). Root reads everything, so as root the daemon runs as
+/// `nobody` through setpriv.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_file_is_reported_and_read_once_permissions_allow() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let open = |p: &Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod")
+    };
+    open(env.dir.path());
+    open(&env.deps);
+    std::fs::set_permissions(&env.kubeconfig, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod kubeconfig");
+    // The binary where an unprivileged user can run it.
+    let binary = env.dir.path().join("depwatch");
+    std::fs::copy(env!("CARGO_BIN_EXE_depwatch"), &binary).expect("copy binary");
+    let dep = env.deps.join("web_prod.dep");
+    std::fs::write(&dep, "1.0.1\n").expect("write");
+    std::fs::set_permissions(&dep, std::fs::Permissions::from_mode(0o000)).expect("chmod 000");
+
+    let root = unsafe { libc::geteuid() } == 0;
+    let binary = binary.display().to_string();
+    let program: Vec<&str> = if root {
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            &binary,
+        ]
+    } else {
+        vec![&binary]
+    };
+    let args: Vec<String> = [
+        "run",
+        "--deps",
+        env.deps.to_str().expect("utf-8"),
+        "--state-dir",
+        env.dir.path().join("state-nobody").to_str().expect("utf-8"),
+        "--kubeconfig",
+        env.kubeconfig.to_str().expect("utf-8"),
+        "--resync",
+        "1h",
+    ]
+    .map(String::from)
+    .to_vec();
+    let daemon = env.daemon_via(&program, &args, &[], env.dir.path()).await;
+    let url = daemon.http_url();
+    let http = reqwest::Client::new();
+    let view = wait_for("web to be unreadable", Duration::from_secs(20), || async {
+        let v: serde_json::Value = http
+            .get(format!("{url}/api/v1/services/prod/web"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["service"]["status"] == "unreadable").then_some(v)
+    })
+    .await;
+    let message = view["service"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("web_prod.dep") && message.contains("ermission denied"),
+        "{message}"
+    );
+    assert_eq!(env.patches("prod", "web"), 0);
+    std::fs::set_permissions(&dep, std::fs::Permissions::from_mode(0o644)).expect("chmod 644");
+    env.wait_image("prod", "web", "example.com/web:1.0.1").await;
+    daemon.stop();
+}

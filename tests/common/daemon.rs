@@ -207,11 +207,25 @@ impl Env {
         envs: &[(&str, String)],
         cwd: &Path,
     ) -> Daemon {
+        self.daemon_via(&[env!("CARGO_BIN_EXE_depwatch")], args, envs, cwd)
+            .await
+    }
+
+    /// [`Self::daemon_with`], run through a launcher: `program[0]` with the rest of `program`,
+    /// then `args` (e.g. `setpriv … /path/to/depwatch`).
+    pub async fn daemon_via(
+        &self,
+        program: &[&str],
+        args: &[String],
+        envs: &[(&str, String)],
+        cwd: &Path,
+    ) -> Daemon {
         let log = self
             .dir
             .path()
             .join(format!("daemon-{}.log", rand_suffix()));
-        let child = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        let child = Command::new(program[0])
+            .args(&program[1..])
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .current_dir(cwd)
