@@ -107,6 +107,8 @@ pub enum DaemonError {
     DepsDir(PathBuf),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("cannot load Kubernetes configuration: {0}")]
     KubeConfig(String),
     #[error(transparent)]
@@ -173,6 +175,12 @@ pub async fn run_with(
     let mut config = config;
     config.deps_dir = std::path::absolute(&config.deps_dir)
         .map_err(|_| DaemonError::DepsDir(config.deps_dir.clone()))?;
+    // One writer per state directory, before anything is read or written there.
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| crate::lock::LockError::Io {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
+    let _lock = crate::lock::StateLock::acquire(&config.state_dir)?;
     let store = Store::open(&config.state_dir)?;
     let pruned = store.prune(config.history_keep, config.history_max_age)?;
     if pruned > 0 {

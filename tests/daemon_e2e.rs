@@ -540,3 +540,63 @@ async fn a_generic_webhook_receives_every_outcome_as_json() {
         "Slack still gets its message"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_exits_at_once_naming_the_first() {
+    let env = Env::new(SimConfig::default()).await;
+    let first = env.daemon(&[]).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args([
+                "run",
+                "--deps",
+                env.deps.to_str().expect("utf-8"),
+                "--state-dir",
+                env.state.to_str().expect("utf-8"),
+                "--kubeconfig",
+                env.kubeconfig.to_str().expect("utf-8"),
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .env("NO_COLOR", "1")
+            .output(),
+    )
+    .await
+    .expect("the second daemon exits at once")
+    .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("another depwatch (PID {})", first.pid())),
+        "{stderr}"
+    );
+    // The lock dies with its holder, however it dies.
+    first.kill();
+    let again = env.daemon(&[]).await;
+    again.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
+    let env = Env::new(SimConfig::default()).await;
+    let args: Vec<String> = [
+        "run",
+        "--deps",
+        env.deps.to_str().expect("utf-8"),
+        "--state-dir",
+        env.state.to_str().expect("utf-8"),
+        "--kubeconfig",
+        env.kubeconfig.to_str().expect("utf-8"),
+    ]
+    .map(String::from)
+    .to_vec();
+    // NO_COLOR unset (empty): only the missing terminal keeps colour out.
+    let daemon = env
+        .daemon_with(&args, &[("NO_COLOR", String::new())], env.dir.path())
+        .await;
+    let log = daemon.log_text();
+    assert!(log.contains("watching for dependency file changes"));
+    assert!(!log.contains('\u{1b}'), "ANSI codes in a log file: {log}");
+    daemon.stop();
+}
