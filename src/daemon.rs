@@ -144,6 +144,12 @@ pub async fn kube_client(
             .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
     };
     let server = config.cluster_url.to_string();
+    let mut config = config;
+    // API servers' audit logs name depwatch, and RBAC checks can tell its requests apart.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("depwatch/", env!("CARGO_PKG_VERSION"))),
+    ));
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|e| DaemonError::KubeConfig(e.to_string()))?;
     let client = match metrics {
@@ -315,6 +321,11 @@ pub async fn run_with(
     }
     scanned.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(dir = %crate::safefs::shown(&config.deps_dir), "watching for dependency file changes");
+    crate::sdnotify::ready(&format!(
+        "watching {}",
+        crate::safefs::shown(&config.deps_dir)
+    ));
+    crate::sdnotify::spawn_watchdog(stages.clone());
     set.spawn(ingest::run(
         IngestConfig {
             quiet: config.quiet,
@@ -367,6 +378,7 @@ pub async fn run_with(
 
     cancel.cancelled().await;
     tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");
+    crate::sdnotify::stopping("waiting for in-flight deploys");
     stages.cancel();
     while set.join_next().await.is_some() {}
     tracker.close();

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod operator;
 pub mod queue;
 pub mod safefs;
+pub mod sdnotify;
 pub mod sim;
 pub mod store;
 pub mod watch;

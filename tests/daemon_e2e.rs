@@ -600,3 +600,79 @@ async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
     assert!(!log.contains('\u{1b}'), "ANSI codes in a log file: {log}");
     daemon.stop();
 }
+
+/// `Type=notify` under systemd: READY once the start-up scan is done, watchdog pings while
+/// running, STOPPING on SIGTERM, spoken on the socket systemd names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let env = Env::new(SimConfig::default()).await;
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    let args: Vec<String> = [
+        "run",
+        "--deps",
+        env.deps.to_str().expect("utf-8"),
+        "--state-dir",
+        env.state.to_str().expect("utf-8"),
+        "--kubeconfig",
+        env.kubeconfig.to_str().expect("utf-8"),
+    ]
+    .map(String::from)
+    .to_vec();
+    // systemd names the main PID in WATCHDOG_PID; `exec` keeps the shell's.
+    let program = [
+        "sh",
+        "-c",
+        "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_depwatch"),
+    ];
+    let daemon = env
+        .daemon_via(
+            &program,
+            &args,
+            &[
+                ("NOTIFY_SOCKET", socket_path.display().to_string()),
+                ("WATCHDOG_USEC", "200000".into()),
+            ],
+            env.dir.path(),
+        )
+        .await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let recv_until = |want: &'static str| {
+        let socket = &socket;
+        async move {
+            let mut got = Vec::new();
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("no {want} from the daemon; got {got:?}"))
+                    .expect("recv");
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                let done = msg.lines().any(|l| l == want);
+                got.push(msg);
+                if done {
+                    return got;
+                }
+            }
+        }
+    };
+    seen.extend(recv_until("READY=1").await);
+    assert!(
+        daemon
+            .log_text()
+            .contains("watching for dependency file changes"),
+        "READY comes after the start-up scan"
+    );
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=watching ")),
+        "{seen:?}"
+    );
+    seen.extend(recv_until("WATCHDOG=1").await);
+    seen.extend(recv_until("WATCHDOG=1").await);
+    let pid = daemon.pid();
+    let stop = std::thread::spawn(move || daemon.stop());
+    seen.extend(recv_until("STOPPING=1").await);
+    stop.join().expect("stopped cleanly");
+    assert!(pid > 0);
+}

@@ -194,47 +194,6 @@ async fn kubectl_apply_k_of_an_ordinary_application() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_in_cluster_example_applies_and_its_dependency_files_check() {
-    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes");
-    let out = k
-        .ok(&["apply", "-k", example.to_str().expect("utf-8")])
-        .await;
-    for kind in [
-        "namespace/depwatch",
-        "serviceaccount/depwatch",
-        "clusterrole.rbac.authorization.k8s.io/depwatch",
-        "configmap/depwatch-deps",
-        "deployment.apps/depwatch",
-    ] {
-        assert!(out.contains(&format!("{kind} created")), "{kind} in {out}");
-    }
-    let dep = k
-        .ok(&[
-            "-n",
-            "depwatch",
-            "get",
-            "deploy",
-            "depwatch",
-            "-o",
-            "jsonpath={.spec.template.spec.serviceAccountName}",
-        ])
-        .await;
-    assert_eq!(dep, "depwatch");
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-        .args(["check", example.join("deps").to_str().expect("utf-8")])
-        .output()
-        .expect("check runs");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_pages_through_a_long_list() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
     let dir = tempfile::tempdir().expect("tempdir");

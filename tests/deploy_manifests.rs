@@ -1,0 +1,293 @@
+//! The packaging under `deploy/`: every Kubernetes overlay applies with real kubectl, passes the
+//! "restricted" Pod Security level, and grants exactly the (verb, resource) pairs depwatch uses
+//! in an end-to-end run, nothing beyond.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::Env;
+use common::{wait_for, Kubectl};
+use depwatch::sim::{Sim, SimConfig};
+use serde_json::Value;
+
+const OVERLAYS: [&str; 3] = ["single", "configmap", "git-sync"];
+
+fn overlay(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/kubernetes/overlays/{name}"))
+}
+
+/// Why a pod spec fails the restricted Pod Security level, if it does (the checks of
+/// https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted).
+fn restricted_violations(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let pod_sc = &pod["securityContext"];
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        let allowed = [
+            "configMap",
+            "emptyDir",
+            "persistentVolumeClaim",
+            "secret",
+            "projected",
+            "downwardAPI",
+        ];
+        let kinds: Vec<&String> = v
+            .as_object()
+            .map(|o| o.keys().filter(|k| *k != "name").collect())
+            .unwrap_or_default();
+        if kinds.iter().any(|k| !allowed.contains(&k.as_str())) {
+            out.push(format!("volume type {kinds:?}"));
+        }
+    }
+    for key in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[key] == true {
+            out.push(key.into());
+        }
+    }
+    let containers = pod["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(pod["initContainers"].as_array().into_iter().flatten());
+    for c in containers {
+        let name = c["name"].as_str().unwrap_or("?");
+        let sc = &c["securityContext"];
+        if sc["privileged"] == true {
+            out.push(format!("{name}: privileged"));
+        }
+        if sc["allowPrivilegeEscalation"] != false {
+            out.push(format!("{name}: allowPrivilegeEscalation must be false"));
+        }
+        let drops: Vec<&str> = sc["capabilities"]["drop"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !drops.contains(&"ALL") {
+            out.push(format!("{name}: capabilities must drop ALL"));
+        }
+        if sc["capabilities"]["add"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x != "NET_BIND_SERVICE"))
+        {
+            out.push(format!("{name}: adds capabilities"));
+        }
+        if sc["runAsNonRoot"] != true && pod_sc["runAsNonRoot"] != true {
+            out.push(format!("{name}: runAsNonRoot"));
+        }
+        if sc["runAsUser"] == 0 || pod_sc["runAsUser"] == 0 {
+            out.push(format!("{name}: runs as UID 0"));
+        }
+        let seccomp = |v: &Value| {
+            matches!(
+                v["seccompProfile"]["type"].as_str(),
+                Some("RuntimeDefault" | "Localhost")
+            )
+        };
+        if !seccomp(sc) && !seccomp(pod_sc) {
+            out.push(format!("{name}: seccompProfile RuntimeDefault"));
+        }
+        if c["resources"]["limits"]["memory"].is_null() {
+            out.push(format!("{name}: no memory limit"));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_overlay_applies_and_passes_the_restricted_pod_security_level() {
+    for name in OVERLAYS {
+        let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+        let out = k
+            .ok(&["apply", "-k", overlay(name).to_str().expect("utf-8")])
+            .await;
+        for kind in [
+            "namespace/depwatch",
+            "serviceaccount/depwatch",
+            "clusterrole.rbac.authorization.k8s.io/depwatch",
+            "clusterrolebinding.rbac.authorization.k8s.io/depwatch",
+            "persistentvolumeclaim/depwatch-state",
+            "service/depwatch",
+            "deployment.apps/depwatch",
+        ] {
+            assert!(
+                out.contains(&format!("{kind} created")),
+                "{name}: {kind} in {out}"
+            );
+        }
+        let dep: Value = serde_json::from_str(
+            &k.ok(&["-n", "depwatch", "get", "deploy", "depwatch", "-o", "json"])
+                .await,
+        )
+        .expect("json");
+        let pod = &dep["spec"]["template"]["spec"];
+        let violations = restricted_violations(pod);
+        assert!(violations.is_empty(), "{name}: {violations:?}");
+        assert_eq!(pod["serviceAccountName"], "depwatch");
+        let c = &pod["containers"][0];
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert!(
+            !c["resources"]["requests"]["cpu"].is_null(),
+            "{name}: requests"
+        );
+        let volume = |v: &str| {
+            pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["name"] == v)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        // The record outlives the pod in every layout.
+        assert_eq!(
+            volume("state")["persistentVolumeClaim"]["claimName"],
+            "depwatch-state",
+            "{name}"
+        );
+        let deps = volume("deps");
+        let keys: Vec<&String> = deps.as_object().expect("deps volume").keys().collect();
+        assert_eq!(keys.len(), 2, "{name}: one source for deps: {deps}");
+        let ns: Value = serde_json::from_str(&k.ok(&["get", "ns", "depwatch", "-o", "json"]).await)
+            .expect("json");
+        assert_eq!(
+            ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+            "restricted"
+        );
+    }
+    // The ConfigMap overlay's files are valid dependency files.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["check", overlay("configmap").to_str().expect("utf-8")])
+        .output()
+        .expect("check runs");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// `(verb, group/resource)` of one audit entry, or `None` for non-resource paths.
+fn permission(entry: &Value) -> Option<(String, String)> {
+    let path = entry["path"].as_str()?;
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let (resource, named) = match rest {
+        ["namespaces", _ns, resource, name @ ..] => (*resource, !name.is_empty()),
+        [resource, name @ ..] => (*resource, !name.is_empty()),
+        [] => return None,
+    };
+    let verb = match entry["verb"].as_str()? {
+        "get" if !named => "list",
+        v => v,
+    };
+    Some((verb.to_string(), format!("{group}/{resource}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_grants_exactly_what_depwatch_uses() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.deployment("prod", "api", &[("api", "example.com/api:1.0.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0.0\n");
+    env.write_dep("api_prod.dep", "1.0.0\n");
+    let daemon = env.daemon(&[]).await;
+    // A healthy deploy, a failed one rolled back, a missing Deployment, a missing namespace.
+    env.write_dep("web_prod.dep", "1.1.0\n");
+    env.write_dep("api_prod.dep", "1.1.0-fail-pull\n");
+    env.write_dep("wbe_prod.dep", "1.0.0\n");
+    env.write_dep("web_prdo.dep", "1.0.0\n");
+    let store = env.store();
+    let status = |name: &str, ns: &str| {
+        store
+            .service(&depwatch::depfile::ServiceKey::new(name, ns).expect("key"))
+            .ok()
+            .flatten()
+            .map(|r| r.status.as_str().to_string())
+    };
+    wait_for("every outcome", Duration::from_secs(60), || async {
+        (status("web", "prod").as_deref() == Some("succeeded")
+            && status("api", "prod").as_deref() == Some("rolled_back")
+            && status("wbe", "prod").as_deref() == Some("failed")
+            && status("web", "prdo").as_deref() == Some("failed"))
+        .then_some(())
+    })
+    .await;
+    daemon.stop();
+
+    let audit = std::fs::read_to_string(&env.audit).expect("audit");
+    let used: BTreeSet<(String, String)> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| {
+            e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("depwatch/"))
+        })
+        .filter_map(|e| permission(&e))
+        .collect();
+    assert!(
+        used.contains(&("patch".into(), "apps/deployments".into())),
+        "{used:?}"
+    );
+
+    // The base's ClusterRole, as every overlay applies it.
+    for name in OVERLAYS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = Kubectl::new(dir.path(), &env.sim.kubeconfig());
+        k.ok(&["apply", "-k", overlay(name).to_str().expect("utf-8")])
+            .await;
+        let role: Value = serde_json::from_str(
+            &k.ok(&["get", "clusterrole", "depwatch", "-o", "json"])
+                .await,
+        )
+        .expect("json");
+        let mut granted = BTreeSet::new();
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let list = |f: &str| -> Vec<String> {
+                rule[f]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        granted.insert((v.clone(), format!("{g}/{r}")));
+                    }
+                }
+            }
+        }
+        let missing: Vec<_> = used.difference(&granted).collect();
+        let beyond: Vec<_> = granted.difference(&used).collect();
+        assert!(
+            missing.is_empty(),
+            "{name}: used but not granted: {missing:?}"
+        );
+        assert!(
+            beyond.is_empty(),
+            "{name}: granted but never used: {beyond:?}"
+        );
+        let binding: Value = serde_json::from_str(
+            &k.ok(&["get", "clusterrolebinding", "depwatch", "-o", "json"])
+                .await,
+        )
+        .expect("json");
+        assert_eq!(binding["subjects"][0]["name"], "depwatch");
+        assert_eq!(binding["subjects"][0]["namespace"], "depwatch");
+    }
+}
