@@ -548,17 +548,8 @@ async fn a_second_daemon_on_the_same_state_exits_at_once_naming_the_first() {
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-            .args([
-                "run",
-                "--deps",
-                env.deps.to_str().expect("utf-8"),
-                "--state-dir",
-                env.state.to_str().expect("utf-8"),
-                "--kubeconfig",
-                env.kubeconfig.to_str().expect("utf-8"),
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
+            .args(env.run_args())
+            .args(["--http-addr", "127.0.0.1:0"])
             .env("NO_COLOR", "1")
             .output(),
     )
@@ -580,17 +571,7 @@ async fn a_second_daemon_on_the_same_state_exits_at_once_naming_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
     let env = Env::new(SimConfig::default()).await;
-    let args: Vec<String> = [
-        "run",
-        "--deps",
-        env.deps.to_str().expect("utf-8"),
-        "--state-dir",
-        env.state.to_str().expect("utf-8"),
-        "--kubeconfig",
-        env.kubeconfig.to_str().expect("utf-8"),
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = env.run_args();
     // NO_COLOR unset (empty): only the missing terminal keeps colour out.
     let daemon = env
         .daemon_with(&args, &[("NO_COLOR", String::new())], env.dir.path())
@@ -608,17 +589,7 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
     let env = Env::new(SimConfig::default()).await;
     let socket_path = env.dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    let args: Vec<String> = [
-        "run",
-        "--deps",
-        env.deps.to_str().expect("utf-8"),
-        "--state-dir",
-        env.state.to_str().expect("utf-8"),
-        "--kubeconfig",
-        env.kubeconfig.to_str().expect("utf-8"),
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = env.run_args();
     // systemd names the main PID in WATCHDOG_PID; `exec` keeps the shell's.
     let program = [
         "sh",

@@ -38,6 +38,19 @@ struct Case {
     deployment: bool,
 }
 
+impl Default for Case {
+    /// The usual case: a Deployment of that name in `prod` that a mistake could patch.
+    fn default() -> Self {
+        Case {
+            name: "",
+            setup: |_, _, _| {},
+            expect: Expect::Ignored,
+            ns: "prod",
+            deployment: true,
+        }
+    }
+}
+
 fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("cstr");
     // SAFETY: a valid NUL-terminated path.
@@ -62,8 +75,7 @@ fn cases() -> Vec<Case> {
             name: "fifo",
             setup: |d, _, n| mkfifo(&file(d, n)),
             expect: Refused("unreadable", "named pipe (FIFO)"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "link-fifo",
@@ -72,8 +84,7 @@ fn cases() -> Vec<Case> {
                 symlink(d.join(".fifo"), file(d, n)).expect("link")
             },
             expect: Refused("unreadable", "named pipe"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "socket",
@@ -83,36 +94,31 @@ fn cases() -> Vec<Case> {
                     .expect("bind")
             },
             expect: Refused("unreadable", "a socket"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "dev-zero",
             setup: |d, _, n| symlink("/dev/zero", file(d, n)).expect("link"),
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "dev-urandom",
             setup: |d, _, n| symlink("/dev/urandom", file(d, n)).expect("link"),
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "etc-passwd",
             setup: |d, _, n| symlink("/etc/passwd", file(d, n)).expect("link"),
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "proc-environ",
             setup: |d, _, n| symlink("/proc/self/environ", file(d, n)).expect("link"),
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "outside-secret",
@@ -121,8 +127,7 @@ fn cases() -> Vec<Case> {
                 symlink(o.join("secret"), file(d, n)).expect("link")
             },
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "outside-kubeconfig",
@@ -131,8 +136,7 @@ fn cases() -> Vec<Case> {
                 symlink(o.join("kubeconfig"), file(d, n)).expect("link")
             },
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "relative-escape",
@@ -146,22 +150,19 @@ fn cases() -> Vec<Case> {
                 symlink(rel, file(d, n)).expect("link")
             },
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "link-to-root",
             setup: |d, _, n| symlink("/", file(d, n)).expect("link"),
             expect: Refused("unreadable", outside_msg),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "dangling",
             setup: |d, _, n| symlink(d.join("nowhere"), file(d, n)).expect("link"),
             expect: Refused("unreadable", "does not exist"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "loop",
@@ -171,8 +172,7 @@ fn cases() -> Vec<Case> {
                 symlink(d.join(".loop-a"), file(d, n)).expect("link")
             },
             expect: Refused("unreadable", "cannot read"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "sparse-8g",
@@ -181,36 +181,31 @@ fn cases() -> Vec<Case> {
                 f.set_len(8 << 30).expect("sparse")
             },
             expect: Refused("unreadable", "over the 1024-byte limit"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "just-over-cap",
             setup: |d, _, n| write(&file(d, n), format!("1.0.1\n#{}\n", "x".repeat(1020))),
             expect: Refused("unreadable", "1028 bytes, over the 1024-byte limit"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "at-cap",
             setup: |d, _, n| write(&file(d, n), format!("1.0.1\n#{}\n", "x".repeat(1016))),
             expect: Deploys("1.0.1"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "dir-named-dep",
             setup: |d, _, n| std::fs::create_dir(file(d, n)).expect("mkdir"),
             expect: Ignored,
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "binary",
             setup: |d, _, n| write(&file(d, n), [0u8, 159, 146, 150, 0xff, 0xfe, 0, 1]),
             expect: Refused("invalid", "not UTF-8"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "passwd-copy",
@@ -225,29 +220,25 @@ fn cases() -> Vec<Case> {
                 )
             },
             expect: Refused("invalid", "_prod.dep"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "kubeconfig-copy",
             setup: |d, _, n| write(&file(d, n), KUBECONFIG_TEXT),
             expect: Refused("invalid", "an unknown field"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "token-with-space",
             setup: |d, _, n| write(&file(d, n), format!("ghp_{MARKER} {MARKER}\n")),
             expect: Refused("invalid", "contains spaces"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "long-tag",
             setup: |d, _, n| write(&file(d, n), format!("{}\n", MARKER.repeat(40))),
             expect: Refused("invalid", "not a valid tag"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "yaml-bomb",
@@ -255,8 +246,7 @@ fn cases() -> Vec<Case> {
                 write(&file(d, n), "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n")
             },
             expect: Refused("invalid", "not a valid dependency file"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "yaml-deep",
@@ -267,15 +257,13 @@ fn cases() -> Vec<Case> {
                 )
             },
             expect: Refused("invalid", "not a valid dependency file"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "empty",
             setup: |d, _, n| write(&file(d, n), ""),
             expect: Refused("invalid", "the file is empty"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "hardlink-secret",
@@ -286,15 +274,13 @@ fn cases() -> Vec<Case> {
                 }
             },
             expect: Refused("invalid", "an unknown field"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "evil-image",
             setup: |d, _, n| write(&file(d, n), "evil.example.net/x:1\n"),
             expect: Refused("invalid", "image evil.example.net/x:1 is not allowed"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "evil-repository",
@@ -305,8 +291,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             expect: Refused("invalid", "repository evil.example.net/x matches none"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "evil-map",
@@ -317,8 +302,7 @@ fn cases() -> Vec<Case> {
                 )
             },
             expect: Refused("invalid", "evil.example.net/s:1 is not allowed"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "runs-evil",
@@ -327,8 +311,7 @@ fn cases() -> Vec<Case> {
                 "failed",
                 "is not allowed: its repository evil.example.net/runs-evil",
             ),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "paymnets",
@@ -361,15 +344,13 @@ fn cases() -> Vec<Case> {
             name: "newline-name",
             setup: |d, _, _| write(&d.join("x\nINFO forged line_prod.dep"), "1.0.1\n"),
             expect: Ignored,
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "ansi-name",
             setup: |d, _, _| write(&d.join("\u{1b}[31mred_prod.dep"), "1.0.1\n"),
             expect: Ignored,
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "dot-dir",
@@ -378,8 +359,7 @@ fn cases() -> Vec<Case> {
                 write(&d.join(".hidden").join(format!("{n}_prod.dep")), "1.0.1\n")
             },
             expect: Ignored,
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "walk-outside",
@@ -389,8 +369,7 @@ fn cases() -> Vec<Case> {
                 symlink(o.join("tree"), d.join("outside-tree")).expect("link")
             },
             expect: Ignored,
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "seed-last-zero",
@@ -399,8 +378,7 @@ fn cases() -> Vec<Case> {
                 symlink("/dev/zero", d.join(format!("{n}_prod.last"))).expect("link")
             },
             expect: Deploys("1.0.1"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "inside-chain",
@@ -411,8 +389,7 @@ fn cases() -> Vec<Case> {
                 symlink(d.join("hop"), file(d, n)).expect("link")
             },
             expect: Deploys("1.0.1"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "configmap",
@@ -424,8 +401,7 @@ fn cases() -> Vec<Case> {
                 symlink(format!("..data/{n}_prod.dep"), file(d, n)).expect("link")
             },
             expect: Deploys("1.0.1"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
         Case {
             name: "linked-subdir",
@@ -435,8 +411,7 @@ fn cases() -> Vec<Case> {
                 symlink(d.join(".store/team"), d.join("team-link")).expect("link")
             },
             expect: Deploys("1.0.1"),
-            ns: "prod",
-            deployment: true,
+            ..Case::default()
         },
     ]
 }

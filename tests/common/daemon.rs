@@ -181,6 +181,21 @@ impl Env {
         .await
     }
 
+    /// `run` with this environment's directories and kubeconfig, and nothing else.
+    pub fn run_args(&self) -> Vec<String> {
+        [
+            "run",
+            "--deps",
+            self.deps.to_str().expect("utf-8"),
+            "--state-dir",
+            self.state.to_str().expect("utf-8"),
+            "--kubeconfig",
+            self.kubeconfig.to_str().expect("utf-8"),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Start `depwatch run` against this environment.
     pub async fn daemon(&self, extra: &[&str]) -> Daemon {
         let mut args: Vec<String> = vec![
