@@ -65,6 +65,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. 100ms, 30s, 5m"))
 }
 
+fn parse_nats_url(s: &str) -> Result<String, String> {
+    crate::alert::nats::servers(s).map(|_| s.to_string())
+}
+
 fn parse_glob(s: &str) -> Result<crate::bounds::Glob, String> {
     crate::bounds::Glob::new(s)
 }
@@ -255,6 +259,12 @@ pub struct DaemonArgs {
         help_heading = "Notifications"
     )]
     pub webhook_url: Option<String>,
+
+    /// NATS server URL(s), comma-separated (`nats://host:4222`): every deploy outcome (the
+    /// webhook's JSON document) is published on `depwatch.deploys.<namespace>.<name>`, through
+    /// JetStream when a stream captures the subject.
+    #[arg(long, env = "DEPWATCH_NATS_URL", hide_env_values = true, value_parser = parse_nats_url, help_heading = "Notifications")]
+    pub nats_url: Option<String>,
 }
 
 impl DaemonArgs {
@@ -279,6 +289,7 @@ impl DaemonArgs {
             rollback: self.rollback == Toggle::On,
             slack_webhook: self.slack_webhook.clone(),
             webhook_url: self.webhook_url.clone(),
+            nats_url: self.nats_url.clone(),
             fail_fast: crate::deploy::rollout::FailFast {
                 pull_grace: self.pull_grace,
                 crash_restarts: self.crash_restarts,

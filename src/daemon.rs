@@ -51,6 +51,8 @@ pub struct DaemonConfig {
     pub slack_webhook: Option<String>,
     /// A generic JSON webhook that receives every outcome.
     pub webhook_url: Option<String>,
+    /// NATS server(s) on which every outcome is published.
+    pub nats_url: Option<String>,
     pub fail_fast: FailFast,
     /// How long shutdown waits for in-flight deploys before leaving them to the next start.
     pub shutdown_grace: Duration,
@@ -88,6 +90,7 @@ impl DaemonConfig {
             rollback: true,
             slack_webhook: None,
             webhook_url: None,
+            nats_url: None,
             fail_fast: FailFast::default(),
             shutdown_grace: Duration::from_secs(30),
             history_keep: 200,
@@ -212,6 +215,9 @@ pub async fn run_with(
     }
     if let Some(url) = config.webhook_url.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_webhook(url, Duration::from_secs(10));
+    }
+    if let Some(url) = config.nats_url.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_nats(url);
     }
     let deployer = Deployer::new(
         client.clone(),

@@ -1,8 +1,10 @@
-//! Stage 6, telling people: deploy outcomes go to Slack (and later other sinks) asynchronously.
+//! Stage 6, telling people and systems: deploy outcomes go to Slack, a JSON webhook and NATS,
+//! asynchronously.
 //! A slow or failing receiver never delays a deploy: messages are queued without waiting, sent
 //! by a background task with retry and backoff, and dropped (counted, logged) only when the
 //! queue is full.
 
+pub mod nats;
 pub mod slack;
 
 pub use slack::{Notifier, Report};

@@ -256,6 +256,24 @@ impl Notifier {
         self
     }
 
+    /// Publish every outcome on NATS (see [`super::nats`]). The URL may hold credentials: it is
+    /// never logged.
+    pub fn with_nats(mut self, url: String) -> Self {
+        let counters = self.stats.clone();
+        let metrics = self.metrics.clone();
+        let tx = super::nats::spawn(url, 1024, move |outcome| {
+            match outcome {
+                "sent" => counters.sent.fetch_add(1, Ordering::Relaxed),
+                _ => counters.failed.fetch_add(1, Ordering::Relaxed),
+            };
+            if let Some(m) = &metrics {
+                m.notification(outcome);
+            }
+        });
+        self.sinks.push(Sink { name: "NATS", tx });
+        self
+    }
+
     /// Queue a report for every receiver without waiting.
     pub fn report(&self, report: Report) {
         for sink in &self.sinks {
