@@ -1101,44 +1101,39 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
     daemon.stop();
 }
 
-/// A file unreadable at start-up is reported as such, and read as soon as a chmod makes it
-/// readable (no save, no resync). Root reads everything, so as root the daemon runs as
-/// `nobody` through setpriv.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_file_is_reported_and_read_once_permissions_allow() {
+/// How to start the daemon so that file permissions apply to it: as root (which reads and
+/// writes everything) through setpriv as `nobody`, else directly. The binary is copied where
+/// that user can run it, and the environment's directory and kubeconfig are opened to it.
+fn unprivileged(env: &Env) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
-    let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
-        .await;
-    let open = |p: &Path| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod")
+    let open = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
     };
-    open(env.dir.path());
-    open(&env.deps);
-    std::fs::set_permissions(&env.kubeconfig, std::fs::Permissions::from_mode(0o644))
-        .expect("chmod kubeconfig");
-    // The binary where an unprivileged user can run it.
+    open(env.dir.path(), 0o777);
+    open(&env.kubeconfig, 0o644);
     let binary = env.dir.path().join("depwatch");
     std::fs::copy(env!("CARGO_BIN_EXE_depwatch"), &binary).expect("copy binary");
-    let dep = env.deps.join("web_prod.dep");
-    std::fs::write(&dep, "1.0.1\n").expect("write");
-    std::fs::set_permissions(&dep, std::fs::Permissions::from_mode(0o000)).expect("chmod 000");
-
-    let root = unsafe { libc::geteuid() } == 0;
     let binary = binary.display().to_string();
-    let program: Vec<&str> = if root {
-        vec![
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        [
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--",
-            &binary,
         ]
+        .map(String::from)
+        .into_iter()
+        .chain([binary])
+        .collect()
     } else {
-        vec![&binary]
-    };
-    let args: Vec<String> = [
+        vec![binary]
+    }
+}
+
+fn unprivileged_args(env: &Env) -> Vec<String> {
+    [
         "run",
         "--deps",
         env.deps.to_str().expect("utf-8"),
@@ -1150,8 +1145,26 @@ async fn an_unreadable_file_is_reported_and_read_once_permissions_allow() {
         "1h",
     ]
     .map(String::from)
-    .to_vec();
-    let daemon = env.daemon_via(&program, &args, &[], env.dir.path()).await;
+    .to_vec()
+}
+
+/// A file unreadable at start-up is reported as such, and read as soon as a chmod makes it
+/// readable (no save, no resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_file_is_reported_and_read_once_permissions_allow() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    std::fs::set_permissions(&env.deps, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let program = unprivileged(&env);
+    let dep = env.deps.join("web_prod.dep");
+    std::fs::write(&dep, "1.0.1\n").expect("write");
+    std::fs::set_permissions(&dep, std::fs::Permissions::from_mode(0o000)).expect("chmod 000");
+    let program: Vec<&str> = program.iter().map(String::as_str).collect();
+    let daemon = env
+        .daemon_via(&program, &unprivileged_args(&env), &[], env.dir.path())
+        .await;
     let url = daemon.http_url();
     let http = reqwest::Client::new();
     let view = wait_for("web to be unreadable", Duration::from_secs(20), || async {
@@ -1174,5 +1187,43 @@ async fn an_unreadable_file_is_reported_and_read_once_permissions_allow() {
     assert_eq!(env.patches("prod", "web"), 0);
     std::fs::set_permissions(&dep, std::fs::Permissions::from_mode(0o644)).expect("chmod 644");
     env.wait_image("prod", "web", "example.com/web:1.0.1").await;
+    daemon.stop();
+}
+
+/// A read-only dependency directory (a ConfigMap volume, a read-only mount): API deploy
+/// requests answer 409 with a hint, not 500, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_writes_to_a_read_only_directory_answer_409_with_a_hint() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0.0\n");
+    let program = unprivileged(&env);
+    std::fs::set_permissions(&env.deps, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let tokens = env.dir.path().join("tokens");
+    std::fs::write(&tokens, format!("a:{TOKEN_A}\n")).expect("tokens");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut args = unprivileged_args(&env);
+    args.extend(["--api-token-file".to_string(), tokens.display().to_string()]);
+    let program: Vec<&str> = program.iter().map(String::as_str).collect();
+    let daemon = env.daemon_via(&program, &args, &[], env.dir.path()).await;
+    let url = daemon.http_url();
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/api/v1/deploys"))
+        .bearer_auth(TOKEN_A)
+        .body(deploy_body("web", "prod", "version", "1.0.1"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 409);
+    let text = resp.text().await.expect("body");
+    assert!(text.contains("read-only"), "{text}");
+    assert!(text.contains("ConfigMap"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(env.deps.join("web_prod.dep")).expect("read"),
+        "1.0.0\n"
+    );
+    assert_eq!(env.patches("prod", "web"), 0);
     daemon.stop();
 }
