@@ -124,6 +124,11 @@ pub struct DaemonArgs {
     )]
     pub state_dir: PathBuf,
 
+    /// A PostgreSQL record shared by replicas (`postgres://user:password@host/db`) instead of
+    /// SQLite in the state directory. Never logged.
+    #[arg(long, env = "DEPWATCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
     /// Quiet window for writers that give no completion signal, and for coalescing bursts.
     #[arg(long, env = "DEPWATCH_DEBOUNCE", default_value = "100ms", value_parser = parse_duration, help_heading = "Files")]
     pub debounce: Duration,
@@ -272,6 +277,7 @@ impl DaemonArgs {
         crate::daemon::DaemonConfig {
             deps_dir: self.deps.clone(),
             state_dir: self.state_dir.clone(),
+            database_url: self.database_url.clone(),
             kubeconfig: self.kubeconfig.clone(),
             context: self.context.clone(),
             workers: self.workers as usize,
@@ -316,6 +322,11 @@ pub struct ServiceArgs {
         default_value = "/var/lib/depwatch/state"
     )]
     pub state_dir: PathBuf,
+
+    /// A PostgreSQL record shared by replicas (`postgres://user:password@host/db`) instead of
+    /// SQLite in the state directory. Never logged.
+    #[arg(long, env = "DEPWATCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -347,6 +358,11 @@ pub struct StateArgs {
         default_value = "/var/lib/depwatch/state"
     )]
     pub state_dir: PathBuf,
+
+    /// A PostgreSQL record shared by replicas (`postgres://user:password@host/db`) instead of
+    /// SQLite in the state directory. Never logged.
+    #[arg(long, env = "DEPWATCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Ask a running daemon's API (e.g. http://127.0.0.1:8080) instead of reading the database.
     #[arg(long, env = "DEPWATCH_API")]
     pub api: Option<String>,

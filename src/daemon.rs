@@ -34,6 +34,8 @@ use crate::watch;
 pub struct DaemonConfig {
     pub deps_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// PostgreSQL instead of SQLite in the state directory.
+    pub database_url: Option<String>,
     pub kubeconfig: Option<PathBuf>,
     pub context: Option<String>,
     pub workers: usize,
@@ -76,6 +78,7 @@ impl DaemonConfig {
         DaemonConfig {
             deps_dir,
             state_dir,
+            database_url: None,
             kubeconfig,
             context: None,
             workers: 100,
@@ -190,7 +193,7 @@ pub async fn run_with(
         source,
     })?;
     let _lock = crate::lock::StateLock::acquire(&config.state_dir)?;
-    let store = Store::open(&config.state_dir)?;
+    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?;
     let pruned = store.prune(config.history_keep, config.history_max_age)?;
     if pruned > 0 {
         tracing::info!(pruned, "old deploy history removed (retention)");

@@ -115,6 +115,15 @@ fn print_table(rows: Vec<Vec<String>>) {
     }
 }
 
+/// The record the operator commands use: PostgreSQL when `--database-url` is given, else SQLite
+/// in the state directory.
+fn open_store(
+    state_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> Result<depwatch::store::Store, depwatch::store::StoreError> {
+    depwatch::store::Store::open_or_connect(state_dir, database_url)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // A .env file beside the daemon is read when present; the real environment wins.
@@ -129,19 +138,33 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Retry(a) => {
             let key = service_key(&a.service)?;
-            say(&depwatch::operator::retry(&a.state_dir, &key)?);
+            say(&depwatch::operator::retry(
+                &open_store(&a.state_dir, a.database_url.as_deref())?,
+                &key,
+            )?);
         }
         Command::Rollback(a) => {
             let key = service_key(&a.service)?;
-            say(&depwatch::operator::rollback(&a.state_dir, &key)?);
+            say(&depwatch::operator::rollback(
+                &open_store(&a.state_dir, a.database_url.as_deref())?,
+                &key,
+            )?);
         }
         Command::Suspend(a) => {
             let key = service_key(&a.service)?;
-            say(&depwatch::operator::suspend(&a.state_dir, &key, true)?);
+            say(&depwatch::operator::suspend(
+                &open_store(&a.state_dir, a.database_url.as_deref())?,
+                &key,
+                true,
+            )?);
         }
         Command::Resume(a) => {
             let key = service_key(&a.service)?;
-            say(&depwatch::operator::suspend(&a.state_dir, &key, false)?);
+            say(&depwatch::operator::suspend(
+                &open_store(&a.state_dir, a.database_url.as_deref())?,
+                &key,
+                false,
+            )?);
         }
         Command::Demo(demo) => {
             let cancel = shutdown_token();
@@ -179,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
             let services: Vec<depwatch::store::ServiceRecord> = match &state.api {
                 // A service view is a record with more fields; the record's are read from it.
                 Some(api) => api_get(api, "/api/v1/services").await?,
-                None => depwatch::store::Store::open(&state.state_dir)?.services()?,
+                None => open_store(&state.state_dir, state.database_url.as_deref())?.services()?,
             };
             if state.json {
                 say(&serde_json::to_string_pretty(&services)?);
@@ -215,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
                     );
                     api_get(api, &path).await?
                 }
-                None => depwatch::store::Store::open(&h.state.state_dir)?
+                None => open_store(&h.state.state_dir, h.state.database_url.as_deref())?
                     .history(Some(&key), h.limit)?,
             };
             if h.state.json {

@@ -59,8 +59,8 @@ fn resave(root: Option<&Path>, path: &str) -> Result<(), OperatorError> {
 }
 
 /// Lift the pin on a failed version and deploy it again.
-pub fn retry(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    retry_with(&Store::open(state_dir)?, key, &local_actor(), None)
+pub fn retry(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+    retry_with(store, key, &local_actor(), None)
 }
 
 /// Who runs a CLI command: the local user.
@@ -87,8 +87,8 @@ pub fn retry_with(
 }
 
 /// Write the last good images into the service's file.
-pub fn rollback(state_dir: &Path, key: &ServiceKey) -> Result<String, OperatorError> {
-    rollback_with(&Store::open(state_dir)?, key, &local_actor(), None)
+pub fn rollback(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
+    rollback_with(store, key, &local_actor(), None)
 }
 
 pub fn rollback_with(
@@ -147,13 +147,8 @@ pub fn rollback_with(
 }
 
 /// Stop (or restart) deploying a service's file changes.
-pub fn suspend(
-    state_dir: &Path,
-    key: &ServiceKey,
-    suspended: bool,
-) -> Result<String, OperatorError> {
-    let store = Store::open(state_dir)?;
-    let r = record(&store, key)?;
+pub fn suspend(store: &Store, key: &ServiceKey, suspended: bool) -> Result<String, OperatorError> {
+    let r = record(store, key)?;
     store.update_service(key, |s| {
         s.suspended = suspended;
         s.message = if suspended {

@@ -14,6 +14,8 @@ use serde::Serialize;
 use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 
+mod pg;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the state database {path}: {source}")]
@@ -28,6 +30,8 @@ pub enum StoreError {
     },
     #[error("state database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("PostgreSQL record: {0}")]
+    Postgres(String),
 }
 
 /// A service as last recorded.
@@ -98,9 +102,10 @@ pub struct RequestRecord {
     pub created_at: String,
 }
 
+/// The record, whichever backend holds it. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    backend: Arc<dyn Backend>,
     /// Moves on every write, so the status page can refresh live.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -210,6 +215,8 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
     })
 }
 
+const REQUEST_COLUMNS: &str =
+    "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id";
 
@@ -230,6 +237,226 @@ fn private(state_dir: &Path, db: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a record backend stores and answers. SQLite (the default, in the state directory) and
+/// PostgreSQL (`--database-url`, shared by replicas) implement it; the same test suite runs on
+/// both. Calls are synchronous and short.
+pub trait Backend: Send + Sync {
+    /// Record an API request, or return the one already under its idempotency key.
+    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
+    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError>;
+    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
+    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError>;
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError>;
+    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
+    /// Insert or replace, stamping `updated_at`.
+    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError>;
+    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
+    fn finish_deploy(
+        &self,
+        id: i64,
+        outcome: DeployOutcome,
+        message: &str,
+        ended_at: &str,
+    ) -> Result<(), StoreError>;
+    /// Newest first; all services when `key` is `None`.
+    fn history(
+        &self,
+        key: Option<&ServiceKey>,
+        limit: usize,
+    ) -> Result<Vec<DeployRecord>, StoreError>;
+    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError>;
+    /// Remove finished deploys beyond `keep` per service and, with a cutoff, older than it.
+    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError>;
+    /// Every deploy still in progress, oldest first.
+    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError>;
+}
+
+/// The embedded SQLite backend: WAL mode, one connection behind a mutex.
+struct Sqlite {
+    conn: Mutex<Connection>,
+}
+
+impl Sqlite {
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Backend for Sqlite {
+    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO requests (id, idempotency_key, body_hash, namespace, name, content, actor, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![r.id, r.idempotency_key, r.body_hash, r.namespace, r.name, r.content, r.actor, r.created_at],
+        )?;
+        Ok(conn.query_row(
+            &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = ?1"),
+            params![r.idempotency_key],
+            request_row,
+        )?)
+    }
+
+    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = ?1"),
+                params![idempotency_key],
+                request_row,
+            )
+            .optional()?)
+    }
+
+    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1"),
+                params![id],
+                request_row,
+            )
+            .optional()?)
+    }
+
+    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE request_id = ?1 ORDER BY id DESC LIMIT 1"
+        );
+        Ok(self
+            .conn()
+            .query_row(&sql, params![id], deploy_row)
+            .optional()?)
+    }
+
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
+        let sql =
+            format!("SELECT {SERVICE_COLUMNS} FROM services WHERE namespace = ?1 AND name = ?2");
+        // Cached: a rescan of 10,000 files asks this 10,000 times.
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        Ok(stmt
+            .query_row(params![key.namespace, key.name], service_row)
+            .optional()?)
+    }
+
+    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([], service_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
+        let conn = self.conn();
+        conn.prepare_cached(&sql)?.execute(params![
+            r.namespace,
+            r.name,
+            r.path,
+            r.content_hash,
+            r.desired,
+            r.deployed,
+            r.last_good,
+            r.status,
+            r.failed_hash,
+            r.message,
+            updated_at,
+            i64::from(r.suspended)
+        ])?;
+        Ok(())
+    }
+
+    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10)",
+            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn finish_deploy(
+        &self,
+        id: i64,
+        outcome: DeployOutcome,
+        message: &str,
+        ended_at: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deploys SET ended_at = ?2, outcome = ?3, message = ?4 WHERE id = ?1",
+            params![id, ended_at, outcome, message],
+        )?;
+        Ok(())
+    }
+
+    fn history(
+        &self,
+        key: Option<&ServiceKey>,
+        limit: usize,
+    ) -> Result<Vec<DeployRecord>, StoreError> {
+        let conn = self.conn();
+        let rows = match key {
+            Some(k) => {
+                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3");
+                let mut stmt = conn.prepare(&sql)?;
+                let rows =
+                    stmt.query_map(params![k.namespace, k.name, limit as i64], deploy_row)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+            None => {
+                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT ?1");
+                let mut stmt = conn.prepare(&sql)?;
+                let rows = stmt.query_map(params![limit as i64], deploy_row)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows)
+    }
+
+    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 1");
+        Ok(self
+            .conn()
+            .query_row(
+                &sql,
+                params![key.namespace, key.name, DeployOutcome::InProgress],
+                deploy_row,
+            )
+            .optional()?)
+    }
+
+    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        let mut removed = conn.execute(
+            "DELETE FROM deploys WHERE outcome != ?2 AND id IN (
+                SELECT id FROM (
+                    SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
+                ) WHERE n > ?1)",
+            params![keep as i64, DeployOutcome::InProgress],
+        )?;
+        if let Some(cutoff) = cutoff {
+            removed += conn.execute(
+                "DELETE FROM deploys WHERE outcome != ?2 AND started_at < ?1",
+                params![cutoff, DeployOutcome::InProgress],
+            )?;
+        }
+        Ok(removed)
+    }
+
+    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = ?1 ORDER BY id");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![DeployOutcome::InProgress], deploy_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
 }
 
 impl Store {
@@ -253,10 +480,33 @@ impl Store {
             })?;
         conn.execute_batch(SCHEMA)
             .map_err(|source| StoreError::Open { path, source })?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+        Ok(Store::with_backend(Arc::new(Sqlite {
+            conn: Mutex::new(conn),
+        })))
+    }
+
+    /// The record in PostgreSQL at `url` (`postgres://user:pass@host/db`), migrated to the
+    /// current schema. The URL may hold a password: it is never logged.
+    pub fn connect(url: &str) -> Result<Store, StoreError> {
+        Ok(Store::with_backend(Arc::new(pg::Postgres::connect(url)?)))
+    }
+
+    /// `--database-url` when given, else SQLite in `state_dir`.
+    pub fn open_or_connect(
+        state_dir: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Store, StoreError> {
+        match database_url.filter(|u| !u.is_empty()) {
+            Some(url) => Store::connect(url),
+            None => Store::open(state_dir),
+        }
+    }
+
+    fn with_backend(backend: Arc<dyn Backend>) -> Store {
+        Store {
+            backend,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
-        })
+        }
     }
 
     fn changed(&self) {
@@ -271,98 +521,35 @@ impl Store {
     /// Record an API deploy request, or return the one already recorded under the same
     /// idempotency key (the caller compares body hashes).
     pub fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT OR IGNORE INTO requests (id, idempotency_key, body_hash, namespace, name, content, actor, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![r.id, r.idempotency_key, r.body_hash, r.namespace, r.name, r.content, r.actor, r.created_at],
-        )?;
-        Ok(conn.query_row(
-            "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE idempotency_key = ?1",
-            params![r.idempotency_key],
-            request_row,
-        )?)
+        self.backend.put_request(r)
     }
 
     pub fn request_by_key(
         &self,
         idempotency_key: &str,
     ) -> Result<Option<RequestRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE idempotency_key = ?1",
-                params![idempotency_key],
-                request_row,
-            )
-            .optional()?)
+        self.backend.request_by_key(idempotency_key)
     }
 
     pub fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT id, idempotency_key, body_hash, namespace, name, content, actor, created_at FROM requests WHERE id = ?1",
-                params![id],
-                request_row,
-            )
-            .optional()?)
+        self.backend.request(id)
     }
 
     /// The deploy a request led to, if it has started.
     pub fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE request_id = ?1 ORDER BY id DESC LIMIT 1"
-        );
-        Ok(self
-            .conn()
-            .query_row(&sql, params![id], deploy_row)
-            .optional()?)
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.backend.deploy_for_request(id)
     }
 
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
-        let sql =
-            format!("SELECT {SERVICE_COLUMNS} FROM services WHERE namespace = ?1 AND name = ?2");
-        // Cached: a rescan of 10,000 files asks this 10,000 times.
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&sql)?;
-        Ok(stmt
-            .query_row(params![key.namespace, key.name], service_row)
-            .optional()?)
+        self.backend.service(key)
     }
 
     pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
-        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map([], service_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.backend.services()
     }
 
     pub fn put_service(&self, r: &ServiceRecord) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        );
-        let conn = self.conn();
-        conn.prepare_cached(&sql)?.execute(params![
-            r.namespace,
-            r.name,
-            r.path,
-            r.content_hash,
-            r.desired,
-            r.deployed,
-            r.last_good,
-            r.status,
-            r.failed_hash,
-            r.message,
-            now(),
-            i64::from(r.suspended)
-        ])?;
-        drop(conn);
+        self.backend.put_service(r, &now())?;
         self.changed();
         Ok(())
     }
@@ -395,14 +582,7 @@ impl Store {
 
     /// Record a deploy as started; returns its id.
     pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10)",
-            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
-        )?;
-        let id = conn.last_insert_rowid();
-        drop(conn);
+        let id = self.backend.start_deploy(d)?;
         self.changed();
         Ok(id)
     }
@@ -413,10 +593,7 @@ impl Store {
         outcome: DeployOutcome,
         message: &str,
     ) -> Result<(), StoreError> {
-        let r = self.conn().execute(
-            "UPDATE deploys SET ended_at = ?2, outcome = ?3, message = ?4 WHERE id = ?1",
-            params![id, now(), outcome, message],
-        );
+        let r = self.backend.finish_deploy(id, outcome, message, &now());
         if let Err(e) = &r {
             tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
         }
@@ -431,36 +608,12 @@ impl Store {
         key: Option<&ServiceKey>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        let conn = self.conn();
-        let rows = match key {
-            Some(k) => {
-                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3");
-                let mut stmt = conn.prepare(&sql)?;
-                let rows =
-                    stmt.query_map(params![k.namespace, k.name, limit as i64], deploy_row)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-            None => {
-                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT ?1");
-                let mut stmt = conn.prepare(&sql)?;
-                let rows = stmt.query_map(params![limit as i64], deploy_row)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-        };
-        Ok(rows)
+        self.backend.history(key, limit)
     }
 
     /// The unfinished deploy of a service, if a stop interrupted one.
     pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 1");
-        Ok(self
-            .conn()
-            .query_row(
-                &sql,
-                params![key.namespace, key.name, DeployOutcome::InProgress],
-                deploy_row,
-            )
-            .optional()?)
+        self.backend.in_progress(key)
     }
 
     /// Apply the retention policy: keep at most `keep` deploys per service, and none older
@@ -470,37 +623,21 @@ impl Store {
         keep: usize,
         max_age: Option<std::time::Duration>,
     ) -> Result<usize, StoreError> {
-        let conn = self.conn();
-        let mut removed = conn.execute(
-            "DELETE FROM deploys WHERE outcome != ?2 AND id IN (
-                SELECT id FROM (
-                    SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
-                ) WHERE n > ?1)",
-            params![keep as i64, DeployOutcome::InProgress],
-        )?;
-        if let Some(age) = max_age {
-            let cutoff = timestamp(
+        let cutoff = max_age.map(|age| {
+            timestamp(
                 jiff::Timestamp::now()
                     .checked_sub(
                         jiff::SignedDuration::try_from(age).unwrap_or(jiff::SignedDuration::MAX),
                     )
                     .unwrap_or(jiff::Timestamp::MIN),
-            );
-            removed += conn.execute(
-                "DELETE FROM deploys WHERE outcome != ?2 AND started_at < ?1",
-                params![cutoff, DeployOutcome::InProgress],
-            )?;
-        }
-        Ok(removed)
+            )
+        });
+        self.backend.prune(keep, cutoff.as_deref())
     }
 
     /// Deploys a crash left "in progress": marked interrupted so the record never lies.
     pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = ?1 ORDER BY id");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params![DeployOutcome::InProgress], deploy_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.backend.interrupted()
     }
 }
 

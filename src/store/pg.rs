@@ -1,0 +1,456 @@
+//! The PostgreSQL backend (`--database-url`): one record shared by replicas, through a pooled
+//! async client (tokio-postgres with a deadpool pool). The pool and its connections live on a
+//! small runtime of their own, so the synchronous [`Backend`] calls can wait for a query from
+//! any thread, the daemon's async workers included, without starving the connections that
+//! answer them. Migrations run at connect, each once, in a transaction.
+
+use std::future::Future;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Row;
+
+use super::{
+    Backend, DeployRecord, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
+    REQUEST_COLUMNS, SERVICE_COLUMNS,
+};
+use crate::depfile::ServiceKey;
+use crate::domain::{DeployOutcome, Images};
+
+/// Schema versions in order; each runs once.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE services (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL DEFAULT '',
+    content_hash TEXT NOT NULL DEFAULT '',
+    desired TEXT NOT NULL DEFAULT '',
+    deployed TEXT NOT NULL DEFAULT '',
+    last_good TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    failed_hash TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL DEFAULT '',
+    suspended BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE deploys (
+    id BIGSERIAL PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    from_image TEXT NOT NULL,
+    to_image TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    outcome TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    request_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX deploys_by_service ON deploys (namespace, name, id);
+CREATE INDEX deploys_by_outcome ON deploys (outcome);
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    body_hash TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    content TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"];
+
+pub struct Postgres {
+    pool: Pool,
+    /// Drives the pool's connections; shut down without blocking when the store goes.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn pg_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Postgres(e.to_string())
+}
+
+impl Postgres {
+    pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+        // The error never repeats the URL: it may hold a password.
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Postgres(format!(
+                "--database-url is not a PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database"
+            ))
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("depwatch-postgres")
+            .enable_all()
+            .build()
+            .map_err(pg_error)?;
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            let _entered = runtime.enter();
+            Pool::builder(manager)
+                .max_size(8)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(pg_error)?
+        };
+        let pg = Postgres {
+            pool,
+            runtime: Some(runtime),
+        };
+        pg.migrate()?;
+        Ok(pg)
+    }
+
+    /// Run `f` with a pooled client on the store's runtime and wait for it here.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    {
+        let pool = self.pool.clone();
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Postgres("the store is shut down".into()))?;
+        let task = runtime.spawn(async move {
+            let client = pool.get().await.map_err(pg_error)?;
+            f(client).await.map_err(pg_error)
+        });
+        futures::executor::block_on(task).map_err(pg_error)?
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.run(|mut client| async move {
+            let tx = client.transaction().await?;
+            // One migrator at a time, whichever replica starts first.
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS depwatch_migrations (version INTEGER PRIMARY KEY);
+                 LOCK TABLE depwatch_migrations IN EXCLUSIVE MODE;",
+            )
+            .await?;
+            let done: i32 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM depwatch_migrations",
+                    &[],
+                )
+                .await?
+                .get(0);
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
+                let version = i as i32 + 1;
+                if version > done {
+                    tx.batch_execute(sql).await?;
+                    tx.execute(
+                        "INSERT INTO depwatch_migrations (version) VALUES ($1)",
+                        &[&version],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await
+        })
+    }
+}
+
+fn text_or_default<T: std::str::FromStr + Default>(row: &Row, i: usize) -> T {
+    row.get::<_, String>(i).parse().unwrap_or_default()
+}
+
+fn service_row(row: &Row) -> ServiceRecord {
+    ServiceRecord {
+        namespace: row.get(0),
+        name: row.get(1),
+        path: row.get(2),
+        content_hash: row.get(3),
+        desired: Images::parse(&row.get::<_, String>(4)),
+        deployed: Images::parse(&row.get::<_, String>(5)),
+        last_good: Images::parse(&row.get::<_, String>(6)),
+        status: text_or_default(row, 7),
+        failed_hash: row.get(8),
+        message: row.get(9),
+        updated_at: row.get(10),
+        suspended: row.get(11),
+    }
+}
+
+fn deploy_row(row: &Row) -> DeployRecord {
+    DeployRecord {
+        id: row.get(0),
+        namespace: row.get(1),
+        name: row.get(2),
+        trigger: text_or_default(row, 3),
+        actor: row.get(4),
+        from_image: row.get(5),
+        to_image: row.get(6),
+        started_at: row.get(7),
+        ended_at: row.get(8),
+        outcome: text_or_default(row, 9),
+        message: row.get(10),
+        request_id: row.get(11),
+    }
+}
+
+fn request_row(row: &Row) -> RequestRecord {
+    RequestRecord {
+        id: row.get(0),
+        idempotency_key: row.get(1),
+        body_hash: row.get(2),
+        namespace: row.get(3),
+        name: row.get(4),
+        content: row.get(5),
+        actor: row.get(6),
+        created_at: row.get(7),
+    }
+}
+
+impl Backend for Postgres {
+    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+        let r = r.clone();
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO requests (id, idempotency_key, body_hash, namespace, name, content, actor, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                    &[&r.id, &r.idempotency_key, &r.body_hash, &r.namespace, &r.name, &r.content, &r.actor, &r.created_at],
+                )
+                .await?;
+            let row = client
+                .query_one(
+                    &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = $1"),
+                    &[&r.idempotency_key],
+                )
+                .await?;
+            Ok(request_row(&row))
+        })
+    }
+
+    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError> {
+        let key = idempotency_key.to_string();
+        self.run(move |client| async move {
+            let sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = $1");
+            Ok(client
+                .query_opt(&sql, &[&key])
+                .await?
+                .map(|r| request_row(&r)))
+        })
+    }
+
+    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        let id = id.to_string();
+        self.run(move |client| async move {
+            let sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1");
+            Ok(client
+                .query_opt(&sql, &[&id])
+                .await?
+                .map(|r| request_row(&r)))
+        })
+    }
+
+    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
+        let id = id.to_string();
+        self.run(move |client| async move {
+            let sql = format!(
+                "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE request_id = $1 ORDER BY id DESC LIMIT 1"
+            );
+            Ok(client.query_opt(&sql, &[&id]).await?.map(|r| deploy_row(&r)))
+        })
+    }
+
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
+        let key = key.clone();
+        self.run(move |client| async move {
+            let sql = format!(
+                "SELECT {SERVICE_COLUMNS} FROM services WHERE namespace = $1 AND name = $2"
+            );
+            let stmt = client.prepare_cached(&sql).await?;
+            Ok(client
+                .query_opt(&stmt, &[&key.namespace, &key.name])
+                .await?
+                .map(|r| service_row(&r)))
+        })
+    }
+
+    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        self.run(move |client| async move {
+            let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
+            Ok(client
+                .query(&sql, &[])
+                .await?
+                .iter()
+                .map(service_row)
+                .collect())
+        })
+    }
+
+    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError> {
+        let r = r.clone();
+        let updated_at = updated_at.to_string();
+        self.run(move |client| async move {
+            let sql = format!(
+                "INSERT INTO services ({SERVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (namespace, name) DO UPDATE SET
+                   path = EXCLUDED.path, content_hash = EXCLUDED.content_hash,
+                   desired = EXCLUDED.desired, deployed = EXCLUDED.deployed,
+                   last_good = EXCLUDED.last_good, status = EXCLUDED.status,
+                   failed_hash = EXCLUDED.failed_hash, message = EXCLUDED.message,
+                   updated_at = EXCLUDED.updated_at, suspended = EXCLUDED.suspended"
+            );
+            let stmt = client.prepare_cached(&sql).await?;
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &r.namespace,
+                        &r.name,
+                        &r.path,
+                        &r.content_hash,
+                        &r.desired.to_string(),
+                        &r.deployed.to_string(),
+                        &r.last_good.to_string(),
+                        &r.status.as_str(),
+                        &r.failed_hash,
+                        &r.message,
+                        &updated_at,
+                        &r.suspended,
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+        let d = d.clone();
+        self.run(move |client| async move {
+            let row = client
+                .query_one(
+                    "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10) RETURNING id",
+                    &[
+                        &d.namespace,
+                        &d.name,
+                        &d.trigger.as_str(),
+                        &d.actor,
+                        &d.from_image,
+                        &d.to_image,
+                        &d.started_at,
+                        &d.outcome.as_str(),
+                        &d.message,
+                        &d.request_id,
+                    ],
+                )
+                .await?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn finish_deploy(
+        &self,
+        id: i64,
+        outcome: DeployOutcome,
+        message: &str,
+        ended_at: &str,
+    ) -> Result<(), StoreError> {
+        let (message, ended_at) = (message.to_string(), ended_at.to_string());
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "UPDATE deploys SET ended_at = $2, outcome = $3, message = $4 WHERE id = $1",
+                    &[&id, &ended_at, &outcome.as_str(), &message],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn history(
+        &self,
+        key: Option<&ServiceKey>,
+        limit: usize,
+    ) -> Result<Vec<DeployRecord>, StoreError> {
+        let key = key.cloned();
+        let limit = limit as i64;
+        self.run(move |client| async move {
+            let rows = match key {
+                Some(k) => {
+                    let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 ORDER BY id DESC LIMIT $3");
+                    client.query(&sql, &[&k.namespace, &k.name, &limit]).await?
+                }
+                None => {
+                    let sql =
+                        format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT $1");
+                    client.query(&sql, &[&limit]).await?
+                }
+            };
+            Ok(rows.iter().map(deploy_row).collect())
+        })
+    }
+
+    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
+        let key = key.clone();
+        self.run(move |client| async move {
+            let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 AND outcome = $3 ORDER BY id DESC LIMIT 1");
+            Ok(client
+                .query_opt(
+                    &sql,
+                    &[&key.namespace, &key.name, &DeployOutcome::InProgress.as_str()],
+                )
+                .await?
+                .map(|r| deploy_row(&r)))
+        })
+    }
+
+    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
+        let keep = keep as i64;
+        let cutoff = cutoff.map(String::from);
+        self.run(move |client| async move {
+            let in_progress = DeployOutcome::InProgress.as_str();
+            let mut removed = client
+                .execute(
+                    "DELETE FROM deploys WHERE outcome != $2 AND id IN (
+                        SELECT id FROM (
+                            SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
+                        ) ranked WHERE n > $1)",
+                    &[&keep, &in_progress],
+                )
+                .await?;
+            if let Some(cutoff) = cutoff {
+                removed += client
+                    .execute(
+                        "DELETE FROM deploys WHERE outcome != $2 AND started_at < $1",
+                        &[&cutoff, &in_progress],
+                    )
+                    .await?;
+            }
+            Ok(removed as usize)
+        })
+    }
+
+    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
+        self.run(move |client| async move {
+            let sql =
+                format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = $1 ORDER BY id");
+            Ok(client
+                .query(&sql, &[&DeployOutcome::InProgress.as_str()])
+                .await?
+                .iter()
+                .map(deploy_row)
+                .collect())
+        })
+    }
+}

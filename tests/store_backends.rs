@@ -1,0 +1,243 @@
+//! One store test suite, run on both record backends: the embedded SQLite (the default) and
+//! PostgreSQL (`--database-url`) on a throwaway server.
+
+mod common;
+
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
+use depwatch::store::{now, DeployRecord, RequestRecord, Store};
+
+fn deploy(ns: &str, name: &str) -> DeployRecord {
+    DeployRecord {
+        namespace: ns.into(),
+        name: name.into(),
+        trigger: Trigger::File,
+        actor: "file".into(),
+        from_image: "web=example.com/web:1.0".into(),
+        to_image: "web=example.com/web:1.1".into(),
+        started_at: now(),
+        outcome: DeployOutcome::InProgress,
+        ..DeployRecord::default()
+    }
+}
+
+/// Everything the daemon, the API and the CLI ask of a record.
+fn suite(s: &Store) {
+    let key = ServiceKey::new("web", "demo").expect("key");
+    assert!(s.service(&key).expect("q").is_none());
+    let mut changes = s.subscribe();
+    let before = *changes.borrow_and_update();
+
+    // Services: created on first update, changed in place, listed in order.
+    s.update_service(&key, |r| {
+        r.desired = Images::parse("web=example.com/web:1.1, side=example.com/s:2");
+        r.status = ServiceStatus::Deploying;
+        r.suspended = true;
+        r.path = "/deps/web_demo.dep".into();
+    })
+    .expect("put");
+    assert!(
+        *changes.borrow_and_update() > before,
+        "writes are announced"
+    );
+    let r = s.service(&key).expect("q").expect("exists");
+    assert_eq!(
+        r.desired.to_string(),
+        "side=example.com/s:2, web=example.com/web:1.1"
+    );
+    assert_eq!(r.status, ServiceStatus::Deploying);
+    assert!(r.suspended);
+    assert!(!r.updated_at.is_empty());
+    s.update_service(&key, |r| {
+        r.status = ServiceStatus::Unreadable;
+        r.suspended = false;
+    })
+    .expect("update");
+    let r = s.service(&key).expect("q").expect("exists");
+    assert_eq!(r.status, ServiceStatus::Unreadable);
+    assert!(!r.suspended);
+    assert_eq!(r.path, "/deps/web_demo.dep", "other fields are kept");
+    let other = ServiceKey::new("api", "demo").expect("key");
+    s.update_service(&other, |_| {}).expect("put");
+    let names: Vec<String> = s
+        .services()
+        .expect("all")
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(names, ["api", "web"]);
+
+    // Deploys: started, found in progress and interrupted, finished, in history newest first.
+    let first = s.start_deploy(&deploy("demo", "web")).expect("start");
+    assert_eq!(s.in_progress(&key).expect("q").map(|d| d.id), Some(first));
+    assert_eq!(s.interrupted().expect("q").len(), 1);
+    s.finish_deploy(first, DeployOutcome::RolledBack, "ImagePullBackOff")
+        .expect("finish");
+    let second = s
+        .start_deploy(&DeployRecord {
+            request_id: "req-1".into(),
+            ..deploy("demo", "web")
+        })
+        .expect("start");
+    assert!(second > first, "ids grow");
+    s.finish_deploy(second, DeployOutcome::Succeeded, "healthy")
+        .expect("finish");
+    assert!(s.in_progress(&key).expect("q").is_none());
+    assert!(s.interrupted().expect("q").is_empty());
+    let h = s.history(Some(&key), 10).expect("history");
+    assert_eq!(h.iter().map(|d| d.id).collect::<Vec<_>>(), [second, first]);
+    assert_eq!(h[1].outcome, DeployOutcome::RolledBack);
+    assert_eq!(h[1].message, "ImagePullBackOff");
+    assert_eq!(h[0].trigger, Trigger::File);
+    assert!(h[0].ended_at.is_some());
+    assert_eq!(s.history(None, 1).expect("h").len(), 1);
+    assert_eq!(
+        s.deploy_for_request("req-1").expect("q").map(|d| d.id),
+        Some(second)
+    );
+    assert!(s.deploy_for_request("req-2").expect("q").is_none());
+
+    // Requests: one per idempotency key, the first one wins.
+    let req = RequestRecord {
+        id: "req-1".into(),
+        idempotency_key: "a\nrelease-7".into(),
+        body_hash: "h1".into(),
+        namespace: "demo".into(),
+        name: "web".into(),
+        content: "1.1\n".into(),
+        actor: "a".into(),
+        created_at: now(),
+    };
+    assert_eq!(s.put_request(&req).expect("put"), req);
+    let again = s
+        .put_request(&RequestRecord {
+            id: "req-9".into(),
+            body_hash: "h2".into(),
+            ..req.clone()
+        })
+        .expect("put again");
+    assert_eq!(again.id, "req-1", "the key's first request stands");
+    assert_eq!(s.request("req-1").expect("q"), Some(req.clone()));
+    assert_eq!(s.request_by_key("a\nrelease-7").expect("q"), Some(req));
+    assert!(s.request("req-9").expect("q").is_none());
+
+    // Retention: the newest per service, never an unfinished one.
+    for _ in 0..4 {
+        let id = s.start_deploy(&deploy("demo", "api")).expect("start");
+        s.finish_deploy(id, DeployOutcome::Succeeded, "")
+            .expect("finish");
+    }
+    let open = s.start_deploy(&deploy("demo", "api")).expect("start");
+    // api: the open deploy and the newest finished one stay; web has only 2.
+    assert_eq!(s.prune(2, None).expect("prune"), 3);
+    assert_eq!(s.history(Some(&other), 10).expect("h").len(), 2);
+    assert_eq!(
+        s.prune(2, Some(std::time::Duration::ZERO)).expect("prune"),
+        3,
+        "everything finished is older than now"
+    );
+    assert_eq!(
+        s.interrupted()
+            .expect("q")
+            .iter()
+            .map(|d| d.id)
+            .collect::<Vec<_>>(),
+        [open]
+    );
+}
+
+#[test]
+fn the_sqlite_record_passes_the_store_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    suite(&Store::open(dir.path()).expect("open"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgresql_record_passes_the_store_suite_and_survives_reconnecting() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("suite").await;
+    let store = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            let s = Store::connect(&url).expect("connect");
+            suite(&s);
+            s
+        }
+    })
+    .await
+    .expect("suite");
+    // Called from an async worker too, as the daemon does.
+    let key = ServiceKey::new("web", "demo").expect("key");
+    assert_eq!(
+        store.service(&key).expect("q").expect("exists").status,
+        ServiceStatus::Unreadable
+    );
+    drop(store);
+    // A second connection (another replica, a restart) sees the same record; migrations run
+    // once.
+    let again = Store::connect(&url).expect("reconnect");
+    assert_eq!(again.services().expect("all").len(), 2);
+    // A bad URL is refused without echoing it (it may hold a password).
+    let err = Store::connect("postgres://u:hunter2@[::1")
+        .err()
+        .expect("bad url");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+/// The daemon keeps its record in PostgreSQL with `--database-url`, and the CLI reads it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_and_the_cli_share_a_postgresql_record() {
+    use std::time::Duration;
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("daemon").await;
+    let env = common::daemon::Env::new(depwatch::sim::SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0.1\n");
+    let daemon = env
+        .daemon_with(
+            &env.run_args(),
+            &[("DEPWATCH_DATABASE_URL", url.clone())],
+            env.dir.path(),
+        )
+        .await;
+    env.wait_image("prod", "web", "example.com/web:1.0.1").await;
+    let key = ServiceKey::new("web", "prod").expect("key");
+    let record = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+            .await
+            .expect("store")
+    };
+    common::wait_for(
+        "the outcome in PostgreSQL",
+        Duration::from_secs(30),
+        || async {
+            let r = record.service(&key).ok()??;
+            (r.status == ServiceStatus::Succeeded).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !env.state.join("depwatch.db").exists(),
+        "no SQLite record beside the PostgreSQL one"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["history", "prod/web", "--json", "--state-dir"])
+        .arg(env.dir.path().join("elsewhere"))
+        .env("DEPWATCH_DATABASE_URL", &url)
+        .output()
+        .expect("history runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(history[0]["outcome"], "succeeded");
+    assert!(
+        !daemon.log_text().contains(&url),
+        "the database URL is never logged"
+    );
+    daemon.stop();
+}
