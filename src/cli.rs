@@ -69,6 +69,16 @@ fn parse_nats_url(s: &str) -> Result<String, String> {
     crate::alert::nats::servers(s).map(|_| s.to_string())
 }
 
+fn parse_lease_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) {
+        return Err(format!(
+            "{s:?} is too short for a Lease; expected at least 2s"
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_glob(s: &str) -> Result<crate::bounds::Glob, String> {
     crate::bounds::Glob::new(s)
 }
@@ -152,6 +162,37 @@ pub struct DaemonArgs {
     /// Accepted for old unit files: depwatch never creates namespaces.
     #[arg(long, env = "DEPWATCH_NO_CREATE_NAMESPACE", hide = true)]
     pub no_create_namespace: bool,
+
+    /// Run as one of several replicas: only the holder of a Kubernetes Lease deploys and
+    /// writes; the others serve the read API and take over when the holder goes. Needs a shared
+    /// record (--database-url).
+    #[arg(
+        long,
+        env = "DEPWATCH_LEADER_ELECT",
+        help_heading = "High availability"
+    )]
+    pub leader_elect: bool,
+
+    /// The Lease's name.
+    #[arg(
+        long,
+        env = "DEPWATCH_LEASE_NAME",
+        default_value = "depwatch",
+        help_heading = "High availability"
+    )]
+    pub lease_name: String,
+
+    /// The Lease's namespace (default: the pod's own namespace in a cluster, else `default`).
+    #[arg(
+        long,
+        env = "DEPWATCH_LEASE_NAMESPACE",
+        help_heading = "High availability"
+    )]
+    pub lease_namespace: Option<String>,
+
+    /// How long a Lease lasts without renewal: the longest a standby waits after the leader dies.
+    #[arg(long, env = "DEPWATCH_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration, help_heading = "High availability")]
+    pub lease_duration: Duration,
 
     /// Namespaces depwatch may deploy to: names and globs, comma-separated (e.g.
     /// `prod,team-*`). Files and API requests for any other namespace are refused. Default: any.
@@ -291,6 +332,11 @@ impl DaemonArgs {
                 self.allowed_images.clone(),
             ),
             max_file_size: self.max_file_size,
+            leader: self.leader_elect.then(|| crate::leader::LeaderConfig {
+                lease_name: self.lease_name.clone(),
+                lease_namespace: self.lease_namespace.clone(),
+                lease_duration: self.lease_duration,
+            }),
             image_repo: self.image_repo.clone(),
             rollback: self.rollback == Toggle::On,
             slack_webhook: self.slack_webhook.clone(),

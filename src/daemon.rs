@@ -48,6 +48,8 @@ pub struct DaemonConfig {
     pub bounds: crate::bounds::Bounds,
     /// `--max-file-size`: larger dependency files are refused unread.
     pub max_file_size: u64,
+    /// `--leader-elect`: act only while holding the Lease.
+    pub leader: Option<crate::leader::LeaderConfig>,
     pub image_repo: Option<String>,
     pub rollback: bool,
     pub slack_webhook: Option<String>,
@@ -89,6 +91,7 @@ impl DaemonConfig {
             rollout_timeout: Duration::from_secs(300),
             bounds: crate::bounds::Bounds::default(),
             max_file_size: crate::safefs::DEFAULT_MAX_FILE_SIZE,
+            leader: None,
             image_repo: None,
             rollback: true,
             slack_webhook: None,
@@ -121,6 +124,10 @@ pub enum DaemonError {
     Watch(#[from] watch::WatchError),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
+    #[error("the Lease was lost; this replica stopped so that only one acts")]
+    LostLease,
 }
 
 /// Build a kube client from a kubeconfig file (and context), or infer one (KUBECONFIG,
@@ -194,9 +201,15 @@ pub async fn run_with(
     })?;
     let _lock = crate::lock::StateLock::acquire(&config.state_dir)?;
     let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?;
-    let pruned = store.prune(config.history_keep, config.history_max_age)?;
-    if pruned > 0 {
-        tracing::info!(pruned, "old deploy history removed (retention)");
+    if config.leader.is_some() && config.database_url.is_none() {
+        tracing::warn!("--leader-elect without --database-url: each replica keeps its own record, so a standby that takes over does not know what the leader did");
+    }
+    // A standby writes nothing: retention waits for the Lease (the periodic task prunes then).
+    if config.leader.is_none() {
+        let pruned = store.prune(config.history_keep, config.history_max_age)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "old deploy history removed (retention)");
+        }
     }
     for d in store.interrupted()? {
         tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "a deploy was interrupted by a stop; it is judged again now");
@@ -258,6 +271,7 @@ pub async fn run_with(
     let stages = CancellationToken::new();
     let mut set = tokio::task::JoinSet::new();
     let scanned = Arc::new(AtomicBool::new(false));
+    let standby = Arc::new(AtomicBool::new(config.leader.is_some()));
     if let Some(addr) = config.http_addr {
         let state = Arc::new(crate::http::HttpState {
             store: store.clone(),
@@ -267,6 +281,7 @@ pub async fn run_with(
             queue: scheduler.stats.clone(),
             scheduler: scheduler.clone(),
             scanned: scanned.clone(),
+            standby: standby.clone(),
             client: client.clone(),
             watches: Some(deployer.watches().clone()),
             api_waits: api_waits.clone(),
@@ -295,6 +310,25 @@ pub async fn run_with(
             stages.clone(),
         ));
     }
+    // With --leader-elect, nothing below runs until this replica holds the Lease.
+    let lost_lease = CancellationToken::new();
+    let _leadership = match &config.leader {
+        Some(leader) => {
+            match crate::leader::acquire(client.clone(), leader, &cancel, lost_lease.clone())
+                .await?
+            {
+                Some(held) => Some(held),
+                None => {
+                    tracing::info!("stopped while standing by");
+                    stages.cancel();
+                    while set.join_next().await.is_some() {}
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
+    standby.store(false, std::sync::atomic::Ordering::SeqCst);
     set.spawn(crate::queue::run(
         engine,
         scheduler.clone(),
@@ -385,7 +419,10 @@ pub async fn run_with(
         }
     });
 
-    cancel.cancelled().await;
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = lost_lease.cancelled() => {}
+    }
     tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");
     crate::sdnotify::stopping("waiting for in-flight deploys");
     stages.cancel();
@@ -399,6 +436,9 @@ pub async fn run_with(
             grace = %humantime::format_duration(config.shutdown_grace),
             "in-flight deploys did not finish in time; they stay in progress in the record and are judged at the next start"
         );
+    }
+    if lost_lease.is_cancelled() {
+        return Err(DaemonError::LostLease);
     }
     Ok(())
 }

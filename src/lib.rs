@@ -22,6 +22,7 @@ pub mod deploy;
 pub mod domain;
 pub mod http;
 pub mod ingest;
+pub mod leader;
 pub mod lock;
 pub mod metrics;
 pub mod operator;

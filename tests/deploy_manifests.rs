@@ -13,7 +13,10 @@ use common::{wait_for, Kubectl};
 use depwatch::sim::{Sim, SimConfig};
 use serde_json::Value;
 
-const OVERLAYS: [&str; 3] = ["single", "configmap", "git-sync"];
+const OVERLAYS: [&str; 4] = ["single", "configmap", "git-sync", "ha-postgres"];
+
+/// The overlay whose replicas elect a leader through a Lease and share a PostgreSQL record.
+const HA: &str = "ha-postgres";
 
 fn overlay(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/kubernetes/overlays/{name}"))
@@ -106,15 +109,21 @@ async fn every_overlay_applies_and_passes_the_restricted_pod_security_level() {
         let out = k
             .ok(&["apply", "-k", overlay(name).to_str().expect("utf-8")])
             .await;
-        for kind in [
+        let mut kinds = vec![
             "namespace/depwatch",
             "serviceaccount/depwatch",
             "clusterrole.rbac.authorization.k8s.io/depwatch",
             "clusterrolebinding.rbac.authorization.k8s.io/depwatch",
-            "persistentvolumeclaim/depwatch-state",
             "service/depwatch",
             "deployment.apps/depwatch",
-        ] {
+        ];
+        if name == HA {
+            kinds.push("role.rbac.authorization.k8s.io/depwatch-leader-election");
+            kinds.push("rolebinding.rbac.authorization.k8s.io/depwatch-leader-election");
+        } else {
+            kinds.push("persistentvolumeclaim/depwatch-state");
+        }
+        for kind in kinds {
             assert!(
                 out.contains(&format!("{kind} created")),
                 "{name}: {kind} in {out}"
@@ -145,12 +154,30 @@ async fn every_overlay_applies_and_passes_the_restricted_pod_security_level() {
                 .cloned()
                 .unwrap_or(Value::Null)
         };
-        // The record outlives the pod in every layout.
-        assert_eq!(
-            volume("state")["persistentVolumeClaim"]["claimName"],
-            "depwatch-state",
-            "{name}"
-        );
+        // The record outlives the pod in every layout: on a volume claim, or in PostgreSQL.
+        if name == HA {
+            assert_eq!(dep["spec"]["replicas"], 2);
+            let env = |var: &str| {
+                c["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["name"] == var)
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            assert_eq!(env("DEPWATCH_LEADER_ELECT")["value"], "true");
+            assert_eq!(
+                env("DEPWATCH_DATABASE_URL")["valueFrom"]["secretKeyRef"]["name"],
+                "depwatch-postgres"
+            );
+        } else {
+            assert_eq!(
+                volume("state")["persistentVolumeClaim"]["claimName"],
+                "depwatch-state",
+                "{name}"
+            );
+        }
         let deps = volume("deps");
         let keys: Vec<&String> = deps.as_object().expect("deps volume").keys().collect();
         assert_eq!(keys.len(), 2, "{name}: one source for deps: {deps}");
@@ -203,7 +230,10 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         .await;
     env.write_dep("web_prod.dep", "1.0.0\n");
     env.write_dep("api_prod.dep", "1.0.0\n");
-    let daemon = env.daemon(&[]).await;
+    // With leader election, so the Lease's verbs are used too.
+    let daemon = env
+        .daemon(&["--leader-elect", "--lease-namespace", "default"])
+        .await;
     // A healthy deploy, a failed one rolled back, a missing Deployment, a missing namespace.
     env.write_dep("web_prod.dep", "1.1.0\n");
     env.write_dep("api_prod.dep", "1.1.0-fail-pull\n");
@@ -242,6 +272,10 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         used.contains(&("patch".into(), "apps/deployments".into())),
         "{used:?}"
     );
+    assert!(
+        used.iter().any(|(_, r)| r == "coordination.k8s.io/leases"),
+        "the Lease was used: {used:?}"
+    );
 
     // The base's ClusterRole, as every overlay applies it.
     for name in OVERLAYS {
@@ -254,8 +288,31 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
                 .await,
         )
         .expect("json");
+        let mut rules: Vec<Value> = role["rules"].as_array().cloned().unwrap_or_default();
+        if name == HA {
+            let lease: Value = serde_json::from_str(
+                &k.ok(&[
+                    "-n",
+                    "depwatch",
+                    "get",
+                    "role",
+                    "depwatch-leader-election",
+                    "-o",
+                    "json",
+                ])
+                .await,
+            )
+            .expect("json");
+            rules.extend(lease["rules"].as_array().cloned().unwrap_or_default());
+        }
+        // Only the HA overlay elects a leader; the others must not grant the Lease.
+        let used: BTreeSet<(String, String)> = used
+            .iter()
+            .filter(|(_, r)| name == HA || r != "coordination.k8s.io/leases")
+            .cloned()
+            .collect();
         let mut granted = BTreeSet::new();
-        for rule in role["rules"].as_array().into_iter().flatten() {
+        for rule in &rules {
             let list = |f: &str| -> Vec<String> {
                 rule[f]
                     .as_array()

@@ -93,6 +93,12 @@ pub async fn healthz() -> &'static str {
     (status = 200, description = "ready", body = String),
     (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
 pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
+    if state.standby.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: another replica holds the Lease and acts; this one serves reads and takes over if it goes",
+        ));
+    }
     if !state.scanned.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -98,6 +98,8 @@ pub struct HttpState {
     pub scheduler: crate::queue::Scheduler,
     /// Set once the start-up scan is done.
     pub scanned: Arc<AtomicBool>,
+    /// Set while this replica waits for the Lease (`--leader-elect`).
+    pub standby: Arc<AtomicBool>,
     pub client: kube::Client,
     pub watches: Option<Watches>,
     /// Deploys waiting for the API server, for `/readyz`.

@@ -235,26 +235,7 @@ impl Env {
         envs: &[(&str, String)],
         cwd: &Path,
     ) -> Daemon {
-        let log = self
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", rand_suffix()));
-        let child = Command::new(program[0])
-            .args(&program[1..])
-            .args(args)
-            .current_dir(cwd)
-            .env("DEPWATCH_HTTP_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info,depwatch=debug")
-            .env("NO_COLOR", "1")
-            .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("depwatch run starts");
-        let d = Daemon {
-            child: Some(child),
-            log,
-        };
+        let d = self.spawn_via(program, args, envs, cwd);
         let log = d.log.clone();
         let started = tokio::time::timeout(
             Duration::from_secs(30),
@@ -276,6 +257,36 @@ impl Env {
             d.log_text()
         );
         d
+    }
+
+    /// Start the daemon without waiting for it to watch (a standby never does until it leads).
+    pub fn spawn_via(
+        &self,
+        program: &[&str],
+        args: &[String],
+        envs: &[(&str, String)],
+        cwd: &Path,
+    ) -> Daemon {
+        let log = self
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", rand_suffix()));
+        let child = Command::new(program[0])
+            .args(&program[1..])
+            .args(args)
+            .current_dir(cwd)
+            .env("DEPWATCH_HTTP_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info,depwatch=debug")
+            .env("NO_COLOR", "1")
+            .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("depwatch run starts");
+        Daemon {
+            child: Some(child),
+            log,
+        }
     }
 
     /// Every daemon log of this environment, oldest first, for failure messages.

@@ -1,0 +1,153 @@
+//! High availability: two daemons on one PostgreSQL record compete for a Lease; the leader is
+//! killed with SIGKILL in the middle of a burst; the standby takes over and every change is
+//! deployed exactly once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::Env;
+use common::wait_for;
+use depwatch::depfile::ServiceKey;
+use depwatch::sim::SimConfig;
+use depwatch::store::Store;
+
+const SERVICES: usize = 20;
+
+fn name(i: usize) -> String {
+    format!("svc-{i:02}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("ha").await;
+    let env = Env::new(SimConfig::default()).await;
+    for i in 0..SERVICES {
+        let n = name(i);
+        env.deployment("prod", &n, &[(&n, &format!("example.com/{n}:1.0.0"))], 1)
+            .await;
+        env.write_dep(&format!("{n}_prod.dep"), "1.0.0\n");
+    }
+    let replica = |state: &str| -> Vec<String> {
+        let mut args = env.run_args();
+        let at = args
+            .iter()
+            .position(|a| a == "--state-dir")
+            .expect("state arg")
+            + 1;
+        args[at] = env.dir.path().join(state).display().to_string();
+        args.extend(
+            [
+                "--leader-elect",
+                "--lease-duration",
+                "3s",
+                "--lease-namespace",
+                "default",
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
+    let binary = [env!("CARGO_BIN_EXE_depwatch")];
+    let leader = env
+        .daemon_via(&binary, &replica("state-a"), &db, env.dir.path())
+        .await;
+    assert!(leader.log_text().contains("holds the Lease"));
+    let standby = env.spawn_via(&binary, &replica("state-b"), &db, env.dir.path());
+    wait_for(
+        "the second replica to stand by",
+        Duration::from_secs(30),
+        || async {
+            standby
+                .log_text()
+                .contains("standby: waiting")
+                .then_some(())
+        },
+    )
+    .await;
+    let store = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+            .await
+            .expect("store")
+    };
+    let all_at = |version: &'static str| {
+        let store = store.clone();
+        async move {
+            let done = (0..SERVICES).all(|i| {
+                let key = ServiceKey::new(&name(i), "prod").expect("key");
+                store.service(&key).ok().flatten().is_some_and(|r| {
+                    r.status.as_str() == "succeeded" && r.deployed.to_string().contains(version)
+                })
+            });
+            done.then_some(())
+        }
+    };
+    wait_for(
+        "the fleet adopted at 1.0.0",
+        Duration::from_secs(30),
+        || all_at("1.0.0"),
+    )
+    .await;
+    assert_eq!(env.all_patches(), 0, "adoption patches nothing");
+    assert!(
+        !standby.log_text().contains("holds the Lease"),
+        "the standby does not act while the leader lives"
+    );
+    // The standby serves reads and says why it is not ready.
+    let http = reqwest::Client::new();
+    let standby_url = standby.http_url();
+    let ready = http
+        .get(format!("{standby_url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(ready.text().await.expect("body").contains("standby"));
+    let services: serde_json::Value = http
+        .get(format!("{standby_url}/api/v1/services"))
+        .send()
+        .await
+        .expect("services")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        services.as_array().map(Vec::len),
+        Some(SERVICES),
+        "the standby reads the shared record"
+    );
+
+    // A burst; the leader dies in the middle of it.
+    for i in 0..SERVICES {
+        env.write_dep(&format!("{}_prod.dep", name(i)), "1.1.0\n");
+    }
+    wait_for(
+        "the burst to be under way",
+        Duration::from_secs(30),
+        || async { (env.all_patches() >= 3).then_some(()) },
+    )
+    .await;
+    leader.kill();
+    wait_for(
+        "the standby to take over",
+        Duration::from_secs(30),
+        || async { standby.log_text().contains("holds the Lease").then_some(()) },
+    )
+    .await;
+    wait_for("every change deployed", Duration::from_secs(60), || {
+        all_at("1.1.0")
+    })
+    .await;
+    for i in 0..SERVICES {
+        let n = name(i);
+        assert_eq!(
+            env.image("prod", &n).await,
+            format!("example.com/{n}:1.1.0")
+        );
+        assert_eq!(env.patches("prod", &n), 1, "{n} patched exactly once");
+    }
+    standby.stop();
+}
