@@ -310,7 +310,22 @@ pub async fn run_with(
             stages.clone(),
         ));
     }
-    // With --leader-elect, nothing below runs until this replica holds the Lease.
+    // With --leader-elect, nothing below runs until this replica holds the Lease. Meanwhile the
+    // watches of the recorded services' namespaces are started, so a takeover judges at once.
+    if config.leader.is_some() {
+        let (watches, record) = (deployer.watches().clone(), store.clone());
+        tokio::spawn(async move {
+            let namespaces: std::collections::BTreeSet<String> = record
+                .services()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.namespace)
+                .collect();
+            for ns in namespaces {
+                watches.namespace(&ns).await;
+            }
+        });
+    }
     let lost_lease = CancellationToken::new();
     let _leadership = match &config.leader {
         Some(leader) => {

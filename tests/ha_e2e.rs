@@ -96,9 +96,22 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
         !standby.log_text().contains("holds the Lease"),
         "the standby does not act while the leader lives"
     );
-    // The standby serves reads and says why it is not ready.
+    // The standby serves reads and says why it is not ready, and its watches are warm.
     let http = reqwest::Client::new();
     let standby_url = standby.http_url();
+    wait_for(
+        "the standby's watches to run",
+        Duration::from_secs(30),
+        || async {
+            let m = common::get_metrics(&http, &standby_url).await;
+            (common::sample(
+                &m,
+                "depwatch_kubernetes_requests_total{verb=\"watch\",code=\"200\"}",
+            ) > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
     let ready = http
         .get(format!("{standby_url}/readyz"))
         .send()
