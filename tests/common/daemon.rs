@@ -324,6 +324,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon started elsewhere, logging to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Daemon {
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
     /// `http://127.0.0.1:PORT` of the status page and API, from the daemon's log.
     pub fn http_url(&self) -> String {
         let log = self.log_text();
