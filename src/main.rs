@@ -202,7 +202,11 @@ async fn main() -> anyhow::Result<()> {
             let services: Vec<depwatch::store::ServiceRecord> = match &state.api {
                 // A service view is a record with more fields; the record's are read from it.
                 Some(api) => api_get(api, "/api/v1/services").await?,
-                None => open_store(&state.state_dir, state.database_url.as_deref())?.services()?,
+                None => depwatch::store::Store::open_for_reading(
+                    &state.state_dir,
+                    state.database_url.as_deref(),
+                )?
+                .services()?,
             };
             if state.json {
                 say(&serde_json::to_string_pretty(&services)?);
@@ -232,14 +236,30 @@ async fn main() -> anyhow::Result<()> {
             let key = service_key(&h.service)?;
             let history: Vec<depwatch::store::DeployRecord> = match &h.state.api {
                 Some(api) => {
+                    // An unknown service is an error (404), not an empty history.
+                    let _: serde_json::Value = api_get(
+                        api,
+                        &format!("/api/v1/services/{}/{}", key.namespace, key.name),
+                    )
+                    .await?;
                     let path = format!(
                         "/api/v1/deploys?service={}/{}&limit={}",
                         key.namespace, key.name, h.limit
                     );
                     api_get(api, &path).await?
                 }
-                None => open_store(&h.state.state_dir, h.state.database_url.as_deref())?
-                    .history(Some(&key), h.limit)?,
+                None => {
+                    let store = depwatch::store::Store::open_for_reading(
+                        &h.state.state_dir,
+                        h.state.database_url.as_deref(),
+                    )?;
+                    if store.service(&key)?.is_none() {
+                        anyhow::bail!(
+                            "service {key} is not in the record (see `depwatch status` for the services depwatch manages)"
+                        );
+                    }
+                    store.history(Some(&key), h.limit)?
+                }
             };
             if h.state.json {
                 say(&serde_json::to_string_pretty(&history)?);

@@ -32,6 +32,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("PostgreSQL record: {0}")]
     Postgres(String),
+    #[error("no database at {}; use --state-dir, --database-url or --api", path.display())]
+    Missing { path: PathBuf },
 }
 
 /// A service as last recorded.
@@ -483,6 +485,39 @@ impl Store {
         Ok(Store::with_backend(Arc::new(Sqlite {
             conn: Mutex::new(conn),
         })))
+    }
+
+    /// `depwatch.db` in `state_dir`, read-only, for commands that only look: a missing
+    /// database is an error with a hint, never an empty one created on the spot.
+    pub fn open_read_only(state_dir: &Path) -> Result<Store, StoreError> {
+        let path = state_dir.join("depwatch.db");
+        if !path.is_file() {
+            return Err(StoreError::Missing { path });
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|source| StoreError::Open { path, source })?;
+        Ok(Store::with_backend(Arc::new(Sqlite {
+            conn: Mutex::new(conn),
+        })))
+    }
+
+    /// The record at `--database-url` when given, else [`Self::open_read_only`].
+    pub fn open_for_reading(
+        state_dir: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Store, StoreError> {
+        match database_url.filter(|u| !u.is_empty()) {
+            Some(url) => Store::connect(url),
+            None => Store::open_read_only(state_dir),
+        }
     }
 
     /// The record in PostgreSQL at `url` (`postgres://user:pass@host/db`), migrated to the
