@@ -225,6 +225,26 @@ pub async fn run_with(
         Some(&metrics),
     )
     .await?;
+    // Which cluster, as whom, within which bounds: the first thing to check at 3 a.m.
+    let context = config.context.clone().or_else(|| {
+        let path = config
+            .kubeconfig
+            .clone()
+            .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from))?;
+        kube::config::Kubeconfig::read_from(path)
+            .ok()?
+            .current_context
+    });
+    tracing::info!(
+        cluster = %server,
+        context = context.as_deref().unwrap_or("(in-cluster or default)"),
+        bounds = %config.bounds.describe(),
+        record = if config.database_url.is_some() { "postgresql" } else { "sqlite" },
+        "connected to the Kubernetes API"
+    );
+    if config.bounds.is_unbounded() {
+        tracing::warn!("no --namespaces or --allowed-images: any file writer or token holder can deploy any image to any namespace depwatch's RBAC reaches");
+    }
     let mut notifier = Notifier::new(metrics.clone());
     if let Some(url) = config.slack_webhook.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_slack(url, Duration::from_secs(10));

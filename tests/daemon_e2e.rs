@@ -579,6 +579,15 @@ async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
     let log = daemon.log_text();
     assert!(log.contains("watching for dependency file changes"));
     assert!(!log.contains('\u{1b}'), "ANSI codes in a log file: {log}");
+    // Start-up says which cluster, which context, and which bounds.
+    let line = log
+        .lines()
+        .find(|l| l.contains("connected to the Kubernetes API"))
+        .unwrap_or_else(|| panic!("no start-up line: {log}"));
+    assert!(line.contains("cluster=http://127.0.0.1:"), "{line}");
+    assert!(line.contains("context="), "{line}");
+    assert!(line.contains("namespaces any; images any"), "{line}");
+    assert!(log.contains("no --namespaces or --allowed-images"), "{log}");
     daemon.stop();
 }
 
