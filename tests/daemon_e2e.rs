@@ -656,3 +656,52 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
     stop.join().expect("stopped cleanly");
     assert!(pid > 0);
 }
+
+/// The first signal drains in-flight deploys for the grace period; a second one exits at once,
+/// saying what it abandoned, and the next start judges that deploy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_the_next_start_resumes() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0.0\n");
+    let daemon = env.daemon(&["--shutdown-grace", "5m"]).await;
+    let key = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+    wait_for("adopted", Duration::from_secs(20), || async {
+        let r = env.store().service(&key).ok()??;
+        (r.status.as_str() == "succeeded").then_some(())
+    })
+    .await;
+    // A rollout that never becomes ready keeps a deploy in flight.
+    env.write_dep("web_prod.dep", "1.1.0-hang\n");
+    wait_for("the deploy in flight", Duration::from_secs(20), || async {
+        env.store().in_progress(&key).ok()?.map(|_| ())
+    })
+    .await;
+    daemon.signal("TERM");
+    wait_for(
+        "the graceful drain to begin",
+        Duration::from_secs(10),
+        || async { daemon.log_text().contains("shutting down").then_some(()) },
+    )
+    .await;
+    let log = daemon.log.clone();
+    daemon.signal("INT");
+    let status = daemon.exit_status(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exits at once on the second signal"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("a second signal: exiting now"), "{text}");
+    assert!(
+        env.store().in_progress(&key).expect("q").is_some(),
+        "the abandoned deploy stays in progress in the record"
+    );
+    let again = env.daemon(&[]).await;
+    assert!(again
+        .log_text()
+        .contains("a deploy was interrupted by a stop; it is judged again now"));
+    again.kill();
+}

@@ -352,6 +352,27 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Send a signal (`TERM`, `INT`, …) without waiting.
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+        }
+    }
+
+    /// Wait for the process to exit on its own, up to `within`.
+    pub async fn exit_status(mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_for("the daemon to exit", within, || {
+            let done = child.try_wait().ok().flatten();
+            async move { done }
+        })
+        .await
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         if let Some(mut child) = self.child.take() {
