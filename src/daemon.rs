@@ -29,6 +29,9 @@ use crate::queue::Scheduler;
 use crate::store::{Store, StoreError};
 use crate::watch;
 
+/// How often a standby looks for namespaces to keep warm.
+const STANDBY_WARM_EVERY: Duration = Duration::from_secs(2);
+
 /// Everything `depwatch run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -332,17 +335,28 @@ pub async fn run_with(
     }
     // With --leader-elect, nothing below runs until this replica holds the Lease. Meanwhile the
     // watches of the recorded services' namespaces are started, so a takeover judges at once.
+    // The record grows while the leader works, so it is read again every few seconds until this
+    // replica leads.
     if config.leader.is_some() {
-        let (watches, record) = (deployer.watches().clone(), store.clone());
+        let (watches, record, waiting) =
+            (deployer.watches().clone(), store.clone(), standby.clone());
         tokio::spawn(async move {
-            let namespaces: std::collections::BTreeSet<String> = record
-                .services()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| r.namespace)
-                .collect();
-            for ns in namespaces {
-                watches.namespace(&ns).await;
+            let mut warm = std::collections::BTreeSet::new();
+            while waiting.load(std::sync::atomic::Ordering::SeqCst) {
+                let record = record.clone();
+                let namespaces = tokio::task::spawn_blocking(move || record.services())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.namespace);
+                for ns in namespaces {
+                    if warm.insert(ns.clone()) {
+                        watches.namespace(&ns).await;
+                    }
+                }
+                tokio::time::sleep(STANDBY_WARM_EVERY).await;
             }
         });
     }
