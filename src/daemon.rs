@@ -29,9 +29,6 @@ use crate::queue::Scheduler;
 use crate::store::{Store, StoreError};
 use crate::watch;
 
-/// How often a standby looks for namespaces to keep warm.
-const STANDBY_WARM_EVERY: Duration = Duration::from_secs(2);
-
 /// Everything `depwatch run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -333,32 +330,14 @@ pub async fn run_with(
             stages.clone(),
         ));
     }
-    // With --leader-elect, nothing below runs until this replica holds the Lease. Meanwhile the
-    // watches of the recorded services' namespaces are started, so a takeover judges at once.
-    // The record grows while the leader works, so it is read again every few seconds until this
-    // replica leads.
+    // With --leader-elect, nothing below runs until this replica holds the Lease; meanwhile the
+    // watches a takeover needs are kept warm.
     if config.leader.is_some() {
-        let (watches, record, waiting) =
-            (deployer.watches().clone(), store.clone(), standby.clone());
-        tokio::spawn(async move {
-            let mut warm = std::collections::BTreeSet::new();
-            while waiting.load(std::sync::atomic::Ordering::SeqCst) {
-                let record = record.clone();
-                let namespaces = tokio::task::spawn_blocking(move || record.services())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|r| r.namespace);
-                for ns in namespaces {
-                    if warm.insert(ns.clone()) {
-                        watches.namespace(&ns).await;
-                    }
-                }
-                tokio::time::sleep(STANDBY_WARM_EVERY).await;
-            }
-        });
+        tokio::spawn(crate::leader::keep_warm(
+            deployer.watches().clone(),
+            store.clone(),
+            standby.clone(),
+        ));
     }
     let lost_lease = CancellationToken::new();
     let _leadership = match &config.leader {

@@ -48,6 +48,36 @@ fn identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// How often a standby looks for namespaces to keep warm.
+const WARM_EVERY: Duration = Duration::from_secs(2);
+
+/// While `standby` holds, start the watches of every namespace in the record, so a takeover
+/// judges from warm caches. The record grows while the leader works, so it is read again every
+/// [`WARM_EVERY`].
+pub async fn keep_warm(
+    watches: crate::deploy::cache::Watches,
+    record: crate::store::Store,
+    standby: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut warm = std::collections::BTreeSet::new();
+    while standby.load(std::sync::atomic::Ordering::SeqCst) {
+        let record = record.clone();
+        let namespaces = tokio::task::spawn_blocking(move || record.services())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.namespace);
+        for ns in namespaces {
+            if warm.insert(ns.clone()) {
+                watches.namespace(&ns).await;
+            }
+        }
+        tokio::time::sleep(WARM_EVERY).await;
+    }
+}
+
 /// Leadership held: `lost` fires if the Lease is lost.
 pub struct Leadership {
     pub identity: String,

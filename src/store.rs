@@ -461,6 +461,18 @@ impl Backend for Sqlite {
     }
 }
 
+/// A connection to the SQLite database at `path`, waiting up to 5 s when it is busy.
+fn sqlite(path: &Path, flags: rusqlite::OpenFlags) -> Result<Connection, StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_error)?;
+    Ok(conn)
+}
+
 impl Store {
     /// Open (creating if needed) `depwatch.db` in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
@@ -471,20 +483,10 @@ impl Store {
         std::fs::create_dir_all(state_dir).map_err(dir_error)?;
         let path = state_dir.join("depwatch.db");
         private(state_dir, &path).map_err(dir_error)?;
-        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
         conn.execute_batch(SCHEMA)
             .map_err(|source| StoreError::Open { path, source })?;
-        Ok(Store::with_backend(Arc::new(Sqlite {
-            conn: Mutex::new(conn),
-        })))
+        Ok(Store::sqlite(conn))
     }
 
     /// `depwatch.db` in `state_dir`, read-only, for commands that only look: a missing
@@ -494,19 +496,9 @@ impl Store {
         if !path.is_file() {
             return Err(StoreError::Missing { path });
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-        )
-        .map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|source| StoreError::Open { path, source })?;
-        Ok(Store::with_backend(Arc::new(Sqlite {
-            conn: Mutex::new(conn),
-        })))
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        Ok(Store::sqlite(sqlite(&path, flags)?))
     }
 
     /// The record at `--database-url` when given, else [`Self::open_read_only`].
@@ -514,10 +506,7 @@ impl Store {
         state_dir: &Path,
         database_url: Option<&str>,
     ) -> Result<Store, StoreError> {
-        match database_url.filter(|u| !u.is_empty()) {
-            Some(url) => Store::connect(url),
-            None => Store::open_read_only(state_dir),
-        }
+        Store::postgres_or(database_url, || Store::open_read_only(state_dir))
     }
 
     /// The record in PostgreSQL at `url` (`postgres://user:pass@host/db`), migrated to the
@@ -531,10 +520,24 @@ impl Store {
         state_dir: &Path,
         database_url: Option<&str>,
     ) -> Result<Store, StoreError> {
+        Store::postgres_or(database_url, || Store::open(state_dir))
+    }
+
+    /// PostgreSQL when a URL is given, else the SQLite store `otherwise` opens.
+    fn postgres_or(
+        database_url: Option<&str>,
+        otherwise: impl FnOnce() -> Result<Store, StoreError>,
+    ) -> Result<Store, StoreError> {
         match database_url.filter(|u| !u.is_empty()) {
             Some(url) => Store::connect(url),
-            None => Store::open(state_dir),
+            None => otherwise(),
         }
+    }
+
+    fn sqlite(conn: Connection) -> Store {
+        Store::with_backend(Arc::new(Sqlite {
+            conn: Mutex::new(conn),
+        }))
     }
 
     fn with_backend(backend: Arc<dyn Backend>) -> Store {
