@@ -33,14 +33,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Validate dependency files; exits non-zero and lists every problem if any file is bad.
     Check(CheckArgs),
-    /// Show each managed service's desired, deployed and last good images.
-    Status(StateArgs),
-    /// Show a service's deploy history (NAMESPACE/DEPLOYMENT).
+    /// Show each managed service: status, desired images, pinned version, suspended, reason.
+    Status(StatusArgs),
+    /// Show a service's deploy history, newest first.
     History(HistoryArgs),
     /// Deploy a version that failed again (lifts the pin on it).
     Retry(ServiceArgs),
-    /// Deploy the last good images by writing them into the service's file.
-    Rollback(ServiceArgs),
+    /// Undo: write the previous healthy deploy's images (or deploy --to's) into the service's
+    /// file, changing only the containers that differ.
+    Rollback(RollbackArgs),
     /// Stop deploying a service's file changes until it is resumed.
     Suspend(ServiceArgs),
     /// Deploy a suspended service's file changes again.
@@ -50,6 +51,37 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve a simulated Kubernetes API server on loopback, for tests and demos.
     Sim(SimArgs),
+    /// Print a shell completion script: `source <(depwatch completions bash)`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `depwatch man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// A listen address: `host:port`, `[v6]:port`, `localhost:port`, or `:port` for every interface
+/// (as Go servers and kubectl write it).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let expected = "expected host:port, e.g. 127.0.0.1:8080, localhost:8080 or :8080";
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?} has no valid port; {expected}"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?} has no valid port; {expected}"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address; {expected}"))
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -107,9 +139,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+/// On or off, spelt as a flag (`on`/`off`) or as YAML (`true`/`false`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Toggle {
+    #[value(alias = "true", alias = "yes")]
     On,
+    #[value(alias = "false", alias = "no")]
     Off,
 }
 
@@ -270,6 +305,7 @@ pub struct DaemonArgs {
         long,
         env = "DEPWATCH_HTTP_ADDR",
         default_value = "127.0.0.1:8080",
+        value_parser = parse_addr,
         help_heading = "HTTP"
     )]
     pub http_addr: std::net::SocketAddr,
@@ -358,24 +394,6 @@ impl DaemonArgs {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ServiceArgs {
-    /// The service as NAMESPACE/DEPLOYMENT (e.g. prod/payments).
-    pub service: String,
-    /// Directory of the state database.
-    #[arg(
-        long,
-        env = "DEPWATCH_STATE_DIR",
-        default_value = "/var/lib/depwatch/state"
-    )]
-    pub state_dir: PathBuf,
-
-    /// A PostgreSQL record shared by replicas (`postgres://user:password@host/db`) instead of
-    /// SQLite in the state directory. Never logged.
-    #[arg(long, env = "DEPWATCH_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-}
-
-#[derive(Debug, clap::Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub daemon: DaemonArgs,
@@ -395,37 +413,120 @@ pub struct CheckArgs {
     pub api_token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct StateArgs {
+/// Where an operator command finds the record: the local database, or a running daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
     /// Directory of the state database.
     #[arg(
         long,
         env = "DEPWATCH_STATE_DIR",
-        default_value = "/var/lib/depwatch/state"
+        default_value = "/var/lib/depwatch/state",
+        help_heading = "Where"
     )]
     pub state_dir: PathBuf,
 
     /// A PostgreSQL record shared by replicas (`postgres://user:password@host/db`) instead of
     /// SQLite in the state directory. Never logged.
-    #[arg(long, env = "DEPWATCH_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DEPWATCH_DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Where"
+    )]
     pub database_url: Option<String>,
-    /// Ask a running daemon's API (e.g. http://127.0.0.1:8080) instead of reading the database.
-    #[arg(long, env = "DEPWATCH_API")]
+
+    /// Ask a running daemon's API (e.g. http://127.0.0.1:8080 or :8080) instead of the
+    /// database.
+    #[arg(long, env = "DEPWATCH_API", help_heading = "Where")]
     pub api: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
+
+    /// File holding the bearer token for --api (the token alone, or one `name:token` line);
+    /// needed for changes, not for reads.
+    #[arg(long, env = "DEPWATCH_TOKEN_FILE", help_heading = "Where")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// How a listing is printed, as kubectl does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    /// A table of the main columns.
+    #[default]
+    Table,
+    /// A table with every column, the next step included.
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only the services of this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Same as `-o json`.
+    #[arg(long, hide = true)]
     pub json: bool,
+}
+
+/// A service named as NAMESPACE/DEPLOYMENT, or DEPLOYMENT with `-n NAMESPACE`.
+#[derive(Debug, clap::Args)]
+pub struct ServiceArgs {
+    /// The service: NAMESPACE/DEPLOYMENT (e.g. prod/payments), or DEPLOYMENT with -n.
+    pub service: String,
+    /// The service's namespace, when SERVICE is only the Deployment's name.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+impl ServiceArgs {
+    /// The service key, from `ns/name` or `name` with `-n`.
+    pub fn key(&self) -> Result<crate::depfile::ServiceKey, String> {
+        match (self.service.split_once('/'), &self.namespace) {
+            (Some(_), None) => crate::depfile::ServiceKey::parse_slash(&self.service),
+            (Some((ns, name)), Some(n)) if ns == n => crate::depfile::ServiceKey::new(name, ns),
+            (Some((ns, _)), Some(n)) => Err(format!(
+                "{:?} names namespace {ns:?} but -n says {n:?}; give one",
+                self.service
+            )),
+            (None, Some(n)) => crate::depfile::ServiceKey::new(&self.service, n),
+            (None, None) => Err(format!(
+                "{:?}: which namespace? Write NAMESPACE/DEPLOYMENT (e.g. prod/{}) or add -n NAMESPACE",
+                self.service, self.service
+            )),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
 pub struct HistoryArgs {
-    /// The service as NAMESPACE/DEPLOYMENT (e.g. prod/payments).
-    pub service: String,
     #[command(flatten)]
-    pub state: StateArgs,
+    pub service: ServiceArgs,
     /// How many deploys to show, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Same as `-o json`.
+    #[arg(long, hide = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Restore the images of this deploy (an ID from `depwatch history`) instead of the
+    /// previous healthy deploy's.
+    #[arg(long, value_name = "DEPLOY_ID")]
+    pub to: Option<i64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -437,14 +538,14 @@ pub struct DemoArgs {
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub rollout_timeout: Duration,
     /// Address of the demo's status page (port 0 picks a free port).
-    #[arg(long, env = "DEPWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "DEPWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_addr)]
     pub http_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct SimArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, env = "DEPWATCH_SIM_ADDR", default_value = "127.0.0.1:0")]
+    #[arg(long, env = "DEPWATCH_SIM_ADDR", default_value = "127.0.0.1:0", value_parser = parse_addr)]
     pub addr: SocketAddr,
 
     /// Write a kubeconfig for the simulated cluster here.
@@ -528,6 +629,71 @@ mod tests {
     fn zero_intervals_are_refused() {
         let err = Args::try_parse_from(["depwatch", "run", "--resync", "0s"]).expect_err("zero");
         assert!(err.to_string().contains("longer than zero"), "{err}");
+    }
+
+    #[test]
+    fn addresses_are_written_as_servers_write_them() {
+        assert_eq!(
+            parse_addr(":8080"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 8080)))
+        );
+        assert_eq!(
+            parse_addr("localhost:9000"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9000)))
+        );
+        assert_eq!(
+            parse_addr("127.0.0.1:0"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 0)))
+        );
+        assert!(parse_addr("[::1]:80").is_ok());
+        for bad in [":", ":http", "8080", "localhost", "host:99999"] {
+            let e = parse_addr(bad).expect_err(bad);
+            assert!(e.contains("expected host:port"), "{e}");
+        }
+    }
+
+    #[test]
+    fn rollback_toggle_takes_yaml_words_too() {
+        for (word, on) in [
+            ("on", true),
+            ("true", true),
+            ("off", false),
+            ("false", false),
+        ] {
+            let a = Args::try_parse_from(["depwatch", "run", "--rollback", word]).expect(word);
+            let Command::Run(run) = a.command else {
+                panic!("run")
+            };
+            assert_eq!(run.daemon.rollback == Toggle::On, on, "{word}");
+        }
+        assert!(Args::try_parse_from(["depwatch", "run", "--rollback", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn a_service_is_named_with_a_slash_or_with_n() {
+        let key = |argv: &[&str]| {
+            let a = Args::try_parse_from(argv).expect("parse");
+            let Command::Retry(s) = a.command else {
+                panic!("retry")
+            };
+            s.key()
+        };
+        let want = crate::depfile::ServiceKey::new("web", "prod").expect("key");
+        assert_eq!(key(&["depwatch", "retry", "prod/web"]), Ok(want.clone()));
+        assert_eq!(
+            key(&["depwatch", "retry", "web", "-n", "prod"]),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            key(&["depwatch", "retry", "prod/web", "-n", "prod"]),
+            Ok(want)
+        );
+        assert!(key(&["depwatch", "retry", "prod/web", "-n", "dev"])
+            .expect_err("two namespaces")
+            .contains("-n says"));
+        assert!(key(&["depwatch", "retry", "web"])
+            .expect_err("no namespace")
+            .contains("-n NAMESPACE"));
     }
 
     #[test]

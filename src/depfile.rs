@@ -276,7 +276,28 @@ struct YamlForm {
     container: Option<String>,
     repository: Option<String>,
     rollout_timeout: Option<String>,
-    rollback: Option<bool>,
+    rollback: Option<Switch>,
+}
+
+/// `rollback:` as YAML writes it (`true`/`false`) or as the command line does (`on`/`off`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Switch {
+    Bool(bool),
+    Word(String),
+}
+
+impl Switch {
+    fn value(&self) -> Option<bool> {
+        match self {
+            Switch::Bool(b) => Some(*b),
+            Switch::Word(w) => match w.to_ascii_lowercase().as_str() {
+                "on" | "true" | "yes" => Some(true),
+                "off" | "false" | "no" => Some(false),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// What kind of YAML problem a parser message describes, in words that quote nothing.
@@ -348,9 +369,18 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             ),
         )
     })?;
+    let rollback = match &form.rollback {
+        None => None,
+        Some(switch) => Some(switch.value().ok_or_else(|| {
+            err(
+                line_of(text, "rollback"),
+                "rollback: expected on, off, true or false".into(),
+            )
+        })?),
+    };
     let mut spec = DepSpec {
         repository: form.repository.clone(),
-        rollback: form.rollback,
+        rollback,
         ..DepSpec::default()
     };
     if let Some(repo) = &form.repository {
@@ -574,6 +604,34 @@ mod tests {
         let e = parse("svc_ns.dep", b"# header\n\n1.0 2.0\n").expect_err("spaces");
         assert_eq!(e.line, Some(3));
         assert!(parse("f.dep", &[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn rollback_is_on_off_or_true_false() {
+        for (text, want) in [
+            ("on", true),
+            ("off", false),
+            ("true", true),
+            ("false", false),
+            ("On", true),
+            ("\"off\"", false),
+            ("yes", true),
+            ("no", false),
+        ] {
+            let d = parse(
+                "f.dep",
+                format!("version: 1.0\nrollback: {text}\n").as_bytes(),
+            )
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(d.rollback, Some(want), "{text}");
+        }
+        let e = parse("f.dep", b"version: 1.0\nrollback: maybe\n").expect_err("maybe");
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("expected on, off, true or false"), "{e}");
+        assert!(
+            !e.message.contains("maybe"),
+            "the file is never quoted: {e}"
+        );
     }
 
     #[test]

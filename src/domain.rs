@@ -117,6 +117,9 @@ vocabulary! {
         /// Its file cannot be read (permissions, not a regular file, too large, a symlink
         /// leaving the directory); the last good state stays.
         Unreadable = "unreadable",
+        /// The Deployment is paused (`spec.paused`): nothing was patched; it waits for
+        /// `kubectl rollout resume` and a retry.
+        Paused = "paused",
         /// Its file was removed: no longer managed.
         Unmanaged = "unmanaged",
         /// An operator asked for a retry; the file is read again.
@@ -209,6 +212,7 @@ impl ServiceStatus {
             ServiceStatus::Invalid => "invalid file",
             ServiceStatus::Unreadable => "unreadable file",
             ServiceStatus::Unmanaged => "not managed",
+            ServiceStatus::Paused => "Deployment paused",
             ServiceStatus::Retry => "retry requested",
         }
     }

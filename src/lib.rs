@@ -10,13 +10,16 @@
 //! - [`sim`]: the simulated Kubernetes cluster (`depwatch sim`) that tests, benchmarks and the
 //!   demo run against; the daemon reaches it only through a kubeconfig.
 
+pub mod advice;
 pub mod alert;
 pub mod bounds;
 pub mod check;
 pub mod cli;
+pub mod client;
 pub mod daemon;
 pub mod debounce;
 pub mod demo;
+pub mod depedit;
 pub mod depfile;
 pub mod deploy;
 pub mod domain;

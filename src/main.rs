@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use depwatch::cli::{Args, Command, LogFormat};
+use depwatch::cli::{Args, Command, LogFormat, Output};
 
 fn init_logging(format: LogFormat) {
     // kube's client logs every failed request itself; depwatch logs each failure once, with the
@@ -70,26 +70,6 @@ fn seed_env_aliases() {
     }
 }
 
-/// GET a JSON document from a running daemon's API.
-async fn api_get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let resp = reqwest::get(&url)
-        .await
-        .with_context(|| format!("cannot reach the depwatch API at {base}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        anyhow::bail!("the depwatch API answered {status} for {path}: {body}");
-    }
-    resp.json()
-        .await
-        .with_context(|| format!("the depwatch API sent unexpected JSON for {path}"))
-}
-
-fn service_key(s: &str) -> anyhow::Result<depwatch::depfile::ServiceKey> {
-    depwatch::depfile::ServiceKey::parse_slash(s).map_err(anyhow::Error::msg)
-}
-
 /// A cancellation token fired by SIGINT or SIGTERM: the one owner of signal handling.
 fn shutdown_token() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
@@ -105,27 +85,57 @@ fn shutdown_token() -> tokio_util::sync::CancellationToken {
     token
 }
 
-fn print_table(rows: Vec<Vec<String>>) {
-    let widths: Vec<usize> = (0..rows.first().map(Vec::len).unwrap_or(0))
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        say(line.join("  ").trim_end());
+/// A clap error about a value that came from an environment variable names the variable, not
+/// the flag the person never typed.
+fn name_the_variable(err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let Some(long) = arg
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.strip_prefix("--"))
+    else {
+        return err;
+    };
+    let typed =
+        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if typed {
+        return err;
+    }
+    let cmd = <Args as clap::CommandFactory>::command();
+    let env = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .and_then(|e| e.to_str())
+        .filter(|e| std::env::var_os(e).is_some())
+        .map(String::from);
+    match env {
+        Some(var) => {
+            let text = err.to_string().replace(
+                &format!("'{arg}'"),
+                &format!("environment variable {var} (--{long})"),
+            );
+            clap::Error::raw(
+                ErrorKind::ValueValidation,
+                text.trim_start_matches("error: "),
+            )
+        }
+        None => err,
     }
 }
 
-/// The record the operator commands use: PostgreSQL when `--database-url` is given, else SQLite
-/// in the state directory.
-fn open_store(
-    state_dir: &std::path::Path,
-    database_url: Option<&str>,
-) -> Result<depwatch::store::Store, depwatch::store::StoreError> {
-    depwatch::store::Store::open_or_connect(state_dir, database_url)
+fn fail(e: depwatch::client::ClientError) -> anyhow::Error {
+    anyhow::Error::msg(e.0)
 }
 
 #[tokio::main]
@@ -133,42 +143,36 @@ async fn main() -> anyhow::Result<()> {
     // A .env file beside the daemon is read when present; the real environment wins.
     let _ = dotenvy::dotenv();
     seed_env_aliases();
-    let args = Args::parse();
+    let args = Args::try_parse().unwrap_or_else(|e| name_the_variable(e).exit());
     init_logging(args.log_format);
+    use depwatch::client::{self, Action};
     match args.command {
         Command::Run(run) => {
             let cancel = shutdown_token();
             depwatch::daemon::run(run.daemon.to_config(), cancel).await?;
         }
-        Command::Retry(a) => {
-            let key = service_key(&a.service)?;
-            say(&depwatch::operator::retry(
-                &open_store(&a.state_dir, a.database_url.as_deref())?,
-                &key,
-            )?);
+        Command::Retry(a) => say(&client::act(&a, Action::Retry).await.map_err(fail)?),
+        Command::Rollback(r) => say(&client::act(&r.service, Action::Rollback { to: r.to })
+            .await
+            .map_err(fail)?),
+        Command::Suspend(a) => say(&client::act(&a, Action::Suspend).await.map_err(fail)?),
+        Command::Resume(a) => say(&client::act(&a, Action::Resume).await.map_err(fail)?),
+        Command::Completions(c) => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(c.shell, &mut cmd, "depwatch", &mut std::io::stdout());
         }
-        Command::Rollback(a) => {
-            let key = service_key(&a.service)?;
-            say(&depwatch::operator::rollback(
-                &open_store(&a.state_dir, a.database_url.as_deref())?,
-                &key,
-            )?);
-        }
-        Command::Suspend(a) => {
-            let key = service_key(&a.service)?;
-            say(&depwatch::operator::suspend(
-                &open_store(&a.state_dir, a.database_url.as_deref())?,
-                &key,
-                true,
-            )?);
-        }
-        Command::Resume(a) => {
-            let key = service_key(&a.service)?;
-            say(&depwatch::operator::suspend(
-                &open_store(&a.state_dir, a.database_url.as_deref())?,
-                &key,
-                false,
-            )?);
+        Command::Man => {
+            let cmd = <Args as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("rendering the manual page")?;
+            for sub in <Args as clap::CommandFactory>::command().get_subcommands() {
+                clap_mangen::Man::new(sub.clone())
+                    .render_subcommands_section(&mut out)
+                    .ok();
+            }
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
         }
         Command::Demo(demo) => {
             let cancel = shutdown_token();
@@ -202,94 +206,34 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Status(state) => {
-            let services: Vec<depwatch::store::ServiceRecord> = match &state.api {
-                // A service view is a record with more fields; the record's are read from it.
-                Some(api) => api_get(api, "/api/v1/services").await?,
-                None => depwatch::store::Store::open_for_reading(
-                    &state.state_dir,
-                    state.database_url.as_deref(),
-                )?
-                .services()?,
-            };
-            if state.json {
-                say(&serde_json::to_string_pretty(&services)?);
-            } else {
-                let mut rows = vec![vec![
-                    "SERVICE".into(),
-                    "STATUS".into(),
-                    "DESIRED".into(),
-                    "DEPLOYED".into(),
-                    "LAST GOOD".into(),
-                    "MESSAGE".into(),
-                ]];
-                for s in services {
-                    rows.push(vec![
-                        format!("{}/{}", s.namespace, s.name),
-                        s.status.to_string(),
-                        s.desired.to_string(),
-                        s.deployed.to_string(),
-                        s.last_good.to_string(),
-                        s.message,
-                    ]);
+        Command::Status(st) => {
+            let mut services = client::services(&st.target).await.map_err(fail)?;
+            if let Some(ns) = &st.namespace {
+                services.retain(|s| &s.namespace == ns);
+            }
+            let output = if st.json { Output::Json } else { st.output };
+            if services.is_empty() && matches!(output, Output::Table | Output::Wide) {
+                match &st.namespace {
+                    Some(ns) => eprintln!("No services in namespace {ns}."),
+                    None => eprintln!("No services yet: write a dependency file to start."),
                 }
-                print_table(rows);
+            } else {
+                print!(
+                    "{}",
+                    client::render_services(&services, output).map_err(fail)?
+                );
             }
         }
         Command::History(h) => {
-            let key = service_key(&h.service)?;
-            let history: Vec<depwatch::store::DeployRecord> = match &h.state.api {
-                Some(api) => {
-                    // An unknown service is an error (404), not an empty history.
-                    let _: serde_json::Value = api_get(
-                        api,
-                        &format!("/api/v1/services/{}/{}", key.namespace, key.name),
-                    )
-                    .await?;
-                    let path = format!(
-                        "/api/v1/deploys?service={}/{}&limit={}",
-                        key.namespace, key.name, h.limit
-                    );
-                    api_get(api, &path).await?
-                }
-                None => {
-                    let store = depwatch::store::Store::open_for_reading(
-                        &h.state.state_dir,
-                        h.state.database_url.as_deref(),
-                    )?;
-                    if store.service(&key)?.is_none() {
-                        anyhow::bail!(
-                            "service {key} is not in the record (see `depwatch status` for the services depwatch manages)"
-                        );
-                    }
-                    store.history(Some(&key), h.limit)?
-                }
-            };
-            if h.state.json {
-                say(&serde_json::to_string_pretty(&history)?);
-            } else {
-                let mut rows = vec![vec![
-                    "ID".into(),
-                    "STARTED".into(),
-                    "OUTCOME".into(),
-                    "TRIGGER".into(),
-                    "FROM".into(),
-                    "TO".into(),
-                    "MESSAGE".into(),
-                ]];
-                for d in history {
-                    rows.push(vec![
-                        d.id.to_string(),
-                        d.started_at,
-                        d.outcome.to_string(),
-                        d.trigger.to_string(),
-                        d.from_image,
-                        d.to_image,
-                        d.message,
-                    ]);
-                }
-                print_table(rows);
-            }
+            let key = h.service.key().map_err(anyhow::Error::msg)?;
+            let history = client::history(&h.service.target, &key, h.limit)
+                .await
+                .map_err(fail)?;
+            let output = if h.json { Output::Json } else { h.output };
+            print!(
+                "{}",
+                client::render_history(&history, output).map_err(fail)?
+            );
         }
         Command::Sim(sim_args) => {
             let sim = depwatch::sim::Sim::start(sim_args.to_config())

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::depfile::ServiceKey;
-use crate::domain::{Asker, ServiceStatus};
+use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
 use crate::store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -14,8 +14,9 @@ pub enum OperatorError {
     Store(#[from] StoreError),
     #[error("service {0} is not in the record (is depwatch managing it? see `depwatch status`)")]
     Unknown(ServiceKey),
-    #[error("service {0} has no known good images to roll back to")]
-    NoLastGood(ServiceKey),
+    /// The command would do nothing, or nothing sensible: the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Write(#[from] crate::safefs::WriteError),
     #[error(transparent)]
@@ -58,9 +59,14 @@ fn resave(root: Option<&Path>, path: &str) -> Result<(), OperatorError> {
     Ok(())
 }
 
-/// Lift the pin on a failed version and deploy it again.
-pub fn retry(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
-    retry_with(store, key, &local_actor(), None)
+/// Who runs a command and where it may write.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// Recorded as the change's actor: the local user, or the API token's name.
+    pub actor: &'a str,
+    /// The dependency root when known (the daemon's API); a local command writes in the
+    /// file's own directory.
+    pub root: Option<&'a Path>,
 }
 
 /// Who runs a CLI command: the local user.
@@ -70,91 +76,176 @@ pub fn local_actor() -> String {
         .unwrap_or_else(|_| "operator".into())
 }
 
-pub fn retry_with(
-    store: &Store,
-    key: &ServiceKey,
-    actor: &str,
-    root: Option<&Path>,
-) -> Result<String, OperatorError> {
+/// Why a retry would do nothing, if it would. A retry deploys a failed or pinned version
+/// again; a healthy, busy or broken-file service has nothing to retry.
+pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
+    let key = r.key();
+    if r.pinned().is_some() {
+        return None;
+    }
+    let why = match r.status {
+        ServiceStatus::Failed
+        | ServiceStatus::TimedOut
+        | ServiceStatus::RolledBack
+        | ServiceStatus::RollbackFailed
+        | ServiceStatus::Paused
+        | ServiceStatus::Drifted => return None,
+        ServiceStatus::Invalid | ServiceStatus::Unreadable => {
+            "fix the file first; depwatch reads it again on the next save"
+        }
+        ServiceStatus::WaitingForApi => "depwatch is already retrying until the API server answers",
+        ServiceStatus::Pending | ServiceStatus::Deploying | ServiceStatus::Retry => {
+            "a deploy is already due or under way"
+        }
+        ServiceStatus::Succeeded | ServiceStatus::Unverified => {
+            "nothing is pinned and nothing failed"
+        }
+        ServiceStatus::Unmanaged => "its file was removed",
+    };
+    Some(format!(
+        "nothing to retry for {key}: it is {} ({why})",
+        r.status.label()
+    ))
+}
+
+/// Lift the pin on a failed version (or retry a deploy that failed before changing anything)
+/// and deploy it again.
+pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<String, OperatorError> {
     let r = record(store, key)?;
+    if let Some(why) = retry_refusal(&r) {
+        return Err(OperatorError::Refused(why));
+    }
+    let what = match r.pinned() {
+        Some(images) => format!("the pin on {images} is lifted and it is deployed again"),
+        None => format!("{} is read and deployed again", r.path),
+    };
     store.update_service(key, |s| {
         s.failed_hash.clear();
         s.status = ServiceStatus::Retry;
-        s.message = Asker::retry_note(actor);
+        s.message = Asker::retry_note(caller.actor);
     })?;
-    resave(root, &r.path)?;
-    Ok(format!("retrying {key}: {} will be deployed again", r.path))
+    resave(caller.root, &r.path)?;
+    Ok(format!("retrying {key}: {what}"))
 }
 
-/// Write the last good images into the service's file.
-pub fn rollback(store: &Store, key: &ServiceKey) -> Result<String, OperatorError> {
-    rollback_with(store, key, &local_actor(), None)
+/// Where an undo goes: the deploy whose images are restored, and those images laid over what
+/// the file asks for now. Pure: decided from the service's history (newest first).
+pub fn undo_target(
+    key: &ServiceKey,
+    history: &[store::DeployRecord],
+    desired: &Images,
+    to: Option<i64>,
+) -> Result<(i64, Images), String> {
+    let healthy = |d: &store::DeployRecord| {
+        matches!(
+            d.outcome,
+            DeployOutcome::Succeeded | DeployOutcome::Unchanged
+        )
+    };
+    // Only the containers the file sets are the file's to change.
+    let target_of = |d: &store::DeployRecord| {
+        let images: Images = Images::parse(&d.to_image)
+            .into_iter()
+            .filter(|(c, _)| desired.get(c).is_some())
+            .collect();
+        desired.with(&images)
+    };
+    let (id, target) = match to {
+        Some(id) => {
+            let d = history.iter().find(|d| d.id == id).ok_or_else(|| {
+                format!("deploy {id} is not in the history of {key} (see `depwatch history {key}`)")
+            })?;
+            if !healthy(d) {
+                return Err(format!(
+                    "deploy {id} of {key} ended {}: its images never ran healthy; pick a deploy that succeeded (see `depwatch history {key}`)",
+                    d.outcome.label()
+                ));
+            }
+            (id, target_of(d))
+        }
+        None => history
+            .iter()
+            .filter(|d| healthy(d))
+            .map(|d| (d.id, target_of(d)))
+            .find(|(_, t)| !desired.changed_in(t).is_empty())
+            .ok_or_else(|| {
+                format!("{key} has no earlier healthy deploy with other images to go back to (see `depwatch history {key}`)")
+            })?,
+    };
+    if desired.changed_in(&target).is_empty() {
+        return Err(format!(
+            "{key} already asks for {desired}: rolling back to deploy {id} would change nothing"
+        ));
+    }
+    Ok((id, target))
 }
 
-pub fn rollback_with(
+/// Undo: write the images of the previous healthy deploy (or of deploy `to`) into the
+/// service's file, changing only the containers that differ and keeping the file's form and
+/// comments. The daemon deploys it like any save.
+pub fn rollback(
     store: &Store,
     key: &ServiceKey,
-    actor: &str,
-    root: Option<&Path>,
+    to: Option<i64>,
+    caller: Caller<'_>,
 ) -> Result<String, OperatorError> {
     let r = record(store, key)?;
-    let images = r.last_good.clone();
-    if images.is_empty() || r.path.is_empty() {
-        return Err(OperatorError::NoLastGood(key.clone()));
+    if r.path.is_empty() {
+        return Err(OperatorError::Refused(format!(
+            "{key} has no dependency file to write"
+        )));
     }
-    let mut content = Asker::Rollback {
-        actor: actor.to_string(),
+    let history = store.history(Some(key), 100_000)?;
+    let (id, target) =
+        undo_target(key, &history, &r.desired, to).map_err(OperatorError::Refused)?;
+    let path = Path::new(&r.path);
+    let bytes = crate::safefs::read_capped(root_of(caller.root, path), path, READ_CAP)?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        OperatorError::Refused(format!("{}: not UTF-8 text; edit it by hand", r.path))
+    })?;
+    let header = Asker::Rollback {
+        actor: caller.actor.to_string(),
         at: store::now(),
     }
     .header();
-    // Per-service settings in the current file survive the rollback.
-    let path = Path::new(&r.path);
-    let settings = crate::safefs::read_capped(root_of(root, path), path, READ_CAP)
-        .ok()
-        .and_then(|b| crate::depfile::parse(&r.path, &b).ok())
-        .map(|spec| {
-            let mut extra = String::new();
-            if let Some(t) = spec.rollout_timeout {
-                extra.push_str(&format!(
-                    "rolloutTimeout: {}\n",
-                    humantime::format_duration(t)
-                ));
-            }
-            if let Some(b) = spec.rollback {
-                extra.push_str(&format!("rollback: {b}\n"));
-            }
-            extra
-        })
-        .unwrap_or_default();
-    if images.len() == 1 && settings.is_empty() {
-        content.push_str(
-            images
-                .values()
-                .next()
-                .map(String::as_str)
-                .unwrap_or_default(),
-        );
-        content.push('\n');
+    let file = crate::safefs::shown(path);
+    let edited = crate::depedit::set_images(&file, &text, key, &r.desired, &target, &header)
+        .map_err(|e| OperatorError::Refused(e.to_string()))?;
+    write_atomically(caller.root, path, &edited)?;
+    let changes = r.desired.changed_in(&target);
+    let suspended = if r.suspended {
+        format!("; {key} is suspended, so it is deployed after `depwatch resume {key}`")
     } else {
-        content.push_str("images:\n");
-        for (c, i) in images.iter() {
-            content.push_str(&format!("  {c}: {i}\n"));
-        }
-        content.push_str(&settings);
-    }
-    write_atomically(root, path, &content)?;
-    Ok(format!("{key}: wrote {} to {}", r.last_good, r.path))
+        String::new()
+    };
+    Ok(format!(
+        "rolling back {key} to deploy {id}: {changes} written to {}{suspended}",
+        r.path
+    ))
 }
 
 /// Stop (or restart) deploying a service's file changes.
-pub fn suspend(store: &Store, key: &ServiceKey, suspended: bool) -> Result<String, OperatorError> {
+pub fn suspend(
+    store: &Store,
+    key: &ServiceKey,
+    suspended: bool,
+    caller: Caller<'_>,
+) -> Result<String, OperatorError> {
     let r = record(store, key)?;
+    if r.suspended == suspended {
+        return Err(OperatorError::Refused(if suspended {
+            format!("{key} is already suspended (`depwatch resume {key}` deploys again)")
+        } else {
+            format!("{key} is not suspended")
+        }));
+    }
+    let actor = caller.actor;
     store.update_service(key, |s| {
         s.suspended = suspended;
         s.message = if suspended {
-            "suspended by an operator".into()
+            format!("suspended by {actor}")
         } else {
-            "resumed by an operator".into()
+            format!("resumed by {actor}")
         };
     })?;
     if suspended {
@@ -162,47 +253,137 @@ pub fn suspend(store: &Store, key: &ServiceKey, suspended: bool) -> Result<Strin
             "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
         ))
     } else {
-        resave(None, &r.path)?;
-        Ok(format!("{key} resumed"))
+        resave(caller.root, &r.path)?;
+        Ok(format!(
+            "{key} resumed: its file is read and deployed again"
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DeployRecord;
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("web", "prod").expect("key")
+    }
+
+    fn deploy(id: i64, to: &str, outcome: DeployOutcome) -> DeployRecord {
+        DeployRecord {
+            id,
+            namespace: "prod".into(),
+            name: "web".into(),
+            to_image: to.into(),
+            outcome,
+            ..DeployRecord::default()
+        }
+    }
 
     #[test]
-    fn rollback_writes_the_last_good_images_and_keeps_settings() {
+    fn undo_goes_to_the_previous_healthy_images_or_the_named_deploy() {
+        use DeployOutcome as O;
+        // Newest first: 3 failed and was rolled back; 2 is what the file asks for now.
+        let history = vec![
+            deploy(4, "web=r/web:3", O::RolledBack),
+            deploy(3, "web=r/web:2", O::Succeeded),
+            deploy(2, "web=r/web:1", O::Unchanged),
+            deploy(1, "web=r/web:0", O::Unverified),
+        ];
+        let now = Images::parse("web=r/web:2");
+        let pick = |to| undo_target(&key(), &history, &now, to);
+        assert_eq!(pick(None), Ok((2, Images::parse("web=r/web:1"))));
+        assert!(pick(Some(3))
+            .expect_err("no-op")
+            .contains("would change nothing"));
+        assert!(pick(Some(4))
+            .expect_err("failed")
+            .contains("never ran healthy"));
+        assert!(pick(Some(1))
+            .expect_err("unverified")
+            .contains("never ran healthy"));
+        assert!(pick(Some(99))
+            .expect_err("unknown")
+            .contains("not in the history"));
+        // The file asks for the failed version (pinned): undo goes to the last healthy one.
+        let pinned = Images::parse("web=r/web:3");
+        assert_eq!(
+            undo_target(&key(), &history, &pinned, None),
+            Ok((3, Images::parse("web=r/web:2")))
+        );
+        // A single healthy deploy has nothing before it.
+        let first = vec![deploy(1, "web=r/web:2", O::Succeeded)];
+        assert!(undo_target(&key(), &first, &now, None)
+            .expect_err("nothing earlier")
+            .contains("no earlier healthy deploy"));
+        // Containers the file does not set are left alone.
+        let two = vec![
+            deploy(2, "web=r/web:2, envoy=r/envoy:9", O::Succeeded),
+            deploy(1, "web=r/web:1, envoy=r/envoy:8", O::Succeeded),
+        ];
+        assert_eq!(
+            undo_target(&key(), &two, &now, None),
+            Ok((1, Images::parse("web=r/web:1")))
+        );
+    }
+
+    #[test]
+    fn retry_refuses_when_nothing_failed() {
+        let mut r = store::ServiceRecord {
+            namespace: "prod".into(),
+            name: "web".into(),
+            status: ServiceStatus::Succeeded,
+            ..Default::default()
+        };
+        let why = retry_refusal(&r).expect("healthy");
+        assert!(why.contains("nothing is pinned"), "{why}");
+        for status in [
+            ServiceStatus::Failed,
+            ServiceStatus::RolledBack,
+            ServiceStatus::Paused,
+        ] {
+            r.status = status;
+            assert_eq!(retry_refusal(&r), None, "{status}");
+        }
+        r.status = ServiceStatus::Succeeded;
+        r.content_hash = "h".into();
+        r.failed_hash = "h".into();
+        assert_eq!(retry_refusal(&r), None, "pinned");
+    }
+
+    #[test]
+    fn rollback_edits_the_file_in_its_own_form() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("state")).expect("store");
-        let key = ServiceKey::new("web", "prod").expect("key");
         let path = dir.path().join("web_prod.dep");
-        std::fs::write(
-            &path,
-            "version: 2.0-bad\nrolloutTimeout: 90s\nrollback: false\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "# from CI\n2.0\n").expect("write");
+        let caller = Caller {
+            actor: "alice",
+            root: None,
+        };
         assert!(matches!(
-            rollback_with(&store, &key, "alice", None),
+            rollback(&store, &key(), None, caller),
             Err(OperatorError::Unknown(_))
         ));
         store
-            .update_service(&key, |r| {
+            .update_service(&key(), |r| {
                 r.path = path.display().to_string();
-                r.last_good = crate::domain::Images::parse("web=example.com/web:1.0");
+                r.desired = Images::parse("web=r.example/web:2.0");
+                r.status = ServiceStatus::Succeeded;
             })
             .expect("record");
-        rollback_with(&store, &key, "alice", None).expect("rollback");
+        for to in ["web=r.example/web:1.0", "web=r.example/web:2.0"] {
+            let id = store
+                .start_deploy(&deploy(0, to, DeployOutcome::InProgress))
+                .expect("deploy");
+            store
+                .finish_deploy(id, DeployOutcome::Succeeded, "")
+                .expect("finish");
+        }
+        let said = rollback(&store, &key(), None, caller).expect("rollback");
+        assert!(said.contains("web=r.example/web:1.0"), "{said}");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.starts_with("# rolled back by alice at "), "{text}");
-        let spec =
-            crate::depfile::parse("web_prod.dep", text.as_bytes()).expect("the result parses");
-        assert_eq!(
-            spec.rollout_timeout,
-            Some(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(spec.rollback, Some(false));
-        assert_eq!(spec.images.len(), 1);
-        assert_eq!(spec.images[0].1.to_string(), "example.com/web:1.0");
+        assert!(text.ends_with("# from CI\n1.0\n"), "{text}");
     }
 }

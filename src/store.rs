@@ -68,6 +68,24 @@ impl ServiceRecord {
             namespace: self.namespace.clone(),
         }
     }
+
+    /// The images of a version that failed and stays pinned until the file changes or an
+    /// operator retries it.
+    pub fn pinned(&self) -> Option<&Images> {
+        (!self.failed_hash.is_empty() && self.failed_hash == self.content_hash)
+            .then_some(&self.desired)
+    }
+
+    /// What an operator can do about this service, if anything.
+    pub fn next_step(&self) -> Option<String> {
+        crate::advice::next_step(crate::advice::Situation {
+            key: &self.key(),
+            status: self.status,
+            suspended: self.suspended,
+            pinned: self.pinned().is_some(),
+            message: &self.message,
+        })
+    }
 }
 
 /// One deploy attempt.

@@ -22,7 +22,7 @@ use backon::BackoffBuilder;
 use tokio::time::Instant;
 
 use super::{Plan, WaitOutcome};
-use crate::domain::{human_duration, DeployOutcome, Desired, Images, Trigger};
+use crate::domain::{human_duration, DeployOutcome, Desired, Images, ServiceStatus, Trigger};
 
 /// What the record knows of the service as the deploy begins.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +116,8 @@ pub enum Event {
         message: String,
         /// The content counts as acted on (a resync does not try it again).
         settled: bool,
+        /// The service's status: `failed`, or `paused` for a paused Deployment.
+        status: ServiceStatus,
     },
     /// The cluster already runs the desired images.
     AlreadyRunning {
@@ -378,6 +380,7 @@ impl Lifecycle {
             requested: self.desired.requested(),
             message: self.give_up_message(&f),
             settled: !f.transient,
+            status: ServiceStatus::Failed,
         });
         self.done(events)
     }
@@ -395,6 +398,7 @@ impl Lifecycle {
                     plan.key.name, plan.key.namespace
                 ),
                 settled: true,
+                status: ServiceStatus::Paused,
             });
             return self.done(events);
         }
@@ -997,6 +1001,7 @@ mod tests {
             [Event::NotStarted {
                 message,
                 settled: true,
+                status: ServiceStatus::Paused,
                 ..
             }] => {
                 assert!(message.starts_with("Deployment is paused"), "{message}")

@@ -214,7 +214,8 @@ impl Attempt<'_> {
                 requested,
                 message,
                 settled,
-            } => self.not_started(from, requested, message, *settled),
+                status,
+            } => self.not_started(from, requested, message, *settled, *status),
             Event::AlreadyRunning {
                 images,
                 verified,
@@ -316,7 +317,14 @@ impl Attempt<'_> {
         });
     }
 
-    fn not_started(&mut self, from: &Images, requested: &str, message: &str, settled: bool) {
+    fn not_started(
+        &mut self,
+        from: &Images,
+        requested: &str,
+        message: &str,
+        settled: bool,
+        status: ServiceStatus,
+    ) {
         let r = self.recorder;
         let d = self.desired;
         self.stop_waiting();
@@ -332,7 +340,7 @@ impl Attempt<'_> {
             if settled {
                 s.content_hash = d.hash.clone();
             }
-            s.status = ServiceStatus::Failed;
+            s.status = status;
             s.message = message.to_string();
         });
         let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };

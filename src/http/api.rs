@@ -25,27 +25,61 @@ use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
 
 type Shared = State<Arc<HttpState>>;
 
-/// A service with its latest deploy and the images it runs now.
-#[derive(Debug, Serialize, ToSchema)]
+/// A service with its latest deploy and the images it runs now: what `GET /api/v1/services`
+/// and `depwatch status -o json|yaml` print.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
     pub status: ServiceStatus,
     pub desired: Images,
-    /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet).
+    /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet, and
+    /// from a local `depwatch status`, which never talks to the cluster).
     pub running: Images,
     pub deployed: Images,
     pub last_good: Images,
+    /// The version that failed and is pinned: not deployed again until the file changes or
+    /// `depwatch retry` (empty when nothing is pinned).
+    pub pinned: Images,
     /// The failure reason or other message of the latest change.
     pub message: String,
+    /// What an operator can do about it (empty when healthy or busy).
+    pub next_step: String,
     pub suspended: bool,
     pub path: String,
     pub updated_at: String,
     pub last_deploy: Option<DeployRecord>,
 }
 
+impl ServiceView {
+    /// A record as people and programs see it.
+    pub fn new(r: ServiceRecord, running: Images, last_deploy: Option<DeployRecord>) -> Self {
+        ServiceView {
+            pinned: r.pinned().cloned().unwrap_or_default(),
+            next_step: r.next_step().unwrap_or_default(),
+            namespace: r.namespace,
+            name: r.name,
+            status: r.status,
+            desired: r.desired,
+            running,
+            deployed: r.deployed,
+            last_good: r.last_good,
+            message: r.message,
+            suspended: r.suspended,
+            path: r.path,
+            updated_at: r.updated_at,
+            last_deploy,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// One service with its history, newest first.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServiceDetail {
     pub service: ServiceView,
     pub history: Vec<DeployRecord>,
@@ -65,20 +99,7 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
             .unwrap_or_default(),
         None => Images::new(),
     };
-    ServiceView {
-        namespace: r.namespace,
-        name: r.name,
-        status: r.status,
-        desired: r.desired,
-        running,
-        deployed: r.deployed,
-        last_good: r.last_good,
-        message: r.message,
-        suspended: r.suspended,
-        path: r.path,
-        updated_at: r.updated_at,
-        last_deploy,
-    }
+    ServiceView::new(r, running, last_deploy)
 }
 
 /// Alive: the process answers.
@@ -573,7 +594,7 @@ pub async fn get_request(
 }
 
 /// The outcome of an operator call.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     pub message: String,
 }
@@ -581,84 +602,128 @@ pub struct Accepted {
 fn operator_error(e: operator::OperatorError) -> ApiError {
     match e {
         operator::OperatorError::Unknown(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-        operator::OperatorError::NoLastGood(_) => {
-            ApiError::new(StatusCode::CONFLICT, e.to_string())
-        }
+        operator::OperatorError::Refused(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         operator::OperatorError::Write(w) => write_error(w),
         other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }
 
-type OperatorCall = fn(
-    &crate::store::Store,
-    &ServiceKey,
-    &str,
-    Option<&std::path::Path>,
-) -> Result<String, operator::OperatorError>;
-
 /// Run an operator command for the token's owner, on the blocking pool (it reads and writes
 /// files).
-async fn operator_call(
+async fn operator_call<F>(
     state: &HttpState,
     headers: &HeaderMap,
-    namespace: &str,
-    name: &str,
+    (namespace, name): (String, String),
     what: &str,
-    call: OperatorCall,
-) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    call: F,
+) -> Result<(StatusCode, Json<Accepted>), ApiError>
+where
+    F: FnOnce(
+            &crate::store::Store,
+            &ServiceKey,
+            operator::Caller<'_>,
+        ) -> Result<String, operator::OperatorError>
+        + Send
+        + 'static,
+{
     let actor = authorize(state, headers)?;
-    let key = key_from_path(namespace, name)?;
+    let key = key_from_path(&namespace, &name)?;
     let (store, root, k, a) = (
         state.store.clone(),
         state.deps_dir.clone(),
         key.clone(),
         actor.clone(),
     );
-    let message = tokio::task::spawn_blocking(move || call(&store, &k, &a, Some(&root)))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(operator_error)?;
+    let message = tokio::task::spawn_blocking(move || {
+        call(
+            &store,
+            &k,
+            operator::Caller {
+                actor: &a,
+                root: Some(&root),
+            },
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(operator_error)?;
     tracing::info!(service = %key, %actor, "{what} requested through the API");
     Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
 }
 
-/// Deploy a pinned failed version again.
+/// Deploy a failed or pinned version again (`depwatch retry`). 409 when nothing failed.
 #[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/retry", tag = "services",
     params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "nothing to retry", body = ErrorBody)))]
 pub async fn retry_service(
     State(state): Shared,
     headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    operator_call(
-        &state,
-        &headers,
-        &namespace,
-        &name,
-        "retry",
-        operator::retry_with,
-    )
-    .await
+    operator_call(&state, &headers, service, "retry", operator::retry).await
 }
 
-/// Deploy the last good images by writing them into the service's file.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RollbackQuery {
+    /// Restore the images of this deploy (an id from the history) instead of the previous
+    /// healthy deploy's.
+    pub to: Option<i64>,
+}
+
+/// Undo (`depwatch rollback`): write the previous healthy deploy's images (or deploy `to`'s)
+/// into the service's file, changing only the containers that differ. 409 when nothing would
+/// change or there is nothing to go back to.
 #[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/rollback", tag = "services",
-    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    params(("namespace" = String, Path), ("name" = String, Path), RollbackQuery), security(("bearer" = [])),
     responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn rollback_service(
     State(state): Shared,
     headers: HeaderMap,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(service): Path<(String, String)>,
+    Query(q): Query<RollbackQuery>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     operator_call(
         &state,
         &headers,
-        &namespace,
-        &name,
+        service,
         "rollback",
-        operator::rollback_with,
+        move |store, key, caller| operator::rollback(store, key, q.to, caller),
     )
+    .await
+}
+
+/// Stop deploying the service's file changes (`depwatch suspend`). 409 when already suspended.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/suspend", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn suspend_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    operator_call(
+        &state,
+        &headers,
+        service,
+        "suspend",
+        |store, key, caller| operator::suspend(store, key, true, caller),
+    )
+    .await
+}
+
+/// Deploy a suspended service's file changes again (`depwatch resume`). 409 when not
+/// suspended.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/resume", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn resume_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    operator_call(&state, &headers, service, "resume", |store, key, caller| {
+        operator::suspend(store, key, false, caller)
+    })
     .await
 }
 

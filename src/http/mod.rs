@@ -52,12 +52,21 @@ pub enum HttpError {
     },
     #[error("{path}:{line}: expected `name:token` (one named token per line, # comments allowed)")]
     TokenLine { path: PathBuf, line: usize },
+    #[error("{path}:{line}: the token named {name:?} is shorter than {MIN_TOKEN_LEN} characters; use a long random one (e.g. `openssl rand -hex 32`)")]
+    TokenShort {
+        path: PathBuf,
+        line: usize,
+        name: String,
+    },
     #[error("cannot listen on {addr} for the HTTP API: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
 }
+
+/// Shortest token accepted: a guessable token is no guard.
+pub const MIN_TOKEN_LEN: usize = 8;
 
 /// Read `name:token` lines.
 pub fn read_tokens(path: &Path) -> Result<Vec<Token>, HttpError> {
@@ -72,11 +81,19 @@ pub fn read_tokens(path: &Path) -> Result<Vec<Token>, HttpError> {
             continue;
         }
         match line.split_once(':') {
-            Some((name, secret)) if !name.trim().is_empty() && secret.trim().len() >= 8 => tokens
-                .push(Token {
+            Some((name, secret)) if !name.trim().is_empty() && !secret.trim().is_empty() => {
+                if secret.trim().chars().count() < MIN_TOKEN_LEN {
+                    return Err(HttpError::TokenShort {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        name: crate::safefs::escape(name.trim()),
+                    });
+                }
+                tokens.push(Token {
                     name: name.trim().to_string(),
                     secret: secret.trim().to_string(),
-                }),
+                })
+            }
             _ => {
                 return Err(HttpError::TokenLine {
                     path: path.to_path_buf(),
@@ -118,7 +135,7 @@ pub struct HttpState {
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -231,6 +248,8 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
         .routes(routes!(api::get_request))
         .routes(routes!(api::retry_service))
         .routes(routes!(api::rollback_service))
+        .routes(routes!(api::suspend_service))
+        .routes(routes!(api::resume_service))
         .routes(routes!(api::events))
         .routes(routes!(api::openapi_json))
         .with_state(state)

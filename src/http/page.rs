@@ -50,7 +50,8 @@ fn status_class(status: ServiceStatus) -> &'static str {
         | ServiceStatus::TimedOut
         | ServiceStatus::Drifted
         | ServiceStatus::Unverified
-        | ServiceStatus::WaitingForApi => "warn",
+        | ServiceStatus::WaitingForApi
+        | ServiceStatus::Paused => "warn",
         ServiceStatus::Deploying | ServiceStatus::Retry => "busy",
         ServiceStatus::Pending | ServiceStatus::Unmanaged => "idle",
     }
@@ -101,6 +102,23 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     } else {
         s.status.label().to_string()
     };
+    let desired = if s.pinned.is_empty() {
+        esc(&s.desired.to_string())
+    } else {
+        format!(
+            "{}<br><small class=\"pin\">pinned: failed, not deployed again until the file changes</small>",
+            esc(&s.desired.to_string())
+        )
+    };
+    let reason = if s.next_step.is_empty() {
+        esc(&s.message)
+    } else {
+        format!(
+            "{}<div class=\"todo\"><b>What to do:</b> {}</div>",
+            esc(&s.message),
+            esc(&s.next_step)
+        )
+    };
     let running = if s.running.is_empty() {
         &s.deployed
     } else {
@@ -108,16 +126,16 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     };
     format!(
         "<tr data-service=\"{ns}/{name}\" data-status=\"{code}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
-         <td><span class=\"badge {tone}\">{status}</span></td><td class=\"img\">{desired}</td>\
-         <td class=\"img\">{running}</td><td>{last}</td><td class=\"msg\">{message}</td><td>{dots}</td></tr>",
+         <td data-label=\"Status\"><span class=\"badge {tone}\">{status}</span></td>\
+         <td class=\"img\" data-label=\"Desired\">{desired}</td>\
+         <td class=\"img\" data-label=\"Running\">{running}</td><td data-label=\"Last deploy\">{last}</td>\
+         <td class=\"msg\" data-label=\"Reason\">{reason}</td><td data-label=\"Recent\">{dots}</td></tr>",
         ns = esc(&s.namespace),
         name = esc(&s.name),
         code = s.status,
         tone = status_class(s.status),
         status = esc(&status),
-        desired = esc(&s.desired.to_string()),
         running = esc(&running.to_string()),
-        message = esc(&s.message),
     )
 }
 
@@ -152,6 +170,14 @@ td.msg{max-width:28rem;color:#444;font-size:.8rem}small{color:#777}td.svc{font-w
 .ok{background:#2eb886}.bad{background:#d40e0d}.warn{background:#daa038}.busy{background:#3b82f6}.idle{background:#999}
 .dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.2rem}
 td.empty{color:#777;text-align:center;padding:2rem}
+td.img{overflow-wrap:anywhere}.pin{color:#b45309}
+.todo{margin-top:.35rem;padding:.3rem .5rem;background:#fff7e6;border-left:3px solid #daa038;color:#333}
+@media (max-width:720px){
+body{margin:.8rem}table,thead,tbody,tr,td{display:block;width:auto}thead{display:none}
+tr{margin:0 0 .8rem;border:1px solid #e5e5e5;border-radius:.4rem;background:#fff}
+td{border:0;padding:.3rem .7rem}td.msg{max-width:none}
+td[data-label]::before{content:attr(data-label);display:block;font-size:.7rem;color:#888;text-transform:uppercase}
+}
 ";
 
 const SCRIPT: &str = "

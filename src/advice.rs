@@ -1,0 +1,180 @@
+//! What an operator can do about a service that is not healthy: one short line per state, the
+//! same on the status page, in `depwatch status -o wide` and in the API. Pure: decided from the
+//! record alone.
+
+use crate::depfile::ServiceKey;
+use crate::domain::ServiceStatus;
+
+/// What the record says about a service, as far as advice needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Situation<'a> {
+    pub key: &'a ServiceKey,
+    pub status: ServiceStatus,
+    pub suspended: bool,
+    /// The version the file asks for failed and is pinned.
+    pub pinned: bool,
+    /// The failure reason or other message.
+    pub message: &'a str,
+}
+
+/// Whether a message says the API server refused depwatch's identity the right to act.
+fn forbidden(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("forbidden") || m.contains("403") || m.contains("unauthorized")
+}
+
+/// Whether a message says the Deployment or namespace does not exist.
+fn missing(message: &str) -> bool {
+    message.starts_with("no Deployment") || message.contains("no namespace")
+}
+
+/// The next step for a service, or `None` when it is healthy or a deploy is under way.
+pub fn next_step(s: Situation<'_>) -> Option<String> {
+    let key = s.key;
+    if s.suspended {
+        return Some(format!(
+            "file changes are not deployed: run `depwatch resume {key}` to deploy them again"
+        ));
+    }
+    if forbidden(s.message) {
+        return Some(format!(
+            "check depwatch's RBAC in namespace {} (get, list, watch, patch deployments), then run `depwatch retry {key}`",
+            key.namespace
+        ));
+    }
+    let retry = format!("`depwatch retry {key}`");
+    Some(match s.status {
+        ServiceStatus::Pending
+        | ServiceStatus::Deploying
+        | ServiceStatus::Retry
+        | ServiceStatus::Succeeded
+        | ServiceStatus::Unmanaged => return None,
+        ServiceStatus::WaitingForApi => {
+            "depwatch keeps retrying on its own: check that the Kubernetes API server is up and reachable (see /readyz)".into()
+        }
+        ServiceStatus::Unverified => format!(
+            "scale deployment/{} in {} above 0 replicas so a rollout can prove the images",
+            key.name, key.namespace
+        ),
+        ServiceStatus::Failed if missing(s.message) => format!(
+            "fix the file name or create the Deployment, then re-save the file or run {retry}"
+        ),
+        ServiceStatus::Failed if !s.pinned => {
+            format!("fix the cause above, then re-save the file or run {retry}")
+        }
+        ServiceStatus::Failed | ServiceStatus::TimedOut | ServiceStatus::RolledBack => format!(
+            "the version is pinned: write a fixed version into the file, or run {retry} to try it again"
+        ),
+        ServiceStatus::RollbackFailed => format!(
+            "the Deployment is not healthy: check `kubectl rollout status deployment/{} -n {}`, then run `depwatch rollback {key}`",
+            key.name, key.namespace
+        ),
+        ServiceStatus::Drifted => format!(
+            "someone changed the images outside depwatch: re-save the file to restore them, or write the running image into it (run {retry})"
+        ),
+        ServiceStatus::Invalid => {
+            "fix the file (`depwatch check` lists every problem with its line)".into()
+        }
+        ServiceStatus::Unreadable => {
+            "make the file a regular, readable file inside the directory, within --max-file-size".into()
+        }
+        ServiceStatus::Paused => format!(
+            "run `kubectl rollout resume deployment/{} -n {}`, then {retry}",
+            key.name, key.namespace
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn advice(status: ServiceStatus, suspended: bool, pinned: bool, message: &str) -> String {
+        let key = ServiceKey::new("web", "prod").expect("key");
+        next_step(Situation {
+            key: &key,
+            status,
+            suspended,
+            pinned,
+            message,
+        })
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_unhealthy_state_says_what_to_do_and_healthy_ones_say_nothing() {
+        use ServiceStatus as S;
+        let table: &[(ServiceStatus, bool, bool, &str, &str)] = &[
+            (S::Succeeded, false, false, "", ""),
+            (S::Deploying, false, false, "", ""),
+            (S::Pending, false, false, "", ""),
+            (S::Retry, false, false, "", ""),
+            (S::Unmanaged, false, false, "", ""),
+            (S::Succeeded, true, false, "", "depwatch resume prod/web"),
+            (
+                S::WaitingForApi,
+                false,
+                false,
+                "connection refused",
+                "/readyz",
+            ),
+            (S::Unverified, false, false, "", "above 0 replicas"),
+            (
+                S::Failed,
+                false,
+                false,
+                "no Deployment web in namespace prod",
+                "create the Deployment",
+            ),
+            (
+                S::Failed,
+                false,
+                false,
+                "deployments.apps \"web\" is forbidden",
+                "RBAC",
+            ),
+            (S::Failed, false, true, "ImagePullBackOff", "pinned"),
+            (
+                S::Failed,
+                false,
+                false,
+                "resolving containers",
+                "depwatch retry prod/web",
+            ),
+            (S::TimedOut, false, true, "", "pinned"),
+            (S::RolledBack, false, true, "", "depwatch retry prod/web"),
+            (
+                S::RollbackFailed,
+                false,
+                false,
+                "",
+                "depwatch rollback prod/web",
+            ),
+            (S::Drifted, false, false, "", "re-save the file"),
+            (S::Invalid, false, false, "", "depwatch check"),
+            (S::Unreadable, false, false, "", "readable"),
+            (
+                S::Paused,
+                false,
+                false,
+                "Deployment is paused",
+                "kubectl rollout resume deployment/web -n prod",
+            ),
+        ];
+        for (status, suspended, pinned, message, want) in table {
+            let got = advice(*status, *suspended, *pinned, message);
+            if want.is_empty() {
+                assert!(got.is_empty(), "{status}: {got}");
+            } else {
+                assert!(got.contains(want), "{status} {message:?}: {got}");
+            }
+        }
+        // Every status is covered by the table.
+        for status in ServiceStatus::ALL {
+            assert!(
+                table.iter().any(|(s, ..)| s == status),
+                "{status} has no row"
+            );
+        }
+    }
+}

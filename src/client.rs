@@ -1,0 +1,428 @@
+//! The operator commands as the CLI runs them: against the local record, or a running daemon's
+//! API with `--api URL --token-file F`. Both print the same views the same way.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+use crate::cli::{Output, ServiceArgs, Target};
+use crate::depfile::ServiceKey;
+use crate::domain::Images;
+use crate::http::api::{Accepted, ServiceDetail, ServiceView};
+use crate::operator::{self, Caller};
+use crate::store::{DeployRecord, Store};
+
+/// An operator command that did not work; the message says why and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(pub String);
+
+impl From<crate::store::StoreError> for ClientError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ClientError(e.to_string())
+    }
+}
+
+impl From<operator::OperatorError> for ClientError {
+    fn from(e: operator::OperatorError) -> Self {
+        ClientError(e.to_string())
+    }
+}
+
+/// A running daemon's API.
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// `:8080`, `host:8080` or a full URL, as a base URL.
+pub fn api_base(api: &str) -> String {
+    let api = api.trim().trim_end_matches('/');
+    if api.contains("://") {
+        api.to_string()
+    } else if let Some(port) = api.strip_prefix(':') {
+        format!("http://127.0.0.1:{port}")
+    } else {
+        format!("http://{api}")
+    }
+}
+
+/// The token in a client token file: the token alone, or the first `name:token` line of a
+/// daemon's token file. Comments and blank lines are skipped.
+pub fn read_token(path: &Path) -> Result<String, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ClientError(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| ClientError(format!("the token file {} is empty", path.display())))?;
+    let token = line.split_once(':').map_or(line, |(_, t)| t.trim());
+    if token.is_empty() {
+        return Err(ClientError(format!(
+            "the token file {} has no token after the name",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
+}
+
+impl Remote {
+    pub fn new(api: &str, token_file: Option<&Path>) -> Result<Remote, ClientError> {
+        let token = token_file.map(read_token).transpose()?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("depwatch/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError(format!("cannot build an HTTP client: {e}")))?;
+        Ok(Remote {
+            base: api_base(api),
+            token,
+            http,
+        })
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        sent: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<T, ClientError> {
+        let base = &self.base;
+        let resp =
+            sent.map_err(|e| ClientError(format!("cannot reach the depwatch API at {base}: {e}")))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            let why = serde_json::from_str::<crate::http::ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or(body);
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+                " (changes need --token-file)"
+            } else {
+                ""
+            };
+            return Err(ClientError(format!(
+                "the depwatch API at {base} answered {status} to {what}: {why}{hint}"
+            )));
+        }
+        resp.json().await.map_err(|e| {
+            ClientError(format!(
+                "the depwatch API at {base} sent unexpected JSON for {what}: {e}"
+            ))
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let sent = self.http.get(format!("{}{path}", self.base)).send().await;
+        self.answer(&format!("GET {path}"), sent).await
+    }
+
+    async fn post(&self, path: &str) -> Result<String, ClientError> {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let sent = req.send().await;
+        let accepted: Accepted = self.answer(&format!("POST {path}"), sent).await?;
+        Ok(accepted.message)
+    }
+}
+
+/// The local record, read-only.
+fn reading(t: &Target) -> Result<Store, ClientError> {
+    Ok(Store::open_for_reading(
+        &t.state_dir,
+        t.database_url.as_deref(),
+    )?)
+}
+
+/// The local record, to change.
+fn writing(t: &Target) -> Result<Store, ClientError> {
+    Ok(Store::open_or_connect(
+        &t.state_dir,
+        t.database_url.as_deref(),
+    )?)
+}
+
+fn remote(t: &Target) -> Result<Option<Remote>, ClientError> {
+    t.api
+        .as_deref()
+        .map(|api| Remote::new(api, t.token_file.as_deref()))
+        .transpose()
+}
+
+/// Every service, as the API shows them (a local read never asks the cluster what runs).
+pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
+    if let Some(r) = remote(t)? {
+        return r.get("/api/v1/services").await;
+    }
+    let store = reading(t)?;
+    let mut out = Vec::new();
+    for record in store.services()? {
+        let last = store.history(Some(&record.key()), 1)?.into_iter().next();
+        out.push(ServiceView::new(record, Images::new(), last));
+    }
+    Ok(out)
+}
+
+/// A service's deploys, newest first; an unknown service is an error.
+pub async fn history(
+    t: &Target,
+    key: &ServiceKey,
+    limit: usize,
+) -> Result<Vec<DeployRecord>, ClientError> {
+    if let Some(r) = remote(t)? {
+        // An unknown service is an error (404), not an empty history.
+        let _: ServiceDetail = r
+            .get(&format!("/api/v1/services/{}/{}", key.namespace, key.name))
+            .await?;
+        return r
+            .get(&format!(
+                "/api/v1/deploys?service={}/{}&limit={limit}",
+                key.namespace, key.name
+            ))
+            .await;
+    }
+    let store = reading(t)?;
+    if store.service(key)?.is_none() {
+        return Err(ClientError(format!(
+            "service {key} is not in the record (see `depwatch status` for the services depwatch manages)"
+        )));
+    }
+    Ok(store.history(Some(key), limit)?)
+}
+
+/// An operator action.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    Retry,
+    Rollback { to: Option<i64> },
+    Suspend,
+    Resume,
+}
+
+/// Run an action locally or through the API; the answer says what happens next.
+pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError> {
+    let key = a.key().map_err(ClientError)?;
+    if let Some(r) = remote(&a.target)? {
+        let base = format!("/api/v1/services/{}/{}", key.namespace, key.name);
+        let path = match action {
+            Action::Retry => format!("{base}/retry"),
+            Action::Rollback { to: None } => format!("{base}/rollback"),
+            Action::Rollback { to: Some(id) } => format!("{base}/rollback?to={id}"),
+            Action::Suspend => format!("{base}/suspend"),
+            Action::Resume => format!("{base}/resume"),
+        };
+        return r.post(&path).await;
+    }
+    let store = writing(&a.target)?;
+    let actor = operator::local_actor();
+    let caller = Caller {
+        actor: &actor,
+        root: None,
+    };
+    Ok(match action {
+        Action::Retry => operator::retry(&store, &key, caller)?,
+        Action::Rollback { to } => operator::rollback(&store, &key, to, caller)?,
+        Action::Suspend => operator::suspend(&store, &key, true, caller)?,
+        Action::Resume => operator::suspend(&store, &key, false, caller)?,
+    })
+}
+
+/// Images for a table cell: the image alone for one container, `-` for none.
+fn cell(images: &Images) -> String {
+    match images.len() {
+        0 => "-".into(),
+        1 => images.values().next().cloned().unwrap_or_default(),
+        _ => images.to_string(),
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.replace(['\n', '\r'], " ")
+    }
+}
+
+/// Columns padded to their widest cell.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<String, ClientError> {
+    match output {
+        Output::Yaml => serde_saphyr::to_string(value)
+            .map_err(|e| ClientError(format!("cannot print YAML: {e}"))),
+        _ => serde_json::to_string_pretty(value)
+            .map(|s| s + "\n")
+            .map_err(|e| ClientError(format!("cannot print JSON: {e}"))),
+    }
+}
+
+/// `depwatch status` output.
+pub fn render_services(services: &[ServiceView], output: Output) -> Result<String, ClientError> {
+    if matches!(output, Output::Json | Output::Yaml) {
+        return structured(&services, output);
+    }
+    let wide = output == Output::Wide;
+    let mut head = vec![
+        "SERVICE",
+        "STATUS",
+        "DESIRED",
+        "DEPLOYED",
+        "PINNED",
+        "SUSPENDED",
+    ];
+    if wide {
+        head.extend(["RUNNING", "LAST GOOD", "UPDATED"]);
+    }
+    head.push("REASON");
+    if wide {
+        head.push("NEXT STEP");
+    }
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for s in services {
+        let mut row = vec![
+            s.key(),
+            s.status.to_string(),
+            cell(&s.desired),
+            cell(&s.deployed),
+            cell(&s.pinned),
+            if s.suspended { "yes" } else { "no" }.into(),
+        ];
+        if wide {
+            row.extend([cell(&s.running), cell(&s.last_good), or_dash(&s.updated_at)]);
+        }
+        row.push(or_dash(&s.message));
+        if wide {
+            row.push(or_dash(&s.next_step));
+        }
+        rows.push(row);
+    }
+    Ok(table(&rows))
+}
+
+/// `depwatch history` output.
+pub fn render_history(history: &[DeployRecord], output: Output) -> Result<String, ClientError> {
+    if matches!(output, Output::Json | Output::Yaml) {
+        return structured(&history, output);
+    }
+    let wide = output == Output::Wide;
+    let mut head = vec!["ID", "STARTED", "OUTCOME", "TRIGGER"];
+    if wide {
+        head.extend(["ACTOR", "ENDED", "REQUEST"]);
+    }
+    head.extend(["FROM", "TO", "MESSAGE"]);
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for d in history {
+        let mut row = vec![
+            d.id.to_string(),
+            d.started_at.clone(),
+            d.outcome.to_string(),
+            d.trigger.to_string(),
+        ];
+        if wide {
+            row.extend([
+                or_dash(&d.actor),
+                or_dash(d.ended_at.as_deref().unwrap_or_default()),
+                or_dash(&d.request_id),
+            ]);
+        }
+        row.extend([
+            cell(&Images::parse(&d.from_image)),
+            cell(&Images::parse(&d.to_image)),
+            or_dash(&d.message),
+        ]);
+        rows.push(row);
+    }
+    Ok(table(&rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_addresses_are_written_like_listen_addresses() {
+        assert_eq!(api_base(":8080"), "http://127.0.0.1:8080");
+        assert_eq!(api_base("10.0.0.5:8080/"), "http://10.0.0.5:8080");
+        assert_eq!(api_base("https://dw.example"), "https://dw.example");
+    }
+
+    #[test]
+    fn a_token_file_holds_a_token_or_a_named_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t");
+        for (text, want) in [
+            ("s3cret-token\n", "s3cret-token"),
+            ("# mine\nci:s3cret-token\nother:x\n", "s3cret-token"),
+        ] {
+            std::fs::write(&p, text).expect("write");
+            assert_eq!(read_token(&p).expect(text), want);
+        }
+        std::fs::write(&p, "\n# nothing\n").expect("write");
+        assert!(read_token(&p).expect_err("empty").0.contains("is empty"));
+    }
+
+    #[test]
+    fn tables_show_the_pin_and_the_suspension() {
+        let view = ServiceView {
+            namespace: "prod".into(),
+            name: "web".into(),
+            status: crate::domain::ServiceStatus::RolledBack,
+            desired: Images::parse("web=r/web:2"),
+            deployed: Images::parse("web=r/web:1"),
+            pinned: Images::parse("web=r/web:2"),
+            suspended: true,
+            message: "ImagePullBackOff: no such tag\nsecond line".into(),
+            next_step: "run it".into(),
+            ..ServiceView::default()
+        };
+        let out = render_services(std::slice::from_ref(&view), Output::Table).expect("table");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        for want in [
+            "PINNED",
+            "SUSPENDED",
+            "REASON",
+            "prod/web",
+            "rolled_back",
+            "r/web:2",
+            "yes",
+        ] {
+            assert!(out.contains(want), "{want}: {out}");
+        }
+        assert!(!out.contains("NEXT STEP"));
+        let wide = render_services(std::slice::from_ref(&view), Output::Wide).expect("wide");
+        assert!(
+            wide.contains("NEXT STEP") && wide.contains("run it"),
+            "{wide}"
+        );
+        let yaml = render_services(std::slice::from_ref(&view), Output::Yaml).expect("yaml");
+        assert!(yaml.contains("pinned: web=r/web:2"), "{yaml}");
+        let json = render_services(&[view], Output::Json).expect("json");
+        let back: Vec<ServiceView> = serde_json::from_str(&json).expect("json parses");
+        assert_eq!(back[0].pinned, Images::parse("web=r/web:2"));
+    }
+}
