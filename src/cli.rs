@@ -64,6 +64,71 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// The manual page (roff): the command, then each subcommand with its synopsis and options.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut cmd = <Args as clap::CommandFactory>::command();
+    cmd.build();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut part = Vec::new();
+        man.render_synopsis_section(&mut part)?;
+        man.render_description_section(&mut part)?;
+        man.render_options_section(&mut part)?;
+        let text = String::from_utf8_lossy(&part);
+        // One section per subcommand; its own sections become subsections.
+        out.extend_from_slice(
+            format!(".SH \"DEPWATCH {}\"\n", sub.get_name().to_uppercase()).as_bytes(),
+        );
+        for line in text.lines() {
+            let line = match line.strip_prefix(".SH ") {
+                Some("SYNOPSIS") => continue,
+                Some(heading) => format!(".SS {heading}"),
+                None => line.to_string(),
+            };
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+    }
+    out.extend_from_slice(environment_section(&cmd).as_bytes());
+    Ok(out)
+}
+
+/// Every environment variable a flag reads, with the flag and the commands that take it.
+fn environment_section(cmd: &clap::Command) -> String {
+    let mut vars: std::collections::BTreeMap<String, (String, Vec<String>)> = Default::default();
+    for sub in std::iter::once(cmd).chain(cmd.get_subcommands().filter(|s| !s.is_hide_set())) {
+        for arg in sub
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set() || sub.get_name() == cmd.get_name())
+        {
+            let (Some(env), Some(long)) = (arg.get_env().and_then(|e| e.to_str()), arg.get_long())
+            else {
+                continue;
+            };
+            let entry = vars
+                .entry(env.to_string())
+                .or_insert_with(|| (format!("--{long}"), Vec::new()));
+            entry.1.push(if sub.get_name() == cmd.get_name() {
+                "every command".to_string()
+            } else {
+                sub.get_name().to_string()
+            });
+        }
+    }
+    let mut out = String::from(".SH ENVIRONMENT\nEach variable sets the flag named beside it; the flag on the command line wins. A .env file in the working directory is read too.\n");
+    for (var, (flag, commands)) in vars {
+        out.push_str(&format!(
+            ".TP\n\\fB{var}\\fR\nas \\fB{}\\fR ({})\n",
+            flag.replace('-', "\\-"),
+            commands.join(", ")
+        ));
+    }
+    out.push_str(".TP\n\\fBNO_COLOR\\fR\nno colour in logs, even on a terminal\n.TP\n\\fBRUST_LOG\\fR\nlog filter, e.g. \\fBinfo,depwatch=debug\\fR\n");
+    out
+}
+
 /// A listen address: `host:port`, `[v6]:port`, `localhost:port`, or `:port` for every interface
 /// (as Go servers and kubectl write it).
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {

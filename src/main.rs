@@ -162,17 +162,7 @@ async fn main() -> anyhow::Result<()> {
             clap_complete::generate(c.shell, &mut cmd, "depwatch", &mut std::io::stdout());
         }
         Command::Man => {
-            let cmd = <Args as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_mangen::Man::new(cmd)
-                .render(&mut out)
-                .context("rendering the manual page")?;
-            for sub in <Args as clap::CommandFactory>::command().get_subcommands() {
-                clap_mangen::Man::new(sub.clone())
-                    .render_subcommands_section(&mut out)
-                    .ok();
-            }
-            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &depwatch::cli::man_page()?)?;
         }
         Command::Demo(demo) => {
             let cancel = shutdown_token();

@@ -340,6 +340,10 @@ impl Attempt<'_> {
             if settled {
                 s.content_hash = d.hash.clone();
             }
+            if status == ServiceStatus::Paused {
+                // Known and valid, only not rolled out: the page shows what waits.
+                s.desired = Images::parse(requested);
+            }
             s.status = status;
             s.message = message.to_string();
         });

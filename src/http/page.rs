@@ -139,10 +139,18 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     )
 }
 
-async fn rows(state: &HttpState) -> String {
-    let records = state.store.services().unwrap_or_default();
-    if records.is_empty() {
+async fn rows(state: &HttpState, filter: Option<&str>) -> String {
+    let all = state.store.services().unwrap_or_default();
+    let total = all.len();
+    let records: Vec<_> = all.into_iter().filter(|r| shown(r, filter)).collect();
+    if total == 0 {
         return "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into();
+    }
+    if records.is_empty() {
+        return format!(
+            "<tr><td colspan=\"7\" class=\"empty\">No service is {}. <a href=\"/\">Show all {total}</a></td></tr>",
+            esc(filter.unwrap_or_default())
+        );
     }
     let mut out = String::new();
     for r in records {
@@ -157,6 +165,17 @@ async fn rows(state: &HttpState) -> String {
 pub struct PageQuery {
     /// Return only the table rows (used by the page's live refresh).
     pub rows: Option<u8>,
+    /// Only services with this status (e.g. `failed`), or `suspended`.
+    pub status: Option<String>,
+}
+
+/// Whether a service is shown under a `status` filter.
+fn shown(r: &crate::store::ServiceRecord, filter: Option<&str>) -> bool {
+    match filter {
+        None | Some("") => true,
+        Some("suspended") => r.suspended,
+        Some(word) => r.status.as_str() == word,
+    }
 }
 
 const STYLE: &str = "
@@ -186,7 +205,8 @@ const SCRIPT: &str = "
   var busy=false;
   function refresh(){
     if(busy)return;busy=true;
-    fetch('/?rows=1').then(function(r){return r.text()}).then(function(t){
+    var q=new URLSearchParams(location.search);q.set('rows','1');
+    fetch('/?'+q.toString()).then(function(r){return r.text()}).then(function(t){
       document.getElementById('rows').innerHTML=t;
       document.getElementById('live').textContent='live';
     }).finally(function(){busy=false});
@@ -204,7 +224,7 @@ pub async fn status_page(
     State(state): State<Arc<HttpState>>,
     Query(q): Query<PageQuery>,
 ) -> Html<String> {
-    let body = rows(&state).await;
+    let body = rows(&state, q.status.as_deref()).await;
     if q.rows.is_some() {
         return Html(body);
     }
