@@ -280,7 +280,7 @@ async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
 /// A paused Deployment would take the patch and roll nothing out: it fails at once, with that
 /// reason, and nothing is patched or pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_deployment_fails_at_once_without_a_patch() {
+async fn a_paused_deployment_is_reported_paused_at_once_without_a_patch() {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 2)
         .await;
@@ -298,7 +298,7 @@ async fn a_paused_deployment_fails_at_once_without_a_patch() {
     let k = key("web", "prod");
     env.write_dep("web_prod.dep", "1.1.0\n");
     // Well inside the rollout timeout: the verdict does not wait for it.
-    wait_status(&env, &k, ServiceStatus::Failed, Duration::from_secs(15)).await;
+    wait_status(&env, &k, ServiceStatus::Paused, Duration::from_secs(15)).await;
     let m = env.wait_messages(1).await;
     assert_eq!(colour(&m[0]), "#d40e0d");
     assert!(
