@@ -19,8 +19,10 @@ pub struct Situation<'a> {
 
 /// Whether a message says the API server refused depwatch's identity the right to act.
 fn forbidden(message: &str) -> bool {
+    // Kubernetes says "… is forbidden: User … cannot patch resource …" (403) and
+    // "Unauthorized" (401); a bare number could be part of an image tag.
     let m = message.to_ascii_lowercase();
-    m.contains("forbidden") || m.contains("403") || m.contains("unauthorized")
+    m.contains("forbidden") || m.contains("unauthorized")
 }
 
 /// Whether a message says the Deployment or namespace does not exist.
@@ -134,6 +136,14 @@ mod tests {
                 "RBAC",
             ),
             (S::Failed, false, true, "ImagePullBackOff", "pinned"),
+            (
+                S::RolledBack,
+                false,
+                true,
+                "ImagePullBackOff: example.com/web:1.403",
+                "pinned",
+            ),
+            (S::WaitingForApi, false, false, "Unauthorized", "RBAC"),
             (
                 S::Failed,
                 false,

@@ -80,6 +80,11 @@ pub fn local_actor() -> String {
 /// again; a healthy, busy or broken-file service has nothing to retry.
 pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
     let key = r.key();
+    if r.suspended {
+        return Some(format!(
+            "{key} is suspended: nothing is deployed until `depwatch resume {key}`, which reads its file again"
+        ));
+    }
     if r.pinned().is_some() {
         return None;
     }
@@ -349,6 +354,9 @@ mod tests {
         r.content_hash = "h".into();
         r.failed_hash = "h".into();
         assert_eq!(retry_refusal(&r), None, "pinned");
+        r.suspended = true;
+        let why = retry_refusal(&r).expect("suspended");
+        assert!(why.contains("depwatch resume prod/web"), "{why}");
     }
 
     #[test]
