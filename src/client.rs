@@ -143,7 +143,7 @@ fn reading(t: &Target) -> Result<Store, ClientError> {
 
 /// The local record, to change.
 fn writing(t: &Target) -> Result<Store, ClientError> {
-    Ok(Store::open_or_connect(
+    Ok(Store::open_for_writing(
         &t.state_dir,
         t.database_url.as_deref(),
     )?)

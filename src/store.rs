@@ -34,6 +34,24 @@ pub enum StoreError {
     Postgres(String),
     #[error("no database at {}; use --state-dir, --database-url or --api", path.display())]
     Missing { path: PathBuf },
+    #[error("cannot read {}: {source}; run the command as the daemon's user (e.g. `sudo -u depwatch depwatch …`) or use --api", path.display())]
+    Denied {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} belongs to user {owner}, not to you; run the command as that user (e.g. `sudo -u depwatch depwatch …`) or use --api, so the database's journal files keep their owner", path.display())]
+    Owner { path: PathBuf, owner: u32 },
+}
+
+/// `depwatch.db` in `state_dir` if it is there: an operator command never creates the record.
+fn existing_db(state_dir: &Path) -> Result<(PathBuf, std::fs::Metadata), StoreError> {
+    let path = state_dir.join("depwatch.db");
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok((path, m)),
+        Ok(_) => Err(StoreError::Missing { path }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Missing { path }),
+        Err(source) => Err(StoreError::Denied { path, source }),
+    }
 }
 
 /// A service as last recorded.
@@ -510,13 +528,41 @@ impl Store {
     /// `depwatch.db` in `state_dir`, read-only, for commands that only look: a missing
     /// database is an error with a hint, never an empty one created on the spot.
     pub fn open_read_only(state_dir: &Path) -> Result<Store, StoreError> {
-        let path = state_dir.join("depwatch.db");
-        if !path.is_file() {
-            return Err(StoreError::Missing { path });
+        let (path, _) = existing_db(state_dir)?;
+        if let Err(source) = std::fs::File::open(&path) {
+            return Err(StoreError::Denied { path, source });
         }
         let flags =
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
         Ok(Store::sqlite(sqlite(&path, flags)?))
+    }
+
+    /// `depwatch.db` in `state_dir` for an operator command that changes it: never created
+    /// here (only the daemon creates the record), and only by the user who owns it, so the
+    /// journal files SQLite creates beside it keep the daemon's owner.
+    pub fn open_existing(state_dir: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let (path, meta) = existing_db(state_dir)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(StoreError::Owner {
+                path,
+                owner: meta.uid(),
+            });
+        }
+        let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|source| StoreError::Open { path, source })?;
+        Ok(Store::sqlite(conn))
+    }
+
+    /// The record at `--database-url` when given, else [`Self::open_existing`].
+    pub fn open_for_writing(
+        state_dir: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Store, StoreError> {
+        Store::postgres_or(database_url, || Store::open_existing(state_dir))
     }
 
     /// The record at `--database-url` when given, else [`Self::open_read_only`].

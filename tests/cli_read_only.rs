@@ -24,6 +24,10 @@ fn status_and_history_without_a_database_fail_with_a_hint_and_create_nothing() {
     for args in [
         vec!["status", "--state-dir", state_arg],
         vec!["history", "prod/web", "--state-dir", state_arg],
+        vec!["retry", "prod/web", "--state-dir", state_arg],
+        vec!["rollback", "prod/web", "--state-dir", state_arg],
+        vec!["suspend", "prod/web", "--state-dir", state_arg],
+        vec!["resume", "prod/web", "--state-dir", state_arg],
     ] {
         let out = depwatch(&args);
         assert!(!out.status.success(), "{args:?} must fail");
@@ -36,8 +40,74 @@ fn status_and_history_without_a_database_fail_with_a_hint_and_create_nothing() {
     }
     assert!(
         !state.exists(),
-        "a read-only command created the state directory"
+        "an operator command created the state directory"
     );
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Another user's record: reading it says whose it is and how to get at it, and changing it
+/// locally is refused, so SQLite's journal files never end up owned by the wrong user.
+#[test]
+fn another_users_record_is_refused_with_a_hint() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    {
+        let store = Store::open(&state).expect("open");
+        store
+            .update_service(&ServiceKey::new("web", "prod").expect("key"), |_| {})
+            .expect("record");
+    }
+    let db = state.join("depwatch.db");
+    let state_arg = state.to_str().expect("utf-8").to_string();
+    if is_root() {
+        // The record belongs to `nobody`, as it would to the daemon's user.
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown dir");
+        std::os::unix::fs::chown(&db, Some(65534), Some(65534)).expect("chown db");
+        let out = depwatch(&["retry", "prod/web", "--state-dir", &state_arg]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("belongs to user 65534") && stderr.contains("--api"),
+            "{stderr}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&state)
+            .expect("state")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no journal files: {leftovers:?}");
+        // Reading as another user, with the directory closed to others.
+        let out = Command::new("setpriv")
+            .args(["--reuid=1234", "--regid=1234", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_depwatch"))
+            .args(["status", "--state-dir", &state_arg])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("setpriv runs");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot read")
+                && stderr.contains("Permission denied")
+                && stderr.contains("sudo -u depwatch"),
+            "{stderr}"
+        );
+    } else {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+        let out = depwatch(&["status", "--state-dir", &state_arg]);
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot read") && stderr.contains("sudo -u depwatch"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]
