@@ -239,7 +239,7 @@ pub async fn run_with(
         cluster = %server,
         context = context.as_deref().unwrap_or("(in-cluster or default)"),
         bounds = %config.bounds.describe(),
-        record = if config.database_url.is_some() { "postgresql" } else { "sqlite" },
+        record = %store.describe(),
         "connected to the Kubernetes API"
     );
     if config.bounds.is_unbounded() {

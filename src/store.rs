@@ -15,6 +15,7 @@ use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 
 mod pg;
+mod pgtls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -281,6 +282,8 @@ fn private(state_dir: &Path, db: &Path) -> std::io::Result<()> {
 /// PostgreSQL (`--database-url`, shared by replicas) implement it; the same test suite runs on
 /// both. Calls are synchronous and short.
 pub trait Backend: Send + Sync {
+    /// What kind of record this is, for the start-up line (never a URL).
+    fn describe(&self) -> String;
     /// Record an API request, or return the one already under its idempotency key.
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
     fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError>;
@@ -323,6 +326,10 @@ impl Sqlite {
 }
 
 impl Backend for Sqlite {
+    fn describe(&self) -> String {
+        "sqlite".into()
+    }
+
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
         let conn = self.conn();
         conn.execute(
@@ -602,6 +609,11 @@ impl Store {
         Store::with_backend(Arc::new(Sqlite {
             conn: Mutex::new(conn),
         }))
+    }
+
+    /// What kind of record this is: `sqlite`, or `postgresql` with how it is protected.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
     fn with_backend(backend: Arc<dyn Backend>) -> Store {

@@ -62,6 +62,8 @@ CREATE TABLE requests (
 "];
 
 pub struct Postgres {
+    /// How the connections are protected, for the start-up line.
+    tls: &'static str,
     pool: Pool,
     /// Drives the pool's connections; shut down without blocking when the store goes.
     runtime: Option<tokio::runtime::Runtime>,
@@ -75,14 +77,17 @@ impl Drop for Postgres {
     }
 }
 
-fn pg_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Postgres(e.to_string())
+/// An error with its causes (a TLS failure's reason is a cause); never the URL.
+fn pg_error(e: impl std::error::Error) -> StoreError {
+    StoreError::Postgres(crate::deploy::error_chain(&e))
 }
 
 impl Postgres {
     pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+        let (url, tls) = super::pgtls::split(url).map_err(StoreError::Postgres)?;
+        let connector = super::pgtls::connector(&tls).map_err(StoreError::Postgres)?;
         // The error never repeats the URL: it may hold a password.
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Postgres(format!(
                 "--database-url is not a PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database"
             ))
@@ -93,9 +98,10 @@ impl Postgres {
             .enable_all()
             .build()
             .map_err(pg_error)?;
+        config.ssl_mode(tls.mode);
         let manager = Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -111,6 +117,7 @@ impl Postgres {
         let pg = Postgres {
             pool,
             runtime: Some(runtime),
+            tls: tls.describe(),
         };
         pg.migrate()?;
         Ok(pg)
@@ -219,6 +226,10 @@ fn request_row(row: &Row) -> RequestRecord {
 }
 
 impl Backend for Postgres {
+    fn describe(&self) -> String {
+        format!("postgresql ({})", self.tls)
+    }
+
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
         let r = r.clone();
         self.run(move |client| async move {

@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct Postgres {
     child: Option<Child>,
     pub url: String,
+    pub port: u16,
+    socket_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -35,8 +37,119 @@ fn as_postgres_user(bin: &Path, root: bool) -> Command {
     }
 }
 
+/// A certificate authority and a server certificate for `localhost` it signed, made with the
+/// `openssl` command, for a server that speaks TLS.
+pub struct Certs {
+    pub dir: PathBuf,
+    /// The CA's certificate (PEM): what `sslrootcert` names.
+    pub ca: PathBuf,
+    /// Another CA's certificate, which did not sign the server's.
+    pub other_ca: PathBuf,
+}
+
+fn openssl(args: &[&str], cwd: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Certs {
+    /// A CA, a second CA, and `server.crt`/`server.key` for DNS name `localhost` only.
+    pub fn make(dir: &Path) -> Certs {
+        std::fs::create_dir_all(dir).expect("certs dir");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for name in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            let (key, crt, subj) = (
+                format!("{name}.key"),
+                format!("{name}.crt"),
+                format!("/CN=depwatch test {name}"),
+            );
+            args.extend([
+                "-keyout",
+                &key,
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-subj",
+                &subj,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(&args, dir);
+        }
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        openssl(&args, dir);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+            dir,
+        );
+        Certs {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.crt"),
+            other_ca: dir.join("other-ca.crt"),
+        }
+    }
+}
+
 impl Postgres {
     pub async fn start() -> Postgres {
+        Postgres::start_with(None).await
+    }
+
+    /// A server that accepts only TLS connections over TCP, with `certs`' server certificate.
+    pub async fn start_tls(certs: &Certs) -> Postgres {
+        Postgres::start_with(Some(certs)).await
+    }
+
+    async fn start_with(tls: Option<&Certs>) -> Postgres {
         use std::os::unix::fs::PermissionsExt;
         let bin = bin_dir();
         // SAFETY: geteuid has no preconditions.
@@ -63,6 +176,29 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(certs) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for f in ["server.crt", "server.key"] {
+                let to = data.join(f);
+                std::fs::copy(certs.dir.join(f), &to).expect("copy cert");
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+                if root {
+                    std::os::unix::fs::chown(&to, Some(65534), Some(65534)).expect("chown");
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .expect("postgresql.conf");
+            std::io::Write::write_all(&mut conf, b"ssl = on\n").expect("ssl on");
+            // TLS or nothing over TCP; the socket (for the test's own set-up) stays open.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("pg_hba.conf");
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -82,18 +218,18 @@ impl Postgres {
         let pg = Postgres {
             child: Some(child),
             url,
+            port,
+            socket_dir: dir.path().to_path_buf(),
             _dir: dir,
         };
-        let url = pg.url.clone();
+        let admin = pg.admin();
         super::wait_for(
             "PostgreSQL to accept connections",
             Duration::from_secs(30),
             || {
-                let url = url.clone();
+                let admin = admin.clone();
                 async move {
-                    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                        .await
-                        .ok()?;
+                    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.ok()?;
                     tokio::spawn(conn);
                     client.simple_query("SELECT 1").await.ok().map(|_| ())
                 }
@@ -103,9 +239,21 @@ impl Postgres {
         pg
     }
 
+    /// The test's own connection: through the Unix socket, which never needs TLS.
+    fn admin(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&self.socket_dir)
+            .port(self.port)
+            .user("depwatch")
+            .dbname("postgres");
+        c
+    }
+
     /// A fresh, empty database on this server, for one test.
     pub async fn database(&self, name: &str) -> String {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (client, conn) = self
+            .admin()
+            .connect(tokio_postgres::NoTls)
             .await
             .expect("connect");
         tokio::spawn(conn);
