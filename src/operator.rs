@@ -133,14 +133,19 @@ pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<Stri
     Ok(format!("retrying {key}: {what}"))
 }
 
-/// Where an undo goes: the deploy whose images are restored, and those images laid over what
-/// the file asks for now. Pure: decided from the service's history (newest first).
+/// Where an undo goes: words for it (`deploy 41`, `the images before deploy 42`) and the
+/// images, laid over what the file asks for now. Pure: decided from the service's history
+/// (newest first).
+///
+/// Without `to`, the candidates are, newest first, what each healthy deploy left running and,
+/// for a deploy that changed images, what ran before it (so undoing the very first deploy goes
+/// back to what the cluster ran before depwatch). The first that differs from the file wins.
 pub fn undo_target(
     key: &ServiceKey,
     history: &[store::DeployRecord],
     desired: &Images,
     to: Option<i64>,
-) -> Result<(i64, Images), String> {
+) -> Result<(String, Images), String> {
     let healthy = |d: &store::DeployRecord| {
         matches!(
             d.outcome,
@@ -148,14 +153,14 @@ pub fn undo_target(
         )
     };
     // Only the containers the file sets are the file's to change.
-    let target_of = |d: &store::DeployRecord| {
-        let images: Images = Images::parse(&d.to_image)
+    let over_desired = |text: &str| {
+        let images: Images = Images::parse(text)
             .into_iter()
             .filter(|(c, _)| desired.get(c).is_some())
             .collect();
         desired.with(&images)
     };
-    let (id, target) = match to {
+    let (what, target) = match to {
         Some(id) => {
             let d = history.iter().find(|d| d.id == id).ok_or_else(|| {
                 format!("deploy {id} is not in the history of {key} (see `depwatch history {key}`)")
@@ -166,23 +171,27 @@ pub fn undo_target(
                     d.outcome.label()
                 ));
             }
-            (id, target_of(d))
+            (format!("deploy {id}"), over_desired(&d.to_image))
         }
         None => history
             .iter()
             .filter(|d| healthy(d))
-            .map(|d| (d.id, target_of(d)))
+            .flat_map(|d| {
+                let before = (d.outcome == DeployOutcome::Succeeded && !d.from_image.is_empty())
+                    .then(|| (format!("the images before deploy {}", d.id), over_desired(&d.from_image)));
+                std::iter::once((format!("deploy {}", d.id), over_desired(&d.to_image))).chain(before)
+            })
             .find(|(_, t)| !desired.changed_in(t).is_empty())
             .ok_or_else(|| {
-                format!("{key} has no earlier healthy deploy with other images to go back to (see `depwatch history {key}`)")
+                format!("{key} has no earlier healthy images to go back to (see `depwatch history {key}`)")
             })?,
     };
     if desired.changed_in(&target).is_empty() {
         return Err(format!(
-            "{key} already asks for {desired}: rolling back to deploy {id} would change nothing"
+            "{key} already asks for {desired}: rolling back to {what} would change nothing"
         ));
     }
-    Ok((id, target))
+    Ok((what, target))
 }
 
 /// Undo: write the images of the previous healthy deploy (or of deploy `to`) into the
@@ -201,7 +210,7 @@ pub fn rollback(
         )));
     }
     let history = store.history(Some(key), 100_000)?;
-    let (id, target) =
+    let (what, target) =
         undo_target(key, &history, &r.desired, to).map_err(OperatorError::Refused)?;
     let path = Path::new(&r.path);
     let bytes = crate::safefs::read_capped(root_of(caller.root, path), path, READ_CAP)?;
@@ -224,7 +233,7 @@ pub fn rollback(
         String::new()
     };
     Ok(format!(
-        "rolling back {key} to deploy {id}: {changes} written to {}{suspended}",
+        "rolling back {key} to {what}: {changes} written to {}{suspended}",
         r.path
     ))
 }
@@ -285,19 +294,29 @@ mod tests {
         }
     }
 
+    fn from(mut d: DeployRecord, before: &str) -> DeployRecord {
+        d.from_image = before.into();
+        d
+    }
+
     #[test]
     fn undo_goes_to_the_previous_healthy_images_or_the_named_deploy() {
         use DeployOutcome as O;
-        // Newest first: 3 failed and was rolled back; 2 is what the file asks for now.
+        // Newest first: 4 failed and was rolled back; 3 is what the file asks for now.
         let history = vec![
-            deploy(4, "web=r/web:3", O::RolledBack),
-            deploy(3, "web=r/web:2", O::Succeeded),
+            from(deploy(4, "web=r/web:3", O::RolledBack), "web=r/web:2"),
+            from(deploy(3, "web=r/web:2", O::Succeeded), "web=r/web:1"),
             deploy(2, "web=r/web:1", O::Unchanged),
             deploy(1, "web=r/web:0", O::Unverified),
         ];
         let now = Images::parse("web=r/web:2");
         let pick = |to| undo_target(&key(), &history, &now, to);
-        assert_eq!(pick(None), Ok((2, Images::parse("web=r/web:1"))));
+        let target = |what: &str, images: &str| Ok((what.to_string(), Images::parse(images)));
+        assert_eq!(
+            pick(None),
+            target("the images before deploy 3", "web=r/web:1")
+        );
+        assert_eq!(pick(Some(2)), target("deploy 2", "web=r/web:1"));
         assert!(pick(Some(3))
             .expect_err("no-op")
             .contains("would change nothing"));
@@ -314,13 +333,19 @@ mod tests {
         let pinned = Images::parse("web=r/web:3");
         assert_eq!(
             undo_target(&key(), &history, &pinned, None),
-            Ok((3, Images::parse("web=r/web:2")))
+            target("deploy 3", "web=r/web:2")
         );
-        // A single healthy deploy has nothing before it.
-        let first = vec![deploy(1, "web=r/web:2", O::Succeeded)];
-        assert!(undo_target(&key(), &first, &now, None)
+        // The very first deploy is undone to what ran before depwatch.
+        let first = vec![from(deploy(1, "web=r/web:2", O::Succeeded), "web=r/web:1")];
+        assert_eq!(
+            undo_target(&key(), &first, &now, None),
+            target("the images before deploy 1", "web=r/web:1")
+        );
+        // An adoption has no before: nothing to go back to.
+        let adopted = vec![deploy(1, "web=r/web:2", O::Unchanged)];
+        assert!(undo_target(&key(), &adopted, &now, None)
             .expect_err("nothing earlier")
-            .contains("no earlier healthy deploy"));
+            .contains("no earlier healthy images"));
         // Containers the file does not set are left alone.
         let two = vec![
             deploy(2, "web=r/web:2, envoy=r/envoy:9", O::Succeeded),
@@ -328,7 +353,7 @@ mod tests {
         ];
         assert_eq!(
             undo_target(&key(), &two, &now, None),
-            Ok((1, Images::parse("web=r/web:1")))
+            target("deploy 1", "web=r/web:1")
         );
     }
 

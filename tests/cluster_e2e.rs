@@ -283,3 +283,67 @@ async fn a_missing_deployment_fails_with_the_closest_name_and_nothing_is_created
     d.stop();
     space.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_is_undo_and_a_paused_deployment_is_left_alone() {
+    let cluster = Cluster::start().await;
+    let space = Space::new(cluster.client().await, "undo").await;
+    let ns = space.ns.clone();
+    space.deployment("web", GOOD).await;
+    space.deployment("held", GOOD).await;
+    Api::<Deployment>::namespaced(space.client.clone(), &ns)
+        .patch(
+            "held",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .expect("pause");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (deps, state) = (dir.path().join("deps"), dir.path().join("state"));
+    std::fs::create_dir(&deps).expect("deps");
+    let file = deps.join(format!("web_{ns}.dep"));
+    std::fs::write(&file, format!("# from CI\n{NEWER}\n")).expect("write");
+    std::fs::write(deps.join(format!("held_{ns}.dep")), format!("{NEWER}\n")).expect("write");
+    let d = daemon(&cluster, &deps, &state, &ns);
+    outcome(&state, &ns, "web", "succeeded", Duration::from_secs(240)).await;
+    let message = outcome(&state, &ns, "held", "paused", Duration::from_secs(120)).await;
+    assert!(message.contains("kubectl rollout resume"), "{message}");
+    assert_eq!(
+        space.image("held").await,
+        GOOD,
+        "a paused Deployment is not patched"
+    );
+
+    // Undo: back to the images the cluster ran before, written in the file's own form.
+    let service = format!("{ns}/web");
+    let out = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["rollback", &service, "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("rollback runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).expect("file");
+    assert!(text.ends_with(&format!("# from CI\n{GOOD}\n")), "{text}");
+    wait_for(
+        "the earlier images healthy again",
+        Duration::from_secs(240),
+        || async {
+            let key = depwatch::depfile::ServiceKey::new("web", &ns).expect("key");
+            let r = depwatch::store::Store::open(&state)
+                .ok()?
+                .service(&key)
+                .ok()??;
+            (r.status.as_str() == "succeeded" && r.deployed.to_string().contains(GOOD))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(space.image("web").await, GOOD);
+    d.stop();
+    space.cleanup().await;
+}
