@@ -79,7 +79,6 @@ fn entries(
         message,
     };
     let lines: Vec<&str> = text.lines().collect();
-    let plain = is_plain(text);
     let mut out = Vec::new();
     for (container, image) in &spec.images {
         let name = match container {
@@ -98,10 +97,8 @@ fn entries(
                 })?
             }
         };
-        let line = if plain {
-            lines
-                .iter()
-                .position(|l| !depfile::strip_comment(l).is_empty())
+        let line = if let Some((n, _)) = depfile::plain_line(text) {
+            Some(n - 1)
         } else if key_line(&lines, "images", false).is_some() {
             key_line(&lines, &name, true)
         } else {
@@ -119,17 +116,6 @@ fn entries(
         });
     }
     Ok(out)
-}
-
-/// Whether the file is one plain value (a version, digest or reference), as the parser tells
-/// it from YAML.
-fn is_plain(text: &str) -> bool {
-    let meaningful: Vec<&str> = text
-        .lines()
-        .map(depfile::strip_comment)
-        .filter(|l| !l.is_empty())
-        .collect();
-    matches!(meaningful.as_slice(), [one] if !one.contains(": ") && !one.ends_with(':') && !one.starts_with('{'))
 }
 
 /// Replace the value on one line, keeping its key, quotes and comment.
@@ -178,7 +164,7 @@ pub fn set_images(
             )));
         }
     }
-    let plain = is_plain(text);
+    let plain = depfile::plain_line(text).is_some();
     for quote in [false, true] {
         let mut lines: Vec<String> = text
             .lines()

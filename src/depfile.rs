@@ -326,24 +326,40 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<DepSpec, DepFileError> {
     };
     let text = std::str::from_utf8(bytes)
         .map_err(|e| err(None, format!("not UTF-8 text ({e}); {EXPECTED}")))?;
-    let meaningful: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, strip_comment(l)))
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    match meaningful.as_slice() {
-        [] => Err(err(None, format!("the file is empty; {EXPECTED}"))),
-        [(line, value)]
-            if !value.contains(": ") && !value.ends_with(':') && !value.starts_with('{') =>
-        {
-            let spec = classify(value).map_err(|m| err(Some(*line), m))?;
+    if meaningful_lines(text).next().is_none() {
+        return Err(err(None, format!("the file is empty; {EXPECTED}")));
+    }
+    match plain_line(text) {
+        Some((line, value)) => {
+            let spec = classify(value).map_err(|m| err(Some(line), m))?;
             Ok(DepSpec {
                 images: vec![(None, spec)],
                 ..DepSpec::default()
             })
         }
-        _ => parse_yaml(file, text),
+        None => parse_yaml(file, text),
+    }
+}
+
+/// Lines with something besides comments, as `(1-based number, content)`.
+fn meaningful_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, strip_comment(l)))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// The one line of a plain file (a version, digest or reference alone) with its 1-based
+/// number; `None` for YAML or an empty file.
+pub fn plain_line(text: &str) -> Option<(usize, &str)> {
+    let mut lines = meaningful_lines(text);
+    match (lines.next(), lines.next()) {
+        (Some((n, value)), None)
+            if !value.contains(": ") && !value.ends_with(':') && !value.starts_with('{') =>
+        {
+            Some((n, value))
+        }
+        _ => None,
     }
 }
 

@@ -16,6 +16,16 @@ fn depwatch(args: &[&str]) -> std::process::Output {
         .expect("depwatch runs")
 }
 
+/// A state directory under `dir` whose record holds prod/web.
+fn record_with_one_service(dir: &std::path::Path) -> std::path::PathBuf {
+    let state = dir.join("state");
+    Store::open(&state)
+        .expect("open")
+        .update_service(&ServiceKey::new("web", "prod").expect("key"), |_| {})
+        .expect("record");
+    state
+}
+
 #[test]
 fn status_and_history_without_a_database_fail_with_a_hint_and_create_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -55,13 +65,7 @@ fn is_root() -> bool {
 fn another_users_record_is_refused_with_a_hint() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    {
-        let store = Store::open(&state).expect("open");
-        store
-            .update_service(&ServiceKey::new("web", "prod").expect("key"), |_| {})
-            .expect("record");
-    }
+    let state = record_with_one_service(dir.path());
     let db = state.join("depwatch.db");
     let state_arg = state.to_str().expect("utf-8").to_string();
     if is_root() {
@@ -113,13 +117,7 @@ fn another_users_record_is_refused_with_a_hint() {
 #[test]
 fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    {
-        let store = Store::open(&state).expect("open");
-        store
-            .update_service(&ServiceKey::new("web", "prod").expect("key"), |_| {})
-            .expect("record");
-    }
+    let state = record_with_one_service(dir.path());
     let db = state.join("depwatch.db");
     let before = std::fs::read(&db).expect("db");
     let state_arg = state.to_str().expect("utf-8");

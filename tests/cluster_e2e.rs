@@ -181,6 +181,24 @@ async fn outcome(state: &Path, ns: &str, name: &str, want: &str, within: Duratio
     .await
 }
 
+/// Wait until the record says the service is healthy running `image`.
+async fn healthy_with(state: &Path, ns: &str, name: &str, image: &str) {
+    let key = depwatch::depfile::ServiceKey::new(name, ns).expect("key");
+    wait_for(
+        &format!("{ns}/{name} healthy with {image}"),
+        Duration::from_secs(240),
+        || async {
+            let r = depwatch::store::Store::open(state)
+                .ok()?
+                .service(&key)
+                .ok()??;
+            (r.status.as_str() == "succeeded" && r.deployed.to_string().contains(image))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_version_deploys_a_missing_tag_rolls_back_and_a_restart_redeploys_nothing() {
     let cluster = Cluster::start().await;
@@ -197,20 +215,7 @@ async fn a_new_version_deploys_a_missing_tag_rolls_back_and_a_restart_redeploys_
 
     // A new version: patched and healthy.
     std::fs::write(&file, format!("{NEWER}\n")).expect("write");
-    wait_for(
-        "the new version healthy",
-        Duration::from_secs(240),
-        || async {
-            let key = depwatch::depfile::ServiceKey::new("web", &ns).expect("key");
-            let r = depwatch::store::Store::open(&state)
-                .ok()?
-                .service(&key)
-                .ok()??;
-            (r.status.as_str() == "succeeded" && r.deployed.to_string().contains(NEWER))
-                .then_some(())
-        },
-    )
-    .await;
+    healthy_with(&state, &ns, "web", NEWER).await;
     assert_eq!(space.image("web").await, NEWER);
 
     // A tag that does not exist: failed with the pod's own reason, rolled back.
@@ -329,20 +334,7 @@ async fn rollback_is_undo_and_a_paused_deployment_is_left_alone() {
     );
     let text = std::fs::read_to_string(&file).expect("file");
     assert!(text.ends_with(&format!("# from CI\n{GOOD}\n")), "{text}");
-    wait_for(
-        "the earlier images healthy again",
-        Duration::from_secs(240),
-        || async {
-            let key = depwatch::depfile::ServiceKey::new("web", &ns).expect("key");
-            let r = depwatch::store::Store::open(&state)
-                .ok()?
-                .service(&key)
-                .ok()??;
-            (r.status.as_str() == "succeeded" && r.deployed.to_string().contains(GOOD))
-                .then_some(())
-        },
-    )
-    .await;
+    healthy_with(&state, &ns, "web", GOOD).await;
     assert_eq!(space.image("web").await, GOOD);
     d.stop();
     space.cleanup().await;
