@@ -482,9 +482,10 @@ async fn deploys_complete_through_api_server_errors_conflicts_and_short_watches(
         )
         .await;
     }
-    // From now on a fifth of requests fail, a fifth of writes conflict, watches end every second.
+    // From now on a fifth of requests fail, three writes in ten conflict (with a fifth, 20 PATCHes
+    // passed without one conflict about once in 30 runs), watches end every second.
     env.sim.faults().set_error_rate(0.2);
-    env.sim.faults().set_conflict_rate(0.2);
+    env.sim.faults().set_conflict_rate(0.3);
     env.sim.faults().set_watch_timeout(Duration::from_secs(1));
     let _daemon = env.daemon(&[]).await;
     for n in &names {
