@@ -24,6 +24,7 @@ use crate::deploy::attempt::{Engine, Permits};
 use crate::deploy::recorder::{ApiWaits, Recorder};
 use crate::deploy::{rollout::FailFast, DeployConfig, Deployer};
 use crate::domain::{DeployOutcome, Trigger};
+use crate::fence::Fence;
 use crate::ingest::{self, Ingest, IngestConfig};
 use crate::queue::Scheduler;
 use crate::store::{Store, StoreError};
@@ -179,12 +180,70 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> Result<(), 
     run_with(config, cancel, None).await
 }
 
-/// [`run`], telling `on_listen` where the status page and API listen.
+/// [`run`], telling `on_listen` where the status page and API listen. The stages, in order:
+/// start (record, cluster, HTTP), take over (the Lease, with `--leader-elect`), finish the
+/// unfinished rows and scan, serve until stopped, and drain.
 pub async fn run_with(
     config: DaemonConfig,
     cancel: CancellationToken,
     on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), DaemonError> {
+    let mut daemon = start(config, on_listen).await?;
+    if !daemon.take_over(&cancel).await? {
+        tracing::info!("stopped while standing by");
+        daemon.drain().await;
+        return Ok(());
+    }
+    daemon.finish_unfinished_and_scan().await?;
+    daemon.serve();
+    let lost = daemon.fence.lost();
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = lost.cancelled() => {}
+    }
+    daemon.drain().await;
+    if lost.is_cancelled() {
+        return Err(DaemonError::LostLease);
+    }
+    Ok(())
+}
+
+/// The running daemon's parts, handed from stage to stage.
+struct Running {
+    config: DaemonConfig,
+    /// One daemon per state directory, for as long as this lives.
+    _lock: crate::lock::StateLock,
+    /// The record, fenced: without a valid Lease nothing is written.
+    store: Store,
+    deployer: Deployer,
+    recorder: Recorder,
+    engine: Engine,
+    scheduler: Scheduler,
+    queue_rx: Option<mpsc::Receiver<crate::depfile::ServiceKey>>,
+    root_watch: Option<watch::RootWatch>,
+    event_rx: Option<mpsc::Receiver<watch::FileEvent>>,
+    overflow: Arc<AtomicBool>,
+    ingest: Option<Ingest>,
+    client: kube::Client,
+    /// Deploys in flight, drained at shutdown within the grace.
+    tracker: TaskTracker,
+    /// Notification senders, given a moment at exit to deliver what is queued.
+    senders: TaskTracker,
+    /// Cancelled to stop the stages (not the deploys in flight).
+    stages: CancellationToken,
+    set: tokio::task::JoinSet<()>,
+    scanned: Arc<AtomicBool>,
+    standby: Arc<AtomicBool>,
+    /// Writes allowed only while the Lease is held (always, without `--leader-elect`).
+    fence: Fence,
+}
+
+/// The first stage: the state directory, the record, the cluster, the HTTP server and the
+/// watch on the dependency directory. Nothing is deployed or written yet.
+async fn start(
+    config: DaemonConfig,
+    on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<Running, DaemonError> {
     if !config.deps_dir.is_dir() {
         return Err(DaemonError::DepsDir(config.deps_dir.clone()));
     }
@@ -199,20 +258,15 @@ pub async fn run_with(
         dir: config.state_dir.clone(),
         source,
     })?;
-    let _lock = crate::lock::StateLock::acquire(&config.state_dir)?;
-    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?;
+    let lock = crate::lock::StateLock::acquire(&config.state_dir)?;
+    let fence = match config.leader {
+        Some(_) => Fence::leased(),
+        None => Fence::open(),
+    };
+    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?
+        .fenced(fence.clone());
     if config.leader.is_some() && config.database_url.is_none() {
         tracing::warn!("--leader-elect without --database-url: each replica keeps its own record, so a standby that takes over does not know what the leader did");
-    }
-    // A standby writes nothing: retention waits for the Lease (the periodic task prunes then).
-    if config.leader.is_none() {
-        let pruned = store.prune(config.history_keep, config.history_max_age)?;
-        if pruned > 0 {
-            tracing::info!(pruned, "old deploy history removed (retention)");
-        }
-    }
-    for d in store.interrupted()? {
-        tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "a deploy was interrupted by a stop; it is judged again now");
     }
     let tokens = match &config.api_token_file {
         Some(path) => crate::http::read_tokens(path)?,
@@ -225,7 +279,66 @@ pub async fn run_with(
         Some(&metrics),
     )
     .await?;
-    // Which cluster, as whom, within which bounds: the first thing to check at 3 a.m.
+    log_start(&config, &server, &store);
+    let senders = TaskTracker::new();
+    let deployer = Deployer::new(
+        client.clone(),
+        DeployConfig {
+            bounds: Arc::new(config.bounds.clone()),
+            image_repo: config.image_repo.clone(),
+            rollout_timeout: config.rollout_timeout,
+            fail_fast: config.fail_fast,
+            server,
+        },
+    )
+    .fenced(fence.clone(), senders.clone());
+    let recorder = Recorder {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        notifier: notifier(&config, &metrics, &senders),
+        deployer: deployer.clone(),
+        api_waits: Arc::new(ApiWaits::default()),
+    };
+    let engine = Engine {
+        deployer: deployer.clone(),
+        recorder: recorder.clone(),
+        permits: Permits::new(config.workers),
+        rollback: config.rollback,
+    };
+    let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
+    // Watch before the first scan, so nothing written in between is missed.
+    // Room for a burst of 10,000 saves (two events each) without falling back to a rescan.
+    let (event_tx, event_rx) = mpsc::channel(32_768);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let root_watch = watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone())?;
+    let mut daemon = Running {
+        _lock: lock,
+        store,
+        deployer,
+        recorder,
+        engine,
+        scheduler,
+        queue_rx: Some(queue_rx),
+        root_watch: Some(root_watch),
+        event_rx: Some(event_rx),
+        overflow,
+        ingest: None,
+        client,
+        tracker: TaskTracker::new(),
+        senders,
+        stages: CancellationToken::new(),
+        set: tokio::task::JoinSet::new(),
+        scanned: Arc::new(AtomicBool::new(false)),
+        standby: Arc::new(AtomicBool::new(config.leader.is_some())),
+        fence,
+        config,
+    };
+    daemon.serve_http(tokens, metrics, on_listen).await?;
+    Ok(daemon)
+}
+
+/// Which cluster, as whom, within which bounds: the first thing to check at 3 a.m.
+fn log_start(config: &DaemonConfig, server: &str, store: &Store) {
     let context = config.context.clone().or_else(|| {
         let path = config
             .kubeconfig
@@ -245,7 +358,15 @@ pub async fn run_with(
     if config.bounds.is_unbounded() {
         tracing::warn!("no --namespaces or --allowed-images: any file writer or token holder can deploy any image to any namespace depwatch's RBAC reaches");
     }
-    let mut notifier = Notifier::new(metrics.clone());
+}
+
+/// Slack, the webhook and NATS, as configured; their senders belong to `senders`.
+fn notifier(
+    config: &DaemonConfig,
+    metrics: &crate::metrics::Metrics,
+    senders: &TaskTracker,
+) -> Notifier {
+    let mut notifier = Notifier::new(metrics.clone()).tracked(senders.clone());
     if let Some(url) = config.slack_webhook.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_slack(url, Duration::from_secs(10));
     }
@@ -255,62 +376,42 @@ pub async fn run_with(
     if let Some(url) = config.nats_url.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_nats(url);
     }
-    let deployer = Deployer::new(
-        client.clone(),
-        DeployConfig {
-            bounds: Arc::new(config.bounds.clone()),
-            image_repo: config.image_repo.clone(),
-            rollout_timeout: config.rollout_timeout,
-            fail_fast: config.fail_fast,
-            server,
-        },
-    );
-    let api_waits = Arc::new(ApiWaits::default());
-    let recorder = Recorder {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        notifier,
-        deployer: deployer.clone(),
-        api_waits: api_waits.clone(),
-    };
-    let engine = Engine {
-        deployer: deployer.clone(),
-        recorder: recorder.clone(),
-        permits: Permits::new(config.workers),
-        rollback: config.rollback,
-    };
-    let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
+    notifier
+}
 
-    // Watch before the first scan, so nothing written in between is missed.
-    // Room for a burst of 10,000 saves (two events each) without falling back to a rescan.
-    let (event_tx, event_rx) = mpsc::channel(32_768);
-    let overflow = Arc::new(AtomicBool::new(false));
-    let root_watch = watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone())?;
-
-    let tracker = TaskTracker::new();
-    let stages = CancellationToken::new();
-    let mut set = tokio::task::JoinSet::new();
-    let scanned = Arc::new(AtomicBool::new(false));
-    let standby = Arc::new(AtomicBool::new(config.leader.is_some()));
-    if let Some(addr) = config.http_addr {
+impl Running {
+    /// Serve the status page and API (also on a standby: reads, and its readiness).
+    async fn serve_http(
+        &mut self,
+        tokens: Vec<crate::http::Token>,
+        metrics: crate::metrics::Metrics,
+        on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    ) -> Result<(), DaemonError> {
+        let Some(addr) = self.config.http_addr else {
+            return Ok(());
+        };
+        let root_problem = match &self.root_watch {
+            Some(w) => w.problem.clone(),
+            None => Arc::default(),
+        };
         let state = Arc::new(crate::http::HttpState {
-            store: store.clone(),
-            deps_dir: config.deps_dir.clone(),
+            store: self.store.clone(),
+            deps_dir: self.config.deps_dir.clone(),
             tokens,
-            metrics: metrics.clone(),
-            queue: scheduler.stats.clone(),
-            scheduler: scheduler.clone(),
-            scanned: scanned.clone(),
-            standby: standby.clone(),
-            client: client.clone(),
-            watches: Some(deployer.watches().clone()),
-            api_waits: api_waits.clone(),
-            shutdown: stages.clone(),
+            metrics,
+            queue: self.scheduler.stats.clone(),
+            scheduler: self.scheduler.clone(),
+            scanned: self.scanned.clone(),
+            standby: self.standby.clone(),
+            client: self.client.clone(),
+            watches: Some(self.deployer.watches().clone()),
+            api_waits: self.recorder.api_waits.clone(),
+            shutdown: self.stages.clone(),
             post_lock: tokio::sync::Mutex::new(()),
             event_streams: Arc::new(tokio::sync::Semaphore::new(crate::http::MAX_EVENT_STREAMS)),
-            bounds: Arc::new(config.bounds.clone()),
-            max_file_size: config.max_file_size,
-            root_problem: root_watch.problem.clone(),
+            bounds: Arc::new(self.config.bounds.clone()),
+            max_file_size: self.config.max_file_size,
+            root_problem,
         });
         // Bound before anything else runs, so a taken port is a clear start-up error.
         let listener = tokio::net::TcpListener::bind(addr)
@@ -323,150 +424,197 @@ pub async fn run_with(
         if let Some(tx) = on_listen {
             let _ = tx.send(bound);
         }
-        set.spawn(crate::http::serve(
+        self.set.spawn(crate::http::serve(
             listener,
             state,
-            config.http_max_connections,
-            stages.clone(),
+            self.config.http_max_connections,
+            self.stages.clone(),
         ));
+        Ok(())
     }
-    // With --leader-elect, nothing below runs until this replica holds the Lease; meanwhile the
-    // watches a takeover needs are kept warm.
-    if config.leader.is_some() {
-        tokio::spawn(crate::leader::keep_warm(
-            deployer.watches().clone(),
-            store.clone(),
-            standby.clone(),
-        ));
-    }
-    let lost_lease = CancellationToken::new();
-    let _leadership = match &config.leader {
-        Some(leader) => {
-            match crate::leader::acquire(client.clone(), leader, &cancel, lost_lease.clone())
-                .await?
-            {
-                Some(held) => Some(held),
-                None => {
-                    tracing::info!("stopped while standing by");
-                    stages.cancel();
-                    while set.join_next().await.is_some() {}
-                    return Ok(());
-                }
-            }
-        }
-        None => None,
-    };
-    standby.store(false, std::sync::atomic::Ordering::SeqCst);
-    set.spawn(crate::queue::run(
-        engine,
-        scheduler.clone(),
-        queue_rx,
-        tracker.clone(),
-        stages.clone(),
-    ));
 
-    let mut ingest = Ingest::new(
-        config.deps_dir.clone(),
-        store.clone(),
-        scheduler.clone(),
-        crate::ingest::FileRules {
-            max_file_size: config.max_file_size,
-            bounds: Arc::new(config.bounds.clone()),
-        },
-    );
-    ingest.rescan(Trigger::Startup).await;
-    // Deploys a stop interrupted are resumed by their service's worker; those whose file is
-    // gone are closed here so the record never shows work in progress that nobody does.
-    for d in store.interrupted()? {
-        let key = crate::depfile::ServiceKey {
-            name: d.name.clone(),
-            namespace: d.namespace.clone(),
+    /// With `--leader-elect`, wait to hold the Lease, keeping the watches a takeover needs
+    /// warm meanwhile. `false` when stopped first.
+    async fn take_over(&mut self, cancel: &CancellationToken) -> Result<bool, DaemonError> {
+        let Some(leader) = self.config.leader.clone() else {
+            return Ok(true);
         };
-        if scheduler.desired(&key).is_none() {
-            store.finish_deploy(
-                d.id,
-                DeployOutcome::Interrupted,
-                "depwatch stopped during this deploy",
-            )?;
+        let warm = CancellationToken::new();
+        self.set.spawn(crate::leader::keep_warm(
+            self.deployer.watches().clone(),
+            self.store.clone(),
+            self.standby.clone(),
+            warm.clone(),
+        ));
+        let held =
+            crate::leader::acquire(self.client.clone(), &leader, cancel, self.fence.clone()).await;
+        warm.cancel();
+        if held?.is_none() {
+            return Ok(false);
         }
+        self.standby
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // A standby writes nothing: retention waited for the Lease.
+        Ok(true)
     }
-    scanned.store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!(dir = %crate::safefs::shown(&config.deps_dir), "watching for dependency file changes");
-    crate::sdnotify::ready(&format!(
-        "watching {}",
-        crate::safefs::shown(&config.deps_dir)
-    ));
-    crate::sdnotify::spawn_watchdog(stages.clone());
-    set.spawn(ingest::run(
-        IngestConfig {
-            quiet: config.quiet,
-            max_wait: config.max_wait,
-            resync: config.resync,
-        },
-        ingest,
-        root_watch,
-        event_rx,
-        overflow,
-        stages.clone(),
-    ));
 
-    let heal = config.self_heal.then(|| {
-        let (tx, mut rx) = mpsc::channel::<crate::depfile::ServiceKey>(1024);
-        let scheduler = scheduler.clone();
-        set.spawn(async move {
-            while let Some(key) = rx.recv().await {
-                if let Some(mut desired) = scheduler.desired(&key) {
-                    desired.trigger = Trigger::SelfHeal;
-                    desired.actor = "depwatch".into();
-                    scheduler.submit(key, desired).await;
-                }
+    /// Start the workers, then finish what a stop (or a dead leader) left unfinished: every
+    /// service with a deploy still in progress in the record is deployed again from the
+    /// cluster's state, even when its version is pinned (a rollback may be half done); rows
+    /// nobody can finish (the file is gone) are closed. Then the whole directory is compared
+    /// with the record.
+    async fn finish_unfinished_and_scan(&mut self) -> Result<(), DaemonError> {
+        let pruned = self
+            .store
+            .prune(self.config.history_keep, self.config.history_max_age)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "old deploy history removed (retention)");
+        }
+        let unfinished = self.store.interrupted()?;
+        for d in &unfinished {
+            let what = if d.restore.is_empty() {
+                "a deploy was interrupted by a stop; it is judged again now"
+            } else {
+                "a rollback was interrupted by a stop; it is finished now"
+            };
+            tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "{what}");
+        }
+        if let Some(rx) = self.queue_rx.take() {
+            self.set.spawn(crate::queue::run(
+                self.engine.clone(),
+                self.scheduler.clone(),
+                rx,
+                self.tracker.clone(),
+                self.stages.clone(),
+                self.fence.lost(),
+            ));
+        }
+        let mut ingest = Ingest::new(
+            self.config.deps_dir.clone(),
+            self.store.clone(),
+            self.scheduler.clone(),
+            crate::ingest::FileRules {
+                max_file_size: self.config.max_file_size,
+                bounds: Arc::new(self.config.bounds.clone()),
+            },
+        );
+        ingest.unfinished(unfinished.iter().map(|d| d.key()));
+        ingest.rescan(Trigger::Startup).await;
+        for d in self.store.interrupted()? {
+            if self.scheduler.desired(&d.key()).is_none() {
+                self.store.finish_deploy(
+                    d.id,
+                    DeployOutcome::Interrupted,
+                    "depwatch stopped during this deploy, and its file is gone: nobody finishes it",
+                )?;
             }
+        }
+        self.ingest = Some(ingest);
+        self.scanned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let dir = crate::safefs::shown(&self.config.deps_dir);
+        tracing::info!(dir = %dir, "watching for dependency file changes");
+        crate::sdnotify::ready(&format!("watching {dir}"));
+        crate::sdnotify::spawn_watchdog(self.stages.clone());
+        Ok(())
+    }
+
+    /// The stages that run until shutdown: file events, drift (and self-heal), retention.
+    fn serve(&mut self) {
+        if let (Some(ingest), Some(root_watch), Some(event_rx)) = (
+            self.ingest.take(),
+            self.root_watch.take(),
+            self.event_rx.take(),
+        ) {
+            self.set.spawn(ingest::run(
+                IngestConfig {
+                    quiet: self.config.quiet,
+                    max_wait: self.config.max_wait,
+                    resync: self.config.resync,
+                },
+                ingest,
+                root_watch,
+                event_rx,
+                self.overflow.clone(),
+                self.stages.clone(),
+            ));
+        }
+        let heal = self.config.self_heal.then(|| {
+            let (tx, mut rx) = mpsc::channel::<crate::depfile::ServiceKey>(1024);
+            let scheduler = self.scheduler.clone();
+            self.set.spawn(async move {
+                while let Some(key) = rx.recv().await {
+                    if let Some(mut desired) = scheduler.desired(&key) {
+                        desired.trigger = Trigger::SelfHeal;
+                        desired.actor = "depwatch".into();
+                        scheduler.submit(key, desired).await;
+                    }
+                }
+            });
+            tx
         });
-        tx
-    });
-    set.spawn(crate::deploy::drift::run(
-        deployer,
-        recorder,
-        heal,
-        stages.clone(),
-    ));
-    let retention = store.clone();
-    let (keep, max_age, every) = (config.history_keep, config.history_max_age, config.resync);
-    let stop = stages.clone();
-    set.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {
-                    if let Err(e) = retention.prune(keep, max_age) {
-                        tracing::warn!(error = %e, "history retention failed");
+        self.set.spawn(crate::deploy::drift::run(
+            self.deployer.clone(),
+            self.recorder.clone(),
+            heal,
+            self.stages.clone(),
+        ));
+        let retention = self.store.clone();
+        let (keep, max_age, every) = (
+            self.config.history_keep,
+            self.config.history_max_age,
+            self.config.resync,
+        );
+        let stop = self.stages.clone();
+        self.set.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = retention.prune(keep, max_age) {
+                            tracing::warn!(error = %e, "history retention failed");
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
 
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = lost_lease.cancelled() => {}
+    /// Stop the stages, wait for in-flight deploys (within the grace; at once when the Lease
+    /// is lost, since they were cancelled), then give queued notifications a moment.
+    async fn drain(mut self) {
+        let lost = self.fence.lost().is_cancelled();
+        if lost {
+            tracing::warn!("the Lease is lost: in-flight deploys were stopped at once; the new leader finishes them");
+        } else {
+            tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");
+        }
+        crate::sdnotify::stopping("waiting for in-flight deploys");
+        self.stages.cancel();
+        while self.set.join_next().await.is_some() {}
+        self.tracker.close();
+        if tokio::time::timeout(self.config.shutdown_grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = %humantime::format_duration(self.config.shutdown_grace),
+                "in-flight deploys did not finish in time; they stay in progress in the record and are finished at the next start"
+            );
+        }
+        let Running {
+            recorder,
+            engine,
+            senders,
+            deployer,
+            ..
+        } = self;
+        let notifier = recorder.notifier.clone();
+        drop((recorder, engine, deployer));
+        notifier.close(senders, NOTIFY_GRACE).await;
     }
-    tracing::info!("shutting down: no new work is taken; waiting for in-flight deploys");
-    crate::sdnotify::stopping("waiting for in-flight deploys");
-    stages.cancel();
-    while set.join_next().await.is_some() {}
-    tracker.close();
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace = %humantime::format_duration(config.shutdown_grace),
-            "in-flight deploys did not finish in time; they stay in progress in the record and are judged at the next start"
-        );
-    }
-    if lost_lease.is_cancelled() {
-        return Err(DaemonError::LostLease);
-    }
-    Ok(())
 }
+
+/// How long queued notifications may take to go out at exit.
+const NOTIFY_GRACE: Duration = Duration::from_secs(5);

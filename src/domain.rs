@@ -148,6 +148,8 @@ vocabulary! {
         Interrupted = "interrupted",
         /// Images changed outside depwatch.
         Drift = "drift",
+        /// Someone else changed the images during depwatch's own rollout: not judged, drift.
+        ChangedOutside = "changed_outside",
     }
 }
 
@@ -230,7 +232,7 @@ impl DeployOutcome {
             DeployOutcome::TimedOut => ServiceStatus::TimedOut,
             DeployOutcome::RolledBack => ServiceStatus::RolledBack,
             DeployOutcome::RollbackFailed => ServiceStatus::RollbackFailed,
-            DeployOutcome::Drift => ServiceStatus::Drifted,
+            DeployOutcome::Drift | DeployOutcome::ChangedOutside => ServiceStatus::Drifted,
         })
     }
 
@@ -248,6 +250,7 @@ impl DeployOutcome {
             DeployOutcome::Superseded => "superseded",
             DeployOutcome::Interrupted => "interrupted",
             DeployOutcome::Drift => "drifted",
+            DeployOutcome::ChangedOutside => "changed outside depwatch",
         }
     }
 
@@ -262,7 +265,8 @@ impl DeployOutcome {
             | DeployOutcome::RolledBack
             | DeployOutcome::Superseded
             | DeployOutcome::Interrupted
-            | DeployOutcome::Drift => Tone::Warning,
+            | DeployOutcome::Drift
+            | DeployOutcome::ChangedOutside => Tone::Warning,
         }
     }
 }

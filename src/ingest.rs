@@ -21,7 +21,7 @@ use crate::depfile::{self, ServiceKey};
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
 use crate::safefs::{self, shown};
-use crate::store::{ServiceRecord, Store};
+use crate::store::{ServiceChange, ServiceRecord, Store};
 use crate::watch::FileEvent;
 
 pub fn content_hash(bytes: &[u8]) -> String {
@@ -66,6 +66,8 @@ pub struct Ingest {
     /// Every record, read once for the start-up scan: 10,000 files cost one query, not
     /// 10,000. Nothing deploys before that scan ends, so the copy cannot go stale.
     startup_records: Option<HashMap<ServiceKey, ServiceRecord>>,
+    /// Services with a deploy left in progress by a stop, not yet handed to the scheduler.
+    unfinished: HashSet<ServiceKey>,
 }
 
 impl Ingest {
@@ -78,6 +80,7 @@ impl Ingest {
             known: HashMap::new(),
             paths_of: HashMap::new(),
             startup_records: None,
+            unfinished: HashSet::new(),
         }
     }
 
@@ -134,12 +137,14 @@ impl Ingest {
         };
         let previous = String::from_utf8_lossy(&previous);
         if meaningful(&previous) == meaningful(text) {
-            let _ = self.store.update_service(key, |r| {
-                r.path = path.display().to_string();
-                r.content_hash = hash.to_string();
-                r.status = ServiceStatus::Succeeded;
-                r.message = format!("imported from {}", shown(&last));
-            });
+            let _ = self.store.change_service(
+                key,
+                ServiceChange::default()
+                    .path(path.display().to_string())
+                    .content_hash(hash)
+                    .status(ServiceStatus::Succeeded)
+                    .message(format!("imported from {}", shown(&last))),
+            );
             tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
         }
     }
@@ -148,19 +153,14 @@ impl Ingest {
     /// state stays.
     fn refuse(&mut self, key: &ServiceKey, path: &Path, status: ServiceStatus, message: String) {
         tracing::error!(service = %key, error = %message, "dependency file refused; nothing deployed, the last good state stays");
-        let _ = self.store.update_service(key, |r| {
-            if r.path.is_empty() {
-                r.path = path.display().to_string();
-            }
-            // A deploy under way keeps its status; its verdict comes later.
-            if !matches!(
-                r.status,
-                ServiceStatus::Deploying | ServiceStatus::WaitingForApi
-            ) {
-                r.status = status;
-            }
-            r.message = message.clone();
-        });
+        // A deploy under way keeps its status; its verdict comes later.
+        let _ = self.store.change_service(
+            key,
+            ServiceChange::default()
+                .path_if_unset(path.display().to_string())
+                .status_unless_deploying(status)
+                .message(message),
+        );
     }
 
     /// Images the file names in full must be within `--allowed-images` (plain versions are
@@ -185,6 +185,12 @@ impl Ingest {
             }
         }
         Ok(spec)
+    }
+
+    /// Services with a deploy left in progress: their file is handed to the scheduler at the
+    /// next read even when its version is pinned or unchanged, so the deploy is finished.
+    pub fn unfinished(&mut self, keys: impl IntoIterator<Item = ServiceKey>) {
+        self.unfinished.extend(keys);
     }
 
     /// Act on one path that may have changed.
@@ -232,10 +238,12 @@ impl Ingest {
                 if was_known && !still_defined {
                     tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
-                    let _ = self.store.update_service(&key, |r| {
-                        r.status = ServiceStatus::Unmanaged;
-                        r.message = format!("{} was removed", shown(path));
-                    });
+                    let _ = self.store.change_service(
+                        &key,
+                        ServiceChange::default()
+                            .status(ServiceStatus::Unmanaged)
+                            .message(format!("{} was removed", shown(path))),
+                    );
                 }
                 return;
             }
@@ -260,10 +268,12 @@ impl Ingest {
                 shown(path)
             );
             tracing::error!("{message}");
-            let _ = self.store.update_service(&key, |r| {
-                r.status = ServiceStatus::Invalid;
-                r.message = message.clone();
-            });
+            let _ = self.store.change_service(
+                &key,
+                ServiceChange::default()
+                    .status(ServiceStatus::Invalid)
+                    .message(message),
+            );
             return;
         }
         self.know(path, &key);
@@ -273,20 +283,22 @@ impl Ingest {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
-                let _ = self.store.update_service(&key, |r| {
-                    r.path = path.display().to_string();
-                    if r.status != ServiceStatus::Deploying {
-                        r.status = ServiceStatus::Invalid;
-                    }
-                    r.message = e.to_string();
-                });
+                let _ = self.store.change_service(
+                    &key,
+                    ServiceChange::default()
+                        .path(path.display().to_string())
+                        .status_unless_deploying(ServiceStatus::Invalid)
+                        .message(e.to_string()),
+                );
                 return;
             }
         };
         self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash)
             .await;
         let record = self.record(&key).unwrap_or_default();
-        if record.suspended {
+        // A deploy left in progress is finished whatever the record says of its version.
+        let unfinished = self.unfinished.remove(&key);
+        if record.suspended && !unfinished {
             tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`");
             return;
         }
@@ -294,13 +306,13 @@ impl Ingest {
         let retry_by = (record.status == ServiceStatus::Retry)
             .then(|| Asker::retry_actor(&record.message))
             .flatten();
-        if record.failed_hash == hash && retry_by.is_none() {
+        if record.failed_hash == hash && retry_by.is_none() && !unfinished {
             tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
             return;
         }
         // Drifted services keep their recorded content: only a file change (or --self-heal)
         // deploys again, never a resync or a restart.
-        if record.content_hash == hash && record.status.settled() {
+        if record.content_hash == hash && record.status.settled() && !unfinished {
             // Nothing to deploy, but the scheduler knows what is desired (for --self-heal).
             if self.scheduler.desired(&key).is_none() {
                 self.scheduler.remember(
@@ -318,7 +330,7 @@ impl Ingest {
             }
             return;
         }
-        if self.scheduler.busy_with(&key, &hash) {
+        if self.scheduler.busy_with(&key, &hash) && !unfinished {
             return;
         }
         // Who asked: an operator's retry, then the API request or operator's rollback that
@@ -405,10 +417,12 @@ impl Ingest {
             let gone = !r.path.is_empty() && !present.contains(path.as_path()) && !path.exists();
             if gone && r.status != ServiceStatus::Unmanaged {
                 tracing::info!(service = %r.key(), file = %r.path, "dependency file removed while depwatch was stopped; no longer managed");
-                let _ = self.store.update_service(&r.key(), |s| {
-                    s.status = ServiceStatus::Unmanaged;
-                    s.message = format!("{} was removed", r.path);
-                });
+                let _ = self.store.change_service(
+                    &r.key(),
+                    ServiceChange::default()
+                        .status(ServiceStatus::Unmanaged)
+                        .message(format!("{} was removed", r.path)),
+                );
             }
         }
     }

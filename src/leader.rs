@@ -1,15 +1,23 @@
 //! High availability (`--leader-elect`): replicas compete for a Kubernetes Lease through
 //! `kube-lease-manager`. Only the holder deploys and writes; the others serve the read API and
 //! wait. A standby that takes over starts as a restarted daemon would: it scans the directory
-//! against the shared record and judges again the deploys the old leader left in progress. A
+//! against the shared record and finishes the deploys the old leader left in progress. A
 //! leader that loses the Lease stops at once (its supervisor restarts it as a standby), so two
 //! replicas never act together.
+//!
+//! Stopping is not enough for a replica that was frozen (SIGSTOP, a paused VM) past its Lease:
+//! when it wakes, its tasks run before it learns the news. So the leader keeps the Lease's
+//! expiry in a [`Fence`] (read from the Lease object itself, every second), and every PATCH and
+//! record write checks it against the clock first.
 
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::fence::Fence;
 
 /// `--lease-name`, `--lease-namespace`, `--lease-duration`.
 #[derive(Debug, Clone)]
@@ -58,9 +66,10 @@ pub async fn keep_warm(
     watches: crate::deploy::cache::Watches,
     record: crate::store::Store,
     standby: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
 ) {
     let mut warm = std::collections::BTreeSet::new();
-    while standby.load(std::sync::atomic::Ordering::SeqCst) {
+    while standby.load(std::sync::atomic::Ordering::SeqCst) && !stop.is_cancelled() {
         let record = record.clone();
         let namespaces = tokio::task::spawn_blocking(move || record.services())
             .await
@@ -71,10 +80,16 @@ pub async fn keep_warm(
             .map(|r| r.namespace);
         for ns in namespaces {
             if warm.insert(ns.clone()) {
-                watches.namespace(&ns).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = watches.namespace(&ns) => {}
+                }
             }
         }
-        tokio::time::sleep(WARM_EVERY).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(WARM_EVERY) => {}
+        }
     }
 }
 
@@ -84,13 +99,60 @@ pub struct Leadership {
     _state: watch::Receiver<bool>,
 }
 
+/// The Lease's expiry as this replica may trust it: the renew time plus the duration, less a
+/// margin for the write in flight; `None` when the Lease is not this replica's.
+pub fn valid_until_ms(lease: &Lease, identity: &str, margin_ms: i64) -> Option<i64> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = spec.renew_time.as_ref()?.0.as_millisecond();
+    let duration = i64::from(spec.lease_duration_seconds?) * 1000;
+    Some(renewed + duration - margin_ms)
+}
+
+/// Keep `fence` at the Lease's expiry while this replica holds it; lose it the moment the
+/// Lease names someone else. A read that fails leaves the expiry as it was, so the fence closes
+/// by itself when the Lease can no longer be confirmed.
+async fn keep_fence(
+    api: kube::Api<Lease>,
+    name: String,
+    identity: String,
+    margin_ms: i64,
+    fence: Fence,
+) {
+    let lost = fence.lost();
+    let every = Duration::from_millis(500);
+    loop {
+        match api.get_opt(&name).await {
+            Ok(Some(lease)) => match valid_until_ms(&lease, &identity, margin_ms) {
+                Some(until) => fence.renewed_until(until),
+                None => {
+                    tracing::error!("the Lease names another holder; this replica stops acting");
+                    fence.lose();
+                    return;
+                }
+            },
+            Ok(None) => {
+                fence.lose();
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the Lease; its expiry stands"),
+        }
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Wait until this replica holds the Lease (or `cancel`). Returns `None` when cancelled first.
-/// Once held, `lost` is cancelled the moment the Lease is lost.
+/// Once held, `fence` is kept at the Lease's expiry, and lost the moment the Lease is.
 pub async fn acquire(
     client: kube::Client,
     config: &LeaderConfig,
     cancel: &CancellationToken,
-    lost: CancellationToken,
+    fence: Fence,
 ) -> Result<Option<Leadership>, LeaderError> {
     let namespace = config
         .lease_namespace
@@ -100,6 +162,7 @@ pub async fn acquire(
     let identity = identity();
     let duration = config.lease_duration.as_secs().max(2);
     let grace = (duration / 3).max(1);
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &namespace);
     let manager = LeaseManagerBuilder::new(client, &config.lease_name)
         .with_namespace(&namespace)
         .with_identity(&identity)
@@ -129,18 +192,67 @@ pub async fn acquire(
         }
     }
     tracing::info!(%identity, "leader: this replica holds the Lease and acts");
+    // Just acquired (or renewed): valid for a duration less the margin, until the keeper
+    // reads the Lease itself.
+    let margin_ms = i64::try_from(grace).unwrap_or(1) * 1000;
+    let duration_ms = i64::try_from(duration).unwrap_or(2) * 1000;
+    fence.renewed_until(jiff::Timestamp::now().as_millisecond() + duration_ms - margin_ms);
+    tokio::spawn(keep_fence(
+        leases,
+        config.lease_name.clone(),
+        identity.clone(),
+        margin_ms,
+        fence.clone(),
+    ));
     let mut watching = state.clone();
+    let lost = fence.lost();
     tokio::spawn(async move {
         loop {
-            if watching.changed().await.is_err() || !*watching.borrow_and_update() {
-                tracing::error!("the Lease was lost; stopping so that only one replica acts (a supervisor restarts this one as a standby)");
-                lost.cancel();
-                return;
+            tokio::select! {
+                _ = lost.cancelled() => break,
+                changed = watching.changed() => {
+                    if changed.is_err() || !*watching.borrow_and_update() {
+                        break;
+                    }
+                }
             }
         }
+        tracing::error!("the Lease was lost; stopping at once so that only one replica acts (a supervisor restarts this one as a standby)");
+        fence.lose();
     });
     Ok(Some(Leadership {
         identity,
         _state: state,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed_ms: i64, seconds: i32) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "depwatch"},
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": seconds,
+                "renewTime": jiff::Timestamp::from_millisecond(renewed_ms)
+                    .expect("time")
+                    .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+                    .to_string(),
+            }
+        }))
+        .expect("lease")
+    }
+
+    #[test]
+    fn the_fence_trusts_only_this_replicas_lease_until_its_expiry_less_the_margin() {
+        let at = 1_700_000_000_000;
+        assert_eq!(
+            valid_until_ms(&lease("a-1", at, 15), "a-1", 5_000),
+            Some(at + 10_000)
+        );
+        assert_eq!(valid_until_ms(&lease("b-2", at, 15), "a-1", 5_000), None);
+        assert_eq!(valid_until_ms(&Lease::default(), "a-1", 5_000), None);
+    }
 }

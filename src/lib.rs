@@ -23,6 +23,7 @@ pub mod depedit;
 pub mod depfile;
 pub mod deploy;
 pub mod domain;
+pub mod fence;
 pub mod http;
 pub mod ingest;
 pub mod leader;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::depfile::ServiceKey;
 use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, ServiceChange, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -124,11 +124,13 @@ pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<Stri
         Some(images) => format!("the pin on {images} is lifted and it is deployed again"),
         None => format!("{} is read and deployed again", r.path),
     };
-    store.update_service(key, |s| {
-        s.failed_hash.clear();
-        s.status = ServiceStatus::Retry;
-        s.message = Asker::retry_note(caller.actor);
-    })?;
+    store.change_service(
+        key,
+        ServiceChange::default()
+            .failed_hash("")
+            .status(ServiceStatus::Retry)
+            .message(Asker::retry_note(caller.actor)),
+    )?;
     resave(caller.root, &r.path)?;
     Ok(format!("retrying {key}: {what}"))
 }
@@ -254,14 +256,17 @@ pub fn suspend(
         }));
     }
     let actor = caller.actor;
-    store.update_service(key, |s| {
-        s.suspended = suspended;
-        s.message = if suspended {
-            format!("suspended by {actor}")
-        } else {
-            format!("resumed by {actor}")
-        };
-    })?;
+    let message = if suspended {
+        format!("suspended by {actor}")
+    } else {
+        format!("resumed by {actor}")
+    };
+    store.change_service(
+        key,
+        ServiceChange::default()
+            .suspended(suspended)
+            .message(message),
+    )?;
     if suspended {
         Ok(format!(
             "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
@@ -399,11 +404,13 @@ mod tests {
             Err(OperatorError::Unknown(_))
         ));
         store
-            .update_service(&key(), |r| {
-                r.path = path.display().to_string();
-                r.desired = Images::parse("web=r.example/web:2.0");
-                r.status = ServiceStatus::Succeeded;
-            })
+            .change_service(
+                &key(),
+                ServiceChange::default()
+                    .path(path.display().to_string())
+                    .desired(Images::parse("web=r.example/web:2.0"))
+                    .status(ServiceStatus::Succeeded),
+            )
             .expect("record");
         for to in ["web=r.example/web:1.0", "web=r.example/web:2.0"] {
             let id = store

@@ -142,6 +142,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<ServiceKey>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    lost: CancellationToken,
 ) {
     loop {
         let key = tokio::select! {
@@ -153,6 +154,7 @@ pub async fn run(
         let stats = scheduler.stats.clone();
         let span = tracing::info_span!("deploy", service = %key);
         let cancel = cancel.clone();
+        let lost = lost.clone();
         tracker.spawn(
             async move {
                 let _running = slot.running.lock().await;
@@ -166,8 +168,15 @@ pub async fn run(
                 let Some(desired) = slot.desired() else {
                     return;
                 };
-                if !cancel.is_cancelled() {
-                    engine.deploy(&key, &desired, superseded).await;
+                if cancel.is_cancelled() {
+                    return;
+                }
+                // A lost Lease stops the deploy where it stands: not one more write.
+                tokio::select! {
+                    _ = engine.deploy_and_compare(&key, &desired, superseded) => {}
+                    _ = lost.cancelled() => {
+                        tracing::warn!("deploy stopped: the Lease is lost; the new leader finishes it");
+                    }
                 }
             }
             .instrument(span),

@@ -3,7 +3,10 @@
 //! restarts, and the CLI reads it while the daemon is stopped.
 //!
 //! Calls are synchronous and short (WAL mode, one connection behind a mutex); a handful happen
-//! per deploy, so they run inline on the async workers.
+//! per deploy. A service row is changed only through [`ServiceChange`]: each writer sets the
+//! fields it owns in one statement, never a read-modify-write of the whole row. With leader
+//! election every write first checks the [`Fence`]: a replica without a valid Lease writes
+//! nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,8 +17,12 @@ use serde::Serialize;
 use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 
+mod change;
 mod pg;
 mod pgtls;
+
+use crate::fence::Fence;
+pub use change::ServiceChange;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +40,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("PostgreSQL record: {0}")]
     Postgres(String),
+    #[error(transparent)]
+    Fenced(#[from] crate::fence::Fenced),
     #[error("no database at {}; use --state-dir, --database-url or --api", path.display())]
     Missing { path: PathBuf },
     #[error("cannot read {}: {source}; run the command as the daemon's user (e.g. `sudo -u depwatch depwatch …`) or use --api", path.display())]
@@ -80,6 +89,15 @@ pub struct ServiceRecord {
     pub suspended: bool,
 }
 
+impl DeployRecord {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
 impl ServiceRecord {
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
@@ -124,6 +142,9 @@ pub struct DeployRecord {
     pub message: String,
     /// The API request that asked for this deploy, if any.
     pub request_id: String,
+    /// Set before a rollback's patch: the images it restores. An unfinished deploy with restore
+    /// images is a rollback a stop interrupted; the next start finishes it.
+    pub restore: String,
 }
 
 /// A deploy request received through the API.
@@ -147,6 +168,8 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     /// Moves on every write, so the status page can refresh live.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Writes are refused without a valid Lease (open without leader election).
+    fence: Fence,
 }
 
 const SCHEMA: &str = "
@@ -179,7 +202,8 @@ CREATE TABLE IF NOT EXISTS deploys (
     ended_at TEXT,
     outcome TEXT NOT NULL,
     message TEXT NOT NULL DEFAULT '',
-    request_id TEXT NOT NULL DEFAULT ''
+    request_id TEXT NOT NULL DEFAULT '',
+    restore TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
 CREATE TABLE IF NOT EXISTS requests (
@@ -251,13 +275,36 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         outcome: r.get(9)?,
         message: r.get(10)?,
         request_id: r.get(11)?,
+        restore: r.get(12)?,
     })
 }
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
-const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore";
+
+/// Columns added after the first schema, each with its definition: added to an older database
+/// when the daemon opens it.
+const SQLITE_ADDED: &[(&str, &str, &str)] = &[("deploys", "restore", "TEXT NOT NULL DEFAULT ''")];
+
+/// Create the tables, and add the columns an older database lacks.
+fn sqlite_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (table, column, definition) in SQLITE_ADDED {
+        let present: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            params![column],
+            |r| r.get(0),
+        )?;
+        if present == 0 {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 /// The state directory 0700 and the database 0600 (SQLite gives its -wal and -shm files the
 /// database's mode), whatever the umask: history, pins and request records are nobody else's.
@@ -291,9 +338,17 @@ pub trait Backend: Send + Sync {
     fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError>;
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError>;
     fn services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
-    /// Insert or replace, stamping `updated_at`.
-    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError>;
+    /// Set the fields `change` names (creating the row if missing), stamping `updated_at`, in
+    /// one statement.
+    fn change_service(
+        &self,
+        key: &ServiceKey,
+        change: &ServiceChange,
+        updated_at: &str,
+    ) -> Result<(), StoreError>;
     fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
+    /// Record the images a rollback is about to restore on its deploy row.
+    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError>;
     fn finish_deploy(
         &self,
         id: i64,
@@ -395,25 +450,24 @@ impl Backend for Sqlite {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT OR REPLACE INTO services ({SERVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        );
+    fn change_service(
+        &self,
+        key: &ServiceKey,
+        change: &ServiceChange,
+        updated_at: &str,
+    ) -> Result<(), StoreError> {
+        let st = change.statement(&key.namespace, &key.name, updated_at, |n| format!("?{n}"));
+        let values: Vec<rusqlite::types::Value> = st
+            .values
+            .into_iter()
+            .map(|v| match v {
+                change::Value::Text(t) => rusqlite::types::Value::Text(t),
+                change::Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
+            })
+            .collect();
         let conn = self.conn();
-        conn.prepare_cached(&sql)?.execute(params![
-            r.namespace,
-            r.name,
-            r.path,
-            r.content_hash,
-            r.desired,
-            r.deployed,
-            r.last_good,
-            r.status,
-            r.failed_hash,
-            r.message,
-            updated_at,
-            i64::from(r.suspended)
-        ])?;
+        conn.prepare_cached(&st.sql)?
+            .execute(rusqlite::params_from_iter(values))?;
         Ok(())
     }
 
@@ -425,6 +479,14 @@ impl Backend for Sqlite {
             params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
         )?;
         Ok(conn.last_insert_rowid())
+    }
+
+    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deploys SET restore = ?2 WHERE id = ?1",
+            params![id, restore],
+        )?;
+        Ok(())
     }
 
     fn finish_deploy(
@@ -527,8 +589,7 @@ impl Store {
         let path = state_dir.join("depwatch.db");
         private(state_dir, &path).map_err(dir_error)?;
         let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|source| StoreError::Open { path, source })?;
+        sqlite_schema(&conn).map_err(|source| StoreError::Open { path, source })?;
         Ok(Store::sqlite(conn))
     }
 
@@ -559,8 +620,7 @@ impl Store {
             });
         }
         let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|source| StoreError::Open { path, source })?;
+        sqlite_schema(&conn).map_err(|source| StoreError::Open { path, source })?;
         Ok(Store::sqlite(conn))
     }
 
@@ -572,12 +632,18 @@ impl Store {
         Store::postgres_or(database_url, || Store::open_existing(state_dir))
     }
 
-    /// The record at `--database-url` when given, else [`Self::open_read_only`].
+    /// The record at `--database-url` when given (its schema untouched), else
+    /// [`Self::open_read_only`].
     pub fn open_for_reading(
         state_dir: &Path,
         database_url: Option<&str>,
     ) -> Result<Store, StoreError> {
-        Store::postgres_or(database_url, || Store::open_read_only(state_dir))
+        match database_url.filter(|u| !u.is_empty()) {
+            Some(url) => Ok(Store::with_backend(Arc::new(pg::Postgres::connect_only(
+                url,
+            )?))),
+            None => Store::open_read_only(state_dir),
+        }
     }
 
     /// The record in PostgreSQL at `url` (`postgres://user:pass@host/db`), migrated to the
@@ -620,7 +686,20 @@ impl Store {
         Store {
             backend,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
+            fence: Fence::open(),
         }
+    }
+
+    /// This record, writing only while `fence` allows (a leader's valid Lease).
+    pub fn fenced(&self, fence: Fence) -> Store {
+        Store {
+            fence,
+            ..self.clone()
+        }
+    }
+
+    fn allowed(&self, what: &str) -> Result<(), StoreError> {
+        Ok(self.fence.check(what)?)
     }
 
     fn changed(&self) {
@@ -635,6 +714,7 @@ impl Store {
     /// Record an API deploy request, or return the one already recorded under the same
     /// idempotency key (the caller compares body hashes).
     pub fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+        self.allowed("a record write (request)")?;
         self.backend.put_request(r)
     }
 
@@ -662,40 +742,32 @@ impl Store {
         self.backend.services()
     }
 
-    pub fn put_service(&self, r: &ServiceRecord) -> Result<(), StoreError> {
-        self.backend.put_service(r, &now())?;
-        self.changed();
-        Ok(())
-    }
-
-    /// Change a service record in place (creating it if missing).
-    pub fn update_service(
+    /// Set the fields `change` names on the service's row (creating it if missing). Errors are
+    /// logged here, with the service.
+    pub fn change_service(
         &self,
         key: &ServiceKey,
-        f: impl FnOnce(&mut ServiceRecord),
-    ) -> Result<ServiceRecord, StoreError> {
-        self.update_service_inner(key, f).inspect_err(|e| {
-            tracing::error!(service = %key, error = %e, "cannot record the service state");
-        })
-    }
-
-    fn update_service_inner(
-        &self,
-        key: &ServiceKey,
-        f: impl FnOnce(&mut ServiceRecord),
-    ) -> Result<ServiceRecord, StoreError> {
-        let mut r = self.service(key)?.unwrap_or_else(|| ServiceRecord {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            ..ServiceRecord::default()
-        });
-        f(&mut r);
-        self.put_service(&r)?;
-        Ok(r)
+        change: ServiceChange,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .allowed("a record write (service)")
+            .and_then(|()| self.backend.change_service(key, &change, &now()));
+        match r {
+            Ok(()) => {
+                self.changed();
+                Ok(())
+            }
+            Err(StoreError::Fenced(e)) => Err(StoreError::Fenced(e)),
+            Err(e) => {
+                tracing::error!(service = %key, error = %e, "cannot record the service state");
+                Err(e)
+            }
+        }
     }
 
     /// Record a deploy as started; returns its id.
     pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+        self.allowed("a record write (deploy)")?;
         let id = self.backend.start_deploy(d)?;
         self.changed();
         Ok(id)
@@ -707,11 +779,20 @@ impl Store {
         outcome: DeployOutcome,
         message: &str,
     ) -> Result<(), StoreError> {
+        self.allowed("a record write (deploy)")?;
         let r = self.backend.finish_deploy(id, outcome, message, &now());
         if let Err(e) = &r {
             tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
         }
         r?;
+        self.changed();
+        Ok(())
+    }
+
+    /// Before a rollback's patch: the images it restores, on the deploy's row.
+    pub fn set_restore(&self, id: i64, restore: &Images) -> Result<(), StoreError> {
+        self.allowed("a record write (deploy)")?;
+        self.backend.set_restore(id, &restore.to_string())?;
         self.changed();
         Ok(())
     }
@@ -737,6 +818,7 @@ impl Store {
         keep: usize,
         max_age: Option<std::time::Duration>,
     ) -> Result<usize, StoreError> {
+        self.allowed("a record write (retention)")?;
         let cutoff = max_age.map(|age| {
             timestamp(
                 jiff::Timestamp::now()
@@ -765,10 +847,12 @@ mod tests {
         let key = ServiceKey::new("web", "demo").expect("key");
         {
             let s = Store::open(dir.path()).expect("open");
-            s.update_service(&key, |r| {
-                r.desired = Images::parse("web=example.com/web:1.1");
-                r.status = ServiceStatus::Deploying;
-            })
+            s.change_service(
+                &key,
+                ServiceChange::default()
+                    .desired(Images::parse("web=example.com/web:1.1"))
+                    .status(ServiceStatus::Deploying),
+            )
             .expect("put");
             let id = s
                 .start_deploy(&DeployRecord {

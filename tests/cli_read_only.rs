@@ -21,7 +21,10 @@ fn record_with_one_service(dir: &std::path::Path) -> std::path::PathBuf {
     let state = dir.join("state");
     Store::open(&state)
         .expect("open")
-        .update_service(&ServiceKey::new("web", "prod").expect("key"), |_| {})
+        .change_service(
+            &ServiceKey::new("web", "prod").expect("key"),
+            depwatch::store::ServiceChange::default(),
+        )
         .expect("record");
     state
 }

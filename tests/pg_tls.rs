@@ -14,7 +14,10 @@ async fn round_trip(url: String) -> Result<String, String> {
         let store = Store::connect(&url).map_err(|e| e.to_string())?;
         let key = ServiceKey::new("web", "prod").expect("key");
         store
-            .update_service(&key, |r| r.message = "over TLS".into())
+            .change_service(
+                &key,
+                depwatch::store::ServiceChange::default().message("over TLS"),
+            )
             .map_err(|e| e.to_string())?;
         let back = store.service(&key).map_err(|e| e.to_string())?;
         assert_eq!(back.map(|r| r.message).as_deref(), Some("over TLS"));

@@ -5,7 +5,7 @@ mod common;
 
 use depwatch::depfile::ServiceKey;
 use depwatch::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
-use depwatch::store::{now, DeployRecord, RequestRecord, Store};
+use depwatch::store::{now, DeployRecord, RequestRecord, ServiceChange, Store};
 
 fn deploy(ns: &str, name: &str) -> DeployRecord {
     DeployRecord {
@@ -29,12 +29,16 @@ fn suite(s: &Store) {
     let before = *changes.borrow_and_update();
 
     // Services: created on first update, changed in place, listed in order.
-    s.update_service(&key, |r| {
-        r.desired = Images::parse("web=example.com/web:1.1, side=example.com/s:2");
-        r.status = ServiceStatus::Deploying;
-        r.suspended = true;
-        r.path = "/deps/web_demo.dep".into();
-    })
+    s.change_service(
+        &key,
+        ServiceChange::default()
+            .desired(Images::parse(
+                "web=example.com/web:1.1, side=example.com/s:2",
+            ))
+            .status(ServiceStatus::Deploying)
+            .suspended(true)
+            .path("/deps/web_demo.dep"),
+    )
     .expect("put");
     assert!(
         *changes.borrow_and_update() > before,
@@ -48,17 +52,39 @@ fn suite(s: &Store) {
     assert_eq!(r.status, ServiceStatus::Deploying);
     assert!(r.suspended);
     assert!(!r.updated_at.is_empty());
-    s.update_service(&key, |r| {
-        r.status = ServiceStatus::Unreadable;
-        r.suspended = false;
-    })
+    s.change_service(
+        &key,
+        ServiceChange::default()
+            .status(ServiceStatus::Unreadable)
+            .suspended(false),
+    )
     .expect("update");
     let r = s.service(&key).expect("q").expect("exists");
     assert_eq!(r.status, ServiceStatus::Unreadable);
     assert!(!r.suspended);
     assert_eq!(r.path, "/deps/web_demo.dep", "other fields are kept");
+    // Guarded fields: a refusal never hides a deploy under way, a path is kept once set.
+    s.change_service(
+        &key,
+        ServiceChange::default().status(ServiceStatus::Deploying),
+    )
+    .expect("deploying");
+    s.change_service(
+        &key,
+        ServiceChange::default()
+            .status_unless_deploying(ServiceStatus::Invalid)
+            .path_if_unset("/deps/other/web_demo.dep")
+            .message("bad file"),
+    )
+    .expect("refused");
+    let r = s.service(&key).expect("q").expect("exists");
+    assert_eq!(
+        (r.status, r.path.as_str(), r.message.as_str()),
+        (ServiceStatus::Deploying, "/deps/web_demo.dep", "bad file")
+    );
     let other = ServiceKey::new("api", "demo").expect("key");
-    s.update_service(&other, |_| {}).expect("put");
+    s.change_service(&other, ServiceChange::default())
+        .expect("put");
     let names: Vec<String> = s
         .services()
         .expect("all")
@@ -70,6 +96,13 @@ fn suite(s: &Store) {
     // Deploys: started, found in progress and interrupted, finished, in history newest first.
     let first = s.start_deploy(&deploy("demo", "web")).expect("start");
     assert_eq!(s.in_progress(&key).expect("q").map(|d| d.id), Some(first));
+    s.set_restore(first, &Images::parse("web=example.com/web:1.0"))
+        .expect("restore intent");
+    assert_eq!(
+        s.interrupted().expect("q")[0].restore,
+        "web=example.com/web:1.0",
+        "a rollback's intent is on its row"
+    );
     assert_eq!(s.interrupted().expect("q").len(), 1);
     s.finish_deploy(first, DeployOutcome::RolledBack, "ImagePullBackOff")
         .expect("finish");
@@ -170,7 +203,7 @@ async fn the_postgresql_record_passes_the_store_suite_and_survives_reconnecting(
     let key = ServiceKey::new("web", "demo").expect("key");
     assert_eq!(
         store.service(&key).expect("q").expect("exists").status,
-        ServiceStatus::Unreadable
+        ServiceStatus::Deploying
     );
     drop(store);
     // A second connection (another replica, a restart) sees the same record; migrations run
@@ -240,4 +273,50 @@ async fn the_daemon_and_the_cli_share_a_postgresql_record() {
         "the database URL is never logged"
     );
     daemon.stop();
+}
+
+/// Two writers of one row, each setting only its own fields, never undo each other: an
+/// operator's suspend and the recorder's pin land together and both stay.
+fn concurrent_writers(s: &Store) {
+    let key = ServiceKey::new("race", "demo").expect("key");
+    for round in 0..50 {
+        let hash = format!("h{round}");
+        s.change_service(&key, ServiceChange::default().suspended(false))
+            .expect("reset");
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                s.change_service(&key, ServiceChange::default().suspended(true))
+                    .expect("suspend")
+            });
+            scope.spawn(|| {
+                s.change_service(
+                    &key,
+                    ServiceChange::default()
+                        .content_hash(hash.clone())
+                        .failed_hash(hash.clone()),
+                )
+                .expect("pin")
+            });
+        });
+        let r = s.service(&key).expect("q").expect("exists");
+        assert!(r.suspended, "round {round}: the suspend was lost");
+        assert_eq!(r.failed_hash, hash, "round {round}: the pin was lost");
+    }
+}
+
+#[test]
+fn concurrent_writers_of_one_row_never_undo_each_other_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    concurrent_writers(&Store::open(dir.path()).expect("open"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_row_never_undo_each_other_on_postgresql() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("race").await;
+    tokio::task::spawn_blocking(move || {
+        concurrent_writers(&Store::connect(&url).expect("connect"))
+    })
+    .await
+    .expect("joined");
 }

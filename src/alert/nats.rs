@@ -47,12 +47,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Spawn the publisher; reports sent to the returned queue are published in order. The URL may
 /// carry credentials: it is never logged.
 pub fn spawn(
+    tasks: &tokio_util::task::TaskTracker,
     url: String,
     queue: usize,
     outcome: impl Fn(&'static str) + Send + 'static,
 ) -> mpsc::Sender<Report> {
     let (tx, mut rx) = mpsc::channel::<Report>(queue);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let client = match async_nats::ConnectOptions::new()
             .name("depwatch")
             .retry_on_initial_connect()

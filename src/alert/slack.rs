@@ -29,6 +29,7 @@ fn verb(outcome: DeployOutcome) -> &'static str {
         DeployOutcome::RolledBack => "rolled back",
         DeployOutcome::RollbackFailed => "could not roll back",
         DeployOutcome::Drift => "drifted",
+        DeployOutcome::ChangedOutside => "was changed outside depwatch while deploying",
         DeployOutcome::Superseded => "superseded",
         DeployOutcome::Interrupted => "interrupted",
         DeployOutcome::InProgress => "deploying",
@@ -120,6 +121,8 @@ pub struct Notifier {
     sinks: Vec<Sink>,
     pub stats: Arc<NotifyStats>,
     metrics: Option<crate::metrics::Metrics>,
+    /// Owns the sender tasks, so shutdown can wait for what is queued.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 #[derive(Clone)]
@@ -175,6 +178,7 @@ impl Notifier {
             sinks: Vec::new(),
             stats: Arc::default(),
             metrics: None,
+            tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -185,6 +189,50 @@ impl Notifier {
             sinks: Vec::new(),
             stats: Arc::default(),
             metrics: Some(metrics),
+            tasks: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// Sender tasks belong to `tasks` (add receivers after this).
+    pub fn tracked(mut self, tasks: tokio_util::task::TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
+    }
+
+    /// Reports queued and not yet taken by a sender.
+    pub fn queued(&self) -> usize {
+        self.sinks
+            .iter()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .sum()
+    }
+
+    /// At exit: stop taking reports and give the senders (of `tasks`, once every other clone
+    /// of this notifier is gone) up to `grace` to deliver what is queued; what is left is
+    /// counted as dropped.
+    pub async fn close(self, tasks: tokio_util::task::TaskTracker, grace: Duration) {
+        let queued = self.queued();
+        let (stats, metrics) = (self.stats.clone(), self.metrics.clone());
+        let before = stats.sent.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+        drop(self);
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_ok() {
+            return;
+        }
+        let done = stats.sent.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+        let lost = (queued as u64).saturating_sub(done - before);
+        if lost > 0 {
+            stats.dropped.fetch_add(lost, Ordering::Relaxed);
+            if let Some(m) = &metrics {
+                for _ in 0..lost {
+                    m.notification("dropped");
+                }
+            }
+            tracing::warn!(
+                dropped = lost,
+                grace = %humantime::format_duration(grace),
+                "notifications still queued at exit were not delivered"
+            );
         }
     }
 
@@ -216,7 +264,7 @@ impl Notifier {
             .timeout(timeout)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             while let Some(report) = rx.recv().await {
                 let body = body(&report);
                 let attempt = || async {
@@ -261,7 +309,7 @@ impl Notifier {
     pub fn with_nats(mut self, url: String) -> Self {
         let counters = self.stats.clone();
         let metrics = self.metrics.clone();
-        let tx = super::nats::spawn(url, 1024, move |outcome| {
+        let tx = super::nats::spawn(&self.tasks, url, 1024, move |outcome| {
             match outcome {
                 "sent" => counters.sent.fetch_add(1, Ordering::Relaxed),
                 _ => counters.failed.fetch_add(1, Ordering::Relaxed),

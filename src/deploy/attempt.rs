@@ -8,11 +8,11 @@ use std::sync::Arc;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings};
+use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfinished};
 use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
 use crate::depfile::ServiceKey;
-use crate::domain::{DeployOutcome, Desired};
+use crate::domain::{DeployOutcome, Desired, Images};
 
 /// Bounds how many deploys talk to the API server at once. Waiting for a rollout holds no
 /// permit, so slow rollouts never stall other services.
@@ -62,7 +62,11 @@ impl Engine {
                 .ok()
                 .flatten()
                 .filter(|d| d.outcome == DeployOutcome::InProgress)
-                .map(|d| d.id),
+                .map(|d| Unfinished {
+                    id: d.id,
+                    to: Images::parse(&d.to_image),
+                    restore: Images::parse(&d.restore),
+                }),
         }
     }
 
@@ -99,6 +103,18 @@ impl Engine {
         }
     }
 
+    /// [`Self::deploy`], then a look at what runs against what was applied: anything else
+    /// is drift (an outside change the deploy's own watch could not attribute).
+    pub async fn deploy_and_compare(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        superseded: watch::Receiver<u64>,
+    ) {
+        self.deploy(key, desired, superseded).await;
+        self.deployer.watches().changed().add(key.clone());
+    }
+
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).
     async fn act(
         &self,
@@ -129,17 +145,26 @@ impl Engine {
             }
             Action::Wait {
                 generation,
+                applied,
                 deadline,
                 supersedable,
             } => {
                 let rx = supersedable.then(|| superseded.clone());
-                Input::Waited(self.deployer.wait(key, generation, deadline, rx).await)
+                let wait = self.deployer.wait(key, generation, &applied, deadline, rx);
+                Input::Waited(wait.await)
             }
-            Action::Sleep(d) => {
+            Action::Sleep {
+                delay,
+                supersedable: true,
+            } => {
                 tokio::select! {
-                    _ = tokio::time::sleep(d) => Input::Slept,
+                    _ = tokio::time::sleep(delay) => Input::Slept,
                     Ok(()) = superseded.changed() => Input::Superseded,
                 }
+            }
+            Action::Sleep { delay, .. } => {
+                tokio::time::sleep(delay).await;
+                Input::Slept
             }
         })
     }

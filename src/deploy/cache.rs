@@ -277,7 +277,8 @@ pub struct Changed {
 }
 
 impl Changed {
-    fn add(&self, key: ServiceKey) {
+    /// Look at `key` again (after each deploy, to compare what runs with what was applied).
+    pub fn add(&self, key: ServiceKey) {
         self.keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())

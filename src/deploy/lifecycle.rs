@@ -9,7 +9,18 @@
 //!                │                                   └─▶ roll back: patch ─▶ wait ─▶ Finished
 //!                └─ paused / missing / invalid ─▶ NotStarted
 //! transient API errors at plan or patch ─▶ ApiUnreachable, retry with backoff until the deadline
+//! images changed by someone else during a wait ─▶ Finished (changed outside depwatch; drift)
 //! ```
+//!
+//! A newer desired version may arrive in any phase, and each phase says what it means there:
+//! before anything is written it ends the deploy quietly; during a forward rollout it ends the
+//! wait as superseded; during a rollback it changes nothing (a rollback is always finished, and
+//! the newer version is deployed after it from what then runs). An answer that does not fit the
+//! phase is never an error: the phase's own action is asked again.
+//!
+//! A deploy a stop interrupted is finished from the cluster at the next start (or takeover): a
+//! forward rollout is judged on its own row; a rollback recorded as intended (its restore
+//! images on the row) is finished, patched again if the cluster still runs the failed images.
 //!
 //! The driver ([`super::attempt`]) carries out each [`Action`] and feeds the result back as an
 //! [`Input`]; every [`Event`] goes to the recorder, which is the only place that writes the
@@ -33,7 +44,17 @@ pub struct Known {
     /// The desired content is a version whose rollout failed.
     pub pinned: bool,
     /// The record's unfinished deploy, if a stop interrupted one.
-    pub interrupted: Option<i64>,
+    pub interrupted: Option<Unfinished>,
+}
+
+/// A deploy left in progress by a stop: what it was doing, from its row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unfinished {
+    pub id: i64,
+    /// The images it deployed.
+    pub to: Images,
+    /// Non-empty when its rollout had failed and a rollback to these images was under way.
+    pub restore: Images,
 }
 
 /// The service's settings for this deploy.
@@ -78,12 +99,17 @@ pub enum Action {
     /// rollout can be superseded by a newer version; a rollback is always seen through.
     Wait {
         generation: i64,
+        /// The images depwatch wrote: a template with other images is someone else's.
+        applied: Images,
         deadline: Instant,
         supersedable: bool,
     },
     /// Sleep before trying the API server again (answer: [`Input::Slept`], or
-    /// [`Input::Superseded`] if a newer version arrives meanwhile).
-    Sleep(Duration),
+    /// [`Input::Superseded`] if a newer version arrives meanwhile and `supersedable`).
+    Sleep {
+        delay: Duration,
+        supersedable: bool,
+    },
     Done,
 }
 
@@ -103,8 +129,9 @@ pub enum Input {
 pub enum Event {
     /// Nothing is done, and why.
     Skipped(&'static str),
-    /// A deploy a stop interrupted is closed: the file changed since.
-    CloseInterrupted { id: i64 },
+    /// A deploy a stop interrupted is closed: the file changed since. When it was rolling
+    /// back, the rollback is abandoned: the newer version is deployed from what runs now.
+    CloseInterrupted { id: i64, rollback_abandoned: bool },
     /// The API server did not answer; the call is tried again.
     ApiUnreachable { error: String, retry_in: Duration },
     /// The API server answers again.
@@ -142,6 +169,12 @@ pub enum Event {
         outcome: DeployOutcome,
         reason: String,
     },
+    /// A rollback is about to be patched: its restore images go on the deploy's row first, so
+    /// a stop before it ends is finished at the next start.
+    RollingBack { restore: Images },
+    /// An interrupted rollback is finished: the version stays pinned (said again, in case the
+    /// stop came before the pin was written), and nobody is told twice.
+    Repin,
     /// The deploy is over.
     Finished(Finish),
 }
@@ -165,18 +198,39 @@ enum Phase {
     Planning,
     Checking(Plan),
     Patching(Plan),
-    Rolling(Plan),
-    Reverting {
+    Rolling {
         plan: Plan,
-        restore: Images,
-        why: String,
+        deadline: Instant,
     },
+    Reverting(Revert),
     RevertWait {
-        plan: Plan,
-        restore: Images,
-        why: String,
+        revert: Revert,
+        generation: i64,
+        deadline: Instant,
     },
     Done,
+}
+
+/// A rollback under way.
+#[derive(Debug, Clone)]
+struct Revert {
+    plan: Plan,
+    restore: Images,
+    why: String,
+}
+
+impl Revert {
+    /// What runs once the rollback is written.
+    fn running(&self) -> Images {
+        self.plan.after.with(&self.restore)
+    }
+
+    fn patch(&self) -> Action {
+        Action::Patch {
+            images: self.restore.clone(),
+            cause: format!("depwatch: rollback ({})", self.why),
+        }
+    }
 }
 
 /// The lifecycle of one deploy.
@@ -234,15 +288,29 @@ impl Lifecycle {
 
     /// The first step.
     pub fn start(&mut self) -> (Vec<Event>, Action) {
-        if self.known.suspended {
-            return self.done(vec![Event::Skipped(
-                "the service is suspended; the change is recorded, not deployed",
-            )]);
+        // An unfinished rollback is finished whatever else holds: the failed images may still
+        // be running.
+        if self
+            .known
+            .interrupted
+            .as_ref()
+            .is_some_and(|u| !u.restore.is_empty())
+        {
+            return (Vec::new(), Action::Plan);
         }
-        if self.known.pinned && self.desired.trigger != Trigger::Operator {
-            return self.done(vec![Event::Skipped(
-                "this version failed before; it is not retried until the file changes",
-            )]);
+        let skip = if self.known.suspended {
+            Some("the service is suspended; the change is recorded, not deployed")
+        } else if self.known.pinned && self.desired.trigger != Trigger::Operator {
+            Some("this version failed before; it is not retried until the file changes")
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            // A forward deploy a stop interrupted is not judged now: its row is closed.
+            let mut events = Vec::new();
+            self.close_interrupted(&mut events);
+            events.push(Event::Skipped(why));
+            return self.done(events);
         }
         (Vec::new(), Action::Plan)
     }
@@ -251,36 +319,62 @@ impl Lifecycle {
     pub fn step(&mut self, input: Input, now: Instant) -> (Vec<Event>, Action) {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         match (phase, input) {
+            (Phase::Done, _) => self.done(Vec::new()),
             (Phase::Planning, Input::Planned(Ok(plan))) => self.planned(plan, now),
             (Phase::Planning, Input::Planned(Err(f))) => self.plan_failed(f, now),
-            (Phase::Planning, Input::Slept) => {
-                self.phase = Phase::Planning;
-                (Vec::new(), Action::Plan)
-            }
             (Phase::Checking(plan), Input::Health(h)) => self.checked(plan, h, now),
             (Phase::Patching(plan), Input::Patched(Ok(generation))) => {
                 self.patched(plan, generation, now)
             }
             (Phase::Patching(plan), Input::Patched(Err(f))) => self.patch_failed(plan, f, now),
-            (Phase::Patching(plan), Input::Slept) => self.patch(plan),
-            (Phase::Rolling(plan), Input::Waited(w)) => self.judged(plan, w, now),
-            (Phase::Reverting { plan, restore, why }, input) => {
-                self.reverting(plan, restore, why, input, now)
+            (Phase::Rolling { plan, .. }, Input::Waited(w)) => self.judged(plan, w, now),
+            (Phase::Reverting(revert), Input::Patched(Ok(generation))) => {
+                self.revert_patched(revert, generation, now)
             }
-            (Phase::RevertWait { plan, restore, why }, Input::Waited(w)) => {
-                self.reverted(plan, restore, why, w)
+            (Phase::Reverting(revert), Input::Patched(Err(f))) => {
+                self.revert_patch_failed(revert, f, now)
+            }
+            (Phase::RevertWait { revert, .. }, Input::Waited(w)) => self.reverted(revert, w),
+            // A rollback is seen through whatever arrives meanwhile; the newer version is
+            // deployed after it, from what then runs.
+            (phase @ (Phase::Reverting(_) | Phase::RevertWait { .. }), Input::Superseded) => {
+                self.again(phase)
             }
             (_, Input::Superseded) => self.superseded(),
-            (phase, input) => {
-                // A driver bug, not a cluster state: end the deploy visibly.
-                self.finish(
-                    Vec::new(),
-                    DeployOutcome::Failed,
-                    format!("internal error: unexpected {input:?} while {phase:?}"),
-                    None,
-                )
-            }
+            // A retry's sleep is over, or an answer that does not fit the phase: ask again.
+            (phase, _) => self.again(phase),
         }
+    }
+
+    /// Ask for the phase's own action again.
+    fn again(&mut self, phase: Phase) -> (Vec<Event>, Action) {
+        let action = match &phase {
+            Phase::Planning => Action::Plan,
+            Phase::Checking(plan) => Action::CheckHealth {
+                generation: plan.generation,
+            },
+            Phase::Patching(plan) => return self.patch(plan.clone()),
+            Phase::Rolling { plan, deadline } => Action::Wait {
+                generation: plan.generation,
+                applied: plan.after.clone(),
+                deadline: *deadline,
+                supersedable: true,
+            },
+            Phase::Reverting(revert) => revert.patch(),
+            Phase::RevertWait {
+                revert,
+                generation,
+                deadline,
+            } => Action::Wait {
+                generation: *generation,
+                applied: revert.running(),
+                deadline: *deadline,
+                supersedable: false,
+            },
+            Phase::Done => Action::Done,
+        };
+        self.phase = phase;
+        (Vec::new(), action)
     }
 
     fn done(&mut self, events: Vec<Event>) -> (Vec<Event>, Action) {
@@ -331,6 +425,7 @@ impl Lifecycle {
         if !f.transient || now >= self.deadline {
             return None;
         }
+        let supersedable = !matches!(next, Phase::Reverting(_));
         let delay = self
             .backoff
             .next()
@@ -343,7 +438,10 @@ impl Lifecycle {
                 error: f.message.clone(),
                 retry_in: delay,
             }],
-            Action::Sleep(delay),
+            Action::Sleep {
+                delay,
+                supersedable,
+            },
         ))
     }
 
@@ -363,8 +461,11 @@ impl Lifecycle {
     }
 
     fn close_interrupted(&mut self, events: &mut Vec<Event>) {
-        if let Some(id) = self.known.interrupted.take() {
-            events.push(Event::CloseInterrupted { id });
+        if let Some(u) = self.known.interrupted.take() {
+            events.push(Event::CloseInterrupted {
+                id: u.id,
+                rollback_abandoned: !u.restore.is_empty(),
+            });
         }
     }
 
@@ -402,6 +503,17 @@ impl Lifecycle {
             });
             return self.done(events);
         }
+        if let Some(u) = self
+            .known
+            .interrupted
+            .take_if(|u| !u.restore.is_empty() && u.to == plan.after)
+        {
+            // The file still asks for the version whose rollback a stop interrupted.
+            events.extend(self.resume_rollback(plan, u, now));
+            let phase = std::mem::replace(&mut self.phase, Phase::Done);
+            let action = self.again(phase).1;
+            return (events, action);
+        }
         if !plan.is_noop() {
             self.close_interrupted(&mut events);
             events.push(self.started(&plan, plan.before.clone(), None));
@@ -409,13 +521,15 @@ impl Lifecycle {
             events.extend(more);
             return (events, action);
         }
-        if let Some(id) = self.known.interrupted.take() {
+        if let Some(u) = self.known.interrupted.take_if(|u| u.restore.is_empty()) {
             // A stop interrupted this very deploy after its patch: judge it now, never patch
             // it again, and finish the same record.
             let plan = self.judged_from_last_good(plan);
-            events.push(self.started(&plan, plan.before.clone(), Some(id)));
-            return (events, self.wait(plan, now, true));
+            events.push(self.started(&plan, plan.before.clone(), Some(u.id)));
+            return (events, self.wait(plan, now));
         }
+        // An interrupted rollback of another version: the file changed since.
+        self.close_interrupted(&mut events);
         let generation = plan.generation;
         self.phase = Phase::Checking(plan);
         (events, Action::CheckHealth { generation })
@@ -459,7 +573,7 @@ impl Lifecycle {
                 // it like a deploy in flight, and roll back if it fails.
                 let plan = self.judged_from_last_good(plan);
                 let event = self.started(&plan, plan.before.clone(), None);
-                (vec![event], self.wait(plan, now, true))
+                (vec![event], self.wait(plan, now))
             }
         }
     }
@@ -498,18 +612,44 @@ impl Lifecycle {
             rollback: false,
         });
         let plan = Plan { generation, ..plan };
-        (events, self.wait(plan, now, true))
+        (events, self.wait(plan, now))
     }
 
     /// Wait for `plan.generation`; the deadline measures the rollout from now.
-    fn wait(&mut self, plan: Plan, now: Instant, forward: bool) -> Action {
-        let action = Action::Wait {
-            generation: plan.generation,
-            deadline: now + self.settings.rollout_timeout,
-            supersedable: forward,
+    fn wait(&mut self, plan: Plan, now: Instant) -> Action {
+        let deadline = now + self.settings.rollout_timeout;
+        self.again(Phase::Rolling { plan, deadline }).1
+    }
+
+    /// Finish a rollback a stop interrupted: the version is pinned again, and the restore
+    /// images are patched unless the cluster runs them already (then only awaited).
+    fn resume_rollback(&mut self, plan: Plan, u: Unfinished, now: Instant) -> Vec<Event> {
+        let mut events = vec![
+            self.started(&plan, plan.after.clone(), Some(u.id)),
+            Event::Repin,
+        ];
+        let why = "depwatch stopped during the rollback; finished at the next start".to_string();
+        self.deadline = now + self.settings.rollout_timeout;
+        let revert = Revert {
+            restore: u.restore.clone(),
+            why,
+            plan: Plan {
+                after: plan.before.clone(),
+                ..plan
+            },
         };
-        self.phase = Phase::Rolling(plan);
-        action
+        let restore = revert.plan.before.changed_in(&revert.restore);
+        self.phase = if restore.is_empty() {
+            Phase::RevertWait {
+                generation: revert.plan.generation,
+                deadline: now + self.settings.rollout_timeout,
+                revert,
+            }
+        } else {
+            events.push(Event::RollingBack { restore: u.restore });
+            Phase::Reverting(revert)
+        };
+        events
     }
 
     fn superseded(&mut self) -> (Vec<Event>, Action) {
@@ -547,6 +687,9 @@ impl Lifecycle {
                 );
             }
             WaitOutcome::Superseded => return self.superseded(),
+            WaitOutcome::ChangedOutside { running } => {
+                return self.changed_outside(plan.after, &running)
+            }
             WaitOutcome::Failed { reason, message } => {
                 (DeployOutcome::Failed, format!("{reason}: {message}"))
             }
@@ -558,13 +701,32 @@ impl Lifecycle {
                 ),
             ),
         };
-        let mut events = vec![Event::RolloutFailed {
+        let failed = Event::RolloutFailed {
             outcome,
             reason: why.clone(),
-        }];
-        let (more, action) = self.after_failure(plan, outcome, why, now);
-        events.extend(more);
+        };
+        let (mut events, action) = self.after_failure(plan, outcome, why, now);
+        // The rollback's intent is on the row before the pin and the patch: a stop anywhere
+        // after this leaves a row the next start finishes.
+        let at = usize::from(matches!(events.first(), Some(Event::RollingBack { .. })));
+        events.insert(at, failed);
         (events, action)
+    }
+
+    /// Someone else wrote the template during the wait: its pods are not depwatch's to judge.
+    /// The row ends as changed outside; the service keeps what depwatch applied as deployed,
+    /// so drift (recorded and healed by the drift watch) is told from it.
+    fn changed_outside(&mut self, applied: Images, running: &Images) -> (Vec<Event>, Action) {
+        let message = format!(
+            "changed outside depwatch during the rollout: the Deployment now runs {running}; not judged"
+        );
+        let (events, action) = self.finish(
+            Vec::new(),
+            DeployOutcome::ChangedOutside,
+            message,
+            Some(applied),
+        );
+        (Self::quiet(events), action)
     }
 
     fn after_failure(
@@ -589,7 +751,20 @@ impl Lifecycle {
         // The rollback's own API errors are retried for as long as a rollout may take.
         self.deadline = now + self.settings.rollout_timeout;
         self.backoff = backoff();
-        self.revert_patch(plan, restore, why, outcome)
+        let revert = Revert {
+            plan,
+            restore,
+            why: why.clone(),
+        };
+        let action = Action::Patch {
+            images: revert.restore.clone(),
+            cause: format!("depwatch: rollback after {outcome} ({why})"),
+        };
+        let events = vec![Event::RollingBack {
+            restore: revert.restore.clone(),
+        }];
+        self.phase = Phase::Reverting(revert);
+        (events, action)
     }
 
     /// The failure was announced by `RolloutFailed`.
@@ -600,85 +775,46 @@ impl Lifecycle {
         events
     }
 
-    fn revert_patch(
+    fn revert_patched(
         &mut self,
-        plan: Plan,
-        restore: Images,
-        why: String,
-        outcome: DeployOutcome,
-    ) -> (Vec<Event>, Action) {
-        let cause = format!("depwatch: rollback after {outcome} ({why})");
-        let images = restore.clone();
-        self.phase = Phase::Reverting { plan, restore, why };
-        (Vec::new(), Action::Patch { images, cause })
-    }
-
-    fn reverting(
-        &mut self,
-        plan: Plan,
-        restore: Images,
-        why: String,
-        input: Input,
+        revert: Revert,
+        generation: i64,
         now: Instant,
     ) -> (Vec<Event>, Action) {
-        match input {
-            Input::Patched(Ok(generation)) => {
-                let mut events = Vec::new();
-                self.back(&mut events);
-                events.push(Event::Patched {
-                    generation,
-                    rollback: true,
-                });
-                let action = Action::Wait {
-                    generation,
-                    deadline: now + self.settings.rollout_timeout,
-                    supersedable: false,
-                };
-                self.phase = Phase::RevertWait { plan, restore, why };
-                (events, action)
-            }
-            Input::Patched(Err(f)) => {
-                let next = Phase::Reverting {
-                    plan: plan.clone(),
-                    restore: restore.clone(),
-                    why: why.clone(),
-                };
-                if let Some(retry) = self.retry(&f, next, now) {
-                    return retry;
-                }
-                let mut events = Vec::new();
-                self.answered_if(&f, &mut events);
-                let message = format!("{why}; the rollback patch failed: {}", f.message);
-                let running = Some(plan.after);
-                self.finish(events, DeployOutcome::RollbackFailed, message, running)
-            }
-            Input::Slept => {
-                let cause = format!("depwatch: rollback ({why})");
-                let images = restore.clone();
-                self.phase = Phase::Reverting { plan, restore, why };
-                (Vec::new(), Action::Patch { images, cause })
-            }
-            other => self.step_unexpected(other),
-        }
+        let mut events = Vec::new();
+        self.back(&mut events);
+        events.push(Event::Patched {
+            generation,
+            rollback: true,
+        });
+        let phase = Phase::RevertWait {
+            revert,
+            generation,
+            deadline: now + self.settings.rollout_timeout,
+        };
+        let (_, action) = self.again(phase);
+        (events, action)
     }
 
-    fn step_unexpected(&mut self, input: Input) -> (Vec<Event>, Action) {
-        self.finish(
-            Vec::new(),
-            DeployOutcome::RollbackFailed,
-            format!("internal error: unexpected {input:?} during a rollback"),
-            None,
-        )
-    }
-
-    fn reverted(
+    fn revert_patch_failed(
         &mut self,
-        plan: Plan,
-        restore: Images,
-        why: String,
-        waited: WaitOutcome,
+        revert: Revert,
+        f: Failure,
+        now: Instant,
     ) -> (Vec<Event>, Action) {
-        let running = plan.after.with(&restore);
+        if let Some(retry) = self.retry(&f, Phase::Reverting(revert.clone()), now) {
+            return retry;
+        }
+        let mut events = Vec::new();
+        self.answered_if(&f, &mut events);
+        let message = format!("{}; the rollback patch failed: {}", revert.why, f.message);
+        let running = Some(revert.plan.after);
+        self.finish(events, DeployOutcome::RollbackFailed, message, running)
+    }
+
+    fn reverted(&mut self, revert: Revert, waited: WaitOutcome) -> (Vec<Event>, Action) {
+        let running = revert.running();
+        let why = &revert.why;
         let (outcome, message) = match waited {
             WaitOutcome::Healthy => (
                 DeployOutcome::RolledBack,
@@ -688,6 +824,9 @@ impl Lifecycle {
                 DeployOutcome::RolledBack,
                 format!("rolled back to {running} (0 replicas: unverified): {why}"),
             ),
+            WaitOutcome::ChangedOutside { running: now } => {
+                return self.changed_outside(running, &now)
+            }
             other => (
                 DeployOutcome::RollbackFailed,
                 format!("{why}; the rollback did not become healthy: {other}"),
@@ -786,7 +925,7 @@ mod tests {
         let mut answers = answers.into_iter();
         let mut now = t0;
         while action != Action::Done {
-            if let Action::Sleep(d) = action {
+            if let Action::Sleep { delay: d, .. } = action {
                 now += d;
             }
             let input = answers
@@ -1033,7 +1172,7 @@ mod tests {
         let sleeps: Vec<Duration> = actions
             .iter()
             .filter_map(|a| match a {
-                Action::Sleep(d) => Some(*d),
+                Action::Sleep { delay: d, .. } => Some(*d),
                 _ => None,
             })
             .collect();
@@ -1073,7 +1212,7 @@ mod tests {
         let mut now = t0;
         let mut events = Vec::new();
         for input in answers {
-            if let Action::Sleep(d) = action {
+            if let Action::Sleep { delay: d, .. } = action {
                 now += d;
             }
             let (more, next) = m.step(input, now);
@@ -1168,7 +1307,11 @@ mod tests {
     fn an_interrupted_deploy_is_resumed_on_its_own_row_or_closed() {
         let known = Known {
             last_good: images("web=w:1"),
-            interrupted: Some(7),
+            interrupted: Some(Unfinished {
+                id: 7,
+                to: images("web=w:2"),
+                restore: Images::new(),
+            }),
             ..Known::default()
         };
         // Same content, already patched: judged on row 7, never patched again.
@@ -1195,7 +1338,13 @@ mod tests {
                 Input::Waited(WaitOutcome::Healthy),
             ],
         );
-        assert_eq!(events[0], Event::CloseInterrupted { id: 7 });
+        assert_eq!(
+            events[0],
+            Event::CloseInterrupted {
+                id: 7,
+                rollback_abandoned: false
+            }
+        );
         assert!(matches!(&events[1], Event::Started { resumed: None, .. }));
     }
 
@@ -1260,5 +1409,228 @@ mod tests {
             f.message
         );
         assert_eq!(rows(&events), 1);
+    }
+
+    fn unfinished_rollback() -> Known {
+        Known {
+            last_good: images("web=w:1"),
+            pinned: true,
+            interrupted: Some(Unfinished {
+                id: 8,
+                to: images("web=w:2"),
+                restore: images("web=w:1"),
+            }),
+            ..Known::default()
+        }
+    }
+
+    #[test]
+    fn a_rollback_a_stop_interrupted_is_finished_at_the_next_start_even_when_pinned() {
+        // The cluster still runs the failed w:2: the rollback is patched again, on row 8.
+        let (events, actions) = run(
+            desired(Trigger::Startup),
+            unfinished_rollback(),
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(matches!(
+            &events[0],
+            Event::Started {
+                resumed: Some(8),
+                ..
+            }
+        ));
+        assert!(events.contains(&Event::Repin), "{events:?}");
+        assert!(events.contains(&Event::RollingBack {
+            restore: images("web=w:1")
+        }));
+        assert!(
+            matches!(&actions[1], Action::Patch { images: i, .. } if *i == images("web=w:1")),
+            "{actions:?}"
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RolledBack);
+        assert_eq!(f.running, Some(images("web=w:1")));
+        assert_eq!(rows(&events), 1);
+        // The rollback's patch had landed before the stop: only awaited, never patched again.
+        let (events, actions) = run(
+            desired(Trigger::Startup),
+            unfinished_rollback(),
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Patch { .. })));
+        assert_eq!(finish(&events).outcome, DeployOutcome::RolledBack);
+        // The file asks for a newer version since: the rollback is abandoned and row 8 closed;
+        // the newer version is deployed from what runs.
+        let mut newer = desired(Trigger::Startup);
+        newer.hash = "h3".into();
+        let known = Known {
+            pinned: false,
+            ..unfinished_rollback()
+        };
+        let (events, actions) = run(
+            newer,
+            known,
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:3"))),
+                Input::Patched(Ok(7)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        assert_eq!(
+            events[0],
+            Event::CloseInterrupted {
+                id: 8,
+                rollback_abandoned: true
+            }
+        );
+        assert!(matches!(&actions[1], Action::Patch { images: i, .. } if *i == images("web=w:3")));
+        assert_eq!(finish(&events).outcome, DeployOutcome::Succeeded);
+    }
+
+    #[test]
+    fn a_newer_version_during_a_rollback_lets_the_rollback_finish() {
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known::default(),
+            patched_then(vec![
+                Input::Waited(WaitOutcome::Failed {
+                    reason: "ErrImagePull".into(),
+                    message: "m".into(),
+                }),
+                Input::Patched(Err(failed(true))),
+                Input::Superseded,
+                Input::Patched(Ok(7)),
+                Input::Superseded,
+                Input::Waited(WaitOutcome::Healthy),
+            ]),
+        );
+        assert!(
+            actions.iter().any(|a| matches!(
+                a,
+                Action::Sleep {
+                    supersedable: false,
+                    ..
+                }
+            )),
+            "a rollback's retry is not cut short: {actions:?}"
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RolledBack, "{}", f.message);
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn an_outside_change_during_the_rollout_is_not_judged() {
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known::default(),
+            patched_then(vec![Input::Waited(WaitOutcome::ChangedOutside {
+                running: images("web=evil:1"),
+            })]),
+        );
+        assert!(
+            matches!(&actions[2], Action::Wait { applied, .. } if *applied == images("web=w:2"))
+        );
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::RolloutFailed { .. })));
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::ChangedOutside);
+        assert!(f.message.contains("web=evil:1"), "{}", f.message);
+        assert_eq!(f.running, Some(images("web=w:2")), "what depwatch applied");
+        assert!(!f.good && f.settled && !f.announce);
+    }
+
+    /// A small xorshift generator: the same runs every time.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<T: Clone>(&mut self, from: &[T]) -> T {
+            from[(self.next() % from.len() as u64) as usize].clone()
+        }
+    }
+
+    #[test]
+    fn no_sequence_of_answers_reaches_an_internal_error_or_a_second_row() {
+        let answers = [
+            Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+            Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+            Input::Planned(Err(failed(true))),
+            Input::Planned(Err(failed(false))),
+            Input::Health(HealthNow::Healthy),
+            Input::Health(HealthNow::NotHealthy),
+            Input::Patched(Ok(5)),
+            Input::Patched(Err(failed(true))),
+            Input::Patched(Err(failed(false))),
+            Input::Waited(WaitOutcome::Healthy),
+            Input::Waited(WaitOutcome::NoReplicas),
+            Input::Waited(WaitOutcome::Superseded),
+            Input::Waited(WaitOutcome::TimedOut { last: "l".into() }),
+            Input::Waited(WaitOutcome::Failed {
+                reason: "CrashLoopBackOff".into(),
+                message: "m".into(),
+            }),
+            Input::Waited(WaitOutcome::ChangedOutside {
+                running: images("web=x:1"),
+            }),
+            Input::Slept,
+            Input::Superseded,
+        ];
+        let knowns = [
+            Known::default(),
+            Known {
+                last_good: images("web=w:1"),
+                ..Known::default()
+            },
+            unfinished_rollback(),
+            Known {
+                interrupted: Some(Unfinished {
+                    id: 3,
+                    to: images("web=w:2"),
+                    restore: Images::new(),
+                }),
+                pinned: true,
+                ..Known::default()
+            },
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for run in 0..20_000 {
+            let known = rng.pick(&knowns);
+            let trigger = rng.pick(&[Trigger::File, Trigger::Startup, Trigger::Operator]);
+            let t0 = Instant::now();
+            let mut m = Lifecycle::new(desired(trigger), known, SETTINGS, t0);
+            let (mut events, mut action) = m.start();
+            let mut now = t0;
+            for _ in 0..40 {
+                if action == Action::Done {
+                    break;
+                }
+                now += Duration::from_secs(rng.next() % 20);
+                let (more, next) = m.step(rng.pick(&answers), now);
+                events.extend(more);
+                action = next;
+            }
+            let text = format!("{events:?}");
+            assert!(!text.contains("internal error"), "run {run}: {text}");
+            assert!(rows(&events) <= 1, "run {run}: {text}");
+            let finishes = events
+                .iter()
+                .filter(|e| matches!(e, Event::Finished(_)))
+                .count();
+            assert!(finishes <= 1, "run {run}: {text}");
+        }
     }
 }

@@ -60,6 +60,8 @@ pub enum DeployError {
     },
     #[error(transparent)]
     Bounds(#[from] crate::bounds::BoundsError),
+    #[error(transparent)]
+    Fenced(#[from] crate::fence::Fenced),
     #[error("{0}")]
     Resolve(#[from] depfile::ResolveError),
     #[error("{}", describe_kube(action, server, source))]
@@ -164,6 +166,11 @@ pub enum WaitOutcome {
     },
     /// A newer desired version arrived; this wait was abandoned.
     Superseded,
+    /// Someone else wrote the Deployment's images after depwatch did: the rollout under way is
+    /// not depwatch's, and is not judged.
+    ChangedOutside {
+        running: Images,
+    },
 }
 
 impl fmt::Display for WaitOutcome {
@@ -174,6 +181,9 @@ impl fmt::Display for WaitOutcome {
             WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
             WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
             WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
+            WaitOutcome::ChangedOutside { running } => {
+                write!(f, "changed outside depwatch (now {running})")
+            }
         }
     }
 }
@@ -183,6 +193,10 @@ pub struct Deployer {
     client: Client,
     watches: Watches,
     config: DeployConfig,
+    /// Every write to the cluster first checks it (leader election).
+    fence: crate::fence::Fence,
+    /// Owns the Kubernetes Events being sent.
+    background: tokio_util::task::TaskTracker,
     /// Namespaces known to exist, so a deploy costs no namespace read after the first.
     known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
 }
@@ -193,8 +207,21 @@ impl Deployer {
             watches: Watches::new(client.clone()),
             client,
             config,
+            fence: crate::fence::Fence::open(),
+            background: tokio_util::task::TaskTracker::new(),
             known_namespaces: Default::default(),
         }
+    }
+
+    /// Writes only while `fence` allows; Kubernetes Events are sent by tasks of `background`.
+    pub fn fenced(
+        mut self,
+        fence: crate::fence::Fence,
+        background: tokio_util::task::TaskTracker,
+    ) -> Self {
+        self.fence = fence;
+        self.background = background;
+        self
     }
 
     pub fn config(&self) -> &DeployConfig {
@@ -333,6 +360,7 @@ impl Deployer {
         images: &Images,
         cause: &str,
     ) -> Result<i64, DeployError> {
+        self.fence.check(&format!("a PATCH of deployment {key}"))?;
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
         let containers: Vec<_> = images
             .iter()
@@ -360,6 +388,7 @@ impl Deployer {
         &self,
         key: &ServiceKey,
         generation: i64,
+        applied: &Images,
         deadline: Instant,
         mut superseded: Option<watch::Receiver<u64>>,
     ) -> WaitOutcome {
@@ -375,6 +404,13 @@ impl Deployer {
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         loop {
+            // Never a verdict on a template depwatch did not write.
+            if let Some(running) = ns
+                .deployment(&key.name)
+                .and_then(|d| rollout::changed_outside(&d, generation, applied))
+            {
+                return WaitOutcome::ChangedOutside { running };
+            }
             let last = match ns.judge(
                 &key.name,
                 generation,
@@ -407,7 +443,7 @@ impl Deployer {
             };
             tokio::select! {
                 r = changed.changed() => if r.is_err() { changed = ns.subscribe(&key.name) },
-                _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, generation, last).await,
+                _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, generation, applied, last).await,
                 _ = supersede => return WaitOutcome::Superseded,
                 _ = grace => {}
             }
@@ -416,11 +452,20 @@ impl Deployer {
 
     /// The deadline passed. A rollout is judged by the cluster's time, not depwatch's backlog:
     /// before calling it timed out, ask the API server whether it completed meanwhile.
-    async fn at_deadline(&self, key: &ServiceKey, generation: i64, last: String) -> WaitOutcome {
+    async fn at_deadline(
+        &self,
+        key: &ServiceKey,
+        generation: i64,
+        applied: &Images,
+        last: String,
+    ) -> WaitOutcome {
         let timed_out = WaitOutcome::TimedOut { last };
         let Ok(dep) = self.read(key).await else {
             return timed_out;
         };
+        if let Some(running) = rollout::changed_outside(&dep, generation, applied) {
+            return WaitOutcome::ChangedOutside { running };
+        }
         let mut first_seen = Default::default();
         let now = Instant::now();
         match rollout::judge(
@@ -465,6 +510,9 @@ impl Deployer {
     /// Record a Kubernetes Event on the Deployment `uid` (`kubectl describe` lists Events by
     /// the object's uid). Best effort: sent in the background, never delaying a deploy.
     pub fn event(&self, key: &ServiceKey, uid: &str, reason: &str, message: &str, warning: bool) {
+        if self.fence.check("a Kubernetes Event").is_err() {
+            return;
+        }
         let api: Api<k8s_openapi::api::core::v1::Event> =
             Api::namespaced(self.client.clone(), &key.namespace);
         let now = jiff::Timestamp::now()
@@ -485,7 +533,7 @@ impl Deployer {
             "count": 1
         });
         let key = key.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let event: k8s_openapi::api::core::v1::Event = match serde_json::from_value(body) {
                 Ok(e) => e,
                 Err(e) => {

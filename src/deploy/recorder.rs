@@ -15,7 +15,7 @@ use crate::alert::{Notifier, Report};
 use crate::depfile::ServiceKey;
 use crate::domain::{human_duration, DeployOutcome, Desired, Images, ServiceStatus, Tone};
 use crate::metrics::Metrics;
-use crate::store::{self, DeployRecord, ServiceRecord, Store};
+use crate::store::{self, DeployRecord, ServiceChange, Store};
 
 /// Deploys waiting for the API server right now, and its last error: `/readyz` reports them.
 #[derive(Debug, Default)]
@@ -101,9 +101,9 @@ impl Recorder {
         }
     }
 
-    fn update(&self, key: &ServiceKey, f: impl FnOnce(&mut ServiceRecord)) {
+    fn change(&self, key: &ServiceKey, change: ServiceChange) {
         // Errors are logged by the store; a deploy goes on without its record.
-        let _ = self.store.update_service(key, f);
+        let _ = self.store.change_service(key, change);
     }
 
     /// Write a complete history row; counted in `depwatch_deploys_total`.
@@ -138,6 +138,7 @@ impl Recorder {
             DeployOutcome::RollbackFailed => "DeployRollbackFailed",
             DeployOutcome::TimedOut => "DeployTimedOut",
             DeployOutcome::Drift => "ImagesDrifted",
+            DeployOutcome::ChangedOutside => "RolloutChangedOutside",
             DeployOutcome::Failed => "DeployFailed",
             DeployOutcome::InProgress
             | DeployOutcome::Unchanged
@@ -169,10 +170,12 @@ impl Recorder {
                 message: message.clone(),
             },
         );
-        self.update(key, |s| {
-            s.status = ServiceStatus::Drifted;
-            s.message = message.clone();
-        });
+        self.change(
+            key,
+            ServiceChange::default()
+                .status(ServiceStatus::Drifted)
+                .message(message.clone()),
+        );
         self.notifier.report(Report {
             outcome: DeployOutcome::Drift,
             service: key.name.clone(),
@@ -206,7 +209,12 @@ impl Attempt<'_> {
     pub fn apply(&mut self, event: &Event) {
         match event {
             Event::Skipped(why) => tracing::info!("{why}"),
-            Event::CloseInterrupted { id } => self.close_interrupted(*id),
+            Event::CloseInterrupted {
+                id,
+                rollback_abandoned,
+            } => self.close_interrupted(*id, *rollback_abandoned),
+            Event::RollingBack { restore } => self.rolling_back(restore),
+            Event::Repin => self.pin(),
             Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in),
             Event::ApiBack => self.api_back(),
             Event::NotStarted {
@@ -270,14 +278,35 @@ impl Attempt<'_> {
         );
     }
 
-    fn close_interrupted(&self, id: i64) {
+    fn close_interrupted(&self, id: i64, rollback_abandoned: bool) {
         let r = self.recorder;
-        let _ = r.store.finish_deploy(
-            id,
-            DeployOutcome::Interrupted,
-            "depwatch stopped during this deploy and the file changed since",
-        );
+        let message = if rollback_abandoned {
+            "depwatch stopped during this deploy's rollback and the file changed since: the rollback is abandoned, and the newer version is deployed from what the cluster runs"
+        } else {
+            "depwatch stopped during this deploy and the file changed since"
+        };
+        let _ = r
+            .store
+            .finish_deploy(id, DeployOutcome::Interrupted, message);
         r.metrics.deploy(DeployOutcome::Interrupted);
+    }
+
+    /// Before the rollback's patch: its restore images on the deploy's row.
+    fn rolling_back(&self, restore: &Images) {
+        if let Some(id) = self.row {
+            let _ = self.recorder.store.set_restore(id, restore);
+        }
+    }
+
+    /// The desired version failed: not deployed again until the file changes.
+    fn pin(&self) {
+        let hash = self.desired.hash.clone();
+        self.recorder.change(
+            self.key,
+            ServiceChange::default()
+                .content_hash(hash.clone())
+                .failed_hash(hash),
+        );
     }
 
     fn unreachable(&mut self, error: &str, retry_in: Duration) {
@@ -291,10 +320,12 @@ impl Attempt<'_> {
         r.api_waits.enter(error);
         tracing::warn!("{error}; retrying with backoff");
         let message = format!("waiting for the Kubernetes API server: {error}");
-        r.update(self.key, |s| {
-            s.status = ServiceStatus::WaitingForApi;
-            s.message = message;
-        });
+        r.change(
+            self.key,
+            ServiceChange::default()
+                .status(ServiceStatus::WaitingForApi)
+                .message(message),
+        );
     }
 
     /// No longer waiting for the API server, because the deploy ended.
@@ -311,10 +342,12 @@ impl Attempt<'_> {
         let r = self.recorder;
         r.api_waits.leave();
         tracing::info!("the Kubernetes API server answers again");
-        r.update(self.key, |s| {
-            s.status = ServiceStatus::Deploying;
-            s.message.clear();
-        });
+        r.change(
+            self.key,
+            ServiceChange::default()
+                .status(ServiceStatus::Deploying)
+                .message(""),
+        );
     }
 
     fn not_started(
@@ -335,18 +368,18 @@ impl Attempt<'_> {
             DeployOutcome::Failed,
             message,
         );
-        r.update(self.key, |s| {
-            s.path = d.path.display().to_string();
-            if settled {
-                s.content_hash = d.hash.clone();
-            }
-            if status == ServiceStatus::Paused {
-                // Known and valid, only not rolled out: the page shows what waits.
-                s.desired = Images::parse(requested);
-            }
-            s.status = status;
-            s.message = message.to_string();
-        });
+        let mut change = ServiceChange::default()
+            .path(d.path.display().to_string())
+            .status(status)
+            .message(message);
+        if settled {
+            change = change.content_hash(d.hash.clone());
+        }
+        if status == ServiceStatus::Paused {
+            // Known and valid, only not rolled out: the page shows what waits.
+            change = change.desired(Images::parse(requested));
+        }
+        r.change(self.key, change);
         let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
         r.notifier.report(self.report(
             DeployOutcome::Failed,
@@ -365,22 +398,22 @@ impl Attempt<'_> {
             "already running the desired images, with 0 replicas (unverified)"
         };
         tracing::info!(images = %images, "{message}; no patch");
-        r.update(self.key, |s| {
-            s.path = d.path.display().to_string();
-            s.content_hash = d.hash.clone();
-            s.desired = images.clone();
-            s.deployed = images.clone();
-            if verified {
-                s.last_good = images.clone();
-            }
-            s.status = if verified {
+        let mut change = ServiceChange::default()
+            .path(d.path.display().to_string())
+            .content_hash(d.hash.clone())
+            .desired(images.clone())
+            .deployed(images.clone())
+            .status(if verified {
                 ServiceStatus::Succeeded
             } else {
                 ServiceStatus::Unverified
-            };
-            s.failed_hash.clear();
-            s.message = message.into();
-        });
+            })
+            .failed_hash("")
+            .message(message);
+        if verified {
+            change = change.last_good(images.clone());
+        }
+        r.change(self.key, change);
         if record {
             let text = images.to_string();
             self.complete_row(text.clone(), text, DeployOutcome::Unchanged, message);
@@ -416,15 +449,15 @@ impl Attempt<'_> {
                 })
                 .ok(),
         };
-        r.update(self.key, |s| {
-            s.path = d.path.display().to_string();
-            s.desired = to.clone();
-            if let (true, Some(base)) = (s.last_good.is_empty(), base) {
-                s.last_good = base.clone();
-            }
-            s.status = ServiceStatus::Deploying;
-            s.message.clear();
-        });
+        let mut change = ServiceChange::default()
+            .path(d.path.display().to_string())
+            .desired(to.clone())
+            .status(ServiceStatus::Deploying)
+            .message("");
+        if let Some(base) = base {
+            change = change.last_good_if_unset(base.clone());
+        }
+        r.change(self.key, change);
     }
 
     fn patched(&self, generation: i64, rollback: bool) {
@@ -442,13 +475,9 @@ impl Attempt<'_> {
     fn rollout_failed(&mut self, outcome: DeployOutcome, reason: &str) {
         let r = self.recorder;
         self.failure = reason.to_string();
-        let hash = self.desired.hash.clone();
         tracing::warn!(%outcome, %reason, "rollout failed; the version is pinned");
         // Pinned first, so a stop during the rollback never redeploys it.
-        r.update(self.key, |s| {
-            s.content_hash = hash.clone();
-            s.failed_hash = hash;
-        });
+        self.pin();
         // People hear at once, with the pod's reason; the rollback's outcome follows.
         r.notifier
             .report(self.report(outcome, self.from.to_string(), self.to.to_string(), reason));
@@ -472,28 +501,27 @@ impl Attempt<'_> {
                 .change_to_healthy
                 .observe(d.seen_at.elapsed().as_secs_f64());
         }
-        r.update(self.key, |s| {
-            if f.settled {
-                s.content_hash = d.hash.clone();
+        let mut change = ServiceChange::default();
+        if f.settled {
+            change = change.content_hash(d.hash.clone());
+        }
+        if let Some(running) = &f.running {
+            change = change.deployed(running.clone());
+            if f.good {
+                change = change.last_good(running.clone());
             }
-            if let Some(running) = &f.running {
-                s.deployed = running.clone();
-                if f.good {
-                    s.last_good = running.clone();
-                }
-            }
-            if f.good || f.outcome == DeployOutcome::Unverified {
-                s.failed_hash.clear();
-            }
-            if let Some(status) = f.outcome.service_status() {
-                s.status = status;
-                s.message = if f.good {
-                    String::new()
-                } else {
-                    f.message.clone()
-                };
-            }
-        });
+        }
+        if f.good || f.outcome == DeployOutcome::Unverified {
+            change = change.failed_hash("");
+        }
+        if let Some(status) = f.outcome.service_status() {
+            change = change.status(status).message(if f.good {
+                String::new()
+            } else {
+                f.message.clone()
+            });
+        }
+        r.change(self.key, change);
         r.kube_event(self.key, &self.uid, f.outcome, &self.event_text(f));
         if f.announce {
             r.notifier.report(self.finish_report(f));

@@ -212,6 +212,18 @@ pub fn new_replicaset<'a>(
     })
 }
 
+/// The images someone else wrote after depwatch's write at `generation`, if any: the
+/// Deployment moved past that generation and a container depwatch set runs another image.
+/// (A later change that kept depwatch's images, such as an added annotation, is still
+/// depwatch's rollout.)
+pub fn changed_outside(dep: &DeploymentState, generation: i64, applied: &Images) -> Option<Images> {
+    let moved = dep.generation > generation;
+    let differs = applied
+        .iter()
+        .any(|(c, img)| dep.images.get(c).is_some_and(|live| live != img));
+    (moved && differs).then(|| dep.images.clone())
+}
+
 /// Judge a rollout. `generation` is the Deployment generation our patch produced;
 /// `first_seen` remembers when each pod's `ErrImagePull` was first seen, for its grace.
 pub fn judge(

@@ -277,7 +277,8 @@ impl From<DeployOutcome> for RequestStatus {
                 RequestStatus::Succeeded
             }
             DeployOutcome::RolledBack => RequestStatus::RolledBack,
-            DeployOutcome::Superseded => RequestStatus::Superseded,
+            // Someone else's change took its place: not running, and not judged.
+            DeployOutcome::Superseded | DeployOutcome::ChangedOutside => RequestStatus::Superseded,
             DeployOutcome::Failed
             | DeployOutcome::TimedOut
             | DeployOutcome::RollbackFailed

@@ -9,6 +9,7 @@ use std::future::Future;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;
 
+use super::change::{ServiceChange, Value};
 use super::{
     Backend, DeployRecord, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
@@ -17,7 +18,8 @@ use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Images};
 
 /// Schema versions in order; each runs once.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE services (
     namespace TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -59,7 +61,11 @@ CREATE TABLE requests (
     actor TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-"];
+",
+    "
+ALTER TABLE deploys ADD COLUMN restore TEXT NOT NULL DEFAULT '';
+",
+];
 
 pub struct Postgres {
     /// How the connections are protected, for the start-up line.
@@ -83,7 +89,16 @@ fn pg_error(e: impl std::error::Error) -> StoreError {
 }
 
 impl Postgres {
+    /// Connect and bring the schema up to date (the daemon and commands that write).
     pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+        let pg = Postgres::connect_only(url)?;
+        pg.migrate()?;
+        Ok(pg)
+    }
+
+    /// Connect without touching the schema: commands that only read never migrate a shared
+    /// record behind the daemons' backs.
+    pub fn connect_only(url: &str) -> Result<Postgres, StoreError> {
         let (url, tls) = super::pgtls::split(url).map_err(StoreError::Postgres)?;
         let connector = super::pgtls::connector(&tls).map_err(StoreError::Postgres)?;
         // The error never repeats the URL: it may hold a password.
@@ -119,7 +134,6 @@ impl Postgres {
             runtime: Some(runtime),
             tls: tls.describe(),
         };
-        pg.migrate()?;
         Ok(pg)
     }
 
@@ -139,7 +153,16 @@ impl Postgres {
             let client = pool.get().await.map_err(pg_error)?;
             f(client).await.map_err(pg_error)
         });
-        futures::executor::block_on(task).map_err(pg_error)?
+        // Off the async workers: on the daemon's multi-threaded runtime this worker hands its
+        // other tasks to a fresh one while it waits for the database.
+        let wait = || futures::executor::block_on(task);
+        let joined = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        joined.map_err(pg_error)?
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
@@ -209,6 +232,7 @@ fn deploy_row(row: &Row) -> DeployRecord {
         outcome: text_or_default(row, 9),
         message: row.get(10),
         request_id: row.get(11),
+        restore: row.get(12),
     }
 }
 
@@ -308,37 +332,41 @@ impl Backend for Postgres {
         })
     }
 
-    fn put_service(&self, r: &ServiceRecord, updated_at: &str) -> Result<(), StoreError> {
-        let r = r.clone();
-        let updated_at = updated_at.to_string();
+    fn change_service(
+        &self,
+        key: &ServiceKey,
+        change: &ServiceChange,
+        updated_at: &str,
+    ) -> Result<(), StoreError> {
+        let st = change.statement(&key.namespace, &key.name, updated_at, |n| format!("${n}"));
         self.run(move |client| async move {
-            let sql = format!(
-                "INSERT INTO services ({SERVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                 ON CONFLICT (namespace, name) DO UPDATE SET
-                   path = EXCLUDED.path, content_hash = EXCLUDED.content_hash,
-                   desired = EXCLUDED.desired, deployed = EXCLUDED.deployed,
-                   last_good = EXCLUDED.last_good, status = EXCLUDED.status,
-                   failed_hash = EXCLUDED.failed_hash, message = EXCLUDED.message,
-                   updated_at = EXCLUDED.updated_at, suspended = EXCLUDED.suspended"
-            );
-            let stmt = client.prepare_cached(&sql).await?;
+            let stmt = client.prepare_cached(&st.sql).await?;
+            let values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = st
+                .values
+                .into_iter()
+                .map(|v| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+                    match v {
+                        Value::Text(t) => Box::new(t),
+                        Value::Bool(b) => Box::new(b),
+                    }
+                })
+                .collect();
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+                .iter()
+                .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            client.execute(&stmt, &refs).await?;
+            Ok(())
+        })
+    }
+
+    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
+        let restore = restore.to_string();
+        self.run(move |client| async move {
             client
                 .execute(
-                    &stmt,
-                    &[
-                        &r.namespace,
-                        &r.name,
-                        &r.path,
-                        &r.content_hash,
-                        &r.desired.to_string(),
-                        &r.deployed.to_string(),
-                        &r.last_good.to_string(),
-                        &r.status.as_str(),
-                        &r.failed_hash,
-                        &r.message,
-                        &updated_at,
-                        &r.suspended,
-                    ],
+                    "UPDATE deploys SET restore = $2 WHERE id = $1",
+                    &[&id, &restore],
                 )
                 .await?;
             Ok(())

@@ -1,0 +1,324 @@
+//! One change to a service row, as the fields it owns: each writer (ingest, the recorder, an
+//! operator command) names only the fields it sets, and the backends write exactly those in one
+//! statement (an upsert). No writer reads the row and writes it back, so two writers of one
+//! row never undo each other: a `suspend` and a pin landing together both stay.
+
+use crate::domain::{Images, ServiceStatus};
+
+/// The fields one writer sets on a service row; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceChange {
+    pub path: Option<String>,
+    /// Set only when the row has no path yet.
+    pub path_if_unset: bool,
+    pub content_hash: Option<String>,
+    pub desired: Option<Images>,
+    pub deployed: Option<Images>,
+    pub last_good: Option<Images>,
+    /// Set only when the row has no last good images yet.
+    pub last_good_if_unset: bool,
+    pub status: Option<ServiceStatus>,
+    /// Leave the status alone while a deploy is under way (its verdict comes later).
+    pub status_unless_deploying: bool,
+    pub failed_hash: Option<String>,
+    pub message: Option<String>,
+    pub suspended: Option<bool>,
+}
+
+/// A value bound to a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Text(String),
+    Bool(bool),
+}
+
+/// The statement for one change, for either backend's placeholder style.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub sql: String,
+    pub values: Vec<Value>,
+}
+
+impl ServiceChange {
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// The path, unless one is recorded already.
+    pub fn path_if_unset(mut self, path: impl Into<String>) -> Self {
+        self.path = Some(path.into());
+        self.path_if_unset = true;
+        self
+    }
+
+    pub fn content_hash(mut self, hash: impl Into<String>) -> Self {
+        self.content_hash = Some(hash.into());
+        self
+    }
+
+    pub fn desired(mut self, images: Images) -> Self {
+        self.desired = Some(images);
+        self
+    }
+
+    pub fn deployed(mut self, images: Images) -> Self {
+        self.deployed = Some(images);
+        self
+    }
+
+    pub fn last_good(mut self, images: Images) -> Self {
+        self.last_good = Some(images);
+        self
+    }
+
+    /// The last good images, unless some are recorded already.
+    pub fn last_good_if_unset(mut self, images: Images) -> Self {
+        self.last_good = Some(images);
+        self.last_good_if_unset = true;
+        self
+    }
+
+    pub fn status(mut self, status: ServiceStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// The status, unless a deploy is under way.
+    pub fn status_unless_deploying(mut self, status: ServiceStatus) -> Self {
+        self.status = Some(status);
+        self.status_unless_deploying = true;
+        self
+    }
+
+    pub fn failed_hash(mut self, hash: impl Into<String>) -> Self {
+        self.failed_hash = Some(hash.into());
+        self
+    }
+
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    pub fn suspended(mut self, suspended: bool) -> Self {
+        self.suspended = Some(suspended);
+        self
+    }
+
+    /// Apply to a row in memory, exactly as the statement does in the database.
+    pub fn apply(&self, row: &mut super::ServiceRecord) {
+        if let Some(p) = &self.path {
+            if !self.path_if_unset || row.path.is_empty() {
+                row.path = p.clone();
+            }
+        }
+        if let Some(h) = &self.content_hash {
+            row.content_hash = h.clone();
+        }
+        if let Some(d) = &self.desired {
+            row.desired = d.clone();
+        }
+        if let Some(d) = &self.deployed {
+            row.deployed = d.clone();
+        }
+        if let Some(g) = &self.last_good {
+            if !self.last_good_if_unset || row.last_good.is_empty() {
+                row.last_good = g.clone();
+            }
+        }
+        if let Some(s) = self.status {
+            if !self.status_unless_deploying || !deploying(row.status) {
+                row.status = s;
+            }
+        }
+        if let Some(h) = &self.failed_hash {
+            row.failed_hash = h.clone();
+        }
+        if let Some(m) = &self.message {
+            row.message = m.clone();
+        }
+        if let Some(s) = self.suspended {
+            row.suspended = s;
+        }
+    }
+
+    /// `INSERT … ON CONFLICT (namespace, name) DO UPDATE SET` only the named fields (and
+    /// `updated_at`). `placeholder(n)` spells the n-th parameter (`?n` or `$n`).
+    pub fn statement(
+        &self,
+        namespace: &str,
+        name: &str,
+        updated_at: &str,
+        placeholder: impl Fn(usize) -> String,
+    ) -> Statement {
+        let mut columns = vec!["namespace", "name", "updated_at"];
+        let mut values = vec![
+            Value::Text(namespace.into()),
+            Value::Text(name.into()),
+            Value::Text(updated_at.into()),
+        ];
+        let mut sets = vec!["updated_at = excluded.updated_at".to_string()];
+        let mut text = |column: &'static str, value: Option<String>, guard: Option<&str>| {
+            let Some(v) = value else { return };
+            columns.push(column);
+            values.push(Value::Text(v));
+            sets.push(match guard {
+                None => format!("{column} = excluded.{column}"),
+                Some(keep_when) => format!(
+                    "{column} = CASE WHEN {keep_when} THEN services.{column} ELSE excluded.{column} END"
+                ),
+            });
+        };
+        text(
+            "path",
+            self.path.clone(),
+            self.path_if_unset.then_some("services.path <> ''"),
+        );
+        text("content_hash", self.content_hash.clone(), None);
+        text(
+            "desired",
+            self.desired.as_ref().map(|i| i.to_string()),
+            None,
+        );
+        text(
+            "deployed",
+            self.deployed.as_ref().map(|i| i.to_string()),
+            None,
+        );
+        text(
+            "last_good",
+            self.last_good.as_ref().map(|i| i.to_string()),
+            self.last_good_if_unset
+                .then_some("services.last_good <> ''"),
+        );
+        let busy = format!(
+            "services.status IN ('{}', '{}')",
+            ServiceStatus::Deploying.as_str(),
+            ServiceStatus::WaitingForApi.as_str()
+        );
+        text(
+            "status",
+            self.status.map(|s| s.as_str().to_string()),
+            self.status_unless_deploying.then_some(busy.as_str()),
+        );
+        text("failed_hash", self.failed_hash.clone(), None);
+        text("message", self.message.clone(), None);
+        if let Some(s) = self.suspended {
+            columns.push("suspended");
+            values.push(Value::Bool(s));
+            sets.push("suspended = excluded.suspended".into());
+        }
+        let holes: Vec<String> = (1..=values.len()).map(placeholder).collect();
+        Statement {
+            sql: format!(
+                "INSERT INTO services ({}) VALUES ({}) ON CONFLICT (namespace, name) DO UPDATE SET {}",
+                columns.join(", "),
+                holes.join(", "),
+                sets.join(", ")
+            ),
+            values,
+        }
+    }
+}
+
+/// A deploy is under way: a refusal or a parse error does not hide it.
+fn deploying(status: ServiceStatus) -> bool {
+    matches!(
+        status,
+        ServiceStatus::Deploying | ServiceStatus::WaitingForApi
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ServiceRecord;
+
+    #[test]
+    fn only_the_named_fields_are_written() {
+        let s = ServiceChange::default()
+            .suspended(true)
+            .statement("prod", "web", "t", |n| format!("?{n}"));
+        assert_eq!(
+            s.sql,
+            "INSERT INTO services (namespace, name, updated_at, suspended) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (namespace, name) DO UPDATE SET updated_at = excluded.updated_at, suspended = excluded.suspended"
+        );
+        assert_eq!(s.values.last(), Some(&Value::Bool(true)));
+        let s = ServiceChange::default()
+            .content_hash("h")
+            .failed_hash("h")
+            .statement("prod", "web", "t", |n| format!("${n}"));
+        assert!(s.sql.contains("($1, $2, $3, $4, $5)"), "{}", s.sql);
+        assert!(!s.sql.contains("status"), "{}", s.sql);
+        assert!(!s.sql.contains("suspended"), "{}", s.sql);
+    }
+
+    #[test]
+    fn guarded_fields_keep_what_is_there() {
+        let table: &[(ServiceChange, ServiceRecord, ServiceRecord)] = &[
+            (
+                ServiceChange::default().path_if_unset("/d/web_prod.dep"),
+                ServiceRecord {
+                    path: "/d/a/web_prod.dep".into(),
+                    ..Default::default()
+                },
+                ServiceRecord {
+                    path: "/d/a/web_prod.dep".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                ServiceChange::default().path_if_unset("/d/web_prod.dep"),
+                ServiceRecord::default(),
+                ServiceRecord {
+                    path: "/d/web_prod.dep".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                ServiceChange::default()
+                    .status_unless_deploying(ServiceStatus::Invalid)
+                    .message("bad"),
+                ServiceRecord {
+                    status: ServiceStatus::Deploying,
+                    ..Default::default()
+                },
+                ServiceRecord {
+                    status: ServiceStatus::Deploying,
+                    message: "bad".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                ServiceChange::default().status_unless_deploying(ServiceStatus::Invalid),
+                ServiceRecord {
+                    status: ServiceStatus::Succeeded,
+                    ..Default::default()
+                },
+                ServiceRecord {
+                    status: ServiceStatus::Invalid,
+                    ..Default::default()
+                },
+            ),
+            (
+                ServiceChange::default().last_good_if_unset(Images::parse("web=w:1")),
+                ServiceRecord {
+                    last_good: Images::parse("web=w:0"),
+                    ..Default::default()
+                },
+                ServiceRecord {
+                    last_good: Images::parse("web=w:0"),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (change, before, want) in table {
+            let mut row = before.clone();
+            change.apply(&mut row);
+            assert_eq!(&row, want, "{change:?}");
+            let sql = change.statement("n", "s", "t", |n| format!("?{n}")).sql;
+            assert!(sql.contains("CASE WHEN services."), "{sql}");
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The seams between two steps, through the real binary: a crash between the pin and the
+//! rollback's patch, an outside change during depwatch's own rollout, and a leader frozen past
+//! its Lease. After each, the record, the cluster and the history agree.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::Env;
+use common::wait_for;
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::{DeployOutcome, ServiceStatus};
+use depwatch::sim::SimConfig;
+use depwatch::store::Store;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+fn web() -> ServiceKey {
+    ServiceKey::new("web", "prod").expect("key")
+}
+
+/// `kubectl set image` as another client would send it.
+async fn set_image_outside(env: &Env, image: &str) {
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), "prod");
+    let body =
+        json!({"spec": {"template": {"spec": {"containers": [{"name": "web", "image": image}]}}}});
+    api.patch(
+        "web",
+        &PatchParams {
+            field_manager: Some("kubectl-set".into()),
+            ..PatchParams::default()
+        },
+        &Patch::Strategic(&body),
+    )
+    .await
+    .expect("outside patch");
+}
+
+/// A status of `key` in the SQLite record at `state`, as a fresh reader sees it.
+fn status(env: &Env) -> Option<(ServiceStatus, String)> {
+    let store = Store::open_read_only(&env.state).ok()?;
+    let r = store.service(&web()).ok()??;
+    Some((r.status, r.failed_hash.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_pin_and_the_rollback_is_finished_at_the_next_start() {
+    let env = Env::new(SimConfig {
+        latency: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&[]).await;
+    wait_for(
+        "the first version recorded",
+        Duration::from_secs(30),
+        || async {
+            status(&env)
+                .filter(|(s, _)| *s == ServiceStatus::Succeeded)
+                .map(|_| ())
+        },
+    )
+    .await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for(
+        "the rollout to fail (then kill -9 at once)",
+        Duration::from_secs(60),
+        || async { daemon.log_text().contains("rollout failed").then_some(()) },
+    )
+    .await;
+    daemon.kill();
+    // The crash left the crashing image running, pinned, with the deploy in progress.
+    let store = env.store();
+    let unfinished = store.interrupted().expect("q");
+    assert_eq!(unfinished.len(), 1, "{unfinished:?}");
+    assert_eq!(
+        unfinished[0].restore, "web=r.example/web:1.0",
+        "the rollback's intent was recorded before its patch"
+    );
+    drop(store);
+
+    let daemon = env.daemon(&[]).await;
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let store = env.store();
+    wait_for(
+        "the interrupted rollback's row finished",
+        Duration::from_secs(60),
+        || async { store.interrupted().ok()?.is_empty().then_some(()) },
+    )
+    .await;
+    let r = store.service(&web()).expect("q").expect("row");
+    assert_eq!(r.status, ServiceStatus::RolledBack, "{}", daemon.log_text());
+    assert!(r.pinned().is_some(), "the failed version stays pinned");
+    let h = store.history(Some(&web()), 10).expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
+    assert_eq!(h[0].to_image, "web=r.example/web:crash-2.0");
+    assert_eq!(
+        h.iter()
+            .filter(|d| d.to_image.contains("crash-2.0"))
+            .count(),
+        1,
+        "one row for one save: {h:?}"
+    );
+    assert!(daemon
+        .log_text()
+        .contains("a rollback was interrupted by a stop"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_healed() {
+    let env = Env::new(SimConfig {
+        ready_delay: Duration::from_millis(1500),
+        ..SimConfig::default()
+    })
+    .await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&["--self-heal"]).await;
+    wait_for(
+        "the first version recorded",
+        Duration::from_secs(30),
+        || async {
+            status(&env)
+                .filter(|(s, _)| *s == ServiceStatus::Succeeded)
+                .map(|_| ())
+        },
+    )
+    .await;
+    env.write_dep("web_prod.dep", "2.0\n");
+    wait_for("depwatch's patch", Duration::from_secs(30), || async {
+        (env.patches("prod", "web") >= 1).then_some(())
+    })
+    .await;
+    // Someone else sets a crashing image while depwatch's rollout is under way.
+    set_image_outside(&env, "r.example/web:crash-evil").await;
+    let store = env.store();
+    let row = wait_for(
+        "the rollout ended as changed outside depwatch",
+        Duration::from_secs(30),
+        || async {
+            store
+                .history(Some(&web()), 20)
+                .ok()?
+                .into_iter()
+                .find(|d| d.to_image == "web=r.example/web:2.0" && d.ended_at.is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        row.outcome,
+        DeployOutcome::ChangedOutside,
+        "{row:?}\n{}",
+        daemon.log_text()
+    );
+    assert!(row.message.contains("crash-evil"), "{}", row.message);
+    // Never blamed: depwatch's own version is not pinned for the outside image's crash.
+    let r = store.service(&web()).expect("q").expect("row");
+    assert!(r.pinned().is_none(), "{r:?}");
+    // Drift recorded, and healed back to what the file asks for.
+    env.wait_image("prod", "web", "r.example/web:2.0").await;
+    wait_for("the healed deploy", Duration::from_secs(60), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded && r.deployed.to_string() == "web=r.example/web:2.0")
+            .then_some(())
+    })
+    .await;
+    let h = store.history(Some(&web()), 20).expect("history");
+    assert!(
+        h.iter()
+            .any(|d| d.outcome == DeployOutcome::Drift && d.to_image.contains("crash-evil")),
+        "a drift row names the outside image: {h:?}"
+    );
+    assert!(
+        !h.iter().any(|d| d.outcome == DeployOutcome::Succeeded
+            && d.to_image == "web=r.example/web:2.0"
+            && d.id == row.id),
+        "no healthy verdict on a template depwatch did not write"
+    );
+}
+
+/// The arguments of one replica with its own state directory, electing a leader.
+fn replica(env: &Env, state: &str) -> Vec<String> {
+    let mut args = env.run_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--state-dir")
+        .expect("state arg")
+        + 1;
+    args[at] = env.dir.path().join(state).display().to_string();
+    args.extend(
+        [
+            "--leader-elect",
+            "--lease-duration",
+            "3s",
+            "--lease-namespace",
+            "default",
+            "--debounce",
+            "50ms",
+        ]
+        .map(String::from),
+    );
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("fence").await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
+    let binary = [env!("CARGO_BIN_EXE_depwatch")];
+    let old = env
+        .daemon_via(&binary, &replica(&env, "state-a"), &db, env.dir.path())
+        .await;
+    let new = env.spawn_via(&binary, &replica(&env, "state-b"), &db, env.dir.path());
+    wait_for("a standby", Duration::from_secs(30), || async {
+        new.log_text().contains("standby: waiting").then_some(())
+    })
+    .await;
+    let store = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+            .await
+            .expect("store")
+    };
+    let service = |want: ServiceStatus| {
+        let store = store.clone();
+        async move {
+            let r = store.service(&web()).ok()??;
+            (r.status == want).then_some(r)
+        }
+    };
+    wait_for("the first version", Duration::from_secs(30), || {
+        service(ServiceStatus::Succeeded)
+    })
+    .await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for("the leader's patch", Duration::from_secs(30), || async {
+        old.log_text()
+            .contains("patched; waiting for the rollout")
+            .then_some(())
+    })
+    .await;
+    old.signal("STOP");
+    // The standby takes over, finishes the frozen leader's deploy, then deploys a new version.
+    wait_for("the takeover", Duration::from_secs(30), || async {
+        new.log_text().contains("holds the Lease").then_some(())
+    })
+    .await;
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    wait_for("the crash rolled back", Duration::from_secs(60), || {
+        service(ServiceStatus::RolledBack)
+    })
+    .await;
+    env.write_dep("web_prod.dep", "9.0.0\n");
+    env.wait_image("prod", "web", "r.example/web:9.0.0").await;
+    wait_for("9.0.0 healthy", Duration::from_secs(60), || {
+        service(ServiceStatus::Succeeded)
+    })
+    .await;
+    let patches = env.patches("prod", "web");
+    let rows = store.history(Some(&web()), 50).expect("history").len();
+
+    old.signal("CONT");
+    let log = old.log.clone();
+    let exit = old.exit_status(Duration::from_secs(30)).await;
+    let text = common::daemon::read(&log);
+    assert!(
+        !exit.success(),
+        "a replica that lost its Lease exits non-zero\n{text}"
+    );
+    assert!(text.contains("Lease"), "{text}");
+    // Not one write after the Lease was lost: no PATCH, no history row, no pin.
+    assert_eq!(env.patches("prod", "web"), patches, "{text}");
+    assert_eq!(env.image("prod", "web").await, "r.example/web:9.0.0");
+    let r = store.service(&web()).expect("q").expect("row");
+    assert_eq!(r.status, ServiceStatus::Succeeded, "{r:?}\n{text}");
+    assert!(r.pinned().is_none(), "{r:?}");
+    assert_eq!(
+        store.history(Some(&web()), 50).expect("history").len(),
+        rows,
+        "{text}"
+    );
+    drop(new);
+}
