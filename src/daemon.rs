@@ -559,6 +559,8 @@ impl Running {
             heal,
             self.stages.clone(),
         ));
+        self.set
+            .spawn(replay_kept_writes(self.store.clone(), self.stages.clone()));
         let retention = self.store.clone();
         let (keep, max_age, every) = (
             self.config.history_keep,
@@ -613,6 +615,34 @@ impl Running {
         let notifier = recorder.notifier.clone();
         drop((recorder, engine, deployer));
         notifier.close(senders, NOTIFY_GRACE).await;
+    }
+}
+
+/// Write what the record refused while it was away, as soon as it answers again. A last try
+/// at shutdown; what still waits then is said in the log (the next start finishes the
+/// unfinished rows from the cluster).
+async fn replay_kept_writes(store: Store, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if store.health().pending > 0 {
+            let again = store.clone();
+            let left = tokio::task::spawn_blocking(move || again.replay())
+                .await
+                .unwrap_or_default();
+            if stopping && left > 0 {
+                tracing::error!(
+                    pending = left,
+                    "stopping with record writes that could not be written; the next start finishes the unfinished deploys from the cluster"
+                );
+            }
+        }
+        if stopping {
+            return;
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub pending: Gauge,
     pub running: Gauge,
+    pub record_pending: Gauge,
+    pub record_dropped: Gauge,
     pub services: Family<StatusLabel, Gauge>,
     pub notifications: Family<ResultLabel, Counter>,
     pub kube_requests: Family<RequestLabel, Counter>,
@@ -88,6 +90,18 @@ impl Metrics {
         );
         let running = Gauge::default();
         registry.register("running_deploys", "Deploys in progress", running.clone());
+        let record_pending = Gauge::default();
+        registry.register(
+            "record_pending_writes",
+            "Record writes kept in memory while the record refuses them",
+            record_pending.clone(),
+        );
+        let record_dropped = Gauge::default();
+        registry.register(
+            "record_dropped_writes",
+            "Record writes lost because too many were waiting",
+            record_dropped.clone(),
+        );
         let services = Family::<StatusLabel, Gauge>::default();
         registry.register("services", "Managed services by status", services.clone());
         let notifications = Family::<ResultLabel, Counter>::default();
@@ -110,6 +124,8 @@ impl Metrics {
             queue_depth,
             pending,
             running,
+            record_pending,
+            record_dropped,
             services,
             notifications,
             kube_requests,
@@ -138,6 +154,9 @@ impl Metrics {
         // Queued or waiting for their service's running deploy to finish.
         self.pending.set(queue.queued as i64);
         self.running.set(queue.running as i64);
+        self.record_pending.set(queue.record.pending as i64);
+        self.record_dropped
+            .set(i64::try_from(queue.record.dropped).unwrap_or(i64::MAX));
         self.services.clear();
         for s in statuses {
             self.services
@@ -155,13 +174,15 @@ impl Metrics {
 }
 
 /// The scheduler's gauges at one moment.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct QueueGauges {
     /// Services in the bounded queue.
     pub depth: usize,
     /// Queued or waiting for their service's running deploy.
     pub queued: usize,
     pub running: usize,
+    /// Writes the record has not taken yet.
+    pub record: crate::store::RecordHealth,
 }
 
 /// A tower layer counting Kubernetes API requests by verb and response code.

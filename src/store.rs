@@ -18,6 +18,7 @@ use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 
 mod change;
+pub mod outbox;
 mod pg;
 mod pgtls;
 
@@ -170,6 +171,18 @@ pub struct Store {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Writes are refused without a valid Lease (open without leader election).
     fence: Fence,
+    /// Writes the backend refused, kept in order until it answers again.
+    outbox: Arc<Mutex<outbox::Outbox>>,
+}
+
+/// The record's own health: writes kept in memory while the backend refuses them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordHealth {
+    pub pending: usize,
+    /// Why the backend refused the last write.
+    pub error: Option<String>,
+    /// Writes lost because the outbox was full.
+    pub dropped: u64,
 }
 
 const SCHEMA: &str = "
@@ -687,6 +700,86 @@ impl Store {
             backend,
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             fence: Fence::open(),
+            outbox: Arc::default(),
+        }
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, outbox::Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write now, or keep the write in order behind those already waiting; a deploy row's id
+    /// (local and negative while it waits) when it starts one.
+    fn write(&self, what: &str, mut w: outbox::Write) -> Result<Option<i64>, StoreError> {
+        self.allowed(what)?;
+        let mut o = self.outbox();
+        if o.is_empty() {
+            match o.apply(&*self.backend, &w) {
+                Ok(id) => {
+                    drop(o);
+                    self.changed();
+                    return Ok(id);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the record refuses writes: they are kept in memory, in order, and written when it answers again");
+                    o.error = Some(e.to_string());
+                }
+            }
+        }
+        if let outbox::Write::Start { local, .. } = &mut w {
+            *local = o.local_id();
+        }
+        let id = match &w {
+            outbox::Write::Start { local, .. } => Some(*local),
+            _ => None,
+        };
+        if !o.keep(w) {
+            tracing::error!(
+                capacity = outbox::CAPACITY,
+                "the record's outbox is full: a write is lost"
+            );
+            return Err(StoreError::Postgres(format!(
+                "the record has refused writes for a while and {} are waiting; this one is lost",
+                outbox::CAPACITY
+            )));
+        }
+        drop(o);
+        self.changed();
+        Ok(id)
+    }
+
+    /// Write what waits, in order, if the backend answers now (blocking). Returns how many
+    /// still wait.
+    pub fn replay(&self) -> usize {
+        let mut o = self.outbox();
+        if o.is_empty() {
+            return 0;
+        }
+        match o.replay(&*self.backend) {
+            Ok(n) => {
+                tracing::info!(
+                    written = n,
+                    "the record answers again: every kept write is written"
+                );
+                drop(o);
+                self.changed();
+                0
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, pending = o.len(), "the record still refuses writes");
+                o.error = Some(e.to_string());
+                o.len()
+            }
+        }
+    }
+
+    /// Writes waiting for the backend, and why.
+    pub fn health(&self) -> RecordHealth {
+        let o = self.outbox();
+        RecordHealth {
+            pending: o.len(),
+            error: o.error.clone().filter(|_| !o.is_empty()),
+            dropped: o.dropped,
         }
     }
 
@@ -734,43 +827,54 @@ impl Store {
         self.backend.deploy_for_request(id)
     }
 
+    /// A service's row, with any writes still waiting laid over it: a pin kept in memory
+    /// during an outage still pins.
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
-        self.backend.service(key)
+        let row = self.backend.service(key);
+        let o = self.outbox();
+        if o.is_empty() {
+            return row;
+        }
+        match row {
+            Ok(r) => Ok(o.overlay(key, r)),
+            Err(e) => o.overlay(key, None).map(Some).ok_or(e),
+        }
     }
 
     pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
-        self.backend.services()
+        let rows = self.backend.services()?;
+        let o = self.outbox();
+        Ok(if o.is_empty() {
+            rows
+        } else {
+            o.overlay_all(rows)
+        })
     }
 
-    /// Set the fields `change` names on the service's row (creating it if missing). Errors are
-    /// logged here, with the service.
+    /// Set the fields `change` names on the service's row (creating it if missing). Kept in
+    /// memory and written later when the backend refuses it.
     pub fn change_service(
         &self,
         key: &ServiceKey,
         change: ServiceChange,
     ) -> Result<(), StoreError> {
-        let r = self
-            .allowed("a record write (service)")
-            .and_then(|()| self.backend.change_service(key, &change, &now()));
-        match r {
-            Ok(()) => {
-                self.changed();
-                Ok(())
-            }
-            Err(StoreError::Fenced(e)) => Err(StoreError::Fenced(e)),
-            Err(e) => {
-                tracing::error!(service = %key, error = %e, "cannot record the service state");
-                Err(e)
-            }
-        }
+        let w = outbox::Write::Service {
+            key: key.clone(),
+            change,
+            at: now(),
+        };
+        self.write("a record write (service)", w).map(|_| ())
     }
 
     /// Record a deploy as started; returns its id.
     pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
-        self.allowed("a record write (deploy)")?;
-        let id = self.backend.start_deploy(d)?;
-        self.changed();
-        Ok(id)
+        let w = outbox::Write::Start {
+            local: 0,
+            record: d.clone(),
+        };
+        Ok(self
+            .write("a record write (deploy)", w)?
+            .unwrap_or_default())
     }
 
     pub fn finish_deploy(
@@ -779,22 +883,22 @@ impl Store {
         outcome: DeployOutcome,
         message: &str,
     ) -> Result<(), StoreError> {
-        self.allowed("a record write (deploy)")?;
-        let r = self.backend.finish_deploy(id, outcome, message, &now());
-        if let Err(e) = &r {
-            tracing::error!(deploy = id, error = %e, "cannot record the end of a deploy");
-        }
-        r?;
-        self.changed();
-        Ok(())
+        let w = outbox::Write::Finish {
+            id,
+            outcome,
+            message: message.to_string(),
+            at: now(),
+        };
+        self.write("a record write (deploy)", w).map(|_| ())
     }
 
     /// Before a rollback's patch: the images it restores, on the deploy's row.
     pub fn set_restore(&self, id: i64, restore: &Images) -> Result<(), StoreError> {
-        self.allowed("a record write (deploy)")?;
-        self.backend.set_restore(id, &restore.to_string())?;
-        self.changed();
-        Ok(())
+        let w = outbox::Write::Restore {
+            id,
+            restore: restore.to_string(),
+        };
+        self.write("a record write (deploy)", w).map(|_| ())
     }
 
     /// Newest first.
@@ -808,7 +912,16 @@ impl Store {
 
     /// The unfinished deploy of a service, if a stop interrupted one.
     pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        self.backend.in_progress(key)
+        let row = self.backend.in_progress(key);
+        let o = self.outbox();
+        if o.is_empty() {
+            return row;
+        }
+        match row {
+            Ok(Some(d)) if !o.finishes(d.id) => Ok(Some(d)),
+            Ok(_) => Ok(o.unfinished_of(key)),
+            Err(e) => o.unfinished_of(key).map(Some).ok_or(e),
+        }
     }
 
     /// Apply the retention policy: keep at most `keep` deploys per service, and none older

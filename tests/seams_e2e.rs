@@ -294,3 +294,127 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     );
     drop(new);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
+    let mut pg = common::postgres::Postgres::start().await;
+    let url = pg.database("outage").await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let mut args = env.run_args();
+    args.extend(
+        [
+            "--slack-webhook",
+            &env.slack_url,
+            "--debounce",
+            "50ms",
+            "--resync",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
+    let daemon = env.daemon_with(&args, &db, env.dir.path()).await;
+    let store = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+            .await
+            .expect("store")
+    };
+    let record = |want: ServiceStatus| {
+        let store = store.clone();
+        async move {
+            let r = store.service(&web()).ok()??;
+            (r.status == want).then_some(r)
+        }
+    };
+    wait_for("the first version", Duration::from_secs(30), || {
+        record(ServiceStatus::Succeeded)
+    })
+    .await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for("the patch", Duration::from_secs(30), || async {
+        daemon
+            .log_text()
+            .contains("patched; waiting for the rollout")
+            .then_some(())
+    })
+    .await;
+    // The record goes away while the rollout fails: pin, rollback and verdict are kept.
+    pg.stop();
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let http = daemon.http_url();
+    let ready = wait_for(
+        "/readyz to name the record",
+        Duration::from_secs(30),
+        || async {
+            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+            let code = resp.status().as_u16();
+            let body = resp.text().await.ok()?;
+            (code == 503 && body.contains("record")).then_some(body)
+        },
+    )
+    .await;
+    assert!(ready.contains("kept in memory"), "{ready}");
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("depwatch_record_pending_writes ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    pg.restart().await;
+    let r = wait_for("the kept writes replayed", Duration::from_secs(60), || {
+        record(ServiceStatus::RolledBack)
+    })
+    .await;
+    assert!(r.pinned().is_some(), "the pin survived the outage: {r:?}");
+    wait_for("/readyz ok again", Duration::from_secs(30), || async {
+        let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+        (resp.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    let h = store.history(Some(&web()), 10).expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
+    assert_eq!(h[0].restore, "web=r.example/web:1.0");
+    assert!(store.interrupted().expect("q").is_empty());
+    // A resync after the replay sees the pin: the failed version is not deployed again.
+    let seen = daemon.log_text().len();
+    wait_for(
+        "a resync after the replay",
+        Duration::from_secs(30),
+        || async {
+            daemon.log_text()[seen..]
+                .contains("pinned until it changes")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.patches("prod", "web"),
+        2,
+        "the deploy and its rollback only"
+    );
+    // depwatch's own rollback was never reported as drift.
+    assert!(
+        !env.messages()
+            .iter()
+            .any(|m| common::daemon::text(m).contains("drift")),
+        "{:?}",
+        env.messages()
+    );
+    assert!(!store
+        .history(Some(&web()), 10)
+        .expect("history")
+        .iter()
+        .any(|d| d.outcome == DeployOutcome::Drift));
+}

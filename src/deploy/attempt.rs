@@ -13,6 +13,7 @@ use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
 use crate::depfile::ServiceKey;
 use crate::domain::{DeployOutcome, Desired, Images};
+use crate::store::StoreError;
 
 /// Bounds how many deploys talk to the API server at once. Waiting for a rollout holds no
 /// permit, so slow rollouts never stall other services.
@@ -50,23 +51,48 @@ fn failure(e: DeployError) -> Failure {
 
 impl Engine {
     /// What the record knows of the service as a deploy begins.
-    fn known(&self, key: &ServiceKey, desired: &Desired) -> Known {
+    fn known(&self, key: &ServiceKey, desired: &Desired) -> Result<Known, StoreError> {
         let store = &self.recorder.store;
-        let record = store.service(key).ok().flatten().unwrap_or_default();
-        Known {
+        let record = store.service(key)?.unwrap_or_default();
+        let unfinished = store.in_progress(key)?;
+        Ok(Known {
             pinned: !record.failed_hash.is_empty() && record.failed_hash == desired.hash,
             last_good: record.last_good,
             suspended: record.suspended,
-            interrupted: store
-                .in_progress(key)
-                .ok()
-                .flatten()
+            interrupted: unfinished
                 .filter(|d| d.outcome == DeployOutcome::InProgress)
                 .map(|d| Unfinished {
                     id: d.id,
                     to: Images::parse(&d.to_image),
                     restore: Images::parse(&d.restore),
                 }),
+        })
+    }
+
+    /// [`Self::known`], waiting for a record that cannot be read (a pin it holds must not be
+    /// deployed over) for at most `patience`; `None` when it never answered.
+    async fn known_when_readable(
+        &self,
+        key: &ServiceKey,
+        desired: &Desired,
+        patience: std::time::Duration,
+    ) -> Option<Known> {
+        let give_up = Instant::now() + patience;
+        let mut said = false;
+        loop {
+            match self.known(key, desired) {
+                Ok(k) => return Some(k),
+                Err(e) if Instant::now() >= give_up => {
+                    tracing::error!(error = %e, "the record cannot be read; the deploy is not started (tried again at the next resync or file change)");
+                    return None;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::warn!(error = %e, "the record cannot be read; the deploy waits for it");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 
@@ -85,7 +111,12 @@ impl Engine {
                 .unwrap_or(self.deployer.config().rollout_timeout),
             rollback: self.rollback,
         };
-        let known = self.known(key, desired);
+        let Some(known) = self
+            .known_when_readable(key, desired, settings.rollout_timeout)
+            .await
+        else {
+            return;
+        };
         let mut machine = Lifecycle::new(desired.clone(), known, settings, Instant::now());
         let mut attempt = self.recorder.begin(key, desired);
         let (mut events, mut action) = machine.start();

@@ -134,6 +134,18 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
     if let Some(problem) = root_problem {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, problem));
     }
+    let record = state.store.health();
+    if record.pending > 0 {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the record ({}) refuses writes: {} kept in memory until it answers again ({})",
+                state.store.describe(),
+                record.pending,
+                record.error.as_deref().unwrap_or("no reason given")
+            ),
+        ));
+    }
     let (waiting, error) = state.api_waits.now();
     if waiting > 0 {
         return Err(ApiError::new(
@@ -171,6 +183,7 @@ pub async fn metrics(State(state): Shared) -> impl IntoResponse {
         depth: state.scheduler.depth(),
         queued: state.queue.queued.load(Ordering::Relaxed),
         running: state.queue.running.load(Ordering::Relaxed),
+        record: state.store.health(),
     };
     let text = state.metrics.encode(gauges, &statuses);
     (

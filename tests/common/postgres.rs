@@ -12,6 +12,8 @@ pub struct Postgres {
     pub url: String,
     pub port: u16,
     socket_dir: PathBuf,
+    data: PathBuf,
+    root: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -203,26 +205,58 @@ impl Postgres {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let child = as_postgres_user(&bin.join("postgres"), root)
-            .args(["-D", data.to_str().expect("utf-8"), "-p", &port.to_string()])
+        let url = format!("postgres://depwatch@127.0.0.1:{port}/postgres");
+        let mut pg = Postgres {
+            child: None,
+            url,
+            port,
+            socket_dir: dir.path().to_path_buf(),
+            data,
+            root,
+            _dir: dir,
+        };
+        pg.spawn();
+        pg.accepting().await;
+        pg
+    }
+
+    fn spawn(&mut self) {
+        let child = as_postgres_user(&bin_dir().join("postgres"), self.root)
+            .args([
+                "-D",
+                self.data.to_str().expect("utf-8"),
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args([
                 "-c",
-                &format!("unix_socket_directories={}", dir.path().display()),
+                &format!("unix_socket_directories={}", self.socket_dir.display()),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("postgres starts");
-        let url = format!("postgres://depwatch@127.0.0.1:{port}/postgres");
-        let pg = Postgres {
-            child: Some(child),
-            url,
-            port,
-            socket_dir: dir.path().to_path_buf(),
-            _dir: dir,
-        };
-        let admin = pg.admin();
+        self.child = Some(child);
+    }
+
+    /// Stop the server (a fast shutdown): every connection to it fails until [`Self::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill has no memory preconditions; the pid is our own child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the stopped server again, on the same port with the same data.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.accepting().await;
+    }
+
+    async fn accepting(&self) {
+        let admin = self.admin();
         super::wait_for(
             "PostgreSQL to accept connections",
             Duration::from_secs(30),
@@ -236,7 +270,6 @@ impl Postgres {
             },
         )
         .await;
-        pg
     }
 
     /// The test's own connection: through the Unix socket, which never needs TLS.

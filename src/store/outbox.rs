@@ -1,0 +1,302 @@
+//! The record's outbox: writes the backend refuses (PostgreSQL stopped, a full disk) are kept
+//! in memory, in order, and replayed when it answers again. Until then reads see them laid over
+//! what the backend returns, so a pin written during an outage still pins, and depwatch never
+//! takes its own deploy for drift. The queue is bounded; what does not fit is counted and
+//! logged, never silently lost.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{Backend, DeployRecord, ServiceChange, ServiceRecord, StoreError};
+use crate::depfile::ServiceKey;
+use crate::domain::DeployOutcome;
+
+/// Writes kept at most; beyond this a write is dropped (and counted).
+pub const CAPACITY: usize = 100_000;
+
+/// One write to the record.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Service {
+        key: ServiceKey,
+        change: ServiceChange,
+        at: String,
+    },
+    /// A deploy row; `local` is the id handed out while it waits (negative).
+    Start {
+        local: i64,
+        record: DeployRecord,
+    },
+    Finish {
+        id: i64,
+        outcome: DeployOutcome,
+        message: String,
+        at: String,
+    },
+    Restore {
+        id: i64,
+        restore: String,
+    },
+}
+
+/// The queue and what replaying it learns.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Write>,
+    /// Local ids of deploy rows written since, with the backend's ids.
+    ids: HashMap<i64, i64>,
+    next_local: i64,
+    /// Why the backend refused the last write.
+    pub error: Option<String>,
+    pub dropped: u64,
+}
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// A local id for a deploy row that waits in the queue.
+    pub fn local_id(&mut self) -> i64 {
+        self.next_local -= 1;
+        self.next_local
+    }
+
+    /// Keep `w` for later; `false` (and counted) when the queue is full.
+    pub fn keep(&mut self, w: Write) -> bool {
+        if self.queue.len() >= CAPACITY {
+            self.dropped += 1;
+            return false;
+        }
+        self.queue.push_back(w);
+        true
+    }
+
+    /// The backend's id for `id` (a local id once its row is written).
+    fn real(&self, id: i64) -> Result<i64, StoreError> {
+        if id >= 0 {
+            return Ok(id);
+        }
+        self.ids
+            .get(&id)
+            .copied()
+            .ok_or_else(|| StoreError::Postgres(format!("deploy row {id} was never written")))
+    }
+
+    /// Carry out one write; a deploy row's id when it starts one.
+    pub fn apply(&mut self, backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
+        match w {
+            Write::Service { key, change, at } => {
+                backend.change_service(key, change, at)?;
+                Ok(None)
+            }
+            Write::Start { local, record } => {
+                let id = backend.start_deploy(record)?;
+                if *local < 0 {
+                    self.ids.insert(*local, id);
+                }
+                Ok(Some(id))
+            }
+            Write::Finish {
+                id,
+                outcome,
+                message,
+                at,
+            } => {
+                backend.finish_deploy(self.real(*id)?, *outcome, message, at)?;
+                Ok(None)
+            }
+            Write::Restore { id, restore } => {
+                backend.set_restore(self.real(*id)?, restore)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Write what waits, oldest first, until the backend refuses one. Returns how many were
+    /// written.
+    pub fn replay(&mut self, backend: &dyn Backend) -> Result<usize, StoreError> {
+        let mut written = 0;
+        while let Some(w) = self.queue.front().cloned() {
+            self.apply(backend, &w)?;
+            self.queue.pop_front();
+            written += 1;
+        }
+        self.error = None;
+        Ok(written)
+    }
+
+    /// The changes to `key` still waiting, oldest first.
+    pub fn changes_of(&self, key: &ServiceKey) -> Vec<ServiceChange> {
+        self.queue
+            .iter()
+            .filter_map(|w| match w {
+                Write::Service { key: k, change, .. } if k == key => Some(change.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `row` (or a new one, when the backend has none) with the waiting changes laid over it;
+    /// `None` when neither exists.
+    pub fn overlay(&self, key: &ServiceKey, row: Option<ServiceRecord>) -> Option<ServiceRecord> {
+        let changes = self.changes_of(key);
+        if changes.is_empty() {
+            return row;
+        }
+        let mut row = row.unwrap_or_else(|| ServiceRecord {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ..ServiceRecord::default()
+        });
+        for c in &changes {
+            c.apply(&mut row);
+        }
+        Some(row)
+    }
+
+    /// Every row with the waiting changes laid over it, new rows included.
+    pub fn overlay_all(&self, rows: Vec<ServiceRecord>) -> Vec<ServiceRecord> {
+        let mut by_key: std::collections::BTreeMap<(String, String), ServiceRecord> = rows
+            .into_iter()
+            .map(|r| ((r.namespace.clone(), r.name.clone()), r))
+            .collect();
+        for w in &self.queue {
+            if let Write::Service { key, change, .. } = w {
+                let row = by_key
+                    .entry((key.namespace.clone(), key.name.clone()))
+                    .or_insert_with(|| ServiceRecord {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        ..ServiceRecord::default()
+                    });
+                change.apply(row);
+            }
+        }
+        by_key.into_values().collect()
+    }
+
+    /// A finish of deploy row `id` waits.
+    pub fn finishes(&self, id: i64) -> bool {
+        self.queue
+            .iter()
+            .any(|w| matches!(w, Write::Finish { id: i, .. } if *i == id))
+    }
+
+    /// A deploy of `key` started while the backend was away and not finished since.
+    pub fn unfinished_of(&self, key: &ServiceKey) -> Option<DeployRecord> {
+        let mut open: Option<DeployRecord> = None;
+        for w in &self.queue {
+            match w {
+                Write::Start { local, record } if record.key() == *key => {
+                    open = Some(DeployRecord {
+                        id: *local,
+                        ..record.clone()
+                    })
+                }
+                Write::Finish { id, .. } if open.as_ref().is_some_and(|d| d.id == *id) => {
+                    open = None
+                }
+                Write::Restore { id, restore } => {
+                    if let Some(d) = open.as_mut().filter(|d| d.id == *id) {
+                        d.restore = restore.clone();
+                    }
+                }
+                _ => {}
+            }
+        }
+        open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Images, ServiceStatus};
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("web", "prod").expect("key")
+    }
+
+    #[test]
+    fn waiting_changes_are_laid_over_reads_in_order() {
+        let mut o = Outbox::default();
+        let k = key();
+        assert_eq!(o.overlay(&k, None), None);
+        o.keep(Write::Service {
+            key: k.clone(),
+            change: ServiceChange::default()
+                .status(ServiceStatus::Deploying)
+                .desired(Images::parse("web=w:2")),
+            at: "t1".into(),
+        });
+        o.keep(Write::Service {
+            key: k.clone(),
+            change: ServiceChange::default()
+                .content_hash("h2")
+                .failed_hash("h2"),
+            at: "t2".into(),
+        });
+        let row = ServiceRecord {
+            namespace: "prod".into(),
+            name: "web".into(),
+            suspended: true,
+            status: ServiceStatus::Succeeded,
+            ..ServiceRecord::default()
+        };
+        let seen = o.overlay(&k, Some(row)).expect("row");
+        assert_eq!(seen.status, ServiceStatus::Deploying);
+        assert!(seen.pinned().is_some(), "a pin kept in memory still pins");
+        assert!(seen.suspended, "fields the changes do not name stay");
+        let all = o.overlay_all(Vec::new());
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].failed_hash, "h2");
+    }
+
+    #[test]
+    fn a_deploy_started_while_away_is_unfinished_until_its_finish_is_kept() {
+        let mut o = Outbox::default();
+        let local = o.local_id();
+        assert!(local < 0);
+        o.keep(Write::Start {
+            local,
+            record: DeployRecord {
+                namespace: "prod".into(),
+                name: "web".into(),
+                ..DeployRecord::default()
+            },
+        });
+        o.keep(Write::Restore {
+            id: local,
+            restore: "web=w:1".into(),
+        });
+        let open = o.unfinished_of(&key()).expect("open");
+        assert_eq!((open.id, open.restore.as_str()), (local, "web=w:1"));
+        o.keep(Write::Finish {
+            id: local,
+            outcome: DeployOutcome::RolledBack,
+            message: String::new(),
+            at: "t".into(),
+        });
+        assert!(o.unfinished_of(&key()).is_none());
+    }
+
+    #[test]
+    fn a_full_queue_counts_what_it_drops() {
+        let mut o = Outbox::default();
+        for _ in 0..CAPACITY {
+            assert!(o.keep(Write::Restore {
+                id: 1,
+                restore: String::new()
+            }));
+        }
+        assert!(!o.keep(Write::Restore {
+            id: 1,
+            restore: String::new()
+        }));
+        assert_eq!((o.len(), o.dropped), (CAPACITY, 1));
+    }
+}
