@@ -418,3 +418,65 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
         .iter()
         .any(|d| d.outcome == DeployOutcome::Drift));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_deploys() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&[]).await;
+    let store = env.store();
+    wait_for("the first version", Duration::from_secs(30), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded).then_some(())
+    })
+    .await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for("the patch", Duration::from_secs(60), || async {
+        daemon
+            .log_text()
+            .contains("patched; waiting for the rollout")
+            .then_some(())
+    })
+    .await;
+    // From now every write conflicts: the rollback's patch is retried; meanwhile a newer
+    // version arrives.
+    env.sim.faults().set_conflict_rate(1.0);
+    wait_for("the rollout to fail", Duration::from_secs(60), || async {
+        daemon.log_text().contains("rollout failed").then_some(())
+    })
+    .await;
+    wait_for("the rollback retried", Duration::from_secs(30), || async {
+        daemon.log_text().contains("retrying with backoff").then_some(())
+    })
+    .await;
+    let seen = daemon.log_text().matches("new desired version").count();
+    env.write_dep("web_prod.dep", "2.3.0\n");
+    wait_for("the newer version seen", Duration::from_secs(30), || async {
+        (daemon.log_text().matches("new desired version").count() > seen).then_some(())
+    })
+    .await;
+    env.sim.faults().set_conflict_rate(0.0);
+    env.wait_image("prod", "web", "r.example/web:2.3.0").await;
+    wait_for("2.3.0 healthy in the record", Duration::from_secs(60), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded
+            && r.deployed.to_string() == "web=r.example/web:2.3.0")
+            .then_some(())
+    })
+    .await;
+    let h = store.history(Some(&web()), 20).expect("history");
+    assert!(
+        !h.iter().any(|d| d.message.contains("internal error")),
+        "{h:?}"
+    );
+    let crash: Vec<_> = h
+        .iter()
+        .filter(|d| d.to_image.contains("crash-2.0"))
+        .collect();
+    assert_eq!(crash.len(), 1, "one row for one save: {h:?}");
+    assert_eq!(crash[0].outcome, DeployOutcome::RolledBack, "{h:?}");
+    assert!(store.interrupted().expect("q").is_empty());
+}
