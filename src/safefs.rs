@@ -290,6 +290,13 @@ impl WriteError {
     }
 }
 
+/// The temporary name beside a target is this much longer than the target's name.
+pub const TEMP_NAME_EXTRA: usize = 22;
+
+/// The longest file name depwatch can write: the temporary name must fit in a directory
+/// entry (255 bytes on Linux file systems).
+pub const MAX_WRITABLE_NAME: usize = 255 - TEMP_NAME_EXTRA;
+
 /// Replace `path` (whose directory must be inside `root`) atomically: a temporary file with a
 /// random name is created exclusively beside it (never following a symlink), written, fsynced
 /// and renamed over the target; the directory is then fsynced. Watchers ignore the hidden
@@ -333,6 +340,10 @@ fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
     let mut last = None;
     for _ in 0..8 {
         let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+        debug_assert_eq!(
+            tmp.file_name().map(|n| n.len()),
+            Some(name.len() + TEMP_NAME_EXTRA)
+        );
         match OpenOptions::new()
             .write(true)
             .create_new(true)

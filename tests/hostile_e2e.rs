@@ -1070,7 +1070,36 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
                 .expect("connect"),
         );
     }
-    // The server holds three; a fourth is closed at once, before any answer.
+    // Beyond the cap, the connections kept for probes answer /healthz and /readyz only.
+    let probe = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .expect("write");
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let healthz = probe("/healthz").await;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let busy = probe("/api/v1/services").await;
+    assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+    assert!(busy.contains("probes"), "{busy}");
+    for _ in 0..depwatch::http::PROBE_RESERVE {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The server holds the cap and the reserve; one more is closed at once, unanswered.
     let mut extra = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
@@ -1085,7 +1114,7 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
         String::from_utf8_lossy(&buf)
     );
     // A slot frees when a client leaves; the daemon serves again.
-    idle.pop();
+    idle.clear();
     let http = reqwest::Client::new();
     let url = daemon.http_url();
     wait_for(

@@ -146,6 +146,13 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
             Some("colour"),
         ),
         (
+            // Valid Kubernetes names, but too long together for a file name.
+            json!({"service": format!("{}.{}", "a".repeat(63), "b".repeat(180)), "namespace": "demo", "version": "1"})
+                .to_string(),
+            422,
+            Some("service"),
+        ),
+        (
             format!("{{\"service\": \"{}\"}}", "x".repeat(100_000)),
             413,
             None,

@@ -449,23 +449,34 @@ async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_depl
     })
     .await;
     wait_for("the rollback retried", Duration::from_secs(30), || async {
-        daemon.log_text().contains("retrying with backoff").then_some(())
+        daemon
+            .log_text()
+            .contains("retrying with backoff")
+            .then_some(())
     })
     .await;
     let seen = daemon.log_text().matches("new desired version").count();
     env.write_dep("web_prod.dep", "2.3.0\n");
-    wait_for("the newer version seen", Duration::from_secs(30), || async {
-        (daemon.log_text().matches("new desired version").count() > seen).then_some(())
-    })
+    wait_for(
+        "the newer version seen",
+        Duration::from_secs(30),
+        || async {
+            (daemon.log_text().matches("new desired version").count() > seen).then_some(())
+        },
+    )
     .await;
     env.sim.faults().set_conflict_rate(0.0);
     env.wait_image("prod", "web", "r.example/web:2.3.0").await;
-    wait_for("2.3.0 healthy in the record", Duration::from_secs(60), || async {
-        let r = store.service(&web()).ok()??;
-        (r.status == ServiceStatus::Succeeded
-            && r.deployed.to_string() == "web=r.example/web:2.3.0")
-            .then_some(())
-    })
+    wait_for(
+        "2.3.0 healthy in the record",
+        Duration::from_secs(60),
+        || async {
+            let r = store.service(&web()).ok()??;
+            (r.status == ServiceStatus::Succeeded
+                && r.deployed.to_string() == "web=r.example/web:2.3.0")
+                .then_some(())
+        },
+    )
     .await;
     let h = store.history(Some(&web()), 20).expect("history");
     assert!(

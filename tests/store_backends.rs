@@ -320,3 +320,42 @@ async fn concurrent_writers_of_one_row_never_undo_each_other_on_postgresql() {
     .await
     .expect("joined");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_only_read_never_migrate_a_shared_record() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("untouched").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args([
+            "status",
+            "--database-url",
+            &url,
+            "--state-dir",
+            "/nonexistent",
+        ])
+        .output()
+        .expect("status runs");
+    assert!(
+        !out.status.success(),
+        "an empty database is not a record: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Still empty: the read-only command created no table.
+    let url2 = url.clone();
+    let tables = tokio::task::spawn_blocking(move || {
+        let reader = Store::open_for_reading(std::path::Path::new("/nonexistent"), Some(&url2))
+            .expect("connect");
+        reader.services().err().map(|e| e.to_string())
+    })
+    .await
+    .expect("joined");
+    assert!(
+        tables.as_deref().is_some_and(|e| e.contains("services")),
+        "{tables:?}"
+    );
+    // The daemon's own connection migrates it.
+    let s = tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+        .await
+        .expect("joined");
+    assert!(s.services().expect("migrated").is_empty());
+}

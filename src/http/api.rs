@@ -480,6 +480,18 @@ pub async fn create_deploy(
     let body = parse_body(&bytes)?;
     let key = ServiceKey::new(&body.service, &body.namespace)
         .map_err(|m| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "service", m))?;
+    let file = key.file_name();
+    if file.len() > crate::safefs::MAX_WRITABLE_NAME {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "service",
+            format!(
+                "the service and namespace are too long together for a dependency file name: {} bytes, at most {} (shorten the Deployment's name)",
+                file.len(),
+                crate::safefs::MAX_WRITABLE_NAME
+            ),
+        ));
+    }
     state
         .bounds
         .check_namespace(&key.namespace)

@@ -261,6 +261,24 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
     (router, doc)
 }
 
+/// Only the probes, for the connections kept beyond the cap: a flood of clients never makes a
+/// healthy daemon look dead to its supervisor.
+fn probe_router(state: Arc<HttpState>) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(api::healthz))
+        .route("/readyz", axum::routing::get(api::readyz))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many HTTP connections: the connections kept for probes serve only /healthz and /readyz; try again",
+            )
+        })
+        .with_state(state)
+}
+
+/// Connections kept beyond `--http-max-connections` for `/healthz` and `/readyz`.
+pub const PROBE_RESERVE: usize = 4;
+
 /// How long a client may take to send a request's headers (a slow-loris guard).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a client may take to send a request's body.
@@ -272,15 +290,18 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const MAX_EVENT_STREAMS: usize = 64;
 
 /// Serve on a bound listener until `cancel`: HTTP/1.1 with a header-read timeout and a cap on
-/// open connections, so a slow or greedy client cannot exhaust the daemon.
+/// open connections, so a slow or greedy client cannot exhaust the daemon; [`PROBE_RESERVE`]
+/// more connections serve only the probes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     max_connections: usize,
     cancel: CancellationToken,
 ) {
+    let probes_only = probe_router(state.clone());
     let (router, _) = router(state);
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let probes = Arc::new(tokio::sync::Semaphore::new(PROBE_RESERVE));
     let tracker = tokio_util::task::TaskTracker::new();
     let (mut refused, mut last_said) = (0u64, None);
     loop {
@@ -297,7 +318,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        let serving = match connections.clone().try_acquire_owned() {
+            Ok(permit) => Ok((permit, router.clone())),
+            Err(_) => probes
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| (permit, probes_only.clone())),
+        };
+        let Ok((permit, serves)) = serving else {
             // Said once a minute at most: a flood must not flood the log too.
             refused += 1;
             if last_said.is_none_or(|t: std::time::Instant| t.elapsed().as_secs() >= 60) {
@@ -311,7 +339,7 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service = hyper_util::service::TowerToHyperService::new(serves);
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let _permit = permit;
