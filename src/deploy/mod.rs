@@ -127,6 +127,39 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A read-only view of what the cluster runs, for the HTTP layer: the images of a managed
+/// Deployment from the shared watches, nothing else.
+#[derive(Clone)]
+pub struct LiveImages(Watches);
+
+impl LiveImages {
+    /// The images `key` runs now, when its namespace is watched.
+    pub fn of(&self, key: &ServiceKey) -> Option<Images> {
+        self.0.cached(&key.namespace)?.images(&key.name)
+    }
+}
+
+/// Whether the Kubernetes API server answers, for `/readyz`: one question, nothing else.
+#[derive(Clone)]
+pub struct ApiProbe(Client);
+
+impl ApiProbe {
+    /// Ask the API server for its version within `within`; the reason when it does not answer.
+    pub async fn answers(&self, within: Duration) -> Result<(), String> {
+        match tokio::time::timeout(within, self.0.apiserver_version()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "the Kubernetes API server is not reachable: {}",
+                error_chain(&e)
+            )),
+            Err(_) => Err(format!(
+                "the Kubernetes API server did not answer within {}",
+                crate::domain::human_duration(within)
+            )),
+        }
+    }
+}
+
 /// What a deploy will change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -231,6 +264,16 @@ impl Deployer {
     /// The shared watches, for drift detection.
     pub fn watches(&self) -> &Watches {
         &self.watches
+    }
+
+    /// What the cluster runs, read-only, for the HTTP layer.
+    pub fn live_images(&self) -> LiveImages {
+        LiveImages(self.watches.clone())
+    }
+
+    /// Whether the API server answers, for `/readyz`.
+    pub fn api_probe(&self) -> ApiProbe {
+        ApiProbe(self.client.clone())
     }
 
     fn kube_error(&self, action: &'static str) -> impl FnOnce(kube::Error) -> DeployError + '_ {

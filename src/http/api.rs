@@ -92,13 +92,7 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
         .history(Some(&key), 1)
         .ok()
         .and_then(|h| h.into_iter().next());
-    let running = match &state.watches {
-        Some(w) => w
-            .cached(&key.namespace)
-            .and_then(|nw| nw.images(&key.name))
-            .unwrap_or_default(),
-        None => Images::new(),
-    };
+    let running = state.live.of(&key).unwrap_or_default();
     ServiceView::new(r, running, last_deploy)
 }
 
@@ -153,20 +147,12 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
             format!("{waiting} deploy(s) waiting for the Kubernetes API server: {error}"),
         ));
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.client.apiserver_version()).await {
-        Ok(Ok(_)) => Ok("ok"),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the Kubernetes API server is not reachable: {}",
-                crate::deploy::error_chain(&e)
-            ),
-        )),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the Kubernetes API server did not answer within 2s",
-        )),
-    }
+    state
+        .api_probe
+        .answers(Duration::from_secs(2))
+        .await
+        .map(|()| "ok")
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why))
 }
 
 /// Prometheus metrics in the text exposition format.

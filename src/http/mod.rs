@@ -19,7 +19,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::deploy::cache::Watches;
 use crate::metrics::Metrics;
 use crate::queue::QueueStats;
 use crate::store::Store;
@@ -117,8 +116,10 @@ pub struct HttpState {
     pub scanned: Arc<AtomicBool>,
     /// Set while this replica waits for the Lease (`--leader-elect`).
     pub standby: Arc<AtomicBool>,
-    pub client: kube::Client,
-    pub watches: Option<Watches>,
+    /// Whether the Kubernetes API server answers (the only question HTTP asks it).
+    pub api_probe: crate::deploy::ApiProbe,
+    /// What the cluster runs, read-only, from the shared watches.
+    pub live: crate::deploy::LiveImages,
     /// Deploys waiting for the API server, for `/readyz`.
     pub api_waits: Arc<crate::deploy::recorder::ApiWaits>,
     pub shutdown: CancellationToken,
