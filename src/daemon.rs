@@ -236,6 +236,8 @@ struct Running {
     standby: Arc<AtomicBool>,
     /// Writes allowed only while the Lease is held (always, without `--leader-elect`).
     fence: Fence,
+    /// Held for as long as this replica leads; dropping it gives the Lease up.
+    leadership: Option<crate::leader::Leadership>,
 }
 
 /// The first stage: the state directory, the record, the cluster, the HTTP server and the
@@ -331,6 +333,7 @@ async fn start(
         scanned: Arc::new(AtomicBool::new(false)),
         standby: Arc::new(AtomicBool::new(config.leader.is_some())),
         fence,
+        leadership: None,
         config,
     };
     daemon.serve_http(tokens, metrics, on_listen).await?;
@@ -446,10 +449,17 @@ impl Running {
             self.standby.clone(),
             warm.clone(),
         ));
-        let held =
-            crate::leader::acquire(self.client.clone(), &leader, cancel, self.fence.clone()).await;
+        let held = crate::leader::acquire(
+            self.client.clone(),
+            &leader,
+            cancel,
+            self.fence.clone(),
+            (&self.tracker, self.stages.clone()),
+        )
+        .await;
         warm.cancel();
-        if held?.is_none() {
+        self.leadership = held?;
+        if self.leadership.is_none() {
             return Ok(false);
         }
         self.standby

@@ -120,6 +120,7 @@ async fn keep_fence(
     identity: String,
     margin_ms: i64,
     fence: Fence,
+    stop: CancellationToken,
 ) {
     let lost = fence.lost();
     let every = Duration::from_millis(500);
@@ -141,19 +142,23 @@ async fn keep_fence(
         }
         tokio::select! {
             _ = lost.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
     }
 }
 
 /// Wait until this replica holds the Lease (or `cancel`). Returns `None` when cancelled first.
-/// Once held, `fence` is kept at the Lease's expiry, and lost the moment the Lease is.
+/// Once held, `fence` is kept at the Lease's expiry, and lost the moment the Lease is, by
+/// tasks of `tasks` that end at `stop`.
 pub async fn acquire(
     client: kube::Client,
     config: &LeaderConfig,
     cancel: &CancellationToken,
     fence: Fence,
+    tasks: (&tokio_util::task::TaskTracker, CancellationToken),
 ) -> Result<Option<Leadership>, LeaderError> {
+    let (tasks, stop) = tasks;
     let namespace = config
         .lease_namespace
         .clone()
@@ -197,18 +202,20 @@ pub async fn acquire(
     let margin_ms = i64::try_from(grace).unwrap_or(1) * 1000;
     let duration_ms = i64::try_from(duration).unwrap_or(2) * 1000;
     fence.renewed_until(jiff::Timestamp::now().as_millisecond() + duration_ms - margin_ms);
-    tokio::spawn(keep_fence(
+    tasks.spawn(keep_fence(
         leases,
         config.lease_name.clone(),
         identity.clone(),
         margin_ms,
         fence.clone(),
+        stop.clone(),
     ));
     let mut watching = state.clone();
     let lost = fence.lost();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             tokio::select! {
+                _ = stop.cancelled() => return,
                 _ = lost.cancelled() => break,
                 changed = watching.changed() => {
                     if changed.is_err() || !*watching.borrow_and_update() {

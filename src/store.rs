@@ -173,6 +173,8 @@ pub struct Store {
     fence: Fence,
     /// Writes the backend refused, kept in order until it answers again.
     outbox: Arc<Mutex<outbox::Outbox>>,
+    /// One replay at a time: each takes the oldest write, then removes it.
+    replaying: Arc<Mutex<()>>,
 }
 
 /// The record's own health: writes kept in memory while the backend refuses them.
@@ -701,6 +703,7 @@ impl Store {
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             fence: Fence::open(),
             outbox: Arc::default(),
+            replaying: Arc::default(),
         }
     }
 
@@ -750,27 +753,37 @@ impl Store {
 
     /// Write what waits, in order, if the backend answers now (blocking). Returns how many
     /// still wait.
+    /// The queue is not held while the backend is asked, so writers go on queueing meanwhile.
     pub fn replay(&self) -> usize {
-        let mut o = self.outbox();
-        if o.is_empty() {
-            return 0;
-        }
-        match o.replay(&*self.backend) {
-            Ok(n) => {
-                tracing::info!(
-                    written = n,
-                    "the record answers again: every kept write is written"
-                );
-                drop(o);
-                self.changed();
-                0
+        let _one = self.replaying.lock().unwrap_or_else(|e| e.into_inner());
+        let mut written = 0;
+        loop {
+            let next = self.outbox().next();
+            let Some(next) = next else {
+                break;
+            };
+            let done = next.and_then(|w| outbox::carry_out(&*self.backend, &w));
+            let mut o = self.outbox();
+            match done {
+                Ok(id) => {
+                    o.written(id);
+                    written += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, pending = o.len(), "the record still refuses writes");
+                    o.error = Some(e.to_string());
+                    return o.len();
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, pending = o.len(), "the record still refuses writes");
-                o.error = Some(e.to_string());
-                o.len()
-            }
         }
+        if written > 0 {
+            tracing::info!(
+                written,
+                "the record answers again: every kept write is written"
+            );
+            self.changed();
+        }
+        0
     }
 
     /// Writes waiting for the backend, and why.

@@ -88,45 +88,98 @@ impl Outbox {
 
     /// Carry out one write; a deploy row's id when it starts one.
     pub fn apply(&mut self, backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
+        let id = carry_out(backend, &self.resolved(w)?)?;
+        if let (Write::Start { local, .. }, Some(id)) = (w, id) {
+            if *local < 0 {
+                self.ids.insert(*local, id);
+            }
+        }
+        Ok(id)
+    }
+
+    /// `w` with its deploy row id made the backend's.
+    fn resolved(&self, w: &Write) -> Result<Write, StoreError> {
+        Ok(match w {
+            Write::Finish {
+                id,
+                outcome,
+                message,
+                at,
+            } => Write::Finish {
+                id: self.real(*id)?,
+                outcome: *outcome,
+                message: message.clone(),
+                at: at.clone(),
+            },
+            Write::Restore { id, restore } => Write::Restore {
+                id: self.real(*id)?,
+                restore: restore.clone(),
+            },
+            other => other.clone(),
+        })
+    }
+}
+
+/// Carry out one write whose ids are the backend's; a deploy row's id when it starts one.
+pub fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
+    {
         match w {
             Write::Service { key, change, at } => {
                 backend.change_service(key, change, at)?;
                 Ok(None)
             }
-            Write::Start { local, record } => {
-                let id = backend.start_deploy(record)?;
-                if *local < 0 {
-                    self.ids.insert(*local, id);
-                }
-                Ok(Some(id))
-            }
+            Write::Start { record, .. } => Ok(Some(backend.start_deploy(record)?)),
             Write::Finish {
                 id,
                 outcome,
                 message,
                 at,
             } => {
-                backend.finish_deploy(self.real(*id)?, *outcome, message, at)?;
+                backend.finish_deploy(*id, *outcome, message, at)?;
                 Ok(None)
             }
             Write::Restore { id, restore } => {
-                backend.set_restore(self.real(*id)?, restore)?;
+                backend.set_restore(*id, restore)?;
                 Ok(None)
             }
         }
     }
+}
 
-    /// Write what waits, oldest first, until the backend refuses one. Returns how many were
-    /// written.
-    pub fn replay(&mut self, backend: &dyn Backend) -> Result<usize, StoreError> {
-        let mut written = 0;
-        while let Some(w) = self.queue.front().cloned() {
-            self.apply(backend, &w)?;
-            self.queue.pop_front();
-            written += 1;
+impl Outbox {
+    /// The oldest waiting write, with its deploy row id made the backend's (so it can be
+    /// carried out without holding the queue).
+    pub fn next(&self) -> Option<Result<Write, StoreError>> {
+        let w = self.queue.front()?.clone();
+        Some(match w {
+            Write::Finish {
+                id,
+                outcome,
+                message,
+                at,
+            } => self.real(id).map(|id| Write::Finish {
+                id,
+                outcome,
+                message,
+                at,
+            }),
+            Write::Restore { id, restore } => {
+                self.real(id).map(|id| Write::Restore { id, restore })
+            }
+            other => Ok(other),
+        })
+    }
+
+    /// The oldest waiting write was carried out (`id`: the row it started).
+    pub fn written(&mut self, id: Option<i64>) {
+        if let (Some(Write::Start { local, .. }), Some(id)) = (self.queue.pop_front(), id) {
+            if local < 0 {
+                self.ids.insert(local, id);
+            }
         }
-        self.error = None;
-        Ok(written)
+        if self.queue.is_empty() {
+            self.error = None;
+        }
     }
 
     /// The changes to `key` still waiting, oldest first.

@@ -114,6 +114,11 @@ impl Postgres {
             .build()
             .map_err(pg_error)?;
         config.ssl_mode(tls.mode);
+        // A record that does not answer is an outage (writes are kept, reads wait), not a
+        // hang: give up on a connection attempt after a few seconds unless the URL says.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(5));
+        }
         let manager = Manager::from_config(
             config,
             connector,
