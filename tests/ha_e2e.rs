@@ -29,26 +29,7 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
             .await;
         env.write_dep(&format!("{n}_prod.dep"), "1.0.0\n");
     }
-    let replica = |state: &str| -> Vec<String> {
-        let mut args = env.run_args();
-        let at = args
-            .iter()
-            .position(|a| a == "--state-dir")
-            .expect("state arg")
-            + 1;
-        args[at] = env.dir.path().join(state).display().to_string();
-        args.extend(
-            [
-                "--leader-elect",
-                "--lease-duration",
-                "3s",
-                "--lease-namespace",
-                "default",
-            ]
-            .map(String::from),
-        );
-        args
-    };
+    let replica = |state: &str| env.replica_args(state);
     let db = [("DEPWATCH_DATABASE_URL", url.clone())];
     let binary = [env!("CARGO_BIN_EXE_depwatch")];
     let leader = env

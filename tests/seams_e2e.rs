@@ -185,27 +185,23 @@ async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_heal
     );
 }
 
-/// The arguments of one replica with its own state directory, electing a leader.
+/// The shared record, opened off the async workers.
+async fn shared_record(url: &str) -> Store {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+        .await
+        .expect("store")
+}
+
+/// web's row, when its status is `want`.
+async fn service_is(store: &Store, want: ServiceStatus) -> Option<depwatch::store::ServiceRecord> {
+    let r = store.service(&web()).ok()??;
+    (r.status == want).then_some(r)
+}
+
 fn replica(env: &Env, state: &str) -> Vec<String> {
-    let mut args = env.run_args();
-    let at = args
-        .iter()
-        .position(|a| a == "--state-dir")
-        .expect("state arg")
-        + 1;
-    args[at] = env.dir.path().join(state).display().to_string();
-    args.extend(
-        [
-            "--leader-elect",
-            "--lease-duration",
-            "3s",
-            "--lease-namespace",
-            "default",
-            "--debounce",
-            "50ms",
-        ]
-        .map(String::from),
-    );
+    let mut args = env.replica_args(state);
+    args.extend(["--debounce", "50ms"].map(String::from));
     args
 }
 
@@ -228,21 +224,9 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         new.log_text().contains("standby: waiting").then_some(())
     })
     .await;
-    let store = {
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-            .await
-            .expect("store")
-    };
-    let service = |want: ServiceStatus| {
-        let store = store.clone();
-        async move {
-            let r = store.service(&web()).ok()??;
-            (r.status == want).then_some(r)
-        }
-    };
+    let store = shared_record(&url).await;
     wait_for("the first version", Duration::from_secs(30), || {
-        service(ServiceStatus::Succeeded)
+        service_is(&store, ServiceStatus::Succeeded)
     })
     .await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
@@ -260,13 +244,13 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     .await;
     env.wait_image("prod", "web", "r.example/web:1.0").await;
     wait_for("the crash rolled back", Duration::from_secs(60), || {
-        service(ServiceStatus::RolledBack)
+        service_is(&store, ServiceStatus::RolledBack)
     })
     .await;
     env.write_dep("web_prod.dep", "9.0.0\n");
     env.wait_image("prod", "web", "r.example/web:9.0.0").await;
     wait_for("9.0.0 healthy", Duration::from_secs(60), || {
-        service(ServiceStatus::Succeeded)
+        service_is(&store, ServiceStatus::Succeeded)
     })
     .await;
     let patches = env.patches("prod", "web");
@@ -318,21 +302,9 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     );
     let db = [("DEPWATCH_DATABASE_URL", url.clone())];
     let daemon = env.daemon_with(&args, &db, env.dir.path()).await;
-    let store = {
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-            .await
-            .expect("store")
-    };
-    let record = |want: ServiceStatus| {
-        let store = store.clone();
-        async move {
-            let r = store.service(&web()).ok()??;
-            (r.status == want).then_some(r)
-        }
-    };
+    let store = shared_record(&url).await;
     wait_for("the first version", Duration::from_secs(30), || {
-        record(ServiceStatus::Succeeded)
+        service_is(&store, ServiceStatus::Succeeded)
     })
     .await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
@@ -374,7 +346,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
 
     pg.restart().await;
     let r = wait_for("the kept writes replayed", Duration::from_secs(60), || {
-        record(ServiceStatus::RolledBack)
+        service_is(&store, ServiceStatus::RolledBack)
     })
     .await;
     assert!(r.pinned().is_some(), "the pin survived the outage: {r:?}");

@@ -196,6 +196,29 @@ impl Env {
         .to_vec()
     }
 
+    /// `run` for one of several replicas electing a leader (a 3 s Lease in `default`), with
+    /// its own state directory `state` under this environment's.
+    pub fn replica_args(&self, state: &str) -> Vec<String> {
+        let mut args = self.run_args();
+        let at = args
+            .iter()
+            .position(|a| a == "--state-dir")
+            .expect("state arg")
+            + 1;
+        args[at] = self.dir.path().join(state).display().to_string();
+        args.extend(
+            [
+                "--leader-elect",
+                "--lease-duration",
+                "3s",
+                "--lease-namespace",
+                "default",
+            ]
+            .map(String::from),
+        );
+        args
+    }
+
     /// Start `depwatch run` against this environment.
     pub async fn daemon(&self, extra: &[&str]) -> Daemon {
         let mut args: Vec<String> = vec![
