@@ -623,6 +623,7 @@ impl Running {
             ..
         } = self;
         let notifier = recorder.notifier.clone();
+        deployer.watches().stop().await;
         drop((recorder, engine, deployer));
         notifier.close(senders, NOTIFY_GRACE).await;
     }

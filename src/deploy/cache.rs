@@ -318,23 +318,34 @@ pub struct Watches {
     by_namespace: Arc<DashMap<String, NamespaceWatch>>,
     lock: Arc<tokio::sync::Mutex<()>>,
     changed: Arc<Changed>,
+    /// The watch tasks, ended by [`Watches::stop`].
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
 }
 
-/// Feed one kind's watch events into the cache until the process ends. Counts `synced` up
+/// Feed one kind's watch events into the cache until the watches stop. Counts `synced` up
 /// once the first complete listing is in.
 fn spawn_watch<K: Cached>(
+    watches: &Watches,
     api: Api<K>,
     namespace: String,
     ns: NamespaceWatch,
-    changed: Arc<Changed>,
     synced: watch::Sender<u8>,
 ) {
-    tokio::spawn(async move {
+    let (changed, stop) = (watches.changed.clone(), watches.stop.clone());
+    watches.tasks.spawn(async move {
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         let mut stream = std::pin::pin!(stream);
         let mut relisting: Option<HashSet<String>> = None;
         let mut first = true;
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => return,
+                e = stream.next() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
             let event = match event {
                 Ok(e) => e,
                 Err(e) => {
@@ -387,7 +398,16 @@ impl Watches {
             by_namespace: Arc::default(),
             lock: Arc::default(),
             changed: Arc::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stop: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// End every watch (at shutdown).
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Deployments whose images changed, for drift.
@@ -416,24 +436,24 @@ impl Watches {
         let c = &self.client;
         let ns = namespace.to_string();
         spawn_watch::<Deployment>(
+            self,
             Api::namespaced(c.clone(), namespace),
             ns.clone(),
             w.clone(),
-            self.changed.clone(),
             synced.clone(),
         );
         spawn_watch::<ReplicaSet>(
+            self,
             Api::namespaced(c.clone(), namespace),
             ns.clone(),
             w.clone(),
-            self.changed.clone(),
             synced.clone(),
         );
         spawn_watch::<Pod>(
+            self,
             Api::namespaced(c.clone(), namespace),
             ns,
             w.clone(),
-            self.changed.clone(),
             synced,
         );
         // A namespace depwatch may not list (RBAC) never syncs: do not hold every other
