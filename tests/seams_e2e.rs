@@ -463,3 +463,188 @@ async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_depl
     assert_eq!(crash[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert!(store.interrupted().expect("q").is_empty());
 }
+
+/// A tmpfs of `size` mounted at `at`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fill the file system holding `dir` with one file, to the last byte it takes.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    for chunk in [65_536usize, 4_096, 512, 1] {
+        let block = vec![0u8; chunk];
+        while f.write_all(&block).is_ok() {}
+    }
+    let _ = f.sync_all();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room() {
+    let env = Env::new(SimConfig::default()).await;
+    let Some(_disk) = Tmpfs::mount(&env.state, "4m") else {
+        // Mounting a small file system needs root; the PostgreSQL outage test above covers
+        // the outbox everywhere.
+        eprintln!("skipped: mounting a tmpfs state directory needs root");
+        return;
+    };
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&["--resync", "1s"]).await;
+    wait_for("the first version", Duration::from_secs(30), || async {
+        status(&env)
+            .filter(|(s, _)| *s == ServiceStatus::Succeeded)
+            .map(|_| ())
+    })
+    .await;
+    let filler = fill(&env.state);
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    env.wait_image("prod", "web", "r.example/web:crash-2.0")
+        .await;
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let http = daemon.http_url();
+    let ready = wait_for(
+        "/readyz to name the record",
+        Duration::from_secs(30),
+        || async {
+            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+            let code = resp.status().as_u16();
+            let body = resp.text().await.ok()?;
+            (code == 503 && body.contains("record")).then_some(body)
+        },
+    )
+    .await;
+    assert!(ready.contains("kept in memory"), "{ready}");
+    // Room again: everything kept is written, in order.
+    std::fs::remove_file(&filler).expect("free the disk");
+    wait_for(
+        "the kept writes replayed",
+        Duration::from_secs(30),
+        || async {
+            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+            (resp.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    let store = Store::open_read_only(&env.state).expect("record");
+    let r = store.service(&web()).expect("q").expect("row");
+    assert_eq!(r.status, ServiceStatus::RolledBack, "{r:?}");
+    assert!(r.pinned().is_some(), "the pin survived: {r:?}");
+    let h = store.history(Some(&web()), 10).expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
+    assert!(store.interrupted().expect("q").is_empty());
+    let seen = daemon.log_text().len();
+    wait_for(
+        "a resync after the replay",
+        Duration::from_secs(30),
+        || async {
+            daemon.log_text()[seen..]
+                .contains("pinned until it changes")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.patches("prod", "web"),
+        2,
+        "the deploy and its rollback only"
+    );
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_finishes_the_rollback_a_killed_leader_left_half_done() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("takeover").await;
+    let env = Env::new(SimConfig {
+        latency: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
+    let binary = [env!("CARGO_BIN_EXE_depwatch")];
+    let old = env
+        .daemon_via(&binary, &replica(&env, "state-a"), &db, env.dir.path())
+        .await;
+    let new = env.spawn_via(&binary, &replica(&env, "state-b"), &db, env.dir.path());
+    wait_for("a standby", Duration::from_secs(30), || async {
+        new.log_text().contains("standby: waiting").then_some(())
+    })
+    .await;
+    let store = shared_record(&url).await;
+    wait_for("the first version", Duration::from_secs(30), || {
+        service_is(&store, ServiceStatus::Succeeded)
+    })
+    .await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for(
+        "the rollout to fail (then kill -9 the leader at once)",
+        Duration::from_secs(60),
+        || async { old.log_text().contains("rollout failed").then_some(()) },
+    )
+    .await;
+    old.kill();
+    wait_for("the takeover", Duration::from_secs(30), || async {
+        new.log_text().contains("holds the Lease").then_some(())
+    })
+    .await;
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let r = wait_for("the rollback finished", Duration::from_secs(60), || {
+        service_is(&store, ServiceStatus::RolledBack)
+    })
+    .await;
+    assert!(r.pinned().is_some(), "{r:?}");
+    wait_for(
+        "no row left in progress",
+        Duration::from_secs(30),
+        || async { store.interrupted().ok()?.is_empty().then_some(()) },
+    )
+    .await;
+    let h = store.history(Some(&web()), 20).expect("history");
+    let crash: Vec<_> = h
+        .iter()
+        .filter(|d| d.to_image.contains("crash-2.0"))
+        .collect();
+    assert_eq!(crash.len(), 1, "one row for one save: {h:?}");
+    assert_eq!(crash[0].outcome, DeployOutcome::RolledBack, "{h:?}");
+    drop(new);
+}
