@@ -7,6 +7,9 @@
 //! - [`queue`]: latest wins, one deploy per service at a time.
 //! - [`deploy`]: [`deploy::lifecycle`] decides, [`deploy::attempt`] does,
 //!   [`deploy::recorder`] writes it down everywhere.
+//! - [`store`]: the record (SQLite or PostgreSQL), changed one field-owned statement at a
+//!   time, with an outbox that keeps writes through the record's own outages.
+//! - [`fence`]: with leader election, nothing is written without a valid Lease.
 //! - [`sim`]: the simulated Kubernetes cluster (`depwatch sim`) that tests, benchmarks and the
 //!   demo run against; the daemon reaches it only through a kubeconfig.
 

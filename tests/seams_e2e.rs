@@ -648,3 +648,34 @@ async fn a_standby_finishes_the_rollback_a_killed_leader_left_half_done() {
     assert_eq!(crash[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     drop(new);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_queued_at_shutdown_is_still_delivered() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&[]).await;
+    wait_for("the first version", Duration::from_secs(30), || async {
+        status(&env)
+            .filter(|(s, _)| *s == ServiceStatus::Succeeded)
+            .map(|_| ())
+    })
+    .await;
+    let before = env.messages().len();
+    env.write_dep("web_prod.dep", "2.0\n");
+    wait_for("the healthy verdict", Duration::from_secs(30), || async {
+        daemon.log_text().contains("rollout healthy").then_some(())
+    })
+    .await;
+    // Stopped the moment the report is queued: it still goes out before the process ends.
+    daemon.stop();
+    let got = env.messages();
+    assert!(
+        got[before..]
+            .iter()
+            .any(|m| common::daemon::text(m).contains("2.0")),
+        "{got:?}"
+    );
+}

@@ -106,33 +106,33 @@ pub fn read_tokens(path: &Path) -> Result<Vec<Token>, HttpError> {
 
 /// What the handlers share.
 pub struct HttpState {
-    pub store: Store,
-    pub deps_dir: PathBuf,
-    pub tokens: Vec<Token>,
-    pub metrics: Metrics,
-    pub queue: Arc<QueueStats>,
-    pub scheduler: crate::queue::Scheduler,
+    pub(crate) store: Store,
+    pub(crate) deps_dir: PathBuf,
+    pub(crate) tokens: Vec<Token>,
+    pub(crate) metrics: Metrics,
+    pub(crate) queue: Arc<QueueStats>,
+    pub(crate) scheduler: crate::queue::Scheduler,
     /// Set once the start-up scan is done.
-    pub scanned: Arc<AtomicBool>,
+    pub(crate) scanned: Arc<AtomicBool>,
     /// Set while this replica waits for the Lease (`--leader-elect`).
-    pub standby: Arc<AtomicBool>,
+    pub(crate) standby: Arc<AtomicBool>,
     /// Whether the Kubernetes API server answers (the only question HTTP asks it).
-    pub api_probe: crate::deploy::ApiProbe,
+    pub(crate) api_probe: crate::deploy::ApiProbe,
     /// What the cluster runs, read-only, from the shared watches.
-    pub live: crate::deploy::LiveImages,
+    pub(crate) live: crate::deploy::LiveImages,
     /// Deploys waiting for the API server, for `/readyz`.
-    pub api_waits: Arc<crate::deploy::recorder::ApiWaits>,
-    pub shutdown: CancellationToken,
+    pub(crate) api_waits: Arc<crate::deploy::recorder::ApiWaits>,
+    pub(crate) shutdown: CancellationToken,
     /// Serialises deploy requests so one idempotency key writes the file once.
-    pub post_lock: tokio::sync::Mutex<()>,
+    pub(crate) post_lock: tokio::sync::Mutex<()>,
     /// Open event streams, bounded.
-    pub event_streams: Arc<tokio::sync::Semaphore>,
+    pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
     /// `--namespaces` and `--allowed-images`, checked on requests before any file is written.
-    pub bounds: Arc<crate::bounds::Bounds>,
+    pub(crate) bounds: Arc<crate::bounds::Bounds>,
     /// `--max-file-size`, for reading dependency files.
-    pub max_file_size: u64,
+    pub(crate) max_file_size: u64,
     /// Why the dependency directory is unusable (missing), for `/readyz`.
-    pub root_problem: Arc<std::sync::Mutex<Option<String>>>,
+    pub(crate) root_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.
