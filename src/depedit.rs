@@ -200,6 +200,39 @@ pub fn set_images(
     ))
 }
 
+/// The file's text asking for `value` (a version, a digest or a full image) in the service's
+/// main container: the one named like the Deployment, or its only one. Everything else stays:
+/// the form of the value, other containers, settings and comments. `current` is what the file
+/// resolves to now.
+pub fn set_main(
+    file: &str,
+    text: &str,
+    key: &ServiceKey,
+    current: &Images,
+    value: &ImageSpec,
+    header: &str,
+) -> Result<String, EditError> {
+    let err = |message: String| EditError {
+        file: file.to_string(),
+        message,
+    };
+    let main = if current.get(&key.name).is_some() {
+        key.name.clone()
+    } else if current.len() == 1 {
+        current.keys().next().cloned().unwrap_or_default()
+    } else {
+        return Err(err(format!(
+            "the file sets several containers and none is named {}: say which in the file by hand",
+            key.name
+        )));
+    };
+    let spec = depfile::parse(file, text.as_bytes()).map_err(|e| err(e.message))?;
+    let now = current.get(&main).cloned().unwrap_or_default();
+    let image = resolved(value, &repository_for(&spec, &now));
+    let target = current.with(&std::iter::once((main, image)).collect());
+    set_images(file, text, key, current, &target, header)
+}
+
 /// The repository a tag or digest of this file goes to for a container running `now`.
 fn repository_for(spec: &depfile::DepSpec, now: &str) -> String {
     spec.repository
@@ -243,6 +276,52 @@ mod tests {
             &Images::parse(target),
             HEADER,
         )
+    }
+
+    #[test]
+    fn a_requested_version_goes_to_the_main_container_in_the_files_own_form() {
+        let yaml = "# payments, owned by team-pay\nimages:\n  payments: r.example/payments:1.42.0  # CI\n  envoy: r.example/envoy:1.30\nrolloutTimeout: 45s\nrollback: false\n";
+        let current =
+            Images::parse("payments=r.example/payments:1.42.0, envoy=r.example/envoy:1.30");
+        let k = ServiceKey::new("payments", "prod").expect("key");
+        let out = set_main(
+            "payments_prod.dep",
+            yaml,
+            &k,
+            &current,
+            &ImageSpec::Tag("1.43.0".into()),
+            HEADER,
+        )
+        .expect("edits");
+        assert_eq!(
+            out,
+            format!("{HEADER}# payments, owned by team-pay\nimages:\n  payments: r.example/payments:1.43.0  # CI\n  envoy: r.example/envoy:1.30\nrolloutTimeout: 45s\nrollback: false\n")
+        );
+        // A plain file stays plain; a full image of another repository is written in full.
+        let out = set_main(
+            "web_prod.dep",
+            "1.2.0  # pipeline 88\n",
+            &key(),
+            &Images::parse("web=r.example/web:1.2.0"),
+            &ImageSpec::Reference("mirror.example/web:1.3.0".into()),
+            HEADER,
+        )
+        .expect("edits");
+        assert_eq!(
+            out,
+            format!("{HEADER}mirror.example/web:1.3.0  # pipeline 88\n")
+        );
+        // Several containers, none named like the Deployment: not guessed.
+        let e = set_main(
+            "web_prod.dep",
+            "images:\n  a: r/a:1\n  b: r/b:1\n",
+            &key(),
+            &Images::parse("a=r/a:1, b=r/b:1"),
+            &ImageSpec::Tag("2".into()),
+            HEADER,
+        )
+        .expect_err("ambiguous");
+        assert!(e.to_string().contains("several containers"), "{e}");
     }
 
     #[test]

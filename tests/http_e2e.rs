@@ -541,3 +541,57 @@ async fn without_a_token_file_the_api_is_read_only() {
         .contains("--api-token-file"));
     assert!(dep_files(&env).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_deploy_edits_the_file_in_its_own_form() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment(
+        "prod",
+        "payments",
+        &[
+            ("payments", "r.example/payments:1.42.0"),
+            ("envoy", "r.example/envoy:1.30"),
+        ],
+        1,
+    )
+    .await;
+    env.wait_ready("prod", "payments").await;
+    let yaml = "# payments, owned by team-pay\nimages:\n  payments: r.example/payments:1.42.0  # CI\n  envoy: r.example/envoy:1.30\nrolloutTimeout: 45s\nrollback: false\n";
+    env.write_dep("payments_prod.dep", yaml);
+    let (daemon, url) = setup(&env).await;
+    let store = env.store();
+    let key = depwatch::depfile::ServiceKey::new("payments", "prod").expect("key");
+    wait_for("the file recorded", Duration::from_secs(30), || async {
+        let r = store.service(&key).ok()??;
+        (!r.desired.is_empty()).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/api/v1/deploys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"service": "payments", "namespace": "prod", "version": "1.43.0"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let text = std::fs::read_to_string(env.deps.join("payments_prod.dep")).expect("file");
+    let body = text
+        .split_once('\n')
+        .filter(|(first, _)| first.starts_with("# depwatch request "))
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("a request header first: {text}"));
+    assert_eq!(
+        body,
+        yaml.replace("payments:1.42.0", "payments:1.43.0"),
+        "only the changed container's value moves; settings, the sidecar and comments stay"
+    );
+    env.wait_image("prod", "payments", "r.example/payments:1.43.0")
+        .await;
+    let images = env.images("prod", "payments").await;
+    assert!(
+        images.contains(&("envoy".to_string(), "r.example/envoy:1.30".to_string())),
+        "{images:?}"
+    );
+    drop(daemon);
+}

@@ -515,17 +515,6 @@ pub async fn create_deploy(
         id: id.clone(),
         actor: actor.clone(),
     };
-    let content = format!("{}{value}\n", asker.header());
-    let candidate = RequestRecord {
-        id: id.clone(),
-        idempotency_key: idempotency_key.clone(),
-        body_hash: body_hash.clone(),
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        content: content.clone(),
-        actor: actor.clone(),
-        created_at: store::now(),
-    };
     // An earlier request under this key: the same one again, or a conflicting reuse.
     if let Some(r) = state.store.request_by_key(&idempotency_key)? {
         if r.body_hash != body_hash {
@@ -538,6 +527,21 @@ pub async fn create_deploy(
         return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r).await?)));
     }
     let path = dep_path(&state, &key);
+    let spec = match &body.version {
+        Some(v) => depfile::classify(v).unwrap_or_else(|_| ImageSpec::Tag(v.clone())),
+        None => ImageSpec::Reference(value.clone()),
+    };
+    let content = edited_file(&state, &key, &path, &value, &spec, &asker.header()).await?;
+    let candidate = RequestRecord {
+        id: id.clone(),
+        idempotency_key: idempotency_key.clone(),
+        body_hash: body_hash.clone(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        content: content.clone(),
+        actor: actor.clone(),
+        created_at: store::now(),
+    };
     let root = state.deps_dir.clone();
     let written = path.clone();
     tokio::task::spawn_blocking(move || {
@@ -552,6 +556,58 @@ pub async fn create_deploy(
         StatusCode::ACCEPTED,
         Json(request_view(&state, &recorded).await?),
     ))
+}
+
+/// What an API deploy writes: the service's file edited in its own form (only the main
+/// container's value changes; other containers, settings and comments stay), or, for a new
+/// or plain file, the header and the value.
+async fn edited_file(
+    state: &HttpState,
+    key: &ServiceKey,
+    path: &std::path::Path,
+    value: &str,
+    spec: &ImageSpec,
+    header: &str,
+) -> Result<String, ApiError> {
+    let fresh = format!("{header}{value}\n");
+    let (root, file, cap) = (
+        state.deps_dir.clone(),
+        path.to_path_buf(),
+        state.max_file_size,
+    );
+    let read = tokio::task::spawn_blocking(move || crate::safefs::read_capped(&root, &file, cap))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Ok(bytes) = read else {
+        // No file yet (or one that cannot be read, which the write replaces).
+        return Ok(fresh);
+    };
+    let shown = crate::safefs::shown(path);
+    let conflict = |message: String| ApiError::new(StatusCode::CONFLICT, message);
+    let text = String::from_utf8(bytes)
+        .map_err(|_| conflict(format!("{shown}: not UTF-8 text; edit it by hand")))?;
+    // A file that does not parse is replaced, as a save would replace it.
+    if depfile::parse(&shown, text.as_bytes()).is_err() {
+        return Ok(fresh);
+    }
+    let recorded = state
+        .store
+        .service(key)
+        .ok()
+        .flatten()
+        .map(|r| r.desired)
+        .filter(|d| !d.is_empty());
+    let current = recorded.or_else(|| state.live.of(key)).unwrap_or_default();
+    if current.is_empty() {
+        if depfile::plain_line(&text).is_some() {
+            return Ok(fresh);
+        }
+        return Err(conflict(format!(
+            "{shown}: depwatch does not know yet which containers this file sets (the Deployment is not watched); edit it by hand"
+        )));
+    }
+    crate::depedit::set_main(&shown, &text, key, &current, spec, header)
+        .map_err(|e| conflict(e.to_string()))
 }
 
 /// The `Idempotency-Key` header, if any: printable ASCII, at most 200 characters.
