@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Default `--max-file-size`: dependency files are a few lines.
@@ -297,10 +297,19 @@ pub const TEMP_NAME_EXTRA: usize = 22;
 /// entry (255 bytes on Linux file systems).
 pub const MAX_WRITABLE_NAME: usize = 255 - TEMP_NAME_EXTRA;
 
+/// The mode a file depwatch writes gets: the mode of the file it replaces (or what the umask
+/// leaves of 0666 for a new one), plus group read and write in a setgid, group-writable
+/// directory, so the group that writes there (CI's `scp`, an in-place write) can still write
+/// the file after depwatch replaced it.
+pub fn written_mode(previous: Option<u32>, created: u32, dir_mode: u32) -> u32 {
+    let shared = dir_mode & 0o2020 == 0o2020;
+    (previous.unwrap_or(created) & 0o777) | if shared { 0o060 } else { 0 }
+}
+
 /// Replace `path` (whose directory must be inside `root`) atomically: a temporary file with a
 /// random name is created exclusively beside it (never following a symlink), written, fsynced
 /// and renamed over the target; the directory is then fsynced. Watchers ignore the hidden
-/// temporary name and see one completed save.
+/// temporary name and see one completed save. The file's mode follows [`written_mode`].
 pub fn write_atomic(root: &Path, path: &Path, content: &[u8]) -> Result<(), WriteError> {
     let io = |source: std::io::Error| WriteError::Io {
         path: path.to_path_buf(),
@@ -319,8 +328,17 @@ pub fn write_atomic(root: &Path, path: &Path, content: &[u8]) -> Result<(), Writ
         });
     }
     let (tmp, mut file) = create_temp(&dir_real, &name.to_string_lossy()).map_err(io)?;
-    let written = file
-        .write_all(content)
+    let previous = std::fs::symlink_metadata(dir_real.join(name))
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.permissions().mode());
+    let moded = file.metadata().and_then(|created| {
+        let dir_mode = std::fs::metadata(&dir_real)?.permissions().mode();
+        let mode = written_mode(previous, created.permissions().mode(), dir_mode);
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+    });
+    let written = moded
+        .and_then(|()| file.write_all(content))
         .and_then(|()| file.sync_all())
         .and_then(|()| std::fs::rename(&tmp, dir_real.join(name)));
     if let Err(e) = written {
@@ -347,7 +365,7 @@ fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
         match OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o666)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
         {
@@ -363,6 +381,26 @@ fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn written_files_keep_their_mode_and_stay_group_writable_where_a_group_shares_the_directory() {
+        // (mode of the replaced file, mode the umask leaves, directory mode) → mode
+        let table = [
+            (None, 0o640, 0o2775, 0o660),
+            (Some(0o100644), 0o640, 0o2775, 0o664),
+            (Some(0o100600), 0o600, 0o0755, 0o600),
+            (None, 0o644, 0o0755, 0o644),
+            // Group-writable but not setgid: files do not stay in the group; nothing added.
+            (None, 0o640, 0o0775, 0o640),
+        ];
+        for (previous, created, dir, want) in table {
+            assert_eq!(
+                written_mode(previous, created, dir),
+                want,
+                "{previous:?} {created:o} {dir:o}"
+            );
+        }
+    }
 
     #[test]
     fn escape_keeps_plain_names_and_escapes_control_characters() {
