@@ -178,6 +178,24 @@ async fn every_overlay_applies_and_passes_the_restricted_pod_security_level() {
                 "{name}"
             );
         }
+        if name == "single" {
+            // The write path: the API, with tokens from a mounted Secret.
+            let tokens = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["name"] == "DEPWATCH_API_TOKEN_FILE")
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_else(|| panic!("single: no DEPWATCH_API_TOKEN_FILE"));
+            let mounted = c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| tokens.starts_with(m["mountPath"].as_str().unwrap_or("-")))
+                .unwrap_or_else(|| panic!("single: {tokens} is not on a mounted volume"));
+            let source = volume(mounted["name"].as_str().expect("name"));
+            assert_eq!(source["secret"]["secretName"], "depwatch-api-tokens");
+        }
         let deps = volume("deps");
         let keys: Vec<&String> = deps.as_object().expect("deps volume").keys().collect();
         assert_eq!(keys.len(), 2, "{name}: one source for deps: {deps}");

@@ -77,7 +77,7 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
         !standby.log_text().contains("holds the Lease"),
         "the standby does not act while the leader lives"
     );
-    // The standby serves reads and says why it is not ready, and its watches are warm.
+    // The standby serves reads (ready), says it does not lead, and its watches are warm.
     let http = reqwest::Client::new();
     let standby_url = standby.http_url();
     wait_for(
@@ -93,13 +93,25 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
         },
     )
     .await;
-    let ready = http
-        .get(format!("{standby_url}/readyz"))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status().as_u16(), 503);
-    assert!(ready.text().await.expect("body").contains("standby"));
+    // The probes a rolling update of two replicas depends on: each replica is ready (so a
+    // new pod, a standby, becomes ready and the update goes on); only one leads.
+    for (url, leads) in [(&standby_url, false), (&leader.http_url(), true)] {
+        let ready = http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(ready.status().as_u16(), 200, "{url}");
+        let leader_probe = http
+            .get(format!("{url}/leaderz"))
+            .send()
+            .await
+            .expect("leaderz");
+        assert_eq!(leader_probe.status().is_success(), leads, "{url}");
+        if !leads {
+            assert!(leader_probe.text().await.expect("body").contains("standby"));
+        }
+    }
     let services: serde_json::Value = http
         .get(format!("{standby_url}/api/v1/services"))
         .send()

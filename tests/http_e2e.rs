@@ -441,6 +441,7 @@ async fn every_route_is_in_the_openapi_document_and_events_stream() {
         ("GET", "/"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
+        ("GET", "/leaderz"),
         ("GET", "/metrics"),
         ("GET", "/api/v1/services"),
         ("GET", "/api/v1/services/{namespace}/{name}"),

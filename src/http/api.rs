@@ -102,17 +102,23 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready: the start-up scan is done, the dependency directory is there, and the Kubernetes API
-/// server answers.
+/// Ready to serve: on the replica that acts, the start-up scan is done, the dependency
+/// directory is there, the record takes writes and the Kubernetes API server answers; on a
+/// standby (`--leader-elect`), the record answers its reads. Which replica acts is
+/// `/leaderz`, a separate signal, so a rolling update of replicas never waits for a standby
+/// to lead.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "ready", body = String),
     (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
 pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
     if state.standby.load(Ordering::SeqCst) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "standby: another replica holds the Lease and acts; this one serves reads and takes over if it goes",
-        ));
+        return match state.store.history(None, 1) {
+            Ok(_) => Ok("ok: standby, serving reads (another replica holds the Lease and acts; see /leaderz)"),
+            Err(e) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("standby: the record cannot be read: {e}"),
+            )),
+        };
     }
     if !state.scanned.load(Ordering::SeqCst) {
         return Err(ApiError::new(
@@ -153,6 +159,21 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
         .await
         .map(|()| "ok")
         .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why))
+}
+
+/// Whether this replica acts (holds the Lease, or runs without leader election): 200 on the
+/// leader, 503 on a standby.
+#[utoipa::path(get, path = "/leaderz", tag = "health", responses(
+    (status = 200, description = "this replica acts", body = String),
+    (status = 503, description = "a standby", body = ErrorBody)))]
+pub async fn leaderz(State(state): Shared) -> Result<&'static str, ApiError> {
+    if state.standby.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: another replica holds the Lease and acts; this one serves reads and takes over if it goes",
+        ));
+    }
+    Ok("ok: this replica acts")
 }
 
 /// Prometheus metrics in the text exposition format.

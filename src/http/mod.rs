@@ -242,6 +242,7 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
         .routes(routes!(page::status_page))
         .routes(routes!(api::healthz))
         .routes(routes!(api::readyz))
+        .routes(routes!(api::leaderz))
         .routes(routes!(api::metrics))
         .routes(routes!(api::list_services))
         .routes(routes!(api::get_service))
@@ -268,10 +269,11 @@ fn probe_router(state: Arc<HttpState>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", axum::routing::get(api::healthz))
         .route("/readyz", axum::routing::get(api::readyz))
+        .route("/leaderz", axum::routing::get(api::leaderz))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "too many HTTP connections: the connections kept for probes serve only /healthz and /readyz; try again",
+                "too many HTTP connections: the connections kept for probes serve only /healthz, /readyz and /leaderz; try again",
             )
         })
         .with_state(state)
