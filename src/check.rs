@@ -1,4 +1,6 @@
-//! `depwatch check`: validate every dependency file in a directory and report every problem.
+//! `depwatch check`: validate every dependency file in a directory and report every problem,
+//! with the same rules as `depwatch run` (the bounds and the size cap), so a file check calls
+//! valid is one the daemon takes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,8 +10,24 @@ use crate::depfile::{self, ServiceKey};
 /// One problem, already phrased for a person.
 pub type Problem = String;
 
+/// The daemon's rules for files: `--namespaces`, `--allowed-images`, `--max-file-size`.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub bounds: crate::bounds::Bounds,
+    pub max_file_size: u64,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            bounds: crate::bounds::Bounds::default(),
+            max_file_size: crate::safefs::DEFAULT_MAX_FILE_SIZE,
+        }
+    }
+}
+
 /// Validate the directory; returns the number of good files and every problem found.
-pub fn check_dir(dir: &Path) -> (usize, Vec<Problem>) {
+pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
     let paths = match crate::watch::scan(dir) {
         Ok(p) => p,
         Err(e) => {
@@ -39,16 +57,23 @@ pub fn check_dir(dir: &Path) -> (usize, Vec<Problem>) {
             ));
             continue;
         }
+        let namespace = key.namespace.clone();
         seen.insert(key, path.clone());
-        let bytes =
-            match crate::safefs::read_capped(dir, &path, crate::safefs::DEFAULT_MAX_FILE_SIZE) {
-                Ok(b) => b,
-                Err(e) => {
-                    problems.push(e.to_string());
-                    continue;
-                }
-            };
-        match depfile::parse(&crate::safefs::shown(&path), &bytes) {
+        if let Err(e) = rules.bounds.check_namespace(&namespace) {
+            problems.push(format!("{}: {e}", crate::safefs::shown(&path)));
+            continue;
+        }
+        let bytes = match crate::safefs::read_capped(dir, &path, rules.max_file_size) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let file = crate::safefs::shown(&path);
+        let checked = depfile::parse(&file, &bytes)
+            .and_then(|spec| crate::ingest::within_bounds(&rules.bounds, &file, spec));
+        match checked {
             Ok(_) => good += 1,
             Err(e) => problems.push(e.to_string()),
         }
@@ -72,7 +97,7 @@ mod tests {
         w(".web_prod.dep.swp", "garbage");
         std::fs::create_dir(dir.path().join("team")).expect("mkdir");
         std::fs::write(dir.path().join("team/web_prod.dep"), "1.2.4").expect("write");
-        let (good, problems) = check_dir(dir.path());
+        let (good, problems) = check_dir(dir.path(), &Rules::default());
         assert_eq!(good, 1, "{problems:?}");
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems.iter().any(|p| p.contains("api_prod.dep:1:")));
@@ -81,5 +106,42 @@ mod tests {
             .iter()
             .any(|p| p.contains("empty_prod.dep") && p.contains("empty")));
         assert!(problems.iter().any(|p| p.contains("already defined")));
+    }
+
+    #[test]
+    fn the_daemons_bounds_and_size_cap_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w =
+            |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+        w("web_prod.dep", "1.2.3\n");
+        w("web_qa.dep", "1.2.3\n");
+        w("api_prod.dep", "evil.example/api:1\n");
+        w("big_prod.dep", &format!("# {}\n1.0\n", "x".repeat(2000)));
+        let rules = Rules {
+            bounds: crate::bounds::Bounds::new(
+                &["prod".into()],
+                &["registry.example.com/*".into()],
+            )
+            .expect("bounds"),
+            max_file_size: 1024,
+        };
+        let (good, problems) = check_dir(dir.path(), &rules);
+        assert_eq!(good, 1, "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("web_qa.dep") && p.contains("qa")),
+            "{problems:#?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("api_prod.dep") && p.contains("evil.example")),
+            "{problems:#?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("big_prod.dep")),
+            "{problems:#?}"
+        );
     }
 }

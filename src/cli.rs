@@ -476,6 +476,28 @@ pub struct CheckArgs {
     /// Also check this API token file (`name:token` lines).
     #[arg(long, env = "DEPWATCH_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Namespaces `run` may deploy to, as for `run` (names and globs, comma-separated).
+    #[arg(long, env = "DEPWATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub namespaces: Vec<crate::bounds::Glob>,
+    /// Image repositories `run` may deploy, as for `run` (globs, comma-separated).
+    #[arg(long, env = "DEPWATCH_ALLOWED_IMAGES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub allowed_images: Vec<crate::bounds::Glob>,
+    /// Largest dependency file `run` reads.
+    #[arg(long, env = "DEPWATCH_MAX_FILE_SIZE", default_value = "64KiB", value_parser = parse_size, help_heading = "Bounds")]
+    pub max_file_size: u64,
+}
+
+impl CheckArgs {
+    /// The daemon's file rules, from the same flags and environment as `run`.
+    pub fn rules(&self) -> crate::check::Rules {
+        crate::check::Rules {
+            bounds: crate::bounds::Bounds::from_globs(
+                self.namespaces.clone(),
+                self.allowed_images.clone(),
+            ),
+            max_file_size: self.max_file_size,
+        }
+    }
 }
 
 /// Where an operator command finds the record: the local database, or a running daemon.

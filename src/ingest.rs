@@ -163,30 +163,6 @@ impl Ingest {
         );
     }
 
-    /// Images the file names in full must be within `--allowed-images` (plain versions are
-    /// checked when their repository is known, before the patch).
-    fn within_bounds(
-        &self,
-        file: &str,
-        spec: depfile::DepSpec,
-    ) -> Result<depfile::DepSpec, depfile::DepFileError> {
-        let named = spec.images.iter().filter_map(|(_, image)| match image {
-            depfile::ImageSpec::Reference(r) => Some(r.clone()),
-            depfile::ImageSpec::Tag(t) => spec.repository.as_ref().map(|r| format!("{r}:{t}")),
-            depfile::ImageSpec::Digest(d) => spec.repository.as_ref().map(|r| format!("{r}@{d}")),
-        });
-        for image in named {
-            if let Err(e) = self.rules.bounds.check_image(&image) {
-                return Err(depfile::DepFileError {
-                    file: file.to_string(),
-                    line: None,
-                    message: e.to_string(),
-                });
-            }
-        }
-        Ok(spec)
-    }
-
     /// Services with a deploy left in progress: their file is handed to the scheduler at the
     /// next read even when its version is pinned or unchanged, so the deploy is finished.
     pub fn unfinished(&mut self, keys: impl IntoIterator<Item = ServiceKey>) {
@@ -279,7 +255,9 @@ impl Ingest {
         self.know(path, &key);
         let hash = content_hash(&bytes);
         let file = shown(path);
-        let spec = match depfile::parse(&file, &bytes).and_then(|s| self.within_bounds(&file, s)) {
+        let spec = match depfile::parse(&file, &bytes)
+            .and_then(|s| within_bounds(&self.rules.bounds, &file, s))
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
@@ -426,6 +404,31 @@ impl Ingest {
             }
         }
     }
+}
+
+/// Images the file names in full must be within `--allowed-images` (plain versions are checked
+/// when their repository is known, before the patch). Shared with `depwatch check`, so it
+/// refuses what the daemon would.
+pub fn within_bounds(
+    bounds: &Bounds,
+    file: &str,
+    spec: depfile::DepSpec,
+) -> Result<depfile::DepSpec, depfile::DepFileError> {
+    let named = spec.images.iter().filter_map(|(_, image)| match image {
+        depfile::ImageSpec::Reference(r) => Some(r.clone()),
+        depfile::ImageSpec::Tag(t) => spec.repository.as_ref().map(|r| format!("{r}:{t}")),
+        depfile::ImageSpec::Digest(d) => spec.repository.as_ref().map(|r| format!("{r}@{d}")),
+    });
+    for image in named {
+        if let Err(e) = bounds.check_image(&image) {
+            return Err(depfile::DepFileError {
+                file: file.to_string(),
+                line: None,
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(spec)
 }
 
 /// Files read per trip to the blocking pool.

@@ -171,9 +171,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Check(check) => {
             let dir = check
                 .dir
-                .or(check.deps)
+                .clone()
+                .or(check.deps.clone())
                 .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/depwatch/deps"));
-            let (good, mut problems) = depwatch::check::check_dir(&dir);
+            let (good, mut problems) = depwatch::check::check_dir(&dir, &check.rules());
             if let Some(path) = &check.api_token_file {
                 if let Err(e) = depwatch::http::read_tokens(path) {
                     problems.push(e.to_string());

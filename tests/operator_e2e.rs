@@ -596,6 +596,34 @@ fn kubernetes_style_conventions_completions_and_a_man_page() {
     // `rollback: on` is as good as `rollback: true`.
     let r = depwatch(&["check", deps.to_str().expect("utf-8")], &[]);
     assert!(r.ok, "{}", r.stderr);
+    // check refuses what run would, from the same flags and environment.
+    let r = depwatch(
+        &["check", deps.to_str().expect("utf-8")],
+        &[("DEPWATCH_NAMESPACES", "staging")],
+    );
+    assert!(
+        !r.ok && r.stderr.contains("web_prod.dep") && r.stderr.contains("prod"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(deps.join("api_staging.dep"), "evil.example/api:1\n").expect("dep");
+    let r = depwatch(
+        &[
+            "check",
+            deps.to_str().expect("utf-8"),
+            "--namespaces",
+            "prod,staging",
+            "--allowed-images",
+            "registry.example.com/*",
+        ],
+        &[],
+    );
+    assert!(
+        !r.ok && r.stderr.contains("api_staging.dep") && r.stderr.contains("evil.example"),
+        "{}",
+        r.stderr
+    );
+    std::fs::remove_file(deps.join("api_staging.dep")).expect("rm");
 
     // Completions: bash completes subcommands for real; zsh and fish scripts name them.
     let script = dir.path().join("depwatch.bash");
