@@ -46,6 +46,8 @@ pub enum Command {
     Suspend(ServiceArgs),
     /// Deploy a suspended service's file changes again.
     Resume(ServiceArgs),
+    /// Remove a service whose dependency file is gone from the record (its history stays).
+    Forget(ServiceArgs),
     /// The daemon on an embedded simulated cluster with example files: see it work with no
     /// cluster at all.
     Demo(DemoArgs),

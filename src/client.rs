@@ -204,6 +204,7 @@ pub enum Action {
     Rollback { to: Option<i64> },
     Suspend,
     Resume,
+    Forget,
 }
 
 /// Run an action locally or through the API; the answer says what happens next.
@@ -217,6 +218,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
             Action::Rollback { to: Some(id) } => format!("{base}/rollback?to={id}"),
             Action::Suspend => format!("{base}/suspend"),
             Action::Resume => format!("{base}/resume"),
+            Action::Forget => format!("{base}/forget"),
         };
         return r.post(&path).await;
     }
@@ -231,6 +233,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
         Action::Rollback { to } => operator::rollback(&store, &key, to, caller)?,
         Action::Suspend => operator::suspend(&store, &key, true, caller)?,
         Action::Resume => operator::suspend(&store, &key, false, caller)?,
+        Action::Forget => operator::forget(&store, &key, caller)?,
     })
 }
 

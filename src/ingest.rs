@@ -211,7 +211,16 @@ impl Ingest {
             Ok(b) => b,
             Err(e) if e.is_missing() => {
                 let (was_known, still_defined) = self.unknow(path, &key);
-                if was_known && !still_defined {
+                // A refused file was never taken in, but its refusal is on the record.
+                let refused_here = !was_known
+                    && self.record(&key).is_some_and(|r| {
+                        r.path == path.display().to_string()
+                            && matches!(
+                                r.status,
+                                ServiceStatus::Invalid | ServiceStatus::Unreadable
+                            )
+                    });
+                if (was_known && !still_defined) || refused_here {
                     tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
                     let _ = self.store.change_service(

@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(fail)?),
         Command::Suspend(a) => say(&client::act(&a, Action::Suspend).await.map_err(fail)?),
+        Command::Forget(a) => say(&client::act(&a, Action::Forget).await.map_err(fail)?),
         Command::Resume(a) => say(&client::act(&a, Action::Resume).await.map_err(fail)?),
         Command::Completions(c) => {
             let mut cmd = <Args as clap::CommandFactory>::command();

@@ -240,6 +240,31 @@ pub fn rollback(
     ))
 }
 
+/// Remove a service whose file is gone (a deleted typo, a retired service) from the record;
+/// its deploy history stays. Refused while its file exists: delete the file first.
+pub fn forget(
+    store: &Store,
+    key: &ServiceKey,
+    _caller: Caller<'_>,
+) -> Result<String, OperatorError> {
+    let r = record(store, key)?;
+    let file_there = !r.path.is_empty() && Path::new(&r.path).exists();
+    if file_there || r.status != ServiceStatus::Unmanaged {
+        let why = if file_there {
+            format!("its file {} still exists", r.path)
+        } else {
+            format!("it is {}", r.status.label())
+        };
+        return Err(OperatorError::Refused(format!(
+            "{key} is still managed ({why}): delete its dependency file first; depwatch then stops managing it and it can be forgotten"
+        )));
+    }
+    store.forget_service(key)?;
+    Ok(format!(
+        "{key} forgotten: it no longer shows in status; its deploy history is kept"
+    ))
+}
+
 /// Stop (or restart) deploying a service's file changes.
 pub fn suspend(
     store: &Store,

@@ -364,6 +364,8 @@ pub trait Backend: Send + Sync {
     fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
     /// Record the images a rollback is about to restore on its deploy row.
     fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError>;
+    /// Remove a service's row (its history stays); `false` when there was none.
+    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
     fn finish_deploy(
         &self,
         id: i64,
@@ -494,6 +496,14 @@ impl Backend for Sqlite {
             params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
         )?;
         Ok(conn.last_insert_rowid())
+    }
+
+    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM services WHERE namespace = ?1 AND name = ?2",
+            params![key.namespace, key.name],
+        )?;
+        Ok(n > 0)
     }
 
     fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
@@ -903,6 +913,14 @@ impl Store {
             at: now(),
         };
         self.write("a record write (deploy)", w).map(|_| ())
+    }
+
+    /// Remove a service's row, its history kept (`depwatch forget`); `false` when unknown.
+    pub fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
+        self.allowed("a record write (forget)")?;
+        let gone = self.backend.forget_service(key)?;
+        self.changed();
+        Ok(gone)
     }
 
     /// Before a rollback's patch: the images it restores, on the deploy's row.

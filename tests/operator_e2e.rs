@@ -251,9 +251,32 @@ async fn every_operator_command_works_locally_and_through_the_api() {
     assert!(ok(&args).contains("resumed"));
     env.wait_image("prod", "web", "example.com/web:1.3.0").await;
 
+    // Forget: refused while the file exists; once it is deleted, the row goes (history stays).
+    for target in [&local[..], &remote[..]] {
+        let mut args = vec!["forget", "prod/web"];
+        args.extend(target);
+        let e = refused(&args);
+        assert!(e.contains("delete its dependency file first"), "{e}");
+    }
+    let history_before = env.store().history(Some(&k), 100).expect("history").len();
+    std::fs::remove_file(&file).expect("rm");
+    wait_status(&env, &k, ServiceStatus::Unmanaged).await;
+    let mut args = vec!["forget", "prod/web"];
+    args.extend(remote);
+    assert!(ok(&args).contains("forgotten"));
+    assert!(env.store().service(&k).expect("q").is_none());
+    assert!(!status_json(&local).iter().any(|s| s["name"] == "web"));
+    assert_eq!(
+        env.store().history(Some(&k), 100).expect("history").len(),
+        history_before,
+        "history is kept"
+    );
+
     // Unknown services are errors, locally and through the API.
     for target in [&local[..], &remote[..]] {
-        for cmd in ["history", "retry", "rollback", "suspend", "resume"] {
+        for cmd in [
+            "history", "retry", "rollback", "suspend", "resume", "forget",
+        ] {
             let mut args = vec![cmd, "prod/nope"];
             args.extend(target);
             let e = refused(&args);

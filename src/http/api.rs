@@ -816,6 +816,19 @@ pub async fn resume_service(
     .await
 }
 
+/// Remove a service whose file is gone from the record, its history kept (`depwatch forget`).
+/// 409 while its file exists.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/forget", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn forget_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    operator_call(&state, &headers, service, "forget", operator::forget).await
+}
+
 /// Server-sent events: a `change` event whenever the record changes. At most
 /// [`crate::http::MAX_EVENT_STREAMS`] at once.
 #[utoipa::path(get, path = "/api/v1/events", tag = "services", responses(

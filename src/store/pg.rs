@@ -365,6 +365,19 @@ impl Backend for Postgres {
         })
     }
 
+    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.run(move |client| async move {
+            let n = client
+                .execute(
+                    "DELETE FROM services WHERE namespace = $1 AND name = $2",
+                    &[&key.namespace, &key.name],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
     fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
         let restore = restore.to_string();
         self.run(move |client| async move {
