@@ -72,7 +72,7 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
             key.name, key.namespace
         ),
         ServiceStatus::Drifted => format!(
-            "someone changed the images outside depwatch: re-save the file to restore them, or write the running image into it (run {retry})"
+            "someone changed the images outside depwatch: run {retry} to deploy the file's images again, or write the running image into the file to keep it"
         ),
         ServiceStatus::Invalid => {
             "fix the file (`depwatch check` lists every problem with its line)".into()
@@ -160,7 +160,13 @@ mod tests {
                 "",
                 "depwatch rollback prod/web",
             ),
-            (S::Drifted, false, false, "", "re-save the file"),
+            (
+                S::Drifted,
+                false,
+                false,
+                "",
+                "to deploy the file's images again",
+            ),
             (S::Invalid, false, false, "", "depwatch check"),
             (S::Unreadable, false, false, "", "readable"),
             (

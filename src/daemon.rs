@@ -119,7 +119,7 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
-    #[error("cannot load Kubernetes configuration: {0}")]
+    #[error("{0}")]
     KubeConfig(String),
     #[error(transparent)]
     Watch(#[from] watch::WatchError),
@@ -144,18 +144,29 @@ pub async fn kube_client(
     };
     let config = match kubeconfig {
         Some(path) => {
+            if !path.is_file() {
+                return Err(DaemonError::KubeConfig(format!(
+                    "no kubeconfig at {}; pass --kubeconfig (or DEPWATCH_KUBECONFIG) with the path of an existing kubeconfig file",
+                    path.display()
+                )));
+            }
             let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| DaemonError::KubeConfig(format!("{}: {e}", path.display())))?;
+                .map_err(|e| kube_config_error(Some(path), &e))?;
             kube::Config::from_custom_kubeconfig(kc, &options)
                 .await
-                .map_err(|e| DaemonError::KubeConfig(format!("{}: {e}", path.display())))?
+                .map_err(|e| kube_config_error(Some(path), &e))?
         }
         None if context.is_some() => kube::Config::from_kubeconfig(&options)
             .await
-            .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| DaemonError::KubeConfig(e.to_string()))?,
+            .map_err(|e| kube_config_error(None, &e))?,
+        None => {
+            if let Some(why) = nothing_to_infer() {
+                return Err(DaemonError::KubeConfig(why));
+            }
+            kube::Config::infer()
+                .await
+                .map_err(|e| kube_config_error(None, &e))?
+        }
     };
     let server = config.cluster_url.to_string();
     let mut config = config;
@@ -173,6 +184,33 @@ pub async fn kube_client(
         None => builder.build(),
     };
     Ok((client, server))
+}
+
+/// Why no Kubernetes configuration can be found without a `--kubeconfig`, if none can: not in a
+/// cluster, no `KUBECONFIG`, no `~/.kube/config`.
+fn nothing_to_infer() -> Option<String> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let named = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
+    let home = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".kube/config"))
+        .filter(|p| p.is_file());
+    (!in_cluster && named.is_none() && home.is_none()).then(|| {
+        "no Kubernetes configuration found: not running in a cluster, KUBECONFIG is not set and there is no ~/.kube/config; pass --kubeconfig FILE (or set DEPWATCH_KUBECONFIG)".to_string()
+    })
+}
+
+/// A kube-rs configuration error said once, without its doubled quotes, with what to do.
+fn kube_config_error(path: Option<&std::path::Path>, e: &dyn std::error::Error) -> DaemonError {
+    let text = crate::deploy::error_chain(e)
+        .replace("'\"", "'")
+        .replace("\"'", "'");
+    let what = match path {
+        Some(p) => format!("kubeconfig {}", p.display()),
+        None => "the Kubernetes configuration".to_string(),
+    };
+    DaemonError::KubeConfig(format!(
+        "{what} cannot be used: {text}; check the file (kubectl --kubeconfig FILE config view) or pass another with --kubeconfig"
+    ))
 }
 
 /// Run the daemon until `cancel` fires, then drain in-flight deploys within the grace period.
@@ -281,8 +319,15 @@ async fn start(
         Some(&metrics),
     )
     .await?;
-    log_start(&config, &server, &store);
+    let answers = tokio::time::timeout(Duration::from_secs(3), client.apiserver_version()).await;
+    let reachable = match answers {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(crate::deploy::error_chain(&e)),
+        Err(_) => Err("no answer within 3s".to_string()),
+    };
+    log_start(&config, &server, &store, reachable);
     let senders = TaskTracker::new();
+    let stages = CancellationToken::new();
     let deployer = Deployer::new(
         client.clone(),
         DeployConfig {
@@ -306,6 +351,7 @@ async fn start(
         recorder: recorder.clone(),
         permits: Permits::new(config.workers),
         rollback: config.rollback,
+        shutdown: stages.clone(),
     };
     let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
     // Watch before the first scan, so nothing written in between is missed.
@@ -328,7 +374,7 @@ async fn start(
         client,
         tracker: TaskTracker::new(),
         senders,
-        stages: CancellationToken::new(),
+        stages,
         set: tokio::task::JoinSet::new(),
         scanned: Arc::new(AtomicBool::new(false)),
         standby: Arc::new(AtomicBool::new(config.leader.is_some())),
@@ -340,8 +386,9 @@ async fn start(
     Ok(daemon)
 }
 
-/// Which cluster, as whom, within which bounds: the first thing to check at 3 a.m.
-fn log_start(config: &DaemonConfig, server: &str, store: &Store) {
+/// Which cluster, as whom, within which bounds: the first thing to check at 3 a.m. Says
+/// "connected" only when the API server answered.
+fn log_start(config: &DaemonConfig, server: &str, store: &Store, reachable: Result<(), String>) {
     let context = config.context.clone().or_else(|| {
         let path = config
             .kubeconfig
@@ -351,13 +398,18 @@ fn log_start(config: &DaemonConfig, server: &str, store: &Store) {
             .ok()?
             .current_context
     });
-    tracing::info!(
-        cluster = %server,
-        context = context.as_deref().unwrap_or("(in-cluster or default)"),
-        bounds = %config.bounds.describe(),
-        record = %store.describe(),
-        "connected to the Kubernetes API"
-    );
+    let context = context.as_deref().unwrap_or("(in-cluster or default)");
+    let (bounds, record) = (config.bounds.describe(), store.describe());
+    match reachable {
+        Ok(()) => tracing::info!(
+            cluster = %server, context, %bounds, %record,
+            "connected to the Kubernetes API"
+        ),
+        Err(why) => tracing::warn!(
+            cluster = %server, context, %bounds, %record, error = %why,
+            "the Kubernetes API server does not answer yet; depwatch starts anyway and deploys wait for it (check the kubeconfig's server and the network)"
+        ),
+    }
     if config.bounds.is_unbounded() {
         tracing::warn!("no --namespaces or --allowed-images: any file writer or token holder can deploy any image to any namespace depwatch's RBAC reaches");
     }

@@ -139,7 +139,18 @@ fn fail(e: depwatch::client::ClientError) -> anyhow::Error {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once: what failed, then why, never the same words twice.
+            eprintln!("Error: {}", depwatch::deploy::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     // A .env file beside the daemon is read when present; the real environment wins.
     let _ = dotenvy::dotenv();
     seed_env_aliases();

@@ -46,3 +46,103 @@ async fn a_refused_file_that_is_deleted_is_no_longer_reported() {
     }
     drop(daemon);
 }
+
+fn run_without(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("DEPWATCH_KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_BACKTRACE", "0")
+        .env("NO_COLOR", "1")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("depwatch runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn configuration_errors_say_what_to_do_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deps = dir.path().join("deps");
+    std::fs::create_dir(&deps).expect("deps");
+    let home = dir.path().to_str().expect("utf-8");
+    let state = dir.path().join("state");
+    let base = [
+        "run",
+        "--deps",
+        deps.to_str().expect("utf-8"),
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ];
+    // No kubeconfig anywhere: say so, and what to pass.
+    let (ok, err) = run_without(&base, &[("HOME", home)]);
+    assert!(!ok);
+    assert!(err.contains("no Kubernetes configuration found"), "{err}");
+    assert!(err.contains("--kubeconfig"), "{err}");
+    assert!(!err.contains("'\""), "no doubled quotes: {err}");
+    // A kubeconfig that is not there.
+    let mut args = base.to_vec();
+    args.extend(["--kubeconfig", "/nonexistent/kubeconfig"]);
+    let (ok, err) = run_without(&args, &[("HOME", home)]);
+    assert!(
+        !ok && err.contains("no kubeconfig at /nonexistent/kubeconfig"),
+        "{err}"
+    );
+    // A taken port: the reason once.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let kubeconfig = dir.path().join("kc");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\ncurrent-context: c\n",
+    )
+    .expect("kubeconfig");
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = base.to_vec();
+    args.extend([
+        "--kubeconfig",
+        kubeconfig.to_str().expect("utf-8"),
+        "--http-addr",
+        addr.as_str(),
+    ]);
+    let (ok, err) = run_without(&args, &[("HOME", home)]);
+    assert!(!ok);
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    // An API server that does not answer is not "connected".
+    assert!(!err.contains("connected to the Kubernetes API"), "{err}");
+    assert!(err.contains("does not answer yet"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_the_grace_for_a_deploy_that_only_waits_for_the_api_server() {
+    let mut env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 1)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.sim.stop().await;
+    let daemon = env.daemon(&["--shutdown-grace", "10m"]).await;
+    env.write_dep("web_prod.dep", "1.1\n");
+    wait_for(
+        "the deploy to wait for the API server",
+        Duration::from_secs(30),
+        || async {
+            daemon
+                .log_text()
+                .contains("retrying with backoff")
+                .then_some(())
+        },
+    )
+    .await;
+    daemon.signal("TERM");
+    let log = daemon.log.clone();
+    // Nothing was patched: the daemon stops at once, not after the 10-minute grace.
+    let status = daemon.exit_status(Duration::from_secs(60)).await;
+    let text = common::daemon::read(&log);
+    assert!(status.success(), "{text}");
+    assert!(text.contains("taken up at the next start"), "{text}");
+    assert!(!text.contains("did not finish in time"), "{text}");
+}

@@ -40,6 +40,9 @@ pub struct Engine {
     pub permits: Permits,
     /// Roll back automatically when a rollout fails or times out (a file may override it).
     pub rollback: bool,
+    /// Shutdown: a deploy that is only waiting to try the API server again stops at once (what
+    /// it already wrote is finished at the next start).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 fn failure(e: DeployError) -> Failure {
@@ -186,16 +189,22 @@ impl Engine {
             }
             Action::Sleep {
                 delay,
-                supersedable: true,
+                supersedable,
             } => {
+                let newer = async {
+                    match supersedable {
+                        true if superseded.changed().await.is_ok() => {}
+                        _ => std::future::pending::<()>().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => Input::Slept,
-                    Ok(()) = superseded.changed() => Input::Superseded,
+                    _ = newer => Input::Superseded,
+                    _ = self.shutdown.cancelled() => {
+                        tracing::info!("stopping while waiting to try the API server again; the deploy is taken up at the next start");
+                        return None;
+                    }
                 }
-            }
-            Action::Sleep { delay, .. } => {
-                tokio::time::sleep(delay).await;
-                Input::Slept
             }
         })
     }
