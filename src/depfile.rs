@@ -313,6 +313,31 @@ fn yaml_problem(msg: &str) -> &'static str {
     }
 }
 
+/// Why a YAML line the parser stopped at is out of place, when its indentation tells: a key
+/// at a depth no earlier line uses (indented under a value, or between two levels), or a
+/// top-level key right under a parent that has nothing indented yet. Quotes nothing.
+fn indentation_hint(text: &str, line: usize, unknown_field: bool) -> Option<&'static str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = *lines.get(line.checked_sub(1)?)?;
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let earlier: Vec<&str> = lines[..line - 1]
+        .iter()
+        .copied()
+        .filter(|l| !strip_comment(l).is_empty())
+        .collect();
+    if unknown_field {
+        let parent = earlier.last()?;
+        let opens = strip_comment(parent).ends_with(':');
+        return (opens && indent(at) <= indent(parent)).then_some(
+            "the line after a key that opens a mapping (such as images:) is not indented under it: indent each container by two spaces",
+        );
+    }
+    let seen = earlier.iter().any(|l| indent(l) == indent(at));
+    (!seen).then_some(
+        "this line's indentation matches no line above it: keys at the same level start in the same column (each container under images: indented by two spaces; version:, rollback: and the other settings not indented)",
+    )
+}
+
 fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
@@ -377,12 +402,11 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             .nth(1)
             .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok());
+        let hint = line.and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
+        let problem = hint.unwrap_or_else(|| yaml_problem(&msg));
         err(
             line,
-            format!(
-                "not a valid dependency file: {}; {EXPECTED}",
-                yaml_problem(&msg)
-            ),
+            format!("not a valid dependency file: {problem}; {EXPECTED}"),
         )
     })?;
     let rollback = match &form.rollback {
@@ -620,6 +644,24 @@ mod tests {
         let e = parse("svc_ns.dep", b"# header\n\n1.0 2.0\n").expect_err("spaces");
         assert_eq!(e.line, Some(3));
         assert!(parse("f.dep", &[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn misplaced_indentation_is_named_as_such_with_its_line() {
+        for (text, line) in [
+            ("images:\n  api: r/api:1\n envoy: r/envoy:2\n", 3),
+            ("version: 1.0\n  rollback: off\n", 2),
+            ("images:\n  api: r/api:1\n    envoy: r/e:2\n", 3),
+            ("images:\napi: r/api:1\n", 2),
+        ] {
+            let e = parse("web_prod.dep", text.as_bytes()).expect_err(text);
+            assert_eq!(e.line, Some(line), "{text:?}: {e}");
+            assert!(e.message.contains("indent"), "{text:?}: {e}");
+        }
+        // Not every error is about indentation.
+        let e =
+            parse("web_prod.dep", b"images:\n  api: r/api:1\ncolour: blue\n").expect_err("unknown");
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 
     #[test]
