@@ -68,6 +68,15 @@ impl Engine {
                     id: d.id,
                     to: Images::parse(&d.to_image),
                     restore: Images::parse(&d.restore),
+                    ran_for: d
+                        .started_at
+                        .parse::<jiff::Timestamp>()
+                        .ok()
+                        .and_then(|at| {
+                            std::time::Duration::try_from(jiff::Timestamp::now().duration_since(at))
+                                .ok()
+                        })
+                        .unwrap_or_default(),
                 }),
         })
     }

@@ -55,7 +55,13 @@ pub struct Unfinished {
     pub to: Images,
     /// Non-empty when its rollout had failed and a rollback to these images was under way.
     pub restore: Images,
+    /// How long ago it started: a resumed rollout's timeout counts from then, not from the
+    /// restart.
+    pub ran_for: Duration,
 }
+
+/// The least a resumed rollout is given to be seen healthy, even past its timeout.
+pub const RESUME_GRACE: Duration = Duration::from_secs(10);
 
 /// The service's settings for this deploy.
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +251,8 @@ pub struct Lifecycle {
     /// A history row is open.
     started: bool,
     unreachable: bool,
+    /// A resumed rollout ran this long before this process (its timeout counts it).
+    ran_before: Duration,
 }
 
 /// The images a rollback restores: every container this deploy changed, and every container
@@ -283,6 +291,7 @@ impl Lifecycle {
             backoff: backoff(),
             started: false,
             unreachable: false,
+            ran_before: Duration::ZERO,
         }
     }
 
@@ -526,7 +535,18 @@ impl Lifecycle {
             // it again, and finish the same record.
             let plan = self.judged_from_last_good(plan);
             events.push(self.started(&plan, plan.before.clone(), Some(u.id)));
-            return (events, self.wait(plan, now));
+            // Its timeout counts from when it started, with a little time to be seen healthy.
+            self.ran_before = u.ran_for;
+            let left = self
+                .settings
+                .rollout_timeout
+                .saturating_sub(u.ran_for)
+                .max(RESUME_GRACE);
+            let action = self.again(Phase::Rolling {
+                plan,
+                deadline: now + left,
+            });
+            return (events, action.1);
         }
         // An interrupted rollback of another version: the file changed since.
         self.close_interrupted(&mut events);
@@ -697,7 +717,7 @@ impl Lifecycle {
                 DeployOutcome::TimedOut,
                 format!(
                     "rollout not healthy after {}: {last}",
-                    human_duration(self.settings.rollout_timeout)
+                    human_duration(self.timed_out_after())
                 ),
             ),
         };
@@ -711,6 +731,16 @@ impl Lifecycle {
         let at = usize::from(matches!(events.first(), Some(Event::RollingBack { .. })));
         events.insert(at, failed);
         (events, action)
+    }
+
+    /// How long the rollout ran when it timed out: its timeout, or for one resumed after a
+    /// stop, the time before the stop and the grace after it, whichever is longer.
+    fn timed_out_after(&self) -> Duration {
+        if self.ran_before.is_zero() {
+            return self.settings.rollout_timeout;
+        }
+        let whole = Duration::from_secs((self.ran_before + RESUME_GRACE).as_secs());
+        self.settings.rollout_timeout.max(whole)
     }
 
     /// Someone else wrote the template during the wait: its pods are not depwatch's to judge.
@@ -1311,6 +1341,7 @@ mod tests {
                 id: 7,
                 to: images("web=w:2"),
                 restore: Images::new(),
+                ran_for: Duration::ZERO,
             }),
             ..Known::default()
         };
@@ -1419,6 +1450,7 @@ mod tests {
                 id: 8,
                 to: images("web=w:2"),
                 restore: images("web=w:1"),
+                ran_for: Duration::ZERO,
             }),
             ..Known::default()
         }
@@ -1548,6 +1580,58 @@ mod tests {
         assert!(!f.good && f.settled && !f.announce);
     }
 
+    #[test]
+    fn a_resumed_rollouts_timeout_counts_from_its_start() {
+        // Started 50s before the stop, with a 30s timeout: judged for the grace only, and the
+        // report says how long it really ran.
+        let known = Known {
+            interrupted: Some(Unfinished {
+                id: 7,
+                to: images("web=w:2"),
+                restore: Images::new(),
+                ran_for: Duration::from_secs(50),
+            }),
+            ..Known::default()
+        };
+        let t0 = Instant::now();
+        let settings = Settings {
+            rollout_timeout: Duration::from_secs(30),
+            rollback: false,
+        };
+        let mut m = Lifecycle::new(desired(Trigger::Startup), known, settings, t0);
+        let (_, action) = m.start();
+        assert_eq!(action, Action::Plan);
+        let (_, action) = m.step(Input::Planned(Ok(plan("web=w:2", "web=w:2"))), t0);
+        assert!(
+            matches!(action, Action::Wait { deadline, .. } if deadline == t0 + RESUME_GRACE),
+            "{action:?}"
+        );
+        let (events, _) = m.step(
+            Input::Waited(WaitOutcome::TimedOut {
+                last: "0 of 1".into(),
+            }),
+            t0 + RESUME_GRACE,
+        );
+        let f = finish(&events);
+        assert!(f.message.contains("not healthy after 1m"), "{}", f.message);
+        // A fresh rollout still says its own timeout.
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            patched_then(vec![
+                Input::Waited(WaitOutcome::TimedOut { last: "l".into() }),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Healthy),
+            ]),
+        );
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::RolloutFailed { reason, .. } if reason.contains("after 1m"))
+            ),
+            "{events:?}"
+        );
+    }
+
     /// A small xorshift generator: the same runs every time.
     struct Rng(u64);
 
@@ -1601,6 +1685,7 @@ mod tests {
                     id: 3,
                     to: images("web=w:2"),
                     restore: Images::new(),
+                    ran_for: Duration::ZERO,
                 }),
                 pinned: true,
                 ..Known::default()
