@@ -13,6 +13,38 @@ use super::HttpState;
 use crate::domain::{ServiceStatus, Tone};
 use crate::store::DeployRecord;
 
+/// An image reference escaped, with break opportunities after `/`, `:` and `@` only, so a
+/// narrow column wraps it between its parts, never in the middle of a name or a tag.
+fn image(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        out.push_str(&esc(c.encode_utf8(&mut [0; 4])));
+        if matches!(c, '/' | ':' | '@' | ',') {
+            out.push_str("<wbr>");
+        }
+    }
+    out
+}
+
+/// Escaped text whose `backticked` parts (commands, in advice and messages) are shown as code.
+fn prose(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    for (i, part) in s.split('`').enumerate() {
+        // Odd parts were between backticks; a lone trailing backtick stays as it is.
+        if i % 2 == 1 && s.matches('`').count() >= i + 1 {
+            out.push_str("<code>");
+            out.push_str(&esc(part));
+            out.push_str("</code>");
+        } else {
+            if i % 2 == 1 {
+                out.push('`');
+            }
+            out.push_str(&esc(part));
+        }
+    }
+    out
+}
+
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -97,26 +129,27 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
             )
         })
         .collect();
+    // The word the CLI and the API use; the longer words as a tooltip.
     let status = if s.suspended {
-        format!("{} (suspended)", s.status.label())
+        format!("{} (suspended)", s.status.as_str())
     } else {
-        s.status.label().to_string()
+        s.status.as_str().to_string()
     };
     let desired = if s.pinned.is_empty() {
-        esc(&s.desired.to_string())
+        image(&s.desired.to_string())
     } else {
         format!(
             "{}<br><small class=\"pin\">pinned: failed, not deployed again until the file changes</small>",
-            esc(&s.desired.to_string())
+            image(&s.desired.to_string())
         )
     };
     let reason = if s.next_step.is_empty() {
-        esc(&s.message)
+        prose(&s.message)
     } else {
         format!(
             "{}<div class=\"todo\"><b>What to do:</b> {}</div>",
-            esc(&s.message),
-            esc(&s.next_step)
+            prose(&s.message),
+            prose(&s.next_step)
         )
     };
     let running = if s.running.is_empty() {
@@ -126,7 +159,7 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     };
     format!(
         "<tr data-service=\"{ns}/{name}\" data-status=\"{code}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
-         <td data-label=\"Status\"><span class=\"badge {tone}\">{status}</span></td>\
+         <td data-label=\"Status\"><span class=\"badge {tone}\" title=\"{label}\">{status}</span></td>\
          <td class=\"img\" data-label=\"Desired\">{desired}</td>\
          <td class=\"img\" data-label=\"Running\">{running}</td><td data-label=\"Last deploy\">{last}</td>\
          <td class=\"msg\" data-label=\"Reason\">{reason}</td><td data-label=\"Recent\">{dots}</td></tr>",
@@ -135,7 +168,8 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
         code = s.status,
         tone = status_class(s.status),
         status = esc(&status),
-        running = esc(&running.to_string()),
+        running = image(&running.to_string()),
+        label = esc(s.status.label()),
     )
 }
 
@@ -189,7 +223,7 @@ td.msg{max-width:28rem;color:#444;font-size:.8rem}small{color:#777}td.svc{font-w
 .ok{background:#2eb886}.bad{background:#d40e0d}.warn{background:#daa038}.busy{background:#3b82f6}.idle{background:#999}
 .dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.2rem}
 td.empty{color:#777;text-align:center;padding:2rem}
-td.img{overflow-wrap:anywhere}.pin{color:#b45309}
+td.img{overflow-wrap:normal;word-break:normal}code{font-family:ui-monospace,monospace;background:#f3f3f5;padding:0 .2em;border-radius:3px}.pin{color:#b45309}
 .todo{margin-top:.35rem;padding:.3rem .5rem;background:#fff7e6;border-left:3px solid #daa038;color:#333}
 @media (max-width:720px){
 body{margin:.8rem}table,thead,tbody,tr,td{display:block;width:auto}thead{display:none}
@@ -238,4 +272,22 @@ pub async fn status_page(
          <script>{SCRIPT}</script></body></html>",
         now = esc(&short_time(&crate::store::now())),
     ))
+}
+
+#[cfg(test)]
+mod words {
+    use super::*;
+
+    #[test]
+    fn commands_show_as_code_and_images_break_only_between_their_parts() {
+        assert_eq!(
+            prose("run `depwatch retry prod/web` <now>"),
+            "run <code>depwatch retry prod/web</code> &lt;now&gt;"
+        );
+        assert_eq!(prose("a lone ` stays"), "a lone ` stays");
+        assert_eq!(
+            image("registry.example.com/team/web:1.2.3"),
+            "registry.example.com/<wbr>team/<wbr>web:<wbr>1.2.3"
+        );
+    }
 }
