@@ -70,8 +70,25 @@ pub struct CompletionsArgs {
 pub fn man_page() -> std::io::Result<Vec<u8>> {
     let mut cmd = <Args as clap::CommandFactory>::command();
     cmd.build();
+    let mut main = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut main)?;
+    // clap_mangen names each subcommand as a page of its own (depwatch-run(1)); here they are
+    // sections of this one page.
     let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for line in String::from_utf8_lossy(&main).lines() {
+        let sub = line
+            .strip_prefix("depwatch\\-")
+            .and_then(|rest| rest.strip_suffix("(1)"));
+        let line = match sub {
+            Some(name) => format!(
+                "\\fBdepwatch {name}\\fR (section DEPWATCH {} below)",
+                name.to_uppercase()
+            ),
+            None => line.to_string(),
+        };
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let man = clap_mangen::Man::new(sub.clone());
         let mut part = Vec::new();

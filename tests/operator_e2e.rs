@@ -701,4 +701,10 @@ fn kubernetes_style_conventions_completions_and_a_man_page() {
     ] {
         assert!(rendered.contains(word), "{word} in the man page");
     }
+    // No references to pages that do not exist: the subcommands are sections of this one.
+    assert!(!rendered.contains("depwatch-run(1)"), "{rendered}");
+    assert!(
+        rendered.contains("DEPWATCH FORGET"),
+        "every command has its section"
+    );
 }
