@@ -81,6 +81,27 @@ async fn seed_cluster(client: kube::Client) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// Where `program` is on PATH, if it is.
+fn on_path(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// How to run this binary again from a shell: `depwatch` when that is what PATH finds, else its
+/// full path (`./target/release/depwatch demo` is how most people meet it).
+fn this_binary() -> String {
+    let me = std::env::current_exe().ok();
+    let found = on_path("depwatch").and_then(|p| p.canonicalize().ok());
+    match (me, found) {
+        (Some(me), Some(found)) if me.canonicalize().ok().as_ref() == Some(&found) => {
+            "depwatch".into()
+        }
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "depwatch".into(),
+    }
+}
+
 /// Run the demo until `cancel` fires (or, with `once`, until every example has an outcome).
 pub async fn run(
     once: bool,
@@ -114,16 +135,24 @@ pub async fn run(
     say(&format!("  kubeconfig:       {}", kubeconfig.display()));
     say("  web_demo.dep asks for a good version, api_demo.dep one that cannot be pulled,");
     say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready.");
-    say("Try:");
-    say(&format!("  echo 1.2.0 > {}/web_demo.dep", deps.display()));
-    say(&format!(
-        "  kubectl --kubeconfig {} -n demo get deploy,pods",
-        kubeconfig.display()
-    ));
-    say(&format!(
-        "  depwatch history demo/web --state-dir {}",
-        state.display()
-    ));
+    if once {
+        say("  --once: the demo stops when every example has an outcome, and prints them.");
+    } else {
+        // Commands that work as printed: this very binary, whether or not it is on PATH.
+        say("Try, while it runs:");
+        say(&format!("  echo 1.2.0 > {}/web_demo.dep", deps.display()));
+        if on_path("kubectl").is_some() {
+            say(&format!(
+                "  kubectl --kubeconfig {} -n demo get deploy,pods",
+                kubeconfig.display()
+            ));
+        }
+        say(&format!(
+            "  {} history demo/web --state-dir {}",
+            this_binary(),
+            state.display()
+        ));
+    }
     say("");
 
     // A busy default port is no reason for a demo to fail: take any free one instead.
