@@ -31,7 +31,7 @@ fn prose(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
     for (i, part) in s.split('`').enumerate() {
         // Odd parts were between backticks; a lone trailing backtick stays as it is.
-        if i % 2 == 1 && s.matches('`').count() >= i + 1 {
+        if i % 2 == 1 && s.matches('`').count() > i {
             out.push_str("<code>");
             out.push_str(&esc(part));
             out.push_str("</code>");
