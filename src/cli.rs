@@ -278,9 +278,10 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_CONTEXT", help_heading = "Kubernetes")]
     pub context: Option<String>,
 
-    /// Accepted for old unit files: depwatch never creates namespaces.
-    #[arg(long, env = "DEPWATCH_NO_CREATE_NAMESPACE", hide = true)]
-    pub no_create_namespace: bool,
+    /// Accepted for old unit files, with any value or none: depwatch never creates namespaces,
+    /// so it is ignored and never the subject of an error.
+    #[arg(long, env = "DEPWATCH_NO_CREATE_NAMESPACE", hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub no_create_namespace: Option<String>,
 
     /// Run as one of several replicas: only the holder of a Kubernetes Lease deploys and
     /// writes; the others serve the read API and take over when the holder goes. Needs a shared

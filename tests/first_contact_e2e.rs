@@ -84,6 +84,15 @@ fn configuration_errors_say_what_to_do_once() {
     assert!(err.contains("no Kubernetes configuration found"), "{err}");
     assert!(err.contains("--kubeconfig"), "{err}");
     assert!(!err.contains("'\""), "no doubled quotes: {err}");
+    // A hidden flag kept for old unit files is never the subject of an error.
+    let (ok, err) = run_without(
+        &["run", "--deps", "/nonexistent"],
+        &[("DEPWATCH_NO_CREATE_NAMESPACE", "maybe")],
+    );
+    assert!(
+        !ok && !err.contains("create-namespace") && !err.contains("CREATE_NAMESPACE"),
+        "{err}"
+    );
     // A kubeconfig that is not there.
     let mut args = base.to_vec();
     args.extend(["--kubeconfig", "/nonexistent/kubeconfig"]);
