@@ -165,9 +165,33 @@ pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
     let mut out = Vec::new();
     for record in store.services()? {
         let last = store.history(Some(&record.key()), 1)?.into_iter().next();
-        out.push(ServiceView::new(record, Images::new(), last));
+        // Without the daemon's watch, what runs is what the record last saw running (drift
+        // since is recorded by the daemon as it happens).
+        let running = record.deployed.clone();
+        out.push(ServiceView::new(record, running, last));
     }
     Ok(out)
+}
+
+/// Files in the dependency directory refused for their names.
+pub async fn refused_files(t: &Target) -> Result<Vec<crate::store::RefusedFile>, ClientError> {
+    if let Some(r) = remote(t)? {
+        return r.get("/api/v1/refused-files").await;
+    }
+    Ok(reading(t)?.refused_files()?)
+}
+
+/// The refused files, for the end of `status`'s table.
+pub fn render_refused(files: &[crate::store::RefusedFile]) -> String {
+    if files.is_empty() {
+        return String::new();
+    }
+    let mut out =
+        String::from("\nRefused file names (nothing is read from them; rename or remove them):\n");
+    for f in files {
+        out.push_str(&format!("  {}\n", f.reason));
+    }
+    out
 }
 
 /// A service's deploys, newest first; an unknown service is an error.

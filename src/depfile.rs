@@ -90,6 +90,19 @@ pub fn is_ignored_name(name: &str) -> bool {
         || name.starts_with('#')
 }
 
+/// Endings a dependency file gets by mistake (an editor adding its own extension): such a file
+/// is refused with the name it should have, never ignored without a word.
+const NEAR_MISSES: [&str; 3] = [".txt", ".yaml", ".yml"];
+
+/// A name that is, or was surely meant to be, a dependency file's.
+pub fn looks_like_dep(name: &str) -> bool {
+    let dep = format!(".{EXTENSION}");
+    name.ends_with(&dep)
+        || NEAR_MISSES
+            .iter()
+            .any(|m| name.strip_suffix(m).is_some_and(|n| n.ends_with(&dep)))
+}
+
 /// The service a path names, `Ok(None)` if the path is not a dependency file at all (other
 /// extension, temporary or editor file), or an error if it looks like one but the name is bad.
 pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError> {
@@ -99,13 +112,21 @@ pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError>
     if is_ignored_name(name) {
         return Ok(None);
     }
-    let Some(stem) = name.strip_suffix(&format!(".{EXTENSION}")) else {
-        return Ok(None);
-    };
     let err = |message: String| DepFileError {
         file: crate::safefs::shown(path),
         line: None,
         message,
+    };
+    if let Some(meant) = NEAR_MISSES.iter().find_map(|m| {
+        name.strip_suffix(m)
+            .filter(|n| n.ends_with(&format!(".{EXTENSION}")))
+    }) {
+        return Err(err(format!(
+            "file name {name:?} does not end in .{EXTENSION}, so it is not read; rename it to {meant:?}"
+        )));
+    }
+    let Some(stem) = name.strip_suffix(&format!(".{EXTENSION}")) else {
+        return Ok(None);
     };
     let Some((deployment, namespace)) = stem.rsplit_once('_') else {
         return Err(err(format!(
@@ -119,7 +140,18 @@ pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError>
     }
     ServiceKey::new(deployment, namespace)
         .map(Some)
-        .map_err(err)
+        .map_err(|m| {
+            // Upper case is the usual slip: say the name that would work.
+            let lower = name.to_ascii_lowercase();
+            let fixed = lower
+                .strip_suffix(&format!(".{EXTENSION}"))
+                .and_then(|s| s.rsplit_once('_'))
+                .is_some_and(|(d, n)| ServiceKey::new(d, n).is_ok());
+            match fixed {
+                true => err(format!("{m}; rename it to {lower:?}")),
+                false => err(m),
+            }
+        })
 }
 
 /// What a dependency file asks for.

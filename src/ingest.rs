@@ -68,6 +68,8 @@ pub struct Ingest {
     startup_records: Option<HashMap<ServiceKey, ServiceRecord>>,
     /// Services with a deploy left in progress by a stop, not yet handed to the scheduler.
     unfinished: HashSet<ServiceKey>,
+    /// Files refused for their names, with why: recorded once, cleared when they go.
+    refused_names: HashMap<PathBuf, String>,
 }
 
 impl Ingest {
@@ -81,6 +83,7 @@ impl Ingest {
             paths_of: HashMap::new(),
             startup_records: None,
             unfinished: HashSet::new(),
+            refused_names: HashMap::new(),
         }
     }
 
@@ -163,6 +166,23 @@ impl Ingest {
         );
     }
 
+    /// A file whose name is not a dependency file's: recorded (once) so status, the page and
+    /// the API list it; cleared when it is gone.
+    fn refuse_name(&mut self, path: &Path, reason: String) {
+        if std::fs::symlink_metadata(path).is_err() {
+            if self.refused_names.remove(path).is_some() {
+                let _ = self.store.unrefuse_file(&path.display().to_string());
+            }
+            return;
+        }
+        if self.refused_names.get(path) == Some(&reason) {
+            return;
+        }
+        tracing::error!(error = %reason, "invalid dependency file name; nothing is read from it");
+        let _ = self.store.refuse_file(&path.display().to_string(), &reason);
+        self.refused_names.insert(path.to_path_buf(), reason);
+    }
+
     /// Services with a deploy left in progress: their file is handed to the scheduler at the
     /// next read even when its version is pinned or unchanged, so the deploy is finished.
     pub fn unfinished(&mut self, keys: impl IntoIterator<Item = ServiceKey>) {
@@ -177,17 +197,14 @@ impl Ingest {
     /// Act on paths that may have changed: dependency files are read in batches on the
     /// blocking pool (one trip per [`READ_BATCH`] files), then judged one by one.
     pub async fn paths_changed(&mut self, paths: Vec<PathBuf>, trigger: Trigger) {
-        let wanted: Vec<(PathBuf, ServiceKey)> = paths
-            .into_iter()
-            .filter_map(|p| match depfile::service_for_path(&p) {
-                Ok(Some(k)) => Some((p, k)),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::error!(error = %e, "invalid dependency file name; ignored");
-                    None
-                }
-            })
-            .collect();
+        let mut wanted: Vec<(PathBuf, ServiceKey)> = Vec::new();
+        for p in paths {
+            match depfile::service_for_path(&p) {
+                Ok(Some(k)) => wanted.push((p, k)),
+                Ok(None) => {}
+                Err(e) => self.refuse_name(&p, e.to_string()),
+            }
+        }
         for chunk in wanted.chunks(READ_BATCH) {
             let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
             let reads =
@@ -378,7 +395,28 @@ impl Ingest {
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
+        // Refused names that are gone, including those recorded before a restart.
+        let mut refused_gone: Vec<PathBuf> = self
+            .refused_names
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        if trigger == Trigger::Startup {
+            refused_gone.extend(
+                self.store
+                    .refused_files()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|f| PathBuf::from(f.path))
+                    .filter(|p| !present.contains(p)),
+            );
+        }
         drop(present);
+        for p in refused_gone {
+            self.refused_names.remove(&p);
+            let _ = self.store.unrefuse_file(&p.display().to_string());
+        }
         self.paths_changed(gone, trigger).await;
         if trigger == Trigger::Startup {
             self.forget_removed_while_stopped(&paths);

@@ -215,16 +215,27 @@ async fn run() -> anyhow::Result<()> {
                 services.retain(|s| &s.namespace == ns);
             }
             let output = if st.json { Output::Json } else { st.output };
-            if services.is_empty() && matches!(output, Output::Table | Output::Wide) {
+            let refused = if matches!(output, Output::Table | Output::Wide) {
+                client::refused_files(&st.target).await.unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if services.is_empty()
+                && refused.is_empty()
+                && matches!(output, Output::Table | Output::Wide)
+            {
                 match &st.namespace {
                     Some(ns) => eprintln!("No services in namespace {ns}."),
                     None => eprintln!("No services yet: write a dependency file to start."),
                 }
             } else {
-                print!(
-                    "{}",
-                    client::render_services(&services, output).map_err(fail)?
-                );
+                if !services.is_empty() || !matches!(output, Output::Table | Output::Wide) {
+                    print!(
+                        "{}",
+                        client::render_services(&services, output).map_err(fail)?
+                    );
+                }
+                print!("{}", client::render_refused(&refused));
             }
         }
         Command::History(h) => {

@@ -148,6 +148,17 @@ pub struct DeployRecord {
     pub restore: String,
 }
 
+/// A file in the dependency directory that looks like a dependency file but whose name is not
+/// one (`web-prod.dep`, `Web_prod.dep`, `web_prod.dep.txt`): nothing is deployed from it, and
+/// status, the page and the API say so until it is renamed or removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RefusedFile {
+    pub path: String,
+    /// Why, and what name it should have.
+    pub reason: String,
+    pub seen_at: String,
+}
+
 /// A deploy request received through the API.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RequestRecord {
@@ -221,6 +232,11 @@ CREATE TABLE IF NOT EXISTS deploys (
     restore TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
+CREATE TABLE IF NOT EXISTS refused_files (
+    path TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
     idempotency_key TEXT NOT NULL UNIQUE,
@@ -366,6 +382,12 @@ pub trait Backend: Send + Sync {
     fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError>;
     /// Remove a service's row (its history stays); `false` when there was none.
     fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
+    /// Note a refused file name (or update its reason).
+    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError>;
+    /// The file is gone or renamed.
+    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError>;
+    /// Every refused file name, by path.
+    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError>;
     fn finish_deploy(
         &self,
         id: i64,
@@ -496,6 +518,35 @@ impl Backend for Sqlite {
             params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
         )?;
         Ok(conn.last_insert_rowid())
+    }
+
+    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO refused_files (path, reason, seen_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (path) DO UPDATE SET reason = excluded.reason",
+            params![f.path, f.reason, f.seen_at],
+        )?;
+        Ok(())
+    }
+
+    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM refused_files WHERE path = ?1", params![path])?;
+        Ok(())
+    }
+
+    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT path, reason, seen_at FROM refused_files ORDER BY path")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RefusedFile {
+                path: r.get(0)?,
+                reason: r.get(1)?,
+                seen_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
@@ -913,6 +964,32 @@ impl Store {
             at: now(),
         };
         self.write("a record write (deploy)", w).map(|_| ())
+    }
+
+    /// Note a file whose name is refused (written only when it changes, so a resync costs
+    /// nothing).
+    pub fn refuse_file(&self, path: &str, reason: &str) -> Result<(), StoreError> {
+        self.allowed("a record write (refused file)")?;
+        self.backend.refuse_file(&RefusedFile {
+            path: path.to_string(),
+            reason: reason.to_string(),
+            seen_at: now(),
+        })?;
+        self.changed();
+        Ok(())
+    }
+
+    /// A refused file is gone or renamed.
+    pub fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
+        self.allowed("a record write (refused file)")?;
+        self.backend.unrefuse_file(path)?;
+        self.changed();
+        Ok(())
+    }
+
+    /// Files refused for their names, by path.
+    pub fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
+        self.backend.refused_files()
     }
 
     /// Remove a service's row, its history kept (`depwatch forget`); `false` when unknown.

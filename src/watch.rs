@@ -333,7 +333,7 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     // with an alias is always listed under its real path.
     let mut linked = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let is_dep = |name: &str| name.ends_with(&format!(".{}", depfile::EXTENSION));
+    let is_dep = depfile::looks_like_dep;
     while let Some(d) = stack.pop().or_else(|| linked.pop()) {
         if let Ok(real) = std::fs::canonicalize(&d) {
             if !seen.insert(real) {

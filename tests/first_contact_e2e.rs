@@ -155,3 +155,77 @@ async fn sigterm_does_not_wait_the_grace_for_a_deploy_that_only_waits_for_the_ap
     assert!(text.contains("taken up at the next start"), "{text}");
     assert!(!text.contains("did not finish in time"), "{text}");
 }
+
+async fn refused(url: &str) -> Vec<String> {
+    let v: serde_json::Value = reqwest::get(format!("{url}/api/v1/refused-files"))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_with_bad_names_are_listed_until_they_are_renamed_or_removed() {
+    let env = Env::new(SimConfig::default()).await;
+    for name in ["web-prod.dep", "Web_prod.dep", "web_prod.dep.txt"] {
+        env.write_dep(name, "1.0\n");
+    }
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    let reasons = wait_for("three refused names", Duration::from_secs(30), || async {
+        let r = refused(&url).await;
+        (r.len() == 3).then_some(r)
+    })
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("web_prod.dep.txt") && r.contains("rename it to \"web_prod.dep\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("web-prod.dep")),
+        "{reasons:?}"
+    );
+    // The CLI and the page list them too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["status", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Refused file names"), "{text}");
+    assert_eq!(text.matches("/deps/").count(), 3, "{text}");
+    assert!(
+        text.contains("rename it to \"web_prod.dep\""),
+        "upper case is named: {text}"
+    );
+    let page = reqwest::get(format!("{url}/?status=refused"))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(page.matches("data-status=\"refused\"").count(), 3, "{page}");
+    // Removed: gone from the list at once.
+    std::fs::remove_file(env.deps.join("web-prod.dep")).expect("rm");
+    wait_for("two refused names", Duration::from_secs(30), || async {
+        (refused(&url).await.len() == 2).then_some(())
+    })
+    .await;
+    // Removed while stopped: gone at the next start.
+    daemon.stop();
+    std::fs::remove_file(env.deps.join("Web_prod.dep")).expect("rm");
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    wait_for("one refused name", Duration::from_secs(30), || async {
+        (refused(&url).await.len() == 1).then_some(())
+    })
+    .await;
+}

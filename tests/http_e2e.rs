@@ -444,6 +444,7 @@ async fn every_route_is_in_the_openapi_document_and_events_stream() {
         ("GET", "/leaderz"),
         ("GET", "/metrics"),
         ("GET", "/api/v1/services"),
+        ("GET", "/api/v1/refused-files"),
         ("GET", "/api/v1/services/{namespace}/{name}"),
         ("GET", "/api/v1/deploys"),
         ("POST", "/api/v1/deploys"),

@@ -212,6 +212,15 @@ pub async fn list_services(State(state): Shared) -> Result<Json<Vec<ServiceView>
     Ok(Json(out))
 }
 
+/// Files in the dependency directory refused for their names (`web-prod.dep`,
+/// `web_prod.dep.txt`): nothing is read from them until they are renamed or removed.
+#[utoipa::path(get, path = "/api/v1/refused-files", tag = "services", responses((status = 200, body = Vec<crate::store::RefusedFile>)))]
+pub async fn refused_files(
+    State(state): Shared,
+) -> Result<Json<Vec<crate::store::RefusedFile>>, ApiError> {
+    Ok(Json(state.store.refused_files()?))
+}
+
 fn key_from_path(namespace: &str, name: &str) -> Result<ServiceKey, ApiError> {
     ServiceKey::new(name, namespace)
         .map_err(|m| ApiError::field(StatusCode::BAD_REQUEST, "service", m))

@@ -173,7 +173,40 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     )
 }
 
+/// Rows for files refused for their names, after the services (`?status=refused` shows only
+/// them).
+fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
+    if filter.is_some_and(|f| f != "refused") {
+        return String::new();
+    }
+    let files = state.store.refused_files().unwrap_or_default();
+    files
+        .iter()
+        .map(|f| {
+            let name = std::path::Path::new(&f.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| f.path.clone());
+            format!(
+                "<tr data-status=\"refused\"><td class=\"svc\">{}<br><small>file name refused</small></td>\
+                 <td data-label=\"Status\"><span class=\"badge bad\" title=\"nothing is read from this file\">refused</span></td>\
+                 <td class=\"msg\" data-label=\"Reason\" colspan=\"5\">{}<div class=\"todo\"><b>What to do:</b> rename or remove the file</div></td></tr>",
+                esc(&name),
+                prose(&f.reason)
+            )
+        })
+        .collect()
+}
+
 async fn rows(state: &HttpState, filter: Option<&str>) -> String {
+    let refused = refused_rows(state, filter);
+    if filter == Some("refused") {
+        return refused;
+    }
+    services_rows(state, filter).await + &refused
+}
+
+async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
     let all = state.store.services().unwrap_or_default();
     let total = all.len();
     let records: Vec<_> = all.into_iter().filter(|r| shown(r, filter)).collect();

@@ -11,7 +11,7 @@ use tokio_postgres::Row;
 
 use super::change::{ServiceChange, Value};
 use super::{
-    Backend, DeployRecord, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
+    Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
 };
 use crate::depfile::ServiceKey;
@@ -64,6 +64,13 @@ CREATE TABLE requests (
 ",
     "
 ALTER TABLE deploys ADD COLUMN restore TEXT NOT NULL DEFAULT '';
+",
+    "
+CREATE TABLE refused_files (
+    path TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+);
 ",
 ];
 
@@ -362,6 +369,48 @@ impl Backend for Postgres {
                 .collect();
             client.execute(&stmt, &refs).await?;
             Ok(())
+        })
+    }
+
+    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
+        let f = f.clone();
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO refused_files (path, reason, seen_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (path) DO UPDATE SET reason = EXCLUDED.reason",
+                    &[&f.path, &f.reason, &f.seen_at],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
+        let path = path.to_string();
+        self.run(move |client| async move {
+            client
+                .execute("DELETE FROM refused_files WHERE path = $1", &[&path])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
+        self.run(move |client| async move {
+            Ok(client
+                .query(
+                    "SELECT path, reason, seen_at FROM refused_files ORDER BY path",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| RefusedFile {
+                    path: r.get(0),
+                    reason: r.get(1),
+                    seen_at: r.get(2),
+                })
+                .collect())
         })
     }
 
