@@ -284,48 +284,13 @@ async fn start(
     config: DaemonConfig,
     on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<Running, DaemonError> {
-    if !config.deps_dir.is_dir() {
-        return Err(DaemonError::DepsDir(config.deps_dir.clone()));
-    }
-    // One spelling of every path: the watcher reports paths under the directory as given, and
-    // the scanner must name the same files the same way. Absolute, but symlinks are kept: a
-    // git-sync root is a symlink swapped to each new checkout, and must be followed anew.
-    let mut config = config;
-    config.deps_dir = std::path::absolute(&config.deps_dir)
-        .map_err(|_| DaemonError::DepsDir(config.deps_dir.clone()))?;
-    // One writer per state directory, before anything is read or written there.
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| crate::lock::LockError::Io {
-        dir: config.state_dir.clone(),
-        source,
-    })?;
-    let lock = crate::lock::StateLock::acquire(&config.state_dir)?;
-    let fence = match config.leader {
-        Some(_) => Fence::leased(),
-        None => Fence::open(),
-    };
-    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?
-        .fenced(fence.clone());
-    if config.leader.is_some() && config.database_url.is_none() {
-        tracing::warn!("--leader-elect without --database-url: each replica keeps its own record, so a standby that takes over does not know what the leader did");
-    }
+    let (config, lock, fence, store) = open_record(config)?;
     let tokens = match &config.api_token_file {
         Some(path) => crate::http::read_tokens(path)?,
         None => Vec::new(),
     };
     let metrics = crate::metrics::Metrics::new();
-    let (client, server) = kube_client(
-        config.kubeconfig.as_deref(),
-        config.context.as_deref(),
-        Some(&metrics),
-    )
-    .await?;
-    let answers = tokio::time::timeout(Duration::from_secs(3), client.apiserver_version()).await;
-    let reachable = match answers {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(crate::deploy::error_chain(&e)),
-        Err(_) => Err("no answer within 3s".to_string()),
-    };
-    log_start(&config, &server, &store, reachable);
+    let (client, server) = connect(&config, &store, &metrics).await?;
     let senders = TaskTracker::new();
     let stages = CancellationToken::new();
     let deployer = Deployer::new(
@@ -384,6 +349,60 @@ async fn start(
     };
     daemon.serve_http(tokens, metrics, on_listen).await?;
     Ok(daemon)
+}
+
+/// The dependency directory checked and spelled absolutely, the state directory's lock taken,
+/// and the record opened behind the fence (a Lease's, with `--leader-elect`).
+fn open_record(
+    mut config: DaemonConfig,
+) -> Result<(DaemonConfig, crate::lock::StateLock, Fence, Store), DaemonError> {
+    if !config.deps_dir.is_dir() {
+        return Err(DaemonError::DepsDir(config.deps_dir.clone()));
+    }
+    // One spelling of every path: the watcher reports paths under the directory as given, and
+    // the scanner must name the same files the same way. Absolute, but symlinks are kept: a
+    // git-sync root is a symlink swapped to each new checkout, and must be followed anew.
+    config.deps_dir = std::path::absolute(&config.deps_dir)
+        .map_err(|_| DaemonError::DepsDir(config.deps_dir.clone()))?;
+    // One writer per state directory, before anything is read or written there.
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| crate::lock::LockError::Io {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
+    let lock = crate::lock::StateLock::acquire(&config.state_dir)?;
+    let fence = match config.leader {
+        Some(_) => Fence::leased(),
+        None => Fence::open(),
+    };
+    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?
+        .fenced(fence.clone());
+    if config.leader.is_some() && config.database_url.is_none() {
+        tracing::warn!("--leader-elect without --database-url: each replica keeps its own record, so a standby that takes over does not know what the leader did");
+    }
+    Ok((config, lock, fence, store))
+}
+
+/// A client for the cluster, and whether its API server answers now (said in the start-up
+/// line, never fatal: deploys wait for it).
+async fn connect(
+    config: &DaemonConfig,
+    store: &Store,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(kube::Client, String), DaemonError> {
+    let (client, server) = kube_client(
+        config.kubeconfig.as_deref(),
+        config.context.as_deref(),
+        Some(metrics),
+    )
+    .await?;
+    let answers = tokio::time::timeout(Duration::from_secs(3), client.apiserver_version()).await;
+    let reachable = match answers {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(crate::deploy::error_chain(&e)),
+        Err(_) => Err("no answer within 3s".to_string()),
+    };
+    log_start(config, &server, store, reachable);
+    Ok((client, server))
 }
 
 /// Which cluster, as whom, within which bounds: the first thing to check at 3 a.m. Says

@@ -29,7 +29,13 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
             .await;
         env.write_dep(&format!("{n}_prod.dep"), "1.0.0\n");
     }
-    let replica = |state: &str| env.replica_args(state);
+    let tokens = env.dir.path().join("tokens");
+    std::fs::write(&tokens, "ci:tok-ha-0123456789\n").expect("tokens");
+    let replica = |state: &str| {
+        let mut args = env.replica_args(state);
+        args.extend(["--api-token-file".to_string(), tokens.display().to_string()]);
+        args
+    };
     let db = [("DEPWATCH_DATABASE_URL", url.clone())];
     let binary = [env!("CARGO_BIN_EXE_depwatch")];
     let leader = env
@@ -112,6 +118,18 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
             assert!(leader_probe.text().await.expect("body").contains("standby"));
         }
     }
+    // Changes sent to a standby are refused with where to send them; nothing is written.
+    let r = http
+        .post(format!(
+            "{standby_url}/api/v1/services/prod/{}/suspend",
+            name(0)
+        ))
+        .bearer_auth("tok-ha-0123456789")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.text().await.expect("body").contains("/leaderz"));
     let services: serde_json::Value = http
         .get(format!("{standby_url}/api/v1/services"))
         .send()

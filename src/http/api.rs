@@ -161,6 +161,17 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
         .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why))
 }
 
+/// Changes go to the replica that acts: a standby (ready, serving reads) answers 503 saying so.
+fn not_a_standby(state: &HttpState) -> Result<(), ApiError> {
+    if state.standby.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: this replica serves reads only; send changes to the replica that acts (its /leaderz answers 200), or retry",
+        ));
+    }
+    Ok(())
+}
+
 /// Whether this replica acts (holds the Lease, or runs without leader election): 200 on the
 /// leader, 503 on a standby.
 #[utoipa::path(get, path = "/leaderz", tag = "health", responses(
@@ -471,6 +482,7 @@ pub async fn create_deploy(
     body: Body,
 ) -> Result<(StatusCode, Json<RequestView>), ApiError> {
     let actor = authorize(&state, &headers)?;
+    not_a_standby(&state)?;
     // Checked before the body is read: a bad key costs the client, not the daemon.
     let idempotency_key = idempotency_key(&headers)?;
     let bytes = tokio::time::timeout(
@@ -725,6 +737,7 @@ where
         + 'static,
 {
     let actor = authorize(state, headers)?;
+    not_a_standby(state)?;
     let key = key_from_path(&namespace, &name)?;
     let (store, root, k, a) = (
         state.store.clone(),
