@@ -372,6 +372,11 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_SELF_HEAL", help_heading = "Deploys")]
     pub self_heal: bool,
 
+    /// Patch workloads that Argo CD, Flux or Helm manage anyway (their next sync reverts the
+    /// image; a warning is logged for each deploy). Default: such files fail, naming the owner.
+    #[arg(long, env = "DEPWATCH_ALLOW_OWNED", help_heading = "Deploys")]
+    pub allow_owned: bool,
+
     /// Deploys kept in the history per service.
     #[arg(
         long,
@@ -471,6 +476,7 @@ impl DaemonArgs {
             history_keep: self.history_keep,
             history_max_age: self.history_max_age,
             self_heal: self.self_heal,
+            allow_owned: self.allow_owned,
             http_addr: (!self.no_http).then_some(self.http_addr),
             api_token_file: self.api_token_file.clone(),
             http_max_connections: self.http_max_connections as usize,

@@ -67,6 +67,8 @@ pub struct DaemonConfig {
     pub history_max_age: Option<Duration>,
     /// Restore the desired images when they are changed behind depwatch's back.
     pub self_heal: bool,
+    /// Patch workloads another engine (Argo CD, Flux, Helm) manages anyway.
+    pub allow_owned: bool,
     /// Where the status page and API listen; `None` turns them off.
     pub http_addr: Option<std::net::SocketAddr>,
     /// Named bearer tokens allowed to make changes through the API.
@@ -103,6 +105,7 @@ impl DaemonConfig {
             history_keep: 200,
             history_max_age: None,
             self_heal: false,
+            allow_owned: false,
             http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
             http_max_connections: crate::http::MAX_CONNECTIONS,
@@ -300,6 +303,7 @@ async fn start(
             image_repo: config.image_repo.clone(),
             rollout_timeout: config.rollout_timeout,
             fail_fast: config.fail_fast,
+            allow_owned: config.allow_owned,
             server,
         },
     )

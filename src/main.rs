@@ -79,7 +79,7 @@ fn shutdown_token() -> tokio_util::sync::CancellationToken {
         t.cancel();
         // The first signal drains gracefully; a second one means "now".
         shutdown_signal().await;
-        tracing::warn!("a second signal: exiting now; deploys in flight stay in progress in the record and are judged again at the next start");
+        tracing::warn!("a second signal: exiting now; deploys in flight stay in progress in the record and are finished at the next start");
         std::process::exit(130);
     });
     token

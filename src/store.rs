@@ -1052,7 +1052,8 @@ impl Store {
         self.backend.prune(keep, cutoff.as_deref())
     }
 
-    /// Deploys a crash left "in progress": marked interrupted so the record never lies.
+    /// Every deploy still in progress (a stop or a dead leader left it), oldest first: the next
+    /// start finishes each from the cluster's state.
     pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
         self.backend.interrupted()
     }

@@ -7,6 +7,7 @@ pub mod attempt;
 pub mod cache;
 pub mod drift;
 pub mod lifecycle;
+pub mod owner;
 pub mod recorder;
 pub mod rollout;
 
@@ -37,6 +38,8 @@ pub struct DeployConfig {
     pub image_repo: Option<String>,
     pub rollout_timeout: Duration,
     pub fail_fast: FailFast,
+    /// `--allow-owned`: patch workloads Argo CD, Flux or Helm manage anyway.
+    pub allow_owned: bool,
     /// The API server's URL, for messages.
     pub server: String,
 }
@@ -62,6 +65,11 @@ pub enum DeployError {
     Bounds(#[from] crate::bounds::BoundsError),
     #[error(transparent)]
     Fenced(#[from] crate::fence::Fenced),
+    #[error("Deployment {key} is owned by {owner}: its next sync would undo depwatch's patch; change the image there (or start depwatch with --allow-owned to patch anyway)")]
+    Owned {
+        key: ServiceKey,
+        owner: owner::Owner,
+    },
     #[error("{0}")]
     Resolve(#[from] depfile::ResolveError),
     #[error("{}", describe_kube(action, server, source))]
@@ -351,6 +359,15 @@ impl Deployer {
             Some(dep) => dep,
             None => self.read(key).await?,
         };
+        if let Some(owner) = &dep.owner {
+            if !self.config.allow_owned {
+                return Err(DeployError::Owned {
+                    key: key.clone(),
+                    owner: owner.clone(),
+                });
+            }
+            tracing::warn!(service = %key, %owner, "patching a Deployment another engine owns (--allow-owned): its next sync may undo this deploy");
+        }
         // Sorted by name: the order only shows in messages that list the containers.
         let current: Vec<(String, String)> = dep
             .images

@@ -77,6 +77,8 @@ pub struct DeploymentState {
     pub available: i32,
     /// The Progressing condition's message when its reason is ProgressDeadlineExceeded.
     pub deadline_exceeded: Option<String>,
+    /// Argo CD, Flux or Helm, when one of them manages it.
+    pub owner: Option<super::owner::Owner>,
 }
 
 /// What judging needs of a ReplicaSet.
@@ -153,6 +155,16 @@ impl From<&Deployment> for DeploymentState {
             updated: status.and_then(|s| s.updated_replicas).unwrap_or(0),
             available: status.and_then(|s| s.available_replicas).unwrap_or(0),
             deadline_exceeded,
+            owner: super::owner::owner_of(
+                dep.labels(),
+                dep.annotations(),
+                &dep.metadata
+                    .managed_fields
+                    .iter()
+                    .flatten()
+                    .filter_map(|m| m.manager.clone())
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 }
