@@ -213,3 +213,53 @@ async fn kubectl_get_pages_through_a_long_list() {
         assert_eq!(names.len(), 7, "{args:?} lists every ConfigMap: {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_goes_through_the_scale_subresource() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    k.ok(&["create", "ns", "prod"]).await;
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(&manifest, DEPLOYMENT).expect("write manifest");
+    k.ok(&["apply", "-f", manifest.to_str().expect("utf-8 path")])
+        .await;
+    // depwatch's advice for a Deployment at 0 replicas, followed as written.
+    let out = k
+        .ok(&["-n", "prod", "scale", "deployment/web", "--replicas=0"])
+        .await;
+    assert!(out.contains("deployment.apps/web scaled"), "{out}");
+    wait_for("0/0", Duration::from_secs(20), || async {
+        let out = k.ok(&["-n", "prod", "get", "deploy", "web"]).await;
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 0/0 "))
+            .then_some(())
+    })
+    .await;
+    k.ok(&["-n", "prod", "scale", "deployment/web", "--replicas=2"])
+        .await;
+    wait_for("2/2", Duration::from_secs(20), || async {
+        let out = k.ok(&["-n", "prod", "get", "deploy", "web"]).await;
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 2/2 "))
+            .then_some(())
+    })
+    .await;
+    // The subresource itself, as autoscalers read it.
+    let scale = k
+        .ok(&[
+            "get",
+            "--raw",
+            "/apis/apps/v1/namespaces/prod/deployments/web/scale",
+        ])
+        .await;
+    let scale: serde_json::Value = serde_json::from_str(&scale).expect("json");
+    assert_eq!(scale["kind"], "Scale");
+    assert_eq!(scale["spec"]["replicas"], 2);
+    assert_eq!(scale["status"]["selector"], "app=web");
+    // A negative count is refused as the API server refuses it.
+    let bad = k
+        .run(&["-n", "prod", "scale", "deployment/web", "--replicas=-1"])
+        .await;
+    assert_ne!(bad.code, 0);
+}

@@ -255,8 +255,13 @@ async fn route(
         [] => return Err(not_found()),
     };
     if let Some(sub) = &target.sub {
-        if sub != "status" || !target.rt.status_subresource {
+        let status = sub == "status" && target.rt.status_subresource;
+        let scale = sub == "scale" && resources::has_scale(target.rt);
+        if !status && !scale {
             return Err(not_found());
+        }
+        if scale {
+            return scale_subresource(state, &target, method, body, headers, params);
         }
     }
     let accept = headers
@@ -1010,6 +1015,109 @@ fn update(
         finish_write(rt, cur, obj, sub, Some(manager)).map(Some)
     })?;
     out.ok_or_else(|| ApiError::not_found(rt, name))
+}
+
+/// The `scale` subresource (`kubectl scale`, autoscalers): an `autoscaling/v1` Scale view of
+/// `spec.replicas`, read with GET and written with PATCH or PUT, which change the object's
+/// `spec.replicas` like any spec write (a new generation).
+fn scale_subresource(
+    state: &Arc<ApiState>,
+    target: &Target,
+    method: &Method,
+    body: &Bytes,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Response, ApiError> {
+    let store = &state.store;
+    let name = target
+        .name
+        .clone()
+        .ok_or_else(|| ApiError::new(404, "NotFound", "scale needs an object name"))?;
+    let ns = target.namespace.clone().unwrap_or_default();
+    let key = ObjKey::new(target.rt, &ns, &name);
+    let current = store
+        .get(&key)
+        .ok_or_else(|| ApiError::not_found(target.rt, &name))?;
+    let view = |obj: &Value| {
+        let selector = obj["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        json!({
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                "name": obj["metadata"]["name"],
+                "namespace": obj["metadata"]["namespace"],
+                "uid": obj["metadata"]["uid"],
+                "resourceVersion": obj["metadata"]["resourceVersion"],
+                "creationTimestamp": obj["metadata"]["creationTimestamp"],
+            },
+            "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(1)},
+            "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector},
+        })
+    };
+    let before = view(&current);
+    let wanted = match *method {
+        Method::GET => return Ok(json_response(200, &before)),
+        Method::PUT => decode_body(body, "application/json")?,
+        Method::PATCH => {
+            let media = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/merge-patch+json");
+            match media.split(';').next().unwrap_or_default().trim() {
+                "application/json-patch+json" => patch::json_patch(&before, body)?,
+                "application/strategic-merge-patch+json" => {
+                    patch::strategic_merge_patch(&before, body)?
+                }
+                _ => patch::merge_patch(&before, body)?,
+            }
+        }
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "the scale subresource takes GET, PUT and PATCH",
+            ))
+        }
+    };
+    let replicas = wanted["spec"]["replicas"]
+        .as_i64()
+        .filter(|r| *r >= 0)
+        .ok_or_else(|| {
+            ApiError::bad_request("spec.replicas: a non-negative integer is required")
+        })?;
+    let parent = Target {
+        rt: target.rt,
+        namespace: target.namespace.clone(),
+        name: Some(name.clone()),
+        sub: None,
+    };
+    let manager = params
+        .get("fieldManager")
+        .cloned()
+        .unwrap_or_else(|| "kubectl-scale".into());
+    let patch_body = serde_json::to_vec(&json!({"spec": {"replicas": replicas}}))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    patch_object(
+        store,
+        &parent,
+        &name,
+        &patch_body,
+        "application/merge-patch+json",
+        &Params::new(),
+        &manager,
+    )?;
+    let after = store
+        .get(&key)
+        .ok_or_else(|| ApiError::not_found(target.rt, &name))?;
+    Ok(json_response(200, &view(&after)))
 }
 
 fn patch_object(

@@ -361,3 +361,8 @@ mod tests {
         assert_eq!(deployments().qualified(), "deployments.apps");
     }
 }
+
+/// Kinds with a `scale` subresource (`kubectl scale`, autoscalers).
+pub fn has_scale(rt: &ResourceType) -> bool {
+    rt.group == "apps" && matches!(rt.plural, "deployments" | "statefulsets" | "replicasets")
+}
