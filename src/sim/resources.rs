@@ -348,6 +348,11 @@ pub fn group_versions() -> Vec<(&'static str, &'static str, Vec<&'static Resourc
     out
 }
 
+/// Kinds with a `scale` subresource (`kubectl scale`, autoscalers).
+pub fn has_scale(rt: &ResourceType) -> bool {
+    rt.group == "apps" && matches!(rt.plural, "deployments" | "statefulsets" | "replicasets")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,9 +365,4 @@ mod tests {
         assert_eq!(pods().kind, "Pod");
         assert_eq!(deployments().qualified(), "deployments.apps");
     }
-}
-
-/// Kinds with a `scale` subresource (`kubectl scale`, autoscalers).
-pub fn has_scale(rt: &ResourceType) -> bool {
-    rt.group == "apps" && matches!(rt.plural, "deployments" | "statefulsets" | "replicasets")
 }
