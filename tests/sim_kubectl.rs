@@ -263,3 +263,19 @@ async fn kubectl_scale_goes_through_the_scale_subresource() {
         .await;
     assert_ne!(bad.code, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_auth_can_i_is_answered() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    for args in [
+        &["auth", "can-i", "patch", "deployments", "-n", "prod"][..],
+        &["auth", "can-i", "get", "pods"][..],
+        &["auth", "can-i", "get", "/healthz"][..],
+    ] {
+        let out = k.run(args).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        assert_eq!(out.stdout.trim(), "yes", "{args:?}: {out:?}");
+    }
+}

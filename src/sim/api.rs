@@ -318,6 +318,15 @@ async fn route(
             }
             Ok(json_response(200, &obj))
         }
+        (&Method::POST, None) if target.rt.kind == "SelfSubjectAccessReview" => {
+            let mut review = decode_body(body, content_type)?;
+            // The simulated cluster authorises everything its callers ask for.
+            review["status"] =
+                json!({"allowed": true, "reason": "the simulated cluster allows every request"});
+            review["apiVersion"] = json!("authorization.k8s.io/v1");
+            review["kind"] = json!("SelfSubjectAccessReview");
+            Ok(json_response(201, &review))
+        }
         (&Method::POST, None) => {
             let obj = decode_body(body, content_type)?;
             create(store, &target, obj, &manager).map(|o| json_response(201, &o))

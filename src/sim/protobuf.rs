@@ -1,7 +1,8 @@
 //! Decoding of the Kubernetes protobuf envelope for the typed creates kubectl sends
 //! (`kubectl create namespace` posts `application/vnd.kubernetes.protobuf` and does not retry
 //! with JSON). Only the wire format and the few messages kubectl's typed creates use are read:
-//! the `runtime.Unknown` envelope, `ObjectMeta`, Namespace, ConfigMap, Secret, ServiceAccount.
+//! the `runtime.Unknown` envelope, `ObjectMeta`, Namespace, ConfigMap, Secret, ServiceAccount,
+//! and the SelfSubjectAccessReview `kubectl auth can-i` sends.
 
 use serde_json::{json, Map, Value};
 
@@ -121,6 +122,44 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
     Ok(Value::Object(m))
 }
 
+/// A SelfSubjectAccessReviewSpec: the resource (or non-resource) attributes asked about.
+fn review_spec(b: &[u8]) -> Result<Value, String> {
+    let mut spec = Map::new();
+    for (num, f) in fields(b)? {
+        let Field::Bytes(x) = f else { continue };
+        let names: &[&str] = match num {
+            1 => &[
+                "namespace",
+                "verb",
+                "group",
+                "version",
+                "resource",
+                "subresource",
+                "name",
+            ],
+            2 => &["path", "verb"],
+            _ => continue,
+        };
+        let mut attrs = Map::new();
+        for (n, f) in fields(x)? {
+            let name = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|i| names.get(i));
+            if let (Some(name), Field::Bytes(v)) = (name, f) {
+                attrs.insert((*name).into(), json!(string(v)?));
+            }
+        }
+        let key = if num == 1 {
+            "resourceAttributes"
+        } else {
+            "nonResourceAttributes"
+        };
+        spec.insert(key.into(), Value::Object(attrs));
+    }
+    Ok(Value::Object(spec))
+}
+
 /// Decode a protobuf-encoded object into its JSON form.
 pub fn decode(body: &[u8]) -> Result<Value, String> {
     let rest = body
@@ -165,11 +204,12 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
                 binary.insert(k, v);
             }
             ("Secret", 3, Field::Bytes(x)) => obj["type"] = json!(string(x)?),
+            ("SelfSubjectAccessReview", 2, Field::Bytes(x)) => obj["spec"] = review_spec(x)?,
             ("Secret", 4, Field::Bytes(x)) | ("ConfigMap", 4, Field::Bytes(x)) => {
                 let (k, v) = map_entry(x, false)?;
                 data.insert(k, v);
             }
-            ("Namespace" | "ConfigMap" | "Secret" | "ServiceAccount", _, _) => {}
+            ("Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "SelfSubjectAccessReview", _, _) => {}
             (other, _, _) => {
                 return Err(format!(
                     "protobuf bodies of kind {other} are not supported by the simulated cluster; send JSON"
@@ -227,5 +267,36 @@ mod tests {
         assert_eq!(obj["metadata"]["name"], "prod");
         assert_eq!(obj["metadata"]["labels"]["team"], "payments");
         assert!(decode(b"nope").is_err());
+    }
+
+    #[test]
+    fn decodes_the_review_kubectl_auth_can_i_sends() {
+        let mut attrs = ld(1, b"prod");
+        attrs.extend(ld(2, b"patch"));
+        attrs.extend(ld(3, b"apps"));
+        attrs.extend(ld(5, b"deployments"));
+        let spec = ld(1, &attrs);
+        let review = ld(2, &spec);
+        let mut tm = ld(1, b"authorization.k8s.io/v1");
+        tm.extend(ld(2, b"SelfSubjectAccessReview"));
+        let mut body = MAGIC.to_vec();
+        body.extend(ld(1, &tm));
+        body.extend(ld(2, &review));
+        let obj = decode(&body).expect("decodes");
+        let a = &obj["spec"]["resourceAttributes"];
+        assert_eq!(
+            (&a["namespace"], &a["verb"], &a["group"], &a["resource"]),
+            (
+                &json!("prod"),
+                &json!("patch"),
+                &json!("apps"),
+                &json!("deployments")
+            )
+        );
+        // A field number 0 is malformed, not a panic.
+        let mut bad = MAGIC.to_vec();
+        bad.extend(ld(1, &tm));
+        bad.extend(ld(2, &ld(2, &ld(1, &[2, 1, b'x']))));
+        let _ = decode(&bad);
     }
 }

@@ -203,6 +203,18 @@ pub static RESOURCES: &[ResourceType] = &[
         false,
         false
     ),
+    // Answered, never stored: `kubectl auth can-i` and depwatch's own permission checks.
+    rt!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        false,
+        &[],
+        false,
+        false
+    ),
     rt!(
         "events.k8s.io",
         "v1",
