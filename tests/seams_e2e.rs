@@ -205,30 +205,40 @@ fn replica(env: &Env, state: &str) -> Vec<String> {
     args
 }
 
+/// web at 1.0 deployed by a leader (state-a) with a standby (state-b) waiting, both on the
+/// shared record at `url`.
+async fn leader_and_standby(
+    env: &Env,
+    url: &str,
+) -> (common::daemon::Daemon, common::daemon::Daemon, Store) {
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let db = [("DEPWATCH_DATABASE_URL", url.to_string())];
+    let binary = [env!("CARGO_BIN_EXE_depwatch")];
+    let old = env
+        .daemon_via(&binary, &replica(env, "state-a"), &db, env.dir.path())
+        .await;
+    let new = env.spawn_via(&binary, &replica(env, "state-b"), &db, env.dir.path());
+    wait_for("a standby", Duration::from_secs(30), || async {
+        new.log_text().contains("standby: waiting").then_some(())
+    })
+    .await;
+    let store = shared_record(url).await;
+    wait_for("the first version", Duration::from_secs(30), || {
+        service_is(&store, ServiceStatus::Succeeded)
+    })
+    .await;
+    (old, new, store)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let pg = common::postgres::Postgres::start().await;
     let url = pg.database("fence").await;
     let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
-        .await;
-    env.wait_ready("prod", "web").await;
-    env.write_dep("web_prod.dep", "1.0\n");
-    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
-    let binary = [env!("CARGO_BIN_EXE_depwatch")];
-    let old = env
-        .daemon_via(&binary, &replica(&env, "state-a"), &db, env.dir.path())
-        .await;
-    let new = env.spawn_via(&binary, &replica(&env, "state-b"), &db, env.dir.path());
-    wait_for("a standby", Duration::from_secs(30), || async {
-        new.log_text().contains("standby: waiting").then_some(())
-    })
-    .await;
-    let store = shared_record(&url).await;
-    wait_for("the first version", Duration::from_secs(30), || {
-        service_is(&store, ServiceStatus::Succeeded)
-    })
-    .await;
+    let (old, new, store) = leader_and_standby(&env, &url).await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
     wait_for("the leader's patch", Duration::from_secs(30), || async {
         old.log_text()
@@ -596,25 +606,7 @@ async fn a_standby_finishes_the_rollback_a_killed_leader_left_half_done() {
         ..SimConfig::default()
     })
     .await;
-    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
-        .await;
-    env.wait_ready("prod", "web").await;
-    env.write_dep("web_prod.dep", "1.0\n");
-    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
-    let binary = [env!("CARGO_BIN_EXE_depwatch")];
-    let old = env
-        .daemon_via(&binary, &replica(&env, "state-a"), &db, env.dir.path())
-        .await;
-    let new = env.spawn_via(&binary, &replica(&env, "state-b"), &db, env.dir.path());
-    wait_for("a standby", Duration::from_secs(30), || async {
-        new.log_text().contains("standby: waiting").then_some(())
-    })
-    .await;
-    let store = shared_record(&url).await;
-    wait_for("the first version", Duration::from_secs(30), || {
-        service_is(&store, ServiceStatus::Succeeded)
-    })
-    .await;
+    let (old, new, store) = leader_and_standby(&env, &url).await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
     wait_for(
         "the rollout to fail (then kill -9 the leader at once)",
