@@ -112,6 +112,18 @@ impl Bounds {
         Bounds { namespaces, images }
     }
 
+    /// The namespaces `--namespaces` names exactly (no `*` or `?`), or `None` when any
+    /// pattern (or no bound) lets in namespaces that cannot be listed up front.
+    pub fn exact_namespaces(&self) -> Option<Vec<String>> {
+        if self.namespaces.is_empty() {
+            return None;
+        }
+        self.namespaces
+            .iter()
+            .map(|g| (!g.0.contains(['*', '?'])).then(|| g.0.clone()))
+            .collect()
+    }
+
     pub fn is_unbounded(&self) -> bool {
         self.namespaces.is_empty() && self.images.is_empty()
     }

@@ -405,8 +405,36 @@ async fn connect(
         Ok(Err(e)) => Err(crate::deploy::error_chain(&e)),
         Err(_) => Err("no answer within 3s".to_string()),
     };
+    let answers = reachable.is_ok();
     log_start(config, &server, store, reachable);
+    if answers {
+        log_access(&client, &config.bounds).await;
+    }
     Ok((client, server))
+}
+
+/// Where this identity may patch Deployments, asked once at start (a namespace it may not
+/// patch is a warning now, not a failure at the first deploy there).
+async fn log_access(client: &kube::Client, bounds: &crate::bounds::Bounds) {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::deploy::access::may_patch(client.clone(), bounds.exact_namespaces()),
+    )
+    .await;
+    match asked {
+        Ok(Ok(all)) => {
+            let line = crate::deploy::access::describe(&all);
+            if all.iter().all(|a| a.allowed) {
+                tracing::info!(permissions = %line, "RBAC checked (SelfSubjectAccessReview)");
+            } else {
+                tracing::warn!(permissions = %line, "RBAC checked (SelfSubjectAccessReview): deploys to the namespaces it may not patch will fail; grant depwatch's ClusterRole there");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot ask what depwatch may do (SelfSubjectAccessReview)")
+        }
+        Err(_) => tracing::debug!("no answer to SelfSubjectAccessReview within 5s"),
+    }
 }
 
 /// Which cluster, as whom, within which bounds: the first thing to check at 3 a.m. Says

@@ -286,6 +286,17 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         })
         .filter_map(|e| permission(&e))
         .collect();
+    // Asking what it may do needs no grant: Kubernetes lets every authenticated user create
+    // SelfSubjectAccessReviews (the system:basic-user ClusterRole).
+    let review = (
+        "create".to_string(),
+        "authorization.k8s.io/selfsubjectaccessreviews".to_string(),
+    );
+    assert!(
+        used.contains(&review),
+        "depwatch asks what it may do: {used:?}"
+    );
+    let used: BTreeSet<(String, String)> = used.into_iter().filter(|p| *p != review).collect();
     assert!(
         used.contains(&("patch".into(), "apps/deployments".into())),
         "{used:?}"

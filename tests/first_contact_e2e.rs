@@ -229,3 +229,23 @@ async fn files_with_bad_names_are_listed_until_they_are_renamed_or_removed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_says_where_depwatch_may_patch() {
+    let env = Env::new(SimConfig::default()).await;
+    let daemon = env.daemon(&["--namespaces", "prod,staging"]).await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("may patch deployments in prod, staging"),
+        "{log}"
+    );
+    drop(daemon);
+    let daemon = env.daemon(&[]).await;
+    assert!(
+        daemon
+            .log_text()
+            .contains("may patch deployments in every namespace"),
+        "{}",
+        daemon.log_text()
+    );
+}

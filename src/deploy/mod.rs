@@ -3,6 +3,7 @@
 //! manager `depwatch`, a `kubernetes.io/change-cause`), then judge the rollout from shared
 //! watches, and roll back to the captured images when it fails.
 
+pub mod access;
 pub mod attempt;
 pub mod cache;
 pub mod drift;
