@@ -524,8 +524,14 @@ impl Lifecycle {
             return (events, action);
         }
         if !plan.is_noop() {
+            // A stop between this very deploy's row and its patch: the same row goes on.
+            let same = self
+                .known
+                .interrupted
+                .take_if(|u| u.restore.is_empty() && u.to == plan.after)
+                .map(|u| u.id);
             self.close_interrupted(&mut events);
-            events.push(self.started(&plan, plan.before.clone(), None));
+            events.push(self.started(&plan, plan.before.clone(), same));
             let (more, action) = self.patch(plan);
             events.extend(more);
             return (events, action);
@@ -1578,6 +1584,39 @@ mod tests {
         assert!(f.message.contains("web=evil:1"), "{}", f.message);
         assert_eq!(f.running, Some(images("web=w:2")), "what depwatch applied");
         assert!(!f.good && f.settled && !f.announce);
+    }
+
+    #[test]
+    fn a_stop_between_the_row_and_the_patch_goes_on_with_the_same_row() {
+        let known = Known {
+            interrupted: Some(Unfinished {
+                id: 5,
+                to: images("web=w:2"),
+                restore: Images::new(),
+                ran_for: Duration::ZERO,
+            }),
+            ..Known::default()
+        };
+        let (events, actions) = run(
+            desired(Trigger::Startup),
+            known,
+            patched_then(vec![Input::Waited(WaitOutcome::Healthy)]),
+        );
+        assert!(
+            matches!(
+                &events[0],
+                Event::Started {
+                    resumed: Some(5),
+                    ..
+                }
+            ),
+            "{events:?}"
+        );
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::CloseInterrupted { .. })));
+        assert!(actions.iter().any(|a| matches!(a, Action::Patch { .. })));
+        assert_eq!(rows(&events), 1);
     }
 
     #[test]
