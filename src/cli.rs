@@ -314,20 +314,8 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration, help_heading = "High availability")]
     pub lease_duration: Duration,
 
-    /// Namespaces depwatch may deploy to: names and globs, comma-separated (e.g.
-    /// `prod,team-*`). Files and API requests for any other namespace are refused. Default: any.
-    #[arg(long, env = "DEPWATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
-    pub namespaces: Vec<crate::bounds::Glob>,
-
-    /// Image repositories depwatch may deploy: globs, comma-separated (e.g.
-    /// `registry.example.com/team/*`). Checked on the final image, after a plain version is
-    /// given its repository. Default: any.
-    #[arg(long, env = "DEPWATCH_ALLOWED_IMAGES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
-    pub allowed_images: Vec<crate::bounds::Glob>,
-
-    /// Largest dependency file read; larger files are refused unread.
-    #[arg(long, env = "DEPWATCH_MAX_FILE_SIZE", default_value = "64KiB", value_parser = parse_size, help_heading = "Bounds")]
-    pub max_file_size: u64,
+    #[command(flatten)]
+    pub bounds: FileBounds,
 
     /// Repository for versions and digests (default: the repository the container runs).
     /// Seed name: ECR_REPO.
@@ -453,11 +441,8 @@ impl DaemonArgs {
             max_wait: self.max_wait,
             resync: self.resync,
             rollout_timeout: self.rollout_timeout,
-            bounds: crate::bounds::Bounds::from_globs(
-                self.namespaces.clone(),
-                self.allowed_images.clone(),
-            ),
-            max_file_size: self.max_file_size,
+            bounds: self.bounds.bounds(),
+            max_file_size: self.bounds.max_file_size,
             leader: self.leader_elect.then(|| crate::leader::LeaderConfig {
                 lease_name: self.lease_name.clone(),
                 lease_namespace: self.lease_namespace.clone(),
@@ -502,27 +487,45 @@ pub struct CheckArgs {
     /// Also check this API token file (`name:token` lines).
     #[arg(long, env = "DEPWATCH_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
-    /// Namespaces `run` may deploy to, as for `run` (names and globs, comma-separated).
-    #[arg(long, env = "DEPWATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
-    pub namespaces: Vec<crate::bounds::Glob>,
-    /// Image repositories `run` may deploy, as for `run` (globs, comma-separated).
-    #[arg(long, env = "DEPWATCH_ALLOWED_IMAGES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
-    pub allowed_images: Vec<crate::bounds::Glob>,
-    /// Largest dependency file `run` reads.
-    #[arg(long, env = "DEPWATCH_MAX_FILE_SIZE", default_value = "64KiB", value_parser = parse_size, help_heading = "Bounds")]
-    pub max_file_size: u64,
+    /// The same bounds as `run`, from the same flags and environment.
+    #[command(flatten)]
+    pub bounds: FileBounds,
 }
 
 impl CheckArgs {
     /// The daemon's file rules, from the same flags and environment as `run`.
     pub fn rules(&self) -> crate::check::Rules {
         crate::check::Rules {
-            bounds: crate::bounds::Bounds::from_globs(
-                self.namespaces.clone(),
-                self.allowed_images.clone(),
-            ),
-            max_file_size: self.max_file_size,
+            bounds: self.bounds.bounds(),
+            max_file_size: self.bounds.max_file_size,
         }
+    }
+}
+
+/// What files may deploy at all: the same flags and environment for `run` and `check`, so
+/// `check` refuses what `run` would.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FileBounds {
+    /// Namespaces depwatch may deploy to: names and globs, comma-separated (e.g.
+    /// `prod,team-*`). Files and API requests for any other namespace are refused. Default: any.
+    #[arg(long, env = "DEPWATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub namespaces: Vec<crate::bounds::Glob>,
+
+    /// Image repositories depwatch may deploy: globs, comma-separated (e.g.
+    /// `registry.example.com/team/*`). Checked on the final image, after a plain version is
+    /// given its repository. Default: any.
+    #[arg(long, env = "DEPWATCH_ALLOWED_IMAGES", value_delimiter = ',', value_parser = parse_glob, help_heading = "Bounds")]
+    pub allowed_images: Vec<crate::bounds::Glob>,
+
+    /// Largest dependency file read; larger files are refused unread.
+    #[arg(long, env = "DEPWATCH_MAX_FILE_SIZE", default_value = "64KiB", value_parser = parse_size, help_heading = "Bounds")]
+    pub max_file_size: u64,
+}
+
+impl FileBounds {
+    /// `--namespaces` and `--allowed-images`.
+    pub fn bounds(&self) -> crate::bounds::Bounds {
+        crate::bounds::Bounds::from_globs(self.namespaces.clone(), self.allowed_images.clone())
     }
 }
 

@@ -289,6 +289,27 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     drop(new);
 }
 
+/// After a record outage is replayed, a resync sees the pin: the failed version is not
+/// deployed again (the deploy and its rollback are the only PATCHes).
+async fn pin_holds_after_the_replay(env: &Env, daemon: &common::daemon::Daemon) {
+    let seen = daemon.log_text().len();
+    wait_for(
+        "a resync after the replay",
+        Duration::from_secs(30),
+        || async {
+            daemon.log_text()[seen..]
+                .contains("pinned until it changes")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.patches("prod", "web"),
+        2,
+        "the deploy and its rollback only"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     let mut pg = common::postgres::Postgres::start().await;
@@ -369,23 +390,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert_eq!(h[0].restore, "web=r.example/web:1.0");
     assert!(store.interrupted().expect("q").is_empty());
-    // A resync after the replay sees the pin: the failed version is not deployed again.
-    let seen = daemon.log_text().len();
-    wait_for(
-        "a resync after the replay",
-        Duration::from_secs(30),
-        || async {
-            daemon.log_text()[seen..]
-                .contains("pinned until it changes")
-                .then_some(())
-        },
-    )
-    .await;
-    assert_eq!(
-        env.patches("prod", "web"),
-        2,
-        "the deploy and its rollback only"
-    );
+    pin_holds_after_the_replay(&env, &daemon).await;
     // depwatch's own rollback was never reported as drift.
     assert!(
         !env.messages()
@@ -578,22 +583,7 @@ async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room()
     let h = store.history(Some(&web()), 10).expect("history");
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert!(store.interrupted().expect("q").is_empty());
-    let seen = daemon.log_text().len();
-    wait_for(
-        "a resync after the replay",
-        Duration::from_secs(30),
-        || async {
-            daemon.log_text()[seen..]
-                .contains("pinned until it changes")
-                .then_some(())
-        },
-    )
-    .await;
-    assert_eq!(
-        env.patches("prod", "web"),
-        2,
-        "the deploy and its rollback only"
-    );
+    pin_holds_after_the_replay(&env, &daemon).await;
     drop(daemon);
 }
 
