@@ -279,3 +279,40 @@ async fn kubectl_auth_can_i_is_answered() {
         assert_eq!(out.stdout.trim(), "yes", "{args:?}: {out:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_deployment_sends_protobuf_and_it_rolls_out() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    k.ok(&["create", "ns", "prod"]).await;
+    let out = k
+        .ok(&[
+            "-n",
+            "prod",
+            "create",
+            "deployment",
+            "web",
+            "--image=example.com/web:1.0.0",
+            "--replicas=2",
+            "--port=8080",
+        ])
+        .await;
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    wait_for("2/2", Duration::from_secs(20), || async {
+        let out = k.ok(&["-n", "prod", "get", "deploy", "web"]).await;
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 2/2 "))
+            .then_some(())
+    })
+    .await;
+    let d: serde_json::Value = serde_json::from_str(
+        &k.ok(&["-n", "prod", "get", "deploy", "web", "-o", "json"])
+            .await,
+    )
+    .expect("json");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "example.com/web:1.0.0");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+}

@@ -2,7 +2,8 @@
 //! (`kubectl create namespace` posts `application/vnd.kubernetes.protobuf` and does not retry
 //! with JSON). Only the wire format and the few messages kubectl's typed creates use are read:
 //! the `runtime.Unknown` envelope, `ObjectMeta`, Namespace, ConfigMap, Secret, ServiceAccount,
-//! and the SelfSubjectAccessReview `kubectl auth can-i` sends.
+//! the SelfSubjectAccessReview `kubectl auth can-i` sends, and the Deployment of `kubectl create
+//! deployment` (replicas, selector, template labels, containers' names, images and ports).
 
 use serde_json::{json, Map, Value};
 
@@ -10,7 +11,7 @@ const MAGIC: &[u8] = b"k8s\0";
 
 #[derive(Debug)]
 enum Field<'a> {
-    Varint,
+    Varint(u64),
     Bytes(&'a [u8]),
     Fixed,
 }
@@ -36,10 +37,7 @@ fn fields(buf: &[u8]) -> Result<Vec<(u64, Field<'_>)>, String> {
         let tag = varint(buf, &mut pos)?;
         let (num, wire) = (tag >> 3, tag & 7);
         let f = match wire {
-            0 => {
-                varint(buf, &mut pos)?;
-                Field::Varint
-            }
+            0 => Field::Varint(varint(buf, &mut pos)?),
             1 => {
                 pos += 8;
                 Field::Fixed
@@ -120,6 +118,102 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
         m.insert("annotations".into(), Value::Object(annotations));
     }
     Ok(Value::Object(m))
+}
+
+/// A LabelSelector's `matchLabels`.
+fn label_selector(b: &[u8]) -> Result<Value, String> {
+    let mut labels = Map::new();
+    for (num, f) in fields(b)? {
+        if let (1, Field::Bytes(x)) = (num, f) {
+            let (k, v) = map_entry(x, false)?;
+            labels.insert(k, v);
+        }
+    }
+    Ok(json!({"matchLabels": labels}))
+}
+
+/// A Container: its name, image, command, args and container ports.
+fn container(b: &[u8]) -> Result<Value, String> {
+    let mut c = Map::new();
+    let mut command = Vec::new();
+    let mut args = Vec::new();
+    let mut ports = Vec::new();
+    for (num, f) in fields(b)? {
+        let Field::Bytes(x) = f else { continue };
+        match num {
+            1 => {
+                c.insert("name".into(), json!(string(x)?));
+            }
+            2 => {
+                c.insert("image".into(), json!(string(x)?));
+            }
+            3 => command.push(json!(string(x)?)),
+            4 => args.push(json!(string(x)?)),
+            6 => {
+                let mut port = Map::new();
+                for (n, f) in fields(x)? {
+                    match (n, f) {
+                        (1, Field::Bytes(v)) => {
+                            port.insert("name".into(), json!(string(v)?));
+                        }
+                        (3, Field::Varint(v)) => {
+                            port.insert("containerPort".into(), json!(v));
+                        }
+                        (4, Field::Bytes(v)) => {
+                            port.insert("protocol".into(), json!(string(v)?));
+                        }
+                        _ => {}
+                    }
+                }
+                ports.push(Value::Object(port));
+            }
+            _ => {}
+        }
+    }
+    for (key, list) in [("command", command), ("args", args), ("ports", ports)] {
+        if !list.is_empty() {
+            c.insert(key.into(), Value::Array(list));
+        }
+    }
+    Ok(Value::Object(c))
+}
+
+/// A DeploymentSpec: replicas, selector, and the pod template's labels and containers.
+fn deployment_spec(b: &[u8]) -> Result<Value, String> {
+    let mut spec = Map::new();
+    for (num, f) in fields(b)? {
+        match (num, f) {
+            (1, Field::Varint(v)) => {
+                spec.insert("replicas".into(), json!(v));
+            }
+            (2, Field::Bytes(x)) => {
+                spec.insert("selector".into(), label_selector(x)?);
+            }
+            (3, Field::Bytes(template)) => {
+                let mut t = Map::new();
+                for (n, f) in fields(template)? {
+                    match (n, f) {
+                        (1, Field::Bytes(x)) => {
+                            t.insert("metadata".into(), object_meta(x)?);
+                        }
+                        (2, Field::Bytes(pod)) => {
+                            let mut containers = Vec::new();
+                            for (pn, f) in fields(pod)? {
+                                if let (2, Field::Bytes(x)) = (pn, f) {
+                                    containers.push(container(x)?);
+                                }
+                            }
+                            t.insert("spec".into(), json!({"containers": containers}));
+                        }
+                        _ => {}
+                    }
+                }
+                spec.insert("template".into(), Value::Object(t));
+            }
+            _ => {}
+        }
+    }
+    Ok(Value::Object(spec))
 }
 
 /// A SelfSubjectAccessReviewSpec: the resource (or non-resource) attributes asked about.
@@ -205,11 +299,17 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             ("Secret", 3, Field::Bytes(x)) => obj["type"] = json!(string(x)?),
             ("SelfSubjectAccessReview", 2, Field::Bytes(x)) => obj["spec"] = review_spec(x)?,
+            ("Deployment", 2, Field::Bytes(x)) => obj["spec"] = deployment_spec(x)?,
             ("Secret", 4, Field::Bytes(x)) | ("ConfigMap", 4, Field::Bytes(x)) => {
                 let (k, v) = map_entry(x, false)?;
                 data.insert(k, v);
             }
-            ("Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "SelfSubjectAccessReview", _, _) => {}
+            (
+                "Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "SelfSubjectAccessReview"
+                | "Deployment",
+                _,
+                _,
+            ) => {}
             (other, _, _) => {
                 return Err(format!(
                     "protobuf bodies of kind {other} are not supported by the simulated cluster; send JSON"
