@@ -289,6 +289,22 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     drop(new);
 }
 
+/// Wait until `/readyz` is 503 naming the record and the writes it keeps in memory.
+async fn readyz_names_the_record(http: &str) {
+    let ready = wait_for(
+        "/readyz to name the record",
+        Duration::from_secs(30),
+        || async {
+            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+            let code = resp.status().as_u16();
+            let body = resp.text().await.ok()?;
+            (code == 503 && body.contains("record")).then_some(body)
+        },
+    )
+    .await;
+    assert!(ready.contains("kept in memory"), "{ready}");
+}
+
 /// After a record outage is replayed, a resync sees the pin: the failed version is not
 /// deployed again (the deploy and its rollback are the only PATCHes).
 async fn pin_holds_after_the_replay(env: &Env, daemon: &common::daemon::Daemon) {
@@ -350,18 +366,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     pg.stop();
     env.wait_image("prod", "web", "r.example/web:1.0").await;
     let http = daemon.http_url();
-    let ready = wait_for(
-        "/readyz to name the record",
-        Duration::from_secs(30),
-        || async {
-            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
-            let code = resp.status().as_u16();
-            let body = resp.text().await.ok()?;
-            (code == 503 && body.contains("record")).then_some(body)
-        },
-    )
-    .await;
-    assert!(ready.contains("kept in memory"), "{ready}");
+    readyz_names_the_record(&http).await;
     let metrics = reqwest::get(format!("{http}/metrics"))
         .await
         .expect("metrics")
@@ -553,18 +558,7 @@ async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room()
         .await;
     env.wait_image("prod", "web", "r.example/web:1.0").await;
     let http = daemon.http_url();
-    let ready = wait_for(
-        "/readyz to name the record",
-        Duration::from_secs(30),
-        || async {
-            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
-            let code = resp.status().as_u16();
-            let body = resp.text().await.ok()?;
-            (code == 503 && body.contains("record")).then_some(body)
-        },
-    )
-    .await;
-    assert!(ready.contains("kept in memory"), "{ready}");
+    readyz_names_the_record(&http).await;
     // Room again: everything kept is written, in order.
     std::fs::remove_file(&filler).expect("free the disk");
     wait_for(

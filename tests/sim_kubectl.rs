@@ -27,6 +27,25 @@ spec:
         image: example.com/web:1.0.0
 "#;
 
+/// A simulated cluster and kubectl pointed at it (the directory holds its kubeconfig).
+async fn sim_and_kubectl() -> (Sim, tempfile::TempDir, Kubectl) {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    (sim, dir, k)
+}
+
+/// [`sim_and_kubectl`] with namespace prod and the web Deployment applied.
+async fn sim_with_web() -> (Sim, tempfile::TempDir, Kubectl) {
+    let (sim, dir, k) = sim_and_kubectl().await;
+    k.ok(&["create", "ns", "prod"]).await;
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(&manifest, DEPLOYMENT).expect("write manifest");
+    k.ok(&["apply", "-f", manifest.to_str().expect("utf-8 path")])
+        .await;
+    (sim, dir, k)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_drives_a_deployment_through_rollout_failure_and_undo() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
@@ -216,14 +235,7 @@ async fn kubectl_get_pages_through_a_long_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_scale_goes_through_the_scale_subresource() {
-    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
-    k.ok(&["create", "ns", "prod"]).await;
-    let manifest = dir.path().join("web.yaml");
-    std::fs::write(&manifest, DEPLOYMENT).expect("write manifest");
-    k.ok(&["apply", "-f", manifest.to_str().expect("utf-8 path")])
-        .await;
+    let (_sim, _dir, k) = sim_with_web().await;
     // depwatch's advice for a Deployment at 0 replicas, followed as written.
     let out = k
         .ok(&["-n", "prod", "scale", "deployment/web", "--replicas=0"])
@@ -266,9 +278,7 @@ async fn kubectl_scale_goes_through_the_scale_subresource() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_auth_can_i_is_answered() {
-    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    let (_sim, _dir, k) = sim_and_kubectl().await;
     for args in [
         &["auth", "can-i", "patch", "deployments", "-n", "prod"][..],
         &["auth", "can-i", "get", "pods"][..],
@@ -282,9 +292,7 @@ async fn kubectl_auth_can_i_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_create_deployment_sends_protobuf_and_it_rolls_out() {
-    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    let (_sim, _dir, k) = sim_and_kubectl().await;
     k.ok(&["create", "ns", "prod"]).await;
     let out = k
         .ok(&[
