@@ -3,12 +3,14 @@
 //! record alone.
 
 use crate::depfile::ServiceKey;
-use crate::domain::ServiceStatus;
+use crate::domain::{ServiceStatus, Shown, WorkloadKind};
 
 /// What the record says about a service, as far as advice needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Situation<'a> {
     pub key: &'a ServiceKey,
+    /// The kind of workload the service is.
+    pub kind: WorkloadKind,
     pub status: ServiceStatus,
     pub suspended: bool,
     /// The version the file asks for failed and is pinned.
@@ -25,9 +27,33 @@ fn forbidden(message: &str) -> bool {
     m.contains("forbidden") || m.contains("unauthorized")
 }
 
-/// Whether a message says the Deployment or namespace does not exist.
+/// Whether a message says the workload or namespace does not exist.
 fn missing(message: &str) -> bool {
-    message.starts_with("no Deployment") || message.contains("no namespace")
+    let kinds = ["Deployment", "StatefulSet", "DaemonSet", "CronJob"];
+    kinds
+        .iter()
+        .any(|k| message.starts_with(&format!("no {k}")))
+        || message.contains("no namespace")
+}
+
+/// What to do about a deploy nothing could verify, by its reason.
+fn unverified(s: &Situation<'_>) -> Option<String> {
+    let (key, shown) = (s.key, Shown(s.kind, &s.key.name));
+    Some(match s.kind {
+        WorkloadKind::CronJob => return None,
+        _ if s.message.contains("OnDelete") => format!(
+            "delete {shown}'s pods in {} (one at a time) to run the new images: its updateStrategy is OnDelete",
+            key.namespace
+        ),
+        WorkloadKind::DaemonSet => format!(
+            "no node runs daemonset/{} in {}: check its nodeSelector and tolerations",
+            key.name, key.namespace
+        ),
+        _ => format!(
+            "scale {shown} in {} above 0 replicas so a rollout can prove the images",
+            key.namespace
+        ),
+    })
 }
 
 /// The next step for a service, or `None` when it is healthy or a deploy is under way.
@@ -40,8 +66,8 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
     }
     if forbidden(s.message) {
         return Some(format!(
-            "check depwatch's RBAC in namespace {} (get, list, watch, patch deployments), then run `depwatch retry {key}`",
-            key.namespace
+            "check depwatch's RBAC in namespace {} (get, list, watch, patch {}s), then run `depwatch retry {key}`",
+            key.namespace, s.kind
         ));
     }
     let retry = format!("`depwatch retry {key}`");
@@ -54,12 +80,10 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
         ServiceStatus::WaitingForApi => {
             "depwatch keeps retrying on its own: check that the Kubernetes API server is up and reachable (see /readyz)".into()
         }
-        ServiceStatus::Unverified => format!(
-            "scale deployment/{} in {} above 0 replicas so a rollout can prove the images",
-            key.name, key.namespace
-        ),
+        ServiceStatus::Unverified => return unverified(&s),
         ServiceStatus::Failed if missing(s.message) => format!(
-            "fix the file name or create the Deployment, then re-save the file or run {retry}"
+            "fix the file name or create the {}, then re-save the file or run {retry}",
+            s.kind.api_kind()
         ),
         ServiceStatus::Failed if !s.pinned => {
             format!("fix the cause above, then re-save the file or run {retry}")
@@ -68,8 +92,8 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
             "the version is pinned: write a fixed version into the file, or run {retry} to try it again"
         ),
         ServiceStatus::RollbackFailed => format!(
-            "the Deployment is not healthy: check `kubectl rollout status deployment/{} -n {}`, then run `depwatch rollback {key}`",
-            key.name, key.namespace
+            "the {} is not healthy: check `kubectl rollout status {} -n {}`, then run `depwatch rollback {key}`",
+            s.kind.api_kind(), Shown(s.kind, &key.name), key.namespace
         ),
         ServiceStatus::Drifted => format!(
             "someone changed the images outside depwatch: run {retry} to deploy the file's images again, or write the running image into the file to keep it"
@@ -95,6 +119,7 @@ mod tests {
         let key = ServiceKey::new("web", "prod").expect("key");
         next_step(Situation {
             key: &key,
+            kind: WorkloadKind::Deployment,
             status,
             suspended,
             pinned,
@@ -177,6 +202,25 @@ mod tests {
                 "kubectl rollout resume deployment/web -n prod",
             ),
         ];
+        let db = ServiceKey::new("db", "prod").expect("key");
+        let of_kind = |kind, message| {
+            next_step(Situation {
+                key: &db,
+                kind,
+                status: ServiceStatus::Unverified,
+                suspended: false,
+                pinned: false,
+                message,
+            })
+        };
+        let on_delete = of_kind(
+            WorkloadKind::StatefulSet,
+            "patched; pods update when deleted (updateStrategy OnDelete)",
+        );
+        assert!(on_delete.is_some_and(|a| a.contains("delete statefulset/db's pods")));
+        let no_nodes = of_kind(WorkloadKind::DaemonSet, "0 nodes scheduled");
+        assert!(no_nodes.is_some_and(|a| a.contains("nodeSelector")));
+        assert_eq!(of_kind(WorkloadKind::CronJob, "applied"), None);
         for (status, suspended, pinned, message, want) in table {
             let got = advice(*status, *suspended, *pinned, message);
             if want.is_empty() {

@@ -315,6 +315,7 @@ pub fn render_services(services: &[ServiceView], output: Output) -> Result<Strin
     let wide = output == Output::Wide;
     let mut head = vec![
         "SERVICE",
+        "KIND",
         "STATUS",
         "DESIRED",
         "DEPLOYED",
@@ -332,6 +333,7 @@ pub fn render_services(services: &[ServiceView], output: Output) -> Result<Strin
     for s in services {
         let mut row = vec![
             s.key(),
+            s.kind.to_string(),
             s.status.to_string(),
             cell(&s.desired),
             cell(&s.deployed),

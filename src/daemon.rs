@@ -413,7 +413,7 @@ async fn connect(
     Ok((client, server))
 }
 
-/// Where this identity may patch Deployments, asked once at start (a namespace it may not
+/// Which workload kinds this identity may patch where, asked once at start (a namespace it may not
 /// patch is a warning now, not a failure at the first deploy there).
 async fn log_access(client: &kube::Client, bounds: &crate::bounds::Bounds) {
     let asked = tokio::time::timeout(
@@ -427,7 +427,7 @@ async fn log_access(client: &kube::Client, bounds: &crate::bounds::Bounds) {
             if all.iter().all(|a| a.allowed) {
                 tracing::info!(permissions = %line, "RBAC checked (SelfSubjectAccessReview)");
             } else {
-                tracing::warn!(permissions = %line, "RBAC checked (SelfSubjectAccessReview): deploys to the namespaces it may not patch will fail; grant depwatch's ClusterRole there");
+                tracing::warn!(permissions = %line, "RBAC checked (SelfSubjectAccessReview): deploys of what it may not patch will fail; grant depwatch's ClusterRole there");
             }
         }
         Ok(Err(e)) => {

@@ -184,6 +184,8 @@ pub struct DepSpec {
     pub rollout_timeout: Option<Duration>,
     /// Roll back automatically on failure (overrides the global policy).
     pub rollback: Option<bool>,
+    /// Which workload the file names when more than one kind has its name.
+    pub kind: Option<crate::domain::WorkloadKind>,
 }
 
 /// A problem with one dependency file.
@@ -309,6 +311,7 @@ struct YamlForm {
     repository: Option<String>,
     rollout_timeout: Option<String>,
     rollback: Option<Switch>,
+    kind: Option<String>,
 }
 
 /// `rollback:` as YAML writes it (`true`/`false`) or as the command line does (`on`/`off`).
@@ -335,7 +338,7 @@ impl Switch {
 /// What kind of YAML problem a parser message describes, in words that quote nothing.
 fn yaml_problem(msg: &str) -> &'static str {
     if msg.contains("unknown field") {
-        "an unknown field (expected images, image, version, container, repository, rolloutTimeout, rollback)"
+        "an unknown field (expected images, image, version, container, repository, rolloutTimeout, rollback, kind)"
     } else if msg.contains("duplicate") {
         "a field appears twice"
     } else if msg.contains("invalid type") || msg.contains("expected") {
@@ -450,9 +453,22 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             )
         })?),
     };
+    let kind = match &form.kind {
+        None => None,
+        Some(k) => Some(crate::domain::WorkloadKind::parse_loose(k).ok_or_else(|| {
+            err(
+                line_of(text, "kind"),
+                format!(
+                    "kind: expected one of {}",
+                    crate::domain::WorkloadKind::choices()
+                ),
+            )
+        })?),
+    };
     let mut spec = DepSpec {
         repository: form.repository.clone(),
         rollback,
+        kind,
         ..DepSpec::default()
     };
     if let Some(repo) = &form.repository {
@@ -725,6 +741,23 @@ mod tests {
     }
 
     #[test]
+    fn kind_names_the_workload_and_a_wrong_one_is_refused() {
+        use crate::domain::WorkloadKind;
+        let d = parse("db_prod.dep", b"kind: StatefulSet\nversion: 16.2\n").expect("kind");
+        assert_eq!(d.kind, Some(WorkloadKind::StatefulSet));
+        let d = parse("db_prod.dep", b"kind: ds\nversion: 16.2\n").expect("short name");
+        assert_eq!(d.kind, Some(WorkloadKind::DaemonSet));
+        assert_eq!(parse("db_prod.dep", b"16.2\n").expect("plain").kind, None);
+        let e = parse("db_prod.dep", b"version: 16.2\nkind: Pod\n").expect_err("pod");
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.message
+                .contains("kind: expected one of deployment, statefulset, daemonset, cronjob"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn yaml_forms() {
         let d = parse("f.dep", b"images:\n  api: repo/api:1.2\n  sidecar: repo/s:3\nrolloutTimeout: 90s\nrollback: false\n").expect("yaml");
         assert_eq!(d.images.len(), 2);
@@ -839,6 +872,7 @@ mod tests {
             "repository: example.com/web",
             "rolloutTimeout: 90s",
             "rollback: false",
+            "kind: statefulset",
             "# comment",
             "{",
             "}",

@@ -104,7 +104,8 @@ vocabulary! {
         /// A transient API error (connection, timeout, 5xx, 429, 409): retrying with backoff.
         WaitingForApi = "waiting_for_api",
         Succeeded = "succeeded",
-        /// Patched, but the Deployment has 0 replicas: nothing proved the images healthy.
+        /// Patched, but nothing proved the images healthy (0 replicas or nodes, OnDelete, a
+        /// CronJob that runs only at its schedule).
         Unverified = "unverified",
         Failed = "failed",
         TimedOut = "timed_out",
@@ -150,6 +151,70 @@ vocabulary! {
         Drift = "drift",
         /// Someone else changed the images during depwatch's own rollout: not judged, drift.
         ChangedOutside = "changed_outside",
+    }
+}
+
+vocabulary! {
+    /// The kind of workload a dependency file names.
+    pub enum WorkloadKind ("workload kind") {
+        #[default]
+        Deployment = "deployment",
+        StatefulSet = "statefulset",
+        DaemonSet = "daemonset",
+        CronJob = "cronjob",
+    }
+}
+
+impl WorkloadKind {
+    /// The API's own spelling (`StatefulSet`), for messages and Events.
+    pub fn api_kind(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::CronJob => "CronJob",
+        }
+    }
+
+    /// `apps/v1` or `batch/v1`.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            WorkloadKind::CronJob => "batch/v1",
+            _ => "apps/v1",
+        }
+    }
+
+    /// The kinds a file's `kind:` may name, for messages.
+    pub fn choices() -> String {
+        Self::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Parse `kind:` as people write it (`StatefulSet`, `statefulset`, `sts`).
+    pub fn parse_loose(s: &str) -> Option<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        Self::ALL.iter().copied().find(|k| {
+            k.as_str() == lower
+                || match k {
+                    WorkloadKind::Deployment => lower == "deploy",
+                    WorkloadKind::StatefulSet => lower == "sts",
+                    WorkloadKind::DaemonSet => lower == "ds",
+                    WorkloadKind::CronJob => lower == "cj",
+                }
+        })
+    }
+}
+
+/// A workload as people name it: `statefulset/db`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shown<'a>(pub WorkloadKind, pub &'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
     }
 }
 
@@ -205,7 +270,7 @@ impl ServiceStatus {
             ServiceStatus::Deploying => "deploying",
             ServiceStatus::WaitingForApi => "waiting for the API server",
             ServiceStatus::Succeeded => "healthy",
-            ServiceStatus::Unverified => "deployed, unverified (0 replicas)",
+            ServiceStatus::Unverified => "deployed, unverified",
             ServiceStatus::Failed => "failed",
             ServiceStatus::TimedOut => "timed out",
             ServiceStatus::RolledBack => "rolled back",

@@ -56,10 +56,14 @@ impl Fence {
         })))
     }
 
-    /// The Lease is held until `until_ms` (Unix milliseconds, margin already taken off).
+    /// The Lease is held until `until_ms` (Unix milliseconds, margin already taken off). Only
+    /// ever extends: a read that left before the latest renewal landed must not shorten it.
     pub fn renewed_until(&self, until_ms: i64) {
         if let Some(l) = &self.0 {
-            l.valid_until_ms.store(until_ms, Ordering::SeqCst);
+            if l.lost.is_cancelled() {
+                return;
+            }
+            l.valid_until_ms.fetch_max(until_ms, Ordering::SeqCst);
         }
     }
 
@@ -138,6 +142,9 @@ mod tests {
         f.renewed_until(now_ms() + 60_000);
         assert!(f.check("a patch").is_ok());
         assert!(!f.lost().is_cancelled());
+        f.renewed_until(now_ms() - 1);
+        assert!(f.check("a patch").is_ok(), "a stale read never shortens it");
+        let f = Fence::leased();
         f.renewed_until(now_ms() - 1);
         let e = f.check("a patch").expect_err("expired");
         assert!(e.to_string().contains("a patch"), "{e}");

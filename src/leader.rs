@@ -63,7 +63,7 @@ const WARM_EVERY: Duration = Duration::from_secs(2);
 /// judges from warm caches. The record grows while the leader works, so it is read again every
 /// [`WARM_EVERY`].
 pub async fn keep_warm(
-    watches: crate::deploy::cache::Watches,
+    watches: crate::deploy::watches::Watches,
     record: crate::store::Store,
     standby: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
@@ -199,9 +199,13 @@ pub async fn acquire(
     tracing::info!(%identity, "leader: this replica holds the Lease and acts");
     // Just acquired (or renewed): valid for a duration less the margin, until the keeper
     // reads the Lease itself.
-    let margin_ms = i64::try_from(grace).unwrap_or(1) * 1000;
+    let grace_ms = i64::try_from(grace).unwrap_or(1) * 1000;
     let duration_ms = i64::try_from(duration).unwrap_or(2) * 1000;
-    fence.renewed_until(jiff::Timestamp::now().as_millisecond() + duration_ms - margin_ms);
+    fence.renewed_until(jiff::Timestamp::now().as_millisecond() + duration_ms - grace_ms);
+    // The holder renews a grace before expiry, and another replica may take the Lease only
+    // once it expires: the fence closes half a grace before expiry, after the renewal is due
+    // (a renewal slowed by the API server does not close it) and before anyone else may act.
+    let margin_ms = grace_ms / 2;
     tasks.spawn(keep_fence(
         leases,
         config.lease_name.clone(),

@@ -23,6 +23,7 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: String,
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,7 +104,11 @@ impl Metrics {
             record_dropped.clone(),
         );
         let services = Family::<StatusLabel, Gauge>::default();
-        registry.register("services", "Managed services by status", services.clone());
+        registry.register(
+            "services",
+            "Managed services by status and workload kind",
+            services.clone(),
+        );
         let notifications = Family::<ResultLabel, Counter>::default();
         registry.register(
             "notifications",
@@ -149,7 +154,12 @@ impl Metrics {
     }
 
     /// Refresh the gauges that are read from elsewhere, then encode everything.
-    pub fn encode(&self, queue: QueueGauges, statuses: &[ServiceStatus]) -> String {
+    /// `statuses` holds each service's status and workload kind.
+    pub fn encode(
+        &self,
+        queue: QueueGauges,
+        statuses: &[(ServiceStatus, crate::domain::WorkloadKind)],
+    ) -> String {
         self.queue_depth.set(queue.depth as i64);
         // Queued or waiting for their service's running deploy to finish.
         self.pending.set(queue.queued as i64);
@@ -158,10 +168,11 @@ impl Metrics {
         self.record_dropped
             .set(i64::try_from(queue.record.dropped).unwrap_or(i64::MAX));
         self.services.clear();
-        for s in statuses {
+        for (s, kind) in statuses {
             self.services
                 .get_or_create(&StatusLabel {
                     status: s.as_str().to_string(),
+                    kind: kind.as_str().to_string(),
                 })
                 .inc();
         }
@@ -263,7 +274,13 @@ mod tests {
         m.deploy(DeployOutcome::Succeeded);
         m.notification("sent");
         m.change_to_patch.observe(0.004);
-        let text = m.encode(QueueGauges::default(), &[ServiceStatus::Drifted]);
+        let text = m.encode(
+            QueueGauges::default(),
+            &[(
+                ServiceStatus::Drifted,
+                crate::domain::WorkloadKind::StatefulSet,
+            )],
+        );
         assert!(
             text.contains("depwatch_deploys_total{outcome=\"succeeded\"} 1"),
             "{text}"
@@ -278,7 +295,7 @@ mod tests {
         );
         assert!(text.contains("depwatch_queue_depth 0"), "{text}");
         assert!(
-            text.contains("depwatch_services{status=\"drifted\"} 1"),
+            text.contains("depwatch_services{status=\"drifted\",kind=\"statefulset\"} 1"),
             "{text}"
         );
     }

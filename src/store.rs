@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::depfile::ServiceKey;
-use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
+use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger, WorkloadKind};
 
 mod change;
 pub mod outbox;
@@ -88,6 +88,8 @@ pub struct ServiceRecord {
     pub updated_at: String,
     /// An operator suspended the service: file changes are recorded but not deployed.
     pub suspended: bool,
+    /// The kind of workload its file names, as the last plan found it.
+    pub kind: WorkloadKind,
 }
 
 impl DeployRecord {
@@ -118,6 +120,7 @@ impl ServiceRecord {
     pub fn next_step(&self) -> Option<String> {
         crate::advice::next_step(crate::advice::Situation {
             key: &self.key(),
+            kind: self.kind,
             status: self.status,
             suspended: self.suspended,
             pinned: self.pinned().is_some(),
@@ -276,6 +279,7 @@ fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
         message: r.get(9)?,
         updated_at: r.get(10)?,
         suspended: r.get::<_, i64>(11)? != 0,
+        kind: r.get(12)?,
     })
 }
 
@@ -312,12 +316,15 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
-const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended";
+const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore";
 
 /// Columns added after the first schema, each with its definition: added to an older database
 /// when the daemon opens it.
-const SQLITE_ADDED: &[(&str, &str, &str)] = &[("deploys", "restore", "TEXT NOT NULL DEFAULT ''")];
+const SQLITE_ADDED: &[(&str, &str, &str)] = &[
+    ("deploys", "restore", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "kind", "TEXT NOT NULL DEFAULT ''"),
+];
 
 /// Create the tables, and add the columns an older database lacks.
 fn sqlite_schema(conn: &Connection) -> rusqlite::Result<()> {

@@ -236,15 +236,15 @@ async fn the_start_up_says_where_depwatch_may_patch() {
     let daemon = env.daemon(&["--namespaces", "prod,staging"]).await;
     let log = daemon.log_text();
     assert!(
-        log.contains("may patch deployments in prod, staging"),
+        log.contains("may patch deployments, statefulsets, daemonsets, cronjobs in prod, staging"),
         "{log}"
     );
     drop(daemon);
     let daemon = env.daemon(&[]).await;
     assert!(
-        daemon
-            .log_text()
-            .contains("may patch deployments in every namespace"),
+        daemon.log_text().contains(
+            "may patch deployments, statefulsets, daemonsets, cronjobs in every namespace"
+        ),
         "{}",
         daemon.log_text()
     );

@@ -92,9 +92,9 @@ async fn missing_deployments_and_namespaces_are_clear_failures() {
     let messages = env.wait_messages(2).await;
     let texts: Vec<String> = messages.iter().map(common::daemon::text).collect();
     assert!(
-        texts
-            .iter()
-            .any(|t| t.contains("no Deployment ghost in namespace default")),
+        texts.iter().any(|t| t.contains(
+            "no Deployment, StatefulSet, DaemonSet or CronJob named ghost in namespace default"
+        )),
         "{texts:?}"
     );
     assert!(

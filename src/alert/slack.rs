@@ -8,7 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::domain::{human_duration, DeployOutcome, Tone};
+use crate::domain::{human_duration, DeployOutcome, Shown, Tone, WorkloadKind};
 
 /// Green for success, red for failure, amber for timeouts, rollbacks and drift.
 pub fn colour(outcome: DeployOutcome) -> &'static str {
@@ -23,7 +23,7 @@ pub fn colour(outcome: DeployOutcome) -> &'static str {
 fn verb(outcome: DeployOutcome) -> &'static str {
     match outcome {
         DeployOutcome::Succeeded | DeployOutcome::Unchanged => "deployed",
-        DeployOutcome::Unverified => "deployed (unverified: 0 replicas)",
+        DeployOutcome::Unverified => "deployed (unverified)",
         DeployOutcome::Failed => "failed to deploy",
         DeployOutcome::TimedOut => "timed out deploying",
         DeployOutcome::RolledBack => "rolled back",
@@ -42,6 +42,8 @@ pub struct Report {
     pub outcome: DeployOutcome,
     pub service: String,
     pub namespace: String,
+    /// The kind of workload the service is.
+    pub kind: WorkloadKind,
     pub from: String,
     pub to: String,
     pub duration: Duration,
@@ -54,9 +56,17 @@ impl Report {
         format!(
             "{} {} ({})",
             verb(self.outcome),
-            self.service,
+            self.workload(),
             self.namespace
         )
+    }
+
+    /// `web` for a Deployment (what a plain name means), `statefulset/db` for other kinds.
+    pub fn workload(&self) -> String {
+        match self.kind {
+            WorkloadKind::Deployment => self.service.clone(),
+            kind => Shown(kind, &self.service).to_string(),
+        }
     }
 
     /// The generic webhook document.
@@ -66,6 +76,7 @@ impl Report {
             "outcome": self.outcome,
             "service": self.service,
             "namespace": self.namespace,
+            "kind": self.kind,
             "from": self.from,
             "to": self.to,
             "duration_seconds": (self.duration.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -76,7 +87,7 @@ impl Report {
 
     pub fn to_slack(&self) -> serde_json::Value {
         let mut fields = vec![
-            json!({"title": "Service", "value": self.service, "short": true}),
+            json!({"title": "Service", "value": self.workload(), "short": true}),
             json!({"title": "Namespace", "value": self.namespace, "short": true}),
             json!({"title": "Image", "value": format!("{} → {}", self.from, self.to), "short": false}),
             json!({"title": "Duration", "value": human_duration(self.duration), "short": true}),
@@ -349,11 +360,20 @@ mod tests {
             outcome: DeployOutcome::Failed,
             service: "payments".into(),
             namespace: "prod".into(),
+            kind: WorkloadKind::Deployment,
             from: "repo:1.0".into(),
             to: "repo:1.1".into(),
             duration: Duration::from_millis(2500),
             reason: "ImagePullBackOff: not found".into(),
         };
+        let db = Report {
+            kind: WorkloadKind::StatefulSet,
+            service: "db".into(),
+            ..r.clone()
+        };
+        assert_eq!(db.title(), "failed to deploy statefulset/db (prod)");
+        assert_eq!(db.to_json()["kind"], "statefulset");
+        assert_eq!(r.title(), "failed to deploy payments (prod)");
         let v = r.to_slack();
         assert_eq!(v["attachments"][0]["color"], "#d40e0d");
         assert_eq!(r.to_json()["outcome"], "failed");

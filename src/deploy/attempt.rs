@@ -45,6 +45,12 @@ pub struct Engine {
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// The workload one deploy acts on: its service, and its kind once the plan found it.
+struct Target<'a> {
+    key: &'a ServiceKey,
+    kind: &'a mut crate::domain::WorkloadKind,
+}
+
 fn failure(e: DeployError) -> Failure {
     Failure {
         transient: e.is_transient(),
@@ -132,12 +138,18 @@ impl Engine {
         let mut machine = Lifecycle::new(desired.clone(), known, settings, Instant::now());
         let mut attempt = self.recorder.begin(key, desired);
         let (mut events, mut action) = machine.start();
+        // The file's kind until the plan finds the workload.
+        let mut kind = desired.spec.kind.unwrap_or_default();
         loop {
             for e in &events {
                 attempt.apply(e);
             }
+            let target = Target {
+                key,
+                kind: &mut kind,
+            };
             let Some(input) = self
-                .act(key, desired, action, &mut superseded, &mut attempt)
+                .act(target, desired, action, &mut superseded, &mut attempt)
                 .await
             else {
                 return;
@@ -161,7 +173,7 @@ impl Engine {
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).
     async fn act(
         &self,
-        key: &ServiceKey,
+        Target { key, kind }: Target<'_>,
         desired: &Desired,
         action: Action,
         superseded: &mut watch::Receiver<u64>,
@@ -175,15 +187,16 @@ impl Engine {
                     .hold(self.deployer.plan(key, &desired.spec))
                     .await?;
                 if let Ok(p) = &result {
-                    attempt.set_uid(&p.uid);
+                    attempt.set_workload(&p.uid, p.kind);
+                    *kind = p.kind;
                 }
                 Input::Planned(result.map_err(failure))
             }
             Action::CheckHealth { generation } => {
-                Input::Health(self.deployer.health_now(key, generation).await)
+                Input::Health(self.deployer.health_now(key, *kind, generation).await)
             }
             Action::Patch { images, cause } => {
-                let patch = self.deployer.patch(key, &images, &cause);
+                let patch = self.deployer.patch(key, *kind, &images, &cause);
                 Input::Patched(self.permits.hold(patch).await?.map_err(failure))
             }
             Action::Wait {
@@ -193,7 +206,9 @@ impl Engine {
                 supersedable,
             } => {
                 let rx = supersedable.then(|| superseded.clone());
-                let wait = self.deployer.wait(key, generation, &applied, deadline, rx);
+                let wait = self
+                    .deployer
+                    .wait(key, *kind, generation, &applied, deadline, rx);
                 Input::Waited(wait.await)
             }
             Action::Sleep {

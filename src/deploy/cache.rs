@@ -1,40 +1,36 @@
-//! Stage 5's eyes: one set of watches per namespace (Deployments, ReplicaSets, pods) shared by
-//! every service, so watch connections do not grow with the number of services. Each watch
-//! event updates the compact state of one object (never a rebuild of the namespace) and wakes
-//! only the rollout of the Deployment that object belongs to; drift hears only of Deployments
-//! whose images changed. Work is proportional to what changed.
+//! Stage 5's eyes: the compact state of one namespace's workloads (Deployments, StatefulSets,
+//! DaemonSets, CronJobs), ReplicaSets and pods, fed by the shared watches of
+//! [`super::watches`] and shared by every service. Each watch event updates one object (never
+//! a rebuild of the namespace) and wakes only the rollout of the workload that object belongs
+//! to; drift hears only of workloads whose images changed. Work is proportional to what changed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use dashmap::DashMap;
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::watcher::Event;
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
-use tokio::sync::{watch, Notify};
+use kube::ResourceExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::rollout::{
-    judge, new_replicaset, DeploymentState, FailFast, Health, PodState, ReplicaSetState,
+    judge, new_replicaset, stuck_pods, template_pods, FailFast, Health, PodState, ReplicaSetState,
+    WorkloadState,
 };
-use crate::depfile::ServiceKey;
-use crate::domain::Images;
+use crate::domain::{Images, WorkloadKind};
 
 /// Compact state of one namespace, indexed by owner so a judgement touches only its
-/// Deployment's own ReplicaSets and pods.
+/// workload's own ReplicaSets and pods.
 #[derive(Default)]
-struct Cache {
-    deployments: HashMap<String, DeploymentState>,
-    /// Deployment uid → name.
+pub(super) struct Cache {
+    workloads: HashMap<(WorkloadKind, String), WorkloadState>,
+    /// Workload uid → name.
     names: HashMap<String, String>,
-    /// ReplicaSets by their Deployment, pods by their ReplicaSet.
+    /// ReplicaSets by their Deployment, pods by their ReplicaSet (or StatefulSet, DaemonSet).
     replicasets: Owned<ReplicaSetState>,
     pods: Owned<PodState>,
-    /// Deployment name → the rollouts waiting on it.
+    /// Workload name → the rollouts waiting on it.
     waiters: HashMap<String, watch::Sender<u64>>,
 }
 
@@ -125,10 +121,15 @@ impl<T: HasOwner> Owned<T> {
 }
 
 impl Cache {
-    /// The Deployment a ReplicaSet (by uid) belongs to.
-    fn deployment_of_rs(&self, rs_uid: Option<&String>) -> Option<String> {
-        let owner = self.replicasets.get(rs_uid?)?.owner.as_ref()?;
-        self.names.get(owner).cloned()
+    /// The workload a pod's controller (by uid) belongs to: a StatefulSet or DaemonSet itself,
+    /// or the Deployment of a ReplicaSet.
+    fn workload_of(&self, owner: Option<&String>) -> Option<String> {
+        let owner = owner?;
+        if let Some(name) = self.names.get(owner) {
+            return Some(name.clone());
+        }
+        let rs_owner = self.replicasets.get(owner)?.owner.as_ref()?;
+        self.names.get(rs_owner).cloned()
     }
 
     fn wake(&mut self, name: Option<String>) {
@@ -141,11 +142,43 @@ impl Cache {
             }
         }
     }
+
+    /// Store a workload; returns whether its images changed (for drift).
+    fn put_workload(&mut self, name: String, state: WorkloadState) -> bool {
+        self.names.insert(state.uid.clone(), name.clone());
+        let key = (state.kind, name.clone());
+        let changed = self
+            .workloads
+            .get(&key)
+            .is_none_or(|old| old.images != state.images);
+        self.workloads.insert(key, state);
+        self.wake(Some(name));
+        changed
+    }
+
+    fn remove_workload(&mut self, kind: WorkloadKind, name: &str) {
+        if let Some(old) = self.workloads.remove(&(kind, name.to_string())) {
+            self.names.remove(&old.uid);
+        }
+        self.wake(Some(name.to_string()));
+    }
+
+    fn retain_workloads(&mut self, kind: WorkloadKind, keep: &HashSet<String>) {
+        let gone: Vec<String> = self
+            .workloads
+            .keys()
+            .filter(|(k, n)| *k == kind && !keep.contains(n))
+            .map(|(_, n)| n.clone())
+            .collect();
+        for name in gone {
+            self.remove_workload(kind, &name);
+        }
+    }
 }
 
 /// One kind of object kept in the cache.
-trait Cached:
-    kube::Resource<DynamicType = ()>
+pub(super) trait Cached:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
     + Clone
     + std::fmt::Debug
     + serde::de::DeserializeOwned
@@ -153,7 +186,7 @@ trait Cached:
     + Sync
     + 'static
 {
-    /// Store the object; returns whether a Deployment's images changed (for drift).
+    /// Store the object; returns whether a workload's images changed (for drift).
     fn apply(&self, cache: &mut Cache) -> bool;
     fn delete(&self, cache: &mut Cache);
     /// Drop every object of this kind whose key is not in `keep` (after a re-list).
@@ -161,46 +194,34 @@ trait Cached:
     fn key(&self) -> String;
 }
 
-impl Cached for Deployment {
-    fn apply(&self, cache: &mut Cache) -> bool {
-        let name = self.name_any();
-        let state = DeploymentState::from(self);
-        cache.names.insert(state.uid.clone(), name.clone());
-        let changed = cache
-            .deployments
-            .get(&name)
-            .is_none_or(|old| old.images != state.images);
-        cache.deployments.insert(name.clone(), state);
-        cache.wake(Some(name));
-        changed
-    }
-
-    fn delete(&self, cache: &mut Cache) {
-        let name = self.name_any();
-        if let Some(old) = cache.deployments.remove(&name) {
-            cache.names.remove(&old.uid);
-        }
-        cache.wake(Some(name));
-    }
-
-    fn retain(cache: &mut Cache, keep: &HashSet<String>) {
-        let gone: Vec<String> = cache
-            .deployments
-            .keys()
-            .filter(|n| !keep.contains(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(old) = cache.deployments.remove(&name) {
-                cache.names.remove(&old.uid);
+/// The workload kinds, cached by name.
+macro_rules! cached_workload {
+    ($($ty:ty => $kind:ident),+ $(,)?) => {$(
+        impl Cached for $ty {
+            fn apply(&self, cache: &mut Cache) -> bool {
+                cache.put_workload(self.name_any(), WorkloadState::from(self))
             }
-            cache.wake(Some(name));
-        }
-    }
 
-    fn key(&self) -> String {
-        self.name_any()
-    }
+            fn delete(&self, cache: &mut Cache) {
+                cache.remove_workload(WorkloadKind::$kind, &self.name_any());
+            }
+
+            fn retain(cache: &mut Cache, keep: &HashSet<String>) {
+                cache.retain_workloads(WorkloadKind::$kind, keep);
+            }
+
+            fn key(&self) -> String {
+                self.name_any()
+            }
+        }
+    )+};
+}
+
+cached_workload! {
+    Deployment => Deployment,
+    StatefulSet => StatefulSet,
+    DaemonSet => DaemonSet,
+    CronJob => CronJob,
 }
 
 impl Cached for ReplicaSet {
@@ -241,9 +262,9 @@ fn remove_rs(cache: &mut Cache, uid: &str) {
 impl Cached for Pod {
     fn apply(&self, cache: &mut Cache) -> bool {
         let state = PodState::from(self);
-        let dep = cache.deployment_of_rs(state.owner.as_ref());
+        let workload = cache.workload_of(state.owner.as_ref());
         cache.pods.put(self.key(), state);
-        cache.wake(dep);
+        cache.wake(workload);
         false
     }
 
@@ -264,212 +285,28 @@ impl Cached for Pod {
 
 fn remove_pod(cache: &mut Cache, uid: &str) {
     if let Some(old) = cache.pods.remove(uid) {
-        let dep = cache.deployment_of_rs(old.owner.as_ref());
-        cache.wake(dep);
+        let workload = cache.workload_of(old.owner.as_ref());
+        cache.wake(workload);
     }
 }
 
-/// Deployments whose images changed since drift last looked.
-#[derive(Default)]
-pub struct Changed {
-    keys: Mutex<HashSet<ServiceKey>>,
-    notify: Notify,
+/// What a name finds among a namespace's workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    One(WorkloadState),
+    None,
+    /// More than one kind has the name, and none was asked for.
+    Several(Vec<WorkloadKind>),
 }
 
-impl Changed {
-    /// Look at `key` again (after each deploy, to compare what runs with what was applied).
-    pub fn add(&self, key: ServiceKey) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key);
-        self.notify.notify_one();
-    }
-
-    /// Everything that changed, without waiting.
-    pub fn take_now(&self) -> HashSet<ServiceKey> {
-        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Wait until something changed, then take everything that did.
-    pub async fn take(&self) -> HashSet<ServiceKey> {
-        loop {
-            {
-                let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-                if !keys.is_empty() {
-                    return std::mem::take(&mut *keys);
-                }
-            }
-            self.notify.notified().await;
-        }
-    }
-}
-
-/// The shared watches of one namespace.
-#[derive(Clone)]
+/// The shared state of one namespace.
+#[derive(Clone, Default)]
 pub struct NamespaceWatch {
     cache: Arc<Mutex<Cache>>,
 }
 
-/// All namespace watches, started on first use and shared by every service.
-#[derive(Clone)]
-pub struct Watches {
-    client: Client,
-    by_namespace: Arc<DashMap<String, NamespaceWatch>>,
-    lock: Arc<tokio::sync::Mutex<()>>,
-    changed: Arc<Changed>,
-    /// The watch tasks, ended by [`Watches::stop`].
-    tasks: tokio_util::task::TaskTracker,
-    stop: tokio_util::sync::CancellationToken,
-}
-
-/// Feed one kind's watch events into the cache until the watches stop. Counts `synced` up
-/// once the first complete listing is in.
-fn spawn_watch<K: Cached>(
-    watches: &Watches,
-    api: Api<K>,
-    namespace: String,
-    ns: NamespaceWatch,
-    synced: watch::Sender<u8>,
-) {
-    let (changed, stop) = (watches.changed.clone(), watches.stop.clone());
-    watches.tasks.spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        let mut stream = std::pin::pin!(stream);
-        let mut relisting: Option<HashSet<String>> = None;
-        let mut first = true;
-        loop {
-            let event = tokio::select! {
-                _ = stop.cancelled() => return,
-                e = stream.next() => match e {
-                    Some(e) => e,
-                    None => return,
-                },
-            };
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::debug!(namespace, error = %e, "watch interrupted; it resumes with backoff");
-                    continue;
-                }
-            };
-            let mut cache = ns.lock();
-            let touched = match event {
-                Event::Init => {
-                    relisting = Some(HashSet::new());
-                    None
-                }
-                Event::InitApply(obj) => {
-                    if let Some(seen) = relisting.as_mut() {
-                        seen.insert(obj.key());
-                    }
-                    obj.apply(&mut cache).then(|| obj.name_any())
-                }
-                Event::InitDone => {
-                    if let Some(keep) = relisting.take() {
-                        K::retain(&mut cache, &keep);
-                    }
-                    if std::mem::take(&mut first) {
-                        synced.send_modify(|n| *n += 1);
-                    }
-                    None
-                }
-                Event::Apply(obj) => obj.apply(&mut cache).then(|| obj.name_any()),
-                Event::Delete(obj) => {
-                    obj.delete(&mut cache);
-                    None
-                }
-            };
-            drop(cache);
-            if let Some(name) = touched {
-                changed.add(ServiceKey {
-                    name,
-                    namespace: namespace.clone(),
-                });
-            }
-        }
-    });
-}
-
-impl Watches {
-    pub fn new(client: Client) -> Self {
-        Watches {
-            client,
-            by_namespace: Arc::default(),
-            lock: Arc::default(),
-            changed: Arc::default(),
-            tasks: tokio_util::task::TaskTracker::new(),
-            stop: tokio_util::sync::CancellationToken::new(),
-        }
-    }
-
-    /// End every watch (at shutdown).
-    pub async fn stop(&self) {
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-
-    /// Deployments whose images changed, for drift.
-    pub fn changed(&self) -> Arc<Changed> {
-        self.changed.clone()
-    }
-
-    /// The watch of `namespace` if it is running; never starts one.
-    pub fn cached(&self, namespace: &str) -> Option<NamespaceWatch> {
-        self.by_namespace.get(namespace).map(|w| w.clone())
-    }
-
-    /// The watch of `namespace`, started (and synced) if it is not running yet.
-    pub async fn namespace(&self, namespace: &str) -> NamespaceWatch {
-        if let Some(w) = self.cached(namespace) {
-            return w;
-        }
-        let _guard = self.lock.lock().await;
-        if let Some(w) = self.cached(namespace) {
-            return w;
-        }
-        let w = NamespaceWatch {
-            cache: Arc::default(),
-        };
-        let (synced, mut ready) = watch::channel(0u8);
-        let c = &self.client;
-        let ns = namespace.to_string();
-        spawn_watch::<Deployment>(
-            self,
-            Api::namespaced(c.clone(), namespace),
-            ns.clone(),
-            w.clone(),
-            synced.clone(),
-        );
-        spawn_watch::<ReplicaSet>(
-            self,
-            Api::namespaced(c.clone(), namespace),
-            ns.clone(),
-            w.clone(),
-            synced.clone(),
-        );
-        spawn_watch::<Pod>(
-            self,
-            Api::namespaced(c.clone(), namespace),
-            ns,
-            w.clone(),
-            synced,
-        );
-        // A namespace depwatch may not list (RBAC) never syncs: do not hold every other
-        // namespace behind it. Waiters then judge from what arrives, under their own deadline.
-        let synced =
-            tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|n| *n >= 3)).await;
-        if !matches!(synced, Ok(Ok(_))) {
-            tracing::warn!(namespace, "the shared watches of this namespace have not synced (is depwatch allowed to list deployments, replicasets and pods there?)");
-        }
-        self.by_namespace.insert(namespace.to_string(), w.clone());
-        w
-    }
-}
-
 impl NamespaceWatch {
-    fn lock(&self) -> MutexGuard<'_, Cache> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -482,43 +319,81 @@ impl NamespaceWatch {
             .subscribe()
     }
 
-    /// Judge `name`'s rollout from the cached state: its own ReplicaSets and pods only.
+    /// Judge the rollout of `kind`/`name` from the cached state: its own ReplicaSets and
+    /// pods only.
     pub fn judge(
         &self,
+        kind: WorkloadKind,
         name: &str,
         generation: i64,
         fail_fast: FailFast,
         first_seen: &mut HashMap<String, Instant>,
     ) -> Health {
         let cache = self.lock();
-        let Some(dep) = cache.deployments.get(name) else {
+        let Some(w) = cache.workloads.get(&(kind, name.to_string())) else {
             return Health::Failed {
-                reason: "DeploymentDeleted".into(),
-                message: format!("Deployment {name} disappeared during the rollout"),
+                reason: format!("{}Deleted", kind.api_kind()),
+                message: format!("{} {name} disappeared during the rollout", kind.api_kind()),
             };
         };
-        let pods: Vec<&PodState> = match new_replicaset(dep, cache.replicasets.of(&dep.uid)) {
-            Some(rs) => cache.pods.of(&rs.uid).collect(),
-            None => Vec::new(),
+        let pods: Vec<&PodState> = match kind {
+            WorkloadKind::Deployment => match new_replicaset(w, cache.replicasets.of(&w.uid)) {
+                Some(rs) => cache.pods.of(&rs.uid).collect(),
+                None => Vec::new(),
+            },
+            _ => template_pods(w, cache.pods.of(&w.uid)),
         };
-        judge(
-            dep,
-            generation,
-            &pods,
-            fail_fast,
-            first_seen,
-            Instant::now(),
-        )
+        judge(w, generation, &pods, fail_fast, first_seen, Instant::now())
     }
 
-    /// A Deployment's compact state, from the cache.
-    pub fn deployment(&self, name: &str) -> Option<DeploymentState> {
-        self.lock().deployments.get(name).cloned()
+    /// The names of the pods a forced rollback to `patched` (the state a PATCH returned, whose
+    /// template the watch may not show yet) must delete.
+    pub fn stuck_pods_for(&self, patched: &WorkloadState) -> Vec<String> {
+        let cache = self.lock();
+        stuck_pods(patched, cache.pods.of(&patched.uid))
+            .into_iter()
+            .map(|p| p.name.clone())
+            .collect()
     }
 
-    /// The images a Deployment runs now, from the cache.
-    pub fn images(&self, name: &str) -> Option<Images> {
-        self.lock().deployments.get(name).map(|d| d.images.clone())
+    /// A workload's compact state, from the cache.
+    pub fn workload(&self, kind: WorkloadKind, name: &str) -> Option<WorkloadState> {
+        self.lock()
+            .workloads
+            .get(&(kind, name.to_string()))
+            .cloned()
+    }
+
+    /// The workload `name` names: of `kind` when given, else of whichever kind has it.
+    pub fn find(&self, name: &str, kind: Option<WorkloadKind>) -> Found {
+        if let Some(kind) = kind {
+            return self.workload(kind, name).map_or(Found::None, Found::One);
+        }
+        let cache = self.lock();
+        let mut hits: Vec<&WorkloadState> = WorkloadKind::ALL
+            .iter()
+            .filter_map(|k| cache.workloads.get(&(*k, name.to_string())))
+            .collect();
+        match hits.len() {
+            0 => Found::None,
+            1 => Found::One(hits.remove(0).clone()),
+            _ => Found::Several(hits.iter().map(|w| w.kind).collect()),
+        }
+    }
+
+    /// The images a workload runs now, from the cache.
+    pub fn images(&self, kind: WorkloadKind, name: &str) -> Option<Images> {
+        self.workload(kind, name).map(|w| w.images)
+    }
+
+    /// How many workloads, ReplicaSets and pods are cached (for tests and benchmarks).
+    pub fn len(&self) -> usize {
+        let c = self.lock();
+        c.workloads.len() + c.replicasets.items.len() + c.pods.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -550,9 +425,7 @@ mod tests {
 
     #[test]
     fn an_event_wakes_only_the_rollout_it_belongs_to() {
-        let w = NamespaceWatch {
-            cache: Arc::default(),
-        };
+        let w = NamespaceWatch::default();
         let mut cache = w.lock();
         assert!(dep("web", "d1", "w:1").apply(&mut cache));
         assert!(dep("api", "d2", "a:1").apply(&mut cache));
@@ -567,10 +440,22 @@ mod tests {
         assert!(!api.has_changed().expect("open"));
         web.borrow_and_update();
         // The judgement sees only web's own pods.
-        let health = w.judge("web", 1, FailFast::default(), &mut HashMap::new());
+        let health = w.judge(
+            WorkloadKind::Deployment,
+            "web",
+            1,
+            FailFast::default(),
+            &mut HashMap::new(),
+        );
         assert!(matches!(health, Health::Failed { reason, .. } if reason == "ImagePullBackOff"));
         assert!(matches!(
-            w.judge("api", 1, FailFast::default(), &mut HashMap::new()),
+            w.judge(
+                WorkloadKind::Deployment,
+                "api",
+                1,
+                FailFast::default(),
+                &mut HashMap::new()
+            ),
             Health::Progressing(_)
         ));
         // Deleting the pod wakes web again and clears the failure.
@@ -582,9 +467,7 @@ mod tests {
 
     #[test]
     fn only_image_changes_count_as_changed_and_relists_drop_what_is_gone() {
-        let w = NamespaceWatch {
-            cache: Arc::default(),
-        };
+        let w = NamespaceWatch::default();
         let mut cache = w.lock();
         assert!(dep("web", "d1", "w:1").apply(&mut cache));
         let mut status_only = dep("web", "d1", "w:1");
@@ -597,6 +480,6 @@ mod tests {
         ReplicaSet::retain(&mut cache, &HashSet::new());
         Deployment::retain(&mut cache, &HashSet::new());
         assert!(cache.pods.is_empty() && cache.replicasets.is_empty());
-        assert!(cache.deployments.is_empty() && cache.names.is_empty());
+        assert!(cache.workloads.is_empty() && cache.names.is_empty());
     }
 }

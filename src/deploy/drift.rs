@@ -74,9 +74,10 @@ pub async fn run(
             let Some(ns) = watches.cached(&key.namespace) else {
                 continue;
             };
-            let (Some(live), Some(dep)) = (ns.images(&key.name), ns.deployment(&key.name)) else {
+            let Some(dep) = ns.workload(r.kind, &key.name) else {
                 continue;
             };
+            let live = dep.images.clone();
             let drift = drifted(&r.deployed, &live);
             if drift.is_empty() {
                 reported.remove(&key);
@@ -93,6 +94,7 @@ pub async fn run(
                     running: live,
                     drifted: drift,
                     uid: dep.uid,
+                    kind: r.kind,
                     self_heal: heal.is_some(),
                 },
             );

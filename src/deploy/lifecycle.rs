@@ -82,8 +82,8 @@ pub struct Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthNow {
     Healthy,
-    /// Complete, but with 0 desired replicas: nothing was verified.
-    NoReplicas,
+    /// Complete, but nothing was verified (0 replicas, OnDelete, a CronJob).
+    Unverified,
     NotHealthy,
 }
 
@@ -589,7 +589,7 @@ impl Lifecycle {
             Trigger::Startup | Trigger::Resync | Trigger::Rescan
         );
         match health {
-            HealthNow::Healthy | HealthNow::NoReplicas => self.done(vec![Event::AlreadyRunning {
+            HealthNow::Healthy | HealthNow::Unverified => self.done(vec![Event::AlreadyRunning {
                 images: plan.after,
                 verified: health == HealthNow::Healthy,
                 record,
@@ -703,12 +703,12 @@ impl Lifecycle {
                     running,
                 );
             }
-            WaitOutcome::NoReplicas => {
+            WaitOutcome::Unverified(why) => {
                 let running = Some(plan.after);
                 return self.finish(
                     Vec::new(),
                     DeployOutcome::Unverified,
-                    "deployed, unverified: the Deployment has 0 replicas, so nothing proved these images healthy".into(),
+                    format!("deployed, unverified: {why}; nothing proved these images healthy"),
                     running,
                 );
             }
@@ -856,9 +856,9 @@ impl Lifecycle {
                 DeployOutcome::RolledBack,
                 format!("rolled back to {running}: {why}"),
             ),
-            WaitOutcome::NoReplicas => (
+            WaitOutcome::Unverified(unverified) => (
                 DeployOutcome::RolledBack,
-                format!("rolled back to {running} (0 replicas: unverified): {why}"),
+                format!("rolled back to {running} (unverified: {unverified}): {why}"),
             ),
             WaitOutcome::ChangedOutside { running: now } => {
                 return self.changed_outside(running, &now)
@@ -938,6 +938,7 @@ mod tests {
         let after = images(after);
         Plan {
             key: ServiceKey::new("web", "prod").expect("key"),
+            kind: crate::domain::WorkloadKind::Deployment,
             changes: before.changed_in(&after),
             before,
             after,
@@ -1135,7 +1136,9 @@ mod tests {
         let (events, _) = run(
             desired(Trigger::File),
             Known::default(),
-            patched_then(vec![Input::Waited(WaitOutcome::NoReplicas)]),
+            patched_then(vec![Input::Waited(WaitOutcome::Unverified(
+                "the Deployment has 0 replicas".into(),
+            ))]),
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::Unverified);
@@ -1147,7 +1150,7 @@ mod tests {
             Known::default(),
             vec![
                 Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
-                Input::Health(HealthNow::NoReplicas),
+                Input::Health(HealthNow::Unverified),
             ],
         );
         assert_eq!(
@@ -1699,7 +1702,9 @@ mod tests {
             Input::Patched(Err(failed(true))),
             Input::Patched(Err(failed(false))),
             Input::Waited(WaitOutcome::Healthy),
-            Input::Waited(WaitOutcome::NoReplicas),
+            Input::Waited(WaitOutcome::Unverified(
+                "the Deployment has 0 replicas".into(),
+            )),
             Input::Waited(WaitOutcome::Superseded),
             Input::Waited(WaitOutcome::TimedOut { last: "l".into() }),
             Input::Waited(WaitOutcome::Failed {

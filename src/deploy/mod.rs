@@ -11,12 +11,15 @@ pub mod lifecycle;
 pub mod owner;
 pub mod recorder;
 pub mod rollout;
+pub mod watches;
+pub mod workload;
 
 use std::fmt;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -25,8 +28,10 @@ use tokio::time::Instant;
 
 use crate::depfile::{self, DepSpec, ServiceKey};
 pub use crate::domain::Images;
-use cache::Watches;
-use rollout::{DeploymentState, FailFast, Health};
+use crate::domain::{Shown, WorkloadKind};
+use cache::Found;
+use rollout::{FailFast, Health, WorkloadState};
+use watches::Watches;
 
 pub const FIELD_MANAGER: &str = "depwatch";
 
@@ -49,15 +54,23 @@ pub struct DeployConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     #[error(
-        "no Deployment {name} in namespace {namespace}{}",
+        "no {} {name} in namespace {namespace}{}",
+        kind.map_or("Deployment, StatefulSet, DaemonSet or CronJob named", WorkloadKind::api_kind),
         did_you_mean(suggestion)
     )]
-    MissingDeployment {
+    MissingWorkload {
         name: String,
         namespace: String,
+        /// The kind the file asked for, if it did.
+        kind: Option<WorkloadKind>,
         suggestion: Option<String>,
     },
-    #[error("namespace {namespace} does not exist{}; depwatch never creates namespaces (the Deployment would not be there either)", did_you_mean(suggestion))]
+    #[error("{} names {} in namespace {}: say which in the file, e.g. `kind: {}` with `version: …` (YAML form)", key.name, ambiguous(kinds), key.namespace, kinds.last().map_or("statefulset", |k| k.as_str()))]
+    Ambiguous {
+        key: ServiceKey,
+        kinds: Vec<WorkloadKind>,
+    },
+    #[error("namespace {namespace} does not exist{}; depwatch never creates namespaces (the workload would not be there either)", did_you_mean(suggestion))]
     MissingNamespace {
         namespace: String,
         suggestion: Option<String>,
@@ -66,9 +79,10 @@ pub enum DeployError {
     Bounds(#[from] crate::bounds::BoundsError),
     #[error(transparent)]
     Fenced(#[from] crate::fence::Fenced),
-    #[error("Deployment {key} is owned by {owner}: its next sync would undo depwatch's patch; change the image there (or start depwatch with --allow-owned to patch anyway)")]
+    #[error("{} {key} is owned by {owner}: its next sync would undo depwatch's patch; change the image there (or start depwatch with --allow-owned to patch anyway)", kind.api_kind())]
     Owned {
         key: ServiceKey,
+        kind: WorkloadKind,
         owner: owner::Owner,
     },
     #[error("{0}")]
@@ -88,6 +102,64 @@ impl DeployError {
             DeployError::Kube { source, .. } => transient(source),
             _ => false,
         }
+    }
+}
+
+/// GET one object; `None` when it is not there.
+async fn get_as<K>(api: Api<K>, name: &str) -> Result<Option<WorkloadState>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
+    for<'a> WorkloadState: From<&'a K>,
+{
+    Ok(api.get_opt(name).await?.as_ref().map(WorkloadState::from))
+}
+
+/// PATCH one object's images (strategic merge keyed by container name), as depwatch.
+async fn patch_as<K>(
+    api: Api<K>,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<WorkloadState, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
+    for<'a> WorkloadState: From<&'a K>,
+{
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    Ok(WorkloadState::from(
+        &api.patch(name, &pp, &Patch::Strategic(body)).await?,
+    ))
+}
+
+fn reading(kind: WorkloadKind) -> &'static str {
+    match kind {
+        WorkloadKind::Deployment => "reading the Deployment",
+        WorkloadKind::StatefulSet => "reading the StatefulSet",
+        WorkloadKind::DaemonSet => "reading the DaemonSet",
+        WorkloadKind::CronJob => "reading the CronJob",
+    }
+}
+
+fn patching(kind: WorkloadKind) -> &'static str {
+    match kind {
+        WorkloadKind::Deployment => "patching the Deployment",
+        WorkloadKind::StatefulSet => "patching the StatefulSet",
+        WorkloadKind::DaemonSet => "patching the DaemonSet",
+        WorkloadKind::CronJob => "patching the CronJob",
+    }
+}
+
+/// "a Deployment and a StatefulSet".
+fn ambiguous(kinds: &[WorkloadKind]) -> String {
+    let named: Vec<String> = kinds
+        .iter()
+        .map(|k| format!("a {}", k.api_kind()))
+        .collect();
+    match named.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => named.join(""),
     }
 }
 
@@ -142,9 +214,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct LiveImages(Watches);
 
 impl LiveImages {
-    /// The images `key` runs now, when its namespace is watched.
-    pub fn of(&self, key: &ServiceKey) -> Option<Images> {
-        self.0.cached(&key.namespace)?.images(&key.name)
+    /// The images `key` (a workload of `kind`) runs now, when its namespace is watched.
+    pub fn of(&self, key: &ServiceKey, kind: WorkloadKind) -> Option<Images> {
+        self.0.cached(&key.namespace)?.images(kind, &key.name)
     }
 }
 
@@ -173,15 +245,17 @@ impl ApiProbe {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub key: ServiceKey,
+    /// Which workload the file names.
+    pub kind: WorkloadKind,
     /// Every container's image before the deploy: what a rollback restores.
     pub before: Images,
     /// The containers whose image changes, with the new image.
     pub changes: Images,
     /// All containers' images after the deploy.
     pub after: Images,
-    /// The Deployment's generation when read: what an interrupted rollout must reach.
+    /// The workload's generation when read: what an interrupted rollout must reach.
     pub generation: i64,
-    /// The Deployment's uid: Kubernetes Events name it so `kubectl describe` lists them.
+    /// The workload's uid: Kubernetes Events name it so `kubectl describe` lists them.
     pub uid: String,
     /// `spec.paused`: a patch would roll nothing out.
     pub paused: bool,
@@ -197,8 +271,8 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
     Healthy,
-    /// Complete, with 0 desired replicas: nothing verified.
-    NoReplicas,
+    /// Applied, but nothing verified (0 replicas or nodes, OnDelete, a CronJob): why.
+    Unverified(String),
     Failed {
         reason: String,
         message: String,
@@ -219,7 +293,7 @@ impl fmt::Display for WaitOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WaitOutcome::Healthy => f.write_str("healthy"),
-            WaitOutcome::NoReplicas => f.write_str("complete with 0 replicas (unverified)"),
+            WaitOutcome::Unverified(why) => write!(f, "unverified: {why}"),
             WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
             WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
             WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
@@ -246,7 +320,7 @@ pub struct Deployer {
 impl Deployer {
     pub fn new(client: Client, config: DeployConfig) -> Self {
         Deployer {
-            watches: Watches::new(client.clone()),
+            watches: Watches::new(client.clone(), config.bounds.clone()),
             client,
             config,
             fence: crate::fence::Fence::open(),
@@ -335,42 +409,62 @@ impl Deployer {
         }
     }
 
-    /// The error for a Deployment that is not there, with the closest existing name.
-    async fn missing_deployment(&self, key: &ServiceKey) -> DeployError {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
-        let names = self.names::<Deployment>(api).await;
-        DeployError::MissingDeployment {
+    /// The error for a workload that is not there, with the closest existing name of the
+    /// kinds it could be.
+    async fn missing(&self, key: &ServiceKey, kind: Option<WorkloadKind>) -> DeployError {
+        let ns = &key.namespace;
+        let mut names = Vec::new();
+        for k in kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]) {
+            let c = self.client.clone();
+            names.extend(match k {
+                WorkloadKind::Deployment => self.names::<Deployment>(Api::namespaced(c, ns)).await,
+                WorkloadKind::StatefulSet => {
+                    self.names::<StatefulSet>(Api::namespaced(c, ns)).await
+                }
+                WorkloadKind::DaemonSet => self.names::<DaemonSet>(Api::namespaced(c, ns)).await,
+                WorkloadKind::CronJob => self.names::<CronJob>(Api::namespaced(c, ns)).await,
+            });
+        }
+        DeployError::MissingWorkload {
             name: key.name.clone(),
             namespace: key.namespace.clone(),
+            kind,
             suggestion: crate::domain::closest(&key.name, names.iter().map(String::as_str))
                 .map(String::from),
         }
     }
 
-    /// Read the Deployment and work out the new images. One try: the lifecycle decides
-    /// whether and when an error is worth another. The namespace's shared watch answers when it
-    /// knows the Deployment, so a deploy costs no read; otherwise the API server does.
+    /// Read the workload and work out the new images. One try: the lifecycle decides
+    /// whether and when an error is worth another. The shared watches answer when they know
+    /// the workload, so a deploy costs no read; otherwise the API server does.
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
         self.config.bounds.check_namespace(&key.namespace)?;
         let cached = self
             .watches
             .cached(&key.namespace)
-            .and_then(|w| w.deployment(&key.name));
-        let dep = match cached {
-            Some(dep) => dep,
-            None => self.read(key).await?,
+            .map(|w| w.find(&key.name, spec.kind));
+        let w = match cached {
+            Some(Found::One(w)) => w,
+            Some(Found::Several(kinds)) => {
+                return Err(DeployError::Ambiguous {
+                    key: key.clone(),
+                    kinds,
+                })
+            }
+            Some(Found::None) | None => self.read(key, spec.kind).await?,
         };
-        if let Some(owner) = &dep.owner {
+        if let Some(owner) = &w.owner {
             if !self.config.allow_owned {
                 return Err(DeployError::Owned {
                     key: key.clone(),
+                    kind: w.kind,
                     owner: owner.clone(),
                 });
             }
-            tracing::warn!(service = %key, %owner, "patching a Deployment another engine owns (--allow-owned): its next sync may undo this deploy");
+            tracing::warn!(workload = %Shown(w.kind, &key.name), namespace = %key.namespace, %owner, "patching a workload another engine owns (--allow-owned): its next sync may undo this deploy");
         }
         // Sorted by name: the order only shows in messages that list the containers.
-        let current: Vec<(String, String)> = dep
+        let current: Vec<(String, String)> = w
             .images
             .iter()
             .map(|(c, i)| (c.clone(), i.clone()))
@@ -384,61 +478,144 @@ impl Deployer {
         self.config
             .bounds
             .check_images(wanted.values().map(String::as_str))?;
-        let changes = dep.images.changed_in(&wanted);
+        let changes = w.images.changed_in(&wanted);
         Ok(Plan {
             key: key.clone(),
-            after: dep.images.with(&changes),
-            before: dep.images,
+            kind: w.kind,
+            after: w.images.with(&changes),
+            paused: w.paused(),
+            before: w.images,
             changes,
-            generation: dep.generation,
-            uid: dep.uid,
-            paused: dep.paused,
+            generation: w.generation,
+            uid: w.uid,
         })
     }
 
-    /// The Deployment from the API server.
-    async fn read(&self, key: &ServiceKey) -> Result<DeploymentState, DeployError> {
+    /// The workload from the API server: of `kind`, or of whichever kind has the name.
+    async fn read(
+        &self,
+        key: &ServiceKey,
+        kind: Option<WorkloadKind>,
+    ) -> Result<WorkloadState, DeployError> {
         self.ensure_namespace(&key.namespace).await?;
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
-        let found = api
-            .get_opt(&key.name)
-            .await
-            .map_err(self.kube_error("reading the Deployment"))?;
-        match found {
-            Some(dep) => Ok(DeploymentState::from(&dep)),
-            None => {
+        // Every kind at once: one round trip, not four.
+        let kinds = kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]);
+        let mut found: Vec<WorkloadState> =
+            futures::future::try_join_all(kinds.into_iter().map(|k| self.get(k, key)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => {
                 // The namespace may have gone too: look again next time.
                 self.known_namespaces.remove(&key.namespace);
-                Err(self.missing_deployment(key).await)
+                Err(self.missing(key, kind).await)
             }
+            _ => Err(DeployError::Ambiguous {
+                key: key.clone(),
+                kinds: found.iter().map(|w| w.kind).collect(),
+            }),
         }
     }
 
-    /// Patch the images; returns the Deployment generation the rollout must reach.
+    /// One workload of one kind, if it is there.
+    async fn get(
+        &self,
+        kind: WorkloadKind,
+        key: &ServiceKey,
+    ) -> Result<Option<WorkloadState>, DeployError> {
+        let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
+        let found = match kind {
+            WorkloadKind::Deployment => get_as::<Deployment>(Api::namespaced(c, ns), name).await,
+            WorkloadKind::StatefulSet => get_as::<StatefulSet>(Api::namespaced(c, ns), name).await,
+            WorkloadKind::DaemonSet => get_as::<DaemonSet>(Api::namespaced(c, ns), name).await,
+            WorkloadKind::CronJob => get_as::<CronJob>(Api::namespaced(c, ns), name).await,
+        };
+        found.map_err(|source| DeployError::Kube {
+            action: reading(kind),
+            server: self.config.server.clone(),
+            source,
+        })
+    }
+
+    /// Patch the images; returns the generation the rollout must reach. A StatefulSet's pods
+    /// that the new template leaves stuck are then deleted (see [`Self::force_rollback`]).
     pub async fn patch(
         &self,
         key: &ServiceKey,
+        kind: WorkloadKind,
         images: &Images,
         cause: &str,
     ) -> Result<i64, DeployError> {
-        self.fence.check(&format!("a PATCH of deployment {key}"))?;
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &key.namespace);
+        self.fence.check(&format!(
+            "a PATCH of {} in {}",
+            Shown(kind, &key.name),
+            key.namespace
+        ))?;
         let containers: Vec<_> = images
             .iter()
             .map(|(name, image)| json!({"name": name, "image": image}))
             .collect();
+        let template = json!({"spec": {"containers": containers}});
+        let spec = match kind {
+            WorkloadKind::CronJob => json!({"jobTemplate": {"spec": {"template": template}}}),
+            _ => json!({"template": template}),
+        };
         let body = json!({
             "metadata": {"annotations": {"kubernetes.io/change-cause": cause}},
-            "spec": {"template": {"spec": {"containers": containers}}}
+            "spec": spec,
         });
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
+        let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
+        let patched = match kind {
+            WorkloadKind::Deployment => {
+                patch_as::<Deployment>(Api::namespaced(c, ns), name, &body).await
+            }
+            WorkloadKind::StatefulSet => {
+                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, &body).await
+            }
+            WorkloadKind::DaemonSet => {
+                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, &body).await
+            }
+            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, &body).await,
         };
-        match api.patch(&key.name, &pp, &Patch::Strategic(&body)).await {
-            Ok(dep) => Ok(dep.metadata.generation.unwrap_or(0)),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing_deployment(key).await),
-            Err(source) => Err(self.kube_error("patching the Deployment")(source)),
+        match patched {
+            Ok(w) => {
+                self.force_rollback(key, &w).await;
+                Ok(w.generation)
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
+            Err(source) => Err(self.kube_error(patching(kind))(source)),
+        }
+    }
+
+    /// Kubernetes' forced rollback: an `OrderedReady` StatefulSet waits forever on a pod that
+    /// never gets ready, even once its template is fixed or restored. Delete such pods (not
+    /// ready, running another template than `patched`'s) so the controller recreates them
+    /// from the template just written. Best effort: a pod that cannot be deleted leaves the
+    /// rollout to its verdict.
+    async fn force_rollback(&self, key: &ServiceKey, patched: &WorkloadState) {
+        if !patched.holds_stuck_pods() {
+            return;
+        }
+        let Some(ns) = self.watches.cached(&key.namespace) else {
+            return;
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
+        for pod in ns.stuck_pods_for(patched) {
+            if self.fence.check(&format!("deleting pod {pod}")).is_err() {
+                return;
+            }
+            match api.delete(&pod, &Default::default()).await {
+                Ok(_) => {
+                    tracing::info!(workload = %Shown(patched.kind, &key.name), namespace = %key.namespace, %pod, "deleted a pod that is not ready and runs the replaced template: the StatefulSet would wait on it forever (forced rollback)")
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(workload = %Shown(patched.kind, &key.name), namespace = %key.namespace, %pod, error = %e, "could not delete a stuck pod; the StatefulSet may wait on it")
+                }
+            }
         }
     }
 
@@ -448,6 +625,7 @@ impl Deployer {
     pub async fn wait(
         &self,
         key: &ServiceKey,
+        kind: WorkloadKind,
         generation: i64,
         applied: &Images,
         deadline: Instant,
@@ -467,19 +645,20 @@ impl Deployer {
         loop {
             // Never a verdict on a template depwatch did not write.
             if let Some(running) = ns
-                .deployment(&key.name)
+                .workload(kind, &key.name)
                 .and_then(|d| rollout::changed_outside(&d, generation, applied))
             {
                 return WaitOutcome::ChangedOutside { running };
             }
             let last = match ns.judge(
+                kind,
                 &key.name,
                 generation,
                 self.config.fail_fast,
                 &mut first_seen,
             ) {
                 Health::Healthy => return WaitOutcome::Healthy,
-                Health::NoReplicas => return WaitOutcome::NoReplicas,
+                Health::Unverified(why) => return WaitOutcome::Unverified(why),
                 Health::Failed { reason, message } => {
                     return WaitOutcome::Failed { reason, message }
                 }
@@ -504,7 +683,7 @@ impl Deployer {
             };
             tokio::select! {
                 r = changed.changed() => if r.is_err() { changed = ns.subscribe(&key.name) },
-                _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, generation, applied, last).await,
+                _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, kind, generation, applied, last).await,
                 _ = supersede => return WaitOutcome::Superseded,
                 _ = grace => {}
             }
@@ -516,12 +695,13 @@ impl Deployer {
     async fn at_deadline(
         &self,
         key: &ServiceKey,
+        kind: WorkloadKind,
         generation: i64,
         applied: &Images,
         last: String,
     ) -> WaitOutcome {
         let timed_out = WaitOutcome::TimedOut { last };
-        let Ok(dep) = self.read(key).await else {
+        let Ok(dep) = self.read(key, Some(kind)).await else {
             return timed_out;
         };
         if let Some(running) = rollout::changed_outside(&dep, generation, applied) {
@@ -538,14 +718,19 @@ impl Deployer {
             now,
         ) {
             Health::Healthy => WaitOutcome::Healthy,
-            Health::NoReplicas => WaitOutcome::NoReplicas,
+            Health::Unverified(why) => WaitOutcome::Unverified(why),
             _ => timed_out,
         }
     }
 
     /// The rollout at `generation` judged once from the shared watch, no waiting (but for the
     /// watch to catch up with the read that produced `generation`).
-    pub async fn health_now(&self, key: &ServiceKey, generation: i64) -> lifecycle::HealthNow {
+    pub async fn health_now(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        generation: i64,
+    ) -> lifecycle::HealthNow {
         use lifecycle::HealthNow;
         let ns = self.watches.namespace(&key.namespace).await;
         let mut changed = ns.subscribe(&key.name);
@@ -553,13 +738,14 @@ impl Deployer {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             match ns.judge(
+                kind,
                 &key.name,
                 generation,
                 self.config.fail_fast,
                 &mut first_seen,
             ) {
                 Health::Healthy => return HealthNow::Healthy,
-                Health::NoReplicas => return HealthNow::NoReplicas,
+                Health::Unverified(_) => return HealthNow::Unverified,
                 Health::Progressing(m) if m.contains("observe") && Instant::now() < deadline => {
                     let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
                 }
@@ -568,9 +754,17 @@ impl Deployer {
         }
     }
 
-    /// Record a Kubernetes Event on the Deployment `uid` (`kubectl describe` lists Events by
+    /// Record a Kubernetes Event on the workload `uid` (`kubectl describe` lists Events by
     /// the object's uid). Best effort: sent in the background, never delaying a deploy.
-    pub fn event(&self, key: &ServiceKey, uid: &str, reason: &str, message: &str, warning: bool) {
+    pub fn event(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        uid: &str,
+        reason: &str,
+        message: &str,
+        warning: bool,
+    ) {
         if self.fence.check("a Kubernetes Event").is_err() {
             return;
         }
@@ -582,7 +776,7 @@ impl Deployer {
             .to_string();
         let body = json!({
             "metadata": {"generateName": format!("{}.", key.name), "namespace": key.namespace},
-            "involvedObject": {"apiVersion": "apps/v1", "kind": "Deployment", "name": key.name,
+            "involvedObject": {"apiVersion": kind.api_version(), "kind": kind.api_kind(), "name": key.name,
                                "namespace": key.namespace, "uid": uid},
             "reason": reason,
             "message": message.chars().take(1000).collect::<String>(),

@@ -13,7 +13,9 @@ use super::lifecycle::{Event, Finish};
 use super::Deployer;
 use crate::alert::{Notifier, Report};
 use crate::depfile::ServiceKey;
-use crate::domain::{human_duration, DeployOutcome, Desired, Images, ServiceStatus, Tone};
+use crate::domain::{
+    human_duration, DeployOutcome, Desired, Images, ServiceStatus, Tone, WorkloadKind,
+};
 use crate::metrics::Metrics;
 use crate::store::{self, DeployRecord, ServiceChange, Store};
 
@@ -68,6 +70,8 @@ pub struct Attempt<'a> {
     from: Images,
     to: Images,
     uid: String,
+    /// The workload's kind, once the plan found it.
+    kind: Option<WorkloadKind>,
     began: Instant,
     waiting: bool,
     /// Why the rollout failed, for the rollback's message.
@@ -82,6 +86,7 @@ pub struct Drift {
     /// The containers that differ, with what they run now.
     pub drifted: Images,
     pub uid: String,
+    pub kind: WorkloadKind,
     pub self_heal: bool,
 }
 
@@ -95,6 +100,7 @@ impl Recorder {
             from: Images::new(),
             to: Images::new(),
             uid: String::new(),
+            kind: None,
             began: Instant::now(),
             waiting: false,
             failure: String::new(),
@@ -127,7 +133,14 @@ impl Recorder {
         self.metrics.deploy(row.outcome);
     }
 
-    fn kube_event(&self, key: &ServiceKey, uid: &str, outcome: DeployOutcome, message: &str) {
+    fn kube_event(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        uid: &str,
+        outcome: DeployOutcome,
+        message: &str,
+    ) {
         if uid.is_empty() {
             return;
         }
@@ -146,8 +159,14 @@ impl Recorder {
             | DeployOutcome::Interrupted => return,
         };
         let warning = outcome.tone() != Tone::Good;
-        self.deployer
-            .event(key, uid, reason, &format!("depwatch: {message}"), warning);
+        self.deployer.event(
+            key,
+            kind,
+            uid,
+            reason,
+            &format!("depwatch: {message}"),
+            warning,
+        );
     }
 
     /// Images changed outside depwatch: one history row, the service marked drifted, people
@@ -180,6 +199,7 @@ impl Recorder {
             outcome: DeployOutcome::Drift,
             service: key.name.clone(),
             namespace: key.namespace.clone(),
+            kind: d.kind,
             from: d.recorded.to_string(),
             to: d.running.to_string(),
             duration: Duration::ZERO,
@@ -189,7 +209,7 @@ impl Recorder {
                 "changed outside depwatch; the file still asks for the recorded images".into()
             },
         });
-        self.kube_event(key, &d.uid, DeployOutcome::Drift, &message);
+        self.kube_event(key, d.kind, &d.uid, DeployOutcome::Drift, &message);
     }
 }
 
@@ -244,9 +264,24 @@ impl Attempt<'_> {
         }
     }
 
-    /// The Deployment's uid, once the plan has read it (for Kubernetes Events).
-    pub fn set_uid(&mut self, uid: &str) {
+    /// The workload the plan found: its uid (for Kubernetes Events) and kind, recorded on
+    /// the service's row.
+    pub fn set_workload(&mut self, uid: &str, kind: WorkloadKind) {
         self.uid = uid.to_string();
+        self.kind = Some(kind);
+    }
+
+    /// A change to the service's row, carrying the workload's kind once the plan found it.
+    fn service_change(&self) -> ServiceChange {
+        let change = ServiceChange::default();
+        match self.kind {
+            Some(kind) => change.kind(kind),
+            None => change,
+        }
+    }
+
+    fn kind(&self) -> WorkloadKind {
+        self.kind.unwrap_or_default()
     }
 
     fn report(&self, outcome: DeployOutcome, from: String, to: String, reason: &str) -> Report {
@@ -254,6 +289,7 @@ impl Attempt<'_> {
             outcome,
             service: self.key.name.clone(),
             namespace: self.key.namespace.clone(),
+            kind: self.kind(),
             from,
             to,
             duration: self.began.elapsed(),
@@ -303,7 +339,7 @@ impl Attempt<'_> {
         let hash = self.desired.hash.clone();
         self.recorder.change(
             self.key,
-            ServiceChange::default()
+            self.service_change()
                 .content_hash(hash.clone())
                 .failed_hash(hash),
         );
@@ -322,7 +358,7 @@ impl Attempt<'_> {
         let message = format!("waiting for the Kubernetes API server: {error}");
         r.change(
             self.key,
-            ServiceChange::default()
+            self.service_change()
                 .status(ServiceStatus::WaitingForApi)
                 .message(message),
         );
@@ -344,7 +380,7 @@ impl Attempt<'_> {
         tracing::info!("the Kubernetes API server answers again");
         r.change(
             self.key,
-            ServiceChange::default()
+            self.service_change()
                 .status(ServiceStatus::Deploying)
                 .message(""),
         );
@@ -368,7 +404,8 @@ impl Attempt<'_> {
             DeployOutcome::Failed,
             message,
         );
-        let mut change = ServiceChange::default()
+        let mut change = self
+            .service_change()
             .path(d.path.display().to_string())
             .status(status)
             .message(message);
@@ -398,7 +435,8 @@ impl Attempt<'_> {
             "already running the desired images, with 0 replicas (unverified)"
         };
         tracing::info!(images = %images, "{message}; no patch");
-        let mut change = ServiceChange::default()
+        let mut change = self
+            .service_change()
             .path(d.path.display().to_string())
             .content_hash(d.hash.clone())
             .desired(images.clone())
@@ -449,7 +487,8 @@ impl Attempt<'_> {
                 })
                 .ok(),
         };
-        let mut change = ServiceChange::default()
+        let mut change = self
+            .service_change()
             .path(d.path.display().to_string())
             .desired(to.clone())
             .status(ServiceStatus::Deploying)
@@ -501,7 +540,7 @@ impl Attempt<'_> {
                 .change_to_healthy
                 .observe(d.seen_at.elapsed().as_secs_f64());
         }
-        let mut change = ServiceChange::default();
+        let mut change = self.service_change();
         if f.settled {
             change = change.content_hash(d.hash.clone());
         }
@@ -522,7 +561,13 @@ impl Attempt<'_> {
             });
         }
         r.change(self.key, change);
-        r.kube_event(self.key, &self.uid, f.outcome, &self.event_text(f));
+        r.kube_event(
+            self.key,
+            self.kind(),
+            &self.uid,
+            f.outcome,
+            &self.event_text(f),
+        );
         if f.announce {
             r.notifier.report(self.finish_report(f));
         }

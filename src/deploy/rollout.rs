@@ -6,15 +6,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
 use tokio::time::Instant;
 
+pub use super::workload::WorkloadState;
+use super::workload::{template_images, Progress, REVISION};
 use crate::domain::Images;
-
-const REVISION: &str = "deployment.kubernetes.io/revision";
 
 /// Where a rollout stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +22,9 @@ pub enum Health {
     /// Still going; the text says what it waits for.
     Progressing(String),
     Healthy,
-    /// Complete with 0 desired replicas: no pod ran the images, so nothing is verified.
-    NoReplicas,
+    /// Applied, but nothing proved the images healthy (0 replicas or nodes, OnDelete, a
+    /// CronJob); the text says why.
+    Unverified(String),
     /// Failed: a reason (`ImagePullBackOff`, `ProgressDeadlineExceeded`, …) and the message
     /// the cluster gave.
     Failed {
@@ -60,27 +61,6 @@ const DETERMINISTIC: &[&str] = &[
 /// Waiting reasons that are failures once they persist for the pull grace.
 const GRACED: &str = "ErrImagePull";
 
-/// What judging and drift need of a Deployment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeploymentState {
-    pub uid: String,
-    pub generation: i64,
-    pub observed_generation: i64,
-    /// `spec.replicas` (1 when unset, as the API server defaults it).
-    pub desired: i32,
-    pub paused: bool,
-    pub revision: Option<String>,
-    /// The template's images: what is deployed.
-    pub images: Images,
-    pub replicas: i32,
-    pub updated: i32,
-    pub available: i32,
-    /// The Progressing condition's message when its reason is ProgressDeadlineExceeded.
-    pub deadline_exceeded: Option<String>,
-    /// Argo CD, Flux or Helm, when one of them manages it.
-    pub owner: Option<super::owner::Owner>,
-}
-
 /// What judging needs of a ReplicaSet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaSetState {
@@ -95,8 +75,12 @@ pub struct ReplicaSetState {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodState {
     pub name: String,
-    /// The controlling ReplicaSet's uid.
+    /// The controlling ReplicaSet's (or StatefulSet's, DaemonSet's) uid.
     pub owner: Option<String>,
+    /// Its containers' images: which template it runs.
+    pub images: Images,
+    /// The Ready condition is true.
+    pub ready: bool,
     pub waiting: Vec<Waiting>,
 }
 
@@ -113,60 +97,6 @@ pub fn controller_uid(refs: &[OwnerReference]) -> Option<String> {
     refs.iter()
         .find(|o| o.controller == Some(true))
         .map(|o| o.uid.clone())
-}
-
-fn template_images(t: Option<&PodTemplateSpec>) -> Images {
-    t.and_then(|t| t.spec.as_ref())
-        .map(|s| {
-            s.containers
-                .iter()
-                .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-pub fn container_images(dep: &Deployment) -> Images {
-    template_images(dep.spec.as_ref().map(|s| &s.template))
-}
-
-impl From<&Deployment> for DeploymentState {
-    fn from(dep: &Deployment) -> Self {
-        let spec = dep.spec.as_ref();
-        let status = dep.status.as_ref();
-        let deadline_exceeded = status
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
-            .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
-            .map(|c| {
-                c.message
-                    .clone()
-                    .unwrap_or_else(|| "the rollout exceeded its progress deadline".into())
-            });
-        DeploymentState {
-            uid: dep.metadata.uid.clone().unwrap_or_default(),
-            generation: dep.metadata.generation.unwrap_or(0),
-            observed_generation: status.and_then(|s| s.observed_generation).unwrap_or(0),
-            desired: spec.and_then(|s| s.replicas).unwrap_or(1),
-            paused: spec.and_then(|s| s.paused).unwrap_or(false),
-            revision: dep.annotations().get(REVISION).cloned(),
-            images: container_images(dep),
-            replicas: status.and_then(|s| s.replicas).unwrap_or(0),
-            updated: status.and_then(|s| s.updated_replicas).unwrap_or(0),
-            available: status.and_then(|s| s.available_replicas).unwrap_or(0),
-            deadline_exceeded,
-            owner: super::owner::owner_of(
-                dep.labels(),
-                dep.annotations(),
-                &dep.metadata
-                    .managed_fields
-                    .iter()
-                    .flatten()
-                    .filter_map(|m| m.manager.clone())
-                    .collect::<Vec<_>>(),
-            ),
-        }
-    }
 }
 
 impl From<&ReplicaSet> for ReplicaSetState {
@@ -200,9 +130,21 @@ impl From<&Pod> for PodState {
                 })
             })
             .collect();
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         PodState {
             name: pod.name_any(),
             owner: controller_uid(pod.owner_references()),
+            images: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+                .collect(),
+            ready,
             waiting,
         }
     }
@@ -213,10 +155,16 @@ impl From<&Pod> for PodState {
 /// Deployment just rolled back may still name the failed ReplicaSet's revision, and a verdict
 /// must only ever be made on the pods of the template being judged.
 pub fn new_replicaset<'a>(
-    dep: &DeploymentState,
+    dep: &WorkloadState,
     rss: impl IntoIterator<Item = &'a ReplicaSetState>,
 ) -> Option<&'a ReplicaSetState> {
-    let revision = dep.revision.as_ref()?;
+    let Progress::Deployment {
+        revision: Some(revision),
+        ..
+    } = &dep.progress
+    else {
+        return None;
+    };
     rss.into_iter().find(|rs| {
         rs.owner.as_deref() == Some(dep.uid.as_str())
             && rs.revision.as_ref() == Some(revision)
@@ -224,11 +172,44 @@ pub fn new_replicaset<'a>(
     })
 }
 
+/// The pods a StatefulSet or DaemonSet runs its current template in: owned by it and running
+/// the template's own images (never the pods of a template being replaced).
+pub fn template_pods<'a>(
+    workload: &WorkloadState,
+    pods: impl IntoIterator<Item = &'a PodState>,
+) -> Vec<&'a PodState> {
+    pods.into_iter()
+        .filter(|p| {
+            p.owner.as_deref() == Some(workload.uid.as_str()) && p.images == workload.images
+        })
+        .collect()
+}
+
+/// The pods a forced rollback deletes: a StatefulSet's pods that are not ready and run another
+/// template than its own. With `OrderedReady`, the controller waits for them forever; deleting
+/// them lets it recreate them from the restored template (Kubernetes' documented forced
+/// rollback). Empty for every other kind and policy.
+pub fn stuck_pods<'a>(
+    workload: &WorkloadState,
+    pods: impl IntoIterator<Item = &'a PodState>,
+) -> Vec<&'a PodState> {
+    if !workload.holds_stuck_pods() {
+        return Vec::new();
+    }
+    pods.into_iter()
+        .filter(|p| {
+            p.owner.as_deref() == Some(workload.uid.as_str())
+                && !p.ready
+                && p.images != workload.images
+        })
+        .collect()
+}
+
 /// The images someone else wrote after depwatch's write at `generation`, if any: the
-/// Deployment moved past that generation and a container depwatch set runs another image.
+/// workload moved past that generation and a container depwatch set runs another image.
 /// (A later change that kept depwatch's images, such as an added annotation, is still
 /// depwatch's rollout.)
-pub fn changed_outside(dep: &DeploymentState, generation: i64, applied: &Images) -> Option<Images> {
+pub fn changed_outside(dep: &WorkloadState, generation: i64, applied: &Images) -> Option<Images> {
     let moved = dep.generation > generation;
     let differs = applied
         .iter()
@@ -236,53 +217,150 @@ pub fn changed_outside(dep: &DeploymentState, generation: i64, applied: &Images)
     (moved && differs).then(|| dep.images.clone())
 }
 
-/// Judge a rollout. `generation` is the Deployment generation our patch produced;
-/// `first_seen` remembers when each pod's `ErrImagePull` was first seen, for its grace.
+/// Judge a rollout. `generation` is the generation our patch produced; `pods` are the pods of
+/// the template being judged; `first_seen` remembers when each pod's `ErrImagePull` was first
+/// seen, for its grace.
 pub fn judge(
-    dep: &DeploymentState,
+    w: &WorkloadState,
     generation: i64,
-    new_pods: &[&PodState],
+    pods: &[&PodState],
     fail_fast: FailFast,
     first_seen: &mut HashMap<String, Instant>,
     now: Instant,
 ) -> Health {
-    if dep.generation < generation || dep.observed_generation < dep.generation {
-        return Health::Progressing(
-            "waiting for the deployment controller to observe the update".into(),
-        );
+    if let Progress::CronJob { suspended } = w.progress {
+        return Health::Unverified(match suspended {
+            false => "applied; the image runs at the CronJob's next schedule".into(),
+            true => "applied; the CronJob is suspended, so nothing runs the image".into(),
+        });
     }
-    if dep.paused {
-        return Health::Failed {
-            reason: "DeploymentPaused".into(),
-            message: "Deployment is paused".into(),
-        };
+    if w.generation < generation || w.observed_generation < w.generation {
+        return Health::Progressing(format!(
+            "waiting for the {} controller to observe the update",
+            w.kind
+        ));
     }
-    if let Some(message) = &dep.deadline_exceeded {
-        return Health::Failed {
-            reason: "ProgressDeadlineExceeded".into(),
-            message: message.clone(),
-        };
+    if let Some(stop) = before_pods(&w.progress) {
+        return stop;
     }
-    if let Some(failed) = pod_failure(new_pods, fail_fast, first_seen, now) {
+    if let Some(failed) = pod_failure(pods, fail_fast, first_seen, now) {
         return failed;
     }
-    if dep.desired == 0 {
-        return Health::NoReplicas;
+    counts(&w.progress)
+}
+
+/// What a kind's status says before any pod is looked at: paused, past its deadline, or
+/// updating only when pods are deleted.
+fn before_pods(progress: &Progress) -> Option<Health> {
+    match progress {
+        Progress::Deployment { paused: true, .. } => Some(Health::Failed {
+            reason: "DeploymentPaused".into(),
+            message: "Deployment is paused".into(),
+        }),
+        Progress::Deployment {
+            deadline_exceeded: Some(message),
+            ..
+        } => Some(Health::Failed {
+            reason: "ProgressDeadlineExceeded".into(),
+            message: message.clone(),
+        }),
+        Progress::StatefulSet {
+            on_delete: true, ..
+        }
+        | Progress::DaemonSet {
+            on_delete: true, ..
+        } => Some(Health::Unverified(
+            "patched; pods update when deleted (updateStrategy OnDelete)".into(),
+        )),
+        _ => None,
     }
-    let (desired, updated) = (dep.desired, dep.updated);
+}
+
+/// The counts `kubectl rollout status` compares, per kind.
+fn counts(progress: &Progress) -> Health {
+    match *progress {
+        Progress::Deployment {
+            desired,
+            replicas,
+            updated,
+            available,
+            ..
+        } => deployment_counts(desired, replicas, updated, available),
+        Progress::StatefulSet {
+            desired,
+            partition,
+            ready,
+            updated,
+            ref current_revision,
+            ref update_revision,
+            ..
+        } => {
+            if desired == 0 {
+                return Health::Unverified("0 replicas: no pod ran the images".into());
+            }
+            if ready < desired {
+                return Health::Progressing(format!("{ready} of {desired} pods ready"));
+            }
+            if partition > 0 {
+                let due = desired - partition;
+                if due <= 0 {
+                    return Health::Unverified(format!(
+                        "partition {partition} leaves none of {desired} pods to update"
+                    ));
+                }
+                return match updated < due {
+                    true => Health::Progressing(format!(
+                        "{updated} of {due} pods updated (partition {partition})"
+                    )),
+                    false => Health::Healthy,
+                };
+            }
+            if update_revision.is_some() && current_revision != update_revision {
+                return Health::Progressing(format!(
+                    "{updated} of {desired} pods at the new revision"
+                ));
+            }
+            Health::Healthy
+        }
+        Progress::DaemonSet {
+            desired,
+            updated,
+            available,
+            ..
+        } => {
+            if desired == 0 {
+                return Health::Unverified("0 nodes scheduled: no pod ran the images".into());
+            }
+            if updated < desired {
+                return Health::Progressing(format!(
+                    "{updated} of {desired} updated pods scheduled"
+                ));
+            }
+            if available < desired {
+                return Health::Progressing(format!("{available} of {desired} pods available"));
+            }
+            Health::Healthy
+        }
+        Progress::CronJob { .. } => Health::Unverified("applied".into()),
+    }
+}
+
+fn deployment_counts(desired: i32, replicas: i32, updated: i32, available: i32) -> Health {
+    if desired == 0 {
+        return Health::Unverified("the Deployment has 0 replicas".into());
+    }
     if updated < desired {
         return Health::Progressing(format!("{updated} of {desired} new replicas updated"));
     }
-    if dep.replicas > updated {
+    if replicas > updated {
         return Health::Progressing(format!(
             "{} old replicas pending termination",
-            dep.replicas - updated
+            replicas - updated
         ));
     }
-    if dep.available < updated {
+    if available < updated {
         return Health::Progressing(format!(
-            "{} of {updated} updated replicas available",
-            dep.available
+            "{available} of {updated} updated replicas available"
         ));
     }
     Health::Healthy
@@ -319,6 +397,7 @@ fn pod_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 
     fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
         serde_saphyr::from_str(s).expect("fixture parses")
@@ -365,7 +444,7 @@ status:
         let pods: Vec<PodState> = pods.iter().map(|p| PodState::from(*p)).collect();
         let pods: Vec<&PodState> = pods.iter().collect();
         judge(
-            &DeploymentState::from(dep),
+            &WorkloadState::from(dep),
             generation,
             &pods,
             FailFast::default(),
@@ -448,7 +527,7 @@ status:
     fn err_image_pull_fails_after_its_grace() {
         let mut dep: Deployment = yaml(DEP);
         dep.status.as_mut().expect("status").updated_replicas = Some(1);
-        let dep = DeploymentState::from(&dep);
+        let dep = WorkloadState::from(&dep);
         let p = PodState::from(&pod("ErrImagePull", 0));
         let mut seen = HashMap::new();
         let t0 = Instant::now();
@@ -477,7 +556,7 @@ status:
 
     #[test]
     fn the_new_replicaset_is_found_by_owner_revision_and_template() {
-        let dep = DeploymentState::from(&yaml::<Deployment>(DEP));
+        let dep = WorkloadState::from(&yaml::<Deployment>(DEP));
         let old = replicaset("web-old", "rs1", "d1", "1", "web:1");
         let new = replicaset("web-abc", "rs2", "d1", "2", "web:2");
         let foreign = replicaset("other", "rs3", "d9", "2", "web:2");
@@ -497,7 +576,7 @@ status:
         dep.spec.as_mut().expect("spec").template = yaml(
             "{metadata: {labels: {app: web}}, spec: {containers: [{name: web, image: 'web:1'}]}}",
         );
-        let dep = DeploymentState::from(&dep);
+        let dep = WorkloadState::from(&dep);
         let failed = replicaset("web-abc", "rs2", "d1", "2", "web:2");
         let restored = replicaset("web-old", "rs1", "d1", "1", "web:1");
         assert!(new_replicaset(&dep, &[failed, restored]).is_none());
@@ -526,8 +605,161 @@ status:
         st.replicas = Some(0);
         st.updated_replicas = Some(0);
         st.available_replicas = Some(0);
-        assert_eq!(run(&dep, 2, &[]), Health::NoReplicas);
+        assert_eq!(
+            run(&dep, 2, &[]),
+            Health::Unverified("the Deployment has 0 replicas".into())
+        );
         // Not before the controller observed the patch.
         assert!(matches!(run(&dep, 3, &[]), Health::Progressing(_)));
+    }
+
+    fn sts(spec: &str, status: &str) -> WorkloadState {
+        WorkloadState::from(&yaml::<StatefulSet>(&format!(
+            "metadata: {{name: db, uid: s1, generation: 2}}\nspec: {{replicas: 3, serviceName: db, selector: {{}}, template: {{spec: {{containers: [{{name: db, image: 'db:2'}}]}}}}, {spec}}}\nstatus: {{replicas: 3, observedGeneration: 2, {status}}}"
+        )))
+    }
+
+    fn judge_now(w: &WorkloadState, pods: &[&PodState]) -> Health {
+        judge(
+            w,
+            2,
+            pods,
+            FailFast::default(),
+            &mut HashMap::new(),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn statefulsets_are_judged_as_kubectl_judges_them() {
+        let rev = "currentRevision: db-1, updateRevision: db-2";
+        let cases: &[(&str, &str, Health)] = &[
+            (
+                "podManagementPolicy: OrderedReady",
+                "readyReplicas: 2, updatedReplicas: 2, currentRevision: db-1, updateRevision: db-2",
+                Health::Progressing("2 of 3 pods ready".into()),
+            ),
+            (
+                "podManagementPolicy: OrderedReady",
+                &format!("readyReplicas: 3, updatedReplicas: 2, {rev}"),
+                Health::Progressing("2 of 3 pods at the new revision".into()),
+            ),
+            (
+                "podManagementPolicy: OrderedReady",
+                "readyReplicas: 3, updatedReplicas: 3, currentRevision: db-2, updateRevision: db-2",
+                Health::Healthy,
+            ),
+            (
+                "updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 2}}",
+                &format!("readyReplicas: 3, updatedReplicas: 0, {rev}"),
+                Health::Progressing("0 of 1 pods updated (partition 2)".into()),
+            ),
+            (
+                "updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 2}}",
+                &format!("readyReplicas: 3, updatedReplicas: 1, {rev}"),
+                Health::Healthy,
+            ),
+            (
+                "updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 3}}",
+                &format!("readyReplicas: 3, {rev}"),
+                Health::Unverified("partition 3 leaves none of 3 pods to update".into()),
+            ),
+            (
+                "updateStrategy: {type: OnDelete}",
+                &format!("readyReplicas: 3, {rev}"),
+                Health::Unverified(
+                    "patched; pods update when deleted (updateStrategy OnDelete)".into(),
+                ),
+            ),
+        ];
+        for (spec, status, want) in cases {
+            assert_eq!(
+                &judge_now(&sts(spec, status), &[]),
+                want,
+                "{spec} / {status}"
+            );
+        }
+        let lagging = WorkloadState {
+            observed_generation: 1,
+            ..sts("podManagementPolicy: Parallel", "readyReplicas: 3")
+        };
+        assert_eq!(
+            judge_now(&lagging, &[]),
+            Health::Progressing(
+                "waiting for the statefulset controller to observe the update".into()
+            )
+        );
+    }
+
+    fn ds(status: &str) -> WorkloadState {
+        WorkloadState::from(&yaml::<DaemonSet>(&format!(
+            "metadata: {{name: agent, uid: d1, generation: 2}}\nspec: {{selector: {{}}, template: {{spec: {{containers: [{{name: agent, image: 'agent:2'}}]}}}}}}\nstatus: {{currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 0, observedGeneration: 2, {status}}}"
+        )))
+    }
+
+    #[test]
+    fn daemonsets_are_judged_as_kubectl_judges_them() {
+        let cases: &[(&str, Health)] = &[
+            (
+                "desiredNumberScheduled: 3, updatedNumberScheduled: 1, numberAvailable: 3",
+                Health::Progressing("1 of 3 updated pods scheduled".into()),
+            ),
+            (
+                "desiredNumberScheduled: 3, updatedNumberScheduled: 3, numberAvailable: 2",
+                Health::Progressing("2 of 3 pods available".into()),
+            ),
+            (
+                "desiredNumberScheduled: 3, updatedNumberScheduled: 3, numberAvailable: 3",
+                Health::Healthy,
+            ),
+            (
+                "desiredNumberScheduled: 0",
+                Health::Unverified("0 nodes scheduled: no pod ran the images".into()),
+            ),
+        ];
+        for (status, want) in cases {
+            assert_eq!(&judge_now(&ds(status), &[]), want, "{status}");
+        }
+    }
+
+    fn owned_pod(owner: &str, image: &str, ready: bool, waiting: &str) -> PodState {
+        let ready = if ready { "True" } else { "False" };
+        PodState::from(&yaml::<Pod>(&format!(
+            "metadata: {{name: p-{image}, ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: {owner}, controller: true}}]}}\nspec: {{containers: [{{name: db, image: '{image}'}}]}}\nstatus: {{conditions: [{{type: Ready, status: '{ready}'}}], containerStatuses: [{{name: db, image: '{image}', imageID: '', ready: false, restartCount: 3, state: {{waiting: {{reason: {waiting}, message: back-off}}}}}}]}}"
+        )))
+    }
+
+    #[test]
+    fn a_statefulset_fails_fast_on_its_template_pods_and_deletes_only_stuck_old_ones() {
+        let w = sts(
+            "podManagementPolicy: OrderedReady",
+            "readyReplicas: 2, updatedReplicas: 1, currentRevision: db-1, updateRevision: db-2",
+        );
+        let new_crashing = owned_pod("s1", "db:2", false, "CrashLoopBackOff");
+        let old_ready = owned_pod("s1", "db:1", true, "None");
+        let foreign = owned_pod("s9", "db:2", false, "CrashLoopBackOff");
+        let all = [new_crashing.clone(), old_ready.clone(), foreign];
+        let pods = template_pods(&w, &all);
+        assert_eq!(pods.len(), 1);
+        assert!(
+            matches!(judge_now(&w, &pods), Health::Failed { reason, .. } if reason == "CrashLoopBackOff")
+        );
+        // Rolled back to db:1: the crashing db:2 pod holds an OrderedReady StatefulSet.
+        let restored = WorkloadState {
+            images: [("db".to_string(), "db:1".to_string())]
+                .into_iter()
+                .collect(),
+            ..w.clone()
+        };
+        let stuck: Vec<&str> = stuck_pods(&restored, &all)
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(stuck, vec!["p-db:2"]);
+        let parallel = WorkloadState {
+            progress: sts("podManagementPolicy: Parallel", "readyReplicas: 2").progress,
+            ..restored
+        };
+        assert!(stuck_pods(&parallel, &all).is_empty());
     }
 }

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, ApiError, ErrorBody, HttpState, BODY_LIMIT};
 use crate::depfile::{self, ImageSpec, ServiceKey};
-use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
+use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus, WorkloadKind};
 use crate::operator;
 use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
 
@@ -32,6 +32,9 @@ type Shared = State<Arc<HttpState>>;
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
+    /// The kind of workload its file names (`deployment` until a deploy found it).
+    #[serde(default)]
+    pub kind: WorkloadKind,
     pub status: ServiceStatus,
     pub desired: Images,
     /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet, and
@@ -60,6 +63,7 @@ impl ServiceView {
             next_step: r.next_step().unwrap_or_default(),
             namespace: r.namespace,
             name: r.name,
+            kind: r.kind,
             status: r.status,
             desired: r.desired,
             running,
@@ -75,6 +79,11 @@ impl ServiceView {
 
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `statefulset/db`.
+    pub fn workload(&self) -> String {
+        crate::domain::Shown(self.kind, &self.name).to_string()
     }
 }
 
@@ -92,7 +101,7 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
         .history(Some(&key), 1)
         .ok()
         .and_then(|h| h.into_iter().next());
-    let running = state.live.of(&key).unwrap_or_default();
+    let running = state.live.of(&key, r.kind).unwrap_or_default();
     ServiceView::new(r, running, last_deploy)
 }
 
@@ -190,12 +199,12 @@ pub async fn leaderz(State(state): Shared) -> Result<&'static str, ApiError> {
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): Shared) -> impl IntoResponse {
-    let statuses: Vec<ServiceStatus> = state
+    let statuses: Vec<(ServiceStatus, WorkloadKind)> = state
         .store
         .services()
         .unwrap_or_default()
         .into_iter()
-        .map(|s| s.status)
+        .map(|s| (s.status, s.kind))
         .collect();
     let gauges = crate::metrics::QueueGauges {
         depth: state.scheduler.depth(),
@@ -632,20 +641,18 @@ async fn edited_file(
     if depfile::parse(&shown, text.as_bytes()).is_err() {
         return Ok(fresh);
     }
-    let recorded = state
-        .store
-        .service(key)
-        .ok()
-        .flatten()
-        .map(|r| r.desired)
-        .filter(|d| !d.is_empty());
-    let current = recorded.or_else(|| state.live.of(key)).unwrap_or_default();
+    let record = state.store.service(key).ok().flatten();
+    let kind = record.as_ref().map(|r| r.kind).unwrap_or_default();
+    let recorded = record.map(|r| r.desired).filter(|d| !d.is_empty());
+    let current = recorded
+        .or_else(|| state.live.of(key, kind))
+        .unwrap_or_default();
     if current.is_empty() {
         if depfile::plain_line(&text).is_some() {
             return Ok(fresh);
         }
         return Err(conflict(format!(
-            "{shown}: depwatch does not know yet which containers this file sets (the Deployment is not watched); edit it by hand"
+            "{shown}: depwatch does not know yet which containers this file sets (its workload is not watched); edit it by hand"
         )));
     }
     crate::depedit::set_main(&shown, &text, key, &current, spec, header)

@@ -10,7 +10,7 @@ use utoipa::IntoParams;
 
 use super::api::{view, ServiceView};
 use super::HttpState;
-use crate::domain::{ServiceStatus, Tone};
+use crate::domain::{ServiceStatus, Tone, WorkloadKind};
 use crate::store::DeployRecord;
 
 /// An image reference escaped, with break opportunities after `/`, `:` and `@` only, so a
@@ -158,13 +158,17 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
         &s.running
     };
     format!(
-        "<tr data-service=\"{ns}/{name}\" data-status=\"{code}\"><td class=\"svc\">{name}<br><small>{ns}</small></td>\
+        "<tr data-service=\"{ns}/{name}\" data-status=\"{code}\"><td class=\"svc\">{name}<br><small>{ns}{kind}</small></td>\
          <td data-label=\"Status\"><span class=\"badge {tone}\" title=\"{label}\">{status}</span></td>\
          <td class=\"img\" data-label=\"Desired\">{desired}</td>\
          <td class=\"img\" data-label=\"Running\">{running}</td><td data-label=\"Last deploy\">{last}</td>\
          <td class=\"msg\" data-label=\"Reason\">{reason}</td><td data-label=\"Recent\">{dots}</td></tr>",
         ns = esc(&s.namespace),
         name = esc(&s.name),
+        kind = match s.kind {
+            WorkloadKind::Deployment => String::new(),
+            kind => format!(" · {kind}"),
+        },
         code = s.status,
         tone = status_class(s.status),
         status = esc(&status),

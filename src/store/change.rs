@@ -3,7 +3,7 @@
 //! statement (an upsert). No writer reads the row and writes it back, so two writers of one
 //! row never undo each other: a `suspend` and a pin landing together both stay.
 
-use crate::domain::{Images, ServiceStatus};
+use crate::domain::{Images, ServiceStatus, WorkloadKind};
 
 /// The fields one writer sets on a service row; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct ServiceChange {
     pub failed_hash: Option<String>,
     pub message: Option<String>,
     pub suspended: Option<bool>,
+    /// The kind of workload the file names, once a plan found it.
+    pub kind: Option<WorkloadKind>,
 }
 
 /// A value bound to a statement.
@@ -106,6 +108,11 @@ impl ServiceChange {
         self
     }
 
+    pub fn kind(mut self, kind: WorkloadKind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+
     /// Apply to a row in memory, exactly as the statement does in the database.
     pub fn apply(&self, row: &mut super::ServiceRecord) {
         if let Some(p) = &self.path {
@@ -140,6 +147,9 @@ impl ServiceChange {
         }
         if let Some(s) = self.suspended {
             row.suspended = s;
+        }
+        if let Some(k) = self.kind {
+            row.kind = k;
         }
     }
 
@@ -204,6 +214,7 @@ impl ServiceChange {
         );
         text("failed_hash", self.failed_hash.clone(), None);
         text("message", self.message.clone(), None);
+        text("kind", self.kind.map(|k| k.as_str().to_string()), None);
         if let Some(s) = self.suspended {
             columns.push("suspended");
             values.push(Value::Bool(s));

@@ -72,6 +72,9 @@ CREATE TABLE refused_files (
     seen_at TEXT NOT NULL
 );
 ",
+    "
+ALTER TABLE services ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+",
 ];
 
 pub struct Postgres {
@@ -227,6 +230,7 @@ fn service_row(row: &Row) -> ServiceRecord {
         message: row.get(9),
         updated_at: row.get(10),
         suspended: row.get(11),
+        kind: text_or_default(row, 12),
     }
 }
 

@@ -97,6 +97,93 @@ impl Env {
             .expect("create deployment");
     }
 
+    /// Create a workload of `kind` (`statefulset`, `daemonset`, `cronjob`; `spec` is merged into
+    /// its spec, e.g. `{"updateStrategy": {"type": "OnDelete"}}`).
+    pub async fn workload(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        containers: &[(&str, &str)],
+        spec: Value,
+    ) {
+        self.deployment_namespace(ns).await;
+        let cs: Vec<Value> = containers
+            .iter()
+            .map(|(n, i)| json!({"name": n, "image": i}))
+            .collect();
+        let template = json!({"metadata": {"labels": {"app": name}}, "spec": {"containers": cs}});
+        let mut body = match kind {
+            "cronjob" => {
+                json!({"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": template}}})
+            }
+            _ => json!({"selector": {"matchLabels": {"app": name}}, "template": template}),
+        };
+        if kind == "statefulset" {
+            body["serviceName"] = json!(name);
+            body["replicas"] = json!(3);
+        }
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), spec.as_object()) {
+            for (k, v) in extra {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (group, plural) = workload_path(kind);
+        let obj = json!({"metadata": {"name": name, "namespace": ns}, "spec": body});
+        let url = format!("{group}/namespaces/{ns}/{plural}");
+        let req = http::Request::post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&obj).expect("json"))
+            .expect("request");
+        self.client
+            .request::<Value>(req)
+            .await
+            .unwrap_or_else(|e| panic!("create {kind} {ns}/{name}: {e}"));
+    }
+
+    /// A workload of `kind` as JSON, from the API server.
+    pub async fn get_workload(&self, kind: &str, ns: &str, name: &str) -> Value {
+        let (group, plural) = workload_path(kind);
+        let req = http::Request::get(format!("{group}/namespaces/{ns}/{plural}/{name}"))
+            .body(Vec::new())
+            .expect("request");
+        self.client
+            .request::<Value>(req)
+            .await
+            .unwrap_or_else(|e| panic!("get {kind} {ns}/{name}: {e}"))
+    }
+
+    /// The first container's image in a workload's pod template.
+    pub async fn workload_image(&self, kind: &str, ns: &str, name: &str) -> String {
+        let w = self.get_workload(kind, ns, name).await;
+        let spec = match kind {
+            "cronjob" => &w["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => &w["spec"]["template"]["spec"],
+        };
+        spec["containers"][0]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// PATCH requests to one workload of `kind`, from the audit log.
+    pub fn workload_patches(&self, kind: &str, ns: &str, name: &str) -> usize {
+        let (group, plural) = workload_path(kind);
+        let path = format!("{group}/namespaces/{ns}/{plural}/{name}");
+        audit_count(&self.audit, |l| l["method"] == "PATCH" && l["path"] == path)
+    }
+
+    async fn deployment_namespace(&self, ns: &str) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        if nss.get_opt(ns).await.expect("get ns").is_none() {
+            let obj: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+            nss.create(&PostParams::default(), &obj)
+                .await
+                .expect("create ns");
+        }
+    }
+
     pub async fn wait_ready(&self, ns: &str, name: &str) {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
         wait_for(
@@ -478,6 +565,17 @@ async fn start_slack(store: Arc<Mutex<Vec<Received>>>, client: kube::Client) -> 
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{addr}/hook")
+}
+
+/// The API path prefix and plural of a workload kind.
+pub fn workload_path(kind: &str) -> (&'static str, &'static str) {
+    match kind {
+        "deployment" => ("/apis/apps/v1", "deployments"),
+        "statefulset" => ("/apis/apps/v1", "statefulsets"),
+        "daemonset" => ("/apis/apps/v1", "daemonsets"),
+        "cronjob" => ("/apis/batch/v1", "cronjobs"),
+        other => panic!("not a workload kind: {other}"),
+    }
 }
 
 pub fn colour(m: &Received) -> String {

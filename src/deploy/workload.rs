@@ -1,0 +1,310 @@
+//! What judging, drift and planning need of a workload of any kind, read from the API's own
+//! objects: the template's images, the generations, and the status fields `kubectl rollout
+//! status` reads for that kind. One compact state per workload, kept by [`super::cache`].
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+
+use crate::domain::{Images, WorkloadKind};
+
+pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// What judging and drift need of one workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadState {
+    pub kind: WorkloadKind,
+    pub uid: String,
+    pub generation: i64,
+    pub observed_generation: i64,
+    /// The template's images: what is deployed.
+    pub images: Images,
+    /// Argo CD, Flux or Helm, when one of them manages it.
+    pub owner: Option<super::owner::Owner>,
+    pub progress: Progress,
+}
+
+/// The status fields of each kind's rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Deployment {
+        /// `spec.replicas` (1 when unset, as the API server defaults it).
+        desired: i32,
+        paused: bool,
+        revision: Option<String>,
+        replicas: i32,
+        updated: i32,
+        available: i32,
+        /// The Progressing condition's message when its reason is ProgressDeadlineExceeded.
+        deadline_exceeded: Option<String>,
+    },
+    StatefulSet {
+        desired: i32,
+        /// `updateStrategy.rollingUpdate.partition`: ordinals below it keep the old revision.
+        partition: i32,
+        /// `updateStrategy: OnDelete`: pods change only when deleted.
+        on_delete: bool,
+        /// `podManagementPolicy: OrderedReady` (the default): a pod that never gets ready
+        /// holds the rollout, and a rollback, until it is deleted.
+        ordered: bool,
+        ready: i32,
+        updated: i32,
+        current_revision: Option<String>,
+        update_revision: Option<String>,
+    },
+    DaemonSet {
+        /// `desiredNumberScheduled`: one pod per node the DaemonSet runs on.
+        desired: i32,
+        on_delete: bool,
+        updated: i32,
+        available: i32,
+    },
+    CronJob {
+        suspended: bool,
+    },
+}
+
+impl Default for WorkloadState {
+    fn default() -> Self {
+        WorkloadState {
+            kind: WorkloadKind::Deployment,
+            uid: String::new(),
+            generation: 0,
+            observed_generation: 0,
+            images: Images::default(),
+            owner: None,
+            progress: Progress::Deployment {
+                desired: 1,
+                paused: false,
+                revision: None,
+                replicas: 0,
+                updated: 0,
+                available: 0,
+                deadline_exceeded: None,
+            },
+        }
+    }
+}
+
+impl WorkloadState {
+    /// A paused Deployment: a patch would roll nothing out.
+    pub fn paused(&self) -> bool {
+        matches!(self.progress, Progress::Deployment { paused: true, .. })
+    }
+
+    /// A StatefulSet whose stuck pods only a deletion replaces.
+    pub fn holds_stuck_pods(&self) -> bool {
+        matches!(
+            self.progress,
+            Progress::StatefulSet {
+                ordered: true,
+                on_delete: false,
+                ..
+            }
+        )
+    }
+}
+
+pub fn template_images(t: Option<&PodTemplateSpec>) -> Images {
+    t.and_then(|t| t.spec.as_ref())
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fields every kind shares.
+fn common(
+    kind: WorkloadKind,
+    meta: &ObjectMeta,
+    observed: Option<i64>,
+    images: Images,
+    progress: Progress,
+) -> WorkloadState {
+    let managers: Vec<String> = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    let empty = Default::default();
+    WorkloadState {
+        kind,
+        uid: meta.uid.clone().unwrap_or_default(),
+        generation: meta.generation.unwrap_or(0),
+        observed_generation: observed.unwrap_or(0),
+        images,
+        owner: super::owner::owner_of(
+            meta.labels.as_ref().unwrap_or(&empty),
+            meta.annotations.as_ref().unwrap_or(&empty),
+            &managers,
+        ),
+        progress,
+    }
+}
+
+impl From<&Deployment> for WorkloadState {
+    fn from(dep: &Deployment) -> Self {
+        let spec = dep.spec.as_ref();
+        let status = dep.status.as_ref();
+        let deadline_exceeded = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+            .filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            .map(|c| {
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| "the rollout exceeded its progress deadline".into())
+            });
+        let progress = Progress::Deployment {
+            desired: spec.and_then(|s| s.replicas).unwrap_or(1),
+            paused: spec.and_then(|s| s.paused).unwrap_or(false),
+            revision: dep.annotations().get(REVISION).cloned(),
+            replicas: status.and_then(|s| s.replicas).unwrap_or(0),
+            updated: status.and_then(|s| s.updated_replicas).unwrap_or(0),
+            available: status.and_then(|s| s.available_replicas).unwrap_or(0),
+            deadline_exceeded,
+        };
+        let images = template_images(spec.map(|s| &s.template));
+        let observed = status.and_then(|s| s.observed_generation);
+        common(
+            WorkloadKind::Deployment,
+            &dep.metadata,
+            observed,
+            images,
+            progress,
+        )
+    }
+}
+
+impl From<&StatefulSet> for WorkloadState {
+    fn from(sts: &StatefulSet) -> Self {
+        let spec = sts.spec.as_ref();
+        let status = sts.status.as_ref();
+        let strategy = spec.and_then(|s| s.update_strategy.as_ref());
+        let progress = Progress::StatefulSet {
+            desired: spec.and_then(|s| s.replicas).unwrap_or(1),
+            partition: strategy
+                .and_then(|u| u.rolling_update.as_ref())
+                .and_then(|r| r.partition)
+                .unwrap_or(0),
+            on_delete: strategy.and_then(|u| u.type_.as_deref()) == Some("OnDelete"),
+            ordered: spec.and_then(|s| s.pod_management_policy.as_deref()) != Some("Parallel"),
+            ready: status.and_then(|s| s.ready_replicas).unwrap_or(0),
+            updated: status.and_then(|s| s.updated_replicas).unwrap_or(0),
+            current_revision: status.and_then(|s| s.current_revision.clone()),
+            update_revision: status.and_then(|s| s.update_revision.clone()),
+        };
+        let images = template_images(spec.map(|s| &s.template));
+        let observed = status.and_then(|s| s.observed_generation);
+        common(
+            WorkloadKind::StatefulSet,
+            &sts.metadata,
+            observed,
+            images,
+            progress,
+        )
+    }
+}
+
+impl From<&DaemonSet> for WorkloadState {
+    fn from(ds: &DaemonSet) -> Self {
+        let spec = ds.spec.as_ref();
+        let status = ds.status.as_ref();
+        let strategy = spec.and_then(|s| s.update_strategy.as_ref());
+        let progress = Progress::DaemonSet {
+            desired: status.map(|s| s.desired_number_scheduled).unwrap_or(0),
+            on_delete: strategy.and_then(|u| u.type_.as_deref()) == Some("OnDelete"),
+            updated: status.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
+            available: status.and_then(|s| s.number_available).unwrap_or(0),
+        };
+        let images = template_images(spec.map(|s| &s.template));
+        let observed = status.and_then(|s| s.observed_generation);
+        common(
+            WorkloadKind::DaemonSet,
+            &ds.metadata,
+            observed,
+            images,
+            progress,
+        )
+    }
+}
+
+impl From<&CronJob> for WorkloadState {
+    fn from(cj: &CronJob) -> Self {
+        let spec = cj.spec.as_ref();
+        let template = spec
+            .and_then(|s| s.job_template.spec.as_ref())
+            .map(|j| &j.template);
+        let progress = Progress::CronJob {
+            suspended: spec.and_then(|s| s.suspend).unwrap_or(false),
+        };
+        // A CronJob has no controller that reports a generation: its spec is what runs next.
+        let generation = cj.metadata.generation;
+        common(
+            WorkloadKind::CronJob,
+            &cj.metadata,
+            generation,
+            template_images(template),
+            progress,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
+        serde_saphyr::from_str(s).expect("fixture parses")
+    }
+
+    #[test]
+    fn each_kind_reads_its_own_template_and_status() {
+        let sts: StatefulSet = yaml(
+            "metadata: {name: db, uid: s1, generation: 3}\nspec: {replicas: 3, serviceName: db, selector: {}, updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 1}}, template: {spec: {containers: [{name: db, image: 'pg:16'}]}}}\nstatus: {replicas: 3, observedGeneration: 3, readyReplicas: 2, updatedReplicas: 1, currentRevision: db-a, updateRevision: db-b}",
+        );
+        let s = WorkloadState::from(&sts);
+        assert_eq!(s.kind, WorkloadKind::StatefulSet);
+        assert_eq!(s.images.to_string(), "db=pg:16");
+        assert_eq!(
+            s.progress,
+            Progress::StatefulSet {
+                desired: 3,
+                partition: 1,
+                on_delete: false,
+                ordered: true,
+                ready: 2,
+                updated: 1,
+                current_revision: Some("db-a".into()),
+                update_revision: Some("db-b".into()),
+            }
+        );
+        assert!(s.holds_stuck_pods());
+        let ds: DaemonSet = yaml(
+            "metadata: {name: agent, uid: d1, generation: 2}\nspec: {selector: {}, updateStrategy: {type: OnDelete}, template: {spec: {containers: [{name: agent, image: 'agent:1'}]}}}\nstatus: {currentNumberScheduled: 3, desiredNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, numberAvailable: 3, updatedNumberScheduled: 2, observedGeneration: 2}",
+        );
+        let d = WorkloadState::from(&ds);
+        assert_eq!(
+            d.progress,
+            Progress::DaemonSet {
+                desired: 3,
+                on_delete: true,
+                updated: 2,
+                available: 3
+            }
+        );
+        let cj: CronJob = yaml(
+            "metadata: {name: report, uid: c1, generation: 4}\nspec: {schedule: '0 * * * *', jobTemplate: {spec: {template: {spec: {containers: [{name: report, image: 'report:2'}]}}}}}",
+        );
+        let c = WorkloadState::from(&cj);
+        assert_eq!(c.images.to_string(), "report=report:2");
+        assert_eq!(c.observed_generation, 4);
+        assert!(!c.paused() && !c.holds_stuck_pods());
+    }
+}
