@@ -4,6 +4,7 @@
 pub mod chromium;
 pub mod daemon;
 pub mod postgres;
+pub mod registry;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
