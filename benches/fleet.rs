@@ -8,7 +8,13 @@
 //! - the same burst (on at most `--baseline` files) and single changes driven by
 //!   `inotifywait -m` piped to `kubectl set image`, and the ratios.
 //!
-//! Run: `cargo bench --bench fleet -- [--services 1000,10000] [--baseline 100] [--json]`
+//! With `--mixed N`, a mixed fleet over N namespaces instead (see [`mixed`]).
+//!
+//! Run: `cargo bench --bench fleet -- [--services 1000,10000] [--baseline 100] [--json]
+//! [--mixed 200]`
+
+#[path = "fleet/mixed.rs"]
+mod mixed;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,6 +35,8 @@ struct Options {
     services: Vec<usize>,
     baseline: usize,
     json: bool,
+    /// Namespaces of the mixed fleet, when asked for.
+    mixed: Option<usize>,
 }
 
 fn options() -> Options {
@@ -36,6 +44,7 @@ fn options() -> Options {
         services: vec![1000, 10_000],
         baseline: 100,
         json: false,
+        mixed: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -48,6 +57,10 @@ fn options() -> Options {
                     .split(',')
                     .map(|n| n.trim().parse().expect("--services takes numbers"))
                     .collect();
+            }
+            "--mixed" => {
+                i += 1;
+                o.mixed = Some(args[i].parse().expect("--mixed takes a number"));
             }
             "--baseline" => {
                 i += 1;
@@ -191,6 +204,8 @@ impl Daemon {
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--resync", "1h", "--rollout-timeout", "5m"])
             .env("RUST_LOG", "warn")
+            // The fleet's images live in no registry; the pre-flight's cost is measured apart.
+            .env("DEPWATCH_REGISTRY_CHECK", "off")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -565,6 +580,10 @@ fn table(all: &[Figures]) {
 #[tokio::main]
 async fn main() {
     let o = options();
+    if let Some(namespaces) = o.mixed {
+        mixed::run(namespaces).await;
+        return;
+    }
     let mut all = Vec::new();
     for n in &o.services {
         all.push(scenario(*n, o.baseline).await);

@@ -365,6 +365,33 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_ALLOW_OWNED", help_heading = "Deploys")]
     pub allow_owned: bool,
 
+    /// Before each PATCH, ask the registry whether every changed image exists: `on` refuses
+    /// a missing tag (nothing patched, not pinned), `warn` only warns, `off` never asks. A
+    /// registry that does not answer within --registry-wait never holds a deploy: it goes on
+    /// with a warning.
+    #[arg(
+        long,
+        env = "DEPWATCH_REGISTRY_CHECK",
+        value_enum,
+        default_value = "on",
+        help_heading = "Registries"
+    )]
+    pub registry_check: crate::registry::Mode,
+
+    /// How long a registry that does not answer (unreachable, 5xx, 429) may hold a deploy.
+    #[arg(long, env = "DEPWATCH_REGISTRY_WAIT", default_value = "10s", value_parser = parse_positive_duration, help_heading = "Registries")]
+    pub registry_wait: Duration,
+
+    /// depwatch's own registry credentials, a docker config.json (after the workload's
+    /// imagePullSecrets and its ServiceAccount's).
+    #[arg(
+        long,
+        env = "DEPWATCH_REGISTRY_CREDENTIALS",
+        value_name = "FILE",
+        help_heading = "Registries"
+    )]
+    pub registry_credentials: Option<PathBuf>,
+
     /// Deploys kept in the history per service.
     #[arg(
         long,
@@ -462,6 +489,9 @@ impl DaemonArgs {
             history_max_age: self.history_max_age,
             self_heal: self.self_heal,
             allow_owned: self.allow_owned,
+            registry_check: self.registry_check,
+            registry_wait: self.registry_wait,
+            registry_credentials: self.registry_credentials.clone(),
             http_addr: (!self.no_http).then_some(self.http_addr),
             api_token_file: self.api_token_file.clone(),
             http_max_connections: self.http_max_connections as usize,

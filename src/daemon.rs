@@ -69,6 +69,10 @@ pub struct DaemonConfig {
     pub self_heal: bool,
     /// Patch workloads another engine (Argo CD, Flux, Helm) manages anyway.
     pub allow_owned: bool,
+    /// `--registry-check`, `--registry-wait`, `--registry-credentials`.
+    pub registry_check: crate::registry::Mode,
+    pub registry_wait: Duration,
+    pub registry_credentials: Option<PathBuf>,
     /// Where the status page and API listen; `None` turns them off.
     pub http_addr: Option<std::net::SocketAddr>,
     /// Named bearer tokens allowed to make changes through the API.
@@ -106,6 +110,9 @@ impl DaemonConfig {
             history_max_age: None,
             self_heal: false,
             allow_owned: false,
+            registry_check: crate::registry::Mode::On,
+            registry_wait: Duration::from_secs(10),
+            registry_credentials: None,
             http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
             http_max_connections: crate::http::MAX_CONNECTIONS,
@@ -132,6 +139,32 @@ pub enum DaemonError {
     Leader(#[from] crate::leader::LeaderError),
     #[error("the Lease was lost; this replica stopped so that only one acts")]
     LostLease,
+    #[error("--registry-credentials {path}: {why}; expected a docker config.json such as {{\"auths\": {{\"registry.example.com\": {{\"auth\": \"<base64 user:password>\"}}}}}}")]
+    RegistryCredentials { path: PathBuf, why: String },
+}
+
+/// The registry pre-flight `--registry-check` asks for, with `--registry-credentials` read.
+fn preflight(config: &DaemonConfig) -> Result<Option<crate::registry::Preflight>, DaemonError> {
+    if config.registry_check == crate::registry::Mode::Off {
+        return Ok(None);
+    }
+    let own = match &config.registry_credentials {
+        None => Default::default(),
+        Some(path) => {
+            let fail = |why: String| DaemonError::RegistryCredentials {
+                path: path.clone(),
+                why,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            crate::registry::reference::parse_docker_config(&text).map_err(fail)?
+        }
+    };
+    Ok(Some(crate::registry::Preflight {
+        mode: config.registry_check,
+        wait: config.registry_wait,
+        own,
+        registries: crate::registry::Registries::new(),
+    }))
 }
 
 /// Build a kube client from a kubeconfig file (and context), or infer one (KUBECONFIG,
@@ -304,6 +337,7 @@ async fn start(
             rollout_timeout: config.rollout_timeout,
             fail_fast: config.fail_fast,
             allow_owned: config.allow_owned,
+            preflight: preflight(&config)?,
             server,
         },
     )

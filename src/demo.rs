@@ -167,6 +167,8 @@ pub async fn run(
         rollout_timeout,
         shutdown_grace: Duration::from_secs(5),
         http_addr: Some(http_addr),
+        // The examples' images live in no registry.
+        registry_check: crate::registry::Mode::Off,
         ..DaemonConfig::new(deps.clone(), state.clone(), Some(kubeconfig))
     };
     let daemon_cancel = cancel.child_token();

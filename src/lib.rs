@@ -34,6 +34,7 @@ pub mod lock;
 pub mod metrics;
 pub mod operator;
 pub mod queue;
+pub mod registry;
 pub mod safefs;
 pub mod sdnotify;
 pub mod sim;

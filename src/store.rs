@@ -149,6 +149,9 @@ pub struct DeployRecord {
     /// Set before a rollback's patch: the images it restores. An unfinished deploy with restore
     /// images is a rollback a stop interrupted; the next start finishes it.
     pub restore: String,
+    /// The digests the registry reported for the new images (`container=sha256:…`): what
+    /// ran, exactly.
+    pub digests: String,
 }
 
 /// A file in the dependency directory that looks like a dependency file but whose name is not
@@ -311,19 +314,21 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         message: r.get(10)?,
         request_id: r.get(11)?,
         restore: r.get(12)?,
+        digests: r.get(13)?,
     })
 }
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind";
-const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests";
 
 /// Columns added after the first schema, each with its definition: added to an older database
 /// when the daemon opens it.
 const SQLITE_ADDED: &[(&str, &str, &str)] = &[
     ("deploys", "restore", "TEXT NOT NULL DEFAULT ''"),
     ("services", "kind", "TEXT NOT NULL DEFAULT ''"),
+    ("deploys", "digests", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Create the tables, and add the columns an older database lacks.
@@ -520,9 +525,9 @@ impl Backend for Sqlite {
     fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10)",
-            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id],
+            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11)",
+            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id, d.digests],
         )?;
         Ok(conn.last_insert_rowid())
     }

@@ -119,6 +119,37 @@ impl Space {
             .expect("create deployment");
     }
 
+    /// A StatefulSet (2 replicas, OrderedReady) or a DaemonSet running `image`.
+    async fn workload(&self, kind: &str, name: &str, image: &str) {
+        let template = json!({"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": name, "image": image}]}});
+        let mut spec = json!({"selector": {"matchLabels": {"app": name}}, "template": template});
+        if kind == "statefulset" {
+            spec["replicas"] = json!(2);
+            spec["serviceName"] = json!(name);
+        }
+        let (prefix, plural) = common::daemon::workload_path(kind);
+        let body = json!({"metadata": {"name": name}, "spec": spec});
+        let req = http::Request::post(format!("{prefix}/namespaces/{}/{plural}", self.ns))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).expect("json"))
+            .expect("request");
+        self.client
+            .request::<serde_json::Value>(req)
+            .await
+            .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
+    }
+
+    /// A workload's status, as JSON.
+    async fn workload_status(&self, kind: &str, name: &str) -> serde_json::Value {
+        let (prefix, plural) = common::daemon::workload_path(kind);
+        let req = http::Request::get(format!("{prefix}/namespaces/{}/{plural}/{name}", self.ns))
+            .body(Vec::new())
+            .expect("request");
+        let w: serde_json::Value = self.client.request(req).await.expect("get workload");
+        w["status"].clone()
+    }
+
     async fn image(&self, name: &str) -> String {
         let d = Api::<Deployment>::namespaced(self.client.clone(), &self.ns)
             .get(name)
@@ -157,6 +188,9 @@ fn daemon(cluster: &Cluster, deps: &Path, state: &Path, ns: &str) -> common::dae
             "4m",
         ])
         .env("NO_COLOR", "1")
+        // registry.k8s.io may be out of reach of the machine running the tests (the cluster
+        // pulls, not depwatch); the pre-flight has its own suite.
+        .env("DEPWATCH_REGISTRY_CHECK", "off")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -338,4 +372,72 @@ async fn rollback_is_undo_and_a_paused_deployment_is_left_alone() {
     assert_eq!(space.image("web").await, GOOD);
     d.stop();
     space.cleanup().await;
+}
+
+/// A StatefulSet or DaemonSet: a new version deploys; a missing tag fails with the pod's reason
+/// and is rolled back, and every pod runs the restored version again (for the StatefulSet, after
+/// depwatch deleted the pod of the failed revision that held it).
+async fn workload_lifecycle(kind: &str, tag: &str) {
+    let cluster = Cluster::start().await;
+    let space = Space::new(cluster.client().await, tag).await;
+    let ns = space.ns.clone();
+    space.workload(kind, "store", GOOD).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (deps, state) = (dir.path().join("deps"), dir.path().join("state"));
+    std::fs::create_dir(&deps).expect("deps");
+    let file = deps.join(format!("store_{ns}.dep"));
+    std::fs::write(&file, format!("{NEWER}\n")).expect("write");
+    let d = daemon(&cluster, &deps, &state, &ns);
+    healthy_with(&state, &ns, "store", NEWER).await;
+
+    std::fs::write(&file, format!("{MISSING}\n")).expect("write");
+    let message = outcome(
+        &state,
+        &ns,
+        "store",
+        "rolled_back",
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        message.contains("ErrImagePull") || message.contains("ImagePullBackOff"),
+        "{message}"
+    );
+    wait_for(
+        &format!("every pod of {kind}/store back on {NEWER}"),
+        Duration::from_secs(240),
+        || async {
+            let st = space.workload_status(kind, "store").await;
+            let done = match kind {
+                "statefulset" => {
+                    st["readyReplicas"] == 2 && st["currentRevision"] == st["updateRevision"]
+                }
+                _ => {
+                    st["updatedNumberScheduled"] == st["desiredNumberScheduled"]
+                        && st["numberAvailable"] == st["desiredNumberScheduled"]
+                }
+            };
+            done.then_some(())
+        },
+    )
+    .await;
+    let key = depwatch::depfile::ServiceKey::new("store", &ns).expect("key");
+    let record = depwatch::store::Store::open(&state)
+        .expect("store")
+        .service(&key)
+        .expect("read")
+        .expect("row");
+    assert_eq!(record.kind.as_str(), kind);
+    d.stop();
+    space.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_deploys_and_a_missing_tag_is_rolled_back_by_force() {
+    workload_lifecycle("statefulset", "sts").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemonset_deploys_and_a_missing_tag_is_rolled_back() {
+    workload_lifecycle("daemonset", "ds").await;
 }

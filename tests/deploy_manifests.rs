@@ -248,9 +248,19 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         .await;
     env.write_dep("web_prod.dep", "1.0.0\n");
     env.write_dep("api_prod.dep", "1.0.0\n");
-    // With leader election, so the Lease's verbs are used too.
+    // With leader election, so the Lease's verbs are used too, and the registry pre-flight
+    // (its registries are out of reach: each deploy goes on after the bounded wait), so the
+    // pull credentials are read.
     let daemon = env
-        .daemon(&["--leader-elect", "--lease-namespace", "default"])
+        .daemon(&[
+            "--leader-elect",
+            "--lease-namespace",
+            "default",
+            "--registry-check",
+            "on",
+            "--registry-wait",
+            "1s",
+        ])
         .await;
     // A healthy deploy, a failed one rolled back, a missing Deployment, a missing namespace.
     env.write_dep("web_prod.dep", "1.1.0\n");

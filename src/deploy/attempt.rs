@@ -54,6 +54,7 @@ struct Target<'a> {
 fn failure(e: DeployError) -> Failure {
     Failure {
         transient: e.is_transient(),
+        again_at_resync: matches!(e, DeployError::Registry(_)),
         message: e.to_string(),
     }
 }

@@ -293,7 +293,7 @@ fn remove_pod(cache: &mut Cache, uid: &str) {
 /// What a name finds among a namespace's workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
-    One(WorkloadState),
+    One(Box<WorkloadState>),
     None,
     /// More than one kind has the name, and none was asked for.
     Several(Vec<WorkloadKind>),
@@ -367,7 +367,9 @@ impl NamespaceWatch {
     /// The workload `name` names: of `kind` when given, else of whichever kind has it.
     pub fn find(&self, name: &str, kind: Option<WorkloadKind>) -> Found {
         if let Some(kind) = kind {
-            return self.workload(kind, name).map_or(Found::None, Found::One);
+            return self
+                .workload(kind, name)
+                .map_or(Found::None, |w| Found::One(Box::new(w)));
         }
         let cache = self.lock();
         let mut hits: Vec<&WorkloadState> = WorkloadKind::ALL
@@ -376,7 +378,7 @@ impl NamespaceWatch {
             .collect();
         match hits.len() {
             0 => Found::None,
-            1 => Found::One(hits.remove(0).clone()),
+            1 => Found::One(Box::new(hits.remove(0).clone())),
             _ => Found::Several(hits.iter().map(|w| w.kind).collect()),
         }
     }

@@ -75,6 +75,9 @@ pub struct Settings {
 pub struct Failure {
     /// Connection, timeout, 5xx, 429 or 409: worth retrying.
     pub transient: bool,
+    /// Not retried now, but at the next resync: the world may change without the file (an
+    /// image pushed after its tag was written).
+    pub again_at_resync: bool,
     pub message: String,
 }
 
@@ -167,6 +170,8 @@ pub enum Event {
         resumed: Option<i64>,
         /// The images before depwatch's first deploy of the service count as last good.
         baseline: Option<Images>,
+        /// The digests the registry reported for the new images (container → digest).
+        digests: Images,
     },
     /// Images written; `rollback` tells the rollback's patch from the deploy's.
     Patched { generation: i64, rollback: bool },
@@ -489,7 +494,7 @@ impl Lifecycle {
             from: Images::new(),
             requested: self.desired.requested(),
             message: self.give_up_message(&f),
-            settled: !f.transient,
+            settled: !f.transient && !f.again_at_resync,
             status: ServiceStatus::Failed,
         });
         self.done(events)
@@ -580,6 +585,7 @@ impl Lifecycle {
             to: plan.after.clone(),
             resumed,
             baseline: self.known.last_good.is_empty().then(|| plan.before.clone()),
+            digests: plan.digests.clone(),
         }
     }
 
@@ -939,6 +945,7 @@ mod tests {
         Plan {
             key: ServiceKey::new("web", "prod").expect("key"),
             kind: crate::domain::WorkloadKind::Deployment,
+            digests: Images::new(),
             changes: before.changed_in(&after),
             before,
             after,
@@ -1013,6 +1020,7 @@ mod tests {
     fn failed(transient: bool) -> Failure {
         Failure {
             transient,
+            again_at_resync: false,
             message: "boom".into(),
         }
     }

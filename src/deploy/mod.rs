@@ -9,6 +9,7 @@ pub mod cache;
 pub mod drift;
 pub mod lifecycle;
 pub mod owner;
+pub mod pull;
 pub mod recorder;
 pub mod rollout;
 pub mod watches;
@@ -46,6 +47,8 @@ pub struct DeployConfig {
     pub fail_fast: FailFast,
     /// `--allow-owned`: patch workloads Argo CD, Flux or Helm manage anyway.
     pub allow_owned: bool,
+    /// The registry pre-flight, unless `--registry-check off`.
+    pub preflight: Option<crate::registry::Preflight>,
     /// The API server's URL, for messages.
     pub server: String,
 }
@@ -87,6 +90,9 @@ pub enum DeployError {
     },
     #[error("{0}")]
     Resolve(#[from] depfile::ResolveError),
+    /// The registry says an image is not there (or refuses the credentials): nothing patched.
+    #[error("{0}")]
+    Registry(String),
     #[error("{}", describe_kube(action, server, source))]
     Kube {
         action: &'static str,
@@ -259,6 +265,8 @@ pub struct Plan {
     pub uid: String,
     /// `spec.paused`: a patch would roll nothing out.
     pub paused: bool,
+    /// What the registry reported for the new images (container → digest), when asked.
+    pub digests: Images,
 }
 
 impl Plan {
@@ -315,12 +323,15 @@ pub struct Deployer {
     background: tokio_util::task::TaskTracker,
     /// Namespaces known to exist, so a deploy costs no namespace read after the first.
     known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
+    /// Pull credentials for the registry pre-flight.
+    pull: pull::PullSecrets,
 }
 
 impl Deployer {
     pub fn new(client: Client, config: DeployConfig) -> Self {
         Deployer {
             watches: Watches::new(client.clone(), config.bounds.clone()),
+            pull: pull::PullSecrets::new(client.clone()),
             client,
             config,
             fence: crate::fence::Fence::open(),
@@ -435,23 +446,25 @@ impl Deployer {
     }
 
     /// Read the workload and work out the new images. One try: the lifecycle decides
-    /// whether and when an error is worth another. The shared watches answer when they know
-    /// the workload, so a deploy costs no read; otherwise the API server does.
+    /// whether and when an error is worth another. The shared watches answer (their first
+    /// listing is the start-up's only read of the fleet), so a deploy costs no read; the API
+    /// server is asked only about a workload the watches do not show (yet).
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
         self.config.bounds.check_namespace(&key.namespace)?;
-        let cached = self
+        let found = self
             .watches
-            .cached(&key.namespace)
-            .map(|w| w.find(&key.name, spec.kind));
-        let w = match cached {
-            Some(Found::One(w)) => w,
-            Some(Found::Several(kinds)) => {
+            .namespace(&key.namespace)
+            .await
+            .find(&key.name, spec.kind);
+        let w = match found {
+            Found::One(w) => *w,
+            Found::Several(kinds) => {
                 return Err(DeployError::Ambiguous {
                     key: key.clone(),
                     kinds,
                 })
             }
-            Some(Found::None) | None => self.read(key, spec.kind).await?,
+            Found::None => self.read(key, spec.kind).await?,
         };
         if let Some(owner) = &w.owner {
             if !self.config.allow_owned {
@@ -479,7 +492,9 @@ impl Deployer {
             .bounds
             .check_images(wanted.values().map(String::as_str))?;
         let changes = w.images.changed_in(&wanted);
+        let digests = self.preflight(key, &w, &changes).await?;
         Ok(Plan {
+            digests,
             key: key.clone(),
             kind: w.kind,
             after: w.images.with(&changes),
@@ -489,6 +504,35 @@ impl Deployer {
             generation: w.generation,
             uid: w.uid,
         })
+    }
+
+    /// Ask the registries whether every changed image exists, with the credentials the
+    /// kubelet would use; the digests found, or why the deploy stops before its PATCH.
+    async fn preflight(
+        &self,
+        key: &ServiceKey,
+        w: &WorkloadState,
+        changes: &Images,
+    ) -> Result<Images, DeployError> {
+        let Some(p) = self
+            .config
+            .preflight
+            .as_ref()
+            .filter(|_| !changes.is_empty())
+        else {
+            return Ok(Images::new());
+        };
+        let creds = self.pull.for_pods(&key.namespace, &w.pull).await;
+        let answers = p.ask(changes, &creds).await;
+        match crate::registry::preflight::verdict(p.mode, &answers) {
+            crate::registry::Verdict::Refuse(why) => Err(DeployError::Registry(why)),
+            crate::registry::Verdict::Go { digests, warnings } => {
+                for warning in warnings {
+                    tracing::warn!(service = %key, "registry pre-flight: {warning}");
+                }
+                Ok(digests)
+            }
+        }
     }
 
     /// The workload from the API server: of `kind`, or of whichever kind has the name.

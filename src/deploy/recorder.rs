@@ -254,7 +254,8 @@ impl Attempt<'_> {
                 to,
                 resumed,
                 baseline,
-            } => self.started(from, to, *resumed, baseline.as_ref()),
+                digests,
+            } => self.started(from, to, *resumed, baseline.as_ref(), digests),
             Event::Patched {
                 generation,
                 rollback,
@@ -458,7 +459,14 @@ impl Attempt<'_> {
         }
     }
 
-    fn started(&mut self, from: &Images, to: &Images, resumed: Option<i64>, base: Option<&Images>) {
+    fn started(
+        &mut self,
+        from: &Images,
+        to: &Images,
+        resumed: Option<i64>,
+        base: Option<&Images>,
+        digests: &Images,
+    ) {
         let r = self.recorder;
         let d = self.desired;
         self.from = from.clone();
@@ -481,6 +489,7 @@ impl Attempt<'_> {
                     request_id: d.request_id.clone(),
                     from_image: from.to_string(),
                     to_image: to.to_string(),
+                    digests: digests.to_string(),
                     started_at: store::now(),
                     outcome: DeployOutcome::InProgress,
                     ..DeployRecord::default()

@@ -23,7 +23,17 @@ pub struct WorkloadState {
     pub images: Images,
     /// Argo CD, Flux or Helm, when one of them manages it.
     pub owner: Option<super::owner::Owner>,
+    /// What the kubelet pulls its images with: the template's `imagePullSecrets` and
+    /// ServiceAccount (`default` when unset).
+    pub pull: Pull,
     pub progress: Progress,
+}
+
+/// The pull credentials a pod template names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pull {
+    pub secrets: Vec<String>,
+    pub service_account: String,
 }
 
 /// The status fields of each kind's rollout.
@@ -75,6 +85,7 @@ impl Default for WorkloadState {
             observed_generation: 0,
             images: Images::default(),
             owner: None,
+            pull: Pull::default(),
             progress: Progress::Deployment {
                 desired: 1,
                 paused: false,
@@ -107,6 +118,23 @@ impl WorkloadState {
     }
 }
 
+fn template_pull(t: Option<&PodTemplateSpec>) -> Pull {
+    let spec = t.and_then(|t| t.spec.as_ref());
+    Pull {
+        secrets: spec
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .filter(|n| !n.is_empty())
+            .collect(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into()),
+    }
+}
+
 pub fn template_images(t: Option<&PodTemplateSpec>) -> Images {
     t.and_then(|t| t.spec.as_ref())
         .map(|s| {
@@ -123,7 +151,7 @@ fn common(
     kind: WorkloadKind,
     meta: &ObjectMeta,
     observed: Option<i64>,
-    images: Images,
+    template: Option<&PodTemplateSpec>,
     progress: Progress,
 ) -> WorkloadState {
     let managers: Vec<String> = meta
@@ -138,7 +166,8 @@ fn common(
         uid: meta.uid.clone().unwrap_or_default(),
         generation: meta.generation.unwrap_or(0),
         observed_generation: observed.unwrap_or(0),
-        images,
+        images: template_images(template),
+        pull: template_pull(template),
         owner: super::owner::owner_of(
             meta.labels.as_ref().unwrap_or(&empty),
             meta.annotations.as_ref().unwrap_or(&empty),
@@ -170,13 +199,13 @@ impl From<&Deployment> for WorkloadState {
             available: status.and_then(|s| s.available_replicas).unwrap_or(0),
             deadline_exceeded,
         };
-        let images = template_images(spec.map(|s| &s.template));
         let observed = status.and_then(|s| s.observed_generation);
+        let template = spec.map(|s| &s.template);
         common(
             WorkloadKind::Deployment,
             &dep.metadata,
             observed,
-            images,
+            template,
             progress,
         )
     }
@@ -200,13 +229,13 @@ impl From<&StatefulSet> for WorkloadState {
             current_revision: status.and_then(|s| s.current_revision.clone()),
             update_revision: status.and_then(|s| s.update_revision.clone()),
         };
-        let images = template_images(spec.map(|s| &s.template));
         let observed = status.and_then(|s| s.observed_generation);
+        let template = spec.map(|s| &s.template);
         common(
             WorkloadKind::StatefulSet,
             &sts.metadata,
             observed,
-            images,
+            template,
             progress,
         )
     }
@@ -223,13 +252,13 @@ impl From<&DaemonSet> for WorkloadState {
             updated: status.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
             available: status.and_then(|s| s.number_available).unwrap_or(0),
         };
-        let images = template_images(spec.map(|s| &s.template));
         let observed = status.and_then(|s| s.observed_generation);
+        let template = spec.map(|s| &s.template);
         common(
             WorkloadKind::DaemonSet,
             &ds.metadata,
             observed,
-            images,
+            template,
             progress,
         )
     }
@@ -250,7 +279,7 @@ impl From<&CronJob> for WorkloadState {
             WorkloadKind::CronJob,
             &cj.metadata,
             generation,
-            template_images(template),
+            template,
             progress,
         )
     }
@@ -267,7 +296,7 @@ mod tests {
     #[test]
     fn each_kind_reads_its_own_template_and_status() {
         let sts: StatefulSet = yaml(
-            "metadata: {name: db, uid: s1, generation: 3}\nspec: {replicas: 3, serviceName: db, selector: {}, updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 1}}, template: {spec: {containers: [{name: db, image: 'pg:16'}]}}}\nstatus: {replicas: 3, observedGeneration: 3, readyReplicas: 2, updatedReplicas: 1, currentRevision: db-a, updateRevision: db-b}",
+            "metadata: {name: db, uid: s1, generation: 3}\nspec: {replicas: 3, serviceName: db, selector: {}, updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 1}}, template: {spec: {serviceAccountName: db, imagePullSecrets: [{name: regcred}], containers: [{name: db, image: 'pg:16'}]}}}\nstatus: {replicas: 3, observedGeneration: 3, readyReplicas: 2, updatedReplicas: 1, currentRevision: db-a, updateRevision: db-b}",
         );
         let s = WorkloadState::from(&sts);
         assert_eq!(s.kind, WorkloadKind::StatefulSet);
@@ -286,6 +315,13 @@ mod tests {
             }
         );
         assert!(s.holds_stuck_pods());
+        assert_eq!(
+            s.pull,
+            Pull {
+                secrets: vec!["regcred".into()],
+                service_account: "db".into()
+            }
+        );
         let ds: DaemonSet = yaml(
             "metadata: {name: agent, uid: d1, generation: 2}\nspec: {selector: {}, updateStrategy: {type: OnDelete}, template: {spec: {containers: [{name: agent, image: 'agent:1'}]}}}\nstatus: {currentNumberScheduled: 3, desiredNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, numberAvailable: 3, updatedNumberScheduled: 2, observedGeneration: 2}",
         );
@@ -304,6 +340,7 @@ mod tests {
         );
         let c = WorkloadState::from(&cj);
         assert_eq!(c.images.to_string(), "report=report:2");
+        assert_eq!(c.pull.service_account, "default");
         assert_eq!(c.observed_generation, 4);
         assert!(!c.paused() && !c.holds_stuck_pods());
     }

@@ -75,6 +75,9 @@ CREATE TABLE refused_files (
     "
 ALTER TABLE services ADD COLUMN kind TEXT NOT NULL DEFAULT '';
 ",
+    "
+ALTER TABLE deploys ADD COLUMN digests TEXT NOT NULL DEFAULT '';
+",
 ];
 
 pub struct Postgres {
@@ -249,6 +252,7 @@ fn deploy_row(row: &Row) -> DeployRecord {
         message: row.get(10),
         request_id: row.get(11),
         restore: row.get(12),
+        digests: row.get(13),
     }
 }
 
@@ -449,8 +453,8 @@ impl Backend for Postgres {
         self.run(move |client| async move {
             let row = client
                 .query_one(
-                    "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10) RETURNING id",
+                    "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $11) RETURNING id",
                     &[
                         &d.namespace,
                         &d.name,
@@ -462,6 +466,7 @@ impl Backend for Postgres {
                         &d.outcome.as_str(),
                         &d.message,
                         &d.request_id,
+                        &d.digests,
                     ],
                 )
                 .await?;

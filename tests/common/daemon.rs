@@ -388,6 +388,9 @@ impl Env {
             .env("DEPWATCH_HTTP_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info,depwatch=debug")
             .env("NO_COLOR", "1")
+            // The simulated cluster's images live in no registry; the registry tests ask for
+            // the pre-flight (`--registry-check on`, which the flag's value overrides).
+            .env("DEPWATCH_REGISTRY_CHECK", "off")
             .envs(envs.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

@@ -1,0 +1,266 @@
+//! Image references as a registry sees them: which host, which repository, which tag or digest;
+//! docker config.json credentials; and the tags worth naming when one is missing. All pure.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+
+/// Where an image lives: `registry.example.com:5000`, `team/web`, a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    /// The registry as written (`docker.io` for images without one).
+    pub registry: String,
+    pub repository: String,
+    pub reference: Reference,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(String),
+    Digest(String),
+}
+
+impl ImageRef {
+    /// Parse `[registry/]repository[:tag][@digest]` as the container runtime does: the first
+    /// component is a registry when it has a `.` or `:`, or is `localhost`; otherwise the image
+    /// is on Docker Hub (`library/` for one-component names).
+    pub fn parse(image: &str) -> Result<ImageRef, String> {
+        let (name, digest) = match image.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (image, None),
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), rest)
+            }
+            _ => ("docker.io".to_string(), name),
+        };
+        let last = path.rsplit('/').next().unwrap_or(path);
+        let (repository, tag) = match last.rsplit_once(':') {
+            Some((_, tag)) => (&path[..path.len() - tag.len() - 1], Some(tag)),
+            None => (path, None),
+        };
+        if repository.is_empty() {
+            return Err(format!("{image}: no repository"));
+        }
+        let repository = match (registry.as_str(), repository.contains('/')) {
+            ("docker.io", false) => format!("library/{repository}"),
+            _ => repository.to_string(),
+        };
+        let reference = match (digest, tag) {
+            (Some(d), _) => Reference::Digest(d.to_string()),
+            (None, Some(t)) => Reference::Tag(t.to_string()),
+            (None, None) => Reference::Tag("latest".into()),
+        };
+        Ok(ImageRef {
+            registry,
+            repository,
+            reference,
+        })
+    }
+
+    /// The host the distribution API answers on (Docker Hub's API is not `docker.io`).
+    pub fn api_host(&self) -> &str {
+        match self.registry.as_str() {
+            "docker.io" | "index.docker.io" => "registry-1.docker.io",
+            other => other,
+        }
+    }
+
+    /// `https://host`, or `http://host` for a registry on loopback (a local test registry).
+    pub fn api_base(&self) -> String {
+        let host = self.api_host();
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]");
+        format!("{}://{host}", if loopback { "http" } else { "https" })
+    }
+
+    /// The tag or digest, as the manifest URL takes it.
+    pub fn reference(&self) -> &str {
+        match &self.reference {
+            Reference::Tag(t) | Reference::Digest(t) => t,
+        }
+    }
+
+    /// `registry/repository`, for messages.
+    pub fn repository_shown(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+}
+
+/// A user name and password for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password, wherever a value is logged.
+        write!(f, "Credentials({}, ***)", self.username)
+    }
+}
+
+/// The registry a docker config.json key names: `https://index.docker.io/v1/` is Docker Hub,
+/// `https://host/path` is `host`.
+fn normalise_host(key: &str) -> String {
+    let host = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".into(),
+        _ => host,
+    }
+}
+
+/// The credentials of a docker config.json (`{"auths": {host: {auth | username+password}}}`, or
+/// the older `.dockercfg` form without `auths`), by registry host.
+pub fn parse_docker_config(text: &str) -> Result<HashMap<String, Credentials>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let auths = v.get("auths").unwrap_or(&v);
+    let entries = auths
+        .as_object()
+        .ok_or("expected an object of registries under \"auths\"")?;
+    let mut out = HashMap::new();
+    for (host, entry) in entries {
+        let text = |f: &str| entry.get(f).and_then(|s| s.as_str()).unwrap_or_default();
+        let creds = match (text("auth"), text("username")) {
+            (auth, _) if !auth.is_empty() => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth)
+                    .map_err(|_| format!("{host}: auth is not base64"))?;
+                let pair = String::from_utf8(decoded)
+                    .map_err(|_| format!("{host}: auth is not user:password"))?;
+                let (u, p) = pair
+                    .split_once(':')
+                    .ok_or_else(|| format!("{host}: auth is not user:password"))?;
+                Credentials {
+                    username: u.into(),
+                    password: p.into(),
+                }
+            }
+            (_, user) if !user.is_empty() => Credentials {
+                username: user.into(),
+                password: text("password").into(),
+            },
+            _ => continue,
+        };
+        out.insert(normalise_host(host), creds);
+    }
+    Ok(out)
+}
+
+/// A tag's numbers (`v1.4.2-rc1` → [1, 4, 2, 1]), for ordering versions.
+fn numbers(tag: &str) -> Vec<u64> {
+    tag.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The tags worth naming when `wanted` is missing, at most `n`: those shaped like it (same
+/// non-digit prefix), the ones sharing most of its leading numbers first (`1.4.2` before
+/// `1.10.0` for `1.4.3`), newest first among equals.
+pub fn closest_tags(wanted: &str, tags: &[String], n: usize) -> Vec<String> {
+    let prefix = |t: &str| -> String { t.chars().take_while(|c| !c.is_ascii_digit()).collect() };
+    let (want, want_numbers) = (prefix(wanted), numbers(wanted));
+    let shared = |t: &str| {
+        numbers(t)
+            .iter()
+            .zip(&want_numbers)
+            .take_while(|(a, b)| a == b)
+            .count()
+    };
+    let mut like: Vec<&String> = tags
+        .iter()
+        .filter(|t| prefix(t) == want && !numbers(t).is_empty())
+        .collect();
+    if like.is_empty() {
+        like = tags.iter().collect();
+    }
+    like.sort_by(|a, b| {
+        shared(b)
+            .cmp(&shared(a))
+            .then_with(|| numbers(b).cmp(&numbers(a)))
+            .then_with(|| b.cmp(a))
+    });
+    like.into_iter().take(n).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_read_as_the_runtime_reads_them() {
+        let table = [
+            ("nginx", "docker.io", "library/nginx", "latest"),
+            ("nginx:1.27", "docker.io", "library/nginx", "1.27"),
+            ("team/web:2", "docker.io", "team/web", "2"),
+            (
+                "registry.example.com/team/web:1.4.2",
+                "registry.example.com",
+                "team/web",
+                "1.4.2",
+            ),
+            ("127.0.0.1:5000/web:1.0", "127.0.0.1:5000", "web", "1.0"),
+            ("localhost/web", "localhost", "web", "latest"),
+            ("ghcr.io/o/r@sha256:abc", "ghcr.io", "o/r", "sha256:abc"),
+        ];
+        for (image, registry, repo, reference) in table {
+            let r = ImageRef::parse(image).expect(image);
+            assert_eq!(
+                (r.registry.as_str(), r.repository.as_str(), r.reference()),
+                (registry, repo, reference),
+                "{image}"
+            );
+        }
+        let hub = ImageRef::parse("nginx").expect("hub");
+        assert_eq!(hub.api_base(), "https://registry-1.docker.io");
+        let local = ImageRef::parse("127.0.0.1:5000/web:1").expect("local");
+        assert_eq!(local.api_base(), "http://127.0.0.1:5000");
+        assert!(ImageRef::parse(":1.0").is_err());
+    }
+
+    #[test]
+    fn docker_config_credentials_by_host_and_never_shown() {
+        let auth = base64::engine::general_purpose::STANDARD.encode("ci:s3cret");
+        let text = format!(
+            r#"{{"auths": {{"https://index.docker.io/v1/": {{"auth": "{auth}"}},
+                "registry.example.com": {{"username": "bot", "password": "pw"}},
+                "empty.example.com": {{}}}}}}"#
+        );
+        let creds = parse_docker_config(&text).expect("parses");
+        assert_eq!(creds["docker.io"].username, "ci");
+        assert_eq!(creds["docker.io"].password, "s3cret");
+        assert_eq!(creds["registry.example.com"].password, "pw");
+        assert!(!creds.contains_key("empty.example.com"));
+        assert!(!format!("{:?}", creds["docker.io"]).contains("s3cret"));
+        assert!(parse_docker_config("{").is_err());
+        assert!(parse_docker_config(r#"{"auths": {"h": {"auth": "%%%"}}}"#).is_err());
+    }
+
+    #[test]
+    fn the_closest_tags_shaped_like_the_missing_one_are_named() {
+        let tags: Vec<String> = ["1.4.1", "1.4.2", "1.3.9", "latest", "v2.0.0", "1.10.0"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            closest_tags("1.4.3", &tags, 3),
+            ["1.4.2", "1.4.1", "1.10.0"]
+        );
+        assert_eq!(closest_tags("v2.1.0", &tags, 2), ["v2.0.0"]);
+        assert_eq!(
+            closest_tags("edge", &tags, 1),
+            ["v2.0.0"],
+            "else the newest"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! The registry pre-flight through the real binary, against a real registry (Debian's
+//! `docker-registry`) on loopback: a missing tag is refused before any PATCH with the closest
+//! tags named; a pushed tag deploys with its digest in history; a private repository deploys
+//! with the namespace's pull secret and fails clearly without; a dead registry and a 429 storm
+//! never hold a deploy past the bounded wait.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::Env;
+use common::registry::Registry;
+use common::wait_for;
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceStatus;
+use depwatch::sim::SimConfig;
+use depwatch::store::ServiceRecord;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+fn web() -> ServiceKey {
+    ServiceKey::new("web", "shop").expect("key")
+}
+
+async fn record_where(
+    env: &Env,
+    what: &str,
+    done: impl Fn(&ServiceRecord) -> bool,
+) -> ServiceRecord {
+    let store = env.store();
+    wait_for(what, Duration::from_secs(60), || async {
+        store.service(&web()).ok().flatten().filter(|r| done(r))
+    })
+    .await
+}
+
+/// `--registry-check on` with a short bounded wait, plus `extra`.
+async fn daemon(env: &Env, extra: &[&str]) -> common::daemon::Daemon {
+    let mut args = vec!["--registry-check", "on", "--registry-wait", "2s"];
+    args.extend_from_slice(extra);
+    env.daemon(&args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tag_is_refused_before_any_patch_and_a_pushed_one_deploys_with_its_digest() {
+    let registry = Registry::start(false).await;
+    registry.push("team/web", "1.4.1").await;
+    let digest = registry.push("team/web", "1.4.2").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("1.4.1"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.4.3\n");
+    let _daemon = daemon(&env, &[]).await;
+    let r = record_where(&env, "the typo refused", |r| {
+        r.status == ServiceStatus::Failed
+    })
+    .await;
+    assert!(
+        r.message.contains(&format!(
+            "tag 1.4.3 not found in {}/team/web; closest: 1.4.2, 1.4.1",
+            registry.addr()
+        )),
+        "{}",
+        r.message
+    );
+    assert_eq!(env.all_patches(), 0, "nothing patched");
+    assert!(
+        r.pinned().is_none(),
+        "a missing tag is not a failed rollout"
+    );
+    assert_eq!(env.image("shop", "web").await, image("1.4.1"));
+
+    env.write_dep("web_shop.dep", "1.4.2\n");
+    let r = record_where(&env, "the pushed tag deployed", |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    assert_eq!(r.deployed.get("web"), Some(&image("1.4.2")));
+    let history = env.store().history(Some(&web()), 5).expect("history");
+    assert_eq!(
+        history[0].digests,
+        format!("web={digest}"),
+        "what ran, exactly"
+    );
+}
+
+/// A `kubernetes.io/dockerconfigjson` Secret named `name` in `ns`.
+async fn pull_secret(env: &Env, ns: &str, name: &str, config: &str) {
+    use base64::Engine;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config)}
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(env.client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_deploys_with_the_pull_secret_and_fails_clearly_without() {
+    let registry = Registry::start(true).await;
+    registry.push("private/web", "2.0").await;
+    let digest = registry.push("private/web", "2.1").await;
+    let image = |tag: &str| format!("{}/private/web:{tag}", registry.addr());
+    let env = Env::new(SimConfig::default()).await;
+    // web's pods name a pull secret, as the kubelet needs them to; api's name none.
+    for name in ["web", "api"] {
+        env.deployment("shop", name, &[(name, &image("2.0"))], 1)
+            .await;
+        env.write_dep(&format!("{name}_shop.dep"), "2.1\n");
+    }
+    pull_secret(&env, "shop", "regcred", &registry.docker_config_json()).await;
+    Api::<Deployment>::namespaced(env.client.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {
+                "imagePullSecrets": [{"name": "regcred"}]}}}})),
+        )
+        .await
+        .expect("patch");
+    env.wait_ready("shop", "web").await;
+    let _daemon = daemon(&env, &[]).await;
+    let r = record_where(&env, "deployed with the pull secret", |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    assert_eq!(r.deployed.get("web"), Some(&image("2.1")));
+    let history = env.store().history(Some(&web()), 5).expect("history");
+    assert_eq!(history[0].digests, format!("web={digest}"));
+    let api = ServiceKey::new("api", "shop").expect("key");
+    let store = env.store();
+    let r = wait_for("api refused", Duration::from_secs(60), || async {
+        store
+            .service(&api)
+            .ok()
+            .flatten()
+            .filter(|r| r.status == ServiceStatus::Failed)
+    })
+    .await;
+    assert!(
+        r.message.contains("unauthorized") && r.message.contains("none were found"),
+        "{}",
+        r.message
+    );
+    assert_eq!(env.patches("shop", "api"), 0, "nothing patched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_registry_never_holds_a_deploy_past_the_bounded_wait() {
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &format!("{dead}/web:1.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let daemon = daemon(&env, &[]).await;
+    let r = record_where(&env, "deployed anyway", |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    assert_eq!(r.deployed.get("web"), Some(&format!("{dead}/web:1.1")));
+    assert!(
+        daemon.log_text().contains("not checked") && daemon.log_text().contains("deploying anyway"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_is_honoured_then_the_deploy_goes_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // A registry that answers every request 429 with Retry-After: 1.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "slow down",
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let env = Env::new(SimConfig::default()).await;
+    for name in ["web", "api", "worker"] {
+        env.deployment(
+            "shop",
+            name,
+            &[(name, &format!("{addr}/team/{name}:1.0"))],
+            1,
+        )
+        .await;
+        env.write_dep(&format!("{name}_shop.dep"), "1.1\n");
+    }
+    let _daemon = daemon(&env, &[]).await;
+    let store = env.store();
+    wait_for(
+        "all three deployed anyway",
+        Duration::from_secs(60),
+        || async {
+            let done = ["web", "api", "worker"].iter().all(|n| {
+                let key = ServiceKey::new(n, "shop").expect("key");
+                store
+                    .service(&key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.status == ServiceStatus::Succeeded)
+            });
+            done.then_some(())
+        },
+    )
+    .await;
+    // Retry-After is honoured per registry: within the 2 s wait, a handful of requests, not a
+    // storm of them.
+    let n = hits.load(Ordering::SeqCst);
+    assert!((1..=9).contains(&n), "{n} requests");
+}
