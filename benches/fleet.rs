@@ -8,13 +8,16 @@
 //! - the same burst (on at most `--baseline` files) and single changes driven by
 //!   `inotifywait -m` piped to `kubectl set image`, and the ratios.
 //!
-//! With `--mixed N`, a mixed fleet over N namespaces instead (see [`mixed`]).
+//! With `--mixed N`, a mixed fleet over N namespaces instead (see [`mixed`]); with
+//! `--preflight N`, the registry pre-flight's cost over a burst of N (see [`preflight`]).
 //!
 //! Run: `cargo bench --bench fleet -- [--services 1000,10000] [--baseline 100] [--json]
-//! [--mixed 200]`
+//! [--mixed 200] [--preflight 1000]`
 
 #[path = "fleet/mixed.rs"]
 mod mixed;
+#[path = "fleet/preflight.rs"]
+mod preflight;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,6 +40,8 @@ struct Options {
     json: bool,
     /// Namespaces of the mixed fleet, when asked for.
     mixed: Option<usize>,
+    /// Services of the pre-flight burst, when asked for.
+    preflight: Option<usize>,
 }
 
 fn options() -> Options {
@@ -45,6 +50,7 @@ fn options() -> Options {
         baseline: 100,
         json: false,
         mixed: None,
+        preflight: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -57,6 +63,10 @@ fn options() -> Options {
                     .split(',')
                     .map(|n| n.trim().parse().expect("--services takes numbers"))
                     .collect();
+            }
+            "--preflight" => {
+                i += 1;
+                o.preflight = Some(args[i].parse().expect("--preflight takes a number"));
             }
             "--mixed" => {
                 i += 1;
@@ -189,6 +199,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, deps: &Path, kubeconfig: &Path) -> Daemon {
+        Self::start_with(dir, deps, kubeconfig, &[])
+    }
+
+    /// [`Daemon::start`] with more environment (which wins over the defaults).
+    fn start_with(dir: &Path, deps: &Path, kubeconfig: &Path, envs: &[(&str, &str)]) -> Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -206,6 +221,7 @@ impl Daemon {
             .env("RUST_LOG", "warn")
             // The fleet's images live in no registry; the pre-flight's cost is measured apart.
             .env("DEPWATCH_REGISTRY_CHECK", "off")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -582,6 +598,10 @@ async fn main() {
     let o = options();
     if let Some(namespaces) = o.mixed {
         mixed::run(namespaces).await;
+        return;
+    }
+    if let Some(n) = o.preflight {
+        preflight::run(n).await;
         return;
     }
     let mut all = Vec::new();
