@@ -730,6 +730,11 @@ pub struct SimArgs {
     /// (same --addr) has the same objects.
     #[arg(long, env = "DEPWATCH_SIM_STATE_FILE")]
     pub state_file: Option<PathBuf>,
+
+    /// How many simulated nodes (node-0, node-1, …) the cluster has; DaemonSets run a pod on
+    /// each.
+    #[arg(long, env = "DEPWATCH_SIM_NODES", default_value_t = 3)]
+    pub nodes: usize,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -757,6 +762,7 @@ impl SimArgs {
             watch_timeout: self.watch_timeout.map(Duration::from_secs),
             audit_log: self.audit_log.clone(),
             state_file: self.state_file.clone(),
+            nodes: self.nodes,
         }
     }
 }

@@ -643,3 +643,193 @@ async fn lists_are_paged_with_limit_and_continue() {
         .expect_err("refused");
     assert!(matches!(bad, kube::Error::Api(s) if s.code == 400));
 }
+
+fn workload(kind: &str, name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut obj = json!({
+        "apiVersion": "apps/v1", "kind": kind,
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": name, "image": format!("example.com/{name}:1.0.0")}]}
+            }
+        }
+    });
+    json_patch::merge(&mut obj, &extra);
+    obj
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulsets_daemonsets_revisions_and_nodes_read_as_typed_objects() {
+    use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, StatefulSet};
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::api::{DeleteParams, ListParams};
+
+    let sim = Sim::start(SimConfig {
+        nodes: 2,
+        ready_delay: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let client = sim.client().expect("client");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes.list(&ListParams::default()).await.expect("nodes");
+    let names: Vec<String> = list.items.iter().map(|n| n.name_any()).collect();
+    assert_eq!(names, ["node-0", "node-1"]);
+    for n in &list.items {
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        assert!(ready, "{n:?}");
+        assert_eq!(
+            n.labels().get("kubernetes.io/os").map(String::as_str),
+            Some("linux")
+        );
+    }
+
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    let db: StatefulSet = serde_json::from_value(workload(
+        "StatefulSet",
+        "db",
+        json!({"spec": {"replicas": 2, "serviceName": "db"}}),
+    ))
+    .expect("statefulset");
+    let created = sts
+        .create(&PostParams::default(), &db)
+        .await
+        .expect("create");
+    let spec = created.spec.expect("spec");
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    let strategy = spec.update_strategy.expect("defaulted strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(strategy.rolling_update.and_then(|r| r.partition), Some(0));
+    let ready = |api: Api<StatefulSet>, n: i32| async move {
+        let s = api.get("db").await.ok()?;
+        let st = s.status?;
+        (st.observed_generation == s.metadata.generation
+            && st.ready_replicas == Some(n)
+            && st.current_revision.is_some()
+            && st.current_revision == st.update_revision)
+            .then_some(st)
+    };
+    let st = wait_for("db ready", Duration::from_secs(20), || {
+        ready(sts.clone(), 2)
+    })
+    .await;
+    let rev = st.current_revision.expect("revision");
+    assert_eq!(st.collision_count, Some(0));
+
+    let revisions: Api<ControllerRevision> = Api::namespaced(client.clone(), "default");
+    let list = revisions
+        .list(&ListParams::default().labels("app=db"))
+        .await
+        .expect("revisions");
+    assert_eq!(list.items.len(), 1);
+    let cr = &list.items[0];
+    assert_eq!(cr.name_any(), rev);
+    assert_eq!(cr.revision, 1);
+    assert_eq!(
+        cr.owner_references()[0].controller,
+        Some(true),
+        "controlled by the StatefulSet"
+    );
+    let data = cr.data.as_ref().expect("data");
+    assert_eq!(data.0["spec"]["template"]["$patch"], "replace");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let list = pods
+        .list(&ListParams::default().labels(&format!("controller-revision-hash={rev}")))
+        .await
+        .expect("pods");
+    let mut names: Vec<String> = list.items.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    assert_eq!(names, ["db-0", "db-1"]);
+    assert_eq!(
+        list.items[0]
+            .labels()
+            .get("statefulset.kubernetes.io/pod-name")
+            .map(String::as_str),
+        Some(list.items[0].name_any().as_str())
+    );
+
+    // A pod that fails is replaced by a new one of the same name.
+    let old_uid = pods.get("db-1").await.expect("db-1").uid();
+    pods.patch_status(
+        "db-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+    )
+    .await
+    .expect("fail db-1");
+    wait_for("db-1 replaced", Duration::from_secs(20), || async {
+        let p = pods.get("db-1").await.ok()?;
+        let ready = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (p.uid() != old_uid && ready).then_some(())
+    })
+    .await;
+
+    // The scale subresource, as an autoscaler uses it.
+    sts.patch_scale(
+        "db",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .expect("scale");
+    wait_for("db at 3", Duration::from_secs(20), || ready(sts.clone(), 3)).await;
+
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), "default");
+    let agent: DaemonSet =
+        serde_json::from_value(workload("DaemonSet", "agent", json!({}))).expect("daemonset");
+    dss.create(&PostParams::default(), &agent)
+        .await
+        .expect("create");
+    let st = wait_for("agent on both nodes", Duration::from_secs(20), || async {
+        let d = dss.get("agent").await.ok()?;
+        let st = d.status?;
+        (st.observed_generation == d.metadata.generation
+            && st.number_available == Some(2)
+            && st.updated_number_scheduled == Some(2))
+        .then_some(st)
+    })
+    .await;
+    assert_eq!(st.desired_number_scheduled, 2);
+    assert_eq!(st.current_number_scheduled, 2);
+    assert_eq!(st.number_ready, 2);
+    assert_eq!(st.number_misscheduled, 0);
+    assert_eq!(
+        st.number_unavailable, None,
+        "zero is left out as the API leaves it out"
+    );
+
+    // Deleting an owner collects its pods and revisions.
+    sts.delete("db", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "db's pods and revisions collected",
+        Duration::from_secs(20),
+        || async {
+            let p = pods
+                .list(&ListParams::default().labels("app=db"))
+                .await
+                .ok()?;
+            let r = revisions
+                .list(&ListParams::default().labels("app=db"))
+                .await
+                .ok()?;
+            (p.items.is_empty() && r.items.is_empty()).then_some(())
+        },
+    )
+    .await;
+}

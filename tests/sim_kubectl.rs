@@ -324,3 +324,765 @@ async fn kubectl_create_deployment_sends_protobuf_and_it_rolls_out() {
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
 }
+
+// ---------------------------------------------------------------------------------------------
+// StatefulSets and DaemonSets
+
+const STATEFULSET: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: prod
+spec:
+  serviceName: db
+  replicas: 3
+  selector:
+    matchLabels: {app: db}
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+      - name: db
+        image: example.com/db:1.0.0
+"#;
+
+const DAEMONSET: &str = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: agent
+  namespace: prod
+spec:
+  selector:
+    matchLabels: {app: agent}
+  template:
+    metadata:
+      labels: {app: agent}
+    spec:
+      containers:
+      - name: agent
+        image: example.com/agent:1.0.0
+"#;
+
+/// A sim with `nodes` nodes, namespace prod and kubectl; pods are ready after 100 ms.
+async fn sim_with_prod(nodes: usize) -> (Sim, tempfile::TempDir, Kubectl) {
+    let sim = Sim::start(SimConfig {
+        ready_delay: Duration::from_millis(100),
+        nodes,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    k.ok(&["create", "ns", "prod"]).await;
+    (sim, dir, k)
+}
+
+/// `kubectl apply -f` of a manifest, with `edits` (from, to) made to its text first.
+async fn apply(k: &Kubectl, dir: &std::path::Path, manifest: &str, edits: &[(&str, &str)]) {
+    let mut text = manifest.to_string();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} in the manifest");
+        text = text.replacen(from, to, 1);
+    }
+    let path = dir.join(format!("m{}.yaml", rand_suffix()));
+    std::fs::write(&path, text).expect("write manifest");
+    k.ok(&["apply", "-f", path.to_str().expect("utf-8 path")])
+        .await;
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `kubectl get … -o json`, parsed.
+async fn get_json(k: &Kubectl, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&k.ok(&all).await).expect("kubectl prints JSON")
+}
+
+/// The pods of namespace prod matching `selector`, by name: (name, image, revision label,
+/// ready, waiting reason).
+async fn pods(k: &Kubectl, selector: &str) -> Vec<(String, String, String, bool, String)> {
+    let list = get_json(k, &["-n", "prod", "get", "pods", "-l", selector]).await;
+    let mut out: Vec<_> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| {
+            let cs = &p["status"]["containerStatuses"][0];
+            (
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["metadata"]["labels"]["controller-revision-hash"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                cs["ready"] == true,
+                cs["state"]["waiting"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn rollout_status(k: &Kubectl, what: &str, timeout: &str) -> common::Output {
+    k.run(&[
+        "-n",
+        "prod",
+        "rollout",
+        "status",
+        what,
+        &format!("--timeout={timeout}"),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rolls_out_undoes_restarts_and_scales_a_statefulset() {
+    let (sim, dir, k) = sim_with_prod(3).await;
+    apply(&k, dir.path(), STATEFULSET, &[]).await;
+    let out = rollout_status(&k, "statefulset/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    // The API server defaults rollingUpdate.partition to 0, so kubectl reports a partitioned
+    // roll out, as it does against a real cluster.
+    assert!(
+        out.stdout
+            .contains("partitioned roll out complete: 3 new pods have been updated"),
+        "{out:?}"
+    );
+    let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+    let rev1 = sts["status"]["currentRevision"]
+        .as_str()
+        .expect("currentRevision")
+        .to_string();
+    assert!(rev1.starts_with("db-"), "{sts}");
+    assert_eq!(sts["status"]["updateRevision"], rev1.as_str());
+    assert_eq!(sts["status"]["readyReplicas"], 3);
+    assert_eq!(sts["status"]["availableReplicas"], 3);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "OrderedReady");
+    let ps = pods(&k, "app=db").await;
+    let names: Vec<&str> = ps.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["db-0", "db-1", "db-2"]);
+    assert!(ps.iter().all(|p| p.2 == rev1 && p.3), "{ps:?}");
+    let table = k.ok(&["-n", "prod", "get", "sts"]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("db ") && l.contains(" 3/3 ")),
+        "{table}"
+    );
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "sts/db",
+        "db=example.com/db:1.1.0",
+    ])
+    .await;
+    let out = rollout_status(&k, "statefulset/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=db").await;
+    assert!(ps.iter().all(|p| p.1 == "example.com/db:1.1.0"), "{ps:?}");
+    let history = k
+        .ok(&["-n", "prod", "rollout", "history", "statefulset/db"])
+        .await;
+    let revisions: Vec<&str> = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(revisions, ["1", "2"], "{history}");
+    let one = k
+        .ok(&[
+            "-n",
+            "prod",
+            "rollout",
+            "history",
+            "statefulset/db",
+            "--revision=1",
+        ])
+        .await;
+    assert!(one.contains("example.com/db:1.0.0"), "{one}");
+
+    // kubectl reads the ControllerRevisions and sends revision 1's data back as a strategic
+    // merge patch; the controller reuses revision 1's ControllerRevision as revision 3.
+    let out = k
+        .ok(&["-n", "prod", "rollout", "undo", "statefulset/db"])
+        .await;
+    assert!(out.contains("rolled back"), "{out}");
+    let out = rollout_status(&k, "statefulset/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=db").await;
+    assert!(
+        ps.iter()
+            .all(|p| p.1 == "example.com/db:1.0.0" && p.2 == rev1),
+        "{ps:?}"
+    );
+    let crs = get_json(
+        &k,
+        &["-n", "prod", "get", "controllerrevisions", "-l", "app=db"],
+    )
+    .await;
+    let mut numbers: Vec<(String, i64)> = crs["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| {
+            (
+                r["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["revision"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    numbers.sort_by_key(|(_, n)| *n);
+    assert_eq!(numbers.len(), 2, "{crs}");
+    assert_eq!(numbers[1], (rev1.clone(), 3));
+
+    k.ok(&["-n", "prod", "rollout", "restart", "statefulset/db"])
+        .await;
+    let out = rollout_status(&k, "statefulset/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+    assert!(sts["spec"]["template"]["metadata"]["annotations"]
+        ["kubectl.kubernetes.io/restartedAt"]
+        .is_string());
+    assert_ne!(sts["status"]["currentRevision"], rev1.as_str());
+
+    let out = k
+        .ok(&["-n", "prod", "scale", "statefulset/db", "--replicas=1"])
+        .await;
+    assert!(out.contains("statefulset.apps/db scaled"), "{out}");
+    wait_for("scaled down to db-0", Duration::from_secs(20), || async {
+        let ps = pods(&k, "app=db").await;
+        (ps.len() == 1 && ps[0].0 == "db-0").then_some(())
+    })
+    .await;
+    k.ok(&["-n", "prod", "scale", "statefulset/db", "--replicas=2"])
+        .await;
+    let out = rollout_status(&k, "statefulset/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let scale = k
+        .ok(&[
+            "get",
+            "--raw",
+            "/apis/apps/v1/namespaces/prod/statefulsets/db/scale",
+        ])
+        .await;
+    let scale: serde_json::Value = serde_json::from_str(&scale).expect("json");
+    assert_eq!(scale["spec"]["replicas"], 2);
+    assert_eq!(scale["status"]["replicas"], 2);
+
+    // Deleting the StatefulSet collects its pods and ControllerRevisions.
+    k.ok(&["-n", "prod", "delete", "sts", "db"]).await;
+    wait_for(
+        "pods and revisions collected",
+        Duration::from_secs(20),
+        || async {
+            let pods = k.ok(&["-n", "prod", "get", "pods", "-o", "name"]).await;
+            let crs = k
+                .ok(&["-n", "prod", "get", "controllerrevisions", "-o", "name"])
+                .await;
+            (pods.trim().is_empty() && crs.trim().is_empty()).then_some(())
+        },
+    )
+    .await;
+    drop(sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_ready_statefulset_stays_stuck_on_a_crashing_pod_until_it_is_deleted() {
+    let (_sim, dir, k) = sim_with_prod(3).await;
+    apply(&k, dir.path(), STATEFULSET, &[]).await;
+    assert_eq!(rollout_status(&k, "sts/db", "60s").await.code, 0);
+    let good = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await["status"]["currentRevision"]
+        .as_str()
+        .expect("revision")
+        .to_string();
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "sts/db",
+        "db=example.com/db:crash",
+    ])
+    .await;
+    // The highest ordinal goes first, and crash-loops.
+    wait_for("db-2 to crash-loop", Duration::from_secs(20), || async {
+        let ps = pods(&k, "app=db").await;
+        (ps.len() == 3 && ps[2].1 == "example.com/db:crash" && ps[2].4 == "CrashLoopBackOff")
+            .then_some(())
+    })
+    .await;
+    let ps = pods(&k, "app=db").await;
+    assert!(
+        ps[..2].iter().all(|p| p.2 == good && p.3),
+        "the update stops at db-2: {ps:?}"
+    );
+
+    // Revert the template. The controller sees it (the update revision is the good one again)
+    // but OrderedReady waits for db-2 to be Running and Ready, which it never will be.
+    k.ok(&["-n", "prod", "rollout", "undo", "sts/db"]).await;
+    wait_for(
+        "the revert to be observed",
+        Duration::from_secs(20),
+        || async {
+            let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+            (sts["status"]["observedGeneration"] == sts["metadata"]["generation"]
+                && sts["status"]["updateRevision"] == good.as_str())
+            .then_some(sts)
+        },
+    )
+    .await;
+    let out = rollout_status(&k, "sts/db", "3s").await;
+    assert_ne!(out.code, 0, "still stuck: {out:?}");
+    assert!(
+        out.stdout.contains("Waiting for 1 pods to be ready"),
+        "{out:?}"
+    );
+    let ps = pods(&k, "app=db").await;
+    assert_eq!(
+        ps[2].1, "example.com/db:crash",
+        "db-2 is left as it is: {ps:?}"
+    );
+    let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+    assert_eq!(sts["status"]["readyReplicas"], 2);
+    assert_eq!(sts["status"]["updatedReplicas"], 2);
+
+    // The forced rollback: delete the broken pod; it comes back at the good revision.
+    k.ok(&["-n", "prod", "delete", "pod", "db-2"]).await;
+    let out = rollout_status(&k, "sts/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=db").await;
+    assert!(
+        ps.iter()
+            .all(|p| p.1 == "example.com/db:1.0.0" && p.2 == good && p.3),
+        "{ps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_statefulset_starts_every_pod_at_once() {
+    let (_sim, dir, k) = sim_with_prod(3).await;
+    // Pods that never get ready: OrderedReady would stop at db-0.
+    apply(
+        &k,
+        dir.path(),
+        STATEFULSET,
+        &[
+            (
+                "  serviceName: db",
+                "  serviceName: db\n  podManagementPolicy: Parallel",
+            ),
+            ("db:1.0.0", "db:hang"),
+        ],
+    )
+    .await;
+    wait_for(
+        "three pods running, none ready",
+        Duration::from_secs(20),
+        || async {
+            let ps = pods(&k, "app=db").await;
+            (ps.len() == 3 && ps.iter().all(|p| !p.3)).then_some(())
+        },
+    )
+    .await;
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "sts/db",
+        "db=example.com/db:1.0.1",
+    ])
+    .await;
+    let out = rollout_status(&k, "sts/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=db").await;
+    assert!(
+        ps.iter().all(|p| p.1 == "example.com/db:1.0.1" && p.3),
+        "{ps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_updates_only_the_ordinals_at_or_above_it() {
+    let (_sim, dir, k) = sim_with_prod(3).await;
+    apply(&k, dir.path(), STATEFULSET, &[]).await;
+    assert_eq!(rollout_status(&k, "sts/db", "60s").await.code, 0);
+    k.ok(&[
+        "-n",
+        "prod",
+        "patch",
+        "sts",
+        "db",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}}}}"#,
+    ])
+    .await;
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "sts/db",
+        "db=example.com/db:1.1.0",
+    ])
+    .await;
+    let out = rollout_status(&k, "sts/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("partitioned roll out complete: 1 new pods have been updated"),
+        "{out:?}"
+    );
+    let ps = pods(&k, "app=db").await;
+    let images: Vec<&str> = ps.iter().map(|p| p.1.as_str()).collect();
+    assert_eq!(
+        images,
+        [
+            "example.com/db:1.0.0",
+            "example.com/db:1.0.0",
+            "example.com/db:1.1.0"
+        ]
+    );
+    let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+    assert_ne!(
+        sts["status"]["currentRevision"],
+        sts["status"]["updateRevision"]
+    );
+    assert_eq!(sts["status"]["currentReplicas"], 2);
+    assert_eq!(sts["status"]["updatedReplicas"], 1);
+
+    // Lowering the partition lets the rest follow; then the update revision becomes current.
+    k.ok(&[
+        "-n",
+        "prod",
+        "patch",
+        "sts",
+        "db",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#,
+    ])
+    .await;
+    let out = rollout_status(&k, "sts/db", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_for(
+        "current revision = update revision",
+        Duration::from_secs(20),
+        || async {
+            let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+            (sts["status"]["currentRevision"] == sts["status"]["updateRevision"]
+                && sts["status"]["currentReplicas"] == 3)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_delete_statefulset_updates_a_pod_only_when_it_is_deleted() {
+    let (_sim, dir, k) = sim_with_prod(3).await;
+    apply(
+        &k,
+        dir.path(),
+        STATEFULSET,
+        &[(
+            "  serviceName: db",
+            "  serviceName: db\n  updateStrategy: {type: OnDelete}",
+        )],
+    )
+    .await;
+    wait_for("three ready pods", Duration::from_secs(20), || async {
+        let ps = pods(&k, "app=db").await;
+        (ps.len() == 3 && ps.iter().all(|p| p.3)).then_some(())
+    })
+    .await;
+    // kubectl refuses to follow anything but RollingUpdate, as against a real cluster.
+    let out = rollout_status(&k, "sts/db", "5s").await;
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("rollout status is only available for RollingUpdate strategy type"),
+        "{out:?}"
+    );
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "sts/db",
+        "db=example.com/db:1.1.0",
+    ])
+    .await;
+    let sts = wait_for(
+        "the new revision to be observed",
+        Duration::from_secs(20),
+        || async {
+            let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+            (sts["status"]["observedGeneration"] == sts["metadata"]["generation"]
+                && sts["status"]["updateRevision"] != sts["status"]["currentRevision"])
+                .then_some(sts)
+        },
+    )
+    .await;
+    let new_rev = sts["status"]["updateRevision"]
+        .as_str()
+        .expect("rev")
+        .to_string();
+    let ps = pods(&k, "app=db").await;
+    assert!(ps.iter().all(|p| p.1 == "example.com/db:1.0.0"), "{ps:?}");
+
+    k.ok(&["-n", "prod", "delete", "pod", "db-1"]).await;
+    wait_for(
+        "db-1 back at the new revision",
+        Duration::from_secs(20),
+        || async {
+            let ps = pods(&k, "app=db").await;
+            (ps.len() == 3 && ps[1].1 == "example.com/db:1.1.0" && ps[1].2 == new_rev && ps[1].3)
+                .then_some(())
+        },
+    )
+    .await;
+    let ps = pods(&k, "app=db").await;
+    assert_eq!(ps[0].1, "example.com/db:1.0.0");
+    assert_eq!(ps[2].1, "example.com/db:1.0.0");
+    wait_for("updatedReplicas 1", Duration::from_secs(20), || async {
+        let sts = get_json(&k, &["-n", "prod", "get", "sts", "db"]).await;
+        (sts["status"]["updatedReplicas"] == 1 && sts["status"]["readyReplicas"] == 3).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rolls_out_undoes_and_restarts_a_daemonset_over_the_nodes() {
+    let (_sim, dir, k) = sim_with_prod(4).await;
+    let nodes = k.ok(&["get", "nodes"]).await;
+    let ready: Vec<&str> = nodes
+        .lines()
+        .filter(|l| l.contains(" Ready "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(ready, ["node-0", "node-1", "node-2", "node-3"], "{nodes}");
+
+    apply(&k, dir.path(), DAEMONSET, &[]).await;
+    let out = rollout_status(&k, "daemonset/agent", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("daemon set \"agent\" successfully rolled out"),
+        "{out:?}"
+    );
+    let list = get_json(&k, &["-n", "prod", "get", "pods", "-l", "app=agent"]).await;
+    let mut on: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap_or_default())
+        .collect();
+    on.sort();
+    assert_eq!(
+        on,
+        ["node-0", "node-1", "node-2", "node-3"],
+        "one pod per node"
+    );
+    let ds = get_json(&k, &["-n", "prod", "get", "ds", "agent"]).await;
+    for (field, want) in [
+        ("desiredNumberScheduled", 4),
+        ("currentNumberScheduled", 4),
+        ("numberReady", 4),
+        ("numberAvailable", 4),
+        ("updatedNumberScheduled", 4),
+        ("numberMisscheduled", 0),
+    ] {
+        assert_eq!(ds["status"][field], want, "{field}: {ds}");
+    }
+    let table = k.ok(&["-n", "prod", "get", "ds"]).await;
+    assert!(table.contains("UP-TO-DATE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().take(6).collect::<Vec<_>>()
+                == ["agent", "4", "4", "4", "4", "4"]),
+        "{table}"
+    );
+
+    k.ok(&[
+        "-n",
+        "prod",
+        "set",
+        "image",
+        "ds/agent",
+        "agent=example.com/agent:1.1.0",
+    ])
+    .await;
+    let out = rollout_status(&k, "ds/agent", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=agent").await;
+    assert_eq!(ps.len(), 4);
+    assert!(
+        ps.iter().all(|p| p.1 == "example.com/agent:1.1.0" && p.3),
+        "{ps:?}"
+    );
+    let history = k
+        .ok(&["-n", "prod", "rollout", "history", "ds/agent"])
+        .await;
+    assert!(
+        history.lines().any(|l| l.starts_with('1')) && history.lines().any(|l| l.starts_with('2')),
+        "{history}"
+    );
+
+    let out = k.ok(&["-n", "prod", "rollout", "undo", "ds/agent"]).await;
+    assert!(out.contains("rolled back"), "{out}");
+    let out = rollout_status(&k, "ds/agent", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ps = pods(&k, "app=agent").await;
+    assert!(
+        ps.iter().all(|p| p.1 == "example.com/agent:1.0.0"),
+        "{ps:?}"
+    );
+
+    k.ok(&["-n", "prod", "rollout", "restart", "ds/agent"])
+        .await;
+    let out = rollout_status(&k, "ds/agent", "60s").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ds = get_json(&k, &["-n", "prod", "get", "ds", "agent"]).await;
+    assert_eq!(
+        ds["metadata"]["annotations"]["deprecated.daemonset.template.generation"],
+        "4"
+    );
+
+    k.ok(&["-n", "prod", "delete", "ds", "agent"]).await;
+    wait_for("daemon pods collected", Duration::from_secs(20), || async {
+        pods(&k, "app=agent").await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonset_pull_failures_show_in_pod_status_and_a_selector_matching_no_node_runs_nothing() {
+    let (_sim, dir, k) = sim_with_prod(2).await;
+    apply(
+        &k,
+        dir.path(),
+        DAEMONSET,
+        &[("agent:1.0.0", "agent:fail-pull")],
+    )
+    .await;
+    wait_for(
+        "ImagePullBackOff on both nodes",
+        Duration::from_secs(20),
+        || async {
+            let ps = pods(&k, "app=agent").await;
+            (ps.len() == 2 && ps.iter().all(|p| p.4 == "ImagePullBackOff")).then_some(())
+        },
+    )
+    .await;
+    let table = k.ok(&["-n", "prod", "get", "pods", "-o", "wide"]).await;
+    assert!(table.contains("ImagePullBackOff"), "{table}");
+    assert!(
+        table.contains("node-0") && table.contains("node-1"),
+        "{table}"
+    );
+    let ds = get_json(&k, &["-n", "prod", "get", "ds", "agent"]).await;
+    assert_eq!(ds["status"]["numberUnavailable"], 2, "{ds}");
+    assert_eq!(ds["status"]["numberReady"], 0, "{ds}");
+    let out = rollout_status(&k, "ds/agent", "2s").await;
+    assert_ne!(out.code, 0, "{out:?}");
+
+    apply(
+        &k,
+        dir.path(),
+        DAEMONSET,
+        &[
+            ("name: agent\n  namespace", "name: ssd\n  namespace"),
+            (
+                "    spec:\n",
+                "    spec:\n      nodeSelector: {disktype: ssd}\n",
+            ),
+        ],
+    )
+    .await;
+    let ds = wait_for("ssd observed", Duration::from_secs(20), || async {
+        let ds = get_json(&k, &["-n", "prod", "get", "ds", "ssd"]).await;
+        (ds["status"]["observedGeneration"] == 1).then_some(ds)
+    })
+    .await;
+    assert_eq!(ds["status"]["desiredNumberScheduled"], 0, "{ds}");
+    assert_eq!(ds["status"]["currentNumberScheduled"], 0, "{ds}");
+    let out = rollout_status(&k, "ds/ssd", "20s").await;
+    assert_eq!(out.code, 0, "nothing to roll out: {out:?}");
+
+    // A node gaining the label gets a pod.
+    k.ok(&["label", "node", "node-1", "disktype=ssd"]).await;
+    wait_for("a pod on node-1", Duration::from_secs(20), || async {
+        let list = get_json(&k, &["-n", "prod", "get", "pods", "-l", "app=agent"]).await;
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .any(|p| {
+                p["metadata"]["ownerReferences"][0]["name"] == "ssd"
+                    && p["spec"]["nodeName"] == "node-1"
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depwatch_sim_nodes_sets_the_number_of_nodes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("kubeconfig");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args([
+            "sim",
+            "--addr",
+            "127.0.0.1:0",
+            "--nodes",
+            "2",
+            "--kubeconfig-out",
+        ])
+        .arg(&kc)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("depwatch sim starts");
+    // Kept open until the sim is stopped, so its later lines never meet a closed pipe.
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("address printed");
+    let k = Kubectl::new(
+        dir.path(),
+        &std::fs::read_to_string(&kc).expect("kubeconfig written"),
+    );
+    let out = k.ok(&["get", "nodes", "-o", "name"]).await;
+    child.kill().expect("stop the sim");
+    let _ = child.wait();
+    drop(stdout);
+    assert_eq!(out.trim(), "node/node-0\nnode/node-1");
+}

@@ -25,6 +25,7 @@ use super::resources::{self, ResourceType};
 use super::selector::Selector;
 use super::store::{ApiError, ObjKey, Store, StoredEvent, WatchStart};
 use super::table;
+use super::workloads;
 
 /// Faults injected into requests, adjustable while the server runs.
 #[derive(Debug, Default)]
@@ -669,10 +670,26 @@ fn prune_nulls(v: &mut Value) {
     }
 }
 
-/// Fill in what the API server's defaulting would.
-fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
+/// Fill in what the API server's defaulting (and, for a DaemonSet's template generation, its
+/// registry strategy) would; `old` is the stored object an update replaces.
+fn apply_defaults(rt: &ResourceType, obj: &mut Value, old: Option<&Value>) {
     prune_nulls(obj);
     match (rt.group, rt.plural) {
+        ("apps", "statefulsets") => statefulset_defaults(&mut obj["spec"]),
+        ("apps", "daemonsets") => {
+            daemonset_defaults(&mut obj["spec"]);
+            // The template generation moves with the template (`spec.templateGeneration`,
+            // kept in this annotation in apps/v1).
+            let stored = old.map(|o| {
+                let g = o["metadata"]["annotations"][workloads::TEMPLATE_GENERATION]
+                    .as_str()
+                    .and_then(|g| g.parse::<i64>().ok())
+                    .unwrap_or(1);
+                g + i64::from(o["spec"]["template"] != obj["spec"]["template"])
+            });
+            obj["metadata"]["annotations"][workloads::TEMPLATE_GENERATION] =
+                json!(stored.unwrap_or(1).to_string());
+        }
         ("apps", "deployments") => {
             let spec = &mut obj["spec"];
             if spec["replicas"].is_null() {
@@ -703,6 +720,60 @@ fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
         }
         _ => {}
     }
+}
+
+/// SetDefaults_StatefulSet: OrderedReady, RollingUpdate with partition 0 (only when the
+/// strategy type was left out or `rollingUpdate` given), 1 replica, 10 revisions, claims retained.
+fn statefulset_defaults(spec: &mut Value) {
+    if spec["podManagementPolicy"].is_null() {
+        spec["podManagementPolicy"] = json!("OrderedReady");
+    }
+    let strategy = &mut spec["updateStrategy"];
+    if strategy["type"].is_null() {
+        strategy["type"] = json!("RollingUpdate");
+        if strategy["rollingUpdate"].is_null() {
+            strategy["rollingUpdate"] = json!({});
+        }
+    }
+    if strategy["type"] == "RollingUpdate"
+        && strategy["rollingUpdate"].is_object()
+        && strategy["rollingUpdate"]["partition"].is_null()
+    {
+        strategy["rollingUpdate"]["partition"] = json!(0);
+    }
+    for (k, v) in [("replicas", json!(1)), ("revisionHistoryLimit", json!(10))] {
+        if spec[k].is_null() {
+            spec[k] = v;
+        }
+    }
+    let retention = &mut spec["persistentVolumeClaimRetentionPolicy"];
+    for k in ["whenDeleted", "whenScaled"] {
+        if retention[k].is_null() {
+            retention[k] = json!("Retain");
+        }
+    }
+    pod_spec_defaults(&mut spec["template"]["spec"]);
+}
+
+/// SetDefaults_DaemonSet: RollingUpdate with maxUnavailable 1 and maxSurge 0, 10 revisions.
+fn daemonset_defaults(spec: &mut Value) {
+    let strategy = &mut spec["updateStrategy"];
+    if strategy["type"].is_null() {
+        strategy["type"] = json!("RollingUpdate");
+    }
+    if strategy["type"] == "RollingUpdate" {
+        let ru = &mut strategy["rollingUpdate"];
+        if ru["maxUnavailable"].is_null() {
+            ru["maxUnavailable"] = json!(1);
+        }
+        if ru["maxSurge"].is_null() {
+            ru["maxSurge"] = json!(0);
+        }
+    }
+    if spec["revisionHistoryLimit"].is_null() {
+        spec["revisionHistoryLimit"] = json!(10);
+    }
+    pod_spec_defaults(&mut spec["template"]["spec"]);
 }
 
 fn pod_spec_defaults(spec: &mut Value) {
@@ -758,7 +829,15 @@ fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Result<(), A
         ));
     }
     let pod_spec = match (rt.group, rt.plural) {
-        ("apps", "deployments") | ("apps", "replicasets") => {
+        ("apps", "deployments")
+        | ("apps", "replicasets")
+        | ("apps", "statefulsets")
+        | ("apps", "daemonsets") => {
+            if let (Some(old), "statefulsets") = (old, rt.plural) {
+                if statefulset_fixed(old) != statefulset_fixed(obj) {
+                    causes.push(("spec".into(), "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into()));
+                }
+            }
             let sel = &obj["spec"]["selector"];
             let labels = &obj["spec"]["template"]["metadata"]["labels"];
             if sel.is_null() || sel.as_object().is_some_and(|m| m.is_empty()) {
@@ -819,6 +898,25 @@ fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Result<(), A
     } else {
         Err(ApiError::invalid(rt, name, causes))
     }
+}
+
+/// The part of a StatefulSet's spec that may not change.
+fn statefulset_fixed(obj: &Value) -> Value {
+    let mut spec = obj["spec"].clone();
+    if let Some(m) = spec.as_object_mut() {
+        for k in [
+            "replicas",
+            "ordinals",
+            "template",
+            "updateStrategy",
+            "revisionHistoryLimit",
+            "persistentVolumeClaimRetentionPolicy",
+            "minReadySeconds",
+        ] {
+            m.remove(k);
+        }
+    }
+    spec
 }
 
 fn check_namespace(store: &Store, rt: &ResourceType, ns: Option<&str>) -> Result<(), ApiError> {
@@ -910,7 +1008,7 @@ fn create(
     if rt.tracks_generation {
         obj["metadata"]["generation"] = json!(1);
     }
-    apply_defaults(rt, &mut obj);
+    apply_defaults(rt, &mut obj, None);
     validate(rt, &obj, None)?;
     track_update(None, &mut obj, manager, &rt.api_version(), &now);
     let name = meta::name(&obj).to_string();
@@ -986,7 +1084,7 @@ fn finish_write(
             }
         }
     }
-    apply_defaults(rt, &mut new);
+    apply_defaults(rt, &mut new, Some(old));
     validate(rt, &new, Some(old))?;
     if rt.tracks_generation && new.get("spec") != old.get("spec") {
         let g = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
@@ -1191,7 +1289,7 @@ fn patch_object(
                     if rt.tracks_generation {
                         obj["metadata"]["generation"] = json!(1);
                     }
-                    apply_defaults(rt, &mut obj);
+                    apply_defaults(rt, &mut obj, None);
                     validate(rt, &obj, None)?;
                     Ok(Some(obj))
                 }

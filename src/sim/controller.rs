@@ -6,7 +6,8 @@
 //! so Deployment status evolves as the real controllers make it evolve: a new ReplicaSet per
 //! template (named by `pod-template-hash`), rolling scale-up and scale-down within
 //! maxSurge/maxUnavailable, pods whose fate follows their image, and the Progressing/Available
-//! conditions with the real reasons, including ProgressDeadlineExceeded.
+//! conditions with the real reasons, including ProgressDeadlineExceeded. StatefulSets and
+//! DaemonSets ride the same dirty-tracking and are synced by [`super::workloads`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -32,7 +33,7 @@ const BACKOFF_AFTER: Duration = Duration::from_millis(1200);
 const CRASH_CYCLE: Duration = Duration::from_millis(1000);
 
 pub struct Controller {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     behaviours: Behaviours,
     /// When each pod (by UID) was created, at sub-second precision for the kubelet's clock.
     pod_born: HashMap<String, Instant>,
@@ -52,12 +53,17 @@ pub struct Controller {
     owners: HashMap<String, HashMap<String, HashSet<ObjKey>>>,
     /// The owner each indexed object was filed under.
     owner_of: HashMap<ObjKey, String>,
-    /// Keys of Deployments and ReplicaSets by UID, to reach an owner from what it owns.
+    /// Keys of Deployments, ReplicaSets, StatefulSets and DaemonSets by UID, to reach an owner
+    /// from what it owns.
     keys: HashMap<String, ObjKey>,
     /// What the next tick must look at.
     dirty_deployments: BTreeSet<ObjKey>,
     dirty_replicasets: BTreeSet<ObjKey>,
     dirty_pods: BTreeSet<ObjKey>,
+    pub(super) dirty_statefulsets: BTreeSet<ObjKey>,
+    pub(super) dirty_daemonsets: BTreeSet<ObjKey>,
+    /// Every DaemonSet, to look at them all again when the nodes change.
+    pub(super) daemonsets: BTreeSet<ObjKey>,
     /// When an object must be looked at again without any event (pod fates, deadlines).
     timers: BinaryHeap<Reverse<(Instant, ObjKey)>>,
     scheduled: HashMap<ObjKey, Instant>,
@@ -80,7 +86,7 @@ fn int(v: &Value) -> i64 {
 }
 
 /// Resolve an int-or-percent (`25%`, `1`) against a replica count.
-fn int_or_percent(v: &Value, total: i64, round_up: bool, default: &str) -> i64 {
+pub(super) fn int_or_percent(v: &Value, total: i64, round_up: bool, default: &str) -> i64 {
     let v = if v.is_null() {
         json!(default)
     } else {
@@ -138,6 +144,9 @@ impl Controller {
             dirty_deployments: BTreeSet::new(),
             dirty_replicasets: BTreeSet::new(),
             dirty_pods: BTreeSet::new(),
+            dirty_statefulsets: BTreeSet::new(),
+            dirty_daemonsets: BTreeSet::new(),
+            daemonsets: BTreeSet::new(),
             timers: BinaryHeap::new(),
             scheduled: HashMap::new(),
             full: true,
@@ -202,6 +211,8 @@ impl Controller {
             }
         }
         self.absorb();
+        self.sync_workloads();
+        self.absorb();
         for key in std::mem::take(&mut self.dirty_pods) {
             if let Some(pod) = self.store.get(&key) {
                 self.kubelet(&key, &pod);
@@ -226,7 +237,7 @@ impl Controller {
     }
 
     /// Take in every change since the last look: index it and mark what it concerns.
-    fn absorb(&mut self) {
+    pub(super) fn absorb(&mut self) {
         while let Ok(ev) = self.feed.try_recv() {
             self.note(&ev.key, &ev.object, ev.kind == EventType::Deleted);
         }
@@ -260,7 +271,8 @@ impl Controller {
         let rss = resources::replicasets().qualified();
         let pods = resources::pods().qualified();
         let owner_key = owner.as_ref().and_then(|o| self.keys.get(o)).cloned();
-        if key.resource == deps || key.resource == rss {
+        let owner_kind = self.note_workload(key, deleted);
+        if key.resource == deps || key.resource == rss || owner_kind {
             match deleted {
                 true => self.keys.remove(&uid),
                 false => self.keys.insert(uid.clone(), key.clone()),
@@ -268,7 +280,7 @@ impl Controller {
         }
         if deleted {
             self.pod_born.remove(&uid);
-            if key.resource == deps || key.resource == rss {
+            if key.resource == deps || key.resource == rss || owner_kind {
                 self.orphaned.push(uid.clone());
             } else if key.resource == resources::namespaces().qualified() {
                 self.gc = true;
@@ -285,17 +297,31 @@ impl Controller {
             if !deleted {
                 self.dirty_pods.insert(key.clone());
             }
-            if let Some(rs) = owner_key {
-                let dep = self
-                    .owner_of
-                    .get(&rs)
-                    .and_then(|d| self.keys.get(d))
-                    .cloned();
-                self.dirty_replicasets.insert(rs);
-                if let Some(dep) = dep {
-                    self.dirty_deployments.insert(dep);
-                }
+            if let Some(owner) = owner_key {
+                self.owner_changed(owner);
             }
+        } else if let Some(owner) = owner_key {
+            // ControllerRevisions (and anything else a workload controls).
+            self.owner_changed(owner);
+        }
+    }
+
+    /// Something an owner controls changed: look at the owner (and a ReplicaSet's Deployment).
+    fn owner_changed(&mut self, owner: ObjKey) {
+        if owner.resource == resources::replicasets().qualified() {
+            let dep = self
+                .owner_of
+                .get(&owner)
+                .and_then(|d| self.keys.get(d))
+                .cloned();
+            self.dirty_replicasets.insert(owner);
+            if let Some(dep) = dep {
+                self.dirty_deployments.insert(dep);
+            }
+        } else if owner.resource == resources::deployments().qualified() {
+            self.dirty_deployments.insert(owner);
+        } else {
+            self.workload_changed(owner);
         }
     }
 
@@ -303,7 +329,11 @@ impl Controller {
     /// pass: a Deployment's ReplicaSets now, their pods when those deletions come back.
     fn collect_orphans(&mut self) {
         while let Some(owner) = self.orphaned.pop() {
-            for rt in [resources::replicasets(), resources::pods()] {
+            for rt in [
+                resources::replicasets(),
+                resources::pods(),
+                resources::controllerrevisions(),
+            ] {
                 for obj in self.owned(rt, "", &owner) {
                     self.delete(rt, &obj);
                 }
@@ -317,6 +347,10 @@ impl Controller {
         for rt in [
             resources::deployments(),
             resources::replicasets(),
+            resources::statefulsets(),
+            resources::daemonsets(),
+            resources::controllerrevisions(),
+            resources::nodes(),
             resources::pods(),
         ] {
             let (items, _) = self.store.list(&rt.qualified(), None);
@@ -365,7 +399,7 @@ impl Controller {
     }
 
     /// Change one object in place; spec changes bump `metadata.generation`.
-    fn update(&self, rt: &ResourceType, obj: &Value, f: impl FnOnce(&mut Value)) {
+    pub(super) fn update(&self, rt: &ResourceType, obj: &Value, f: impl FnOnce(&mut Value)) {
         let key = ObjKey::new(rt, meta::namespace(obj), meta::name(obj));
         let uid = meta::uid_of(obj).to_string();
         let track = rt.tracks_generation;
@@ -384,7 +418,7 @@ impl Controller {
         });
     }
 
-    fn create(&self, rt: &ResourceType, obj: Value) {
+    pub(super) fn create(&self, rt: &ResourceType, obj: Value) {
         let key = ObjKey::new(rt, meta::namespace(&obj), meta::name(&obj));
         let _ = self.store.write(&key, |cur| match cur {
             Some(c) => Ok(Some(c.clone())),
@@ -392,7 +426,7 @@ impl Controller {
         });
     }
 
-    fn delete(&self, rt: &ResourceType, obj: &Value) {
+    pub(super) fn delete(&self, rt: &ResourceType, obj: &Value) {
         let key = ObjKey::new(rt, meta::namespace(obj), meta::name(obj));
         let uid = meta::uid_of(obj).to_string();
         let _ = self.store.write(&key, |cur| match cur {
@@ -430,7 +464,12 @@ impl Controller {
     }
 
     /// Objects of a kind controlled by `owner_uid`, from the index kept from the feed.
-    fn owned(&self, rt: &ResourceType, _namespace: &str, owner_uid: &str) -> Vec<Arc<Value>> {
+    pub(super) fn owned(
+        &self,
+        rt: &ResourceType,
+        _namespace: &str,
+        owner_uid: &str,
+    ) -> Vec<Arc<Value>> {
         self.owners
             .get(&rt.qualified())
             .and_then(|m| m.get(owner_uid))
@@ -440,7 +479,7 @@ impl Controller {
             .collect()
     }
 
-    fn pod_ready(pod: &Value) -> bool {
+    pub(super) fn pod_ready(pod: &Value) -> bool {
         pod["status"]["conditions"].as_array().is_some_and(|cs| {
             cs.iter()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
@@ -690,12 +729,13 @@ impl Controller {
         let template = &rs["spec"]["template"];
         let rs_name = meta::name(rs);
         let mut spec = template["spec"].clone();
-        spec["nodeName"] = json!("sim-node");
+        let name = format!("{rs_name}-{}", meta::suffix(5));
+        spec["nodeName"] = json!(self.node_for(&name));
         if spec["restartPolicy"].is_null() {
             spec["restartPolicy"] = json!("Always");
         }
         let mut metadata = json!({
-            "name": format!("{rs_name}-{}", meta::suffix(5)),
+            "name": name,
             "generateName": format!("{rs_name}-"),
             "namespace": meta::namespace(rs),
             "uid": meta::uid(),
@@ -721,6 +761,14 @@ impl Controller {
     /// The kubelet: move a pod's status along according to its images' fates, and come back
     /// when that status is next due to change.
     fn kubelet(&mut self, key: &ObjKey, pod: &Value) {
+        // Failed and Succeeded are terminal: a kubelet never moves a pod out of them (the
+        // workload controllers replace such pods).
+        if matches!(
+            pod["status"]["phase"].as_str(),
+            Some("Failed" | "Succeeded")
+        ) {
+            return;
+        }
         let now = Instant::now();
         let uid = meta::uid_of(pod).to_string();
         let born = *self.pod_born.entry(uid).or_insert(now);
@@ -861,7 +909,7 @@ impl Controller {
             |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
         json!({
             "phase": if all_running { "Running" } else { "Pending" },
-            "hostIP": "10.0.0.1",
+            "hostIP": super::workloads::host_ip(pod),
             "podIP": "10.1.0.1",
             "startTime": started,
             "qosClass": "BestEffort",

@@ -7,6 +7,7 @@
 //! - [`api`]: HTTP routing, verbs, admission, watches, fault injection and the audit log.
 //! - [`patch`] and [`apply`]: the four patch types and field ownership.
 //! - [`controller`] and [`behaviour`]: ReplicaSets, pods and status, driven by image rules.
+//! - [`workloads`]: StatefulSets and DaemonSets (ControllerRevisions, ordinals, nodes).
 //! - [`discovery`], [`table`], [`protobuf`]: what kubectl needs besides the verbs.
 //!
 //! The daemon never uses this module directly: it meets the sim only through a kubeconfig,
@@ -24,6 +25,7 @@ pub mod resources;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod workloads;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,8 @@ pub struct SimConfig {
     /// Load state from here at start and save it here at stop, so a restarted sim has the same
     /// objects at the same resource versions.
     pub state_file: Option<PathBuf>,
+    /// How many nodes the cluster has (`node-0` …): DaemonSets run one pod on each.
+    pub nodes: usize,
 }
 
 impl Default for SimConfig {
@@ -71,6 +75,7 @@ impl Default for SimConfig {
             watch_timeout: None,
             audit_log: None,
             state_file: None,
+            nodes: 3,
         }
     }
 }
@@ -120,6 +125,7 @@ impl Sim {
             Some(p) => load_state(&store, p)?,
             None => seed(&store),
         }
+        seed_nodes(&store, config.nodes);
         let faults = Arc::new(Faults::default());
         faults.set_latency(config.latency);
         faults.set_error_rate(config.error_rate);
@@ -285,6 +291,15 @@ fn seed(store: &Store) {
         });
         let key = ObjKey::new(resources::namespaces(), "", ns);
         let _ = store.mutate(&key, |_| Ok(Some(obj)));
+    }
+}
+
+/// The nodes `node-0` … `node-{n-1}`, Ready; nodes already in a restored state are kept.
+fn seed_nodes(store: &Store, n: usize) {
+    for i in 0..n {
+        let node = workloads::node(i);
+        let key = ObjKey::new(resources::nodes(), "", meta::name(&node));
+        let _ = store.mutate(&key, |cur| Ok(Some(cur.cloned().unwrap_or(node))));
     }
 }
 

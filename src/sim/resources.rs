@@ -117,6 +117,17 @@ pub static RESOURCES: &[ResourceType] = &[
     rt!(
         "",
         "v1",
+        "Node",
+        "nodes",
+        "node",
+        false,
+        &["no"],
+        true,
+        false
+    ),
+    rt!(
+        "",
+        "v1",
         "Event",
         "events",
         "event",
@@ -179,6 +190,17 @@ pub static RESOURCES: &[ResourceType] = &[
         &["ds"],
         true,
         true
+    ),
+    rt!(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        "controllerrevision",
+        true,
+        &[],
+        false,
+        false
     ),
     rt!("batch", "v1", "Job", "jobs", "job", true, &[], true, true),
     rt!(
@@ -335,6 +357,21 @@ pub fn replicasets() -> &'static ResourceType {
 pub fn pods() -> &'static ResourceType {
     by_plural("", "pods")
 }
+pub fn statefulsets() -> &'static ResourceType {
+    by_plural("apps", "statefulsets")
+}
+pub fn daemonsets() -> &'static ResourceType {
+    by_plural("apps", "daemonsets")
+}
+pub fn controllerrevisions() -> &'static ResourceType {
+    by_plural("apps", "controllerrevisions")
+}
+pub fn nodes() -> &'static ResourceType {
+    by_plural("", "nodes")
+}
+pub fn persistentvolumeclaims() -> &'static ResourceType {
+    by_plural("", "persistentvolumeclaims")
+}
 
 fn by_plural(group: &str, plural: &str) -> &'static ResourceType {
     // The table above is static and these names are in it; a miss is a programming error
@@ -376,5 +413,12 @@ mod tests {
         assert_eq!(replicasets().kind, "ReplicaSet");
         assert_eq!(pods().kind, "Pod");
         assert_eq!(deployments().qualified(), "deployments.apps");
+        assert_eq!(statefulsets().kind, "StatefulSet");
+        assert_eq!(daemonsets().kind, "DaemonSet");
+        assert_eq!(controllerrevisions().kind, "ControllerRevision");
+        assert!(!controllerrevisions().status_subresource);
+        assert_eq!(nodes().kind, "Node");
+        assert!(!nodes().namespaced);
+        assert_eq!(persistentvolumeclaims().kind, "PersistentVolumeClaim");
     }
 }

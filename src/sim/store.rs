@@ -82,6 +82,8 @@ impl ApiError {
         let message = message.replacen(&format!("{}. ", rt.kind), &format!("{} ", rt.kind), 1);
         let mut e = ApiError::new(422, "Invalid", message).with_details(rt, name);
         if let Some(d) = e.details.as_mut() {
+            // NewInvalid names the kind (`StatefulSet`), where NotFound names the resource.
+            d["kind"] = json!(rt.kind);
             d["causes"] = Value::Array(
                 causes
                     .into_iter()

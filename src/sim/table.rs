@@ -35,6 +35,17 @@ fn n(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
+/// A field of each container in an object's pod template, comma-separated.
+fn template_join(o: &Value, field: &str) -> String {
+    o["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c[field].as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Renders one object's row cells.
 type Cells = fn(&Value) -> Vec<Value>;
 
@@ -92,6 +103,8 @@ fn columns_and_cells(rt: &ResourceType) -> (Vec<Value>, Cells) {
                 col("Status", "string", 0, "The aggregate status of the containers in this pod."),
                 col("Restarts", "string", 0, "The number of times the containers in this pod have been restarted."),
                 col("Age", "string", 0, "CreationTimestamp"),
+                col("IP", "string", 1, "IP address allocated to the pod."),
+                col("Node", "string", 1, "Name of the Node this pod runs on."),
             ],
             |o| {
                 let cs = o["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
@@ -109,6 +122,104 @@ fn columns_and_cells(rt: &ResourceType) -> (Vec<Value>, Cells) {
                     json!(reason),
                     json!(restarts.to_string()),
                     json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+                    json!(o["status"]["podIP"].as_str().unwrap_or("<none>")),
+                    json!(o["spec"]["nodeName"].as_str().unwrap_or("<none>")),
+                ]
+            },
+        ),
+        ("apps", "statefulsets") => (
+            vec![
+                col("Name", "string", 0, "Name"),
+                col("Ready", "string", 0, "Number of the pod with ready state"),
+                col("Age", "string", 0, "CreationTimestamp"),
+                col("Containers", "string", 1, "Names of each container in the template."),
+                col("Images", "string", 1, "Images referenced by each container in the template."),
+            ],
+            |o| vec![
+                o["metadata"]["name"].clone(),
+                json!(format!("{}/{}", n(&o["status"]["readyReplicas"]), o["spec"]["replicas"].as_i64().unwrap_or(1))),
+                json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+                json!(template_join(o, "name")),
+                json!(template_join(o, "image")),
+            ],
+        ),
+        ("apps", "daemonsets") => (
+            vec![
+                col("Name", "string", 0, "Name"),
+                col("Desired", "integer", 0, "The total number of nodes that should be running the daemon pod."),
+                col("Current", "integer", 0, "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod."),
+                col("Ready", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and ready."),
+                col("Up-to-date", "integer", 0, "The total number of nodes that are running updated daemon pod"),
+                col("Available", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available."),
+                col("Node Selector", "string", 0, "NodeSelector is a selector which must be true for the pod to fit on a node."),
+                col("Age", "string", 0, "CreationTimestamp"),
+                col("Containers", "string", 1, "Names of each container in the template."),
+                col("Images", "string", 1, "Images referenced by each container in the template."),
+            ],
+            |o| {
+                let sel = o["spec"]["template"]["spec"]["nodeSelector"].as_object().map(|m| {
+                    m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
+                }).filter(|s| !s.is_empty()).unwrap_or_else(|| "<none>".into());
+                let st = &o["status"];
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(n(&st["desiredNumberScheduled"])),
+                    json!(n(&st["currentNumberScheduled"])),
+                    json!(n(&st["numberReady"])),
+                    json!(n(&st["updatedNumberScheduled"])),
+                    json!(n(&st["numberAvailable"])),
+                    json!(sel),
+                    json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+                    json!(template_join(o, "name")),
+                    json!(template_join(o, "image")),
+                ]
+            },
+        ),
+        ("apps", "controllerrevisions") => (
+            vec![
+                col("Name", "string", 0, "Name"),
+                col("Controller", "string", 0, "Controller of the object"),
+                col("Revision", "integer", 0, "Revision indicates the revision of the state represented by Data."),
+                col("Age", "string", 0, "CreationTimestamp"),
+            ],
+            |o| {
+                let owner = o["metadata"]["ownerReferences"].as_array().and_then(|rs| {
+                    rs.iter().find(|r| r["controller"] == true)
+                }).map(|r| {
+                    let group = r["apiVersion"].as_str().unwrap_or_default().split('/').next().unwrap_or_default();
+                    format!("{}.{group}/{}", r["kind"].as_str().unwrap_or_default().to_lowercase(), r["name"].as_str().unwrap_or_default())
+                }).unwrap_or_else(|| "<none>".into());
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(owner),
+                    json!(n(&o["revision"])),
+                    json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+                ]
+            },
+        ),
+        ("", "nodes") => (
+            vec![
+                col("Name", "string", 0, "Name"),
+                col("Status", "string", 0, "The status of the node"),
+                col("Roles", "string", 0, "The roles of the node"),
+                col("Age", "string", 0, "CreationTimestamp"),
+                col("Version", "string", 0, "Kubelet Version reported by the node."),
+                col("Internal-IP", "string", 1, "List of addresses reachable to the node."),
+                col("OS-Image", "string", 1, "OS Image reported by the node from /etc/os-release."),
+            ],
+            |o| {
+                let ready = o["status"]["conditions"].as_array().into_iter().flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                let ip = o["status"]["addresses"].as_array().into_iter().flatten()
+                    .find(|a| a["type"] == "InternalIP").and_then(|a| a["address"].as_str()).unwrap_or("<none>");
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(if ready { "Ready" } else { "NotReady" }),
+                    json!("<none>"),
+                    json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+                    o["status"]["nodeInfo"]["kubeletVersion"].clone(),
+                    json!(ip),
+                    o["status"]["nodeInfo"]["osImage"].clone(),
                 ]
             },
         ),
