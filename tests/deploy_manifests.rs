@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::daemon::Env;
 use common::{wait_for, Kubectl};
 use depwatch::sim::{Sim, SimConfig};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const OVERLAYS: [&str; 4] = ["single", "configmap", "git-sync", "ha-postgres"];
 
@@ -246,6 +246,34 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         .await;
     env.deployment("prod", "api", &[("api", "example.com/api:1.0.0")], 1)
         .await;
+    // Every kind: a StatefulSet whose crashing version is rolled back by force (deleting its
+    // stuck pod; its pods name a pull secret, which the pre-flight reads), a DaemonSet, a CronJob.
+    env.workload(
+        "statefulset",
+        "prod",
+        "db",
+        &[("db", "example.com/db:1.0.0")],
+        json!({"replicas": 2, "template": {"metadata": {"labels": {"app": "db"}}, "spec": {
+            "imagePullSecrets": [{"name": "regcred"}],
+            "containers": [{"name": "db", "image": "example.com/db:1.0.0"}]}}}),
+    )
+    .await;
+    env.workload(
+        "daemonset",
+        "prod",
+        "agent",
+        &[("agent", "example.com/agent:1.0.0")],
+        json!({}),
+    )
+    .await;
+    env.workload(
+        "cronjob",
+        "prod",
+        "report",
+        &[("report", "example.com/report:1.0.0")],
+        json!({}),
+    )
+    .await;
     env.write_dep("web_prod.dep", "1.0.0\n");
     env.write_dep("api_prod.dep", "1.0.0\n");
     // With leader election, so the Lease's verbs are used too, and the registry pre-flight
@@ -267,6 +295,9 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     env.write_dep("api_prod.dep", "1.1.0-fail-pull\n");
     env.write_dep("wbe_prod.dep", "1.0.0\n");
     env.write_dep("web_prdo.dep", "1.0.0\n");
+    env.write_dep("db_prod.dep", "1.1.0-crash\n");
+    env.write_dep("agent_prod.dep", "1.1.0\n");
+    env.write_dep("report_prod.dep", "1.1.0\n");
     let store = env.store();
     let status = |name: &str, ns: &str| {
         store
@@ -279,7 +310,10 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         (status("web", "prod").as_deref() == Some("succeeded")
             && status("api", "prod").as_deref() == Some("rolled_back")
             && status("wbe", "prod").as_deref() == Some("failed")
-            && status("web", "prdo").as_deref() == Some("failed"))
+            && status("web", "prdo").as_deref() == Some("failed")
+            && status("db", "prod").as_deref() == Some("rolled_back")
+            && status("agent", "prod").as_deref() == Some("succeeded")
+            && status("report", "prod").as_deref() == Some("unverified"))
         .then_some(())
     })
     .await;
@@ -307,10 +341,17 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         "depwatch asks what it may do: {used:?}"
     );
     let used: BTreeSet<(String, String)> = used.into_iter().filter(|p| *p != review).collect();
-    assert!(
-        used.contains(&("patch".into(), "apps/deployments".into())),
-        "{used:?}"
-    );
+    for used_by_kinds in [
+        ("patch", "apps/deployments"),
+        ("patch", "apps/statefulsets"),
+        ("patch", "apps/daemonsets"),
+        ("patch", "batch/cronjobs"),
+        ("delete", "/pods"),
+        ("get", "/secrets"),
+    ] {
+        let p = (used_by_kinds.0.to_string(), used_by_kinds.1.to_string());
+        assert!(used.contains(&p), "{p:?} in {used:?}");
+    }
     assert!(
         used.iter().any(|(_, r)| r == "coordination.k8s.io/leases"),
         "the Lease was used: {used:?}"

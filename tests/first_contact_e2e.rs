@@ -3,6 +3,8 @@
 
 mod common;
 
+use serde_json::json;
+
 use std::time::Duration;
 
 use common::daemon::Env;
@@ -248,4 +250,32 @@ async fn the_start_up_says_where_depwatch_may_patch() {
         "{}",
         daemon.log_text()
     );
+    drop(daemon);
+    // A token bound to Deployments in prod only: said at start, kind by kind.
+    let role = json!({"metadata": {"name": "deployer", "namespace": "prod"},
+        "rules": [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]}]});
+    let binding = json!({"metadata": {"name": "deployer", "namespace": "prod"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
+        "subjects": [{"kind": "User", "name": depwatch::sim::rbac::USER}]});
+    env.deployment("prod", "web", &[("web", "example.com/web:1")], 1)
+        .await;
+    for (plural, body) in [("roles", role), ("rolebindings", binding)] {
+        let req = http::Request::post(format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/prod/{plural}"
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).expect("json"))
+        .expect("request");
+        env.client
+            .request::<serde_json::Value>(req)
+            .await
+            .expect("create");
+    }
+    let daemon = env.daemon(&["--namespaces", "prod,staging"]).await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("may patch deployments in prod; may NOT patch statefulsets, daemonsets, cronjobs in prod; may NOT patch deployments, statefulsets, daemonsets, cronjobs in staging"),
+        "{log}"
+    );
+    assert!(log.contains("WARN"), "a warning: {log}");
 }

@@ -291,6 +291,40 @@ async fn kubectl_auth_can_i_is_answered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_auth_can_i_follows_the_rbac_a_test_binds_to_the_sims_user() {
+    let (_sim, dir, k) = sim_and_kubectl().await;
+    let rbac = dir.path().join("rbac.yaml");
+    std::fs::write(
+        &rbac,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: deployer, namespace: prod}\n\
+         rules: [{apiGroups: [apps], resources: [deployments], verbs: [get, patch]}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: deployer, namespace: prod}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: deployer}\n\
+         subjects: [{kind: User, name: depwatch-sim}]\n",
+    )
+    .expect("write");
+    k.ok(&["apply", "-f", rbac.to_str().expect("utf-8")]).await;
+    for (args, want) in [
+        (
+            &["auth", "can-i", "patch", "deployments", "-n", "prod"][..],
+            "yes",
+        ),
+        (
+            &["auth", "can-i", "patch", "statefulsets", "-n", "prod"][..],
+            "no",
+        ),
+        (
+            &["auth", "can-i", "patch", "deployments", "-n", "qa"][..],
+            "no",
+        ),
+    ] {
+        let out = k.run(args).await;
+        assert_eq!(out.stdout.trim(), want, "{args:?}: {out:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_create_deployment_sends_protobuf_and_it_rolls_out() {
     let (_sim, _dir, k) = sim_and_kubectl().await;
     k.ok(&["create", "ns", "prod"]).await;

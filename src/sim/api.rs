@@ -321,9 +321,9 @@ async fn route(
         }
         (&Method::POST, None) if target.rt.kind == "SelfSubjectAccessReview" => {
             let mut review = decode_body(body, content_type)?;
-            // The simulated cluster authorises everything its callers ask for.
-            review["status"] =
-                json!({"allowed": true, "reason": "the simulated cluster allows every request"});
+            let asked = super::rbac::Attributes::from_review(&review);
+            let (allowed, reason) = super::rbac::review(store, &asked);
+            review["status"] = json!({"allowed": allowed, "reason": reason});
             review["apiVersion"] = json!("authorization.k8s.io/v1");
             review["kind"] = json!("SelfSubjectAccessReview");
             Ok(json_response(201, &review))

@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;
+pub mod rbac;
 pub mod resources;
 pub mod selector;
 pub mod store;
