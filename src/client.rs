@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::cli::{Output, ServiceArgs, Target};
 use crate::depfile::ServiceKey;
-use crate::domain::Images;
+use crate::domain::{Images, WorkloadKind};
 use crate::http::api::{Accepted, ServiceDetail, ServiceView};
 use crate::operator::{self, Caller};
 use crate::store::{DeployRecord, Store};
@@ -194,31 +194,42 @@ pub fn render_refused(files: &[crate::store::RefusedFile]) -> String {
     out
 }
 
-/// A service's deploys, newest first; an unknown service is an error.
+/// A service's deploys, newest first, and the kind of its workload; an unknown service is an
+/// error.
 pub async fn history(
     t: &Target,
     key: &ServiceKey,
     limit: usize,
-) -> Result<Vec<DeployRecord>, ClientError> {
+) -> Result<(WorkloadKind, Vec<DeployRecord>), ClientError> {
     if let Some(r) = remote(t)? {
         // An unknown service is an error (404), not an empty history.
-        let _: ServiceDetail = r
+        let detail: ServiceDetail = r
             .get(&format!("/api/v1/services/{}/{}", key.namespace, key.name))
             .await?;
-        return r
+        let deploys = r
             .get(&format!(
                 "/api/v1/deploys?service={}/{}&limit={limit}",
                 key.namespace, key.name
             ))
-            .await;
+            .await?;
+        return Ok((detail.service.kind, deploys));
     }
     let store = reading(t)?;
-    if store.service(key)?.is_none() {
+    let Some(record) = store.service(key)? else {
         return Err(ClientError(format!(
             "service {key} is not in the record (see `depwatch status` for the services depwatch manages)"
         )));
-    }
-    Ok(store.history(Some(key), limit)?)
+    };
+    Ok((record.kind, store.history(Some(key), limit)?))
+}
+
+/// The line above `history`'s table: which workload, where.
+pub fn history_heading(key: &ServiceKey, kind: WorkloadKind) -> String {
+    format!(
+        "{} in {}\n",
+        crate::domain::Shown(kind, &key.name),
+        key.namespace
+    )
 }
 
 /// An operator action.

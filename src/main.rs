@@ -240,10 +240,13 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::History(h) => {
             let key = h.service.key().map_err(anyhow::Error::msg)?;
-            let history = client::history(&h.service.target, &key, h.limit)
+            let (kind, history) = client::history(&h.service.target, &key, h.limit)
                 .await
                 .map_err(fail)?;
             let output = if h.json { Output::Json } else { h.output };
+            if matches!(output, Output::Table | Output::Wide) {
+                print!("{}", client::history_heading(&key, kind));
+            }
             print!(
                 "{}",
                 client::render_history(&history, output).map_err(fail)?

@@ -137,6 +137,11 @@ fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("deployment/web in prod\n"),
+        "the table says which workload: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = depwatch(&["status", "--state-dir", state_arg]);
     assert!(
         out.status.success(),
