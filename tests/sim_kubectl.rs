@@ -1120,3 +1120,48 @@ async fn depwatch_sim_nodes_sets_the_number_of_nodes() {
     drop(stdout);
     assert_eq!(out.trim(), "node/node-0\nnode/node-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_cronjob_and_job_send_protobuf_and_are_stored() {
+    let (_sim, _dir, k) = sim_and_kubectl().await;
+    k.ok(&["create", "namespace", "jobs"]).await;
+    k.ok(&[
+        "-n",
+        "jobs",
+        "create",
+        "cronjob",
+        "report",
+        "--image=example.com/report:1.0",
+        "--schedule=*/5 * * * *",
+    ])
+    .await;
+    k.ok(&[
+        "-n",
+        "jobs",
+        "create",
+        "job",
+        "once",
+        "--image=example.com/once:1.0",
+    ])
+    .await;
+    let cj: serde_json::Value = serde_json::from_str(
+        &k.ok(&["-n", "jobs", "get", "cronjob", "report", "-o", "json"])
+            .await,
+    )
+    .expect("json");
+    assert_eq!(cj["spec"]["schedule"], "*/5 * * * *");
+    let pod = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"][0]["image"], "example.com/report:1.0");
+    assert_eq!(pod["restartPolicy"], "OnFailure");
+    let job: serde_json::Value = serde_json::from_str(
+        &k.ok(&["-n", "jobs", "get", "job", "once", "-o", "json"])
+            .await,
+    )
+    .expect("json");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["image"],
+        "example.com/once:1.0"
+    );
+    let listed = k.ok(&["-n", "jobs", "get", "cronjobs"]).await;
+    assert!(listed.contains("report"), "{listed}");
+}

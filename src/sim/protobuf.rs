@@ -190,25 +190,82 @@ fn deployment_spec(b: &[u8]) -> Result<Value, String> {
                 spec.insert("selector".into(), label_selector(x)?);
             }
             (3, Field::Bytes(template)) => {
-                let mut t = Map::new();
-                for (n, f) in fields(template)? {
-                    match (n, f) {
-                        (1, Field::Bytes(x)) => {
-                            t.insert("metadata".into(), object_meta(x)?);
-                        }
-                        (2, Field::Bytes(pod)) => {
-                            let mut containers = Vec::new();
-                            for (pn, f) in fields(pod)? {
-                                if let (2, Field::Bytes(x)) = (pn, f) {
-                                    containers.push(container(x)?);
-                                }
-                            }
-                            t.insert("spec".into(), json!({"containers": containers}));
+                spec.insert("template".into(), pod_template(template)?);
+            }
+            _ => {}
+        }
+    }
+    Ok(Value::Object(spec))
+}
+
+/// A PodTemplateSpec: labels and the pod's containers and restart policy.
+fn pod_template(b: &[u8]) -> Result<Value, String> {
+    let mut t = Map::new();
+    for (n, f) in fields(b)? {
+        match (n, f) {
+            (1, Field::Bytes(x)) => {
+                t.insert("metadata".into(), object_meta(x)?);
+            }
+            (2, Field::Bytes(pod)) => {
+                let mut spec = Map::new();
+                let mut containers = Vec::new();
+                for (pn, f) in fields(pod)? {
+                    match (pn, f) {
+                        (2, Field::Bytes(x)) => containers.push(container(x)?),
+                        (3, Field::Bytes(x)) => {
+                            spec.insert("restartPolicy".into(), json!(string(x)?));
                         }
                         _ => {}
                     }
                 }
-                spec.insert("template".into(), Value::Object(t));
+                spec.insert("containers".into(), Value::Array(containers));
+                t.insert("spec".into(), Value::Object(spec));
+            }
+            _ => {}
+        }
+    }
+    Ok(Value::Object(t))
+}
+
+/// A JobSpec (`kubectl create job`): its pod template.
+fn job_spec(b: &[u8]) -> Result<Value, String> {
+    let mut spec = Map::new();
+    for (num, f) in fields(b)? {
+        if let (6, Field::Bytes(x)) = (num, f) {
+            spec.insert("template".into(), pod_template(x)?);
+        }
+    }
+    Ok(Value::Object(spec))
+}
+
+/// A CronJobSpec (`kubectl create cronjob`): schedule, suspension and the job template.
+fn cronjob_spec(b: &[u8]) -> Result<Value, String> {
+    let mut spec = Map::new();
+    for (num, f) in fields(b)? {
+        match (num, f) {
+            (1, Field::Bytes(x)) => {
+                spec.insert("schedule".into(), json!(string(x)?));
+            }
+            (4, Field::Varint(v)) => {
+                spec.insert("suspend".into(), json!(v != 0));
+            }
+            (5, Field::Bytes(x)) => {
+                let mut t = Map::new();
+                for (n, f) in fields(x)? {
+                    match (n, f) {
+                        (1, Field::Bytes(m)) => {
+                            t.insert("metadata".into(), object_meta(m)?);
+                        }
+                        (2, Field::Bytes(s)) => {
+                            t.insert("spec".into(), job_spec(s)?);
+                        }
+                        _ => {}
+                    }
+                }
+                spec.insert("jobTemplate".into(), Value::Object(t));
+            }
+            (8, Field::Bytes(x)) => {
+                spec.insert("timeZone".into(), json!(string(x)?));
             }
             _ => {}
         }
@@ -300,13 +357,15 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             ("Secret", 3, Field::Bytes(x)) => obj["type"] = json!(string(x)?),
             ("SelfSubjectAccessReview", 2, Field::Bytes(x)) => obj["spec"] = review_spec(x)?,
             ("Deployment", 2, Field::Bytes(x)) => obj["spec"] = deployment_spec(x)?,
+            ("Job", 2, Field::Bytes(x)) => obj["spec"] = job_spec(x)?,
+            ("CronJob", 2, Field::Bytes(x)) => obj["spec"] = cronjob_spec(x)?,
             ("Secret", 4, Field::Bytes(x)) | ("ConfigMap", 4, Field::Bytes(x)) => {
                 let (k, v) = map_entry(x, false)?;
                 data.insert(k, v);
             }
             (
                 "Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "SelfSubjectAccessReview"
-                | "Deployment",
+                | "Deployment" | "Job" | "CronJob",
                 _,
                 _,
             ) => {}
