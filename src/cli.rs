@@ -195,6 +195,23 @@ fn parse_lease_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A Secret's name: a DNS subdomain (lowercase letters, digits, `-` and `.`, at most 253).
+fn parse_secret_name(s: &str) -> Result<String, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    match s.len() <= 253 && s.split('.').all(label_ok) {
+        true => Ok(s.to_string()),
+        false => Err(format!(
+            "{s:?} is not a Secret name; expected lowercase letters, digits, '-' and '.', e.g. ecr-pull"
+        )),
+    }
+}
+
 fn parse_glob(s: &str) -> Result<crate::bounds::Glob, String> {
     crate::bounds::Glob::new(s)
 }
@@ -392,6 +409,20 @@ pub struct DaemonArgs {
     )]
     pub registry_credentials: Option<PathBuf>,
 
+    /// Keep a `kubernetes.io/dockerconfigjson` Secret of this name, for the ECR registry of
+    /// depwatch's AWS identity (GetAuthorizationToken through the AWS SDK's default credential
+    /// chain), in every namespace depwatch deploys its images to; refreshed at half of each
+    /// token's lifetime and at once when deleted. The pre-flight uses the same token. Needs
+    /// the RBAC of deploy/kubernetes/components/ecr.
+    #[arg(
+        long,
+        env = "DEPWATCH_ECR_PULL_SECRET",
+        value_name = "NAME",
+        value_parser = parse_secret_name,
+        help_heading = "Registries"
+    )]
+    pub ecr_pull_secret: Option<String>,
+
     /// Deploys kept in the history per service.
     #[arg(
         long,
@@ -492,6 +523,7 @@ impl DaemonArgs {
             registry_check: self.registry_check,
             registry_wait: self.registry_wait,
             registry_credentials: self.registry_credentials.clone(),
+            ecr_pull_secret: self.ecr_pull_secret.clone(),
             http_addr: (!self.no_http).then_some(self.http_addr),
             api_token_file: self.api_token_file.clone(),
             http_max_connections: self.http_max_connections as usize,

@@ -73,6 +73,8 @@ pub struct DaemonConfig {
     pub registry_check: crate::registry::Mode,
     pub registry_wait: Duration,
     pub registry_credentials: Option<PathBuf>,
+    /// `--ecr-pull-secret`: the name of the ECR pull secret kept in each namespace deployed to.
+    pub ecr_pull_secret: Option<String>,
     /// Where the status page and API listen; `None` turns them off.
     pub http_addr: Option<std::net::SocketAddr>,
     /// Named bearer tokens allowed to make changes through the API.
@@ -113,6 +115,7 @@ impl DaemonConfig {
             registry_check: crate::registry::Mode::On,
             registry_wait: Duration::from_secs(10),
             registry_credentials: None,
+            ecr_pull_secret: None,
             http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
             http_max_connections: crate::http::MAX_CONNECTIONS,
@@ -268,6 +271,7 @@ pub async fn run_with(
         daemon.drain().await;
         return Ok(());
     }
+    daemon.keep_ecr_pull_secrets();
     daemon.finish_unfinished_and_scan().await?;
     daemon.serve();
     let lost = daemon.fence.lost();
@@ -312,6 +316,8 @@ struct Running {
     fence: Fence,
     /// Held for as long as this replica leads; dropping it gives the Lease up.
     leadership: Option<crate::leader::Leadership>,
+    /// `--ecr-pull-secret`: the token and the namespaces, shared with its two tasks.
+    ecr: Option<crate::registry::ecr::EcrPullSecrets>,
 }
 
 /// The first stage: the state directory, the record, the cluster, the HTTP server and the
@@ -329,6 +335,10 @@ async fn start(
     let (client, server) = connect(&config, &store, &metrics).await?;
     let senders = TaskTracker::new();
     let stages = CancellationToken::new();
+    let ecr = config
+        .ecr_pull_secret
+        .as_deref()
+        .map(crate::registry::ecr::EcrPullSecrets::new);
     let deployer = Deployer::new(
         client.clone(),
         DeployConfig {
@@ -338,6 +348,7 @@ async fn start(
             fail_fast: config.fail_fast,
             allow_owned: config.allow_owned,
             preflight: preflight(&config)?,
+            ecr: ecr.clone(),
             server,
         },
     )
@@ -383,8 +394,18 @@ async fn start(
         standby: Arc::new(AtomicBool::new(config.leader.is_some())),
         fence,
         leadership: None,
+        ecr,
         config,
     };
+    // Tokens from the start (a standby's pre-flight never runs, but its /readyz tells).
+    if let Some(ecr) = daemon.ecr.clone() {
+        let (metrics, stop) = (metrics.clone(), daemon.stages.clone());
+        daemon
+            .set
+            .spawn(crate::registry::ecr::keeper::refresh_tokens(
+                ecr, metrics, stop,
+            ));
+    }
     daemon.serve_http(tokens, metrics, on_listen).await?;
     Ok(daemon)
 }
@@ -552,6 +573,7 @@ impl Running {
             bounds: Arc::new(self.config.bounds.clone()),
             max_file_size: self.config.max_file_size,
             root_problem,
+            ecr: self.ecr.clone(),
         });
         // Bound before anything else runs, so a taken port is a clear start-up error.
         let listener = tokio::net::TcpListener::bind(addr)
@@ -603,6 +625,24 @@ impl Running {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         // A standby writes nothing: retention waited for the Lease.
         Ok(true)
+    }
+
+    /// With `--ecr-pull-secret`, keep the Secrets (writes: only once this replica acts).
+    fn keep_ecr_pull_secrets(&mut self) {
+        let Some(ecr) = self.ecr.clone() else {
+            return;
+        };
+        let keeper = crate::registry::ecr::keeper::Keeper {
+            ecr,
+            client: self.client.clone(),
+            bounds: Arc::new(self.config.bounds.clone()),
+            fence: self.fence.clone(),
+            metrics: self.recorder.metrics.clone(),
+        };
+        self.set.spawn(crate::registry::ecr::keeper::keep_secrets(
+            keeper,
+            self.stages.clone(),
+        ));
     }
 
     /// Start the workers, then finish what a stop (or a dead leader) left unfinished: every

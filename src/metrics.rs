@@ -1,6 +1,7 @@
 //! Prometheus metrics (`/metrics`): deploys by outcome, change→healthy and change→patch
 //! durations, queue depth, pending and running deploys, services by status, notifications by
-//! result, Kubernetes requests by verb and code.
+//! result, Kubernetes requests by verb and code, ECR pull secret refresh failures and token
+//! expiry.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,6 +33,16 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabel {
+    pub registry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
     pub verb: String,
     pub code: String,
@@ -52,6 +63,10 @@ pub struct Metrics {
     pub services: Family<StatusLabel, Gauge>,
     pub notifications: Family<ResultLabel, Counter>,
     pub kube_requests: Family<RequestLabel, Counter>,
+    /// `--ecr-pull-secret`: failed token fetches (`token`) and Secret writes (`secret`).
+    pub ecr_refresh_failures: Family<StepLabel, Counter>,
+    /// `--ecr-pull-secret`: seconds until the current ECR token expires, by registry.
+    pub ecr_token_expiry: Family<RegistryLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -121,8 +136,22 @@ impl Metrics {
             "Requests to the Kubernetes API server by verb and response code",
             kube_requests.clone(),
         );
+        let ecr_refresh_failures = Family::<StepLabel, Counter>::default();
+        registry.register(
+            "ecr_refresh_failures",
+            "ECR pull secrets: failed token fetches (step=token) and Secret writes (step=secret)",
+            ecr_refresh_failures.clone(),
+        );
+        let ecr_token_expiry = Family::<RegistryLabel, Gauge>::default();
+        registry.register(
+            "ecr_token_expiry_seconds",
+            "ECR pull secrets: seconds until the current token expires",
+            ecr_token_expiry.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            ecr_refresh_failures,
+            ecr_token_expiry,
             deploys,
             change_to_healthy,
             change_to_patch,
@@ -143,6 +172,35 @@ impl Metrics {
                 outcome: outcome.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Both ECR failure series, at 0, once `--ecr-pull-secret` is on (a rate needs a start).
+    pub fn ecr_failures_start(&self) {
+        for step in ["token", "secret"] {
+            self.ecr_refresh_failures
+                .get_or_create(&StepLabel {
+                    step: step.to_string(),
+                })
+                .inc_by(0);
+        }
+    }
+
+    pub fn ecr_failure(&self, step: &str) {
+        self.ecr_refresh_failures
+            .get_or_create(&StepLabel {
+                step: step.to_string(),
+            })
+            .inc();
+    }
+
+    /// The current ECR token's registry and seconds left (read at each scrape).
+    pub fn ecr_expiry(&self, expires_in: Option<(String, i64)>) {
+        self.ecr_token_expiry.clear();
+        if let Some((registry, seconds)) = expires_in {
+            self.ecr_token_expiry
+                .get_or_create(&RegistryLabel { registry })
+                .set(seconds);
+        }
     }
 
     pub fn notification(&self, result: &str) {

@@ -13,10 +13,14 @@ use common::{wait_for, Kubectl};
 use depwatch::sim::{Sim, SimConfig};
 use serde_json::{json, Value};
 
-const OVERLAYS: [&str; 4] = ["single", "configmap", "git-sync", "ha-postgres"];
+const OVERLAYS: [&str; 5] = ["single", "configmap", "git-sync", "ha-postgres", "ecr"];
 
 /// The overlay whose replicas elect a leader through a Lease and share a PostgreSQL record.
 const HA: &str = "ha-postgres";
+
+/// The overlay that keeps ECR pull secrets (`--ecr-pull-secret`): the base's ClusterRole plus
+/// its own, checked by `the_ecr_overlay_grows_rbac_by_exactly_the_secret_verbs_it_uses`.
+const ECR: &str = "ecr";
 
 fn overlay(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/kubernetes/overlays/{name}"))
@@ -122,6 +126,10 @@ async fn every_overlay_applies_and_passes_the_restricted_pod_security_level() {
             kinds.push("rolebinding.rbac.authorization.k8s.io/depwatch-leader-election");
         } else {
             kinds.push("persistentvolumeclaim/depwatch-state");
+        }
+        if name == ECR {
+            kinds.push("clusterrole.rbac.authorization.k8s.io/depwatch-ecr");
+            kinds.push("clusterrolebinding.rbac.authorization.k8s.io/depwatch-ecr");
         }
         for kind in kinds {
             assert!(
@@ -239,6 +247,46 @@ fn permission(entry: &Value) -> Option<(String, String)> {
     Some((verb.to_string(), format!("{group}/{resource}")))
 }
 
+/// One field of an RBAC rule (`apiGroups`, `resources`, `verbs`, `resourceNames`).
+fn rule_list(rule: &Value, field: &str) -> Vec<String> {
+    rule[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
+}
+
+/// The `(verb, group/resource)` pairs `rules` grant.
+fn granted(rules: &[Value]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in rules {
+        for g in rule_list(rule, "apiGroups") {
+            for r in rule_list(rule, "resources") {
+                for v in rule_list(rule, "verbs") {
+                    out.insert((v, format!("{g}/{r}")));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `(verb, group/resource)` of every request depwatch made, from the audit log.
+fn used_by_depwatch(audit: &Path) -> BTreeSet<(String, String)> {
+    std::fs::read_to_string(audit)
+        .expect("audit")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| {
+            e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("depwatch/"))
+        })
+        .filter_map(|e| permission(&e))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_grants_exactly_what_depwatch_uses() {
     let env = Env::new(SimConfig::default()).await;
@@ -319,17 +367,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     .await;
     daemon.stop();
 
-    let audit = std::fs::read_to_string(&env.audit).expect("audit");
-    let used: BTreeSet<(String, String)> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| {
-            e["userAgent"]
-                .as_str()
-                .is_some_and(|a| a.starts_with("depwatch/"))
-        })
-        .filter_map(|e| permission(&e))
-        .collect();
+    let used = used_by_depwatch(&env.audit);
     // Asking what it may do needs no grant: Kubernetes lets every authenticated user create
     // SelfSubjectAccessReviews (the system:basic-user ClusterRole).
     let review = (
@@ -391,24 +429,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
             .filter(|(_, r)| name == HA || r != "coordination.k8s.io/leases")
             .cloned()
             .collect();
-        let mut granted = BTreeSet::new();
-        for rule in &rules {
-            let list = |f: &str| -> Vec<String> {
-                rule[f]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            };
-            for g in list("apiGroups") {
-                for r in list("resources") {
-                    for v in list("verbs") {
-                        granted.insert((v.clone(), format!("{g}/{r}")));
-                    }
-                }
-            }
-        }
+        let granted = granted(&rules);
         let missing: Vec<_> = used.difference(&granted).collect();
         let beyond: Vec<_> = granted.difference(&used).collect();
         assert!(
@@ -427,4 +448,106 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         assert_eq!(binding["subjects"][0]["name"], "depwatch");
         assert_eq!(binding["subjects"][0]["namespace"], "depwatch");
     }
+}
+
+/// A cluster-scoped object as JSON, through kubectl.
+async fn get_json(k: &Kubectl, kind: &str, name: &str) -> Value {
+    serde_json::from_str(&k.ok(&["get", kind, name, "-o", "json"]).await).expect("json")
+}
+
+/// `--ecr-pull-secret` creates the Secret, refreshes it (four-second tokens) and creates it
+/// again once deleted; the ECR overlay's own ClusterRole grants exactly what that run used
+/// beyond the base's ClusterRole, and confines what it can to the flag's Secret name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ecr_overlay_grows_rbac_by_exactly_the_secret_verbs_it_uses() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, DeleteParams};
+    // The token is for a registry on a loopback port nobody listens on: no pre-flight here.
+    let registry = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let proxy = format!("http://{registry}");
+    let endpoint =
+        common::ecr::Endpoint::start(&proxy, "AWS", "pw", Duration::from_secs(4), false).await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", &format!("{registry}/web:1.0"))], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.1\n");
+    let mut args = env.run_args();
+    args.extend(["--debounce", "50ms", "--ecr-pull-secret", "ecr-pull"].map(String::from));
+    let daemon = env
+        .daemon_with(&args, &endpoint.aws_env(env.dir.path()), env.dir.path())
+        .await;
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), "prod");
+    let expiry = |s: &Secret| s.metadata.annotations.clone().unwrap_or_default();
+    let first = wait_for("the Secret", Duration::from_secs(30), || async {
+        api.get_opt("ecr-pull").await.ok().flatten()
+    })
+    .await;
+    wait_for("the Secret refreshed", Duration::from_secs(30), || async {
+        let s = api.get_opt("ecr-pull").await.ok().flatten()?;
+        (expiry(&s) != expiry(&first)).then_some(())
+    })
+    .await;
+    api.delete("ecr-pull", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "the Secret created again",
+        Duration::from_secs(30),
+        || async {
+            let s = api.get_opt("ecr-pull").await.ok().flatten()?;
+            (s.metadata.uid != first.metadata.uid).then_some(())
+        },
+    )
+    .await;
+    daemon.stop();
+
+    let used: BTreeSet<(String, String)> = used_by_depwatch(&env.audit)
+        .into_iter()
+        .filter(|(_, r)| r == "/secrets")
+        .collect();
+    for verb in ["list", "watch", "create", "patch"] {
+        assert!(
+            used.contains(&(verb.into(), "/secrets".into())),
+            "{verb} in {used:?}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = Kubectl::new(dir.path(), &env.sim.kubeconfig());
+    k.ok(&["apply", "-k", overlay(ECR).to_str().expect("utf-8")])
+        .await;
+    let rules = |role: &Value| role["rules"].as_array().cloned().unwrap_or_default();
+    let base = granted(&rules(&get_json(&k, "clusterrole", "depwatch").await));
+    let ecr_rules = rules(&get_json(&k, "clusterrole", "depwatch-ecr").await);
+    let beyond_base: BTreeSet<_> = used.difference(&base).cloned().collect();
+    assert_eq!(
+        granted(&ecr_rules),
+        beyond_base,
+        "the ECR role grows the base's by exactly this"
+    );
+    // Everything but create (which cannot be confined by name) is confined to the flag's name.
+    let dep = k
+        .ok(&["-n", "depwatch", "get", "deploy", "depwatch", "-o", "json"])
+        .await;
+    let dep: Value = serde_json::from_str(&dep).expect("json");
+    let flag = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "DEPWATCH_ECR_PULL_SECRET")
+        .and_then(|e| e["value"].as_str())
+        .expect("the flag in the Deployment")
+        .to_string();
+    for rule in &ecr_rules {
+        let names = rule_list(rule, "resourceNames");
+        match rule_list(rule, "verbs") == ["create"] {
+            true => assert!(names.is_empty(), "{rule}"),
+            false => assert_eq!(names, std::slice::from_ref(&flag), "{rule}"),
+        }
+    }
+    let binding = get_json(&k, "clusterrolebinding", "depwatch-ecr").await;
+    assert_eq!(binding["roleRef"]["name"], "depwatch-ecr");
+    assert_eq!(binding["subjects"][0]["name"], "depwatch");
+    assert_eq!(binding["subjects"][0]["namespace"], "depwatch");
 }

@@ -49,6 +49,9 @@ pub struct DeployConfig {
     pub allow_owned: bool,
     /// The registry pre-flight, unless `--registry-check off`.
     pub preflight: Option<crate::registry::Preflight>,
+    /// `--ecr-pull-secret`: told which namespaces run which registries' images (never
+    /// waited on), and the pre-flight's credentials for ECR.
+    pub ecr: Option<crate::registry::ecr::EcrPullSecrets>,
     /// The API server's URL, for messages.
     pub server: String,
 }
@@ -491,6 +494,9 @@ impl Deployer {
         self.config
             .bounds
             .check_images(wanted.values().map(String::as_str))?;
+        if let Some(ecr) = &self.config.ecr {
+            ecr.note(&key.namespace, wanted.values().map(String::as_str));
+        }
         let changes = w.images.changed_in(&wanted);
         let digests = self.preflight(key, &w, &changes).await?;
         Ok(Plan {
@@ -522,7 +528,14 @@ impl Deployer {
         else {
             return Ok(Images::new());
         };
-        let creds = self.pull.for_pods(&key.namespace, &w.pull).await;
+        let mut creds = self.pull.for_pods(&key.namespace, &w.pull).await;
+        if let Some(ecr) = &self.config.ecr {
+            // Only at start, until the first token fetch has ended (within the bounded wait).
+            ecr.first_fetch(p.wait).await;
+            for (host, c) in ecr.credentials_for(changes.values().map(String::as_str)) {
+                creds.entry(host).or_insert(c);
+            }
+        }
         let answers = p.ask(changes, &creds).await;
         match crate::registry::preflight::verdict(p.mode, &answers) {
             crate::registry::Verdict::Refuse(why) => Err(DeployError::Registry(why)),

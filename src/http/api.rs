@@ -115,14 +115,15 @@ pub async fn healthz() -> &'static str {
 /// directory is there, the record takes writes and the Kubernetes API server answers; on a
 /// standby (`--leader-elect`), the record answers its reads. Which replica acts is
 /// `/leaderz`, a separate signal, so a rolling update of replicas never waits for a standby
-/// to lead.
+/// to lead. A ready answer may carry details after `ok; ` (ECR pull secrets that fail to
+/// refresh).
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "ready", body = String),
     (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
-pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
+pub async fn readyz(State(state): Shared) -> Result<String, ApiError> {
     if state.standby.load(Ordering::SeqCst) {
         return match state.store.history(None, 1) {
-            Ok(_) => Ok("ok: standby, serving reads (another replica holds the Lease and acts; see /leaderz)"),
+            Ok(_) => Ok("ok: standby, serving reads (another replica holds the Lease and acts; see /leaderz)".into()),
             Err(e) => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("standby: the record cannot be read: {e}"),
@@ -166,8 +167,13 @@ pub async fn readyz(State(state): Shared) -> Result<&'static str, ApiError> {
         .api_probe
         .answers(Duration::from_secs(2))
         .await
-        .map(|()| "ok")
-        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why))
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why))?;
+    // ECR pull secrets that fail to refresh are said, but never make the replica unready:
+    // deploys go on, and the Secrets keep the current token until it expires.
+    match state.ecr.as_ref().and_then(|e| e.detail()) {
+        Some(detail) => Ok(format!("ok; {detail}")),
+        None => Ok("ok".into()),
+    }
 }
 
 /// Changes go to the replica that acts: a standby (ready, serving reads) answers 503 saying so.
@@ -212,6 +218,11 @@ pub async fn metrics(State(state): Shared) -> impl IntoResponse {
         running: state.queue.running.load(Ordering::Relaxed),
         record: state.store.health(),
     };
+    if let Some(ecr) = &state.ecr {
+        state
+            .metrics
+            .ecr_expiry(ecr.expires_in(jiff::Timestamp::now()));
+    }
     let text = state.metrics.encode(gauges, &statuses);
     (
         [(

@@ -133,6 +133,8 @@ pub struct HttpState {
     pub(crate) max_file_size: u64,
     /// Why the dependency directory is unusable (missing), for `/readyz`.
     pub(crate) root_problem: Arc<std::sync::Mutex<Option<String>>>,
+    /// `--ecr-pull-secret`: what fails, for `/readyz`, and the token's expiry, for `/metrics`.
+    pub(crate) ecr: Option<crate::registry::ecr::EcrPullSecrets>,
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.

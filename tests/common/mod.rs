@@ -3,6 +3,7 @@
 
 pub mod chromium;
 pub mod daemon;
+pub mod ecr;
 pub mod postgres;
 pub mod registry;
 

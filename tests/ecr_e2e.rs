@@ -1,0 +1,358 @@
+//! `--ecr-pull-secret` through the real binary: a minimal ECR endpoint on loopback answers
+//! GetAuthorizationToken (JSON 1.1, reached through the AWS SDK's `AWS_ENDPOINT_URL_ECR`) with a
+//! token for a real registry (Debian's `docker-registry`, with an htpasswd realm). The Secret
+//! appears in each namespace that deploys that registry's images and works against it, comes
+//! back when deleted, is refreshed before its token expires, and a user's own Secret of the
+//! name is left alone. A failing endpoint never stalls a deploy and shows in `/readyz` and
+//! `/metrics`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::daemon::{Daemon, Env};
+use common::ecr::Endpoint;
+use common::registry::Registry;
+use common::{get_metrics, sample, wait_for};
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceStatus;
+use depwatch::sim::SimConfig;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::{json, Value};
+
+const SECRET: &str = "ecr-pull";
+/// The daemon with the pre-flight and the ECR pull secret, its AWS environment reaching only
+/// `endpoint`.
+async fn daemon(env: &Env, endpoint: &Endpoint) -> Daemon {
+    let mut args = env.run_args();
+    args.extend(
+        [
+            "--debounce",
+            "50ms",
+            "--registry-check",
+            "on",
+            "--registry-wait",
+            "2s",
+            "--ecr-pull-secret",
+            SECRET,
+        ]
+        .map(String::from),
+    );
+    let envs = endpoint.aws_env(env.dir.path());
+    env.daemon_with(&args, &envs, env.dir.path()).await
+}
+
+fn key(name: &str, ns: &str) -> ServiceKey {
+    ServiceKey::new(name, ns).expect("key")
+}
+
+async fn status_is(env: &Env, name: &str, ns: &str, status: ServiceStatus) {
+    let store = env.store();
+    wait_for(
+        &format!("{ns}/{name} {}", status.as_str()),
+        Duration::from_secs(60),
+        || async {
+            store
+                .service(&key(name, ns))
+                .ok()
+                .flatten()
+                .filter(|r| r.status == status)
+        },
+    )
+    .await;
+}
+
+async fn secret(env: &Env, ns: &str) -> Option<Secret> {
+    Api::<Secret>::namespaced(env.client.clone(), ns)
+        .get_opt(SECRET)
+        .await
+        .expect("get secret")
+}
+
+/// The Secret in `ns` once depwatch wrote it (labelled as its own) and `more` holds.
+async fn written(env: &Env, ns: &str, more: impl Fn(&Secret) -> bool) -> Secret {
+    wait_for(
+        &format!("Secret {SECRET} in {ns}"),
+        Duration::from_secs(30),
+        || async {
+            secret(env, ns).await.filter(|s| {
+                let labels = s.metadata.labels.clone().unwrap_or_default();
+                labels
+                    .get("app.kubernetes.io/managed-by")
+                    .map(String::as_str)
+                    == Some("depwatch")
+                    && more(s)
+            })
+        },
+    )
+    .await
+}
+
+fn expires_at(s: &Secret) -> String {
+    s.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("depwatch/ecr-token-expires-at"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The user name and password the Secret holds for `host`.
+fn credentials(s: &Secret, host: &str) -> (String, String) {
+    assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    let data = s.data.as_ref().expect("data");
+    let config: Value = serde_json::from_slice(&data[".dockerconfigjson"].0).expect("json");
+    let entry = &config["auths"][host];
+    let auth = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str().expect("auth"))
+        .expect("base64");
+    let (user, password) = std::str::from_utf8(&auth)
+        .expect("utf-8")
+        .split_once(':')
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .expect("user:password");
+    assert_eq!(entry["username"], user.as_str());
+    (user, password)
+}
+
+/// The registry's answer to a manifest HEAD with these credentials (or none).
+async fn head(registry: &Registry, path: &str, creds: Option<&(String, String)>) -> u16 {
+    let req = reqwest::Client::new()
+        .head(registry.url(path))
+        .header("Accept", common::registry::OCI_MANIFEST);
+    let req = match creds {
+        Some((u, p)) => req.basic_auth(u, Some(p)),
+        None => req,
+    };
+    req.send().await.expect("head").status().as_u16()
+}
+
+async fn readyz(url: &str) -> (u16, String) {
+    let r = reqwest::get(format!("{url}/readyz")).await.expect("readyz");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+async fn create_secret(env: &Env, ns: &str, body: Value) {
+    let s: Secret = serde_json::from_value(body).expect("secret");
+    Api::<Secret>::namespaced(env.client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create secret");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_secret_follows_ecr_deploys_comes_back_when_deleted_and_spares_a_users_own() {
+    let registry = Registry::start(true).await;
+    let mut digests = Vec::new();
+    for repo in ["team/web", "team/api", "team/app"] {
+        registry.push(repo, "1.0").await;
+        digests.push(registry.push(repo, "1.1").await);
+    }
+    let image = |repo: &str, tag: &str| format!("{}/{repo}:{tag}", registry.addr());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let endpoint = Endpoint::for_registry(&registry, Duration::from_secs(12 * 3600), false).await;
+    let env = Env::new(SimConfig::default()).await;
+    // Two namespaces deploy the ECR registry's images; one deploys elsewhere; one holds a
+    // Secret of the name that its owner made.
+    env.deployment("shop", "web", &[("web", &image("team/web", "1.0"))], 1)
+        .await;
+    env.deployment("blog", "api", &[("api", &image("team/api", "1.0"))], 1)
+        .await;
+    env.deployment("misc", "tool", &[("tool", &format!("{dead}/tool:1.0"))], 1)
+        .await;
+    env.deployment("own", "app", &[("app", &image("team/app", "1.0"))], 1)
+        .await;
+    let theirs =
+        json!({"metadata": {"name": SECRET}, "type": "Opaque", "data": {"note": "bWluZQ=="}});
+    create_secret(&env, "own", theirs).await;
+    for (name, ns) in [
+        ("web", "shop"),
+        ("api", "blog"),
+        ("tool", "misc"),
+        ("app", "own"),
+    ] {
+        env.write_dep(&format!("{name}_{ns}.dep"), "1.1\n");
+    }
+    let daemon = daemon(&env, &endpoint).await;
+    for (name, ns) in [
+        ("web", "shop"),
+        ("api", "blog"),
+        ("tool", "misc"),
+        ("app", "own"),
+    ] {
+        status_is(&env, name, ns, ServiceStatus::Succeeded).await;
+    }
+    // The pre-flight asked the private registry with the ECR token: the digests are recorded.
+    for ((name, ns), digest) in [("web", "shop"), ("api", "blog"), ("app", "own")]
+        .iter()
+        .zip(&digests)
+    {
+        let history = env
+            .store()
+            .history(Some(&key(name, ns)), 5)
+            .expect("history");
+        assert_eq!(
+            history[0].digests,
+            format!("{name}={digest}"),
+            "{ns}/{name}"
+        );
+    }
+
+    // The Secret in each namespace that deploys the registry's images, and it works there.
+    let mut uids = Vec::new();
+    for ns in ["shop", "blog"] {
+        let s = written(&env, ns, |_| true).await;
+        let creds = credentials(&s, &registry.addr());
+        assert_eq!(creds, registry.credentials());
+        assert_eq!(
+            head(&registry, "/v2/team/web/manifests/1.1", Some(&creds)).await,
+            200
+        );
+        assert!(!expires_at(&s).is_empty(), "{:?}", s.metadata.annotations);
+        uids.push(s.metadata.uid.clone());
+    }
+    assert_eq!(
+        head(&registry, "/v2/team/web/manifests/1.1", None).await,
+        401
+    );
+    assert!(
+        secret(&env, "misc").await.is_none(),
+        "no ECR image deployed in misc"
+    );
+    let kept = secret(&env, "own").await.expect("their Secret");
+    assert_eq!(
+        kept.type_.as_deref(),
+        Some("Opaque"),
+        "left alone: {kept:?}"
+    );
+    assert!(kept.metadata.labels.is_none(), "left alone: {kept:?}");
+    let url = daemon.http_url();
+    let (code, body) = readyz(&url).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with("ok; ECR pull secret ecr-pull:")
+            && body.contains("namespace(s) own is not depwatch's"),
+        "{body}"
+    );
+
+    // Deleted: back at once (a new object).
+    Api::<Secret>::namespaced(env.client.clone(), "shop")
+        .delete(SECRET, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let back = written(&env, "shop", |s| s.metadata.uid != uids[0]).await;
+    assert_eq!(credentials(&back, &registry.addr()), registry.credentials());
+    assert_eq!(
+        endpoint.calls.load(Ordering::SeqCst),
+        1,
+        "one token for 12 hours"
+    );
+
+    let m = get_metrics(&reqwest::Client::new(), &url).await;
+    let left = sample(
+        &m,
+        &format!(
+            "depwatch_ecr_token_expiry_seconds{{registry=\"{}\"}}",
+            registry.addr()
+        ),
+    );
+    assert!((11.0 * 3600.0..=12.0 * 3600.0).contains(&left), "{left}");
+    assert_eq!(
+        sample(&m, "depwatch_ecr_refresh_failures_total{step=\"token\"}"),
+        0.0
+    );
+    assert!(
+        daemon.log_text().contains("is left alone"),
+        "{}",
+        daemon.log_text()
+    );
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_secret_is_refreshed_before_its_token_expires() {
+    let registry = Registry::start(true).await;
+    registry.push("team/web", "1.0").await;
+    registry.push("team/web", "1.1").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    // Six-second tokens: the next one is fetched three seconds in.
+    let endpoint = Endpoint::for_registry(&registry, Duration::from_secs(6), false).await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("1.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let _daemon = daemon(&env, &endpoint).await;
+    status_is(&env, "web", "shop", ServiceStatus::Succeeded).await;
+    let first = written(&env, "shop", |_| true).await;
+    let first_expiry: jiff::Timestamp = expires_at(&first).parse().expect("an RFC 3339 expiry");
+    let next = written(&env, "shop", |s| expires_at(s) != expires_at(&first)).await;
+    assert!(
+        jiff::Timestamp::now() < first_expiry,
+        "refreshed before {first_expiry}, not at {}",
+        jiff::Timestamp::now()
+    );
+    assert!(endpoint.calls.load(Ordering::SeqCst) >= 2);
+    assert!(
+        expires_at(&next)
+            .parse::<jiff::Timestamp>()
+            .expect("expiry")
+            > first_expiry
+    );
+    assert_eq!(credentials(&next, &registry.addr()), registry.credentials());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_ecr_endpoint_never_stalls_a_deploy_and_is_told() {
+    let registry = Registry::start(false).await;
+    for tag in ["1.0", "1.1", "1.2"] {
+        registry.push("team/web", tag).await;
+    }
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    let endpoint = Endpoint::for_registry(&registry, Duration::from_secs(12 * 3600), true).await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("1.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let daemon = daemon(&env, &endpoint).await;
+    status_is(&env, "web", "shop", ServiceStatus::Succeeded).await;
+    // Once running, a deploy does not wait on the refresher at all.
+    let started = std::time::Instant::now();
+    env.write_dep("web_shop.dep", "1.2\n");
+    env.wait_image("shop", "web", &image("1.2")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let url = daemon.http_url();
+    let (code, body) = readyz(&url).await;
+    assert_eq!(code, 200, "ready all the same: {body}");
+    assert!(
+        body.contains("fetching an ECR token failed") && body.contains("no token yet"),
+        "{body}"
+    );
+    let m = get_metrics(&reqwest::Client::new(), &url).await;
+    assert!(sample(&m, "depwatch_ecr_refresh_failures_total{step=\"token\"}") >= 1.0);
+    assert!(
+        daemon.log_text().contains("fetching an ECR token failed"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(secret(&env, "shop").await.is_none(), "no token, no Secret");
+
+    // The endpoint recovers: the token comes, the Secret follows, the detail goes.
+    endpoint.failing.store(false, Ordering::SeqCst);
+    written(&env, "shop", |_| true).await;
+    wait_for(
+        "/readyz without the detail",
+        Duration::from_secs(30),
+        || async { (readyz(&url).await == (200, "ok".to_string())).then_some(()) },
+    )
+    .await;
+}
