@@ -767,6 +767,12 @@ pub struct SimArgs {
     /// each.
     #[arg(long, env = "DEPWATCH_SIM_NODES", default_value_t = 3)]
     pub nodes: usize,
+
+    /// Pull images of registries on loopback for real: a manifest HEAD with the pod's pull
+    /// secrets, a 404 or a refusal becoming ErrImagePull then ImagePullBackOff with the
+    /// registry's answer. Other images follow the image rules.
+    #[arg(long, env = "DEPWATCH_SIM_REGISTRIES")]
+    pub registries: bool,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -795,6 +801,7 @@ impl SimArgs {
             audit_log: self.audit_log.clone(),
             state_file: self.state_file.clone(),
             nodes: self.nodes,
+            registries: self.registries,
         }
     }
 }

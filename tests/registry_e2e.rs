@@ -233,3 +233,77 @@ async fn a_429_storm_is_honoured_then_the_deploy_goes_on() {
     let n = hits.load(Ordering::SeqCst);
     assert!((1..=9).contains(&n), "{n} requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sim_with_registries_pulls_for_real_a_404_is_image_pull_back_off() {
+    use k8s_openapi::api::core::v1::Pod;
+    let registry = Registry::start(true).await;
+    registry.push("team/web", "1.0").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    let env = Env::new(SimConfig {
+        registries: true,
+        ..SimConfig::default()
+    })
+    .await;
+    // web's pods pull with the secret; api's have none, and the registry refuses them.
+    for name in ["web", "api"] {
+        env.deployment("shop", name, &[(name, &image("1.0"))], 1)
+            .await;
+    }
+    pull_secret(&env, "shop", "regcred", &registry.docker_config_json()).await;
+    Api::<Deployment>::namespaced(env.client.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {
+                "imagePullSecrets": [{"name": "regcred"}]}}}})),
+        )
+        .await
+        .expect("patch");
+    env.wait_ready("shop", "web").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "shop");
+    let waiting = |app: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&format!("app={app}")))
+                .await
+                .ok()?;
+            list.items.iter().find_map(|p| {
+                let w = p.status.as_ref()?.container_statuses.as_ref()?[0]
+                    .state
+                    .as_ref()?
+                    .waiting
+                    .clone()?;
+                (w.reason.as_deref() == Some("ImagePullBackOff")
+                    || w.reason.as_deref() == Some("ErrImagePull"))
+                .then(|| w.message.unwrap_or_default())
+            })
+        }
+    };
+    let refused = wait_for("api's pull refused", Duration::from_secs(30), || {
+        waiting("api")
+    })
+    .await;
+    assert!(refused.contains("unauthorized"), "{refused}");
+
+    // A tag nobody pushed, with the pre-flight off: the sim's kubelet gets the registry's 404,
+    // and depwatch rolls back with the pod's own reason.
+    env.write_dep("web_shop.dep", "1.1\n");
+    let _daemon = env.daemon(&[]).await;
+    let r = record_where(&env, "rolled back", |r| {
+        r.status == ServiceStatus::RolledBack
+    })
+    .await;
+    assert!(
+        r.message.contains("ImagePullBackOff") || r.message.contains("ErrImagePull"),
+        "{}",
+        r.message
+    );
+    assert!(
+        r.message.contains("not found"),
+        "the registry's answer: {}",
+        r.message
+    );
+    assert_eq!(env.image("shop", "web").await, image("1.0"));
+}

@@ -454,11 +454,13 @@ impl Deployer {
     /// server is asked only about a workload the watches do not show (yet).
     pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
         self.config.bounds.check_namespace(&key.namespace)?;
-        let found = self
-            .watches
-            .namespace(&key.namespace)
-            .await
-            .find(&key.name, spec.kind);
+        // Start (or wait briefly for) the watches; ask the API server while they have not
+        // listed.
+        self.watches.namespace(&key.namespace).await;
+        let found = match self.watches.cached(&key.namespace) {
+            Some(w) => w.find(&key.name, spec.kind),
+            None => Found::None,
+        };
         let w = match found {
             Found::One(w) => *w,
             Found::Several(kinds) => {
@@ -700,6 +702,19 @@ impl Deployer {
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         loop {
+            // A cache that has not listed yet knows nothing: wait for it (or the deadline, when
+            // the API server itself is asked).
+            if self.watches.cached(&key.namespace).is_none() {
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let last = "the shared watches have not listed yet".to_string();
+                        return self.at_deadline(key, kind, generation, applied, last).await;
+                    }
+                }
+                continue;
+            }
             // Never a verdict on a template depwatch did not write.
             if let Some(running) = ns
                 .workload(kind, &key.name)
@@ -790,6 +805,19 @@ impl Deployer {
     ) -> lifecycle::HealthNow {
         use lifecycle::HealthNow;
         let ns = self.watches.namespace(&key.namespace).await;
+        if self.watches.cached(&key.namespace).is_none() {
+            // Not listed yet: the API server's word on the workload (its pods unseen).
+            let Ok(w) = self.read(key, Some(kind)).await else {
+                return HealthNow::NotHealthy;
+            };
+            let now = Instant::now();
+            let ff = self.config.fail_fast;
+            return match rollout::judge(&w, generation, &[], ff, &mut Default::default(), now) {
+                Health::Healthy => HealthNow::Healthy,
+                Health::Unverified(_) => HealthNow::Unverified,
+                _ => HealthNow::NotHealthy,
+            };
+        }
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         let deadline = Instant::now() + Duration::from_secs(2);

@@ -75,6 +75,53 @@ enum Route {
     Cluster,
 }
 
+impl Route {
+    fn describe(&self) -> String {
+        match self {
+            Route::One(ns, _) => format!("namespace {ns}"),
+            Route::Cluster => "the cluster".to_string(),
+        }
+    }
+}
+
+/// How a scope's first listing goes: kinds listed, and whether a watch failed before.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    listed: u8,
+    failed: bool,
+}
+
+/// The watches' retry pacing: exponential from 500 ms, with jitter, at most 5 s apart. depwatch
+/// holds six watches, so it can afford to come back quickly after an API server outage (a
+/// rollout judged meanwhile waits on them).
+struct Pacing {
+    next: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            next: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Iterator for Pacing {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        Some(now.mul_f64(rand::random_range(0.8..1.2)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Pacing {
+    fn reset(&mut self) {
+        *self = Pacing::default();
+    }
+}
+
 /// All shared watches, started on first use and shared by every service.
 #[derive(Clone)]
 pub struct Watches {
@@ -84,8 +131,9 @@ pub struct Watches {
     exact: Option<Arc<HashSet<String>>>,
     by_namespace: Arc<DashMap<String, NamespaceWatch>>,
     /// Namespaces whose watches completed their first listing (cluster-wide: all of them, once
-    /// `cluster_synced`).
+    /// `cluster_synced`), and those whose watches were started.
     synced: Arc<DashMap<String, ()>>,
+    started: Arc<DashMap<String, ()>>,
     cluster_synced: Arc<AtomicBool>,
     cluster_started: Arc<AtomicBool>,
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -106,6 +154,7 @@ impl Watches {
             exact,
             by_namespace: Arc::default(),
             synced: Arc::default(),
+            started: Arc::default(),
             cluster_synced: Arc::default(),
             cluster_started: Arc::default(),
             lock: Arc::default(),
@@ -148,46 +197,57 @@ impl Watches {
             .clone()
     }
 
-    /// The state of `namespace`, its watches started (and synced) if they are not running yet.
+    /// The state of `namespace`: its watches started if they are not running yet, and given
+    /// up to 10 s to list (less when a watch fails first: the API server may be down). Use
+    /// [`Self::cached`] to know whether it has listed.
     pub async fn namespace(&self, namespace: &str) -> NamespaceWatch {
         if let Some(w) = self.cached(namespace) {
             return w;
         }
         let _guard = self.lock.lock().await;
-        if let Some(w) = self.cached(namespace) {
-            return w;
+        let fresh = match self.exact {
+            None => !self.cluster_started.swap(true, Ordering::AcqRel),
+            Some(_) => self.started.insert(namespace.to_string(), ()).is_none(),
+        };
+        if !fresh {
+            return self.entry(namespace);
         }
-        let (synced, mut ready) = watch::channel(0u8);
         let route = match self.exact {
-            None if self.cluster_started.swap(true, Ordering::AcqRel) => {
-                // Started, never synced (RBAC): the warning was given; judge from what arrives.
-                return self.entry(namespace);
-            }
             None => Route::Cluster,
             Some(_) => Route::One(namespace.to_string(), self.entry(namespace)),
         };
-        self.spawn_all(&route, &synced);
-        // A scope depwatch may not list (RBAC) never syncs: do not hold everything else behind
-        // it. Waiters then judge from what arrives, under their own deadline.
-        let done =
-            tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|n| *n >= KINDS)).await;
-        let scope = match &route {
-            Route::One(ns, _) => format!("namespace {ns}"),
-            Route::Cluster => "the cluster".to_string(),
-        };
-        if !matches!(done, Ok(Ok(_))) {
-            tracing::warn!(%scope, "the shared watches have not synced (is depwatch allowed to list deployments, statefulsets, daemonsets, cronjobs, replicasets and pods there?)");
-        }
-        match &route {
-            Route::One(ns, _) => {
-                self.synced.insert(ns.clone(), ());
-            }
-            Route::Cluster => self.cluster_synced.store(true, Ordering::Release),
+        let (progress, mut seen) = watch::channel(Progress::default());
+        self.spawn_all(&route, &progress);
+        self.mark_synced_when_listed(&route, seen.clone());
+        // A scope depwatch may not list (RBAC), or an API server that does not answer, must not
+        // hold deploys: they read the API server until the watches have listed.
+        let settled = |p: &Progress| p.listed >= KINDS || p.failed;
+        let waited = tokio::time::timeout(Duration::from_secs(10), seen.wait_for(settled)).await;
+        if !matches!(waited, Ok(Ok(ref p)) if p.listed >= KINDS) {
+            tracing::warn!(scope = %route.describe(), "the shared watches have not listed yet (is the API server up, and is depwatch allowed to list deployments, statefulsets, daemonsets, cronjobs, replicasets and pods there?); deploys read the API server meanwhile");
         }
         self.entry(namespace)
     }
 
-    fn spawn_all(&self, route: &Route, synced: &watch::Sender<u8>) {
+    /// Once every kind of `route` has listed, its caches are trusted.
+    fn mark_synced_when_listed(&self, route: &Route, mut seen: watch::Receiver<Progress>) {
+        let (this, route) = (self.clone(), route.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = this.stop.cancelled() => {}
+                r = seen.wait_for(|p| p.listed >= KINDS) => if r.is_ok() {
+                    match route {
+                        Route::One(ns, _) => {
+                            this.synced.insert(ns, ());
+                        }
+                        Route::Cluster => this.cluster_synced.store(true, Ordering::Release),
+                    }
+                }
+            }
+        });
+    }
+
+    fn spawn_all(&self, route: &Route, synced: &watch::Sender<Progress>) {
         self.spawn::<Deployment>(route, synced);
         self.spawn::<StatefulSet>(route, synced);
         self.spawn::<DaemonSet>(route, synced);
@@ -196,7 +256,7 @@ impl Watches {
         self.spawn::<Pod>(route, synced);
     }
 
-    fn spawn<K: Cached>(&self, route: &Route, synced: &watch::Sender<u8>) {
+    fn spawn<K: Cached>(&self, route: &Route, synced: &watch::Sender<Progress>) {
         let api: Api<K> = match route {
             Route::One(ns, _) => Api::namespaced(self.client.clone(), ns),
             Route::Cluster => Api::all(self.client.clone()),
@@ -237,10 +297,10 @@ impl Feed {
     async fn run<K: Cached>(
         mut self,
         api: Api<K>,
-        synced: watch::Sender<u8>,
+        synced: watch::Sender<Progress>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let stream = watcher(api, watcher::Config::default()).backoff(Pacing::default());
         let mut stream = std::pin::pin!(stream);
         let mut first = true;
         loop {
@@ -255,11 +315,14 @@ impl Feed {
                 Ok(Event::InitDone) => {
                     self.relisted::<K>();
                     if std::mem::take(&mut first) {
-                        synced.send_modify(|n| *n += 1);
+                        synced.send_modify(|p| p.listed += 1);
                     }
                 }
                 Ok(event) => self.handle(event),
                 Err(e) => {
+                    if first {
+                        synced.send_modify(|p| p.failed = true);
+                    }
                     tracing::debug!(error = %e, "watch interrupted; it resumes with backoff");
                 }
             }

@@ -37,6 +37,8 @@ pub struct Controller {
     behaviours: Behaviours,
     /// When each pod (by UID) was created, at sub-second precision for the kubelet's clock.
     pod_born: HashMap<String, Instant>,
+    /// Real pulls from loopback registries (`depwatch sim --registries`).
+    puller: Option<super::puller::Puller>,
     /// Reconcile passes so far.
     ticks: u64,
     /// When each Deployment (by UID) last made progress, for its progress deadline.
@@ -137,6 +139,7 @@ fn revision(obj: &Value) -> i64 {
 impl Controller {
     pub fn new(store: Arc<Store>, behaviours: Behaviours) -> Self {
         Controller {
+            puller: None,
             feed: store.feed(),
             owners: HashMap::new(),
             owner_of: HashMap::new(),
@@ -160,6 +163,12 @@ impl Controller {
             created: HashSet::new(),
             synced: HashMap::new(),
         }
+    }
+
+    /// Pull images of loopback registries for real (`depwatch sim --registries`).
+    pub fn with_puller(mut self, puller: super::puller::Puller) -> Self {
+        self.puller = Some(puller);
+        self
     }
 
     /// Run on a thread of its own until cancelled: reconciling is synchronous CPU work that
@@ -782,6 +791,21 @@ impl Controller {
         }
     }
 
+    /// What `image` does in `pod`: with `--registries`, a real pull from a loopback registry
+    /// first (its failure, with the registry's words; while it is under way the container is
+    /// being created, looked at again shortly), then the image rules.
+    fn fate(&self, pod: &Value, image: &str, age: Duration) -> (Fate, Duration, Option<String>) {
+        use super::puller::Pull;
+        match self.puller.as_ref().and_then(|p| p.pull(pod, image)) {
+            Some(Pull::Pending) => (Fate::Ready, age + TICK, None),
+            Some(Pull::Failed(why)) => (Fate::FailPull, Duration::ZERO, Some(why)),
+            Some(Pull::Pulled) | None => {
+                let (fate, delay) = self.behaviours.fate(image);
+                (fate, delay, None)
+            }
+        }
+    }
+
     /// The pod's age at which its status next changes by itself, if it ever does.
     fn next_change(&self, pod: &Value, age: Duration) -> Option<Duration> {
         let containers = pod["spec"]["containers"].as_array()?;
@@ -792,7 +816,7 @@ impl Controller {
                 if !valid_image_reference(image) {
                     return None;
                 }
-                let (fate, delay) = self.behaviours.fate(image);
+                let (fate, delay, _) = self.fate(pod, image, age);
                 let steps: Vec<Duration> = match fate {
                     Fate::FailPull => vec![PULL_FAIL_AFTER, BACKOFF_AFTER],
                     Fate::ConfigError => vec![PULL_FAIL_AFTER],
@@ -821,10 +845,10 @@ impl Controller {
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
             let cname = c["name"].as_str().unwrap_or_default();
             let image = c["image"].as_str().unwrap_or_default();
-            let (fate, delay) = if valid_image_reference(image) {
-                self.behaviours.fate(image)
+            let (fate, delay, pull_error) = if valid_image_reference(image) {
+                self.fate(pod, image, age)
             } else {
-                (Fate::Ready, Duration::ZERO)
+                (Fate::Ready, Duration::ZERO, None)
             };
             let waiting = |reason: &str, message: String| json!({"waiting": {"reason": reason, "message": message}});
             let mut restarts = 0u64;
@@ -840,33 +864,44 @@ impl Controller {
                 )
             } else {
                 match fate {
-                    Fate::FailPull if age < PULL_FAIL_AFTER => {
-                        (json!({"waiting": {"reason": "ContainerCreating"}}), false, false)
-                    }
-                    Fate::FailPull if age < BACKOFF_AFTER => (
-                        waiting(
-                            "ErrImagePull",
-                            format!("failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": not found"),
-                        ),
+                    Fate::FailPull if age < PULL_FAIL_AFTER => (
+                        json!({"waiting": {"reason": "ContainerCreating"}}),
                         false,
                         false,
                     ),
+                    Fate::FailPull if age < BACKOFF_AFTER => (
+                        waiting("ErrImagePull", pull_failure(image, &pull_error)),
+                        false,
+                        false,
+                    ),
+                    // As kubelets since 1.30 say it: the back-off carries the pull's own error.
                     Fate::FailPull => (
-                        waiting("ImagePullBackOff", format!("Back-off pulling image \"{image}\"")),
+                        waiting(
+                            "ImagePullBackOff",
+                            format!(
+                                "Back-off pulling image \"{image}\": ErrImagePull: {}",
+                                pull_failure(image, &pull_error)
+                            ),
+                        ),
                         false,
                         false,
                     ),
                     Fate::ConfigError if age >= PULL_FAIL_AFTER => (
                         waiting(
                             "CreateContainerConfigError",
-                            format!("couldn't find key password in Secret {}/db", meta::namespace(pod)),
+                            format!(
+                                "couldn't find key password in Secret {}/db",
+                                meta::namespace(pod)
+                            ),
                         ),
                         false,
                         false,
                     ),
-                    _ if age < delay => {
-                        (json!({"waiting": {"reason": "ContainerCreating"}}), false, false)
-                    }
+                    _ if age < delay => (
+                        json!({"waiting": {"reason": "ContainerCreating"}}),
+                        false,
+                        false,
+                    ),
                     Fate::Crash => {
                         let since = age - delay;
                         restarts = (since.as_millis() / CRASH_CYCLE.as_millis()) as u64;
@@ -1094,6 +1129,13 @@ impl Controller {
 }
 
 /// Pod statuses compare equal when nothing but the clock moved.
+/// Why a pull failed: the registry's own words, or the image rules' "not found".
+fn pull_failure(image: &str, from_registry: &Option<String>) -> String {
+    from_registry.clone().unwrap_or_else(|| {
+        format!("failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": not found")
+    })
+}
+
 fn same_status(a: &Value, b: &Value) -> bool {
     a == b
 }

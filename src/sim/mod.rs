@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;
+pub mod puller;
 pub mod rbac;
 pub mod resources;
 pub mod selector;
@@ -62,6 +63,9 @@ pub struct SimConfig {
     pub state_file: Option<PathBuf>,
     /// How many nodes the cluster has (`node-0` …): DaemonSets run one pod on each.
     pub nodes: usize,
+    /// Pull images of registries on loopback for real (a manifest HEAD with the pod's pull
+    /// secrets) instead of by the image rules.
+    pub registries: bool,
 }
 
 impl Default for SimConfig {
@@ -77,6 +81,7 @@ impl Default for SimConfig {
             audit_log: None,
             state_file: None,
             nodes: 3,
+            registries: false,
         }
     }
 }
@@ -155,7 +160,11 @@ impl Sim {
             controller: CancellationToken::new(),
         };
         sim.serve().await?;
-        let controller = controller::Controller::new(sim.store.clone(), behaviours);
+        let mut controller = controller::Controller::new(sim.store.clone(), behaviours);
+        if sim.config.registries {
+            let runtime = tokio::runtime::Handle::current();
+            controller = controller.with_puller(puller::Puller::new(sim.store.clone(), runtime));
+        }
         controller
             .spawn(sim.controller.clone())
             .map_err(SimError::Thread)?;

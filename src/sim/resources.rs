@@ -354,6 +354,9 @@ pub fn deployments() -> &'static ResourceType {
 pub fn replicasets() -> &'static ResourceType {
     by_plural("apps", "replicasets")
 }
+pub fn secrets() -> &'static ResourceType {
+    by_plural("", "secrets")
+}
 pub fn pods() -> &'static ResourceType {
     by_plural("", "pods")
 }
