@@ -27,7 +27,16 @@ const SECRET: &str = "ecr-pull";
 /// The daemon with the pre-flight and the ECR pull secret, its AWS environment reaching only
 /// `endpoint`.
 async fn daemon(env: &Env, endpoint: &Endpoint) -> Daemon {
+    daemon_in(env, endpoint, None).await
+}
+
+/// [`daemon`], confined to `--namespaces` when given (then the Secrets are watched in each of
+/// them, not cluster-wide).
+async fn daemon_in(env: &Env, endpoint: &Endpoint, namespaces: Option<&str>) -> Daemon {
     let mut args = env.run_args();
+    if let Some(list) = namespaces {
+        args.extend(["--namespaces".to_string(), list.to_string()]);
+    }
     args.extend(
         [
             "--debounce",
@@ -145,6 +154,15 @@ async fn create_secret(env: &Env, ns: &str, body: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pull_secret_follows_ecr_deploys_comes_back_when_deleted_and_spares_a_users_own() {
+    follows_deploys_comes_back_and_spares_a_users_own(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_exact_namespaces_the_pull_secrets_are_watched_per_namespace() {
+    follows_deploys_comes_back_and_spares_a_users_own(Some("shop,blog,misc,own")).await;
+}
+
+async fn follows_deploys_comes_back_and_spares_a_users_own(namespaces: Option<&str>) {
     let registry = Registry::start(true).await;
     let mut digests = Vec::new();
     for repo in ["team/web", "team/api", "team/app"] {
@@ -178,7 +196,7 @@ async fn the_pull_secret_follows_ecr_deploys_comes_back_when_deleted_and_spares_
     ] {
         env.write_dep(&format!("{name}_{ns}.dep"), "1.1\n");
     }
-    let daemon = daemon(&env, &endpoint).await;
+    let daemon = daemon_in(&env, &endpoint, namespaces).await;
     for (name, ns) in [
         ("web", "shop"),
         ("api", "blog"),
