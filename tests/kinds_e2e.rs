@@ -324,3 +324,49 @@ async fn drift_of_a_daemonset_is_recorded_and_healed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_as_undo_works_for_a_statefulset() {
+    let env = Env::new(SimConfig::default()).await;
+    env.workload(
+        "statefulset",
+        "data",
+        "queue",
+        &[("queue", "example.com/queue:3.0")],
+        json!({"replicas": 2}),
+    )
+    .await;
+    env.write_dep("queue_data.dep", "3.1\n");
+    let _daemon = env.daemon(&[]).await;
+    let k = key("queue", "data");
+    wait_record(&env, "3.1 deployed", &k, |r| {
+        r.status == ServiceStatus::Succeeded && r.deployed.to_string().ends_with(":3.1")
+    })
+    .await;
+    env.write_dep("queue_data.dep", "3.2\n");
+    wait_record(&env, "3.2 deployed", &k, |r| {
+        r.status == ServiceStatus::Succeeded && r.deployed.to_string().ends_with(":3.2")
+    })
+    .await;
+    // Undo: the file goes back to the previous version, and the StatefulSet follows.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["rollback", "data/queue", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("rollback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_record(&env, "3.1 again", &k, |r| {
+        r.status == ServiceStatus::Succeeded && r.deployed.to_string().ends_with(":3.1")
+    })
+    .await;
+    assert_eq!(
+        env.workload_image("statefulset", "data", "queue").await,
+        "example.com/queue:3.1"
+    );
+    let file = std::fs::read_to_string(env.deps.join("queue_data.dep")).expect("file");
+    assert!(file.trim_end().ends_with("3.1"), "{file}");
+}

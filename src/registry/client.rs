@@ -363,3 +363,86 @@ fn unavailable(image: &ImageRef, status: StatusCode, headers: &HeaderMap) -> Ans
         retry_after,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A registry on loopback that asks for a Bearer token from its own realm (anonymous, as
+    /// Docker Hub and GHCR do for public images), knows tag `1.0` only, and lists its tags.
+    async fn bearer_registry(heads: Arc<AtomicUsize>) -> String {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let realm = format!("http://{addr}/token");
+        let app = axum::Router::new()
+            .route(
+                "/token",
+                axum::routing::get(|| async {
+                    axum::Json(serde_json::json!({"token": "t0k", "expires_in": 300}))
+                }),
+            )
+            .fallback(move |req: axum::extract::Request| {
+                let (heads, realm) = (heads.clone(), realm.clone());
+                async move {
+                    let authed = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        == Some("Bearer t0k");
+                    if !authed {
+                        let mut h = HeaderMap::new();
+                        let challenge = format!("Bearer realm=\"{realm}\",service=\"test\"");
+                        h.insert("www-authenticate", challenge.parse().expect("header"));
+                        return (StatusCode::UNAUTHORIZED, h, String::new()).into_response();
+                    }
+                    let path = req.uri().path().to_string();
+                    if path.ends_with("/tags/list") {
+                        let tags = serde_json::json!({"name": "lib/app", "tags": ["1.0", "0.9"]});
+                        return axum::Json(tags).into_response();
+                    }
+                    heads.fetch_add(1, Ordering::SeqCst);
+                    match path.ends_with("/manifests/1.0") {
+                        true => (StatusCode::OK, [("docker-content-digest", "sha256:ab")], "")
+                            .into_response(),
+                        false => StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_anonymous_bearer_token_is_fetched_once_and_answers_are_shared() {
+        let heads = Arc::new(AtomicUsize::new(0));
+        let addr = bearer_registry(heads.clone()).await;
+        let registries = Registries::new();
+        let found = ImageRef::parse(&format!("{addr}/lib/app:1.0")).expect("image");
+        let answers =
+            futures::future::join_all((0..20).map(|_| registries.check(&found, None))).await;
+        assert!(
+            answers.iter().all(|a| *a
+                == Answer::Found {
+                    digest: Some("sha256:ab".into())
+                }),
+            "{answers:?}"
+        );
+        assert_eq!(
+            heads.load(Ordering::SeqCst),
+            1,
+            "twenty askers, one authorised HEAD"
+        );
+        let missing = ImageRef::parse(&format!("{addr}/lib/app:1.1")).expect("image");
+        assert_eq!(
+            registries.check(&missing, None).await,
+            Answer::Missing {
+                closest: vec!["1.0".into(), "0.9".into()]
+            }
+        );
+    }
+}
