@@ -307,3 +307,41 @@ async fn the_sim_with_registries_pulls_for_real_a_404_is_image_pull_back_off() {
     );
     assert_eq!(env.image("shop", "web").await, image("1.0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depwatch_s_own_credentials_serve_when_the_pods_name_none_and_a_bad_file_is_named() {
+    let registry = Registry::start(true).await;
+    let digest = registry.push("private/web", "3.1").await;
+    let image = |tag: &str| format!("{}/private/web:{tag}", registry.addr());
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("3.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "3.1\n");
+    // A file that is not a docker config: the daemon refuses to start, naming it.
+    let bad = env.dir.path().join("bad-config.json");
+    std::fs::write(&bad, "{\"auths\": [1, 2]}").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(env.run_args())
+        .args(["--http-addr", "127.0.0.1:0", "--registry-credentials"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--registry-credentials") && stderr.contains("bad-config.json"),
+        "{stderr}"
+    );
+    assert_eq!(env.all_patches(), 0);
+    let good = env.dir.path().join("config.json");
+    std::fs::write(&good, registry.docker_config_json()).expect("write");
+    let good = good.to_str().expect("utf-8").to_string();
+    let _daemon = daemon(&env, &["--registry-credentials", &good]).await;
+    let r = record_where(&env, "deployed with depwatch's own credentials", |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    assert_eq!(r.deployed.get("web"), Some(&image("3.1")));
+    let history = env.store().history(Some(&web()), 5).expect("history");
+    assert_eq!(history[0].digests, format!("web={digest}"));
+}
