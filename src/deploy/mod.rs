@@ -114,6 +114,24 @@ impl DeployError {
     }
 }
 
+/// What a wait looks at: the workload, and the write depwatch made.
+struct Look<'a> {
+    key: &'a ServiceKey,
+    kind: WorkloadKind,
+    generation: i64,
+    applied: &'a Images,
+}
+
+/// Resolves when a newer version arrives (never without a receiver, or once it is closed).
+async fn newer(superseded: Option<&mut watch::Receiver<u64>>) {
+    if let Some(rx) = superseded {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
 /// GET one object; `None` when it is not there.
 async fn get_as<K>(api: Api<K>, name: &str) -> Result<Option<WorkloadState>, kube::Error>
 where
@@ -702,53 +720,21 @@ impl Deployer {
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         loop {
-            // A cache that has not listed yet knows nothing: wait for it (or the deadline, when
-            // the API server itself is asked).
-            if self.watches.cached(&key.namespace).is_none() {
-                tokio::select! {
-                    _ = changed.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let last = "the shared watches have not listed yet".to_string();
-                        return self.at_deadline(key, kind, generation, applied, last).await;
-                    }
-                }
-                continue;
-            }
-            // Never a verdict on a template depwatch did not write.
-            if let Some(running) = ns
-                .workload(kind, &key.name)
-                .and_then(|d| rollout::changed_outside(&d, generation, applied))
-            {
-                return WaitOutcome::ChangedOutside { running };
-            }
-            let last = match ns.judge(
+            let look = Look {
+                key,
                 kind,
-                &key.name,
                 generation,
-                self.config.fail_fast,
-                &mut first_seen,
-            ) {
-                Health::Healthy => return WaitOutcome::Healthy,
-                Health::Unverified(why) => return WaitOutcome::Unverified(why),
-                Health::Failed { reason, message } => {
-                    return WaitOutcome::Failed { reason, message }
-                }
-                Health::Progressing(m) => m,
+                applied,
             };
-            let supersede = async {
-                match superseded.as_mut() {
-                    Some(rx) => {
-                        if rx.changed().await.is_err() {
-                            std::future::pending::<()>().await
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
+            let last = match self.look(&ns, &look, &mut first_seen) {
+                Ok(last) => last,
+                Err(outcome) => return outcome,
             };
-            // A pull error's grace ends without any event: look again when it may have.
-            let grace = async {
-                match first_seen.is_empty() {
+            // Look again soon while a pull error's grace runs (it ends without any event), or
+            // while the watches have not listed.
+            let listed = self.watches.cached(&key.namespace).is_some();
+            let poll = async {
+                match first_seen.is_empty() && listed {
                     true => std::future::pending::<()>().await,
                     false => tokio::time::sleep(Duration::from_millis(250)).await,
                 }
@@ -756,9 +742,36 @@ impl Deployer {
             tokio::select! {
                 r = changed.changed() => if r.is_err() { changed = ns.subscribe(&key.name) },
                 _ = tokio::time::sleep_until(deadline) => return self.at_deadline(key, kind, generation, applied, last).await,
-                _ = supersede => return WaitOutcome::Superseded,
-                _ = grace => {}
+                _ = newer(superseded.as_mut()) => return WaitOutcome::Superseded,
+                _ = poll => {}
             }
+        }
+    }
+
+    /// One look at a rollout from the shared watches: its outcome, or what it waits for.
+    fn look(
+        &self,
+        ns: &cache::NamespaceWatch,
+        l: &Look<'_>,
+        first_seen: &mut std::collections::HashMap<String, Instant>,
+    ) -> Result<String, WaitOutcome> {
+        // A cache that has not listed yet knows nothing (the deadline asks the API server).
+        if self.watches.cached(&l.key.namespace).is_none() {
+            return Ok("the shared watches have not listed yet".into());
+        }
+        // Never a verdict on a template depwatch did not write.
+        if let Some(running) = ns
+            .workload(l.kind, &l.key.name)
+            .and_then(|d| rollout::changed_outside(&d, l.generation, l.applied))
+        {
+            return Err(WaitOutcome::ChangedOutside { running });
+        }
+        let ff = self.config.fail_fast;
+        match ns.judge(l.kind, &l.key.name, l.generation, ff, first_seen) {
+            Health::Healthy => Err(WaitOutcome::Healthy),
+            Health::Unverified(why) => Err(WaitOutcome::Unverified(why)),
+            Health::Failed { reason, message } => Err(WaitOutcome::Failed { reason, message }),
+            Health::Progressing(m) => Ok(m),
         }
     }
 

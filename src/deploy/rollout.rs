@@ -294,55 +294,70 @@ fn counts(progress: &Progress) -> Health {
             ref current_revision,
             ref update_revision,
             ..
-        } => {
-            if desired == 0 {
-                return Health::Unverified("0 replicas: no pod ran the images".into());
-            }
-            if ready < desired {
-                return Health::Progressing(format!("{ready} of {desired} pods ready"));
-            }
-            if partition > 0 {
-                let due = desired - partition;
-                if due <= 0 {
-                    return Health::Unverified(format!(
-                        "partition {partition} leaves none of {desired} pods to update"
-                    ));
-                }
-                return match updated < due {
-                    true => Health::Progressing(format!(
-                        "{updated} of {due} pods updated (partition {partition})"
-                    )),
-                    false => Health::Healthy,
-                };
-            }
-            if update_revision.is_some() && current_revision != update_revision {
-                return Health::Progressing(format!(
-                    "{updated} of {desired} pods at the new revision"
-                ));
-            }
-            Health::Healthy
-        }
+        } => statefulset_counts(
+            desired,
+            partition,
+            ready,
+            updated,
+            current_revision != update_revision && update_revision.is_some(),
+        ),
         Progress::DaemonSet {
             desired,
             updated,
             available,
             ..
-        } => {
-            if desired == 0 {
-                return Health::Unverified("0 nodes scheduled: no pod ran the images".into());
-            }
-            if updated < desired {
-                return Health::Progressing(format!(
-                    "{updated} of {desired} updated pods scheduled"
-                ));
-            }
-            if available < desired {
-                return Health::Progressing(format!("{available} of {desired} pods available"));
-            }
-            Health::Healthy
-        }
+        } => daemonset_counts(desired, updated, available),
         Progress::CronJob { .. } => Health::Unverified("applied".into()),
     }
+}
+
+/// `kubectl rollout status statefulset`: every replica ready, then the partition's share
+/// updated (partitioned), or every pod at the update revision (`revisions_differ`: not yet).
+fn statefulset_counts(
+    desired: i32,
+    partition: i32,
+    ready: i32,
+    updated: i32,
+    revisions_differ: bool,
+) -> Health {
+    if desired == 0 {
+        return Health::Unverified("0 replicas: no pod ran the images".into());
+    }
+    if ready < desired {
+        return Health::Progressing(format!("{ready} of {desired} pods ready"));
+    }
+    if partition > 0 {
+        let due = desired - partition;
+        if due <= 0 {
+            return Health::Unverified(format!(
+                "partition {partition} leaves none of {desired} pods to update"
+            ));
+        }
+        return match updated < due {
+            true => Health::Progressing(format!(
+                "{updated} of {due} pods updated (partition {partition})"
+            )),
+            false => Health::Healthy,
+        };
+    }
+    match revisions_differ {
+        true => Health::Progressing(format!("{updated} of {desired} pods at the new revision")),
+        false => Health::Healthy,
+    }
+}
+
+/// `kubectl rollout status daemonset`: every scheduled pod updated, then available.
+fn daemonset_counts(desired: i32, updated: i32, available: i32) -> Health {
+    if desired == 0 {
+        return Health::Unverified("0 nodes scheduled: no pod ran the images".into());
+    }
+    if updated < desired {
+        return Health::Progressing(format!("{updated} of {desired} updated pods scheduled"));
+    }
+    if available < desired {
+        return Health::Progressing(format!("{available} of {desired} pods available"));
+    }
+    Health::Healthy
 }
 
 fn deployment_counts(desired: i32, replicas: i32, updated: i32, available: i32) -> Health {
