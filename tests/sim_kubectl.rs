@@ -676,6 +676,9 @@ async fn an_ordered_ready_statefulset_stays_stuck_on_a_crashing_pod_until_it_is_
         ps[..2].iter().all(|p| p.2 == good && p.3),
         "the update stops at db-2: {ps:?}"
     );
+    // Its container started once, so the pod is Running, as a kubelet reports a crash loop.
+    let db2 = get_json(&k, &["-n", "prod", "get", "pod", "db-2"]).await;
+    assert_eq!(db2["status"]["phase"], "Running", "{db2}");
 
     // Revert the template. The controller sees it (the update revision is the good one again)
     // but OrderedReady waits for db-2 to be Running and Ready, which it never will be.

@@ -839,7 +839,7 @@ impl Controller {
             .map(String::from)
             .unwrap_or_else(meta::now);
         let mut statuses = Vec::new();
-        let mut all_running = true;
+        let mut all_created = true;
         let mut all_ready = true;
         let pod_name = meta::name(pod);
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
@@ -927,7 +927,10 @@ impl Controller {
                     _ => (json!({"running": {"startedAt": started}}), true, true),
                 }
             };
-            all_running &= running;
+            // A container that has started once (a crash loop restarts it) makes the pod Running,
+            // as a kubelet reports it; one never created keeps it Pending.
+            let created = running || (fate == Fate::Crash && age >= delay);
+            all_created &= created;
             all_ready &= ready;
             statuses.push(json!({
                 "name": cname,
@@ -943,7 +946,7 @@ impl Controller {
         let cond =
             |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
         json!({
-            "phase": if all_running { "Running" } else { "Pending" },
+            "phase": if all_created { "Running" } else { "Pending" },
             "hostIP": super::workloads::host_ip(pod),
             "podIP": "10.1.0.1",
             "startTime": started,
