@@ -370,3 +370,73 @@ async fn rollback_as_undo_works_for_a_statefulset() {
     let file = std::fs::read_to_string(env.deps.join("queue_data.dep")).expect("file");
     assert!(file.trim_end().ends_with("3.1"), "{file}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_after_a_statefulset_s_rollback_patch_still_frees_the_stuck_pod() {
+    let env = Env::new(SimConfig {
+        latency: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    env.workload(
+        "statefulset",
+        "data",
+        "db",
+        &[("db", "example.com/db:16.0")],
+        json!({}),
+    )
+    .await;
+    env.write_dep("db_data.dep", "16.0\n");
+    let daemon = env.daemon(&[]).await;
+    let db = key("db", "data");
+    wait_record(&env, "adopted", &db, |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    env.write_dep("db_data.dep", "16.1-crash\n");
+    wait_for(
+        "the rollout to fail (then kill -9 at once)",
+        Duration::from_secs(60),
+        || async { daemon.log_text().contains("rollout failed").then_some(()) },
+    )
+    .await;
+    daemon.kill();
+    // The rollback's patch landed just before the stop (written here when it had not yet): the
+    // next start only has to await the rollback, and the crash-looping pod still holds it.
+    let restored = "example.com/db:16.0";
+    if env.workload_image("statefulset", "data", "db").await != restored {
+        let req = http::Request::patch("/apis/apps/v1/namespaces/data/statefulsets/db")
+            .header("content-type", "application/strategic-merge-patch+json")
+            .body(
+                serde_json::to_vec(&json!({"spec": {"template": {"spec": {"containers": [
+                    {"name": "db", "image": restored}]}}}}))
+                .expect("json"),
+            )
+            .expect("request");
+        env.client
+            .request::<serde_json::Value>(req)
+            .await
+            .expect("the rollback's patch");
+    }
+    let daemon = env.daemon(&[]).await;
+    let r = wait_record(&env, "the interrupted rollback finished", &db, |r| {
+        r.status == ServiceStatus::RolledBack
+    })
+    .await;
+    assert!(r.pinned().is_some(), "the failed version stays pinned");
+    wait_for(
+        "every pod back on 16.0 and ready",
+        Duration::from_secs(30),
+        || async {
+            let st = status_of(&env, "statefulset", "data", "db").await;
+            (st["readyReplicas"] == 3 && st["currentRevision"] == st["updateRevision"])
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        daemon.log_text().contains("forced rollback"),
+        "the restarted daemon freed the stuck pod: {}",
+        daemon.log_text()
+    );
+}

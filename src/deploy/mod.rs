@@ -617,8 +617,7 @@ impl Deployer {
         })
     }
 
-    /// Patch the images; returns the generation the rollout must reach. A StatefulSet's pods
-    /// that the new template leaves stuck are then deleted (see [`Self::force_rollback`]).
+    /// Patch the images; returns the generation the rollout must reach.
     pub async fn patch(
         &self,
         key: &ServiceKey,
@@ -658,10 +657,7 @@ impl Deployer {
             WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, &body).await,
         };
         match patched {
-            Ok(w) => {
-                self.force_rollback(key, &w).await;
-                Ok(w.generation)
-            }
+            Ok(w) => Ok(w.generation),
             Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
             Err(source) => Err(self.kube_error(patching(kind))(source)),
         }
@@ -669,28 +665,33 @@ impl Deployer {
 
     /// Kubernetes' forced rollback: an `OrderedReady` StatefulSet waits forever on a pod that
     /// never gets ready, even once its template is fixed or restored. Delete such pods (not
-    /// ready, running another template than `patched`'s) so the controller recreates them
-    /// from the template just written. Best effort: a pod that cannot be deleted leaves the
-    /// rollout to its verdict.
-    async fn force_rollback(&self, key: &ServiceKey, patched: &WorkloadState) {
-        if !patched.holds_stuck_pods() {
-            return;
-        }
+    /// ready, running another template than `applied`, the one depwatch wrote) so the
+    /// controller recreates them from it. Done as each wait begins, so a wait resumed after a
+    /// stop (its patch already landed) does it too. Best effort: a pod that cannot be deleted
+    /// leaves the rollout to its verdict.
+    async fn force_rollback(&self, key: &ServiceKey, kind: WorkloadKind, applied: &Images) {
         let Some(ns) = self.watches.cached(&key.namespace) else {
             return;
         };
+        // The template just written, whatever the watch shows of it yet.
+        let Some(written) = ns.workload(kind, &key.name).map(|w| WorkloadState {
+            images: applied.clone(),
+            ..w
+        }) else {
+            return;
+        };
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
-        for pod in ns.stuck_pods_for(patched) {
+        for pod in ns.stuck_pods_for(&written) {
             if self.fence.check(&format!("deleting pod {pod}")).is_err() {
                 return;
             }
             match api.delete(&pod, &Default::default()).await {
                 Ok(_) => {
-                    tracing::info!(workload = %Shown(patched.kind, &key.name), namespace = %key.namespace, %pod, "deleted a pod that is not ready and runs the replaced template: the StatefulSet would wait on it forever (forced rollback)")
+                    tracing::info!(workload = %Shown(kind, &key.name), namespace = %key.namespace, %pod, "deleted a pod that is not ready and runs the replaced template: the StatefulSet would wait on it forever (forced rollback)")
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
-                    tracing::warn!(workload = %Shown(patched.kind, &key.name), namespace = %key.namespace, %pod, error = %e, "could not delete a stuck pod; the StatefulSet may wait on it")
+                    tracing::warn!(workload = %Shown(kind, &key.name), namespace = %key.namespace, %pod, error = %e, "could not delete a stuck pod; the StatefulSet may wait on it")
                 }
             }
         }
@@ -717,6 +718,7 @@ impl Deployer {
                     }
                 }
             };
+        self.force_rollback(key, kind, applied).await;
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         loop {
