@@ -156,7 +156,12 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
-async fn create_fleet(client: &kube::Client, names: &[String]) {
+/// One Deployment per name in `NS`, running `<repository>:1.0.0` (`repository(name)`).
+async fn create_fleet(
+    client: &kube::Client,
+    names: &[String],
+    repository: impl Fn(&str) -> String,
+) {
     let nss: Api<Namespace> = Api::all(client.clone());
     let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
     nss.create(&PostParams::default(), &obj)
@@ -165,12 +170,13 @@ async fn create_fleet(client: &kube::Client, names: &[String]) {
     let api: Api<Deployment> = Api::namespaced(client.clone(), NS);
     futures::stream::iter(names.iter().map(|n| {
         let api = api.clone();
+        let image = format!("{}:1.0.0", repository(n));
         async move {
             let d: Deployment = serde_json::from_value(json!({
                 "metadata": {"name": n},
                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": n}},
                          "template": {"metadata": {"labels": {"app": n}},
-                                      "spec": {"containers": [{"name": n, "image": format!("example.com/{n}:1.0.0")}]}}}
+                                      "spec": {"containers": [{"name": n, "image": image}]}}}
             }))
             .expect("deployment");
             api.create(&PostParams::default(), &d)
@@ -402,7 +408,7 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     let client = sim.client().expect("client");
     let names: Vec<String> = (0..n).map(|i| format!("svc-{i:05}")).collect();
     eprintln!("[{n}] creating {n} Deployments");
-    create_fleet(&client, &names).await;
+    create_fleet(&client, &names, |n| format!("example.com/{n}")).await;
     wait_until("the fleet to be ready", Duration::from_secs(600), || {
         progress(&sim, ":1.0.0").1 == n
     })

@@ -102,6 +102,22 @@ async fn pull_secret(env: &Env, ns: &str, name: &str, config: &str) {
         .expect("create secret");
 }
 
+/// shop/web's pods name a pull secret `regcred` holding the registry's credentials, as the
+/// kubelet needs them to.
+async fn web_pulls_with(env: &Env, registry: &Registry) {
+    pull_secret(env, "shop", "regcred", &registry.docker_config_json()).await;
+    Api::<Deployment>::namespaced(env.client.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {
+                "imagePullSecrets": [{"name": "regcred"}]}}}})),
+        )
+        .await
+        .expect("patch");
+    env.wait_ready("shop", "web").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_repository_deploys_with_the_pull_secret_and_fails_clearly_without() {
     let registry = Registry::start(true).await;
@@ -115,17 +131,7 @@ async fn a_private_repository_deploys_with_the_pull_secret_and_fails_clearly_wit
             .await;
         env.write_dep(&format!("{name}_shop.dep"), "2.1\n");
     }
-    pull_secret(&env, "shop", "regcred", &registry.docker_config_json()).await;
-    Api::<Deployment>::namespaced(env.client.clone(), "shop")
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {
-                "imagePullSecrets": [{"name": "regcred"}]}}}})),
-        )
-        .await
-        .expect("patch");
-    env.wait_ready("shop", "web").await;
+    web_pulls_with(&env, &registry).await;
     let _daemon = daemon(&env, &[]).await;
     let r = record_where(&env, "deployed with the pull secret", |r| {
         r.status == ServiceStatus::Succeeded
@@ -250,17 +256,7 @@ async fn the_sim_with_registries_pulls_for_real_a_404_is_image_pull_back_off() {
         env.deployment("shop", name, &[(name, &image("1.0"))], 1)
             .await;
     }
-    pull_secret(&env, "shop", "regcred", &registry.docker_config_json()).await;
-    Api::<Deployment>::namespaced(env.client.clone(), "shop")
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {
-                "imagePullSecrets": [{"name": "regcred"}]}}}})),
-        )
-        .await
-        .expect("patch");
-    env.wait_ready("shop", "web").await;
+    web_pulls_with(&env, &registry).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), "shop");
     let waiting = |app: &'static str| {
         let pods = pods.clone();

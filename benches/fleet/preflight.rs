@@ -6,14 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use depwatch::sim::{Sim, SimConfig};
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
-use serde_json::json;
-
 use super::{proc_stats, Daemon, NS};
+use depwatch::sim::{Sim, SimConfig};
 
 /// A registry that knows every tag: each HEAD answers 200 with a digest, and is counted.
 async fn registry(heads: Arc<AtomicUsize>) -> String {
@@ -37,31 +31,6 @@ async fn registry(heads: Arc<AtomicUsize>) -> String {
     addr
 }
 
-async fn create(client: &kube::Client, names: &[String], image: &str) {
-    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &obj)
-        .await
-        .expect("create ns");
-    let api: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    futures::stream::iter(names.iter().map(|n| {
-        let api = api.clone();
-        async move {
-            let d: Deployment = serde_json::from_value(json!({
-                "metadata": {"name": n},
-                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": n}},
-                         "template": {"metadata": {"labels": {"app": n}},
-                                      "spec": {"containers": [{"name": n, "image": format!("{image}:1.0.0")}]}}}
-            }))
-            .expect("deployment");
-            api.create(&PostParams::default(), &d).await.expect("create");
-        }
-    }))
-    .buffer_unordered(32)
-    .collect::<Vec<()>>()
-    .await;
-}
-
 /// The pre-flight's figures for a burst of `n`, printed as a table.
 pub async fn run(n: usize) {
     let heads = Arc::new(AtomicUsize::new(0));
@@ -74,7 +43,7 @@ pub async fn run(n: usize) {
     sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let names: Vec<String> = (0..n).map(|i| format!("svc-{i:05}")).collect();
     eprintln!("[preflight] creating {n} Deployments on one repository");
-    create(&sim.client().expect("client"), &names, &image).await;
+    super::create_fleet(&sim.client().expect("client"), &names, |_| image.clone()).await;
     let write = |version: &str| {
         for name in &names {
             let file = deps.join(format!("{name}_{NS}.dep"));
