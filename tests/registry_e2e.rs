@@ -341,3 +341,68 @@ async fn depwatch_s_own_credentials_serve_when_the_pods_name_none_and_a_bad_file
     let history = env.store().history(Some(&web()), 5).expect("history");
     assert_eq!(history[0].digests, format!("web={digest}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_down_for_a_whole_wait_is_not_waited_for_again_by_the_next_deploys() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // A registry that answers every request 503.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let env = Env::new(SimConfig::default()).await;
+    for name in ["web", "api", "worker"] {
+        env.deployment(
+            "shop",
+            name,
+            &[(name, &format!("{addr}/team/{name}:1.0"))],
+            1,
+        )
+        .await;
+    }
+    env.write_dep("web_shop.dep", "1.1\n");
+    let daemon = daemon(&env, &[]).await;
+    record_where(&env, "web deployed anyway", |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    let asked = hits.load(Ordering::SeqCst);
+    assert!(asked >= 1, "the registry was asked");
+    // The next deploys go on at once: the registry is taken for down, and not asked again.
+    env.write_dep("api_shop.dep", "1.1\n");
+    env.write_dep("worker_shop.dep", "1.1\n");
+    let store = env.store();
+    wait_for(
+        "api and worker deployed",
+        Duration::from_secs(60),
+        || async {
+            let done = ["api", "worker"].iter().all(|n| {
+                let key = ServiceKey::new(n, "shop").expect("key");
+                store
+                    .service(&key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.status == ServiceStatus::Succeeded)
+            });
+            done.then_some(())
+        },
+    )
+    .await;
+    assert_eq!(hits.load(Ordering::SeqCst), asked, "no request while down");
+    assert!(
+        daemon.log_text().contains("lately"),
+        "{}",
+        daemon.log_text()
+    );
+}

@@ -50,11 +50,13 @@ impl Answer {
     }
 }
 
-/// One registry's share of requests, and when it asked to be left alone until.
+/// One registry's share of requests, when it asked to be left alone until, and until when it is
+/// taken for down (it gave no answer for a whole bounded wait).
 #[derive(Default)]
 struct Host {
     permits: Option<Semaphore>,
     quiet_until: std::sync::Mutex<Option<Instant>>,
+    down_until: std::sync::Mutex<Option<Instant>>,
 }
 
 type Cached = (Instant, Arc<OnceCell<Answer>>);
@@ -125,10 +127,8 @@ impl Registries {
         cell.get_or_init(|| self.ask(image, creds)).await.clone()
     }
 
-    /// One registry's answer, within its share of requests.
-    async fn ask(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
-        let host = self
-            .hosts
+    fn host(&self, image: &ImageRef) -> Arc<Host> {
+        self.hosts
             .entry(image.api_host().to_string())
             .or_insert_with(|| {
                 Arc::new(Host {
@@ -136,7 +136,27 @@ impl Registries {
                     ..Host::default()
                 })
             })
-            .clone();
+            .clone()
+    }
+
+    /// Whether `image`'s registry gave no answer for a whole bounded wait lately: deploys then
+    /// go on at once instead of each waiting again (a burst of 10,000 waits once, not 10,000
+    /// times).
+    pub fn is_down(&self, image: &ImageRef) -> bool {
+        let host = self.host(image);
+        let until = *host.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|u| u > Instant::now())
+    }
+
+    /// Take `image`'s registry for down for `period` (it answers again: no longer).
+    pub fn mark_down(&self, image: &ImageRef, period: Duration) {
+        let host = self.host(image);
+        *host.down_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + period);
+    }
+
+    /// One registry's answer, within its share of requests.
+    async fn ask(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
+        let host = self.host(image);
         let quiet = *host.quiet_until.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(until) = quiet.filter(|u| *u > Instant::now()) {
             return Answer::Unavailable {
@@ -149,13 +169,16 @@ impl Registries {
             None => None,
         };
         let answer = self.head(image, creds).await;
-        if let Answer::Unavailable {
-            retry_after: Some(after),
-            ..
-        } = &answer
-        {
-            *host.quiet_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(Instant::now() + *after);
+        match &answer {
+            Answer::Unavailable {
+                retry_after: Some(after),
+                ..
+            } => {
+                *host.quiet_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Instant::now() + *after);
+            }
+            Answer::Unavailable { .. } => {}
+            _ => *host.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None,
         }
         answer
     }

@@ -135,6 +135,16 @@ impl Preflight {
         creds: Option<&Credentials>,
         deadline: Instant,
     ) -> Answer {
+        if self.registries.is_down(image) {
+            return Answer::Unavailable {
+                why: format!(
+                    "{} gave no answer within {} lately",
+                    image.registry,
+                    crate::domain::human_duration(self.wait)
+                ),
+                retry_after: None,
+            };
+        }
         let mut backoff = Duration::from_millis(250);
         loop {
             let answer = match tokio::time::timeout_at(
@@ -157,6 +167,8 @@ impl Preflight {
             };
             let pause = retry_after.unwrap_or(backoff);
             if Instant::now() + pause >= deadline {
+                // Down for as long again: the deploys behind this one do not wait again.
+                self.registries.mark_down(image, self.wait);
                 return answer;
             }
             tokio::time::sleep(pause).await;
