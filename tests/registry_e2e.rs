@@ -302,6 +302,21 @@ async fn the_sim_with_registries_pulls_for_real_a_404_is_image_pull_back_off() {
         r.message
     );
     assert_eq!(env.image("shop", "web").await, image("1.0"));
+
+    // Pushed afterwards: the kubelet pulls again after its back-off, and finds it.
+    registry.push("team/web", "1.1").await;
+    env.deployment("shop", "late", &[("late", &image("1.1"))], 1)
+        .await;
+    Api::<Deployment>::namespaced(env.client.clone(), "shop")
+        .patch(
+            "late",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {
+                "imagePullSecrets": [{"name": "regcred"}]}}}})),
+        )
+        .await
+        .expect("patch");
+    env.wait_ready("shop", "late").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -816,8 +816,12 @@ impl Controller {
                 if !valid_image_reference(image) {
                     return None;
                 }
-                let (fate, delay, _) = self.fate(pod, image, age);
+                let (fate, delay, pulled) = self.fate(pod, image, age);
                 let steps: Vec<Duration> = match fate {
+                    // A real pull that failed is tried again: look again each second.
+                    Fate::FailPull if pulled.is_some() => {
+                        vec![PULL_FAIL_AFTER, BACKOFF_AFTER, age + Duration::from_secs(1)]
+                    }
                     Fate::FailPull => vec![PULL_FAIL_AFTER, BACKOFF_AFTER],
                     Fate::ConfigError => vec![PULL_FAIL_AFTER],
                     Fate::Crash => {

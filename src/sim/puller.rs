@@ -35,8 +35,16 @@ pub struct Puller {
     runtime: tokio::runtime::Handle,
     registries: Registries,
     /// By `(namespace, pull secrets, image)`: a pod with other secrets may be answered otherwise.
-    known: Arc<DashMap<(String, String, String), Pull>>,
+    /// A failure is kept for [`RETRY_PULL`], then the image is pulled again (as a kubelet's
+    /// back-off does: an image pushed meanwhile is found).
+    known: Arc<DashMap<PullKey, (Pull, std::time::Instant)>>,
 }
+
+/// `(namespace, the pod's pull secrets, image)`.
+type PullKey = (String, String, String);
+
+/// How long a failed pull stands before the kubelet tries again.
+const RETRY_PULL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether an image's registry is on loopback (the only registries the sim reaches).
 pub fn on_loopback(image: &ImageRef) -> bool {
@@ -88,19 +96,28 @@ impl Puller {
         let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
         let secrets = secret_names(pod);
         let key = (namespace.to_string(), secrets.join(","), image.to_string());
-        if let Some(known) = self.known.get(&key) {
-            return Some(known.clone());
+        let stale = |(pull, at): &(Pull, std::time::Instant)| {
+            matches!(pull, Pull::Failed(_)) && at.elapsed() >= RETRY_PULL
+        };
+        if let Some(known) = self.known.get(&key).filter(|k| !stale(k)) {
+            return Some(known.0.clone());
         }
-        self.known.insert(key.clone(), Pull::Pending);
+        // While the pull is under way, a failure stands (a first pull is pending).
+        let standing = match self.known.get(&key).map(|k| k.0.clone()) {
+            Some(failed @ Pull::Failed(_)) => failed,
+            _ => Pull::Pending,
+        };
+        self.known
+            .insert(key.clone(), (standing.clone(), std::time::Instant::now()));
         let this = self.clone();
         let creds = self.credentials(namespace, &secrets, &parsed);
         let image = image.to_string();
         self.runtime.spawn(async move {
             let answer = this.registries.check(&parsed, creds.as_ref()).await;
             let pull = failure(&image, &answer).map_or(Pull::Pulled, Pull::Failed);
-            this.known.insert(key, pull);
+            this.known.insert(key, (pull, std::time::Instant::now()));
         });
-        Some(Pull::Pending)
+        Some(standing)
     }
 
     /// The credentials the pod's pull secrets hold for the image's registry.
