@@ -110,11 +110,12 @@ impl Scheduler {
         *slot.desired.lock().unwrap_or_else(|e| e.into_inner()) = Some(desired);
     }
 
-    /// The file is gone: stop managing the service (nothing in the cluster is deleted).
+    /// The file is gone: stop managing the service (nothing in the cluster is deleted). A
+    /// rollout under way is not abandoned: depwatch started it, so it is judged (and rolled
+    /// back if it fails) before the service is let go.
     pub fn forget(&self, key: &ServiceKey) {
         if let Some(slot) = self.slots.get(key).map(|s| s.clone()) {
             *slot.desired.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            slot.generation.send_modify(|g| *g += 1);
         }
     }
 
@@ -173,7 +174,12 @@ pub async fn run(
                 }
                 // A lost Lease stops the deploy where it stands: not one more write.
                 tokio::select! {
-                    _ = engine.deploy_and_compare(&key, &desired, superseded) => {}
+                    _ = engine.deploy_and_compare(&key, &desired, superseded) => {
+                        // The file went away during the deploy: let the service go now.
+                        if slot.desired().is_none() {
+                            engine.let_go(&key);
+                        }
+                    }
                     _ = lost.cancelled() => {
                         tracing::warn!("deploy stopped: the Lease is lost; the new leader finishes it");
                     }

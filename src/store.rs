@@ -152,6 +152,11 @@ pub struct DeployRecord {
     /// The digests the registry reported for the new images (`container=sha256:…`): what
     /// ran, exactly.
     pub digests: String,
+    /// The SHA-256 of the file content deployed: what a failure of this rollout pins, even
+    /// when a newer version finishes it.
+    pub content_hash: String,
+    /// The kind of workload patched (`deployment`, …), when known.
+    pub kind: String,
 }
 
 /// A file in the dependency directory that looks like a dependency file but whose name is not
@@ -315,13 +320,15 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         request_id: r.get(11)?,
         restore: r.get(12)?,
         digests: r.get(13)?,
+        content_hash: r.get(14)?,
+        kind: r.get(15)?,
     })
 }
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind";
-const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind";
 
 /// Columns added after the first schema, each with its definition: added to an older database
 /// when the daemon opens it.
@@ -329,6 +336,8 @@ const SQLITE_ADDED: &[(&str, &str, &str)] = &[
     ("deploys", "restore", "TEXT NOT NULL DEFAULT ''"),
     ("services", "kind", "TEXT NOT NULL DEFAULT ''"),
     ("deploys", "digests", "TEXT NOT NULL DEFAULT ''"),
+    ("deploys", "content_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("deploys", "kind", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Create the tables, and add the columns an older database lacks.
@@ -413,7 +422,8 @@ pub trait Backend: Send + Sync {
         key: Option<&ServiceKey>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError>;
-    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError>;
+    /// The service's deploys still in progress, newest first (at most a few).
+    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError>;
     /// Remove finished deploys beyond `keep` per service and, with a cutoff, older than it.
     fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError>;
     /// Every deploy still in progress, oldest first.
@@ -525,9 +535,9 @@ impl Backend for Sqlite {
     fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11)",
-            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id, d.digests],
+            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests, content_hash, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id, d.digests, d.content_hash, d.kind],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -615,16 +625,15 @@ impl Backend for Sqlite {
         Ok(rows)
     }
 
-    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 1");
-        Ok(self
-            .conn()
-            .query_row(
-                &sql,
-                params![key.namespace, key.name, DeployOutcome::InProgress],
-                deploy_row,
-            )
-            .optional()?)
+    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
+        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 16");
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![key.namespace, key.name, DeployOutcome::InProgress],
+            deploy_row,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
@@ -1030,18 +1039,29 @@ impl Store {
         self.backend.history(key, limit)
     }
 
-    /// The unfinished deploy of a service, if a stop interrupted one.
+    /// The newest unfinished deploy of a service, if any.
     pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        let row = self.backend.in_progress(key);
+        Ok(self.open_deploys(key)?.into_iter().next())
+    }
+
+    /// The service's unfinished deploys (a stop interrupted them, or they were handed over to
+    /// a newer version), newest first, with those written only to the outbox so far.
+    pub fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
+        let rows = self.backend.open_deploys(key);
         let o = self.outbox();
         if o.is_empty() {
-            return row;
+            return rows;
         }
-        match row {
-            Ok(Some(d)) if !o.finishes(d.id) => Ok(Some(d)),
-            Ok(_) => Ok(o.unfinished_of(key)),
-            Err(e) => o.unfinished_of(key).map(Some).ok_or(e),
+        let mut rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return o.unfinished_of(key).map(|d| vec![d]).ok_or(e),
+        };
+        rows.retain(|d| !o.finishes(d.id));
+        // Started while the backend was away: newer than any row it holds.
+        if let Some(d) = o.unfinished_of(key) {
+            rows.insert(0, d);
         }
+        Ok(rows)
     }
 
     /// Apply the retention policy: keep at most `keep` deploys per service, and none older

@@ -655,3 +655,299 @@ async fn a_report_queued_at_shutdown_is_still_delivered() {
         "{got:?}"
     );
 }
+
+// A rollout depwatch started is finished by depwatch, whatever comes after it: a newer
+// version that is never patched (refused at plan, pinned, its file deleted, its workload now
+// another kind) leaves the failing rollout to be judged, rolled back and pinned on its own row.
+
+/// depwatch on web 1.0, healthy and recorded. Crash verdicts are slow (6 restarts), so a newer
+/// save always lands while the crash rollout is still being judged.
+async fn on_1_0(env: &Env, extra: &[&str]) -> (common::daemon::Daemon, Store) {
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let mut args = vec!["--crash-restarts", "6"];
+    args.extend_from_slice(extra);
+    let daemon = env.daemon(&args).await;
+    let store = env.store();
+    wait_for("the first version", Duration::from_secs(30), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded).then_some(())
+    })
+    .await;
+    (daemon, store)
+}
+
+/// Save `crash-3.0` and wait for depwatch's patch of it.
+async fn crash_patched(env: &Env, daemon: &common::daemon::Daemon) {
+    let before = daemon
+        .log_text()
+        .matches("patched; waiting for the rollout")
+        .count();
+    env.write_dep("web_prod.dep", "crash-3.0\n");
+    wait_for(
+        "the crash version patched",
+        Duration::from_secs(30),
+        || async {
+            let now = daemon
+                .log_text()
+                .matches("patched; waiting for the rollout")
+                .count();
+            (now > before).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Every case ends so: the cluster back on 1.0, the crash rollout's one row rolled back, a pin
+/// on `pinned` (the crash's own content, or the file's when that is pinned already), no row
+/// left open, and no drift row blaming depwatch's own patch.
+async fn crash_finished(
+    env: &Env,
+    store: &Store,
+    daemon: &common::daemon::Daemon,
+    handed_over: bool,
+    pinned: &[u8],
+) -> Vec<depwatch::store::DeployRecord> {
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let crash = |h: &[depwatch::store::DeployRecord]| -> Vec<depwatch::store::DeployRecord> {
+        h.iter()
+            .filter(|d| d.to_image.contains("crash-3.0"))
+            .cloned()
+            .collect()
+    };
+    wait_for(
+        "the crash rollout's row finished",
+        Duration::from_secs(90),
+        || async {
+            let h = store.history(Some(&web()), 50).ok()?;
+            let rows = crash(&h);
+            (rows.len() == 1 && rows[0].ended_at.is_some() && store.interrupted().ok()?.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    let h = store.history(Some(&web()), 50).expect("history");
+    let log = daemon.log_text();
+    assert_eq!(
+        crash(&h)[0].outcome,
+        DeployOutcome::RolledBack,
+        "{h:?}\n{log}"
+    );
+    assert!(
+        !h.iter().any(|d| d.outcome == DeployOutcome::Drift),
+        "depwatch's own patch is never drift: {h:?}"
+    );
+    let r = store.service(&web()).expect("q").expect("row");
+    assert_eq!(
+        r.failed_hash,
+        depwatch::ingest::content_hash(pinned),
+        "the crash version is pinned by its own content, unless the file's is: {r:?}"
+    );
+    assert_eq!(r.deployed.to_string(), "web=r.example/web:1.0", "{r:?}");
+    assert!(
+        !handed_over || log.contains("its deploy takes this rollout over"),
+        "the crash rollout was handed over, not judged before the newer save: {log}"
+    );
+    assert!(
+        log.contains("finishing the rollout it was to replace"),
+        "the newer version's deploy finished it: {log}"
+    );
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_superseded_by_a_version_refused_at_plan_is_still_rolled_back() {
+    let env = Env::new(SimConfig::default()).await;
+    let (daemon, store) = on_1_0(&env, &[]).await;
+    crash_patched(&env, &daemon).await;
+    // The newer version names a StatefulSet there is none of: refused at plan.
+    env.write_dep("web_prod.dep", "kind: statefulset\nversion: 3.1\n");
+    let h = crash_finished(&env, &store, &daemon, true, b"crash-3.0\n").await;
+    assert!(
+        h.iter()
+            .any(|d| d.to_image == "3.1" && d.outcome == DeployOutcome::Failed),
+        "the refused version has its own failed row: {h:?}"
+    );
+    assert!(!env
+        .images("prod", "web")
+        .await
+        .iter()
+        .any(|(_, i)| i.contains("3.1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_returns_to_a_pinned_version()
+{
+    let env = Env::new(SimConfig::default()).await;
+    let (daemon, store) = on_1_0(&env, &[]).await;
+    // crash-2.0 fails and is pinned.
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for("crash-2.0 rolled back", Duration::from_secs(90), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::RolledBack).then_some(())
+    })
+    .await;
+    drop(store);
+    crash_patched(&env, &daemon).await;
+    daemon.kill();
+    // While depwatch is down, back to the pinned version: skipped, never patched.
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    let daemon = env.daemon(&["--crash-restarts", "6"]).await;
+    let store = env.store();
+    let h = crash_finished(&env, &store, &daemon, false, b"crash-2.0\n").await;
+    assert_eq!(
+        h.iter()
+            .filter(|d| d.to_image.contains("crash-2.0"))
+            .count(),
+        1,
+        "{h:?}"
+    );
+    assert_eq!(env.image("prod", "web").await, "r.example/web:1.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_whose_file_is_deleted_is_still_rolled_back() {
+    let env = Env::new(SimConfig::default()).await;
+    let (daemon, store) = on_1_0(&env, &[]).await;
+    crash_patched(&env, &daemon).await;
+    std::fs::remove_file(env.deps.join("web_prod.dep")).expect("rm");
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let row = wait_for(
+        "the crash row finished",
+        Duration::from_secs(90),
+        || async {
+            store
+                .history(Some(&web()), 20)
+                .ok()?
+                .into_iter()
+                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
+        },
+    )
+    .await;
+    assert_eq!(row.outcome, DeployOutcome::RolledBack, "{row:?}");
+    wait_for("the service let go", Duration::from_secs(30), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Unmanaged).then_some(())
+    })
+    .await;
+    assert!(store.interrupted().expect("q").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_now_cannot_deploy() {
+    let env = Env::new(SimConfig::default()).await;
+    let (daemon, store) = on_1_0(&env, &[]).await;
+    drop(store);
+    crash_patched(&env, &daemon).await;
+    daemon.kill();
+    // While depwatch is down the file changes to a version refused at plan.
+    env.write_dep("web_prod.dep", "kind: statefulset\nversion: 3.1\n");
+    let daemon = env.daemon(&["--crash-restarts", "6"]).await;
+    let store = env.store();
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let row = wait_for(
+        "the crash row finished",
+        Duration::from_secs(90),
+        || async {
+            store
+                .history(Some(&web()), 20)
+                .ok()?
+                .into_iter()
+                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        row.outcome,
+        DeployOutcome::RolledBack,
+        "{row:?}\n{}",
+        daemon.log_text()
+    );
+    wait_for("no row open", Duration::from_secs(30), || async {
+        store.interrupted().ok()?.is_empty().then_some(())
+    })
+    .await;
+    // Started again: nothing new is recorded, and never a drift row.
+    daemon.stop();
+    let rows = store.history(Some(&web()), 50).expect("h").len();
+    let daemon = env.daemon(&["--crash-restarts", "6"]).await;
+    wait_for("the start-up scan", Duration::from_secs(30), || async {
+        daemon
+            .log_text()
+            .contains("watching for dependency file changes")
+            .then_some(())
+    })
+    .await;
+    let h = store.history(Some(&web()), 50).expect("h");
+    assert!(
+        !h.iter().any(|d| d.outcome == DeployOutcome::Drift),
+        "{h:?}"
+    );
+    assert!(
+        h.len() <= rows + 1,
+        "at most the refused version again: {h:?}"
+    );
+    assert_eq!(env.image("prod", "web").await, "r.example/web:1.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_on_a_deployment_is_rolled_back_when_the_file_switches_kind() {
+    let env = Env::new(SimConfig::default()).await;
+    env.workload(
+        "statefulset",
+        "prod",
+        "web",
+        &[("web", "r.example/web:1.0")],
+        json!({"replicas": 1}),
+    )
+    .await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    // The file names the Deployment; then the StatefulSet of the same name.
+    env.write_dep("web_prod.dep", "kind: deployment\nversion: 1.0\n");
+    let daemon = env.daemon(&["--crash-restarts", "6"]).await;
+    let store = env.store();
+    wait_for("the first version", Duration::from_secs(30), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded).then_some(())
+    })
+    .await;
+    let before = daemon.log_text().matches("patched; waiting").count();
+    env.write_dep("web_prod.dep", "kind: deployment\nversion: crash-3.0\n");
+    wait_for("the crash patched", Duration::from_secs(30), || async {
+        (daemon.log_text().matches("patched; waiting").count() > before).then_some(())
+    })
+    .await;
+    env.write_dep("web_prod.dep", "kind: statefulset\nversion: 3.1\n");
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    wait_for(
+        "the StatefulSet on 3.1",
+        Duration::from_secs(60),
+        || async {
+            let image = env.workload_image("statefulset", "prod", "web").await;
+            (image == "r.example/web:3.1").then_some(())
+        },
+    )
+    .await;
+    let row = wait_for(
+        "the crash row finished",
+        Duration::from_secs(90),
+        || async {
+            store
+                .history(Some(&web()), 20)
+                .ok()?
+                .into_iter()
+                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        row.outcome,
+        DeployOutcome::RolledBack,
+        "{row:?}\n{}",
+        daemon.log_text()
+    );
+}

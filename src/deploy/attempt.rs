@@ -12,8 +12,8 @@ use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfin
 use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
 use crate::depfile::ServiceKey;
-use crate::domain::{DeployOutcome, Desired, Images};
-use crate::store::StoreError;
+use crate::domain::{Desired, Images};
+use crate::store::{DeployRecord, StoreError};
 
 /// Bounds how many deploys talk to the API server at once. Waiting for a rollout holds no
 /// permit, so slow rollouts never stall other services.
@@ -51,6 +51,27 @@ struct Target<'a> {
     kind: &'a mut crate::domain::WorkloadKind,
 }
 
+/// An open deploy row, as the lifecycle needs it.
+fn unfinished(d: &DeployRecord) -> Unfinished {
+    let ran_for = d
+        .started_at
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .and_then(|at| {
+            std::time::Duration::try_from(jiff::Timestamp::now().duration_since(at)).ok()
+        })
+        .unwrap_or_default();
+    Unfinished {
+        id: d.id,
+        from: Images::parse(&d.from_image),
+        to: Images::parse(&d.to_image),
+        restore: Images::parse(&d.restore),
+        ran_for,
+        kind: d.kind.parse().ok(),
+        hash: d.content_hash.clone(),
+    }
+}
+
 fn failure(e: DeployError) -> Failure {
     Failure {
         transient: e.is_transient(),
@@ -64,27 +85,13 @@ impl Engine {
     fn known(&self, key: &ServiceKey, desired: &Desired) -> Result<Known, StoreError> {
         let store = &self.recorder.store;
         let record = store.service(key)?.unwrap_or_default();
-        let unfinished = store.in_progress(key)?;
+        let mut open = store.open_deploys(key)?.into_iter().map(|d| unfinished(&d));
         Ok(Known {
             pinned: !record.failed_hash.is_empty() && record.failed_hash == desired.hash,
             last_good: record.last_good,
             suspended: record.suspended,
-            interrupted: unfinished
-                .filter(|d| d.outcome == DeployOutcome::InProgress)
-                .map(|d| Unfinished {
-                    id: d.id,
-                    to: Images::parse(&d.to_image),
-                    restore: Images::parse(&d.restore),
-                    ran_for: d
-                        .started_at
-                        .parse::<jiff::Timestamp>()
-                        .ok()
-                        .and_then(|at| {
-                            std::time::Duration::try_from(jiff::Timestamp::now().duration_since(at))
-                                .ok()
-                        })
-                        .unwrap_or_default(),
-                }),
+            interrupted: open.next(),
+            older: open.collect(),
         })
     }
 
@@ -171,6 +178,15 @@ impl Engine {
         self.deployer.watches().changed().add(key.clone());
     }
 
+    /// The service's file was removed while its deploy ran: once that deploy is over, the
+    /// service is no longer managed.
+    pub fn let_go(&self, key: &ServiceKey) {
+        let change = crate::store::ServiceChange::default()
+            .status(crate::domain::ServiceStatus::Unmanaged)
+            .message("the dependency file was removed; the rollout under way was finished first");
+        let _ = self.recorder.store.change_service(key, change);
+    }
+
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).
     async fn act(
         &self,
@@ -192,6 +208,17 @@ impl Engine {
                     *kind = p.kind;
                 }
                 Input::Planned(result.map_err(failure))
+            }
+            Action::Observe { kind: wanted } => {
+                let seen = self
+                    .permits
+                    .hold(self.deployer.observe(key, wanted))
+                    .await?;
+                if let Ok(Some(p)) = &seen {
+                    attempt.set_workload(&p.uid, p.kind);
+                    *kind = p.kind;
+                }
+                Input::Observed(seen.map_err(failure))
             }
             Action::CheckHealth { generation } => {
                 Input::Health(self.deployer.health_now(key, *kind, generation).await)

@@ -331,10 +331,7 @@ impl NamespaceWatch {
     ) -> Health {
         let cache = self.lock();
         let Some(w) = cache.workloads.get(&(kind, name.to_string())) else {
-            return Health::Failed {
-                reason: format!("{}Deleted", kind.api_kind()),
-                message: format!("{} {name} disappeared during the rollout", kind.api_kind()),
-            };
+            return Health::Disappeared;
         };
         let pods: Vec<&PodState> = match kind {
             WorkloadKind::Deployment => match new_replicaset(w, cache.replicasets.of(&w.uid)) {

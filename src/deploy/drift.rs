@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::recorder::{Drift, Recorder};
 use super::Deployer;
 use crate::depfile::ServiceKey;
-use crate::domain::{Images, ServiceStatus};
+use crate::domain::{DeployOutcome, Images, ServiceStatus};
+use crate::store::DeployRecord;
 
 /// The containers whose live image differs from the recorded one, with the live image.
 /// Containers the record does not name, or the cache does not show, are not drift.
@@ -25,6 +26,38 @@ pub fn drifted(recorded: &Images, live: &Images) -> Images {
             (now != img).then(|| (c.clone(), now.clone()))
         })
         .collect()
+}
+
+/// Whether a drift seen now is worth a row: not when the live images are an unfinished
+/// rollout's (depwatch's own PATCH, its deploy not yet over), and not when the last row of
+/// the service already records this very drift (a restart sees it again).
+pub fn worth_a_row(
+    live: &Images,
+    open_rollouts: &[Images],
+    last_row: Option<(DeployOutcome, &str)>,
+) -> bool {
+    let own = open_rollouts
+        .iter()
+        .any(|to| !to.is_empty() && drifted(to, live).is_empty());
+    let told = last_row
+        .is_some_and(|(outcome, to)| outcome == DeployOutcome::Drift && Images::parse(to) == *live);
+    !own && !told
+}
+
+/// What the record says of the service beside its row: the unfinished rollouts' images, and
+/// the last row.
+fn record_around(
+    store: &crate::store::Store,
+    key: &ServiceKey,
+) -> (Vec<Images>, Option<DeployRecord>) {
+    let open = store
+        .open_deploys(key)
+        .unwrap_or_default()
+        .iter()
+        .map(|d| Images::parse(&d.to_image))
+        .collect();
+    let last = store.history(Some(key), 1).ok().and_then(|mut h| h.pop());
+    (open, last)
 }
 
 pub async fn run(
@@ -86,6 +119,11 @@ pub async fn run(
             if reported.get(&key) == Some(&live) {
                 continue;
             }
+            let (open, last) = record_around(&store, &key);
+            let last = last.as_ref().map(|d| (d.outcome, d.to_image.as_str()));
+            if !worth_a_row(&live, &open, last) {
+                continue;
+            }
             reported.insert(key.clone(), live.clone());
             recorder.drift(
                 &key,
@@ -108,6 +146,32 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_patches_and_drifts_already_recorded_are_not_rows() {
+        let i = Images::parse;
+        let drift = Some((DeployOutcome::Drift, "web=w:9"));
+        let other = Some((DeployOutcome::Succeeded, "web=w:9"));
+        // (live, unfinished rollouts' images, last row) → a row
+        type Case<'a> = (&'a str, Vec<Images>, Option<(DeployOutcome, &'a str)>, bool);
+        let table: [Case; 6] = [
+            ("web=w:9", vec![], None, true),
+            // depwatch's own PATCH of a rollout still open (handed over, or resumed).
+            ("web=w:2", vec![i("web=w:2")], None, false),
+            ("web=w:2, side=s:1", vec![i("web=w:2")], None, false),
+            ("web=w:9", vec![i("web=w:2")], None, true),
+            // Recorded already (a restart sees the same drift again).
+            ("web=w:9", vec![], drift, false),
+            ("web=w:9", vec![], other, true),
+        ];
+        for (live, open, last, want) in table {
+            assert_eq!(
+                worth_a_row(&i(live), &open, last),
+                want,
+                "{live} {open:?} {last:?}"
+            );
+        }
+    }
 
     #[test]
     fn only_recorded_containers_running_other_images_drift() {

@@ -294,6 +294,21 @@ impl Plan {
     pub fn is_noop(&self) -> bool {
         self.changes.is_empty()
     }
+
+    /// The workload as it is: a plan that changes nothing.
+    fn observed(key: &ServiceKey, w: WorkloadState) -> Plan {
+        Plan {
+            key: key.clone(),
+            kind: w.kind,
+            paused: w.paused(),
+            before: w.images.clone(),
+            after: w.images,
+            changes: Images::new(),
+            generation: w.generation,
+            uid: w.uid,
+            digests: Images::new(),
+        }
+    }
 }
 
 /// How the wait for a rollout ended.
@@ -311,6 +326,8 @@ pub enum WaitOutcome {
     },
     /// A newer desired version arrived; this wait was abandoned.
     Superseded,
+    /// The workload was deleted during the wait: no verdict on the version.
+    Disappeared,
     /// Someone else wrote the Deployment's images after depwatch did: the rollout under way is
     /// not depwatch's, and is not judged.
     ChangedOutside {
@@ -326,6 +343,7 @@ impl fmt::Display for WaitOutcome {
             WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
             WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
             WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
+            WaitOutcome::Disappeared => f.write_str("the workload disappeared"),
             WaitOutcome::ChangedOutside { running } => {
                 write!(f, "changed outside depwatch (now {running})")
             }
@@ -568,6 +586,30 @@ impl Deployer {
         }
     }
 
+    /// The workload as it is now, of `kind` or of whichever kind has the name; `None` when
+    /// there is none. Finishing a rollout another deploy left starts here.
+    pub async fn observe(
+        &self,
+        key: &ServiceKey,
+        kind: Option<WorkloadKind>,
+    ) -> Result<Option<Plan>, DeployError> {
+        let kinds = kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]);
+        let mut found: Vec<WorkloadState> =
+            futures::future::try_join_all(kinds.into_iter().map(|k| self.get(k, key)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(Some(Plan::observed(key, found.remove(0)))),
+            _ => Err(DeployError::Ambiguous {
+                key: key.clone(),
+                kinds: found.iter().map(|w| w.kind).collect(),
+            }),
+        }
+    }
+
     /// The workload from the API server: of `kind`, or of whichever kind has the name.
     async fn read(
         &self,
@@ -773,6 +815,7 @@ impl Deployer {
             Health::Healthy => Err(WaitOutcome::Healthy),
             Health::Unverified(why) => Err(WaitOutcome::Unverified(why)),
             Health::Failed { reason, message } => Err(WaitOutcome::Failed { reason, message }),
+            Health::Disappeared => Err(WaitOutcome::Disappeared),
             Health::Progressing(m) => Ok(m),
         }
     }
@@ -788,8 +831,10 @@ impl Deployer {
         last: String,
     ) -> WaitOutcome {
         let timed_out = WaitOutcome::TimedOut { last };
-        let Ok(dep) = self.read(key, Some(kind)).await else {
-            return timed_out;
+        let dep = match self.get(kind, key).await {
+            Ok(Some(dep)) => dep,
+            Ok(None) => return WaitOutcome::Disappeared,
+            Err(_) => return timed_out,
         };
         if let Some(running) = rollout::changed_outside(&dep, generation, applied) {
             return WaitOutcome::ChangedOutside { running };

@@ -76,6 +76,10 @@ pub struct Attempt<'a> {
     waiting: bool,
     /// Why the rollout failed, for the rollback's message.
     failure: String,
+    /// The row is an unfinished rollout this deploy took up, not its own.
+    adopted: bool,
+    /// What a failure of the adopted rollout pins (its own content), if anything.
+    adopted_pin: Option<String>,
 }
 
 /// A drift of a service's images, as seen by the shared watch.
@@ -104,6 +108,8 @@ impl Recorder {
             began: Instant::now(),
             waiting: false,
             failure: String::new(),
+            adopted: false,
+            adopted_pin: None,
         }
     }
 
@@ -231,8 +237,11 @@ impl Attempt<'_> {
             Event::Skipped(why) => tracing::info!("{why}"),
             Event::CloseInterrupted {
                 id,
-                rollback_abandoned,
-            } => self.close_interrupted(*id, *rollback_abandoned),
+                outcome,
+                message,
+            } => self.close_unfinished(*id, *outcome, message),
+            Event::HandedOver => self.handed_over(),
+            Event::Adopted { id, from, to, pin } => self.adopted(*id, from, to, pin),
             Event::RollingBack { restore } => self.rolling_back(restore),
             Event::Repin => self.pin(),
             Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in),
@@ -315,17 +324,30 @@ impl Attempt<'_> {
         );
     }
 
-    fn close_interrupted(&self, id: i64, rollback_abandoned: bool) {
+    /// An unfinished deploy's row ends without a verdict on its version.
+    fn close_unfinished(&self, id: i64, outcome: DeployOutcome, message: &str) {
         let r = self.recorder;
-        let message = if rollback_abandoned {
-            "depwatch stopped during this deploy's rollback and the file changed since: the rollback is abandoned, and the newer version is deployed from what the cluster runs"
-        } else {
-            "depwatch stopped during this deploy and the file changed since"
-        };
-        let _ = r
-            .store
-            .finish_deploy(id, DeployOutcome::Interrupted, message);
-        r.metrics.deploy(DeployOutcome::Interrupted);
+        tracing::info!(deploy = id, %outcome, "{message}");
+        let _ = r.store.finish_deploy(id, outcome, message);
+        r.metrics.deploy(outcome);
+    }
+
+    /// A newer version takes the workload over: this row stays open until its deploy
+    /// patches over it or finishes it.
+    fn handed_over(&mut self) {
+        self.stop_waiting();
+        tracing::info!(to = %self.to, "a newer version arrived during the rollout; its deploy takes this rollout over");
+    }
+
+    /// What follows is the unfinished rollout `id`'s, on its own row.
+    fn adopted(&mut self, id: i64, from: &Images, to: &Images, pin: &Option<String>) {
+        tracing::warn!(deploy = id, %to, "the newer version was not patched: finishing the rollout it was to replace");
+        self.row = Some(id);
+        self.from = from.clone();
+        self.to = to.clone();
+        self.adopted = true;
+        self.adopted_pin = pin.clone();
+        self.failure.clear();
     }
 
     /// Before the rollback's patch: its restore images on the deploy's row.
@@ -335,8 +357,16 @@ impl Attempt<'_> {
         }
     }
 
-    /// The desired version failed: not deployed again until the file changes.
+    /// The desired version failed: not deployed again until the file changes. An adopted
+    /// rollout pins its own content, and leaves what the file holds as it was.
     fn pin(&self) {
+        if self.adopted {
+            if let Some(hash) = &self.adopted_pin {
+                let change = self.service_change().failed_hash(hash.clone());
+                self.recorder.change(self.key, change);
+            }
+            return;
+        }
         let hash = self.desired.hash.clone();
         self.recorder.change(
             self.key,
@@ -490,6 +520,11 @@ impl Attempt<'_> {
                     from_image: from.to_string(),
                     to_image: to.to_string(),
                     digests: digests.to_string(),
+                    content_hash: d.hash.clone(),
+                    kind: self
+                        .kind
+                        .map(|k| k.as_str().to_string())
+                        .unwrap_or_default(),
                     started_at: store::now(),
                     outcome: DeployOutcome::InProgress,
                     ..DeployRecord::default()
@@ -559,10 +594,20 @@ impl Attempt<'_> {
                 change = change.last_good(running.clone());
             }
         }
-        if f.good || f.outcome == DeployOutcome::Unverified {
+        // An adopted rollout that did not fail changes neither the pin nor the status: those
+        // speak of what the file holds now.
+        let quiet = f.adopted
+            && !matches!(
+                f.outcome,
+                DeployOutcome::RolledBack
+                    | DeployOutcome::RollbackFailed
+                    | DeployOutcome::Failed
+                    | DeployOutcome::TimedOut
+            );
+        if (f.good || f.outcome == DeployOutcome::Unverified) && !f.adopted {
             change = change.failed_hash("");
         }
-        if let Some(status) = f.outcome.service_status() {
+        if let Some(status) = f.outcome.service_status().filter(|_| !quiet) {
             change = change.status(status).message(if f.good {
                 String::new()
             } else {

@@ -31,6 +31,8 @@ pub enum Health {
         reason: String,
         message: String,
     },
+    /// The workload is gone: no verdict on the version.
+    Disappeared,
 }
 
 /// How quickly transient pod failures count as failures.

@@ -78,6 +78,10 @@ ALTER TABLE services ADD COLUMN kind TEXT NOT NULL DEFAULT '';
     "
 ALTER TABLE deploys ADD COLUMN digests TEXT NOT NULL DEFAULT '';
 ",
+    "
+ALTER TABLE deploys ADD COLUMN content_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE deploys ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+",
 ];
 
 pub struct Postgres {
@@ -253,6 +257,8 @@ fn deploy_row(row: &Row) -> DeployRecord {
         request_id: row.get(11),
         restore: row.get(12),
         digests: row.get(13),
+        content_hash: row.get(14),
+        kind: row.get(15),
     }
 }
 
@@ -453,8 +459,8 @@ impl Backend for Postgres {
         self.run(move |client| async move {
             let row = client
                 .query_one(
-                    "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $11) RETURNING id",
+                    "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests, content_hash, kind)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $11, $12, $13) RETURNING id",
                     &[
                         &d.namespace,
                         &d.name,
@@ -467,6 +473,8 @@ impl Backend for Postgres {
                         &d.message,
                         &d.request_id,
                         &d.digests,
+                        &d.content_hash,
+                        &d.kind,
                     ],
                 )
                 .await?;
@@ -516,17 +524,17 @@ impl Backend for Postgres {
         })
     }
 
-    fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
+    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
         let key = key.clone();
         self.run(move |client| async move {
-            let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 AND outcome = $3 ORDER BY id DESC LIMIT 1");
-            Ok(client
-                .query_opt(
+            let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 AND outcome = $3 ORDER BY id DESC LIMIT 16");
+            let rows = client
+                .query(
                     &sql,
                     &[&key.namespace, &key.name, &DeployOutcome::InProgress.as_str()],
                 )
-                .await?
-                .map(|r| deploy_row(&r)))
+                .await?;
+            Ok(rows.iter().map(deploy_row).collect())
         })
     }
 
