@@ -150,3 +150,110 @@ async fn random_interleavings_leave_the_record_the_cluster_and_the_history_agree
     }
     daemon.stop();
 }
+
+/// One save a chaos burst may make: healthy, crashing, hanging (a short timeout), or refused at
+/// plan (a StatefulSet there is none of). Each names its step, so each has rows of its own.
+fn chaos_content(rng: &mut Rng, n: u64) -> String {
+    match rng.below(5) {
+        0 => format!("crash-{n}\n"),
+        1 => format!("version: hang-{n}\nrolloutTimeout: 4s\n"),
+        2 => format!("kind: statefulset\nversion: refused-{n}\n"),
+        _ => format!("{n}.0\n"),
+    }
+}
+
+/// A writer that truncates the file in place and writes it in two parts, slowly.
+async fn slow_write(env: &Env, content: &str) {
+    use std::io::Write;
+    let path = env.deps.join("web_prod.dep");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .create(true)
+        .open(&path)
+        .expect("open for writing");
+    let half = content.len() / 2;
+    f.write_all(&content.as_bytes()[..half])
+        .expect("first part");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    f.write_all(&content.as_bytes()[half..])
+        .expect("second part");
+}
+
+/// Wait until the daemon has acted on `content`, nothing is in progress, and check the
+/// invariant: the workload never runs a crashing or hanging template, and no save has two
+/// rows.
+async fn chaos_settled(env: &Env, daemon: &Daemon, content: &str, burst: u64) {
+    let hash = depwatch::ingest::content_hash(content.as_bytes());
+    let store = env.store();
+    let r = wait_for(
+        &format!("burst {burst} to settle on {content:?}"),
+        Duration::from_secs(120),
+        || async {
+            let r = store.service(&web()).ok()??;
+            let open = store.interrupted().ok()?;
+            (r.content_hash == hash && !r.status.in_flight() && open.is_empty()).then_some(r)
+        },
+    )
+    .await;
+    let live = env.image("prod", "web").await;
+    let history = store.history(Some(&web()), 500).expect("history");
+    let context = || format!("burst {burst} {content:?}: {r:?}\nlive {live}\n{history:#?}");
+    assert!(
+        !live.contains("crash") && !live.contains("hang"),
+        "a failing rollout was left running: {}\n{}",
+        context(),
+        daemon.log_text()
+    );
+    assert!(
+        !history
+            .iter()
+            .any(|d| d.outcome == depwatch::domain::DeployOutcome::Drift),
+        "depwatch's own patches are never drift: {}",
+        context()
+    );
+    let mut per_save = std::collections::HashMap::<&str, usize>::new();
+    for d in &history {
+        *per_save.entry(d.to_image.as_str()).or_default() += 1;
+    }
+    assert!(
+        per_save.values().all(|n| *n == 1),
+        "one row per save: {}",
+        context()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_bursts_with_kills_never_leave_a_failing_rollout_running() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let args = ["--crash-restarts", "3"];
+    let mut daemon = env.daemon(&args).await;
+    chaos_settled(&env, &daemon, "1.0\n", 0).await;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut n = 1;
+    for burst in 1..=6 {
+        let saves = 2 + rng.below(3);
+        let kill_at = rng.below(saves + 1);
+        let mut content = String::new();
+        for save in 0..saves {
+            n += 1;
+            content = chaos_content(&mut rng, n);
+            if rng.below(2) == 0 {
+                slow_write(&env, &content).await;
+            } else {
+                env.write_dep("web_prod.dep", &content);
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(1500))).await;
+            if save == kill_at {
+                daemon.kill();
+                daemon = env.daemon(&args).await;
+            }
+        }
+        chaos_settled(&env, &daemon, &content, burst).await;
+    }
+    daemon.stop();
+}

@@ -951,3 +951,77 @@ async fn a_failing_rollout_on_a_deployment_is_rolled_back_when_the_file_switches
         daemon.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_deployed_afresh() {
+    let env = Env::new(SimConfig {
+        ready_delay: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await;
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
+        .await;
+    env.wait_ready("prod", "web").await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let daemon = env.daemon(&["--resync", "2s"]).await;
+    let store = env.store();
+    wait_for("the first version", Duration::from_secs(30), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::Succeeded).then_some(())
+    })
+    .await;
+    env.write_dep("web_prod.dep", "1.5\n");
+    wait_for("1.5 patched", Duration::from_secs(30), || async {
+        daemon
+            .log_text()
+            .contains("patched; waiting for the rollout")
+            .then_some(())
+    })
+    .await;
+    // Mid-rollout the Deployment goes, and a StatefulSet of the same name takes its place.
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), "prod");
+    api.delete("web", &Default::default())
+        .await
+        .expect("delete");
+    env.workload(
+        "statefulset",
+        "prod",
+        "web",
+        &[("web", "r.example/web:1.0")],
+        json!({"replicas": 1}),
+    )
+    .await;
+    let row = wait_for("the 1.5 row finished", Duration::from_secs(60), || async {
+        store
+            .history(Some(&web()), 20)
+            .ok()?
+            .into_iter()
+            .find(|d| d.to_image == "web=r.example/web:1.5" && d.ended_at.is_some())
+    })
+    .await;
+    assert_eq!(row.outcome, DeployOutcome::Interrupted, "{row:?}");
+    assert!(row.message.contains("disappeared"), "{row:?}");
+    let r = store.service(&web()).expect("q").expect("row");
+    assert!(r.failed_hash.is_empty(), "nothing pinned: {r:?}");
+    // The resync plans afresh and finds the StatefulSet.
+    wait_for(
+        "1.5 on the StatefulSet",
+        Duration::from_secs(60),
+        || async {
+            let image = env.workload_image("statefulset", "prod", "web").await;
+            (image == "r.example/web:1.5").then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "recorded as a StatefulSet",
+        Duration::from_secs(60),
+        || async {
+            let r = store.service(&web()).ok()??;
+            (r.kind == depwatch::domain::WorkloadKind::StatefulSet
+                && r.status == ServiceStatus::Succeeded)
+                .then_some(())
+        },
+    )
+    .await;
+}
