@@ -400,7 +400,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), StoreError>;
     fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
     /// Record the images a rollback is about to restore on its deploy row.
-    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError>;
+    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError>;
     /// Remove a service's row (its history stays); `false` when there was none.
     fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
     /// Note a refused file name (or update its reason).
@@ -579,10 +579,10 @@ impl Backend for Sqlite {
         Ok(n > 0)
     }
 
-    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
+    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE deploys SET restore = ?2 WHERE id = ?1",
-            params![id, restore],
+            "UPDATE deploys SET restore = ?2, message = ?3 WHERE id = ?1",
+            params![id, restore, why],
         )?;
         Ok(())
     }
@@ -1022,10 +1022,13 @@ impl Store {
     }
 
     /// Before a rollback's patch: the images it restores, on the deploy's row.
-    pub fn set_restore(&self, id: i64, restore: &Images) -> Result<(), StoreError> {
+    /// Before a rollback's patch: the images it restores and why, on the deploy's row (a
+    /// stop before the rollback ends is finished at the next start, with the same reason).
+    pub fn set_restore(&self, id: i64, restore: &Images, why: &str) -> Result<(), StoreError> {
         let w = outbox::Write::Restore {
             id,
             restore: restore.to_string(),
+            why: why.to_string(),
         };
         self.write("a record write (deploy)", w).map(|_| ())
     }

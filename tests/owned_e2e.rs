@@ -11,7 +11,7 @@ use depwatch::depfile::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 async fn owned_deployment(
@@ -55,11 +55,49 @@ async fn a_workload_another_engine_owns_is_not_patched_unless_allowed() {
         json!({"meta.helm.sh/release-name": "cart"}),
     )
     .await;
+    // A tracking id copied from another object: Argo CD ignores it, and so does depwatch.
+    owned_deployment(
+        &env,
+        "copy",
+        json!({}),
+        json!({"argocd.argoproj.io/tracking-id": "shop-prod:apps/Deployment:prod/shop"}),
+    )
+    .await;
+    // A StatefulSet Flux owns: refused, and recorded as the StatefulSet it is.
+    env.workload(
+        "statefulset",
+        "prod",
+        "db",
+        &[("db", "r.example/db:1.0")],
+        json!({"replicas": 1}),
+    )
+    .await;
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(env.client.clone(), "prod");
+    let marks = json!({"metadata": {"labels": {"kustomize.toolkit.fluxcd.io/name": "apps"}}});
+    sts.patch("db", &PatchParams::default(), &Patch::Merge(&marks))
+        .await
+        .expect("label");
     env.wait_ready("prod", "shop").await;
     env.write_dep("shop_prod.dep", "1.1\n");
     env.write_dep("cart_prod.dep", "1.1\n");
+    env.write_dep("copy_prod.dep", "1.1\n");
+    env.write_dep("db_prod.dep", "1.1\n");
     let daemon = env.daemon(&[]).await;
     let store = env.store();
+    env.wait_image("prod", "copy", "r.example/copy:1.1").await;
+    let db = ServiceKey::new("db", "prod").expect("key");
+    let r = wait_for("db refused", Duration::from_secs(30), || async {
+        let r = store.service(&db).ok()??;
+        (r.status == ServiceStatus::Failed).then_some(r)
+    })
+    .await;
+    assert!(r.message.contains("Flux Kustomization apps"), "{r:?}");
+    assert_eq!(
+        r.kind,
+        depwatch::domain::WorkloadKind::StatefulSet,
+        "a refused StatefulSet is recorded as one: {r:?}"
+    );
     for (name, owner) in [
         ("shop", "Argo CD application shop-prod"),
         ("cart", "Helm release cart"),

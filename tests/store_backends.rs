@@ -94,15 +94,42 @@ fn suite(s: &Store) {
     assert_eq!(names, ["api", "web"]);
 
     // Deploys: started, found in progress and interrupted, finished, in history newest first.
-    let first = s.start_deploy(&deploy("demo", "web")).expect("start");
+    let first = s
+        .start_deploy(&DeployRecord {
+            content_hash: "h-crash".into(),
+            kind: "statefulset".into(),
+            ..deploy("demo", "web")
+        })
+        .expect("start");
     assert_eq!(s.in_progress(&key).expect("q").map(|d| d.id), Some(first));
-    s.set_restore(first, &Images::parse("web=example.com/web:1.0"))
-        .expect("restore intent");
+    s.set_restore(
+        first,
+        &Images::parse("web=example.com/web:1.0"),
+        "CrashLoopBackOff",
+    )
+    .expect("restore intent");
+    let open = &s.interrupted().expect("q")[0];
     assert_eq!(
-        s.interrupted().expect("q")[0].restore,
-        "web=example.com/web:1.0",
-        "a rollback's intent is on its row"
+        (open.restore.as_str(), open.message.as_str()),
+        ("web=example.com/web:1.0", "CrashLoopBackOff"),
+        "a rollback's intent and reason are on its row"
     );
+    assert_eq!(
+        (open.content_hash.as_str(), open.kind.as_str()),
+        ("h-crash", "statefulset"),
+        "the row keeps the content it deployed and the kind it patched"
+    );
+    // A second open row: both listed, newest first.
+    let newer = s.start_deploy(&deploy("demo", "web")).expect("start");
+    let ids: Vec<i64> = s
+        .open_deploys(&key)
+        .expect("q")
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, [newer, first]);
+    s.finish_deploy(newer, DeployOutcome::Superseded, "replaced")
+        .expect("finish");
     assert_eq!(s.interrupted().expect("q").len(), 1);
     s.finish_deploy(first, DeployOutcome::RolledBack, "ImagePullBackOff")
         .expect("finish");
@@ -118,9 +145,12 @@ fn suite(s: &Store) {
     assert!(s.in_progress(&key).expect("q").is_none());
     assert!(s.interrupted().expect("q").is_empty());
     let h = s.history(Some(&key), 10).expect("history");
-    assert_eq!(h.iter().map(|d| d.id).collect::<Vec<_>>(), [second, first]);
-    assert_eq!(h[1].outcome, DeployOutcome::RolledBack);
-    assert_eq!(h[1].message, "ImagePullBackOff");
+    assert_eq!(
+        h.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [second, newer, first]
+    );
+    assert_eq!(h[2].outcome, DeployOutcome::RolledBack);
+    assert_eq!(h[2].message, "ImagePullBackOff");
     assert_eq!(h[0].trigger, Trigger::File);
     assert!(h[0].ended_at.is_some());
     assert_eq!(s.history(None, 1).expect("h").len(), 1);
@@ -161,8 +191,8 @@ fn suite(s: &Store) {
             .expect("finish");
     }
     let open = s.start_deploy(&deploy("demo", "api")).expect("start");
-    // api: the open deploy and the newest finished one stay; web has only 2.
-    assert_eq!(s.prune(2, None).expect("prune"), 3);
+    // api: the open deploy and the newest finished one stay; web keeps 2 of its 3.
+    assert_eq!(s.prune(2, None).expect("prune"), 4);
     assert_eq!(s.history(Some(&other), 10).expect("h").len(), 2);
     assert_eq!(
         s.prune(2, Some(std::time::Duration::ZERO)).expect("prune"),

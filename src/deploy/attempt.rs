@@ -66,6 +66,11 @@ fn unfinished(d: &DeployRecord) -> Unfinished {
         from: Images::parse(&d.from_image),
         to: Images::parse(&d.to_image),
         restore: Images::parse(&d.restore),
+        why: if d.restore.is_empty() {
+            String::new()
+        } else {
+            d.message.clone()
+        },
         ran_for,
         kind: d.kind.parse().ok(),
         hash: d.content_hash.clone(),
@@ -203,9 +208,15 @@ impl Engine {
                     .permits
                     .hold(self.deployer.plan(key, &desired.spec))
                     .await?;
-                if let Ok(p) = &result {
-                    attempt.set_workload(&p.uid, p.kind);
-                    *kind = p.kind;
+                let found = match &result {
+                    Ok(p) => Some((p.uid.clone(), p.kind)),
+                    // Refused after the workload was found (owned, bounds, registry): the
+                    // record names its kind all the same.
+                    Err(_) => self.deployer.seen(key, desired.spec.kind),
+                };
+                if let Some((uid, found)) = found {
+                    attempt.set_workload(&uid, found);
+                    *kind = found;
                 }
                 Input::Planned(result.map_err(failure))
             }

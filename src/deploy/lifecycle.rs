@@ -79,6 +79,8 @@ pub struct Unfinished {
     /// How long ago it started: a resumed rollout's timeout counts from then, not from the
     /// restart.
     pub ran_for: Duration,
+    /// Why its rollout failed, when a rollback was under way.
+    pub why: String,
     /// The kind of workload it patched, when recorded.
     pub kind: Option<WorkloadKind>,
     /// The file content it deployed: what a failure of its rollout pins. Empty when unknown.
@@ -228,9 +230,9 @@ pub enum Event {
         outcome: DeployOutcome,
         reason: String,
     },
-    /// A rollback is about to be patched: its restore images go on the deploy's row first, so
-    /// a stop before it ends is finished at the next start.
-    RollingBack { restore: Images },
+    /// A rollback is about to be patched: its restore images and why go on the deploy's row
+    /// first, so a stop before it ends is finished at the next start, with the same reason.
+    RollingBack { restore: Images, why: String },
     /// An interrupted rollback is finished: the version stays pinned (said again, in case the
     /// stop came before the pin was written), and nobody is told twice.
     Repin,
@@ -940,7 +942,12 @@ impl Lifecycle {
         self.close_older(&mut events, DeployOutcome::Superseded, REPLACED);
         events.push(self.started(&plan, plan.after.clone(), Some(u.id)));
         events.push(Event::Repin);
-        let why = "depwatch stopped during the rollback; finished at the next start".to_string();
+        let why = match u.why.as_str() {
+            "" => "depwatch stopped during the rollback; finished at the next start".to_string(),
+            failed => format!(
+                "{failed} (depwatch stopped during the rollback; finished at the next start)"
+            ),
+        };
         self.deadline = now + self.settings.rollout_timeout;
         let revert = Revert {
             restore: u.restore.clone(),
@@ -958,7 +965,10 @@ impl Lifecycle {
                 revert,
             }
         } else {
-            events.push(Event::RollingBack { restore: u.restore });
+            events.push(Event::RollingBack {
+                restore: u.restore,
+                why: revert.why.clone(),
+            });
             Phase::Reverting(revert)
         };
         events
@@ -1107,6 +1117,7 @@ impl Lifecycle {
         };
         let events = vec![Event::RollingBack {
             restore: revert.restore.clone(),
+            why: revert.why.clone(),
         }];
         self.phase = Phase::Reverting(revert);
         (events, action)
@@ -1795,6 +1806,7 @@ mod tests {
                 id: 8,
                 to: images("web=w:2"),
                 restore: images("web=w:1"),
+                why: "CrashLoopBackOff: m".into(),
                 ran_for: Duration::ZERO,
                 ..Unfinished::default()
             }),
@@ -1822,15 +1834,23 @@ mod tests {
             }
         ));
         assert!(events.contains(&Event::Repin), "{events:?}");
-        assert!(events.contains(&Event::RollingBack {
-            restore: images("web=w:1")
-        }));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::RollingBack { restore, why }
+                if *restore == images("web=w:1") && why.starts_with("CrashLoopBackOff: m")
+        )));
         assert!(
             matches!(&actions[1], Action::Patch { images: i, .. } if *i == images("web=w:1")),
             "{actions:?}"
         );
         let f = finish(&events);
         assert_eq!(f.outcome, DeployOutcome::RolledBack);
+        assert!(
+            f.message
+                .contains("CrashLoopBackOff: m (depwatch stopped during the rollback"),
+            "the failure's own reason survives the stop: {}",
+            f.message
+        );
         assert_eq!(f.running, Some(images("web=w:1")));
         assert_eq!(rows(&events), 0, "no new row: the rollback's own goes on");
         // The rollback's patch had landed before the stop: only awaited, never patched again.
@@ -2508,7 +2528,7 @@ mod tests {
                     (self.current, self.pin, self.adopted) = (Some(*id), pin.clone(), true);
                 }
                 Event::CloseInterrupted { id, .. } => w.open.retain(|u| u.id != *id),
-                Event::RollingBack { restore } => {
+                Event::RollingBack { restore, .. } => {
                     if let Some(row) = self.row() {
                         row.restore = restore.clone();
                     }

@@ -586,6 +586,19 @@ impl Deployer {
         }
     }
 
+    /// The workload the shared watch shows for a file naming `kind` (or none): its uid and
+    /// kind, so a deploy refused after it was found is recorded against the right kind.
+    pub fn seen(
+        &self,
+        key: &ServiceKey,
+        kind: Option<WorkloadKind>,
+    ) -> Option<(String, WorkloadKind)> {
+        match self.watches.cached(&key.namespace)?.find(&key.name, kind) {
+            Found::One(w) => Some((w.uid.clone(), w.kind)),
+            _ => None,
+        }
+    }
+
     /// The workload as it is now, of `kind` or of whichever kind has the name; `None` when
     /// there is none. Finishing a rollout another deploy left starts here.
     pub async fn observe(

@@ -25,20 +25,35 @@ impl fmt::Display for Owner {
     }
 }
 
+/// The object being looked at, as Argo CD's tracking id names it: `<group>/<Kind>:<namespace>/<name>`.
+pub fn tracked_as(api_version: &str, kind: &str, namespace: &str, name: &str) -> String {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    format!("{group}/{kind}:{namespace}/{name}")
+}
+
 /// The engine that owns an object with these labels, annotations and field managers, if one
-/// does. Argo CD: its tracking annotation or label, or its controller as a field manager. Flux:
-/// the kustomize- or helm-controller's labels or field managers. Helm: `managed-by: Helm` with
-/// its release annotation.
+/// does. Argo CD: its tracking annotation (when it names this very object, `this`, as
+/// [`tracked_as`] spells it: Argo CD ignores an id copied onto another object) or label, or its
+/// controller as a field manager. Flux: the kustomize- or helm-controller's labels or field
+/// managers. Helm: `managed-by: Helm` with its release annotation, or `helm` as a field
+/// manager.
 pub fn owner_of(
+    this: &str,
     labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
     managers: &[String],
 ) -> Option<Owner> {
     let label = |k: &str| labels.get(k).filter(|v| !v.is_empty());
-    if let Some(id) = annotations.get("argocd.argoproj.io/tracking-id") {
+    if let Some((application, object)) = annotations
+        .get("argocd.argoproj.io/tracking-id")
+        .and_then(|id| id.split_once(':'))
+    {
         // `<application>:<group>/<kind>:<namespace>/<name>`
-        let application = id.split(':').next().unwrap_or(id).to_string();
-        return Some(Owner::ArgoCd { application });
+        if object == this {
+            return Some(Owner::ArgoCd {
+                application: application.to_string(),
+            });
+        }
     }
     if let Some(app) = label("argocd.argoproj.io/instance") {
         return Some(Owner::ArgoCd {
@@ -84,6 +99,11 @@ pub fn owner_of(
         return Some(Owner::Flux {
             kind: "HelmRelease",
             name: "(unnamed)".into(),
+        });
+    }
+    if manager("helm") {
+        return Some(Owner::Helm {
+            release: "(unnamed)".into(),
         });
     }
     None
@@ -167,10 +187,43 @@ mod tests {
                 vec![],
                 None,
             ),
+            // Helm's own field manager says Helm wrote the object.
+            (
+                map(&[]),
+                map(&[]),
+                vec!["helm".into()],
+                Some("Helm release (unnamed)"),
+            ),
+            // A tracking id naming another object (copied with a manifest) is ignored, as
+            // Argo CD ignores it.
+            (
+                map(&[]),
+                map(&[(
+                    "argocd.argoproj.io/tracking-id",
+                    "shop-prod:apps/Deployment:prod/api",
+                )]),
+                vec![],
+                None,
+            ),
+            (
+                map(&[]),
+                map(&[(
+                    "argocd.argoproj.io/tracking-id",
+                    "shop-prod:apps/StatefulSet:prod/web",
+                )]),
+                vec![],
+                None,
+            ),
         ];
+        let this = tracked_as("apps/v1", "Deployment", "prod", "web");
+        assert_eq!(this, "apps/Deployment:prod/web");
+        assert_eq!(
+            tracked_as("v1", "ConfigMap", "prod", "c"),
+            "/ConfigMap:prod/c"
+        );
         for (labels, annotations, managers, want) in table {
             assert_eq!(
-                owner_of(&labels, &annotations, &managers).map(|o| o.to_string()),
+                owner_of(&this, &labels, &annotations, &managers).map(|o| o.to_string()),
                 want.map(String::from),
                 "{labels:?} {annotations:?} {managers:?}"
             );

@@ -242,7 +242,7 @@ impl Attempt<'_> {
             } => self.close_unfinished(*id, *outcome, message),
             Event::HandedOver => self.handed_over(),
             Event::Adopted { id, from, to, pin } => self.adopted(*id, from, to, pin),
-            Event::RollingBack { restore } => self.rolling_back(restore),
+            Event::RollingBack { restore, why } => self.rolling_back(restore, why),
             Event::Repin => self.pin(),
             Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in),
             Event::ApiBack => self.api_back(),
@@ -351,9 +351,12 @@ impl Attempt<'_> {
     }
 
     /// Before the rollback's patch: its restore images on the deploy's row.
-    fn rolling_back(&self, restore: &Images) {
+    fn rolling_back(&mut self, restore: &Images, why: &str) {
+        if self.failure.is_empty() {
+            self.failure = why.to_string();
+        }
         if let Some(id) = self.row {
-            let _ = self.recorder.store.set_restore(id, restore);
+            let _ = self.recorder.store.set_restore(id, restore, why);
         }
     }
 

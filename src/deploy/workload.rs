@@ -169,6 +169,12 @@ fn common(
         images: template_images(template),
         pull: template_pull(template),
         owner: super::owner::owner_of(
+            &super::owner::tracked_as(
+                kind.api_version(),
+                kind.api_kind(),
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default(),
+            ),
             meta.labels.as_ref().unwrap_or(&empty),
             meta.annotations.as_ref().unwrap_or(&empty),
             &managers,

@@ -22,10 +22,7 @@ pub enum Write {
         at: String,
     },
     /// A deploy row; `local` is the id handed out while it waits (negative).
-    Start {
-        local: i64,
-        record: DeployRecord,
-    },
+    Start { local: i64, record: DeployRecord },
     Finish {
         id: i64,
         outcome: DeployOutcome,
@@ -35,6 +32,8 @@ pub enum Write {
     Restore {
         id: i64,
         restore: String,
+        /// Why the rollout failed: the row's message until it is finished.
+        why: String,
     },
 }
 
@@ -111,9 +110,10 @@ impl Outbox {
                 message: message.clone(),
                 at: at.clone(),
             },
-            Write::Restore { id, restore } => Write::Restore {
+            Write::Restore { id, restore, why } => Write::Restore {
                 id: self.real(*id)?,
                 restore: restore.clone(),
+                why: why.clone(),
             },
             other => other.clone(),
         })
@@ -138,8 +138,8 @@ pub fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreE
                 backend.finish_deploy(*id, *outcome, message, at)?;
                 Ok(None)
             }
-            Write::Restore { id, restore } => {
-                backend.set_restore(*id, restore)?;
+            Write::Restore { id, restore, why } => {
+                backend.set_restore(*id, restore, why)?;
                 Ok(None)
             }
         }
@@ -163,8 +163,8 @@ impl Outbox {
                 message,
                 at,
             }),
-            Write::Restore { id, restore } => {
-                self.real(id).map(|id| Write::Restore { id, restore })
+            Write::Restore { id, restore, why } => {
+                self.real(id).map(|id| Write::Restore { id, restore, why })
             }
             other => Ok(other),
         })
@@ -253,9 +253,10 @@ impl Outbox {
                 Write::Finish { id, .. } if open.as_ref().is_some_and(|d| d.id == *id) => {
                     open = None
                 }
-                Write::Restore { id, restore } => {
+                Write::Restore { id, restore, why } => {
                     if let Some(d) = open.as_mut().filter(|d| d.id == *id) {
                         d.restore = restore.clone();
+                        d.message = why.clone();
                     }
                 }
                 _ => {}
@@ -325,6 +326,7 @@ mod tests {
         o.keep(Write::Restore {
             id: local,
             restore: "web=w:1".into(),
+            why: "CrashLoopBackOff".into(),
         });
         let open = o.unfinished_of(&key()).expect("open");
         assert_eq!((open.id, open.restore.as_str()), (local, "web=w:1"));
@@ -343,12 +345,14 @@ mod tests {
         for _ in 0..CAPACITY {
             assert!(o.keep(Write::Restore {
                 id: 1,
-                restore: String::new()
+                restore: String::new(),
+                why: String::new(),
             }));
         }
         assert!(!o.keep(Write::Restore {
             id: 1,
-            restore: String::new()
+            restore: String::new(),
+            why: String::new(),
         }));
         assert_eq!((o.len(), o.dropped), (CAPACITY, 1));
     }

@@ -441,13 +441,13 @@ impl Backend for Postgres {
         })
     }
 
-    fn set_restore(&self, id: i64, restore: &str) -> Result<(), StoreError> {
-        let restore = restore.to_string();
+    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
+        let (restore, why) = (restore.to_string(), why.to_string());
         self.run(move |client| async move {
             client
                 .execute(
-                    "UPDATE deploys SET restore = $2 WHERE id = $1",
-                    &[&id, &restore],
+                    "UPDATE deploys SET restore = $2, message = $3 WHERE id = $1",
+                    &[&id, &restore, &why],
                 )
                 .await?;
             Ok(())
