@@ -310,7 +310,11 @@ impl Ingest {
         let retry_by = (record.status == ServiceStatus::Retry)
             .then(|| Asker::retry_actor(&record.message))
             .flatten();
-        if record.failed_hash == hash && retry_by.is_none() && !unfinished {
+        // A save back to the pinned version while another is being deployed is a change all
+        // the same: it goes to the scheduler, which records it (and finishes the rollout under
+        // way); a re-read of pinned content is nothing.
+        let saved_over_another = self.scheduler.desired(&key).is_some_and(|d| d.hash != hash);
+        if record.failed_hash == hash && retry_by.is_none() && !unfinished && !saved_over_another {
             tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
             return;
         }

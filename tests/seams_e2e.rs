@@ -1025,3 +1025,58 @@ async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_d
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
+    let env = Env::new(SimConfig {
+        ready_delay: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await;
+    let (daemon, store) = on_1_0(&env, &["--resync", "1h"]).await;
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    wait_for("crash-2.0 rolled back", Duration::from_secs(90), || async {
+        let r = store.service(&web()).ok()??;
+        (r.status == ServiceStatus::RolledBack).then_some(())
+    })
+    .await;
+    let seen = daemon
+        .log_text()
+        .matches("patched; waiting for the rollout")
+        .count();
+    env.write_dep("web_prod.dep", "3.0\n");
+    wait_for("3.0 patched", Duration::from_secs(30), || async {
+        (daemon
+            .log_text()
+            .matches("patched; waiting for the rollout")
+            .count()
+            > seen)
+            .then_some(())
+    })
+    .await;
+    // Back to the pinned version while 3.0 rolls out: a row says it was not deployed, at once
+    // (not at the next resync, an hour away), and 3.0's rollout is still judged.
+    env.write_dep("web_prod.dep", "crash-2.0\n");
+    let row = wait_for("the pinned save's row", Duration::from_secs(30), || async {
+        store
+            .history(Some(&web()), 20)
+            .ok()?
+            .into_iter()
+            .find(|d| d.to_image == "crash-2.0" && d.outcome == DeployOutcome::Failed)
+    })
+    .await;
+    assert!(row.message.contains("failed before"), "{row:?}");
+    let judged = wait_for("3.0 judged", Duration::from_secs(60), || async {
+        store
+            .history(Some(&web()), 20)
+            .ok()?
+            .into_iter()
+            .find(|d| d.to_image == "web=r.example/web:3.0" && d.ended_at.is_some())
+    })
+    .await;
+    assert_eq!(judged.outcome, DeployOutcome::Succeeded, "{judged:?}");
+    assert_eq!(env.image("prod", "web").await, "r.example/web:3.0");
+    let r = store.service(&web()).expect("q").expect("row");
+    assert!(r.pinned().is_some(), "crash-2.0 stays pinned: {r:?}");
+    assert!(store.interrupted().expect("q").is_empty());
+}

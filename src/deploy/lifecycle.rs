@@ -423,6 +423,18 @@ impl Lifecycle {
                 );
                 return self.done(events);
             }
+            if self.desired.trigger == Trigger::File {
+                // Saved back to it while another version was desired: one row says so.
+                events = vec![Event::NotStarted {
+                    from: Images::new(),
+                    requested: self.desired.requested(),
+                    message: format!(
+                        "{why}: nothing was changed (fix the version, or run `depwatch retry`)"
+                    ),
+                    settled: true,
+                    status: ServiceStatus::Failed,
+                }];
+            }
             // The pinned version is never patched: a rollout it would have replaced is
             // finished here.
             return self.adopt_unfinished(events);
