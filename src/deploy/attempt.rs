@@ -93,6 +93,7 @@ impl Engine {
         let mut open = store.open_deploys(key)?.into_iter().map(|d| unfinished(&d));
         Ok(Known {
             pinned: !record.failed_hash.is_empty() && record.failed_hash == desired.hash,
+            settled: record.content_hash,
             last_good: record.last_good,
             suspended: record.suspended,
             interrupted: open.next(),

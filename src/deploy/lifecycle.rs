@@ -56,6 +56,8 @@ pub struct Known {
     pub suspended: bool,
     /// The desired content is a version whose rollout failed.
     pub pinned: bool,
+    /// The content the record last settled (acted on).
+    pub settled: String,
     /// The record's newest unfinished deploy, if a stop interrupted one or it handed over
     /// to a newer version.
     pub interrupted: Option<Unfinished>,
@@ -875,10 +877,12 @@ impl Lifecycle {
     }
 
     fn checked(&mut self, plan: Plan, health: HealthNow, now: Instant) -> (Vec<Event>, Action) {
+        // A save already acted on (another replica's deploy of it finished during a
+        // takeover) is not a second row.
         let record = !matches!(
             self.desired.trigger,
             Trigger::Startup | Trigger::Resync | Trigger::Rescan
-        );
+        ) && self.known.settled != self.desired.hash;
         match health {
             HealthNow::Healthy | HealthNow::Unverified => self.done(vec![Event::AlreadyRunning {
                 images: plan.after,
@@ -2631,7 +2635,7 @@ mod tests {
                 pinned: w.failed_hash == self.desired.hash,
                 interrupted: open.next(),
                 older: open.collect(),
-                suspended: false,
+                ..Known::default()
             };
             let now = Instant::now();
             let mut m = Lifecycle::new(self.desired.clone(), known, SETTINGS, now);
@@ -2727,5 +2731,35 @@ mod tests {
                 "case {case}: rows left open: {log:?} {world:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_save_another_replica_already_acted_on_is_not_a_second_row() {
+        let already = Known {
+            settled: "h2".into(),
+            ..Known::default()
+        };
+        let (events, _) = run(
+            desired(Trigger::File),
+            already,
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Health(HealthNow::Healthy),
+            ],
+        );
+        assert_eq!(rows(&events), 0, "{events:?}");
+        let (events, _) = run(
+            desired(Trigger::File),
+            Known::default(),
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Health(HealthNow::Healthy),
+            ],
+        );
+        assert_eq!(
+            rows(&events),
+            1,
+            "a new save of what runs is one unchanged row"
+        );
     }
 }
