@@ -706,3 +706,54 @@ async fn a_second_signal_exits_at_once_and_the_next_start_resumes() {
         .contains("a deploy was interrupted by a stop; it is judged again now"));
     again.kill();
 }
+
+/// A single object's GET by depwatch (`…/namespaces/<ns>/<kind>/<name>`, or a namespace by
+/// name): what the shared lists already answer at start-up.
+fn per_object_get(line: &serde_json::Value) -> bool {
+    let path = line["path"].as_str().unwrap_or_default();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let at = parts
+        .iter()
+        .position(|p| *p == "namespaces")
+        .unwrap_or(usize::MAX - 4);
+    let named_workload = parts.len() == at + 4
+        && ["deployments", "statefulsets", "daemonsets", "cronjobs"].contains(&parts[at + 2]);
+    let named_namespace = parts.len() == 4 && parts[..3] == ["api", "v1", "namespaces"];
+    let by_depwatch = line["userAgent"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("depwatch"));
+    line["method"] == "GET" && by_depwatch && (named_workload || named_namespace)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_over_many_new_services_reads_the_lists_not_each_service() {
+    let env = Env::new(SimConfig::default()).await;
+    let services = 40;
+    for i in 0..services {
+        let ns = format!("team{i}");
+        env.deployment(&ns, "web", &[("web", "r.example/web:1.0")], 1)
+            .await;
+        // Most already run what their file asks for; every third is a new version.
+        let version = if i % 3 == 0 { "1.1" } else { "1.0" };
+        env.write_dep(&format!("web_{ns}.dep"), &format!("{version}\n"));
+    }
+    let before = common::audit_count(&env.audit, per_object_get);
+    let daemon = env.daemon(&[]).await;
+    let store = env.store();
+    wait_for("every service settled", Duration::from_secs(90), || async {
+        let all = store.services().ok()?;
+        let done = all
+            .iter()
+            .filter(|r| r.status == depwatch::domain::ServiceStatus::Succeeded)
+            .count();
+        (done == services).then_some(())
+    })
+    .await;
+    let gets = common::audit_count(&env.audit, per_object_get) - before;
+    assert_eq!(
+        gets,
+        0,
+        "per-service GETs at start-up, where the lists answer: {}",
+        daemon.log_text()
+    );
+}
