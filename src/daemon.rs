@@ -299,6 +299,8 @@ struct Running {
     scheduler: Scheduler,
     queue_rx: Option<mpsc::Receiver<crate::depfile::ServiceKey>>,
     root_watch: Option<watch::RootWatch>,
+    /// Read barriers for the file watch (reads wait for their writer).
+    barriers: Option<watch::Barriers>,
     event_rx: Option<mpsc::Receiver<watch::FileEvent>>,
     overflow: Arc<AtomicBool>,
     ingest: Option<Ingest>,
@@ -372,7 +374,9 @@ async fn start(
     // Room for a burst of 10,000 saves (two events each) without falling back to a rescan.
     let (event_tx, event_rx) = mpsc::channel(32_768);
     let overflow = Arc::new(AtomicBool::new(false));
-    let root_watch = watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone())?;
+    let barriers = watch::Barriers::new(config.state_dir.join("watch-barrier"));
+    let root_watch =
+        watch::RootWatch::start(&config.deps_dir, event_tx, overflow.clone(), barriers.dir())?;
     let mut daemon = Running {
         _lock: lock,
         store,
@@ -382,6 +386,7 @@ async fn start(
         scheduler,
         queue_rx: Some(queue_rx),
         root_watch: Some(root_watch),
+        barriers: Some(barriers),
         event_rx: Some(event_rx),
         overflow,
         ingest: None,
@@ -721,6 +726,7 @@ impl Running {
                 },
                 ingest,
                 root_watch,
+                self.barriers.take().unwrap_or_else(watch::Barriers::none),
                 event_rx,
                 self.overflow.clone(),
                 self.stages.clone(),

@@ -109,6 +109,98 @@ impl Debouncer {
     }
 }
 
+/// How long a read waits for its barrier before it is judged anyway (the barrier's event lost
+/// to an overflow, say): the quiet window is then all that guarded it.
+pub const BARRIER_WAIT: Duration = Duration::from_secs(1);
+
+/// What became of a read held at the gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gated<T> {
+    /// No event for its path came between the read and the barrier: judge it.
+    Act(PathBuf, T),
+    /// An event for its path came after it was read (the next save began): drop it; that
+    /// event brings the path back through the debouncer, to be read once the writer is done.
+    Stale(PathBuf),
+}
+
+/// Reads wait for their writer. inotify reports one instance's events in order: once the
+/// event of a marker created right after a read comes out, every event that happened before
+/// the read has been seen. A read whose path had an event since it was read may hold half of
+/// the next save (`O_TRUNC`, then a slow write): it is stale. Pure: barriers, events and time
+/// in, verdicts out.
+#[derive(Debug)]
+pub struct ReadGate<T> {
+    held: Vec<Held<T>>,
+}
+
+#[derive(Debug)]
+struct Held<T> {
+    barrier: u64,
+    path: PathBuf,
+    read: T,
+    stale: bool,
+    until: Instant,
+}
+
+impl<T> Default for ReadGate<T> {
+    fn default() -> Self {
+        ReadGate { held: Vec::new() }
+    }
+}
+
+impl<T> ReadGate<T> {
+    /// Hold `read` of `path` until barrier `barrier` (raised after the read) comes out.
+    pub fn hold(&mut self, barrier: u64, path: PathBuf, read: T, now: Instant) {
+        self.held.push(Held {
+            barrier,
+            path,
+            read,
+            stale: false,
+            until: now + BARRIER_WAIT,
+        });
+    }
+
+    /// An event for `path` came out of the stream: a read of it still held is stale.
+    pub fn saw(&mut self, path: &std::path::Path) {
+        for h in self.held.iter_mut().filter(|h| h.path == path) {
+            h.stale = true;
+        }
+    }
+
+    /// Barrier `n` came out: every read held for it, or an earlier one, is decided.
+    pub fn passed(&mut self, n: u64) -> Vec<Gated<T>> {
+        self.release(|h| h.barrier <= n)
+    }
+
+    /// Reads whose barrier never came within [`BARRIER_WAIT`].
+    pub fn overdue(&mut self, now: Instant) -> Vec<Gated<T>> {
+        self.release(|h| h.until <= now)
+    }
+
+    /// When the earliest held read is overdue, if any is held.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.held.iter().map(|h| h.until).min()
+    }
+
+    /// Paths held at the gate: not to be read by a rescan meanwhile.
+    pub fn holding(&self) -> impl Iterator<Item = &PathBuf> {
+        self.held.iter().map(|h| &h.path)
+    }
+
+    fn release(&mut self, done: impl Fn(&Held<T>) -> bool) -> Vec<Gated<T>> {
+        let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| done(h));
+        self.held = keep;
+        out.into_iter()
+            .map(|h| match h.stale {
+                true => Gated::Stale(h.path),
+                false => Gated::Act(h.path, h.read),
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +310,53 @@ mod tests {
         assert_eq!(d.writing().into_iter().collect::<Vec<_>>(), vec![p("a")]);
         assert_eq!(d.take_due(t0 + QUIET), vec![p("b")]);
         assert_eq!(d.next_deadline(), Some(t0 + MAX));
+    }
+
+    #[test]
+    fn read_gate_cases() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // (events for the path after the read, barrier that came out, at, verdict)
+        type Case<'a> = (&'a [&'a str], Option<u64>, Duration, Option<bool>);
+        let table: [Case; 6] = [
+            // The barrier came and nothing happened to the file: act.
+            (&[], Some(1), ms(5), Some(true)),
+            // The next save began (O_TRUNC, a write) before the barrier: stale.
+            (&["/d/a.dep"], Some(1), ms(5), Some(false)),
+            // Another file's event does not stale this read.
+            (&["/d/b.dep"], Some(1), ms(5), Some(true)),
+            // A later barrier passes earlier ones too.
+            (&[], Some(2), ms(5), Some(true)),
+            // No barrier yet: still held.
+            (&[], None, ms(5), None),
+            // The barrier never came: judged anyway after BARRIER_WAIT.
+            (&[], None, BARRIER_WAIT, Some(true)),
+        ];
+        for (i, (events, barrier, at, want)) in table.into_iter().enumerate() {
+            let mut gate = ReadGate::default();
+            gate.hold(1, p("/d/a.dep"), "14.37", t0);
+            for e in events {
+                gate.saw(&p(e));
+            }
+            let mut out = barrier.map(|n| gate.passed(n)).unwrap_or_default();
+            out.extend(gate.overdue(t0 + at));
+            let got = out.first().map(|g| matches!(g, Gated::Act(_, "14.37")));
+            assert_eq!(got, want, "case {i}: {out:?}");
+            assert_eq!(out.len(), usize::from(want.is_some()), "case {i}");
+        }
+    }
+
+    #[test]
+    fn the_gate_holds_each_read_for_its_own_barrier() {
+        let t0 = Instant::now();
+        let mut gate = ReadGate::default();
+        gate.hold(1, p("/d/a.dep"), 1, t0);
+        gate.hold(2, p("/d/b.dep"), 2, t0);
+        assert_eq!(gate.next_deadline(), Some(t0 + BARRIER_WAIT));
+        assert_eq!(gate.passed(1), vec![Gated::Act(p("/d/a.dep"), 1)]);
+        assert_eq!(gate.holding().count(), 1);
+        gate.saw(&p("/d/b.dep"));
+        assert_eq!(gate.passed(2), vec![Gated::Stale(p("/d/b.dep"))]);
+        assert_eq!(gate.next_deadline(), None);
     }
 }

@@ -16,13 +16,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bounds::Bounds;
-use crate::debounce::Debouncer;
+use crate::debounce::{Debouncer, Gated, ReadGate, Signal};
 use crate::depfile::{self, ServiceKey};
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
 use crate::safefs::{self, shown};
 use crate::store::{ServiceChange, ServiceRecord, Store};
-use crate::watch::FileEvent;
+use crate::watch::{Barriers, FileEvent};
 
 pub fn content_hash(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
@@ -194,9 +194,16 @@ impl Ingest {
         self.paths_changed(vec![path.to_path_buf()], trigger).await
     }
 
-    /// Act on paths that may have changed: dependency files are read in batches on the
-    /// blocking pool (one trip per [`READ_BATCH`] files), then judged one by one.
+    /// Act on paths that may have changed: read, then judged one by one.
     pub async fn paths_changed(&mut self, paths: Vec<PathBuf>, trigger: Trigger) {
+        for (path, read) in self.read(paths).await {
+            self.judge(&path, read, trigger).await;
+        }
+    }
+
+    /// Read the dependency files among `paths` in batches on the blocking pool (one trip per
+    /// [`READ_BATCH`] files); a path whose name is no service's is refused here.
+    pub async fn read(&mut self, paths: Vec<PathBuf>) -> Vec<(PathBuf, Read)> {
         let mut wanted: Vec<(PathBuf, ServiceKey)> = Vec::new();
         for p in paths {
             match depfile::service_for_path(&p) {
@@ -205,14 +212,21 @@ impl Ingest {
                 Err(e) => self.refuse_name(&p, e.to_string()),
             }
         }
+        let mut out = Vec::with_capacity(wanted.len());
         for chunk in wanted.chunks(READ_BATCH) {
             let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
             let reads =
                 safefs::read_many_async(self.dir.clone(), paths, self.rules.max_file_size).await;
             for ((path, key), read) in chunk.iter().zip(reads) {
-                self.apply(path, key.clone(), read, trigger).await;
+                out.push((path.clone(), (key.clone(), read)));
             }
         }
+        out
+    }
+
+    /// Judge one file as read.
+    pub async fn judge(&mut self, path: &Path, (key, read): Read, trigger: Trigger) {
+        self.apply(path, key, read, trigger).await;
     }
 
     /// Judge one read file: removed, refused, invalid, unchanged, pinned, or a new desired
@@ -482,6 +496,9 @@ pub fn within_bounds(
     Ok(spec)
 }
 
+/// One file as read: its service, and its bytes or why they could not be read.
+pub type Read = (ServiceKey, Result<Vec<u8>, safefs::ReadError>);
+
 /// Files read per trip to the blocking pool.
 const READ_BATCH: usize = 256;
 
@@ -496,16 +513,104 @@ pub struct IngestConfig {
     pub resync: Duration,
 }
 
+/// The file side of the loop: events coalesced by the debouncer, reads held at the gate until
+/// their barrier shows the writer was done, and files read empty waited for.
+struct Files {
+    debouncer: Debouncer,
+    gate: ReadGate<Read>,
+    barriers: Barriers,
+    /// Paths read empty, and since when: a file truncated for a rewrite is in progress.
+    empty_since: HashMap<PathBuf, tokio::time::Instant>,
+    max_wait: Duration,
+}
+
+impl Files {
+    /// The earliest moment something is due.
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        match (self.debouncer.next_deadline(), self.gate.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Paths not to be read by a rescan now: open for writing, or read and not yet judged.
+    fn busy(&self) -> HashSet<PathBuf> {
+        let mut busy = self.debouncer.writing();
+        busy.extend(self.gate.holding().cloned());
+        busy
+    }
+
+    fn event(&mut self, path: PathBuf, signal: Signal) {
+        self.gate.saw(&path);
+        self.debouncer
+            .add(path, signal, tokio::time::Instant::now());
+    }
+
+    /// Read what is due, and hold the reads until their barrier comes out (or judge them at
+    /// once when no barrier can be raised).
+    async fn read_due(&mut self, ingest: &mut Ingest) {
+        let now = tokio::time::Instant::now();
+        let due = self.debouncer.take_due(now);
+        if due.is_empty() {
+            return;
+        }
+        let reads = ingest.read(due).await;
+        let Some(n) = self.barriers.raise() else {
+            let decided = reads.into_iter().map(|(p, r)| Gated::Act(p, r)).collect();
+            return self.decided(ingest, decided).await;
+        };
+        for (path, read) in reads {
+            self.gate.hold(n, path, read, now);
+        }
+    }
+
+    async fn decided(&mut self, ingest: &mut Ingest, decided: Vec<Gated<Read>>) {
+        for d in decided {
+            match d {
+                Gated::Act(path, read) => self.judge_or_wait(ingest, path, read).await,
+                // The event that made it stale brings the path back through the debouncer.
+                Gated::Stale(path) => {
+                    tracing::debug!(file = %shown(&path), "written again while being read; read again once the writer is done")
+                }
+            }
+        }
+    }
+
+    /// Judge a read, unless the file is empty: a file truncated for a rewrite is in progress,
+    /// and read again after the quiet window (an empty file is an error only after
+    /// `--max-wait`).
+    async fn judge_or_wait(&mut self, ingest: &mut Ingest, path: PathBuf, read: Read) {
+        let now = tokio::time::Instant::now();
+        let empty = matches!(&read.1, Ok(b) if b.iter().all(u8::is_ascii_whitespace));
+        if empty {
+            let since = *self.empty_since.entry(path.clone()).or_insert(now);
+            if now.duration_since(since) < self.max_wait {
+                self.debouncer.add(path, Signal::Touched, now);
+                return;
+            }
+        }
+        self.empty_since.remove(&path);
+        ingest.judge(&path, read, Trigger::File).await;
+    }
+}
+
 /// Run the loop until cancelled. The start-up scan has already happened.
 pub async fn run(
     config: IngestConfig,
     mut ingest: Ingest,
     mut root: crate::watch::RootWatch,
+    barriers: Barriers,
     mut events: mpsc::Receiver<FileEvent>,
     overflow: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
-    let mut debouncer = Debouncer::new(config.quiet, config.max_wait);
+    let mut files = Files {
+        debouncer: Debouncer::new(config.quiet, config.max_wait),
+        gate: ReadGate::default(),
+        barriers,
+        empty_since: HashMap::new(),
+        max_wait: config.max_wait,
+    };
     let mut resync = tokio::time::interval(config.resync);
     resync.tick().await;
     // The root's own events say at once when it is replaced; this check catches what they
@@ -514,7 +619,7 @@ pub async fn run(
     root_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut root_ok = true;
     loop {
-        let next = debouncer.next_deadline();
+        let next = files.next_deadline();
         let sleep = async {
             match next {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -526,7 +631,7 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = resync.tick() => {
                 if root_ok {
-                    ingest.rescan_except(Trigger::Resync, &debouncer.writing()).await;
+                    ingest.rescan_except(Trigger::Resync, &files.busy()).await;
                 }
             }
             _ = root_check.tick() => root_event = true,
@@ -537,24 +642,17 @@ pub async fn run(
                 Some(FileEvent::Rescan) => {
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
-                    ingest.rescan_except(Trigger::Rescan, &debouncer.writing()).await;
+                    ingest.rescan_except(Trigger::Rescan, &files.busy()).await;
                 }
-                Some(FileEvent::Path(p, signal)) => {
-                    debouncer.add(p, signal, tokio::time::Instant::now());
+                Some(FileEvent::Path(p, signal)) => files.event(p, signal),
+                Some(FileEvent::Barrier(n)) => {
+                    let decided = files.gate.passed(n);
+                    files.decided(&mut ingest, decided).await;
                 }
             },
         }
         if root_event {
-            match root.refresh() {
-                crate::watch::RootState::Same => root_ok = true,
-                crate::watch::RootState::Rewatched => {
-                    root_ok = true;
-                    ingest.rescan(Trigger::Rescan).await;
-                }
-                // Nothing is forgotten while the directory is away: a rescan now would take
-                // every service for removed.
-                crate::watch::RootState::Missing => root_ok = false,
-            }
+            root_ok = refresh_root(&mut root, &mut ingest).await;
         }
         if !root_ok {
             overflow.store(false, Ordering::SeqCst);
@@ -562,16 +660,24 @@ pub async fn run(
         }
         if overflow.swap(false, Ordering::SeqCst) {
             tracing::warn!("file events overflowed; rescanning");
-            ingest
-                .rescan_except(Trigger::Rescan, &debouncer.writing())
-                .await;
+            ingest.rescan_except(Trigger::Rescan, &files.busy()).await;
         }
-        let due: Vec<PathBuf> = debouncer
-            .take_due(tokio::time::Instant::now())
-            .into_iter()
-            .collect();
-        if !due.is_empty() {
-            ingest.paths_changed(due, Trigger::File).await;
+        let overdue = files.gate.overdue(tokio::time::Instant::now());
+        files.decided(&mut ingest, overdue).await;
+        files.read_due(&mut ingest).await;
+    }
+}
+
+/// Look at the dependency root again; `false` while it is missing.
+async fn refresh_root(root: &mut crate::watch::RootWatch, ingest: &mut Ingest) -> bool {
+    match root.refresh() {
+        crate::watch::RootState::Same => true,
+        crate::watch::RootState::Rewatched => {
+            ingest.rescan(Trigger::Rescan).await;
+            true
         }
+        // Nothing is forgotten while the directory is away: a rescan now would take every
+        // service for removed.
+        crate::watch::RootState::Missing => false,
     }
 }

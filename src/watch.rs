@@ -27,6 +27,80 @@ pub enum FileEvent {
     /// The dependency directory itself was deleted, created, replaced or (a symlink) swapped:
     /// watch it again, then rescan.
     Root,
+    /// Read barrier `n` came out of the stream: every event before it has been seen.
+    Barrier(u64),
+}
+
+/// A barrier marker's name: `barrier-<n>`.
+const BARRIER: &str = "barrier-";
+
+/// Barrier markers' creations, as events; anything else in the barrier directory is nothing.
+fn barrier_events(event: &notify::Event) -> Vec<FileEvent> {
+    if !matches!(event.kind, EventKind::Create(_)) {
+        return Vec::new();
+    }
+    event
+        .paths
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.strip_prefix(BARRIER)?.parse().ok())
+        .map(FileEvent::Barrier)
+        .collect()
+}
+
+/// Raises read barriers: a marker created (and removed at once) in a private directory that
+/// the dependency directory's own inotify instance watches, so its event comes out after
+/// every event that happened before it.
+#[derive(Debug)]
+pub struct Barriers {
+    dir: Option<PathBuf>,
+    next: u64,
+}
+
+impl Barriers {
+    /// Barriers in `dir` (created, private); without one, reads fall back to the quiet window.
+    pub fn new(dir: PathBuf) -> Barriers {
+        use std::os::unix::fs::DirBuilderExt;
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir);
+        match made {
+            Ok(()) => Barriers {
+                dir: Some(dir),
+                next: 0,
+            },
+            Err(e) => {
+                tracing::warn!(dir = %crate::safefs::shown(&dir), error = %e, "cannot make the read-barrier directory; a read waits only for the quiet window");
+                Barriers::none()
+            }
+        }
+    }
+
+    pub fn none() -> Barriers {
+        Barriers { dir: None, next: 0 }
+    }
+
+    /// Where markers go, for the watch.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Raise the next barrier; `None` when none can be (the caller judges at once).
+    pub fn raise(&mut self) -> Option<u64> {
+        let dir = self.dir.as_ref()?;
+        self.next += 1;
+        let marker = dir.join(format!("{BARRIER}{}", self.next));
+        match std::fs::File::create(&marker) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&marker);
+                Some(self.next)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot raise a read barrier");
+                None
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,8 +213,10 @@ pub fn watch_dir(
     dir: &Path,
     tx: mpsc::Sender<FileEvent>,
     overflow: Arc<AtomicBool>,
+    barriers: Option<&Path>,
 ) -> Result<DirWatch, WatchError> {
     let root = dir.to_path_buf();
+    let barrier_dir = barriers.map(Path::to_path_buf);
     // A root that is itself a symlink (git-sync) is watched where it leads now; events are
     // reported under the root's own spelling, as the scanner names the files.
     let real = std::fs::canonicalize(dir).map_err(|e| WatchError::Watch {
@@ -149,6 +225,11 @@ pub fn watch_dir(
     })?;
     let from = real.clone();
     let watcher = watcher(tx, overflow, move |ev| {
+        if let (Some(b), Some(p)) = (&barrier_dir, ev.paths.first()) {
+            if p.parent() == Some(b.as_path()) {
+                return barrier_events(ev);
+            }
+        }
         if from == root {
             return classify(ev, &root);
         }
@@ -171,6 +252,12 @@ pub fn watch_dir(
             dir: dir.to_path_buf(),
             source,
         })?;
+    if let Some(b) = barriers {
+        // In the same inotify instance as the directory: that is what orders them.
+        if let Err(e) = watcher.watch(b, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, "cannot watch the read-barrier directory; a read waits only for the quiet window");
+        }
+    }
     Ok(DirWatch { _watcher: watcher })
 }
 
@@ -230,6 +317,7 @@ pub struct RootWatch {
     root: PathBuf,
     tx: mpsc::Sender<FileEvent>,
     overflow: Arc<AtomicBool>,
+    barriers: Option<PathBuf>,
     dir: Option<DirWatch>,
     watched: Option<(u64, u64)>,
     _parent: Option<RecommendedWatcher>,
@@ -242,6 +330,7 @@ impl RootWatch {
         root: &Path,
         tx: mpsc::Sender<FileEvent>,
         overflow: Arc<AtomicBool>,
+        barriers: Option<&Path>,
     ) -> Result<RootWatch, WatchError> {
         let parent = match root.parent() {
             Some(parent) => {
@@ -268,11 +357,12 @@ impl RootWatch {
             None => None,
         };
         let watched = identity(root);
-        let dir = Some(watch_dir(root, tx.clone(), overflow.clone())?);
+        let dir = Some(watch_dir(root, tx.clone(), overflow.clone(), barriers)?);
         Ok(RootWatch {
             root: root.to_path_buf(),
             tx,
             overflow,
+            barriers: barriers.map(Path::to_path_buf),
             dir,
             watched,
             _parent: parent,
@@ -302,7 +392,8 @@ impl RootWatch {
         };
         // Drop the old watch first: its inotify watches belong to the old directory.
         self.dir = None;
-        match watch_dir(&self.root, self.tx.clone(), self.overflow.clone()) {
+        let barriers = self.barriers.as_deref();
+        match watch_dir(&self.root, self.tx.clone(), self.overflow.clone(), barriers) {
             Ok(w) => {
                 self.dir = Some(w);
                 self.watched = Some(id);
@@ -506,7 +597,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, mut rx) = mpsc::channel(1);
         let overflow = Arc::new(AtomicBool::new(false));
-        let _watch = watch_dir(dir.path(), tx, overflow.clone()).expect("watch");
+        let _watch = watch_dir(dir.path(), tx, overflow.clone(), None).expect("watch");
         for i in 0..20 {
             std::fs::write(dir.path().join(format!("s{i}_ns.dep")), "1").expect("write");
         }
@@ -520,6 +611,49 @@ mod tests {
         }
         // The consumer still has something to wake it up.
         assert!(rx.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_barrier_comes_out_after_every_earlier_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("state");
+        let mut barriers = Barriers::new(state.path().join("watch-barrier"));
+        let (tx, mut rx) = mpsc::channel(1024);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let _watch = watch_dir(dir.path(), tx, overflow, barriers.dir()).expect("watch");
+        let file = dir.path().join("web_prod.dep");
+        for round in 1..=3u64 {
+            // A save, then (as the next writer) a truncate and a partial write.
+            std::fs::write(&file, "14.37\n").expect("save");
+            std::fs::write(&file, "14.3").expect("partial");
+            assert_eq!(barriers.raise(), Some(round));
+            let mut writes = 0;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let ev = tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .expect("the barrier's event comes")
+                    .expect("open");
+                match ev {
+                    FileEvent::Barrier(n) => {
+                        assert_eq!(n, round);
+                        break;
+                    }
+                    FileEvent::Path(p, _) if p == file => writes += 1,
+                    _ => {}
+                }
+            }
+            assert!(
+                writes >= 2,
+                "the writes came out before the barrier: {writes}"
+            );
+            assert!(rx.try_recv().is_err(), "nothing after the barrier yet");
+        }
+        // The markers leave nothing behind.
+        let left = std::fs::read_dir(state.path().join("watch-barrier"))
+            .expect("dir")
+            .count();
+        assert_eq!(left, 0);
     }
 
     #[test]
@@ -573,7 +707,7 @@ mod tests {
         std::fs::create_dir(&root).expect("mkdir");
         let (tx, mut rx) = mpsc::channel(4096);
         let overflow = Arc::new(AtomicBool::new(false));
-        let _watch = RootWatch::start(&root, tx, overflow).expect("watch");
+        let _watch = RootWatch::start(&root, tx, overflow, None).expect("watch");
         // A log beside the root, written often, and the parent listed (events on the parent
         // itself).
         for i in 0..200 {

@@ -1050,8 +1050,10 @@ async fn state_is_private_whatever_the_umask() {
     env.wait_image("prod", "web", "example.com/web:1.0.1").await;
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode(&env.state), 0o700);
+    // Files are 0600, directories (the read-barrier's) 0700: nobody else reads either.
     for entry in std::fs::read_dir(&env.state).expect("list").flatten() {
-        assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+        let want = if entry.path().is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&entry.path()), want, "{}", entry.path().display());
     }
     daemon.stop();
 }

@@ -112,3 +112,46 @@ async fn a_configmap_volume_swap_deploys_what_changed() {
         "unchanged content is not redeployed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_version() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let daemon = env.daemon(&[]).await;
+    let path = env.deps.join("web_demo.dep");
+    // Each save closes, and the next opens the file with O_TRUNC at once and writes it in two
+    // parts with a pause between: "14.<i>" is itself a valid version, and must never be read.
+    let mut last = String::new();
+    for i in 0..30 {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(format!("14.{i}").as_bytes())
+            .expect("first part");
+        f.flush().expect("flush");
+        // The writer's own pause (part of the scenario, not a wait for a result).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        f.write_all(b"7\n").expect("rest");
+        drop(f);
+        last = format!("example.com/web:14.{i}7");
+    }
+    env.wait_image("demo", "web", &last).await;
+    let store = env.store();
+    let key = ServiceKey::new("web", "demo").expect("key");
+    let partial: Vec<_> = store
+        .history(Some(&key), 500)
+        .expect("history")
+        .into_iter()
+        .filter(|d| !d.to_image.ends_with('7'))
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "half-written versions deployed: {partial:#?}"
+    );
+    let log = daemon.log_text();
+    assert!(!log.contains("the file is empty"), "{log}");
+}

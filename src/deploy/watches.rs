@@ -223,7 +223,11 @@ impl Watches {
         // hold deploys: they read the API server until the watches have listed.
         let settled = |p: &Progress| p.listed >= KINDS || p.failed;
         let waited = tokio::time::timeout(Duration::from_secs(10), seen.wait_for(settled)).await;
-        if !matches!(waited, Ok(Ok(ref p)) if p.listed >= KINDS) {
+        if matches!(waited, Ok(Ok(ref p)) if p.listed >= KINDS) {
+            // Trusted before the lock is let go: the deploys waiting on it read the lists,
+            // not the API server (the task below may not have run yet).
+            self.mark_synced(&route);
+        } else {
             tracing::warn!(scope = %route.describe(), "the shared watches have not listed yet (is the API server up, and is depwatch allowed to list deployments, statefulsets, daemonsets, cronjobs, replicasets and pods there?); deploys read the API server meanwhile");
         }
         self.entry(namespace)
@@ -236,15 +240,19 @@ impl Watches {
             tokio::select! {
                 _ = this.stop.cancelled() => {}
                 r = seen.wait_for(|p| p.listed >= KINDS) => if r.is_ok() {
-                    match route {
-                        Route::One(ns, _) => {
-                            this.synced.insert(ns, ());
-                        }
-                        Route::Cluster => this.cluster_synced.store(true, Ordering::Release),
-                    }
+                    this.mark_synced(&route);
                 }
             }
         });
+    }
+
+    fn mark_synced(&self, route: &Route) {
+        match route {
+            Route::One(ns, _) => {
+                self.synced.insert(ns.clone(), ());
+            }
+            Route::Cluster => self.cluster_synced.store(true, Ordering::Release),
+        }
     }
 
     fn spawn_all(&self, route: &Route, synced: &watch::Sender<Progress>) {
