@@ -323,6 +323,9 @@ pub struct Lifecycle {
     /// Plan this deploy again once the adopted rollout is finished (its workload changed
     /// kind).
     then_plan: bool,
+    /// What the file asks for, when an unfinished rollout is finished before this deploy
+    /// plans again: a workload running it replaced that rollout.
+    wanted: Option<Images>,
 }
 
 /// The images a rollback restores: every container this deploy changed, and every container
@@ -392,6 +395,7 @@ impl Lifecycle {
             replacing: None,
             adopted: false,
             then_plan: false,
+            wanted: None,
         }
     }
 
@@ -514,6 +518,7 @@ impl Lifecycle {
     /// own plan comes next.
     fn done(&mut self, events: Vec<Event>) -> (Vec<Event>, Action) {
         if std::mem::take(&mut self.then_plan) {
+            self.wanted = None;
             self.adopted = false;
             self.started = false;
             self.ran_before = Duration::ZERO;
@@ -706,24 +711,31 @@ impl Lifecycle {
             };
             return (events, self.judge_resumed(Plan { before, ..plan }, &u, now));
         }
-        if runs(&plan.after, &u.from) {
-            // Its images never reached the workload: an older unfinished rollout's may run.
-            let mut events = vec![close(&u, DeployOutcome::Superseded, NEVER_WRITTEN)];
-            if self.known.older.is_empty() {
-                return self.done(events);
-            }
-            let next = self.known.older.remove(0);
-            let (more, action) = self.observed(next, Ok(Some(plan)), now);
-            events.extend(more);
-            return (events, action);
+        // Its images are not on the workload: never written, or replaced from outside. An
+        // older unfinished rollout's may be (a stop came between a newer row and its patch).
+        let (outcome, why) = if runs(&plan.after, &u.from) {
+            (DeployOutcome::Superseded, NEVER_WRITTEN.to_string())
+        } else if self.wanted.as_ref().is_some_and(|w| runs(&plan.after, w)) {
+            let why = format!(
+                "superseded: the workload runs {}, what the file asks for now",
+                plan.after
+            );
+            (DeployOutcome::Superseded, why)
+        } else {
+            let why = format!(
+                "changed outside depwatch before this rollout was judged: the workload runs {}; not judged",
+                plan.after
+            );
+            (DeployOutcome::ChangedOutside, why)
+        };
+        let mut events = vec![close(&u, outcome, &why)];
+        if self.known.older.is_empty() {
+            return self.done(events);
         }
-        let why = format!(
-            "changed outside depwatch before this rollout was judged: the workload runs {}; not judged",
-            plan.after
-        );
-        self.known.interrupted = Some(u);
-        self.close_unfinished(&mut events, DeployOutcome::ChangedOutside, &why);
-        self.done(events)
+        let next = self.known.older.remove(0);
+        let (more, action) = self.observed(next, Ok(Some(plan)), now);
+        events.extend(more);
+        (events, action)
     }
 
     /// Wait for a rollout that began before this deploy: its timeout counts from when it
@@ -841,13 +853,15 @@ impl Lifecycle {
             events.push(self.started(&plan, plan.before.clone(), Some(u.id)));
             return (events, self.judge_resumed(plan, &u, now));
         }
-        // Another version's rollout: the workload runs what the file asks for now, not that
-        // rollout's template, and it is never judged on this one's.
-        let why = format!(
-            "superseded: the workload already runs {} when this rollout was taken up",
-            plan.after
-        );
-        self.close_unfinished(&mut events, DeployOutcome::Superseded, &why);
+        if let Some(u) = self.known.interrupted.take() {
+            // Another version's rollout, and the plan (from the shared watch, which may lag)
+            // says the workload runs what the file asks for: that rollout is never judged on
+            // this one's template. It is finished from the live object first, then planned
+            // again.
+            self.then_plan = true;
+            self.wanted = Some(plan.after.clone());
+            return self.adopt(u, events);
+        }
         let generation = plan.generation;
         self.phase = Phase::Checking(plan);
         (events, Action::CheckHealth { generation })
@@ -2386,12 +2400,16 @@ mod tests {
             handed_over(),
             vec![
                 Input::Planned(Ok(plan("web=w:3", "web=w:3"))),
+                // Read from the live object, not the plan's (perhaps lagging) watch.
+                Input::Observed(Ok(Some(plan("web=w:3", "web=w:3")))),
+                Input::Planned(Ok(plan("web=w:3", "web=w:3"))),
                 Input::Health(HealthNow::NotHealthy),
                 crash(),
                 Input::Patched(Ok(7)),
                 Input::Waited(WaitOutcome::Healthy),
             ],
         );
+        assert!(matches!(&actions[1], Action::Observe { .. }));
         assert!(matches!(
             &events[0],
             Event::CloseInterrupted {
@@ -2401,7 +2419,7 @@ mod tests {
             }
         ));
         assert!(matches!(&events[1], Event::Started { resumed: None, .. }));
-        assert!(matches!(&actions[1], Action::CheckHealth { .. }));
+        assert!(matches!(&actions[3], Action::CheckHealth { .. }));
         assert_eq!(finish(&events).outcome, DeployOutcome::RolledBack);
     }
 
