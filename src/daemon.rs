@@ -798,6 +798,9 @@ impl Running {
                 "in-flight deploys did not finish in time; they stay in progress in the record and are finished at the next start"
             );
         }
+        if let Some(leadership) = self.leadership.take() {
+            leadership.step_down().await;
+        }
         let Running {
             recorder,
             engine,
