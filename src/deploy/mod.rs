@@ -96,6 +96,14 @@ pub enum DeployError {
     /// The registry says an image is not there (or refuses the credentials): nothing patched.
     #[error("{0}")]
     Registry(String),
+    /// The PATCH met a write made after what it was decided on (409 Conflict, or a template
+    /// that no longer runs what depwatch expects): nothing was written over it.
+    #[error("{} {key} was written after depwatch read it ({why}): nothing was written over it", kind.api_kind())]
+    Conflict {
+        key: ServiceKey,
+        kind: WorkloadKind,
+        why: String,
+    },
     #[error("{}", describe_kube(action, server, source))]
     Kube {
         action: &'static str,
@@ -109,6 +117,7 @@ impl DeployError {
     pub fn is_transient(&self) -> bool {
         match self {
             DeployError::Kube { source, .. } => transient(source),
+            DeployError::Conflict { .. } => true,
             _ => false,
         }
     }
@@ -158,6 +167,58 @@ where
     Ok(WorkloadState::from(
         &api.patch(name, &pp, &Patch::Strategic(body)).await?,
     ))
+}
+
+/// What a PATCH is conditional on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// The version the plan read: the forward PATCH of exactly the changes it decided.
+    Version(String),
+    /// A later PATCH (a rollback): the newest version of a template that still runs these
+    /// images (what depwatch wrote, or what it observed running).
+    Running(Images),
+}
+
+/// The precondition of a PATCH of `images`, given the plan (or observation) the deploy last
+/// made.
+pub fn precondition(images: &Images, basis: Option<&Plan>) -> Precondition {
+    match basis {
+        Some(p)
+            if !p.changes.is_empty() && p.changes == *images && !p.resource_version.is_empty() =>
+        {
+            Precondition::Version(p.resource_version.clone())
+        }
+        Some(p) => Precondition::Running(p.after.clone()),
+        None => Precondition::Running(Images::new()),
+    }
+}
+
+/// The template runs every image of `expect`.
+fn runs(live: &Images, expect: &Images) -> bool {
+    expect.iter().all(|(c, i)| live.get(c) == Some(i))
+}
+
+/// The strategic merge patch of `images` (keyed by container name), conditional on `version`.
+fn patch_body(
+    kind: WorkloadKind,
+    images: &Images,
+    cause: &str,
+    version: &str,
+) -> serde_json::Value {
+    let containers: Vec<_> = images
+        .iter()
+        .map(|(name, image)| json!({"name": name, "image": image}))
+        .collect();
+    let template = json!({"spec": {"containers": containers}});
+    let spec = match kind {
+        WorkloadKind::CronJob => json!({"jobTemplate": {"spec": {"template": template}}}),
+        _ => json!({"template": template}),
+    };
+    let mut metadata = json!({"annotations": {"kubernetes.io/change-cause": cause}});
+    if !version.is_empty() {
+        metadata["resourceVersion"] = json!(version);
+    }
+    json!({"metadata": metadata, "spec": spec})
 }
 
 fn reading(kind: WorkloadKind) -> &'static str {
@@ -288,6 +349,9 @@ pub struct Plan {
     pub paused: bool,
     /// What the registry reported for the new images (container → digest), when asked.
     pub digests: Images,
+    /// The workload's resourceVersion when read: the PATCH this plan decides carries it, so a
+    /// write made since (another replica's patch, a controller's status) refuses it.
+    pub resource_version: String,
 }
 
 impl Plan {
@@ -307,6 +371,7 @@ impl Plan {
             generation: w.generation,
             uid: w.uid,
             digests: Images::new(),
+            resource_version: w.resource_version,
         }
     }
 }
@@ -364,6 +429,9 @@ pub struct Deployer {
     known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
     /// Pull credentials for the registry pre-flight.
     pull: pull::PullSecrets,
+    /// Workloads whose PATCH met a newer write: their next plan and PATCH read the API
+    /// server, not the shared watch (which may not have seen that write yet).
+    conflicted: std::sync::Arc<dashmap::DashSet<ServiceKey>>,
 }
 
 impl Deployer {
@@ -376,6 +444,7 @@ impl Deployer {
             fence: crate::fence::Fence::open(),
             background: tokio_util::task::TaskTracker::new(),
             known_namespaces: Default::default(),
+            conflicted: Default::default(),
         }
     }
 
@@ -493,7 +562,9 @@ impl Deployer {
         // Start (or wait briefly for) the watches; ask the API server while they have not
         // listed.
         self.watches.namespace(&key.namespace).await;
-        let found = match self.watches.cached(&key.namespace) {
+        // After a PATCH met a newer write, from the live object.
+        let live = self.conflicted.remove(key).is_some();
+        let found = match self.watches.cached(&key.namespace).filter(|_| !live) {
             Some(w) => w.find(&key.name, spec.kind),
             None => Found::None,
         };
@@ -547,6 +618,7 @@ impl Deployer {
             changes,
             generation: w.generation,
             uid: w.uid,
+            resource_version: w.resource_version,
         })
     }
 
@@ -672,32 +744,28 @@ impl Deployer {
         })
     }
 
-    /// Patch the images; returns the generation the rollout must reach.
+    /// Patch the images; returns the generation the rollout must reach. The PATCH carries the
+    /// resourceVersion depwatch decided on (see [`precondition`]; `basis` is the plan, or the
+    /// observation, the deploy last made), so a write made since refuses it with 409, even
+    /// when it is delivered long after it was sent: [`DeployError::Conflict`], and the next
+    /// plan or PATCH of the workload reads the API server itself.
     pub async fn patch(
         &self,
         key: &ServiceKey,
         kind: WorkloadKind,
         images: &Images,
         cause: &str,
+        basis: Option<&Plan>,
     ) -> Result<i64, DeployError> {
-        self.fence.check(&format!(
-            "a PATCH of {} in {}",
-            Shown(kind, &key.name),
-            key.namespace
-        ))?;
-        let containers: Vec<_> = images
-            .iter()
-            .map(|(name, image)| json!({"name": name, "image": image}))
-            .collect();
-        let template = json!({"spec": {"containers": containers}});
-        let spec = match kind {
-            WorkloadKind::CronJob => json!({"jobTemplate": {"spec": {"template": template}}}),
-            _ => json!({"template": template}),
+        let what = format!("a PATCH of {} in {}", Shown(kind, &key.name), key.namespace);
+        self.fence.check(&what)?;
+        let version = match precondition(images, basis) {
+            Precondition::Version(v) => v,
+            Precondition::Running(expect) => self.version_running(key, kind, &expect).await?,
         };
-        let body = json!({
-            "metadata": {"annotations": {"kubernetes.io/change-cause": cause}},
-            "spec": spec,
-        });
+        // The read may have taken a while.
+        self.fence.check(&what)?;
+        let body = patch_body(kind, images, cause, &version);
         let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
         let patched = match kind {
             WorkloadKind::Deployment => {
@@ -714,7 +782,45 @@ impl Deployer {
         match patched {
             Ok(w) => Ok(w.generation),
             Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                self.conflicted.insert(key.clone());
+                Err(DeployError::Conflict {
+                    key: key.clone(),
+                    kind,
+                    why: format!("409 Conflict: {}", s.message),
+                })
+            }
             Err(source) => Err(self.kube_error(patching(kind))(source)),
+        }
+    }
+
+    /// The resourceVersion of the workload while its template runs `expect`: the shared
+    /// watch's newest when it shows that, else the API server's. A template that runs
+    /// anything else was written by someone else: nothing is patched over it.
+    async fn version_running(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        expect: &Images,
+    ) -> Result<String, DeployError> {
+        let live = self.conflicted.remove(key).is_some();
+        let cached = self
+            .watches
+            .cached(&key.namespace)
+            .filter(|_| !live)
+            .and_then(|ns| ns.workload(kind, &key.name))
+            .filter(|w| runs(&w.images, expect) && !w.resource_version.is_empty());
+        if let Some(w) = cached {
+            return Ok(w.resource_version);
+        }
+        match self.get(kind, key).await? {
+            None => Err(self.missing(key, Some(kind)).await),
+            Some(w) if runs(&w.images, expect) => Ok(w.resource_version),
+            Some(w) => Err(DeployError::Conflict {
+                key: key.clone(),
+                kind,
+                why: format!("it runs {}, not {expect}", w.images),
+            }),
         }
     }
 
@@ -958,5 +1064,92 @@ impl Deployer {
                 tracing::debug!(service = %key, error = %e, "could not record a Kubernetes Event");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(before: &str, after: &str, rv: &str) -> Plan {
+        let (before, after) = (Images::parse(before), Images::parse(after));
+        Plan {
+            key: ServiceKey::new("web", "prod").expect("key"),
+            kind: WorkloadKind::Deployment,
+            changes: before.changed_in(&after),
+            before,
+            after,
+            generation: 3,
+            uid: "u".into(),
+            paused: false,
+            digests: Images::new(),
+            resource_version: rv.into(),
+        }
+    }
+
+    #[test]
+    fn a_forward_patch_carries_its_plans_version_a_later_one_the_template_it_expects() {
+        let forward = planned("web=w:1, side=s:1", "web=w:2, side=s:1", "41");
+        let observed = planned("web=w:2", "web=w:2", "50");
+        // (case, images patched, basis, precondition)
+        let table = [
+            (
+                "the plan's own changes: the version it read",
+                "web=w:2",
+                Some(&forward),
+                Precondition::Version("41".into()),
+            ),
+            (
+                "a rollback after it: a template still running what depwatch wrote",
+                "web=w:1",
+                Some(&forward),
+                Precondition::Running(Images::parse("web=w:2, side=s:1")),
+            ),
+            (
+                "a rollback resumed from an observation",
+                "web=w:1",
+                Some(&observed),
+                Precondition::Running(Images::parse("web=w:2")),
+            ),
+            (
+                "nothing known",
+                "web=w:1",
+                None,
+                Precondition::Running(Images::new()),
+            ),
+        ];
+        for (case, images, basis, want) in table {
+            assert_eq!(precondition(&Images::parse(images), basis), want, "{case}");
+        }
+        let unread = planned("web=w:1", "web=w:2", "");
+        assert!(
+            matches!(
+                precondition(&Images::parse("web=w:2"), Some(&unread)),
+                Precondition::Running(_)
+            ),
+            "a plan without a version never sends an unconditional PATCH of its own"
+        );
+    }
+
+    #[test]
+    fn the_patch_body_names_the_version_and_the_containers() {
+        let body = patch_body(
+            WorkloadKind::CronJob,
+            &Images::parse("web=w:2"),
+            "why",
+            "41",
+        );
+        assert_eq!(body["metadata"]["resourceVersion"], "41");
+        assert_eq!(
+            body["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0],
+            json!({"name": "web", "image": "w:2"})
+        );
+        let body = patch_body(
+            WorkloadKind::Deployment,
+            &Images::parse("web=w:2"),
+            "why",
+            "",
+        );
+        assert!(body["metadata"].get("resourceVersion").is_none());
     }
 }
