@@ -783,6 +783,7 @@ impl Deployer {
             Ok(w) => Ok(w.generation),
             Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
             Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::warn!(workload = %Shown(kind, &key.name), namespace = %key.namespace, "the API server refused the PATCH: the workload was written after depwatch read it (409 Conflict); nothing was written over it, retrying with backoff from its newest version");
                 self.conflicted.insert(key.clone());
                 Err(DeployError::Conflict {
                     key: key.clone(),

@@ -1,0 +1,272 @@
+//! Fencing that holds for requests in flight: the leader reaches the simulated cluster through
+//! a proxy that can partition it and hold its requests (PostgreSQL stays reachable), the
+//! standby reaches it directly. A partition longer than the Lease, healed, leaves exactly one
+//! replica acting; a PATCH the old leader sent while it led, delivered 15 s later, is refused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{Daemon, Env};
+use common::proxy::Proxy;
+use common::wait_for;
+use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceStatus;
+use depwatch::sim::SimConfig;
+use depwatch::store::Store;
+use k8s_openapi::api::coordination::v1::Lease;
+use tokio::time::Instant;
+
+const WEB: &str = "/apis/apps/v1/namespaces/prod/deployments/web";
+
+fn web() -> ServiceKey {
+    ServiceKey::new("web", "prod").expect("key")
+}
+
+/// Two replicas on one record: `a` (started first, so it leads) behind the proxy, `b` not.
+struct Pair {
+    env: Env,
+    proxy: Proxy,
+    store: Store,
+    a: Daemon,
+    b: Daemon,
+    _pg: common::postgres::Postgres,
+}
+
+async fn pair() -> Pair {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("partition").await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let proxy = Proxy::start(env.sim.addr()).await;
+    let proxied = env.dir.path().join("kubeconfig-proxied");
+    proxy.write_kubeconfig(&proxied);
+    let mut args_a = env.replica_args("state-a");
+    let at = args_a
+        .iter()
+        .position(|a| a == "--kubeconfig")
+        .expect("kubeconfig arg")
+        + 1;
+    args_a[at] = proxied.display().to_string();
+    let db = [("DEPWATCH_DATABASE_URL", url.clone())];
+    let binary = [env!("CARGO_BIN_EXE_depwatch")];
+    let a = env.daemon_via(&binary, &args_a, &db, env.dir.path()).await;
+    assert!(a.log_text().contains("holds the Lease"), "{}", a.log_text());
+    let b = env.spawn_via(&binary, &env.replica_args("state-b"), &db, env.dir.path());
+    wait_for("b to stand by", Duration::from_secs(30), || async {
+        b.log_text().contains("standby: waiting").then_some(())
+    })
+    .await;
+    let store = tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
+        .await
+        .expect("store");
+    let p = Pair {
+        env,
+        proxy,
+        store,
+        a,
+        b,
+        _pg: pg,
+    };
+    p.recorded("1.0").await;
+    p
+}
+
+impl Pair {
+    /// The record says `version` succeeded and the cluster runs it.
+    async fn recorded(&self, version: &str) {
+        let want = format!("example.com/web:{version}");
+        let what = format!("{version} deployed and recorded");
+        wait_for(&what, Duration::from_secs(60), || async {
+            let r = self.store.service(&web()).ok()??;
+            let done = r.status == ServiceStatus::Succeeded
+                && r.deployed.get("web") == Some(&want)
+                && self.env.image("prod", "web").await == want;
+            done.then_some(())
+        })
+        .await;
+    }
+
+    async fn b_leads(&self) {
+        wait_for("b to take over", Duration::from_secs(30), || async {
+            self.b.log_text().contains("holds the Lease").then_some(())
+        })
+        .await;
+    }
+
+    /// The Lease's holder.
+    async fn holder(&self) -> Option<String> {
+        let leases: kube::Api<Lease> = kube::Api::namespaced(self.env.client.clone(), "default");
+        leases
+            .get_opt("depwatch")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    }
+
+    /// Record and cluster agree on `version`, and no row blames an outside change.
+    fn agree(&self, version: &str) {
+        let r = self.store.service(&web()).expect("read").expect("row");
+        assert_eq!(r.status, ServiceStatus::Succeeded, "{r:?}");
+        assert_eq!(
+            r.deployed.get("web").map(String::as_str),
+            Some(format!("example.com/web:{version}").as_str())
+        );
+        let h = self.store.history(Some(&web()), 50).expect("history");
+        assert!(
+            !h.iter().any(|d| {
+                let o = d.outcome.as_str();
+                o == "drift" || o == "changed_outside"
+            }),
+            "depwatch's own writes are never drift: {h:?}"
+        );
+    }
+
+    fn logs(&self) -> String {
+        format!("== a\n{}\n== b\n{}", self.a.log_text(), self.b.log_text())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
+    let p = pair().await;
+    // Longer than the Lease (3 s): b takes over and deploys two versions meanwhile.
+    p.proxy.partition();
+    let cut_at = Instant::now();
+    p.b_leads().await;
+    p.env.write_dep("web_prod.dep", "1.2\n");
+    p.recorded("1.2").await;
+    p.env.write_dep("web_prod.dep", "1.3\n");
+    p.recorded("1.3").await;
+    assert!(
+        cut_at.elapsed() > Duration::from_secs(3),
+        "longer than the Lease"
+    );
+    let healed_at = Instant::now();
+    p.proxy.heal();
+    // What a held up while cut off lands now, and is refused by the version it carries.
+    wait_for(
+        "a's Lease writes held by the partition to be answered",
+        Duration::from_secs(30),
+        || async {
+            p.proxy
+                .exchanges()
+                .iter()
+                .any(|e| {
+                    e.method == "PATCH"
+                        && e.path.contains("/leases/")
+                        && e.read_at < healed_at
+                        && e.status.is_some()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for e in p.proxy.exchanges() {
+        if e.method == "PATCH" && e.path.contains("/leases/") && e.read_at < healed_at {
+            if let Some(status) = e
+                .status
+                .filter(|_| e.delivered_at.is_some_and(|d| d >= healed_at))
+            {
+                assert_eq!(
+                    status, 409,
+                    "a Lease write held by the partition is refused: {e:?}"
+                );
+            }
+        }
+    }
+    // The old leader learns it lost and stops; the new one goes on.
+    let a_log = p.a.log.clone();
+    wait_for("a to stop acting", Duration::from_secs(30), || async {
+        let log = std::fs::read_to_string(&a_log).unwrap_or_default();
+        (log.contains("another holder") || log.contains("no longer holds a valid Lease"))
+            .then_some(())
+    })
+    .await;
+    // Two Lease durations and more: the Lease stays held by the new leader.
+    let settle = Instant::now() + Duration::from_secs(7);
+    wait_for(
+        "the Lease to stay held",
+        Duration::from_secs(15),
+        || async {
+            let holder = p.holder().await;
+            assert!(
+                holder.as_deref().is_some_and(|h| !h.is_empty()),
+                "the Lease is never left without a holder: {holder:?}\n{}",
+                p.logs()
+            );
+            (Instant::now() >= settle).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !p.b.log_text().contains("another holder"),
+        "the new leader never stops: {}",
+        p.logs()
+    );
+    // Exactly one replica acts: the next save is deployed, once.
+    let before = p.env.patches("prod", "web");
+    p.env.write_dep("web_prod.dep", "1.4\n");
+    p.recorded("1.4").await;
+    let applied = common::audit_count(&p.env.audit, |l| {
+        l["method"] == "PATCH" && l["path"] == WEB && l["code"] == 200
+    });
+    assert_eq!(
+        p.env.patches("prod", "web") - before,
+        1,
+        "one PATCH for 1.4"
+    );
+    assert!(applied >= 3, "1.2, 1.3 and 1.4 were patched: {applied}");
+    p.agree("1.4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_held_fifteen_seconds_then_delivered_is_refused() {
+    let p = pair().await;
+    p.proxy.hold_next("PATCH", WEB);
+    p.env.write_dep("web_prod.dep", "1.2\n");
+    let held = wait_for("a's PATCH to be held", Duration::from_secs(30), || async {
+        p.proxy.held()
+    })
+    .await;
+    // a is cut off with its PATCH on the wire: b takes over, deploys 1.2 again and then 1.3.
+    p.proxy.partition();
+    p.b_leads().await;
+    p.recorded("1.2").await;
+    p.env.write_dep("web_prod.dep", "1.3\n");
+    p.recorded("1.3").await;
+    wait_for(
+        "15 s since the PATCH was sent",
+        Duration::from_secs(60),
+        || async { (held.read_at.elapsed() >= Duration::from_secs(15)).then_some(()) },
+    )
+    .await;
+    p.proxy.heal();
+    p.proxy.release();
+    let delivered = wait_for(
+        "the held PATCH answered",
+        Duration::from_secs(30),
+        || async { p.proxy.held().filter(|e| e.status.is_some()) },
+    )
+    .await;
+    assert_eq!(
+        delivered.status,
+        Some(409),
+        "a PATCH decided on an older version is refused: {delivered:?}\n{}",
+        p.logs()
+    );
+    assert!(
+        delivered
+            .delivered_at
+            .is_some_and(|d| d.duration_since(held.read_at) >= Duration::from_secs(15)),
+        "{delivered:?}"
+    );
+    assert_eq!(p.env.image("prod", "web").await, "example.com/web:1.3");
+    // The new leader stays on 1.3 and blames nobody.
+    p.recorded("1.3").await;
+    p.agree("1.3");
+    assert!(!p.b.log_text().contains("another holder"), "{}", p.logs());
+}
