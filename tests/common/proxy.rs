@@ -232,10 +232,15 @@ async fn requests(
             buf.clear();
         }
         match from.read(&mut chunk).await {
-            // The daemon hung up: what it sent is still delivered (already on the wire).
+            // The daemon hung up: what it sent is still delivered (already on the wire), and
+            // answered before the cluster sees the connection end.
             Ok(0) | Err(_) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
