@@ -26,6 +26,9 @@ fn web() -> ServiceKey {
 /// Two replicas on one record: `a` (started first, so it leads) behind the proxy, `b` not.
 struct Pair {
     env: Env,
+    /// `a`'s own copy of the dependency directory, when it has one (a file sync cut off with
+    /// its API server).
+    deps_a: Option<std::path::PathBuf>,
     proxy: Proxy,
     store: Store,
     a: Daemon,
@@ -33,7 +36,8 @@ struct Pair {
     _pg: common::postgres::Postgres,
 }
 
-async fn pair() -> Pair {
+/// `own_deps`: `a` reads its own copy of the directory, written by [`Pair::save`].
+async fn pair(own_deps: bool) -> Pair {
     let pg = common::postgres::Postgres::start().await;
     let url = pg.database("partition").await;
     let env = Env::new(SimConfig::default()).await;
@@ -50,6 +54,14 @@ async fn pair() -> Pair {
         .expect("kubeconfig arg")
         + 1;
     args_a[at] = proxied.display().to_string();
+    let deps_a = own_deps.then(|| {
+        let dir = env.dir.path().join("deps-a");
+        std::fs::create_dir(&dir).expect("mkdir deps-a");
+        std::fs::write(dir.join("web_prod.dep"), "1.0\n").expect("write");
+        let at = args_a.iter().position(|a| a == "--deps").expect("deps arg") + 1;
+        args_a[at] = dir.display().to_string();
+        dir
+    });
     let db = [("DEPWATCH_DATABASE_URL", url.clone())];
     let binary = [env!("CARGO_BIN_EXE_depwatch")];
     let a = env.daemon_via(&binary, &args_a, &db, env.dir.path()).await;
@@ -64,6 +76,7 @@ async fn pair() -> Pair {
         .expect("store");
     let p = Pair {
         env,
+        deps_a,
         proxy,
         store,
         a,
@@ -75,6 +88,14 @@ async fn pair() -> Pair {
 }
 
 impl Pair {
+    /// Save `version`; `a` sees it too when `to_a` (or when it reads the shared directory).
+    fn save(&self, version: &str, to_a: bool) {
+        self.env.write_dep("web_prod.dep", &format!("{version}\n"));
+        if let Some(dir) = self.deps_a.as_ref().filter(|_| to_a) {
+            std::fs::write(dir.join("web_prod.dep"), format!("{version}\n")).expect("write");
+        }
+    }
+
     /// The record says `version` succeeded and the cluster runs it.
     async fn recorded(&self, version: &str) {
         let want = format!("example.com/web:{version}");
@@ -132,14 +153,16 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
-    let p = pair().await;
-    // Longer than the Lease (3 s): b takes over and deploys two versions meanwhile.
+    let p = pair(true).await;
+    // Longer than the Lease (3 s): b takes over and deploys two versions meanwhile, which `a`
+    // (its file sync cut off too) never sees: it still thinks it leads when the partition
+    // heals.
     p.proxy.partition();
     let cut_at = Instant::now();
     p.b_leads().await;
-    p.env.write_dep("web_prod.dep", "1.2\n");
+    p.save("1.2", false);
     p.recorded("1.2").await;
-    p.env.write_dep("web_prod.dep", "1.3\n");
+    p.save("1.3", false);
     p.recorded("1.3").await;
     assert!(
         cut_at.elapsed() > Duration::from_secs(3),
@@ -182,8 +205,7 @@ async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
     let a_log = p.a.log.clone();
     wait_for("a to stop acting", Duration::from_secs(30), || async {
         let log = std::fs::read_to_string(&a_log).unwrap_or_default();
-        (log.contains("another holder") || log.contains("no longer holds a valid Lease"))
-            .then_some(())
+        log.contains("the Lease is lost").then_some(())
     })
     .await;
     // Two Lease durations and more: the Lease stays held by the new leader.
@@ -203,13 +225,13 @@ async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
     )
     .await;
     assert!(
-        !p.b.log_text().contains("another holder"),
+        !p.b.log_text().contains("the Lease is lost"),
         "the new leader never stops: {}",
         p.logs()
     );
     // Exactly one replica acts: the next save is deployed, once.
     let before = p.env.patches("prod", "web");
-    p.env.write_dep("web_prod.dep", "1.4\n");
+    p.save("1.4", true);
     p.recorded("1.4").await;
     let applied = common::audit_count(&p.env.audit, |l| {
         l["method"] == "PATCH" && l["path"] == WEB && l["code"] == 200
@@ -225,7 +247,7 @@ async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_held_fifteen_seconds_then_delivered_is_refused() {
-    let p = pair().await;
+    let p = pair(false).await;
     p.proxy.hold_next("PATCH", WEB);
     p.env.write_dep("web_prod.dep", "1.2\n");
     let held = wait_for("a's PATCH to be held", Duration::from_secs(30), || async {
@@ -268,5 +290,9 @@ async fn a_patch_held_fifteen_seconds_then_delivered_is_refused() {
     // The new leader stays on 1.3 and blames nobody.
     p.recorded("1.3").await;
     p.agree("1.3");
-    assert!(!p.b.log_text().contains("another holder"), "{}", p.logs());
+    assert!(
+        !p.b.log_text().contains("the Lease is lost"),
+        "{}",
+        p.logs()
+    );
 }
