@@ -18,6 +18,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
 const WEB: &str = "/apis/apps/v1/namespaces/prod/deployments/web";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/default/leases/depwatch";
 
 fn web() -> ServiceKey {
     ServiceKey::new("web", "prod").expect("key")
@@ -154,40 +155,42 @@ impl Pair {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
     let p = pair(true).await;
-    // Longer than the Lease (3 s): b takes over and deploys two versions meanwhile, which `a`
-    // (its file sync cut off too) never sees: it still thinks it leads when the partition
-    // heals.
+    // Cut off with a renewal of its Lease on the wire, for longer than the Lease (3 s): b
+    // takes over and deploys two versions meanwhile, which `a` (its file sync cut off too)
+    // never sees: it still thinks it leads when the partition heals.
+    p.proxy.hold_next("PATCH", LEASE);
+    let renewal = wait_for("a renewal on the wire", Duration::from_secs(30), || async {
+        p.proxy.held()
+    })
+    .await;
     p.proxy.partition();
-    let cut_at = Instant::now();
     p.b_leads().await;
     p.save("1.2", false);
     p.recorded("1.2").await;
     p.save("1.3", false);
     p.recorded("1.3").await;
-    assert!(
-        cut_at.elapsed() > Duration::from_secs(3),
-        "longer than the Lease"
-    );
-    let healed_at = Instant::now();
-    p.proxy.heal();
-    // What a held up while cut off lands now, and is refused by the version it carries.
     wait_for(
-        "a's Lease writes held by the partition to be answered",
-        Duration::from_secs(30),
-        || async {
-            p.proxy
-                .exchanges()
-                .iter()
-                .any(|e| {
-                    e.method == "PATCH"
-                        && e.path.contains("/leases/")
-                        && e.read_at < healed_at
-                        && e.status.is_some()
-                })
-                .then_some(())
-        },
+        "a cut off for longer than the Lease",
+        Duration::from_secs(10),
+        || async { (renewal.read_at.elapsed() > Duration::from_secs(4)).then_some(()) },
     )
     .await;
+    let healed_at = Instant::now();
+    p.proxy.heal();
+    p.proxy.release();
+    let landed = wait_for(
+        "the held renewal answered",
+        Duration::from_secs(30),
+        || async { p.proxy.held().filter(|e| e.status.is_some()) },
+    )
+    .await;
+    assert_eq!(
+        landed.status,
+        Some(409),
+        "a renewal of a Lease another replica took since is refused: {renewal:?}\n{}",
+        p.logs()
+    );
+    // Whatever else `a` sent while cut off lands now, refused by the version it carries.
     for e in p.proxy.exchanges() {
         if e.method == "PATCH" && e.path.contains("/leases/") && e.read_at < healed_at {
             if let Some(status) = e
