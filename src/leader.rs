@@ -138,7 +138,7 @@ pub fn valid_until_ms(lease: &Lease, identity: &str, margin_ms: i64) -> Option<i
 /// What one round of holding found.
 enum Kept {
     /// Renewed (or taken again): the Lease as written.
-    Held(Lease),
+    Held(Box<Lease>),
     /// Another replica holds it and may act: this one stops.
     Gone(String),
     /// No answer, or a write that met another: the expiry known stands.
@@ -156,7 +156,7 @@ async fn take(client: &LeaseClient, current: Option<&Lease>, step: Step) -> Kept
         Step::Wait => return Kept::Unsure,
     };
     match written {
-        Ok(l) => Kept::Held(l),
+        Ok(l) => Kept::Held(Box::new(l)),
         Err(e) => {
             tracing::debug!(error = %e, "the Lease write did not land");
             Kept::Unsure
@@ -169,7 +169,7 @@ async fn take(client: &LeaseClient, current: Option<&Lease>, step: Step) -> Kept
 /// live holder → gone.
 async fn keep(client: &LeaseClient, seen: &Lease) -> Kept {
     match client.renew(seen).await {
-        Ok(l) => return Kept::Held(l),
+        Ok(l) => return Kept::Held(Box::new(l)),
         Err(LeaseError::Conflict) => {}
         Err(e) => {
             tracing::debug!(error = %e, "cannot renew the Lease; its expiry stands");
@@ -214,7 +214,7 @@ async fn hold(client: LeaseClient, mut seen: Lease, fence: Fence, timing: (Durat
                 if let Some(until) = valid_until_ms(&l, &client.identity, margin_ms) {
                     fence.renewed_until(until);
                 }
-                seen = l;
+                seen = *l;
             }
             Kept::Gone(other) => {
                 tracing::error!(holder = %other, "the Lease names another holder; this replica stops acting (a supervisor restarts it as a standby)");
@@ -245,7 +245,7 @@ async fn try_acquire(client: &LeaseClient) -> Result<Option<Lease>, LeaseError> 
     let now = jiff::Timestamp::now().as_millisecond();
     let step = lease::next_step(&lease::holder(current.as_ref(), &client.identity, now));
     match take(client, current.as_ref(), step).await {
-        Kept::Held(l) => Ok(Some(l)),
+        Kept::Held(l) => Ok(Some(*l)),
         _ => Ok(None),
     }
 }
