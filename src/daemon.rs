@@ -279,8 +279,10 @@ pub async fn run_with(
         _ = cancel.cancelled() => {}
         _ = lost.cancelled() => {}
     }
+    // Stepping down at the end of the drain gives the Lease up: only a loss before counts.
+    let lost = lost.is_cancelled();
     daemon.drain().await;
-    if lost.is_cancelled() {
+    if lost {
         return Err(DaemonError::LostLease);
     }
     Ok(())
