@@ -271,7 +271,9 @@ pub async fn acquire(
     // Renewed a third of the duration apart; a standby looks as often.
     let every = (duration / 3).max(Duration::from_secs(1));
     let leases: kube::Api<Lease> = kube::Api::namespaced(client, &namespace);
-    let client = LeaseClient::new(leases, &config.lease_name, &identity, duration);
+    // A request held up longer than a renewal period gives way to the next try (on another
+    // connection).
+    let client = LeaseClient::new(leases, &config.lease_name, &identity, duration, every);
     tracing::info!(lease = %format!("{namespace}/{}", config.lease_name), %identity, "standby: waiting to hold the Lease before acting");
     let held = loop {
         let tried = try_acquire(&client)
@@ -343,5 +345,91 @@ mod tests {
         );
         assert_eq!(valid_until_ms(&lease("b-2", at, 15), "a-1", 5_000), None);
         assert_eq!(valid_until_ms(&Lease::default(), "a-1", 5_000), None);
+    }
+
+    /// Poll `check` every 50 ms until it holds, failing after 10 s.
+    async fn eventually<F, Fut>(what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_takes_a_released_lease_again_and_stops_only_for_another_holder() {
+        use kube::api::{Patch, PatchParams};
+        let sim = crate::sim::Sim::start(crate::sim::SimConfig::default())
+            .await
+            .expect("sim");
+        let client = sim.client().expect("client");
+        let config = LeaderConfig {
+            lease_name: "l".into(),
+            lease_namespace: Some("default".into()),
+            lease_duration: Duration::from_secs(3),
+        };
+        let fence = Fence::leased();
+        let (tracker, stop) = (
+            tokio_util::task::TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let held = acquire(
+            client.clone(),
+            &config,
+            &CancellationToken::new(),
+            fence.clone(),
+            (&tracker, stop.clone()),
+        )
+        .await
+        .expect("no error")
+        .expect("held");
+        assert!(fence.check("a write").is_ok());
+        let leases: kube::Api<Lease> = kube::Api::namespaced(client, "default");
+        let read = || async { leases.get("l").await.expect("lease") };
+        let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+        let first = read().await;
+        // Released by a replica that did not hold it (an older depwatch): taken again, and
+        // this replica goes on acting.
+        let pp = PatchParams::default();
+        let release = Patch::Merge(serde_json::json!({"spec": {"holderIdentity": null}}));
+        leases.patch("l", &pp, &release).await.expect("release");
+        eventually("the Lease taken again", || async {
+            holder(read().await).as_deref() == Some(held.identity.as_str())
+        })
+        .await;
+        assert!(!fence.lost().is_cancelled(), "still acting");
+        // A write on the version read before is refused, whoever sends it.
+        let stale = LeaseClient::new(
+            leases.clone(),
+            "l",
+            &held.identity,
+            Duration::from_secs(3),
+            Duration::from_secs(3),
+        );
+        assert!(matches!(
+            stale.renew(&first).await,
+            Err(LeaseError::Conflict)
+        ));
+        // Another live holder: this replica stops, and releases nothing at its step-down.
+        let now = jiff::Timestamp::now();
+        let taken = Patch::Merge(serde_json::json!({"spec": {
+            "holderIdentity": "other",
+            "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+            "leaseDurationSeconds": 30,
+        }}));
+        leases.patch("l", &pp, &taken).await.expect("taken");
+        let lost = fence.lost();
+        eventually("this replica to stop", || {
+            let lost = lost.clone();
+            async move { lost.is_cancelled() }
+        })
+        .await;
+        held.step_down().await;
+        assert_eq!(holder(read().await).as_deref(), Some("other"));
+        stop.cancel();
     }
 }

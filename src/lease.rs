@@ -101,11 +101,13 @@ fn version(lease: &Lease) -> Option<&str> {
 }
 
 impl LeaseClient {
+    /// A Lease of `duration`; each request given up after `patience`.
     pub fn new(
         api: kube::Api<Lease>,
         name: &str,
         identity: &str,
         duration: Duration,
+        patience: Duration,
     ) -> LeaseClient {
         let duration_s = i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX);
         LeaseClient {
@@ -113,7 +115,7 @@ impl LeaseClient {
             name: name.to_string(),
             identity: identity.to_string(),
             duration_s,
-            patience: duration.max(Duration::from_secs(1)),
+            patience,
         }
     }
 
