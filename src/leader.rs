@@ -1,13 +1,13 @@
 //! High availability (`--leader-elect`): replicas compete for a Kubernetes Lease, every
-//! write of it conditional on the version read ([`crate::lease`]). Only the holder deploys and writes; the others serve the read API and
-//! wait. A standby that takes over starts as a restarted daemon would: it scans the directory
-//! against the shared record and finishes the deploys the old leader left in progress. A
-//! leader that loses the Lease stops at once (its supervisor restarts it as a standby), so two
-//! replicas never act together.
+//! write of it conditional on the version read ([`crate::lease`]). Only the holder deploys
+//! and writes; the others serve the read API and wait. A standby that takes over starts as a
+//! restarted daemon would: it scans the directory against the shared record and finishes the
+//! deploys the old leader left in progress. A leader that loses the Lease stops at once (its
+//! supervisor restarts it as a standby), so two replicas never act together.
 //!
 //! Stopping is not enough for a replica that was frozen (SIGSTOP, a paused VM) past its Lease:
 //! when it wakes, its tasks run before it learns the news. So the leader keeps the Lease's
-//! expiry in a [`Fence`] (read from the Lease object itself, every second), and every PATCH and
+//! expiry in a [`Fence`] (from each renewal, as the Lease object says it), and every PATCH and
 //! record write checks it against the clock first.
 //!
 //! Clock fencing cannot stop a request already in flight, so no write depends on it alone: a

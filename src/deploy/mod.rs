@@ -553,6 +553,13 @@ impl Deployer {
         }
     }
 
+    /// The shared watch of the workload's namespace, unless its last PATCH met a newer write:
+    /// then the API server is asked (the watch may not have seen that write yet).
+    fn trusted_watch(&self, key: &ServiceKey) -> Option<cache::NamespaceWatch> {
+        let live = self.conflicted.remove(key).is_some();
+        self.watches.cached(&key.namespace).filter(|_| !live)
+    }
+
     /// Read the workload and work out the new images. One try: the lifecycle decides
     /// whether and when an error is worth another. The shared watches answer (their first
     /// listing is the start-up's only read of the fleet), so a deploy costs no read; the API
@@ -562,9 +569,7 @@ impl Deployer {
         // Start (or wait briefly for) the watches; ask the API server while they have not
         // listed.
         self.watches.namespace(&key.namespace).await;
-        // After a PATCH met a newer write, from the live object.
-        let live = self.conflicted.remove(key).is_some();
-        let found = match self.watches.cached(&key.namespace).filter(|_| !live) {
+        let found = match self.trusted_watch(key) {
             Some(w) => w.find(&key.name, spec.kind),
             None => Found::None,
         };
@@ -804,11 +809,8 @@ impl Deployer {
         kind: WorkloadKind,
         expect: &Images,
     ) -> Result<String, DeployError> {
-        let live = self.conflicted.remove(key).is_some();
         let cached = self
-            .watches
-            .cached(&key.namespace)
-            .filter(|_| !live)
+            .trusted_watch(key)
             .and_then(|ns| ns.workload(kind, &key.name))
             .filter(|w| runs(&w.images, expect) && !w.resource_version.is_empty());
         if let Some(w) = cached {
