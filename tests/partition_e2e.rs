@@ -299,3 +299,61 @@ async fn a_patch_held_fifteen_seconds_then_delivered_is_refused() {
         p.logs()
     );
 }
+
+/// The proxy does what the tests above rely on: passes, delays, holds one request until
+/// released, hangs everything while partitioned (delivering it on heal), refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_passes_delays_holds_partitions_and_refuses() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let sim = depwatch::sim::Sim::start(SimConfig::default())
+        .await
+        .expect("sim");
+    let proxy = Proxy::start(sim.addr()).await;
+    let config = kube::Config::new(proxy.url().parse().expect("url"));
+    let client = kube::Client::try_from(config).expect("client");
+    let nss: kube::Api<Namespace> = kube::Api::all(client);
+    let get = || {
+        let nss = nss.clone();
+        tokio::spawn(async move { nss.get("default").await.is_ok() })
+    };
+    assert!(get().await.expect("join"), "passes");
+    let last = proxy.exchanges().pop().expect("logged");
+    assert_eq!(
+        (last.method.as_str(), last.path.as_str(), last.status),
+        ("GET", "/api/v1/namespaces/default", Some(200))
+    );
+
+    proxy.set_delay(Duration::from_millis(300));
+    let t = Instant::now();
+    assert!(get().await.expect("join"));
+    assert!(t.elapsed() >= Duration::from_millis(300), "delayed");
+    proxy.set_delay(Duration::ZERO);
+
+    proxy.hold_next("GET", "/api/v1/namespaces/default");
+    let held = get();
+    let caught = wait_for("the request held", Duration::from_secs(10), || async {
+        proxy.held()
+    })
+    .await;
+    assert!(caught.delivered_at.is_none() && !held.is_finished());
+    proxy.release();
+    assert!(held.await.expect("join"), "delivered once released");
+    let delivered = proxy.held().expect("held");
+    assert_eq!(delivered.status, Some(200));
+    assert!(delivered.delivered_at.is_some());
+
+    proxy.partition();
+    let cut = get();
+    let waited = tokio::time::timeout(Duration::from_millis(500), async {
+        while !cut.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_err(), "nothing passes a partition");
+    proxy.heal();
+    assert!(cut.await.expect("join"), "delivered on heal");
+
+    proxy.set_mode(common::proxy::Mode::Refuse);
+    assert!(!get().await.expect("join"), "refused");
+}
