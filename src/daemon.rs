@@ -615,14 +615,8 @@ impl Running {
             self.standby.clone(),
             warm.clone(),
         ));
-        let held = crate::leader::acquire(
-            self.client.clone(),
-            &leader,
-            cancel,
-            self.fence.clone(),
-            (&self.tracker, self.stages.clone()),
-        )
-        .await;
+        let held =
+            crate::leader::acquire(self.client.clone(), &leader, cancel, self.fence.clone()).await;
         warm.cancel();
         self.leadership = held?;
         if self.leadership.is_none() {

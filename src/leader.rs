@@ -108,6 +108,12 @@ pub struct Leadership {
     renewing: CancellationToken,
 }
 
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.renewing.cancel();
+    }
+}
+
 impl Leadership {
     /// Stop renewing and stop writing, then give the Lease up only if this replica still
     /// holds it (a write conditional on the Lease as just read): a replica that lost it, or
@@ -251,16 +257,15 @@ async fn try_acquire(client: &LeaseClient) -> Result<Option<Lease>, LeaseError> 
 }
 
 /// Wait until this replica holds the Lease (or `cancel`). Returns `None` when cancelled first.
-/// Once held, the Lease is renewed and `fence` kept at its expiry by a task of `tasks` that
-/// ends at `stop`, at [`Leadership::step_down`], or when the Lease is lost.
+/// Once held, the Lease is renewed and `fence` kept at its expiry by a task that ends at
+/// [`Leadership::step_down`] (or when the [`Leadership`] is dropped) or when the Lease is
+/// lost: renewals go on while in-flight deploys drain at a stop.
 pub async fn acquire(
     client: kube::Client,
     config: &LeaderConfig,
     cancel: &CancellationToken,
     fence: Fence,
-    tasks: (&tokio_util::task::TaskTracker, CancellationToken),
 ) -> Result<Option<Leadership>, LeaderError> {
-    let (tasks, stop) = tasks;
     let namespace = config
         .lease_namespace
         .clone()
@@ -300,10 +305,10 @@ pub async fn acquire(
     if let Some(until) = valid_until_ms(&held, &identity, margin_ms) {
         fence.renewed_until(until);
     }
-    let renewing = stop.child_token();
+    let renewing = CancellationToken::new();
     let holding = hold(client.clone(), held, fence.clone(), (every, margin_ms));
     let until_stopped = renewing.clone();
-    tasks.spawn(async move {
+    tokio::spawn(async move {
         tokio::select! {
             _ = until_stopped.cancelled() => {}
             _ = holding => {}
@@ -373,16 +378,11 @@ mod tests {
             lease_duration: Duration::from_secs(3),
         };
         let fence = Fence::leased();
-        let (tracker, stop) = (
-            tokio_util::task::TaskTracker::new(),
-            CancellationToken::new(),
-        );
         let held = acquire(
             client.clone(),
             &config,
             &CancellationToken::new(),
             fence.clone(),
-            (&tracker, stop.clone()),
         )
         .await
         .expect("no error")
@@ -430,6 +430,5 @@ mod tests {
         .await;
         held.step_down().await;
         assert_eq!(holder(read().await).as_deref(), Some("other"));
-        stop.cancel();
     }
 }
