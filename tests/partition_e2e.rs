@@ -357,3 +357,80 @@ async fn the_proxy_passes_delays_holds_partitions_and_refuses() {
     proxy.set_mode(common::proxy::Mode::Refuse);
     assert!(!get().await.expect("join"), "refused");
 }
+
+/// A PATCH refused because the workload was written since its plan (here a label; a
+/// controller's status write does the same) plans again from the live object: patched once
+/// more, one history row, succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_met_by_a_newer_write_plans_again_and_succeeds_on_one_row() {
+    use kube::api::{Patch, PatchParams};
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep("web_prod.dep", "1.0\n");
+    let proxy = Proxy::start(env.sim.addr()).await;
+    let proxied = env.dir.path().join("kubeconfig-proxied");
+    proxy.write_kubeconfig(&proxied);
+    let mut args = env.run_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--kubeconfig")
+        .expect("kubeconfig arg")
+        + 1;
+    args[at] = proxied.display().to_string();
+    args.extend(["--debounce".to_string(), "50ms".to_string()]);
+    let daemon = env.daemon_with(&args, &[], env.dir.path()).await;
+    let store = env.store();
+    proxy.hold_next("PATCH", WEB);
+    env.write_dep("web_prod.dep", "1.1\n");
+    wait_for("the PATCH held", Duration::from_secs(30), || async {
+        proxy.held()
+    })
+    .await;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.client.clone(), "prod");
+    let label = Patch::Merge(serde_json::json!({"metadata": {"labels": {"team": "web"}}}));
+    deployments
+        .patch("web", &PatchParams::default(), &label)
+        .await
+        .expect("label");
+    proxy.release();
+    wait_for(
+        "1.1 deployed and recorded",
+        Duration::from_secs(60),
+        || async {
+            let r = store.service(&web()).ok()??;
+            (r.status == ServiceStatus::Succeeded
+                && r.deployed.get("web").map(String::as_str) == Some("example.com/web:1.1"))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy.held().and_then(|e| e.status),
+        Some(409),
+        "{}",
+        daemon.log_text()
+    );
+    let patches: Vec<_> = proxy
+        .exchanges()
+        .into_iter()
+        .filter(|e| e.method == "PATCH" && e.path == WEB)
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        patches,
+        [Some(409), Some(200)],
+        "planned again, patched once"
+    );
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1");
+    let h = store.history(Some(&web()), 10).expect("history");
+    let rows: Vec<_> = h.iter().filter(|d| d.to_image.contains("1.1")).collect();
+    assert_eq!(rows.len(), 1, "one row for one save: {h:?}");
+    let labels = deployments.get("web").await.expect("get").metadata.labels;
+    assert_eq!(
+        labels.and_then(|l| l.get("team").cloned()).as_deref(),
+        Some("web"),
+        "the newer write stays"
+    );
+}
