@@ -193,6 +193,35 @@ pub fn precondition(images: &Images, basis: Option<&Plan>) -> Precondition {
     }
 }
 
+/// How many times a PATCH refused by writes that change nothing it decided on is sent again.
+const PATCH_TRIES: usize = 5;
+
+/// How long a refused PATCH waits for the shared watch to show the write that refused it.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// A PATCH of `images` decided on `basis` is still right for the workload as `w` shows it:
+/// the forward PATCH when nothing its plan read changed but status or metadata (the same
+/// object, spec generation, images and pause), a later one (a rollback) while the template
+/// runs what it expects.
+fn still_decided(w: &WorkloadState, images: &Images, basis: Option<&Plan>) -> bool {
+    match (precondition(images, basis), basis) {
+        (Precondition::Version(_), Some(p)) => {
+            w.uid == p.uid
+                && w.generation == p.generation
+                && w.images == p.before
+                && w.paused() == p.paused
+        }
+        (Precondition::Version(_), None) => false,
+        (Precondition::Running(expect), _) => runs(&w.images, &expect),
+    }
+}
+
+/// `a` is a later resourceVersion than `b`. Versions are opaque to clients; the API server's
+/// (etcd's revisions) are numbers, and only numbers are compared.
+fn later_version(a: &str, b: &str) -> bool {
+    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a > b)
+}
+
 /// The template runs every image of `expect`.
 fn runs(live: &Images, expect: &Images) -> bool {
     expect.iter().all(|(c, i)| live.get(c) == Some(i))
@@ -752,8 +781,10 @@ impl Deployer {
     /// Patch the images; returns the generation the rollout must reach. The PATCH carries the
     /// resourceVersion depwatch decided on (see [`precondition`]; `basis` is the plan, or the
     /// observation, the deploy last made), so a write made since refuses it with 409, even
-    /// when it is delivered long after it was sent: [`DeployError::Conflict`], and the next
-    /// plan or PATCH of the workload reads the API server itself.
+    /// when it is delivered long after it was sent. Refused by a write that changed nothing
+    /// the decision rests on (a controller's status, all the time during a rollout), it is
+    /// sent again at the version the shared watch then shows; otherwise
+    /// [`DeployError::Conflict`], and the deploy plans again.
     pub async fn patch(
         &self,
         key: &ServiceKey,
@@ -764,39 +795,94 @@ impl Deployer {
     ) -> Result<i64, DeployError> {
         let what = format!("a PATCH of {} in {}", Shown(kind, &key.name), key.namespace);
         self.fence.check(&what)?;
-        let version = match precondition(images, basis) {
+        let mut version = match precondition(images, basis) {
             Precondition::Version(v) => v,
             Precondition::Running(expect) => self.version_running(key, kind, &expect).await?,
         };
-        // The read may have taken a while.
-        self.fence.check(&what)?;
-        let body = patch_body(kind, images, cause, &version);
+        for _ in 0..PATCH_TRIES {
+            // A read may have taken a while.
+            self.fence.check(&what)?;
+            let body = patch_body(kind, images, cause, &version);
+            let refusal = match self.send_patch(key, kind, &body).await {
+                Ok(w) => return Ok(w.generation),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    return Err(self.missing(key, Some(kind)).await)
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => s.message,
+                Err(source) => return Err(self.kube_error(patching(kind))(source)),
+            };
+            match self.seen_after(key, kind, &version).await {
+                Some(w) if still_decided(&w, images, basis) => version = w.resource_version,
+                seen => return Err(self.conflict(key, kind, seen.is_none(), &refusal)),
+            }
+        }
+        Err(self.conflict(key, kind, false, "refused again and again"))
+    }
+
+    /// A PATCH met a write that changes the decision: nothing was written; the next plan (or
+    /// PATCH) reads the API server when the shared watch has not shown that write yet.
+    fn conflict(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        unseen: bool,
+        why: &str,
+    ) -> DeployError {
+        tracing::warn!(workload = %Shown(kind, &key.name), namespace = %key.namespace, "the API server refused the PATCH: the workload was written after depwatch read it (409 Conflict); nothing was written over it, retrying with backoff from its newest version");
+        if unseen {
+            self.conflicted.insert(key.clone());
+        }
+        DeployError::Conflict {
+            key: key.clone(),
+            kind,
+            why: format!("409 Conflict: {why}"),
+        }
+    }
+
+    /// One PATCH request.
+    async fn send_patch(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        body: &serde_json::Value,
+    ) -> Result<WorkloadState, kube::Error> {
         let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
-        let patched = match kind {
+        match kind {
             WorkloadKind::Deployment => {
-                patch_as::<Deployment>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<Deployment>(Api::namespaced(c, ns), name, body).await
             }
             WorkloadKind::StatefulSet => {
-                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, body).await
             }
             WorkloadKind::DaemonSet => {
-                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, body).await
             }
-            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, &body).await,
-        };
-        match patched {
-            Ok(w) => Ok(w.generation),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                tracing::warn!(workload = %Shown(kind, &key.name), namespace = %key.namespace, "the API server refused the PATCH: the workload was written after depwatch read it (409 Conflict); nothing was written over it, retrying with backoff from its newest version");
-                self.conflicted.insert(key.clone());
-                Err(DeployError::Conflict {
-                    key: key.clone(),
-                    kind,
-                    why: format!("409 Conflict: {}", s.message),
-                })
+            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, body).await,
+        }
+    }
+
+    /// The workload as the shared watch shows it once it has seen a version later than
+    /// `refused` (the write that refused a PATCH), within [`CATCH_UP`]; `None` when it has not.
+    async fn seen_after(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        refused: &str,
+    ) -> Option<WorkloadState> {
+        let ns = self.watches.cached(&key.namespace)?;
+        let mut woken = ns.subscribe(&key.name);
+        let until = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            if let Some(w) = ns
+                .workload(kind, &key.name)
+                .filter(|w| later_version(&w.resource_version, refused))
+            {
+                return Some(w);
             }
-            Err(source) => Err(self.kube_error(patching(kind))(source)),
+            match tokio::time::timeout_at(until, woken.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
         }
     }
 
@@ -1132,6 +1218,64 @@ mod tests {
             ),
             "a plan without a version never sends an unconditional PATCH of its own"
         );
+    }
+
+    #[test]
+    fn a_refused_patch_is_sent_again_only_over_what_it_decided_on() {
+        let forward = planned("web=w:1", "web=w:2", "41");
+        let state = |images: &str, generation: i64| WorkloadState {
+            uid: "u".into(),
+            images: Images::parse(images),
+            generation,
+            resource_version: "45".into(),
+            ..WorkloadState::default()
+        };
+        let two = Images::parse("web=w:2");
+        let one = Images::parse("web=w:1");
+        // (case, the workload now, images patched, still decided)
+        let table = [
+            ("a status write", state("web=w:1", 3), &two, true),
+            ("another replica's patch", state("web=w:3", 4), &two, false),
+            (
+                "a spec change keeping the images",
+                state("web=w:1", 4),
+                &two,
+                false,
+            ),
+            (
+                "a rollback over what depwatch wrote",
+                state("web=w:2", 4),
+                &one,
+                true,
+            ),
+            (
+                "a rollback over another write",
+                state("web=w:3", 5),
+                &one,
+                false,
+            ),
+        ];
+        for (case, now, images, want) in table {
+            assert_eq!(still_decided(&now, images, Some(&forward)), want, "{case}");
+        }
+        let other = WorkloadState {
+            uid: "another".into(),
+            ..state("web=w:1", 3)
+        };
+        assert!(!still_decided(&other, &two, Some(&forward)), "recreated");
+    }
+
+    #[test]
+    fn only_numeric_versions_are_compared() {
+        for (a, b, want) in [
+            ("42", "41", true),
+            ("41", "41", false),
+            ("9", "10", false),
+            ("x", "1", false),
+            ("2", "", false),
+        ] {
+            assert_eq!(later_version(a, b), want, "{a} > {b}");
+        }
     }
 
     #[test]
