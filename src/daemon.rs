@@ -279,8 +279,10 @@ pub async fn run_with(
         _ = cancel.cancelled() => {}
         _ = lost.cancelled() => {}
     }
+    // Stepping down at the end of the drain gives the Lease up: only a loss before counts.
+    let lost = lost.is_cancelled();
     daemon.drain().await;
-    if lost.is_cancelled() {
+    if lost {
         return Err(DaemonError::LostLease);
     }
     Ok(())
@@ -613,14 +615,8 @@ impl Running {
             self.standby.clone(),
             warm.clone(),
         ));
-        let held = crate::leader::acquire(
-            self.client.clone(),
-            &leader,
-            cancel,
-            self.fence.clone(),
-            (&self.tracker, self.stages.clone()),
-        )
-        .await;
+        let held =
+            crate::leader::acquire(self.client.clone(), &leader, cancel, self.fence.clone()).await;
         warm.cancel();
         self.leadership = held?;
         if self.leadership.is_none() {
@@ -797,6 +793,9 @@ impl Running {
                 grace = %humantime::format_duration(self.config.shutdown_grace),
                 "in-flight deploys did not finish in time; they stay in progress in the record and are finished at the next start"
             );
+        }
+        if let Some(leadership) = self.leadership.take() {
+            leadership.step_down().await;
         }
         let Running {
             recorder,

@@ -30,6 +30,7 @@ pub mod fence;
 pub mod http;
 pub mod ingest;
 pub mod leader;
+pub mod lease;
 pub mod lock;
 pub mod metrics;
 pub mod operator;

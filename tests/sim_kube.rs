@@ -833,3 +833,89 @@ async fn statefulsets_daemonsets_revisions_and_nodes_read_as_typed_objects() {
     )
     .await;
 }
+
+/// What a stale `metadata.resourceVersion` gets from the API server: a 409 Conflict Status.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict" && s.is_failure())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_version_in_any_patch_is_a_precondition_on_workloads_and_leases() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let client = sim.client().expect("client");
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let d = api
+        .create(&PostParams::default(), &deployment("web"))
+        .await
+        .expect("create");
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "l"}, "spec": {}})).expect("lease");
+    let l = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create lease");
+    let pp = PatchParams::apply("t");
+    // (rv, body): the version read at creation, written over since by the first patch.
+    let stale_d = d.resource_version().expect("rv");
+    let stale_l = l.resource_version().expect("rv");
+    let ok = api
+        .patch(
+            "web",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"resourceVersion": stale_d, "labels": {"a": "1"}}})),
+        )
+        .await
+        .expect("the current version passes");
+    assert_ne!(
+        ok.resource_version().as_deref(),
+        Some(stale_d.as_str()),
+        "every write bumps it"
+    );
+    let ok_l = leases
+        .patch(
+            "l",
+            &pp,
+            &Patch::Merge(
+                json!({"metadata": {"resourceVersion": stale_l}, "spec": {"holderIdentity": "a"}}),
+            ),
+        )
+        .await
+        .expect("the current version passes");
+    assert_ne!(ok_l.resource_version(), Some(stale_l.clone()));
+    let body = |rv: &str| json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": 4}});
+    for patch in [
+        Patch::Merge(body(&stale_d)),
+        Patch::Strategic(body(&stale_d)),
+        Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "resourceVersion": stale_d}, "spec": {"replicas": 4}})),
+    ] {
+        let err = api.patch("web", &pp, &patch).await.expect_err("stale");
+        assert!(is_conflict(&err), "{patch:?}: {err:?}");
+    }
+    let lease_body =
+        json!({"metadata": {"resourceVersion": stale_l}, "spec": {"holderIdentity": null}});
+    for patch in [
+        Patch::Merge(lease_body.clone()),
+        Patch::Strategic(lease_body),
+        Patch::Apply(
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l", "resourceVersion": stale_l}, "spec": {"holderIdentity": "b"}}),
+        ),
+    ] {
+        let err = leases.patch("l", &pp, &patch).await.expect_err("stale");
+        assert!(is_conflict(&err), "{patch:?}: {err:?}");
+    }
+    let now = api.get("web").await.expect("get");
+    assert_eq!(
+        now.spec.and_then(|s| s.replicas),
+        Some(2),
+        "nothing stale landed"
+    );
+    let now_l = leases.get("l").await.expect("get");
+    assert_eq!(
+        now_l.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("a")
+    );
+}

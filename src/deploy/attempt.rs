@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfinished};
 use super::recorder::{Attempt, Recorder};
-use super::{DeployError, Deployer};
+use super::{DeployError, Deployer, Plan};
 use crate::depfile::ServiceKey;
 use crate::domain::{Desired, Images};
 use crate::store::{DeployRecord, StoreError};
@@ -49,6 +49,8 @@ pub struct Engine {
 struct Target<'a> {
     key: &'a ServiceKey,
     kind: &'a mut crate::domain::WorkloadKind,
+    /// The plan (or observation) the deploy last made: what its PATCH is conditional on.
+    basis: &'a mut Option<Plan>,
 }
 
 /// An open deploy row, as the lifecycle needs it.
@@ -79,6 +81,7 @@ fn unfinished(d: &DeployRecord) -> Unfinished {
 
 fn failure(e: DeployError) -> Failure {
     Failure {
+        conflict: matches!(e, DeployError::Conflict { .. }),
         transient: e.is_transient(),
         again_at_resync: matches!(e, DeployError::Registry(_)),
         message: e.to_string(),
@@ -154,6 +157,7 @@ impl Engine {
         let (mut events, mut action) = machine.start();
         // The file's kind until the plan finds the workload.
         let mut kind = desired.spec.kind.unwrap_or_default();
+        let mut basis = None;
         loop {
             for e in &events {
                 attempt.apply(e);
@@ -161,6 +165,7 @@ impl Engine {
             let target = Target {
                 key,
                 kind: &mut kind,
+                basis: &mut basis,
             };
             let Some(input) = self
                 .act(target, desired, action, &mut superseded, &mut attempt)
@@ -196,7 +201,7 @@ impl Engine {
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).
     async fn act(
         &self,
-        Target { key, kind }: Target<'_>,
+        Target { key, kind, basis }: Target<'_>,
         desired: &Desired,
         action: Action,
         superseded: &mut watch::Receiver<u64>,
@@ -219,6 +224,9 @@ impl Engine {
                     attempt.set_workload(&uid, found);
                     *kind = found;
                 }
+                if let Ok(p) = &result {
+                    *basis = Some(p.clone());
+                }
                 Input::Planned(result.map_err(failure))
             }
             Action::Observe { kind: wanted } => {
@@ -229,6 +237,7 @@ impl Engine {
                 if let Ok(Some(p)) = &seen {
                     attempt.set_workload(&p.uid, p.kind);
                     *kind = p.kind;
+                    *basis = Some(p.clone());
                 }
                 Input::Observed(seen.map_err(failure))
             }
@@ -236,7 +245,9 @@ impl Engine {
                 Input::Health(self.deployer.health_now(key, *kind, generation).await)
             }
             Action::Patch { images, cause } => {
-                let patch = self.deployer.patch(key, *kind, &images, &cause);
+                let patch = self
+                    .deployer
+                    .patch(key, *kind, &images, &cause, basis.as_ref());
                 Input::Patched(self.permits.hold(patch).await?.map_err(failure))
             }
             Action::Wait {

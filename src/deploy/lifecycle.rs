@@ -107,6 +107,10 @@ pub struct Failure {
     /// Not retried now, but at the next resync: the world may change without the file (an
     /// image pushed after its tag was written).
     pub again_at_resync: bool,
+    /// A PATCH met a write made after what it was decided on (409 Conflict): nothing was
+    /// written. Planned again from the live object (a rollback: patched again at its newest
+    /// version), within the deadline.
+    pub conflict: bool,
     pub message: String,
 }
 
@@ -760,6 +764,10 @@ impl Lifecycle {
         }
         let mut events = Vec::new();
         self.answered_if(&f, &mut events);
+        if self.started {
+            // Planning again after a PATCH met a newer write failed: this deploy's row ends so.
+            return self.patch_gave_up(events, &f);
+        }
         events.push(Event::NotStarted {
             from: Images::new(),
             requested: self.desired.requested(),
@@ -773,6 +781,17 @@ impl Lifecycle {
     fn planned(&mut self, plan: Plan, now: Instant) -> (Vec<Event>, Action) {
         let mut events = Vec::new();
         self.back(&mut events);
+        if self.started {
+            // Planned again after this deploy's PATCH met a newer write: the same row goes
+            // on, patched from the live object, or judged when it already runs the images.
+            if plan.is_noop() {
+                let plan = self.judged_from_last_good(plan);
+                return (events, self.wait(plan, now));
+            }
+            let (more, action) = self.patch(plan);
+            events.extend(more);
+            return (events, action);
+        }
         if plan.paused {
             return self.paused(plan, events);
         }
@@ -926,17 +945,29 @@ impl Lifecycle {
     }
 
     fn patch_failed(&mut self, plan: Plan, f: Failure, now: Instant) -> (Vec<Event>, Action) {
+        if f.conflict {
+            // The workload was written since the plan (a status, another replica's patch):
+            // plan again from the live object, on this deploy's row.
+            if let Some(next) = self.after_conflict(Phase::Planning, now) {
+                return next;
+            }
+        }
         if let Some(next) = self.retry(&f, Phase::Patching(plan), now) {
             return next;
         }
         let mut events = Vec::new();
         self.answered_if(&f, &mut events);
-        let message = self.give_up_message(&f);
+        self.patch_gave_up(events, &f)
+    }
+
+    /// This deploy's row ends failed with nothing written; a rollout its patch was to replace
+    /// is finished now.
+    fn patch_gave_up(&mut self, events: Vec<Event>, f: &Failure) -> (Vec<Event>, Action) {
+        let message = self.give_up_message(f);
         let (mut events, _) = self.finish(events, DeployOutcome::Failed, message, None);
         if let Some(Event::Finished(finish)) = events.last_mut() {
             finish.settled = !f.transient;
         }
-        // Nothing was written: a rollout this patch was to replace is finished now.
         self.adopt_unfinished(events)
     }
 
@@ -1188,6 +1219,13 @@ impl Lifecycle {
         f: Failure,
         now: Instant,
     ) -> (Vec<Event>, Action) {
+        if f.conflict {
+            // Written since (a status write): the rollback is sent again at the newest
+            // version of a template that still runs what depwatch wrote.
+            if let Some(next) = self.after_conflict(Phase::Reverting(revert.clone()), now) {
+                return next;
+            }
+        }
         if let Some(retry) = self.retry(&f, Phase::Reverting(revert.clone()), now) {
             return retry;
         }
@@ -1196,6 +1234,28 @@ impl Lifecycle {
         let message = format!("{}; the rollback patch failed: {}", revert.why, f.message);
         let running = Some(revert.plan.after);
         self.finish(events, DeployOutcome::RollbackFailed, message, running)
+    }
+
+    /// After a PATCH refused with 409: `next` after a backoff, unless the deadline has
+    /// passed. The API server answered: no `ApiUnreachable`.
+    fn after_conflict(&mut self, next: Phase, now: Instant) -> Option<(Vec<Event>, Action)> {
+        if now >= self.deadline {
+            return None;
+        }
+        let supersedable = !matches!(next, Phase::Reverting(_));
+        let delay = self
+            .backoff
+            .next()
+            .unwrap_or(Duration::from_secs(5))
+            .min(self.deadline - now);
+        self.phase = next;
+        Some((
+            Vec::new(),
+            Action::Sleep {
+                delay,
+                supersedable,
+            },
+        ))
     }
 
     fn reverted(&mut self, revert: Revert, waited: WaitOutcome) -> (Vec<Event>, Action) {
@@ -1297,6 +1357,7 @@ mod tests {
             generation: 4,
             uid: "u1".into(),
             paused: false,
+            resource_version: "41".into(),
         }
     }
 
@@ -1372,6 +1433,7 @@ mod tests {
         Failure {
             transient,
             again_at_resync: false,
+            conflict: false,
             message: "boom".into(),
         }
     }
@@ -2600,6 +2662,7 @@ mod tests {
                         return Input::Planned(Err(Failure {
                             transient: false,
                             again_at_resync: true,
+                            conflict: false,
                             message: "not in the registry".into(),
                         }));
                     }
@@ -2779,5 +2842,150 @@ mod tests {
             1,
             "a new save of what runs is one unchanged row"
         );
+    }
+
+    fn conflict() -> Failure {
+        Failure {
+            transient: true,
+            again_at_resync: false,
+            conflict: true,
+            message: "Deployment web was written after depwatch read it (409 Conflict)".into(),
+        }
+    }
+
+    #[test]
+    fn a_forward_patch_met_by_a_newer_write_plans_again_on_the_same_row() {
+        // (case, the plan made again, what follows it, the images patched the second time)
+        let table = [
+            (
+                "a status write moved the version: the same images are patched again",
+                plan("web=w:1", "web=w:2"),
+                vec![Input::Patched(Ok(6)), Input::Waited(WaitOutcome::Healthy)],
+                Some(images("web=w:2")),
+            ),
+            (
+                "another replica already wrote them: judged, not patched",
+                plan("web=w:2", "web=w:2"),
+                vec![Input::Waited(WaitOutcome::Healthy)],
+                None,
+            ),
+        ];
+        for (case, again, rest, repatched) in table {
+            let mut script = vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Patched(Err(conflict())),
+                Input::Slept,
+                Input::Planned(Ok(again)),
+            ];
+            script.extend(rest);
+            let (events, actions) = run(desired(Trigger::File), Known::default(), script);
+            assert_eq!(rows(&events), 1, "{case}: one row: {events:?}");
+            assert!(
+                matches!(
+                    actions[2],
+                    Action::Sleep {
+                        supersedable: true,
+                        ..
+                    }
+                ),
+                "{case}: backs off: {actions:?}"
+            );
+            assert_eq!(actions[3], Action::Plan, "{case}: plans again");
+            assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, Event::ApiUnreachable { .. })),
+                "{case}: the API server answered: {events:?}"
+            );
+            let patches: Vec<&Images> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Patch { images, .. } => Some(images),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                patches.len(),
+                1 + usize::from(repatched.is_some()),
+                "{case}"
+            );
+            if let Some(want) = repatched {
+                assert_eq!(patches[1], &want, "{case}");
+            }
+            assert_eq!(finish(&events).outcome, DeployOutcome::Succeeded, "{case}");
+        }
+    }
+
+    #[test]
+    fn conflicts_until_the_deadline_fail_the_row_unsettled_and_nothing_is_written() {
+        let mut script = vec![Input::Planned(Ok(plan("web=w:1", "web=w:2")))];
+        // More than enough to pass a 60 s deadline at ≤ 5 s per backoff.
+        for _ in 0..40 {
+            script.push(Input::Patched(Err(conflict())));
+            script.push(Input::Slept);
+            script.push(Input::Planned(Ok(plan("web=w:1", "web=w:2"))));
+        }
+        let t0 = Instant::now();
+        let mut m = Lifecycle::new(desired(Trigger::File), Known::default(), SETTINGS, t0);
+        let (mut events, mut action) = m.start();
+        let mut now = t0;
+        let mut script = script.into_iter();
+        while action != Action::Done {
+            if let Action::Sleep { delay, .. } = action {
+                now += delay;
+            }
+            let input = script.next().expect("enough answers");
+            let (more, next) = m.step(input, now);
+            events.extend(more);
+            action = next;
+        }
+        assert_eq!(rows(&events), 1, "{events:?}");
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Failed);
+        assert!(!f.settled, "tried again at the next resync");
+        assert!(f.message.contains("409 Conflict"), "{}", f.message);
+        assert!(now <= t0 + SETTINGS.rollout_timeout + Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_rollback_met_by_a_newer_write_is_sent_again_and_finishes() {
+        let (events, actions) = run(
+            desired(Trigger::File),
+            Known {
+                last_good: images("web=w:1"),
+                ..Known::default()
+            },
+            patched_then(vec![
+                crash(),
+                Input::Patched(Err(conflict())),
+                Input::Slept,
+                Input::Patched(Ok(7)),
+                Input::Waited(WaitOutcome::Healthy),
+            ]),
+        );
+        let rollbacks: Vec<&Images> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Patch { images, cause } if cause.contains("rollback") => Some(images),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rollbacks,
+            [&images("web=w:1"); 2],
+            "sent again: {actions:?}"
+        );
+        assert!(
+            matches!(
+                actions[4],
+                Action::Sleep {
+                    supersedable: false,
+                    ..
+                }
+            ),
+            "a rollback is seen through: {actions:?}"
+        );
+        assert_eq!(finish(&events).outcome, DeployOutcome::RolledBack);
+        assert_eq!(rows(&events), 1);
     }
 }

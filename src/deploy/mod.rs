@@ -96,6 +96,14 @@ pub enum DeployError {
     /// The registry says an image is not there (or refuses the credentials): nothing patched.
     #[error("{0}")]
     Registry(String),
+    /// The PATCH met a write made after what it was decided on (409 Conflict, or a template
+    /// that no longer runs what depwatch expects): nothing was written over it.
+    #[error("{} {key} was written after depwatch read it ({why}): nothing was written over it", kind.api_kind())]
+    Conflict {
+        key: ServiceKey,
+        kind: WorkloadKind,
+        why: String,
+    },
     #[error("{}", describe_kube(action, server, source))]
     Kube {
         action: &'static str,
@@ -109,6 +117,7 @@ impl DeployError {
     pub fn is_transient(&self) -> bool {
         match self {
             DeployError::Kube { source, .. } => transient(source),
+            DeployError::Conflict { .. } => true,
             _ => false,
         }
     }
@@ -158,6 +167,87 @@ where
     Ok(WorkloadState::from(
         &api.patch(name, &pp, &Patch::Strategic(body)).await?,
     ))
+}
+
+/// What a PATCH is conditional on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// The version the plan read: the forward PATCH of exactly the changes it decided.
+    Version(String),
+    /// A later PATCH (a rollback): the newest version of a template that still runs these
+    /// images (what depwatch wrote, or what it observed running).
+    Running(Images),
+}
+
+/// The precondition of a PATCH of `images`, given the plan (or observation) the deploy last
+/// made.
+pub fn precondition(images: &Images, basis: Option<&Plan>) -> Precondition {
+    match basis {
+        Some(p)
+            if !p.changes.is_empty() && p.changes == *images && !p.resource_version.is_empty() =>
+        {
+            Precondition::Version(p.resource_version.clone())
+        }
+        Some(p) => Precondition::Running(p.after.clone()),
+        None => Precondition::Running(Images::new()),
+    }
+}
+
+/// How many times a PATCH refused by writes that change nothing it decided on is sent again.
+const PATCH_TRIES: usize = 5;
+
+/// How long a refused PATCH waits for the shared watch to show the write that refused it.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// A PATCH of `images` decided on `basis` is still right for the workload as `w` shows it:
+/// the forward PATCH when nothing its plan read changed but status or metadata (the same
+/// object, spec generation, images and pause), a later one (a rollback) while the template
+/// runs what it expects.
+fn still_decided(w: &WorkloadState, images: &Images, basis: Option<&Plan>) -> bool {
+    match (precondition(images, basis), basis) {
+        (Precondition::Version(_), Some(p)) => {
+            w.uid == p.uid
+                && w.generation == p.generation
+                && w.images == p.before
+                && w.paused() == p.paused
+        }
+        (Precondition::Version(_), None) => false,
+        (Precondition::Running(expect), _) => runs(&w.images, &expect),
+    }
+}
+
+/// `a` is a later resourceVersion than `b`. Versions are opaque to clients; the API server's
+/// (etcd's revisions) are numbers, and only numbers are compared.
+fn later_version(a: &str, b: &str) -> bool {
+    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a > b)
+}
+
+/// The template runs every image of `expect`.
+fn runs(live: &Images, expect: &Images) -> bool {
+    expect.iter().all(|(c, i)| live.get(c) == Some(i))
+}
+
+/// The strategic merge patch of `images` (keyed by container name), conditional on `version`.
+fn patch_body(
+    kind: WorkloadKind,
+    images: &Images,
+    cause: &str,
+    version: &str,
+) -> serde_json::Value {
+    let containers: Vec<_> = images
+        .iter()
+        .map(|(name, image)| json!({"name": name, "image": image}))
+        .collect();
+    let template = json!({"spec": {"containers": containers}});
+    let spec = match kind {
+        WorkloadKind::CronJob => json!({"jobTemplate": {"spec": {"template": template}}}),
+        _ => json!({"template": template}),
+    };
+    let mut metadata = json!({"annotations": {"kubernetes.io/change-cause": cause}});
+    if !version.is_empty() {
+        metadata["resourceVersion"] = json!(version);
+    }
+    json!({"metadata": metadata, "spec": spec})
 }
 
 fn reading(kind: WorkloadKind) -> &'static str {
@@ -288,6 +378,9 @@ pub struct Plan {
     pub paused: bool,
     /// What the registry reported for the new images (container → digest), when asked.
     pub digests: Images,
+    /// The workload's resourceVersion when read: the PATCH this plan decides carries it, so a
+    /// write made since (another replica's patch, a controller's status) refuses it.
+    pub resource_version: String,
 }
 
 impl Plan {
@@ -307,6 +400,7 @@ impl Plan {
             generation: w.generation,
             uid: w.uid,
             digests: Images::new(),
+            resource_version: w.resource_version,
         }
     }
 }
@@ -364,6 +458,9 @@ pub struct Deployer {
     known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
     /// Pull credentials for the registry pre-flight.
     pull: pull::PullSecrets,
+    /// Workloads whose PATCH met a newer write: their next plan and PATCH read the API
+    /// server, not the shared watch (which may not have seen that write yet).
+    conflicted: std::sync::Arc<dashmap::DashSet<ServiceKey>>,
 }
 
 impl Deployer {
@@ -376,6 +473,7 @@ impl Deployer {
             fence: crate::fence::Fence::open(),
             background: tokio_util::task::TaskTracker::new(),
             known_namespaces: Default::default(),
+            conflicted: Default::default(),
         }
     }
 
@@ -484,6 +582,13 @@ impl Deployer {
         }
     }
 
+    /// The shared watch of the workload's namespace, unless its last PATCH met a newer write:
+    /// then the API server is asked (the watch may not have seen that write yet).
+    fn trusted_watch(&self, key: &ServiceKey) -> Option<cache::NamespaceWatch> {
+        let live = self.conflicted.remove(key).is_some();
+        self.watches.cached(&key.namespace).filter(|_| !live)
+    }
+
     /// Read the workload and work out the new images. One try: the lifecycle decides
     /// whether and when an error is worth another. The shared watches answer (their first
     /// listing is the start-up's only read of the fleet), so a deploy costs no read; the API
@@ -493,7 +598,7 @@ impl Deployer {
         // Start (or wait briefly for) the watches; ask the API server while they have not
         // listed.
         self.watches.namespace(&key.namespace).await;
-        let found = match self.watches.cached(&key.namespace) {
+        let found = match self.trusted_watch(key) {
             Some(w) => w.find(&key.name, spec.kind),
             None => Found::None,
         };
@@ -547,6 +652,7 @@ impl Deployer {
             changes,
             generation: w.generation,
             uid: w.uid,
+            resource_version: w.resource_version,
         })
     }
 
@@ -672,49 +778,138 @@ impl Deployer {
         })
     }
 
-    /// Patch the images; returns the generation the rollout must reach.
+    /// Patch the images; returns the generation the rollout must reach. The PATCH carries the
+    /// resourceVersion depwatch decided on (see [`precondition`]; `basis` is the plan, or the
+    /// observation, the deploy last made), so a write made since refuses it with 409, even
+    /// when it is delivered long after it was sent. Refused by a write that changed nothing
+    /// the decision rests on (a controller's status, all the time during a rollout), it is
+    /// sent again at the version the shared watch then shows; otherwise
+    /// [`DeployError::Conflict`], and the deploy plans again.
     pub async fn patch(
         &self,
         key: &ServiceKey,
         kind: WorkloadKind,
         images: &Images,
         cause: &str,
+        basis: Option<&Plan>,
     ) -> Result<i64, DeployError> {
-        self.fence.check(&format!(
-            "a PATCH of {} in {}",
-            Shown(kind, &key.name),
-            key.namespace
-        ))?;
-        let containers: Vec<_> = images
-            .iter()
-            .map(|(name, image)| json!({"name": name, "image": image}))
-            .collect();
-        let template = json!({"spec": {"containers": containers}});
-        let spec = match kind {
-            WorkloadKind::CronJob => json!({"jobTemplate": {"spec": {"template": template}}}),
-            _ => json!({"template": template}),
+        let what = format!("a PATCH of {} in {}", Shown(kind, &key.name), key.namespace);
+        self.fence.check(&what)?;
+        let mut version = match precondition(images, basis) {
+            Precondition::Version(v) => v,
+            Precondition::Running(expect) => self.version_running(key, kind, &expect).await?,
         };
-        let body = json!({
-            "metadata": {"annotations": {"kubernetes.io/change-cause": cause}},
-            "spec": spec,
-        });
+        for _ in 0..PATCH_TRIES {
+            // A read may have taken a while.
+            self.fence.check(&what)?;
+            let body = patch_body(kind, images, cause, &version);
+            let refusal = match self.send_patch(key, kind, &body).await {
+                Ok(w) => return Ok(w.generation),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    return Err(self.missing(key, Some(kind)).await)
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => s.message,
+                Err(source) => return Err(self.kube_error(patching(kind))(source)),
+            };
+            match self.seen_after(key, kind, &version).await {
+                Some(w) if still_decided(&w, images, basis) => version = w.resource_version,
+                seen => return Err(self.conflict(key, kind, seen.is_none(), &refusal)),
+            }
+        }
+        Err(self.conflict(key, kind, false, "refused again and again"))
+    }
+
+    /// A PATCH met a write that changes the decision: nothing was written; the next plan (or
+    /// PATCH) reads the API server when the shared watch has not shown that write yet.
+    fn conflict(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        unseen: bool,
+        why: &str,
+    ) -> DeployError {
+        tracing::warn!(workload = %Shown(kind, &key.name), namespace = %key.namespace, "the API server refused the PATCH: the workload was written after depwatch read it (409 Conflict); nothing was written over it, retrying with backoff from its newest version");
+        if unseen {
+            self.conflicted.insert(key.clone());
+        }
+        DeployError::Conflict {
+            key: key.clone(),
+            kind,
+            why: format!("409 Conflict: {why}"),
+        }
+    }
+
+    /// One PATCH request.
+    async fn send_patch(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        body: &serde_json::Value,
+    ) -> Result<WorkloadState, kube::Error> {
         let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
-        let patched = match kind {
+        match kind {
             WorkloadKind::Deployment => {
-                patch_as::<Deployment>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<Deployment>(Api::namespaced(c, ns), name, body).await
             }
             WorkloadKind::StatefulSet => {
-                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, body).await
             }
             WorkloadKind::DaemonSet => {
-                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, &body).await
+                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, body).await
             }
-            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, &body).await,
-        };
-        match patched {
-            Ok(w) => Ok(w.generation),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(self.missing(key, Some(kind)).await),
-            Err(source) => Err(self.kube_error(patching(kind))(source)),
+            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, body).await,
+        }
+    }
+
+    /// The workload as the shared watch shows it once it has seen a version later than
+    /// `refused` (the write that refused a PATCH), within [`CATCH_UP`]; `None` when it has not.
+    async fn seen_after(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        refused: &str,
+    ) -> Option<WorkloadState> {
+        let ns = self.watches.cached(&key.namespace)?;
+        let mut woken = ns.subscribe(&key.name);
+        let until = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            if let Some(w) = ns
+                .workload(kind, &key.name)
+                .filter(|w| later_version(&w.resource_version, refused))
+            {
+                return Some(w);
+            }
+            match tokio::time::timeout_at(until, woken.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The resourceVersion of the workload while its template runs `expect`: the shared
+    /// watch's newest when it shows that, else the API server's. A template that runs
+    /// anything else was written by someone else: nothing is patched over it.
+    async fn version_running(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        expect: &Images,
+    ) -> Result<String, DeployError> {
+        let cached = self
+            .trusted_watch(key)
+            .and_then(|ns| ns.workload(kind, &key.name))
+            .filter(|w| runs(&w.images, expect) && !w.resource_version.is_empty());
+        if let Some(w) = cached {
+            return Ok(w.resource_version);
+        }
+        match self.get(kind, key).await? {
+            None => Err(self.missing(key, Some(kind)).await),
+            Some(w) if runs(&w.images, expect) => Ok(w.resource_version),
+            Some(w) => Err(DeployError::Conflict {
+                key: key.clone(),
+                kind,
+                why: format!("it runs {}, not {expect}", w.images),
+            }),
         }
     }
 
@@ -958,5 +1153,150 @@ impl Deployer {
                 tracing::debug!(service = %key, error = %e, "could not record a Kubernetes Event");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(before: &str, after: &str, rv: &str) -> Plan {
+        let (before, after) = (Images::parse(before), Images::parse(after));
+        Plan {
+            key: ServiceKey::new("web", "prod").expect("key"),
+            kind: WorkloadKind::Deployment,
+            changes: before.changed_in(&after),
+            before,
+            after,
+            generation: 3,
+            uid: "u".into(),
+            paused: false,
+            digests: Images::new(),
+            resource_version: rv.into(),
+        }
+    }
+
+    #[test]
+    fn a_forward_patch_carries_its_plans_version_a_later_one_the_template_it_expects() {
+        let forward = planned("web=w:1, side=s:1", "web=w:2, side=s:1", "41");
+        let observed = planned("web=w:2", "web=w:2", "50");
+        // (case, images patched, basis, precondition)
+        let table = [
+            (
+                "the plan's own changes: the version it read",
+                "web=w:2",
+                Some(&forward),
+                Precondition::Version("41".into()),
+            ),
+            (
+                "a rollback after it: a template still running what depwatch wrote",
+                "web=w:1",
+                Some(&forward),
+                Precondition::Running(Images::parse("web=w:2, side=s:1")),
+            ),
+            (
+                "a rollback resumed from an observation",
+                "web=w:1",
+                Some(&observed),
+                Precondition::Running(Images::parse("web=w:2")),
+            ),
+            (
+                "nothing known",
+                "web=w:1",
+                None,
+                Precondition::Running(Images::new()),
+            ),
+        ];
+        for (case, images, basis, want) in table {
+            assert_eq!(precondition(&Images::parse(images), basis), want, "{case}");
+        }
+        let unread = planned("web=w:1", "web=w:2", "");
+        assert!(
+            matches!(
+                precondition(&Images::parse("web=w:2"), Some(&unread)),
+                Precondition::Running(_)
+            ),
+            "a plan without a version never sends an unconditional PATCH of its own"
+        );
+    }
+
+    #[test]
+    fn a_refused_patch_is_sent_again_only_over_what_it_decided_on() {
+        let forward = planned("web=w:1", "web=w:2", "41");
+        let state = |images: &str, generation: i64| WorkloadState {
+            uid: "u".into(),
+            images: Images::parse(images),
+            generation,
+            resource_version: "45".into(),
+            ..WorkloadState::default()
+        };
+        let two = Images::parse("web=w:2");
+        let one = Images::parse("web=w:1");
+        // (case, the workload now, images patched, still decided)
+        let table = [
+            ("a status write", state("web=w:1", 3), &two, true),
+            ("another replica's patch", state("web=w:3", 4), &two, false),
+            (
+                "a spec change keeping the images",
+                state("web=w:1", 4),
+                &two,
+                false,
+            ),
+            (
+                "a rollback over what depwatch wrote",
+                state("web=w:2", 4),
+                &one,
+                true,
+            ),
+            (
+                "a rollback over another write",
+                state("web=w:3", 5),
+                &one,
+                false,
+            ),
+        ];
+        for (case, now, images, want) in table {
+            assert_eq!(still_decided(&now, images, Some(&forward)), want, "{case}");
+        }
+        let other = WorkloadState {
+            uid: "another".into(),
+            ..state("web=w:1", 3)
+        };
+        assert!(!still_decided(&other, &two, Some(&forward)), "recreated");
+    }
+
+    #[test]
+    fn only_numeric_versions_are_compared() {
+        for (a, b, want) in [
+            ("42", "41", true),
+            ("41", "41", false),
+            ("9", "10", false),
+            ("x", "1", false),
+            ("2", "", false),
+        ] {
+            assert_eq!(later_version(a, b), want, "{a} > {b}");
+        }
+    }
+
+    #[test]
+    fn the_patch_body_names_the_version_and_the_containers() {
+        let body = patch_body(
+            WorkloadKind::CronJob,
+            &Images::parse("web=w:2"),
+            "why",
+            "41",
+        );
+        assert_eq!(body["metadata"]["resourceVersion"], "41");
+        assert_eq!(
+            body["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0],
+            json!({"name": "web", "image": "w:2"})
+        );
+        let body = patch_body(
+            WorkloadKind::Deployment,
+            &Images::parse("web=w:2"),
+            "why",
+            "",
+        );
+        assert!(body["metadata"].get("resourceVersion").is_none());
     }
 }

@@ -17,6 +17,9 @@ pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
 pub struct WorkloadState {
     pub kind: WorkloadKind,
     pub uid: String,
+    /// The version of the object this state was read at: a PATCH decided on it carries it,
+    /// so the API server refuses the PATCH when anything was written since.
+    pub resource_version: String,
     pub generation: i64,
     pub observed_generation: i64,
     /// The template's images: what is deployed.
@@ -81,6 +84,7 @@ impl Default for WorkloadState {
         WorkloadState {
             kind: WorkloadKind::Deployment,
             uid: String::new(),
+            resource_version: String::new(),
             generation: 0,
             observed_generation: 0,
             images: Images::default(),
@@ -164,6 +168,7 @@ fn common(
     WorkloadState {
         kind,
         uid: meta.uid.clone().unwrap_or_default(),
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
         generation: meta.generation.unwrap_or(0),
         observed_generation: observed.unwrap_or(0),
         images: template_images(template),

@@ -1276,7 +1276,17 @@ fn patch_object(
             )));
         }
         let mut created = false;
+        // A resourceVersion in the configuration is a precondition, as for any write.
+        let expected = config["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|v| !v.is_empty())
+            .map(String::from);
         let out = store.mutate(&key, |cur| {
+            if let Some(rv) = &expected {
+                if cur.and_then(|c| c["metadata"]["resourceVersion"].as_str()) != Some(rv) {
+                    return Err(ApiError::conflict(rt, name));
+                }
+            }
             let now = meta::now();
             let applied = apply(cur, &config, manager, force, &rt.api_version(), &now)?;
             match cur {

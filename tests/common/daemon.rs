@@ -166,11 +166,11 @@ impl Env {
             .to_string()
     }
 
-    /// PATCH requests to one workload of `kind`, from the audit log.
+    /// PATCHes of one workload of `kind` that took effect, from the audit log.
     pub fn workload_patches(&self, kind: &str, ns: &str, name: &str) -> usize {
         let (group, plural) = workload_path(kind);
         let path = format!("{group}/namespaces/{ns}/{plural}/{name}");
-        audit_count(&self.audit, |l| l["method"] == "PATCH" && l["path"] == path)
+        audit_count(&self.audit, |l| applied_patch(l) && l["path"] == path)
     }
 
     async fn deployment_namespace(&self, ns: &str) {
@@ -236,16 +236,16 @@ impl Env {
         std::fs::write(self.deps.join(file), content).expect("write dep file");
     }
 
-    /// PATCH requests to one Deployment, from the audit log.
+    /// PATCHes of one Deployment that took effect, from the audit log.
     pub fn patches(&self, ns: &str, name: &str) -> usize {
         let path = format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}");
-        audit_count(&self.audit, |l| l["method"] == "PATCH" && l["path"] == path)
+        audit_count(&self.audit, |l| applied_patch(l) && l["path"] == path)
     }
 
-    /// All PATCH requests to Deployments.
+    /// All PATCHes of Deployments that took effect.
     pub fn all_patches(&self) -> usize {
         audit_count(&self.audit, |l| {
-            l["method"] == "PATCH"
+            applied_patch(l)
                 && l["path"]
                     .as_str()
                     .is_some_and(|p| p.contains("/deployments/"))
@@ -422,6 +422,13 @@ impl Env {
     pub fn store(&self) -> depwatch::store::Store {
         depwatch::store::Store::open(&self.state).expect("state db")
     }
+}
+
+/// A PATCH the API server applied. One refused (a 409 for the resourceVersion it carries, met
+/// by a controller's status write or another replica's patch; an injected fault) wrote
+/// nothing: depwatch sends it again, and it is not a second patch.
+pub fn applied_patch(line: &Value) -> bool {
+    line["method"] == "PATCH" && line["code"].as_u64().is_some_and(|c| c < 300)
 }
 
 fn rand_suffix() -> u64 {

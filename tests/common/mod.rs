@@ -5,6 +5,7 @@ pub mod chromium;
 pub mod daemon;
 pub mod ecr;
 pub mod postgres;
+pub mod proxy;
 pub mod registry;
 
 use std::future::Future;
