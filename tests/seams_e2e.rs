@@ -1080,3 +1080,45 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
     assert!(r.pinned().is_some(), "crash-2.0 stays pinned: {r:?}");
     assert!(store.interrupted().expect("q").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_deploy_whose_row_a_full_disk_lost_gets_one_and_the_hang_row_is_not_judged_on_it() {
+    let env = Env::new(SimConfig::default()).await;
+    let Some(_disk) = Tmpfs::mount(&env.state, "4m") else {
+        eprintln!("skipped: mounting a tmpfs state directory needs root");
+        return;
+    };
+    let (daemon, store) = on_1_0(&env, &[]).await;
+    drop(store);
+    // A hang save (its row written), then a full disk, then a crash save (its row only in
+    // memory), then kill -9: the crash deploy's row is lost with the process.
+    env.write_dep("web_prod.dep", "version: hang-2.0\nrolloutTimeout: 60s\n");
+    env.wait_image("prod", "web", "r.example/web:hang-2.0")
+        .await;
+    let filler = fill(&env.state);
+    env.write_dep("web_prod.dep", "crash-3.0\n");
+    env.wait_image("prod", "web", "r.example/web:crash-3.0")
+        .await;
+    daemon.kill();
+    std::fs::remove_file(&filler).expect("free the disk");
+    let daemon = env.daemon(&["--crash-restarts", "6"]).await;
+    env.wait_image("prod", "web", "r.example/web:1.0").await;
+    let store = env.store();
+    wait_for("no row open", Duration::from_secs(90), || async {
+        store.interrupted().ok()?.is_empty().then_some(())
+    })
+    .await;
+    let h = store.history(Some(&web()), 20).expect("history");
+    let log = daemon.log_text();
+    let hang = h
+        .iter()
+        .find(|d| d.to_image.contains("hang-2.0"))
+        .expect("the hang row");
+    assert_eq!(hang.outcome, DeployOutcome::Superseded, "{h:#?}\n{log}");
+    let crash = h
+        .iter()
+        .find(|d| d.to_image.contains("crash-3.0"))
+        .unwrap_or_else(|| panic!("the crash deploy has a row: {h:#?}\n{log}"));
+    assert_eq!(crash.outcome, DeployOutcome::RolledBack, "{h:#?}");
+    assert!(crash.message.contains("CrashLoopBackOff"), "{crash:?}");
+}
