@@ -4,13 +4,19 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
 use depwatch::depfile::ServiceKey;
 use depwatch::sim::SimConfig;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_in_place_write_is_never_read_half_written() {
@@ -113,45 +119,87 @@ async fn a_configmap_volume_swap_deploys_what_changed() {
     );
 }
 
+/// Every container image the Deployment's template has had, as a watch sees it: a PATCH of a
+/// half-written version shows here even when the next one follows at once.
+fn templates_seen(env: &Env, ns: &str, name: &str) -> Arc<Mutex<BTreeSet<String>>> {
+    let seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let stream = watcher(api, config).default_backoff().applied_objects();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let Ok(d) = item else { continue };
+            let containers = d.spec.and_then(|s| s.template.spec).map(|s| s.containers);
+            for c in containers.unwrap_or_default() {
+                out.lock().expect("lock").extend(c.image);
+            }
+        }
+    });
+    seen
+}
+
+/// The writer loop: a save closes, and the next save opens the file with `O_TRUNC` at
+/// once and writes it in two parts with a pause between. The first part (`14.<i>`) is itself a
+/// valid version and must never be deployed, and the file read empty is no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_version() {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
         .await;
+    let seen = templates_seen(&env, "demo", "web");
+    wait_for("the watch to see the template", Duration::from_secs(10), || {
+        let seen = seen.clone();
+        async move { (!seen.lock().expect("lock").is_empty()).then_some(()) }
+    })
+    .await;
     let daemon = env.daemon(&[]).await;
     let path = env.deps.join("web_demo.dep");
-    // Each save closes, and the next opens the file with O_TRUNC at once and writes it in two
-    // parts with a pause between: "14.<i>" is itself a valid version, and must never be read.
-    let mut last = String::new();
+    let mut whole = BTreeSet::from(["example.com/web:1.0.0".to_string()]);
     for i in 0..30 {
+        // A whole save, closed.
+        std::fs::write(&path, format!("2.{i}.0\n")).expect("save");
+        // The next save at once: truncated, the first part, the writer's own pause (the
+        // scenario, not a wait for a result), the rest.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
             .truncate(true)
             .open(&path)
             .expect("open");
         f.write_all(format!("14.{i}").as_bytes())
             .expect("first part");
         f.flush().expect("flush");
-        // The writer's own pause (part of the scenario, not a wait for a result).
         tokio::time::sleep(Duration::from_millis(150)).await;
         f.write_all(b"7\n").expect("rest");
         drop(f);
-        last = format!("example.com/web:14.{i}7");
+        whole.insert(format!("example.com/web:2.{i}.0"));
+        whole.insert(format!("example.com/web:14.{i}7"));
+        env.wait_image("demo", "web", &format!("example.com/web:14.{i}7"))
+            .await;
     }
-    env.wait_image("demo", "web", &last).await;
-    let store = env.store();
+    let partial: Vec<String> = seen
+        .lock()
+        .expect("lock")
+        .difference(&whole)
+        .cloned()
+        .collect();
+    assert!(partial.is_empty(), "half-written versions PATCHed: {partial:?}");
     let key = ServiceKey::new("web", "demo").expect("key");
-    let partial: Vec<_> = store
+    let recorded: Vec<String> = env
+        .store()
         .history(Some(&key), 500)
         .expect("history")
         .into_iter()
-        .filter(|d| !d.to_image.ends_with('7'))
+        .map(|d| d.to_image)
+        // Recorded as `<container>=<image>`.
+        .filter(|i| !i.strip_prefix("web=").is_some_and(|i| whole.contains(i)))
         .collect();
-    assert!(
-        partial.is_empty(),
-        "half-written versions deployed: {partial:#?}"
-    );
+    assert!(recorded.is_empty(), "half-written versions recorded: {recorded:?}");
+    // At most one PATCH per whole save; every slow save was deployed.
+    let patches = env.patches("demo", "web");
+    assert!((30..=60).contains(&patches), "{patches} PATCHes");
     let log = daemon.log_text();
     assert!(!log.contains("the file is empty"), "{log}");
+    daemon.stop();
 }
