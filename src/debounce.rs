@@ -7,7 +7,7 @@
 //! path may have changed" to the reader, which hashes the content and decides.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -113,24 +113,41 @@ impl Debouncer {
 /// to an overflow, say): the quiet window is then all that guarded it.
 pub const BARRIER_WAIT: Duration = Duration::from_secs(1);
 
-/// What became of a read held at the gate.
+/// What becomes of a read once its barrier came out (or never came).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No write to the file began since the close that triggered the read: judge it.
+    Act,
+    /// An event for the file came after it was read (the next save's `O_TRUNC`, a write, a
+    /// close): the read may hold half of that save. Drop it; the event brought the path back
+    /// through the debouncer, so the wait restarts (up to `--max-wait`).
+    Stale,
+    /// Read empty, and nothing came after: a file truncated for a rewrite is in progress.
+    /// Wait for its writer as for a file still open (until it closes, or `--max-wait` after it
+    /// was first read empty, when an empty file is an error).
+    InProgress,
+}
+
+/// One read, decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Gated<T> {
-    /// No event for its path came between the read and the barrier: judge it.
-    Act(PathBuf, T),
-    /// An event for its path came after it was read (the next save began): drop it; that
-    /// event brings the path back through the debouncer, to be read once the writer is done.
-    Stale(PathBuf),
+pub struct Gated<T> {
+    pub path: PathBuf,
+    pub read: T,
+    pub verdict: Verdict,
 }
 
 /// Reads wait for their writer. inotify reports one instance's events in order: once the
 /// event of a marker created right after a read comes out, every event that happened before
 /// the read has been seen. A read whose path had an event since it was read may hold half of
-/// the next save (`O_TRUNC`, then a slow write): it is stale. Pure: barriers, events and time
-/// in, verdicts out.
+/// the next save (`O_TRUNC`, then a slow write): it is stale. A read that found the file
+/// empty is a save in progress, not an empty file, until `--max-wait` has passed. Pure:
+/// reads, barriers, events and time in, verdicts out.
 #[derive(Debug)]
 pub struct ReadGate<T> {
+    max_wait: Duration,
     held: Vec<Held<T>>,
+    /// Paths read empty, and when first: a file truncated for a rewrite.
+    empty_since: HashMap<PathBuf, Instant>,
 }
 
 #[derive(Debug)]
@@ -138,30 +155,46 @@ struct Held<T> {
     barrier: u64,
     path: PathBuf,
     read: T,
+    empty: bool,
+    read_at: Instant,
     stale: bool,
-    until: Instant,
-}
-
-impl<T> Default for ReadGate<T> {
-    fn default() -> Self {
-        ReadGate { held: Vec::new() }
-    }
 }
 
 impl<T> ReadGate<T> {
-    /// Hold `read` of `path` until barrier `barrier` (raised after the read) comes out.
-    pub fn hold(&mut self, barrier: u64, path: PathBuf, read: T, now: Instant) {
+    pub fn new(max_wait: Duration) -> Self {
+        ReadGate {
+            max_wait,
+            held: Vec::new(),
+            empty_since: HashMap::new(),
+        }
+    }
+
+    /// Hold `read` of `path` (made at `now`, `empty` when it found nothing) until barrier
+    /// `barrier`, raised after the read, comes out.
+    pub fn hold(&mut self, barrier: u64, path: PathBuf, read: T, empty: bool, now: Instant) {
         self.held.push(Held {
             barrier,
             path,
             read,
+            empty,
+            read_at: now,
             stale: false,
-            until: now + BARRIER_WAIT,
         });
     }
 
+    /// A read for which no barrier could be raised: only the quiet window guarded it, so
+    /// only its emptiness can hold it now.
+    pub fn unguarded(&mut self, path: PathBuf, read: T, empty: bool, now: Instant) -> Gated<T> {
+        let verdict = self.verdict(&path, false, empty, now);
+        Gated {
+            path,
+            read,
+            verdict,
+        }
+    }
+
     /// An event for `path` came out of the stream: a read of it still held is stale.
-    pub fn saw(&mut self, path: &std::path::Path) {
+    pub fn saw(&mut self, path: &Path) {
         for h in self.held.iter_mut().filter(|h| h.path == path) {
             h.stale = true;
         }
@@ -172,14 +205,15 @@ impl<T> ReadGate<T> {
         self.release(|h| h.barrier <= n)
     }
 
-    /// Reads whose barrier never came within [`BARRIER_WAIT`].
+    /// Reads whose barrier never came within [`BARRIER_WAIT`] (lost to an overflow, say):
+    /// decided on the events seen so far.
     pub fn overdue(&mut self, now: Instant) -> Vec<Gated<T>> {
-        self.release(|h| h.until <= now)
+        self.release(|h| h.read_at + BARRIER_WAIT <= now)
     }
 
     /// When the earliest held read is overdue, if any is held.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.held.iter().map(|h| h.until).min()
+        self.held.iter().map(|h| h.read_at + BARRIER_WAIT).min()
     }
 
     /// Paths held at the gate: not to be read by a rescan meanwhile.
@@ -193,11 +227,39 @@ impl<T> ReadGate<T> {
             .partition(|h| done(h));
         self.held = keep;
         out.into_iter()
-            .map(|h| match h.stale {
-                true => Gated::Stale(h.path),
-                false => Gated::Act(h.path, h.read),
+            .map(|h| Gated {
+                verdict: self.verdict(&h.path, h.stale, h.empty, h.read_at),
+                path: h.path,
+                read: h.read,
             })
             .collect()
+    }
+
+    /// The rule: a write since the read makes it stale; an empty file is in progress until
+    /// it has been read empty for `--max-wait`; anything else is acted on.
+    fn verdict(&mut self, path: &Path, stale: bool, empty: bool, read_at: Instant) -> Verdict {
+        let waited = match empty {
+            true => {
+                let since = *self
+                    .empty_since
+                    .entry(path.to_path_buf())
+                    .or_insert(read_at);
+                read_at.duration_since(since) >= self.max_wait
+            }
+            // Something was written: whatever emptied the file is over.
+            false => {
+                self.empty_since.remove(path);
+                true
+            }
+        };
+        match (stale, waited) {
+            (true, _) => Verdict::Stale,
+            (false, false) => Verdict::InProgress,
+            (false, true) => {
+                self.empty_since.remove(path);
+                Verdict::Act
+            }
+        }
     }
 }
 
@@ -312,51 +374,206 @@ mod tests {
         assert_eq!(d.next_deadline(), Some(t0 + MAX));
     }
 
+    /// One read of `/d/a.dep` held for barrier 1 at `t0 + at`, then what came out.
+    struct GateCase {
+        name: &'static str,
+        /// The read found the file empty.
+        empty: bool,
+        /// When the read was made; a read made later than `t0` follows one at `t0` that found
+        /// the file empty.
+        at: Duration,
+        /// Paths whose events came out after the read.
+        events: &'static [&'static str],
+        /// The barrier that came out, if any.
+        barrier: Option<u64>,
+        /// When the gate is asked about overdue reads, after the read.
+        after: Duration,
+        want: Option<Verdict>,
+    }
+
     #[test]
     fn read_gate_cases() {
-        let t0 = Instant::now();
+        use Verdict::*;
         let ms = Duration::from_millis;
-        // (events for the path after the read, barrier that came out, at, verdict)
-        type Case<'a> = (&'a [&'a str], Option<u64>, Duration, Option<bool>);
-        let table: [Case; 6] = [
-            // The barrier came and nothing happened to the file: act.
-            (&[], Some(1), ms(5), Some(true)),
-            // The next save began (O_TRUNC, a write) before the barrier: stale.
-            (&["/d/a.dep"], Some(1), ms(5), Some(false)),
-            // Another file's event does not stale this read.
-            (&["/d/b.dep"], Some(1), ms(5), Some(true)),
-            // A later barrier passes earlier ones too.
-            (&[], Some(2), ms(5), Some(true)),
-            // No barrier yet: still held.
-            (&[], None, ms(5), None),
-            // The barrier never came: judged anyway after BARRIER_WAIT.
-            (&[], None, BARRIER_WAIT, Some(true)),
+        let case = |name, empty, events, barrier, want| GateCase {
+            name,
+            empty,
+            at: Duration::ZERO,
+            events,
+            barrier,
+            after: ms(5),
+            want,
+        };
+        let table = [
+            case(
+                "nothing happened to the file: act",
+                false,
+                &[],
+                Some(1),
+                Some(Act),
+            ),
+            case(
+                "the next save's O_TRUNC came first: stale",
+                false,
+                &["/d/a.dep"],
+                Some(1),
+                Some(Stale),
+            ),
+            case(
+                "another file's event is nothing to it",
+                false,
+                &["/d/b.dep"],
+                Some(1),
+                Some(Act),
+            ),
+            case(
+                "a later barrier passes earlier ones",
+                false,
+                &[],
+                Some(2),
+                Some(Act),
+            ),
+            case("no barrier yet: held", false, &[], None, None),
+            case(
+                "read empty, nothing after: in progress",
+                true,
+                &[],
+                Some(1),
+                Some(InProgress),
+            ),
+            case(
+                "read empty, then written: stale",
+                true,
+                &["/d/a.dep"],
+                Some(1),
+                Some(Stale),
+            ),
+            GateCase {
+                after: BARRIER_WAIT,
+                ..case(
+                    "no barrier within BARRIER_WAIT: act",
+                    false,
+                    &[],
+                    None,
+                    Some(Act),
+                )
+            },
+            GateCase {
+                after: BARRIER_WAIT,
+                ..case(
+                    "no barrier, but written since: stale",
+                    false,
+                    &["/d/a.dep"],
+                    None,
+                    Some(Stale),
+                )
+            },
+            GateCase {
+                at: MAX - ms(1),
+                ..case(
+                    "empty, not yet for --max-wait: in progress",
+                    true,
+                    &[],
+                    Some(1),
+                    Some(InProgress),
+                )
+            },
+            GateCase {
+                at: MAX,
+                ..case(
+                    "empty for --max-wait: act (an empty file)",
+                    true,
+                    &[],
+                    Some(1),
+                    Some(Act),
+                )
+            },
         ];
-        for (i, (events, barrier, at, want)) in table.into_iter().enumerate() {
-            let mut gate = ReadGate::default();
-            gate.hold(1, p("/d/a.dep"), "14.37", t0);
-            for e in events {
+        let t0 = Instant::now();
+        for c in table {
+            let mut gate = ReadGate::new(MAX);
+            if c.at > Duration::ZERO {
+                let first = gate.unguarded(p("/d/a.dep"), "", true, t0);
+                assert_eq!(first.verdict, InProgress, "{}", c.name);
+            }
+            let read_at = t0 + c.at;
+            gate.hold(1, p("/d/a.dep"), "14.37", c.empty, read_at);
+            for e in c.events {
                 gate.saw(&p(e));
             }
-            let mut out = barrier.map(|n| gate.passed(n)).unwrap_or_default();
-            out.extend(gate.overdue(t0 + at));
-            let got = out.first().map(|g| matches!(g, Gated::Act(_, "14.37")));
-            assert_eq!(got, want, "case {i}: {out:?}");
-            assert_eq!(out.len(), usize::from(want.is_some()), "case {i}");
+            let mut out = c.barrier.map(|n| gate.passed(n)).unwrap_or_default();
+            out.extend(gate.overdue(read_at + c.after));
+            let got: Vec<Verdict> = out.iter().map(|g| g.verdict).collect();
+            assert_eq!(got, Vec::from_iter(c.want), "{}", c.name);
+            assert!(out
+                .iter()
+                .all(|g| g.path == p("/d/a.dep") && g.read == "14.37"));
+            assert_eq!(
+                gate.holding().count(),
+                usize::from(c.want.is_none()),
+                "{}",
+                c.name
+            );
         }
     }
 
     #[test]
     fn the_gate_holds_each_read_for_its_own_barrier() {
         let t0 = Instant::now();
-        let mut gate = ReadGate::default();
-        gate.hold(1, p("/d/a.dep"), 1, t0);
-        gate.hold(2, p("/d/b.dep"), 2, t0);
+        let mut gate = ReadGate::new(MAX);
+        gate.hold(1, p("/d/a.dep"), 1, false, t0);
+        gate.hold(2, p("/d/b.dep"), 2, false, t0);
         assert_eq!(gate.next_deadline(), Some(t0 + BARRIER_WAIT));
-        assert_eq!(gate.passed(1), vec![Gated::Act(p("/d/a.dep"), 1)]);
-        assert_eq!(gate.holding().count(), 1);
+        let first = gate.passed(1);
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].read, first[0].verdict), (1, Verdict::Act));
+        assert_eq!(gate.holding().collect::<Vec<_>>(), vec![&p("/d/b.dep")]);
         gate.saw(&p("/d/b.dep"));
-        assert_eq!(gate.passed(2), vec![Gated::Stale(p("/d/b.dep"))]);
+        let second = gate.passed(2);
+        assert_eq!((second[0].read, second[0].verdict), (2, Verdict::Stale));
         assert_eq!(gate.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_whole_read_ends_the_empty_wait() {
+        let t0 = Instant::now();
+        let mut gate = ReadGate::new(MAX);
+        let verdict = |g: Gated<&str>| g.verdict;
+        // Truncated and read empty, then the writer's save: read whole, acted on.
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/a.dep"), "", true, t0)),
+            Verdict::InProgress
+        );
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/a.dep"), "1.2", false, t0 + QUIET)),
+            Verdict::Act
+        );
+        // A read that found content, even one dropped as stale, ends the wait as well.
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/c.dep"), "", true, t0)),
+            Verdict::InProgress
+        );
+        gate.hold(1, p("/d/c.dep"), "14.3", false, t0 + QUIET);
+        gate.saw(&p("/d/c.dep"));
+        assert_eq!(gate.passed(1)[0].verdict, Verdict::Stale);
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/c.dep"), "", true, t0 + MAX)),
+            Verdict::InProgress
+        );
+        // The next rewrite's empty read, long after the first one, waits afresh.
+        let later = t0 + MAX * 2;
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/a.dep"), "", true, later)),
+            Verdict::InProgress
+        );
+        // Each file waits on its own.
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/b.dep"), "", true, later + MAX)),
+            Verdict::InProgress
+        );
+        assert_eq!(
+            verdict(gate.unguarded(p("/d/a.dep"), "", true, later + MAX)),
+            Verdict::Act
+        );
     }
 }

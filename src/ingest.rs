@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bounds::Bounds;
-use crate::debounce::{Debouncer, Gated, ReadGate, Signal};
+use crate::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
 use crate::depfile::{self, ServiceKey};
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
@@ -513,15 +513,18 @@ pub struct IngestConfig {
     pub resync: Duration,
 }
 
+/// Whether a read found the file empty (nothing but white space): just truncated for a
+/// rewrite, most likely.
+fn read_empty(read: &Read) -> bool {
+    matches!(&read.1, Ok(b) if b.iter().all(u8::is_ascii_whitespace))
+}
+
 /// The file side of the loop: events coalesced by the debouncer, reads held at the gate until
-/// their barrier shows the writer was done, and files read empty waited for.
+/// their barrier shows the writer was done.
 struct Files {
     debouncer: Debouncer,
     gate: ReadGate<Read>,
     barriers: Barriers,
-    /// Paths read empty, and since when: a file truncated for a rewrite is in progress.
-    empty_since: HashMap<PathBuf, tokio::time::Instant>,
-    max_wait: Duration,
 }
 
 impl Files {
@@ -546,7 +549,7 @@ impl Files {
             .add(path, signal, tokio::time::Instant::now());
     }
 
-    /// Read what is due, and hold the reads until their barrier comes out (or judge them at
+    /// Read what is due, and hold the reads until their barrier comes out (or decide them at
     /// once when no barrier can be raised).
     async fn read_due(&mut self, ingest: &mut Ingest) {
         let now = tokio::time::Instant::now();
@@ -555,42 +558,39 @@ impl Files {
             return;
         }
         let reads = ingest.read(due).await;
-        let Some(n) = self.barriers.raise() else {
-            let decided = reads.into_iter().map(|(p, r)| Gated::Act(p, r)).collect();
-            return self.decided(ingest, decided).await;
-        };
+        let barrier = self.barriers.raise();
+        let mut decided = Vec::new();
         for (path, read) in reads {
-            self.gate.hold(n, path, read, now);
+            let empty = read_empty(&read);
+            match barrier {
+                Some(n) => self.gate.hold(n, path, read, empty, now),
+                None => decided.push(self.gate.unguarded(path, read, empty, now)),
+            }
         }
+        self.decided(ingest, decided).await;
     }
 
+    /// Act on the gate's verdicts.
     async fn decided(&mut self, ingest: &mut Ingest, decided: Vec<Gated<Read>>) {
-        for d in decided {
-            match d {
-                Gated::Act(path, read) => self.judge_or_wait(ingest, path, read).await,
-                // The event that made it stale brings the path back through the debouncer.
-                Gated::Stale(path) => {
-                    tracing::debug!(file = %shown(&path), "written again while being read; read again once the writer is done")
+        for Gated {
+            path,
+            read,
+            verdict,
+        } in decided
+        {
+            match verdict {
+                Verdict::Act => ingest.judge(&path, read, Trigger::File).await,
+                // The event that made it stale brought the path back through the debouncer.
+                Verdict::Stale => {
+                    tracing::debug!(file = %shown(&path), "written again since it was read; read again once the writer is done")
+                }
+                Verdict::InProgress => {
+                    tracing::debug!(file = %shown(&path), "read empty: a save in progress; read again once the writer is done");
+                    self.debouncer
+                        .add(path, Signal::Writing, tokio::time::Instant::now());
                 }
             }
         }
-    }
-
-    /// Judge a read, unless the file is empty: a file truncated for a rewrite is in progress,
-    /// and read again after the quiet window (an empty file is an error only after
-    /// `--max-wait`).
-    async fn judge_or_wait(&mut self, ingest: &mut Ingest, path: PathBuf, read: Read) {
-        let now = tokio::time::Instant::now();
-        let empty = matches!(&read.1, Ok(b) if b.iter().all(u8::is_ascii_whitespace));
-        if empty {
-            let since = *self.empty_since.entry(path.clone()).or_insert(now);
-            if now.duration_since(since) < self.max_wait {
-                self.debouncer.add(path, Signal::Touched, now);
-                return;
-            }
-        }
-        self.empty_since.remove(&path);
-        ingest.judge(&path, read, Trigger::File).await;
     }
 }
 
@@ -606,10 +606,8 @@ pub async fn run(
 ) {
     let mut files = Files {
         debouncer: Debouncer::new(config.quiet, config.max_wait),
-        gate: ReadGate::default(),
+        gate: ReadGate::new(config.max_wait),
         barriers,
-        empty_since: HashMap::new(),
-        max_wait: config.max_wait,
     };
     let mut resync = tokio::time::interval(config.resync);
     resync.tick().await;

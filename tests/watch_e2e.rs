@@ -149,10 +149,14 @@ async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_versi
     env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
         .await;
     let seen = templates_seen(&env, "demo", "web");
-    wait_for("the watch to see the template", Duration::from_secs(10), || {
-        let seen = seen.clone();
-        async move { (!seen.lock().expect("lock").is_empty()).then_some(()) }
-    })
+    wait_for(
+        "the watch to see the template",
+        Duration::from_secs(10),
+        || {
+            let seen = seen.clone();
+            async move { (!seen.lock().expect("lock").is_empty()).then_some(()) }
+        },
+    )
     .await;
     let daemon = env.daemon(&[]).await;
     let path = env.deps.join("web_demo.dep");
@@ -184,7 +188,10 @@ async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_versi
         .difference(&whole)
         .cloned()
         .collect();
-    assert!(partial.is_empty(), "half-written versions PATCHed: {partial:?}");
+    assert!(
+        partial.is_empty(),
+        "half-written versions PATCHed: {partial:?}"
+    );
     let key = ServiceKey::new("web", "demo").expect("key");
     let recorded: Vec<String> = env
         .store()
@@ -195,7 +202,10 @@ async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_versi
         // Recorded as `<container>=<image>`.
         .filter(|i| !i.strip_prefix("web=").is_some_and(|i| whole.contains(i)))
         .collect();
-    assert!(recorded.is_empty(), "half-written versions recorded: {recorded:?}");
+    assert!(
+        recorded.is_empty(),
+        "half-written versions recorded: {recorded:?}"
+    );
     // At most one PATCH per whole save; every slow save was deployed.
     let patches = env.patches("demo", "web");
     assert!((30..=60).contains(&patches), "{patches} PATCHes");
