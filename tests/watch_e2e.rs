@@ -213,3 +213,61 @@ async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_versi
     assert!(!log.contains("the file is empty"), "{log}");
     daemon.stop();
 }
+
+/// A file emptied by one open (`: > file`) and written by the next (`echo 1.1.0 >> file`) is
+/// a save in progress, not an empty file; a file left empty is refused once `--max-wait` has
+/// passed since it was first read empty, and the last good version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_empty_after_a_truncate_waits_for_its_writer() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let daemon = env.daemon(&["--max-wait", "2s"]).await;
+    let path = env.deps.join("web_demo.dep");
+    let truncate = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .expect("truncate")
+    };
+    env.write_dep("web_demo.dep", "1.0.1\n");
+    env.wait_image("demo", "web", "example.com/web:1.0.1").await;
+
+    drop(truncate());
+    // The writer's own pause between its two opens (the scenario, not a wait for a result).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("append");
+    f.write_all(b"1.1.0\n").expect("write");
+    drop(f);
+    env.wait_image("demo", "web", "example.com/web:1.1.0").await;
+    assert!(
+        !daemon.log_text().contains("the file is empty"),
+        "{}",
+        daemon.log_text()
+    );
+
+    let emptied = std::time::Instant::now();
+    drop(truncate());
+    let key = ServiceKey::new("web", "demo").expect("key");
+    wait_for(
+        "the empty file refused",
+        Duration::from_secs(20),
+        || async {
+            let r = env.store().service(&key).ok()??;
+            (r.status.as_str() == "invalid" && r.message.contains("the file is empty"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        emptied.elapsed() >= Duration::from_secs(2),
+        "refused after {:?}, before --max-wait",
+        emptied.elapsed()
+    );
+    assert_eq!(env.image("demo", "web").await, "example.com/web:1.1.0");
+    daemon.stop();
+}
