@@ -383,18 +383,22 @@ impl Ingest {
             .await;
     }
 
-    /// Compare the whole directory with what is known and recorded.
+    /// Compare the whole directory with what is known and recorded, and act on every file.
     pub async fn rescan(&mut self, trigger: Trigger) {
-        self.rescan_except(trigger, &Default::default()).await
+        let present = self.rescan_except(trigger, &Default::default()).await;
+        self.paths_changed(present, trigger).await;
+        self.startup_records = None;
     }
 
-    /// [`Self::rescan`], leaving out files still open for writing (their close will be
-    /// reported), so a rescan never reads a half-written file.
+    /// Compare the whole directory with what is known and recorded: files gone are acted on
+    /// here; the files present are returned to be read, less those in `busy` (still open for
+    /// writing, whose close will be reported, or read and not yet judged), so a rescan never
+    /// reads a half-written file.
     pub async fn rescan_except(
         &mut self,
         trigger: Trigger,
-        writing: &std::collections::HashSet<PathBuf>,
-    ) {
+        busy: &std::collections::HashSet<PathBuf>,
+    ) -> Vec<PathBuf> {
         let dir = self.dir.clone();
         let scanned = tokio::task::spawn_blocking(move || crate::watch::scan(&dir))
             .await
@@ -403,7 +407,7 @@ impl Ingest {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(dir = %shown(&self.dir), error = %e, "cannot scan the dependency directory");
-                return;
+                return Vec::new();
             }
         };
         let present: HashSet<&PathBuf> = paths.iter().collect();
@@ -444,9 +448,7 @@ impl Ingest {
                 .ok()
                 .map(|all| all.into_iter().map(|r| (r.key(), r)).collect());
         }
-        let due: Vec<PathBuf> = paths.into_iter().filter(|p| !writing.contains(p)).collect();
-        self.paths_changed(due, trigger).await;
-        self.startup_records = None;
+        paths.into_iter().filter(|p| !busy.contains(p)).collect()
     }
 
     /// Services whose file was deleted while depwatch was stopped are no longer managed.
@@ -523,11 +525,20 @@ fn read_empty(read: &Read) -> bool {
 /// their barrier shows the writer was done.
 struct Files {
     debouncer: Debouncer,
-    gate: ReadGate<Read>,
+    /// Reads, with what made them, waiting for their barrier.
+    gate: ReadGate<(Read, Trigger)>,
     barriers: Barriers,
 }
 
 impl Files {
+    fn new(config: &IngestConfig, barriers: Barriers) -> Files {
+        Files {
+            debouncer: Debouncer::new(config.quiet, config.max_wait),
+            gate: ReadGate::new(config.max_wait),
+            barriers,
+        }
+    }
+
     /// The earliest moment something is due.
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         match (self.debouncer.next_deadline(), self.gate.next_deadline()) {
@@ -549,37 +560,62 @@ impl Files {
             .add(path, signal, tokio::time::Instant::now());
     }
 
-    /// Read what is due, and hold the reads until their barrier comes out (or decide them at
-    /// once when no barrier can be raised).
+    /// Read the paths whose wait is over.
     async fn read_due(&mut self, ingest: &mut Ingest) {
-        let now = tokio::time::Instant::now();
-        let due = self.debouncer.take_due(now);
-        if due.is_empty() {
+        let due = self.debouncer.take_due(tokio::time::Instant::now());
+        self.read(ingest, due, Trigger::File).await;
+    }
+
+    /// Compare the whole directory with the record; the files present are read like any other
+    /// (files still open, or held at the gate, are left to their own events).
+    async fn rescan(&mut self, ingest: &mut Ingest, trigger: Trigger) {
+        let present = ingest.rescan_except(trigger, &self.busy()).await;
+        self.read(ingest, present, trigger).await;
+    }
+
+    /// Read `paths`, and hold the reads until their barrier comes out (or decide them at once
+    /// when no barrier can be raised).
+    async fn read(&mut self, ingest: &mut Ingest, paths: Vec<PathBuf>, trigger: Trigger) {
+        if paths.is_empty() {
             return;
         }
-        let reads = ingest.read(due).await;
+        let now = tokio::time::Instant::now();
+        let reads = ingest.read(paths).await;
         let barrier = self.barriers.raise();
         let mut decided = Vec::new();
         for (path, read) in reads {
             let empty = read_empty(&read);
             match barrier {
-                Some(n) => self.gate.hold(n, path, read, empty, now),
-                None => decided.push(self.gate.unguarded(path, read, empty, now)),
+                Some(n) => self.gate.hold(n, path, (read, trigger), empty, now),
+                None => decided.push(self.gate.unguarded(path, (read, trigger), empty, now)),
             }
         }
         self.decided(ingest, decided).await;
     }
 
+    /// Barrier `n` came out: the reads it held are decided.
+    async fn barrier(&mut self, ingest: &mut Ingest, n: u64) {
+        let decided = self.gate.passed(n);
+        self.decided(ingest, decided).await;
+    }
+
+    /// Reads whose barrier is overdue are decided, then the paths whose wait is over are read.
+    async fn due(&mut self, ingest: &mut Ingest) {
+        let overdue = self.gate.overdue(tokio::time::Instant::now());
+        self.decided(ingest, overdue).await;
+        self.read_due(ingest).await;
+    }
+
     /// Act on the gate's verdicts.
-    async fn decided(&mut self, ingest: &mut Ingest, decided: Vec<Gated<Read>>) {
+    async fn decided(&mut self, ingest: &mut Ingest, decided: Vec<Gated<(Read, Trigger)>>) {
         for Gated {
             path,
-            read,
+            read: (read, trigger),
             verdict,
         } in decided
         {
             match verdict {
-                Verdict::Act => ingest.judge(&path, read, Trigger::File).await,
+                Verdict::Act => ingest.judge(&path, read, trigger).await,
                 // The event that made it stale brought the path back through the debouncer.
                 Verdict::Stale => {
                     tracing::debug!(file = %shown(&path), "written again since it was read; read again once the writer is done")
@@ -604,11 +640,7 @@ pub async fn run(
     overflow: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
-    let mut files = Files {
-        debouncer: Debouncer::new(config.quiet, config.max_wait),
-        gate: ReadGate::new(config.max_wait),
-        barriers,
-    };
+    let mut files = Files::new(&config, barriers);
     let mut resync = tokio::time::interval(config.resync);
     resync.tick().await;
     // The root's own events say at once when it is replaced; this check catches what they
@@ -629,7 +661,7 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = resync.tick() => {
                 if root_ok {
-                    ingest.rescan_except(Trigger::Resync, &files.busy()).await;
+                    files.rescan(&mut ingest, Trigger::Resync).await;
                 }
             }
             _ = root_check.tick() => root_event = true,
@@ -640,17 +672,14 @@ pub async fn run(
                 Some(FileEvent::Rescan) => {
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
-                    ingest.rescan_except(Trigger::Rescan, &files.busy()).await;
+                    files.rescan(&mut ingest, Trigger::Rescan).await;
                 }
                 Some(FileEvent::Path(p, signal)) => files.event(p, signal),
-                Some(FileEvent::Barrier(n)) => {
-                    let decided = files.gate.passed(n);
-                    files.decided(&mut ingest, decided).await;
-                }
+                Some(FileEvent::Barrier(n)) => files.barrier(&mut ingest, n).await,
             },
         }
         if root_event {
-            root_ok = refresh_root(&mut root, &mut ingest).await;
+            root_ok = refresh_root(&mut root, &mut files, &mut ingest).await;
         }
         if !root_ok {
             overflow.store(false, Ordering::SeqCst);
@@ -658,20 +687,22 @@ pub async fn run(
         }
         if overflow.swap(false, Ordering::SeqCst) {
             tracing::warn!("file events overflowed; rescanning");
-            ingest.rescan_except(Trigger::Rescan, &files.busy()).await;
+            files.rescan(&mut ingest, Trigger::Rescan).await;
         }
-        let overdue = files.gate.overdue(tokio::time::Instant::now());
-        files.decided(&mut ingest, overdue).await;
-        files.read_due(&mut ingest).await;
+        files.due(&mut ingest).await;
     }
 }
 
 /// Look at the dependency root again; `false` while it is missing.
-async fn refresh_root(root: &mut crate::watch::RootWatch, ingest: &mut Ingest) -> bool {
+async fn refresh_root(
+    root: &mut crate::watch::RootWatch,
+    files: &mut Files,
+    ingest: &mut Ingest,
+) -> bool {
     match root.refresh() {
         crate::watch::RootState::Same => true,
         crate::watch::RootState::Rewatched => {
-            ingest.rescan(Trigger::Rescan).await;
+            files.rescan(ingest, Trigger::Rescan).await;
             true
         }
         // Nothing is forgotten while the directory is away: a rescan now would take every
