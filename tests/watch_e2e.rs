@@ -145,6 +145,17 @@ fn templates_seen(env: &Env, ns: &str, name: &str) -> Arc<Mutex<BTreeSet<String>
 /// valid version and must never be deployed, and the file read empty is no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_version() {
+    slow_writer_loop(&[]).await;
+}
+
+/// The same, with a resync every 100ms reading the file whenever it is not open for writing
+/// (between a close and the next save's events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resyncs_never_read_a_save_truncated_at_once_by_a_slow_writer() {
+    slow_writer_loop(&["--resync", "100ms"]).await;
+}
+
+async fn slow_writer_loop(args: &[&str]) {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
         .await;
@@ -158,7 +169,7 @@ async fn a_save_truncated_at_once_by_a_slow_writer_never_deploys_a_partial_versi
         },
     )
     .await;
-    let daemon = env.daemon(&[]).await;
+    let daemon = env.daemon(args).await;
     let path = env.deps.join("web_demo.dep");
     let mut whole = BTreeSet::from(["example.com/web:1.0.0".to_string()]);
     for i in 0..30 {
