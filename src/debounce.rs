@@ -374,147 +374,146 @@ mod tests {
         assert_eq!(d.next_deadline(), Some(t0 + MAX));
     }
 
-    /// One read of `/d/a.dep` held for barrier 1 at `t0 + at`, then what came out.
-    struct GateCase {
-        name: &'static str,
-        /// The read found the file empty.
-        empty: bool,
-        /// When the read was made; a read made later than `t0` follows one at `t0` that found
-        /// the file empty.
-        at: Duration,
-        /// Paths whose events came out after the read.
-        events: &'static [&'static str],
-        /// The barrier that came out, if any.
-        barrier: Option<u64>,
-        /// When the gate is asked about overdue reads, after the read.
-        after: Duration,
-        want: Option<Verdict>,
+    /// One read of `/d/a.dep` ("14.37") held for barrier 1: (case, read empty, read at (after
+    /// an earlier read at `t0` found the file empty, unless zero), paths whose events came out
+    /// after the read, barrier that came out, overdue reads asked for this long after the
+    /// read, verdict (none: still held)).
+    type GateRow = (
+        &'static str,
+        bool,
+        Duration,
+        &'static [&'static str],
+        Option<u64>,
+        Duration,
+        Option<Verdict>,
+    );
+
+    fn gate_row((name, empty, at, events, barrier, after, want): GateRow) {
+        let t0 = Instant::now();
+        let mut gate = ReadGate::new(MAX);
+        if at > Duration::ZERO {
+            let first = gate.unguarded(p("/d/a.dep"), "", true, t0);
+            assert_eq!(first.verdict, Verdict::InProgress, "{name}");
+        }
+        gate.hold(1, p("/d/a.dep"), "14.37", empty, t0 + at);
+        for e in events {
+            gate.saw(&p(e));
+        }
+        let mut out = barrier.map(|n| gate.passed(n)).unwrap_or_default();
+        out.extend(gate.overdue(t0 + at + after));
+        let got: Vec<Verdict> = out.iter().map(|g| g.verdict).collect();
+        assert_eq!(got, Vec::from_iter(want), "{name}");
+        let same = |g: &Gated<&str>| g.path == p("/d/a.dep") && g.read == "14.37";
+        assert!(out.iter().all(same), "{name}");
+        let held = gate.holding().count();
+        assert_eq!(held, usize::from(want.is_none()), "{name}");
+    }
+
+    const A: &[&str] = &["/d/a.dep"];
+    const B: &[&str] = &["/d/b.dep"];
+    const NO: &[&str] = &[];
+    const SOON: Duration = Duration::from_millis(5);
+
+    #[test]
+    fn a_read_written_since_is_stale() {
+        use Verdict::*;
+        let z = Duration::ZERO;
+        let table: [GateRow; 5] = [
+            (
+                "nothing happened to the file",
+                false,
+                z,
+                NO,
+                Some(1),
+                SOON,
+                Some(Act),
+            ),
+            (
+                "the next save's O_TRUNC came",
+                false,
+                z,
+                A,
+                Some(1),
+                SOON,
+                Some(Stale),
+            ),
+            (
+                "another file's event is nothing",
+                false,
+                z,
+                B,
+                Some(1),
+                SOON,
+                Some(Act),
+            ),
+            (
+                "a later barrier passes this one",
+                false,
+                z,
+                NO,
+                Some(2),
+                SOON,
+                Some(Act),
+            ),
+            ("no barrier yet: held", false, z, NO, None, SOON, None),
+        ];
+        table.into_iter().for_each(gate_row);
     }
 
     #[test]
-    fn read_gate_cases() {
+    fn a_lost_barrier_and_an_empty_read() {
         use Verdict::*;
-        let ms = Duration::from_millis;
-        let case = |name, empty, events, barrier, want| GateCase {
-            name,
-            empty,
-            at: Duration::ZERO,
-            events,
-            barrier,
-            after: ms(5),
-            want,
-        };
-        let table = [
-            case(
-                "nothing happened to the file: act",
+        let (z, w) = (Duration::ZERO, BARRIER_WAIT);
+        let just_before = MAX - Duration::from_millis(1);
+        let table: [GateRow; 6] = [
+            (
+                "no barrier within its wait",
                 false,
-                &[],
-                Some(1),
+                z,
+                NO,
+                None,
+                w,
                 Some(Act),
             ),
-            case(
-                "the next save's O_TRUNC came first: stale",
+            (
+                "no barrier, written since",
                 false,
-                &["/d/a.dep"],
-                Some(1),
+                z,
+                A,
+                None,
+                w,
                 Some(Stale),
             ),
-            case(
-                "another file's event is nothing to it",
-                false,
-                &["/d/b.dep"],
-                Some(1),
-                Some(Act),
-            ),
-            case(
-                "a later barrier passes earlier ones",
-                false,
-                &[],
-                Some(2),
-                Some(Act),
-            ),
-            case("no barrier yet: held", false, &[], None, None),
-            case(
-                "read empty, nothing after: in progress",
+            ("read empty", true, z, NO, Some(1), SOON, Some(InProgress)),
+            (
+                "read empty, then written",
                 true,
-                &[],
+                z,
+                A,
                 Some(1),
+                SOON,
+                Some(Stale),
+            ),
+            (
+                "empty, not yet --max-wait",
+                true,
+                just_before,
+                NO,
+                Some(1),
+                SOON,
                 Some(InProgress),
             ),
-            case(
-                "read empty, then written: stale",
+            (
+                "empty for --max-wait: refused",
                 true,
-                &["/d/a.dep"],
+                MAX,
+                NO,
                 Some(1),
-                Some(Stale),
+                SOON,
+                Some(Act),
             ),
-            GateCase {
-                after: BARRIER_WAIT,
-                ..case(
-                    "no barrier within BARRIER_WAIT: act",
-                    false,
-                    &[],
-                    None,
-                    Some(Act),
-                )
-            },
-            GateCase {
-                after: BARRIER_WAIT,
-                ..case(
-                    "no barrier, but written since: stale",
-                    false,
-                    &["/d/a.dep"],
-                    None,
-                    Some(Stale),
-                )
-            },
-            GateCase {
-                at: MAX - ms(1),
-                ..case(
-                    "empty, not yet for --max-wait: in progress",
-                    true,
-                    &[],
-                    Some(1),
-                    Some(InProgress),
-                )
-            },
-            GateCase {
-                at: MAX,
-                ..case(
-                    "empty for --max-wait: act (an empty file)",
-                    true,
-                    &[],
-                    Some(1),
-                    Some(Act),
-                )
-            },
         ];
-        let t0 = Instant::now();
-        for c in table {
-            let mut gate = ReadGate::new(MAX);
-            if c.at > Duration::ZERO {
-                let first = gate.unguarded(p("/d/a.dep"), "", true, t0);
-                assert_eq!(first.verdict, InProgress, "{}", c.name);
-            }
-            let read_at = t0 + c.at;
-            gate.hold(1, p("/d/a.dep"), "14.37", c.empty, read_at);
-            for e in c.events {
-                gate.saw(&p(e));
-            }
-            let mut out = c.barrier.map(|n| gate.passed(n)).unwrap_or_default();
-            out.extend(gate.overdue(read_at + c.after));
-            let got: Vec<Verdict> = out.iter().map(|g| g.verdict).collect();
-            assert_eq!(got, Vec::from_iter(c.want), "{}", c.name);
-            assert!(out
-                .iter()
-                .all(|g| g.path == p("/d/a.dep") && g.read == "14.37"));
-            assert_eq!(
-                gate.holding().count(),
-                usize::from(c.want.is_none()),
-                "{}",
-                c.name
-            );
-        }
+        table.into_iter().for_each(gate_row);
     }
 
     #[test]
