@@ -712,13 +712,7 @@ impl Deployer {
         key: &ServiceKey,
         kind: Option<WorkloadKind>,
     ) -> Result<Option<Plan>, DeployError> {
-        let kinds = kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]);
-        let mut found: Vec<WorkloadState> =
-            futures::future::try_join_all(kinds.into_iter().map(|k| self.get(k, key)))
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
+        let mut found = self.get_kinds(key, kind).await?;
         match found.len() {
             0 => Ok(None),
             1 => Ok(Some(Plan::observed(key, found.remove(0)))),
@@ -729,6 +723,23 @@ impl Deployer {
         }
     }
 
+    /// The workloads named like `key`, of `kind` or of every kind: all kinds at once, one
+    /// round trip rather than four.
+    async fn get_kinds(
+        &self,
+        key: &ServiceKey,
+        kind: Option<WorkloadKind>,
+    ) -> Result<Vec<WorkloadState>, DeployError> {
+        let kinds = kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]);
+        Ok(
+            futures::future::try_join_all(kinds.into_iter().map(|k| self.get(k, key)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect(),
+        )
+    }
+
     /// The workload from the API server: of `kind`, or of whichever kind has the name.
     async fn read(
         &self,
@@ -736,14 +747,7 @@ impl Deployer {
         kind: Option<WorkloadKind>,
     ) -> Result<WorkloadState, DeployError> {
         self.ensure_namespace(&key.namespace).await?;
-        // Every kind at once: one round trip, not four.
-        let kinds = kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]);
-        let mut found: Vec<WorkloadState> =
-            futures::future::try_join_all(kinds.into_iter().map(|k| self.get(k, key)))
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
+        let mut found = self.get_kinds(key, kind).await?;
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => {
