@@ -700,6 +700,22 @@ async fn crash_patched(env: &Env, daemon: &common::daemon::Daemon) {
     .await;
 }
 
+/// The crash-3.0 rollout's row, once it has ended.
+async fn crash_row_finished(store: &Store) -> depwatch::store::DeployRecord {
+    wait_for(
+        "the crash row finished",
+        Duration::from_secs(90),
+        || async {
+            store
+                .history(Some(&web()), 20)
+                .ok()?
+                .into_iter()
+                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
+        },
+    )
+    .await
+}
+
 /// Every case ends so: the cluster back on 1.0, the crash rollout's one row rolled back, a pin
 /// on `pinned` (the crash's own content, or the file's when that is pinned already), no row
 /// left open, and no drift row blaming depwatch's own patch.
@@ -814,18 +830,7 @@ async fn a_failing_rollout_whose_file_is_deleted_is_still_rolled_back() {
     crash_patched(&env, &daemon).await;
     std::fs::remove_file(env.deps.join("web_prod.dep")).expect("rm");
     env.wait_image("prod", "web", "r.example/web:1.0").await;
-    let row = wait_for(
-        "the crash row finished",
-        Duration::from_secs(90),
-        || async {
-            store
-                .history(Some(&web()), 20)
-                .ok()?
-                .into_iter()
-                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
-        },
-    )
-    .await;
+    let row = crash_row_finished(&store).await;
     assert_eq!(row.outcome, DeployOutcome::RolledBack, "{row:?}");
     wait_for("the service let go", Duration::from_secs(30), || async {
         let r = store.service(&web()).ok()??;
@@ -847,18 +852,7 @@ async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_now_canno
     let daemon = env.daemon(&["--crash-restarts", "6"]).await;
     let store = env.store();
     env.wait_image("prod", "web", "r.example/web:1.0").await;
-    let row = wait_for(
-        "the crash row finished",
-        Duration::from_secs(90),
-        || async {
-            store
-                .history(Some(&web()), 20)
-                .ok()?
-                .into_iter()
-                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
-        },
-    )
-    .await;
+    let row = crash_row_finished(&store).await;
     assert_eq!(
         row.outcome,
         DeployOutcome::RolledBack,
@@ -932,18 +926,7 @@ async fn a_failing_rollout_on_a_deployment_is_rolled_back_when_the_file_switches
         },
     )
     .await;
-    let row = wait_for(
-        "the crash row finished",
-        Duration::from_secs(90),
-        || async {
-            store
-                .history(Some(&web()), 20)
-                .ok()?
-                .into_iter()
-                .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
-        },
-    )
-    .await;
+    let row = crash_row_finished(&store).await;
     assert_eq!(
         row.outcome,
         DeployOutcome::RolledBack,
