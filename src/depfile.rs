@@ -208,14 +208,16 @@ impl fmt::Display for DepFileError {
 const EXPECTED: &str = "expected a version (1.42.0), a digest (sha256:…), an image reference (registry/repo:tag), or a YAML mapping such as `images: {api: repo/api:1.2}`";
 
 /// Validate a tag as the registry distribution spec defines it.
-fn valid_tag(s: &str) -> bool {
+/// The OCI tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn valid_tag(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric() || c == '_')
         && s.len() <= 128
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
-fn valid_digest(s: &str) -> Result<(), String> {
+/// The digest grammar depwatch accepts: sha256, sha384 or sha512 in lower-case hex.
+pub fn valid_digest(s: &str) -> Result<(), String> {
     let (alg, hex) = s
         .split_once(':')
         .ok_or_else(|| "the value is not a digest".to_string())?;
@@ -243,6 +245,9 @@ fn valid_digest(s: &str) -> Result<(), String> {
 /// Validate a full image reference with the OCI distribution grammar.
 pub fn validate_reference(s: &str) -> Result<(), String> {
     s.parse::<oci_spec::distribution::Reference>()
+        .map_err(|e| format!("not a valid image reference ({e})"))?;
+    // The grammar takes any digits for a port: the registry must be one a client can reach.
+    crate::registry::ImageRef::parse(s)
         .map(|_| ())
         .map_err(|e| format!("not a valid image reference ({e})"))
 }
@@ -605,6 +610,9 @@ pub fn resolve(
             ImageSpec::Digest(d) => format!("{repo}@{d}"),
             ImageSpec::Reference(r) => r.clone(),
         };
+        // With the running repository (or --image-repo) the image is only whole now.
+        validate_reference(&new)
+            .map_err(|why| ResolveError(format!("container {name} would run {new}, {why}")))?;
         out.push((name.clone(), new));
     }
     Ok(out)

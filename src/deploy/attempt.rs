@@ -210,10 +210,16 @@ impl Engine {
         Some(match action {
             Action::Done => return None,
             Action::Plan => {
-                let result = self
+                let read = self
                     .permits
                     .hold(self.deployer.plan(key, &desired.spec))
                     .await?;
+                // The registries are asked holding no worker: a deploy waiting on a hung
+                // registry never holds up another service's.
+                let result = match read {
+                    Ok(unchecked) => self.deployer.check_registries(unchecked).await,
+                    Err(e) => Err(e),
+                };
                 let found = match &result {
                     Ok(p) => Some((p.uid.clone(), p.kind)),
                     // Refused after the workload was found (owned, bounds, registry): the

@@ -358,6 +358,14 @@ impl ApiProbe {
     }
 }
 
+/// A plan whose images the registries have not been asked about yet, with what the kubelet
+/// would pull them with.
+#[derive(Debug)]
+pub struct Unchecked {
+    pub plan: Plan,
+    pull: workload::Pull,
+}
+
 /// What a deploy will change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -590,10 +598,11 @@ impl Deployer {
     }
 
     /// Read the workload and work out the new images. One try: the lifecycle decides
-    /// whether and when an error is worth another. The shared watches answer (their first
+    /// whether and when an error is worth another. The registries are not asked yet: that is
+    /// [`Deployer::check_registries`], which the caller runs holding no worker. The shared watches answer (their first
     /// listing is the start-up's only read of the fleet), so a deploy costs no read; the API
     /// server is asked only about a workload the watches do not show (yet).
-    pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Plan, DeployError> {
+    pub async fn plan(&self, key: &ServiceKey, spec: &DepSpec) -> Result<Unchecked, DeployError> {
         self.config.bounds.check_namespace(&key.namespace)?;
         // Start (or wait briefly for) the watches; ask the API server while they have not
         // listed.
@@ -641,9 +650,8 @@ impl Deployer {
             ecr.note(&key.namespace, wanted.values().map(String::as_str));
         }
         let changes = w.images.changed_in(&wanted);
-        let digests = self.preflight(key, &w, &changes).await?;
-        Ok(Plan {
-            digests,
+        let plan = Plan {
+            digests: Images::new(),
             key: key.clone(),
             kind: w.kind,
             after: w.images.with(&changes),
@@ -653,7 +661,16 @@ impl Deployer {
             generation: w.generation,
             uid: w.uid,
             resource_version: w.resource_version,
-        })
+        };
+        Ok(Unchecked { plan, pull: w.pull })
+    }
+
+    /// The pre-flight of a plan: every changed image asked of its registry (within the
+    /// bounded wait), the digests found kept on the plan.
+    pub async fn check_registries(&self, unchecked: Unchecked) -> Result<Plan, DeployError> {
+        let Unchecked { mut plan, pull } = unchecked;
+        plan.digests = self.preflight(&plan.key, &pull, &plan.changes).await?;
+        Ok(plan)
     }
 
     /// Ask the registries whether every changed image exists, with the credentials the
@@ -661,7 +678,7 @@ impl Deployer {
     async fn preflight(
         &self,
         key: &ServiceKey,
-        w: &WorkloadState,
+        pull: &workload::Pull,
         changes: &Images,
     ) -> Result<Images, DeployError> {
         let Some(p) = self
@@ -672,7 +689,7 @@ impl Deployer {
         else {
             return Ok(Images::new());
         };
-        let mut creds = self.pull.for_pods(&key.namespace, &w.pull).await;
+        let mut creds = self.pull.for_pods(&key.namespace, pull).await;
         if let Some(ecr) = &self.config.ecr {
             // Only at start, until the first token fetch has ended (within the bounded wait).
             ecr.first_fetch(p.wait).await;

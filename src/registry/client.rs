@@ -4,17 +4,22 @@
 //! same time, so a burst of one repository costs one request; each registry gets a few requests
 //! at once and is left alone for as long as its `Retry-After` says.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
-use reqwest::StatusCode;
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, LINK, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, StatusCode, Url};
+use sha2::Digest as _;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
 use super::reference::{closest_tags, Credentials, ImageRef};
+use super::trust::{self, Hop};
 
 /// What the manifest HEAD accepts: indexes and manifests, OCI and Docker.
 const MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -26,7 +31,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a registry said about one image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    /// It exists; the digest the registry reports, when it does.
+    /// It exists; the digest the registry reports, when it does (and it is a digest).
     Found { digest: Option<String> },
     /// It does not; the closest existing tags, when the registry lists them.
     Missing { closest: Vec<String> },
@@ -37,6 +42,9 @@ pub enum Answer {
         why: String,
         retry_after: Option<Duration>,
     },
+    /// An answer depwatch will not use (too large, a token realm or redirect it does not
+    /// trust): taken as no answer, and not asked again at once.
+    Unusable(String),
 }
 
 impl Answer {
@@ -44,11 +52,16 @@ impl Answer {
     fn lifetime(&self) -> Duration {
         match self {
             Answer::Found { .. } => Duration::from_secs(60),
-            Answer::Missing { .. } | Answer::Denied(_) => Duration::from_secs(5),
+            Answer::Missing { .. } | Answer::Denied(_) | Answer::Unusable(_) => {
+                Duration::from_secs(5)
+            }
             Answer::Unavailable { .. } => Duration::ZERO,
         }
     }
 }
+
+/// Whether an address is internal; [`trust::internal_ip`] but for tests.
+type Classifier = fn(IpAddr) -> bool;
 
 /// One registry's share of requests, when it asked to be left alone until, and until when it is
 /// taken for down (it gave no answer for a whole bounded wait).
@@ -60,13 +73,55 @@ struct Host {
 }
 
 type Cached = (Instant, Arc<OnceCell<Answer>>);
+/// `(host, repository, identity)`: a token is reused only by whoever presents the same
+/// credentials.
+type TokenKey = (String, String, String);
+
+/// Why a request got no response depwatch uses.
+enum Failed {
+    /// Not reached (connection, timeout, TLS).
+    Unreachable(String),
+    /// A redirect depwatch does not follow.
+    Refused(String),
+}
+
+/// Why a body was not read.
+enum BodyError {
+    TooLarge,
+    Failed(String),
+}
+
+/// Resolves names to public addresses only: token realms of a registry that is not itself
+/// internal cannot be steered at the host's neighbours by DNS.
+struct PublicOnly(Classifier);
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let internal = self.0;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !internal(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to internal addresses only").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
 
 /// The registries depwatch asks. Cheap to clone.
 #[derive(Clone)]
 pub struct Registries {
+    /// Registries themselves, wherever the image says (`--allowed-images` bounds that).
     http: reqwest::Client,
-    /// Bearer tokens by `(host, repository)`, with their expiry.
-    tokens: Arc<DashMap<(String, String), (String, Instant)>>,
+    /// Token realms of registries that are not internal: public addresses only.
+    public: reqwest::Client,
+    internal: Classifier,
+    /// Bearer tokens by host, repository and credentials, with their expiry.
+    tokens: Arc<DashMap<TokenKey, (String, Instant)>>,
     hosts: Arc<DashMap<String, Arc<Host>>>,
     answers: Arc<DashMap<String, Cached>>,
     requests: Arc<AtomicU64>,
@@ -78,15 +133,41 @@ impl Default for Registries {
     }
 }
 
+/// Who asks: `anonymous`, or a digest of the credentials (never the credentials).
+fn identity(creds: Option<&Credentials>) -> String {
+    let Some(c) = creds else {
+        return "anonymous".into();
+    };
+    let mut h = sha2::Sha256::new();
+    h.update(c.username.as_bytes());
+    h.update([0]);
+    h.update(c.password.as_bytes());
+    h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl Registries {
     pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("depwatch/", env!("CARGO_PKG_VERSION")))
+        Self::classified(trust::internal_ip)
+    }
+
+    fn classified(internal: Classifier) -> Self {
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("depwatch/", env!("CARGO_PKG_VERSION")))
+        };
+        let public = builder()
+            .dns_resolver(Arc::new(PublicOnly(internal)))
             .build()
             .unwrap_or_default();
         Registries {
-            http,
+            http: builder().build().unwrap_or_default(),
+            public,
+            internal,
             tokens: Arc::default(),
             hosts: Arc::default(),
             answers: Arc::default(),
@@ -99,15 +180,15 @@ impl Registries {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Whether `image` exists, asked at most once per answer's lifetime (callers asking at the
-    /// same time share one request).
+    /// Whether `image` exists, asked at most once per answer's lifetime by the same
+    /// credentials (callers asking at the same time share one request).
     pub async fn check(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
         let key = format!(
             "{}/{}:{}#{}",
             image.registry,
             image.repository,
             image.reference(),
-            creds.map(|c| c.username.as_str()).unwrap_or_default()
+            identity(creds)
         );
         let cell = {
             let now = Instant::now();
@@ -196,36 +277,71 @@ impl Registries {
         })
     }
 
-    /// HEAD the manifest, answering the registry's challenge once.
-    async fn head(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
-        let url = format!(
-            "{}/v2/{}/manifests/{}",
-            image.api_base(),
-            image.repository,
-            image.reference()
-        );
-        let mut auth = self.cached_token(image);
-        for attempt in 0..2 {
-            let mut req = self.http.head(&url).header(ACCEPT, MANIFESTS);
+    /// One request, following redirects by [`trust::judge_redirect`]'s rules: never down to
+    /// HTTP, never to another host for a token (`same_host_only`), and `auth` only to the same
+    /// origin.
+    async fn fetch(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        mut url: Url,
+        mut auth: Option<String>,
+        same_host_only: bool,
+    ) -> Result<reqwest::Response, Failed> {
+        for _ in 0..=trust::MAX_REDIRECTS {
+            let mut req = client.request(method.clone(), url.clone());
+            if method == Method::HEAD {
+                req = req.header(ACCEPT, MANIFESTS);
+            }
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
             }
-            let res = match self.send(req).await {
+            let res = self.send(req).await.map_err(Failed::Unreachable)?;
+            let location = res.headers().get(LOCATION).and_then(|v| v.to_str().ok());
+            let (true, Some(location)) = (res.status().is_redirection(), location) else {
+                return Ok(res);
+            };
+            match trust::judge_redirect(&url, location, same_host_only) {
+                Hop::Follow { to, keep_auth } => {
+                    auth = auth.filter(|_| keep_auth);
+                    url = to;
+                }
+                Hop::Refuse(why) => return Err(Failed::Refused(why)),
+            }
+        }
+        Err(Failed::Refused(format!(
+            "more than {} redirects",
+            trust::MAX_REDIRECTS
+        )))
+    }
+
+    /// HEAD the manifest, answering the registry's challenge once.
+    async fn head(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
+        let path = format!("/v2/{}/manifests/{}", image.repository, image.reference());
+        let Some(url) = Url::parse(&image.api_base())
+            .ok()
+            .and_then(|b| b.join(&path).ok())
+        else {
+            return Answer::Unusable(format!("{} is not a registry address", image.registry));
+        };
+        let id = identity(creds);
+        let mut auth = self.cached_token(image, &id);
+        for attempt in 0..2 {
+            let res = match self
+                .fetch(&self.http, Method::HEAD, url.clone(), auth.clone(), false)
+                .await
+            {
                 Ok(r) => r,
-                Err(why) => return unreachable(image, why),
+                Err(failed) => return not_answered(image, failed),
             };
             match res.status() {
-                s if s.is_success() => {
-                    let digest = res
-                        .headers()
-                        .get("docker-content-digest")
-                        .and_then(|v| v.to_str().ok())
-                        .map(String::from);
-                    return Answer::Found { digest };
-                }
-                StatusCode::NOT_FOUND => return self.missing(image, auth.as_deref()).await,
+                s if s.is_success() => return found(image, res.headers()),
+                StatusCode::NOT_FOUND => return self.missing(image, &url, auth).await,
                 StatusCode::UNAUTHORIZED if attempt == 0 => {
-                    match self.answer_challenge(image, res.headers(), creds).await {
+                    match self
+                        .answer_challenge(image, &url, res.headers(), creds)
+                        .await
+                    {
                         Ok(a) => auth = Some(a),
                         Err(answer) => return answer,
                     }
@@ -242,8 +358,12 @@ impl Registries {
         Answer::Denied(format!("{} kept asking for credentials", image.registry))
     }
 
-    fn cached_token(&self, image: &ImageRef) -> Option<String> {
-        let key = (image.api_host().to_string(), image.repository.clone());
+    fn cached_token(&self, image: &ImageRef, id: &str) -> Option<String> {
+        let key = (
+            image.api_host().to_string(),
+            image.repository.clone(),
+            id.to_string(),
+        );
         self.tokens
             .get(&key)
             .filter(|t| t.1 > Instant::now())
@@ -255,6 +375,7 @@ impl Registries {
     async fn answer_challenge(
         &self,
         image: &ImageRef,
+        registry: &Url,
         headers: &HeaderMap,
         creds: Option<&Credentials>,
     ) -> Result<String, Answer> {
@@ -271,33 +392,57 @@ impl Registries {
         match super::challenge::parse(challenge) {
             Some(super::challenge::Challenge::Basic) => creds.map(basic).ok_or_else(need),
             Some(super::challenge::Challenge::Bearer { realm, service }) => {
-                self.token(image, &realm, service.as_deref(), creds).await
+                let asked = Realm {
+                    registry,
+                    realm: &realm,
+                    service: service.as_deref(),
+                };
+                self.token(image, asked, creds).await
             }
             None => Err(need()),
         }
     }
 
-    /// A pull token for the repository from the registry's token realm.
+    /// Whether the registry's host is internal: by name or literal, or by what it resolves to.
+    async fn registry_internal(&self, registry: &Url) -> bool {
+        if trust::internal_host(registry, self.internal) {
+            return true;
+        }
+        let host = registry.host_str().unwrap_or_default().to_string();
+        let resolved = tokio::net::lookup_host((host.as_str(), 0)).await;
+        resolved.is_ok_and(|mut addrs| addrs.any(|a| (self.internal)(a.ip())))
+    }
+
+    /// A pull token for the repository from the registry's token realm, when the realm is one
+    /// depwatch trusts (see [`trust::judge_realm`]).
     async fn token(
         &self,
         image: &ImageRef,
-        realm: &str,
-        service: Option<&str>,
+        asked: Realm<'_>,
         creds: Option<&Credentials>,
     ) -> Result<String, Answer> {
-        let scope = format!("repository:{}:pull", image.repository);
-        let mut query = vec![("scope", scope.as_str())];
-        if let Some(s) = service {
-            query.push(("service", s));
+        let internal = self.registry_internal(asked.registry).await;
+        let unusable = |why: String| Answer::Unusable(format!("{}: {why}", image.registry));
+        let mut url = trust::judge_realm(
+            asked.registry,
+            internal,
+            asked.realm,
+            creds.is_some(),
+            self.internal,
+        )
+        .map_err(unusable)?;
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("scope", &format!("repository:{}:pull", image.repository));
+            if let Some(s) = asked.service {
+                query.append_pair("service", s);
+            }
         }
-        let mut req = self.http.get(realm).query(&query);
-        if let Some(c) = creds {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
+        let client = if internal { &self.http } else { &self.public };
         let res = self
-            .send(req)
+            .fetch(client, Method::GET, url, creds.map(basic), true)
             .await
-            .map_err(|why| unreachable(image, why))?;
+            .map_err(|failed| not_answered(image, failed))?;
         match res.status() {
             s if s.is_success() => {}
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -308,25 +453,23 @@ impl Registries {
             }
             s => return Err(unavailable(image, s, res.headers())),
         }
-        let body: serde_json::Value = res.json().await.map_err(|e| Answer::Unavailable {
-            why: format!("{}: the token answer is not JSON ({e})", image.registry),
-            retry_after: None,
-        })?;
-        let token = body["token"]
-            .as_str()
-            .or(body["access_token"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        let lifetime = body["expires_in"].as_u64().unwrap_or(60).clamp(10, 3600);
-        let value = format!("Bearer {token}");
-        let key = (image.api_host().to_string(), image.repository.clone());
-        let expiry = Instant::now() + Duration::from_secs(lifetime.saturating_sub(5));
+        let body = read_capped(res, trust::TOKEN_CAP)
+            .await
+            .map_err(|e| body_failed(image, "token answer", trust::TOKEN_CAP, e))?;
+        let (value, lifetime) = bearer(&body).map_err(unusable)?;
+        let key = (
+            image.api_host().to_string(),
+            image.repository.clone(),
+            identity(creds),
+        );
+        let expiry = Instant::now() + lifetime;
         self.tokens.insert(key, (value.clone(), expiry));
         Ok(value)
     }
 
     /// The tag is missing: name the closest ones the registry lists (none when it will not).
-    async fn missing(&self, image: &ImageRef, auth: Option<&str>) -> Answer {
+    /// At most [`trust::TAGS_PAGES`] pages of at most [`trust::TAGS_PAGE_CAP`] each are read.
+    async fn missing(&self, image: &ImageRef, manifest: &Url, auth: Option<String>) -> Answer {
         let wanted = match &image.reference {
             super::reference::Reference::Tag(t) => t.clone(),
             super::reference::Reference::Digest(_) => {
@@ -335,27 +478,138 @@ impl Registries {
                 }
             }
         };
-        let url = format!(
-            "{}/v2/{}/tags/list?n=1000",
-            image.api_base(),
-            image.repository
-        );
-        let mut req = self.http.get(url);
-        if let Some(a) = auth {
-            req = req.header(AUTHORIZATION, a);
-        }
-        let tags: Vec<String> = match self.send(req).await {
-            Ok(r) if r.status().is_success() => r
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|v| serde_json::from_value(v["tags"].clone()).ok())
-                .unwrap_or_default(),
-            _ => Vec::new(),
+        let Ok(mut url) = manifest.join(&format!("/v2/{}/tags/list?n=1000", image.repository))
+        else {
+            return Answer::Missing {
+                closest: Vec::new(),
+            };
         };
+        let mut tags = Vec::new();
+        for _ in 0..trust::TAGS_PAGES {
+            let res = match self
+                .fetch(&self.http, Method::GET, url.clone(), auth.clone(), false)
+                .await
+            {
+                Ok(r) if r.status().is_success() => r,
+                _ => break,
+            };
+            let next = res
+                .headers()
+                .get(LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| trust::next_page(&url, l));
+            let page = match read_capped(res, trust::TAGS_PAGE_CAP).await {
+                Ok(body) => serde_json::from_slice::<TagList>(&body).ok(),
+                Err(e) => {
+                    let why = body_failed(image, "tag list", trust::TAGS_PAGE_CAP, e);
+                    tracing::warn!("registry pre-flight: {why:?}; the closest tags are not named");
+                    None
+                }
+            };
+            let Some(page) = page else { break };
+            tags.extend(page.tags.unwrap_or_default());
+            match next {
+                Some(n) if tags.len() < trust::TAGS_KEPT => url = n,
+                _ => break,
+            }
+        }
+        let (tags, dropped) = trust::keep_tags(tags);
+        if dropped > 0 {
+            tracing::warn!(registry = %crate::safefs::escape(&image.registry), dropped, "registry pre-flight: tags that are not tags (or past the first {}) were dropped", trust::TAGS_KEPT);
+        }
         Answer::Missing {
             closest: closest_tags(&wanted, &tags, 3),
         }
+    }
+}
+
+/// A token realm as a challenge names it.
+struct Realm<'a> {
+    registry: &'a Url,
+    realm: &'a str,
+    service: Option<&'a str>,
+}
+
+/// One page of `tags/list`; only the tags are read.
+#[derive(serde::Deserialize)]
+struct TagList {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+/// A token service's answer; only these fields are read.
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// The `Authorization` value and lifetime a token answer gives: a token of visible ASCII.
+fn bearer(body: &[u8]) -> Result<(String, Duration), String> {
+    let answer: TokenAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("the token answer is not JSON ({e})"))?;
+    let token = answer
+        .token
+        .filter(|t| !t.is_empty())
+        .or(answer.access_token)
+        .unwrap_or_default();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token answer holds no usable token".into());
+    }
+    let lifetime = answer.expires_in.unwrap_or(60).clamp(10, 3600);
+    Ok((
+        format!("Bearer {token}"),
+        Duration::from_secs(lifetime.saturating_sub(5)),
+    ))
+}
+
+/// The manifest is there; its digest when the registry gave one of the digest grammar.
+fn found(image: &ImageRef, headers: &HeaderMap) -> Answer {
+    let raw = headers
+        .get("docker-content-digest")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let digest = raw.as_deref().and_then(trust::keep_digest);
+    if raw.is_some() && digest.is_none() {
+        tracing::warn!(registry = %crate::safefs::escape(&image.registry), "registry pre-flight: the Docker-Content-Digest answered is not a digest; not kept");
+    }
+    Answer::Found { digest }
+}
+
+/// Read a body of at most `cap` bytes, as it streams in.
+async fn read_capped(mut res: reqwest::Response, cap: usize) -> Result<Vec<u8>, BodyError> {
+    if res.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = res
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Failed(e.to_string()))?
+    {
+        if out.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn body_failed(image: &ImageRef, what: &str, cap: usize, e: BodyError) -> Answer {
+    match e {
+        BodyError::TooLarge => Answer::Unusable(format!(
+            "registry answer too large: {}'s {what} is more than {} KiB",
+            image.registry,
+            cap / 1024
+        )),
+        BodyError::Failed(why) => unreachable(image, why),
+    }
+}
+
+fn not_answered(image: &ImageRef, failed: Failed) -> Answer {
+    match failed {
+        Failed::Unreachable(why) => unreachable(image, why),
+        Failed::Refused(why) => Answer::Unusable(format!("{}: {why}", image.registry)),
     }
 }
 
@@ -391,6 +645,8 @@ fn unavailable(image: &ImageRef, status: StatusCode, headers: &HeaderMap) -> Ans
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    const DIGEST: &str = "sha256:abababababababababababababababababababababababababababababababab";
 
     /// A registry on loopback that asks for a Bearer token from its own realm (anonymous, as
     /// Docker Hub and GHCR do for public images), knows tag `1.0` only, and lists its tags.
@@ -430,7 +686,7 @@ mod tests {
                     }
                     heads.fetch_add(1, Ordering::SeqCst);
                     match path.ends_with("/manifests/1.0") {
-                        true => (StatusCode::OK, [("docker-content-digest", "sha256:ab")], "")
+                        true => (StatusCode::OK, [("docker-content-digest", DIGEST)], "")
                             .into_response(),
                         false => StatusCode::NOT_FOUND.into_response(),
                     }
@@ -451,7 +707,7 @@ mod tests {
         assert!(
             answers.iter().all(|a| *a
                 == Answer::Found {
-                    digest: Some("sha256:ab".into())
+                    digest: Some(DIGEST.into())
                 }),
             "{answers:?}"
         );
@@ -466,6 +722,51 @@ mod tests {
             Answer::Missing {
                 closest: vec!["1.0".into(), "0.9".into()]
             }
+        );
+    }
+
+    /// A registry taken for public (only 127.0.0.2 counts as internal here) whose challenge
+    /// names a realm on 127.0.0.2: never asked, and the answer says why.
+    #[tokio::test]
+    async fn a_public_registry_s_internal_token_realm_is_never_asked() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let asked = Arc::new(AtomicUsize::new(0));
+        let internal = tokio::net::TcpListener::bind("127.0.0.2:0")
+            .await
+            .expect("bind 127.0.0.2");
+        let realm = format!(
+            "http://{}/internal/creds",
+            internal.local_addr().expect("addr")
+        );
+        let counter = asked.clone();
+        let creds = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { axum::Json(serde_json::json!({"token": "stolen"})) }
+        });
+        tokio::spawn(async move { axum::serve(internal, creds).await });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let registry =
+            axum::Router::new().fallback(move || {
+                let challenge = format!("Bearer realm=\"{realm}\"");
+                async move {
+                    (StatusCode::UNAUTHORIZED, [("www-authenticate", challenge)]).into_response()
+                }
+            });
+        tokio::spawn(async move { axum::serve(listener, registry).await });
+        let registries = Registries::classified(|ip| ip == IpAddr::from([127, 0, 0, 2]));
+        let image = ImageRef::parse(&format!("{addr}/lib/app:1.0")).expect("image");
+        match registries.check(&image, None).await {
+            Answer::Unusable(why) => assert!(why.contains("internal address"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            0,
+            "the internal realm was never asked"
         );
     }
 }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod ecr;
 pub mod preflight;
 pub mod reference;
+pub mod trust;
 
 pub use client::{Answer, Registries};
 pub use preflight::{Mode, Preflight, Verdict};

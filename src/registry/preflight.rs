@@ -49,7 +49,7 @@ fn describe(image: &ImageRef, answer: &Answer) -> Option<String> {
             closest.join(", ")
         ),
         Answer::Denied(why) => why.clone(),
-        Answer::Unavailable { why, .. } => {
+        Answer::Unavailable { why, .. } | Answer::Unusable(why) => {
             format!("{shown}:{wanted} not checked: {why}; deploying anyway")
         }
     })

@@ -45,6 +45,9 @@ impl ImageRef {
         if repository.is_empty() {
             return Err(format!("{image}: no repository"));
         }
+        if registry != "docker.io" {
+            valid_host(&registry).map_err(|why| format!("{image}: {why}"))?;
+        }
         let repository = match (registry.as_str(), repository.contains('/')) {
             ("docker.io", false) => format!("library/{repository}"),
             _ => repository.to_string(),
@@ -87,6 +90,55 @@ impl ImageRef {
     /// `registry/repository`, for messages.
     pub fn repository_shown(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
+    }
+}
+
+/// A registry host a client can ask: DNS labels (letters, digits, inner `-`), an IPv4 address
+/// or a bracketed IPv6 one, and an optional port from 1 to 65535.
+pub fn valid_host(registry: &str) -> Result<(), String> {
+    let (host, port) = match registry.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, rest) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("registry host {registry} has no closing ']'"))?;
+            addr.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("registry host [{addr}] is not an IPv6 address"))?;
+            let port = match rest {
+                "" => None,
+                r => Some(r.strip_prefix(':').ok_or_else(|| {
+                    format!("registry host {registry}: expected ':port' after ']'")
+                })?),
+            };
+            (None, port)
+        }
+        None => match registry.split_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(registry), None),
+        },
+    };
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => {
+                return Err(format!(
+                    "registry port {port} is not a port (expected 1 to 65535)"
+                ))
+            }
+        }
+    }
+    let Some(host) = host else { return Ok(()) };
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    match host.len() <= 253 && host.split('.').all(label) {
+        true => Ok(()),
+        false => Err(format!(
+            "registry host {host:?} is not a host name (letters, digits and '-' in dot-separated labels)"
+        )),
     }
 }
 
@@ -227,6 +279,36 @@ mod tests {
         let local = ImageRef::parse("127.0.0.1:5000/web:1").expect("local");
         assert_eq!(local.api_base(), "http://127.0.0.1:5000");
         assert!(ImageRef::parse(":1.0").is_err());
+    }
+
+    #[test]
+    fn a_registry_that_cannot_be_asked_is_not_a_reference() {
+        for good in [
+            "r.example:5000/web:1",
+            "[::1]:5000/web:1",
+            "[fd00::1]/web:1",
+            "127.0.0.1:65535/web",
+            "localhost:1/web",
+            "my-registry.local/team/web",
+        ] {
+            assert!(ImageRef::parse(good).is_ok(), "{good}");
+        }
+        let table = [
+            ("r.example:99999/web:1", "port 99999"),
+            ("r.example:0/web:1", "port 0"),
+            ("r.example:http/web:1", "port http"),
+            ("[::1/web:1", "no closing"),
+            ("[zz::1]:5000/web:1", "not an IPv6"),
+            ("-bad.example/web:1", "not a host name"),
+            ("bad..example/web:1", "not a host name"),
+            ("bad_host.example/web:1", "not a host name"),
+        ];
+        for (image, why) in table {
+            match ImageRef::parse(image) {
+                Err(e) => assert!(e.contains(why), "{image}: {e}"),
+                Ok(r) => panic!("{image} parsed as {r:?}"),
+            }
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn failure(image: &str, answer: &Answer) -> Option<String> {
         Answer::Missing { .. } => "not found".to_string(),
         Answer::Denied(why) if why.starts_with("unauthorized") => why.clone(),
         Answer::Denied(why) => format!("unauthorized: {why}"),
-        Answer::Unavailable { why, .. } => why.clone(),
+        Answer::Unavailable { why, .. } | Answer::Unusable(why) => why.clone(),
     };
     Some(format!(
         "failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": {why}"
