@@ -172,6 +172,16 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
             format!("example.com/{n}:1.1.0")
         );
         assert_eq!(env.patches("prod", &n), 1, "{n} patched exactly once");
+        // One row for one save, whichever replica finished it (no `unchanged` row beside the
+        // `succeeded` one when the standby finds the save already deployed).
+        let key = ServiceKey::new(&n, "prod").expect("key");
+        let rows = store.history(Some(&key), 50).expect("history");
+        let burst: Vec<_> = rows
+            .iter()
+            .filter(|r| r.to_image.contains("1.1.0"))
+            .map(|r| r.outcome.as_str())
+            .collect();
+        assert_eq!(burst, ["succeeded"], "{n}: one row for one save");
     }
     standby.stop();
 }

@@ -433,7 +433,7 @@ async fn tags_and_digests_off_their_grammar_are_never_stored_or_printed() {
         r.message
     );
     let state = env.state.display().to_string();
-    for args in [vec!["status"], vec!["history", "web_shop"]] {
+    for args in [vec!["status"], vec!["history", "shop/web"]] {
         let mut full = args.clone();
         full.extend(["--state-dir", &state]);
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
@@ -441,7 +441,11 @@ async fn tags_and_digests_off_their_grammar_are_never_stored_or_printed() {
             .output()
             .expect("run");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(
+            out.status.success(),
+            "{args:?}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             !out.stdout.iter().any(|b| *b == 0x1b || *b == 0x07),
             "{args:?} printed a control byte: {text}"
