@@ -167,6 +167,7 @@ fn preflight(config: &DaemonConfig) -> Result<Option<crate::registry::Preflight>
         wait: config.registry_wait,
         own,
         registries: crate::registry::Registries::new(),
+        warned: Default::default(),
     }))
 }
 

@@ -119,20 +119,35 @@ async fn web_pulls_with(env: &Env, registry: &Registry) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_private_repository_deploys_with_the_pull_secret_and_fails_clearly_without() {
+async fn a_private_repository_deploys_with_the_pull_secret_goes_on_unchecked_without_and_refuses_wrong_credentials(
+) {
     let registry = Registry::start(true).await;
     registry.push("private/web", "2.0").await;
     let digest = registry.push("private/web", "2.1").await;
     let image = |tag: &str| format!("{}/private/web:{tag}", registry.addr());
     let env = Env::new(SimConfig::default()).await;
-    // web's pods name a pull secret, as the kubelet needs them to; api's name none.
-    for name in ["web", "api"] {
+    // web's pods name the pull secret; api's name none (its nodes may pull with their own
+    // identity, as on EKS); bad's name a secret with a wrong password.
+    for name in ["web", "api", "bad"] {
         env.deployment("shop", name, &[(name, &image("2.0"))], 1)
             .await;
         env.write_dep(&format!("{name}_shop.dep"), "2.1\n");
     }
     web_pulls_with(&env, &registry).await;
-    let _daemon = daemon(&env, &[]).await;
+    let wrong = json!({"auths": {registry.addr(): {"username": common::registry::USER, "password": "wrong"}}})
+        .to_string();
+    pull_secret(&env, "shop", "wrongcred", &wrong).await;
+    Api::<Deployment>::namespaced(env.client.clone(), "shop")
+        .patch(
+            "bad",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {
+                "imagePullSecrets": [{"name": "wrongcred"}]}}}})),
+        )
+        .await
+        .expect("patch");
+    env.wait_ready("shop", "bad").await;
+    let daemon = daemon(&env, &[]).await;
     let r = record_where(&env, "deployed with the pull secret", |r| {
         r.status == ServiceStatus::Succeeded
     })
@@ -140,22 +155,102 @@ async fn a_private_repository_deploys_with_the_pull_secret_and_fails_clearly_wit
     assert_eq!(r.deployed.get("web"), Some(&image("2.1")));
     let history = env.store().history(Some(&web()), 5).expect("history");
     assert_eq!(history[0].digests, format!("web={digest}"));
-    let api = ServiceKey::new("api", "shop").expect("key");
     let store = env.store();
-    let r = wait_for("api refused", Duration::from_secs(60), || async {
-        store
-            .service(&api)
-            .ok()
-            .flatten()
-            .filter(|r| r.status == ServiceStatus::Failed)
-    })
-    .await;
+    let service = |name: &'static str, status: ServiceStatus| {
+        let key = ServiceKey::new(name, "shop").expect("key");
+        let store = store.clone();
+        async move {
+            wait_for(
+                &format!("{name} {status:?}"),
+                Duration::from_secs(60),
+                || async {
+                    store
+                        .service(&key)
+                        .ok()
+                        .flatten()
+                        .filter(|r| r.status == status)
+                },
+            )
+            .await
+        }
+    };
+    // No credentials: not a refusal; deployed, the row says the image was not checked.
+    service("api", ServiceStatus::Succeeded).await;
+    let api = ServiceKey::new("api", "shop").expect("key");
+    let history = env.store().history(Some(&api), 5).expect("history");
+    assert_eq!(history[0].digests, "api=not checked");
+    let log = daemon.log_text();
     assert!(
-        r.message.contains("unauthorized") && r.message.contains("none were found"),
+        log.contains("depwatch has none")
+            && log.contains("the nodes may pull with their own identity"),
+        "{log}"
+    );
+    // Credentials the registry refused: proved, so refused, and the message says how to go on.
+    let r = service("bad", ServiceStatus::Failed).await;
+    assert!(
+        r.message.contains("refused the credentials")
+            && r.message.contains("--registry-check warn or off"),
         "{}",
         r.message
     );
-    assert_eq!(env.patches("shop", "api"), 0, "nothing patched");
+    // Its only PATCH is the test's own (the pull secret).
+    assert_eq!(env.patches("shop", "bad"), 1, "nothing patched by depwatch");
+    assert_eq!(env.image("shop", "bad").await, image("2.0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_fails_fast_or_is_not_a_registry_is_a_warning_not_a_wait() {
+    // A web server that answers 404 to everything, as a site that is not a registry does.
+    let site = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let app = axum::Router::new()
+            .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "<html>nothing</html>") });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    };
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment(
+        "shop",
+        "web",
+        &[("web", &format!("{site}/team/web:1.0"))],
+        1,
+    )
+    .await;
+    env.deployment(
+        "shop",
+        "api",
+        &[("api", "no-such-host.invalid/team/api:1.0")],
+        1,
+    )
+    .await;
+    // A wait far longer than the test's deadline: neither deploy may spend it.
+    let daemon = env
+        .daemon(&["--registry-check", "on", "--registry-wait", "120s"])
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    env.write_dep("api_shop.dep", "1.1\n");
+    for name in ["web", "api"] {
+        let key = ServiceKey::new(name, "shop").expect("key");
+        let store = env.store();
+        wait_for(
+            &format!("{name} deployed unchecked"),
+            Duration::from_secs(30),
+            || async {
+                store
+                    .service(&key)
+                    .ok()
+                    .flatten()
+                    .filter(|r| r.status == ServiceStatus::Succeeded)
+            },
+        )
+        .await;
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("is not a registry"), "{log}");
+    assert!(log.contains("cannot reach no-such-host.invalid"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

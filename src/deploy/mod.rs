@@ -702,7 +702,14 @@ impl Deployer {
             crate::registry::Verdict::Refuse(why) => Err(DeployError::Registry(why)),
             crate::registry::Verdict::Go { digests, warnings } => {
                 for warning in warnings {
-                    tracing::warn!(service = %key, "registry pre-flight: {warning}");
+                    match p.first_warning(&warning) {
+                        true => {
+                            tracing::warn!(service = %key, "registry pre-flight: {} (further warnings about this registry in the next minute are logged at debug level)", warning.text)
+                        }
+                        false => {
+                            tracing::debug!(service = %key, "registry pre-flight: {}", warning.text)
+                        }
+                    }
                 }
                 Ok(digests)
             }

@@ -42,9 +42,14 @@ pub enum Answer {
         why: String,
         retry_after: Option<Duration>,
     },
-    /// An answer depwatch will not use (too large, a token realm or redirect it does not
-    /// trust): taken as no answer, and not asked again at once.
-    Unusable(String),
+    /// Not checked, and not worth waiting for: no credentials for a registry that asks for
+    /// some (the nodes may pull with their own identity), no such host, connection refused,
+    /// a server that is not a registry, or an answer depwatch will not use (too large, a token
+    /// realm or redirect it does not trust). The deploy goes on with a warning.
+    Unchecked(String),
+    /// The registry asks for credentials and none were given: not checked (the nodes may pull
+    /// with their own identity), a deploy goes on with a warning.
+    NeedsCredentials(String),
 }
 
 impl Answer {
@@ -52,9 +57,10 @@ impl Answer {
     fn lifetime(&self) -> Duration {
         match self {
             Answer::Found { .. } => Duration::from_secs(60),
-            Answer::Missing { .. } | Answer::Denied(_) | Answer::Unusable(_) => {
-                Duration::from_secs(5)
-            }
+            Answer::Missing { .. }
+            | Answer::Denied(_)
+            | Answer::Unchecked(_)
+            | Answer::NeedsCredentials(_) => Duration::from_secs(5),
             Answer::Unavailable { .. } => Duration::ZERO,
         }
     }
@@ -79,7 +85,9 @@ type TokenKey = (String, String, String);
 
 /// Why a request got no response depwatch uses.
 enum Failed {
-    /// Not reached (connection, timeout, TLS).
+    /// Not reached at once: no such host, connection refused, TLS refused.
+    Down(String),
+    /// No answer in time, or the connection broke: worth the bounded wait.
     Unreachable(String),
     /// A redirect depwatch does not follow.
     Refused(String),
@@ -264,7 +272,7 @@ impl Registries {
         answer
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, Failed> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         req.send().await.map_err(|e| {
             let mut out = e.to_string();
@@ -273,7 +281,10 @@ impl Registries {
                 out = format!("{out}: {s}");
                 source = s.source();
             }
-            out
+            match e.is_connect() && !e.is_timeout() {
+                true => Failed::Down(out),
+                false => Failed::Unreachable(out),
+            }
         })
     }
 
@@ -296,7 +307,7 @@ impl Registries {
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
             }
-            let res = self.send(req).await.map_err(Failed::Unreachable)?;
+            let res = self.send(req).await?;
             let location = res.headers().get(LOCATION).and_then(|v| v.to_str().ok());
             let (true, Some(location)) = (res.status().is_redirection(), location) else {
                 return Ok(res);
@@ -322,7 +333,7 @@ impl Registries {
             .ok()
             .and_then(|b| b.join(&path).ok())
         else {
-            return Answer::Unusable(format!("{} is not a registry address", image.registry));
+            return Answer::Unchecked(format!("{} is not a registry address", image.registry));
         };
         let id = identity(creds);
         let mut auth = self.cached_token(image, &id);
@@ -336,6 +347,12 @@ impl Registries {
             };
             match res.status() {
                 s if s.is_success() => return found(image, res.headers()),
+                StatusCode::NOT_FOUND if !self.speaks_registry(&url, res.headers()).await => {
+                    return Answer::Unchecked(format!(
+                        "{} answered 404 but is not a registry (no Docker-Distribution-Api-Version, no /v2/ challenge)",
+                        image.registry
+                    ))
+                }
                 StatusCode::NOT_FOUND => return self.missing(image, &url, auth).await,
                 StatusCode::UNAUTHORIZED if attempt == 0 => {
                     match self
@@ -345,6 +362,9 @@ impl Registries {
                         Ok(a) => auth = Some(a),
                         Err(answer) => return answer,
                     }
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if creds.is_none() => {
+                    return no_credentials(image)
                 }
                 s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
                     return Answer::Denied(format!(
@@ -383,12 +403,7 @@ impl Registries {
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        let need = || {
-            Answer::Denied(format!(
-                "unauthorized: {} needs credentials for {} and none were found (imagePullSecrets, the ServiceAccount's, --registry-credentials)",
-                image.registry, image.repository
-            ))
-        };
+        let need = || no_credentials(image);
         match super::challenge::parse(challenge) {
             Some(super::challenge::Challenge::Basic) => creds.map(basic).ok_or_else(need),
             Some(super::challenge::Challenge::Bearer { realm, service }) => {
@@ -400,6 +415,26 @@ impl Registries {
                 self.token(image, asked, creds).await
             }
             None => Err(need()),
+        }
+    }
+
+    /// Whether a 404 came from a registry: it says so in `Docker-Distribution-Api-Version`, or
+    /// its `/v2/` answers as a registry's does (that header, or a 401 challenge).
+    async fn speaks_registry(&self, manifest: &Url, headers: &HeaderMap) -> bool {
+        const VERSION: &str = "docker-distribution-api-version";
+        if headers.contains_key(VERSION) {
+            return true;
+        }
+        let Ok(base) = manifest.join("/v2/") else {
+            return false;
+        };
+        match self.fetch(&self.http, Method::GET, base, None, false).await {
+            Ok(res) => {
+                res.headers().contains_key(VERSION)
+                    || (res.status() == StatusCode::UNAUTHORIZED
+                        && res.headers().contains_key(WWW_AUTHENTICATE))
+            }
+            Err(_) => false,
         }
     }
 
@@ -422,7 +457,7 @@ impl Registries {
         creds: Option<&Credentials>,
     ) -> Result<String, Answer> {
         let internal = self.registry_internal(asked.registry).await;
-        let unusable = |why: String| Answer::Unusable(format!("{}: {why}", image.registry));
+        let unusable = |why: String| Answer::Unchecked(format!("{}: {why}", image.registry));
         let mut url = trust::judge_realm(
             asked.registry,
             internal,
@@ -597,7 +632,7 @@ async fn read_capped(mut res: reqwest::Response, cap: usize) -> Result<Vec<u8>, 
 
 fn body_failed(image: &ImageRef, what: &str, cap: usize, e: BodyError) -> Answer {
     match e {
-        BodyError::TooLarge => Answer::Unusable(format!(
+        BodyError::TooLarge => Answer::Unchecked(format!(
             "registry answer too large: {}'s {what} is more than {} KiB",
             image.registry,
             cap / 1024
@@ -608,9 +643,19 @@ fn body_failed(image: &ImageRef, what: &str, cap: usize, e: BodyError) -> Answer
 
 fn not_answered(image: &ImageRef, failed: Failed) -> Answer {
     match failed {
+        Failed::Down(why) => Answer::Unchecked(format!("cannot reach {}: {why}", image.registry)),
         Failed::Unreachable(why) => unreachable(image, why),
-        Failed::Refused(why) => Answer::Unusable(format!("{}: {why}", image.registry)),
+        Failed::Refused(why) => Answer::Unchecked(format!("{}: {why}", image.registry)),
     }
+}
+
+/// A registry that asks for credentials depwatch does not hold: not a refusal, since the
+/// nodes may pull with their own identity (EKS node roles, kubelet credential providers).
+fn no_credentials(image: &ImageRef) -> Answer {
+    Answer::NeedsCredentials(format!(
+        "cannot check {}/{}: the registry asks for credentials and depwatch has none (imagePullSecrets, the ServiceAccount's, --registry-credentials); the nodes may pull with their own identity; give depwatch credentials to check",
+        image.registry, image.repository
+    ))
 }
 
 fn basic(c: &Credentials) -> String {
@@ -760,7 +805,7 @@ mod tests {
         let registries = Registries::classified(|ip| ip == IpAddr::from([127, 0, 0, 2]));
         let image = ImageRef::parse(&format!("{addr}/lib/app:1.0")).expect("image");
         match registries.check(&image, None).await {
-            Answer::Unusable(why) => assert!(why.contains("internal address"), "{why}"),
+            Answer::Unchecked(why) => assert!(why.contains("internal address"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(

@@ -23,13 +23,23 @@ pub enum Mode {
     Off,
 }
 
+/// What a pre-flight's row says of an image it could not check, in place of its digest.
+pub const NOT_CHECKED: &str = "not checked";
+
+/// A warning, with the registry it is about (one warning per registry and burst is logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub registry: String,
+    pub text: String,
+}
+
 /// What the answers mean for the deploy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Go on: the digests found (container → digest) and warnings to record.
+    /// Go on: the digests found (container → digest, or [`NOT_CHECKED`]) and warnings to log.
     Go {
         digests: Images,
-        warnings: Vec<String>,
+        warnings: Vec<Warning>,
     },
     /// Stop before the PATCH, with the reason.
     Refuse(String),
@@ -49,9 +59,10 @@ fn describe(image: &ImageRef, answer: &Answer) -> Option<String> {
             closest.join(", ")
         ),
         Answer::Denied(why) => why.clone(),
-        Answer::Unavailable { why, .. } | Answer::Unusable(why) => {
+        Answer::Unavailable { why, .. } | Answer::Unchecked(why) => {
             format!("{shown}:{wanted} not checked: {why}; deploying anyway")
         }
+        Answer::NeedsCredentials(why) => format!("{why}; deploying anyway"),
     })
 }
 
@@ -61,25 +72,32 @@ pub fn verdict(mode: Mode, answers: &[(String, ImageRef, Answer)]) -> Verdict {
     let mut warnings = Vec::new();
     let mut refusals = Vec::new();
     for (container, image, answer) in answers {
-        if let Answer::Found {
-            digest: Some(digest),
-        } = answer
-        {
-            digests.insert(container.clone(), digest.clone());
+        match answer {
+            Answer::Found {
+                digest: Some(digest),
+            } => digests.insert(container.clone(), digest.clone()),
+            Answer::Unavailable { .. } | Answer::Unchecked(_) | Answer::NeedsCredentials(_) => {
+                digests.insert(container.clone(), NOT_CHECKED.to_string())
+            }
+            _ => {}
         }
-        let Some(line) = describe(image, answer) else {
+        let Some(text) = describe(image, answer) else {
             continue;
         };
+        // Only what the registry proved stops a deploy: a missing tag, refused credentials.
         let stops = matches!(answer, Answer::Missing { .. } | Answer::Denied(_));
         match (mode, stops) {
-            (Mode::On, true) => refusals.push(line),
-            _ => warnings.push(line),
+            (Mode::On, true) => refusals.push(text),
+            _ => warnings.push(Warning {
+                registry: image.registry.clone(),
+                text,
+            }),
         }
     }
     match refusals.is_empty() {
         true => Verdict::Go { digests, warnings },
         false => Verdict::Refuse(format!(
-            "{} (nothing was patched; checked again at the next resync)",
+            "{} (nothing was patched; checked again at the next resync; --registry-check warn or off deploys without this check)",
             refusals.join("; ")
         )),
     }
@@ -105,9 +123,33 @@ pub struct Preflight {
     /// `--registry-credentials`: depwatch's own, by registry host.
     pub own: HashMap<String, Credentials>,
     pub registries: Registries,
+    /// When each registry's last warning was logged: one per registry and burst.
+    pub warned: std::sync::Arc<dashmap::DashMap<String, Instant>>,
 }
 
+/// How long after a registry's warning the next one is only counted, not logged.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
 impl Preflight {
+    /// Whether `warning` is the first about its registry in this burst (and so worth a log
+    /// line); the rest are logged at debug level.
+    pub fn first_warning(&self, warning: &Warning) -> bool {
+        let now = Instant::now();
+        let mut first = false;
+        self.warned
+            .entry(warning.registry.to_ascii_lowercase())
+            .and_modify(|at| {
+                if now.duration_since(*at) >= WARN_EVERY {
+                    (*at, first) = (now, true);
+                }
+            })
+            .or_insert_with(|| {
+                first = true;
+                now
+            });
+        first
+    }
+
     /// Ask about each changed container's image, the credentials of `creds` first and then
     /// depwatch's own. A registry that does not answer is asked again (after its
     /// `Retry-After`, or a short backoff) until the wait is over.
@@ -219,7 +261,8 @@ mod tests {
         }
         match verdict(Mode::On, std::slice::from_ref(&missing)) {
             Verdict::Refuse(m) => assert!(
-                m.starts_with("tag 1.4.3 not found in r.example/team/web; closest: 1.4.2, 1.4.1"),
+                m.starts_with("tag 1.4.3 not found in r.example/team/web; closest: 1.4.2, 1.4.1")
+                    && m.contains("--registry-check warn or off"),
                 "{m}"
             ),
             other => panic!("{other:?}"),
@@ -229,7 +272,10 @@ mod tests {
         );
         for mode in [Mode::On, Mode::Warn] {
             match verdict(mode, std::slice::from_ref(&down)) {
-                Verdict::Go { warnings, .. } => assert!(warnings[0].contains("deploying anyway")),
+                Verdict::Go { warnings, digests } => {
+                    assert!(warnings[0].text.contains("deploying anyway"));
+                    assert_eq!(digests.to_string(), format!("web={NOT_CHECKED}"));
+                }
                 other => panic!("{mode:?}: {other:?}"),
             }
         }

@@ -70,9 +70,10 @@ fn failure(image: &str, answer: &Answer) -> Option<String> {
     let why = match answer {
         Answer::Found { .. } => return None,
         Answer::Missing { .. } => "not found".to_string(),
+        Answer::NeedsCredentials(_) => "unauthorized: authentication required".to_string(),
         Answer::Denied(why) if why.starts_with("unauthorized") => why.clone(),
         Answer::Denied(why) => format!("unauthorized: {why}"),
-        Answer::Unavailable { why, .. } | Answer::Unusable(why) => why.clone(),
+        Answer::Unavailable { why, .. } | Answer::Unchecked(why) => why.clone(),
     };
     Some(format!(
         "failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": {why}"
