@@ -13,6 +13,8 @@ use depwatch::depfile::ServiceKey;
 use depwatch::domain::{DeployOutcome, ServiceStatus, WorkloadKind};
 use depwatch::sim::SimConfig;
 use depwatch::store::ServiceRecord;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
 use serde_json::json;
 
 fn key(name: &str, ns: &str) -> ServiceKey {
@@ -439,4 +441,70 @@ async fn a_stop_after_a_statefulset_s_rollback_patch_still_frees_the_stuck_pod()
         "the restarted daemon freed the stuck pod: {}",
         daemon.log_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_starting_pod_of_the_previous_version_survives_a_newer_deploy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scenario = dir.path().join("scenario.yaml");
+    // `slow` pods take 4 s to get ready, as a database replaying its log does.
+    std::fs::write(
+        &scenario,
+        "rules:\n- {match: slow, behaviour: ready, readyDelay: 4s}\n- {match: crash, behaviour: crash}\n",
+    )
+    .expect("scenario");
+    let env = Env::new(SimConfig {
+        scenario: Some(scenario),
+        ..SimConfig::default()
+    })
+    .await;
+    env.workload(
+        "statefulset",
+        "data",
+        "db",
+        &[("db", "example.com/db:16.0")],
+        json!({}),
+    )
+    .await;
+    let _daemon = env.daemon(&[]).await;
+    env.write_dep("db_data.dep", "16.1-slow\n");
+    // The highest ordinal is recreated on 16.1-slow and is starting: a newer version arrives.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "data");
+    wait_for(
+        "a 16.1-slow pod starting",
+        Duration::from_secs(30),
+        || async {
+            let list = pods.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|p| {
+                    let image = p.spec.as_ref().map(|s| s.containers[0].image.clone());
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    image == Some(Some("example.com/db:16.1-slow".into())) && !ready
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    env.write_dep("db_data.dep", "16.2\n");
+    let db = key("db", "data");
+    wait_record(&env, "16.2 deployed", &db, |r| {
+        r.status == ServiceStatus::Succeeded && r.deployed.to_string().contains("16.2")
+    })
+    .await;
+    let deleted = common::audit_count(&env.audit, |l| {
+        l["method"] == "DELETE" && l["path"].as_str().is_some_and(|p| p.contains("/pods/"))
+    });
+    assert_eq!(
+        deleted, 0,
+        "no starting pod was deleted by a forward deploy"
+    );
+    let st = status_of(&env, "statefulset", "data", "db").await;
+    assert_eq!(st["readyReplicas"], 3, "{st}");
 }

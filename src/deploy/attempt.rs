@@ -259,13 +259,17 @@ impl Engine {
             Action::Wait {
                 generation,
                 applied,
+                replaced,
                 deadline,
                 supersedable,
             } => {
                 let rx = supersedable.then(|| superseded.clone());
-                let wait = self
-                    .deployer
-                    .wait(key, *kind, generation, &applied, deadline, rx);
+                let target = crate::deploy::WaitFor {
+                    generation,
+                    applied: &applied,
+                    replaced: replaced.as_ref(),
+                };
+                let wait = self.deployer.wait(key, *kind, target, deadline, rx);
                 Input::Waited(wait.await)
             }
             Action::Sleep {

@@ -345,9 +345,13 @@ impl NamespaceWatch {
 
     /// The names of the pods a forced rollback to `patched` (the state a PATCH returned, whose
     /// template the watch may not show yet) must delete.
-    pub fn stuck_pods_for(&self, patched: &WorkloadState) -> Vec<String> {
+    pub fn stuck_pods_for(
+        &self,
+        patched: &WorkloadState,
+        replaced: Option<&Images>,
+    ) -> Vec<String> {
         let cache = self.lock();
-        stuck_pods(patched, cache.pods.of(&patched.uid))
+        stuck_pods(patched, replaced, cache.pods.of(&patched.uid))
             .into_iter()
             .map(|p| p.name.clone())
             .collect()

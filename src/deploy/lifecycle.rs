@@ -143,6 +143,9 @@ pub enum Action {
         generation: i64,
         /// The images depwatch wrote: a template with other images is someone else's.
         applied: Images,
+        /// A rollback's: the failed template it replaces, whose pods may be deleted even
+        /// while starting (a StatefulSet's forced rollback).
+        replaced: Option<Images>,
         deadline: Instant,
         supersedable: bool,
     },
@@ -497,6 +500,7 @@ impl Lifecycle {
             Phase::Rolling { plan, deadline } => Action::Wait {
                 generation: plan.generation,
                 applied: plan.after.clone(),
+                replaced: None,
                 deadline: *deadline,
                 supersedable: true,
             },
@@ -508,6 +512,7 @@ impl Lifecycle {
             } => Action::Wait {
                 generation: *generation,
                 applied: revert.running(),
+                replaced: Some(revert.plan.after.clone()),
                 deadline: *deadline,
                 supersedable: false,
             },

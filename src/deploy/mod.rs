@@ -358,6 +358,15 @@ impl ApiProbe {
     }
 }
 
+/// What a wait waits for: the generation depwatch's write produced, the images it wrote, and
+/// for a rollback the template it replaces.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitFor<'a> {
+    pub generation: i64,
+    pub applied: &'a Images,
+    pub replaced: Option<&'a Images>,
+}
+
 /// A plan whose images the registries have not been asked about yet, with what the kubelet
 /// would pull them with.
 #[derive(Debug)]
@@ -943,11 +952,18 @@ impl Deployer {
 
     /// Kubernetes' forced rollback: an `OrderedReady` StatefulSet waits forever on a pod that
     /// never gets ready, even once its template is fixed or restored. Delete such pods (not
-    /// ready, running another template than `applied`, the one depwatch wrote) so the
-    /// controller recreates them from it. Done as each wait begins, so a wait resumed after a
+    /// ready, running another template than `applied`, the one depwatch wrote, and either of
+    /// the template a rollback `replaced` or in a state they do not leave by themselves) so
+    /// the controller recreates them from it; a pod that is only starting is waited for. Done as each wait begins, so a wait resumed after a
     /// stop (its patch already landed) does it too. Best effort: a pod that cannot be deleted
     /// leaves the rollout to its verdict.
-    async fn force_rollback(&self, key: &ServiceKey, kind: WorkloadKind, applied: &Images) {
+    async fn force_rollback(
+        &self,
+        key: &ServiceKey,
+        kind: WorkloadKind,
+        applied: &Images,
+        replaced: Option<&Images>,
+    ) {
         let Some(ns) = self.watches.cached(&key.namespace) else {
             return;
         };
@@ -959,7 +975,7 @@ impl Deployer {
             return;
         };
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
-        for pod in ns.stuck_pods_for(&written) {
+        for pod in ns.stuck_pods_for(&written, replaced) {
             if self.fence.check(&format!("deleting pod {pod}")).is_err() {
                 return;
             }
@@ -982,11 +998,15 @@ impl Deployer {
         &self,
         key: &ServiceKey,
         kind: WorkloadKind,
-        generation: i64,
-        applied: &Images,
+        target: WaitFor<'_>,
         deadline: Instant,
         mut superseded: Option<watch::Receiver<u64>>,
     ) -> WaitOutcome {
+        let WaitFor {
+            generation,
+            applied,
+            replaced,
+        } = target;
         let ns =
             match tokio::time::timeout_at(deadline, self.watches.namespace(&key.namespace)).await {
                 Ok(ns) => ns,
@@ -996,7 +1016,7 @@ impl Deployer {
                     }
                 }
             };
-        self.force_rollback(key, kind, applied).await;
+        self.force_rollback(key, kind, applied, replaced).await;
         let mut changed = ns.subscribe(&key.name);
         let mut first_seen = Default::default();
         loop {

@@ -187,12 +187,39 @@ pub fn template_pods<'a>(
         .collect()
 }
 
-/// The pods a forced rollback deletes: a StatefulSet's pods that are not ready and run another
-/// template than its own. With `OrderedReady`, the controller waits for them forever; deleting
-/// them lets it recreate them from the restored template (Kubernetes' documented forced
-/// rollback). Empty for every other kind and policy.
+/// Waiting reasons a pod does not recover from by itself: its container will not start until
+/// the pod is replaced.
+const CANNOT_RECOVER: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "RunContainerError",
+];
+
+impl PodState {
+    /// A container waits for a reason it does not recover from by itself.
+    pub fn cannot_recover(&self) -> bool {
+        self.waiting
+            .iter()
+            .any(|w| CANNOT_RECOVER.contains(&w.reason.as_str()))
+    }
+}
+
+/// The pods a forced rollback deletes: a StatefulSet's pods that are not ready, run another
+/// template than its own, and will not recover by themselves — pods of `replaced` (the
+/// template a rollback replaces, whatever their state: a hung pod never gets ready) or pods in
+/// a state they do not leave ([`PodState::cannot_recover`]). With `OrderedReady`, the
+/// controller waits for them forever; deleting them lets it recreate them from the template
+/// now written (Kubernetes' documented forced rollback). A pod that is only starting (of the
+/// previous version, say, replaying its log) is waited for, as the controller does. Empty for
+/// every other kind and policy.
 pub fn stuck_pods<'a>(
     workload: &WorkloadState,
+    replaced: Option<&Images>,
     pods: impl IntoIterator<Item = &'a PodState>,
 ) -> Vec<&'a PodState> {
     if !workload.holds_stuck_pods() {
@@ -203,6 +230,7 @@ pub fn stuck_pods<'a>(
             p.owner.as_deref() == Some(workload.uid.as_str())
                 && !p.ready
                 && p.images != workload.images
+                && (replaced == Some(&p.images) || p.cannot_recover())
         })
         .collect()
 }
@@ -768,15 +796,34 @@ status:
                 .collect(),
             ..w.clone()
         };
-        let stuck: Vec<&str> = stuck_pods(&restored, &all)
-            .iter()
-            .map(|p| p.name.as_str())
+        let failed: Images = [("db".to_string(), "db:2".to_string())]
+            .into_iter()
             .collect();
-        assert_eq!(stuck, vec!["p-db:2"]);
+        let stuck = |replaced: Option<&Images>, pods: &[PodState]| -> Vec<String> {
+            stuck_pods(&restored, replaced, pods)
+                .iter()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        assert_eq!(stuck(Some(&failed), &all), vec!["p-db:2"]);
+        assert_eq!(stuck(None, &all), vec!["p-db:2"], "crash-looping: deleted");
+        // Pods that are only starting: one of the replaced template goes (a rollback), one of
+        // any other template is waited for.
+        let starting_failed = owned_pod("s1", "db:2", false, "ContainerCreating");
+        let starting_other = owned_pod("s1", "db:0", false, "ContainerCreating");
+        let hung = owned_pod("s1", "db:2", false, "None");
+        let pods = [starting_failed, starting_other.clone(), hung];
+        assert_eq!(stuck(Some(&failed), &pods), vec!["p-db:2", "p-db:2"]);
+        assert!(
+            stuck(None, &pods).is_empty(),
+            "a forward deploy deletes no starting pod"
+        );
+        let pulling = owned_pod("s1", "db:0", false, "ImagePullBackOff");
+        assert_eq!(stuck(None, &[starting_other, pulling]), vec!["p-db:0"]);
         let parallel = WorkloadState {
             progress: sts("podManagementPolicy: Parallel", "readyReplicas: 2").progress,
-            ..restored
+            ..restored.clone()
         };
-        assert!(stuck_pods(&parallel, &all).is_empty());
+        assert!(stuck_pods(&parallel, Some(&failed), &all).is_empty());
     }
 }
