@@ -76,7 +76,12 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
         | ServiceStatus::Deploying
         | ServiceStatus::Retry
         | ServiceStatus::Succeeded
+        | ServiceStatus::Applied
         | ServiceStatus::Unmanaged => return None,
+        ServiceStatus::Missing => format!(
+            "the {} was deleted outside depwatch: recreate it and depwatch deploys the file's version to it by itself, or delete the file to stop managing it",
+            s.kind.api_kind()
+        ),
         ServiceStatus::WaitingForApi => {
             "depwatch keeps retrying on its own: check that the Kubernetes API server is up and reachable (see /readyz)".into()
         }

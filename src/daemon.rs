@@ -729,24 +729,24 @@ impl Running {
                 self.stages.clone(),
             ));
         }
-        let heal = self.config.self_heal.then(|| {
-            let (tx, mut rx) = mpsc::channel::<crate::depfile::ServiceKey>(1024);
-            let scheduler = self.scheduler.clone();
-            self.set.spawn(async move {
-                while let Some(key) = rx.recv().await {
-                    if let Some(mut desired) = scheduler.desired(&key) {
-                        desired.trigger = Trigger::SelfHeal;
-                        desired.actor = "depwatch".into();
-                        scheduler.submit(key, desired).await;
-                    }
+        // Drift hands services back to the scheduler: with --self-heal after drift, and
+        // always for a workload recreated after it went missing.
+        let (resubmit, mut rx) = mpsc::channel::<(crate::depfile::ServiceKey, Trigger)>(1024);
+        let scheduler = self.scheduler.clone();
+        self.set.spawn(async move {
+            while let Some((key, trigger)) = rx.recv().await {
+                if let Some(mut desired) = scheduler.desired(&key) {
+                    desired.trigger = trigger;
+                    desired.actor = "depwatch".into();
+                    scheduler.submit(key, desired).await;
                 }
-            });
-            tx
+            }
         });
         self.set.spawn(crate::deploy::drift::run(
             self.deployer.clone(),
             self.recorder.clone(),
-            heal,
+            resubmit,
+            self.config.self_heal,
             self.stages.clone(),
         ));
         self.set

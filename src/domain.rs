@@ -104,9 +104,13 @@ vocabulary! {
         /// A transient API error (connection, timeout, 5xx, 429, 409): retrying with backoff.
         WaitingForApi = "waiting_for_api",
         Succeeded = "succeeded",
-        /// Patched, but nothing proved the images healthy (0 replicas or nodes, OnDelete, a
-        /// CronJob that runs only at its schedule).
+        /// Patched, but nothing proved the images healthy (0 replicas or nodes, OnDelete).
         Unverified = "unverified",
+        /// A CronJob's images written: they run at its next schedule (nothing to judge now).
+        Applied = "applied",
+        /// The workload was deleted outside depwatch; it comes back by itself when the
+        /// workload is recreated.
+        Missing = "missing",
         Failed = "failed",
         TimedOut = "timed_out",
         RolledBack = "rolled_back",
@@ -137,6 +141,10 @@ vocabulary! {
         Succeeded = "succeeded",
         /// Patched, but with 0 desired replicas nothing was verified.
         Unverified = "unverified",
+        /// A CronJob's images written, for its next schedule.
+        Applied = "applied",
+        /// The workload was deleted outside depwatch.
+        Missing = "missing",
         /// The cluster already ran the desired images, healthy.
         Unchanged = "unchanged",
         Failed = "failed",
@@ -239,7 +247,11 @@ impl ServiceStatus {
     pub fn settled(self) -> bool {
         matches!(
             self,
-            ServiceStatus::Succeeded | ServiceStatus::Unverified | ServiceStatus::Drifted
+            ServiceStatus::Succeeded
+                | ServiceStatus::Unverified
+                | ServiceStatus::Applied
+                | ServiceStatus::Drifted
+                | ServiceStatus::Missing
         )
     }
 
@@ -271,6 +283,8 @@ impl ServiceStatus {
             ServiceStatus::WaitingForApi => "waiting for the API server",
             ServiceStatus::Succeeded => "healthy",
             ServiceStatus::Unverified => "deployed, unverified",
+            ServiceStatus::Applied => "applied (runs at its schedule)",
+            ServiceStatus::Missing => "workload missing",
             ServiceStatus::Failed => "failed",
             ServiceStatus::TimedOut => "timed out",
             ServiceStatus::RolledBack => "rolled back",
@@ -293,6 +307,8 @@ impl DeployOutcome {
             DeployOutcome::InProgress | DeployOutcome::Superseded => return None,
             DeployOutcome::Succeeded | DeployOutcome::Unchanged => ServiceStatus::Succeeded,
             DeployOutcome::Unverified => ServiceStatus::Unverified,
+            DeployOutcome::Applied => ServiceStatus::Applied,
+            DeployOutcome::Missing => ServiceStatus::Missing,
             DeployOutcome::Failed | DeployOutcome::Interrupted => ServiceStatus::Failed,
             DeployOutcome::TimedOut => ServiceStatus::TimedOut,
             DeployOutcome::RolledBack => ServiceStatus::RolledBack,
@@ -307,6 +323,8 @@ impl DeployOutcome {
             DeployOutcome::InProgress => "in progress",
             DeployOutcome::Succeeded => "deployed",
             DeployOutcome::Unverified => "deployed, unverified",
+            DeployOutcome::Applied => "applied",
+            DeployOutcome::Missing => "workload missing",
             DeployOutcome::Unchanged => "unchanged",
             DeployOutcome::Failed => "failed",
             DeployOutcome::TimedOut => "timed out",
@@ -323,6 +341,7 @@ impl DeployOutcome {
     pub fn tone(self) -> Tone {
         match self {
             DeployOutcome::Succeeded | DeployOutcome::Unchanged => Tone::Good,
+            DeployOutcome::Applied => Tone::Neutral,
             DeployOutcome::Failed | DeployOutcome::RollbackFailed => Tone::Bad,
             DeployOutcome::InProgress => Tone::Busy,
             DeployOutcome::Unverified
@@ -331,6 +350,7 @@ impl DeployOutcome {
             | DeployOutcome::Superseded
             | DeployOutcome::Interrupted
             | DeployOutcome::Drift
+            | DeployOutcome::Missing
             | DeployOutcome::ChangedOutside => Tone::Warning,
         }
     }
@@ -340,6 +360,8 @@ impl DeployOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tone {
     Good,
+    /// Done, with nothing to judge (a CronJob's images applied).
+    Neutral,
     Warning,
     Bad,
     Busy,

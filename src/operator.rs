@@ -102,8 +102,11 @@ pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
         ServiceStatus::Pending | ServiceStatus::Deploying | ServiceStatus::Retry => {
             "a deploy is already due or under way"
         }
-        ServiceStatus::Succeeded | ServiceStatus::Unverified => {
+        ServiceStatus::Succeeded | ServiceStatus::Unverified | ServiceStatus::Applied => {
             "nothing is pinned and nothing failed"
+        }
+        ServiceStatus::Missing => {
+            "its workload was deleted; recreate it and depwatch deploys to it by itself"
         }
         ServiceStatus::Unmanaged => "its file was removed",
     };

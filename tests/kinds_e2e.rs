@@ -223,16 +223,35 @@ async fn a_cronjob_is_applied_for_its_next_schedule_and_never_pinned() {
     .await;
     env.write_dep("report_jobs.dep", "3.1-crash\n");
     let _daemon = env.daemon(&[]).await;
-    let r = wait_record(&env, "report applied", &key("report", "jobs"), |r| {
-        r.status == ServiceStatus::Unverified
+    let report = key("report", "jobs");
+    let r = wait_record(&env, "report applied", &report, |r| {
+        r.status == ServiceStatus::Applied
     })
     .await;
     assert_eq!(r.kind, WorkloadKind::CronJob);
-    assert!(r.message.contains("next schedule"), "{}", r.message);
     assert!(r.pinned().is_none(), "no rollout verdict pins a CronJob");
+    assert_eq!(
+        r.last_good.to_string(),
+        "report=example.com/report:3.1-crash",
+        "a CronJob's last good is what was applied"
+    );
+    let history = env.store().history(Some(&report), 5).expect("history");
+    assert_eq!(history[0].outcome, DeployOutcome::Applied);
+    assert!(
+        history[0].message.contains("next schedule"),
+        "{}",
+        history[0].message
+    );
     assert_eq!(
         env.workload_image("cronjob", "jobs", "report").await,
         "example.com/report:3.1-crash"
+    );
+    let logs = env.daemon_logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains(" WARN ") && l.contains("report")),
+        "an applied CronJob is not a warning: {logs}"
     );
     assert_eq!(env.workload_patches("cronjob", "jobs", "report"), 1);
 }
@@ -507,4 +526,58 @@ async fn a_slow_starting_pod_of_the_previous_version_survives_a_newer_deploy() {
     );
     let st = status_of(&env, "statefulset", "data", "db").await;
     assert_eq!(st["readyReplicas"], 3, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_deleted_outside_depwatch_is_missing_and_deployed_to_when_recreated() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let _daemon = env.daemon(&[]).await;
+    let web = key("web", "shop");
+    wait_record(&env, "1.1 deployed", &web, |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    let told = env.wait_messages(1).await.len();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), "shop");
+    deployments
+        .delete("web", &Default::default())
+        .await
+        .expect("delete");
+    let r = wait_record(&env, "web missing", &web, |r| {
+        r.status == ServiceStatus::Missing
+    })
+    .await;
+    assert!(
+        r.message.contains("deleted outside depwatch"),
+        "{}",
+        r.message
+    );
+    let history = env.store().history(Some(&web), 5).expect("history");
+    assert_eq!(history[0].outcome, DeployOutcome::Missing);
+    let messages = env.wait_messages(told + 1).await;
+    assert!(
+        common::daemon::text(&messages[told]).contains("missing"),
+        "{messages:?}"
+    );
+    // Recreated (on its old image, as a re-install would): the file's version goes back on.
+    env.deployment("shop", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    let r = wait_record(&env, "web back on 1.1", &web, |r| {
+        r.status == ServiceStatus::Succeeded
+    })
+    .await;
+    assert_eq!(r.deployed.to_string(), "web=example.com/web:1.1");
+    env.wait_image("shop", "web", "example.com/web:1.1").await;
+    let rows = env.store().history(Some(&web), 10).expect("history");
+    assert_eq!(
+        rows.iter()
+            .filter(|h| h.outcome == DeployOutcome::Missing)
+            .count(),
+        1,
+        "one row for one deletion"
+    );
 }

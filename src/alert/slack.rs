@@ -16,6 +16,7 @@ pub fn colour(outcome: DeployOutcome) -> &'static str {
         Tone::Good => "#2eb886",
         Tone::Bad => "#d40e0d",
         Tone::Warning | Tone::Busy => "#daa038",
+        Tone::Neutral => "#a0a0a0",
     }
 }
 
@@ -24,6 +25,8 @@ fn verb(outcome: DeployOutcome) -> &'static str {
     match outcome {
         DeployOutcome::Succeeded | DeployOutcome::Unchanged => "deployed",
         DeployOutcome::Unverified => "deployed (unverified)",
+        DeployOutcome::Applied => "applied for its next schedule",
+        DeployOutcome::Missing => "is missing (deleted outside depwatch)",
         DeployOutcome::Failed => "failed to deploy",
         DeployOutcome::TimedOut => "timed out deploying",
         DeployOutcome::RolledBack => "rolled back",

@@ -163,16 +163,17 @@ impl Cache {
         self.wake(Some(name.to_string()));
     }
 
-    fn retain_workloads(&mut self, kind: WorkloadKind, keep: &HashSet<String>) {
+    fn retain_workloads(&mut self, kind: WorkloadKind, keep: &HashSet<String>) -> Vec<String> {
         let gone: Vec<String> = self
             .workloads
             .keys()
             .filter(|(k, n)| *k == kind && !keep.contains(n))
             .map(|(_, n)| n.clone())
             .collect();
-        for name in gone {
-            self.remove_workload(kind, &name);
+        for name in &gone {
+            self.remove_workload(kind, name);
         }
+        gone
     }
 }
 
@@ -188,9 +189,11 @@ pub(super) trait Cached:
 {
     /// Store the object; returns whether a workload's images changed (for drift).
     fn apply(&self, cache: &mut Cache) -> bool;
-    fn delete(&self, cache: &mut Cache);
-    /// Drop every object of this kind whose key is not in `keep` (after a re-list).
-    fn retain(cache: &mut Cache, keep: &HashSet<String>);
+    /// Forget the object; returns whether it was a workload (drift looks at it: gone).
+    fn delete(&self, cache: &mut Cache) -> bool;
+    /// Drop every object of this kind whose key is not in `keep` (after a re-list); the
+    /// names of the workloads dropped.
+    fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String>;
     fn key(&self) -> String;
 }
 
@@ -202,12 +205,13 @@ macro_rules! cached_workload {
                 cache.put_workload(self.name_any(), WorkloadState::from(self))
             }
 
-            fn delete(&self, cache: &mut Cache) {
+            fn delete(&self, cache: &mut Cache) -> bool {
                 cache.remove_workload(WorkloadKind::$kind, &self.name_any());
+                true
             }
 
-            fn retain(cache: &mut Cache, keep: &HashSet<String>) {
-                cache.retain_workloads(WorkloadKind::$kind, keep);
+            fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String> {
+                cache.retain_workloads(WorkloadKind::$kind, keep)
             }
 
             fn key(&self) -> String {
@@ -237,14 +241,16 @@ impl Cached for ReplicaSet {
         false
     }
 
-    fn delete(&self, cache: &mut Cache) {
+    fn delete(&self, cache: &mut Cache) -> bool {
         remove_rs(cache, &self.key());
+        false
     }
 
-    fn retain(cache: &mut Cache, keep: &HashSet<String>) {
+    fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String> {
         for uid in cache.replicasets.missing(keep) {
             remove_rs(cache, &uid);
         }
+        Vec::new()
     }
 
     fn key(&self) -> String {
@@ -268,14 +274,16 @@ impl Cached for Pod {
         false
     }
 
-    fn delete(&self, cache: &mut Cache) {
+    fn delete(&self, cache: &mut Cache) -> bool {
         remove_pod(cache, &self.key());
+        false
     }
 
-    fn retain(cache: &mut Cache, keep: &HashSet<String>) {
+    fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String> {
         for uid in cache.pods.missing(keep) {
             remove_pod(cache, &uid);
         }
+        Vec::new()
     }
 
     fn key(&self) -> String {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::cache;
 use super::recorder::{Drift, Recorder};
 use super::Deployer;
 use crate::depfile::ServiceKey;
@@ -60,10 +61,38 @@ fn record_around(
     (open, last)
 }
 
+/// What drift does with a service whose workload the watches show (or no longer show).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Gone, and the record did not know: record it missing.
+    Gone,
+    /// Back after it was missing: deploy the file's version to it.
+    Back,
+    /// There: compare its images.
+    There,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// Pure: from whether the workload is there and whether the record has it missing.
+fn seen(present: bool, recorded_missing: bool) -> Seen {
+    match (present, recorded_missing) {
+        (false, false) => Seen::Gone,
+        (true, true) => Seen::Back,
+        (true, false) => Seen::There,
+        (false, true) => Seen::Nothing,
+    }
+}
+
+/// Where drift sends a service to deploy again: `SelfHeal` for drift with `--self-heal`,
+/// `Drift` for a workload recreated after it went missing.
+pub type Resubmit = mpsc::Sender<(ServiceKey, crate::domain::Trigger)>;
+
 pub async fn run(
     deployer: Deployer,
     recorder: Recorder,
-    heal: Option<mpsc::Sender<ServiceKey>>,
+    resubmit: Resubmit,
+    self_heal: bool,
     cancel: CancellationToken,
 ) {
     let watches = deployer.watches().clone();
@@ -107,6 +136,20 @@ pub async fn run(
             let Some(ns) = watches.cached(&key.namespace) else {
                 continue;
             };
+            let present = !matches!(ns.find(&key.name, None), cache::Found::None);
+            match seen(present, r.status == ServiceStatus::Missing) {
+                Seen::Gone => {
+                    reported.remove(&key);
+                    recorder.missing(&key, r.kind, &r.deployed);
+                    continue;
+                }
+                Seen::Back => {
+                    let _ = resubmit.send((key, crate::domain::Trigger::Drift)).await;
+                    continue;
+                }
+                Seen::Nothing => continue,
+                Seen::There => {}
+            }
             let Some(dep) = ns.workload(r.kind, &key.name) else {
                 continue;
             };
@@ -133,11 +176,11 @@ pub async fn run(
                     drifted: drift,
                     uid: dep.uid,
                     kind: r.kind,
-                    self_heal: heal.is_some(),
+                    self_heal,
                 },
             );
-            if let Some(tx) = &heal {
-                let _ = tx.send(key).await;
+            if self_heal {
+                let _ = resubmit.send((key, crate::domain::Trigger::SelfHeal)).await;
             }
         }
     }
@@ -171,6 +214,14 @@ mod tests {
                 "{live} {open:?} {last:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_workload_gone_is_recorded_once_and_deployed_to_when_back() {
+        assert_eq!(seen(false, false), Seen::Gone);
+        assert_eq!(seen(false, true), Seen::Nothing, "recorded once");
+        assert_eq!(seen(true, true), Seen::Back);
+        assert_eq!(seen(true, false), Seen::There);
     }
 
     #[test]

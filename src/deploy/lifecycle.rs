@@ -118,8 +118,10 @@ pub struct Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthNow {
     Healthy,
-    /// Complete, but nothing was verified (0 replicas, OnDelete, a CronJob).
+    /// Complete, but nothing was verified (0 replicas, OnDelete).
     Unverified,
+    /// A CronJob's images are written: nothing to judge until its schedule.
+    Applied,
     NotHealthy,
 }
 
@@ -561,10 +563,11 @@ impl Lifecycle {
         message: String,
         running: Option<Images>,
     ) -> (Vec<Event>, Action) {
-        let good = matches!(outcome, DeployOutcome::Succeeded);
+        // A CronJob's last good is what was applied: nothing else can be known of it.
+        let good = matches!(outcome, DeployOutcome::Succeeded | DeployOutcome::Applied);
         let fine = matches!(
             outcome,
-            DeployOutcome::Succeeded | DeployOutcome::Unverified
+            DeployOutcome::Succeeded | DeployOutcome::Unverified | DeployOutcome::Applied
         );
         let quiet = matches!(
             outcome,
@@ -922,11 +925,13 @@ impl Lifecycle {
             Trigger::Startup | Trigger::Resync | Trigger::Rescan
         ) && self.known.settled != self.desired.hash;
         match health {
-            HealthNow::Healthy | HealthNow::Unverified => self.done(vec![Event::AlreadyRunning {
-                images: plan.after,
-                verified: health == HealthNow::Healthy,
-                record,
-            }]),
+            HealthNow::Healthy | HealthNow::Unverified | HealthNow::Applied => {
+                self.done(vec![Event::AlreadyRunning {
+                    images: plan.after,
+                    verified: health != HealthNow::Unverified,
+                    record,
+                }])
+            }
             HealthNow::NotHealthy => {
                 // The desired images are there but their rollout is not healthy (yet): judge
                 // it like a deploy in flight, and roll back if it fails.
@@ -1095,6 +1100,10 @@ impl Lifecycle {
                     format!("deployed, unverified: {why}; nothing proved these images healthy"),
                     running,
                 );
+            }
+            WaitOutcome::Applied(what) => {
+                let running = Some(plan.after);
+                return self.finish(Vec::new(), DeployOutcome::Applied, what, running);
             }
             WaitOutcome::Superseded => return self.superseded(true),
             WaitOutcome::Disappeared => return self.disappeared(),
@@ -1271,7 +1280,7 @@ impl Lifecycle {
                 DeployOutcome::RolledBack,
                 format!("rolled back to {running}: {why}"),
             ),
-            WaitOutcome::Unverified(unverified) => (
+            WaitOutcome::Unverified(unverified) | WaitOutcome::Applied(unverified) => (
                 DeployOutcome::RolledBack,
                 format!("rolled back to {running} (unverified: {unverified}): {why}"),
             ),

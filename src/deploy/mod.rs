@@ -426,8 +426,10 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitOutcome {
     Healthy,
-    /// Applied, but nothing verified (0 replicas or nodes, OnDelete, a CronJob): why.
+    /// Applied, but nothing verified (0 replicas or nodes, OnDelete): why.
     Unverified(String),
+    /// A CronJob's images written, for its next schedule: what that means.
+    Applied(String),
     Failed {
         reason: String,
         message: String,
@@ -451,6 +453,7 @@ impl fmt::Display for WaitOutcome {
         match self {
             WaitOutcome::Healthy => f.write_str("healthy"),
             WaitOutcome::Unverified(why) => write!(f, "unverified: {why}"),
+            WaitOutcome::Applied(why) => f.write_str(why),
             WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
             WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
             WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
@@ -1070,6 +1073,7 @@ impl Deployer {
         match ns.judge(l.kind, &l.key.name, l.generation, ff, first_seen) {
             Health::Healthy => Err(WaitOutcome::Healthy),
             Health::Unverified(why) => Err(WaitOutcome::Unverified(why)),
+            Health::Applied(why) => Err(WaitOutcome::Applied(why)),
             Health::Failed { reason, message } => Err(WaitOutcome::Failed { reason, message }),
             Health::Disappeared => Err(WaitOutcome::Disappeared),
             Health::Progressing(m) => Ok(m),
@@ -1107,6 +1111,7 @@ impl Deployer {
         ) {
             Health::Healthy => WaitOutcome::Healthy,
             Health::Unverified(why) => WaitOutcome::Unverified(why),
+            Health::Applied(why) => WaitOutcome::Applied(why),
             _ => timed_out,
         }
     }
@@ -1131,6 +1136,7 @@ impl Deployer {
             return match rollout::judge(&w, generation, &[], ff, &mut Default::default(), now) {
                 Health::Healthy => HealthNow::Healthy,
                 Health::Unverified(_) => HealthNow::Unverified,
+                Health::Applied(_) => HealthNow::Applied,
                 _ => HealthNow::NotHealthy,
             };
         }
@@ -1147,6 +1153,7 @@ impl Deployer {
             ) {
                 Health::Healthy => return HealthNow::Healthy,
                 Health::Unverified(_) => return HealthNow::Unverified,
+                Health::Applied(_) => return HealthNow::Applied,
                 Health::Progressing(m) if m.contains("observe") && Instant::now() < deadline => {
                     let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
                 }

@@ -153,6 +153,7 @@ impl Recorder {
         let reason = match outcome {
             DeployOutcome::Succeeded => "DeploySucceeded",
             DeployOutcome::Unverified => "DeployUnverified",
+            DeployOutcome::Applied => "DeployApplied",
             DeployOutcome::RolledBack => "DeployRolledBack",
             DeployOutcome::RollbackFailed => "DeployRollbackFailed",
             DeployOutcome::TimedOut => "DeployTimedOut",
@@ -160,11 +161,12 @@ impl Recorder {
             DeployOutcome::ChangedOutside => "RolloutChangedOutside",
             DeployOutcome::Failed => "DeployFailed",
             DeployOutcome::InProgress
+            | DeployOutcome::Missing
             | DeployOutcome::Unchanged
             | DeployOutcome::Superseded
             | DeployOutcome::Interrupted => return,
         };
-        let warning = outcome.tone() != Tone::Good;
+        let warning = !matches!(outcome.tone(), Tone::Good | Tone::Neutral);
         self.deployer.event(
             key,
             kind,
@@ -173,6 +175,44 @@ impl Recorder {
             &format!("depwatch: {message}"),
             warning,
         );
+    }
+
+    /// The workload was deleted outside depwatch: one history row, the service marked
+    /// missing, people told. It comes back by itself when the workload is recreated.
+    pub fn missing(&self, key: &ServiceKey, kind: WorkloadKind, recorded: &Images) {
+        let message = format!(
+            "the {} was deleted outside depwatch; the file's version is deployed to it again when it is recreated",
+            kind.api_kind()
+        );
+        tracing::warn!(service = %key, "{message}");
+        self.row(
+            key,
+            RowText {
+                trigger: crate::domain::Trigger::Drift,
+                actor: "cluster".into(),
+                request_id: String::new(),
+                from: recorded.to_string(),
+                to: String::new(),
+                outcome: DeployOutcome::Missing,
+                message: message.clone(),
+            },
+        );
+        self.change(
+            key,
+            ServiceChange::default()
+                .status(ServiceStatus::Missing)
+                .message(message.clone()),
+        );
+        self.notifier.report(Report {
+            outcome: DeployOutcome::Missing,
+            service: key.name.clone(),
+            namespace: key.namespace.clone(),
+            kind,
+            from: recorded.to_string(),
+            to: "-".into(),
+            duration: Duration::ZERO,
+            reason: message,
+        });
     }
 
     /// Images changed outside depwatch: one history row, the service marked drifted, people
@@ -475,10 +515,10 @@ impl Attempt<'_> {
             .content_hash(d.hash.clone())
             .desired(images.clone())
             .deployed(images.clone())
-            .status(if verified {
-                ServiceStatus::Succeeded
-            } else {
-                ServiceStatus::Unverified
+            .status(match (verified, self.kind) {
+                (true, Some(crate::domain::WorkloadKind::CronJob)) => ServiceStatus::Applied,
+                (true, _) => ServiceStatus::Succeeded,
+                (false, _) => ServiceStatus::Unverified,
             })
             .failed_hash("")
             .message(message);
@@ -575,7 +615,9 @@ impl Attempt<'_> {
         self.stop_waiting();
         let elapsed = human_duration(self.began.elapsed());
         match f.outcome.tone() {
-            Tone::Good => tracing::info!(outcome = %f.outcome, %elapsed, "{}", f.message),
+            Tone::Good | Tone::Neutral => {
+                tracing::info!(outcome = %f.outcome, %elapsed, "{}", f.message)
+            }
             _ => tracing::warn!(outcome = %f.outcome, %elapsed, "{}", f.message),
         }
         if let Some(id) = self.row {

@@ -22,9 +22,11 @@ pub enum Health {
     /// Still going; the text says what it waits for.
     Progressing(String),
     Healthy,
-    /// Applied, but nothing proved the images healthy (0 replicas or nodes, OnDelete, a
-    /// CronJob); the text says why.
+    /// Applied, but nothing proved the images healthy (0 replicas or nodes, OnDelete); the
+    /// text says why.
     Unverified(String),
+    /// A CronJob's images written: they run at its next schedule, nothing to judge now.
+    Applied(String),
     /// Failed: a reason (`ImagePullBackOff`, `ProgressDeadlineExceeded`, …) and the message
     /// the cluster gave.
     Failed {
@@ -259,7 +261,7 @@ pub fn judge(
     now: Instant,
 ) -> Health {
     if let Progress::CronJob { suspended } = w.progress {
-        return Health::Unverified(match suspended {
+        return Health::Applied(match suspended {
             false => "applied; the image runs at the CronJob's next schedule".into(),
             true => "applied; the CronJob is suspended, so nothing runs the image".into(),
         });
@@ -337,7 +339,7 @@ fn counts(progress: &Progress) -> Health {
             available,
             ..
         } => daemonset_counts(desired, updated, available),
-        Progress::CronJob { .. } => Health::Unverified("applied".into()),
+        Progress::CronJob { .. } => Health::Applied("applied".into()),
     }
 }
 

@@ -348,7 +348,12 @@ impl Feed {
             Event::Delete(obj) => {
                 let ns = obj.namespace().unwrap_or_default();
                 if let Some(w) = self.watches.target(&self.route, &ns) {
-                    obj.delete(&mut w.lock());
+                    if obj.delete(&mut w.lock()) {
+                        self.watches.changed.add(ServiceKey {
+                            name: obj.name_any(),
+                            namespace: ns,
+                        });
+                    }
                 }
                 return;
             }
@@ -386,8 +391,12 @@ impl Feed {
                 .map(|e| (e.key().clone(), e.value().clone()))
                 .collect(),
         };
-        for (ns, w) in caches {
-            K::retain(&mut w.lock(), &keep.remove(&ns).unwrap_or_default());
+        for (namespace, w) in caches {
+            let gone = K::retain(&mut w.lock(), &keep.remove(&namespace).unwrap_or_default());
+            for name in gone {
+                let namespace = namespace.clone();
+                self.watches.changed.add(ServiceKey { name, namespace });
+            }
         }
     }
 }

@@ -333,9 +333,10 @@ impl From<DeployOutcome> for RequestStatus {
     fn from(outcome: DeployOutcome) -> Self {
         match outcome {
             DeployOutcome::InProgress => RequestStatus::Pending,
-            DeployOutcome::Succeeded | DeployOutcome::Unchanged | DeployOutcome::Unverified => {
-                RequestStatus::Succeeded
-            }
+            DeployOutcome::Succeeded
+            | DeployOutcome::Unchanged
+            | DeployOutcome::Unverified
+            | DeployOutcome::Applied => RequestStatus::Succeeded,
             DeployOutcome::RolledBack => RequestStatus::RolledBack,
             // Someone else's change took its place: not running, and not judged.
             DeployOutcome::Superseded | DeployOutcome::ChangedOutside => RequestStatus::Superseded,
@@ -343,6 +344,7 @@ impl From<DeployOutcome> for RequestStatus {
             | DeployOutcome::TimedOut
             | DeployOutcome::RollbackFailed
             | DeployOutcome::Interrupted
+            | DeployOutcome::Missing
             | DeployOutcome::Drift => RequestStatus::Failed,
         }
     }

@@ -67,6 +67,7 @@ fn tone_class(tone: Tone) -> &'static str {
         Tone::Bad => "bad",
         Tone::Warning => "warn",
         Tone::Busy => "busy",
+        Tone::Neutral => "neutral",
     }
 }
 
@@ -82,8 +83,10 @@ fn status_class(status: ServiceStatus) -> &'static str {
         | ServiceStatus::TimedOut
         | ServiceStatus::Drifted
         | ServiceStatus::Unverified
+        | ServiceStatus::Missing
         | ServiceStatus::WaitingForApi
         | ServiceStatus::Paused => "warn",
+        ServiceStatus::Applied => "neutral",
         ServiceStatus::Deploying | ServiceStatus::Retry => "busy",
         ServiceStatus::Pending | ServiceStatus::Unmanaged => "idle",
     }
@@ -257,7 +260,7 @@ th,td{padding:.55rem .7rem;border-bottom:1px solid #eee;text-align:left;vertical
 th{background:#f3f3f5;font-weight:600}td.img{font-family:ui-monospace,monospace;font-size:.8rem}
 td.msg{max-width:28rem;color:#444;font-size:.8rem}small{color:#777}td.svc{font-weight:600}
 .badge{padding:.15rem .5rem;border-radius:1rem;font-size:.8rem;color:#fff;white-space:nowrap}
-.ok{background:#2eb886}.bad{background:#d40e0d}.warn{background:#daa038}.busy{background:#3b82f6}.idle{background:#999}
+.ok{background:#2eb886}.bad{background:#d40e0d}.warn{background:#daa038}.busy{background:#3b82f6}.idle{background:#999}.neutral{background:#a0a0a0}
 .dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.2rem}
 td.empty{color:#777;text-align:center;padding:2rem}
 td.img{overflow-wrap:normal;word-break:normal}code{font-family:ui-monospace,monospace;background:#f3f3f5;padding:0 .2em;border-radius:3px}.pin{color:#b45309}
