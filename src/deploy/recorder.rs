@@ -222,7 +222,7 @@ impl Recorder {
             "images changed outside depwatch: {} → {}",
             d.recorded, d.drifted
         );
-        tracing::warn!(service = %key, %message, self_heal = d.self_heal, "drift");
+        tracing::warn!(service = %key, self_heal = d.self_heal, "drift: {message}");
         self.row(
             key,
             RowText {
@@ -471,7 +471,7 @@ impl Attempt<'_> {
         let r = self.recorder;
         let d = self.desired;
         self.stop_waiting();
-        tracing::error!(%message, "deploy failed; nothing was changed in the cluster");
+        tracing::error!("deploy failed, nothing was changed in the cluster: {message}");
         self.complete_row(
             from.to_string(),
             requested.to_string(),
