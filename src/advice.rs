@@ -142,6 +142,8 @@ mod tests {
             (S::Pending, false, false, "", ""),
             (S::Retry, false, false, "", ""),
             (S::Unmanaged, false, false, "", ""),
+            (S::Applied, false, false, "", ""),
+            (S::Missing, false, false, "", "recreate it"),
             (S::Succeeded, true, false, "", "depwatch resume prod/web"),
             (
                 S::WaitingForApi,

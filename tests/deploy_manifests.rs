@@ -361,7 +361,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
             && status("web", "prdo").as_deref() == Some("failed")
             && status("db", "prod").as_deref() == Some("rolled_back")
             && status("agent", "prod").as_deref() == Some("succeeded")
-            && status("report", "prod").as_deref() == Some("unverified"))
+            && status("report", "prod").as_deref() == Some("applied"))
         .then_some(())
     })
     .await;
