@@ -4,8 +4,8 @@
 //! appears in each namespace that deploys that registry's images and works against it, comes
 //! back when deleted, is refreshed before its token expires, and a user's own Secret of the
 //! name is left alone. A failing endpoint never stalls a deploy and shows in `/readyz` and
-//! `/metrics`; an endpoint that answers expired tokens is asked with backoff, and its tokens are
-//! never written.
+//! `/metrics`; an endpoint that answers expired tokens is asked with backoff, its tokens are
+//! never written, and the token never reaches the log, even at `RUST_LOG=trace`.
 
 mod common;
 
@@ -492,4 +492,59 @@ async fn expired_ecr_tokens_are_asked_for_with_backoff_and_never_written() {
     )
     .await;
     daemon.stop();
+}
+
+/// The daemon at `RUST_LOG=trace` (and `wire` for `DEPWATCH_LOG_AWS_WIRE=1`) until it fetched
+/// a token from an endpoint whose password is `password`; its log.
+async fn trace_log(password: &str, wire: bool) -> String {
+    // The token's registry is a loopback port nobody listens on: only the fetch matters here.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let endpoint = Endpoint::start(
+        &format!("http://{nobody}"),
+        "AWS",
+        password,
+        Duration::from_secs(12 * 3600),
+        false,
+    )
+    .await;
+    let env = Env::new(SimConfig::default()).await;
+    let mut args = env.run_args();
+    args.extend(["--ecr-pull-secret", SECRET].map(String::from));
+    let mut envs = endpoint.aws_env(env.dir.path());
+    envs.push(("RUST_LOG", "trace".to_string()));
+    if wire {
+        envs.push(("DEPWATCH_LOG_AWS_WIRE", "1".to_string()));
+    }
+    let daemon = env.daemon_with(&args, &envs, env.dir.path()).await;
+    wait_for("a token fetched", Duration::from_secs(30), || async {
+        daemon
+            .log_text()
+            .contains("ECR token fetched")
+            .then_some(())
+    })
+    .await;
+    let log = daemon.log_text();
+    daemon.stop();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ecr_token_never_reaches_the_log_even_at_trace() {
+    let password = "pw-ecr-wire-6f1d2c";
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
+    let log = trace_log(password, false).await;
+    assert!(
+        log.contains("TRACE") && log.lines().count() > 100,
+        "traced: {} lines",
+        log.lines().count()
+    );
+    for secret in [password, token.as_str()] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+    // The same run with the SDK's wire logs asked for: they show the token, so the first run
+    // proves that they were held back.
+    let log = trace_log(password, true).await;
+    assert!(log.contains(token.as_str()), "the wire logs are on");
 }
