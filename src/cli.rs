@@ -144,7 +144,7 @@ fn environment_section(cmd: &clap::Command) -> String {
             commands.join(", ")
         ));
     }
-    out.push_str(".TP\n\\fBNO_COLOR\\fR\nno colour in logs, even on a terminal\n.TP\n\\fBRUST_LOG\\fR\nlog filter, e.g. \\fBinfo,depwatch=debug\\fR\n");
+    out.push_str(".TP\n\\fBNO_COLOR\\fR\nno colour in logs, even on a terminal\n.TP\n\\fBRUST_LOG\\fR\nlog filter, e.g. \\fBinfo,depwatch=debug\\fR; the AWS SDK's, hyper's, h2's and rustls's events stay at info whatever it says\n.TP\n\\fBDEPWATCH_LOG_AWS_WIRE\\fR\n1 lets those through (they carry tokens: for debugging the SDK only)\n");
     out
 }
 

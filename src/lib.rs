@@ -32,6 +32,7 @@ pub mod ingest;
 pub mod leader;
 pub mod lease;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod operator;
 pub mod queue;

@@ -3,6 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use depwatch::cli::{Args, Command, LogFormat, Output};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn init_logging(format: LogFormat) {
     // kube's client logs every failed request itself; depwatch logs each failure once, with the
@@ -12,13 +14,19 @@ fn init_logging(format: LogFormat) {
     // Colour only for a person at a terminal: never into the journal, a file or a pipe.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // The SDK's and the HTTP stack's wire logs carry tokens: held at info whatever RUST_LOG
+    // says, unless DEPWATCH_LOG_AWS_WIRE=1.
+    let wanted = depwatch::logging::aws_wire_wanted(
+        std::env::var_os(depwatch::logging::AWS_WIRE_VAR).as_deref(),
+    );
+    let cap = depwatch::logging::wire_cap(wanted);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.finish().with(cap).init(),
+        LogFormat::Json => builder.json().finish().with(cap).init(),
     }
 }
 

@@ -35,6 +35,7 @@ pub struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
     pub step: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,7 +64,8 @@ pub struct Metrics {
     pub services: Family<StatusLabel, Gauge>,
     pub notifications: Family<ResultLabel, Counter>,
     pub kube_requests: Family<RequestLabel, Counter>,
-    /// `--ecr-pull-secret`: failed token fetches (`token`) and Secret writes (`secret`).
+    /// `--ecr-pull-secret`: failed token fetches (`token`: `error`, or a token that is
+    /// `expired` on arrival) and Secret writes (`secret`: `error`).
     pub ecr_refresh_failures: Family<StepLabel, Counter>,
     /// `--ecr-pull-secret`: seconds until the current ECR token expires, by registry.
     pub ecr_token_expiry: Family<RegistryLabel, Gauge>,
@@ -139,7 +141,7 @@ impl Metrics {
         let ecr_refresh_failures = Family::<StepLabel, Counter>::default();
         registry.register(
             "ecr_refresh_failures",
-            "ECR pull secrets: failed token fetches (step=token) and Secret writes (step=secret)",
+            "ECR pull secrets: failed token fetches (step=token; reason=error, or expired for a token stale on arrival) and Secret writes (step=secret)",
             ecr_refresh_failures.clone(),
         );
         let ecr_token_expiry = Family::<RegistryLabel, Gauge>::default();
@@ -174,21 +176,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Both ECR failure series, at 0, once `--ecr-pull-secret` is on (a rate needs a start).
+    /// Every ECR failure series, at 0, once `--ecr-pull-secret` is on (a rate needs a start).
     pub fn ecr_failures_start(&self) {
-        for step in ["token", "secret"] {
+        for (step, reason) in [
+            ("token", "error"),
+            ("token", "expired"),
+            ("secret", "error"),
+        ] {
             self.ecr_refresh_failures
                 .get_or_create(&StepLabel {
                     step: step.to_string(),
+                    reason: reason.to_string(),
                 })
                 .inc_by(0);
         }
     }
 
-    pub fn ecr_failure(&self, step: &str) {
+    pub fn ecr_failure(&self, step: &str, reason: &str) {
         self.ecr_refresh_failures
             .get_or_create(&StepLabel {
                 step: step.to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -4,7 +4,8 @@
 //! appears in each namespace that deploys that registry's images and works against it, comes
 //! back when deleted, is refreshed before its token expires, and a user's own Secret of the
 //! name is left alone. A failing endpoint never stalls a deploy and shows in `/readyz` and
-//! `/metrics`.
+//! `/metrics`; an endpoint that answers expired tokens is asked with backoff, its tokens are
+//! never written, and the token never reaches the log, even at `RUST_LOG=trace`.
 
 mod common;
 
@@ -15,7 +16,7 @@ use base64::Engine as _;
 use common::daemon::{Daemon, Env};
 use common::ecr::Endpoint;
 use common::registry::Registry;
-use common::{get_metrics, sample, wait_for};
+use common::{audit_count, get_metrics, sample, wait_for};
 use depwatch::depfile::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
@@ -24,6 +25,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{json, Value};
 
 const SECRET: &str = "ecr-pull";
+const TOKEN_ERRORS: &str = "depwatch_ecr_refresh_failures_total{step=\"token\",reason=\"error\"}";
+const TOKEN_EXPIRED: &str =
+    "depwatch_ecr_refresh_failures_total{step=\"token\",reason=\"expired\"}";
 /// The daemon with the pre-flight and the ECR pull secret, its AWS environment reaching only
 /// `endpoint`.
 async fn daemon(env: &Env, endpoint: &Endpoint) -> Daemon {
@@ -280,10 +284,7 @@ async fn follows_deploys_comes_back_and_spares_a_users_own(namespaces: Option<&s
         ),
     );
     assert!((11.0 * 3600.0..=12.0 * 3600.0).contains(&left), "{left}");
-    assert_eq!(
-        sample(&m, "depwatch_ecr_refresh_failures_total{step=\"token\"}"),
-        0.0
-    );
+    assert_eq!(sample(&m, TOKEN_ERRORS) + sample(&m, TOKEN_EXPIRED), 0.0);
     assert!(
         daemon.log_text().contains("is left alone"),
         "{}",
@@ -356,7 +357,7 @@ async fn a_failing_ecr_endpoint_never_stalls_a_deploy_and_is_told() {
         "{body}"
     );
     let m = get_metrics(&reqwest::Client::new(), &url).await;
-    assert!(sample(&m, "depwatch_ecr_refresh_failures_total{step=\"token\"}") >= 1.0);
+    assert!(sample(&m, TOKEN_ERRORS) >= 1.0);
     assert!(
         daemon.log_text().contains("fetching an ECR token failed"),
         "{}",
@@ -373,4 +374,177 @@ async fn a_failing_ecr_endpoint_never_stalls_a_deploy_and_is_told() {
         || async { (readyz(&url).await == (200, "ok".to_string())).then_some(()) },
     )
     .await;
+}
+
+/// Writes of the Secret in `ns` that took effect (creates and patches), from the audit log.
+fn secret_writes(env: &Env, ns: &str) -> usize {
+    let (create, patch) = (
+        format!("/api/v1/namespaces/{ns}/secrets"),
+        format!("/api/v1/namespaces/{ns}/secrets/{SECRET}"),
+    );
+    audit_count(&env.audit, |l| {
+        let ok = l["code"].as_u64().is_some_and(|c| c < 300);
+        let write = (l["method"] == "POST" && l["path"] == create.as_str())
+            || (l["method"] == "PATCH" && l["path"] == patch.as_str());
+        ok && write
+    })
+}
+
+/// An hour ago: every token the endpoint hands out has expired.
+const EXPIRED: i64 = -3600;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ecr_tokens_are_asked_for_with_backoff_and_never_written() {
+    let registry = Registry::start(true).await;
+    registry.push("team/web", "1.0").await;
+    registry.push("team/web", "1.1").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    // A six-second token first, which the Secret gets; then only expired ones.
+    let endpoint = Endpoint::for_registry(&registry, Duration::from_secs(6), false).await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("1.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let daemon = daemon(&env, &endpoint).await;
+    written(&env, "shop", |_| true).await;
+    endpoint.lifetime.store(EXPIRED, Ordering::SeqCst);
+
+    // Asked again after 1 s, 2 s, 4 s: not each second.
+    let stale = wait_for(
+        "four expired tokens handed out",
+        Duration::from_secs(40),
+        || async {
+            let at = endpoint.handed_with(EXPIRED);
+            (at.len() >= 4).then_some(at)
+        },
+    )
+    .await;
+    let gaps: Vec<f64> = stale
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect();
+    for (gap, least) in gaps.iter().zip([1.0, 2.0, 4.0]) {
+        assert!(*gap >= least * 0.9, "backoff between asks: {gaps:?}");
+    }
+    let within_8s = stale
+        .iter()
+        .filter(|at| at.duration_since(stale[0]) <= Duration::from_secs(8))
+        .count();
+    assert!(within_8s <= 4, "{within_8s} asks in 8 s: {gaps:?}");
+
+    // Counted, told by /readyz (still ready), and the expiry shown is the real one.
+    let url = daemon.http_url();
+    let http = reqwest::Client::new();
+    let m = wait_for(
+        "the expired current token in /metrics",
+        Duration::from_secs(30),
+        || async {
+            let m = get_metrics(&http, &url).await;
+            let left = sample(
+                &m,
+                &format!(
+                    "depwatch_ecr_token_expiry_seconds{{registry=\"{}\"}}",
+                    registry.addr()
+                ),
+            );
+            (left < 0.0).then_some(m)
+        },
+    )
+    .await;
+    assert!(sample(&m, TOKEN_EXPIRED) >= 4.0, "{m:?}");
+    assert_eq!(sample(&m, TOKEN_ERRORS), 0.0);
+    let (code, body) = readyz(&url).await;
+    assert_eq!(code, 200, "ready all the same: {body}");
+    assert!(
+        body.starts_with("ok; ECR pull secret ecr-pull: fetching an ECR token failed")
+            && body.contains("ECR answered a token that had already expired")
+            && body.contains("the pull secrets are stale"),
+        "{body}"
+    );
+
+    // No expired token was ever written: at most one write per good token, and the Secret
+    // still holds the last good one.
+    let good = endpoint.handed_with(6).len();
+    let writes = secret_writes(&env, "shop");
+    assert!(writes <= good, "{writes} writes for {good} good tokens");
+    let held: jiff::Timestamp = expires_at(&secret(&env, "shop").await.expect("the Secret"))
+        .parse()
+        .expect("an RFC 3339 expiry");
+    assert!(
+        held > jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600),
+        "the Secret holds an expired token: {held}"
+    );
+
+    // Fresh tokens again: taken at the next try, and the detail goes.
+    endpoint.lifetime.store(12 * 3600, Ordering::SeqCst);
+    let renewed = written(&env, "shop", |s| {
+        expires_at(s)
+            .parse::<jiff::Timestamp>()
+            .is_ok_and(|at| at > jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600))
+    });
+    tokio::time::timeout(Duration::from_secs(40), renewed)
+        .await
+        .expect("the Secret renewed once ECR answers a fresh token");
+    wait_for(
+        "/readyz without the detail",
+        Duration::from_secs(30),
+        || async { (readyz(&url).await == (200, "ok".to_string())).then_some(()) },
+    )
+    .await;
+    daemon.stop();
+}
+
+/// The daemon at `RUST_LOG=trace` (and `wire` for `DEPWATCH_LOG_AWS_WIRE=1`) until it fetched
+/// a token from an endpoint whose password is `password`; its log.
+async fn trace_log(password: &str, wire: bool) -> String {
+    // The token's registry is a loopback port nobody listens on: only the fetch matters here.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let endpoint = Endpoint::start(
+        &format!("http://{nobody}"),
+        "AWS",
+        password,
+        Duration::from_secs(12 * 3600),
+        false,
+    )
+    .await;
+    let env = Env::new(SimConfig::default()).await;
+    let mut args = env.run_args();
+    args.extend(["--ecr-pull-secret", SECRET].map(String::from));
+    let mut envs = endpoint.aws_env(env.dir.path());
+    envs.push(("RUST_LOG", "trace".to_string()));
+    if wire {
+        envs.push(("DEPWATCH_LOG_AWS_WIRE", "1".to_string()));
+    }
+    let daemon = env.daemon_with(&args, &envs, env.dir.path()).await;
+    wait_for("a token fetched", Duration::from_secs(30), || async {
+        daemon
+            .log_text()
+            .contains("ECR token fetched")
+            .then_some(())
+    })
+    .await;
+    let log = daemon.log_text();
+    daemon.stop();
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ecr_token_never_reaches_the_log_even_at_trace() {
+    let password = "pw-ecr-wire-6f1d2c";
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
+    let log = trace_log(password, false).await;
+    assert!(
+        log.contains("TRACE") && log.lines().count() > 100,
+        "traced: {} lines",
+        log.lines().count()
+    );
+    for secret in [password, token.as_str()] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+    // The same run with the SDK's wire logs asked for: they show the token, so the first run
+    // proves that they were held back.
+    let log = trace_log(password, true).await;
+    assert!(log.contains(token.as_str()), "the wire logs are on");
 }

@@ -37,7 +37,10 @@ pub const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
 /// The shortest wait before the next fetch, whatever a token's lifetime says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// The longest wait between two tries after failures.
-const MAX_RETRY: Duration = Duration::from_secs(60);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+/// A token with no more than this left is stale on arrival: its refresh would fall on the
+/// one-second floor, so taking it would mean a fetch and a write of every Secret each second.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(2);
 
 /// One ECR authorization token: the registry it was issued for and what it decodes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,10 +104,93 @@ pub fn refresh_at(fetched: Timestamp, expires_at: Timestamp) -> Timestamp {
     fetched.checked_add(wait).unwrap_or(Timestamp::MAX)
 }
 
-/// How long to wait after `failures` failures in a row: 1 s, doubling, at most a minute.
+/// How long to wait after `failures` failures in a row: 1 s, doubling, at most five minutes.
 pub fn retry_in(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     MIN_REFRESH.saturating_mul(1 << exp).min(MAX_RETRY)
+}
+
+/// Why a fetch counts as failed: the `reason` label of
+/// `depwatch_ecr_refresh_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// GetAuthorizationToken failed, or its answer made no token.
+    Error,
+    /// The token had expired, or would within [`REFRESH_MARGIN`], when it arrived.
+    Expired,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Error => "error",
+            Failure::Expired => "expired",
+        }
+    }
+}
+
+/// What the refresher does after a fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Take the token (the Secrets follow) and fetch again after `wait`.
+    Take { token: Token, wait: Duration },
+    /// Keep the current token, count the failure (`failures` in a row now) and try again
+    /// after `wait`. `stale`: the registry and expiry of a token refused as stale.
+    Fail {
+        reason: Failure,
+        why: String,
+        failures: u32,
+        wait: Duration,
+        stale: Option<(String, Timestamp)>,
+    },
+}
+
+/// After a fetch at `now`, with `failures` failures in a row before it: take the token and
+/// refresh it at half its remaining lifetime, or back off (1 s, 2 s, 4 s, … five minutes) when
+/// the fetch failed or the token is stale on arrival (expired, or within [`REFRESH_MARGIN`]).
+pub fn after_fetch(now: Timestamp, fetched: Result<Token, String>, failures: u32) -> Next {
+    let failures = failures.saturating_add(1);
+    let wait = retry_in(failures);
+    let token = match fetched {
+        Ok(token) => token,
+        Err(why) => {
+            let (reason, stale) = (Failure::Error, None);
+            return Next::Fail {
+                reason,
+                why,
+                failures,
+                wait,
+                stale,
+            };
+        }
+    };
+    let left = token.expires_at.duration_since(now);
+    if left.is_negative() || left.unsigned_abs() <= REFRESH_MARGIN {
+        let at = token.expires_at;
+        let shown = at.round(jiff::Unit::Second).unwrap_or(at);
+        let why = match left.is_negative() {
+            true => format!("ECR answered a token that had already expired (at {shown})"),
+            false => format!(
+                "ECR answered a token that expires at {shown}, within {}: too late to use",
+                crate::domain::human_duration(REFRESH_MARGIN)
+            ),
+        };
+        return Next::Fail {
+            reason: Failure::Expired,
+            why,
+            failures,
+            wait,
+            stale: Some((token.host, at)),
+        };
+    }
+    let next = refresh_at(now, token.expires_at);
+    let wait = next.duration_since(now).unsigned_abs();
+    Next::Take { token, wait }
+}
+
+/// Whether a token is still good at `now` (a Secret is never written with one that is not).
+pub fn usable(token: &Token, now: Timestamp) -> bool {
+    token.expires_at > now
 }
 
 /// The region of an ECR registry host (`<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]`).
@@ -334,6 +420,35 @@ pub struct Health {
     pub secret_errors: BTreeMap<String, String>,
     /// Namespaces with a Secret of the name that is not depwatch's.
     pub foreign: BTreeSet<String>,
+    /// The registry and expiry of the last token refused as stale (for `/metrics` while no
+    /// token is held).
+    pub stale_answer: Option<(String, Timestamp)>,
+}
+
+impl Health {
+    /// A token was taken: the fetches are well again (the Secrets' own state stays).
+    pub fn token_fetched(&mut self) {
+        self.token_failures = 0;
+        self.token_error = None;
+        self.failing_since = None;
+        self.stale_answer = None;
+    }
+
+    /// The `failures`-th fetch in a row failed at `now`.
+    pub fn token_failed(
+        &mut self,
+        failures: u32,
+        why: String,
+        now: Timestamp,
+        stale: Option<(String, Timestamp)>,
+    ) {
+        self.token_failures = failures;
+        self.token_error = Some(why);
+        self.failing_since.get_or_insert(now);
+        if stale.is_some() {
+            self.stale_answer = stale;
+        }
+    }
 }
 
 /// The `/readyz` detail: what fails, and how long the current token still serves.
@@ -354,7 +469,7 @@ pub fn detail(
                 "the current token expires in {}",
                 crate::domain::human_duration(t.expires_at.duration_since(now).unsigned_abs())
             ),
-            Some(_) => "the current token has expired".into(),
+            Some(_) => "the current token has expired: the pull secrets are stale".into(),
             None => "no token yet".into(),
         };
         parts.push(format!(
@@ -488,11 +603,14 @@ impl EcrPullSecrets {
         )
     }
 
-    /// The registry and the seconds until the current token expires, for `/metrics`.
+    /// The registry and the seconds until the current token expires (below zero once it has),
+    /// for `/metrics`; with no token yet, those of the last token refused as stale.
     pub fn expires_in(&self, now: Timestamp) -> Option<(String, i64)> {
-        let token = self.token()?;
-        let left = token.expires_at.duration_since(now).as_secs().max(0);
-        Some((token.host, left))
+        let (host, at) = match self.token() {
+            Some(token) => (token.host, token.expires_at),
+            None => self.health().stale_answer?,
+        };
+        Some((host, at.duration_since(now).as_secs()))
     }
 
     pub fn token(&self) -> Option<Token> {
@@ -590,8 +708,102 @@ mod tests {
         ] {
             assert_eq!(refresh_at(now, at(expires)), at(want), "{expires}");
         }
-        let waits: Vec<u64> = [1, 2, 3, 7, 8, 100].map(|f| retry_in(f).as_secs()).to_vec();
-        assert_eq!(waits, [1, 2, 4, 60, 60, 60]);
+        let waits: Vec<u64> = [1, 2, 3, 7, 9, 10, 11, 100, u32::MAX]
+            .map(|f| retry_in(f).as_secs())
+            .to_vec();
+        assert_eq!(waits, [1, 2, 4, 64, 256, 300, 300, 300, 300]);
+    }
+
+    /// What a decision comes to: why it failed (`None`: the token is taken), the failures in
+    /// a row now, and the wait in seconds.
+    fn summary(next: &Next) -> (Option<Failure>, u32, u64) {
+        match next {
+            Next::Take { wait, .. } => (None, 0, wait.as_secs()),
+            Next::Fail {
+                reason,
+                failures,
+                wait,
+                ..
+            } => (Some(*reason), *failures, wait.as_secs()),
+        }
+    }
+
+    #[test]
+    fn a_stale_or_failed_fetch_backs_off_and_a_fresh_token_is_taken() {
+        let now = at("2026-01-01T00:00:00Z");
+        let (taken, expired, error) = (None, Some(Failure::Expired), Some(Failure::Error));
+        // (the answer's expiry, or an error; failures before; what it comes to)
+        let table = [
+            (Ok("2026-01-01T12:00:00Z"), 0, (taken, 0, 6 * 3600)),
+            (Ok("2026-01-01T12:00:00Z"), 7, (taken, 0, 6 * 3600)),
+            (Ok("2026-01-01T00:00:06Z"), 3, (taken, 0, 3)),
+            (Ok("2026-01-01T00:00:03Z"), 0, (taken, 0, 1)),
+            // Expired, or within the margin: 1 s, 2 s, 4 s, … five minutes, never each second.
+            (Ok("2025-12-31T23:00:00Z"), 0, (expired, 1, 1)),
+            (Ok("2025-12-31T23:00:00Z"), 1, (expired, 2, 2)),
+            (Ok("2025-12-31T23:00:00Z"), 2, (expired, 3, 4)),
+            (Ok("2026-01-01T00:00:00Z"), 5, (expired, 6, 32)),
+            (Ok("2026-01-01T00:00:02Z"), 8, (expired, 9, 256)),
+            (Ok("2026-01-01T00:00:01Z"), 9, (expired, 10, 300)),
+            (
+                Ok("1970-01-01T00:00:00Z"),
+                u32::MAX,
+                (expired, u32::MAX, 300),
+            ),
+            (Err("500 Internal Server Error"), 0, (error, 1, 1)),
+            (Err("500 Internal Server Error"), 3, (error, 4, 8)),
+            (Err("500 Internal Server Error"), 20, (error, 21, 300)),
+        ];
+        for (answer, before, want) in table {
+            let fetched = answer
+                .map(|expires| token("r:5000", expires))
+                .map_err(str::to_string);
+            let next = after_fetch(now, fetched, before);
+            assert_eq!(summary(&next), want, "{answer:?} after {before} failure(s)");
+        }
+        // A stale token says why and names its registry and expiry; an error is kept as is.
+        let old = at("2025-12-31T23:00:00Z");
+        let Next::Fail { why, stale, .. } =
+            after_fetch(now, Ok(token("r:5000", "2025-12-31T23:00:00Z")), 0)
+        else {
+            panic!("an expired token is taken");
+        };
+        assert_eq!(stale, Some(("r:5000".to_string(), old)));
+        assert_eq!(
+            why,
+            "ECR answered a token that had already expired (at 2025-12-31T23:00:00Z)"
+        );
+        let Next::Fail { why, .. } =
+            after_fetch(now, Ok(token("r:5000", "2026-01-01T00:00:01Z")), 0)
+        else {
+            panic!("a token within the margin is taken");
+        };
+        assert!(why.contains("within 2s"), "{why}");
+        let Next::Fail { why, stale, .. } = after_fetch(now, Err("denied".into()), 0) else {
+            panic!("an error is taken");
+        };
+        assert_eq!((why.as_str(), stale), ("denied", None));
+    }
+
+    #[test]
+    fn the_expiry_shown_is_the_real_one_and_an_expired_token_is_unusable() {
+        let now = at("2026-01-01T00:00:00Z");
+        let ecr = EcrPullSecrets::new("ecr-pull");
+        assert_eq!(ecr.expires_in(now), None);
+        let old = at("2025-12-31T23:00:00Z");
+        ecr.update_health(|h| h.token_failed(1, "stale".into(), now, Some(("r:5000".into(), old))));
+        assert_eq!(ecr.expires_in(now), Some(("r:5000".into(), -3600)));
+        ecr.set_token(token("r:5000", "2026-01-01T01:00:00Z"));
+        assert_eq!(ecr.expires_in(now), Some(("r:5000".into(), 3600)));
+        assert_eq!(
+            ecr.expires_in(at("2026-01-01T02:00:00Z")),
+            Some(("r:5000".into(), -3600))
+        );
+        let t = ecr.token().expect("token");
+        assert!(usable(&t, now));
+        assert!(!usable(&t, t.expires_at));
+        ecr.update_health(Health::token_fetched);
+        assert_eq!(ecr.health(), Health::default());
     }
 
     #[test]
@@ -738,6 +950,7 @@ mod tests {
             failing_since: Some(now),
             secret_errors: BTreeMap::from([("shop".into(), "403 Forbidden".into())]),
             foreign: BTreeSet::from(["blog".into()]),
+            stale_answer: None,
         };
         let t = token("r:5000", "2026-01-01T01:00:00Z");
         let d = detail("ecr-pull", &health, Some(&t), now).expect("detail");
@@ -747,6 +960,12 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("namespace(s) blog is not depwatch's"), "{d}");
+        let later = at("2026-01-01T02:00:00Z");
+        let d = detail("ecr-pull", &health, Some(&t), later).expect("detail");
+        assert!(
+            d.contains("(the current token has expired: the pull secrets are stale)"),
+            "{d}"
+        );
     }
 
     #[test]

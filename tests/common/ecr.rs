@@ -3,9 +3,9 @@
 //! it: dummy keys, a region, no instance metadata, empty config files.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::json;
@@ -14,12 +14,16 @@ use super::registry::Registry;
 
 const TARGET: &str = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken";
 
-/// Hands out tokens (base64 of `user:password`) for one registry, each living `lifetime`;
-/// answers 500 while `failing`. Counts the tokens it hands out.
+/// Hands out tokens (base64 of `user:password`) for one registry, each expiring `lifetime`
+/// seconds after it is handed out (below zero: already expired); answers 500 while `failing`.
+/// Counts the tokens it hands out, and keeps when each went.
 pub struct Endpoint {
     pub url: String,
     pub calls: Arc<AtomicUsize>,
     pub failing: Arc<AtomicBool>,
+    pub lifetime: Arc<AtomicI64>,
+    /// When each token was handed out, with the lifetime it was given.
+    pub handed: Arc<Mutex<Vec<(Instant, i64)>>>,
 }
 
 type Reply = (
@@ -56,10 +60,14 @@ impl Endpoint {
         let proxy = proxy_endpoint.to_string();
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(AtomicBool::new(failing));
+        let lifetime = Arc::new(AtomicI64::new(lifetime.as_secs() as i64));
+        let handed = Arc::new(Mutex::new(Vec::new()));
         let (counted, fails) = (calls.clone(), failing.clone());
+        let (lives, log) = (lifetime.clone(), handed.clone());
         let answer = move |headers: axum::http::HeaderMap| {
             let (token, proxy) = (token.clone(), proxy.clone());
             let (counted, fails) = (counted.clone(), fails.clone());
+            let (lives, log) = (lives.clone(), log.clone());
             async move {
                 let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok());
                 if target != Some(TARGET) {
@@ -73,8 +81,10 @@ impl Endpoint {
                     let why = "the test endpoint fails";
                     return reply(500, json!({"__type": "ServerException", "message": why}));
                 }
+                let lifetime = lives.load(Ordering::SeqCst);
+                log.lock().expect("lock").push((Instant::now(), lifetime));
                 counted.fetch_add(1, Ordering::SeqCst);
-                let expires = jiff::Timestamp::now().as_second() + lifetime.as_secs() as i64;
+                let expires = jiff::Timestamp::now().as_second() + lifetime;
                 reply(
                     200,
                     json!({"authorizationData": [{
@@ -92,11 +102,23 @@ impl Endpoint {
             url: format!("http://{addr}"),
             calls,
             failing,
+            lifetime,
+            handed,
         }
     }
 
     /// The daemon's AWS environment: this endpoint for ECR, dummy keys, a region, nothing
     /// else (no instance metadata; empty config files in `dir`).
+    /// When each token with this lifetime was handed out, oldest first.
+    pub fn handed_with(&self, lifetime: i64) -> Vec<Instant> {
+        let handed = self.handed.lock().expect("lock");
+        handed
+            .iter()
+            .filter(|(_, l)| *l == lifetime)
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
     pub fn aws_env(&self, dir: &Path) -> Vec<(&'static str, String)> {
         let empty = dir.join("aws-config-empty");
         std::fs::write(&empty, "").expect("empty AWS config");

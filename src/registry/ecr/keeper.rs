@@ -1,8 +1,10 @@
 //! The doing half of ECR pull secrets, two tasks the daemon owns and ends at shutdown:
 //! - [`refresh_tokens`] asks ECR for a token at start, then at half of each token's remaining
-//!   lifetime, sooner after a failure (1 s, doubling to a minute). Each failure is counted
-//!   (`depwatch_ecr_refresh_failures_total{step="token"}`), said once in the log and shown by
-//!   `/readyz`; the current token keeps serving meanwhile.
+//!   lifetime. A failed fetch, or a token that is stale on arrival (expired, or about to), backs
+//!   off (1 s, doubling to five minutes; see [`super::after_fetch`]), is counted
+//!   (`depwatch_ecr_refresh_failures_total{step="token",reason}`), logged with its next try and
+//!   shown by `/readyz`; the current token keeps serving meanwhile, and a stale one is never
+//!   written to a Secret.
 //! - [`keep_secrets`] watches the Secrets of the name (cluster-wide, or in each exact
 //!   `--namespaces`), and after every change of token, of the namespaces deployed to, or of a
 //!   Secret (a deletion), writes what [`super::decide`] says: create, or patch depwatch's own.
@@ -24,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::aws::TokenSource;
 use super::{
-    decide, desired, hosts_served, namespaces_wanted, refresh_at, retry_in, secret_json, Desired,
-    EcrPullSecrets, Token, View, Write, MANAGED_BY, MANAGER,
+    decide, desired, hosts_served, namespaces_wanted, retry_in, secret_json, usable, Desired,
+    EcrPullSecrets, Health, Next, Token, View, Write, MANAGED_BY, MANAGER,
 };
 use crate::domain::human_duration;
 use crate::metrics::Metrics;
@@ -71,31 +73,27 @@ fn after_fetch(
     failures: &mut u32,
 ) -> Duration {
     let now = Timestamp::now();
-    match fetched {
-        Ok(token) => {
+    match super::after_fetch(now, fetched, *failures) {
+        Next::Take { token, wait } => {
             *failures = 0;
-            let next = refresh_at(now, token.expires_at);
+            let next = now.checked_add(wait).unwrap_or(Timestamp::MAX);
             let shown = next.round(jiff::Unit::Second).unwrap_or(next);
             tracing::info!(registry = %token.host, expires_at = %token.expires_at, next_refresh = %shown, "ECR token fetched");
-            ecr.update_health(|h| {
-                h.token_failures = 0;
-                h.token_error = None;
-                h.failing_since = None;
-            });
+            ecr.update_health(Health::token_fetched);
             ecr.set_token(token);
-            next.duration_since(now).unsigned_abs()
+            wait
         }
-        Err(why) => {
-            *failures += 1;
-            metrics.ecr_failure("token");
-            let wait = retry_in(*failures);
-            tracing::warn!(error = %why, failures = *failures, retry_in = %human_duration(wait), "fetching an ECR token failed; deploys go on, and the pull secrets keep the current token until it expires");
-            let n = *failures;
-            ecr.update_health(|h| {
-                h.token_failures = n;
-                h.token_error = Some(why);
-                h.failing_since.get_or_insert(now);
-            });
+        Next::Fail {
+            reason,
+            why,
+            failures: n,
+            wait,
+            stale,
+        } => {
+            *failures = n;
+            metrics.ecr_failure("token", reason.as_str());
+            tracing::warn!(error = %why, failures = n, retry_in = %human_duration(wait), "fetching an ECR token failed; deploys go on, and the pull secrets keep the current token until it expires");
+            ecr.update_health(|h| h.token_failed(n, why, now, stale));
             wait
         }
     }
@@ -187,7 +185,8 @@ impl Keeper {
     /// Write what differs from what should be; how the writes went (`None`: nothing to do yet,
     /// or the fence closed).
     async fn reconcile(&self, view: &mut View) -> Option<Done> {
-        let token = self.ecr.token()?;
+        // An expired token opens nothing: the Secrets keep what they hold until a fresh one.
+        let token = self.ecr.token().filter(|t| usable(t, Timestamp::now()))?;
         if view.listing() {
             return None;
         }
@@ -318,7 +317,7 @@ impl Keeper {
             kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
             other => other.to_string(),
         };
-        self.metrics.ecr_failure("secret");
+        self.metrics.ecr_failure("secret", "error");
         tracing::warn!(secret = self.ecr.name(), namespace = ns, error = %why, "cannot write the ECR pull secret; trying again");
         self.ecr.update_health(|h| {
             h.secret_errors.insert(ns.to_string(), why);
