@@ -551,3 +551,56 @@ async fn the_ecr_overlay_grows_rbac_by_exactly_the_secret_verbs_it_uses() {
     assert_eq!(binding["subjects"][0]["name"], "depwatch");
     assert_eq!(binding["subjects"][0]["namespace"], "depwatch");
 }
+
+/// The `single` overlay's steps in docs/install.md, run as written (each line through `sh`,
+/// from the repository's root) against a simulated cluster: every step succeeds in the order
+/// given, and the Deployment mounts the Secret the steps made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_single_overlay_steps_work_in_the_order_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/install.md")).expect("docs/install.md");
+    let at = doc
+        .find("The steps, in this order")
+        .expect("the single overlay's steps");
+    let block = doc[at..]
+        .split("```sh")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block");
+    let steps: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    let sim = Sim::start(SimConfig::default()).await.expect("sim starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.kubeconfig()).expect("kubeconfig");
+    for step in steps {
+        let out = tokio::process::Command::new("sh")
+            .args(["-c", step])
+            .current_dir(root)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .await
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{step}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let k = Kubectl::new(dir.path(), &sim.kubeconfig());
+    let get = |what: &'static str| {
+        let k = &k;
+        async move {
+            let text = k.ok(&["-n", "depwatch", "get", what, "-o", "json"]).await;
+            serde_json::from_str::<Value>(&text).expect("json")
+        }
+    };
+    let secret = get("secret/depwatch-api-tokens").await;
+    assert!(secret["data"]["tokens"].is_string(), "{secret}");
+    let deployment = get("deployment/depwatch").await;
+    assert!(
+        deployment.to_string().contains("depwatch-api-tokens"),
+        "the Deployment mounts the Secret"
+    );
+}

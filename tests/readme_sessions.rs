@@ -1,6 +1,7 @@
-//! The README's console sessions run as written: every `$ kubectl …` line of the simulated
-//! cluster session is run against a simulated cluster, from the repository's root, and must
-//! succeed or fail as the transcript shows and print what it shows first.
+//! The documentation's console sessions run as written: every `$ kubectl …` line of the
+//! simulated cluster session (docs/simulated-cluster.md) is run against a simulated cluster,
+//! from the repository's root, and must succeed or fail as the transcript shows and print what
+//! it shows first.
 
 mod common;
 
@@ -35,7 +36,8 @@ fn session(readme: &str, marker: &str) -> Vec<(String, Vec<String>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulated_cluster_session_runs_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let readme = std::fs::read_to_string(root.join("docs/simulated-cluster.md"))
+        .expect("docs/simulated-cluster.md");
     let steps = session(&readme, "A short session with the real kubectl");
     assert!(steps.len() >= 6, "{steps:?}");
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
