@@ -598,3 +598,35 @@ async fn an_api_deploy_edits_the_file_in_its_own_form() {
     );
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_request_for_a_workload_that_does_not_exist_is_404_and_writes_nothing() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("demo", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let (_daemon, url) = setup(&env).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/api/v1/deploys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"service": "wbe", "namespace": "demo", "version": "1.1.0"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.expect("json");
+    let error = body["error"].as_str().expect("error");
+    assert!(error.contains("did you mean web?"), "{error}");
+    assert_eq!(body["field"], "service");
+    assert!(dep_files(&env).is_empty(), "no file left behind: {:?}", dep_files(&env));
+    // The workload that exists is deployed as before.
+    let r = http
+        .post(format!("{url}/api/v1/deploys"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"service": "web", "namespace": "demo", "version": "1.1.0"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    assert_eq!(dep_files(&env), ["web_demo.dep"]);
+}

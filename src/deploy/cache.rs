@@ -397,6 +397,11 @@ impl NamespaceWatch {
         self.workload(kind, name).map(|w| w.images)
     }
 
+    /// The names of every cached workload, of any kind.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().workloads.keys().map(|(_, n)| n.clone()).collect()
+    }
+
     /// How many workloads, ReplicaSets and pods are cached (for tests and benchmarks).
     pub fn len(&self) -> usize {
         let c = self.lock();

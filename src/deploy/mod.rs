@@ -335,6 +335,25 @@ impl LiveImages {
     pub fn of(&self, key: &ServiceKey, kind: WorkloadKind) -> Option<Images> {
         self.0.cached(&key.namespace)?.images(kind, &key.name)
     }
+
+    /// Whether `key` names a workload of any kind: `Err` with the closest existing name (if
+    /// any is close) when the watches list its namespace and it is not there; `Ok` when it is,
+    /// or when the namespace is not listed within a moment (the deploy then says).
+    pub async fn exists(&self, key: &ServiceKey) -> Result<(), Option<String>> {
+        let listed =
+            tokio::time::timeout(Duration::from_secs(2), self.0.namespace(&key.namespace)).await;
+        let Some(ns) = listed.ok().and(self.0.cached(&key.namespace)) else {
+            return Ok(());
+        };
+        match ns.find(&key.name, None) {
+            Found::None => {
+                let names = ns.names();
+                let closest = crate::domain::closest(&key.name, names.iter().map(String::as_str));
+                Err(closest.map(String::from))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Whether the Kubernetes API server answers, for `/readyz`: one question, nothing else.

@@ -497,6 +497,7 @@ fn parse_body(bytes: &[u8]) -> Result<DeployBody, ApiError> {
     responses(
         (status = 202, description = "accepted; the file is written", body = RequestView),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "no workload of that name: the closest named, nothing written", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn create_deploy(
     State(state): Shared,
@@ -589,6 +590,17 @@ pub async fn create_deploy(
             ));
         }
         return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r).await?)));
+    }
+    if let Err(closest) = state.live.exists(&key).await {
+        let hint = closest.map_or(String::new(), |c| format!("; did you mean {c}?"));
+        return Err(ApiError::field(
+            StatusCode::NOT_FOUND,
+            "service",
+            format!(
+                "no Deployment, StatefulSet, DaemonSet or CronJob named {} in namespace {}{hint}; nothing was written",
+                key.name, key.namespace
+            ),
+        ));
     }
     let path = dep_path(&state, &key);
     let spec = match &body.version {
