@@ -618,7 +618,11 @@ async fn a_deploy_request_for_a_workload_that_does_not_exist_is_404_and_writes_n
     let error = body["error"].as_str().expect("error");
     assert!(error.contains("did you mean web?"), "{error}");
     assert_eq!(body["field"], "service");
-    assert!(dep_files(&env).is_empty(), "no file left behind: {:?}", dep_files(&env));
+    assert!(
+        dep_files(&env).is_empty(),
+        "no file left behind: {:?}",
+        dep_files(&env)
+    );
     // The workload that exists is deployed as before.
     let r = http
         .post(format!("{url}/api/v1/deploys"))

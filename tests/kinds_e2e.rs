@@ -101,8 +101,22 @@ async fn a_statefulset_deploys_and_a_crashing_version_is_recovered_by_the_forced
         env.daemon_logs().contains("forced rollback"),
         "the deleted pod is logged"
     );
-    // Slack names the kind.
+    // Slack names the kind, and its from and to are the history row's.
     let messages = env.wait_messages(2).await;
+    let rolled_back = messages
+        .iter()
+        .map(common::daemon::text)
+        .find(|t| t.starts_with("rolled back the deploy of"))
+        .expect("a rolled back message");
+    assert!(
+        rolled_back.contains(&format!(
+            "from {} to {}",
+            history[0].from_image, history[0].to_image
+        )),
+        "{rolled_back} vs {} → {}",
+        history[0].from_image,
+        history[0].to_image
+    );
     assert!(
         messages
             .iter()

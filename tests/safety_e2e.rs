@@ -74,7 +74,7 @@ async fn a_failed_version_is_rolled_back_pinned_and_never_retried_until_it_chang
     assert_eq!(colour(&messages[1]), "#daa038");
     let t = text(&messages[1]);
     assert!(
-        t.starts_with("rolled back payments (prod) from payments=example.com/payments:1.1.0-fail-pull to payments=example.com/payments:1.0.0: ImagePullBackOff"),
+        t.starts_with("rolled back the deploy of payments (prod) from payments=example.com/payments:1.0.0 to payments=example.com/payments:1.1.0-fail-pull: rolled back to payments=example.com/payments:1.0.0: ImagePullBackOff"),
         "{t}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_depwatch"))

@@ -8,7 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::domain::{human_duration, DeployOutcome, Shown, Tone, WorkloadKind};
+use crate::domain::{human_duration, DeployOutcome, Images, Shown, Tone, WorkloadKind};
 
 /// Green for success, red for failure, amber for timeouts, rollbacks and drift.
 pub fn colour(outcome: DeployOutcome) -> &'static str {
@@ -29,8 +29,8 @@ fn verb(outcome: DeployOutcome) -> &'static str {
         DeployOutcome::Missing => "is missing (deleted outside depwatch)",
         DeployOutcome::Failed => "failed to deploy",
         DeployOutcome::TimedOut => "timed out deploying",
-        DeployOutcome::RolledBack => "rolled back",
-        DeployOutcome::RollbackFailed => "could not roll back",
+        DeployOutcome::RolledBack => "rolled back the deploy of",
+        DeployOutcome::RollbackFailed => "could not roll back the deploy of",
         DeployOutcome::Drift => "drifted",
         DeployOutcome::ChangedOutside => "was changed outside depwatch while deploying",
         DeployOutcome::Superseded => "superseded",
@@ -88,26 +88,44 @@ impl Report {
         })
     }
 
+    /// From and to for people: only the containers whose image changes (a sidecar that
+    /// stays is noise), all of them when nothing or everything does.
+    pub fn changed(&self) -> (String, String) {
+        let (from, to) = (Images::parse(&self.from), Images::parse(&self.to));
+        let moved: Vec<&str> = to
+            .iter()
+            .filter(|(c, img)| from.get(c) != Some(img))
+            .map(|(c, _)| c.as_str())
+            .collect();
+        if moved.is_empty() || from.is_empty() {
+            return (self.from.clone(), self.to.clone());
+        }
+        let only = |images: &Images| -> String {
+            let kept: Images = images
+                .iter()
+                .filter(|(c, _)| moved.contains(&c.as_str()))
+                .map(|(c, i)| (c.clone(), i.clone()))
+                .collect();
+            kept.to_string()
+        };
+        (only(&from), only(&to))
+    }
+
     pub fn to_slack(&self) -> serde_json::Value {
+        let (from, to) = self.changed();
         let mut fields = vec![
             json!({"title": "Service", "value": self.workload(), "short": true}),
             json!({"title": "Namespace", "value": self.namespace, "short": true}),
-            json!({"title": "Image", "value": format!("{} → {}", self.from, self.to), "short": false}),
+            json!({"title": "Image", "value": format!("{from} → {to}"), "short": false}),
             json!({"title": "Duration", "value": human_duration(self.duration), "short": true}),
         ];
         if !self.reason.is_empty() {
             fields.push(json!({"title": "Reason", "value": self.reason, "short": false}));
         }
         let text = if self.reason.is_empty() {
-            format!("{} from {} to {}", self.title(), self.from, self.to)
+            format!("{} from {from} to {to}", self.title())
         } else {
-            format!(
-                "{} from {} to {}: {}",
-                self.title(),
-                self.from,
-                self.to,
-                self.reason
-            )
+            format!("{} from {from} to {to}: {}", self.title(), self.reason)
         };
         json!({
             "text": text,
@@ -356,6 +374,52 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_only_the_containers_that_change() {
+        let report = |from: &str, to: &str| Report {
+            outcome: DeployOutcome::RolledBack,
+            service: "web".into(),
+            namespace: "prod".into(),
+            kind: WorkloadKind::Deployment,
+            from: from.into(),
+            to: to.into(),
+            duration: Duration::ZERO,
+            reason: "rolled back to web=w:1, envoy=e:1: CrashLoopBackOff".into(),
+        };
+        let table = [
+            (
+                "envoy=e:1, web=w:1",
+                "envoy=e:1, web=w:2",
+                "web=w:1",
+                "web=w:2",
+            ),
+            (
+                "envoy=e:1, web=w:1",
+                "envoy=e:2, web=w:2",
+                "envoy=e:1, web=w:1",
+                "envoy=e:2, web=w:2",
+            ),
+            ("-", "web=w:2", "-", "web=w:2"),
+            ("web=w:1", "web=w:1", "web=w:1", "web=w:1"),
+        ];
+        for (from, to, want_from, want_to) in table {
+            let r = report(from, to);
+            assert_eq!(
+                r.changed(),
+                (want_from.into(), want_to.into()),
+                "{from} → {to}"
+            );
+            assert!(r.to_slack()["text"]
+                .as_str()
+                .is_some_and(|t| t.contains(&format!("from {want_from} to {want_to}"))));
+            // The webhook's from and to are the history row's, whole.
+            assert_eq!(
+                (r.to_json()["from"].clone(), r.to_json()["to"].clone()),
+                (json!(from), json!(to))
+            );
+        }
+    }
 
     #[test]
     fn messages_are_colour_coded_and_carry_the_reason() {

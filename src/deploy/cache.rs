@@ -399,7 +399,11 @@ impl NamespaceWatch {
 
     /// The names of every cached workload, of any kind.
     pub fn names(&self) -> Vec<String> {
-        self.lock().workloads.keys().map(|(_, n)| n.clone()).collect()
+        self.lock()
+            .workloads
+            .keys()
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
     /// How many workloads, ReplicaSets and pods are cached (for tests and benchmarks).

@@ -682,16 +682,14 @@ impl Attempt<'_> {
     fn finish_report(&self, f: &Finish) -> Report {
         let reason = if f.good { "" } else { f.message.as_str() };
         match (f.outcome, &f.running) {
-            // "rolled back web (prod) from <failed> to <restored>: <why it failed>"
-            (DeployOutcome::RolledBack, Some(running)) => self.report(
+            // From and to as on the history row (what ran, what was tried); the reason says
+            // what runs now and why: "rolled back to <restored>: <why it failed>".
+            (DeployOutcome::RolledBack | DeployOutcome::RollbackFailed, Some(_)) => self.report(
                 f.outcome,
+                self.from.to_string(),
                 self.to.to_string(),
-                running.to_string(),
-                &self.failure,
+                &f.message,
             ),
-            (DeployOutcome::RollbackFailed, Some(running)) => {
-                self.report(f.outcome, self.to.to_string(), running.to_string(), reason)
-            }
             _ => self.report(
                 f.outcome,
                 self.from.to_string(),
