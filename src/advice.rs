@@ -34,6 +34,42 @@ fn missing(message: &str) -> bool {
         .iter()
         .any(|k| message.starts_with(&format!("no {k}")))
         || message.contains("no namespace")
+        || namespace_missing(message)
+}
+
+/// Whether a message says the namespace does not exist.
+fn namespace_missing(message: &str) -> bool {
+    message.starts_with("namespace ") && message.contains(" does not exist")
+}
+
+/// The name a "did you mean X?" in a message suggests.
+fn suggested(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("(did you mean ")?;
+    rest.split_once("?)").map(|(name, _)| name)
+}
+
+/// What to do about a file whose name names no workload or no namespace: the file's name is
+/// what names them, so the fix is a rename (then `forget` drops the old name from the record),
+/// or creating what it names.
+fn misnamed(s: &Situation<'_>) -> String {
+    let key = s.key;
+    let forget = format!("then run `depwatch forget {key}` to drop the old name from the record");
+    let renamed = suggested(s.message).and_then(|name| match namespace_missing(s.message) {
+        true => ServiceKey::new(&key.name, name).ok(),
+        false => ServiceKey::new(name, &key.namespace).ok(),
+    });
+    match renamed {
+        Some(to) => format!(
+            "rename the file to {} (a file's name names the workload and its namespace), {forget}",
+            to.file_name()
+        ),
+        None => format!(
+            "create the {} {} in namespace {}, or rename the file after the workload it deploys and {forget}",
+            s.kind.api_kind(),
+            key.name,
+            key.namespace
+        ),
+    }
 }
 
 /// What to do about a deploy nothing could verify, by its reason.
@@ -86,10 +122,7 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
             "depwatch keeps retrying on its own: check that the Kubernetes API server is up and reachable (see /readyz)".into()
         }
         ServiceStatus::Unverified => return unverified(&s),
-        ServiceStatus::Failed if missing(s.message) => format!(
-            "fix the file name or create the {}, then re-save the file or run {retry}",
-            s.kind.api_kind()
-        ),
+        ServiceStatus::Failed if missing(s.message) => misnamed(&s),
         ServiceStatus::Failed if !s.pinned => {
             format!("fix the cause above, then re-save the file or run {retry}")
         }
@@ -158,7 +191,21 @@ mod tests {
                 false,
                 false,
                 "no Deployment web in namespace prod",
-                "create the Deployment",
+                "create the Deployment web in namespace prod, or rename the file",
+            ),
+            (
+                S::Failed,
+                false,
+                false,
+                "no Deployment, StatefulSet, DaemonSet or CronJob named web in namespace prod (did you mean wbe?)",
+                "rename the file to wbe_prod.dep (a file's name names the workload and its namespace), then run `depwatch forget prod/web`",
+            ),
+            (
+                S::Failed,
+                false,
+                false,
+                "namespace prod does not exist (did you mean prd?); depwatch never creates namespaces",
+                "rename the file to web_prd.dep",
             ),
             (
                 S::Failed,

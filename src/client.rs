@@ -202,25 +202,36 @@ pub async fn history(
     limit: usize,
 ) -> Result<(WorkloadKind, Vec<DeployRecord>), ClientError> {
     if let Some(r) = remote(t)? {
-        // An unknown service is an error (404), not an empty history.
-        let detail: ServiceDetail = r
-            .get(&format!("/api/v1/services/{}/{}", key.namespace, key.name))
-            .await?;
-        let deploys = r
+        let deploys: Vec<DeployRecord> = r
             .get(&format!(
                 "/api/v1/deploys?service={}/{}&limit={limit}",
                 key.namespace, key.name
             ))
             .await?;
-        return Ok((detail.service.kind, deploys));
+        // A forgotten service's history is kept: its rows answer without the service.
+        let detail: Result<ServiceDetail, _> = r
+            .get(&format!("/api/v1/services/{}/{}", key.namespace, key.name))
+            .await;
+        return match (detail, deploys.first()) {
+            (Ok(d), _) => Ok((d.service.kind, deploys)),
+            (Err(_), Some(row)) => Ok((row_kind(row), deploys)),
+            (Err(e), None) => Err(e),
+        };
     }
     let store = reading(t)?;
-    let Some(record) = store.service(key)? else {
-        return Err(ClientError(format!(
-            "service {key} is not in the record (see `depwatch status` for the services depwatch manages)"
-        )));
-    };
-    Ok((record.kind, store.history(Some(key), limit)?))
+    let history = store.history(Some(key), limit)?;
+    match (store.service(key)?, history.first()) {
+        (Some(record), _) => Ok((record.kind, history)),
+        (None, Some(row)) => Ok((row_kind(row), history)),
+        (None, None) => Err(ClientError(format!(
+            "service {key} is not in the record and has no history (see `depwatch status` for the services depwatch manages)"
+        ))),
+    }
+}
+
+/// The kind a history row names (a Deployment when the row predates kinds).
+fn row_kind(row: &DeployRecord) -> WorkloadKind {
+    row.kind.parse().unwrap_or_default()
 }
 
 /// The line above `history`'s table: which workload, where.

@@ -271,6 +271,17 @@ async fn every_operator_command_works_locally_and_through_the_api() {
         history_before,
         "history is kept"
     );
+    // And `history` shows it, locally and through the API.
+    for target in [&local[..], &remote[..]] {
+        let mut args = vec!["history", "prod/web"];
+        args.extend(target);
+        let out = ok(&args);
+        assert!(
+            out.contains("deployment/web in prod") || out.contains("web in prod"),
+            "{out}"
+        );
+        assert!(out.contains("1.3.0"), "{out}");
+    }
 
     // Unknown services are errors, locally and through the API.
     for target in [&local[..], &remote[..]] {

@@ -624,10 +624,8 @@ impl Lifecycle {
                 human_duration(self.settings.rollout_timeout)
             )
         } else {
-            format!(
-                "{} (fix it, then re-save the file or run `depwatch retry`)",
-                f.message
-            )
+            // What to do is the advice's, per cause (the page and `status -o wide` show it).
+            f.message.clone()
         }
     }
 
