@@ -460,6 +460,17 @@ pub struct DaemonArgs {
     #[arg(long, env = "DEPWATCH_HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = "HTTP")]
     pub http_max_connections: u32,
 
+    /// Host names the HTTP server answers to besides IP addresses and `localhost` (a Service
+    /// name, an ingress host), comma-separated; any other `Host` gets 421, so a page on another
+    /// origin cannot read the API through DNS rebinding.
+    #[arg(
+        long,
+        env = "DEPWATCH_HTTP_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        help_heading = "HTTP"
+    )]
+    pub http_allowed_hosts: Vec<String>,
+
     /// Slack incoming-webhook URL for deploy outcomes. Seed name: WEBHOOK_FOR_SLACK.
     #[arg(
         long,
@@ -527,6 +538,12 @@ impl DaemonArgs {
             http_addr: (!self.no_http).then_some(self.http_addr),
             api_token_file: self.api_token_file.clone(),
             http_max_connections: self.http_max_connections as usize,
+            http_allowed_hosts: self
+                .http_allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct DaemonConfig {
     pub api_token_file: Option<PathBuf>,
     /// Open HTTP connections served at once.
     pub http_max_connections: usize,
+    /// `--http-allowed-hosts`: names the HTTP server answers to besides IPs and localhost.
+    pub http_allowed_hosts: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -119,6 +121,7 @@ impl DaemonConfig {
             http_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
             api_token_file: None,
             http_max_connections: crate::http::MAX_CONNECTIONS,
+            http_allowed_hosts: Vec::new(),
         }
     }
 }
@@ -582,6 +585,7 @@ impl Running {
             max_file_size: self.config.max_file_size,
             root_problem,
             ecr: self.ecr.clone(),
+            allowed_hosts: Arc::new(self.config.http_allowed_hosts.clone()),
         });
         // Bound before anything else runs, so a taken port is a clear start-up error.
         let listener = tokio::net::TcpListener::bind(addr)

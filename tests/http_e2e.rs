@@ -634,3 +634,39 @@ async fn a_deploy_request_for_a_workload_that_does_not_exist_is_404_and_writes_n
     assert_eq!(r.status(), 202);
     assert_eq!(dep_files(&env), ["web_demo.dep"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_the_server_does_not_answer_to_gets_421() {
+    let env = Env::new(SimConfig::default()).await;
+    let daemon = env
+        .daemon(&["--http-allowed-hosts", "depwatch.depwatch.svc"])
+        .await;
+    let url = daemon.http_url();
+    let http = reqwest::Client::new();
+    let ask = |host: &'static str, path: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.get(format!("{url}{path}"))
+                .header("host", host)
+                .send()
+                .await
+                .expect("get")
+        }
+    };
+    // DNS rebinding: a page on attacker.example resolves its name to this address.
+    for path in ["/", "/api/v1/services", "/metrics"] {
+        let r = ask("attacker.example:8080", path).await;
+        assert_eq!(r.status().as_u16(), 421, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert!(body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--http-allowed-hosts")));
+    }
+    for host in ["localhost:8080", "127.0.0.1", "depwatch.depwatch.svc:8080"] {
+        assert_eq!(
+            ask(host, "/api/v1/services").await.status().as_u16(),
+            200,
+            "{host}"
+        );
+    }
+}

@@ -135,6 +135,8 @@ pub struct HttpState {
     pub(crate) root_problem: Arc<std::sync::Mutex<Option<String>>>,
     /// `--ecr-pull-secret`: what fails, for `/readyz`, and the token's expiry, for `/metrics`.
     pub(crate) ecr: Option<crate::registry::ecr::EcrPullSecrets>,
+    /// `--http-allowed-hosts`.
+    pub(crate) allowed_hosts: Arc<Vec<String>>,
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.
@@ -245,6 +247,7 @@ struct ApiDoc;
 
 /// The router and the OpenAPI document generated from the same route list.
 pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let hosts = state.allowed_hosts.clone();
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(page::status_page))
         .routes(routes!(api::healthz))
@@ -268,13 +271,59 @@ pub fn router(state: Arc<HttpState>) -> (axum::Router, utoipa::openapi::OpenApi)
     let doc_json = Arc::new(doc.clone());
     let router = router
         .layer(axum::Extension(doc_json))
-        .layer(axum::extract::DefaultBodyLimit::disable());
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host));
     (router, doc)
+}
+
+/// Whether a request's `Host` may be answered: absent (HTTP/1.0), an IP address (what
+/// probes and scrapers use; DNS rebinding needs a name), `localhost`, or a name of
+/// `--http-allowed-hosts`. Any other name is a page on another origin reaching this server
+/// through a name it rebound to it.
+pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || allowed.iter().any(|a| *a == name)
+}
+
+async fn check_host(
+    axum::extract::State(allowed): axum::extract::State<Arc<Vec<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if host_allowed(host.as_deref(), &allowed) {
+        return next.run(req).await;
+    }
+    ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "this server does not answer to the host {:?}: use its address, localhost, or a name given with --http-allowed-hosts",
+            crate::safefs::escape(host.as_deref().unwrap_or_default())
+        ),
+    )
+    .into_response()
 }
 
 /// Only the probes, for the connections kept beyond the cap: a flood of clients never makes a
 /// healthy daemon look dead to its supervisor.
 fn probe_router(state: Arc<HttpState>) -> axum::Router {
+    let hosts = state.allowed_hosts.clone();
     axum::Router::new()
         .route("/healthz", axum::routing::get(api::healthz))
         .route("/readyz", axum::routing::get(api::readyz))
@@ -286,6 +335,7 @@ fn probe_router(state: Arc<HttpState>) -> axum::Router {
             )
         })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host))
 }
 
 /// Connections kept beyond `--http-max-connections` for `/healthz` and `/readyz`.
@@ -375,6 +425,35 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_addresses_localhost_and_allowed_names_are_answered() {
+        let allowed = vec![
+            "depwatch.depwatch.svc".to_string(),
+            "deploys.example.com".to_string(),
+        ];
+        let table = [
+            (None, true),
+            (Some("127.0.0.1:8080"), true),
+            (Some("10.1.2.3:8080"), true),
+            (Some("[::1]:8080"), true),
+            (Some("[fd00::5]"), true),
+            (Some("localhost:8080"), true),
+            (Some("LOCALHOST"), true),
+            (Some("depwatch.depwatch.svc:8080"), true),
+            (Some("deploys.example.com."), true),
+            (Some("attacker.example:8080"), false),
+            (Some("depwatch.depwatch.svc.evil.example"), false),
+            (Some("[not-an-ip]:80"), false),
+            (Some("127.0.0.1.nip.io"), false),
+            (Some(""), false),
+        ];
+        for (host, want) in table {
+            assert_eq!(host_allowed(host, &allowed), want, "{host:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
