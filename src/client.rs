@@ -189,7 +189,7 @@ pub fn render_refused(files: &[crate::store::RefusedFile]) -> String {
     let mut out =
         String::from("\nRefused file names (nothing is read from them; rename or remove them):\n");
     for f in files {
-        out.push_str(&format!("  {}\n", f.reason));
+        out.push_str(&format!("  {}\n", crate::safefs::escape(&f.reason)));
     }
     out
 }
@@ -302,17 +302,22 @@ fn or_dash(s: &str) -> String {
 
 /// Columns padded to their widest cell.
 pub fn table(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| crate::safefs::escape(c)).collect())
+        .collect();
     let columns = rows.first().map(Vec::len).unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in rows {
+    for r in &rows {
         let line: Vec<String> = r
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
+        // Cells hold what came from outside (tags, reasons, file names): shown, never acted on.
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

@@ -18,19 +18,34 @@ use std::path::{Path, PathBuf};
 /// Default `--max-file-size`: dependency files are a few lines.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 * 1024;
 
-/// A name as it may safely appear in a log line or message: control characters (newlines,
-/// escape sequences) are escaped.
+/// A character a terminal or browser would act on or hide rather than show: control
+/// characters (newlines, escape sequences, the bell), bidirectional controls (which reorder
+/// what follows) and zero-width characters (which hide in a name).
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{061c}'
+                | '\u{feff}'
+        )
+}
+
+/// Text from outside (a file name, a tag, a registry's or a pod's message) as it may safely
+/// appear in a log line, a terminal or a page: every [`hidden`] character shown escaped
+/// (`\n`, `\u{1b}`, `\u{202e}`), so a newline or escape sequence cannot forge a line, erase one or
+/// set the terminal's title.
 pub fn escape(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(hidden) {
         return s.to_string();
     }
     s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
+        .map(|c| match hidden(c) {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
         })
         .collect()
 }
@@ -410,6 +425,11 @@ mod tests {
             ("x\u{1b}[31m_y.dep", "x\\u{1b}[31m_y.dep"),
             ("tab\there", "tab\\there"),
             ("ünïcode_ns.dep", "ünïcode_ns.dep"),
+            ("1.1\u{1b}[1A\u{1b}[2K", "1.1\\u{1b}[1A\\u{1b}[2K"),
+            ("\u{1b}]0;pwned\u{7}", "\\u{1b}]0;pwned\\u{7}"),
+            ("web\u{202e}ved.dep", "web\\u{202e}ved.dep"),
+            ("we\u{200b}b", "we\\u{200b}b"),
+            ("\u{feff}web", "\\u{feff}web"),
         ] {
             assert_eq!(escape(input), want, "{input:?}");
         }

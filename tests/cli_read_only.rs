@@ -155,3 +155,60 @@ fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
         "reading wrote to the database"
     );
 }
+
+/// Text from outside in the record (a registry's tag, a pod's message) printed by `status` and
+/// `history`: escape sequences, the bell and bidirectional controls are shown, never obeyed.
+#[test]
+fn status_and_history_never_print_control_characters_from_the_record() {
+    use depwatch::domain::{DeployOutcome, Images, ServiceStatus};
+    use depwatch::store::{DeployRecord, ServiceChange, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let hostile = "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} web\u{202e}ved";
+    {
+        let store = Store::open(&state).expect("store");
+        let key = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+        let image = format!("example.com/web:{hostile}");
+        let images: Images = [("web".to_string(), image.clone())].into_iter().collect();
+        store
+            .change_service(
+                &key,
+                ServiceChange::default()
+                    .status(ServiceStatus::Failed)
+                    .desired(images)
+                    .message(format!("tag not found; closest: {hostile}")),
+            )
+            .expect("service");
+        let id = store
+            .start_deploy(&DeployRecord {
+                namespace: "prod".into(),
+                name: "web".into(),
+                to_image: format!("web={image}"),
+                message: hostile.into(),
+                ..DeployRecord::default()
+            })
+            .expect("row");
+        store
+            .finish_deploy(id, DeployOutcome::Failed, hostile)
+            .expect("finish");
+    }
+    let state_arg = state.to_str().expect("utf-8");
+    for args in [
+        vec!["status", "--state-dir", state_arg],
+        vec!["status", "-o", "wide", "--state-dir", state_arg],
+        vec!["history", "prod/web", "--state-dir", state_arg],
+    ] {
+        let out = depwatch(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(
+            text.contains("\\u{1b}"),
+            "{args:?} shows the escape: {text}"
+        );
+        assert!(
+            !out.stdout.iter().any(|b| *b == 0x1b || *b == 0x07),
+            "{args:?} printed a control byte: {text}"
+        );
+        assert!(!text.contains('\u{202e}'), "{args:?}: {text}");
+    }
+}

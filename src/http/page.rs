@@ -54,6 +54,9 @@ fn esc(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
+            // Shown, not obeyed: a bidirectional control or a zero-width character in a tag or
+            // a file name would reorder or hide what the page says.
+            c if crate::safefs::hidden(c) => out.push_str(&c.escape_default().to_string()),
             c => out.push(c),
         }
     }
