@@ -295,7 +295,7 @@ pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
-        || allowed.iter().any(|a| *a == name)
+        || allowed.contains(&name)
 }
 
 async fn check_host(
