@@ -173,23 +173,31 @@ pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
     Ok(out)
 }
 
-/// Files in the dependency directory refused for their names.
+/// Refused file names `status` lists at most.
+pub const REFUSED_SHOWN: usize = 50;
+
+/// The first files in the dependency directory refused for their names (at most
+/// [`REFUSED_SHOWN`], plus one to tell that there are more).
 pub async fn refused_files(t: &Target) -> Result<Vec<crate::store::RefusedFile>, ClientError> {
+    let limit = REFUSED_SHOWN + 1;
     if let Some(r) = remote(t)? {
-        return r.get("/api/v1/refused-files").await;
+        return r.get(&format!("/api/v1/refused-files?limit={limit}")).await;
     }
-    Ok(reading(t)?.refused_files()?)
+    Ok(reading(t)?.refused_page("", limit)?.0)
 }
 
-/// The refused files, for the end of `status`'s table.
+/// The refused files, for the end of `status`'s table: the first [`REFUSED_SHOWN`].
 pub fn render_refused(files: &[crate::store::RefusedFile]) -> String {
     if files.is_empty() {
         return String::new();
     }
     let mut out =
         String::from("\nRefused file names (nothing is read from them; rename or remove them):\n");
-    for f in files {
+    for f in files.iter().take(REFUSED_SHOWN) {
         out.push_str(&format!("  {}\n", crate::safefs::escape(&f.reason)));
+    }
+    if files.len() > REFUSED_SHOWN {
+        out.push_str("  … and more: GET /api/v1/refused-files (paged) lists them all\n");
     }
     out
 }

@@ -409,6 +409,13 @@ pub trait Backend: Send + Sync {
     fn unrefuse_file(&self, path: &str) -> Result<(), StoreError>;
     /// Every refused file name, by path.
     fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError>;
+    /// At most `limit` refused file names after the path `after`, by path; and how many there
+    /// are in all.
+    fn refused_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<RefusedFile>, usize), StoreError>;
     fn finish_deploy(
         &self,
         id: i64,
@@ -555,6 +562,26 @@ impl Backend for Sqlite {
         self.conn()
             .execute("DELETE FROM refused_files WHERE path = ?1", params![path])?;
         Ok(())
+    }
+
+    fn refused_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
+        let conn = self.conn();
+        let total: i64 = conn.query_row("SELECT COUNT(*) FROM refused_files", [], |r| r.get(0))?;
+        let mut stmt = conn.prepare(
+            "SELECT path, reason, seen_at FROM refused_files WHERE path > ?1 ORDER BY path LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok(RefusedFile {
+                path: r.get(0)?,
+                reason: r.get(1)?,
+                seen_at: r.get(2)?,
+            })
+        })?;
+        Ok((rows.collect::<Result<_, _>>()?, total as usize))
     }
 
     fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
@@ -1011,6 +1038,17 @@ impl Store {
     /// Files refused for their names, by path.
     pub fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
         self.backend.refused_files()
+    }
+
+    /// One page of the files refused for their names: at most `limit` after the path
+    /// `after` (empty: from the first), and how many there are in all. What the page and the
+    /// API show, whatever the number of files.
+    pub fn refused_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
+        self.backend.refused_page(after, limit)
     }
 
     /// Remove a service's row, its history kept (`depwatch forget`); `false` when unknown.

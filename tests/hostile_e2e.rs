@@ -899,7 +899,7 @@ async fn hostile_requests_get_clear_answers_and_cost_nothing() {
     let mut slow = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("partial");
     let mut buf = [0u8; 256];
@@ -1080,7 +1080,7 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
                 .await
                 .expect("connect");
             s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
             )
             .await
             .expect("write");
@@ -1106,7 +1106,7 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
         .await
         .expect("connect");
     let _ = extra
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf)).await;
@@ -1257,4 +1257,75 @@ async fn api_writes_to_a_read_only_directory_answer_409_with_a_hint() {
     );
     assert_eq!(env.patches("prod", "web"), 0);
     daemon.stop();
+}
+
+/// 100,000 files refused for their names: the page and the API answer one bounded page each,
+/// and 50 page loads at once keep the daemon's memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_refused_files_cost_one_page_each_load() {
+    const FILES: usize = 100_000;
+    let env = common::daemon::Env::new(depwatch::sim::SimConfig::default()).await;
+    for i in 0..FILES {
+        std::fs::write(env.deps.join(format!("bad-name-{i:06}.dep")), "").expect("file");
+    }
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    let http = reqwest::Client::new();
+    common::wait_for(
+        "every file refused",
+        std::time::Duration::from_secs(300),
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http
+                    .get(format!("{url}/api/v1/refused-files?limit=1"))
+                    .send()
+                    .await
+                    .ok()?;
+                let total: usize = r
+                    .headers()
+                    .get("x-total-count")?
+                    .to_str()
+                    .ok()?
+                    .parse()
+                    .ok()?;
+                (total == FILES).then_some(())
+            }
+        },
+    )
+    .await;
+    let r = http
+        .get(format!("{url}/api/v1/refused-files"))
+        .send()
+        .await
+        .expect("get");
+    let link = r
+        .headers()
+        .get("link")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let page: Vec<serde_json::Value> = r.json().await.expect("json");
+    assert_eq!(page.len(), 100, "a default page");
+    let next = link.expect("a next page");
+    assert!(
+        next.contains("after=") && next.contains("rel=\"next\""),
+        "{next}"
+    );
+    let loads = (0..50).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let page = http.get(format!("{url}/")).send().await.expect("page");
+            page.bytes().await.expect("body").len()
+        }
+    });
+    let sizes = futures::future::join_all(loads).await;
+    assert!(sizes.iter().all(|s| *s < 512 * 1024), "{:?}", &sizes[..3]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("proc");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kib < 300 * 1024, "peak RSS {} MiB", peak_kib / 1024);
 }

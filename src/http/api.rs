@@ -243,13 +243,50 @@ pub async fn list_services(State(state): Shared) -> Result<Json<Vec<ServiceView>
     Ok(Json(out))
 }
 
+/// Default and largest page of `/api/v1/refused-files`.
+pub const REFUSED_PAGE: usize = 100;
+pub const REFUSED_PAGE_MAX: usize = 1000;
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PageQuery {
+    /// How many (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// The last path of the previous page (the `Link` header's `next` names it).
+    pub after: Option<String>,
+}
+
 /// Files in the dependency directory refused for their names (`web-prod.dep`,
-/// `web_prod.dep.txt`): nothing is read from them until they are renamed or removed.
-#[utoipa::path(get, path = "/api/v1/refused-files", tag = "services", responses((status = 200, body = Vec<crate::store::RefusedFile>)))]
+/// `web_prod.dep.txt`): nothing is read from them until they are renamed or removed. Paged by
+/// path: `X-Total-Count` says how many there are, `Link: <…>; rel="next"` where the next page is.
+#[utoipa::path(get, path = "/api/v1/refused-files", tag = "services", params(PageQuery),
+    responses((status = 200, body = Vec<crate::store::RefusedFile>,
+        headers(("X-Total-Count" = usize), ("Link" = String))), (status = 400, body = ErrorBody)))]
 pub async fn refused_files(
     State(state): Shared,
-) -> Result<Json<Vec<crate::store::RefusedFile>>, ApiError> {
-    Ok(Json(state.store.refused_files()?))
+    Query(q): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<crate::store::RefusedFile>>), ApiError> {
+    let limit = q.limit.unwrap_or(REFUSED_PAGE);
+    if limit == 0 || limit > REFUSED_PAGE_MAX {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "limit",
+            format!("limit must be from 1 to {REFUSED_PAGE_MAX}"),
+        ));
+    }
+    let after = q.after.unwrap_or_default();
+    let (files, total) = state.store.refused_page(&after, limit)?;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-total-count", total.into());
+    if let Some(last) = files.last().filter(|_| files.len() == limit) {
+        let next: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("limit", &limit.to_string())
+            .append_pair("after", &last.path)
+            .finish();
+        if let Ok(v) = format!("</api/v1/refused-files?{next}>; rel=\"next\"").parse() {
+            headers.insert(axum::http::header::LINK, v);
+        }
+    }
+    Ok((headers, Json(files)))
 }
 
 fn key_from_path(namespace: &str, name: &str) -> Result<ServiceKey, ApiError> {

@@ -293,9 +293,7 @@ pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
         None => host.rsplit_once(':').map_or(host, |(h, _)| h),
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name == "localhost"
-        || allowed.contains(&name)
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 async fn check_host(

@@ -189,8 +189,18 @@ fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
     if filter.is_some_and(|f| f != "refused") {
         return String::new();
     }
-    let files = state.store.refused_files().unwrap_or_default();
-    files
+    // The first page only, whatever the number of files: the rest through the paged API.
+    let (files, total) = state
+        .store
+        .refused_page("", REFUSED_ON_PAGE)
+        .unwrap_or_default();
+    let more = match total.saturating_sub(files.len()) {
+        0 => String::new(),
+        n => format!(
+            "<tr data-status=\"refused\"><td colspan=\"7\" class=\"msg\">{n} more refused file names: see <a href=\"/api/v1/refused-files?limit=1000\">/api/v1/refused-files</a> (paged)</td></tr>"
+        ),
+    };
+    let rows: String = files
         .iter()
         .map(|f| {
             let name = std::path::Path::new(&f.path)
@@ -205,8 +215,12 @@ fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
                 prose(&f.reason)
             )
         })
-        .collect()
+        .collect();
+    rows + &more
 }
+
+/// Refused file names the page shows at most.
+const REFUSED_ON_PAGE: usize = 50;
 
 async fn rows(state: &HttpState, filter: Option<&str>) -> String {
     let refused = refused_rows(state, filter);

@@ -410,6 +410,35 @@ impl Backend for Postgres {
         })
     }
 
+    fn refused_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
+        let after = after.to_string();
+        let limit = limit as i64;
+        self.run(move |client| async move {
+            let total: i64 = client
+                .query_one("SELECT COUNT(*) FROM refused_files", &[])
+                .await?
+                .get(0);
+            let files = client
+                .query(
+                    "SELECT path, reason, seen_at FROM refused_files WHERE path > $1 ORDER BY path LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await?
+                .iter()
+                .map(|r| RefusedFile {
+                    path: r.get(0),
+                    reason: r.get(1),
+                    seen_at: r.get(2),
+                })
+                .collect();
+            Ok((files, total as usize))
+        })
+    }
+
     fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
         self.run(move |client| async move {
             Ok(client
