@@ -203,7 +203,7 @@ pub async fn kube_client(
             .await
             .map_err(|e| kube_config_error(None, &e))?,
         None => {
-            if let Some(why) = nothing_to_infer() {
+            if let Some(why) = nothing_to_infer().or_else(named_kubeconfig_missing) {
                 return Err(DaemonError::KubeConfig(why));
             }
             kube::Config::infer()
@@ -227,6 +227,22 @@ pub async fn kube_client(
         None => builder.build(),
     };
     Ok((client, server))
+}
+
+/// Why `KUBECONFIG` cannot serve, if it names only files that do not exist: as clear as the
+/// same mistake with `--kubeconfig`.
+fn named_kubeconfig_missing() -> Option<String> {
+    let named = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty())?;
+    let paths: Vec<PathBuf> = std::env::split_paths(&named)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    (!paths.is_empty() && paths.iter().all(|p| !p.is_file())).then(|| {
+        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "KUBECONFIG names {}, which does not exist; set KUBECONFIG to an existing kubeconfig file, or pass --kubeconfig FILE",
+            shown.join(", ")
+        )
+    })
 }
 
 /// Why no Kubernetes configuration can be found without a `--kubeconfig`, if none can: not in a

@@ -64,17 +64,37 @@ async fn shutdown_signal() {
 }
 
 /// Accept the seed's environment names as aliases of ours.
-fn seed_env_aliases() {
+/// The seed daemon's variable names, set as depwatch's own when those are unset and the seed's
+/// are not empty; the pairs it set.
+fn seed_env_aliases() -> Vec<(&'static str, &'static str)> {
+    let mut set = Vec::new();
     for (ours, seed) in [
         ("DEPWATCH_DEPS", "DEPS"),
         ("DEPWATCH_IMAGE_REPO", "ECR_REPO"),
         ("DEPWATCH_SLACK_WEBHOOK", "WEBHOOK_FOR_SLACK"),
     ] {
         if std::env::var_os(ours).is_none() {
-            if let Some(v) = std::env::var_os(seed) {
+            if let Some(v) = std::env::var_os(seed).filter(|v| !v.is_empty()) {
                 std::env::set_var(ours, v);
+                set.push((seed, ours));
             }
         }
+    }
+    set
+}
+
+/// Say where settings came from besides the command line: a `.env` file read (its path) and
+/// the seed names it or the environment gave.
+fn log_settings_sources(dotenv: Option<&std::path::Path>, aliases: &[(&str, &str)]) {
+    if let Some(path) = dotenv {
+        tracing::info!(path = %path.display(), "read settings from a .env file in the working directory (the real environment wins)");
+    }
+    for (seed, ours) in aliases {
+        tracing::info!(
+            from = seed,
+            to = ours,
+            "took the seed daemon's variable as depwatch's"
+        );
     }
 }
 
@@ -160,13 +180,14 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     // A .env file beside the daemon is read when present; the real environment wins.
-    let _ = dotenvy::dotenv();
-    seed_env_aliases();
+    let dotenv = dotenvy::dotenv().ok();
+    let aliases = seed_env_aliases();
     let args = Args::try_parse().unwrap_or_else(|e| name_the_variable(e).exit());
     init_logging(args.log_format);
     use depwatch::client::{self, Action};
     match args.command {
         Command::Run(run) => {
+            log_settings_sources(dotenv.as_deref(), &aliases);
             let cancel = shutdown_token();
             depwatch::daemon::run(run.daemon.to_config(), cancel).await?;
         }

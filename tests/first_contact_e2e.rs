@@ -103,6 +103,13 @@ fn configuration_errors_say_what_to_do_once() {
         !ok && err.contains("no kubeconfig at /nonexistent/kubeconfig"),
         "{err}"
     );
+    // KUBECONFIG naming a file that is not there: as clear as the flag.
+    let (ok, err) = run_without(&base, &[("HOME", home), ("KUBECONFIG", "/nope")]);
+    assert!(
+        !ok && err.contains("KUBECONFIG names /nope, which does not exist")
+            && err.contains("--kubeconfig"),
+        "{err}"
+    );
     // A taken port: the reason once.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
@@ -278,4 +285,45 @@ async fn the_start_up_says_where_depwatch_may_patch() {
         "{log}"
     );
     assert!(log.contains("WARN"), "a warning: {log}");
+}
+
+/// A `.env` in the working directory is read, and the log says so with its path and the seed
+/// names it set; an empty seed value sets nothing.
+#[test]
+fn a_dot_env_file_is_read_and_said() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deps = dir.path().join("deps-from-env");
+    std::fs::create_dir(&deps).expect("deps");
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("DEPS={}\nECR_REPO=\n", deps.display()),
+    )
+    .expect(".env");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args([
+            "run",
+            "--state-dir",
+            "state",
+            "--kubeconfig",
+            "/nonexistent/kc",
+        ])
+        .current_dir(dir.path())
+        .env_remove("DEPWATCH_DEPS")
+        .env_remove("DEPS")
+        .env_remove("ECR_REPO")
+        .env_remove("DEPWATCH_IMAGE_REPO")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("depwatch runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read settings from a .env file"), "{err}");
+    assert!(err.contains(".env"), "{err}");
+    assert!(
+        err.contains("from=\"DEPS\"") || err.contains("from=DEPS"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("ECR_REPO"),
+        "an empty seed value sets nothing: {err}"
+    );
 }
