@@ -92,6 +92,35 @@ fn unverified(s: &Situation<'_>) -> Option<String> {
     })
 }
 
+/// The commands depwatch's own CLI takes that read or change the record.
+const RECORD_COMMANDS: &[&str] = &[
+    "retry", "rollback", "suspend", "resume", "forget", "status", "history",
+];
+
+/// Advice whose `depwatch …` commands carry `flags` (` --state-dir /tmp/demo/state` for a
+/// daemon whose record is not where the CLI looks by default), so they work as printed.
+pub fn with_flags(advice: &str, flags: &str) -> String {
+    if flags.is_empty() {
+        return advice.to_string();
+    }
+    let mut out = String::with_capacity(advice.len() + flags.len());
+    for (i, part) in advice.split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        out.push_str(part);
+        let record_command = part
+            .strip_prefix("depwatch ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|verb| RECORD_COMMANDS.contains(&verb));
+        // Odd parts are inside backticks.
+        if i % 2 == 1 && record_command {
+            out.push_str(flags);
+        }
+    }
+    out
+}
+
 /// The next step for a service, or `None` when it is healthy or a deploy is under way.
 pub fn next_step(s: Situation<'_>) -> Option<String> {
     let key = s.key;
@@ -164,6 +193,27 @@ mod tests {
             message,
         })
         .unwrap_or_default()
+    }
+
+    #[test]
+    fn commands_carry_the_flags_that_make_them_work_as_printed() {
+        let flags = " --state-dir /tmp/demo/state";
+        let table = [
+            (
+                "run `depwatch retry demo/api` to try it again",
+                "run `depwatch retry demo/api --state-dir /tmp/demo/state` to try it again",
+            ),
+            (
+                "`kubectl rollout resume deployment/web -n prod`, then `depwatch retry prod/web`",
+                "`kubectl rollout resume deployment/web -n prod`, then `depwatch retry prod/web --state-dir /tmp/demo/state`",
+            ),
+            ("fix the file (`depwatch check` lists every problem)", "fix the file (`depwatch check` lists every problem)"),
+            ("no command here", "no command here"),
+        ];
+        for (advice, want) in table {
+            assert_eq!(with_flags(advice, flags), want, "{advice}");
+            assert_eq!(with_flags(advice, ""), advice);
+        }
     }
 
     #[test]

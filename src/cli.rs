@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Where the record is unless `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/depwatch/state";
 #[derive(Debug, Parser)]
 #[command(
     name = "depwatch",
@@ -265,7 +267,7 @@ pub struct DaemonArgs {
     #[arg(
         long,
         env = "DEPWATCH_STATE_DIR",
-        default_value = "/var/lib/depwatch/state",
+        default_value = DEFAULT_STATE_DIR,
         help_heading = "Files"
     )]
     pub state_dir: PathBuf,
@@ -615,7 +617,7 @@ pub struct Target {
     #[arg(
         long,
         env = "DEPWATCH_STATE_DIR",
-        default_value = "/var/lib/depwatch/state",
+        default_value = DEFAULT_STATE_DIR,
         help_heading = "Where"
     )]
     pub state_dir: PathBuf,

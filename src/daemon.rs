@@ -229,6 +229,16 @@ pub async fn kube_client(
     Ok((client, server))
 }
 
+/// What the CLI needs besides its defaults to read this daemon's record: its state directory
+/// when it is not the default (the demo's, a test's), unless the record is in PostgreSQL.
+fn cli_flags(config: &DaemonConfig) -> String {
+    let default = std::path::Path::new(crate::cli::DEFAULT_STATE_DIR);
+    match (&config.database_url, config.state_dir.as_path() == default) {
+        (None, false) => format!(" --state-dir {}", config.state_dir.display()),
+        _ => String::new(),
+    }
+}
+
 /// Why `KUBECONFIG` cannot serve, if it names only files that do not exist: as clear as the
 /// same mistake with `--kubeconfig`.
 fn named_kubeconfig_missing() -> Option<String> {
@@ -602,6 +612,7 @@ impl Running {
             root_problem,
             ecr: self.ecr.clone(),
             allowed_hosts: Arc::new(self.config.http_allowed_hosts.clone()),
+            cli_flags: cli_flags(&self.config),
         });
         // Bound before anything else runs, so a taken port is a clear start-up error.
         let listener = tokio::net::TcpListener::bind(addr)

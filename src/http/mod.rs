@@ -137,6 +137,9 @@ pub struct HttpState {
     pub(crate) ecr: Option<crate::registry::ecr::EcrPullSecrets>,
     /// `--http-allowed-hosts`.
     pub(crate) allowed_hosts: Arc<Vec<String>>,
+    /// What the page's `depwatch …` advice adds so the commands work as printed
+    /// (` --state-dir DIR` when the record is not where the CLI looks by default).
+    pub(crate) cli_flags: String,
 }
 
 /// A JSON error: what was wrong and, for bad bodies, which field.

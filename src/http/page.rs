@@ -246,7 +246,8 @@ async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
     let mut out = String::new();
     for r in records {
         let history = state.store.history(Some(&r.key()), 8).unwrap_or_default();
-        let v = view(state, r).await;
+        let mut v = view(state, r).await;
+        v.next_step = crate::advice::with_flags(&v.next_step, &state.cli_flags);
         out.push_str(&row(&v, &history));
     }
     out
