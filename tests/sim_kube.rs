@@ -919,3 +919,212 @@ async fn a_resource_version_in_any_patch_is_a_precondition_on_workloads_and_leas
         Some("a")
     );
 }
+
+/// A Deployment's first container image, as the store holds it.
+async fn stored_image(api: &Api<Deployment>, name: &str) -> (String, String) {
+    let d = api.get(name).await.expect("get");
+    let image = images(&d)
+        .first()
+        .map(|(_, i)| i.clone())
+        .unwrap_or_default();
+    (image, d.resource_version().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_answer_as_if_done_but_store_nothing_and_send_no_watch_event() {
+    use kube::api::{DeleteParams, WatchEvent, WatchParams};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let sim = Sim::start(SimConfig {
+        audit_log: Some(audit.clone()),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let client = sim.client().expect("client");
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &deployment("kept"))
+        .await
+        .expect("create");
+    // Let the controllers finish with it: from then on nothing but the test writes.
+    wait_for("kept rolled out", Duration::from_secs(20), || async {
+        let d = api.get("kept").await.ok()?;
+        let st = d.status?;
+        (st.available_replicas == Some(2)
+            && st.updated_replicas == Some(2)
+            && st.replicas == Some(2)
+            && st.observed_generation == d.metadata.generation)
+            .then_some(())
+    })
+    .await;
+    let (image, kept_rv) = stored_image(&api, "kept").await;
+    assert_eq!(image, "nginx:1.25");
+    let rv_before = sim.store().current_rv();
+    let mut events = std::pin::pin!(api
+        .watch(&WatchParams::default(), &rv_before.to_string())
+        .await
+        .expect("watch"));
+
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let ghost = api
+        .create(&dry, &deployment("ghost"))
+        .await
+        .expect("dry-run create");
+    assert_eq!(ghost.name_any(), "ghost");
+    assert!(
+        ghost.metadata.uid.is_some(),
+        "answered as created: {ghost:?}"
+    );
+    assert_eq!(ghost.resource_version(), None, "a dry run takes no version");
+    assert!(api.get_opt("ghost").await.expect("get").is_none());
+
+    let set_image = |image: &str| {
+        json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "patch-demo-ctr", "image": image}]}}}})
+    };
+    let json_patch: json_patch::Patch = serde_json::from_value(json!([{"op": "replace",
+        "path": "/spec/template/spec/containers/0/image", "value": "nginx:dry-json"}]))
+    .expect("patch");
+    let cfg = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kept"},
+        "spec": {"template": {"spec": {"containers": [{"name": "patch-demo-ctr", "image": "nginx:dry-apply"}]}}}});
+    let patches: Vec<(PatchParams, Patch<serde_json::Value>, &str)> = vec![
+        (
+            PatchParams::default().dry_run(),
+            Patch::Strategic(set_image("nginx:dry-smp")),
+            "nginx:dry-smp",
+        ),
+        (
+            PatchParams::default().dry_run(),
+            Patch::Merge(set_image("nginx:dry-merge")),
+            "nginx:dry-merge",
+        ),
+        (
+            PatchParams::default().dry_run(),
+            Patch::Json(json_patch),
+            "nginx:dry-json",
+        ),
+        (
+            PatchParams::apply("ci").force().dry_run(),
+            Patch::Apply(cfg),
+            "nginx:dry-apply",
+        ),
+    ];
+    for (params, patch, want) in &patches {
+        let answer = api
+            .patch("kept", params, patch)
+            .await
+            .expect("dry-run patch");
+        assert_eq!(images(&answer)[0].1, *want, "answered as patched");
+        assert_eq!(answer.resource_version().as_deref(), Some(kept_rv.as_str()));
+    }
+    let mut replaced = api.get("kept").await.expect("get");
+    if let Some(spec) = replaced
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    {
+        spec.containers[0].image = Some("nginx:dry-put".into());
+    }
+    let answer = api
+        .replace("kept", &dry, &replaced)
+        .await
+        .expect("dry-run update");
+    assert_eq!(images(&answer)[0].1, "nginx:dry-put");
+    api.delete("kept", &DeleteParams::default().dry_run())
+        .await
+        .expect("dry-run delete");
+
+    assert_eq!(
+        sim.store().current_rv(),
+        rv_before,
+        "no resourceVersion taken"
+    );
+    assert_eq!(stored_image(&api, "kept").await, (image, kept_rv));
+
+    // A real write after the dry runs: it must be the first event the watch sees.
+    api.patch(
+        "kept",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"marker": "real"}}})),
+    )
+    .await
+    .expect("real patch");
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream open")
+        .expect("event");
+    match first {
+        WatchEvent::Modified(d) => assert_eq!(
+            d.annotations().get("marker").map(String::as_str),
+            Some("real"),
+            "the first event after the dry runs is the real write: {d:?}"
+        ),
+        other => panic!("the first event after the dry runs is the real write, got {other:?}"),
+    }
+
+    // The audit log marks every dry run, so counting applied PATCHes leaves them out.
+    let dry_patches = audit_count(&audit, |l| l["method"] == "PATCH" && l["dryRun"] == true);
+    assert_eq!(dry_patches, patches.len());
+    let applied = audit_count(&audit, |l| {
+        common::daemon::applied_patch(l)
+            && l["path"] == "/apis/apps/v1/namespaces/default/deployments/kept"
+    });
+    assert_eq!(applied, 1, "only the real patch counts");
+    for method in ["POST", "PUT", "DELETE"] {
+        assert!(
+            audit_count(&audit, |l| l["method"] == method && l["dryRun"] == true) >= 1,
+            "the dry-run {method} is audited as one"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_value_other_than_all_is_refused_as_the_api_server_refuses_it() {
+    use http_body_util::BodyExt;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let client = sim.client().expect("client");
+    let cases = [
+        (
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments?dryRun=server",
+            "CreateOptions",
+        ),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/web?dryRun=true",
+            "PatchOptions",
+        ),
+    ];
+    for (method, uri, options) in cases {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::to_vec(&deployment("web")).expect("body"))
+            .expect("request");
+        let resp = client
+            .send(req.map(kube::client::Body::from))
+            .await
+            .expect("sent");
+        assert_eq!(resp.status().as_u16(), 422, "{method} {uri}");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&body).expect("status json");
+        assert_eq!(status["reason"], "Invalid", "{status}");
+        let message = status["message"].as_str().expect("message");
+        assert!(
+            message.starts_with(&format!(
+                "{options}.meta.k8s.io \"\" is invalid: dryRun: Unsupported value"
+            )) && message.ends_with("supported values: \"All\""),
+            "{message}"
+        );
+    }
+    let api: Api<Deployment> = Api::namespaced(client, "default");
+    assert!(
+        api.get_opt("web").await.expect("get").is_none(),
+        "nothing was created"
+    );
+}

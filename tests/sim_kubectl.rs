@@ -360,6 +360,201 @@ async fn kubectl_create_deployment_sends_protobuf_and_it_rolls_out() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Server-side dry runs (`--dry-run=server`, `dryRun=All`)
+
+/// Assert that `kubectl get` of `what` in prod answers NotFound.
+async fn assert_not_found(k: &Kubectl, what: &str) {
+    let out = k.run(&["-n", "prod", "get", what]).await;
+    assert_eq!(out.code, 1, "{what} must not exist: {out:?}");
+    assert!(out.stderr.contains("NotFound"), "{what}: {out:?}");
+}
+
+/// The web Deployment's image and generation, as stored (only a write of the spec moves them).
+async fn web_as_stored(k: &Kubectl) -> String {
+    k.ok(&[
+        "-n",
+        "prod",
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image} {.metadata.generation}",
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_dry_run_server_of_a_new_deployment_creates_nothing() {
+    let (_sim, dir, k) = sim_and_kubectl().await;
+    k.ok(&["create", "ns", "prod"]).await;
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(&manifest, DEPLOYMENT).expect("write manifest");
+    let path = manifest.to_str().expect("utf-8 path");
+    let out = k.ok(&["apply", "--dry-run=server", "-f", path]).await;
+    assert!(
+        out.contains("deployment.apps/web created (server dry run)"),
+        "{out}"
+    );
+    assert_not_found(&k, "deploy/web").await;
+    // Server-side apply's dry run creates nothing either.
+    let out = k
+        .ok(&["apply", "--server-side", "--dry-run=server", "-f", path])
+        .await;
+    assert!(out.contains("(server dry run)"), "{out}");
+    assert_not_found(&k, "deploy/web").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_dry_run_server_of_a_kustomization_creates_neither_object() {
+    let (_sim, dir, k) = sim_and_kubectl().await;
+    k.ok(&["create", "ns", "prod"]).await;
+    let app = dir.path().join("app");
+    std::fs::create_dir(&app).expect("mkdir");
+    let files = [
+        (
+            "kustomization.yaml",
+            "namespace: prod\nresources:\n- cm.yaml\n- web.yaml\n",
+        ),
+        (
+            "cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  level: info\n",
+        ),
+        ("web.yaml", DEPLOYMENT),
+    ];
+    for (name, text) in files {
+        std::fs::write(app.join(name), text).expect("write");
+    }
+    let out = k
+        .ok(&[
+            "apply",
+            "--dry-run=server",
+            "-k",
+            app.to_str().expect("utf-8"),
+        ])
+        .await;
+    for what in ["configmap/settings", "deployment.apps/web"] {
+        assert!(
+            out.contains(&format!("{what} created (server dry run)")),
+            "{what} in {out}"
+        );
+    }
+    assert_not_found(&k, "configmap/settings").await;
+    assert_not_found(&k, "deploy/web").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_set_image_and_apply_dry_run_server_leave_the_image_unchanged() {
+    let (_sim, dir, k) = sim_with_web().await;
+    assert_eq!(web_as_stored(&k).await, "example.com/web:1.0.0 1");
+    let out = k
+        .ok(&[
+            "-n",
+            "prod",
+            "set",
+            "image",
+            "deploy/web",
+            "web=example.com/web:2.0.0",
+            "--dry-run=server",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ])
+        .await;
+    assert_eq!(out, "example.com/web:2.0.0", "answered as changed");
+    let changed = dir.path().join("web-2.yaml");
+    std::fs::write(&changed, DEPLOYMENT.replace("web:1.0.0", "web:2.0.0")).expect("write");
+    let path = changed.to_str().expect("utf-8 path");
+    let out = k.ok(&["apply", "--dry-run=server", "-f", path]).await;
+    assert!(
+        out.contains("deployment.apps/web configured (server dry run)"),
+        "{out}"
+    );
+    k.ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "-f",
+        path,
+    ])
+    .await;
+    k.ok(&[
+        "-n",
+        "prod",
+        "scale",
+        "deploy/web",
+        "--replicas=5",
+        "--dry-run=server",
+    ])
+    .await;
+    assert_eq!(web_as_stored(&k).await, "example.com/web:1.0.0 1");
+    let replicas = k
+        .ok(&[
+            "-n",
+            "prod",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ])
+        .await;
+    assert_eq!(replicas, "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_delete_dry_run_server_deletes_nothing() {
+    let (_sim, _dir, k) = sim_with_web().await;
+    let out = k
+        .ok(&["-n", "prod", "delete", "deploy", "web", "--dry-run=server"])
+        .await;
+    assert!(
+        out.contains("deployment.apps \"web\" deleted (server dry run)"),
+        "{out}"
+    );
+    k.ok(&["-n", "prod", "get", "deploy", "web"]).await;
+    let out = k.ok(&["delete", "ns", "prod", "--dry-run=server"]).await;
+    assert!(out.contains("(server dry run)"), "{out}");
+    k.ok(&["get", "ns", "prod"]).await;
+    k.ok(&["-n", "prod", "get", "deploy", "web"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_dry_run_server_prints_the_object_and_stores_nothing() {
+    let (_sim, _dir, k) = sim_and_kubectl().await;
+    k.ok(&["create", "ns", "prod"]).await;
+    // A typed create: kubectl sends it as protobuf, with dryRun=All.
+    let out = k
+        .ok(&[
+            "-n",
+            "prod",
+            "create",
+            "deployment",
+            "web",
+            "--image=example.com/web:1.0.0",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ])
+        .await;
+    let d: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(d["metadata"]["name"], "web");
+    assert!(d["metadata"]["uid"].is_string(), "answered as created: {d}");
+    assert_eq!(d["spec"]["replicas"], 1, "defaulted as created: {d}");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "example.com/web:1.0.0"
+    );
+    assert_not_found(&k, "deploy/web").await;
+    let out = k.ok(&["create", "ns", "staging", "--dry-run=server"]).await;
+    assert!(
+        out.contains("namespace/staging created (server dry run)"),
+        "{out}"
+    );
+    let out = k.run(&["get", "ns", "staging"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // StatefulSets and DaemonSets
 
 const STATEFULSET: &str = r#"

@@ -1,5 +1,6 @@
 //! The HTTP face of the simulated cluster: URL routing, the verbs (get, list, watch, create,
-//! update, patch, delete), admission (defaults and validation), fault injection and the audit log.
+//! update, patch, delete, each also as a dry run), admission (defaults and validation), fault
+//! injection and the audit log.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apply::{apply, track_update};
 use super::discovery;
+use super::dryrun::{self, Commit};
 use super::meta;
 use super::patch;
 use super::protobuf;
@@ -122,6 +124,7 @@ pub async fn handle(
         let mut rng = rand::rng();
         (rng.random(), rng.random())
     };
+    let commit = dryrun::decide(&method, uri.query(), &body);
     let response = if error_roll < state.faults.error_rate() {
         error_response(&ApiError::new(
             500,
@@ -135,9 +138,20 @@ pub async fn handle(
             "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again (injected by --conflict-rate)",
         ))
     } else {
-        route(&state, &method, uri.path(), &params, &headers, &body)
+        match &commit {
+            Ok(commit) => route(
+                &state,
+                &method,
+                uri.path(),
+                &params,
+                &headers,
+                &body,
+                *commit,
+            )
             .await
-            .unwrap_or_else(|e| error_response(&e))
+            .unwrap_or_else(|e| error_response(&e)),
+            Err(e) => error_response(e),
+        }
     };
     if let Some(audit) = &state.audit {
         let line = json!({
@@ -149,6 +163,8 @@ pub async fn handle(
             "contentType": headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default(),
             "userAgent": headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
             "code": response.status().as_u16(),
+            // A dry run changed nothing: counting writes from this log must leave it out.
+            "dryRun": commit.is_ok_and(Commit::is_dry_run),
         });
         if let Ok(mut f) = audit.lock() {
             // The audit log is best effort: a full disk must not fail API requests.
@@ -176,6 +192,8 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     sub: Option<String>,
+    /// Whether a write is stored or only answered ([`dryrun::decide`]).
+    commit: Commit,
 }
 
 async fn route(
@@ -185,6 +203,7 @@ async fn route(
     params: &Params,
     headers: &HeaderMap,
     body: &Bytes,
+    commit: Commit,
 ) -> Result<Response, ApiError> {
     let segs: Vec<&str> = path
         .trim_matches('/')
@@ -239,6 +258,7 @@ async fn route(
                 namespace: Some(ns.to_string()),
                 name: tail.first().map(|s| s.to_string()),
                 sub: tail.get(1).map(|s| s.to_string()),
+                commit,
             }
         }
         [plural, tail @ ..] => {
@@ -251,6 +271,7 @@ async fn route(
                 namespace: None,
                 name: tail.first().map(|s| s.to_string()),
                 sub: tail.get(1).map(|s| s.to_string()),
+                commit,
             }
         }
         [] => return Err(not_found()),
@@ -338,21 +359,10 @@ async fn route(
         }
         (&Method::PATCH, Some(name)) => {
             patch_object(store, &target, name, body, content_type, params, &manager)
+                .map(|(code, o)| json_response(code, &o))
         }
         (&Method::DELETE, Some(name)) => {
-            let key = ObjKey::new(
-                target.rt,
-                target.namespace.as_deref().unwrap_or_default(),
-                name,
-            );
-            let rt = target.rt;
-            let deleted = store.mutate(&key, |cur| match cur {
-                Some(_) => Ok(None),
-                None => Err(ApiError::not_found(rt, name)),
-            })?;
-            let mut obj = deleted.unwrap_or_default();
-            obj["metadata"]["deletionTimestamp"] = json!(meta::now());
-            Ok(json_response(200, &obj))
+            delete(store, &target, name).map(|o| json_response(200, &o))
         }
         _ => Err(ApiError::new(
             405,
@@ -1013,7 +1023,7 @@ fn create(
     track_update(None, &mut obj, manager, &rt.api_version(), &now);
     let name = meta::name(&obj).to_string();
     let key = ObjKey::new(rt, meta::namespace(&obj), &name);
-    let created = store.mutate(&key, |cur| match cur {
+    let created = store.mutate_as(&key, target.commit, |cur| match cur {
         Some(_) => Err(ApiError::already_exists(rt, &name)),
         None => Ok(Some(obj)),
     })?;
@@ -1117,11 +1127,25 @@ fn update(
     let rt = target.rt;
     let key = ObjKey::new(rt, target.namespace.as_deref().unwrap_or_default(), name);
     let sub = target.sub.as_deref();
-    let out = store.mutate(&key, |cur| {
+    let out = store.mutate_as(&key, target.commit, |cur| {
         let cur = cur.ok_or_else(|| ApiError::not_found(rt, name))?;
         finish_write(rt, cur, obj, sub, Some(manager)).map(Some)
     })?;
     out.ok_or_else(|| ApiError::not_found(rt, name))
+}
+
+/// Delete one object at once (the sim has no finalizers or graceful termination); the answer is
+/// the object with its deletion time, as the API server's is.
+fn delete(store: &Store, target: &Target, name: &str) -> Result<Value, ApiError> {
+    let rt = target.rt;
+    let key = ObjKey::new(rt, target.namespace.as_deref().unwrap_or_default(), name);
+    let deleted = store.mutate_as(&key, target.commit, |cur| match cur {
+        Some(_) => Ok(None),
+        None => Err(ApiError::not_found(rt, name)),
+    })?;
+    let mut obj = deleted.unwrap_or_default();
+    obj["metadata"]["deletionTimestamp"] = json!(meta::now());
+    Ok(obj)
 }
 
 /// The `scale` subresource (`kubectl scale`, autoscalers): an `autoscaling/v1` Scale view of
@@ -1205,6 +1229,7 @@ fn scale_subresource(
         namespace: target.namespace.clone(),
         name: Some(name.clone()),
         sub: None,
+        commit: target.commit,
     };
     let manager = params
         .get("fieldManager")
@@ -1212,7 +1237,7 @@ fn scale_subresource(
         .unwrap_or_else(|| "kubectl-scale".into());
     let patch_body = serde_json::to_vec(&json!({"spec": {"replicas": replicas}}))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    patch_object(
+    let (_, after) = patch_object(
         store,
         &parent,
         &name,
@@ -1221,9 +1246,6 @@ fn scale_subresource(
         &Params::new(),
         &manager,
     )?;
-    let after = store
-        .get(&key)
-        .ok_or_else(|| ApiError::not_found(target.rt, &name))?;
     Ok(json_response(200, &view(&after)))
 }
 
@@ -1235,7 +1257,7 @@ fn patch_object(
     content_type: &str,
     params: &Params,
     manager: &str,
-) -> Result<Response, ApiError> {
+) -> Result<(u16, Value), ApiError> {
     let rt = target.rt;
     let ns = target.namespace.clone().unwrap_or_default();
     let key = ObjKey::new(rt, &ns, name);
@@ -1281,7 +1303,7 @@ fn patch_object(
             .as_str()
             .filter(|v| !v.is_empty())
             .map(String::from);
-        let out = store.mutate(&key, |cur| {
+        let out = store.mutate_as(&key, target.commit, |cur| {
             if let Some(rv) = &expected {
                 if cur.and_then(|c| c["metadata"]["resourceVersion"].as_str()) != Some(rv) {
                     return Err(ApiError::conflict(rt, name));
@@ -1306,9 +1328,9 @@ fn patch_object(
             }
         })?;
         let obj = out.ok_or_else(|| ApiError::not_found(rt, name))?;
-        return Ok(json_response(if created { 201 } else { 200 }, &obj));
+        return Ok((if created { 201 } else { 200 }, obj));
     }
-    let out = store.mutate(&key, |cur| {
+    let out = store.mutate_as(&key, target.commit, |cur| {
         let cur = cur.ok_or_else(|| ApiError::not_found(rt, name))?;
         let patched = match media {
             "application/json-patch+json" => patch::json_patch(cur, body)?,
@@ -1325,5 +1347,5 @@ fn patch_object(
         finish_write(rt, cur, patched, sub, Some(manager)).map(Some)
     })?;
     let obj = out.ok_or_else(|| ApiError::not_found(rt, name))?;
-    Ok(json_response(200, &obj))
+    Ok((200, obj))
 }

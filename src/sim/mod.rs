@@ -6,6 +6,7 @@
 //! - [`store`]: versioned objects, event history and live events (the etcd of the sim).
 //! - [`api`]: HTTP routing, verbs, admission, watches, fault injection and the audit log.
 //! - [`patch`] and [`apply`]: the four patch types and field ownership.
+//! - [`dryrun`]: `dryRun=All` (`kubectl --dry-run=server`): answered, never stored.
 //! - [`controller`] and [`behaviour`]: ReplicaSets, pods and status, driven by image rules.
 //! - [`workloads`]: StatefulSets and DaemonSets (ControllerRevisions, ordinals, nodes).
 //! - [`discovery`], [`table`], [`protobuf`]: what kubectl needs besides the verbs.
@@ -18,6 +19,7 @@ pub mod apply;
 pub mod behaviour;
 pub mod controller;
 pub mod discovery;
+pub mod dryrun;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use super::dryrun::Commit;
 use super::resources::ResourceType;
 
 /// How many past events a watch can resume from before it gets 410 Expired.
@@ -341,6 +342,29 @@ impl Store {
         F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
     {
         self.change(key, f, true)
+    }
+
+    /// [`Self::mutate`] for a request that may be a dry run: [`Commit::DryRun`] runs `f` on the
+    /// current object just the same and returns what would be stored (an object keeps its
+    /// resourceVersion, a new one has none; a deletion returns the object as it is), but stores
+    /// nothing, takes no resourceVersion and sends no event.
+    pub fn mutate_as<F>(
+        &self,
+        key: &ObjKey,
+        commit: Commit,
+        f: F,
+    ) -> Result<Option<Value>, ApiError>
+    where
+        F: FnOnce(Option<&Value>) -> Result<Option<Value>, ApiError>,
+    {
+        match commit {
+            Commit::Store => self.change(key, f, true),
+            Commit::DryRun => {
+                let inner = self.lock();
+                let current = inner.objects.get(key).map(|v| v.as_ref());
+                Ok(f(current)?.or_else(|| current.cloned()))
+            }
+        }
     }
 
     /// [`Self::mutate`] for writers that do not need the result (the controllers): one copy of

@@ -426,9 +426,12 @@ impl Env {
 
 /// A PATCH the API server applied. One refused (a 409 for the resourceVersion it carries, met
 /// by a controller's status write or another replica's patch; an injected fault) wrote
-/// nothing: depwatch sends it again, and it is not a second patch.
+/// nothing: depwatch sends it again, and it is not a second patch. A dry run (`dryRun=All`)
+/// writes nothing either.
 pub fn applied_patch(line: &Value) -> bool {
-    line["method"] == "PATCH" && line["code"].as_u64().is_some_and(|c| c < 300)
+    line["method"] == "PATCH"
+        && line["code"].as_u64().is_some_and(|c| c < 300)
+        && line["dryRun"] != true
 }
 
 fn rand_suffix() -> u64 {
