@@ -860,14 +860,30 @@ async fn a_resource_version_in_any_patch_is_a_precondition_on_workloads_and_leas
     // (rv, body): the version read at creation, written over since by the first patch.
     let stale_d = d.resource_version().expect("rv");
     let stale_l = l.resource_version().expect("rv");
-    let ok = api
-        .patch(
-            "web",
-            &pp,
-            &Patch::Merge(json!({"metadata": {"resourceVersion": stale_d, "labels": {"a": "1"}}})),
-        )
-        .await
-        .expect("the current version passes");
+    // The current version passes. The deployment controller writes the status as it likes,
+    // so "current" is read again when its write came in between.
+    let mut ok = None;
+    for _ in 0..20 {
+        let current = api.get("web").await.expect("get").resource_version();
+        let r = api
+            .patch(
+                "web",
+                &pp,
+                &Patch::Merge(
+                    json!({"metadata": {"resourceVersion": current, "labels": {"a": "1"}}}),
+                ),
+            )
+            .await;
+        match r {
+            Ok(d) => {
+                ok = Some(d);
+                break;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => panic!("the current version passes: {e}"),
+        }
+    }
+    let ok = ok.expect("the current version passes");
     assert_ne!(
         ok.resource_version().as_deref(),
         Some(stale_d.as_str()),
