@@ -1080,7 +1080,8 @@ async fn connections_beyond_the_cap_are_refused_and_service_resumes() {
                 .await
                 .expect("connect");
             s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
             )
             .await
             .expect("write");
