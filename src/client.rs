@@ -414,13 +414,36 @@ pub fn table(rows: &[Vec<String>]) -> String {
 }
 
 fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<String, ClientError> {
-    match output {
+    let text = match output {
         Output::Yaml => serde_saphyr::to_string(value)
-            .map_err(|e| ClientError(format!("cannot print YAML: {e}"))),
+            .map_err(|e| ClientError(format!("cannot print YAML: {e}")))?,
         _ => serde_json::to_string_pretty(value)
             .map(|s| s + "\n")
-            .map_err(|e| ClientError(format!("cannot print JSON: {e}"))),
+            .map_err(|e| ClientError(format!("cannot print JSON: {e}")))?,
+    };
+    Ok(structured_escapes(&text))
+}
+
+/// JSON or YAML text with every character a terminal would act on or hide
+/// ([`crate::safefs::hidden`]: escape sequences, DEL, C1 controls, bidirectional and
+/// zero-width characters) written as a `\uXXXX` escape; the layout's newlines and tabs stay.
+/// In JSON, and in YAML's double-quoted strings, the escape is the same character (the output
+/// still parses to the same values); elsewhere in YAML it is shown as written. The encoders
+/// escape some of these and leave the rest (bidirectional controls, C1) raw.
+pub fn structured_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if crate::safefs::hidden(c) => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04X}"));
+                }
+            }
+            c => out.push(c),
+        }
     }
+    out
 }
 
 /// `depwatch status` output.
@@ -550,6 +573,43 @@ mod tests {
         ] {
             assert_eq!(link_next(header).as_deref(), want, "{header}");
         }
+    }
+
+    #[test]
+    fn structured_output_escapes_what_a_terminal_would_obey_and_parses_the_same() {
+        for (text, want) in [
+            ("[\"plain\"]", "[\"plain\"]"),
+            ("[\n\t\"a\\u001b[2K\"\n]", "[\n\t\"a\\u001b[2K\"\n]"),
+            ("\"x\u{7f}y\u{9b}z\"", "\"x\\u007Fy\\u009Bz\""),
+            ("\"web\u{202e}ved\"", "\"web\\u202Eved\""),
+            ("- we\u{200b}b\u{feff}\n", "- we\\u200Bb\\uFEFF\n"),
+            ("\"a\rb\"", "\"a\\u000Db\""),
+        ] {
+            assert_eq!(structured_escapes(text), want, "{text:?}");
+        }
+        let hostile =
+            "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} \u{9b}31m web\u{202e}ved\u{2066}\u{200d}";
+        let view = ServiceView {
+            namespace: "prod".into(),
+            name: "web".into(),
+            message: hostile.into(),
+            ..ServiceView::default()
+        };
+        for output in [Output::Json, Output::Yaml] {
+            let text = render_services(std::slice::from_ref(&view), output).expect("render");
+            assert!(
+                !text.chars().any(|c| crate::safefs::hidden(c) && c != '\n'),
+                "{output:?}: {text:?}"
+            );
+        }
+        let json = render_services(std::slice::from_ref(&view), Output::Json).expect("json");
+        let back: Vec<ServiceView> = serde_json::from_str(&json).expect("json parses");
+        assert_eq!(back[0].message, hostile, "JSON keeps the text exactly");
+        // YAML quotes a string with control characters in double quotes, where the escape is
+        // the character.
+        let yaml = render_services(&[view], Output::Yaml).expect("yaml");
+        let back: Vec<ServiceView> = serde_saphyr::from_str(&yaml).expect("yaml parses");
+        assert_eq!(back[0].message, hostile, "{yaml}");
     }
 
     #[test]

@@ -841,3 +841,82 @@ async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
     }
     daemon.stop();
 }
+
+/// Text from outside in the record (a registry's tag, a pod's message) printed by `status` and
+/// `history` through the API, in every output, and shown on the page: escape sequences, the
+/// bell, C1 controls, bidirectional and zero-width characters are shown, never obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_from_outside_is_printed_escaped_through_the_api_and_on_the_page() {
+    use depwatch::depfile::ServiceKey;
+    use depwatch::domain::{DeployOutcome, Images, ServiceStatus};
+    use depwatch::store::{DeployRecord, ServiceChange};
+    let hostile =
+        "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} \u{9b}2J web\u{202e}ved\u{2066}x\u{200b}";
+    let env = Env::new(SimConfig::default()).await;
+    {
+        let store = env.store();
+        let key = ServiceKey::new("web", "prod").expect("key");
+        let image = format!("example.com/web:{hostile}");
+        let images: Images = [("web".to_string(), image.clone())].into_iter().collect();
+        let change = ServiceChange::default()
+            .status(ServiceStatus::Unmanaged)
+            .desired(images)
+            .message(format!("tag not found; closest: {hostile}"));
+        store.change_service(&key, change).expect("service");
+        let row = DeployRecord {
+            namespace: "prod".into(),
+            name: "web".into(),
+            to_image: format!("web={image}"),
+            ..DeployRecord::default()
+        };
+        let id = store.start_deploy(&row).expect("row");
+        store
+            .finish_deploy(id, DeployOutcome::Failed, hostile)
+            .expect("finish");
+    }
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    let obeyed = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        text.chars()
+            .filter(|c| *c != '\n' && depwatch::safefs::hidden(*c))
+            .collect::<String>()
+    };
+    for args in [
+        vec!["status"],
+        vec!["status", "-o", "wide"],
+        vec!["status", "-o", "json"],
+        vec!["status", "-o", "yaml"],
+        vec!["history", "prod/web"],
+        vec!["history", "prod/web", "-o", "json"],
+        vec!["history", "prod/web", "-o", "yaml"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(&args)
+            .args(["--api", &url, "--state-dir", "/nonexistent"])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("pwned"), "{args:?} shows the text: {text}");
+        assert_eq!(obeyed(&out.stdout), "", "{args:?} printed: {text:?}");
+        if args.contains(&"json") {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            assert!(
+                v.to_string().contains("\\u001b"),
+                "JSON keeps the text: {v}"
+            );
+        }
+    }
+    let page = reqwest::get(format!("{url}/"))
+        .await
+        .expect("page")
+        .bytes()
+        .await
+        .expect("html");
+    let page_text = String::from_utf8_lossy(&page);
+    assert!(page_text.contains("pwned") && page_text.contains("\\u{202e}"));
+    assert_eq!(obeyed(&page), "", "the page shows: {page_text:?}");
+    daemon.stop();
+}
