@@ -98,9 +98,13 @@ impl Remote {
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
-            let why = serde_json::from_str::<crate::http::ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or(body);
+            // The server's words may carry what came from outside (a tag, a file name):
+            // shown, never obeyed by the terminal.
+            let why = crate::safefs::escape(
+                &serde_json::from_str::<crate::http::ErrorBody>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or(body),
+            );
             let hint = if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
                 " (changes need --token-file)"
             } else {
@@ -120,6 +124,22 @@ impl Remote {
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let sent = self.http.get(format!("{}{path}", self.base)).send().await;
         self.answer(&format!("GET {path}"), sent).await
+    }
+
+    /// A page of a list, and the path of the next page when the answer's `Link` names one.
+    async fn get_page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, Option<String>), ClientError> {
+        let sent = self.http.get(format!("{}{path}", self.base)).send().await;
+        let next = sent.as_ref().ok().and_then(|r| {
+            r.headers()
+                .get_all(reqwest::header::LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(link_next)
+        });
+        Ok((self.answer(&format!("GET {path}"), sent).await?, next))
     }
 
     async fn post(&self, path: &str) -> Result<String, ClientError> {
@@ -159,7 +179,7 @@ fn remote(t: &Target) -> Result<Option<Remote>, ClientError> {
 /// Every service, as the API shows them (a local read never asks the cluster what runs).
 pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
     if let Some(r) = remote(t)? {
-        return r.get("/api/v1/services").await;
+        return all_pages(&r).await;
     }
     let store = reading(t)?;
     let mut out = Vec::new();
@@ -169,6 +189,47 @@ pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
         // since is recorded by the daemon as it happens).
         let running = record.deployed.clone();
         out.push(ServiceView::new(record, running, last));
+    }
+    Ok(out)
+}
+
+/// Services asked for per page when `status` reads them through the API.
+const SERVICES_PAGE: usize = 1000;
+
+/// The path of a `Link` header's `rel="next"` target, if it names one on this server (a
+/// path, never another host).
+pub fn link_next(header: &str) -> Option<String> {
+    header.split(',').find_map(|link| {
+        let (target, params) = link.trim().split_once(';')?;
+        let path = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let next = params.split(';').any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("rel")
+                    && v.trim()
+                        .trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r == "next")
+            })
+        });
+        (next && path.starts_with('/') && !path.starts_with("//")).then(|| path.to_string())
+    })
+}
+
+/// Every service, page after page as the API's `Link` headers lead: `status` lists them all,
+/// as an operator expects, while each answer stays one page. A page that adds no service
+/// ends the walk (a server that ignores paging is read once, never in a loop).
+async fn all_pages(r: &Remote) -> Result<Vec<ServiceView>, ClientError> {
+    let mut out: Vec<ServiceView> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut path = Some(format!("/api/v1/services?limit={SERVICES_PAGE}"));
+    while let Some(p) = path {
+        let (rows, next): (Vec<ServiceView>, _) = r.get_page(&p).await?;
+        let before = out.len();
+        out.extend(
+            rows.into_iter()
+                .filter(|v| seen.insert((v.namespace.clone(), v.name.clone()))),
+        );
+        path = next.filter(|_| out.len() > before);
     }
     Ok(out)
 }
@@ -210,12 +271,7 @@ pub async fn history(
     limit: usize,
 ) -> Result<(WorkloadKind, Vec<DeployRecord>), ClientError> {
     if let Some(r) = remote(t)? {
-        let deploys: Vec<DeployRecord> = r
-            .get(&format!(
-                "/api/v1/deploys?service={}/{}&limit={limit}",
-                key.namespace, key.name
-            ))
-            .await?;
+        let deploys = remote_history(&r, key, limit).await?;
         // A forgotten service's history is kept: its rows answer without the service.
         let detail: Result<ServiceDetail, _> = r
             .get(&format!("/api/v1/services/{}/{}", key.namespace, key.name))
@@ -235,6 +291,31 @@ pub async fn history(
             "service {key} is not in the record and has no history (see `depwatch status` for the services depwatch manages)"
         ))),
     }
+}
+
+/// Up to `limit` deploys of a service through the API, newest first, page after page (a
+/// page holds at most 1000).
+async fn remote_history(
+    r: &Remote,
+    key: &ServiceKey,
+    limit: usize,
+) -> Result<Vec<DeployRecord>, ClientError> {
+    let mut out: Vec<DeployRecord> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut path = Some(format!(
+        "/api/v1/deploys?service={}/{}&limit={}",
+        key.namespace,
+        key.name,
+        limit.clamp(1, 1000)
+    ));
+    while let Some(p) = path.filter(|_| out.len() < limit) {
+        let (rows, next): (Vec<DeployRecord>, _) = r.get_page(&p).await?;
+        let before = out.len();
+        out.extend(rows.into_iter().filter(|d| seen.insert(d.id)));
+        path = next.filter(|_| out.len() > before);
+    }
+    out.truncate(limit);
+    Ok(out)
 }
 
 /// The kind a history row names (a Deployment when the row predates kinds).
@@ -333,13 +414,36 @@ pub fn table(rows: &[Vec<String>]) -> String {
 }
 
 fn structured<T: serde::Serialize>(value: &T, output: Output) -> Result<String, ClientError> {
-    match output {
+    let text = match output {
         Output::Yaml => serde_saphyr::to_string(value)
-            .map_err(|e| ClientError(format!("cannot print YAML: {e}"))),
+            .map_err(|e| ClientError(format!("cannot print YAML: {e}")))?,
         _ => serde_json::to_string_pretty(value)
             .map(|s| s + "\n")
-            .map_err(|e| ClientError(format!("cannot print JSON: {e}"))),
+            .map_err(|e| ClientError(format!("cannot print JSON: {e}")))?,
+    };
+    Ok(structured_escapes(&text))
+}
+
+/// JSON or YAML text with every character a terminal would act on or hide
+/// ([`crate::safefs::hidden`]: escape sequences, DEL, C1 controls, bidirectional and
+/// zero-width characters) written as a `\uXXXX` escape; the layout's newlines and tabs stay.
+/// In JSON, and in YAML's double-quoted strings, the escape is the same character (the output
+/// still parses to the same values); elsewhere in YAML it is shown as written. The encoders
+/// escape some of these and leave the rest (bidirectional controls, C1) raw.
+pub fn structured_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if crate::safefs::hidden(c) => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04X}"));
+                }
+            }
+            c => out.push(c),
+        }
     }
+    out
 }
 
 /// `depwatch status` output.
@@ -447,6 +551,65 @@ mod tests {
         }
         std::fs::write(&p, "\n# nothing\n").expect("write");
         assert!(read_token(&p).expect_err("empty").0.contains("is empty"));
+    }
+
+    #[test]
+    fn the_next_page_is_a_path_on_this_server_named_by_rel_next() {
+        for (header, want) in [
+            (
+                "</api/v1/services?limit=2&after=prod%2Fweb>; rel=\"next\"",
+                Some("/api/v1/services?limit=2&after=prod%2Fweb"),
+            ),
+            ("</a?after=1>;rel=next", Some("/a?after=1")),
+            (
+                "</first>; rel=\"prev\", </second>; rel=\"prev next\"",
+                Some("/second"),
+            ),
+            ("</a>; rel=\"prev\"", None),
+            ("<https://elsewhere.example/a>; rel=\"next\"", None),
+            ("<//elsewhere.example/a>; rel=\"next\"", None),
+            ("/a; rel=\"next\"", None),
+            ("", None),
+        ] {
+            assert_eq!(link_next(header).as_deref(), want, "{header}");
+        }
+    }
+
+    #[test]
+    fn structured_output_escapes_what_a_terminal_would_obey_and_parses_the_same() {
+        for (text, want) in [
+            ("[\"plain\"]", "[\"plain\"]"),
+            ("[\n\t\"a\\u001b[2K\"\n]", "[\n\t\"a\\u001b[2K\"\n]"),
+            ("\"x\u{7f}y\u{9b}z\"", "\"x\\u007Fy\\u009Bz\""),
+            ("\"web\u{202e}ved\"", "\"web\\u202Eved\""),
+            ("- we\u{200b}b\u{feff}\n", "- we\\u200Bb\\uFEFF\n"),
+            ("\"a\rb\"", "\"a\\u000Db\""),
+        ] {
+            assert_eq!(structured_escapes(text), want, "{text:?}");
+        }
+        let hostile =
+            "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} \u{9b}31m web\u{202e}ved\u{2066}\u{200d}";
+        let view = ServiceView {
+            namespace: "prod".into(),
+            name: "web".into(),
+            message: hostile.into(),
+            ..ServiceView::default()
+        };
+        for output in [Output::Json, Output::Yaml] {
+            let text = render_services(std::slice::from_ref(&view), output).expect("render");
+            assert!(
+                !text.chars().any(|c| crate::safefs::hidden(c) && c != '\n'),
+                "{output:?}: {text:?}"
+            );
+        }
+        let json = render_services(std::slice::from_ref(&view), Output::Json).expect("json");
+        let back: Vec<ServiceView> = serde_json::from_str(&json).expect("json parses");
+        assert_eq!(back[0].message, hostile, "JSON keeps the text exactly");
+        // YAML quotes a string with control characters in double quotes, where the escape is
+        // the character.
+        let yaml = render_services(&[view], Output::Yaml).expect("yaml");
+        let back: Vec<ServiceView> = serde_saphyr::from_str(&yaml).expect("yaml parses");
+        assert_eq!(back[0].message, hostile, "{yaml}");
     }
 
     #[test]

@@ -19,11 +19,13 @@ use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger, WorkloadKind}
 
 mod change;
 pub mod outbox;
+mod page;
 mod pg;
 mod pgtls;
 
 use crate::fence::Fence;
 pub use change::ServiceChange;
+pub use page::{ServiceFilter, ServicesPage, ServicesQuery};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -390,6 +392,8 @@ pub trait Backend: Send + Sync {
     fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError>;
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError>;
     fn services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
+    /// One page of services (`LIMIT` in the SQL) and how many the filter keeps in all.
+    fn services_page(&self, q: &ServicesQuery) -> Result<(Vec<ServiceRecord>, usize), StoreError>;
     /// Set the fields `change` names (creating the row if missing), stamping `updated_at`, in
     /// one statement.
     fn change_service(
@@ -423,10 +427,12 @@ pub trait Backend: Send + Sync {
         message: &str,
         ended_at: &str,
     ) -> Result<(), StoreError>;
-    /// Newest first; all services when `key` is `None`.
+    /// Newest first, older than the row `before` when given; all services when `key` is
+    /// `None`.
     fn history(
         &self,
         key: Option<&ServiceKey>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError>;
     /// The service's deploys still in progress, newest first (at most a few).
@@ -518,6 +524,22 @@ impl Backend for Sqlite {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn services_page(&self, q: &ServicesQuery) -> Result<(Vec<ServiceRecord>, usize), StoreError> {
+        let sql = page::services_sql(q, |n| format!("?{n}"));
+        let conn = self.conn();
+        let total: i64 = conn.query_row(
+            &sql.count,
+            rusqlite::params_from_iter(sqlite_values(sql.count_values)),
+            |r| r.get(0),
+        )?;
+        let mut stmt = conn.prepare(&sql.rows)?;
+        let rows = stmt.query_map(
+            rusqlite::params_from_iter(sqlite_values(sql.rows_values)),
+            service_row,
+        )?;
+        Ok((rows.collect::<Result<_, _>>()?, total as usize))
+    }
+
     fn change_service(
         &self,
         key: &ServiceKey,
@@ -525,17 +547,9 @@ impl Backend for Sqlite {
         updated_at: &str,
     ) -> Result<(), StoreError> {
         let st = change.statement(&key.namespace, &key.name, updated_at, |n| format!("?{n}"));
-        let values: Vec<rusqlite::types::Value> = st
-            .values
-            .into_iter()
-            .map(|v| match v {
-                change::Value::Text(t) => rusqlite::types::Value::Text(t),
-                change::Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
-            })
-            .collect();
         let conn = self.conn();
         conn.prepare_cached(&st.sql)?
-            .execute(rusqlite::params_from_iter(values))?;
+            .execute(rusqlite::params_from_iter(sqlite_values(st.values)))?;
         Ok(())
     }
 
@@ -631,21 +645,27 @@ impl Backend for Sqlite {
     fn history(
         &self,
         key: Option<&ServiceKey>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
         let conn = self.conn();
+        let before = before.unwrap_or(i64::MAX);
         let rows = match key {
             Some(k) => {
-                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3");
-                let mut stmt = conn.prepare(&sql)?;
-                let rows =
-                    stmt.query_map(params![k.namespace, k.name, limit as i64], deploy_row)?;
+                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4");
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let rows = stmt.query_map(
+                    params![k.namespace, k.name, before, limit as i64],
+                    deploy_row,
+                )?;
                 rows.collect::<Result<Vec<_>, _>>()?
             }
             None => {
-                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT ?1");
-                let mut stmt = conn.prepare(&sql)?;
-                let rows = stmt.query_map(params![limit as i64], deploy_row)?;
+                let sql = format!(
+                    "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let rows = stmt.query_map(params![before, limit as i64], deploy_row)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -688,6 +708,17 @@ impl Backend for Sqlite {
         let rows = stmt.query_map(params![DeployOutcome::InProgress], deploy_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Statement values as SQLite takes them (a boolean is an integer).
+fn sqlite_values(values: Vec<change::Value>) -> Vec<rusqlite::types::Value> {
+    values
+        .into_iter()
+        .map(|v| match v {
+            change::Value::Text(t) => rusqlite::types::Value::Text(t),
+            change::Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
+        })
+        .collect()
 }
 
 /// A connection to the SQLite database at `path`, waiting up to 5 s when it is busy.
@@ -973,6 +1004,35 @@ impl Store {
         })
     }
 
+    /// One page of services, in `(namespace, name)` order, with the writes still waiting in
+    /// memory laid over it; how many services the filter keeps in all (as the backend holds
+    /// them); and where the next page starts. Only the page is read, however many services
+    /// there are. Services only the waiting writes know yet follow the last page.
+    pub fn services_page(&self, q: &ServicesQuery) -> Result<ServicesPage, StoreError> {
+        let (rows, total) = self.backend.services_page(q)?;
+        let next = page::next_after(&rows, q.limit);
+        let waiting = {
+            let o = self.outbox();
+            (!o.is_empty()).then(|| o.service_keys())
+        };
+        let Some(waiting) = waiting else {
+            return Ok(ServicesPage { rows, total, next });
+        };
+        let mut unknown = Vec::new();
+        if next.is_none() {
+            let shown: std::collections::HashSet<ServiceKey> =
+                rows.iter().map(ServiceRecord::key).collect();
+            for key in waiting.into_iter().filter(|k| !shown.contains(k)) {
+                if self.backend.service(&key)?.is_none() {
+                    unknown.push(key);
+                }
+            }
+        }
+        let o = self.outbox();
+        let rows = page::lay_over(q, rows, &unknown, |k, r| o.overlay(k, r));
+        Ok(ServicesPage { rows, total, next })
+    }
+
     /// Set the fields `change` names on the service's row (creating it if missing). Kept in
     /// memory and written later when the backend refuses it.
     pub fn change_service(
@@ -1077,7 +1137,18 @@ impl Store {
         key: Option<&ServiceKey>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        self.backend.history(key, limit)
+        self.backend.history(key, None, limit)
+    }
+
+    /// One page of [`Store::history`]: at most `limit` rows older than the row `after` (the
+    /// last of the previous page), newest first.
+    pub fn history_page(
+        &self,
+        key: Option<&ServiceKey>,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<DeployRecord>, StoreError> {
+        self.backend.history(key, after, limit)
     }
 
     /// The newest unfinished deploy of a service, if any.

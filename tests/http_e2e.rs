@@ -671,3 +671,253 @@ async fn a_host_the_server_does_not_answer_to_gets_421() {
         );
     }
 }
+
+/// Follow `Link: <…>; rel="next"` from `first` to the last page: every page's rows, and the
+/// `X-Total-Count` of the first.
+async fn walk_pages(http: &reqwest::Client, url: &str, first: &str) -> (Vec<Vec<Value>>, usize) {
+    let mut pages = Vec::new();
+    let mut total = None;
+    let mut next = Some(first.to_string());
+    while let Some(path) = next.take() {
+        assert!(pages.len() < 100, "the pages never end");
+        let r = http.get(format!("{url}{path}")).send().await.expect("page");
+        assert_eq!(r.status(), 200, "{path}");
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        total = total.or_else(|| header("x-total-count").and_then(|t| t.parse().ok()));
+        next = header("link").and_then(|l| depwatch::client::link_next(&l));
+        pages.push(r.json::<Vec<Value>>().await.expect("json"));
+    }
+    (pages, total.unwrap_or_default())
+}
+
+/// 1,250 services and 120 deploys of one: the API answers them a page at a time (a default
+/// of 100, at most 1000, `Link` to the next page, `X-Total-Count`), the page shows the first
+/// 200 with the count and a link, and `depwatch status` and `history` still show everything,
+/// locally and through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
+    use depwatch::depfile::ServiceKey;
+    use depwatch::domain::{DeployOutcome, ServiceStatus};
+    use depwatch::store::{DeployRecord, ServiceChange};
+    const SERVICES: usize = 1250;
+    let env = Env::new(SimConfig::default()).await;
+    {
+        // Rows no file names, so the daemon leaves them as they are.
+        let store = env.store();
+        for i in 0..SERVICES {
+            let key = ServiceKey::new(&format!("svc-{i:04}"), "load").expect("key");
+            let change = ServiceChange::default()
+                .status(ServiceStatus::Unmanaged)
+                .suspended(i % 500 == 7);
+            store.change_service(&key, change).expect("service");
+        }
+        for _ in 0..120 {
+            let id = store
+                .start_deploy(&DeployRecord {
+                    namespace: "load".into(),
+                    name: "svc-0000".into(),
+                    ..DeployRecord::default()
+                })
+                .expect("deploy");
+            store
+                .finish_deploy(id, DeployOutcome::Succeeded, "")
+                .expect("finish");
+        }
+    }
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    let http = reqwest::Client::new();
+
+    let (pages, total) = walk_pages(&http, &url, "/api/v1/services").await;
+    assert_eq!(total, SERVICES);
+    assert_eq!(pages.len(), 13, "a default page is 100 long");
+    assert!(pages.iter().all(|p| p.len() <= 100));
+    let names: Vec<String> = pages
+        .iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let want: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i:04}")).collect();
+    assert_eq!(names, want, "every service once, in order");
+    let (suspended, total) =
+        walk_pages(&http, &url, "/api/v1/services?status=suspended&limit=2").await;
+    let suspended: Vec<&str> = suspended
+        .iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(
+        (suspended, total),
+        (vec!["svc-0007", "svc-0507", "svc-1007"], 3)
+    );
+    for bad in [
+        "/api/v1/services?limit=0",
+        "/api/v1/services?limit=1001",
+        "/api/v1/services?after=no-slash",
+        "/api/v1/services?status=nonsense",
+        "/api/v1/refused-files?limit=5000",
+    ] {
+        let r = http.get(format!("{url}{bad}")).send().await.expect("get");
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+
+    let (deploys, _) = walk_pages(
+        &http,
+        &url,
+        "/api/v1/deploys?service=load/svc-0000&limit=50",
+    )
+    .await;
+    assert_eq!(
+        deploys.iter().map(Vec::len).collect::<Vec<_>>(),
+        [50, 50, 20]
+    );
+    let ids: Vec<i64> = deploys
+        .iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_i64())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "newest first, each once"
+    );
+
+    let page = http
+        .get(format!("{url}/"))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert_eq!(
+        page.matches("<tr data-service=").count(),
+        200,
+        "the first 200"
+    );
+    assert!(
+        page.contains("1050 more services")
+            && page.contains("href=\"/api/v1/services?limit=1000\""),
+        "the count and the link"
+    );
+    let suspended_page = http
+        .get(format!("{url}/?status=suspended"))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert_eq!(suspended_page.matches("<tr data-service=").count(), 3);
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let state = env.state.to_str().expect("utf-8");
+    for target in [["--api", url.as_str()], ["--state-dir", state]] {
+        let status = cli(&[&["status", "--json"][..], &target].concat());
+        let status: Vec<Value> = serde_json::from_str(&status).expect("json");
+        assert_eq!(status.len(), SERVICES, "{target:?}");
+        let history = cli(&[
+            &["history", "load/svc-0000", "--limit", "1500", "--json"][..],
+            &target,
+        ]
+        .concat());
+        let history: Vec<Value> = serde_json::from_str(&history).expect("json");
+        assert_eq!(history.len(), 120, "{target:?}");
+    }
+    daemon.stop();
+}
+
+/// Text from outside in the record (a registry's tag, a pod's message) printed by `status` and
+/// `history` through the API, in every output, and shown on the page: escape sequences, the
+/// bell, C1 controls, bidirectional and zero-width characters are shown, never obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_from_outside_is_printed_escaped_through_the_api_and_on_the_page() {
+    use depwatch::depfile::ServiceKey;
+    use depwatch::domain::{DeployOutcome, Images, ServiceStatus};
+    use depwatch::store::{DeployRecord, ServiceChange};
+    let hostile =
+        "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} \u{9b}2J web\u{202e}ved\u{2066}x\u{200b}";
+    let env = Env::new(SimConfig::default()).await;
+    {
+        let store = env.store();
+        let key = ServiceKey::new("web", "prod").expect("key");
+        let image = format!("example.com/web:{hostile}");
+        let images: Images = [("web".to_string(), image.clone())].into_iter().collect();
+        let change = ServiceChange::default()
+            .status(ServiceStatus::Unmanaged)
+            .desired(images)
+            .message(format!("tag not found; closest: {hostile}"));
+        store.change_service(&key, change).expect("service");
+        let row = DeployRecord {
+            namespace: "prod".into(),
+            name: "web".into(),
+            to_image: format!("web={image}"),
+            ..DeployRecord::default()
+        };
+        let id = store.start_deploy(&row).expect("row");
+        store
+            .finish_deploy(id, DeployOutcome::Failed, hostile)
+            .expect("finish");
+    }
+    let daemon = env.daemon(&[]).await;
+    let url = daemon.http_url();
+    let obeyed = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        text.chars()
+            .filter(|c| *c != '\n' && depwatch::safefs::hidden(*c))
+            .collect::<String>()
+    };
+    for args in [
+        vec!["status"],
+        vec!["status", "-o", "wide"],
+        vec!["status", "-o", "json"],
+        vec!["status", "-o", "yaml"],
+        vec!["history", "prod/web"],
+        vec!["history", "prod/web", "-o", "json"],
+        vec!["history", "prod/web", "-o", "yaml"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(&args)
+            .args(["--api", &url, "--state-dir", "/nonexistent"])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("pwned"), "{args:?} shows the text: {text}");
+        assert_eq!(obeyed(&out.stdout), "", "{args:?} printed: {text:?}");
+        if args.contains(&"json") {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            assert!(
+                v.to_string().contains("\\u001b"),
+                "JSON keeps the text: {v}"
+            );
+        }
+    }
+    let page = reqwest::get(format!("{url}/"))
+        .await
+        .expect("page")
+        .bytes()
+        .await
+        .expect("html");
+    let page_text = String::from_utf8_lossy(&page);
+    assert!(page_text.contains("pwned") && page_text.contains("\\u{202e}"));
+    assert_eq!(obeyed(&page), "", "the page shows: {page_text:?}");
+    daemon.stop();
+}

@@ -209,6 +209,117 @@ fn suite(s: &Store) {
     );
 }
 
+/// Services, deploys and refused files read one page at a time: every row once, in order,
+/// with the filter and the count, whatever the page length.
+fn pages(s: &Store) {
+    use depwatch::store::{ServiceFilter, ServicesQuery};
+    // Names whose order differs between "namespace/name" text and (namespace, name).
+    let keys = [
+        ("demo", "ab"),
+        ("demo", "a-b"),
+        ("demo", "a"),
+        ("demo-2", "z"),
+        ("demo2", "b"),
+        ("x", "web"),
+        ("x", "web.v2"),
+    ];
+    for (i, (ns, name)) in keys.iter().enumerate() {
+        let status = match i % 2 {
+            0 => ServiceStatus::Failed,
+            _ => ServiceStatus::Succeeded,
+        };
+        s.change_service(
+            &ServiceKey::new(name, ns).expect("key"),
+            ServiceChange::default().status(status).suspended(i == 3),
+        )
+        .expect("put");
+    }
+    let all: Vec<ServiceKey> = s.services().expect("all").iter().map(|r| r.key()).collect();
+    assert_eq!(all.len(), keys.len());
+    let walk = |filter: ServiceFilter, limit: usize| {
+        let mut q = ServicesQuery {
+            after: None,
+            filter,
+            limit,
+        };
+        let mut out = Vec::new();
+        loop {
+            let page = s.services_page(&q).expect("page");
+            assert!(page.rows.len() <= limit, "{} > {limit}", page.rows.len());
+            out.extend(page.rows.iter().map(|r| r.key()));
+            match page.next {
+                Some(next) => q.after = Some(next),
+                None => return (out, page.total),
+            }
+        }
+    };
+    for limit in [1, 2, 3, 7, 100] {
+        assert_eq!(
+            walk(ServiceFilter::All, limit),
+            (all.clone(), keys.len()),
+            "{limit}"
+        );
+    }
+    let (failed, total) = walk(ServiceFilter::Status(ServiceStatus::Failed), 2);
+    assert_eq!((failed.len(), total), (4, 4));
+    assert!(failed
+        .iter()
+        .all(|k| s.service(k).expect("q").expect("row").status == ServiceStatus::Failed));
+    let (suspended, total) = walk(ServiceFilter::Suspended, 1);
+    assert_eq!(
+        (suspended, total),
+        (vec![ServiceKey::new("z", "demo-2").expect("key")], 1)
+    );
+
+    // Deploys: newest first, each page older than the last row of the one before.
+    let key = ServiceKey::new("paged", "demo").expect("key");
+    let ids: Vec<i64> = (0..5)
+        .map(|_| s.start_deploy(&deploy("demo", "paged")).expect("start"))
+        .collect();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.history_page(Some(&key), after, 2).expect("page");
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|d| d.id));
+        match page.last() {
+            Some(last) if page.len() == 2 => after = Some(last.id),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, ids.iter().rev().copied().collect::<Vec<_>>());
+    let older = s
+        .history_page(None, Some(ids[1]), 10)
+        .expect("all services");
+    assert!(older.iter().all(|d| d.id < ids[1]), "{older:?}");
+
+    // Refused file names: by path, with the count.
+    for i in 0..5 {
+        s.refuse_file(&format!("/deps/bad-{i}.dep"), "bad name")
+            .expect("refuse");
+    }
+    let (first, total) = s.refused_page("", 3).expect("page");
+    let (rest, _) = s.refused_page(&first[2].path, 3).expect("page");
+    let paths: Vec<String> = first.iter().chain(&rest).map(|f| f.path.clone()).collect();
+    let want: Vec<String> = (0..5).map(|i| format!("/deps/bad-{i}.dep")).collect();
+    assert_eq!((paths, total), (want, 5));
+}
+
+#[test]
+fn the_sqlite_record_reads_one_page_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pages(&Store::open(dir.path()).expect("open"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgresql_record_reads_one_page_at_a_time() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("pages").await;
+    tokio::task::spawn_blocking(move || pages(&Store::connect(&url).expect("connect")))
+        .await
+        .expect("joined");
+}
+
 #[test]
 fn the_sqlite_record_passes_the_store_suite() {
     let dir = tempfile::tempdir().expect("tempdir");

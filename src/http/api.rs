@@ -233,19 +233,97 @@ pub async fn metrics(State(state): Shared) -> impl IntoResponse {
     )
 }
 
-/// Every managed service.
-#[utoipa::path(get, path = "/api/v1/services", tag = "services", responses((status = 200, body = Vec<ServiceView>)))]
-pub async fn list_services(State(state): Shared) -> Result<Json<Vec<ServiceView>>, ApiError> {
-    let mut out = Vec::new();
-    for r in state.store.services()? {
-        out.push(view(&state, r).await);
-    }
-    Ok(Json(out))
-}
-
-/// Default and largest page of `/api/v1/refused-files`.
+/// Default and largest page of the list endpoints (`/api/v1/services`,
+/// `/api/v1/refused-files`); `/api/v1/deploys` keeps its own default of 50.
 pub const REFUSED_PAGE: usize = 100;
 pub const REFUSED_PAGE_MAX: usize = 1000;
+
+/// The page length asked for, or the default; out of range is a 400 naming the range.
+pub fn page_limit(asked: Option<usize>) -> Result<usize, ApiError> {
+    let limit = asked.unwrap_or(REFUSED_PAGE);
+    if limit == 0 || limit > REFUSED_PAGE_MAX {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "limit",
+            format!("limit must be from 1 to {REFUSED_PAGE_MAX}"),
+        ));
+    }
+    Ok(limit)
+}
+
+/// The `Link` header to the page after a full one (`None` after a short page: it was the
+/// last): `path` with `query` and `after` set to the last key shown.
+pub fn next_link(path: &str, query: &[(&str, &str)], after: Option<&str>) -> Option<String> {
+    let after = after?;
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query {
+        q.append_pair(k, v);
+    }
+    let q = q.append_pair("after", after).finish();
+    Some(format!("<{path}?{q}>; rel=\"next\""))
+}
+
+/// A page's headers: `X-Total-Count` when known, `Link` to the next page when there is one.
+fn page_headers(total: Option<usize>, next: Option<String>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(total) = total {
+        headers.insert("x-total-count", total.into());
+    }
+    if let Some(v) = next.and_then(|n| n.parse().ok()) {
+        headers.insert(axum::http::header::LINK, v);
+    }
+    headers
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ServicesPageQuery {
+    /// How many (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// `namespace/name` of the last service of the previous page (the `Link` header's `next`
+    /// names it).
+    pub after: Option<String>,
+    /// Only services with this status (`failed`), or `suspended`.
+    pub status: Option<String>,
+}
+
+/// Managed services by namespace and name, one page at a time: `X-Total-Count` says how many
+/// there are (with the `status` filter), `Link: <…>; rel="next"` where the next page is.
+#[utoipa::path(get, path = "/api/v1/services", tag = "services", params(ServicesPageQuery),
+    responses((status = 200, body = Vec<ServiceView>,
+        headers(("X-Total-Count" = usize), ("Link" = String))), (status = 400, body = ErrorBody)))]
+pub async fn list_services(
+    State(state): Shared,
+    Query(q): Query<ServicesPageQuery>,
+) -> Result<(HeaderMap, Json<Vec<ServiceView>>), ApiError> {
+    let limit = page_limit(q.limit)?;
+    let after = match q.after.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(
+            ServiceKey::parse_slash(a)
+                .map_err(|m| ApiError::field(StatusCode::BAD_REQUEST, "after", m))?,
+        ),
+    };
+    let filter = store::ServiceFilter::parse(q.status.as_deref())
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "status", e.to_string()))?;
+    let query = store::ServicesQuery {
+        after,
+        filter,
+        limit,
+    };
+    let page = state.store.services_page(&query)?;
+    let last = page.next.map(|k| k.to_string());
+    let (limit_text, status) = (limit.to_string(), q.status.unwrap_or_default());
+    let mut params = vec![("limit", limit_text.as_str())];
+    if !status.is_empty() {
+        params.push(("status", status.as_str()));
+    }
+    let next = next_link("/api/v1/services", &params, last.as_deref());
+    let mut out = Vec::with_capacity(page.rows.len());
+    for r in page.rows {
+        out.push(view(&state, r).await);
+    }
+    Ok((page_headers(Some(page.total), next), Json(out)))
+}
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct PageQuery {
@@ -265,28 +343,19 @@ pub async fn refused_files(
     State(state): Shared,
     Query(q): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<crate::store::RefusedFile>>), ApiError> {
-    let limit = q.limit.unwrap_or(REFUSED_PAGE);
-    if limit == 0 || limit > REFUSED_PAGE_MAX {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "limit",
-            format!("limit must be from 1 to {REFUSED_PAGE_MAX}"),
-        ));
-    }
+    let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or_default();
     let (files, total) = state.store.refused_page(&after, limit)?;
-    let mut headers = HeaderMap::new();
-    headers.insert("x-total-count", total.into());
-    if let Some(last) = files.last().filter(|_| files.len() == limit) {
-        let next: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("limit", &limit.to_string())
-            .append_pair("after", &last.path)
-            .finish();
-        if let Ok(v) = format!("</api/v1/refused-files?{next}>; rel=\"next\"").parse() {
-            headers.insert(axum::http::header::LINK, v);
-        }
-    }
-    Ok((headers, Json(files)))
+    let last = files
+        .last()
+        .filter(|_| files.len() == limit)
+        .map(|f| f.path.as_str());
+    let next = next_link(
+        "/api/v1/refused-files",
+        &[("limit", &limit.to_string())],
+        last,
+    );
+    Ok((page_headers(Some(total), next), Json(files)))
 }
 
 fn key_from_path(namespace: &str, name: &str) -> Result<ServiceKey, ApiError> {
@@ -322,15 +391,20 @@ pub struct DeploysQuery {
     pub service: Option<String>,
     /// How many, newest first (default 50, at most 1000).
     pub limit: Option<usize>,
+    /// The `id` of the last deploy of the previous page: older ones follow (the `Link`
+    /// header's `next` names it).
+    pub after: Option<i64>,
 }
 
-/// Deploys, newest first, optionally of one service.
+/// Deploys, newest first, optionally of one service, one page at a time: `Link: <…>;
+/// rel="next"` where the next (older) page is.
 #[utoipa::path(get, path = "/api/v1/deploys", tag = "deploys", params(DeploysQuery),
-    responses((status = 200, body = Vec<DeployRecord>), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = Vec<DeployRecord>, headers(("Link" = String))),
+        (status = 400, body = ErrorBody)))]
 pub async fn list_deploys(
     State(state): Shared,
     Query(q): Query<DeploysQuery>,
-) -> Result<Json<Vec<DeployRecord>>, ApiError> {
+) -> Result<(HeaderMap, Json<Vec<DeployRecord>>), ApiError> {
     let key = match &q.service {
         Some(s) => Some(
             ServiceKey::parse_slash(s)
@@ -339,7 +413,17 @@ pub async fn list_deploys(
         None => None,
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    Ok(Json(state.store.history(key.as_ref(), limit)?))
+    let rows = state.store.history_page(key.as_ref(), q.after, limit)?;
+    let last = (rows.len() == limit)
+        .then(|| rows.last().map(|d| d.id.to_string()))
+        .flatten();
+    let limit = limit.to_string();
+    let mut params = vec![("limit", limit.as_str())];
+    if let Some(s) = &q.service {
+        params.push(("service", s.as_str()));
+    }
+    let next = next_link("/api/v1/deploys", &params, last.as_deref());
+    Ok((page_headers(None, next), Json(rows)))
 }
 
 /// A deploy request: one of `version` (a tag or digest) or `image` (a full reference).
@@ -958,4 +1042,50 @@ pub async fn openapi_json(
     axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
 ) -> impl IntoResponse {
     Json(doc.as_ref().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_from_1_to_1000_long_and_100_by_default() {
+        for (asked, want) in [
+            (None, Some(100)),
+            (Some(1), Some(1)),
+            (Some(1000), Some(1000)),
+            (Some(0), None),
+            (Some(1001), None),
+        ] {
+            assert_eq!(page_limit(asked).ok(), want, "{asked:?}");
+        }
+    }
+
+    #[test]
+    fn the_next_link_carries_the_query_and_the_last_key() {
+        for (query, after, want) in [
+            (
+                vec![("limit", "2")],
+                Some("prod/web"),
+                Some("</api/v1/services?limit=2&after=prod%2Fweb>; rel=\"next\""),
+            ),
+            (
+                vec![("limit", "5"), ("status", "failed")],
+                Some("a/b"),
+                Some("</api/v1/services?limit=5&status=failed&after=a%2Fb>; rel=\"next\""),
+            ),
+            (
+                vec![("limit", "1")],
+                Some("/deps/a&b c.dep"),
+                Some("</api/v1/services?limit=1&after=%2Fdeps%2Fa%26b+c.dep>; rel=\"next\""),
+            ),
+            (vec![("limit", "2")], None, None),
+        ] {
+            assert_eq!(
+                next_link("/api/v1/services", &query, after).as_deref(),
+                want,
+                "{query:?} {after:?}"
+            );
+        }
+    }
 }

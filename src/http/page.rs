@@ -11,7 +11,7 @@ use utoipa::IntoParams;
 use super::api::{view, ServiceView};
 use super::HttpState;
 use crate::domain::{ServiceStatus, Tone, WorkloadKind};
-use crate::store::DeployRecord;
+use crate::store::{DeployRecord, ServiceFilter, ServicesQuery};
 
 /// An image reference escaped, with break opportunities after `/`, `:` and `@` only, so a
 /// narrow column wraps it between its parts, never in the middle of a name or a tag.
@@ -230,19 +230,27 @@ async fn rows(state: &HttpState, filter: Option<&str>) -> String {
     services_rows(state, filter).await + &refused
 }
 
+/// Services the page shows at most; the rest through the paged API.
+const SERVICES_ON_PAGE: usize = 200;
+
 async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
-    let all = state.store.services().unwrap_or_default();
-    let total = all.len();
-    let records: Vec<_> = all.into_iter().filter(|r| shown(r, filter)).collect();
-    if total == 0 {
-        return "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into();
-    }
+    let Ok(parsed) = ServiceFilter::parse(filter) else {
+        return nothing_is(state, filter.unwrap_or_default());
+    };
+    let query = ServicesQuery {
+        after: None,
+        filter: parsed,
+        limit: SERVICES_ON_PAGE,
+    };
+    let page = state.store.services_page(&query).unwrap_or_default();
+    let (records, total) = (page.rows, page.total);
     if records.is_empty() {
-        return format!(
-            "<tr><td colspan=\"7\" class=\"empty\">No service is {}. <a href=\"/\">Show all {total}</a></td></tr>",
-            esc(filter.unwrap_or_default())
-        );
+        return match parsed {
+            ServiceFilter::All => "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into(),
+            _ => nothing_is(state, filter.unwrap_or_default()),
+        };
     }
+    let more = total.saturating_sub(records.len());
     let mut out = String::new();
     for r in records {
         let history = state.store.history(Some(&r.key()), 8).unwrap_or_default();
@@ -250,7 +258,46 @@ async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
         v.next_step = crate::advice::with_flags(&v.next_step, &state.cli_flags);
         out.push_str(&row(&v, &history));
     }
+    if more > 0 {
+        out.push_str(&more_services(more, filter));
+    }
     out
+}
+
+/// The row after the first [`SERVICES_ON_PAGE`] services: how many more, and where they are.
+fn more_services(more: usize, filter: Option<&str>) -> String {
+    let query = match filter.filter(|f| !f.is_empty()) {
+        Some(f) => format!(
+            "&amp;{}",
+            esc(&form_urlencoded::Serializer::new(String::new())
+                .append_pair("status", f)
+                .finish())
+        ),
+        None => String::new(),
+    };
+    format!(
+        "<tr><td colspan=\"7\" class=\"msg\">{more} more services: see <a href=\"/api/v1/services?limit=1000{query}\">/api/v1/services</a> (paged), or <code>depwatch status</code></td></tr>"
+    )
+}
+
+/// The row for a filter that keeps no service, with a link to all of them.
+fn nothing_is(state: &HttpState, filter: &str) -> String {
+    let all = ServicesQuery {
+        limit: 0,
+        ..ServicesQuery::default()
+    };
+    let total = state
+        .store
+        .services_page(&all)
+        .map(|page| page.total)
+        .unwrap_or_default();
+    if total == 0 {
+        return "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into();
+    }
+    format!(
+        "<tr><td colspan=\"7\" class=\"empty\">No service is {}. <a href=\"/\">Show all {total}</a></td></tr>",
+        esc(filter)
+    )
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -259,15 +306,6 @@ pub struct PageQuery {
     pub rows: Option<u8>,
     /// Only services with this status (e.g. `failed`), or `suspended`.
     pub status: Option<String>,
-}
-
-/// Whether a service is shown under a `status` filter.
-fn shown(r: &crate::store::ServiceRecord, filter: Option<&str>) -> bool {
-    match filter {
-        None | Some("") => true,
-        Some("suspended") => r.suspended,
-        Some(word) => r.status.as_str() == word,
-    }
 }
 
 const STYLE: &str = "

@@ -211,6 +211,21 @@ impl Outbox {
         Some(row)
     }
 
+    /// The services the waiting writes change, each once, in key order.
+    pub fn service_keys(&self) -> Vec<ServiceKey> {
+        let keys: std::collections::BTreeSet<(String, String)> = self
+            .queue
+            .iter()
+            .filter_map(|w| match w {
+                Write::Service { key, .. } => Some((key.namespace.clone(), key.name.clone())),
+                _ => None,
+            })
+            .collect();
+        keys.into_iter()
+            .map(|(namespace, name)| ServiceKey { name, namespace })
+            .collect()
+    }
+
     /// Every row with the waiting changes laid over it, new rows included.
     pub fn overlay_all(&self, rows: Vec<ServiceRecord>) -> Vec<ServiceRecord> {
         let mut by_key: std::collections::BTreeMap<(String, String), ServiceRecord> = rows

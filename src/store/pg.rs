@@ -275,6 +275,28 @@ fn request_row(row: &Row) -> RequestRecord {
     }
 }
 
+/// Statement values as the driver takes them.
+fn pg_values(values: Vec<Value>) -> Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> {
+    values
+        .into_iter()
+        .map(|v| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+            match v {
+                Value::Text(t) => Box::new(t),
+                Value::Bool(b) => Box::new(b),
+            }
+        })
+        .collect()
+}
+
+fn pg_refs(
+    values: &[Box<dyn tokio_postgres::types::ToSql + Sync + Send>],
+) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    values
+        .iter()
+        .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}
+
 impl Backend for Postgres {
     fn describe(&self) -> String {
         format!("postgresql ({})", self.tls)
@@ -358,6 +380,23 @@ impl Backend for Postgres {
         })
     }
 
+    fn services_page(
+        &self,
+        q: &super::ServicesQuery,
+    ) -> Result<(Vec<ServiceRecord>, usize), StoreError> {
+        let sql = super::page::services_sql(q, |n| format!("${n}"));
+        self.run(move |client| async move {
+            let count_values = pg_values(sql.count_values);
+            let total: i64 = client
+                .query_one(&sql.count, &pg_refs(&count_values))
+                .await?
+                .get(0);
+            let rows_values = pg_values(sql.rows_values);
+            let rows = client.query(&sql.rows, &pg_refs(&rows_values)).await?;
+            Ok((rows.iter().map(service_row).collect(), total as usize))
+        })
+    }
+
     fn change_service(
         &self,
         key: &ServiceKey,
@@ -367,21 +406,8 @@ impl Backend for Postgres {
         let st = change.statement(&key.namespace, &key.name, updated_at, |n| format!("${n}"));
         self.run(move |client| async move {
             let stmt = client.prepare_cached(&st.sql).await?;
-            let values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = st
-                .values
-                .into_iter()
-                .map(|v| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
-                    match v {
-                        Value::Text(t) => Box::new(t),
-                        Value::Bool(b) => Box::new(b),
-                    }
-                })
-                .collect();
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
-                .iter()
-                .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            client.execute(&stmt, &refs).await?;
+            let values = pg_values(st.values);
+            client.execute(&stmt, &pg_refs(&values)).await?;
             Ok(())
         })
     }
@@ -533,20 +559,25 @@ impl Backend for Postgres {
     fn history(
         &self,
         key: Option<&ServiceKey>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
         let key = key.cloned();
         let limit = limit as i64;
+        let before = before.unwrap_or(i64::MAX);
         self.run(move |client| async move {
             let rows = match key {
                 Some(k) => {
-                    let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 ORDER BY id DESC LIMIT $3");
-                    client.query(&sql, &[&k.namespace, &k.name, &limit]).await?
+                    let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 AND id < $3 ORDER BY id DESC LIMIT $4");
+                    client
+                        .query(&sql, &[&k.namespace, &k.name, &before, &limit])
+                        .await?
                 }
                 None => {
-                    let sql =
-                        format!("SELECT {DEPLOY_COLUMNS} FROM deploys ORDER BY id DESC LIMIT $1");
-                    client.query(&sql, &[&limit]).await?
+                    let sql = format!(
+                        "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE id < $1 ORDER BY id DESC LIMIT $2"
+                    );
+                    client.query(&sql, &[&before, &limit]).await?
                 }
             };
             Ok(rows.iter().map(deploy_row).collect())
