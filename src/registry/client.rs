@@ -814,4 +814,79 @@ mod tests {
             "the internal realm was never asked"
         );
     }
+
+    /// A private repository: Basic `ci:s3cret` at the realm gets the token that opens it,
+    /// anyone else a token it refuses. What one identity fetched never answers for another,
+    /// in either order (the daemon's pre-flight and the simulated kubelet share this client).
+    #[tokio::test]
+    async fn tokens_and_answers_serve_only_the_credentials_that_fetched_them() {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let realm = format!("http://{addr}/token");
+        let app = axum::Router::new()
+            .route(
+                "/token",
+                axum::routing::get(|headers: HeaderMap| async move {
+                    let private = headers.get("authorization").and_then(|v| v.to_str().ok())
+                        == Some(basic(&creds()).as_str());
+                    let token = if private { "private" } else { "anonymous" };
+                    axum::Json(serde_json::json!({"token": token}))
+                }),
+            )
+            .fallback(move |req: axum::extract::Request| {
+                let realm = realm.clone();
+                async move {
+                    let authed = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        == Some("Bearer private");
+                    if !authed {
+                        let challenge = format!("Bearer realm=\"{realm}\"");
+                        return (StatusCode::UNAUTHORIZED, [("www-authenticate", challenge)])
+                            .into_response();
+                    }
+                    (StatusCode::OK, [("docker-content-digest", DIGEST)]).into_response()
+                }
+            });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        fn creds() -> Credentials {
+            Credentials {
+                username: "ci".into(),
+                password: "s3cret".into(),
+            }
+        }
+        let image = ImageRef::parse(&format!("{addr}/team/private:1.0")).expect("image");
+        let registries = Registries::new();
+        let found = Answer::Found {
+            digest: Some(DIGEST.into()),
+        };
+        assert_eq!(registries.check(&image, Some(&creds())).await, found);
+        assert!(
+            matches!(
+                registries.check(&image, None).await,
+                Answer::NeedsCredentials(_)
+            ),
+            "no credentials: not the private answer"
+        );
+        let other = Credentials {
+            username: "ci".into(),
+            password: "wrong".into(),
+        };
+        assert!(matches!(
+            registries.check(&image, Some(&other)).await,
+            Answer::Denied(_)
+        ));
+        // The other order: an anonymous answer first never stands for the credentials.
+        let fresh = Registries::new();
+        assert!(matches!(
+            fresh.check(&image, None).await,
+            Answer::NeedsCredentials(_)
+        ));
+        assert_eq!(fresh.check(&image, Some(&creds())).await, found);
+    }
 }
