@@ -129,8 +129,15 @@ pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError>
         return Ok(None);
     };
     let Some((deployment, namespace)) = stem.rsplit_once('_') else {
+        // `web-prod.dep`: the usual slip is a '-' where the '_' goes (names may hold '-').
+        let guess = stem
+            .rsplit_once('-')
+            .filter(|(d, n)| ServiceKey::new(d, n).is_ok())
+            .map_or(String::new(), |(d, n)| {
+                format!("; if {d} is the workload and {n} its namespace, rename it to \"{d}_{n}.{EXTENSION}\"")
+            });
         return Err(err(format!(
-            "file name {name:?} must be <deployment>_<namespace>.dep, e.g. payments_prod.dep"
+            "file name {name:?} must be <deployment>_<namespace>.dep, e.g. payments_prod.dep{guess}"
         )));
     };
     if deployment.contains('_') {
@@ -340,16 +347,57 @@ impl Switch {
     }
 }
 
-/// What kind of YAML problem a parser message describes, in words that quote nothing.
-fn yaml_problem(msg: &str) -> &'static str {
+/// The fields the YAML form knows.
+const FIELDS: &[&str] = &[
+    "images",
+    "image",
+    "version",
+    "container",
+    "repository",
+    "rolloutTimeout",
+    "rollback",
+    "kind",
+];
+
+/// The unknown field a parser message names, when it is a plain name (letters, digits, `_`,
+/// `-`, at most 40): safe to quote back, as a field name holds no secret.
+fn unknown_field(msg: &str) -> Option<&str> {
+    let (_, rest) = msg.split_once("unknown field `")?;
+    let (name, _) = rest.split_once('`')?;
+    let plain = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    plain.then_some(name)
+}
+
+/// "an unknown field `versoin` (did you mean version? …)": the name is quoted only when it is a
+/// typo of a known field (a few edits from it), so a file's other content, a secret pasted in
+/// by mistake, is never echoed.
+fn unknown_field_problem(msg: &str) -> String {
+    let expected = format!("expected {}", FIELDS.join(", "));
+    let typo = unknown_field(msg)
+        .and_then(|name| Some((name, crate::domain::closest(name, FIELDS.iter().copied())?)));
+    match typo {
+        Some((name, close)) => {
+            format!("an unknown field `{name}` (did you mean {close}? {expected})")
+        }
+        None => format!("an unknown field ({expected})"),
+    }
+}
+
+/// What kind of YAML problem a parser message describes, in words that quote nothing from
+/// the file but a plain unknown field's name.
+fn yaml_problem(msg: &str) -> String {
     if msg.contains("unknown field") {
-        "an unknown field (expected images, image, version, container, repository, rolloutTimeout, rollback, kind)"
+        unknown_field_problem(msg)
     } else if msg.contains("duplicate") {
-        "a field appears twice"
+        "a field appears twice".into()
     } else if msg.contains("invalid type") || msg.contains("expected") {
-        "a field or the document has the wrong type (expected a mapping of known fields)"
+        "a field or the document has the wrong type (expected a mapping of known fields)".into()
     } else {
-        "not valid YAML"
+        "not valid YAML".into()
     }
 }
 
@@ -443,7 +491,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
             .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok());
         let hint = line.and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
-        let problem = hint.unwrap_or_else(|| yaml_problem(&msg));
+        let problem = hint.map_or_else(|| yaml_problem(&msg), String::from);
         err(
             line,
             format!("not a valid dependency file: {problem}; {EXPECTED}"),
@@ -461,10 +509,13 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
     let kind = match &form.kind {
         None => None,
         Some(k) => Some(crate::domain::WorkloadKind::parse_loose(k).ok_or_else(|| {
+            let kinds = crate::domain::WorkloadKind::ALL.iter().map(|k| k.as_str());
+            let close = crate::domain::closest(&k.to_ascii_lowercase(), kinds)
+                .map_or(String::new(), |c| format!("did you mean {c}? "));
             err(
                 line_of(text, "kind"),
                 format!(
-                    "kind: expected one of {}",
+                    "kind: {close}expected one of {}",
                     crate::domain::WorkloadKind::choices()
                 ),
             )
@@ -663,6 +714,11 @@ mod tests {
             let e = service_for_path(&PathBuf::from(bad)).expect_err(bad);
             assert!(e.to_string().contains(bad), "{e}");
         }
+        let e = service_for_path(&PathBuf::from("web-prod.dep")).expect_err("a '-'");
+        assert!(
+            e.to_string().contains("rename it to \"web_prod.dep\""),
+            "the likely name is suggested: {e}"
+        );
     }
 
     #[test]
@@ -787,6 +843,14 @@ mod tests {
         .expect_err("bad image");
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.message.contains("images.side"), "{e}");
+        let e = parse("f.dep", b"versoin: 1.0\n").expect_err("a typo'd field");
+        assert!(
+            e.message
+                .contains("an unknown field `versoin` (did you mean version?"),
+            "{e}"
+        );
+        let e = parse("f.dep", b"version: 1.0\nkind: deploymnet\n").expect_err("a typo'd kind");
+        assert!(e.message.contains("kind: did you mean deployment?"), "{e}");
         let e = parse("f.dep", b"version: 1.0\ncolour: blue\n").expect_err("unknown field");
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("an unknown field"), "{e}");
