@@ -82,6 +82,15 @@ pub struct Attempt<'a> {
     adopted_pin: Option<String>,
 }
 
+/// What a change outside depwatch makes of the record.
+struct Outside {
+    outcome: DeployOutcome,
+    status: ServiceStatus,
+    from: String,
+    to: String,
+    message: String,
+}
+
 /// A drift of a service's images, as seen by the shared watch.
 #[derive(Debug, Clone)]
 pub struct Drift {
@@ -177,6 +186,39 @@ impl Recorder {
         );
     }
 
+    /// A change made outside depwatch: one history row, the service's status and message, and
+    /// one report, all with the same from and to.
+    fn outside(&self, key: &ServiceKey, kind: WorkloadKind, seen: Outside, reason: String) {
+        self.row(
+            key,
+            RowText {
+                trigger: crate::domain::Trigger::Drift,
+                actor: "cluster".into(),
+                request_id: String::new(),
+                from: seen.from.clone(),
+                to: seen.to.clone(),
+                outcome: seen.outcome,
+                message: seen.message.clone(),
+            },
+        );
+        self.change(
+            key,
+            ServiceChange::default()
+                .status(seen.status)
+                .message(seen.message),
+        );
+        self.notifier.report(Report {
+            outcome: seen.outcome,
+            service: key.name.clone(),
+            namespace: key.namespace.clone(),
+            kind,
+            from: seen.from,
+            to: seen.to,
+            duration: Duration::ZERO,
+            reason,
+        });
+    }
+
     /// The workload was deleted outside depwatch: one history row, the service marked
     /// missing, people told. It comes back by itself when the workload is recreated.
     pub fn missing(&self, key: &ServiceKey, kind: WorkloadKind, recorded: &Images) {
@@ -185,34 +227,14 @@ impl Recorder {
             kind.api_kind()
         );
         tracing::warn!(service = %key, "{message}");
-        self.row(
-            key,
-            RowText {
-                trigger: crate::domain::Trigger::Drift,
-                actor: "cluster".into(),
-                request_id: String::new(),
-                from: recorded.to_string(),
-                to: String::new(),
-                outcome: DeployOutcome::Missing,
-                message: message.clone(),
-            },
-        );
-        self.change(
-            key,
-            ServiceChange::default()
-                .status(ServiceStatus::Missing)
-                .message(message.clone()),
-        );
-        self.notifier.report(Report {
+        let seen = Outside {
             outcome: DeployOutcome::Missing,
-            service: key.name.clone(),
-            namespace: key.namespace.clone(),
-            kind,
+            status: ServiceStatus::Missing,
             from: recorded.to_string(),
             to: "-".into(),
-            duration: Duration::ZERO,
-            reason: message,
-        });
+            message: message.clone(),
+        };
+        self.outside(key, kind, seen, message);
     }
 
     /// Images changed outside depwatch: one history row, the service marked drifted, people
@@ -223,38 +245,19 @@ impl Recorder {
             d.recorded, d.drifted
         );
         tracing::warn!(service = %key, self_heal = d.self_heal, "drift: {message}");
-        self.row(
-            key,
-            RowText {
-                trigger: crate::domain::Trigger::Drift,
-                actor: "cluster".into(),
-                request_id: String::new(),
-                from: d.recorded.to_string(),
-                to: d.running.to_string(),
-                outcome: DeployOutcome::Drift,
-                message: message.clone(),
-            },
-        );
-        self.change(
-            key,
-            ServiceChange::default()
-                .status(ServiceStatus::Drifted)
-                .message(message.clone()),
-        );
-        self.notifier.report(Report {
+        let reason = if d.self_heal {
+            "changed outside depwatch; restoring the desired images (--self-heal)"
+        } else {
+            "changed outside depwatch; the file still asks for the recorded images"
+        };
+        let seen = Outside {
             outcome: DeployOutcome::Drift,
-            service: key.name.clone(),
-            namespace: key.namespace.clone(),
-            kind: d.kind,
+            status: ServiceStatus::Drifted,
             from: d.recorded.to_string(),
             to: d.running.to_string(),
-            duration: Duration::ZERO,
-            reason: if d.self_heal {
-                "changed outside depwatch; restoring the desired images (--self-heal)".into()
-            } else {
-                "changed outside depwatch; the file still asks for the recorded images".into()
-            },
-        });
+            message: message.clone(),
+        };
+        self.outside(key, d.kind, seen, reason.into());
         self.kube_event(key, d.kind, &d.uid, DeployOutcome::Drift, &message);
     }
 }
