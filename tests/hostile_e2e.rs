@@ -416,17 +416,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 async fn check_case(env: &Env, case: &Case, suffix: &str) {
     let name = format!("{}{suffix}", case.name);
     match case.expect {
@@ -578,7 +567,7 @@ async fn hostile_files_are_refused_clearly_and_cost_nothing() {
         log.contains("x\\nINFO forged line_prod.dep"),
         "the odd name is reported, escaped"
     );
-    let peak = peak_rss_mib(daemon.pid());
+    let peak = common::peak_rss_mib(daemon.pid());
     assert!(peak > 0.0 && peak < 150.0, "peak RSS {peak:.0} MiB");
     daemon.stop();
 }
@@ -1321,12 +1310,6 @@ async fn a_hundred_thousand_refused_files_cost_one_page_each_load() {
     });
     let sizes = futures::future::join_all(loads).await;
     assert!(sizes.iter().all(|s| *s < 512 * 1024), "{:?}", &sizes[..3]);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("proc");
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM");
-    assert!(peak_kib < 300 * 1024, "peak RSS {} MiB", peak_kib / 1024);
+    let peak = common::peak_rss_mib(daemon.pid());
+    assert!(peak < 300.0, "peak RSS {peak:.0} MiB");
 }

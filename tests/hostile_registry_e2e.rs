@@ -68,18 +68,6 @@ async fn daemon(env: &Env, extra: &[&str]) -> common::daemon::Daemon {
     env.daemon(&args).await
 }
 
-/// Peak resident memory of a process, in MiB.
-fn peak_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM");
-    kib / 1024
-}
-
 /// `16 MiB` of tags as one JSON answer, streamed in chunks (no declared length).
 fn endless_tags() -> Body {
     let head = futures::stream::once(async {
@@ -161,8 +149,11 @@ async fn a_huge_tag_list_is_read_to_its_cap_and_the_daemon_lives() {
     env.write_dep("web_shop.dep", "2.0\n");
     env.wait_image("shop", "web", &format!("{registry}/team/web:2.0"))
         .await;
-    let peak = peak_mib(daemon.pid());
-    assert!(peak < 150, "peak RSS {peak} MiB after 66 MiB of tag lists");
+    let peak = common::peak_rss_mib(daemon.pid());
+    assert!(
+        peak < 150.0,
+        "peak RSS {peak:.0} MiB after 66 MiB of tag lists"
+    );
     assert_eq!(env.patches("shop", "api"), 0);
 }
 

@@ -140,3 +140,15 @@ pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
         .map(|(_, v)| *v)
         .sum()
 }
+
+/// Peak resident memory of a process (`VmHWM`), in MiB; fails the test when it cannot be read,
+/// so a memory bound is never passed by a missing figure.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .expect("VmHWM")
+}
