@@ -71,11 +71,12 @@ pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
             }
         };
         let file = crate::safefs::shown(&path);
-        let checked = depfile::parse(&file, &bytes)
-            .and_then(|spec| crate::ingest::within_bounds(&rules.bounds, &file, spec));
+        let checked = depfile::parse_all(&file, &bytes).and_then(|spec| {
+            crate::ingest::within_bounds(&rules.bounds, &file, spec).map_err(|e| vec![e])
+        });
         match checked {
             Ok(_) => good += 1,
-            Err(e) => problems.push(e.to_string()),
+            Err(all) => problems.extend(all.iter().map(ToString::to_string)),
         }
     }
     (good, problems)
@@ -106,6 +107,34 @@ mod tests {
             .iter()
             .any(|p| p.contains("empty_prod.dep") && p.contains("empty")));
         assert!(problems.iter().any(|p| p.contains("already defined")));
+    }
+
+    #[test]
+    fn every_problem_of_one_file_is_listed_with_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "versoin: 1.2\nkind: deploymnet\nrollback: maybe\nrolloutTimeout: 0s\nhunter2secret: x\nimages:\n  web: 'not a tag'\n";
+        std::fs::write(dir.path().join("web_prod.dep"), text).expect("write");
+        let (good, problems) = check_dir(dir.path(), &Rules::default());
+        assert_eq!(good, 0);
+        let want = [
+            ("web_prod.dep:1:", "unknown field `versoin` (did you mean version?"),
+            ("web_prod.dep:2:", "kind: did you mean deployment?"),
+            ("web_prod.dep:3:", "rollback: expected on, off"),
+            ("web_prod.dep:4:", "rolloutTimeout: out of range"),
+            ("web_prod.dep:5:", "an unknown field (expected"),
+            ("web_prod.dep:7:", "images.web:"),
+        ];
+        assert_eq!(problems.len(), want.len(), "{problems:#?}");
+        for (at, says) in want {
+            assert!(
+                problems.iter().any(|p| p.contains(at) && p.contains(says)),
+                "no {at} {says} in {problems:#?}"
+            );
+        }
+        assert!(
+            problems.iter().all(|p| !p.contains("hunter2")),
+            "a field far from every known one is never echoed: {problems:#?}"
+        );
     }
 
     #[test]

@@ -314,7 +314,7 @@ pub fn strip_comment(line: &str) -> &str {
 const MAX_ROLLOUT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct YamlForm {
     images: Option<std::collections::BTreeMap<String, String>>,
     image: Option<String>,
@@ -430,21 +430,27 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
 
-/// Parse a dependency file's content. `file` is used in error messages only.
+/// Parse a dependency file's content. `file` is used in error messages only. The first
+/// problem is the error; [`parse_all`] gives every one.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<DepSpec, DepFileError> {
+    parse_all(file, bytes).map_err(|mut all| all.swap_remove(0))
+}
+
+/// Parse a dependency file's content, or every problem it has (never an empty list).
+pub fn parse_all(file: &str, bytes: &[u8]) -> Result<DepSpec, Vec<DepFileError>> {
     let err = |line: Option<usize>, message: String| DepFileError {
         file: file.to_string(),
         line,
         message,
     };
     let text = std::str::from_utf8(bytes)
-        .map_err(|e| err(None, format!("not UTF-8 text ({e}); {EXPECTED}")))?;
+        .map_err(|e| vec![err(None, format!("not UTF-8 text ({e}); {EXPECTED}"))])?;
     if meaningful_lines(text).next().is_none() {
-        return Err(err(None, format!("the file is empty; {EXPECTED}")));
+        return Err(vec![err(None, format!("the file is empty; {EXPECTED}"))]);
     }
     match plain_line(text) {
         Some((line, value)) => {
-            let spec = classify(value).map_err(|m| err(Some(line), m))?;
+            let spec = classify(value).map_err(|m| vec![err(Some(line), m)])?;
             Ok(DepSpec {
                 images: vec![(None, spec)],
                 ..DepSpec::default()
@@ -476,135 +482,211 @@ pub fn plain_line(text: &str) -> Option<(usize, &str)> {
     }
 }
 
-fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, DepFileError> {
-    let err = |line: Option<usize>, message: String| DepFileError {
+/// Problems found in one YAML file, each with the line of the field it names.
+struct Problems<'a> {
+    file: &'a str,
+    text: &'a str,
+    list: Vec<DepFileError>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, needle: Option<&str>, message: String) {
+        self.list.push(DepFileError {
+            file: self.file.to_string(),
+            line: needle.and_then(|n| line_of(self.text, n)),
+            message,
+        });
+    }
+}
+
+/// The form and the top-level keys it does not know. The keys are read first on their own,
+/// so every unknown one is named rather than the read ending at the first.
+fn read_form(file: &str, text: &str) -> Result<(YamlForm, Vec<String>), DepFileError> {
+    let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+        serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, e))?;
+    let form = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, e))?;
+    let unknown = keys
+        .into_keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .collect();
+    Ok((form, unknown))
+}
+
+fn yaml_error(file: &str, text: &str, e: impl fmt::Display) -> DepFileError {
+    // The parser's message may quote the file; only its position and kind are kept.
+    let msg = e.to_string();
+    let line = msg
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok());
+    let hint = line.and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
+    let problem = hint.map_or_else(|| yaml_problem(&msg), String::from);
+    DepFileError {
         file: file.to_string(),
         line,
-        message,
+        message: format!("not a valid dependency file: {problem}; {EXPECTED}"),
+    }
+}
+
+/// Every problem of a file in the YAML form, in the order its fields are checked.
+fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
+    let (form, unknown) = read_form(file, text).map_err(|e| vec![e])?;
+    let mut problems = Problems {
+        file,
+        text,
+        list: Vec::new(),
     };
-    let form: YamlForm = serde_saphyr::from_str(text).map_err(|e| {
-        // The parser's message may quote the file; only its position and kind are kept.
-        let msg = e.to_string();
-        let line = msg
-            .split("line ")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok());
-        let hint = line.and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
-        let problem = hint.map_or_else(|| yaml_problem(&msg), String::from);
-        err(
-            line,
-            format!("not a valid dependency file: {problem}; {EXPECTED}"),
-        )
-    })?;
-    let rollback = match &form.rollback {
-        None => None,
-        Some(switch) => Some(switch.value().ok_or_else(|| {
-            err(
-                line_of(text, "rollback"),
-                "rollback: expected on, off, true or false".into(),
-            )
-        })?),
-    };
-    let kind = match &form.kind {
-        None => None,
-        Some(k) => Some(crate::domain::WorkloadKind::parse_loose(k).ok_or_else(|| {
-            let kinds = crate::domain::WorkloadKind::ALL.iter().map(|k| k.as_str());
-            let close = crate::domain::closest(&k.to_ascii_lowercase(), kinds)
-                .map_or(String::new(), |c| format!("did you mean {c}? "));
-            err(
-                line_of(text, "kind"),
-                format!(
-                    "kind: {close}expected one of {}",
-                    crate::domain::WorkloadKind::choices()
-                ),
-            )
-        })?),
-    };
-    let mut spec = DepSpec {
+    for name in &unknown {
+        let needle = format!("{name}:");
+        let line = line_of(text, &needle);
+        let hint = line.and_then(|n| indentation_hint(text, n, true));
+        let message = hint.map_or_else(
+            || unknown_field_problem(&format!("unknown field `{name}`")),
+            String::from,
+        );
+        problems.add(
+            Some(&needle),
+            format!("not a valid dependency file: {message}"),
+        );
+    }
+    let spec = DepSpec {
         repository: form.repository.clone(),
-        rollback,
-        kind,
-        ..DepSpec::default()
+        rollback: read_rollback(&form, &mut problems),
+        kind: read_kind(&form, &mut problems),
+        rollout_timeout: read_timeout(&form, &mut problems),
+        images: Vec::new(),
     };
-    if let Some(repo) = &form.repository {
-        validate_reference(repo)
-            .map_err(|m| err(line_of(text, "repository"), format!("repository: {m}")))?;
-        if repo.contains('@') || repository_of(repo) != repo {
-            return Err(err(
-                line_of(text, "repository"),
-                "repository: must be a repository without a tag or digest, e.g. example.com/team/web".into(),
-            ));
-        }
+    check_repository(&form, &mut problems);
+    let spec = DepSpec {
+        images: read_images(&form, &mut problems),
+        ..spec
+    };
+    if spec.images.is_empty() && problems.list.is_empty() {
+        problems.add(None, format!("no image to deploy; {EXPECTED}"));
     }
-    if let Some(t) = &form.rollout_timeout {
-        let d = humantime::parse_duration(t).map_err(|e| {
-            err(
-                line_of(text, "rolloutTimeout"),
-                format!("rolloutTimeout: not a duration ({e}); expected e.g. 90s or 5m"),
-            )
-        })?;
-        if d.is_zero() || d > MAX_ROLLOUT_TIMEOUT {
-            return Err(err(
-                line_of(text, "rolloutTimeout"),
-                "rolloutTimeout: out of range; expected more than 0 and at most 24h".into(),
-            ));
-        }
-        spec.rollout_timeout = Some(d);
+    match problems.list.is_empty() {
+        true => Ok(spec),
+        false => Err(problems.list),
     }
+}
+
+fn read_rollback(form: &YamlForm, problems: &mut Problems) -> Option<bool> {
+    let value = form.rollback.as_ref()?.value();
+    if value.is_none() {
+        problems.add(
+            Some("rollback"),
+            "rollback: expected on, off, true or false".into(),
+        );
+    }
+    value
+}
+
+fn read_kind(form: &YamlForm, problems: &mut Problems) -> Option<crate::domain::WorkloadKind> {
+    let k = form.kind.as_ref()?;
+    let kind = crate::domain::WorkloadKind::parse_loose(k);
+    if kind.is_none() {
+        let kinds = crate::domain::WorkloadKind::ALL.iter().map(|k| k.as_str());
+        let close = crate::domain::closest(&k.to_ascii_lowercase(), kinds)
+            .map_or(String::new(), |c| format!("did you mean {c}? "));
+        problems.add(
+            Some("kind"),
+            format!(
+                "kind: {close}expected one of {}",
+                crate::domain::WorkloadKind::choices()
+            ),
+        );
+    }
+    kind
+}
+
+fn read_timeout(form: &YamlForm, problems: &mut Problems) -> Option<Duration> {
+    let t = form.rollout_timeout.as_ref()?;
+    match humantime::parse_duration(t) {
+        Err(e) => problems.add(
+            Some("rolloutTimeout"),
+            format!("rolloutTimeout: not a duration ({e}); expected e.g. 90s or 5m"),
+        ),
+        Ok(d) if d.is_zero() || d > MAX_ROLLOUT_TIMEOUT => problems.add(
+            Some("rolloutTimeout"),
+            "rolloutTimeout: out of range; expected more than 0 and at most 24h".into(),
+        ),
+        Ok(d) => return Some(d),
+    }
+    None
+}
+
+fn check_repository(form: &YamlForm, problems: &mut Problems) {
+    let Some(repo) = &form.repository else {
+        return;
+    };
+    if let Err(m) = validate_reference(repo) {
+        problems.add(Some("repository"), format!("repository: {m}"));
+    } else if repo.contains('@') || repository_of(repo) != repo {
+        problems.add(
+            Some("repository"),
+            "repository: must be a repository without a tag or digest, e.g. example.com/team/web"
+                .into(),
+        );
+    }
+}
+
+fn read_images(form: &YamlForm, problems: &mut Problems) -> Vec<(Option<String>, ImageSpec)> {
+    let mut images = Vec::new();
     let single = match (&form.version, &form.image) {
         (Some(_), Some(_)) => {
-            return Err(err(
-                line_of(text, "image"),
+            problems.add(
+                Some("image"),
                 "use either `version` or `image`, not both".into(),
-            ))
+            );
+            None
         }
         (Some(v), None) => Some(("version", v)),
         (None, Some(i)) => Some(("image", i)),
         (None, None) => None,
     };
-    if let Some((field, value)) = single {
-        let s = classify(value).map_err(|m| err(line_of(text, field), format!("{field}: {m}")))?;
-        spec.images.push((form.container.clone(), s));
-    } else if form.container.is_some() {
-        return Err(err(
-            line_of(text, "container"),
+    match single {
+        Some((field, value)) => match classify(value) {
+            Ok(s) => images.push((form.container.clone(), s)),
+            Err(m) => problems.add(Some(field), format!("{field}: {m}")),
+        },
+        None if form.container.is_some() && form.version.is_none() => problems.add(
+            Some("container"),
             "`container` needs a `version` or `image` to set".into(),
-        ));
+        ),
+        None => {}
     }
-    if let Some(images) = &form.images {
-        if single.is_some() {
-            return Err(err(
-                line_of(text, "images"),
-                "use either `images` or `version`/`image`, not both".into(),
-            ));
+    let Some(map) = &form.images else {
+        return images;
+    };
+    if form.version.is_some() || form.image.is_some() {
+        problems.add(
+            Some("images"),
+            "use either `images` or `version`/`image`, not both".into(),
+        );
+    } else if map.is_empty() {
+        problems.add(
+            Some("images"),
+            "`images` is empty; name at least one container".into(),
+        );
+    }
+    for (container, value) in map {
+        if !valid_label(container) {
+            problems.add(
+                Some(container),
+                "images: a key is not a valid container name (lower-case letters, digits and '-', at most 63)".into(),
+            );
+            continue;
         }
-        if images.is_empty() {
-            return Err(err(
-                line_of(text, "images"),
-                "`images` is empty; name at least one container".into(),
-            ));
-        }
-        for (container, value) in images {
-            if !valid_label(container) {
-                return Err(err(
-                    line_of(text, container),
-                    "images: a key is not a valid container name (lower-case letters, digits and '-', at most 63)".into(),
-                ));
-            }
-            let s = classify(value).map_err(|m| {
-                err(
-                    line_of(text, &format!("{container}:")),
-                    format!("images.{container}: {m}"),
-                )
-            })?;
-            spec.images.push((Some(container.clone()), s));
+        match classify(value) {
+            Ok(s) => images.push((Some(container.clone()), s)),
+            Err(m) => problems.add(
+                Some(&format!("{container}:")),
+                format!("images.{container}: {m}"),
+            ),
         }
     }
-    if spec.images.is_empty() {
-        return Err(err(None, format!("no image to deploy; {EXPECTED}")));
-    }
-    Ok(spec)
+    images
 }
 
 /// Why the wanted images cannot be applied to a Deployment's containers.
