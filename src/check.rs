@@ -117,7 +117,10 @@ mod tests {
         let (good, problems) = check_dir(dir.path(), &Rules::default());
         assert_eq!(good, 0);
         let want = [
-            ("web_prod.dep:1:", "unknown field `versoin` (did you mean version?"),
+            (
+                "web_prod.dep:1:",
+                "unknown field `versoin` (did you mean version?",
+            ),
             ("web_prod.dep:2:", "kind: did you mean deployment?"),
             ("web_prod.dep:3:", "rollback: expected on, off"),
             ("web_prod.dep:4:", "rolloutTimeout: out of range"),

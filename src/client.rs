@@ -474,7 +474,10 @@ pub fn render_services(services: &[ServiceView], output: Output) -> Result<Strin
             s.key(),
             s.kind.to_string(),
             s.status.to_string(),
-            cell(&s.desired),
+            match s.desired_cell() {
+                (shown, Some(why)) => format!("{shown} ({why})"),
+                (shown, None) => shown,
+            },
             cell(&s.deployed),
             cell(&s.pinned),
             if s.suspended { "yes" } else { "no" }.into(),

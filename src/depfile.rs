@@ -195,6 +195,20 @@ pub struct DepSpec {
     pub kind: Option<crate::domain::WorkloadKind>,
 }
 
+impl DepSpec {
+    /// What the file asks, in its own words: `1.4.2`, or `web=1.4.2, envoy=repo/envoy:2`.
+    pub fn requested(&self) -> String {
+        self.images
+            .iter()
+            .map(|(c, i)| match c {
+                Some(c) => format!("{c}={i}"),
+                None => i.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// A problem with one dependency file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct DepFileError {

@@ -666,15 +666,7 @@ impl Desired {
 
     /// The images the file names, as written (before resolving against the cluster).
     pub fn requested(&self) -> String {
-        self.spec
-            .images
-            .iter()
-            .map(|(c, i)| match c {
-                Some(c) => format!("{c}={i}"),
-                None => i.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.spec.requested()
     }
 }
 

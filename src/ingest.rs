@@ -306,7 +306,8 @@ impl Ingest {
                     ServiceChange::default()
                         .path(path.display().to_string())
                         .status_unless_deploying(ServiceStatus::Invalid)
-                        .message(e.to_string()),
+                        .message(e.to_string())
+                        .requested("", hash),
                 );
                 return;
             }
@@ -314,6 +315,11 @@ impl Ingest {
         self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash)
             .await;
         let record = self.record(&key).unwrap_or_default();
+        if record.requested_hash != hash {
+            // What the file asks is shown as soon as it is read, whatever happens to it next.
+            let change = ServiceChange::default().requested(spec.requested(), hash.clone());
+            let _ = self.store.change_service(&key, change);
+        }
         // A deploy left in progress is finished whatever the record says of its version.
         let unfinished = self.unfinished.remove(&key);
         if record.suspended && !unfinished {

@@ -92,6 +92,11 @@ pub struct ServiceRecord {
     pub suspended: bool,
     /// The kind of workload its file names, as the last plan found it.
     pub kind: WorkloadKind,
+    /// What the file asks in its own words (`1.4.2`, `web=1.4.2, envoy=…`), written when the
+    /// file is read, before any plan: empty for a file that was refused.
+    pub requested: String,
+    /// The content hash `requested` was read from.
+    pub requested_hash: String,
 }
 
 impl DeployRecord {
@@ -118,6 +123,35 @@ impl ServiceRecord {
             .then_some(&self.desired)
     }
 
+    /// What DESIRED shows: the images the file's current content resolved to when a plan got
+    /// that far, else the file's own words; and why it is not running, when it is not.
+    pub fn desired_shown(&self) -> (String, Option<NotRunning>) {
+        let deploying = matches!(
+            self.status,
+            ServiceStatus::Deploying | ServiceStatus::WaitingForApi
+        );
+        // The resolved images are this content's (or the deploy under way's).
+        let fresh =
+            self.requested_hash.is_empty() || self.requested_hash == self.content_hash || deploying;
+        let shown = if fresh && !self.desired.is_empty() || self.requested_hash.is_empty() {
+            self.desired.to_string()
+        } else {
+            self.requested.clone()
+        };
+        let refused = self.status == ServiceStatus::Invalid
+            || (self.status == ServiceStatus::Failed && fresh && self.desired.is_empty());
+        let why = if self.suspended && !fresh {
+            Some(NotRunning::Suspended)
+        } else if self.pinned().is_some() {
+            Some(NotRunning::Pinned)
+        } else if refused && !deploying {
+            Some(NotRunning::Refused)
+        } else {
+            None
+        };
+        (shown, why)
+    }
+
     /// What an operator can do about this service, if anything.
     pub fn next_step(&self) -> Option<String> {
         crate::advice::next_step(crate::advice::Situation {
@@ -128,6 +162,27 @@ impl ServiceRecord {
             pinned: self.pinned().is_some(),
             message: &self.message,
         })
+    }
+}
+
+/// Why what the file asks is not what runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRunning {
+    /// The service is suspended and the change waits for `depwatch resume`.
+    Suspended,
+    /// The version failed and is not deployed again until the file changes.
+    Pinned,
+    /// The file, or what it asks, was refused before anything was patched.
+    Refused,
+}
+
+impl NotRunning {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRunning::Suspended => "waiting: suspended",
+            NotRunning::Pinned => "pinned",
+            NotRunning::Refused => "refused",
+        }
     }
 }
 
@@ -290,6 +345,8 @@ fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
         updated_at: r.get(10)?,
         suspended: r.get::<_, i64>(11)? != 0,
         kind: r.get(12)?,
+        requested: r.get(13)?,
+        requested_hash: r.get(14)?,
     })
 }
 
@@ -329,7 +386,7 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
-const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind";
+const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind, requested, requested_hash";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind";
 
 /// Columns added after the first schema, each with its definition: added to an older database
@@ -340,6 +397,8 @@ const SQLITE_ADDED: &[(&str, &str, &str)] = &[
     ("deploys", "digests", "TEXT NOT NULL DEFAULT ''"),
     ("deploys", "content_hash", "TEXT NOT NULL DEFAULT ''"),
     ("deploys", "kind", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "requested", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "requested_hash", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Create the tables, and add the columns an older database lacks.
@@ -1206,6 +1265,87 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn desired_is_what_the_file_asks_and_says_why_it_is_not_running() {
+        use NotRunning::*;
+        use ServiceStatus as S;
+        let running = "web=r.example/web:1.0";
+        let row = |status, content: &str, desired: &str, asked: (&str, &str)| ServiceRecord {
+            status,
+            content_hash: content.into(),
+            desired: Images::parse(desired),
+            requested: asked.0.into(),
+            requested_hash: asked.1.into(),
+            ..ServiceRecord::default()
+        };
+        let mut suspended = row(S::Succeeded, "h1", running, ("1.1", "h2"));
+        suspended.suspended = true;
+        let mut pinned = row(S::Failed, "h2", "web=r.example/web:1.1", ("1.1", "h2"));
+        pinned.failed_hash = "h2".into();
+        let mut suspended_same = row(S::Succeeded, "h1", running, ("1.0", "h1"));
+        suspended_same.suspended = true;
+        let cases: Vec<(&str, ServiceRecord, &str, Option<NotRunning>)> = vec![
+            (
+                "running what it asks",
+                row(S::Succeeded, "h1", running, ("1.0", "h1")),
+                running,
+                None,
+            ),
+            (
+                "a record from before requests were kept",
+                row(S::Succeeded, "h1", running, ("", "")),
+                running,
+                None,
+            ),
+            (
+                "a change waiting for resume",
+                suspended,
+                "1.1",
+                Some(Suspended),
+            ),
+            ("suspended, nothing waiting", suspended_same, running, None),
+            (
+                "a failed version, pinned",
+                pinned,
+                "web=r.example/web:1.1",
+                Some(Pinned),
+            ),
+            (
+                "a tag the registry refused",
+                row(S::Failed, "h2", "", ("1.1-typo", "h2")),
+                "1.1-typo",
+                Some(Refused),
+            ),
+            (
+                "a file that does not parse",
+                row(S::Invalid, "h1", running, ("", "h2")),
+                "",
+                Some(Refused),
+            ),
+            (
+                "read, not yet planned",
+                row(S::Succeeded, "h1", running, ("1.1", "h2")),
+                "1.1",
+                None,
+            ),
+            (
+                "being deployed",
+                row(S::Deploying, "h1", "web=r.example/web:1.1", ("1.1", "h2")),
+                "web=r.example/web:1.1",
+                None,
+            ),
+            (
+                "a paused workload",
+                row(S::Paused, "h2", "web=r.example/web:1.1", ("1.1", "h2")),
+                "web=r.example/web:1.1",
+                None,
+            ),
+        ];
+        for (case, record, shown, why) in cases {
+            assert_eq!(record.desired_shown(), (shown.to_string(), why), "{case}");
+        }
+    }
 
     #[test]
     fn records_survive_reopening() {

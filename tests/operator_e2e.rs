@@ -411,6 +411,16 @@ async fn status_and_the_page_show_every_state_with_what_to_do() {
     wait_status(&env, &d("broken"), ServiceStatus::Invalid).await;
     wait_status(&env, &d("pipe"), ServiceStatus::Unreadable).await;
     ok(&["suspend", "demo/quiet", "--state-dir", &state]);
+    env.write_dep("quiet_demo.dep", "1.2.0");
+    wait_for(
+        "the suspended service's new version to be shown as waiting",
+        Duration::from_secs(15),
+        || async {
+            let all = status_json(&["--state-dir", &state]);
+            (service(&all, "quiet")["asks"] == "1.2.0").then_some(())
+        },
+    )
+    .await;
     // The one PATCH is the test's own pause.
     assert_eq!(
         env.patches("demo", "paused"),
@@ -455,7 +465,25 @@ async fn status_and_the_page_show_every_state_with_what_to_do() {
         line("broken")
     );
     assert!(line("pipe").contains("unreadable"), "{}", line("pipe"));
+    // DESIRED is what each file asks, and says why it is not running.
+    for (svc, desired) in [
+        ("web", "example.com/web:1.1.0  "),
+        ("quiet", "1.2.0 (waiting: suspended)"),
+        ("api", "example.com/api:2.0.0-fail-pull (pinned)"),
+        ("missing", "1.1.0 (refused)"),
+        ("broken", "- (refused)"),
+        ("paused", "example.com/paused:1.1.0  "),
+    ] {
+        let columns = line(svc);
+        let after_status = columns.split_once("  ").map_or("", |(_, rest)| rest);
+        assert!(
+            after_status.contains(&format!(" {desired}")),
+            "DESIRED of {svc}: {columns}"
+        );
+    }
     let all = status_json(&["--state-dir", &state]);
+    assert_eq!(service(&all, "quiet")["not_running"], "waiting: suspended");
+    assert_eq!(service(&all, "missing")["not_running"], "refused");
     assert_eq!(
         service(&all, "api")["pinned"],
         "api=example.com/api:2.0.0-fail-pull"

@@ -487,11 +487,12 @@ impl Attempt<'_> {
             .status(status)
             .message(message);
         if settled {
-            change = change.content_hash(d.hash.clone());
-        }
-        if status == ServiceStatus::Paused {
-            // Known and valid, only not rolled out: the page shows what waits.
-            change = change.desired(Images::parse(requested));
+            // What this content asks, resolved when the plan got that far (a paused
+            // workload, a refused tag) and otherwise none: the views then show the file's
+            // own words, never the images of an older version.
+            change = change
+                .content_hash(d.hash.clone())
+                .desired(Images::parse(requested));
         }
         r.change(self.key, change);
         let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };

@@ -37,6 +37,13 @@ pub struct ServiceView {
     pub kind: WorkloadKind,
     pub status: ServiceStatus,
     pub desired: Images,
+    /// What the file asks now: the images its content resolved to when a plan got that far,
+    /// else the file's own words (`1.4.2`), so a refused or waiting version is never shown as
+    /// the one running.
+    pub asks: String,
+    /// Why what the file asks is not running: `waiting: suspended`, `pinned` or `refused`;
+    /// empty otherwise.
+    pub not_running: String,
     /// What the cluster runs now, from depwatch's shared watch (empty when not watched yet, and
     /// from a local `depwatch status`, which never talks to the cluster).
     pub running: Images,
@@ -58,7 +65,10 @@ pub struct ServiceView {
 impl ServiceView {
     /// A record as people and programs see it.
     pub fn new(r: ServiceRecord, running: Images, last_deploy: Option<DeployRecord>) -> Self {
+        let (asks, why) = r.desired_shown();
         ServiceView {
+            asks,
+            not_running: why.map(|w| w.as_str().to_string()).unwrap_or_default(),
             pinned: r.pinned().cloned().unwrap_or_default(),
             next_step: r.next_step().unwrap_or_default(),
             namespace: r.namespace,
@@ -79,6 +89,24 @@ impl ServiceView {
 
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// What DESIRED shows (one container's image alone, several as `name=image`) and why it
+    /// is not running, if it is not. A view from an older daemon has only `desired`.
+    pub fn desired_cell(&self) -> (String, Option<&str>) {
+        let text = if self.asks.is_empty() {
+            self.desired.to_string()
+        } else {
+            self.asks.clone()
+        };
+        let images = Images::parse(&text);
+        let shown = match images.len() {
+            0 if text.is_empty() => "-".to_string(),
+            1 if images.to_string() == text => images.values().next().cloned().unwrap_or(text),
+            _ => text,
+        };
+        let why = (!self.not_running.is_empty()).then_some(self.not_running.as_str());
+        (shown, why)
     }
 
     /// `statefulset/db`.

@@ -141,13 +141,14 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     } else {
         s.status.as_str().to_string()
     };
-    let desired = if s.pinned.is_empty() {
-        image(&s.desired.to_string())
-    } else {
-        format!(
+    let (asks, why) = s.desired_cell();
+    let desired = match why {
+        _ if !s.pinned.is_empty() => format!(
             "{}<br><small class=\"pin\">pinned: failed, not deployed again until the file changes</small>",
-            image(&s.desired.to_string())
-        )
+            image(&asks)
+        ),
+        Some(why) => format!("{}<br><small class=\"pin\">{}</small>", image(&asks), esc(why)),
+        None => image(&asks),
     };
     let reason = if s.next_step.is_empty() {
         prose(&s.message)

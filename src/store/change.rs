@@ -25,6 +25,8 @@ pub struct ServiceChange {
     pub suspended: Option<bool>,
     /// The kind of workload the file names, once a plan found it.
     pub kind: Option<WorkloadKind>,
+    /// What the file asks in its own words, and the content hash it was read from.
+    pub requested: Option<(String, String)>,
 }
 
 /// A value bound to a statement.
@@ -113,6 +115,12 @@ impl ServiceChange {
         self
     }
 
+    /// What the file with content `hash` asks, in its own words (empty for a refused file).
+    pub fn requested(mut self, words: impl Into<String>, hash: impl Into<String>) -> Self {
+        self.requested = Some((words.into(), hash.into()));
+        self
+    }
+
     /// Apply to a row in memory, exactly as the statement does in the database.
     pub fn apply(&self, row: &mut super::ServiceRecord) {
         if let Some(p) = &self.path {
@@ -150,6 +158,10 @@ impl ServiceChange {
         }
         if let Some(k) = self.kind {
             row.kind = k;
+        }
+        if let Some((words, hash)) = &self.requested {
+            row.requested = words.clone();
+            row.requested_hash = hash.clone();
         }
     }
 
@@ -215,6 +227,9 @@ impl ServiceChange {
         text("failed_hash", self.failed_hash.clone(), None);
         text("message", self.message.clone(), None);
         text("kind", self.kind.map(|k| k.as_str().to_string()), None);
+        let (words, hash) = self.requested.clone().unzip();
+        text("requested", words, None);
+        text("requested_hash", hash, None);
         if let Some(s) = self.suspended {
             columns.push("suspended");
             values.push(Value::Bool(s));

@@ -82,6 +82,10 @@ ALTER TABLE deploys ADD COLUMN digests TEXT NOT NULL DEFAULT '';
 ALTER TABLE deploys ADD COLUMN content_hash TEXT NOT NULL DEFAULT '';
 ALTER TABLE deploys ADD COLUMN kind TEXT NOT NULL DEFAULT '';
 ",
+    "
+ALTER TABLE services ADD COLUMN requested TEXT NOT NULL DEFAULT '';
+ALTER TABLE services ADD COLUMN requested_hash TEXT NOT NULL DEFAULT '';
+",
 ];
 
 pub struct Postgres {
@@ -238,6 +242,8 @@ fn service_row(row: &Row) -> ServiceRecord {
         updated_at: row.get(10),
         suspended: row.get(11),
         kind: text_or_default(row, 12),
+        requested: row.get(13),
+        requested_hash: row.get(14),
     }
 }
 
