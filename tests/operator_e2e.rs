@@ -747,3 +747,60 @@ fn kubernetes_style_conventions_completions_and_a_man_page() {
         "every command has its section"
     );
 }
+
+/// `resume` reads the file once more: a file that fails at plan gets one new history row, not
+/// two, and a file whose version is already running gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_resume_writes_at_most_one_history_row() {
+    let mut env = Env::new(SimConfig::default()).await;
+    for name in ["web", "api"] {
+        env.deployment(
+            "demo",
+            name,
+            &[(name, &format!("example.com/{name}:1.0.0"))],
+            1,
+        )
+        .await;
+    }
+    let _daemon = env.daemon(&[]).await;
+    let state = env.state.to_str().expect("utf-8").to_string();
+    env.write_dep("nowhere_demo.dep", "1.1.0");
+    env.write_dep("web_demo.dep", "1.1.0");
+    let (nowhere, web) = (key("demo", "nowhere"), key("demo", "web"));
+    wait_status(&env, &nowhere, ServiceStatus::Failed).await;
+    wait_status(&env, &web, ServiceStatus::Succeeded).await;
+    let rows = |k: &ServiceKey| env.store().history(Some(k), 100).expect("history").len();
+    let before = (rows(&nowhere), rows(&web));
+    for k in ["demo/nowhere", "demo/web"] {
+        ok(&["suspend", k, "--state-dir", &state]);
+    }
+    // A change waits while suspended; the resume deploys it.
+    env.write_dep("nowhere_demo.dep", "1.2.0");
+    wait_for(
+        "the waiting change to be read",
+        Duration::from_secs(20),
+        || async {
+            let r = env.store().service(&nowhere).ok()??;
+            (r.requested == "1.2.0").then_some(())
+        },
+    )
+    .await;
+    for k in ["demo/nowhere", "demo/web"] {
+        ok(&["resume", k, "--state-dir", &state]);
+    }
+    wait_for(
+        "the resumed file that fails at plan to be tried again",
+        Duration::from_secs(20),
+        || async { (rows(&nowhere) > before.0).then_some(()) },
+    )
+    .await;
+    // A later save is read after every event of the resumes: once it is done, so are they.
+    env.write_dep("api_demo.dep", "1.1.0");
+    wait_status(&env, &key("demo", "api"), ServiceStatus::Succeeded).await;
+    assert_eq!(
+        (rows(&nowhere), rows(&web)),
+        (before.0 + 1, before.1),
+        "one row for the resume of a file that fails, none for one already running:\n{}",
+        env.daemon_logs()
+    );
+}
