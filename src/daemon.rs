@@ -382,6 +382,9 @@ async fn start(
             fail_fast: config.fail_fast,
             allow_owned: config.allow_owned,
             preflight: preflight(&config)?,
+            ecr_identity: ecr
+                .is_none()
+                .then(crate::registry::ecr::identity::EcrIdentity::from_env),
             ecr: ecr.clone(),
             server,
         },

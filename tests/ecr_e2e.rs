@@ -548,3 +548,58 @@ async fn the_ecr_token_never_reaches_the_log_even_at_trace() {
     let log = trace_log(password, true).await;
     assert!(log.contains(token.as_str()), "the wire logs are on");
 }
+
+/// Without `--ecr-pull-secret`, the pre-flight checks ECR images with depwatch's own AWS
+/// identity (the default chain, here the endpoint's dummy keys): a pushed tag is deployed with
+/// its digest recorded, a missing one is refused before any PATCH, one token serves the burst,
+/// and nothing is written to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_pull_secret_ecr_images_are_checked_with_depwatchs_own_identity() {
+    let registry = Registry::start(true).await;
+    registry.push("team/web", "1.0").await;
+    let digest = registry.push("team/web", "1.1").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    let endpoint = Endpoint::for_registry(&registry, Duration::from_secs(12 * 3600), false).await;
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("shop", "web", &[("web", &image("1.0"))], 1)
+        .await;
+    env.write_dep("web_shop.dep", "1.1\n");
+    let mut args = env.run_args();
+    args.extend(["--registry-check", "on", "--registry-wait", "5s"].map(String::from));
+    let envs = endpoint.aws_env(env.dir.path());
+    let daemon = env.daemon_with(&args, &envs, env.dir.path()).await;
+    status_is(&env, "web", "shop", ServiceStatus::Succeeded).await;
+    let history = env
+        .store()
+        .history(Some(&key("web", "shop")), 5)
+        .expect("history");
+    assert_eq!(history[0].digests, format!("web={digest}"), "checked");
+
+    // A tag nobody pushed: refused, as proved by the registry with the identity's token.
+    let patches = env.patches("shop", "web");
+    env.write_dep("web_shop.dep", "9.9\n");
+    let store = env.store();
+    let refused = wait_for("9.9 refused", Duration::from_secs(30), || async {
+        let r = store.service(&key("web", "shop")).ok()??;
+        (r.status == ServiceStatus::Failed && r.requested == "9.9").then_some(r)
+    })
+    .await;
+    assert!(
+        refused.message.contains("9.9") && refused.message.contains("--registry-check"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(env.patches("shop", "web"), patches, "nothing patched");
+    assert_eq!(env.image("shop", "web").await, image("1.1"));
+    assert!(
+        daemon.log_text().contains("with depwatch's own AWS identity"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        endpoint.handed_with(12 * 3600).len(),
+        1,
+        "one token served both checks"
+    );
+    assert!(secret(&env, "shop").await.is_none(), "no Secret written");
+}

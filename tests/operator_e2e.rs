@@ -752,7 +752,7 @@ fn kubernetes_style_conventions_completions_and_a_man_page() {
 /// two, and a file whose version is already running gets none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_resume_writes_at_most_one_history_row() {
-    let mut env = Env::new(SimConfig::default()).await;
+    let env = Env::new(SimConfig::default()).await;
     for name in ["web", "api"] {
         env.deployment(
             "demo",

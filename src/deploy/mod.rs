@@ -52,6 +52,8 @@ pub struct DeployConfig {
     /// `--ecr-pull-secret`: told which namespaces run which registries' images (never
     /// waited on), and the pre-flight's credentials for ECR.
     pub ecr: Option<crate::registry::ecr::EcrPullSecrets>,
+    /// Without `--ecr-pull-secret`: the pre-flight's own AWS identity for ECR images.
+    pub ecr_identity: Option<crate::registry::ecr::identity::EcrIdentity>,
     /// The API server's URL, for messages.
     pub server: String,
 }
@@ -727,6 +729,10 @@ impl Deployer {
             for (host, c) in ecr.credentials_for(changes.values().map(String::as_str)) {
                 creds.entry(host).or_insert(c);
             }
+        } else if let Some(identity) = &self.config.ecr_identity {
+            let images = changes.values().map(String::as_str);
+            let own = identity.credentials_for(images, &creds, p.wait).await;
+            creds.extend(own);
         }
         let answers = p.ask(changes, &creds).await;
         match crate::registry::preflight::verdict(p.mode, &answers) {

@@ -10,6 +10,7 @@
 //! and `/readyz` (what fails). Deploys never wait on any of it.
 
 pub mod aws;
+pub mod identity;
 pub mod keeper;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -16,6 +16,8 @@ use super::{decode_token, Token};
 /// The SDK client, built once.
 pub struct TokenSource {
     client: aws_sdk_ecr::Client,
+    /// What a client for another region is built from.
+    config: aws_config::SdkConfig,
     /// The region, when the chain found one (a fetch without one fails saying so).
     region: Option<String>,
 }
@@ -40,6 +42,7 @@ impl TokenSource {
         TokenSource {
             region: config.region().map(|r| r.to_string()),
             client: aws_sdk_ecr::Client::new(&config),
+            config,
         }
     }
 
@@ -50,13 +53,26 @@ impl TokenSource {
 
     /// One GetAuthorizationToken: the token of the caller's default registry in the region.
     pub async fn fetch(&self) -> Result<Token, String> {
-        if self.region.is_none() {
-            return Err(
-                "no AWS region: set AWS_REGION (or a region in the AWS config file)".into(),
-            );
-        }
-        let answer = self
-            .client
+        self.fetch_in(None).await
+    }
+
+    /// [`TokenSource::fetch`] in `region` (an ECR host's), or in the chain's own.
+    pub async fn fetch_in(&self, region: Option<&str>) -> Result<Token, String> {
+        let client = match region {
+            Some(r) => {
+                let conf = aws_sdk_ecr::config::Builder::from(&self.config)
+                    .region(aws_sdk_ecr::config::Region::new(r.to_string()))
+                    .build();
+                aws_sdk_ecr::Client::from_conf(conf)
+            }
+            None if self.region.is_none() => {
+                return Err(
+                    "no AWS region: set AWS_REGION (or a region in the AWS config file)".into(),
+                )
+            }
+            None => self.client.clone(),
+        };
+        let answer = client
             .get_authorization_token()
             .send()
             .await
