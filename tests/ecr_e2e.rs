@@ -592,7 +592,9 @@ async fn without_the_pull_secret_ecr_images_are_checked_with_depwatchs_own_ident
     assert_eq!(env.patches("shop", "web"), patches, "nothing patched");
     assert_eq!(env.image("shop", "web").await, image("1.1"));
     assert!(
-        daemon.log_text().contains("with depwatch's own AWS identity"),
+        daemon
+            .log_text()
+            .contains("with depwatch's own AWS identity"),
         "{}",
         daemon.log_text()
     );
