@@ -179,3 +179,118 @@ async fn outcomes_are_published_on_nats_and_a_dead_server_delays_nothing() {
     assert!(!log.contains(&nats.url()), "the NATS URL is never logged");
     daemon.stop();
 }
+
+/// Every outcome's `from` and `to` are the history row's, on the webhook, on NATS and in Slack
+/// (`-` where the row has none): a healthy deploy, a rollback, and a deploy refused at plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_webhook_nats_and_slack_agree_on_from_and_to() {
+    let env = Env::new(SimConfig::default()).await;
+    let nats = NatsServer::start(&env.dir.path().join("nats"), 0);
+    let client = nats.client().await;
+    let mut sub = client
+        .subscribe("depwatch.deploys.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let hook = env.slack_url.clone();
+    let _daemon = env
+        .daemon(&["--nats-url", &nats.url(), "--webhook-url", &hook])
+        .await;
+    let status_of = |name: &str, want: &'static str| {
+        let k = depwatch::depfile::ServiceKey::new(name, "prod").expect("key");
+        let store = env.store();
+        async move {
+            wait_for(&format!("{k} {want}"), Duration::from_secs(60), || async {
+                let r = store.service(&k).ok()??;
+                (r.status.as_str() == want && r.deployed.to_string() != "-").then_some(())
+            })
+            .await
+        }
+    };
+    env.write_dep("web_prod.dep", "1.0.1\n");
+    status_of("web", "succeeded").await;
+    env.write_dep("web_prod.dep", "1.0.2-crash\n");
+    status_of("web", "rolled_back").await;
+    env.write_dep("nowhere_prod.dep", "1.0\n");
+    status_of("nowhere", "failed").await;
+
+    let rows: Vec<_> = env
+        .store()
+        .history(None, 10)
+        .expect("history")
+        .into_iter()
+        .filter(|r| r.outcome.as_str() != "in_progress")
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    // Each row's outcome, as published and as posted (a rollback is told twice: failed, then
+    // rolled back; the row's own outcome is the one compared).
+    let told = |docs: &[serde_json::Value]| {
+        rows.iter().all(|r| {
+            docs.iter()
+                .any(|d| d["service"] == r.name && d["outcome"] == r.outcome.as_str())
+        })
+    };
+    let mut published = Vec::new();
+    while !told(&published) {
+        published.push(next_json(&mut sub).await.1);
+    }
+    let webhook: Vec<serde_json::Value> =
+        wait_for("every outcome posted", Duration::from_secs(30), || async {
+            let all: Vec<_> = env.messages().into_iter().map(|m| m.body).collect();
+            told(&all).then_some(all)
+        })
+        .await;
+    // Slack's messages too, which arrive beside the webhook's.
+    let webhook: Vec<serde_json::Value> = wait_for(
+        "every outcome in Slack",
+        Duration::from_secs(30),
+        || async {
+            let all: Vec<_> = env.messages().into_iter().map(|m| m.body).collect();
+            let slack = all.iter().filter(|m| m["attachments"].is_array()).count();
+            (slack
+                >= webhook
+                    .iter()
+                    .filter(|m| m["event"] == "depwatch.deploy")
+                    .count())
+            .then_some(all)
+        },
+    )
+    .await;
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for row in &rows {
+        let (from, to) = (dash(&row.from_image), dash(&row.to_image));
+        let outcome = row.outcome.as_str();
+        let same = |d: &&serde_json::Value| d["service"] == row.name && d["outcome"] == outcome;
+        for (surface, docs) in [("NATS", &published), ("webhook", &webhook)] {
+            let doc = docs
+                .iter()
+                .find(|d| d["event"] == "depwatch.deploy" && same(d))
+                .unwrap_or_else(|| panic!("{surface}: no {outcome} of {} in {docs:#?}", row.name));
+            assert_eq!(
+                (doc["from"].as_str(), doc["to"].as_str()),
+                (Some(from.as_str()), Some(to.as_str())),
+                "{surface}, {outcome} of {}",
+                row.name
+            );
+        }
+        let slack = webhook
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .find(|t| {
+                t.contains(&format!("{} (prod)", row.name)) && t.contains(&format!("to {to}"))
+            })
+            .unwrap_or_else(|| panic!("Slack: no message to {to} in {webhook:#?}"));
+        assert!(
+            slack.contains(&format!("from {from} to {to}")),
+            "Slack, {outcome}: {slack}"
+        );
+    }
+}
