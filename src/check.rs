@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::depfile::{self, ServiceKey};
+use crate::depfile;
+use crate::domain::ServiceKey;
 
 /// One problem, already phrased for a person.
 pub type Problem = String;

@@ -684,15 +684,15 @@ pub struct ServiceArgs {
 
 impl ServiceArgs {
     /// The service key, from `ns/name` or `name` with `-n`.
-    pub fn key(&self) -> Result<crate::depfile::ServiceKey, String> {
+    pub fn key(&self) -> Result<crate::domain::ServiceKey, String> {
         match (self.service.split_once('/'), &self.namespace) {
-            (Some(_), None) => crate::depfile::ServiceKey::parse_slash(&self.service),
-            (Some((ns, name)), Some(n)) if ns == n => crate::depfile::ServiceKey::new(name, ns),
+            (Some(_), None) => crate::domain::ServiceKey::parse_slash(&self.service),
+            (Some((ns, name)), Some(n)) if ns == n => crate::domain::ServiceKey::new(name, ns),
             (Some((ns, _)), Some(n)) => Err(format!(
                 "{:?} names namespace {ns:?} but -n says {n:?}; give one",
                 self.service
             )),
-            (None, Some(n)) => crate::depfile::ServiceKey::new(&self.service, n),
+            (None, Some(n)) => crate::domain::ServiceKey::new(&self.service, n),
             (None, None) => Err(format!(
                 "{:?}: which namespace? Write NAMESPACE/DEPLOYMENT (e.g. prod/{}) or add -n NAMESPACE",
                 self.service, self.service
@@ -888,7 +888,7 @@ mod tests {
             };
             s.key()
         };
-        let want = crate::depfile::ServiceKey::new("web", "prod").expect("key");
+        let want = crate::domain::ServiceKey::new("web", "prod").expect("key");
         assert_eq!(key(&["depwatch", "retry", "prod/web"]), Ok(want.clone()));
         assert_eq!(
             key(&["depwatch", "retry", "web", "-n", "prod"]),

@@ -270,7 +270,7 @@ fn nothing_to_infer() -> Option<String> {
 
 /// A kube-rs configuration error said once, without its doubled quotes, with what to do.
 fn kube_config_error(path: Option<&std::path::Path>, e: &dyn std::error::Error) -> DaemonError {
-    let text = crate::deploy::error_chain(e)
+    let text = crate::domain::error_chain(e)
         .replace("'\"", "'")
         .replace("\"'", "'");
     let what = match path {
@@ -329,7 +329,7 @@ struct Running {
     recorder: Recorder,
     engine: Engine,
     scheduler: Scheduler,
-    queue_rx: Option<mpsc::Receiver<crate::depfile::ServiceKey>>,
+    queue_rx: Option<mpsc::Receiver<crate::domain::ServiceKey>>,
     root_watch: Option<watch::RootWatch>,
     /// Read barriers for the file watch (reads wait for their writer).
     barriers: Option<watch::Barriers>,
@@ -497,7 +497,7 @@ async fn connect(
     let answers = tokio::time::timeout(Duration::from_secs(3), client.apiserver_version()).await;
     let reachable = match answers {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(crate::deploy::error_chain(&e)),
+        Ok(Err(e)) => Err(crate::domain::error_chain(&e)),
         Err(_) => Err("no answer within 3s".to_string()),
     };
     let answers = reachable.is_ok();
@@ -765,7 +765,7 @@ impl Running {
         }
         // Drift hands services back to the scheduler: with --self-heal after drift, and
         // always for a workload recreated after it went missing.
-        let (resubmit, mut rx) = mpsc::channel::<(crate::depfile::ServiceKey, Trigger)>(1024);
+        let (resubmit, mut rx) = mpsc::channel::<(crate::domain::ServiceKey, Trigger)>(1024);
         let scheduler = self.scheduler.clone();
         self.set.spawn(async move {
             while let Some((key, trigger)) = rx.recv().await {

@@ -2,8 +2,9 @@
 //! file's form (a plain version stays a plain version), its comments and its settings. Pure:
 //! text in, text out; the caller reads and writes the file.
 
-use crate::depfile::{self, ImageSpec, ServiceKey};
+use crate::depfile;
 use crate::domain::{Asker, Images};
+use crate::domain::{ImageSpec, ServiceKey};
 
 /// Why a file cannot be edited to ask for the wanted images.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +71,7 @@ fn key_line(lines: &[&str], key: &str, indented: bool) -> Option<usize> {
 fn entries(
     file: &str,
     text: &str,
-    spec: &depfile::DepSpec,
+    spec: &crate::domain::DepSpec,
     key: &ServiceKey,
     current: &Images,
 ) -> Result<Vec<Entry>, EditError> {
@@ -234,7 +235,7 @@ pub fn set_main(
 }
 
 /// The repository a tag or digest of this file goes to for a container running `now`.
-fn repository_for(spec: &depfile::DepSpec, now: &str) -> String {
+fn repository_for(spec: &crate::domain::DepSpec, now: &str) -> String {
     spec.repository
         .clone()
         .unwrap_or_else(|| depfile::repository_of(now).to_string())

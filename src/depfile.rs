@@ -11,67 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The extension of dependency files.
-pub const EXTENSION: &str = "dep";
-
-/// A managed service: one Deployment in one namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub name: String,
-    pub namespace: String,
-}
-
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-impl ServiceKey {
-    /// The dependency file name for this service.
-    pub fn file_name(&self) -> String {
-        format!("{}_{}.{EXTENSION}", self.name, self.namespace)
-    }
-
-    /// Parse `namespace/name` (the CLI and API form).
-    pub fn parse_slash(s: &str) -> Result<ServiceKey, String> {
-        let (ns, name) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/DEPLOYMENT, e.g. prod/payments"))?;
-        ServiceKey::new(name, ns)
-    }
-
-    /// Validate both parts as Kubernetes names.
-    pub fn new(name: &str, namespace: &str) -> Result<ServiceKey, String> {
-        if !valid_subdomain(name) {
-            return Err(format!(
-                "deployment name {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric)"
-            ));
-        }
-        if !valid_label(namespace) {
-            return Err(format!(
-                "namespace {namespace:?} is not a valid Kubernetes namespace (lower-case letters, digits and '-', at most 63 characters, starting and ending alphanumeric)"
-            ));
-        }
-        Ok(ServiceKey {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-        })
-    }
-}
-
-fn valid_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn valid_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_label)
-}
+use crate::domain::EXTENSION;
+use crate::domain::{valid_label, DepSpec, ImageSpec, ServiceKey};
 
 /// Whether a file name is a temporary or editor file that must never be read as a
 /// dependency file: dotfiles (rsync's `.name.XXXXXX`, emacs `.#` locks, `..data`), swap and
@@ -159,54 +100,6 @@ pub fn service_for_path(path: &Path) -> Result<Option<ServiceKey>, DepFileError>
                 false => err(m),
             }
         })
-}
-
-/// What a dependency file asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageSpec {
-    /// A tag or version: the image becomes `<repository>:<tag>`.
-    Tag(String),
-    /// A digest: the image becomes `<repository>@<digest>`.
-    Digest(String),
-    /// A full image reference used as written.
-    Reference(String),
-}
-
-impl fmt::Display for ImageSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ImageSpec::Tag(s) | ImageSpec::Digest(s) | ImageSpec::Reference(s) => f.write_str(s),
-        }
-    }
-}
-
-/// A parsed dependency file.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DepSpec {
-    /// Images by container; `None` means "the service's main container" (the one named like the
-    /// Deployment, or its only container).
-    pub images: Vec<(Option<String>, ImageSpec)>,
-    /// Repository for tags and digests, overriding the global one.
-    pub repository: Option<String>,
-    pub rollout_timeout: Option<Duration>,
-    /// Roll back automatically on failure (overrides the global policy).
-    pub rollback: Option<bool>,
-    /// Which workload the file names when more than one kind has its name.
-    pub kind: Option<crate::domain::WorkloadKind>,
-}
-
-impl DepSpec {
-    /// What the file asks, in its own words: `1.4.2`, or `web=1.4.2, envoy=repo/envoy:2`.
-    pub fn requested(&self) -> String {
-        self.images
-            .iter()
-            .map(|(c, i)| match c {
-                Some(c) => format!("{c}={i}"),
-                None => i.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 /// A problem with one dependency file.

@@ -6,7 +6,206 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::depfile::DepSpec;
+use std::time::Duration;
+
+/// The extension of dependency files.
+pub const EXTENSION: &str = "dep";
+
+/// A managed service: one Deployment in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ServiceKey {
+    /// The dependency file name for this service.
+    pub fn file_name(&self) -> String {
+        format!("{}_{}.{EXTENSION}", self.name, self.namespace)
+    }
+
+    /// Parse `namespace/name` (the CLI and API form).
+    pub fn parse_slash(s: &str) -> Result<ServiceKey, String> {
+        let (ns, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/DEPLOYMENT, e.g. prod/payments"))?;
+        ServiceKey::new(name, ns)
+    }
+
+    /// Validate both parts as Kubernetes names.
+    pub fn new(name: &str, namespace: &str) -> Result<ServiceKey, String> {
+        if !valid_subdomain(name) {
+            return Err(format!(
+                "deployment name {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending alphanumeric)"
+            ));
+        }
+        if !valid_label(namespace) {
+            return Err(format!(
+                "namespace {namespace:?} is not a valid Kubernetes namespace (lower-case letters, digits and '-', at most 63 characters, starting and ending alphanumeric)"
+            ));
+        }
+        Ok(ServiceKey {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+pub fn valid_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_label)
+}
+
+/// What a dependency file asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSpec {
+    /// A tag or version: the image becomes `<repository>:<tag>`.
+    Tag(String),
+    /// A digest: the image becomes `<repository>@<digest>`.
+    Digest(String),
+    /// A full image reference used as written.
+    Reference(String),
+}
+
+impl fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSpec::Tag(s) | ImageSpec::Digest(s) | ImageSpec::Reference(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A parsed dependency file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DepSpec {
+    /// Images by container; `None` means "the service's main container" (the one named like the
+    /// Deployment, or its only container).
+    pub images: Vec<(Option<String>, ImageSpec)>,
+    /// Repository for tags and digests, overriding the global one.
+    pub repository: Option<String>,
+    pub rollout_timeout: Option<Duration>,
+    /// Roll back automatically on failure (overrides the global policy).
+    pub rollback: Option<bool>,
+    /// Which workload the file names when more than one kind has its name.
+    pub kind: Option<WorkloadKind>,
+}
+
+impl DepSpec {
+    /// What the file asks, in its own words: `1.4.2`, or `web=1.4.2, envoy=repo/envoy:2`.
+    pub fn requested(&self) -> String {
+        self.images
+            .iter()
+            .map(|(c, i)| match c {
+                Some(c) => format!("{c}={i}"),
+                None => i.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// An error and its causes, each said once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// What a deploy will change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub key: ServiceKey,
+    /// Which workload the file names.
+    pub kind: WorkloadKind,
+    /// Every container's image before the deploy: what a rollback restores.
+    pub before: Images,
+    /// The containers whose image changes, with the new image.
+    pub changes: Images,
+    /// All containers' images after the deploy.
+    pub after: Images,
+    /// The workload's generation when read: what an interrupted rollout must reach.
+    pub generation: i64,
+    /// The workload's uid: Kubernetes Events name it so `kubectl describe` lists them.
+    pub uid: String,
+    /// `spec.paused`: a patch would roll nothing out.
+    pub paused: bool,
+    /// What the registry reported for the new images (container → digest), when asked.
+    pub digests: Images,
+    /// The workload's resourceVersion when read: the PATCH this plan decides carries it, so a
+    /// write made since (another replica's patch, a controller's status) refuses it.
+    pub resource_version: String,
+}
+
+impl Plan {
+    pub fn is_noop(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// How the wait for a rollout ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitOutcome {
+    Healthy,
+    /// Applied, but nothing verified (0 replicas or nodes, OnDelete): why.
+    Unverified(String),
+    /// A CronJob's images written, for its next schedule: what that means.
+    Applied(String),
+    Failed {
+        reason: String,
+        message: String,
+    },
+    TimedOut {
+        last: String,
+    },
+    /// A newer desired version arrived; this wait was abandoned.
+    Superseded,
+    /// The workload was deleted during the wait: no verdict on the version.
+    Disappeared,
+    /// Someone else wrote the Deployment's images after depwatch did: the rollout under way is
+    /// not depwatch's, and is not judged.
+    ChangedOutside {
+        running: Images,
+    },
+}
+
+impl fmt::Display for WaitOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitOutcome::Healthy => f.write_str("healthy"),
+            WaitOutcome::Unverified(why) => write!(f, "unverified: {why}"),
+            WaitOutcome::Applied(why) => f.write_str(why),
+            WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
+            WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
+            WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
+            WaitOutcome::Disappeared => f.write_str("the workload disappeared"),
+            WaitOutcome::ChangedOutside { running } => {
+                write!(f, "changed outside depwatch (now {running})")
+            }
+        }
+    }
+}
 
 /// A name that is not part of a vocabulary (a record written by something else).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bounds::Bounds;
 use crate::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
-use crate::depfile::{self, ServiceKey};
+use crate::depfile;
+use crate::domain::ServiceKey;
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
 use crate::queue::Scheduler;
 use crate::safefs::{self, shown};
+use crate::store::OrLog;
 use crate::store::{ServiceChange, ServiceRecord, Store};
 use crate::watch::{Barriers, FileEvent};
 
@@ -140,14 +142,16 @@ impl Ingest {
         };
         let previous = String::from_utf8_lossy(&previous);
         if meaningful(&previous) == meaningful(text) {
-            let _ = self.store.change_service(
-                key,
-                ServiceChange::default()
-                    .path(path.display().to_string())
-                    .content_hash(hash)
-                    .status(ServiceStatus::Succeeded)
-                    .message(format!("imported from {}", shown(&last))),
-            );
+            self.store
+                .change_service(
+                    key,
+                    ServiceChange::default()
+                        .path(path.display().to_string())
+                        .content_hash(hash)
+                        .status(ServiceStatus::Succeeded)
+                        .message(format!("imported from {}", shown(&last))),
+                )
+                .or_log("change service");
             tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
         }
     }
@@ -157,13 +161,15 @@ impl Ingest {
     fn refuse(&mut self, key: &ServiceKey, path: &Path, status: ServiceStatus, message: String) {
         tracing::error!(service = %key, error = %message, "dependency file refused; nothing deployed, the last good state stays");
         // A deploy under way keeps its status; its verdict comes later.
-        let _ = self.store.change_service(
-            key,
-            ServiceChange::default()
-                .path_if_unset(path.display().to_string())
-                .status_unless_deploying(status)
-                .message(message),
-        );
+        self.store
+            .change_service(
+                key,
+                ServiceChange::default()
+                    .path_if_unset(path.display().to_string())
+                    .status_unless_deploying(status)
+                    .message(message),
+            )
+            .or_log("change service");
     }
 
     /// A file whose name is not a dependency file's: recorded (once) so status, the page and
@@ -171,7 +177,9 @@ impl Ingest {
     fn refuse_name(&mut self, path: &Path, reason: String) {
         if std::fs::symlink_metadata(path).is_err() {
             if self.refused_names.remove(path).is_some() {
-                let _ = self.store.unrefuse_file(&path.display().to_string());
+                self.store
+                    .unrefuse_file(&path.display().to_string())
+                    .or_log("unrefuse file");
             }
             return;
         }
@@ -179,7 +187,9 @@ impl Ingest {
             return;
         }
         tracing::error!(error = %reason, "invalid dependency file name; nothing is read from it");
-        let _ = self.store.refuse_file(&path.display().to_string(), &reason);
+        self.store
+            .refuse_file(&path.display().to_string(), &reason)
+            .or_log("refuse file");
         self.refused_names.insert(path.to_path_buf(), reason);
     }
 
@@ -254,12 +264,14 @@ impl Ingest {
                 if (was_known && !still_defined) || refused_here {
                     tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
                     self.scheduler.forget(&key);
-                    let _ = self.store.change_service(
-                        &key,
-                        ServiceChange::default()
-                            .status(ServiceStatus::Unmanaged)
-                            .message(format!("{} was removed", shown(path))),
-                    );
+                    self.store
+                        .change_service(
+                            &key,
+                            ServiceChange::default()
+                                .status(ServiceStatus::Unmanaged)
+                                .message(format!("{} was removed", shown(path))),
+                        )
+                        .or_log("change service");
                 }
                 return;
             }
@@ -284,12 +296,14 @@ impl Ingest {
                 shown(path)
             );
             tracing::error!("{message}");
-            let _ = self.store.change_service(
-                &key,
-                ServiceChange::default()
-                    .status(ServiceStatus::Invalid)
-                    .message(message),
-            );
+            self.store
+                .change_service(
+                    &key,
+                    ServiceChange::default()
+                        .status(ServiceStatus::Invalid)
+                        .message(message),
+                )
+                .or_log("change service");
             return;
         }
         self.know(path, &key);
@@ -301,14 +315,16 @@ impl Ingest {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
-                let _ = self.store.change_service(
-                    &key,
-                    ServiceChange::default()
-                        .path(path.display().to_string())
-                        .status_unless_deploying(ServiceStatus::Invalid)
-                        .message(e.to_string())
-                        .requested("", hash),
-                );
+                self.store
+                    .change_service(
+                        &key,
+                        ServiceChange::default()
+                            .path(path.display().to_string())
+                            .status_unless_deploying(ServiceStatus::Invalid)
+                            .message(e.to_string())
+                            .requested("", hash),
+                    )
+                    .or_log("change service");
                 return;
             }
         };
@@ -318,7 +334,9 @@ impl Ingest {
         if record.requested_hash != hash {
             // What the file asks is shown as soon as it is read, whatever happens to it next.
             let change = ServiceChange::default().requested(spec.requested(), hash.clone());
-            let _ = self.store.change_service(&key, change);
+            self.store
+                .change_service(&key, change)
+                .or_log("change service");
         }
         // A deploy left in progress is finished whatever the record says of its version.
         let unfinished = self.unfinished.remove(&key);
@@ -443,7 +461,9 @@ impl Ingest {
         drop(present);
         for p in refused_gone {
             self.refused_names.remove(&p);
-            let _ = self.store.unrefuse_file(&p.display().to_string());
+            self.store
+                .unrefuse_file(&p.display().to_string())
+                .or_log("unrefuse file");
         }
         self.paths_changed(gone, trigger).await;
         if trigger == Trigger::Startup {
@@ -468,12 +488,14 @@ impl Ingest {
             let gone = !r.path.is_empty() && !present.contains(path.as_path()) && !path.exists();
             if gone && r.status != ServiceStatus::Unmanaged {
                 tracing::info!(service = %r.key(), file = %r.path, "dependency file removed while depwatch was stopped; no longer managed");
-                let _ = self.store.change_service(
-                    &r.key(),
-                    ServiceChange::default()
-                        .status(ServiceStatus::Unmanaged)
-                        .message(format!("{} was removed", r.path)),
-                );
+                self.store
+                    .change_service(
+                        &r.key(),
+                        ServiceChange::default()
+                            .status(ServiceStatus::Unmanaged)
+                            .message(format!("{} was removed", r.path)),
+                    )
+                    .or_log("change service");
             }
         }
     }
@@ -485,12 +507,12 @@ impl Ingest {
 pub fn within_bounds(
     bounds: &Bounds,
     file: &str,
-    spec: depfile::DepSpec,
-) -> Result<depfile::DepSpec, depfile::DepFileError> {
+    spec: crate::domain::DepSpec,
+) -> Result<crate::domain::DepSpec, depfile::DepFileError> {
     let named = spec.images.iter().filter_map(|(_, image)| match image {
-        depfile::ImageSpec::Reference(r) => Some(r.clone()),
-        depfile::ImageSpec::Tag(t) => spec.repository.as_ref().map(|r| format!("{r}:{t}")),
-        depfile::ImageSpec::Digest(d) => spec.repository.as_ref().map(|r| format!("{r}@{d}")),
+        crate::domain::ImageSpec::Reference(r) => Some(r.clone()),
+        crate::domain::ImageSpec::Tag(t) => spec.repository.as_ref().map(|r| format!("{r}:{t}")),
+        crate::domain::ImageSpec::Digest(d) => spec.repository.as_ref().map(|r| format!("{r}@{d}")),
     });
     for image in named {
         if let Err(e) = bounds.check_image(&image) {

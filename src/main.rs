@@ -166,22 +166,30 @@ fn fail(e: depwatch::client::ClientError) -> anyhow::Error {
     anyhow::Error::msg(e.0)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    match run().await {
+fn main() -> std::process::ExitCode {
+    // The environment is changed only here, before any thread exists: a .env file beside the
+    // daemon is read when present (the real environment wins), then the seed's aliases.
+    let dotenv = dotenvy::dotenv().ok();
+    let aliases = seed_env_aliases();
+    let ran = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(dotenv, aliases)));
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Each cause once: what failed, then why, never the same words twice.
-            eprintln!("Error: {}", depwatch::deploy::error_chain(e.as_ref()));
+            eprintln!("Error: {}", depwatch::domain::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-async fn run() -> anyhow::Result<()> {
-    // A .env file beside the daemon is read when present; the real environment wins.
-    let dotenv = dotenvy::dotenv().ok();
-    let aliases = seed_env_aliases();
+async fn run(
+    dotenv: Option<std::path::PathBuf>,
+    aliases: Vec<(&'static str, &'static str)>,
+) -> anyhow::Result<()> {
     let args = Args::try_parse().unwrap_or_else(|e| name_the_variable(e).exit());
     init_logging(args.log_format);
     use depwatch::client::{self, Action};

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
 use crate::store::{self, ServiceChange, Store, StoreError};
 

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::depfile::ServiceKey;
 use crate::deploy::attempt::Engine;
 pub use crate::domain::Desired;
+use crate::domain::ServiceKey;
 
 struct Slot {
     desired: Mutex<Option<Desired>>,

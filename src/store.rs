@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger, WorkloadKind};
 
 mod change;
@@ -43,6 +43,12 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("PostgreSQL record: {0}")]
     Postgres(String),
+    /// The record refused writes long enough for the outbox to fill (either backend).
+    #[error("the record ({backend}) has refused writes for a while and {waiting} are waiting; this one is lost")]
+    OutboxFull { backend: String, waiting: usize },
+    /// A write named a deploy row that a lost write was to create.
+    #[error("deploy row {0} was never written")]
+    RowLost(i64),
     #[error(transparent)]
     Fenced(#[from] crate::fence::Fenced),
     #[error("no database at {}; use --state-dir, --database-url or --api", path.display())]
@@ -54,6 +60,25 @@ pub enum StoreError {
     },
     #[error("{} belongs to user {owner}, not to you; run the command as that user (e.g. `sudo -u depwatch depwatch …`) or use --api, so the database's journal files keep their owner", path.display())]
     Owner { path: PathBuf, owner: u32 },
+}
+
+/// For the daemon's own writes, whose failure no caller can act on: each failure is said once.
+/// A write the backend refused is kept in the outbox and said there; a full outbox and a
+/// fenced replica are said where they happen; anything else is said here.
+pub trait OrLog {
+    fn or_log(self, what: &str);
+}
+
+impl<T> OrLog for Result<T, StoreError> {
+    fn or_log(self, what: &str) {
+        match self {
+            Ok(_) => {}
+            Err(StoreError::Fenced(_) | StoreError::OutboxFull { .. }) => {
+                tracing::debug!(write = what, "not recorded (said where it was refused)")
+            }
+            Err(e) => tracing::warn!(write = what, error = %e, "not recorded"),
+        }
+    }
 }
 
 /// `depwatch.db` in `state_dir` if it is there: an operator command never creates the record.
@@ -940,10 +965,10 @@ impl Store {
                 capacity = outbox::CAPACITY,
                 "the record's outbox is full: a write is lost"
             );
-            return Err(StoreError::Postgres(format!(
-                "the record has refused writes for a while and {} are waiting; this one is lost",
-                outbox::CAPACITY
-            )));
+            return Err(StoreError::OutboxFull {
+                backend: self.backend.describe(),
+                waiting: outbox::CAPACITY,
+            });
         }
         drop(o);
         self.changed();

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::store::Store;
 
 fn depwatch(args: &[&str]) -> std::process::Output {
@@ -167,7 +167,7 @@ fn status_and_history_never_print_control_characters_from_the_record() {
     let hostile = "1.1\u{1b}[1A\u{1b}[2K \u{1b}]0;pwned\u{7} web\u{202e}ved";
     {
         let store = Store::open(&state).expect("store");
-        let key = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+        let key = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
         let image = format!("example.com/web:{hostile}");
         let images: Images = [("web".to_string(), image.clone())].into_iter().collect();
         store

@@ -199,7 +199,7 @@ fn daemon(cluster: &Cluster, deps: &Path, state: &Path, ns: &str) -> common::dae
 }
 
 async fn outcome(state: &Path, ns: &str, name: &str, want: &str, within: Duration) -> String {
-    let key = depwatch::depfile::ServiceKey::new(name, ns).expect("key");
+    let key = depwatch::domain::ServiceKey::new(name, ns).expect("key");
     let state = state.to_path_buf();
     wait_for(&format!("{ns}/{name} to be {want}"), within, || {
         let state = state.clone();
@@ -217,7 +217,7 @@ async fn outcome(state: &Path, ns: &str, name: &str, want: &str, within: Duratio
 
 /// Wait until the record says the service is healthy running `image`.
 async fn healthy_with(state: &Path, ns: &str, name: &str, image: &str) {
-    let key = depwatch::depfile::ServiceKey::new(name, ns).expect("key");
+    let key = depwatch::domain::ServiceKey::new(name, ns).expect("key");
     wait_for(
         &format!("{ns}/{name} healthy with {image}"),
         Duration::from_secs(240),
@@ -421,7 +421,7 @@ async fn workload_lifecycle(kind: &str, tag: &str) {
         },
     )
     .await;
-    let key = depwatch::depfile::ServiceKey::new("store", &ns).expect("key");
+    let key = depwatch::domain::ServiceKey::new("store", &ns).expect("key");
     let record = depwatch::store::Store::open(&state)
         .expect("store")
         .service(&key)

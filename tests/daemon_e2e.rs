@@ -139,7 +139,7 @@ async fn a_bad_image_fails_fast_red_with_the_pods_reason() {
     );
     let svc = env
         .store()
-        .service(&depwatch::depfile::ServiceKey::new("api", "demo").expect("key"))
+        .service(&depwatch::domain::ServiceKey::new("api", "demo").expect("key"))
         .expect("q")
         .expect("recorded");
     assert_eq!(svc.status.as_str(), "failed");
@@ -189,7 +189,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
         || async {
             let s = env
                 .store()
-                .service(&depwatch::depfile::ServiceKey::new("api", "demo").ok()?)
+                .service(&depwatch::domain::ServiceKey::new("api", "demo").ok()?)
                 .ok()??;
             (s.status.as_str() == "succeeded").then_some(())
         },
@@ -233,7 +233,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
     assert_eq!(env.patches("demo", "api"), 1);
     let worker = env
         .store()
-        .service(&depwatch::depfile::ServiceKey::new("worker", "demo").expect("key"))
+        .service(&depwatch::domain::ServiceKey::new("worker", "demo").expect("key"))
         .expect("q")
         .expect("recorded");
     assert_eq!(worker.status.as_str(), "unmanaged");
@@ -389,7 +389,7 @@ async fn invalid_files_are_reported_and_nothing_is_deployed() {
     env.write_dep("web_demo.dep", "not a version");
     env.write_dep("api_demo.dep", "");
     std::fs::write(env.deps.join("garbage_demo.dep"), [0xff, 0x00, 0xfe]).expect("write");
-    let key = |n: &str| depwatch::depfile::ServiceKey::new(n, "demo").expect("key");
+    let key = |n: &str| depwatch::domain::ServiceKey::new(n, "demo").expect("key");
     wait_for(
         "the invalid files to be recorded",
         Duration::from_secs(20),
@@ -449,7 +449,7 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
     )
     .await;
     env.write_dep("d_slow.dep", "2");
-    let key = depwatch::depfile::ServiceKey::new("d", "slow").expect("key");
+    let key = depwatch::domain::ServiceKey::new("d", "slow").expect("key");
     wait_for(
         "the fourth service to deploy past them",
         Duration::from_secs(20),
@@ -667,7 +667,7 @@ async fn a_second_signal_exits_at_once_and_the_next_start_resumes() {
         .await;
     env.write_dep("web_prod.dep", "1.0.0\n");
     let daemon = env.daemon(&["--shutdown-grace", "5m"]).await;
-    let key = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+    let key = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
     wait_for("adopted", Duration::from_secs(20), || async {
         let r = env.store().service(&key).ok()??;
         (r.status.as_str() == "succeeded").then_some(())

@@ -349,7 +349,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     let store = env.store();
     let status = |name: &str, ns: &str| {
         store
-            .service(&depwatch::depfile::ServiceKey::new(name, ns).expect("key"))
+            .service(&depwatch::domain::ServiceKey::new(name, ns).expect("key"))
             .ok()
             .flatten()
             .map(|r| r.status.as_str().to_string())

@@ -15,9 +15,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::daemon::{Daemon, Env};
 use common::ecr::Endpoint;
+use common::key;
 use common::registry::Registry;
 use common::{audit_count, get_metrics, sample, wait_for};
-use depwatch::depfile::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use k8s_openapi::api::core::v1::Secret;
@@ -56,10 +56,6 @@ async fn daemon_in(env: &Env, endpoint: &Endpoint, namespaces: Option<&str>) -> 
     );
     let envs = endpoint.aws_env(env.dir.path());
     env.daemon_with(&args, &envs, env.dir.path()).await
-}
-
-fn key(name: &str, ns: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("key")
 }
 
 async fn status_is(env: &Env, name: &str, ns: &str, status: ServiceStatus) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::sim::SimConfig;
 use depwatch::store::Store;
 

@@ -965,7 +965,7 @@ async fn the_watch_survives_its_directory_being_deleted_replaced_or_swapped() {
     std::fs::write(r2.join("web_prod.dep"), "1.0.3\n").expect("edit");
     env.wait_image("prod", "web", "example.com/web:1.0.3").await;
 
-    let web_key = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+    let web_key = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
     wait_for("web 1.0.3 healthy", Duration::from_secs(30), || async {
         let r = env.store().service(&web_key).ok()??;
         (r.status.as_str() == "succeeded" && r.deployed.to_string().contains("1.0.3")).then_some(())

@@ -18,8 +18,9 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use common::daemon::Env;
+use common::key;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use depwatch::store::ServiceRecord;
@@ -42,10 +43,6 @@ async fn serve(ip: &str, app: axum::Router) -> String {
     let addr = listener.local_addr().expect("addr").to_string();
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
-}
-
-fn key(name: &str, ns: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("key")
 }
 
 async fn record_where(

@@ -564,7 +564,7 @@ async fn an_api_deploy_edits_the_file_in_its_own_form() {
     env.write_dep("payments_prod.dep", yaml);
     let (daemon, url) = setup(&env).await;
     let store = env.store();
-    let key = depwatch::depfile::ServiceKey::new("payments", "prod").expect("key");
+    let key = depwatch::domain::ServiceKey::new("payments", "prod").expect("key");
     wait_for("the file recorded", Duration::from_secs(30), || async {
         let r = store.service(&key).ok()??;
         (!r.desired.is_empty()).then_some(())
@@ -701,7 +701,7 @@ async fn walk_pages(http: &reqwest::Client, url: &str, first: &str) -> (Vec<Vec<
 /// locally and through the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
-    use depwatch::depfile::ServiceKey;
+    use depwatch::domain::ServiceKey;
     use depwatch::domain::{DeployOutcome, ServiceStatus};
     use depwatch::store::{DeployRecord, ServiceChange};
     const SERVICES: usize = 1250;
@@ -848,7 +848,7 @@ async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
 /// bell, C1 controls, bidirectional and zero-width characters are shown, never obeyed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_from_outside_is_printed_escaped_through_the_api_and_on_the_page() {
-    use depwatch::depfile::ServiceKey;
+    use depwatch::domain::ServiceKey;
     use depwatch::domain::{DeployOutcome, Images, ServiceStatus};
     use depwatch::store::{DeployRecord, ServiceChange};
     let hostile =

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::daemon::{Daemon, Env};
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 

@@ -8,18 +8,15 @@ mod common;
 use std::time::Duration;
 
 use common::daemon::Env;
+use common::key;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::{DeployOutcome, ServiceStatus, WorkloadKind};
 use depwatch::sim::SimConfig;
 use depwatch::store::ServiceRecord;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use serde_json::json;
-
-fn key(name: &str, ns: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("key")
-}
 
 /// Wait until the service's record satisfies `done`.
 async fn wait_record(

@@ -147,7 +147,7 @@ async fn outcomes_are_published_on_nats_and_a_dead_server_delays_nothing() {
 
     // NATS dies: deploys go on at their own pace; failures to publish are counted.
     nats.stop();
-    let web = depwatch::depfile::ServiceKey::new("web", "prod").expect("key");
+    let web = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
     env.write_dep("web_prod.dep", "1.0.2\n");
     wait_for(
         "1.0.2 healthy with NATS down",
@@ -199,7 +199,7 @@ async fn history_webhook_nats_and_slack_agree_on_from_and_to() {
         .daemon(&["--nats-url", &nats.url(), "--webhook-url", &hook])
         .await;
     let status_of = |name: &str, want: &'static str| {
-        let k = depwatch::depfile::ServiceKey::new(name, "prod").expect("key");
+        let k = depwatch::domain::ServiceKey::new(name, "prod").expect("key");
         let store = env.store();
         async move {
             wait_for(&format!("{k} {want}"), Duration::from_secs(60), || async {

@@ -10,17 +10,14 @@ use std::time::Duration;
 
 use common::chromium::{artifacts, Browser};
 use common::daemon::Env;
+use common::key;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use serde_json::Value;
 
 const TOKEN: &str = "ops-0123456789abcdef";
-
-fn key(ns: &str, name: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("key")
-}
 
 /// What one CLI run printed.
 struct Ran {
@@ -121,7 +118,7 @@ async fn every_operator_command_works_locally_and_through_the_api() {
         "--token-file",
         client_token.to_str().expect("utf-8"),
     ];
-    let k = key("prod", "web");
+    let k = key("web", "prod");
     let file = env.deps.join("web_prod.dep");
 
     env.write_dep("web_prod.dep", "# written by CI\n1.1.0  # pipeline 7\n");
@@ -401,7 +398,7 @@ async fn status_and_the_page_show_every_state_with_what_to_do() {
     let fifo = env.deps.join("pipe_demo.dep");
     let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
     assert!(made.success());
-    let d = |n: &str| key("demo", n);
+    let d = |n: &str| key(n, "demo");
     wait_status(&env, &d("web"), ServiceStatus::Succeeded).await;
     wait_status(&env, &d("quiet"), ServiceStatus::Succeeded).await;
     wait_status(&env, &d("api"), ServiceStatus::RolledBack).await;
@@ -766,7 +763,7 @@ async fn one_resume_writes_at_most_one_history_row() {
     let state = env.state.to_str().expect("utf-8").to_string();
     env.write_dep("nowhere_demo.dep", "1.1.0");
     env.write_dep("web_demo.dep", "1.1.0");
-    let (nowhere, web) = (key("demo", "nowhere"), key("demo", "web"));
+    let (nowhere, web) = (key("nowhere", "demo"), key("web", "demo"));
     wait_status(&env, &nowhere, ServiceStatus::Failed).await;
     wait_status(&env, &web, ServiceStatus::Succeeded).await;
     let rows = |k: &ServiceKey| env.store().history(Some(k), 100).expect("history").len();
@@ -796,7 +793,7 @@ async fn one_resume_writes_at_most_one_history_row() {
     .await;
     // A later save is read after every event of the resumes: once it is done, so are they.
     env.write_dep("api_demo.dep", "1.1.0");
-    wait_status(&env, &key("demo", "api"), ServiceStatus::Succeeded).await;
+    wait_status(&env, &key("api", "demo"), ServiceStatus::Succeeded).await;
     assert_eq!(
         (rows(&nowhere), rows(&web)),
         (before.0 + 1, before.1),

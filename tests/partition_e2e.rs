@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::daemon::{Daemon, Env};
 use common::proxy::Proxy;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use depwatch::store::Store;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::postgres::{Certs, Postgres};
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::store::Store;
 
 /// Connect and write and read one record, off the async runtime (the store blocks).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::daemon::Env;
 use common::registry::Registry;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::ServiceStatus;
 use depwatch::sim::SimConfig;
 use depwatch::store::ServiceRecord;

@@ -6,13 +6,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{colour, text, Env};
+use common::key;
 use common::{get_metrics, sample, wait_for, Kubectl};
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::sim::SimConfig;
-
-fn key(name: &str, ns: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("key")
-}
 
 async fn wait_status(env: &Env, k: &ServiceKey, status: &str) {
     let waited = tokio::time::timeout(
@@ -170,8 +167,10 @@ async fn versions_arriving_mid_rollout_supersede_it_without_rollback() {
     let _daemon = env.daemon(&[]).await;
     for v in ["2", "3", "4"] {
         env.write_dep("api_prod.dep", &format!("{v}\n"));
-        // The writes come 200 ms apart while each version takes 2 s to become ready.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Each version is saved once the one before is patched, while it takes 2 s to become
+        // ready: each arrives in the middle of the previous rollout.
+        env.wait_image("prod", "api", &format!("example.com/api:{v}"))
+            .await;
     }
     let k = key("api", "prod");
     wait_for(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::{DeployOutcome, ServiceStatus};
 use depwatch::sim::SimConfig;
 use depwatch::store::Store;
@@ -490,8 +490,7 @@ struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
     /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
     fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !common::root_or_skip("mounting a small tmpfs as the state directory") {
             return None;
         }
         std::fs::create_dir_all(at).expect("mount point");
@@ -536,9 +535,7 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room() {
     let env = Env::new(SimConfig::default()).await;
     let Some(_disk) = Tmpfs::mount(&env.state, "4m") else {
-        // Mounting a small file system needs root; the PostgreSQL outage test above covers
-        // the outbox everywhere.
-        eprintln!("skipped: mounting a tmpfs state directory needs root");
+        // Said by Tmpfs::mount; the PostgreSQL outage test above covers the outbox everywhere.
         return;
     };
     env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 2)
@@ -1068,8 +1065,7 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
 async fn a_crash_deploy_whose_row_a_full_disk_lost_gets_one_and_the_hang_row_is_not_judged_on_it() {
     let env = Env::new(SimConfig::default()).await;
     let Some(_disk) = Tmpfs::mount(&env.state, "4m") else {
-        eprintln!("skipped: mounting a tmpfs state directory needs root");
-        return;
+        return; // said by Tmpfs::mount
     };
     let (daemon, store) = on_1_0(&env, &[]).await;
     drop(store);

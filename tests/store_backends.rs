@@ -3,7 +3,7 @@
 
 mod common;
 
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
 use depwatch::store::{now, DeployRecord, RequestRecord, ServiceChange, Store};
 

@@ -67,9 +67,7 @@ fn as_ci(script: &str) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ci_can_write_in_place_after_depwatch_rewrote_a_file() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: two users need root (setpriv)");
+    if !common::root_or_skip("two users (setpriv) writing the same file") {
         return;
     }
     let env = Env::new(SimConfig::default()).await;

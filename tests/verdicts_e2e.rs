@@ -8,17 +8,14 @@ mod common;
 use std::time::Duration;
 
 use common::daemon::{colour, text, Env};
+use common::key;
 use common::{wait_for, Kubectl};
-use depwatch::depfile::ServiceKey;
+use depwatch::domain::ServiceKey;
 use depwatch::domain::{DeployOutcome, ServiceStatus};
 use depwatch::sim::SimConfig;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-
-fn key(name: &str, ns: &str) -> ServiceKey {
-    ServiceKey::new(name, ns).expect("valid key")
-}
 
 /// [`wait_for`], showing the daemon's logs if the condition never holds.
 async fn wait_or_show<T, F, Fut>(env: &Env, what: &str, within: Duration, check: F) -> T

@@ -10,9 +10,11 @@ use tokio::time::Instant;
 
 use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfinished};
 use super::recorder::{Attempt, Recorder};
-use super::{DeployError, Deployer, Plan};
-use crate::depfile::ServiceKey;
+use super::{DeployError, Deployer};
+use crate::domain::Plan;
+use crate::domain::ServiceKey;
 use crate::domain::{Desired, Images};
+use crate::store::OrLog;
 use crate::store::{DeployRecord, StoreError};
 
 /// Bounds how many deploys talk to the API server at once. Waiting for a rollout holds no
@@ -195,7 +197,10 @@ impl Engine {
         let change = crate::store::ServiceChange::default()
             .status(crate::domain::ServiceStatus::Unmanaged)
             .message("the dependency file was removed; the rollout under way was finished first");
-        let _ = self.recorder.store.change_service(key, change);
+        self.recorder
+            .store
+            .change_service(key, change)
+            .or_log("change service");
     }
 
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).

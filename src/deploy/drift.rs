@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache;
 use super::recorder::{Drift, Recorder};
 use super::Deployer;
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{DeployOutcome, Images, ServiceStatus};
 use crate::store::DeployRecord;
 

@@ -27,9 +27,10 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::depfile::{self, DepSpec, ServiceKey};
+use crate::depfile;
 pub use crate::domain::Images;
-use crate::domain::{Shown, WorkloadKind};
+use crate::domain::{DepSpec, ServiceKey};
+use crate::domain::{Plan, Shown, WaitOutcome, WorkloadKind};
 use cache::Found;
 use rollout::{FailFast, Health, WorkloadState};
 use watches::Watches;
@@ -306,25 +307,10 @@ fn describe_kube(action: &str, server: &str, e: &kube::Error) -> String {
         ),
         other if transient(other) => format!(
             "cannot reach the Kubernetes API server at {server} while {action}: {}",
-            error_chain(other)
+            crate::domain::error_chain(other)
         ),
-        other => format!("{action} failed: {}", error_chain(other)),
+        other => format!("{action} failed: {}", crate::domain::error_chain(other)),
     }
-}
-
-/// An error and its causes, each said once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// A read-only view of what the cluster runs, for the HTTP layer: the images of a managed
@@ -369,7 +355,7 @@ impl ApiProbe {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!(
                 "the Kubernetes API server is not reachable: {}",
-                error_chain(&e)
+                crate::domain::error_chain(&e)
             )),
             Err(_) => Err(format!(
                 "the Kubernetes API server did not answer within {}",
@@ -396,36 +382,7 @@ pub struct Unchecked {
     pull: workload::Pull,
 }
 
-/// What a deploy will change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub key: ServiceKey,
-    /// Which workload the file names.
-    pub kind: WorkloadKind,
-    /// Every container's image before the deploy: what a rollback restores.
-    pub before: Images,
-    /// The containers whose image changes, with the new image.
-    pub changes: Images,
-    /// All containers' images after the deploy.
-    pub after: Images,
-    /// The workload's generation when read: what an interrupted rollout must reach.
-    pub generation: i64,
-    /// The workload's uid: Kubernetes Events name it so `kubectl describe` lists them.
-    pub uid: String,
-    /// `spec.paused`: a patch would roll nothing out.
-    pub paused: bool,
-    /// What the registry reported for the new images (container → digest), when asked.
-    pub digests: Images,
-    /// The workload's resourceVersion when read: the PATCH this plan decides carries it, so a
-    /// write made since (another replica's patch, a controller's status) refuses it.
-    pub resource_version: String,
-}
-
 impl Plan {
-    pub fn is_noop(&self) -> bool {
-        self.changes.is_empty()
-    }
-
     /// The workload as it is: a plan that changes nothing.
     fn observed(key: &ServiceKey, w: WorkloadState) -> Plan {
         Plan {
@@ -439,49 +396,6 @@ impl Plan {
             uid: w.uid,
             digests: Images::new(),
             resource_version: w.resource_version,
-        }
-    }
-}
-
-/// How the wait for a rollout ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitOutcome {
-    Healthy,
-    /// Applied, but nothing verified (0 replicas or nodes, OnDelete): why.
-    Unverified(String),
-    /// A CronJob's images written, for its next schedule: what that means.
-    Applied(String),
-    Failed {
-        reason: String,
-        message: String,
-    },
-    TimedOut {
-        last: String,
-    },
-    /// A newer desired version arrived; this wait was abandoned.
-    Superseded,
-    /// The workload was deleted during the wait: no verdict on the version.
-    Disappeared,
-    /// Someone else wrote the Deployment's images after depwatch did: the rollout under way is
-    /// not depwatch's, and is not judged.
-    ChangedOutside {
-        running: Images,
-    },
-}
-
-impl fmt::Display for WaitOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WaitOutcome::Healthy => f.write_str("healthy"),
-            WaitOutcome::Unverified(why) => write!(f, "unverified: {why}"),
-            WaitOutcome::Applied(why) => f.write_str(why),
-            WaitOutcome::Failed { reason, message } => write!(f, "{reason}: {message}"),
-            WaitOutcome::TimedOut { last } => write!(f, "timed out ({last})"),
-            WaitOutcome::Superseded => f.write_str("superseded by a newer version"),
-            WaitOutcome::Disappeared => f.write_str("the workload disappeared"),
-            WaitOutcome::ChangedOutside { running } => {
-                write!(f, "changed outside depwatch (now {running})")
-            }
         }
     }
 }

@@ -12,11 +12,12 @@ use tokio::time::Instant;
 use super::lifecycle::{Event, Finish};
 use super::Deployer;
 use crate::alert::{Notifier, Report};
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{
     human_duration, DeployOutcome, Desired, Images, ServiceStatus, Tone, WorkloadKind,
 };
 use crate::metrics::Metrics;
+use crate::store::OrLog;
 use crate::store::{self, DeployRecord, ServiceChange, Store};
 
 /// Deploys waiting for the API server right now, and its last error: `/readyz` reports them.
@@ -124,7 +125,9 @@ impl Recorder {
 
     fn change(&self, key: &ServiceKey, change: ServiceChange) {
         // Errors are logged by the store; a deploy goes on without its record.
-        let _ = self.store.change_service(key, change);
+        self.store
+            .change_service(key, change)
+            .or_log("change service");
     }
 
     /// Write a complete history row; counted in `depwatch_deploys_total`.
@@ -143,7 +146,9 @@ impl Recorder {
             ..DeployRecord::default()
         };
         if let Ok(id) = self.store.start_deploy(&record) {
-            let _ = self.store.finish_deploy(id, row.outcome, &record.message);
+            self.store
+                .finish_deploy(id, row.outcome, &record.message)
+                .or_log("finish deploy");
         }
         self.metrics.deploy(row.outcome);
     }
@@ -371,7 +376,9 @@ impl Attempt<'_> {
     fn close_unfinished(&self, id: i64, outcome: DeployOutcome, message: &str) {
         let r = self.recorder;
         tracing::info!(deploy = id, %outcome, "{message}");
-        let _ = r.store.finish_deploy(id, outcome, message);
+        r.store
+            .finish_deploy(id, outcome, message)
+            .or_log("finish deploy");
         r.metrics.deploy(outcome);
     }
 
@@ -399,7 +406,10 @@ impl Attempt<'_> {
             self.failure = why.to_string();
         }
         if let Some(id) = self.row {
-            let _ = self.recorder.store.set_restore(id, restore, why);
+            self.recorder
+                .store
+                .set_restore(id, restore, why)
+                .or_log("set restore");
         }
     }
 
@@ -625,7 +635,9 @@ impl Attempt<'_> {
             _ => tracing::warn!(outcome = %f.outcome, %elapsed, "{}", f.message),
         }
         if let Some(id) = self.row {
-            let _ = r.store.finish_deploy(id, f.outcome, &f.message);
+            r.store
+                .finish_deploy(id, f.outcome, &f.message)
+                .or_log("finish deploy");
             r.metrics.deploy(f.outcome);
         }
         if f.outcome == DeployOutcome::Succeeded {

@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 
 use super::cache::{Cached, NamespaceWatch};
 use crate::bounds::Bounds;
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 
 /// How many kinds each scope watches.
 const KINDS: u8 = 6;

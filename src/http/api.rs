@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, ApiError, ErrorBody, HttpState, BODY_LIMIT};
-use crate::depfile::{self, ImageSpec, ServiceKey};
+use crate::depfile;
 use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus, WorkloadKind};
+use crate::domain::{ImageSpec, ServiceKey};
 use crate::operator;
 use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
 

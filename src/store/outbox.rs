@@ -7,8 +7,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::{Backend, DeployRecord, ServiceChange, ServiceRecord, StoreError};
-use crate::depfile::ServiceKey;
 use crate::domain::DeployOutcome;
+use crate::domain::ServiceKey;
 
 /// Writes kept at most; beyond this a write is dropped (and counted).
 pub const CAPACITY: usize = 100_000;
@@ -79,10 +79,7 @@ impl Outbox {
         if id >= 0 {
             return Ok(id);
         }
-        self.ids
-            .get(&id)
-            .copied()
-            .ok_or_else(|| StoreError::Postgres(format!("deploy row {id} was never written")))
+        self.ids.get(&id).copied().ok_or(StoreError::RowLost(id))
     }
 
     /// Carry out one write; a deploy row's id when it starts one.

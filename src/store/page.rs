@@ -5,7 +5,7 @@
 
 use super::change::Value;
 use super::{ServiceRecord, SERVICE_COLUMNS};
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{ServiceStatus, UnknownName};
 
 /// Which services a page holds.

@@ -14,7 +14,7 @@ use super::{
     Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
 };
-use crate::depfile::ServiceKey;
+use crate::domain::ServiceKey;
 use crate::domain::{DeployOutcome, Images};
 
 /// Schema versions in order; each runs once.
@@ -106,7 +106,7 @@ impl Drop for Postgres {
 
 /// An error with its causes (a TLS failure's reason is a cause); never the URL.
 fn pg_error(e: impl std::error::Error) -> StoreError {
-    StoreError::Postgres(crate::deploy::error_chain(&e))
+    StoreError::Postgres(crate::domain::error_chain(&e))
 }
 
 impl Postgres {

@@ -14,6 +14,22 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// A service by its workload name and namespace, in [`ServiceKey::new`]'s order.
+pub fn key(name: &str, ns: &str) -> depwatch::domain::ServiceKey {
+    depwatch::domain::ServiceKey::new(name, ns).expect("a valid service key")
+}
+
+/// Whether this test process runs as root. A test that needs root and does not have it says
+/// SKIPPED on stderr (`./scripts/test` says so up front too, and CI runs the suite as root).
+pub fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("SKIPPED (needs root): {what}; run ./scripts/test as root, as CI does");
+    false
+}
+
 /// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

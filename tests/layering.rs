@@ -1,0 +1,93 @@
+//! Dependencies point one way, checked on the source: the daemon's modules never import the
+//! simulated cluster; the domain vocabulary imports nothing of the crate; the lifecycle
+//! decides from domain types alone; the record imports nothing of the deploy path. Test code
+//! (after `#[cfg(test)]`) is not looked at.
+
+use std::path::{Path, PathBuf};
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("src readable") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Each source file under `src/` (relative path) with its code before any test module.
+fn code() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut paths = Vec::new();
+    sources(&root, &mut paths);
+    assert!(paths.len() > 20, "found the sources: {paths:?}");
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).expect("readable");
+            let code = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let rel = p
+                .strip_prefix(&root)
+                .expect("under src")
+                .display()
+                .to_string();
+            (rel, code)
+        })
+        .collect()
+}
+
+/// The `crate::module` paths a file's code names, other than its own.
+fn crate_paths(code: &str) -> Vec<String> {
+    code.match_indices("crate::")
+        .map(|(i, _)| {
+            code[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_command_line_and_the_demo_reach_the_simulated_cluster() {
+    let allowed = ["main.rs", "lib.rs", "cli.rs", "demo.rs"];
+    let offenders: Vec<String> = code()
+        .into_iter()
+        .filter(|(rel, _)| !rel.starts_with("sim/") && !allowed.contains(&rel.as_str()))
+        .filter(|(_, code)| crate_paths(code).iter().any(|m| m == "sim"))
+        .map(|(rel, _)| rel)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "daemon modules import sim: {offenders:?}"
+    );
+}
+
+#[test]
+fn the_domain_imports_nothing_and_the_lifecycle_only_the_domain() {
+    for (rel, code) in code() {
+        let paths = crate_paths(&code);
+        match rel.as_str() {
+            "domain.rs" => assert!(
+                paths.iter().all(|m| m == "domain"),
+                "domain.rs imports {paths:?}"
+            ),
+            "deploy/lifecycle.rs" => assert!(
+                paths.iter().all(|m| m == "domain"),
+                "lifecycle imports {paths:?}"
+            ),
+            r if r == "store.rs" || r.starts_with("store/") => assert!(
+                !paths
+                    .iter()
+                    .any(|m| m == "deploy" || m == "ingest" || m == "http"),
+                "{rel} imports {paths:?}"
+            ),
+            _ => {}
+        }
+    }
+}
