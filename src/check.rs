@@ -29,7 +29,7 @@ impl Default for Rules {
 
 /// Validate the directory; returns the number of good files and every problem found.
 pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
-    let paths = match crate::watch::scan(dir) {
+    let paths = match crate::pipeline::watch::scan(dir) {
         Ok(p) => p,
         Err(e) => {
             return (
@@ -73,7 +73,7 @@ pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
         };
         let file = crate::safefs::shown(&path);
         let checked = depfile::parse_all(&file, &bytes).and_then(|spec| {
-            crate::ingest::within_bounds(&rules.bounds, &file, spec).map_err(|e| vec![e])
+            crate::pipeline::ingest::within_bounds(&rules.bounds, &file, spec).map_err(|e| vec![e])
         });
         match checked {
             Ok(_) => good += 1,

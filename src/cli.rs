@@ -524,7 +524,7 @@ impl DaemonArgs {
             slack_webhook: self.slack_webhook.clone(),
             webhook_url: self.webhook_url.clone(),
             nats_url: self.nats_url.clone(),
-            fail_fast: crate::deploy::rollout::FailFast {
+            fail_fast: crate::pipeline::deploy::rollout::FailFast {
                 pull_grace: self.pull_grace,
                 crash_restarts: self.crash_restarts,
             },

@@ -20,15 +20,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alert::Notifier;
-use crate::deploy::attempt::{Engine, Permits};
-use crate::deploy::recorder::{ApiWaits, Recorder};
-use crate::deploy::{rollout::FailFast, DeployConfig, Deployer};
 use crate::domain::{DeployOutcome, Trigger};
 use crate::fence::Fence;
-use crate::ingest::{self, Ingest, IngestConfig};
-use crate::queue::Scheduler;
+use crate::pipeline::deploy::attempt::{Engine, Permits};
+use crate::pipeline::deploy::recorder::{ApiWaits, Recorder};
+use crate::pipeline::deploy::{rollout::FailFast, DeployConfig, Deployer};
+use crate::pipeline::ingest::{self, Ingest, IngestConfig};
+use crate::pipeline::queue::Scheduler;
+use crate::pipeline::watch;
 use crate::store::{Store, StoreError};
-use crate::watch;
 
 /// Everything `depwatch run` needs, validated.
 #[derive(Debug, Clone)]
@@ -513,12 +513,12 @@ async fn connect(
 async fn log_access(client: &kube::Client, bounds: &crate::bounds::Bounds) {
     let asked = tokio::time::timeout(
         Duration::from_secs(5),
-        crate::deploy::access::may_patch(client.clone(), bounds.exact_namespaces()),
+        crate::pipeline::deploy::access::may_patch(client.clone(), bounds.exact_namespaces()),
     )
     .await;
     match asked {
         Ok(Ok(all)) => {
-            let line = crate::deploy::access::describe(&all);
+            let line = crate::pipeline::deploy::access::describe(&all);
             if all.iter().all(|a| a.allowed) {
                 tracing::info!(permissions = %line, "RBAC checked (SelfSubjectAccessReview)");
             } else {
@@ -703,7 +703,7 @@ impl Running {
             tracing::warn!(service = %format!("{}/{}", d.namespace, d.name), deploy = d.id, "{what}");
         }
         if let Some(rx) = self.queue_rx.take() {
-            self.set.spawn(crate::queue::run(
+            self.set.spawn(crate::pipeline::queue::run(
                 self.engine.clone(),
                 self.scheduler.clone(),
                 rx,
@@ -716,7 +716,7 @@ impl Running {
             self.config.deps_dir.clone(),
             self.store.clone(),
             self.scheduler.clone(),
-            crate::ingest::FileRules {
+            crate::pipeline::ingest::FileRules {
                 max_file_size: self.config.max_file_size,
                 bounds: Arc::new(self.config.bounds.clone()),
             },
@@ -776,7 +776,7 @@ impl Running {
                 }
             }
         });
-        self.set.spawn(crate::deploy::drift::run(
+        self.set.spawn(crate::pipeline::deploy::drift::run(
             self.deployer.clone(),
             self.recorder.clone(),
             resubmit,

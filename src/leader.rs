@@ -12,7 +12,7 @@
 //!
 //! Clock fencing cannot stop a request already in flight, so no write depends on it alone: a
 //! Lease write held up by a partition and delivered after another replica took over is
-//! refused by its version, and so is a PATCH of a workload (see [`crate::deploy`]). The Lease
+//! refused by its version, and so is a PATCH of a workload (see [`crate::pipeline::deploy`]). The Lease
 //! is never left without a holder by depwatch: a replica releases it only while it holds it,
 //! and a leader that finds it released takes it again and goes on; it stops only when another
 //! replica holds it (and so can act).
@@ -69,7 +69,7 @@ const WARM_EVERY: Duration = Duration::from_secs(2);
 /// judges from warm caches. The record grows while the leader works, so it is read again every
 /// [`WARM_EVERY`].
 pub async fn keep_warm(
-    watches: crate::deploy::watches::Watches,
+    watches: crate::pipeline::deploy::watches::Watches,
     record: crate::store::Store,
     standby: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,

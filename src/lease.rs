@@ -143,7 +143,7 @@ impl LeaseClient {
         };
         let body = json!({"metadata": {"resourceVersion": rv}, "spec": spec});
         let pp = PatchParams {
-            field_manager: Some(crate::deploy::FIELD_MANAGER.into()),
+            field_manager: Some(crate::pipeline::deploy::FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
         self.bounded(self.api.patch(&self.name, &pp, &Patch::Merge(&body)))

@@ -46,7 +46,7 @@ fn operator(env: &Env, verb: &str) {
 /// Wait until the daemon has acted on `content` and nothing is in progress; then check that
 /// the record, the cluster and the history agree.
 async fn settled_and_agreeing(env: &Env, daemon: &Daemon, content: &str, step: usize) {
-    let hash = depwatch::ingest::content_hash(content.as_bytes());
+    let hash = depwatch::pipeline::ingest::content_hash(content.as_bytes());
     let store = env.store();
     let r = wait_for(
         &format!("step {step} to settle on {content:?}"),
@@ -184,7 +184,7 @@ async fn slow_write(env: &Env, content: &str) {
 /// invariant: the workload never runs a crashing or hanging template, and no save has two
 /// rows.
 async fn chaos_settled(env: &Env, daemon: &Daemon, content: &str, burst: u64) {
-    let hash = depwatch::ingest::content_hash(content.as_bytes());
+    let hash = depwatch::pipeline::ingest::content_hash(content.as_bytes());
     let store = env.store();
     let r = wait_for(
         &format!("burst {burst} to settle on {content:?}"),

@@ -77,7 +77,7 @@ fn the_domain_imports_nothing_and_the_lifecycle_only_the_domain() {
                 paths.iter().all(|m| m == "domain"),
                 "domain.rs imports {paths:?}"
             ),
-            "deploy/lifecycle.rs" => assert!(
+            "pipeline/deploy/lifecycle.rs" => assert!(
                 paths.iter().all(|m| m == "domain"),
                 "lifecycle imports {paths:?}"
             ),

@@ -755,7 +755,7 @@ async fn crash_finished(
     let r = store.service(&web()).expect("q").expect("row");
     assert_eq!(
         r.failed_hash,
-        depwatch::ingest::content_hash(pinned),
+        depwatch::pipeline::ingest::content_hash(pinned),
         "the crash version is pinned by its own content, unless the file's is: {r:?}"
     );
     assert_eq!(r.deployed.to_string(), "web=r.example/web:1.0", "{r:?}");

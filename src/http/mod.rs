@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::metrics::Metrics;
-use crate::queue::QueueStats;
+use crate::pipeline::queue::QueueStats;
 use crate::store::Store;
 
 /// Largest request body accepted.
@@ -111,17 +111,17 @@ pub struct HttpState {
     pub(crate) tokens: Vec<Token>,
     pub(crate) metrics: Metrics,
     pub(crate) queue: Arc<QueueStats>,
-    pub(crate) scheduler: crate::queue::Scheduler,
+    pub(crate) scheduler: crate::pipeline::queue::Scheduler,
     /// Set once the start-up scan is done.
     pub(crate) scanned: Arc<AtomicBool>,
     /// Set while this replica waits for the Lease (`--leader-elect`).
     pub(crate) standby: Arc<AtomicBool>,
     /// Whether the Kubernetes API server answers (the only question HTTP asks it).
-    pub(crate) api_probe: crate::deploy::ApiProbe,
+    pub(crate) api_probe: crate::pipeline::deploy::ApiProbe,
     /// What the cluster runs, read-only, from the shared watches.
-    pub(crate) live: crate::deploy::LiveImages,
+    pub(crate) live: crate::pipeline::deploy::LiveImages,
     /// Deploys waiting for the API server, for `/readyz`.
-    pub(crate) api_waits: Arc<crate::deploy::recorder::ApiWaits>,
+    pub(crate) api_waits: Arc<crate::pipeline::deploy::recorder::ApiWaits>,
     pub(crate) shutdown: CancellationToken,
     /// Serialises deploy requests so one idempotency key writes the file once.
     pub(crate) post_lock: tokio::sync::Mutex<()>,

@@ -15,8 +15,8 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, R
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::debounce::Signal;
 use crate::depfile;
+use crate::pipeline::debounce::Signal;
 
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

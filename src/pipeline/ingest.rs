@@ -16,15 +16,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bounds::Bounds;
-use crate::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
 use crate::depfile;
 use crate::domain::ServiceKey;
 use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
-use crate::queue::Scheduler;
+use crate::pipeline::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
+use crate::pipeline::queue::Scheduler;
+use crate::pipeline::watch::{Barriers, FileEvent};
 use crate::safefs::{self, shown};
 use crate::store::OrLog;
 use crate::store::{ServiceChange, ServiceRecord, Store};
-use crate::watch::{Barriers, FileEvent};
 
 pub fn content_hash(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
@@ -424,7 +424,7 @@ impl Ingest {
         busy: &std::collections::HashSet<PathBuf>,
     ) -> Vec<PathBuf> {
         let dir = self.dir.clone();
-        let scanned = tokio::task::spawn_blocking(move || crate::watch::scan(&dir))
+        let scanned = tokio::task::spawn_blocking(move || crate::pipeline::watch::scan(&dir))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let paths = match scanned {
@@ -662,7 +662,7 @@ impl Files {
 pub async fn run(
     config: IngestConfig,
     mut ingest: Ingest,
-    mut root: crate::watch::RootWatch,
+    mut root: crate::pipeline::watch::RootWatch,
     barriers: Barriers,
     mut events: mpsc::Receiver<FileEvent>,
     overflow: Arc<AtomicBool>,
@@ -723,18 +723,18 @@ pub async fn run(
 
 /// Look at the dependency root again; `false` while it is missing.
 async fn refresh_root(
-    root: &mut crate::watch::RootWatch,
+    root: &mut crate::pipeline::watch::RootWatch,
     files: &mut Files,
     ingest: &mut Ingest,
 ) -> bool {
     match root.refresh() {
-        crate::watch::RootState::Same => true,
-        crate::watch::RootState::Rewatched => {
+        crate::pipeline::watch::RootState::Same => true,
+        crate::pipeline::watch::RootState::Rewatched => {
             files.rescan(ingest, Trigger::Rescan).await;
             true
         }
         // Nothing is forgotten while the directory is away: a rescan now would take every
         // service for removed.
-        crate::watch::RootState::Missing => false,
+        crate::pipeline::watch::RootState::Missing => false,
     }
 }

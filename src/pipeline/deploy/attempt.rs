@@ -269,7 +269,7 @@ impl Engine {
                 supersedable,
             } => {
                 let rx = supersedable.then(|| superseded.clone());
-                let target = crate::deploy::WaitFor {
+                let target = crate::pipeline::deploy::WaitFor {
                     generation,
                     applied: &applied,
                     replaced: replaced.as_ref(),

@@ -4,7 +4,7 @@
 //! Each service has a slot: its latest desired state, a generation counter that moves on every
 //! change (an in-flight rollout wait watches it and is abandoned as *superseded*), an async lock
 //! that serialises its deploys, and a queued flag so a burst of changes is one queue entry
-//! (latest wins). What a deploy does is [`crate::deploy::attempt`]'s business; a worker permit is
+//! (latest wins). What a deploy does is [`crate::pipeline::deploy::attempt`]'s business; a worker permit is
 //! held only while talking to the API, so a hundred slow rollouts never stall the
 //! hundred-and-first service.
 
@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::deploy::attempt::Engine;
 pub use crate::domain::Desired;
 use crate::domain::ServiceKey;
+use crate::pipeline::deploy::attempt::Engine;
 
 struct Slot {
     desired: Mutex<Option<Desired>>,
