@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod decide;
+
 use crate::bounds::Bounds;
 use crate::depfile;
 use crate::domain::ServiceKey;
@@ -252,26 +254,13 @@ impl Ingest {
             Ok(b) => b,
             Err(e) if e.is_missing() => {
                 let (was_known, still_defined) = self.unknow(path, &key);
-                // A refused file was never taken in, but its refusal is on the record.
-                let refused_here = !was_known
-                    && self.record(&key).is_some_and(|r| {
-                        r.path == path.display().to_string()
-                            && matches!(
-                                r.status,
-                                ServiceStatus::Invalid | ServiceStatus::Unreadable
-                            )
-                    });
-                if (was_known && !still_defined) || refused_here {
-                    tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
-                    self.scheduler.forget(&key);
-                    self.store
-                        .change_service(
-                            &key,
-                            ServiceChange::default()
-                                .status(ServiceStatus::Unmanaged)
-                                .message(format!("{} was removed", shown(path))),
-                        )
-                        .or_log("change service");
+                let shown_path = path.display().to_string();
+                let refused = !was_known
+                    && self
+                        .record(&key)
+                        .is_some_and(|r| decide::refusal_of(&r, &shown_path));
+                if decide::gone(was_known, still_defined, refused) {
+                    self.unmanage(&key, path);
                 }
                 return;
             }
@@ -338,73 +327,66 @@ impl Ingest {
                 .change_service(&key, change)
                 .or_log("change service");
         }
-        // A deploy left in progress is finished whatever the record says of its version.
-        let unfinished = self.unfinished.remove(&key);
-        if record.suspended && !unfinished {
-            tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`");
-            return;
-        }
-        // `depwatch retry` clears the pin and marks the service; the re-read is the operator's.
-        let retry_by = (record.status == ServiceStatus::Retry)
-            .then(|| Asker::retry_actor(&record.message))
-            .flatten();
-        // A save back to the pinned version while another is being deployed is a change all
-        // the same: it goes to the scheduler, which records it (and finishes the rollout under
-        // way); a re-read of pinned content is nothing.
-        let saved_over_another = self.scheduler.desired(&key).is_some_and(|d| d.hash != hash);
-        if record.failed_hash == hash && retry_by.is_none() && !unfinished && !saved_over_another {
-            tracing::debug!(service = %key, "content is a version that failed; pinned until it changes");
-            return;
-        }
-        // Drifted services keep their recorded content: only a file change (or --self-heal)
-        // deploys again, never a resync or a restart.
-        if record.content_hash == hash && record.status.settled() && !unfinished {
-            // Nothing to deploy, but the scheduler knows what is desired (for --self-heal).
-            if self.scheduler.desired(&key).is_none() {
-                self.scheduler.remember(
-                    key,
-                    Desired {
-                        spec,
-                        hash,
-                        path: path.to_path_buf(),
-                        trigger: Trigger::SelfHeal,
-                        actor: "depwatch".into(),
-                        request_id: String::new(),
-                        seen_at: tokio::time::Instant::now(),
-                    },
-                );
-            }
-            return;
-        }
-        if self.scheduler.busy_with(&key, &hash) && !unfinished {
-            return;
-        }
-        // Who asked: an operator's retry, then the API request or operator's rollback that
-        // wrote the file, else the file itself.
-        let asker = Asker::find(&String::from_utf8_lossy(&bytes));
-        let (trigger, actor, request_id) = match (retry_by, asker) {
-            (Some(actor), _) => (Trigger::Operator, actor, String::new()),
-            (None, Some(Asker::Request { id, actor })) => (Trigger::Api, actor, id),
-            (None, Some(Asker::Rollback { actor, .. })) => {
-                (Trigger::Operator, actor, String::new())
-            }
-            (None, None) => (trigger, trigger.to_string(), String::new()),
+        let queued = decide::Queued {
+            desired_hash: self.scheduler.desired(&key).map(|d| d.hash),
+            busy_with_this: self.scheduler.busy_with(&key, &hash),
         };
-        tracing::info!(service = %key, %file, %trigger, "new desired version");
-        self.scheduler
-            .submit(
+        let read = decide::Valid {
+            hash: &hash,
+            asker: Asker::find(&String::from_utf8_lossy(&bytes)),
+            trigger,
+            unfinished: self.unfinished.remove(&key),
+        };
+        let outcome = decide::valid(read, &record, &queued);
+        let desired = |trigger, actor, request_id| Desired {
+            spec,
+            hash: hash.clone(),
+            path: path.to_path_buf(),
+            trigger,
+            actor,
+            request_id,
+            seen_at: tokio::time::Instant::now(),
+        };
+        match outcome {
+            decide::Outcome::Suspended => {
+                tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`")
+            }
+            decide::Outcome::Pinned => {
+                tracing::debug!(service = %key, "content is a version that failed; pinned until it changes")
+            }
+            decide::Outcome::Busy => {}
+            decide::Outcome::Remember => {
+                // Nothing to deploy, but the queue knows what is desired (for --self-heal).
+                if queued.desired_hash.is_none() {
+                    let d = desired(Trigger::SelfHeal, "depwatch".into(), String::new());
+                    self.scheduler.remember(key, d);
+                }
+            }
+            decide::Outcome::Submit {
+                trigger,
+                actor,
+                request_id,
+            } => {
+                tracing::info!(service = %key, %file, %trigger, "new desired version");
+                let d = desired(trigger, actor, request_id);
+                self.scheduler.submit(key, d).await;
+            }
+        }
+    }
+
+    /// The file is gone and nothing else defines the service: no longer managed (nothing in
+    /// the cluster is deleted).
+    fn unmanage(&mut self, key: &ServiceKey, path: &Path) {
+        tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
+        self.scheduler.forget(key);
+        self.store
+            .change_service(
                 key,
-                Desired {
-                    spec,
-                    hash,
-                    path: path.to_path_buf(),
-                    trigger,
-                    actor,
-                    request_id,
-                    seen_at: tokio::time::Instant::now(),
-                },
+                ServiceChange::default()
+                    .status(ServiceStatus::Unmanaged)
+                    .message(format!("{} was removed", shown(path))),
             )
-            .await;
+            .or_log("change service");
     }
 
     /// Compare the whole directory with what is known and recorded, and act on every file.
