@@ -2,8 +2,7 @@
 //! same on the status page, in `depwatch status -o wide` and in the API. Pure: decided from the
 //! record alone.
 
-use crate::domain::ServiceKey;
-use crate::domain::{ServiceStatus, Shown, WorkloadKind};
+use crate::domain::{ServiceKey, ServiceStatus, Shown, WorkloadKind};
 
 /// What the record says about a service, as far as advice needs it.
 #[derive(Debug, Clone, Copy)]

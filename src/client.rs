@@ -6,8 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::cli::{Output, ServiceArgs, Target};
-use crate::domain::ServiceKey;
-use crate::domain::{Images, WorkloadKind};
+use crate::domain::{Images, ServiceKey, WorkloadKind};
 use crate::http::api::{Accepted, ServiceDetail, ServiceView};
 use crate::operator::{self, Caller};
 use crate::store::{DeployRecord, Store};

@@ -3,8 +3,7 @@
 //! text in, text out; the caller reads and writes the file.
 
 use crate::depfile;
-use crate::domain::{Asker, Images};
-use crate::domain::{ImageSpec, ServiceKey};
+use crate::domain::{Asker, ImageSpec, Images, ServiceKey};
 
 /// Why a file cannot be edited to ask for the wanted images.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

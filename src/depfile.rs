@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::domain::EXTENSION;
-use crate::domain::{valid_label, DepSpec, ImageSpec, ServiceKey};
+use crate::domain::{valid_label, DepSpec, ImageSpec, ServiceKey, EXTENSION};
 
 /// Whether a file name is a temporary or editor file that must never be read as a
 /// dependency file: dotfiles (rsync's `.name.XXXXXX`, emacs `.#` locks, `..data`), swap and

@@ -4,8 +4,7 @@
 
 use std::path::Path;
 
-use crate::domain::ServiceKey;
-use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus};
+use crate::domain::{Asker, DeployOutcome, Images, ServiceKey, ServiceStatus};
 use crate::store::{self, ServiceChange, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]

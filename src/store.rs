@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::domain::ServiceKey;
-use crate::domain::{DeployOutcome, Images, ServiceStatus, Trigger, WorkloadKind};
+use crate::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger, WorkloadKind};
 
 mod change;
 pub mod outbox;

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::domain::ServiceKey;
-use depwatch::domain::ServiceStatus;
+use depwatch::domain::{ServiceKey, ServiceStatus};
 use depwatch::sim::SimConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use common::daemon::{Daemon, Env};
 use common::wait_for;
-use depwatch::domain::ServiceKey;
-use depwatch::domain::ServiceStatus;
+use depwatch::domain::{ServiceKey, ServiceStatus};
 use depwatch::sim::SimConfig;
 
 /// A small xorshift generator: the same order every run.

@@ -12,8 +12,7 @@ use common::chromium::{artifacts, Browser};
 use common::daemon::Env;
 use common::key;
 use common::wait_for;
-use depwatch::domain::ServiceKey;
-use depwatch::domain::ServiceStatus;
+use depwatch::domain::{ServiceKey, ServiceStatus};
 use depwatch::sim::SimConfig;
 use serde_json::Value;
 

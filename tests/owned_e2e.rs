@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::domain::ServiceKey;
-use depwatch::domain::ServiceStatus;
+use depwatch::domain::{ServiceKey, ServiceStatus};
 use depwatch::sim::SimConfig;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams, PostParams};

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::wait_for;
-use depwatch::domain::ServiceKey;
-use depwatch::domain::{DeployOutcome, ServiceStatus};
+use depwatch::domain::{DeployOutcome, ServiceKey, ServiceStatus};
 use depwatch::sim::SimConfig;
 use depwatch::store::Store;
 use k8s_openapi::api::apps::v1::Deployment;

@@ -3,8 +3,7 @@
 
 mod common;
 
-use depwatch::domain::ServiceKey;
-use depwatch::domain::{DeployOutcome, Images, ServiceStatus, Trigger};
+use depwatch::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger};
 use depwatch::store::{now, DeployRecord, RequestRecord, ServiceChange, Store};
 
 fn deploy(ns: &str, name: &str) -> DeployRecord {

@@ -19,8 +19,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, ApiError, ErrorBody, HttpState, BODY_LIMIT};
 use crate::depfile;
-use crate::domain::{Asker, DeployOutcome, Images, ServiceStatus, WorkloadKind};
-use crate::domain::{ImageSpec, ServiceKey};
+use crate::domain::{
+    Asker, DeployOutcome, ImageSpec, Images, ServiceKey, ServiceStatus, WorkloadKind,
+};
 use crate::operator;
 use crate::store::{self, DeployRecord, RequestRecord, ServiceRecord};
 

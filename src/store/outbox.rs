@@ -7,8 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::{Backend, DeployRecord, ServiceChange, ServiceRecord, StoreError};
-use crate::domain::DeployOutcome;
-use crate::domain::ServiceKey;
+use crate::domain::{DeployOutcome, ServiceKey};
 
 /// Writes kept at most; beyond this a write is dropped (and counted).
 pub const CAPACITY: usize = 100_000;

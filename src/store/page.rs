@@ -5,8 +5,7 @@
 
 use super::change::Value;
 use super::{ServiceRecord, SERVICE_COLUMNS};
-use crate::domain::ServiceKey;
-use crate::domain::{ServiceStatus, UnknownName};
+use crate::domain::{ServiceKey, ServiceStatus, UnknownName};
 
 /// Which services a page holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -14,8 +14,7 @@ use super::{
     Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
 };
-use crate::domain::ServiceKey;
-use crate::domain::{DeployOutcome, Images};
+use crate::domain::{DeployOutcome, Images, ServiceKey};
 
 /// Schema versions in order; each runs once.
 const MIGRATIONS: &[&str] = &[

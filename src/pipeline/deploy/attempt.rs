@@ -11,9 +11,7 @@ use tokio::time::Instant;
 use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfinished};
 use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
-use crate::domain::Plan;
-use crate::domain::ServiceKey;
-use crate::domain::{Desired, Images};
+use crate::domain::{Desired, Images, Plan, ServiceKey};
 use crate::store::OrLog;
 use crate::store::{DeployRecord, StoreError};
 

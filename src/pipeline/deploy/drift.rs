@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache;
 use super::recorder::{Drift, Recorder};
 use super::Deployer;
-use crate::domain::ServiceKey;
-use crate::domain::{DeployOutcome, Images, ServiceStatus};
+use crate::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus};
 use crate::store::DeployRecord;
 
 /// The containers whose live image differs from the recorded one, with the live image.

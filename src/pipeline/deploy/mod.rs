@@ -29,8 +29,7 @@ use tokio::time::Instant;
 
 use crate::depfile;
 pub use crate::domain::Images;
-use crate::domain::{DepSpec, ServiceKey};
-use crate::domain::{Plan, Shown, WaitOutcome, WorkloadKind};
+use crate::domain::{DepSpec, Plan, ServiceKey, Shown, WaitOutcome, WorkloadKind};
 use cache::Found;
 use rollout::{FailFast, Health, WorkloadState};
 use watches::Watches;

@@ -19,8 +19,7 @@ mod decide;
 
 use crate::bounds::Bounds;
 use crate::depfile;
-use crate::domain::ServiceKey;
-use crate::domain::{Asker, Desired, ServiceStatus, Trigger};
+use crate::domain::{Asker, DepSpec, Desired, ServiceKey, ServiceStatus, Trigger};
 use crate::pipeline::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
 use crate::pipeline::queue::Scheduler;
 use crate::pipeline::watch::{Barriers, FileEvent};
@@ -269,16 +268,32 @@ impl Ingest {
                 return;
             }
         };
+        let hash = content_hash(&bytes);
+        let Some(spec) = self.admit(path, &key, &bytes, &hash) else {
+            return;
+        };
+        self.take(path, key, spec, &bytes, hash, trigger).await;
+    }
+
+    /// A file as read: its namespace within `--namespaces`, the only file of its service, a
+    /// valid dependency file asking for images within `--allowed-images`; else refused here.
+    fn admit(
+        &mut self,
+        path: &Path,
+        key: &ServiceKey,
+        bytes: &[u8],
+        hash: &str,
+    ) -> Option<DepSpec> {
         if let Err(e) = self.rules.bounds.check_namespace(&key.namespace) {
             self.refuse(
-                &key,
+                key,
                 path,
                 ServiceStatus::Invalid,
                 format!("{}: {e}", shown(path)),
             );
-            return;
+            return None;
         }
-        if let Some(other) = self.other_definition(&key, path) {
+        if let Some(other) = self.other_definition(key, path) {
             let message = format!(
                 "service {key} is defined twice, by {} and {}; nothing deployed until one is removed",
                 shown(&other),
@@ -287,26 +302,24 @@ impl Ingest {
             tracing::error!("{message}");
             self.store
                 .change_service(
-                    &key,
+                    key,
                     ServiceChange::default()
                         .status(ServiceStatus::Invalid)
                         .message(message),
                 )
                 .or_log("change service");
-            return;
+            return None;
         }
-        self.know(path, &key);
-        let hash = content_hash(&bytes);
+        self.know(path, key);
         let file = shown(path);
-        let spec = match depfile::parse(&file, &bytes)
-            .and_then(|s| within_bounds(&self.rules.bounds, &file, s))
+        match depfile::parse(&file, bytes).and_then(|s| within_bounds(&self.rules.bounds, &file, s))
         {
-            Ok(s) => s,
+            Ok(spec) => Some(spec),
             Err(e) => {
                 tracing::error!(error = %e, "invalid dependency file; nothing deployed, the last good state stays");
                 self.store
                     .change_service(
-                        &key,
+                        key,
                         ServiceChange::default()
                             .path(path.display().to_string())
                             .status_unless_deploying(ServiceStatus::Invalid)
@@ -314,10 +327,23 @@ impl Ingest {
                             .requested("", hash),
                     )
                     .or_log("change service");
-                return;
+                None
             }
-        };
-        self.import_last(path, &key, &String::from_utf8_lossy(&bytes), &hash)
+        }
+    }
+
+    /// A valid file: what it asks is recorded, then the decision carried out.
+    async fn take(
+        &mut self,
+        path: &Path,
+        key: ServiceKey,
+        spec: DepSpec,
+        bytes: &[u8],
+        hash: String,
+        trigger: Trigger,
+    ) {
+        let file = shown(path);
+        self.import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
             .await;
         let record = self.record(&key).unwrap_or_default();
         if record.requested_hash != hash {
@@ -333,7 +359,7 @@ impl Ingest {
         };
         let read = decide::Valid {
             hash: &hash,
-            asker: Asker::find(&String::from_utf8_lossy(&bytes)),
+            asker: Asker::find(&String::from_utf8_lossy(bytes)),
             trigger,
             unfinished: self.unfinished.remove(&key),
         };
