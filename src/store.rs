@@ -290,6 +290,20 @@ pub struct RecordHealth {
     pub dropped: u64,
 }
 
+/// The tables. Who writes each `services` column (each writer names only its own fields in a
+/// [`ServiceChange`]; see ARCHITECTURE.md):
+///
+/// | column | written by |
+/// |---|---|
+/// | `requested`, `requested_hash` | ingest, when a file is read |
+/// | `path` | ingest (a refusal) and the recorder (a deploy's file) |
+/// | `content_hash` | the recorder (what was acted on), and ingest importing a seed's `.last` |
+/// | `desired`, `deployed`, `last_good`, `kind` | the recorder |
+/// | `status`, `message` | ingest (a refused or removed file), the recorder (a deploy), operator commands (`retry`, `suspend`, `resume`) |
+/// | `failed_hash` | the recorder pins; `retry` clears |
+/// | `suspended` | operator commands |
+///
+/// `deploys` rows are the recorder's alone; `requests` the API's; `refused_files` ingest's.
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;

@@ -186,7 +186,8 @@ async fn the_readmes_five_minutes_run_as_written() {
             let log =
                 std::fs::File::create(dir.path().join(format!("bg{}.log", background.0.len())))
                     .expect("log");
-            let child = shell(c.trim())
+            // `exec`: the child is the command itself, so stopping it stops the command.
+            let child = shell(&format!("exec {}", c.trim()))
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log)
                 .spawn()

@@ -282,3 +282,46 @@ async fn a_file_read_empty_after_a_truncate_waits_for_its_writer() {
     assert_eq!(env.image("demo", "web").await, "example.com/web:1.1.0");
     daemon.stop();
 }
+
+/// The dependency directory deleted with a deployed service's file in it: the daemon waits for
+/// it without spinning (it used to wake at once, forever, for the file the directory took with
+/// it), forgets nothing, and deploys again when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_dependency_directory_is_waited_for_without_spinning() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0.0")], 1)
+        .await;
+    let daemon = env.daemon(&[]).await;
+    env.write_dep("web_prod.dep", "1.0.1\n");
+    env.wait_image("prod", "web", "example.com/web:1.0.1").await;
+    std::fs::remove_dir_all(&env.deps).expect("rm -r deps");
+    wait_for(
+        "the missing directory to be noticed",
+        Duration::from_secs(20),
+        || async {
+            daemon
+                .log_text()
+                .contains("the dependency directory is missing")
+                .then_some(())
+        },
+    )
+    .await;
+    // A window of idle waiting: an idle daemon uses a few milliseconds of it.
+    let before = common::cpu_seconds(daemon.pid());
+    let window = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = common::cpu_seconds(daemon.pid()) - before;
+    let share = used / window.elapsed().as_secs_f64();
+    assert!(
+        share < 0.25,
+        "{used:.2} s of CPU in {:?} while the directory is away",
+        window.elapsed()
+    );
+    let web = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
+    let r = env.store().service(&web).expect("store").expect("record");
+    assert_eq!(r.status.as_str(), "succeeded", "nothing forgotten");
+
+    std::fs::create_dir(&env.deps).expect("mkdir deps");
+    env.write_dep("web_prod.dep", "1.0.2\n");
+    env.wait_image("prod", "web", "example.com/web:1.0.2").await;
+}

@@ -685,7 +685,9 @@ pub async fn run(
     root_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut root_ok = true;
     loop {
-        let next = files.next_deadline();
+        // While the root is away nothing is read, so nothing is due: waking for the paths it
+        // took with it would spin (the root check brings it back).
+        let next = files.next_deadline().filter(|_| root_ok);
         let sleep = async {
             match next {
                 Some(t) => tokio::time::sleep_until(t).await,
