@@ -440,8 +440,23 @@ const SQLITE_ADDED: &[(&str, &str, &str)] = &[
 ];
 
 /// Create the tables, and add the columns an older database lacks.
+/// Two processes opening the record at once (a daemon starting while a command or a test
+/// reads it) add each column once: the look and the change are one write transaction.
 fn sqlite_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let added = add_columns(conn);
+    match added {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            // The open fails with the first error; the rollback's own is of no more use.
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
     for (table, column, definition) in SQLITE_ADDED {
         let present: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),

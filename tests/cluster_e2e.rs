@@ -205,7 +205,8 @@ async fn outcome(state: &Path, ns: &str, name: &str, want: &str, within: Duratio
         let state = state.clone();
         let key = key.clone();
         async move {
-            let r = depwatch::store::Store::open(&state)
+            // Read-only: the test never creates or migrates the daemon's record.
+            let r = depwatch::store::Store::open_read_only(&state)
                 .ok()?
                 .service(&key)
                 .ok()??;
@@ -222,7 +223,8 @@ async fn healthy_with(state: &Path, ns: &str, name: &str, image: &str) {
         &format!("{ns}/{name} healthy with {image}"),
         Duration::from_secs(240),
         || async {
-            let r = depwatch::store::Store::open(state)
+            // Read-only: the test never creates or migrates the daemon's record.
+            let r = depwatch::store::Store::open_read_only(state)
                 .ok()?
                 .service(&key)
                 .ok()??;
