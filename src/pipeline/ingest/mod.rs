@@ -346,13 +346,7 @@ impl Ingest {
         self.import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
             .await;
         let record = self.record(&key).unwrap_or_default();
-        if record.requested_hash != hash {
-            // What the file asks is shown as soon as it is read, whatever happens to it next.
-            let change = ServiceChange::default().requested(spec.requested(), hash.clone());
-            self.store
-                .change_service(&key, change)
-                .or_log("change service");
-        }
+        let (asks, service) = (spec.requested(), key.clone());
         let queued = decide::Queued {
             desired_hash: self.scheduler.desired(&key).map(|d| d.hash),
             busy_with_this: self.scheduler.busy_with(&key, &hash),
@@ -397,6 +391,14 @@ impl Ingest {
                 let d = desired(trigger, actor, request_id);
                 self.scheduler.submit(key, d).await;
             }
+        }
+        // What the file asks is shown as soon as it is read, whatever happens to it next:
+        // written once the version is handed on, so the write is not on the save → PATCH path.
+        if record.requested_hash != hash {
+            let change = ServiceChange::default().requested(asks, hash.clone());
+            self.store
+                .change_service(&service, change)
+                .or_log("change service");
         }
     }
 
