@@ -82,12 +82,14 @@ impl std::fmt::Debug for EcrIdentity {
 }
 
 impl EcrIdentity {
-    /// With the ECR endpoint as the environment sets it (the SDK reads the same variables).
+    /// With the ECR endpoint as the environment sets it. Only the ECR-specific variable counts:
+    /// a general `AWS_ENDPOINT_URL` (set for another service) must not make every registry an
+    /// ECR candidate.
     pub fn from_env() -> Self {
         let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
         EcrIdentity {
             inner: Arc::new(Inner {
-                endpoint_override: set("AWS_ENDPOINT_URL_ECR") || set("AWS_ENDPOINT_URL"),
+                endpoint_override: set("AWS_ENDPOINT_URL_ECR"),
                 ..Inner::default()
             }),
         }
