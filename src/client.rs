@@ -373,11 +373,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
 
 /// Images for a table cell: the image alone for one container, `-` for none.
 fn cell(images: &Images) -> String {
-    match images.len() {
-        0 => "-".into(),
-        1 => images.values().next().cloned().unwrap_or_default(),
-        _ => images.to_string(),
-    }
+    images.cell()
 }
 
 fn or_dash(s: &str) -> String {

@@ -679,6 +679,16 @@ impl Images {
         self.0.is_empty()
     }
 
+    /// For a table cell: the image alone for one container, `-` for none, else every
+    /// `container=image`.
+    pub fn cell(&self) -> String {
+        match self.0.as_slice() {
+            [] => "-".into(),
+            [(_, image)] => image.clone(),
+            _ => self.to_string(),
+        }
+    }
+
     /// The images of `other` laid over these.
     pub fn with(&self, other: &Images) -> Images {
         let mut out = self.clone();

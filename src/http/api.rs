@@ -101,11 +101,12 @@ impl ServiceView {
         } else {
             self.asks.clone()
         };
+        // Images read back as images (one alone); the file's own words as written.
         let images = Images::parse(&text);
-        let shown = match images.len() {
-            0 if text.is_empty() => "-".to_string(),
-            1 if images.to_string() == text => images.values().next().cloned().unwrap_or(text),
-            _ => text,
+        let shown = if text.is_empty() || images.to_string() == text {
+            images.cell()
+        } else {
+            text
         };
         let why = (!self.not_running.is_empty()).then_some(self.not_running.as_str());
         (shown, why)

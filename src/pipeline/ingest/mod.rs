@@ -346,7 +346,8 @@ impl Ingest {
         self.import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
             .await;
         let record = self.record(&key).unwrap_or_default();
-        let (asks, service) = (spec.requested(), key.clone());
+        // What the file asks, when the record does not have it yet (written at the end).
+        let asks = (record.requested_hash != hash).then(|| (spec.requested(), key.clone()));
         let queued = decide::Queued {
             desired_hash: self.scheduler.desired(&key).map(|d| d.hash),
             busy_with_this: self.scheduler.busy_with(&key, &hash),
@@ -394,8 +395,8 @@ impl Ingest {
         }
         // What the file asks is shown as soon as it is read, whatever happens to it next:
         // written once the version is handed on, so the write is not on the save → PATCH path.
-        if record.requested_hash != hash {
-            let change = ServiceChange::default().requested(asks, hash.clone());
+        if let Some((words, service)) = asks {
+            let change = ServiceChange::default().requested(words, hash.clone());
             self.store
                 .change_service(&service, change)
                 .or_log("change service");
