@@ -295,8 +295,15 @@ fn unknown_field_problem(msg: &str) -> String {
 
 /// What kind of YAML problem a parser message describes, in words that quote nothing from
 /// the file but a plain unknown field's name.
+/// Whether the parser stopped at one of [`yaml_limits`].
+fn beyond_limits(msg: &str) -> bool {
+    msg.contains("budget breached") || msg.contains("limit exceeded")
+}
+
 fn yaml_problem(msg: &str) -> String {
-    if msg.contains("unknown field") {
+    if beyond_limits(msg) {
+        "too large for a dependency file: at most 64 levels of nesting, 10,000 nodes and 256 aliases".into()
+    } else if msg.contains("unknown field") {
         unknown_field_problem(msg)
     } else if msg.contains("duplicate") {
         "a field appears twice".into()
@@ -405,12 +412,30 @@ impl Problems<'_> {
     }
 }
 
+/// Limits fitted to a dependency file, a few dozen nodes: the parser's own defaults (a million
+/// events) let a 500-byte alias bomb cost half a second of CPU at every read and rescan.
+fn yaml_limits() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_events: 20_000,
+            max_nodes: 10_000,
+            max_aliases: 256,
+            max_depth: 64,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 10_000,
+        },
+    }
+}
+
 /// The form and the top-level keys it does not know. The keys are read first on their own,
 /// so every unknown one is named rather than the read ending at the first.
 fn read_form(file: &str, text: &str) -> Result<(YamlForm, Vec<String>), DepFileError> {
     let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
-        serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, e))?;
-    let form = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, e))?;
+        serde_saphyr::from_str_with_options(text, yaml_limits())
+            .map_err(|e| yaml_error(file, text, e))?;
+    let form = serde_saphyr::from_str_with_options(text, yaml_limits())
+        .map_err(|e| yaml_error(file, text, e))?;
     let unknown = keys
         .into_keys()
         .filter(|k| !FIELDS.contains(&k.as_str()))
@@ -426,7 +451,9 @@ fn yaml_error(file: &str, text: &str, e: impl fmt::Display) -> DepFileError {
         .nth(1)
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok());
-    let hint = line.and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
+    let hint = line
+        .filter(|_| !beyond_limits(&msg))
+        .and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));
     let problem = hint.map_or_else(|| yaml_problem(&msg), String::from);
     DepFileError {
         file: file.to_string(),
@@ -664,6 +691,37 @@ mod tests {
 
     fn key() -> ServiceKey {
         ServiceKey::new("payments", "prod").expect("valid")
+    }
+
+    /// An alias bomb and a deep nest are refused at the file's own limits, saying so: the
+    /// parser's defaults would expand the bomb to a million events at every read.
+    #[test]
+    fn yaml_beyond_a_dependency_file_s_limits_is_refused_as_too_large() {
+        let level = |name: char, of: &str| format!("{name}: &{name} [{}]\n", [of; 9].join(","));
+        let mut bomb = level('a', "x");
+        for (name, of) in [
+            ('b', "*a"),
+            ('c', "*b"),
+            ('d', "*c"),
+            ('e', "*d"),
+            ('f', "*e"),
+        ] {
+            bomb.push_str(&level(name, of));
+        }
+        let deep = format!("images: {}{}\n", "[".repeat(480), "]".repeat(480));
+        for text in [bomb, deep] {
+            let e = parse("f_prod.dep", text.as_bytes()).expect_err("refused");
+            assert!(
+                e.message.contains("too large for a dependency file"),
+                "{}",
+                e.message
+            );
+            assert!(!e.message.contains("indentation"), "{}", e.message);
+        }
+        // A few anchors, as people write them, still read.
+        let anchors = "images:\n  api: &v reg.example/api:1.2\n  worker: *v\n";
+        let spec = parse("f_prod.dep", anchors.as_bytes()).expect("anchors within limits");
+        assert_eq!(spec.images.len(), 2);
     }
 
     #[test]

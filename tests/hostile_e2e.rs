@@ -420,15 +420,19 @@ async fn check_case(env: &Env, case: &Case, suffix: &str) {
     let name = format!("{}{suffix}", case.name);
     match case.expect {
         Expect::Refused(status, text) => {
-            let record = wait_for(
+            // On a timeout, what the record holds for the service says which step went wrong.
+            let seen = std::sync::Mutex::new(String::from("no record"));
+            let record = common::wait_for_or(
                 &format!("{name}: status {status} with {text:?}"),
                 Duration::from_secs(30),
                 || async {
                     let all = env.store().services().ok()?;
-                    all.into_iter().find(|r| {
-                        r.name == name && r.status.as_str() == status && r.message.contains(text)
-                    })
+                    let mine = all.into_iter().find(|r| r.name == name)?;
+                    *seen.lock().expect("seen") =
+                        format!("{} {:?}", mine.status.as_str(), mine.message);
+                    (mine.status.as_str() == status && mine.message.contains(text)).then_some(mine)
                 },
+                || format!("the record holds: {}", seen.lock().expect("seen")),
             )
             .await;
             assert!(

@@ -48,7 +48,21 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for_or(what, timeout, check, String::new).await
+}
+
+/// [`wait_for`], saying what `explain` gives (the state last seen) when it times out.
+pub async fn wait_for_or<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+    explain: impl Fn() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -59,7 +73,10 @@ where
             return v;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; {}",
+                explain()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
