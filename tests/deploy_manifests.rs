@@ -365,6 +365,34 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         .then_some(())
     })
     .await;
+    // The same outcome again (1.1.0 deployed a second time) is sent as a series of the first
+    // Kubernetes Event: a PATCH of it.
+    let deployed = |tag: &str| {
+        let image = format!("example.com/web:{tag}");
+        let k = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
+        store.history(Some(&k), 1).ok().is_some_and(|h| {
+            h.first()
+                .is_some_and(|d| d.outcome.as_str() == "succeeded" && d.to_image.contains(&image))
+        })
+    };
+    for tag in ["1.2.0", "1.1.0"] {
+        env.write_dep("web_prod.dep", &format!("{tag}\n"));
+        wait_for("web deployed", Duration::from_secs(30), || async {
+            deployed(tag).then_some(())
+        })
+        .await;
+    }
+    let patched_event = ("patch".to_string(), "events.k8s.io/events".to_string());
+    wait_for(
+        "the repeated Event patched",
+        Duration::from_secs(20),
+        || async {
+            used_by_depwatch(&env.audit)
+                .contains(&patched_event)
+                .then_some(())
+        },
+    )
+    .await;
     daemon.stop();
 
     let used = used_by_depwatch(&env.audit);

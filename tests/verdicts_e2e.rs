@@ -349,6 +349,38 @@ async fn kubectl_describe_lists_depwatchs_events() {
     .await;
     assert!(out.contains("depwatch"), "{out}");
     assert!(!out.contains("Events:  <none>"), "{out}");
+    // Sent through kube's event recorder: events.k8s.io/v1, reported by depwatch, about the
+    // Deployment.
+    let listed = kubectl
+        .ok(&["-n", "prod", "get", "events.v1.events.k8s.io", "-o", "json"])
+        .await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("event list");
+    let ours: Vec<&serde_json::Value> = listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["reportingController"] == "depwatch")
+        .collect();
+    for reason in ["DeploySucceeded", "DeployRolledBack"] {
+        let e = ours
+            .iter()
+            .find(|e| e["reason"] == reason)
+            .unwrap_or_else(|| panic!("no {reason} event in {listed}"));
+        assert_eq!(e["regarding"]["kind"], "Deployment", "{e}");
+        assert_eq!(e["regarding"]["name"], "web", "{e}");
+        assert!(
+            e["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("depwatch: ")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        ours.iter()
+            .find(|e| e["reason"] == "DeployRolledBack")
+            .expect("rollback")["type"],
+        "Warning"
+    );
 }
 
 /// A deploy that fails before any change is one history row, one red message, and the

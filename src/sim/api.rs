@@ -434,7 +434,18 @@ fn list(
         (true, Some((k, _))) => continue_token(k, rv),
         _ => String::new(),
     };
-    let items: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
+    let mut items: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
+    if resource == "events" && next.is_empty() {
+        // One store behind both Event APIs, as on a real cluster: `kubectl describe` reads
+        // core/v1, recorders write events.k8s.io/v1.
+        let (newer, _) = store.list("events.events.k8s.io", target.namespace.as_deref());
+        items.extend(
+            newer
+                .iter()
+                .map(core_event)
+                .filter(|o| labels.matches_labels(o) && fields.matches_fields(o)),
+        );
+    }
     let metadata = if next.is_empty() {
         json!({"resourceVersion": rv.to_string()})
     } else {
@@ -459,6 +470,49 @@ fn list(
             "items": items,
         }),
     ))
+}
+
+/// An events.k8s.io/v1 Event as core/v1 shows it (the API server's own field mapping).
+fn core_event(e: &Value) -> Value {
+    let series = &e["series"];
+    let count = series["count"]
+        .as_i64()
+        .or_else(|| e["deprecatedCount"].as_i64())
+        .unwrap_or(1);
+    let last = series["lastObservedTime"]
+        .as_str()
+        .or_else(|| e["deprecatedLastTimestamp"].as_str())
+        .or_else(|| e["eventTime"].as_str());
+    let first = e["deprecatedFirstTimestamp"]
+        .as_str()
+        .or_else(|| e["eventTime"].as_str());
+    let second = |t: Option<&str>| {
+        t.map(|t| {
+            Value::String(format!(
+                "{}Z",
+                t.trim_end_matches('Z').split('.').next().unwrap_or(t)
+            ))
+        })
+        .unwrap_or(Value::Null)
+    };
+    json!({
+        "kind": "Event",
+        "apiVersion": "v1",
+        "metadata": e["metadata"],
+        "involvedObject": e["regarding"],
+        "related": e["related"],
+        "reason": e["reason"],
+        "message": e["note"],
+        "type": e["type"],
+        "action": e["action"],
+        "source": {"component": e["reportingController"]},
+        "reportingComponent": e["reportingController"],
+        "reportingInstance": e["reportingInstance"],
+        "eventTime": e["eventTime"],
+        "firstTimestamp": second(first),
+        "lastTimestamp": second(last),
+        "count": count,
+    })
 }
 
 /// A `continue` token: the revision of the list and the last key served, opaque to clients.

@@ -69,16 +69,6 @@ pub fn describe(all: &[Access]) -> String {
     }
 }
 
-/// The API group and resource of a kind, as RBAC names them.
-fn resource(kind: WorkloadKind) -> (&'static str, &'static str) {
-    match kind {
-        WorkloadKind::Deployment => ("apps", "deployments"),
-        WorkloadKind::StatefulSet => ("apps", "statefulsets"),
-        WorkloadKind::DaemonSet => ("apps", "daemonsets"),
-        WorkloadKind::CronJob => ("batch", "cronjobs"),
-    }
-}
-
 /// Ask the API server whether this identity may patch each workload kind in each of
 /// `namespaces` (`None`: cluster-wide). `Err` when the question itself cannot be asked.
 pub async fn may_patch(
@@ -93,7 +83,7 @@ pub async fn may_patch(
     let mut out = Vec::new();
     for namespace in places {
         for kind in WorkloadKind::ALL.iter().copied() {
-            let (group, resource) = resource(kind);
+            let (group, resource) = super::workload::resource(kind);
             let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
                 "spec": {"resourceAttributes": {
                     "namespace": namespace.clone().unwrap_or_default(),

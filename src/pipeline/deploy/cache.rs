@@ -7,8 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tokio::sync::watch;
@@ -197,35 +196,24 @@ pub(super) trait Cached:
     fn key(&self) -> String;
 }
 
-/// The workload kinds, cached by name.
-macro_rules! cached_workload {
-    ($($ty:ty => $kind:ident),+ $(,)?) => {$(
-        impl Cached for $ty {
-            fn apply(&self, cache: &mut Cache) -> bool {
-                cache.put_workload(self.name_any(), WorkloadState::from(self))
-            }
+/// Every workload kind, cached by name.
+impl<K: super::workload::Kind> Cached for K {
+    fn apply(&self, cache: &mut Cache) -> bool {
+        cache.put_workload(self.name_any(), self.state())
+    }
 
-            fn delete(&self, cache: &mut Cache) -> bool {
-                cache.remove_workload(WorkloadKind::$kind, &self.name_any());
-                true
-            }
+    fn delete(&self, cache: &mut Cache) -> bool {
+        cache.remove_workload(K::KIND, &self.name_any());
+        true
+    }
 
-            fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String> {
-                cache.retain_workloads(WorkloadKind::$kind, keep)
-            }
+    fn retain(cache: &mut Cache, keep: &HashSet<String>) -> Vec<String> {
+        cache.retain_workloads(K::KIND, keep)
+    }
 
-            fn key(&self) -> String {
-                self.name_any()
-            }
-        }
-    )+};
-}
-
-cached_workload! {
-    Deployment => Deployment,
-    StatefulSet => StatefulSet,
-    DaemonSet => DaemonSet,
-    CronJob => CronJob,
+    fn key(&self) -> String {
+        self.name_any()
+    }
 }
 
 impl Cached for ReplicaSet {
@@ -420,6 +408,7 @@ impl NamespaceWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::apps::v1::Deployment;
 
     fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
         serde_saphyr::from_str(s).expect("fixture parses")

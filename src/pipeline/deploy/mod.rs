@@ -15,13 +15,10 @@ pub mod rollout;
 pub mod watches;
 pub mod workload;
 
-use std::fmt;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
@@ -108,7 +105,7 @@ pub enum DeployError {
     },
     #[error("{}", describe_kube(action, server, source))]
     Kube {
-        action: &'static str,
+        action: String,
         server: String,
         source: kube::Error,
     },
@@ -144,31 +141,69 @@ async fn newer(superseded: Option<&mut watch::Receiver<u64>>) {
 }
 
 /// GET one object; `None` when it is not there.
-async fn get_as<K>(api: Api<K>, name: &str) -> Result<Option<WorkloadState>, kube::Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
-    for<'a> WorkloadState: From<&'a K>,
-{
-    Ok(api.get_opt(name).await?.as_ref().map(WorkloadState::from))
+/// One workload of a kind, if it is there.
+struct Get<'a> {
+    client: Client,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl<'a> workload::KindVisitor for Get<'a> {
+    type Out = futures::future::BoxFuture<'a, Result<Option<WorkloadState>, kube::Error>>;
+    fn visit<K: workload::Kind>(self) -> Self::Out {
+        Box::pin(async move {
+            let api: Api<K> = Api::namespaced(self.client, self.namespace);
+            Ok(api.get_opt(self.name).await?.as_ref().map(K::state))
+        })
+    }
 }
 
 /// PATCH one object's images (strategic merge keyed by container name), as depwatch.
-async fn patch_as<K>(
-    api: Api<K>,
-    name: &str,
-    body: &serde_json::Value,
-) -> Result<WorkloadState, kube::Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
-    for<'a> WorkloadState: From<&'a K>,
-{
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    Ok(WorkloadState::from(
-        &api.patch(name, &pp, &Patch::Strategic(body)).await?,
-    ))
+struct PatchImages<'a> {
+    client: Client,
+    namespace: &'a str,
+    name: &'a str,
+    body: &'a serde_json::Value,
+}
+
+impl<'a> workload::KindVisitor for PatchImages<'a> {
+    type Out = futures::future::BoxFuture<'a, Result<WorkloadState, kube::Error>>;
+    fn visit<K: workload::Kind>(self) -> Self::Out {
+        Box::pin(async move {
+            let api: Api<K> = Api::namespaced(self.client, self.namespace);
+            let pp = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            let patched = api
+                .patch(self.name, &pp, &Patch::Strategic(self.body))
+                .await?;
+            Ok(patched.state())
+        })
+    }
+}
+
+/// The names of a kind's workloads in a namespace (none when they cannot be listed).
+struct Names<'a> {
+    client: Client,
+    namespace: &'a str,
+}
+
+impl<'a> workload::KindVisitor for Names<'a> {
+    type Out = futures::future::BoxFuture<'a, Vec<String>>;
+    fn visit<K: workload::Kind>(self) -> Self::Out {
+        Box::pin(async move {
+            let api: Api<K> = Api::namespaced(self.client, self.namespace);
+            match api.list_metadata(&kube::api::ListParams::default()).await {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .filter_map(|o| o.metadata.name)
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        })
+    }
 }
 
 /// What a PATCH is conditional on.
@@ -252,22 +287,12 @@ fn patch_body(
     json!({"metadata": metadata, "spec": spec})
 }
 
-fn reading(kind: WorkloadKind) -> &'static str {
-    match kind {
-        WorkloadKind::Deployment => "reading the Deployment",
-        WorkloadKind::StatefulSet => "reading the StatefulSet",
-        WorkloadKind::DaemonSet => "reading the DaemonSet",
-        WorkloadKind::CronJob => "reading the CronJob",
-    }
+fn reading(kind: WorkloadKind) -> String {
+    format!("reading the {}", kind.api_kind())
 }
 
-fn patching(kind: WorkloadKind) -> &'static str {
-    match kind {
-        WorkloadKind::Deployment => "patching the Deployment",
-        WorkloadKind::StatefulSet => "patching the StatefulSet",
-        WorkloadKind::DaemonSet => "patching the DaemonSet",
-        WorkloadKind::CronJob => "patching the CronJob",
-    }
+fn patching(kind: WorkloadKind) -> String {
+    format!("patching the {}", kind.api_kind())
 }
 
 /// "a Deployment and a StatefulSet".
@@ -408,6 +433,8 @@ pub struct Deployer {
     fence: crate::fence::Fence,
     /// Owns the Kubernetes Events being sent.
     background: tokio_util::task::TaskTracker,
+    /// Sends Kubernetes Events (events.k8s.io/v1), a repeat as a series of the first.
+    events: kube::runtime::events::Recorder,
     /// Namespaces known to exist, so a deploy costs no namespace read after the first.
     known_namespaces: std::sync::Arc<dashmap::DashSet<String>>,
     /// Pull credentials for the registry pre-flight.
@@ -419,6 +446,7 @@ pub struct Deployer {
 
 impl Deployer {
     pub fn new(client: Client, config: DeployConfig) -> Self {
+        let events_client = client.clone();
         Deployer {
             watches: Watches::new(client.clone(), config.bounds.clone()),
             pull: pull::PullSecrets::new(client.clone()),
@@ -426,6 +454,14 @@ impl Deployer {
             config,
             fence: crate::fence::Fence::open(),
             background: tokio_util::task::TaskTracker::new(),
+            events: kube::runtime::events::Recorder::new(
+                events_client,
+                kube::runtime::events::Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    // The pod's name in a cluster, the host's on a landing host.
+                    instance: std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
+                },
+            ),
             known_namespaces: Default::default(),
             conflicted: Default::default(),
         }
@@ -461,7 +497,11 @@ impl Deployer {
         ApiProbe(self.client.clone())
     }
 
-    fn kube_error(&self, action: &'static str) -> impl FnOnce(kube::Error) -> DeployError + '_ {
+    fn kube_error(
+        &self,
+        action: impl Into<String>,
+    ) -> impl FnOnce(kube::Error) -> DeployError + '_ {
+        let action = action.into();
         move |source| DeployError::Kube {
             action,
             server: self.config.server.clone(),
@@ -488,7 +528,14 @@ impl Deployer {
             return Ok(());
         }
         // Creating it could never help: the Deployment would not be there either.
-        let names = self.names::<Namespace>(api).await;
+        let names: Vec<String> = match api.list_metadata(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         Err(DeployError::MissingNamespace {
             namespace: ns.to_string(),
             suggestion: crate::domain::closest(ns, names.iter().map(String::as_str))
@@ -496,36 +543,16 @@ impl Deployer {
         })
     }
 
-    /// Names of the objects `api` lists, for suggestions; empty when listing is not allowed.
-    async fn names<K>(&self, api: Api<K>) -> Vec<String>
-    where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug,
-    {
-        match api.list_metadata(&kube::api::ListParams::default()).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .filter_map(|o| o.metadata.name)
-                .collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
     /// The error for a workload that is not there, with the closest existing name of the
     /// kinds it could be.
     async fn missing(&self, key: &ServiceKey, kind: Option<WorkloadKind>) -> DeployError {
-        let ns = &key.namespace;
         let mut names = Vec::new();
         for k in kind.map_or(WorkloadKind::ALL.to_vec(), |k| vec![k]) {
-            let c = self.client.clone();
-            names.extend(match k {
-                WorkloadKind::Deployment => self.names::<Deployment>(Api::namespaced(c, ns)).await,
-                WorkloadKind::StatefulSet => {
-                    self.names::<StatefulSet>(Api::namespaced(c, ns)).await
-                }
-                WorkloadKind::DaemonSet => self.names::<DaemonSet>(Api::namespaced(c, ns)).await,
-                WorkloadKind::CronJob => self.names::<CronJob>(Api::namespaced(c, ns)).await,
-            });
+            let names_of = Names {
+                client: self.client.clone(),
+                namespace: &key.namespace,
+            };
+            names.extend(workload::visit(k, names_of).await);
         }
         DeployError::MissingWorkload {
             name: key.name.clone(),
@@ -742,13 +769,12 @@ impl Deployer {
         kind: WorkloadKind,
         key: &ServiceKey,
     ) -> Result<Option<WorkloadState>, DeployError> {
-        let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
-        let found = match kind {
-            WorkloadKind::Deployment => get_as::<Deployment>(Api::namespaced(c, ns), name).await,
-            WorkloadKind::StatefulSet => get_as::<StatefulSet>(Api::namespaced(c, ns), name).await,
-            WorkloadKind::DaemonSet => get_as::<DaemonSet>(Api::namespaced(c, ns), name).await,
-            WorkloadKind::CronJob => get_as::<CronJob>(Api::namespaced(c, ns), name).await,
+        let get = Get {
+            client: self.client.clone(),
+            namespace: &key.namespace,
+            name: &key.name,
         };
+        let found = workload::visit(kind, get).await;
         found.map_err(|source| DeployError::Kube {
             action: reading(kind),
             server: self.config.server.clone(),
@@ -824,19 +850,13 @@ impl Deployer {
         kind: WorkloadKind,
         body: &serde_json::Value,
     ) -> Result<WorkloadState, kube::Error> {
-        let (c, ns, name) = (self.client.clone(), &key.namespace, &key.name);
-        match kind {
-            WorkloadKind::Deployment => {
-                patch_as::<Deployment>(Api::namespaced(c, ns), name, body).await
-            }
-            WorkloadKind::StatefulSet => {
-                patch_as::<StatefulSet>(Api::namespaced(c, ns), name, body).await
-            }
-            WorkloadKind::DaemonSet => {
-                patch_as::<DaemonSet>(Api::namespaced(c, ns), name, body).await
-            }
-            WorkloadKind::CronJob => patch_as::<CronJob>(Api::namespaced(c, ns), name, body).await,
-        }
+        let patch = PatchImages {
+            client: self.client.clone(),
+            namespace: &key.namespace,
+            name: &key.name,
+            body,
+        };
+        workload::visit(kind, patch).await
     }
 
     /// The workload as the shared watch shows it once it has seen a version later than
@@ -1101,7 +1121,8 @@ impl Deployer {
     }
 
     /// Record a Kubernetes Event on the workload `uid` (`kubectl describe` lists Events by
-    /// the object's uid). Best effort: sent in the background, never delaying a deploy.
+    /// the object's uid), through kube's event recorder. Best effort: sent in the
+    /// background, never delaying a deploy.
     pub fn event(
         &self,
         key: &ServiceKey,
@@ -1114,39 +1135,41 @@ impl Deployer {
         if self.fence.check("a Kubernetes Event").is_err() {
             return;
         }
-        let api: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.client.clone(), &key.namespace);
-        let now = jiff::Timestamp::now()
-            .round(jiff::Unit::Second)
-            .unwrap_or_else(|_| jiff::Timestamp::now())
-            .to_string();
-        let body = json!({
-            "metadata": {"generateName": format!("{}.", key.name), "namespace": key.namespace},
-            "involvedObject": {"apiVersion": kind.api_version(), "kind": kind.api_kind(), "name": key.name,
-                               "namespace": key.namespace, "uid": uid},
-            "reason": reason,
-            "message": message.chars().take(1000).collect::<String>(),
-            "type": if warning { "Warning" } else { "Normal" },
-            "source": {"component": FIELD_MANAGER},
-            "reportingComponent": FIELD_MANAGER,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1
-        });
-        let key = key.clone();
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(kind.api_version().into()),
+            kind: Some(kind.api_kind().into()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        };
+        let event = kube::runtime::events::Event {
+            type_: match warning {
+                true => kube::runtime::events::EventType::Warning,
+                false => kube::runtime::events::EventType::Normal,
+            },
+            reason: reason.into(),
+            // The API server refuses a note over 1 kB.
+            note: Some(truncated(message, 1000)),
+            action: "Deploy".into(),
+            secondary: None,
+        };
+        let (events, key) = (self.events.clone(), key.clone());
         self.background.spawn(async move {
-            let event: k8s_openapi::api::core::v1::Event = match serde_json::from_value(body) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not build a Kubernetes Event");
-                    return;
-                }
-            };
-            if let Err(e) = api.create(&PostParams::default(), &event).await {
+            if let Err(e) = events.publish(&event, &regarding).await {
                 tracing::debug!(service = %key, error = %e, "could not record a Kubernetes Event");
             }
         });
     }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncated(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 #[cfg(test)]

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::Event;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -25,7 +24,7 @@ use tokio::sync::{watch, Notify};
 
 use super::cache::{Cached, NamespaceWatch};
 use crate::bounds::Bounds;
-use crate::domain::ServiceKey;
+use crate::domain::{ServiceKey, WorkloadKind};
 
 /// How many kinds each scope watches.
 const KINDS: u8 = 6;
@@ -256,10 +255,16 @@ impl Watches {
     }
 
     fn spawn_all(&self, route: &Route, synced: &watch::Sender<Progress>) {
-        self.spawn::<Deployment>(route, synced);
-        self.spawn::<StatefulSet>(route, synced);
-        self.spawn::<DaemonSet>(route, synced);
-        self.spawn::<CronJob>(route, synced);
+        struct Spawn<'a>(&'a Watches, &'a Route, &'a watch::Sender<Progress>);
+        impl super::workload::KindVisitor for Spawn<'_> {
+            type Out = ();
+            fn visit<K: super::workload::Kind>(self) {
+                self.0.spawn::<K>(self.1, self.2)
+            }
+        }
+        for &kind in WorkloadKind::ALL {
+            super::workload::visit(kind, Spawn(self, route, synced));
+        }
         self.spawn::<ReplicaSet>(route, synced);
         self.spawn::<Pod>(route, synced);
     }

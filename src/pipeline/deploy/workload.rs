@@ -12,6 +12,71 @@ use crate::domain::{Images, WorkloadKind};
 
 pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
 
+/// A workload kind's API type, as the deploy path uses any kind: read, patch, list and watch
+/// through kube's typed API, and the state judging needs. The kinds are listed once, in
+/// [`visit`]: adding one is its [`WorkloadKind`] variant, a `From` for its state and an arm
+/// there (its rollout rules live in `judge`).
+pub(super) trait Kind: super::cache::Cached {
+    const KIND: WorkloadKind;
+    fn state(&self) -> WorkloadState;
+}
+
+impl Kind for Deployment {
+    const KIND: WorkloadKind = WorkloadKind::Deployment;
+    fn state(&self) -> WorkloadState {
+        WorkloadState::from(self)
+    }
+}
+
+impl Kind for StatefulSet {
+    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
+    fn state(&self) -> WorkloadState {
+        WorkloadState::from(self)
+    }
+}
+
+impl Kind for DaemonSet {
+    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
+    fn state(&self) -> WorkloadState {
+        WorkloadState::from(self)
+    }
+}
+
+impl Kind for CronJob {
+    const KIND: WorkloadKind = WorkloadKind::CronJob;
+    fn state(&self) -> WorkloadState {
+        WorkloadState::from(self)
+    }
+}
+
+/// Something done with a kind's API type, whichever kind it is.
+pub(super) trait KindVisitor {
+    type Out;
+    fn visit<K: Kind>(self) -> Self::Out;
+}
+
+/// Do `visitor` with the API type of `kind`: the one place the kinds meet their types.
+pub(super) fn visit<V: KindVisitor>(kind: WorkloadKind, visitor: V) -> V::Out {
+    match kind {
+        WorkloadKind::Deployment => visitor.visit::<Deployment>(),
+        WorkloadKind::StatefulSet => visitor.visit::<StatefulSet>(),
+        WorkloadKind::DaemonSet => visitor.visit::<DaemonSet>(),
+        WorkloadKind::CronJob => visitor.visit::<CronJob>(),
+    }
+}
+
+/// The API group and resource of a kind, as RBAC names them.
+pub(super) fn resource(kind: WorkloadKind) -> (String, String) {
+    struct Names;
+    impl KindVisitor for Names {
+        type Out = (String, String);
+        fn visit<K: Kind>(self) -> Self::Out {
+            (K::group(&()).into_owned(), K::plural(&()).into_owned())
+        }
+    }
+    visit(kind, Names)
+}
+
 /// What judging and drift need of one workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadState {
