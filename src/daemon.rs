@@ -474,7 +474,8 @@ fn open_record(
         None => Fence::open(),
     };
     let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?
-        .fenced(fence.clone());
+        .fenced(fence.clone())
+        .with_writer()?;
     if config.leader.is_some() && config.database_url.is_none() {
         tracing::warn!("--leader-elect without --database-url: each replica keeps its own record, so a standby that takes over does not know what the leader did");
     }
@@ -783,8 +784,6 @@ impl Running {
             self.config.self_heal,
             self.stages.clone(),
         ));
-        self.set
-            .spawn(replay_kept_writes(self.store.clone(), self.stages.clone()));
         let retention = self.store.clone();
         let (keep, max_age, every) = (
             self.config.history_keep,
@@ -837,40 +836,15 @@ impl Running {
             engine,
             senders,
             deployer,
+            store,
             ..
         } = self;
         let notifier = recorder.notifier.clone();
         deployer.watches().stop().await;
         drop((recorder, engine, deployer));
         notifier.close(senders, NOTIFY_GRACE).await;
-    }
-}
-
-/// Write what the record refused while it was away, as soon as it answers again. A last try
-/// at shutdown; what still waits then is said in the log (the next start finishes the
-/// unfinished rows from the cluster).
-async fn replay_kept_writes(store: Store, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        let stopping = tokio::select! {
-            _ = stop.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        if store.health().pending > 0 {
-            let again = store.clone();
-            let left = tokio::task::spawn_blocking(move || again.replay())
-                .await
-                .unwrap_or_default();
-            if stopping && left > 0 {
-                tracing::error!(
-                    pending = left,
-                    "stopping with record writes that could not be written; the next start finishes the unfinished deploys from the cluster"
-                );
-            }
-        }
-        if stopping {
-            return;
-        }
+        // The record's last writes, in order (a last try when it is away).
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 }
 

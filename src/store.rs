@@ -21,6 +21,7 @@ pub mod outbox;
 mod page;
 mod pg;
 mod pgtls;
+mod writer;
 
 use crate::fence::Fence;
 pub use change::ServiceChange;
@@ -48,6 +49,10 @@ pub enum StoreError {
     /// A write named a deploy row that a lost write was to create.
     #[error("deploy row {0} was never written")]
     RowLost(i64),
+    /// The daemon's record does not answer (found by its writer or a read): reads fail at
+    /// once until it does, instead of each waiting for it.
+    #[error("the record ({backend}) does not answer: {why}")]
+    Away { backend: String, why: String },
     #[error(transparent)]
     Fenced(#[from] crate::fence::Fenced),
     #[error("no database at {}; use --state-dir, --database-url or --api", path.display())]
@@ -274,17 +279,23 @@ pub struct Store {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Writes are refused without a valid Lease (open without leader election).
     fence: Fence,
-    /// Writes the backend refused, kept in order until it answers again.
+    /// Writes the backend refused, kept in order until it answers again; in the daemon,
+    /// every write, until the writer carries it out.
     outbox: Arc<Mutex<outbox::Outbox>>,
     /// One replay at a time: each takes the oldest write, then removes it.
     replaying: Arc<Mutex<()>>,
+    /// The daemon's record: writes are queued and carried out by the writer's thread.
+    writer: Arc<std::sync::OnceLock<Arc<writer::Writer>>>,
+    /// With the writer: each service's row as last read, so a read while the record is away
+    /// still sees the pins and the suspensions it held (with the queued writes over them).
+    known: Arc<Mutex<std::collections::HashMap<ServiceKey, ServiceRecord>>>,
 }
 
 /// The record's own health: writes kept in memory while the backend refuses them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordHealth {
     pub pending: usize,
-    /// Why the backend refused the last write.
+    /// Why the backend refused the last write, or does not answer: `None` while it is well.
     pub error: Option<String>,
     /// Writes lost because the outbox was full.
     pub dropped: u64,
@@ -497,6 +508,8 @@ fn private(state_dir: &Path, db: &Path) -> std::io::Result<()> {
 pub trait Backend: Send + Sync {
     /// What kind of record this is, for the start-up line (never a URL).
     fn describe(&self) -> String;
+    /// Whether the record answers at all (the writer's check while it is away, or idle).
+    fn ping(&self) -> Result<(), StoreError>;
     /// Record an API request, or return the one already under its idempotency key.
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
     fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError>;
@@ -569,6 +582,11 @@ impl Sqlite {
 impl Backend for Sqlite {
     fn describe(&self) -> String {
         "sqlite".into()
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        let _: i64 = self.conn().query_row("SELECT 1", [], |r| r.get(0))?;
+        Ok(())
     }
 
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
@@ -956,6 +974,149 @@ impl Store {
             fence: Fence::open(),
             outbox: Arc::default(),
             replaying: Arc::default(),
+            writer: Arc::default(),
+            known: Arc::default(),
+        }
+    }
+
+    /// This record with a writer of its own (the daemon's): writes are queued and carried out
+    /// in order by one thread, never by the caller; reads never wait on a record known to be
+    /// away. Call [`Store::close`] at the end, so what waits is written.
+    pub fn with_writer(self) -> Result<Store, StoreError> {
+        if self.writer().is_some() {
+            return Ok(self);
+        }
+        let store = self.clone();
+        let writer = writer::Writer::start(move |idle| store.round(idle)).map_err(|e| {
+            StoreError::Postgres(format!("cannot start the record's writer thread: {e}"))
+        })?;
+        let _ = self.writer.set(writer);
+        Ok(self)
+    }
+
+    fn writer(&self) -> Option<&Arc<writer::Writer>> {
+        self.writer.get()
+    }
+
+    /// One round of the writer: carry out what waits; with nothing waiting after an idle
+    /// wait, check that the record answers. Whether it answers.
+    fn round(&self, idle: bool) -> bool {
+        let left = self.replay();
+        let away = self.outbox().down.is_some();
+        if !(idle || away || left > 0) {
+            return true;
+        }
+        // Writes refused by a record that still answers reads (a full disk) leave reads alone.
+        let answer = self.backend.ping();
+        let mut o = self.outbox();
+        match answer {
+            Ok(()) => {
+                if o.down.take().is_some() {
+                    tracing::info!(record = %self.backend.describe(), "the record answers again");
+                }
+                left == 0
+            }
+            Err(e) => {
+                if o.down.is_none() {
+                    tracing::error!(record = %self.backend.describe(), error = %e, "the record does not answer; writes are kept in memory, in order, and reads use what was last read");
+                }
+                o.down = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Write what waits and end the writer (at shutdown); what still waits is said in the
+    /// log (the next start finishes the unfinished deploys from the cluster).
+    pub fn close(&self) {
+        if let Some(w) = self.writer() {
+            w.stop();
+        }
+        let left = self.outbox().len();
+        if left > 0 {
+            tracing::error!(
+                pending = left,
+                record = %self.backend.describe(),
+                "stopping with record writes that could not be written; the next start finishes the unfinished deploys from the cluster"
+            );
+        }
+    }
+
+    /// Wait until every write queued so far is carried out, or the record is found away (a
+    /// deploy's intent is written before its PATCH; during an outage it is kept in memory,
+    /// as every write is). At once without a writer.
+    pub async fn settled(&self) {
+        let Some(w) = self.writer() else {
+            return;
+        };
+        let target = self.outbox().kept_total;
+        let mut progress = w.progress.subscribe();
+        loop {
+            {
+                let o = self.outbox();
+                // Refused (kept in memory) counts as settled: the deploy goes on without it.
+                if o.written_total >= target || o.down.is_some() || o.error.is_some() {
+                    return;
+                }
+            }
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Fails at once, in the daemon, while the record is known to be away: no read waits on
+    /// a record that does not answer.
+    fn reachable(&self) -> Result<(), StoreError> {
+        if self.writer().is_none() {
+            return Ok(());
+        }
+        match &self.outbox().down {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Away {
+                backend: self.backend.describe(),
+                why: why.clone(),
+            }),
+        }
+    }
+
+    /// A read of the backend, noting (in the daemon) a record that does not answer.
+    fn ask<T>(
+        &self,
+        read: impl Fn(&dyn Backend) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.reachable()?;
+        let got = read(&*self.backend);
+        // A record server that did not answer is taken for away at once (the writer checks
+        // it right after, and takes it back as soon as it answers); a local database's error
+        // is the read's own.
+        if let (Err(e @ StoreError::Postgres(_)), Some(w)) = (&got, self.writer()) {
+            self.outbox().down.get_or_insert_with(|| e.to_string());
+            w.wake();
+        }
+        got
+    }
+
+    /// A read of the backend with the queued writes laid over it by `lay`, taken when the
+    /// writer carried out nothing meanwhile (else read again, a few times): a write is
+    /// seen in the backend or in the queue, never in both or neither.
+    fn consistent<T>(
+        &self,
+        read: impl Fn(&dyn Backend) -> Result<T, StoreError>,
+        lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let before = self.outbox().mark();
+            let got = self.ask(&read);
+            let o = self.outbox();
+            let still = before.0 == o.written_total && !before.1 && !o.carrying;
+            if still || tries >= 20 {
+                return lay(&o, got);
+            }
+            drop(o);
+            std::thread::yield_now();
         }
     }
 
@@ -964,23 +1125,16 @@ impl Store {
     }
 
     /// Write now, or keep the write in order behind those already waiting; a deploy row's id
-    /// (local and negative while it waits) when it starts one.
+    /// (local and negative while it waits) when it starts one. With a writer, always kept:
+    /// the writer's thread carries it out.
     fn write(&self, what: &str, mut w: outbox::Write) -> Result<Option<i64>, StoreError> {
         self.allowed(what)?;
-        let mut o = self.outbox();
-        if o.is_empty() {
-            match o.apply(&*self.backend, &w) {
-                Ok(id) => {
-                    drop(o);
-                    self.changed();
-                    return Ok(id);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the record refuses writes: they are kept in memory, in order, and written when it answers again");
-                    o.error = Some(e.to_string());
-                }
+        if self.writer().is_none() {
+            if let Some(done) = self.write_now(&w) {
+                return done;
             }
         }
+        let mut o = self.outbox();
         if let outbox::Write::Start { local, .. } = &mut w {
             *local = o.local_id();
         }
@@ -999,8 +1153,40 @@ impl Store {
             });
         }
         drop(o);
+        if let Some(writer) = self.writer() {
+            writer.wake();
+        }
         self.changed();
         Ok(id)
+    }
+
+    /// Without a writer (a command, a test): carry `w` out here when nothing waits before
+    /// it, in order with other writers, holding the queue only to look at it. `None` when
+    /// it is to be kept (something waits, or the backend refused it).
+    fn write_now(&self, w: &outbox::Write) -> Option<Result<Option<i64>, StoreError>> {
+        let _order = self.replaying.lock().unwrap_or_else(|e| e.into_inner());
+        let resolved = {
+            let o = self.outbox();
+            if !o.is_empty() {
+                return None;
+            }
+            o.resolved(w)
+        };
+        let resolved = match resolved {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        match outbox::carry_out(&*self.backend, &resolved) {
+            Ok(id) => {
+                self.changed();
+                Some(Ok(id))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the record refuses writes: they are kept in memory, in order, and written when it answers again");
+                self.outbox().error = Some(e.to_string());
+                None
+            }
+        }
     }
 
     /// Write what waits, in order, if the backend answers now (blocking). Returns how many
@@ -1009,19 +1195,34 @@ impl Store {
     pub fn replay(&self) -> usize {
         let _one = self.replaying.lock().unwrap_or_else(|e| e.into_inner());
         let mut written = 0;
+        let mut refused = false;
         loop {
-            let next = self.outbox().next();
+            let next = {
+                let mut o = self.outbox();
+                let next = o.next();
+                o.carrying = next.is_some();
+                next
+            };
             let Some(next) = next else {
                 break;
             };
-            let done = next.and_then(|w| outbox::carry_out(&*self.backend, &w));
+            let done = next.and_then(|w| {
+                let id = outbox::carry_out(&*self.backend, &w)?;
+                self.remember_written(&w);
+                Ok(id)
+            });
             let mut o = self.outbox();
             match done {
                 Ok(id) => {
+                    refused = refused || o.error.is_some();
                     o.written(id);
                     written += 1;
                 }
                 Err(e) => {
+                    o.carrying = false;
+                    if o.error.is_none() && self.writer().is_some() {
+                        tracing::error!(record = %self.backend.describe(), error = %e, "the record refuses writes: they are kept in memory, in order, and written when it answers again");
+                    }
                     tracing::debug!(error = %e, pending = o.len(), "the record still refuses writes");
                     o.error = Some(e.to_string());
                     return o.len();
@@ -1029,10 +1230,12 @@ impl Store {
             }
         }
         if written > 0 {
-            tracing::info!(
-                written,
-                "the record answers again: every kept write is written"
-            );
+            if refused || self.writer().is_none() {
+                tracing::info!(
+                    written,
+                    "the record answers again: every kept write is written"
+                );
+            }
             self.changed();
         }
         0
@@ -1043,7 +1246,11 @@ impl Store {
         let o = self.outbox();
         RecordHealth {
             pending: o.len(),
-            error: o.error.clone().filter(|_| !o.is_empty()),
+            // Writes merely queued for the writer are not a problem; refused ones are.
+            error: o
+                .down
+                .clone()
+                .or_else(|| o.error.clone().filter(|_| !o.is_empty())),
             dropped: o.dropped,
         }
     }
@@ -1073,47 +1280,91 @@ impl Store {
     /// idempotency key (the caller compares body hashes).
     pub fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
         self.allowed("a record write (request)")?;
-        self.backend.put_request(r)
+        self.ask(|b| b.put_request(r))
     }
 
     pub fn request_by_key(
         &self,
         idempotency_key: &str,
     ) -> Result<Option<RequestRecord>, StoreError> {
-        self.backend.request_by_key(idempotency_key)
+        self.ask(|b| b.request_by_key(idempotency_key))
     }
 
     pub fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        self.backend.request(id)
+        self.ask(|b| b.request(id))
     }
 
     /// The deploy a request led to, if it has started.
     pub fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
-        self.backend.deploy_for_request(id)
+        self.ask(|b| b.deploy_for_request(id))
     }
 
     /// A service's row, with any writes still waiting laid over it: a pin kept in memory
-    /// during an outage still pins.
+    /// during an outage still pins. In the daemon, while the record is away, the row as last
+    /// read (with the waiting writes over it).
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
-        let row = self.backend.service(key);
-        let o = self.outbox();
-        if o.is_empty() {
+        self.consistent(
+            |b| b.service(key),
+            |o, row| {
+                let row = self.remembered(key, row);
+                if o.is_empty() {
+                    return row;
+                }
+                match row {
+                    Ok(r) => Ok(o.overlay(key, r)),
+                    Err(e) => o.overlay(key, None).map(Some).ok_or(e),
+                }
+            },
+        )
+    }
+
+    /// A service change now in the backend is made to the row as last read too, so that row
+    /// stays what the backend holds.
+    fn remember_written(&self, w: &outbox::Write) {
+        if let outbox::Write::Service { key, change, .. } = w {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(row) = known.get_mut(key) {
+                change.apply(row);
+            }
+        }
+    }
+
+    /// With a writer: the backend's answer for `key` kept, or, when it gave none (away), the
+    /// row as last read instead.
+    fn remembered(
+        &self,
+        key: &ServiceKey,
+        row: Result<Option<ServiceRecord>, StoreError>,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        if self.writer().is_none() {
             return row;
         }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         match row {
-            Ok(r) => Ok(o.overlay(key, r)),
-            Err(e) => o.overlay(key, None).map(Some).ok_or(e),
+            Ok(Some(r)) => {
+                known.insert(key.clone(), r.clone());
+                Ok(Some(r))
+            }
+            Ok(None) => {
+                known.remove(key);
+                Ok(None)
+            }
+            Err(e) => known.get(key).cloned().map(Some).ok_or(e),
         }
     }
 
     pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
-        let rows = self.backend.services()?;
-        let o = self.outbox();
-        Ok(if o.is_empty() {
-            rows
-        } else {
-            o.overlay_all(rows)
-        })
+        self.consistent(
+            |b| b.services(),
+            |o, rows| {
+                let rows = rows?;
+                Ok(if o.is_empty() {
+                    rows
+                } else {
+                    o.overlay_all(rows)
+                })
+            },
+        )
     }
 
     /// One page of services, in `(namespace, name)` order, with the writes still waiting in
@@ -1121,7 +1372,7 @@ impl Store {
     /// them); and where the next page starts. Only the page is read, however many services
     /// there are. Services only the waiting writes know yet follow the last page.
     pub fn services_page(&self, q: &ServicesQuery) -> Result<ServicesPage, StoreError> {
-        let (rows, total) = self.backend.services_page(q)?;
+        let (rows, total) = self.ask(|b| b.services_page(q))?;
         let next = page::next_after(&rows, q.limit);
         let waiting = {
             let o = self.outbox();
@@ -1135,7 +1386,7 @@ impl Store {
             let shown: std::collections::HashSet<ServiceKey> =
                 rows.iter().map(ServiceRecord::key).collect();
             for key in waiting.into_iter().filter(|k| !shown.contains(k)) {
-                if self.backend.service(&key)?.is_none() {
+                if self.ask(|b| b.service(&key))?.is_none() {
                     unknown.push(key);
                 }
             }
@@ -1190,11 +1441,12 @@ impl Store {
     /// nothing).
     pub fn refuse_file(&self, path: &str, reason: &str) -> Result<(), StoreError> {
         self.allowed("a record write (refused file)")?;
-        self.backend.refuse_file(&RefusedFile {
+        let file = RefusedFile {
             path: path.to_string(),
             reason: reason.to_string(),
             seen_at: now(),
-        })?;
+        };
+        self.ask(|b| b.refuse_file(&file))?;
         self.changed();
         Ok(())
     }
@@ -1202,14 +1454,14 @@ impl Store {
     /// A refused file is gone or renamed.
     pub fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
         self.allowed("a record write (refused file)")?;
-        self.backend.unrefuse_file(path)?;
+        self.ask(|b| b.unrefuse_file(path))?;
         self.changed();
         Ok(())
     }
 
     /// Files refused for their names, by path.
     pub fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
-        self.backend.refused_files()
+        self.ask(|b| b.refused_files())
     }
 
     /// One page of the files refused for their names: at most `limit` after the path
@@ -1220,13 +1472,17 @@ impl Store {
         after: &str,
         limit: usize,
     ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
-        self.backend.refused_page(after, limit)
+        self.ask(|b| b.refused_page(after, limit))
     }
 
     /// Remove a service's row, its history kept (`depwatch forget`); `false` when unknown.
     pub fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
         self.allowed("a record write (forget)")?;
-        let gone = self.backend.forget_service(key)?;
+        let gone = self.ask(|b| b.forget_service(key))?;
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
         self.changed();
         Ok(gone)
     }
@@ -1249,7 +1505,7 @@ impl Store {
         key: Option<&ServiceKey>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        self.backend.history(key, None, limit)
+        self.ask(|b| b.history(key, None, limit))
     }
 
     /// One page of [`Store::history`]: at most `limit` rows older than the row `after` (the
@@ -1260,7 +1516,7 @@ impl Store {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        self.backend.history(key, after, limit)
+        self.ask(|b| b.history(key, after, limit))
     }
 
     /// The newest unfinished deploy of a service, if any.
@@ -1271,21 +1527,24 @@ impl Store {
     /// The service's unfinished deploys (a stop interrupted them, or they were handed over to
     /// a newer version), newest first, with those written only to the outbox so far.
     pub fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
-        let rows = self.backend.open_deploys(key);
-        let o = self.outbox();
-        if o.is_empty() {
-            return rows;
-        }
-        let mut rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => return o.unfinished_of(key).map(|d| vec![d]).ok_or(e),
-        };
-        rows.retain(|d| !o.finishes(d.id));
-        // Started while the backend was away: newer than any row it holds.
-        if let Some(d) = o.unfinished_of(key) {
-            rows.insert(0, d);
-        }
-        Ok(rows)
+        self.consistent(
+            |b| b.open_deploys(key),
+            |o, rows| {
+                if o.is_empty() {
+                    return rows;
+                }
+                let mut rows = match rows {
+                    Ok(rows) => rows,
+                    Err(e) => return o.unfinished_of(key).map(|d| vec![d]).ok_or(e),
+                };
+                rows.retain(|d| !o.finishes(d.id));
+                // Started while the backend was away: newer than any row it holds.
+                if let Some(d) = o.unfinished_of(key) {
+                    rows.insert(0, d);
+                }
+                Ok(rows)
+            },
+        )
     }
 
     /// Apply the retention policy: keep at most `keep` deploys per service, and none older
@@ -1305,13 +1564,13 @@ impl Store {
                     .unwrap_or(jiff::Timestamp::MIN),
             )
         });
-        self.backend.prune(keep, cutoff.as_deref())
+        self.ask(|b| b.prune(keep, cutoff.as_deref()))
     }
 
     /// Every deploy still in progress (a stop or a dead leader left it), oldest first: the next
     /// start finishes each from the cluster's state.
     pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
-        self.backend.interrupted()
+        self.ask(|b| b.interrupted())
     }
 }
 

@@ -391,6 +391,9 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     })
     .await;
     let h = store.history(Some(&web()), 10).expect("history");
+    if h[0].outcome != DeployOutcome::RolledBack {
+        eprintln!("LOG {}", daemon.log_text());
+    }
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert_eq!(h[0].restore, "web=r.example/web:1.0");
     assert!(store.interrupted().expect("q").is_empty());
@@ -1099,4 +1102,157 @@ async fn a_crash_deploy_whose_row_a_full_disk_lost_gets_one_and_the_hang_row_is_
         .unwrap_or_else(|| panic!("the crash deploy has a row: {h:#?}\n{log}"));
     assert_eq!(crash.outcome, DeployOutcome::RolledBack, "{h:#?}");
     assert!(crash.message.contains("CrashLoopBackOff"), "{crash:?}");
+}
+
+/// A TCP path to the record that a test can cut: while cut, bytes sent either way wait (a
+/// partition: nothing is refused, nothing answers), and are delivered when it heals.
+struct RecordPath {
+    addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RecordPath {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RecordPath {
+    async fn start(upstream: std::net::SocketAddr) -> RecordPath {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let open = tokio::sync::watch::channel(true).0;
+        let gate = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let gate = gate.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (a_read, a_write) = inbound.into_split();
+                    let (b_read, b_write) = outbound.into_split();
+                    tokio::join!(
+                        pump(a_read, b_write, gate.clone()),
+                        pump(b_read, a_write, gate)
+                    );
+                });
+            }
+        });
+        RecordPath { addr, open, task }
+    }
+
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn heal(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+/// Copy `from` to `to`, holding what was read while the path is cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if open.wait_for(|o| *o).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// With the record cut off (a partition: it answers nothing), saves are read and handed on
+/// without waiting for it: 200 services saved at once are all taken in within a minute (each
+/// waiting on the record would take its 5 s timeout: over 16 minutes). Their deploys wait for
+/// the record (a pin it may hold is never deployed over), and once it is back every save is
+/// deployed and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_cut_off_delays_no_save_and_every_write_lands_when_it_is_back() {
+    const SERVICES: usize = 200;
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("partition").await;
+    let port = url
+        .split("@127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("port");
+    let path = RecordPath::start(format!("127.0.0.1:{port}").parse().expect("addr")).await;
+    let through = url.replace(&format!(":{port}/"), &format!(":{}/", path.addr.port()));
+    let env = Env::new(SimConfig::default()).await;
+    let name = |i: usize| format!("svc-{i:03}");
+    for i in 0..SERVICES {
+        let image = format!("r.example/{}:1.0", name(i));
+        env.deployment("prod", &name(i), &[(&name(i), &image)], 1)
+            .await;
+    }
+    env.deployment("prod", "web", &[("web", "r.example/web:1.0")], 1)
+        .await;
+    let db = [("DEPWATCH_DATABASE_URL", through)];
+    let daemon = env.daemon_with(&env.run_args(), &db, env.dir.path()).await;
+    // Warm: the namespace's watches listed, the record written through the path.
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_image("prod", "web", "r.example/web:1.1").await;
+
+    path.cut();
+    let http = daemon.http_url();
+    wait_for(
+        "/readyz to say the record does not answer",
+        Duration::from_secs(60),
+        || async {
+            let resp = reqwest::get(format!("{http}/readyz")).await.ok()?;
+            let body = resp.text().await.ok()?;
+            body.contains("no answer within").then_some(())
+        },
+    )
+    .await;
+    let seen = daemon.log_text().len();
+    for i in 0..SERVICES {
+        env.write_dep(&format!("{}_prod.dep", name(i)), "1.1\n");
+    }
+    wait_for(
+        "every save taken in while the record is away",
+        Duration::from_secs(60),
+        || async {
+            let log = daemon.log_text();
+            let taken = log[seen..]
+                .lines()
+                .filter(|l| l.contains("new desired version") && l.contains("service=prod/svc-"))
+                .count();
+            (taken >= SERVICES).then_some(())
+        },
+    )
+    .await;
+
+    path.heal();
+    for i in 0..SERVICES {
+        let image = format!("r.example/{}:1.1", name(i));
+        env.wait_image("prod", &name(i), &image).await;
+    }
+    let store = shared_record(&url).await;
+    wait_for("every deploy recorded", Duration::from_secs(60), || async {
+        let done = (0..SERVICES)
+            .filter(|&i| {
+                let key = ServiceKey::new(&name(i), "prod").expect("key");
+                store.history(Some(&key), 1).ok().is_some_and(|h| {
+                    h.first()
+                        .is_some_and(|d| d.outcome == DeployOutcome::Succeeded)
+                })
+            })
+            .count();
+        (done == SERVICES).then_some(())
+    })
+    .await;
+    assert!(store.interrupted().expect("q").is_empty());
 }

@@ -176,14 +176,13 @@ pub async fn readyz(State(state): Shared) -> Result<String, ApiError> {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, problem));
     }
     let record = state.store.health();
-    if record.pending > 0 {
+    if let Some(why) = &record.error {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "the record ({}) refuses writes: {} kept in memory until it answers again ({})",
+                "the record ({}) refuses writes: {} kept in memory until it answers again ({why})",
                 state.store.describe(),
                 record.pending,
-                record.error.as_deref().unwrap_or("no reason given")
             ),
         ));
     }

@@ -46,6 +46,15 @@ pub struct Outbox {
     /// Why the backend refused the last write.
     pub error: Option<String>,
     pub dropped: u64,
+    /// Writes ever kept, and ever carried out: a read that saw both unchanged, and nothing
+    /// being carried out, saw the backend and the queue at one moment.
+    pub kept_total: u64,
+    pub written_total: u64,
+    /// The oldest write is being carried out (it may be in the backend, and still queued).
+    pub carrying: bool,
+    /// The record is known to be away (the writer's last try, or a read, failed): reads do
+    /// not wait on it until it answers again.
+    pub down: Option<String>,
 }
 
 impl Outbox {
@@ -70,7 +79,13 @@ impl Outbox {
             return false;
         }
         self.queue.push_back(w);
+        self.kept_total += 1;
         true
+    }
+
+    /// Where the queue stands, for a read to check nothing was carried out meanwhile.
+    pub fn mark(&self) -> (u64, bool) {
+        (self.written_total, self.carrying)
     }
 
     /// The backend's id for `id` (a local id once its row is written).
@@ -81,19 +96,8 @@ impl Outbox {
         self.ids.get(&id).copied().ok_or(StoreError::RowLost(id))
     }
 
-    /// Carry out one write; a deploy row's id when it starts one.
-    pub fn apply(&mut self, backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
-        let id = carry_out(backend, &self.resolved(w)?)?;
-        if let (Write::Start { local, .. }, Some(id)) = (w, id) {
-            if *local < 0 {
-                self.ids.insert(*local, id);
-            }
-        }
-        Ok(id)
-    }
-
     /// `w` with its deploy row id made the backend's.
-    fn resolved(&self, w: &Write) -> Result<Write, StoreError> {
+    pub fn resolved(&self, w: &Write) -> Result<Write, StoreError> {
         Ok(match w {
             Write::Finish {
                 id,
@@ -168,11 +172,18 @@ impl Outbox {
 
     /// The oldest waiting write was carried out (`id`: the row it started).
     pub fn written(&mut self, id: Option<i64>) {
-        if let (Some(Write::Start { local, .. }), Some(id)) = (self.queue.pop_front(), id) {
-            if local < 0 {
+        match (self.queue.pop_front(), id) {
+            (Some(Write::Start { local, .. }), Some(id)) if local < 0 => {
                 self.ids.insert(local, id);
             }
+            // A finished row is written to no more: its local id can go.
+            (Some(Write::Finish { id: local, .. }), _) if local < 0 => {
+                self.ids.remove(&local);
+            }
+            _ => {}
         }
+        self.written_total += 1;
+        self.carrying = false;
         if self.queue.is_empty() {
             self.error = None;
         }
@@ -247,7 +258,7 @@ impl Outbox {
     pub fn finishes(&self, id: i64) -> bool {
         self.queue
             .iter()
-            .any(|w| matches!(w, Write::Finish { id: i, .. } if *i == id))
+            .any(|w| matches!(w, Write::Finish { id: i, .. } if self.real(*i).ok() == Some(id)))
     }
 
     /// A deploy of `key` started while the backend was away and not finished since.

@@ -87,6 +87,9 @@ ALTER TABLE services ADD COLUMN requested_hash TEXT NOT NULL DEFAULT '';
 ",
 ];
 
+/// How long one call to the record may take before it counts as a failure.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Postgres {
     /// How the connections are protected, for the start-up line.
     tls: &'static str,
@@ -175,8 +178,21 @@ impl Postgres {
             .as_ref()
             .ok_or_else(|| StoreError::Postgres("the store is shut down".into()))?;
         let task = runtime.spawn(async move {
-            let client = pool.get().await.map_err(pg_error)?;
-            f(client).await.map_err(pg_error)
+            // A record cut off mid-conversation (a partition) answers nothing, ever: each call
+            // gives up after a while, like a connection attempt, so the writer can say the
+            // record is away and callers stop waiting on it.
+            let call = async {
+                let client = pool.get().await.map_err(pg_error)?;
+                f(client).await.map_err(pg_error)
+            };
+            tokio::time::timeout(CALL_TIMEOUT, call)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Postgres(format!(
+                        "no answer within {}s",
+                        CALL_TIMEOUT.as_secs()
+                    )))
+                })
         });
         // Off the async workers: on the daemon's multi-threaded runtime this worker hands its
         // other tasks to a fresh one while it waits for the database.
@@ -305,6 +321,10 @@ fn pg_refs(
 impl Backend for Postgres {
     fn describe(&self) -> String {
         format!("postgresql ({})", self.tls)
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.run(|client| async move { client.batch_execute("SELECT 1").await })
     }
 
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {

@@ -254,6 +254,10 @@ impl Engine {
                 Input::Health(self.deployer.health_now(key, *kind, generation).await)
             }
             Action::Patch { images, cause } => {
+                // What the deploy is about to do is in the record first (kept in memory while
+                // the record is away), so a stop right after the PATCH is finished at the next
+                // start.
+                self.recorder.store.settled().await;
                 let patch = self
                     .deployer
                     .patch(key, *kind, &images, &cause, basis.as_ref());
