@@ -725,7 +725,7 @@ impl Running {
         ingest.unfinished(unfinished.iter().map(|d| d.key()));
         ingest.rescan(Trigger::Startup).await;
         for d in self.store.interrupted()? {
-            if self.scheduler.desired(&d.key()).is_none() {
+            if self.scheduler.wanted(&d.key()).is_none() {
                 self.store.finish_deploy(
                     d.id,
                     DeployOutcome::Interrupted,
@@ -770,7 +770,7 @@ impl Running {
         let scheduler = self.scheduler.clone();
         self.set.spawn(async move {
             while let Some((key, trigger)) = rx.recv().await {
-                if let Some(mut desired) = scheduler.desired(&key) {
+                if let Some(mut desired) = scheduler.wanted(&key) {
                     desired.trigger = trigger;
                     desired.actor = "depwatch".into();
                     scheduler.submit(key, desired).await;

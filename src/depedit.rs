@@ -200,6 +200,29 @@ pub fn set_images(
     ))
 }
 
+/// A plain file (one version or digest on one line) asking for `value` instead, given as a
+/// version or a digest too: the value replaces that line; the requester's header replaces
+/// the old one; every other line (comments) stays. Decided from the file alone, so a save
+/// made a moment ago and not yet recorded is edited as it stands. `None` when the file is not
+/// such a file, or `value` a full image reference (then its form is the record's to say).
+pub fn set_plain(text: &str, value: &str, header: &str) -> Option<String> {
+    let relative =
+        |v: &str| depfile::classify(v).is_ok_and(|s| !matches!(s, ImageSpec::Reference(_)));
+    let (line, old) = depfile::plain_line(text)?;
+    if !relative(old) || !relative(value) {
+        return None;
+    }
+    let mut out = header.to_string();
+    for (i, l) in text.lines().enumerate() {
+        if Asker::find(l).is_some() {
+            continue;
+        }
+        out.push_str(if i + 1 == line { value } else { l });
+        out.push('\n');
+    }
+    Some(out)
+}
+
 /// The file's text asking for `value` (a version, a digest or a full image) in the service's
 /// main container: the one named like the Deployment, or its only one. Everything else stays:
 /// the form of the value, other containers, settings and comments. `current` is what the file
@@ -260,6 +283,19 @@ fn asks_for(file: &str, text: &str, found: &[Entry], current: &Images, target: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_file_is_edited_from_its_own_text() {
+        let text = "# keep me\n3.0.0-hang\n";
+        assert_eq!(
+            set_plain(text, "1.1.0", "# by bot\n").as_deref(),
+            Some("# by bot\n# keep me\n1.1.0\n")
+        );
+        // A full image reference keeps its form through the record's knowledge instead.
+        assert_eq!(set_plain("r.example/web:1.0\n", "1.1.0", ""), None);
+        assert_eq!(set_plain("1.0\n", "r.example/web:1.1", ""), None);
+        assert_eq!(set_plain("images:\n  web: 1.0\n", "1.1", ""), None);
+    }
 
     const HEADER: &str = "# rolled back by alice at 2026-01-01T00:00:00Z\n";
 

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use crate::domain::{Asker, DeployOutcome, Images, ServiceKey, ServiceStatus};
-use crate::store::{self, ServiceChange, Store, StoreError};
+use crate::pipeline::deploy::recorder::verdict;
+use crate::store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -128,10 +129,7 @@ pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<Stri
     };
     store.change_service(
         key,
-        ServiceChange::default()
-            .failed_hash("")
-            .status(ServiceStatus::Retry)
-            .message(Asker::retry_note(caller.actor)),
+        verdict::retry_requested(&r.failed_hash, Asker::retry_note(caller.actor)),
     )?;
     resave(caller.root, &r.path)?;
     Ok(format!("retrying {key}: {what}"))
@@ -288,12 +286,7 @@ pub fn suspend(
     } else {
         format!("resumed by {actor}")
     };
-    store.change_service(
-        key,
-        ServiceChange::default()
-            .suspended(suspended)
-            .message(message),
-    )?;
+    store.change_service(key, verdict::noted(message).suspended(suspended))?;
     if suspended {
         Ok(format!(
             "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
@@ -309,7 +302,7 @@ pub fn suspend(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DeployRecord;
+    use crate::store::{DeployRecord, ServiceChange};
 
     fn key() -> ServiceKey {
         ServiceKey::new("web", "prod").expect("key")

@@ -49,6 +49,8 @@ pub enum StoreError {
     /// A write named a deploy row that a lost write was to create.
     #[error("deploy row {0} was never written")]
     RowLost(i64),
+    #[error("cannot start the record's writer thread: {0}")]
+    Writer(std::io::Error),
     /// The daemon's record does not answer (found by its writer or a read): reads fail at
     /// once until it does, instead of each waiting for it.
     #[error("the record ({backend}) does not answer: {why}")]
@@ -301,20 +303,18 @@ pub struct RecordHealth {
     pub dropped: u64,
 }
 
-/// The tables. Who writes each `services` column (each writer names only its own fields in a
-/// [`ServiceChange`]; see ARCHITECTURE.md):
+/// The tables. Each `services` column has one owner, and only the owner's module builds a
+/// [`ServiceChange`] that sets it (`tests/layering.rs` checks it; see ARCHITECTURE.md):
 ///
-/// | column | written by |
+/// | column | owner (built in) |
 /// |---|---|
-/// | `requested`, `requested_hash` | ingest, when a file is read |
-/// | `path` | ingest (a refusal) and the recorder (a deploy's file) |
-/// | `content_hash` | the recorder (what was acted on), and ingest importing a seed's `.last` |
-/// | `desired`, `deployed`, `last_good`, `kind` | the recorder |
-/// | `status`, `message` | ingest (a refused or removed file), the recorder (a deploy), operator commands (`retry`, `suspend`, `resume`) |
-/// | `failed_hash` | the recorder pins; `retry` clears |
-/// | `suspended` | operator commands |
+/// | `requested`, `requested_hash`, `path` | ingest (`pipeline/ingest/`), when a file is read |
+/// | `status`, `message`, `desired`, `deployed`, `last_good`, `kind`, `content_hash`, `failed_hash` | the recorder (`pipeline/deploy/recorder/`, and `pipeline/deploy/recorder/verdict.rs` for the changes ingest and operator commands send: a refused or removed file, a seed imported, a retry, a note) |
+/// | `suspended` | operator commands (`operator.rs`) |
 ///
-/// `deploys` rows are the recorder's alone; `requests` the API's; `refused_files` ingest's.
+/// A retry lifts only the pin it saw (`failed_hash` is cleared while it still names that
+/// version), so a pin the recorder makes meanwhile stays. `deploys` rows are the recorder's
+/// alone; `requests` the API's; `refused_files` ingest's.
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
@@ -987,9 +987,8 @@ impl Store {
             return Ok(self);
         }
         let store = self.clone();
-        let writer = writer::Writer::start(move |idle| store.round(idle)).map_err(|e| {
-            StoreError::Postgres(format!("cannot start the record's writer thread: {e}"))
-        })?;
+        let writer =
+            writer::Writer::start(move |idle| store.round(idle)).map_err(StoreError::Writer)?;
         let _ = self.writer.set(writer);
         Ok(self)
     }
@@ -1213,6 +1212,13 @@ impl Store {
             });
             let mut o = self.outbox();
             match done {
+                Err(StoreError::RowLost(id)) => {
+                    tracing::error!(
+                        deploy = id,
+                        "a write names a deploy row that was never written; it is dropped"
+                    );
+                    o.drop_lost();
+                }
                 Ok(id) => {
                     refused = refused || o.error.is_some();
                     o.written(id);
@@ -1727,6 +1733,49 @@ mod tests {
             6
         );
         assert!(s.history(None, 10).expect("h").is_empty());
+    }
+
+    /// With a writer, a write is seen at once by reads (from the queue), then is in the
+    /// database once settled; a write naming a deploy row that was never written is dropped
+    /// and counted, and the writes behind it still land.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_carries_out_writes_in_order_and_drops_what_never_can_be() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path())
+            .expect("open")
+            .with_writer()
+            .expect("writer");
+        let key = ServiceKey::new("web", "demo").expect("key");
+        s.finish_deploy(-99, DeployOutcome::Succeeded, "never started")
+            .expect("queued");
+        s.change_service(
+            &key,
+            ServiceChange::default().status(ServiceStatus::Deploying),
+        )
+        .expect("queued");
+        let seen = s.service(&key).expect("read").expect("row");
+        assert_eq!(seen.status, ServiceStatus::Deploying, "read from the queue");
+        let id = s
+            .start_deploy(&DeployRecord {
+                namespace: "demo".into(),
+                name: "web".into(),
+                outcome: DeployOutcome::InProgress,
+                ..DeployRecord::default()
+            })
+            .expect("queued");
+        assert!(id < 0, "a local id while it waits: {id}");
+        s.finish_deploy(id, DeployOutcome::Succeeded, "healthy")
+            .expect("queued");
+        s.settled().await;
+        let other = Store::open_read_only(dir.path()).expect("read-only");
+        let row = other.service(&key).expect("q").expect("written");
+        assert_eq!(row.status, ServiceStatus::Deploying);
+        let h = other.history(Some(&key), 10).expect("history");
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
+        let health = s.health();
+        assert_eq!((health.pending, health.dropped, health.error), (0, 1, None));
+        s.close();
     }
 
     #[test]

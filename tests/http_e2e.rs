@@ -346,14 +346,17 @@ async fn the_api_deploys_through_the_file_with_idempotency_auth_and_clear_errors
         v3["id"].as_str().unwrap_or_default().to_string(),
         v4["id"].as_str().unwrap_or_default().to_string(),
     );
-    wait_for(
+    let seen = std::sync::Mutex::new(String::new());
+    common::wait_for_or(
         "the newer request to win",
         Duration::from_secs(30),
         || async {
             let a: Value = get_json(&http, format!("{url}/api/v1/requests/{id3}")).await?;
             let b: Value = get_json(&http, format!("{url}/api/v1/requests/{id4}")).await?;
+            *seen.lock().expect("seen") = format!("{a}\n{b}");
             (a["status"] == "superseded" && b["status"] == "succeeded").then_some(())
         },
+        || format!("the requests: {}", seen.lock().expect("seen")),
     )
     .await;
 

@@ -91,3 +91,73 @@ fn the_domain_imports_nothing_and_the_lifecycle_only_the_domain() {
         }
     }
 }
+
+/// Each field of a service row has one owner, and only the owner's module builds a change
+/// that sets it (`store/change.rs` defines the setters; the record's own code carries changes
+/// out). ARCHITECTURE.md and the table above the schema in `store.rs` say the same.
+#[test]
+fn each_service_field_is_set_only_by_its_owner() {
+    const RECORDER: &[&str] = &[
+        "pipeline/deploy/recorder/mod.rs",
+        "pipeline/deploy/recorder/verdict.rs",
+    ];
+    const INGEST: &[&str] = &["pipeline/ingest/mod.rs"];
+    const OPERATOR: &[&str] = &["operator.rs"];
+    let owners: &[(&str, &[&str])] = &[
+        ("status", RECORDER),
+        ("status_unless_deploying", RECORDER),
+        ("message", RECORDER),
+        ("desired", RECORDER),
+        ("deployed", RECORDER),
+        ("last_good", RECORDER),
+        ("last_good_if_unset", RECORDER),
+        ("kind", RECORDER),
+        ("content_hash", RECORDER),
+        ("failed_hash", RECORDER),
+        ("unpin", RECORDER),
+        ("requested", INGEST),
+        ("path", INGEST),
+        ("path_if_unset", INGEST),
+        ("suspended", OPERATOR),
+    ];
+    let mut builders = Vec::new();
+    for (rel, code) in code() {
+        if rel == "store.rs" || rel.starts_with("store/") {
+            continue;
+        }
+        // Only code that builds or extends a change can set its fields.
+        if !code.contains("ServiceChange") && !code.contains("verdict::") {
+            continue;
+        }
+        builders.push(rel.clone());
+        for (setter, allowed) in owners {
+            // A setter takes a value: `.path()` (a getter) is not one.
+            let call = format!(".{setter}(");
+            let sets = code
+                .match_indices(&call)
+                .any(|(i, _)| !code[i + call.len()..].starts_with(')'));
+            if sets {
+                assert!(
+                    allowed.contains(&rel.as_str()),
+                    "{rel} sets `{setter}`, which belongs to {allowed:?}"
+                );
+            }
+        }
+        if code.contains("ServiceChange::default()") {
+            let owner = [RECORDER, INGEST, OPERATOR]
+                .iter()
+                .any(|o| o.contains(&rel.as_str()));
+            assert!(owner, "{rel} builds a ServiceChange of its own");
+        }
+    }
+    for owner in [
+        "pipeline/deploy/recorder/verdict.rs",
+        "pipeline/ingest/mod.rs",
+        "operator.rs",
+    ] {
+        assert!(
+            builders.iter().any(|b| b == owner),
+            "{owner} was looked at: {builders:?}"
+        );
+    }
+}

@@ -206,6 +206,21 @@ fn suite(s: &Store) {
             .collect::<Vec<_>>(),
         [open]
     );
+
+    // A retry lifts only the pin it saw: a pin made on another version since stays.
+    let pinned = ServiceKey::new("pinned", "demo").expect("key");
+    let pin = |hash: &str| ServiceChange::default().failed_hash(hash);
+    let seen_pinned = "aa11";
+    s.change_service(&pinned, pin(seen_pinned)).expect("pin");
+    s.change_service(&pinned, ServiceChange::default().unpin(seen_pinned))
+        .expect("unpin");
+    let row = s.service(&pinned).expect("q").expect("row");
+    assert_eq!(row.failed_hash, "", "the pin seen is lifted");
+    s.change_service(&pinned, pin("bb22")).expect("pin again");
+    s.change_service(&pinned, ServiceChange::default().unpin(seen_pinned))
+        .expect("late unpin");
+    let row = s.service(&pinned).expect("q").expect("row");
+    assert_eq!(row.failed_hash, "bb22", "a newer pin stays");
 }
 
 /// Services, deploys and refused files read one page at a time: every row once, in order,
@@ -349,7 +364,7 @@ async fn the_postgresql_record_passes_the_store_suite_and_survives_reconnecting(
     // A second connection (another replica, a restart) sees the same record; migrations run
     // once.
     let again = Store::connect(&url).expect("reconnect");
-    assert_eq!(again.services().expect("all").len(), 2);
+    assert_eq!(again.services().expect("all").len(), 3);
     // A bad URL is refused without echoing it (it may hold a password).
     let err = Store::connect("postgres://u:hunter2@[::1")
         .err()

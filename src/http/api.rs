@@ -817,6 +817,9 @@ async fn edited_file(
     if depfile::parse(&shown, text.as_bytes()).is_err() {
         return Ok(fresh);
     }
+    if let Some(edited) = crate::depedit::set_plain(&text, value, header) {
+        return Ok(edited);
+    }
     let record = state.store.service(key).ok().flatten();
     let kind = record.as_ref().map(|r| r.kind).unwrap_or_default();
     let recorded = record.map(|r| r.desired).filter(|d| !d.is_empty());

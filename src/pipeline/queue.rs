@@ -130,7 +130,7 @@ impl Scheduler {
     }
 
     /// The desired state of a service, if managed.
-    pub fn desired(&self, key: &ServiceKey) -> Option<Desired> {
+    pub fn wanted(&self, key: &ServiceKey) -> Option<Desired> {
         self.slots.get(key).and_then(|s| s.desired())
     }
 }

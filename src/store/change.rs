@@ -21,6 +21,9 @@ pub struct ServiceChange {
     /// Leave the status alone while a deploy is under way (its verdict comes later).
     pub status_unless_deploying: bool,
     pub failed_hash: Option<String>,
+    /// Lift the pin on this content hash: `failed_hash` is cleared only while it still is
+    /// this one (a pin made since stays).
+    pub unpin: Option<String>,
     pub message: Option<String>,
     pub suspended: Option<bool>,
     /// The kind of workload the file names, once a plan found it.
@@ -100,6 +103,13 @@ impl ServiceChange {
         self
     }
 
+    /// Lift the pin on `hash`, unless the row is pinned on another version by now.
+    pub fn unpin(mut self, hash: impl Into<String>) -> Self {
+        self.failed_hash = None;
+        self.unpin = Some(hash.into());
+        self
+    }
+
     pub fn message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
@@ -149,6 +159,11 @@ impl ServiceChange {
         }
         if let Some(h) = &self.failed_hash {
             row.failed_hash = h.clone();
+        }
+        if let Some(was) = self.unpinned() {
+            if row.failed_hash == was {
+                row.failed_hash.clear();
+            }
         }
         if let Some(m) = &self.message {
             row.message = m.clone();
@@ -225,6 +240,12 @@ impl ServiceChange {
             self.status_unless_deploying.then_some(busy.as_str()),
         );
         text("failed_hash", self.failed_hash.clone(), None);
+        let still_pinned = self
+            .unpinned()
+            .map(|was| format!("services.failed_hash <> '{was}'"));
+        if let Some(keep_when) = &still_pinned {
+            text("failed_hash", Some(String::new()), Some(keep_when));
+        }
         text("message", self.message.clone(), None);
         text("kind", self.kind.map(|k| k.as_str().to_string()), None);
         let (words, hash) = self.requested.clone().unzip();
@@ -245,6 +266,16 @@ impl ServiceChange {
             ),
             values,
         }
+    }
+}
+
+impl ServiceChange {
+    /// The content hash whose pin to lift, when it is one (hex digits only: it is written into
+    /// the statement).
+    fn unpinned(&self) -> Option<&str> {
+        self.unpin
+            .as_deref()
+            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
     }
 }
 

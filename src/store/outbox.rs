@@ -12,6 +12,9 @@ use crate::domain::{DeployOutcome, ServiceKey};
 /// Writes kept at most; beyond this a write is dropped (and counted).
 pub const CAPACITY: usize = 100_000;
 
+/// Deploy rows whose local id is remembered once written.
+const MAPPED: usize = 65_536;
+
 /// One write to the record.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -40,8 +43,10 @@ pub enum Write {
 #[derive(Debug, Default)]
 pub struct Outbox {
     queue: VecDeque<Write>,
-    /// Local ids of deploy rows written since, with the backend's ids.
+    /// Local ids of deploy rows written since, with the backend's ids (the newest
+    /// [`MAPPED`], oldest first in `mapped`).
     ids: HashMap<i64, i64>,
+    mapped: VecDeque<i64>,
     next_local: i64,
     /// Why the backend refused the last write.
     pub error: Option<String>,
@@ -147,6 +152,15 @@ pub fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreE
 }
 
 impl Outbox {
+    /// The oldest write names a deploy row that was never written (its start was lost): it
+    /// can never be carried out, so it is dropped (and counted) rather than hold up the rest.
+    pub fn drop_lost(&mut self) {
+        self.queue.pop_front();
+        self.written_total += 1;
+        self.carrying = false;
+        self.dropped += 1;
+    }
+
     /// The oldest waiting write, with its deploy row id made the backend's (so it can be
     /// carried out without holding the queue).
     pub fn next(&self) -> Option<Result<Write, StoreError>> {
@@ -172,15 +186,19 @@ impl Outbox {
 
     /// The oldest waiting write was carried out (`id`: the row it started).
     pub fn written(&mut self, id: Option<i64>) {
-        match (self.queue.pop_front(), id) {
-            (Some(Write::Start { local, .. }), Some(id)) if local < 0 => {
+        if let (Some(Write::Start { local, .. }), Some(id)) = (self.queue.pop_front(), id) {
+            if local < 0 {
                 self.ids.insert(local, id);
+                self.mapped.push_back(local);
+                // A row is written to for as long as its deploy lasts, and the same row may
+                // be finished by a newer deploy: the newest ids are kept, far more than can be
+                // under way at once.
+                while self.mapped.len() > MAPPED {
+                    if let Some(old) = self.mapped.pop_front() {
+                        self.ids.remove(&old);
+                    }
+                }
             }
-            // A finished row is written to no more: its local id can go.
-            (Some(Write::Finish { id: local, .. }), _) if local < 0 => {
-                self.ids.remove(&local);
-            }
-            _ => {}
         }
         self.written_total += 1;
         self.carrying = false;

@@ -192,9 +192,9 @@ impl Engine {
     /// The service's file was removed while its deploy ran: once that deploy is over, the
     /// service is no longer managed.
     pub fn let_go(&self, key: &ServiceKey) {
-        let change = crate::store::ServiceChange::default()
-            .status(crate::domain::ServiceStatus::Unmanaged)
-            .message("the dependency file was removed; the rollout under way was finished first");
+        let change = super::recorder::verdict::unmanaged(
+            "the dependency file was removed; the rollout under way was finished first",
+        );
         self.recorder
             .store
             .change_service(key, change)

@@ -21,6 +21,7 @@ use crate::bounds::Bounds;
 use crate::depfile;
 use crate::domain::{Asker, DepSpec, Desired, ServiceKey, ServiceStatus, Trigger};
 use crate::pipeline::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
+use crate::pipeline::deploy::recorder::verdict;
 use crate::pipeline::queue::Scheduler;
 use crate::pipeline::watch::{Barriers, FileEvent};
 use crate::safefs::{self, shown};
@@ -146,11 +147,7 @@ impl Ingest {
             self.store
                 .change_service(
                     key,
-                    ServiceChange::default()
-                        .path(path.display().to_string())
-                        .content_hash(hash)
-                        .status(ServiceStatus::Succeeded)
-                        .message(format!("imported from {}", shown(&last))),
+                    verdict::imported(hash, &shown(&last)).path(path.display().to_string()),
                 )
                 .or_log("change service");
             tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
@@ -165,10 +162,7 @@ impl Ingest {
         self.store
             .change_service(
                 key,
-                ServiceChange::default()
-                    .path_if_unset(path.display().to_string())
-                    .status_unless_deploying(status)
-                    .message(message),
+                verdict::file_refused(status, message).path_if_unset(path.display().to_string()),
             )
             .or_log("change service");
     }
@@ -301,12 +295,7 @@ impl Ingest {
             );
             tracing::error!("{message}");
             self.store
-                .change_service(
-                    key,
-                    ServiceChange::default()
-                        .status(ServiceStatus::Invalid)
-                        .message(message),
-                )
+                .change_service(key, verdict::defined_twice(message))
                 .or_log("change service");
             return None;
         }
@@ -320,10 +309,8 @@ impl Ingest {
                 self.store
                     .change_service(
                         key,
-                        ServiceChange::default()
+                        verdict::file_refused(ServiceStatus::Invalid, e.to_string())
                             .path(path.display().to_string())
-                            .status_unless_deploying(ServiceStatus::Invalid)
-                            .message(e.to_string())
                             .requested("", hash),
                     )
                     .or_log("change service");
@@ -347,9 +334,11 @@ impl Ingest {
             .await;
         let record = self.record(&key).unwrap_or_default();
         // What the file asks, when the record does not have it yet (written at the end).
-        let asks = (record.requested_hash != hash).then(|| (spec.requested(), key.clone()));
+        let shown_path = path.display().to_string();
+        let asks = (record.requested_hash != hash || record.path != shown_path)
+            .then(|| (spec.requested(), key.clone(), shown_path));
         let queued = decide::Queued {
-            desired_hash: self.scheduler.desired(&key).map(|d| d.hash),
+            desired_hash: self.scheduler.wanted(&key).map(|d| d.hash),
             busy_with_this: self.scheduler.busy_with(&key, &hash),
         };
         let read = decide::Valid {
@@ -395,8 +384,10 @@ impl Ingest {
         }
         // What the file asks is shown as soon as it is read, whatever happens to it next:
         // written once the version is handed on, so the write is not on the save → PATCH path.
-        if let Some((words, service)) = asks {
-            let change = ServiceChange::default().requested(words, hash.clone());
+        if let Some((words, service, path)) = asks {
+            let change = ServiceChange::default()
+                .requested(words, hash.clone())
+                .path(path);
             self.store
                 .change_service(&service, change)
                 .or_log("change service");
@@ -411,9 +402,7 @@ impl Ingest {
         self.store
             .change_service(
                 key,
-                ServiceChange::default()
-                    .status(ServiceStatus::Unmanaged)
-                    .message(format!("{} was removed", shown(path))),
+                verdict::unmanaged(format!("{} was removed", shown(path))),
             )
             .or_log("change service");
     }
@@ -502,9 +491,7 @@ impl Ingest {
                 self.store
                     .change_service(
                         &r.key(),
-                        ServiceChange::default()
-                            .status(ServiceStatus::Unmanaged)
-                            .message(format!("{} was removed", r.path)),
+                        verdict::unmanaged(format!("{} was removed", r.path)),
                     )
                     .or_log("change service");
             }

@@ -3,6 +3,8 @@
 //! history row), metrics, notifications, Kubernetes Events, and one log line. Nothing here
 //! decides what happened; it only says so everywhere.
 
+pub mod verdict;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -491,11 +493,7 @@ impl Attempt<'_> {
             DeployOutcome::Failed,
             message,
         );
-        let mut change = self
-            .service_change()
-            .path(d.path.display().to_string())
-            .status(status)
-            .message(message);
+        let mut change = self.service_change().status(status).message(message);
         if settled {
             // What this content asks, resolved when the plan got that far (a paused
             // workload, a refused tag) and otherwise none: the views then show the file's
@@ -525,7 +523,6 @@ impl Attempt<'_> {
         tracing::info!(images = %images, "{message}; no patch");
         let mut change = self
             .service_change()
-            .path(d.path.display().to_string())
             .content_hash(d.hash.clone())
             .desired(images.clone())
             .deployed(images.clone())
@@ -590,7 +587,6 @@ impl Attempt<'_> {
         };
         let mut change = self
             .service_change()
-            .path(d.path.display().to_string())
             .desired(to.clone())
             .status(ServiceStatus::Deploying)
             .message("");
