@@ -366,6 +366,9 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 ";
 
+/// Writes carried out in one transaction at most.
+const BATCH: usize = 256;
+
 /// Fixed-width UTC timestamps (`2026-01-02T03:04:05.123456Z`), so text order is time order.
 pub fn now() -> String {
     timestamp(jiff::Timestamp::now())
@@ -510,6 +513,16 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// Whether the record answers at all (the writer's check while it is away, or idle).
     fn ping(&self) -> Result<(), StoreError>;
+    /// Several writes as one transaction (the writer carries out what waits in batches):
+    /// `begin`, the writes, then `commit`, or `rollback` when one fails. A backend without
+    /// them writes each on its own.
+    fn begin(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn commit(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn rollback(&self) {}
     /// Record an API request, or return the one already under its idempotency key.
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
     fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError>;
@@ -587,6 +600,19 @@ impl Backend for Sqlite {
     fn ping(&self) -> Result<(), StoreError> {
         let _: i64 = self.conn().query_row("SELECT 1", [], |r| r.get(0))?;
         Ok(())
+    }
+
+    fn begin(&self) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch("BEGIN IMMEDIATE")?)
+    }
+
+    fn commit(&self) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch("COMMIT")?)
+    }
+
+    fn rollback(&self) {
+        // Nothing to do about a failed rollback: the connection ends the transaction anyway.
+        let _ = self.conn().execute_batch("ROLLBACK");
     }
 
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
@@ -1196,35 +1222,38 @@ impl Store {
         let mut written = 0;
         let mut refused = false;
         loop {
-            let next = {
+            let (batch, mut ids) = {
                 let mut o = self.outbox();
-                let next = o.next();
-                o.carrying = next.is_some();
-                next
+                let taken = o.front(BATCH);
+                o.carrying = !taken.0.is_empty();
+                taken
             };
-            let Some(next) = next else {
+            if batch.is_empty() {
                 break;
-            };
-            let done = next.and_then(|w| {
-                let id = outbox::carry_out(&*self.backend, &w)?;
-                self.remember_written(&w);
-                Ok(id)
-            });
-            let mut o = self.outbox();
-            match done {
+            }
+            match self.carry_out_batch(&batch, &mut ids) {
+                Ok(done) => {
+                    let mut o = self.outbox();
+                    refused = refused || o.error.is_some();
+                    written += done.len();
+                    for id in done {
+                        o.written(id);
+                    }
+                    o.carrying = false;
+                    drop(o);
+                    if let Some(w) = self.writer() {
+                        w.progress.send_modify(|n| *n += 1);
+                    }
+                }
                 Err(StoreError::RowLost(id)) => {
                     tracing::error!(
                         deploy = id,
                         "a write names a deploy row that was never written; it is dropped"
                     );
-                    o.drop_lost();
-                }
-                Ok(id) => {
-                    refused = refused || o.error.is_some();
-                    o.written(id);
-                    written += 1;
+                    self.outbox().drop_lost();
                 }
                 Err(e) => {
+                    let mut o = self.outbox();
                     o.carrying = false;
                     if o.error.is_none() && self.writer().is_some() {
                         tracing::error!(record = %self.backend.describe(), error = %e, "the record refuses writes: they are kept in memory, in order, and written when it answers again");
@@ -1245,6 +1274,50 @@ impl Store {
             self.changed();
         }
         0
+    }
+
+    /// Carry out `batch` (the oldest waiting writes) as one transaction, each deploy row id
+    /// made the backend's as the rows are written (`ids`); the ids of the rows started. A
+    /// write naming a row never written ends the batch before it (`RowLost` when it is the
+    /// first, so it is dropped).
+    fn carry_out_batch(
+        &self,
+        batch: &[outbox::Write],
+        ids: &mut std::collections::HashMap<i64, i64>,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut resolved = Vec::with_capacity(batch.len());
+        let mut done = Vec::with_capacity(batch.len());
+        self.backend.begin()?;
+        for w in batch {
+            let r = match outbox::resolve(w, ids) {
+                Ok(r) => r,
+                Err(e) if done.is_empty() => {
+                    self.backend.rollback();
+                    return Err(e);
+                }
+                Err(_) => break,
+            };
+            let id = match outbox::carry_out(&*self.backend, &r) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.backend.rollback();
+                    return Err(e);
+                }
+            };
+            if let (outbox::Write::Start { local, .. }, Some(id)) = (w, id) {
+                ids.insert(*local, id);
+            }
+            done.push(id);
+            resolved.push(r);
+        }
+        if let Err(e) = self.backend.commit() {
+            self.backend.rollback();
+            return Err(e);
+        }
+        for r in &resolved {
+            self.remember_written(r);
+        }
+        Ok(done)
     }
 
     /// Writes waiting for the backend, and why.

@@ -103,26 +103,38 @@ impl Outbox {
 
     /// `w` with its deploy row id made the backend's.
     pub fn resolved(&self, w: &Write) -> Result<Write, StoreError> {
-        Ok(match w {
-            Write::Finish {
-                id,
-                outcome,
-                message,
-                at,
-            } => Write::Finish {
-                id: self.real(*id)?,
-                outcome: *outcome,
-                message: message.clone(),
-                at: at.clone(),
-            },
-            Write::Restore { id, restore, why } => Write::Restore {
-                id: self.real(*id)?,
-                restore: restore.clone(),
-                why: why.clone(),
-            },
-            other => other.clone(),
-        })
+        resolve(w, &self.ids)
     }
+}
+
+/// `w` with its deploy row id made the backend's by `ids` (local ids of rows written).
+pub fn resolve(w: &Write, ids: &HashMap<i64, i64>) -> Result<Write, StoreError> {
+    let real = |id: i64| {
+        if id >= 0 {
+            Ok(id)
+        } else {
+            ids.get(&id).copied().ok_or(StoreError::RowLost(id))
+        }
+    };
+    Ok(match w {
+        Write::Finish {
+            id,
+            outcome,
+            message,
+            at,
+        } => Write::Finish {
+            id: real(*id)?,
+            outcome: *outcome,
+            message: message.clone(),
+            at: at.clone(),
+        },
+        Write::Restore { id, restore, why } => Write::Restore {
+            id: real(*id)?,
+            restore: restore.clone(),
+            why: why.clone(),
+        },
+        other => other.clone(),
+    })
 }
 
 /// Carry out one write whose ids are the backend's; a deploy row's id when it starts one.
@@ -161,27 +173,16 @@ impl Outbox {
         self.dropped += 1;
     }
 
-    /// The oldest waiting write, with its deploy row id made the backend's (so it can be
-    /// carried out without holding the queue).
-    pub fn next(&self) -> Option<Result<Write, StoreError>> {
-        let w = self.queue.front()?.clone();
-        Some(match w {
-            Write::Finish {
-                id,
-                outcome,
-                message,
-                at,
-            } => self.real(id).map(|id| Write::Finish {
-                id,
-                outcome,
-                message,
-                at,
-            }),
-            Write::Restore { id, restore, why } => {
-                self.real(id).map(|id| Write::Restore { id, restore, why })
-            }
-            other => Ok(other),
-        })
+    /// The oldest `n` waiting writes as kept, with the deploy row ids known so far (so they
+    /// can be carried out without holding the queue; see [`resolve`]).
+    pub fn front(&self, n: usize) -> (Vec<Write>, HashMap<i64, i64>) {
+        let batch: Vec<Write> = self.queue.iter().take(n).cloned().collect();
+        let ids = if batch.is_empty() {
+            HashMap::new()
+        } else {
+            self.ids.clone()
+        };
+        (batch, ids)
     }
 
     /// The oldest waiting write was carried out (`id`: the row it started).
