@@ -189,6 +189,17 @@ async fn create_fleet(
     .await;
 }
 
+/// Whether the record (once open) holds `n` services, none of them in flight.
+async fn settled(db: &Option<depwatch::store::Store>, n: usize) -> bool {
+    let Some(s) = db else {
+        return false;
+    };
+    s.services()
+        .await
+        .map(|v| v.len() == n && v.iter().all(|r| !r.status.in_flight()))
+        .unwrap_or(false)
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !check() {
@@ -423,14 +434,9 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     eprintln!("[{n}] adopting {n} up-to-date services");
     let daemon = Daemon::start(dir.path(), &deps, &kubeconfig);
     let store = || depwatch::store::Store::open(&dir.path().join("state")).ok();
-    let settled = |s: &depwatch::store::Store| {
-        s.services()
-            .map(|v| v.len() == n && v.iter().all(|r| !r.status.in_flight()))
-            .unwrap_or(false)
-    };
     let mut db = None;
     let t = Instant::now();
-    while !db.as_ref().is_some_and(settled) {
+    while !settled(&db, n).await {
         assert!(t.elapsed() < Duration::from_secs(600), "adoption");
         tokio::time::sleep(Duration::from_millis(100)).await;
         db = db.or_else(store);
@@ -472,7 +478,7 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     f.burst_all_patched_ms = ms(all_patched.unwrap_or_default());
     // Let the daemon record every verdict (and send its Events) before counting.
     let t = Instant::now();
-    while !db.as_ref().is_some_and(settled) && t.elapsed() < Duration::from_secs(60) {
+    while !settled(&db, n).await && t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (cpu1, _, peak) = proc_stats(daemon.child.id());

@@ -161,11 +161,8 @@ fn reading(t: &Target) -> Result<Store, ClientError> {
 }
 
 /// The local record, to change.
-fn writing(t: &Target) -> Result<Store, ClientError> {
-    Ok(Store::open_for_writing(
-        &t.state_dir,
-        t.database_url.as_deref(),
-    )?)
+async fn writing(t: &Target) -> Result<Store, ClientError> {
+    Ok(Store::open_for_writing(&t.state_dir, t.database_url.as_deref()).await?)
 }
 
 fn remote(t: &Target) -> Result<Option<Remote>, ClientError> {
@@ -182,8 +179,12 @@ pub async fn services(t: &Target) -> Result<Vec<ServiceView>, ClientError> {
     }
     let store = reading(t)?;
     let mut out = Vec::new();
-    for record in store.services()? {
-        let last = store.history(Some(&record.key()), 1)?.into_iter().next();
+    for record in store.services().await? {
+        let last = store
+            .history(Some(&record.key()), 1)
+            .await?
+            .into_iter()
+            .next();
         // Without the daemon's watch, what runs is what the record last saw running (drift
         // since is recorded by the daemon as it happens).
         let running = record.deployed.clone();
@@ -243,7 +244,7 @@ pub async fn refused_files(t: &Target) -> Result<Vec<crate::store::RefusedFile>,
     if let Some(r) = remote(t)? {
         return r.get(&format!("/api/v1/refused-files?limit={limit}")).await;
     }
-    Ok(reading(t)?.refused_page("", limit)?.0)
+    Ok(reading(t)?.refused_page("", limit).await?.0)
 }
 
 /// The refused files, for the end of `status`'s table: the first [`REFUSED_SHOWN`].
@@ -282,8 +283,8 @@ pub async fn history(
         };
     }
     let store = reading(t)?;
-    let history = store.history(Some(key), limit)?;
-    match (store.service(key)?, history.first()) {
+    let history = store.history(Some(key), limit).await?;
+    match (store.service(key).await?, history.first()) {
         (Some(record), _) => Ok((record.kind, history)),
         (None, Some(row)) => Ok((row_kind(row), history)),
         (None, None) => Err(ClientError(format!(
@@ -356,18 +357,18 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
         };
         return r.post(&path).await;
     }
-    let store = writing(&a.target)?;
+    let store = writing(&a.target).await?;
     let actor = operator::local_actor();
     let caller = Caller {
         actor: &actor,
         root: None,
     };
     Ok(match action {
-        Action::Retry => operator::retry(&store, &key, caller)?,
-        Action::Rollback { to } => operator::rollback(&store, &key, to, caller)?,
-        Action::Suspend => operator::suspend(&store, &key, true, caller)?,
-        Action::Resume => operator::suspend(&store, &key, false, caller)?,
-        Action::Forget => operator::forget(&store, &key, caller)?,
+        Action::Retry => operator::retry(&store, &key, caller).await?,
+        Action::Rollback { to } => operator::rollback(&store, &key, to, caller).await?,
+        Action::Suspend => operator::suspend(&store, &key, true, caller).await?,
+        Action::Resume => operator::suspend(&store, &key, false, caller).await?,
+        Action::Forget => operator::forget(&store, &key, caller).await?,
     })
 }
 

@@ -360,7 +360,7 @@ async fn start(
     config: DaemonConfig,
     on_listen: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<Running, DaemonError> {
-    let (config, lock, fence, store) = open_record(config)?;
+    let (config, lock, fence, store) = open_record(config).await?;
     let tokens = match &config.api_token_file {
         Some(path) => crate::http::read_tokens(path)?,
         None => Vec::new(),
@@ -452,7 +452,7 @@ async fn start(
 
 /// The dependency directory checked and spelled absolutely, the state directory's lock taken,
 /// and the record opened behind the fence (a Lease's, with `--leader-elect`).
-fn open_record(
+async fn open_record(
     mut config: DaemonConfig,
 ) -> Result<(DaemonConfig, crate::lock::StateLock, Fence, Store), DaemonError> {
     if !config.deps_dir.is_dir() {
@@ -473,7 +473,8 @@ fn open_record(
         Some(_) => Fence::leased(),
         None => Fence::open(),
     };
-    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())?
+    let store = Store::open_or_connect(&config.state_dir, config.database_url.as_deref())
+        .await?
         .fenced(fence.clone())
         .with_writer()?;
     if config.leader.is_some() && config.database_url.is_none() {
@@ -690,11 +691,12 @@ impl Running {
     async fn finish_unfinished_and_scan(&mut self) -> Result<(), DaemonError> {
         let pruned = self
             .store
-            .prune(self.config.history_keep, self.config.history_max_age)?;
+            .prune(self.config.history_keep, self.config.history_max_age)
+            .await?;
         if pruned > 0 {
             tracing::info!(pruned, "old deploy history removed (retention)");
         }
-        let unfinished = self.store.interrupted()?;
+        let unfinished = self.store.interrupted().await?;
         for d in &unfinished {
             let what = if d.restore.is_empty() {
                 "a deploy was interrupted by a stop; it is judged again now"
@@ -724,13 +726,13 @@ impl Running {
         );
         ingest.unfinished(unfinished.iter().map(|d| d.key()));
         ingest.rescan(Trigger::Startup).await;
-        for d in self.store.interrupted()? {
+        for d in self.store.interrupted().await? {
             if self.scheduler.wanted(&d.key()).is_none() {
                 self.store.finish_deploy(
                     d.id,
                     DeployOutcome::Interrupted,
                     "depwatch stopped during this deploy, and its file is gone: nobody finishes it",
-                )?;
+                ).await?;
             }
         }
         self.ingest = Some(ingest);
@@ -797,7 +799,7 @@ impl Running {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
-                        if let Err(e) = retention.prune(keep, max_age) {
+                        if let Err(e) = retention.prune(keep, max_age).await {
                             tracing::warn!(error = %e, "history retention failed");
                         }
                     }
@@ -844,7 +846,7 @@ impl Running {
         drop((recorder, engine, deployer));
         notifier.close(senders, NOTIFY_GRACE).await;
         // The record's last writes, in order (a last try when it is away).
-        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        store.close().await;
     }
 }
 

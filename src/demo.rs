@@ -190,11 +190,11 @@ pub async fn run(
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
-            let services = store.services()?;
+            let services = store.services().await?;
             if services.len() == EXAMPLES.len() && services.iter().all(|s| !s.status.in_flight()) {
                 say("summary:");
                 for s in services {
-                    let last = store.history(Some(&s.key()), 1)?.into_iter().next();
+                    let last = store.history(Some(&s.key()), 1).await?.into_iter().next();
                     let message = last.map(|d| d.message).unwrap_or_default();
                     say(&format!(
                         "  {}/{}: {} — {}",

@@ -76,11 +76,9 @@ pub async fn keep_warm(
 ) {
     let mut warm = std::collections::BTreeSet::new();
     while standby.load(std::sync::atomic::Ordering::SeqCst) && !stop.is_cancelled() {
-        let record = record.clone();
-        let namespaces = tokio::task::spawn_blocking(move || record.services())
+        let namespaces = record
+            .services()
             .await
-            .ok()
-            .and_then(Result::ok)
             .unwrap_or_default()
             .into_iter()
             .map(|r| r.namespace);

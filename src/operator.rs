@@ -45,9 +45,10 @@ pub fn write_atomically(
     Ok(())
 }
 
-fn record(store: &Store, key: &ServiceKey) -> Result<store::ServiceRecord, OperatorError> {
+async fn record(store: &Store, key: &ServiceKey) -> Result<store::ServiceRecord, OperatorError> {
     store
-        .service(key)?
+        .service(key)
+        .await?
         .ok_or_else(|| OperatorError::Unknown(key.clone()))
 }
 
@@ -118,8 +119,12 @@ pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
 
 /// Lift the pin on a failed version (or retry a deploy that failed before changing anything)
 /// and deploy it again.
-pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<String, OperatorError> {
-    let r = record(store, key)?;
+pub async fn retry(
+    store: &Store,
+    key: &ServiceKey,
+    caller: Caller<'_>,
+) -> Result<String, OperatorError> {
+    let r = record(store, key).await?;
     if let Some(why) = retry_refusal(&r) {
         return Err(OperatorError::Refused(why));
     }
@@ -127,10 +132,12 @@ pub fn retry(store: &Store, key: &ServiceKey, caller: Caller<'_>) -> Result<Stri
         Some(images) => format!("the pin on {images} is lifted and it is deployed again"),
         None => format!("{} is read and deployed again", r.path),
     };
-    store.change_service(
-        key,
-        verdict::retry_requested(&r.failed_hash, Asker::retry_note(caller.actor)),
-    )?;
+    store
+        .change_service(
+            key,
+            verdict::retry_requested(&r.failed_hash, Asker::retry_note(caller.actor)),
+        )
+        .await?;
     resave(caller.root, &r.path)?;
     Ok(format!("retrying {key}: {what}"))
 }
@@ -199,19 +206,19 @@ pub fn undo_target(
 /// Undo: write the images of the previous healthy deploy (or of deploy `to`) into the
 /// service's file, changing only the containers that differ and keeping the file's form and
 /// comments. The daemon deploys it like any save.
-pub fn rollback(
+pub async fn rollback(
     store: &Store,
     key: &ServiceKey,
     to: Option<i64>,
     caller: Caller<'_>,
 ) -> Result<String, OperatorError> {
-    let r = record(store, key)?;
+    let r = record(store, key).await?;
     if r.path.is_empty() {
         return Err(OperatorError::Refused(format!(
             "{key} has no dependency file to write"
         )));
     }
-    let history = store.history(Some(key), 100_000)?;
+    let history = store.history(Some(key), 100_000).await?;
     let (what, target) =
         undo_target(key, &history, &r.desired, to).map_err(OperatorError::Refused)?;
     let path = Path::new(&r.path);
@@ -242,12 +249,12 @@ pub fn rollback(
 
 /// Remove a service whose file is gone (a deleted typo, a retired service) from the record;
 /// its deploy history stays. Refused while its file exists: delete the file first.
-pub fn forget(
+pub async fn forget(
     store: &Store,
     key: &ServiceKey,
     _caller: Caller<'_>,
 ) -> Result<String, OperatorError> {
-    let r = record(store, key)?;
+    let r = record(store, key).await?;
     let file_there = !r.path.is_empty() && Path::new(&r.path).exists();
     if file_there || r.status != ServiceStatus::Unmanaged {
         let why = if file_there {
@@ -259,20 +266,20 @@ pub fn forget(
             "{key} is still managed ({why}): delete its dependency file first; depwatch then stops managing it and it can be forgotten"
         )));
     }
-    store.forget_service(key)?;
+    store.forget_service(key).await?;
     Ok(format!(
         "{key} forgotten: it no longer shows in status; its deploy history is kept"
     ))
 }
 
 /// Stop (or restart) deploying a service's file changes.
-pub fn suspend(
+pub async fn suspend(
     store: &Store,
     key: &ServiceKey,
     suspended: bool,
     caller: Caller<'_>,
 ) -> Result<String, OperatorError> {
-    let r = record(store, key)?;
+    let r = record(store, key).await?;
     if r.suspended == suspended {
         return Err(OperatorError::Refused(if suspended {
             format!("{key} is already suspended (`depwatch resume {key}` deploys again)")
@@ -286,7 +293,9 @@ pub fn suspend(
     } else {
         format!("resumed by {actor}")
     };
-    store.change_service(key, verdict::noted(message).suspended(suspended))?;
+    store
+        .change_service(key, verdict::noted(message).suspended(suspended))
+        .await?;
     if suspended {
         Ok(format!(
             "{key} suspended: file changes are not deployed until `depwatch resume {key}`"
@@ -409,8 +418,8 @@ mod tests {
         assert!(why.contains("depwatch resume prod/web"), "{why}");
     }
 
-    #[test]
-    fn rollback_edits_the_file_in_its_own_form() {
+    #[tokio::test]
+    async fn rollback_edits_the_file_in_its_own_form() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("state")).expect("store");
         let path = dir.path().join("web_prod.dep");
@@ -420,7 +429,7 @@ mod tests {
             root: None,
         };
         assert!(matches!(
-            rollback(&store, &key(), None, caller),
+            rollback(&store, &key(), None, caller).await,
             Err(OperatorError::Unknown(_))
         ));
         store
@@ -431,16 +440,21 @@ mod tests {
                     .desired(Images::parse("web=r.example/web:2.0"))
                     .status(ServiceStatus::Succeeded),
             )
+            .await
             .expect("record");
         for to in ["web=r.example/web:1.0", "web=r.example/web:2.0"] {
             let id = store
                 .start_deploy(&deploy(0, to, DeployOutcome::InProgress))
+                .await
                 .expect("deploy");
             store
                 .finish_deploy(id, DeployOutcome::Succeeded, "")
+                .await
                 .expect("finish");
         }
-        let said = rollback(&store, &key(), None, caller).expect("rollback");
+        let said = rollback(&store, &key(), None, caller)
+            .await
+            .expect("rollback");
         assert!(said.contains("web=r.example/web:1.0"), "{said}");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.starts_with("# rolled back by alice at "), "{text}");

@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger, WorkloadKind};
@@ -21,6 +20,7 @@ pub mod outbox;
 mod page;
 mod pg;
 mod pgtls;
+mod sqlite;
 mod writer;
 
 use crate::fence::Fence;
@@ -49,8 +49,11 @@ pub enum StoreError {
     /// A write named a deploy row that a lost write was to create.
     #[error("deploy row {0} was never written")]
     RowLost(i64),
-    #[error("cannot start the record's writer thread: {0}")]
-    Writer(std::io::Error),
+    #[error("cannot start a thread for the record: {0}")]
+    Thread(std::io::Error),
+    /// The SQLite thread is gone (the process is stopping).
+    #[error("the record's SQLite thread has stopped")]
+    Stopped,
     /// The daemon's record does not answer (found by its writer or a read): reads fail at
     /// once until it does, instead of each waiting for it.
     #[error("the record ({backend}) does not answer: {why}")]
@@ -285,8 +288,8 @@ pub struct Store {
     /// every write, until the writer carries it out.
     outbox: Arc<Mutex<outbox::Outbox>>,
     /// One replay at a time: each takes the oldest write, then removes it.
-    replaying: Arc<Mutex<()>>,
-    /// The daemon's record: writes are queued and carried out by the writer's thread.
+    replaying: Arc<tokio::sync::Mutex<()>>,
+    /// The daemon's record: writes are queued and carried out by the writer's task.
     writer: Arc<std::sync::OnceLock<Arc<writer::Writer>>>,
     /// With the writer: each service's row as last read, so a read while the record is away
     /// still sees the pins and the suspensions it held (with the queued writes over them).
@@ -302,69 +305,6 @@ pub struct RecordHealth {
     /// Writes lost because the outbox was full.
     pub dropped: u64,
 }
-
-/// The tables. Each `services` column has one owner, and only the owner's module builds a
-/// [`ServiceChange`] that sets it (`tests/layering.rs` checks it; see ARCHITECTURE.md):
-///
-/// | column | owner (built in) |
-/// |---|---|
-/// | `requested`, `requested_hash`, `path` | ingest (`pipeline/ingest/`), when a file is read |
-/// | `status`, `message`, `desired`, `deployed`, `last_good`, `kind`, `content_hash`, `failed_hash` | the recorder (`pipeline/deploy/recorder/`, and `pipeline/deploy/recorder/verdict.rs` for the changes ingest and operator commands send: a refused or removed file, a seed imported, a retry, a note) |
-/// | `suspended` | operator commands (`operator.rs`) |
-///
-/// A retry lifts only the pin it saw (`failed_hash` is cleared while it still names that
-/// version), so a pin the recorder makes meanwhile stays. `deploys` rows are the recorder's
-/// alone; `requests` the API's; `refused_files` ingest's.
-const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
-CREATE TABLE IF NOT EXISTS services (
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    path TEXT NOT NULL DEFAULT '',
-    content_hash TEXT NOT NULL DEFAULT '',
-    desired TEXT NOT NULL DEFAULT '',
-    deployed TEXT NOT NULL DEFAULT '',
-    last_good TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT '',
-    failed_hash TEXT NOT NULL DEFAULT '',
-    message TEXT NOT NULL DEFAULT '',
-    updated_at TEXT NOT NULL DEFAULT '',
-    suspended INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (namespace, name)
-);
-CREATE TABLE IF NOT EXISTS deploys (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    from_image TEXT NOT NULL,
-    to_image TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    outcome TEXT NOT NULL,
-    message TEXT NOT NULL DEFAULT '',
-    request_id TEXT NOT NULL DEFAULT '',
-    restore TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS deploys_by_service ON deploys (namespace, name, id);
-CREATE TABLE IF NOT EXISTS refused_files (
-    path TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    seen_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
-    idempotency_key TEXT NOT NULL UNIQUE,
-    body_hash TEXT NOT NULL,
-    namespace TEXT NOT NULL,
-    name TEXT NOT NULL,
-    content TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-";
 
 /// Writes carried out in one transaction at most.
 const BATCH: usize = 256;
@@ -382,109 +322,10 @@ pub fn timestamp(t: jiff::Timestamp) -> String {
     )
 }
 
-fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
-    Ok(ServiceRecord {
-        namespace: r.get(0)?,
-        name: r.get(1)?,
-        path: r.get(2)?,
-        content_hash: r.get(3)?,
-        desired: r.get(4)?,
-        deployed: r.get(5)?,
-        last_good: r.get(6)?,
-        status: r.get(7)?,
-        failed_hash: r.get(8)?,
-        message: r.get(9)?,
-        updated_at: r.get(10)?,
-        suspended: r.get::<_, i64>(11)? != 0,
-        kind: r.get(12)?,
-        requested: r.get(13)?,
-        requested_hash: r.get(14)?,
-    })
-}
-
-fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
-    Ok(RequestRecord {
-        id: r.get(0)?,
-        idempotency_key: r.get(1)?,
-        body_hash: r.get(2)?,
-        namespace: r.get(3)?,
-        name: r.get(4)?,
-        content: r.get(5)?,
-        actor: r.get(6)?,
-        created_at: r.get(7)?,
-    })
-}
-
-fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
-    Ok(DeployRecord {
-        id: r.get(0)?,
-        namespace: r.get(1)?,
-        name: r.get(2)?,
-        trigger: r.get(3)?,
-        actor: r.get(4)?,
-        from_image: r.get(5)?,
-        to_image: r.get(6)?,
-        started_at: r.get(7)?,
-        ended_at: r.get(8)?,
-        outcome: r.get(9)?,
-        message: r.get(10)?,
-        request_id: r.get(11)?,
-        restore: r.get(12)?,
-        digests: r.get(13)?,
-        content_hash: r.get(14)?,
-        kind: r.get(15)?,
-    })
-}
-
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind, requested, requested_hash";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind";
-
-/// Columns added after the first schema, each with its definition: added to an older database
-/// when the daemon opens it.
-const SQLITE_ADDED: &[(&str, &str, &str)] = &[
-    ("deploys", "restore", "TEXT NOT NULL DEFAULT ''"),
-    ("services", "kind", "TEXT NOT NULL DEFAULT ''"),
-    ("deploys", "digests", "TEXT NOT NULL DEFAULT ''"),
-    ("deploys", "content_hash", "TEXT NOT NULL DEFAULT ''"),
-    ("deploys", "kind", "TEXT NOT NULL DEFAULT ''"),
-    ("services", "requested", "TEXT NOT NULL DEFAULT ''"),
-    ("services", "requested_hash", "TEXT NOT NULL DEFAULT ''"),
-];
-
-/// Create the tables, and add the columns an older database lacks.
-/// Two processes opening the record at once (a daemon starting while a command or a test
-/// reads it) add each column once: the look and the change are one write transaction.
-fn sqlite_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(SCHEMA)?;
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let added = add_columns(conn);
-    match added {
-        Ok(()) => conn.execute_batch("COMMIT"),
-        Err(e) => {
-            // The open fails with the first error; the rollback's own is of no more use.
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
-}
-
-fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
-    for (table, column, definition) in SQLITE_ADDED {
-        let present: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
-            params![column],
-            |r| r.get(0),
-        )?;
-        if present == 0 {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
-            ))?;
-        }
-    }
-    Ok(())
-}
 
 /// The state directory 0700 and the database 0600 (SQLite gives its -wal and -shm files the
 /// database's mode), whatever the umask: history, pins and request records are nobody else's.
@@ -505,60 +346,72 @@ fn private(state_dir: &Path, db: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A backend's answer to come.
+type Answer<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 /// What a record backend stores and answers. SQLite (the default, in the state directory) and
 /// PostgreSQL (`--database-url`, shared by replicas) implement it; the same test suite runs on
-/// both. Calls are synchronous and short.
+/// both. Calls are async: SQLite answers from a thread of its own, PostgreSQL through the async
+/// client on the daemon's runtime.
+#[async_trait::async_trait]
 pub trait Backend: Send + Sync {
     /// What kind of record this is, for the start-up line (never a URL).
     fn describe(&self) -> String;
     /// Whether the record answers at all (the writer's check while it is away, or idle).
-    fn ping(&self) -> Result<(), StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
     /// Several writes as one transaction (the writer carries out what waits in batches):
     /// `begin`, the writes, then `commit`, or `rollback` when one fails. A backend without
     /// them writes each on its own.
-    fn begin(&self) -> Result<(), StoreError> {
+    async fn begin(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    fn commit(&self) -> Result<(), StoreError> {
+    async fn commit(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    fn rollback(&self) {}
+    async fn rollback(&self) {}
     /// Record an API request, or return the one already under its idempotency key.
-    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
-    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError>;
-    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
-    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError>;
-    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError>;
-    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
+    async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
+    async fn request_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<RequestRecord>, StoreError>;
+    async fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError>;
+    async fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError>;
+    async fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError>;
+    async fn services(&self) -> Result<Vec<ServiceRecord>, StoreError>;
     /// One page of services (`LIMIT` in the SQL) and how many the filter keeps in all.
-    fn services_page(&self, q: &ServicesQuery) -> Result<(Vec<ServiceRecord>, usize), StoreError>;
+    async fn services_page(
+        &self,
+        q: &ServicesQuery,
+    ) -> Result<(Vec<ServiceRecord>, usize), StoreError>;
     /// Set the fields `change` names (creating the row if missing), stamping `updated_at`, in
     /// one statement.
-    fn change_service(
+    async fn change_service(
         &self,
         key: &ServiceKey,
         change: &ServiceChange,
         updated_at: &str,
     ) -> Result<(), StoreError>;
-    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
+    async fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
     /// Record the images a rollback is about to restore on its deploy row.
-    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError>;
+    async fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError>;
     /// Remove a service's row (its history stays); `false` when there was none.
-    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
+    async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
     /// Note a refused file name (or update its reason).
-    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError>;
+    async fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError>;
     /// The file is gone or renamed.
-    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError>;
+    async fn unrefuse_file(&self, path: &str) -> Result<(), StoreError>;
     /// Every refused file name, by path.
-    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError>;
+    async fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError>;
     /// At most `limit` refused file names after the path `after`, by path; and how many there
     /// are in all.
-    fn refused_page(
+    async fn refused_page(
         &self,
         after: &str,
         limit: usize,
     ) -> Result<(Vec<RefusedFile>, usize), StoreError>;
-    fn finish_deploy(
+    async fn finish_deploy(
         &self,
         id: i64,
         outcome: DeployOutcome,
@@ -567,326 +420,18 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Newest first, older than the row `before` when given; all services when `key` is
     /// `None`.
-    fn history(
+    async fn history(
         &self,
         key: Option<&ServiceKey>,
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError>;
     /// The service's deploys still in progress, newest first (at most a few).
-    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError>;
+    async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError>;
     /// Remove finished deploys beyond `keep` per service and, with a cutoff, older than it.
-    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError>;
+    async fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError>;
     /// Every deploy still in progress, oldest first.
-    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError>;
-}
-
-/// The embedded SQLite backend: WAL mode, one connection behind a mutex.
-struct Sqlite {
-    conn: Mutex<Connection>,
-}
-
-impl Sqlite {
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Backend for Sqlite {
-    fn describe(&self) -> String {
-        "sqlite".into()
-    }
-
-    fn ping(&self) -> Result<(), StoreError> {
-        let _: i64 = self.conn().query_row("SELECT 1", [], |r| r.get(0))?;
-        Ok(())
-    }
-
-    fn begin(&self) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch("BEGIN IMMEDIATE")?)
-    }
-
-    fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch("COMMIT")?)
-    }
-
-    fn rollback(&self) {
-        // Nothing to do about a failed rollback: the connection ends the transaction anyway.
-        let _ = self.conn().execute_batch("ROLLBACK");
-    }
-
-    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT OR IGNORE INTO requests (id, idempotency_key, body_hash, namespace, name, content, actor, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![r.id, r.idempotency_key, r.body_hash, r.namespace, r.name, r.content, r.actor, r.created_at],
-        )?;
-        Ok(conn.query_row(
-            &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = ?1"),
-            params![r.idempotency_key],
-            request_row,
-        )?)
-    }
-
-    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = ?1"),
-                params![idempotency_key],
-                request_row,
-            )
-            .optional()?)
-    }
-
-    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1"),
-                params![id],
-                request_row,
-            )
-            .optional()?)
-    }
-
-    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE request_id = ?1 ORDER BY id DESC LIMIT 1"
-        );
-        Ok(self
-            .conn()
-            .query_row(&sql, params![id], deploy_row)
-            .optional()?)
-    }
-
-    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
-        let sql =
-            format!("SELECT {SERVICE_COLUMNS} FROM services WHERE namespace = ?1 AND name = ?2");
-        // Cached: a rescan of 10,000 files asks this 10,000 times.
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&sql)?;
-        Ok(stmt
-            .query_row(params![key.namespace, key.name], service_row)
-            .optional()?)
-    }
-
-    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
-        let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map([], service_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    fn services_page(&self, q: &ServicesQuery) -> Result<(Vec<ServiceRecord>, usize), StoreError> {
-        let sql = page::services_sql(q, |n| format!("?{n}"));
-        let conn = self.conn();
-        let total: i64 = conn.query_row(
-            &sql.count,
-            rusqlite::params_from_iter(sqlite_values(sql.count_values)),
-            |r| r.get(0),
-        )?;
-        let mut stmt = conn.prepare(&sql.rows)?;
-        let rows = stmt.query_map(
-            rusqlite::params_from_iter(sqlite_values(sql.rows_values)),
-            service_row,
-        )?;
-        Ok((rows.collect::<Result<_, _>>()?, total as usize))
-    }
-
-    fn change_service(
-        &self,
-        key: &ServiceKey,
-        change: &ServiceChange,
-        updated_at: &str,
-    ) -> Result<(), StoreError> {
-        let st = change.statement(&key.namespace, &key.name, updated_at, |n| format!("?{n}"));
-        let conn = self.conn();
-        conn.prepare_cached(&st.sql)?
-            .execute(rusqlite::params_from_iter(sqlite_values(st.values)))?;
-        Ok(())
-    }
-
-    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO deploys (namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, digests, content_hash, kind)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![d.namespace, d.name, d.trigger, d.actor, d.from_image, d.to_image, d.started_at, d.outcome, d.message, d.request_id, d.digests, d.content_hash, d.kind],
-        )?;
-        Ok(conn.last_insert_rowid())
-    }
-
-    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO refused_files (path, reason, seen_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (path) DO UPDATE SET reason = excluded.reason",
-            params![f.path, f.reason, f.seen_at],
-        )?;
-        Ok(())
-    }
-
-    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM refused_files WHERE path = ?1", params![path])?;
-        Ok(())
-    }
-
-    fn refused_page(
-        &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
-        let conn = self.conn();
-        let total: i64 = conn.query_row("SELECT COUNT(*) FROM refused_files", [], |r| r.get(0))?;
-        let mut stmt = conn.prepare(
-            "SELECT path, reason, seen_at FROM refused_files WHERE path > ?1 ORDER BY path LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit as i64], |r| {
-            Ok(RefusedFile {
-                path: r.get(0)?,
-                reason: r.get(1)?,
-                seen_at: r.get(2)?,
-            })
-        })?;
-        Ok((rows.collect::<Result<_, _>>()?, total as usize))
-    }
-
-    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT path, reason, seen_at FROM refused_files ORDER BY path")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(RefusedFile {
-                path: r.get(0)?,
-                reason: r.get(1)?,
-                seen_at: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
-            "DELETE FROM services WHERE namespace = ?1 AND name = ?2",
-            params![key.namespace, key.name],
-        )?;
-        Ok(n > 0)
-    }
-
-    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE deploys SET restore = ?2, message = ?3 WHERE id = ?1",
-            params![id, restore, why],
-        )?;
-        Ok(())
-    }
-
-    fn finish_deploy(
-        &self,
-        id: i64,
-        outcome: DeployOutcome,
-        message: &str,
-        ended_at: &str,
-    ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE deploys SET ended_at = ?2, outcome = ?3, message = ?4 WHERE id = ?1",
-            params![id, ended_at, outcome, message],
-        )?;
-        Ok(())
-    }
-
-    fn history(
-        &self,
-        key: Option<&ServiceKey>,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<DeployRecord>, StoreError> {
-        let conn = self.conn();
-        let before = before.unwrap_or(i64::MAX);
-        let rows = match key {
-            Some(k) => {
-                let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4");
-                let mut stmt = conn.prepare_cached(&sql)?;
-                let rows = stmt.query_map(
-                    params![k.namespace, k.name, before, limit as i64],
-                    deploy_row,
-                )?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-            None => {
-                let sql = format!(
-                    "SELECT {DEPLOY_COLUMNS} FROM deploys WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
-                );
-                let mut stmt = conn.prepare_cached(&sql)?;
-                let rows = stmt.query_map(params![before, limit as i64], deploy_row)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-        };
-        Ok(rows)
-    }
-
-    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = ?1 AND name = ?2 AND outcome = ?3 ORDER BY id DESC LIMIT 16");
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(
-            params![key.namespace, key.name, DeployOutcome::InProgress],
-            deploy_row,
-        )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
-        let conn = self.conn();
-        let mut removed = conn.execute(
-            "DELETE FROM deploys WHERE outcome != ?2 AND id IN (
-                SELECT id FROM (
-                    SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, name ORDER BY id DESC) AS n FROM deploys
-                ) WHERE n > ?1)",
-            params![keep as i64, DeployOutcome::InProgress],
-        )?;
-        if let Some(cutoff) = cutoff {
-            removed += conn.execute(
-                "DELETE FROM deploys WHERE outcome != ?2 AND started_at < ?1",
-                params![cutoff, DeployOutcome::InProgress],
-            )?;
-        }
-        Ok(removed)
-    }
-
-    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
-        let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = ?1 ORDER BY id");
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params![DeployOutcome::InProgress], deploy_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-}
-
-/// Statement values as SQLite takes them (a boolean is an integer).
-fn sqlite_values(values: Vec<change::Value>) -> Vec<rusqlite::types::Value> {
-    values
-        .into_iter()
-        .map(|v| match v {
-            change::Value::Text(t) => rusqlite::types::Value::Text(t),
-            change::Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
-        })
-        .collect()
-}
-
-/// A connection to the SQLite database at `path`, waiting up to 5 s when it is busy.
-fn sqlite(path: &Path, flags: rusqlite::OpenFlags) -> Result<Connection, StoreError> {
-    let open_error = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(open_error)?;
-    Ok(conn)
+    async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError>;
 }
 
 impl Store {
@@ -899,9 +444,9 @@ impl Store {
         std::fs::create_dir_all(state_dir).map_err(dir_error)?;
         let path = state_dir.join("depwatch.db");
         private(state_dir, &path).map_err(dir_error)?;
-        let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
-        sqlite_schema(&conn).map_err(|source| StoreError::Open { path, source })?;
-        Ok(Store::sqlite(conn))
+        let conn = sqlite::connection(&path, rusqlite::OpenFlags::default())?;
+        sqlite::schema(&conn).map_err(|source| StoreError::Open { path, source })?;
+        Store::sqlite(conn)
     }
 
     /// `depwatch.db` in `state_dir`, read-only, for commands that only look: a missing
@@ -913,7 +458,7 @@ impl Store {
         }
         let flags =
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
-        Ok(Store::sqlite(sqlite(&path, flags)?))
+        Store::sqlite(sqlite::connection(&path, flags)?)
     }
 
     /// `depwatch.db` in `state_dir` for an operator command that changes it: never created
@@ -930,17 +475,20 @@ impl Store {
                 owner: meta.uid(),
             });
         }
-        let conn = sqlite(&path, rusqlite::OpenFlags::default())?;
-        sqlite_schema(&conn).map_err(|source| StoreError::Open { path, source })?;
-        Ok(Store::sqlite(conn))
+        let conn = sqlite::connection(&path, rusqlite::OpenFlags::default())?;
+        sqlite::schema(&conn).map_err(|source| StoreError::Open { path, source })?;
+        Store::sqlite(conn)
     }
 
     /// The record at `--database-url` when given, else [`Self::open_existing`].
-    pub fn open_for_writing(
+    pub async fn open_for_writing(
         state_dir: &Path,
         database_url: Option<&str>,
     ) -> Result<Store, StoreError> {
-        Store::postgres_or(database_url, || Store::open_existing(state_dir))
+        match database_url.filter(|u| !u.is_empty()) {
+            Some(url) => Store::connect(url).await,
+            None => Store::open_existing(state_dir),
+        }
     }
 
     /// The record at `--database-url` when given (its schema untouched), else
@@ -959,33 +507,25 @@ impl Store {
 
     /// The record in PostgreSQL at `url` (`postgres://user:pass@host/db`), migrated to the
     /// current schema. The URL may hold a password: it is never logged.
-    pub fn connect(url: &str) -> Result<Store, StoreError> {
-        Ok(Store::with_backend(Arc::new(pg::Postgres::connect(url)?)))
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Ok(Store::with_backend(Arc::new(
+            pg::Postgres::connect(url).await?,
+        )))
     }
 
     /// `--database-url` when given, else SQLite in `state_dir`.
-    pub fn open_or_connect(
+    pub async fn open_or_connect(
         state_dir: &Path,
         database_url: Option<&str>,
     ) -> Result<Store, StoreError> {
-        Store::postgres_or(database_url, || Store::open(state_dir))
-    }
-
-    /// PostgreSQL when a URL is given, else the SQLite store `otherwise` opens.
-    fn postgres_or(
-        database_url: Option<&str>,
-        otherwise: impl FnOnce() -> Result<Store, StoreError>,
-    ) -> Result<Store, StoreError> {
         match database_url.filter(|u| !u.is_empty()) {
-            Some(url) => Store::connect(url),
-            None => otherwise(),
+            Some(url) => Store::connect(url).await,
+            None => Store::open(state_dir),
         }
     }
 
-    fn sqlite(conn: Connection) -> Store {
-        Store::with_backend(Arc::new(Sqlite {
-            conn: Mutex::new(conn),
-        }))
+    fn sqlite(conn: rusqlite::Connection) -> Result<Store, StoreError> {
+        Ok(Store::with_backend(Arc::new(sqlite::Sqlite::start(conn)?)))
     }
 
     /// What kind of record this is: `sqlite`, or `postgresql` with how it is protected.
@@ -1006,15 +546,17 @@ impl Store {
     }
 
     /// This record with a writer of its own (the daemon's): writes are queued and carried out
-    /// in order by one thread, never by the caller; reads never wait on a record known to be
+    /// in order by one task, never by the caller; reads never wait on a record known to be
     /// away. Call [`Store::close`] at the end, so what waits is written.
     pub fn with_writer(self) -> Result<Store, StoreError> {
         if self.writer().is_some() {
             return Ok(self);
         }
         let store = self.clone();
-        let writer =
-            writer::Writer::start(move |idle| store.round(idle)).map_err(StoreError::Writer)?;
+        let writer = writer::Writer::start(move |idle| {
+            let store = store.clone();
+            async move { store.round(idle).await }
+        });
         let _ = self.writer.set(writer);
         Ok(self)
     }
@@ -1025,14 +567,14 @@ impl Store {
 
     /// One round of the writer: carry out what waits; with nothing waiting after an idle
     /// wait, check that the record answers. Whether it answers.
-    fn round(&self, idle: bool) -> bool {
-        let left = self.replay();
+    async fn round(&self, idle: bool) -> bool {
+        let left = self.replay().await;
         let away = self.outbox().down.is_some();
         if !(idle || away || left > 0) {
             return true;
         }
         // Writes refused by a record that still answers reads (a full disk) leave reads alone.
-        let answer = self.backend.ping();
+        let answer = self.backend.ping().await;
         let mut o = self.outbox();
         match answer {
             Ok(()) => {
@@ -1053,9 +595,9 @@ impl Store {
 
     /// Write what waits and end the writer (at shutdown); what still waits is said in the
     /// log (the next start finishes the unfinished deploys from the cluster).
-    pub fn close(&self) {
+    pub async fn close(&self) {
         if let Some(w) = self.writer() {
-            w.stop();
+            w.stop().await;
         }
         let left = self.outbox().len();
         if left > 0 {
@@ -1106,12 +648,9 @@ impl Store {
     }
 
     /// A read of the backend, noting (in the daemon) a record that does not answer.
-    fn ask<T>(
-        &self,
-        read: impl Fn(&dyn Backend) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    async fn ask<T>(&self, read: Answer<'_, T>) -> Result<T, StoreError> {
         self.reachable()?;
-        let got = read(&*self.backend);
+        let got = read.await;
         // A record server that did not answer is taken for away at once (the writer checks
         // it right after, and takes it back as soon as it answers); a local database's error
         // is the read's own.
@@ -1125,23 +664,25 @@ impl Store {
     /// A read of the backend with the queued writes laid over it by `lay`, taken when the
     /// writer carried out nothing meanwhile (else read again, a few times): a write is
     /// seen in the backend or in the queue, never in both or neither.
-    fn consistent<T>(
-        &self,
-        read: impl Fn(&dyn Backend) -> Result<T, StoreError>,
+    async fn consistent<'a, T>(
+        &'a self,
+        read: impl Fn() -> Answer<'a, T>,
         lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let before = self.outbox().mark();
-            let got = self.ask(&read);
-            let o = self.outbox();
-            let still = before.0 == o.written_total && !before.1 && !o.carrying;
-            if still || tries >= 20 {
-                return lay(&o, got);
+            let got = self.ask(read()).await;
+            let laid = {
+                let o = self.outbox();
+                let still = before.0 == o.written_total && !before.1 && !o.carrying;
+                (still || tries >= 20).then(|| lay(&o, got))
+            };
+            if let Some(laid) = laid {
+                return laid;
             }
-            drop(o);
-            std::thread::yield_now();
+            tokio::task::yield_now().await;
         }
     }
 
@@ -1151,11 +692,11 @@ impl Store {
 
     /// Write now, or keep the write in order behind those already waiting; a deploy row's id
     /// (local and negative while it waits) when it starts one. With a writer, always kept:
-    /// the writer's thread carries it out.
-    fn write(&self, what: &str, mut w: outbox::Write) -> Result<Option<i64>, StoreError> {
+    /// the writer's task carries it out.
+    async fn write(&self, what: &str, mut w: outbox::Write) -> Result<Option<i64>, StoreError> {
         self.allowed(what)?;
         if self.writer().is_none() {
-            if let Some(done) = self.write_now(&w) {
+            if let Some(done) = self.write_now(&w).await {
                 return done;
             }
         }
@@ -1188,8 +729,8 @@ impl Store {
     /// Without a writer (a command, a test): carry `w` out here when nothing waits before
     /// it, in order with other writers, holding the queue only to look at it. `None` when
     /// it is to be kept (something waits, or the backend refused it).
-    fn write_now(&self, w: &outbox::Write) -> Option<Result<Option<i64>, StoreError>> {
-        let _order = self.replaying.lock().unwrap_or_else(|e| e.into_inner());
+    async fn write_now(&self, w: &outbox::Write) -> Option<Result<Option<i64>, StoreError>> {
+        let _order = self.replaying.lock().await;
         let resolved = {
             let o = self.outbox();
             if !o.is_empty() {
@@ -1201,7 +742,7 @@ impl Store {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
         };
-        match outbox::carry_out(&*self.backend, &resolved) {
+        match outbox::carry_out(&*self.backend, &resolved).await {
             Ok(id) => {
                 self.changed();
                 Some(Ok(id))
@@ -1217,8 +758,8 @@ impl Store {
     /// Write what waits, in order, if the backend answers now (blocking). Returns how many
     /// still wait.
     /// The queue is not held while the backend is asked, so writers go on queueing meanwhile.
-    pub fn replay(&self) -> usize {
-        let _one = self.replaying.lock().unwrap_or_else(|e| e.into_inner());
+    pub async fn replay(&self) -> usize {
+        let _one = self.replaying.lock().await;
         let mut written = 0;
         let mut refused = false;
         loop {
@@ -1231,7 +772,7 @@ impl Store {
             if batch.is_empty() {
                 break;
             }
-            match self.carry_out_batch(&batch, &mut ids) {
+            match self.carry_out_batch(&batch, &mut ids).await {
                 Ok(done) => {
                     let mut o = self.outbox();
                     refused = refused || o.error.is_some();
@@ -1280,27 +821,27 @@ impl Store {
     /// made the backend's as the rows are written (`ids`); the ids of the rows started. A
     /// write naming a row never written ends the batch before it (`RowLost` when it is the
     /// first, so it is dropped).
-    fn carry_out_batch(
+    async fn carry_out_batch(
         &self,
         batch: &[outbox::Write],
         ids: &mut std::collections::HashMap<i64, i64>,
     ) -> Result<Vec<Option<i64>>, StoreError> {
         let mut resolved = Vec::with_capacity(batch.len());
         let mut done = Vec::with_capacity(batch.len());
-        self.backend.begin()?;
+        self.backend.begin().await?;
         for w in batch {
             let r = match outbox::resolve(w, ids) {
                 Ok(r) => r,
                 Err(e) if done.is_empty() => {
-                    self.backend.rollback();
+                    self.backend.rollback().await;
                     return Err(e);
                 }
                 Err(_) => break,
             };
-            let id = match outbox::carry_out(&*self.backend, &r) {
+            let id = match outbox::carry_out(&*self.backend, &r).await {
                 Ok(id) => id,
                 Err(e) => {
-                    self.backend.rollback();
+                    self.backend.rollback().await;
                     return Err(e);
                 }
             };
@@ -1310,8 +851,8 @@ impl Store {
             done.push(id);
             resolved.push(r);
         }
-        if let Err(e) = self.backend.commit() {
-            self.backend.rollback();
+        if let Err(e) = self.backend.commit().await {
+            self.backend.rollback().await;
             return Err(e);
         }
         for r in &resolved {
@@ -1357,33 +898,33 @@ impl Store {
 
     /// Record an API deploy request, or return the one already recorded under the same
     /// idempotency key (the caller compares body hashes).
-    pub fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+    pub async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
         self.allowed("a record write (request)")?;
-        self.ask(|b| b.put_request(r))
+        self.ask(self.backend.put_request(r)).await
     }
 
-    pub fn request_by_key(
+    pub async fn request_by_key(
         &self,
         idempotency_key: &str,
     ) -> Result<Option<RequestRecord>, StoreError> {
-        self.ask(|b| b.request_by_key(idempotency_key))
+        self.ask(self.backend.request_by_key(idempotency_key)).await
     }
 
-    pub fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        self.ask(|b| b.request(id))
+    pub async fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        self.ask(self.backend.request(id)).await
     }
 
     /// The deploy a request led to, if it has started.
-    pub fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
-        self.ask(|b| b.deploy_for_request(id))
+    pub async fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
+        self.ask(self.backend.deploy_for_request(id)).await
     }
 
     /// A service's row, with any writes still waiting laid over it: a pin kept in memory
     /// during an outage still pins. In the daemon, while the record is away, the row as last
     /// read (with the waiting writes over it).
-    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
+    pub async fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
         self.consistent(
-            |b| b.service(key),
+            || self.backend.service(key),
             |o, row| {
                 let row = self.remembered(key, row);
                 if o.is_empty() {
@@ -1395,6 +936,7 @@ impl Store {
                 }
             },
         )
+        .await
     }
 
     /// A service change now in the backend is made to the row as last read too, so that row
@@ -1432,9 +974,9 @@ impl Store {
         }
     }
 
-    pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+    pub async fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
         self.consistent(
-            |b| b.services(),
+            || self.backend.services(),
             |o, rows| {
                 let rows = rows?;
                 Ok(if o.is_empty() {
@@ -1444,14 +986,15 @@ impl Store {
                 })
             },
         )
+        .await
     }
 
     /// One page of services, in `(namespace, name)` order, with the writes still waiting in
     /// memory laid over it; how many services the filter keeps in all (as the backend holds
     /// them); and where the next page starts. Only the page is read, however many services
     /// there are. Services only the waiting writes know yet follow the last page.
-    pub fn services_page(&self, q: &ServicesQuery) -> Result<ServicesPage, StoreError> {
-        let (rows, total) = self.ask(|b| b.services_page(q))?;
+    pub async fn services_page(&self, q: &ServicesQuery) -> Result<ServicesPage, StoreError> {
+        let (rows, total) = self.ask(self.backend.services_page(q)).await?;
         let next = page::next_after(&rows, q.limit);
         let waiting = {
             let o = self.outbox();
@@ -1465,7 +1008,7 @@ impl Store {
             let shown: std::collections::HashSet<ServiceKey> =
                 rows.iter().map(ServiceRecord::key).collect();
             for key in waiting.into_iter().filter(|k| !shown.contains(k)) {
-                if self.ask(|b| b.service(&key))?.is_none() {
+                if self.ask(self.backend.service(&key)).await?.is_none() {
                     unknown.push(key);
                 }
             }
@@ -1477,7 +1020,7 @@ impl Store {
 
     /// Set the fields `change` names on the service's row (creating it if missing). Kept in
     /// memory and written later when the backend refuses it.
-    pub fn change_service(
+    pub async fn change_service(
         &self,
         key: &ServiceKey,
         change: ServiceChange,
@@ -1487,21 +1030,22 @@ impl Store {
             change,
             at: now(),
         };
-        self.write("a record write (service)", w).map(|_| ())
+        self.write("a record write (service)", w).await.map(|_| ())
     }
 
     /// Record a deploy as started; returns its id.
-    pub fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+    pub async fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let w = outbox::Write::Start {
             local: 0,
             record: d.clone(),
         };
         Ok(self
-            .write("a record write (deploy)", w)?
+            .write("a record write (deploy)", w)
+            .await?
             .unwrap_or_default())
     }
 
-    pub fn finish_deploy(
+    pub async fn finish_deploy(
         &self,
         id: i64,
         outcome: DeployOutcome,
@@ -1513,51 +1057,51 @@ impl Store {
             message: message.to_string(),
             at: now(),
         };
-        self.write("a record write (deploy)", w).map(|_| ())
+        self.write("a record write (deploy)", w).await.map(|_| ())
     }
 
     /// Note a file whose name is refused (written only when it changes, so a resync costs
     /// nothing).
-    pub fn refuse_file(&self, path: &str, reason: &str) -> Result<(), StoreError> {
+    pub async fn refuse_file(&self, path: &str, reason: &str) -> Result<(), StoreError> {
         self.allowed("a record write (refused file)")?;
         let file = RefusedFile {
             path: path.to_string(),
             reason: reason.to_string(),
             seen_at: now(),
         };
-        self.ask(|b| b.refuse_file(&file))?;
+        self.ask(self.backend.refuse_file(&file)).await?;
         self.changed();
         Ok(())
     }
 
     /// A refused file is gone or renamed.
-    pub fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
+    pub async fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
         self.allowed("a record write (refused file)")?;
-        self.ask(|b| b.unrefuse_file(path))?;
+        self.ask(self.backend.unrefuse_file(path)).await?;
         self.changed();
         Ok(())
     }
 
     /// Files refused for their names, by path.
-    pub fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
-        self.ask(|b| b.refused_files())
+    pub async fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
+        self.ask(self.backend.refused_files()).await
     }
 
     /// One page of the files refused for their names: at most `limit` after the path
     /// `after` (empty: from the first), and how many there are in all. What the page and the
     /// API show, whatever the number of files.
-    pub fn refused_page(
+    pub async fn refused_page(
         &self,
         after: &str,
         limit: usize,
     ) -> Result<(Vec<RefusedFile>, usize), StoreError> {
-        self.ask(|b| b.refused_page(after, limit))
+        self.ask(self.backend.refused_page(after, limit)).await
     }
 
     /// Remove a service's row, its history kept (`depwatch forget`); `false` when unknown.
-    pub fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
+    pub async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
         self.allowed("a record write (forget)")?;
-        let gone = self.ask(|b| b.forget_service(key))?;
+        let gone = self.ask(self.backend.forget_service(key)).await?;
         self.known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1569,45 +1113,50 @@ impl Store {
     /// Before a rollback's patch: the images it restores, on the deploy's row.
     /// Before a rollback's patch: the images it restores and why, on the deploy's row (a
     /// stop before the rollback ends is finished at the next start, with the same reason).
-    pub fn set_restore(&self, id: i64, restore: &Images, why: &str) -> Result<(), StoreError> {
+    pub async fn set_restore(
+        &self,
+        id: i64,
+        restore: &Images,
+        why: &str,
+    ) -> Result<(), StoreError> {
         let w = outbox::Write::Restore {
             id,
             restore: restore.to_string(),
             why: why.to_string(),
         };
-        self.write("a record write (deploy)", w).map(|_| ())
+        self.write("a record write (deploy)", w).await.map(|_| ())
     }
 
     /// Newest first.
-    pub fn history(
+    pub async fn history(
         &self,
         key: Option<&ServiceKey>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        self.ask(|b| b.history(key, None, limit))
+        self.ask(self.backend.history(key, None, limit)).await
     }
 
     /// One page of [`Store::history`]: at most `limit` rows older than the row `after` (the
     /// last of the previous page), newest first.
-    pub fn history_page(
+    pub async fn history_page(
         &self,
         key: Option<&ServiceKey>,
         after: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeployRecord>, StoreError> {
-        self.ask(|b| b.history(key, after, limit))
+        self.ask(self.backend.history(key, after, limit)).await
     }
 
     /// The newest unfinished deploy of a service, if any.
-    pub fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
-        Ok(self.open_deploys(key)?.into_iter().next())
+    pub async fn in_progress(&self, key: &ServiceKey) -> Result<Option<DeployRecord>, StoreError> {
+        Ok(self.open_deploys(key).await?.into_iter().next())
     }
 
     /// The service's unfinished deploys (a stop interrupted them, or they were handed over to
     /// a newer version), newest first, with those written only to the outbox so far.
-    pub fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
+    pub async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
         self.consistent(
-            |b| b.open_deploys(key),
+            || self.backend.open_deploys(key),
             |o, rows| {
                 if o.is_empty() {
                     return rows;
@@ -1624,11 +1173,12 @@ impl Store {
                 Ok(rows)
             },
         )
+        .await
     }
 
     /// Apply the retention policy: keep at most `keep` deploys per service, and none older
     /// than `max_age`. Unfinished deploys are always kept. Returns how many were removed.
-    pub fn prune(
+    pub async fn prune(
         &self,
         keep: usize,
         max_age: Option<std::time::Duration>,
@@ -1643,13 +1193,13 @@ impl Store {
                     .unwrap_or(jiff::Timestamp::MIN),
             )
         });
-        self.ask(|b| b.prune(keep, cutoff.as_deref()))
+        self.ask(self.backend.prune(keep, cutoff.as_deref())).await
     }
 
     /// Every deploy still in progress (a stop or a dead leader left it), oldest first: the next
     /// start finishes each from the cluster's state.
-    pub fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
-        self.ask(|b| b.interrupted())
+    pub async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
+        self.ask(self.backend.interrupted()).await
     }
 }
 
@@ -1738,8 +1288,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_survive_reopening() {
+    #[tokio::test]
+    async fn records_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = ServiceKey::new("web", "demo").expect("key");
         {
@@ -1750,6 +1300,7 @@ mod tests {
                     .desired(Images::parse("web=example.com/web:1.1"))
                     .status(ServiceStatus::Deploying),
             )
+            .await
             .expect("put");
             let id = s
                 .start_deploy(&DeployRecord {
@@ -1763,24 +1314,26 @@ mod tests {
                     outcome: DeployOutcome::InProgress,
                     ..DeployRecord::default()
                 })
+                .await
                 .expect("start");
-            assert_eq!(s.interrupted().expect("q").len(), 1);
+            assert_eq!(s.interrupted().await.expect("q").len(), 1);
             s.finish_deploy(id, DeployOutcome::Succeeded, "healthy")
+                .await
                 .expect("finish");
         }
         let s = Store::open(dir.path()).expect("reopen");
-        let r = s.service(&key).expect("q").expect("exists");
+        let r = s.service(&key).await.expect("q").expect("exists");
         assert_eq!(r.desired.to_string(), "web=example.com/web:1.1");
-        let h = s.history(Some(&key), 10).expect("history");
+        let h = s.history(Some(&key), 10).await.expect("history");
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
         assert_eq!(h[0].to_image, "web=example.com/web:1.1");
         assert!(h[0].ended_at.is_some());
-        assert!(s.interrupted().expect("q").is_empty());
+        assert!(s.interrupted().await.expect("q").is_empty());
     }
 
-    #[test]
-    fn retention_keeps_the_newest_per_service() {
+    #[tokio::test]
+    async fn retention_keeps_the_newest_per_service() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(dir.path()).expect("open");
         for svc in ["a", "b"] {
@@ -1793,19 +1346,23 @@ mod tests {
                         outcome: DeployOutcome::InProgress,
                         ..DeployRecord::default()
                     })
+                    .await
                     .expect("start");
                 s.finish_deploy(id, DeployOutcome::Succeeded, "")
+                    .await
                     .expect("finish");
             }
         }
-        assert_eq!(s.prune(3, None).expect("prune"), 4);
+        assert_eq!(s.prune(3, None).await.expect("prune"), 4);
         let a = ServiceKey::new("a", "ns").expect("key");
-        assert_eq!(s.history(Some(&a), 10).expect("h").len(), 3);
+        assert_eq!(s.history(Some(&a), 10).await.expect("h").len(), 3);
         assert_eq!(
-            s.prune(3, Some(std::time::Duration::ZERO)).expect("prune"),
+            s.prune(3, Some(std::time::Duration::ZERO))
+                .await
+                .expect("prune"),
             6
         );
-        assert!(s.history(None, 10).expect("h").is_empty());
+        assert!(s.history(None, 10).await.expect("h").is_empty());
     }
 
     /// With a writer, a write is seen at once by reads (from the queue), then is in the
@@ -1820,13 +1377,15 @@ mod tests {
             .expect("writer");
         let key = ServiceKey::new("web", "demo").expect("key");
         s.finish_deploy(-99, DeployOutcome::Succeeded, "never started")
+            .await
             .expect("queued");
         s.change_service(
             &key,
             ServiceChange::default().status(ServiceStatus::Deploying),
         )
+        .await
         .expect("queued");
-        let seen = s.service(&key).expect("read").expect("row");
+        let seen = s.service(&key).await.expect("read").expect("row");
         assert_eq!(seen.status, ServiceStatus::Deploying, "read from the queue");
         let id = s
             .start_deploy(&DeployRecord {
@@ -1835,20 +1394,22 @@ mod tests {
                 outcome: DeployOutcome::InProgress,
                 ..DeployRecord::default()
             })
+            .await
             .expect("queued");
         assert!(id < 0, "a local id while it waits: {id}");
         s.finish_deploy(id, DeployOutcome::Succeeded, "healthy")
+            .await
             .expect("queued");
         s.settled().await;
         let other = Store::open_read_only(dir.path()).expect("read-only");
-        let row = other.service(&key).expect("q").expect("written");
+        let row = other.service(&key).await.expect("q").expect("written");
         assert_eq!(row.status, ServiceStatus::Deploying);
-        let h = other.history(Some(&key), 10).expect("history");
+        let h = other.history(Some(&key), 10).await.expect("history");
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
         let health = s.health();
         assert_eq!((health.pending, health.dropped, health.error), (0, 1, None));
-        s.close();
+        s.close().await;
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn depwatch(args: &[&str]) -> std::process::Output {
 }
 
 /// A state directory under `dir` whose record holds prod/web.
-fn record_with_one_service(dir: &std::path::Path) -> std::path::PathBuf {
+async fn record_with_one_service(dir: &std::path::Path) -> std::path::PathBuf {
     let state = dir.join("state");
     Store::open(&state)
         .expect("open")
@@ -25,6 +25,7 @@ fn record_with_one_service(dir: &std::path::Path) -> std::path::PathBuf {
             &ServiceKey::new("web", "prod").expect("key"),
             depwatch::store::ServiceChange::default(),
         )
+        .await
         .expect("record");
     state
 }
@@ -64,11 +65,11 @@ fn is_root() -> bool {
 
 /// Another user's record: reading it says whose it is and how to get at it, and changing it
 /// locally is refused, so SQLite's journal files never end up owned by the wrong user.
-#[test]
-fn another_users_record_is_refused_with_a_hint() {
+#[tokio::test]
+async fn another_users_record_is_refused_with_a_hint() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = record_with_one_service(dir.path());
+    let state = record_with_one_service(dir.path()).await;
     let db = state.join("depwatch.db");
     let state_arg = state.to_str().expect("utf-8").to_string();
     if is_root() {
@@ -117,10 +118,10 @@ fn another_users_record_is_refused_with_a_hint() {
     }
 }
 
-#[test]
-fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
+#[tokio::test]
+async fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = record_with_one_service(dir.path());
+    let state = record_with_one_service(dir.path()).await;
     let db = state.join("depwatch.db");
     let before = std::fs::read(&db).expect("db");
     let state_arg = state.to_str().expect("utf-8");
@@ -158,8 +159,8 @@ fn history_of_an_unknown_service_exits_non_zero_and_reading_changes_nothing() {
 
 /// Text from outside in the record (a registry's tag, a pod's message) printed by `status` and
 /// `history`: escape sequences, the bell and bidirectional controls are shown, never obeyed.
-#[test]
-fn status_and_history_never_print_control_characters_from_the_record() {
+#[tokio::test]
+async fn status_and_history_never_print_control_characters_from_the_record() {
     use depwatch::domain::{DeployOutcome, Images, ServiceStatus};
     use depwatch::store::{DeployRecord, ServiceChange, Store};
     let dir = tempfile::tempdir().expect("tempdir");
@@ -178,6 +179,7 @@ fn status_and_history_never_print_control_characters_from_the_record() {
                     .desired(images)
                     .message(format!("tag not found; closest: {hostile}")),
             )
+            .await
             .expect("service");
         let id = store
             .start_deploy(&DeployRecord {
@@ -187,9 +189,11 @@ fn status_and_history_never_print_control_characters_from_the_record() {
                 message: hostile.into(),
                 ..DeployRecord::default()
             })
+            .await
             .expect("row");
         store
             .finish_deploy(id, DeployOutcome::Failed, hostile)
+            .await
             .expect("finish");
     }
     let state_arg = state.to_str().expect("utf-8");

@@ -209,6 +209,7 @@ async fn outcome(state: &Path, ns: &str, name: &str, want: &str, within: Duratio
             let r = depwatch::store::Store::open_read_only(&state)
                 .ok()?
                 .service(&key)
+                .await
                 .ok()??;
             (r.status.as_str() == want).then_some(r.message)
         }
@@ -227,6 +228,7 @@ async fn healthy_with(state: &Path, ns: &str, name: &str, image: &str) {
             let r = depwatch::store::Store::open_read_only(state)
                 .ok()?
                 .service(&key)
+                .await
                 .ok()??;
             (r.status.as_str() == "succeeded" && r.deployed.to_string().contains(image))
                 .then_some(())
@@ -268,6 +270,7 @@ async fn a_new_version_deploys_a_missing_tag_rolls_back_and_a_restart_redeploys_
     let before = depwatch::store::Store::open(&state)
         .expect("store")
         .history(None, 100)
+        .await
         .expect("history")
         .len();
     let d = daemon(&cluster, &deps, &state, &ns);
@@ -295,6 +298,7 @@ async fn a_new_version_deploys_a_missing_tag_rolls_back_and_a_restart_redeploys_
     let after = depwatch::store::Store::open(&state)
         .expect("store")
         .history(None, 100)
+        .await
         .expect("history")
         .len();
     assert_eq!(after, before);
@@ -427,6 +431,7 @@ async fn workload_lifecycle(kind: &str, tag: &str) {
     let record = depwatch::store::Store::open(&state)
         .expect("store")
         .service(&key)
+        .await
         .expect("read")
         .expect("row");
     assert_eq!(record.kind.as_str(), kind);

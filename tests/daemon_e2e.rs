@@ -98,7 +98,7 @@ async fn a_new_version_is_patched_once_and_reported_green_after_it_is_healthy() 
 
     // `touch` and rewriting the same bytes change nothing.
     env.write_dep("web_demo.dep", "1.1.0\n");
-    let history = env.store().history(None, 10).expect("history");
+    let history = env.store().history(None, 10).await.expect("history");
     assert_eq!(history.len(), 1, "{history:?}");
     assert_eq!(history[0].outcome.as_str(), "succeeded");
     assert_eq!(history[0].from_image, "web=example.com/web:1.0.0");
@@ -140,6 +140,7 @@ async fn a_bad_image_fails_fast_red_with_the_pods_reason() {
     let svc = env
         .store()
         .service(&depwatch::domain::ServiceKey::new("api", "demo").expect("key"))
+        .await
         .expect("q")
         .expect("recorded");
     assert_eq!(svc.status.as_str(), "failed");
@@ -167,7 +168,7 @@ async fn a_version_that_never_gets_ready_times_out_amber() {
         "{}",
         text(&messages[0])
     );
-    let h = env.store().history(None, 5).expect("history");
+    let h = env.store().history(None, 5).await.expect("history");
     assert_eq!(h[0].outcome.as_str(), "timed_out");
 }
 
@@ -190,6 +191,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
             let s = env
                 .store()
                 .service(&depwatch::domain::ServiceKey::new("api", "demo").ok()?)
+                .await
                 .ok()??;
             (s.status.as_str() == "succeeded").then_some(())
         },
@@ -234,6 +236,7 @@ async fn a_restart_redeploys_nothing_and_catches_up_on_changes_made_while_down()
     let worker = env
         .store()
         .service(&depwatch::domain::ServiceKey::new("worker", "demo").expect("key"))
+        .await
         .expect("q")
         .expect("recorded");
     assert_eq!(worker.status.as_str(), "unmanaged");
@@ -300,7 +303,7 @@ async fn two_hundred_services_deploy_once_each_and_latest_wins() {
         "every deploy to settle",
         Duration::from_secs(60),
         || async {
-            let services = env.store().services().ok()?;
+            let services = env.store().services().await.ok()?;
             (services.len() == 200 && services.iter().all(|s| s.status.as_str() == "succeeded"))
                 .then_some(())
         },
@@ -395,14 +398,19 @@ async fn invalid_files_are_reported_and_nothing_is_deployed() {
         Duration::from_secs(20),
         || async {
             let s = env.store();
-            let web = s.service(&key("web")).ok()??;
-            let api = s.service(&key("api")).ok()??;
+            let web = s.service(&key("web")).await.ok()??;
+            let api = s.service(&key("api")).await.ok()??;
             (web.status.as_str() == "invalid" && api.status.as_str() == "invalid")
                 .then_some((web, api))
         },
     )
     .await;
-    let web = env.store().service(&key("web")).expect("q").expect("web");
+    let web = env
+        .store()
+        .service(&key("web"))
+        .await
+        .expect("q")
+        .expect("web");
     assert!(
         web.message.contains("web_demo.dep:1:"),
         "names the file and line: {}",
@@ -439,7 +447,7 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
         "three hanging rollouts in flight",
         Duration::from_secs(20),
         || async {
-            let s = env.store().services().ok()?;
+            let s = env.store().services().await.ok()?;
             (s.iter()
                 .filter(|r| r.status.as_str() == "deploying")
                 .count()
@@ -454,11 +462,11 @@ async fn rollouts_waiting_to_become_healthy_hold_no_worker() {
         "the fourth service to deploy past them",
         Duration::from_secs(20),
         || async {
-            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+            (env.store().service(&key).await.ok()??.status.as_str() == "succeeded").then_some(())
         },
     )
     .await;
-    let still = env.store().services().expect("services");
+    let still = env.store().services().await.expect("services");
     assert_eq!(
         still
             .iter()
@@ -495,7 +503,7 @@ async fn deploys_complete_through_api_server_errors_conflicts_and_short_watches(
         "every service to be deployed despite the faults",
         Duration::from_secs(90),
         || async {
-            let s = env.store().services().ok()?;
+            let s = env.store().services().await.ok()?;
             (s.len() == names.len() && s.iter().all(|r| r.status.as_str() == "succeeded"))
                 .then_some(())
         },
@@ -669,14 +677,14 @@ async fn a_second_signal_exits_at_once_and_the_next_start_resumes() {
     let daemon = env.daemon(&["--shutdown-grace", "5m"]).await;
     let key = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
     wait_for("adopted", Duration::from_secs(20), || async {
-        let r = env.store().service(&key).ok()??;
+        let r = env.store().service(&key).await.ok()??;
         (r.status.as_str() == "succeeded").then_some(())
     })
     .await;
     // A rollout that never becomes ready keeps a deploy in flight.
     env.write_dep("web_prod.dep", "1.1.0-hang\n");
     wait_for("the deploy in flight", Duration::from_secs(20), || async {
-        env.store().in_progress(&key).ok()?.map(|_| ())
+        env.store().in_progress(&key).await.ok()?.map(|_| ())
     })
     .await;
     daemon.signal("TERM");
@@ -697,7 +705,7 @@ async fn a_second_signal_exits_at_once_and_the_next_start_resumes() {
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("a second signal: exiting now"), "{text}");
     assert!(
-        env.store().in_progress(&key).expect("q").is_some(),
+        env.store().in_progress(&key).await.expect("q").is_some(),
         "the abandoned deploy stays in progress in the record"
     );
     let again = env.daemon(&[]).await;
@@ -741,7 +749,7 @@ async fn a_first_start_over_many_new_services_reads_the_lists_not_each_service()
     let daemon = env.daemon(&[]).await;
     let store = env.store();
     wait_for("every service settled", Duration::from_secs(90), || async {
-        let all = store.services().ok()?;
+        let all = store.services().await.ok()?;
         let done = all
             .iter()
             .filter(|r| r.status == depwatch::domain::ServiceStatus::Succeeded)

@@ -347,30 +347,31 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     env.write_dep("agent_prod.dep", "1.1.0\n");
     env.write_dep("report_prod.dep", "1.1.0\n");
     let store = env.store();
-    let status = |name: &str, ns: &str| {
+    let status = async |name: &str, ns: &str| {
         store
             .service(&depwatch::domain::ServiceKey::new(name, ns).expect("key"))
+            .await
             .ok()
             .flatten()
             .map(|r| r.status.as_str().to_string())
     };
     wait_for("every outcome", Duration::from_secs(60), || async {
-        (status("web", "prod").as_deref() == Some("succeeded")
-            && status("api", "prod").as_deref() == Some("rolled_back")
-            && status("wbe", "prod").as_deref() == Some("failed")
-            && status("web", "prdo").as_deref() == Some("failed")
-            && status("db", "prod").as_deref() == Some("rolled_back")
-            && status("agent", "prod").as_deref() == Some("succeeded")
-            && status("report", "prod").as_deref() == Some("applied"))
+        (status("web", "prod").await.as_deref() == Some("succeeded")
+            && status("api", "prod").await.as_deref() == Some("rolled_back")
+            && status("wbe", "prod").await.as_deref() == Some("failed")
+            && status("web", "prdo").await.as_deref() == Some("failed")
+            && status("db", "prod").await.as_deref() == Some("rolled_back")
+            && status("agent", "prod").await.as_deref() == Some("succeeded")
+            && status("report", "prod").await.as_deref() == Some("applied"))
         .then_some(())
     })
     .await;
     // The same outcome again (1.1.0 deployed a second time) is sent as a series of the first
     // Kubernetes Event: a PATCH of it.
-    let deployed = |tag: &str| {
+    let deployed = async |tag: &str| {
         let image = format!("example.com/web:{tag}");
         let k = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
-        store.history(Some(&k), 1).ok().is_some_and(|h| {
+        store.history(Some(&k), 1).await.ok().is_some_and(|h| {
             h.first()
                 .is_some_and(|d| d.outcome.as_str() == "succeeded" && d.to_image.contains(&image))
         })
@@ -378,7 +379,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     for tag in ["1.2.0", "1.1.0"] {
         env.write_dep("web_prod.dep", &format!("{tag}\n"));
         wait_for("web deployed", Duration::from_secs(30), || async {
-            deployed(tag).then_some(())
+            deployed(tag).await.then_some(())
         })
         .await;
     }

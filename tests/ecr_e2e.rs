@@ -66,6 +66,7 @@ async fn status_is(env: &Env, name: &str, ns: &str, status: ServiceStatus) {
         || async {
             store
                 .service(&key(name, ns))
+                .await
                 .ok()
                 .flatten()
                 .filter(|r| r.status == status)
@@ -213,6 +214,7 @@ async fn follows_deploys_comes_back_and_spares_a_users_own(namespaces: Option<&s
         let history = env
             .store()
             .history(Some(&key(name, ns)), 5)
+            .await
             .expect("history");
         assert_eq!(
             history[0].digests,
@@ -568,6 +570,7 @@ async fn without_the_pull_secret_ecr_images_are_checked_with_depwatchs_own_ident
     let history = env
         .store()
         .history(Some(&key("web", "shop")), 5)
+        .await
         .expect("history");
     assert_eq!(history[0].digests, format!("web={digest}"), "checked");
 
@@ -576,7 +579,7 @@ async fn without_the_pull_secret_ecr_images_are_checked_with_depwatchs_own_ident
     env.write_dep("web_shop.dep", "9.9\n");
     let store = env.store();
     let refused = wait_for("9.9 refused", Duration::from_secs(30), || async {
-        let r = store.service(&key("web", "shop")).ok()??;
+        let r = store.service(&key("web", "shop")).await.ok()??;
         (r.status == ServiceStatus::Failed && r.requested == "9.9").then_some(r)
     })
     .await;

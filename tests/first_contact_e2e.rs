@@ -25,7 +25,7 @@ async fn a_refused_file_that_is_deleted_is_no_longer_reported() {
             &format!("{key} refused"),
             Duration::from_secs(30),
             || async {
-                let r = store.service(&key).ok()??;
+                let r = store.service(&key).await.ok()??;
                 (r.status == ServiceStatus::Invalid).then_some(())
             },
         )
@@ -39,7 +39,7 @@ async fn a_refused_file_that_is_deleted_is_no_longer_reported() {
             &format!("{key} no longer managed"),
             Duration::from_secs(30),
             || async {
-                let r = store.service(&key).ok()??;
+                let r = store.service(&key).await.ok()??;
                 (r.status == ServiceStatus::Unmanaged).then_some(())
             },
         )

@@ -56,20 +56,21 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
     .await;
     let store = {
         let url = url.clone();
-        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-            .await
-            .expect("store")
+        Store::connect(&url).await.expect("connect")
     };
     let all_at = |version: &'static str| {
         let store = store.clone();
         async move {
-            let done = (0..SERVICES).all(|i| {
+            for i in 0..SERVICES {
                 let key = ServiceKey::new(&name(i), "prod").expect("key");
-                store.service(&key).ok().flatten().is_some_and(|r| {
+                let done = store.service(&key).await.ok().flatten().is_some_and(|r| {
                     r.status.as_str() == "succeeded" && r.deployed.to_string().contains(version)
-                })
-            });
-            done.then_some(())
+                });
+                if !done {
+                    return None;
+                }
+            }
+            Some(())
         }
     };
     wait_for(
@@ -175,7 +176,7 @@ async fn a_standby_takes_over_a_killed_leader_and_each_change_deploys_once() {
         // One row for one save, whichever replica finished it (no `unchanged` row beside the
         // `succeeded` one when the standby finds the save already deployed).
         let key = ServiceKey::new(&n, "prod").expect("key");
-        let rows = store.history(Some(&key), 50).expect("history");
+        let rows = store.history(Some(&key), 50).await.expect("history");
         let burst: Vec<_> = rows
             .iter()
             .filter(|r| r.to_image.contains("1.1.0"))

@@ -426,7 +426,7 @@ async fn check_case(env: &Env, case: &Case, suffix: &str) {
                 &format!("{name}: status {status} with {text:?}"),
                 Duration::from_secs(30),
                 || async {
-                    let all = env.store().services().ok()?;
+                    let all = env.store().services().await.ok()?;
                     let mine = all.into_iter().find(|r| r.name == name)?;
                     *seen.lock().expect("seen") =
                         format!("{} {:?}", mine.status.as_str(), mine.message);
@@ -449,7 +449,7 @@ async fn check_case(env: &Env, case: &Case, suffix: &str) {
             );
         }
         Expect::Ignored => {
-            let all = env.store().services().expect("store");
+            let all = env.store().services().await.expect("store");
             assert!(
                 !all.iter().any(|r| r.name == name),
                 "{name}: no record expected"
@@ -971,7 +971,7 @@ async fn the_watch_survives_its_directory_being_deleted_replaced_or_swapped() {
 
     let web_key = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
     wait_for("web 1.0.3 healthy", Duration::from_secs(30), || async {
-        let r = env.store().service(&web_key).ok()??;
+        let r = env.store().service(&web_key).await.ok()??;
         (r.status.as_str() == "succeeded" && r.deployed.to_string().contains("1.0.3")).then_some(())
     })
     .await;
@@ -991,7 +991,7 @@ async fn the_watch_survives_its_directory_being_deleted_replaced_or_swapped() {
     .await;
     assert!(reason.contains("deps"), "{reason}");
     let store = env.store();
-    let web = store.service(&web_key);
+    let web = store.service(&web_key).await;
     assert_eq!(
         web.expect("store").expect("record").status.as_str(),
         "succeeded",

@@ -52,7 +52,12 @@ async fn record_where(
 ) -> ServiceRecord {
     let store = env.store();
     wait_for(what, Duration::from_secs(60), || async {
-        store.service(service).ok().flatten().filter(|r| done(r))
+        store
+            .service(service)
+            .await
+            .ok()
+            .flatten()
+            .filter(|r| done(r))
     })
     .await
 }
@@ -272,11 +277,13 @@ async fn a_token_fetched_with_one_namespace_s_credentials_never_serves_another()
     let rows = env
         .store()
         .history(Some(&key("web", "b")), 5)
+        .await
         .expect("history");
     assert_eq!(rows[0].digests, "web=not checked", "b never got a's answer");
     let rows = env
         .store()
         .history(Some(&key("web", "a")), 5)
+        .await
         .expect("history");
     assert_eq!(rows[0].digests, format!("web={DIGEST}"));
     assert!(
@@ -407,6 +414,7 @@ async fn tags_and_digests_off_their_grammar_are_never_stored_or_printed() {
     let history = env
         .store()
         .history(Some(&key("web", "shop")), 10)
+        .await
         .expect("history");
     assert!(
         history.iter().all(|h| h.digests.len() < 200),

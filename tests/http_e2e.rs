@@ -569,7 +569,7 @@ async fn an_api_deploy_edits_the_file_in_its_own_form() {
     let store = env.store();
     let key = depwatch::domain::ServiceKey::new("payments", "prod").expect("key");
     wait_for("the file recorded", Duration::from_secs(30), || async {
-        let r = store.service(&key).ok()??;
+        let r = store.service(&key).await.ok()??;
         (!r.desired.is_empty()).then_some(())
     })
     .await;
@@ -717,7 +717,7 @@ async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
             let change = ServiceChange::default()
                 .status(ServiceStatus::Unmanaged)
                 .suspended(i % 500 == 7);
-            store.change_service(&key, change).expect("service");
+            store.change_service(&key, change).await.expect("service");
         }
         for _ in 0..120 {
             let id = store
@@ -726,9 +726,11 @@ async fn services_and_deploys_are_paged_and_the_cli_follows_the_pages() {
                     name: "svc-0000".into(),
                     ..DeployRecord::default()
                 })
+                .await
                 .expect("deploy");
             store
                 .finish_deploy(id, DeployOutcome::Succeeded, "")
+                .await
                 .expect("finish");
         }
     }
@@ -866,16 +868,17 @@ async fn text_from_outside_is_printed_escaped_through_the_api_and_on_the_page() 
             .status(ServiceStatus::Unmanaged)
             .desired(images)
             .message(format!("tag not found; closest: {hostile}"));
-        store.change_service(&key, change).expect("service");
+        store.change_service(&key, change).await.expect("service");
         let row = DeployRecord {
             namespace: "prod".into(),
             name: "web".into(),
             to_image: format!("web={image}"),
             ..DeployRecord::default()
         };
-        let id = store.start_deploy(&row).expect("row");
+        let id = store.start_deploy(&row).await.expect("row");
         store
             .finish_deploy(id, DeployOutcome::Failed, hostile)
+            .await
             .expect("finish");
     }
     let daemon = env.daemon(&[]).await;

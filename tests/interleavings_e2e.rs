@@ -51,9 +51,9 @@ async fn settled_and_agreeing(env: &Env, daemon: &Daemon, content: &str, step: u
         &format!("step {step} to settle on {content:?}"),
         Duration::from_secs(90),
         || async {
-            let r = store.service(&web()).ok()??;
+            let r = store.service(&web()).await.ok()??;
             let terminal = !r.status.in_flight() && r.status != ServiceStatus::WaitingForApi;
-            let open = store.interrupted().ok()?;
+            let open = store.interrupted().await.ok()?;
             (r.content_hash == hash && terminal && open.is_empty()).then_some(r)
         },
     )
@@ -61,7 +61,7 @@ async fn settled_and_agreeing(env: &Env, daemon: &Daemon, content: &str, step: u
     // The faults were the daemon's to bear; the test reads the cluster without them.
     env.sim.faults().set_error_rate(0.0);
     let live = env.image("prod", "web").await;
-    let history = store.history(Some(&web()), 200).expect("history");
+    let history = store.history(Some(&web()), 200).await.expect("history");
     let context = || {
         format!(
             "step {step} {content:?}: {r:?}\nlive {live}\n{}",
@@ -189,14 +189,14 @@ async fn chaos_settled(env: &Env, daemon: &Daemon, content: &str, burst: u64) {
         &format!("burst {burst} to settle on {content:?}"),
         Duration::from_secs(120),
         || async {
-            let r = store.service(&web()).ok()??;
-            let open = store.interrupted().ok()?;
+            let r = store.service(&web()).await.ok()??;
+            let open = store.interrupted().await.ok()?;
             (r.content_hash == hash && !r.status.in_flight() && open.is_empty()).then_some(r)
         },
     )
     .await;
     let live = env.image("prod", "web").await;
-    let history = store.history(Some(&web()), 500).expect("history");
+    let history = store.history(Some(&web()), 500).await.expect("history");
     let context = || format!("burst {burst} {content:?}: {r:?}\nlive {live}\n{history:#?}");
     assert!(
         !live.contains("crash") && !live.contains("hang"),

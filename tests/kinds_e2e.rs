@@ -26,7 +26,7 @@ async fn wait_record(
 ) -> ServiceRecord {
     let store = env.store();
     wait_for(what, Duration::from_secs(60), || async {
-        store.service(k).ok().flatten().filter(|r| done(r))
+        store.service(k).await.ok().flatten().filter(|r| done(r))
     })
     .await
 }
@@ -91,7 +91,7 @@ async fn a_statefulset_deploys_and_a_crashing_version_is_recovered_by_the_forced
         },
     )
     .await;
-    let history = env.store().history(Some(&db), 5).expect("history");
+    let history = env.store().history(Some(&db), 5).await.expect("history");
     assert_eq!(history[0].outcome, DeployOutcome::RolledBack);
     assert!(
         env.daemon_logs().contains("forced rollback"),
@@ -245,7 +245,11 @@ async fn a_cronjob_is_applied_for_its_next_schedule_and_never_pinned() {
         "report=example.com/report:3.1-crash",
         "a CronJob's last good is what was applied"
     );
-    let history = env.store().history(Some(&report), 5).expect("history");
+    let history = env
+        .store()
+        .history(Some(&report), 5)
+        .await
+        .expect("history");
     assert_eq!(history[0].outcome, DeployOutcome::Applied);
     assert!(
         history[0].message.contains("next schedule"),
@@ -341,7 +345,7 @@ async fn drift_of_a_daemonset_is_recorded_and_healed() {
         .expect("patch by hand");
     let store = env.store();
     wait_for("a drift row", Duration::from_secs(30), || async {
-        let h = store.history(Some(&k), 10).ok()?;
+        let h = store.history(Some(&k), 10).await.ok()?;
         h.iter()
             .any(|d| d.outcome == DeployOutcome::Drift)
             .then_some(())
@@ -566,7 +570,7 @@ async fn a_workload_deleted_outside_depwatch_is_missing_and_deployed_to_when_rec
         "{}",
         r.message
     );
-    let history = env.store().history(Some(&web), 5).expect("history");
+    let history = env.store().history(Some(&web), 5).await.expect("history");
     assert_eq!(history[0].outcome, DeployOutcome::Missing);
     let messages = env.wait_messages(told + 1).await;
     assert!(
@@ -582,7 +586,7 @@ async fn a_workload_deleted_outside_depwatch_is_missing_and_deployed_to_when_rec
     .await;
     assert_eq!(r.deployed.to_string(), "web=example.com/web:1.1");
     env.wait_image("shop", "web", "example.com/web:1.1").await;
-    let rows = env.store().history(Some(&web), 10).expect("history");
+    let rows = env.store().history(Some(&web), 10).await.expect("history");
     assert_eq!(
         rows.iter()
             .filter(|h| h.outcome == DeployOutcome::Missing)

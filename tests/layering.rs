@@ -1,6 +1,7 @@
 //! Dependencies point one way, checked on the source: the daemon's modules never import the
 //! simulated cluster; the domain vocabulary imports nothing of the crate; the lifecycle
-//! decides from domain types alone; the record imports nothing of the deploy path. Test code
+//! decides from domain types alone; the record imports nothing of the deploy path; nothing
+//! blocks the runtime or builds a second one. Test code
 //! (after `#[cfg(test)]`) is not looked at.
 
 use std::path::{Path, PathBuf};
@@ -160,4 +161,27 @@ fn each_service_field_is_set_only_by_its_owner() {
             "{owner} was looked at: {builders:?}"
         );
     }
+}
+
+/// The record never blocks the runtime: no `block_in_place`, no `block_on` and no runtime of
+/// its own anywhere in the daemon (the one runtime is built in `main.rs`).
+#[test]
+fn nothing_blocks_the_runtime_or_builds_a_second_one() {
+    let forbidden = [
+        "block_in_place",
+        "block_on(",
+        "runtime::Builder",
+        "Runtime::new",
+    ];
+    let offenders: Vec<(String, &str)> = code()
+        .into_iter()
+        .filter(|(rel, _)| rel != "main.rs")
+        .flat_map(|(rel, code)| {
+            forbidden
+                .iter()
+                .filter(move |f| code.contains(**f))
+                .map(move |f| (rel.clone(), *f))
+        })
+        .collect();
+    assert!(offenders.is_empty(), "{offenders:?}");
 }

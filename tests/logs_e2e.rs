@@ -99,6 +99,7 @@ async fn every_json_log_line_names_each_key_once() {
                 || async {
                     store
                         .service(&key)
+                        .await
                         .ok()
                         .flatten()
                         .filter(|r| r.status == want)

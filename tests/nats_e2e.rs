@@ -153,7 +153,7 @@ async fn outcomes_are_published_on_nats_and_a_dead_server_delays_nothing() {
         "1.0.2 healthy with NATS down",
         Duration::from_secs(20),
         || async {
-            let r = env.store().service(&web).ok()??;
+            let r = env.store().service(&web).await.ok()??;
             (r.status.as_str() == "succeeded" && r.deployed.to_string().contains("1.0.2"))
                 .then_some(())
         },
@@ -203,7 +203,7 @@ async fn history_webhook_nats_and_slack_agree_on_from_and_to() {
         let store = env.store();
         async move {
             wait_for(&format!("{k} {want}"), Duration::from_secs(60), || async {
-                let r = store.service(&k).ok()??;
+                let r = store.service(&k).await.ok()??;
                 (r.status.as_str() == want && r.deployed.to_string() != "-").then_some(())
             })
             .await
@@ -219,6 +219,7 @@ async fn history_webhook_nats_and_slack_agree_on_from_and_to() {
     let rows: Vec<_> = env
         .store()
         .history(None, 10)
+        .await
         .expect("history")
         .into_iter()
         .filter(|r| r.outcome.as_str() != "in_progress")

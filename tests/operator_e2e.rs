@@ -62,14 +62,14 @@ async fn wait_status(env: &Env, k: &ServiceKey, status: ServiceStatus) {
         wait_for(
             &format!("{k} to be {status}"),
             Duration::from_secs(60),
-            || async { (env.store().service(k).ok()??.status == status).then_some(()) },
+            || async { (env.store().service(k).await.ok()??.status == status).then_some(()) },
         ),
     )
     .await;
     if waited.is_err() {
         panic!(
             "timed out waiting for {k} to be {status}; record: {:?}\ndaemon logs:\n{}",
-            env.store().service(k),
+            env.store().service(k).await,
             env.daemon_logs()
         );
     }
@@ -190,7 +190,7 @@ async fn every_operator_command_works_locally_and_through_the_api() {
     );
     env.wait_image("prod", "web", "example.com/web:1.1.0").await;
     wait_status(&env, &k, ServiceStatus::Succeeded).await;
-    let h = env.store().history(Some(&k), 1).expect("history");
+    let h = env.store().history(Some(&k), 1).await.expect("history");
     assert_eq!(h[0].actor, "ops", "the token's name is the actor: {h:?}");
 
     // Undo again, locally: back to 1.2.0. Then `--to` the first deploy: 1.1.0 again.
@@ -254,16 +254,25 @@ async fn every_operator_command_works_locally_and_through_the_api() {
         let e = refused(&args);
         assert!(e.contains("delete its dependency file first"), "{e}");
     }
-    let history_before = env.store().history(Some(&k), 100).expect("history").len();
+    let history_before = env
+        .store()
+        .history(Some(&k), 100)
+        .await
+        .expect("history")
+        .len();
     std::fs::remove_file(&file).expect("rm");
     wait_status(&env, &k, ServiceStatus::Unmanaged).await;
     let mut args = vec!["forget", "prod/web"];
     args.extend(remote);
     assert!(ok(&args).contains("forgotten"));
-    assert!(env.store().service(&k).expect("q").is_none());
+    assert!(env.store().service(&k).await.expect("q").is_none());
     assert!(!status_json(&local).iter().any(|s| s["name"] == "web"));
     assert_eq!(
-        env.store().history(Some(&k), 100).expect("history").len(),
+        env.store()
+            .history(Some(&k), 100)
+            .await
+            .expect("history")
+            .len(),
         history_before,
         "history is kept"
     );
@@ -765,8 +774,14 @@ async fn one_resume_writes_at_most_one_history_row() {
     let (nowhere, web) = (key("nowhere", "demo"), key("web", "demo"));
     wait_status(&env, &nowhere, ServiceStatus::Failed).await;
     wait_status(&env, &web, ServiceStatus::Succeeded).await;
-    let rows = |k: &ServiceKey| env.store().history(Some(k), 100).expect("history").len();
-    let before = (rows(&nowhere), rows(&web));
+    let rows = async |k: &ServiceKey| {
+        env.store()
+            .history(Some(k), 100)
+            .await
+            .expect("history")
+            .len()
+    };
+    let before = (rows(&nowhere).await, rows(&web).await);
     for k in ["demo/nowhere", "demo/web"] {
         ok(&["suspend", k, "--state-dir", &state]);
     }
@@ -776,7 +791,7 @@ async fn one_resume_writes_at_most_one_history_row() {
         "the waiting change to be read",
         Duration::from_secs(20),
         || async {
-            let r = env.store().service(&nowhere).ok()??;
+            let r = env.store().service(&nowhere).await.ok()??;
             (r.requested == "1.2.0").then_some(())
         },
     )
@@ -787,14 +802,14 @@ async fn one_resume_writes_at_most_one_history_row() {
     wait_for(
         "the resumed file that fails at plan to be tried again",
         Duration::from_secs(20),
-        || async { (rows(&nowhere) > before.0).then_some(()) },
+        || async { (rows(&nowhere).await > before.0).then_some(()) },
     )
     .await;
     // A later save is read after every event of the resumes: once it is done, so are they.
     env.write_dep("api_demo.dep", "1.1.0");
     wait_status(&env, &key("api", "demo"), ServiceStatus::Succeeded).await;
     assert_eq!(
-        (rows(&nowhere), rows(&web)),
+        (rows(&nowhere).await, rows(&web).await),
         (before.0 + 1, before.1),
         "one row for the resume of a file that fails, none for one already running:\n{}",
         env.daemon_logs()

@@ -87,7 +87,7 @@ async fn a_workload_another_engine_owns_is_not_patched_unless_allowed() {
     env.wait_image("prod", "copy", "r.example/copy:1.1").await;
     let db = ServiceKey::new("db", "prod").expect("key");
     let r = wait_for("db refused", Duration::from_secs(30), || async {
-        let r = store.service(&db).ok()??;
+        let r = store.service(&db).await.ok()??;
         (r.status == ServiceStatus::Failed).then_some(r)
     })
     .await;
@@ -106,7 +106,7 @@ async fn a_workload_another_engine_owns_is_not_patched_unless_allowed() {
             &format!("{key} refused"),
             Duration::from_secs(30),
             || async {
-                let r = store.service(&key).ok()??;
+                let r = store.service(&key).await.ok()??;
                 (r.status == ServiceStatus::Failed).then_some(r)
             },
         )

@@ -71,9 +71,7 @@ async fn pair(own_deps: bool) -> Pair {
         b.log_text().contains("standby: waiting").then_some(())
     })
     .await;
-    let store = tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-        .await
-        .expect("store");
+    let store = Store::connect(&url).await.expect("connect");
     let p = Pair {
         env,
         deps_a,
@@ -101,7 +99,7 @@ impl Pair {
         let want = format!("example.com/web:{version}");
         let what = format!("{version} deployed and recorded");
         wait_for(&what, Duration::from_secs(60), || async {
-            let r = self.store.service(&web()).ok()??;
+            let r = self.store.service(&web()).await.ok()??;
             let done = r.status == ServiceStatus::Succeeded
                 && r.deployed.get("web") == Some(&want)
                 && self.env.image("prod", "web").await == want;
@@ -129,14 +127,19 @@ impl Pair {
     }
 
     /// Record and cluster agree on `version`, and no row blames an outside change.
-    fn agree(&self, version: &str) {
-        let r = self.store.service(&web()).expect("read").expect("row");
+    async fn agree(&self, version: &str) {
+        let r = self
+            .store
+            .service(&web())
+            .await
+            .expect("read")
+            .expect("row");
         assert_eq!(r.status, ServiceStatus::Succeeded, "{r:?}");
         assert_eq!(
             r.deployed.get("web").map(String::as_str),
             Some(format!("example.com/web:{version}").as_str())
         );
-        let h = self.store.history(Some(&web()), 50).expect("history");
+        let h = self.store.history(Some(&web()), 50).await.expect("history");
         assert!(
             !h.iter().any(|d| {
                 let o = d.outcome.as_str();
@@ -244,7 +247,7 @@ async fn a_healed_partition_of_the_leader_leaves_exactly_one_replica_acting() {
         "one PATCH for 1.4"
     );
     assert!(applied >= 3, "1.2, 1.3 and 1.4 were patched: {applied}");
-    p.agree("1.4");
+    p.agree("1.4").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +294,7 @@ async fn a_patch_held_fifteen_seconds_then_delivered_is_refused() {
     assert_eq!(p.env.image("prod", "web").await, "example.com/web:1.3");
     // The new leader stays on 1.3 and blames nobody.
     p.recorded("1.3").await;
-    p.agree("1.3");
+    p.agree("1.3").await;
     assert!(
         !p.b.log_text().contains("the Lease is lost"),
         "{}",
@@ -416,7 +419,7 @@ async fn met_by_a_newer_write(case: &str, write: serde_json::Value) {
         "1.1 deployed and recorded",
         Duration::from_secs(60),
         || async {
-            let r = store.service(&web()).ok()??;
+            let r = store.service(&web()).await.ok()??;
             (r.status == ServiceStatus::Succeeded
                 && r.deployed.get("web").map(String::as_str) == Some("example.com/web:1.1"))
             .then_some(())
@@ -443,7 +446,7 @@ async fn met_by_a_newer_write(case: &str, write: serde_json::Value) {
         !refused.is_empty() && refused.iter().all(|s| *s == Some(409)),
         "{case}: {patches:?}"
     );
-    let h = store.history(Some(&web()), 10).expect("history");
+    let h = store.history(Some(&web()), 10).await.expect("history");
     let rows: Vec<_> = h.iter().filter(|d| d.to_image.contains("1.1")).collect();
     assert_eq!(rows.len(), 1, "{case}: one row for one save: {h:?}");
     let now = deployments.get("web").await.expect("get");

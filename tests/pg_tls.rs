@@ -8,23 +8,22 @@ use common::postgres::{Certs, Postgres};
 use depwatch::domain::ServiceKey;
 use depwatch::store::Store;
 
-/// Connect and write and read one record, off the async runtime (the store blocks).
+/// Connect and write and read one record.
 async fn round_trip(url: String) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || {
-        let store = Store::connect(&url).map_err(|e| e.to_string())?;
+    {
+        let store = Store::connect(&url).await.map_err(|e| e.to_string())?;
         let key = ServiceKey::new("web", "prod").expect("key");
         store
             .change_service(
                 &key,
                 depwatch::store::ServiceChange::default().message("over TLS"),
             )
+            .await
             .map_err(|e| e.to_string())?;
-        let back = store.service(&key).map_err(|e| e.to_string())?;
+        let back = store.service(&key).await.map_err(|e| e.to_string())?;
         assert_eq!(back.map(|r| r.message).as_deref(), Some("over TLS"));
         Ok(store.describe())
-    })
-    .await
-    .expect("joins")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

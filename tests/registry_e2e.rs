@@ -30,7 +30,12 @@ async fn record_where(
 ) -> ServiceRecord {
     let store = env.store();
     wait_for(what, Duration::from_secs(60), || async {
-        store.service(&web()).ok().flatten().filter(|r| done(r))
+        store
+            .service(&web())
+            .await
+            .ok()
+            .flatten()
+            .filter(|r| done(r))
     })
     .await
 }
@@ -78,7 +83,7 @@ async fn a_missing_tag_is_refused_before_any_patch_and_a_pushed_one_deploys_with
     })
     .await;
     assert_eq!(r.deployed.get("web"), Some(&image("1.4.2")));
-    let history = env.store().history(Some(&web()), 5).expect("history");
+    let history = env.store().history(Some(&web()), 5).await.expect("history");
     assert_eq!(
         history[0].digests,
         format!("web={digest}"),
@@ -152,7 +157,7 @@ async fn a_private_repository_deploys_with_the_pull_secret_goes_on_unchecked_wit
     })
     .await;
     assert_eq!(r.deployed.get("web"), Some(&image("2.1")));
-    let history = env.store().history(Some(&web()), 5).expect("history");
+    let history = env.store().history(Some(&web()), 5).await.expect("history");
     assert_eq!(history[0].digests, format!("web={digest}"));
     let store = env.store();
     let service = |name: &'static str, status: ServiceStatus| {
@@ -165,6 +170,7 @@ async fn a_private_repository_deploys_with_the_pull_secret_goes_on_unchecked_wit
                 || async {
                     store
                         .service(&key)
+                        .await
                         .ok()
                         .flatten()
                         .filter(|r| r.status == status)
@@ -176,7 +182,7 @@ async fn a_private_repository_deploys_with_the_pull_secret_goes_on_unchecked_wit
     // No credentials: not a refusal; deployed, the row says the image was not checked.
     service("api", ServiceStatus::Succeeded).await;
     let api = ServiceKey::new("api", "shop").expect("key");
-    let history = env.store().history(Some(&api), 5).expect("history");
+    let history = env.store().history(Some(&api), 5).await.expect("history");
     assert_eq!(history[0].digests, "api=not checked");
     let log = daemon.log_text();
     assert!(
@@ -240,6 +246,7 @@ async fn a_registry_that_fails_fast_or_is_not_a_registry_is_a_warning_not_a_wait
             || async {
                 store
                     .service(&key)
+                    .await
                     .ok()
                     .flatten()
                     .filter(|r| r.status == ServiceStatus::Succeeded)
@@ -316,14 +323,16 @@ async fn a_429_storm_is_honoured_then_the_deploy_goes_on() {
         "all three deployed anyway",
         Duration::from_secs(60),
         || async {
-            let done = ["web", "api", "worker"].iter().all(|n| {
+            let mut done = true;
+            for n in ["web", "api", "worker"] {
                 let key = ServiceKey::new(n, "shop").expect("key");
-                store
+                done &= store
                     .service(&key)
+                    .await
                     .ok()
                     .flatten()
-                    .is_some_and(|r| r.status == ServiceStatus::Succeeded)
-            });
+                    .is_some_and(|r| r.status == ServiceStatus::Succeeded);
+            }
             done.then_some(())
         },
     )
@@ -447,7 +456,7 @@ async fn depwatch_s_own_credentials_serve_when_the_pods_name_none_and_a_bad_file
     })
     .await;
     assert_eq!(r.deployed.get("web"), Some(&image("3.1")));
-    let history = env.store().history(Some(&web()), 5).expect("history");
+    let history = env.store().history(Some(&web()), 5).await.expect("history");
     assert_eq!(history[0].digests, format!("web={digest}"));
 }
 
@@ -496,14 +505,16 @@ async fn a_registry_down_for_a_whole_wait_is_not_waited_for_again_by_the_next_de
         "api and worker deployed",
         Duration::from_secs(60),
         || async {
-            let done = ["api", "worker"].iter().all(|n| {
+            let mut done = true;
+            for n in ["api", "worker"] {
                 let key = ServiceKey::new(n, "shop").expect("key");
-                store
+                done &= store
                     .service(&key)
+                    .await
                     .ok()
                     .flatten()
-                    .is_some_and(|r| r.status == ServiceStatus::Succeeded)
-            });
+                    .is_some_and(|r| r.status == ServiceStatus::Succeeded);
+            }
             done.then_some(())
         },
     )

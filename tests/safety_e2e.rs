@@ -17,14 +17,16 @@ async fn wait_status(env: &Env, k: &ServiceKey, status: &str) {
         wait_for(
             &format!("{k} to be {status}"),
             Duration::from_secs(60),
-            || async { (env.store().service(k).ok()??.status.as_str() == status).then_some(()) },
+            || async {
+                (env.store().service(k).await.ok()??.status.as_str() == status).then_some(())
+            },
         ),
     )
     .await;
     if waited.is_err() {
         panic!(
             "timed out waiting for {k} to be {status}; record: {:?}\ndaemon logs:\n{}",
-            env.store().service(k),
+            env.store().service(k).await,
             env.daemon_logs()
         );
     }
@@ -120,7 +122,7 @@ async fn a_failed_version_is_rolled_back_pinned_and_never_retried_until_it_chang
     // A new version deploys.
     env.write_dep("payments_prod.dep", "1.2.0\n");
     wait_for("1.2.0 to be healthy", Duration::from_secs(30), || async {
-        let s = env.store().service(&k).ok()??;
+        let s = env.store().service(&k).await.ok()??;
         (s.status.as_str() == "succeeded" && s.deployed.to_string().contains("1.2.0")).then_some(())
     })
     .await;
@@ -177,13 +179,13 @@ async fn versions_arriving_mid_rollout_supersede_it_without_rollback() {
         "version 4 to be healthy",
         Duration::from_secs(30),
         || async {
-            let s = env.store().service(&k).ok()??;
+            let s = env.store().service(&k).await.ok()??;
             (s.status.as_str() == "succeeded" && s.deployed.to_string() == "api=example.com/api:4")
                 .then_some(())
         },
     )
     .await;
-    let history = env.store().history(Some(&k), 10).expect("history");
+    let history = env.store().history(Some(&k), 10).await.expect("history");
     let outcomes: Vec<(String, String)> = history
         .iter()
         .map(|d| (d.to_image.clone(), d.outcome.to_string()))
@@ -226,6 +228,7 @@ async fn a_deploy_interrupted_by_kill_9_is_judged_and_rolled_back_after_restart(
     assert_eq!(
         env.store()
             .service(&k)
+            .await
             .expect("q")
             .expect("rec")
             .status
@@ -252,7 +255,7 @@ async fn a_deploy_interrupted_by_kill_9_is_judged_and_rolled_back_after_restart(
         2,
         "the crash version once, then the rollback"
     );
-    let history = env.store().history(Some(&k), 10).expect("history");
+    let history = env.store().history(Some(&k), 10).await.expect("history");
     assert_eq!(history.len(), 1, "recorded once: {history:?}");
     assert_eq!(history[0].outcome.as_str(), "rolled_back");
     assert!(
@@ -296,7 +299,7 @@ async fn drift_is_recorded_and_reported_and_self_heal_restores() {
         text(drift)
     );
     wait_status(&env, &k, "drifted").await;
-    let history = env.store().history(Some(&k), 5).expect("history");
+    let history = env.store().history(Some(&k), 5).await.expect("history");
     assert_eq!(history[0].outcome.as_str(), "drift");
     let metrics = get_metrics(&reqwest::Client::new(), &daemon.http_url()).await;
     assert_eq!(

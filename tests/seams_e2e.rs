@@ -37,9 +37,9 @@ async fn set_image_outside(env: &Env, image: &str) {
 }
 
 /// A status of `key` in the SQLite record at `state`, as a fresh reader sees it.
-fn status(env: &Env) -> Option<(ServiceStatus, String)> {
+async fn status(env: &Env) -> Option<(ServiceStatus, String)> {
     let store = Store::open_read_only(&env.state).ok()?;
-    let r = store.service(&web()).ok()??;
+    let r = store.service(&web()).await.ok()??;
     Some((r.status, r.failed_hash.clone()))
 }
 
@@ -60,6 +60,7 @@ async fn a_crash_between_the_pin_and_the_rollback_is_finished_at_the_next_start(
         Duration::from_secs(30),
         || async {
             status(&env)
+                .await
                 .filter(|(s, _)| *s == ServiceStatus::Succeeded)
                 .map(|_| ())
         },
@@ -75,7 +76,7 @@ async fn a_crash_between_the_pin_and_the_rollback_is_finished_at_the_next_start(
     daemon.kill();
     // The crash left the crashing image running, pinned, with the deploy in progress.
     let store = env.store();
-    let unfinished = store.interrupted().expect("q");
+    let unfinished = store.interrupted().await.expect("q");
     assert_eq!(unfinished.len(), 1, "{unfinished:?}");
     assert_eq!(
         unfinished[0].restore, "web=r.example/web:1.0",
@@ -89,13 +90,13 @@ async fn a_crash_between_the_pin_and_the_rollback_is_finished_at_the_next_start(
     wait_for(
         "the interrupted rollback's row finished",
         Duration::from_secs(60),
-        || async { store.interrupted().ok()?.is_empty().then_some(()) },
+        || async { store.interrupted().await.ok()?.is_empty().then_some(()) },
     )
     .await;
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert_eq!(r.status, ServiceStatus::RolledBack, "{}", daemon.log_text());
     assert!(r.pinned().is_some(), "the failed version stays pinned");
-    let h = store.history(Some(&web()), 10).expect("history");
+    let h = store.history(Some(&web()), 10).await.expect("history");
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert_eq!(h[0].to_image, "web=r.example/web:crash-2.0");
     assert_eq!(
@@ -127,6 +128,7 @@ async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_heal
         Duration::from_secs(30),
         || async {
             status(&env)
+                .await
                 .filter(|(s, _)| *s == ServiceStatus::Succeeded)
                 .map(|_| ())
         },
@@ -146,6 +148,7 @@ async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_heal
         || async {
             store
                 .history(Some(&web()), 20)
+                .await
                 .ok()?
                 .into_iter()
                 .find(|d| d.to_image == "web=r.example/web:2.0" && d.ended_at.is_some())
@@ -160,17 +163,17 @@ async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_heal
     );
     assert!(row.message.contains("crash-evil"), "{}", row.message);
     // Never blamed: depwatch's own version is not pinned for the outside image's crash.
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert!(r.pinned().is_none(), "{r:?}");
     // Drift recorded, and healed back to what the file asks for.
     env.wait_image("prod", "web", "r.example/web:2.0").await;
     wait_for("the healed deploy", Duration::from_secs(60), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Succeeded && r.deployed.to_string() == "web=r.example/web:2.0")
             .then_some(())
     })
     .await;
-    let h = store.history(Some(&web()), 20).expect("history");
+    let h = store.history(Some(&web()), 20).await.expect("history");
     assert!(
         h.iter()
             .any(|d| d.outcome == DeployOutcome::Drift && d.to_image.contains("crash-evil")),
@@ -187,14 +190,12 @@ async fn an_outside_change_during_a_rollout_is_drift_never_a_verdict_and_is_heal
 /// The shared record, opened off the async workers.
 async fn shared_record(url: &str) -> Store {
     let url = url.to_string();
-    tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-        .await
-        .expect("store")
+    Store::connect(&url).await.expect("connect")
 }
 
 /// web's row, when its status is `want`.
 async fn service_is(store: &Store, want: ServiceStatus) -> Option<depwatch::store::ServiceRecord> {
-    let r = store.service(&web()).ok()??;
+    let r = store.service(&web()).await.ok()??;
     (r.status == want).then_some(r)
 }
 
@@ -263,7 +264,11 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     })
     .await;
     let patches = env.patches("prod", "web");
-    let rows = store.history(Some(&web()), 50).expect("history").len();
+    let rows = store
+        .history(Some(&web()), 50)
+        .await
+        .expect("history")
+        .len();
 
     old.signal("CONT");
     let log = old.log.clone();
@@ -277,11 +282,15 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     // Not one write after the Lease was lost: no PATCH, no history row, no pin.
     assert_eq!(env.patches("prod", "web"), patches, "{text}");
     assert_eq!(env.image("prod", "web").await, "r.example/web:9.0.0");
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert_eq!(r.status, ServiceStatus::Succeeded, "{r:?}\n{text}");
     assert!(r.pinned().is_none(), "{r:?}");
     assert_eq!(
-        store.history(Some(&web()), 50).expect("history").len(),
+        store
+            .history(Some(&web()), 50)
+            .await
+            .expect("history")
+            .len(),
         rows,
         "{text}"
     );
@@ -390,13 +399,13 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
         (resp.status().as_u16() == 200).then_some(())
     })
     .await;
-    let h = store.history(Some(&web()), 10).expect("history");
+    let h = store.history(Some(&web()), 10).await.expect("history");
     if h[0].outcome != DeployOutcome::RolledBack {
         eprintln!("LOG {}", daemon.log_text());
     }
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
     assert_eq!(h[0].restore, "web=r.example/web:1.0");
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
     pin_holds_after_the_replay(&env, &daemon).await;
     // depwatch's own rollback was never reported as drift.
     assert!(
@@ -408,6 +417,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     );
     assert!(!store
         .history(Some(&web()), 10)
+        .await
         .expect("history")
         .iter()
         .any(|d| d.outcome == DeployOutcome::Drift));
@@ -423,7 +433,7 @@ async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_depl
     let daemon = env.daemon(&[]).await;
     let store = env.store();
     wait_for("the first version", Duration::from_secs(30), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Succeeded).then_some(())
     })
     .await;
@@ -465,14 +475,14 @@ async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_depl
         "2.3.0 healthy in the record",
         Duration::from_secs(60),
         || async {
-            let r = store.service(&web()).ok()??;
+            let r = store.service(&web()).await.ok()??;
             (r.status == ServiceStatus::Succeeded
                 && r.deployed.to_string() == "web=r.example/web:2.3.0")
                 .then_some(())
         },
     )
     .await;
-    let h = store.history(Some(&web()), 20).expect("history");
+    let h = store.history(Some(&web()), 20).await.expect("history");
     assert!(
         !h.iter().any(|d| d.message.contains("internal error")),
         "{h:?}"
@@ -483,7 +493,7 @@ async fn a_newer_file_during_a_retried_rollback_waits_for_the_rollback_then_depl
         .collect();
     assert_eq!(crash.len(), 1, "one row for one save: {h:?}");
     assert_eq!(crash[0].outcome, DeployOutcome::RolledBack, "{h:?}");
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
 }
 
 /// A tmpfs of `size` mounted at `at`, unmounted on drop.
@@ -547,6 +557,7 @@ async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room()
     let daemon = env.daemon(&["--resync", "1s"]).await;
     wait_for("the first version", Duration::from_secs(30), || async {
         status(&env)
+            .await
             .filter(|(s, _)| *s == ServiceStatus::Succeeded)
             .map(|_| ())
     })
@@ -570,12 +581,12 @@ async fn a_full_state_disk_keeps_every_write_and_replays_it_when_there_is_room()
     )
     .await;
     let store = Store::open_read_only(&env.state).expect("record");
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert_eq!(r.status, ServiceStatus::RolledBack, "{r:?}");
     assert!(r.pinned().is_some(), "the pin survived: {r:?}");
-    let h = store.history(Some(&web()), 10).expect("history");
+    let h = store.history(Some(&web()), 10).await.expect("history");
     assert_eq!(h[0].outcome, DeployOutcome::RolledBack, "{h:?}");
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
     pin_holds_after_the_replay(&env, &daemon).await;
     drop(daemon);
 }
@@ -611,10 +622,10 @@ async fn a_standby_finishes_the_rollback_a_killed_leader_left_half_done() {
     wait_for(
         "no row left in progress",
         Duration::from_secs(30),
-        || async { store.interrupted().ok()?.is_empty().then_some(()) },
+        || async { store.interrupted().await.ok()?.is_empty().then_some(()) },
     )
     .await;
-    let h = store.history(Some(&web()), 20).expect("history");
+    let h = store.history(Some(&web()), 20).await.expect("history");
     let crash: Vec<_> = h
         .iter()
         .filter(|d| d.to_image.contains("crash-2.0"))
@@ -634,6 +645,7 @@ async fn a_report_queued_at_shutdown_is_still_delivered() {
     let daemon = env.daemon(&[]).await;
     wait_for("the first version", Duration::from_secs(30), || async {
         status(&env)
+            .await
             .filter(|(s, _)| *s == ServiceStatus::Succeeded)
             .map(|_| ())
     })
@@ -671,7 +683,7 @@ async fn on_1_0(env: &Env, extra: &[&str]) -> (common::daemon::Daemon, Store) {
     let daemon = env.daemon(&args).await;
     let store = env.store();
     wait_for("the first version", Duration::from_secs(30), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Succeeded).then_some(())
     })
     .await;
@@ -707,6 +719,7 @@ async fn crash_row_finished(store: &Store) -> depwatch::store::DeployRecord {
         || async {
             store
                 .history(Some(&web()), 20)
+                .await
                 .ok()?
                 .into_iter()
                 .find(|d| d.to_image.contains("crash-3.0") && d.ended_at.is_some())
@@ -736,14 +749,16 @@ async fn crash_finished(
         "the crash rollout's row finished",
         Duration::from_secs(90),
         || async {
-            let h = store.history(Some(&web()), 50).ok()?;
+            let h = store.history(Some(&web()), 50).await.ok()?;
             let rows = crash(&h);
-            (rows.len() == 1 && rows[0].ended_at.is_some() && store.interrupted().ok()?.is_empty())
-                .then_some(())
+            (rows.len() == 1
+                && rows[0].ended_at.is_some()
+                && store.interrupted().await.ok()?.is_empty())
+            .then_some(())
         },
     )
     .await;
-    let h = store.history(Some(&web()), 50).expect("history");
+    let h = store.history(Some(&web()), 50).await.expect("history");
     let log = daemon.log_text();
     assert_eq!(
         crash(&h)[0].outcome,
@@ -754,7 +769,7 @@ async fn crash_finished(
         !h.iter().any(|d| d.outcome == DeployOutcome::Drift),
         "depwatch's own patch is never drift: {h:?}"
     );
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert_eq!(
         r.failed_hash,
         depwatch::pipeline::ingest::content_hash(pinned),
@@ -800,7 +815,7 @@ async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_returns_t
     // crash-2.0 fails and is pinned.
     env.write_dep("web_prod.dep", "crash-2.0\n");
     wait_for("crash-2.0 rolled back", Duration::from_secs(90), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::RolledBack).then_some(())
     })
     .await;
@@ -832,11 +847,11 @@ async fn a_failing_rollout_whose_file_is_deleted_is_still_rolled_back() {
     let row = crash_row_finished(&store).await;
     assert_eq!(row.outcome, DeployOutcome::RolledBack, "{row:?}");
     wait_for("the service let go", Duration::from_secs(30), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Unmanaged).then_some(())
     })
     .await;
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,12 +874,12 @@ async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_now_canno
         daemon.log_text()
     );
     wait_for("no row open", Duration::from_secs(30), || async {
-        store.interrupted().ok()?.is_empty().then_some(())
+        store.interrupted().await.ok()?.is_empty().then_some(())
     })
     .await;
     // Started again: nothing new is recorded, and never a drift row.
     daemon.stop();
-    let rows = store.history(Some(&web()), 50).expect("h").len();
+    let rows = store.history(Some(&web()), 50).await.expect("h").len();
     let daemon = env.daemon(&["--crash-restarts", "6"]).await;
     wait_for("the start-up scan", Duration::from_secs(30), || async {
         daemon
@@ -873,7 +888,7 @@ async fn a_failing_rollout_left_by_kill_9_is_rolled_back_when_the_file_now_canno
             .then_some(())
     })
     .await;
-    let h = store.history(Some(&web()), 50).expect("h");
+    let h = store.history(Some(&web()), 50).await.expect("h");
     assert!(
         !h.iter().any(|d| d.outcome == DeployOutcome::Drift),
         "{h:?}"
@@ -904,7 +919,7 @@ async fn a_failing_rollout_on_a_deployment_is_rolled_back_when_the_file_switches
     let daemon = env.daemon(&["--crash-restarts", "6"]).await;
     let store = env.store();
     wait_for("the first version", Duration::from_secs(30), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Succeeded).then_some(())
     })
     .await;
@@ -948,7 +963,7 @@ async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_d
     let daemon = env.daemon(&["--resync", "2s"]).await;
     let store = env.store();
     wait_for("the first version", Duration::from_secs(30), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::Succeeded).then_some(())
     })
     .await;
@@ -976,6 +991,7 @@ async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_d
     let row = wait_for("the 1.5 row finished", Duration::from_secs(60), || async {
         store
             .history(Some(&web()), 20)
+            .await
             .ok()?
             .into_iter()
             .find(|d| d.to_image == "web=r.example/web:1.5" && d.ended_at.is_some())
@@ -983,7 +999,7 @@ async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_d
     .await;
     assert_eq!(row.outcome, DeployOutcome::Interrupted, "{row:?}");
     assert!(row.message.contains("disappeared"), "{row:?}");
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert!(r.failed_hash.is_empty(), "nothing pinned: {r:?}");
     // The resync plans afresh and finds the StatefulSet.
     wait_for(
@@ -999,7 +1015,7 @@ async fn a_workload_recreated_as_another_kind_mid_rollout_is_no_verdict_and_is_d
         "recorded as a StatefulSet",
         Duration::from_secs(60),
         || async {
-            let r = store.service(&web()).ok()??;
+            let r = store.service(&web()).await.ok()??;
             (r.kind == depwatch::domain::WorkloadKind::StatefulSet
                 && r.status == ServiceStatus::Succeeded)
                 .then_some(())
@@ -1018,7 +1034,7 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
     let (daemon, store) = on_1_0(&env, &["--resync", "1h"]).await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
     wait_for("crash-2.0 rolled back", Duration::from_secs(90), || async {
-        let r = store.service(&web()).ok()??;
+        let r = store.service(&web()).await.ok()??;
         (r.status == ServiceStatus::RolledBack).then_some(())
     })
     .await;
@@ -1042,6 +1058,7 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
     let row = wait_for("the pinned save's row", Duration::from_secs(30), || async {
         store
             .history(Some(&web()), 20)
+            .await
             .ok()?
             .into_iter()
             .find(|d| d.to_image == "crash-2.0" && d.outcome == DeployOutcome::Failed)
@@ -1051,6 +1068,7 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
     let judged = wait_for("3.0 judged", Duration::from_secs(60), || async {
         store
             .history(Some(&web()), 20)
+            .await
             .ok()?
             .into_iter()
             .find(|d| d.to_image == "web=r.example/web:3.0" && d.ended_at.is_some())
@@ -1058,9 +1076,9 @@ async fn a_save_back_to_a_pinned_version_mid_rollout_is_recorded_at_once() {
     .await;
     assert_eq!(judged.outcome, DeployOutcome::Succeeded, "{judged:?}");
     assert_eq!(env.image("prod", "web").await, "r.example/web:3.0");
-    let r = store.service(&web()).expect("q").expect("row");
+    let r = store.service(&web()).await.expect("q").expect("row");
     assert!(r.pinned().is_some(), "crash-2.0 stays pinned: {r:?}");
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1086,10 +1104,10 @@ async fn a_crash_deploy_whose_row_a_full_disk_lost_gets_one_and_the_hang_row_is_
     env.wait_image("prod", "web", "r.example/web:1.0").await;
     let store = env.store();
     wait_for("no row open", Duration::from_secs(90), || async {
-        store.interrupted().ok()?.is_empty().then_some(())
+        store.interrupted().await.ok()?.is_empty().then_some(())
     })
     .await;
-    let h = store.history(Some(&web()), 20).expect("history");
+    let h = store.history(Some(&web()), 20).await.expect("history");
     let log = daemon.log_text();
     let hang = h
         .iter()
@@ -1242,17 +1260,18 @@ async fn a_record_cut_off_delays_no_save_and_every_write_lands_when_it_is_back()
     }
     let store = shared_record(&url).await;
     wait_for("every deploy recorded", Duration::from_secs(60), || async {
-        let done = (0..SERVICES)
-            .filter(|&i| {
-                let key = ServiceKey::new(&name(i), "prod").expect("key");
-                store.history(Some(&key), 1).ok().is_some_and(|h| {
-                    h.first()
-                        .is_some_and(|d| d.outcome == DeployOutcome::Succeeded)
-                })
-            })
-            .count();
+        let mut done = 0;
+        for i in 0..SERVICES {
+            let key = ServiceKey::new(&name(i), "prod").expect("key");
+            if store.history(Some(&key), 1).await.ok().is_some_and(|h| {
+                h.first()
+                    .is_some_and(|d| d.outcome == DeployOutcome::Succeeded)
+            }) {
+                done += 1;
+            }
+        }
         (done == SERVICES).then_some(())
     })
     .await;
-    assert!(store.interrupted().expect("q").is_empty());
+    assert!(store.interrupted().await.expect("q").is_empty());
 }

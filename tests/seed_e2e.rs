@@ -64,6 +64,7 @@ async fn seed_environment_names_dotenv_and_last_files_are_honoured() {
     let ledger = env
         .store()
         .service(&ServiceKey::new("ledger", "prod").expect("key"))
+        .await
         .expect("q")
         .expect("imported");
     assert!(
@@ -174,7 +175,7 @@ async fn a_dead_slack_never_delays_a_deploy_and_429_is_retried_after_retry_after
         "web to be recorded healthy despite a dead Slack",
         Duration::from_secs(20),
         || async {
-            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+            (env.store().service(&key).await.ok()??.status.as_str() == "succeeded").then_some(())
         },
     )
     .await;
@@ -231,7 +232,7 @@ async fn json_logs_are_one_object_per_line() {
         "the deploy to be recorded",
         Duration::from_secs(20),
         || async {
-            (env.store().service(&key).ok()??.status.as_str() == "succeeded").then_some(())
+            (env.store().service(&key).await.ok()??.status.as_str() == "succeeded").then_some(())
         },
     )
     .await;

@@ -21,9 +21,9 @@ fn deploy(ns: &str, name: &str) -> DeployRecord {
 }
 
 /// Everything the daemon, the API and the CLI ask of a record.
-fn suite(s: &Store) {
+async fn suite(s: &Store) {
     let key = ServiceKey::new("web", "demo").expect("key");
-    assert!(s.service(&key).expect("q").is_none());
+    assert!(s.service(&key).await.expect("q").is_none());
     let mut changes = s.subscribe();
     let before = *changes.borrow_and_update();
 
@@ -38,12 +38,13 @@ fn suite(s: &Store) {
             .suspended(true)
             .path("/deps/web_demo.dep"),
     )
+    .await
     .expect("put");
     assert!(
         *changes.borrow_and_update() > before,
         "writes are announced"
     );
-    let r = s.service(&key).expect("q").expect("exists");
+    let r = s.service(&key).await.expect("q").expect("exists");
     assert_eq!(
         r.desired.to_string(),
         "side=example.com/s:2, web=example.com/web:1.1"
@@ -57,8 +58,9 @@ fn suite(s: &Store) {
             .status(ServiceStatus::Unreadable)
             .suspended(false),
     )
+    .await
     .expect("update");
-    let r = s.service(&key).expect("q").expect("exists");
+    let r = s.service(&key).await.expect("q").expect("exists");
     assert_eq!(r.status, ServiceStatus::Unreadable);
     assert!(!r.suspended);
     assert_eq!(r.path, "/deps/web_demo.dep", "other fields are kept");
@@ -67,6 +69,7 @@ fn suite(s: &Store) {
         &key,
         ServiceChange::default().status(ServiceStatus::Deploying),
     )
+    .await
     .expect("deploying");
     s.change_service(
         &key,
@@ -75,17 +78,20 @@ fn suite(s: &Store) {
             .path_if_unset("/deps/other/web_demo.dep")
             .message("bad file"),
     )
+    .await
     .expect("refused");
-    let r = s.service(&key).expect("q").expect("exists");
+    let r = s.service(&key).await.expect("q").expect("exists");
     assert_eq!(
         (r.status, r.path.as_str(), r.message.as_str()),
         (ServiceStatus::Deploying, "/deps/web_demo.dep", "bad file")
     );
     let other = ServiceKey::new("api", "demo").expect("key");
     s.change_service(&other, ServiceChange::default())
+        .await
         .expect("put");
     let names: Vec<String> = s
         .services()
+        .await
         .expect("all")
         .iter()
         .map(|r| r.name.clone())
@@ -99,15 +105,20 @@ fn suite(s: &Store) {
             kind: "statefulset".into(),
             ..deploy("demo", "web")
         })
+        .await
         .expect("start");
-    assert_eq!(s.in_progress(&key).expect("q").map(|d| d.id), Some(first));
+    assert_eq!(
+        s.in_progress(&key).await.expect("q").map(|d| d.id),
+        Some(first)
+    );
     s.set_restore(
         first,
         &Images::parse("web=example.com/web:1.0"),
         "CrashLoopBackOff",
     )
+    .await
     .expect("restore intent");
-    let open = &s.interrupted().expect("q")[0];
+    let open = &s.interrupted().await.expect("q")[0];
     assert_eq!(
         (open.restore.as_str(), open.message.as_str()),
         ("web=example.com/web:1.0", "CrashLoopBackOff"),
@@ -119,31 +130,36 @@ fn suite(s: &Store) {
         "the row keeps the content it deployed and the kind it patched"
     );
     // A second open row: both listed, newest first.
-    let newer = s.start_deploy(&deploy("demo", "web")).expect("start");
+    let newer = s.start_deploy(&deploy("demo", "web")).await.expect("start");
     let ids: Vec<i64> = s
         .open_deploys(&key)
+        .await
         .expect("q")
         .iter()
         .map(|d| d.id)
         .collect();
     assert_eq!(ids, [newer, first]);
     s.finish_deploy(newer, DeployOutcome::Superseded, "replaced")
+        .await
         .expect("finish");
-    assert_eq!(s.interrupted().expect("q").len(), 1);
+    assert_eq!(s.interrupted().await.expect("q").len(), 1);
     s.finish_deploy(first, DeployOutcome::RolledBack, "ImagePullBackOff")
+        .await
         .expect("finish");
     let second = s
         .start_deploy(&DeployRecord {
             request_id: "req-1".into(),
             ..deploy("demo", "web")
         })
+        .await
         .expect("start");
     assert!(second > first, "ids grow");
     s.finish_deploy(second, DeployOutcome::Succeeded, "healthy")
+        .await
         .expect("finish");
-    assert!(s.in_progress(&key).expect("q").is_none());
-    assert!(s.interrupted().expect("q").is_empty());
-    let h = s.history(Some(&key), 10).expect("history");
+    assert!(s.in_progress(&key).await.expect("q").is_none());
+    assert!(s.interrupted().await.expect("q").is_empty());
+    let h = s.history(Some(&key), 10).await.expect("history");
     assert_eq!(
         h.iter().map(|d| d.id).collect::<Vec<_>>(),
         [second, newer, first]
@@ -152,12 +168,15 @@ fn suite(s: &Store) {
     assert_eq!(h[2].message, "ImagePullBackOff");
     assert_eq!(h[0].trigger, Trigger::File);
     assert!(h[0].ended_at.is_some());
-    assert_eq!(s.history(None, 1).expect("h").len(), 1);
+    assert_eq!(s.history(None, 1).await.expect("h").len(), 1);
     assert_eq!(
-        s.deploy_for_request("req-1").expect("q").map(|d| d.id),
+        s.deploy_for_request("req-1")
+            .await
+            .expect("q")
+            .map(|d| d.id),
         Some(second)
     );
-    assert!(s.deploy_for_request("req-2").expect("q").is_none());
+    assert!(s.deploy_for_request("req-2").await.expect("q").is_none());
 
     // Requests: one per idempotency key, the first one wins.
     let req = RequestRecord {
@@ -170,36 +189,44 @@ fn suite(s: &Store) {
         actor: "a".into(),
         created_at: now(),
     };
-    assert_eq!(s.put_request(&req).expect("put"), req);
+    assert_eq!(s.put_request(&req).await.expect("put"), req);
     let again = s
         .put_request(&RequestRecord {
             id: "req-9".into(),
             body_hash: "h2".into(),
             ..req.clone()
         })
+        .await
         .expect("put again");
     assert_eq!(again.id, "req-1", "the key's first request stands");
-    assert_eq!(s.request("req-1").expect("q"), Some(req.clone()));
-    assert_eq!(s.request_by_key("a\nrelease-7").expect("q"), Some(req));
-    assert!(s.request("req-9").expect("q").is_none());
+    assert_eq!(s.request("req-1").await.expect("q"), Some(req.clone()));
+    assert_eq!(
+        s.request_by_key("a\nrelease-7").await.expect("q"),
+        Some(req)
+    );
+    assert!(s.request("req-9").await.expect("q").is_none());
 
     // Retention: the newest per service, never an unfinished one.
     for _ in 0..4 {
-        let id = s.start_deploy(&deploy("demo", "api")).expect("start");
+        let id = s.start_deploy(&deploy("demo", "api")).await.expect("start");
         s.finish_deploy(id, DeployOutcome::Succeeded, "")
+            .await
             .expect("finish");
     }
-    let open = s.start_deploy(&deploy("demo", "api")).expect("start");
+    let open = s.start_deploy(&deploy("demo", "api")).await.expect("start");
     // api: the open deploy and the newest finished one stay; web keeps 2 of its 3.
-    assert_eq!(s.prune(2, None).expect("prune"), 4);
-    assert_eq!(s.history(Some(&other), 10).expect("h").len(), 2);
+    assert_eq!(s.prune(2, None).await.expect("prune"), 4);
+    assert_eq!(s.history(Some(&other), 10).await.expect("h").len(), 2);
     assert_eq!(
-        s.prune(2, Some(std::time::Duration::ZERO)).expect("prune"),
+        s.prune(2, Some(std::time::Duration::ZERO))
+            .await
+            .expect("prune"),
         3,
         "everything finished is older than now"
     );
     assert_eq!(
         s.interrupted()
+            .await
             .expect("q")
             .iter()
             .map(|d| d.id)
@@ -211,21 +238,27 @@ fn suite(s: &Store) {
     let pinned = ServiceKey::new("pinned", "demo").expect("key");
     let pin = |hash: &str| ServiceChange::default().failed_hash(hash);
     let seen_pinned = "aa11";
-    s.change_service(&pinned, pin(seen_pinned)).expect("pin");
+    s.change_service(&pinned, pin(seen_pinned))
+        .await
+        .expect("pin");
     s.change_service(&pinned, ServiceChange::default().unpin(seen_pinned))
+        .await
         .expect("unpin");
-    let row = s.service(&pinned).expect("q").expect("row");
+    let row = s.service(&pinned).await.expect("q").expect("row");
     assert_eq!(row.failed_hash, "", "the pin seen is lifted");
-    s.change_service(&pinned, pin("bb22")).expect("pin again");
+    s.change_service(&pinned, pin("bb22"))
+        .await
+        .expect("pin again");
     s.change_service(&pinned, ServiceChange::default().unpin(seen_pinned))
+        .await
         .expect("late unpin");
-    let row = s.service(&pinned).expect("q").expect("row");
+    let row = s.service(&pinned).await.expect("q").expect("row");
     assert_eq!(row.failed_hash, "bb22", "a newer pin stays");
 }
 
 /// Services, deploys and refused files read one page at a time: every row once, in order,
 /// with the filter and the count, whatever the page length.
-fn pages(s: &Store) {
+async fn pages(s: &Store) {
     use depwatch::store::{ServiceFilter, ServicesQuery};
     // Names whose order differs between "namespace/name" text and (namespace, name).
     let keys = [
@@ -246,11 +279,18 @@ fn pages(s: &Store) {
             &ServiceKey::new(name, ns).expect("key"),
             ServiceChange::default().status(status).suspended(i == 3),
         )
+        .await
         .expect("put");
     }
-    let all: Vec<ServiceKey> = s.services().expect("all").iter().map(|r| r.key()).collect();
+    let all: Vec<ServiceKey> = s
+        .services()
+        .await
+        .expect("all")
+        .iter()
+        .map(|r| r.key())
+        .collect();
     assert_eq!(all.len(), keys.len());
-    let walk = |filter: ServiceFilter, limit: usize| {
+    let walk = async |filter: ServiceFilter, limit: usize| {
         let mut q = ServicesQuery {
             after: None,
             filter,
@@ -258,7 +298,7 @@ fn pages(s: &Store) {
         };
         let mut out = Vec::new();
         loop {
-            let page = s.services_page(&q).expect("page");
+            let page = s.services_page(&q).await.expect("page");
             assert!(page.rows.len() <= limit, "{} > {limit}", page.rows.len());
             out.extend(page.rows.iter().map(|r| r.key()));
             match page.next {
@@ -269,17 +309,20 @@ fn pages(s: &Store) {
     };
     for limit in [1, 2, 3, 7, 100] {
         assert_eq!(
-            walk(ServiceFilter::All, limit),
+            walk(ServiceFilter::All, limit).await,
             (all.clone(), keys.len()),
             "{limit}"
         );
     }
-    let (failed, total) = walk(ServiceFilter::Status(ServiceStatus::Failed), 2);
+    let (failed, total) = walk(ServiceFilter::Status(ServiceStatus::Failed), 2).await;
     assert_eq!((failed.len(), total), (4, 4));
-    assert!(failed
-        .iter()
-        .all(|k| s.service(k).expect("q").expect("row").status == ServiceStatus::Failed));
-    let (suspended, total) = walk(ServiceFilter::Suspended, 1);
+    for k in &failed {
+        assert_eq!(
+            s.service(k).await.expect("q").expect("row").status,
+            ServiceStatus::Failed
+        );
+    }
+    let (suspended, total) = walk(ServiceFilter::Suspended, 1).await;
     assert_eq!(
         (suspended, total),
         (vec![ServiceKey::new("z", "demo-2").expect("key")], 1)
@@ -287,13 +330,18 @@ fn pages(s: &Store) {
 
     // Deploys: newest first, each page older than the last row of the one before.
     let key = ServiceKey::new("paged", "demo").expect("key");
-    let ids: Vec<i64> = (0..5)
-        .map(|_| s.start_deploy(&deploy("demo", "paged")).expect("start"))
-        .collect();
+    let mut ids: Vec<i64> = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            s.start_deploy(&deploy("demo", "paged"))
+                .await
+                .expect("start"),
+        );
+    }
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = s.history_page(Some(&key), after, 2).expect("page");
+        let page = s.history_page(Some(&key), after, 2).await.expect("page");
         assert!(page.len() <= 2);
         seen.extend(page.iter().map(|d| d.id));
         match page.last() {
@@ -304,69 +352,67 @@ fn pages(s: &Store) {
     assert_eq!(seen, ids.iter().rev().copied().collect::<Vec<_>>());
     let older = s
         .history_page(None, Some(ids[1]), 10)
+        .await
         .expect("all services");
     assert!(older.iter().all(|d| d.id < ids[1]), "{older:?}");
 
     // Refused file names: by path, with the count.
     for i in 0..5 {
         s.refuse_file(&format!("/deps/bad-{i}.dep"), "bad name")
+            .await
             .expect("refuse");
     }
-    let (first, total) = s.refused_page("", 3).expect("page");
-    let (rest, _) = s.refused_page(&first[2].path, 3).expect("page");
+    let (first, total) = s.refused_page("", 3).await.expect("page");
+    let (rest, _) = s.refused_page(&first[2].path, 3).await.expect("page");
     let paths: Vec<String> = first.iter().chain(&rest).map(|f| f.path.clone()).collect();
     let want: Vec<String> = (0..5).map(|i| format!("/deps/bad-{i}.dep")).collect();
     assert_eq!((paths, total), (want, 5));
 }
 
-#[test]
-fn the_sqlite_record_reads_one_page_at_a_time() {
+#[tokio::test]
+async fn the_sqlite_record_reads_one_page_at_a_time() {
     let dir = tempfile::tempdir().expect("tempdir");
-    pages(&Store::open(dir.path()).expect("open"));
+    pages(&Store::open(dir.path()).expect("open")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgresql_record_reads_one_page_at_a_time() {
     let pg = common::postgres::Postgres::start().await;
     let url = pg.database("pages").await;
-    tokio::task::spawn_blocking(move || pages(&Store::connect(&url).expect("connect")))
-        .await
-        .expect("joined");
+    pages(&Store::connect(&url).await.expect("connect")).await;
 }
 
-#[test]
-fn the_sqlite_record_passes_the_store_suite() {
+#[tokio::test]
+async fn the_sqlite_record_passes_the_store_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    suite(&Store::open(dir.path()).expect("open"));
+    suite(&Store::open(dir.path()).expect("open")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgresql_record_passes_the_store_suite_and_survives_reconnecting() {
     let pg = common::postgres::Postgres::start().await;
     let url = pg.database("suite").await;
-    let store = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || {
-            let s = Store::connect(&url).expect("connect");
-            suite(&s);
-            s
-        }
-    })
-    .await
-    .expect("suite");
+    let store = Store::connect(&url).await.expect("connect");
+    suite(&store).await;
     // Called from an async worker too, as the daemon does.
     let key = ServiceKey::new("web", "demo").expect("key");
     assert_eq!(
-        store.service(&key).expect("q").expect("exists").status,
+        store
+            .service(&key)
+            .await
+            .expect("q")
+            .expect("exists")
+            .status,
         ServiceStatus::Deploying
     );
     drop(store);
     // A second connection (another replica, a restart) sees the same record; migrations run
     // once.
-    let again = Store::connect(&url).expect("reconnect");
-    assert_eq!(again.services().expect("all").len(), 3);
+    let again = Store::connect(&url).await.expect("reconnect");
+    assert_eq!(again.services().await.expect("all").len(), 3);
     // A bad URL is refused without echoing it (it may hold a password).
     let err = Store::connect("postgres://u:hunter2@[::1")
+        .await
         .err()
         .expect("bad url");
     assert!(!err.to_string().contains("hunter2"), "{err}");
@@ -393,15 +439,13 @@ async fn the_daemon_and_the_cli_share_a_postgresql_record() {
     let key = ServiceKey::new("web", "prod").expect("key");
     let record = {
         let url = url.clone();
-        tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-            .await
-            .expect("store")
+        Store::connect(&url).await.expect("connect")
     };
     common::wait_for(
         "the outcome in PostgreSQL",
         Duration::from_secs(30),
         || async {
-            let r = record.service(&key).ok()??;
+            let r = record.service(&key).await.ok()??;
             (r.status == ServiceStatus::Succeeded).then_some(())
         },
     )
@@ -432,48 +476,43 @@ async fn the_daemon_and_the_cli_share_a_postgresql_record() {
 
 /// Two writers of one row, each setting only its own fields, never undo each other: an
 /// operator's suspend and the recorder's pin land together and both stay.
-fn concurrent_writers(s: &Store) {
+async fn concurrent_writers(s: &Store) {
     let key = ServiceKey::new("race", "demo").expect("key");
     for round in 0..50 {
         let hash = format!("h{round}");
         s.change_service(&key, ServiceChange::default().suspended(false))
+            .await
             .expect("reset");
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                s.change_service(&key, ServiceChange::default().suspended(true))
-                    .expect("suspend")
-            });
-            scope.spawn(|| {
-                s.change_service(
-                    &key,
-                    ServiceChange::default()
-                        .content_hash(hash.clone())
-                        .failed_hash(hash.clone()),
-                )
-                .expect("pin")
-            });
+        let (a, b, k) = (s.clone(), s.clone(), key.clone());
+        let suspend = tokio::spawn(async move {
+            a.change_service(&k, ServiceChange::default().suspended(true))
+                .await
+                .expect("suspend")
         });
-        let r = s.service(&key).expect("q").expect("exists");
+        let change = ServiceChange::default()
+            .content_hash(hash.clone())
+            .failed_hash(hash.clone());
+        let k = key.clone();
+        let pin = tokio::spawn(async move { b.change_service(&k, change).await.expect("pin") });
+        suspend.await.expect("joined");
+        pin.await.expect("joined");
+        let r = s.service(&key).await.expect("q").expect("exists");
         assert!(r.suspended, "round {round}: the suspend was lost");
         assert_eq!(r.failed_hash, hash, "round {round}: the pin was lost");
     }
 }
 
-#[test]
-fn concurrent_writers_of_one_row_never_undo_each_other_on_sqlite() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_row_never_undo_each_other_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    concurrent_writers(&Store::open(dir.path()).expect("open"));
+    concurrent_writers(&Store::open(dir.path()).expect("open")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_of_one_row_never_undo_each_other_on_postgresql() {
     let pg = common::postgres::Postgres::start().await;
     let url = pg.database("race").await;
-    tokio::task::spawn_blocking(move || {
-        concurrent_writers(&Store::connect(&url).expect("connect"))
-    })
-    .await
-    .expect("joined");
+    concurrent_writers(&Store::connect(&url).await.expect("connect")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,21 +535,14 @@ async fn commands_that_only_read_never_migrate_a_shared_record() {
         String::from_utf8_lossy(&out.stdout)
     );
     // Still empty: the read-only command created no table.
-    let url2 = url.clone();
-    let tables = tokio::task::spawn_blocking(move || {
-        let reader = Store::open_for_reading(std::path::Path::new("/nonexistent"), Some(&url2))
-            .expect("connect");
-        reader.services().err().map(|e| e.to_string())
-    })
-    .await
-    .expect("joined");
+    let reader =
+        Store::open_for_reading(std::path::Path::new("/nonexistent"), Some(&url)).expect("connect");
+    let tables = reader.services().await.err().map(|e| e.to_string());
     assert!(
         tables.as_deref().is_some_and(|e| e.contains("services")),
         "{tables:?}"
     );
     // The daemon's own connection migrates it.
-    let s = tokio::task::spawn_blocking(move || Store::connect(&url).expect("connect"))
-        .await
-        .expect("joined");
-    assert!(s.services().expect("migrated").is_empty());
+    let s = Store::connect(&url).await.expect("connect");
+    assert!(s.services().await.expect("migrated").is_empty());
 }

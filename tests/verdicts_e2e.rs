@@ -31,7 +31,7 @@ where
 async fn wait_status(env: &Env, k: &ServiceKey, want: ServiceStatus, within: Duration) {
     let what = format!("{k} to be {want}");
     wait_or_show(env, &what, within, || async {
-        (env.store().service(k).ok()??.status == want).then_some(())
+        (env.store().service(k).await.ok()??.status == want).then_some(())
     })
     .await
 }
@@ -79,19 +79,19 @@ async fn the_demo_scenario_gives_the_right_verdict_every_time() {
             &format!("round {round}'s verdicts"),
             Duration::from_secs(90),
             || async {
-                let done = services
-                    .iter()
-                    .filter(|name| {
-                        store
-                            .history(Some(&key(name, "demo")), 1)
-                            .ok()
-                            .and_then(|h| h.into_iter().next())
-                            .is_some_and(|d| {
-                                d.to_image.contains(&format!(":1.{round}.0"))
-                                    && d.outcome != DeployOutcome::InProgress
-                            })
-                    })
-                    .count();
+                let mut done = 0;
+                for name in &services {
+                    let finished = store
+                        .history(Some(&key(name, "demo")), 1)
+                        .await
+                        .ok()
+                        .and_then(|h| h.into_iter().next())
+                        .is_some_and(|d| {
+                            d.to_image.contains(&format!(":1.{round}.0"))
+                                && d.outcome != DeployOutcome::InProgress
+                        });
+                    done += usize::from(finished);
+                }
                 (done == want).then_some(())
             },
         )
@@ -100,8 +100,8 @@ async fn the_demo_scenario_gives_the_right_verdict_every_time() {
             for n in 0..COPIES {
                 let name = format!("{kind}{n}");
                 let k = key(&name, "demo");
-                let record = store.service(&k).expect("query").expect("record");
-                let last = &store.history(Some(&k), 1).expect("history")[0];
+                let record = store.service(&k).await.expect("query").expect("record");
+                let last = &store.history(Some(&k), 1).await.expect("history")[0];
                 assert_eq!(
                     record.status,
                     verdict,
@@ -167,7 +167,7 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
         body.contains("waiting for the Kubernetes API server"),
         "{body}"
     );
-    let record = env.store().service(&api).expect("q").expect("record");
+    let record = env.store().service(&api).await.expect("q").expect("record");
     assert!(
         record.message.contains(&env.sim.url()),
         "the message names the server: {}",
@@ -176,11 +176,11 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
     // web's deadline passes: one failed row, not pinned. (The record's own message may already
     // be the next resync's "waiting" by the time it is read: the failed row keeps the verdict.)
     let failed = wait_or_show(&env, "web to give up", Duration::from_secs(20), || async {
-        let h = env.store().history(Some(&web), 5).ok()?;
+        let h = env.store().history(Some(&web), 5).await.ok()?;
         (h.len() == 1 && h[0].outcome == DeployOutcome::Failed).then(|| h[0].clone())
     })
     .await;
-    let record = env.store().service(&web).expect("q").expect("record");
+    let record = env.store().service(&web).await.expect("q").expect("record");
     assert!(
         record.failed_hash.is_empty(),
         "a transient error never pins"
@@ -206,7 +206,7 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
     assert_eq!(env.image("prod", "web").await, "example.com/web:1.1.0");
     assert_eq!(env.patches("prod", "api"), 1);
     assert_eq!(env.patches("prod", "web"), 1);
-    let api_rows = env.store().history(Some(&api), 10).expect("history");
+    let api_rows = env.store().history(Some(&api), 10).await.expect("history");
     assert_eq!(api_rows.len(), 1, "one row for one deploy: {api_rows:?}");
     assert_eq!(api_rows[0].outcome, DeployOutcome::Succeeded);
     let ready = http
@@ -251,13 +251,13 @@ async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
     scale(0).await;
     env.write_dep("web_prod.dep", "1.2.0-crash\n");
     wait_status(&env, &k, ServiceStatus::Unverified, Duration::from_secs(30)).await;
-    let record = env.store().service(&k).expect("q").expect("record");
+    let record = env.store().service(&k).await.expect("q").expect("record");
     assert_eq!(record.last_good.to_string(), "web=example.com/web:1.1.0");
     assert_eq!(
         record.deployed.to_string(),
         "web=example.com/web:1.2.0-crash"
     );
-    let h = env.store().history(Some(&k), 1).expect("history");
+    let h = env.store().history(Some(&k), 1).await.expect("history");
     assert_eq!(h[0].outcome, DeployOutcome::Unverified);
     assert!(h[0].message.contains("0 replicas"), "{}", h[0].message);
     let m = env.wait_messages(2).await;
@@ -308,12 +308,12 @@ async fn a_paused_deployment_is_reported_paused_at_once_without_a_patch() {
         patches,
         "depwatch patched nothing"
     );
-    let record = env.store().service(&k).expect("q").expect("record");
+    let record = env.store().service(&k).await.expect("q").expect("record");
     assert!(
         record.failed_hash.is_empty(),
         "not a rollout verdict: not pinned"
     );
-    let h = env.store().history(Some(&k), 10).expect("history");
+    let h = env.store().history(Some(&k), 10).await.expect("history");
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(
         h[0].message.starts_with("Deployment is paused"),
@@ -395,7 +395,7 @@ async fn a_deploy_that_fails_before_any_change_is_one_row() {
     // The file names a container the Deployment does not have.
     env.write_dep("web_prod.dep", "images:\n  sidecar: example.com/side:2\n");
     wait_status(&env, &k, ServiceStatus::Failed, Duration::from_secs(30)).await;
-    let h = env.store().history(Some(&k), 10).expect("history");
+    let h = env.store().history(Some(&k), 10).await.expect("history");
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(
         h[0].message.contains("no container \"sidecar\""),
@@ -421,7 +421,7 @@ async fn a_lagging_view_of_the_cluster_never_causes_a_rollback() {
     env.write_dep("web_prod.dep", "1.1.0\n");
     wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
     assert_eq!(env.patches("prod", "web"), 1, "no rollback");
-    let h = env.store().history(Some(&k), 5).expect("history");
+    let h = env.store().history(Some(&k), 5).await.expect("history");
     assert_eq!(h.len(), 1);
     assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
     assert_eq!(env.image("prod", "web").await, "example.com/web:1.1.0");

@@ -74,7 +74,7 @@ async fn rename_saves_subdirectories_and_deletion() {
     std::fs::remove_file(env.deps.join("web_demo.dep")).expect("rm");
     let key = ServiceKey::new("web", "demo").expect("key");
     wait_for("web to be unmanaged", Duration::from_secs(10), || async {
-        (env.store().service(&key).ok()??.status.as_str() == "unmanaged").then_some(())
+        (env.store().service(&key).await.ok()??.status.as_str() == "unmanaged").then_some(())
     })
     .await;
     assert_eq!(env.image("demo", "web").await, "example.com/web:1.2.0");
@@ -207,6 +207,7 @@ async fn slow_writer_loop(args: &[&str]) {
     let recorded: Vec<String> = env
         .store()
         .history(Some(&key), 500)
+        .await
         .expect("history")
         .into_iter()
         .map(|d| d.to_image)
@@ -268,7 +269,7 @@ async fn a_file_read_empty_after_a_truncate_waits_for_its_writer() {
         "the empty file refused",
         Duration::from_secs(20),
         || async {
-            let r = env.store().service(&key).ok()??;
+            let r = env.store().service(&key).await.ok()??;
             (r.status.as_str() == "invalid" && r.message.contains("the file is empty"))
                 .then_some(())
         },
@@ -318,7 +319,12 @@ async fn a_deleted_dependency_directory_is_waited_for_without_spinning() {
         window.elapsed()
     );
     let web = depwatch::domain::ServiceKey::new("web", "prod").expect("key");
-    let r = env.store().service(&web).expect("store").expect("record");
+    let r = env
+        .store()
+        .service(&web)
+        .await
+        .expect("store")
+        .expect("record");
     assert_eq!(r.status.as_str(), "succeeded", "nothing forgotten");
 
     std::fs::create_dir(&env.deps).expect("mkdir deps");

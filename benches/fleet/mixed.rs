@@ -168,17 +168,13 @@ pub async fn run(namespaces: usize) {
     }
     let ready = t0.elapsed();
     let store = || depwatch::store::Store::open(&dir.path().join("state")).ok();
-    let settled = |s: &depwatch::store::Store| {
-        s.services()
-            .map(|v| v.len() == n && v.iter().all(|r| !r.status.in_flight()))
-            .unwrap_or(false)
-    };
     let mut db = None;
-    until("adoption", Duration::from_secs(600), || {
-        db = db.take().or_else(store);
-        db.as_ref().is_some_and(settled)
-    })
-    .await;
+    let t = Instant::now();
+    while !super::settled(&db, n).await {
+        assert!(t.elapsed() < Duration::from_secs(600), "adoption");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        db = db.or_else(store);
+    }
     let (startup_requests, _) = daemon.kube_requests(&http).await;
     let (cpu0, idle_rss, _) = proc_stats(daemon.child.id());
 
@@ -195,10 +191,11 @@ pub async fn run(namespaces: usize) {
     })
     .await;
     let healthy = t0.elapsed();
-    until("the verdicts", Duration::from_secs(120), || {
-        db.as_ref().is_some_and(settled)
-    })
-    .await;
+    let t = Instant::now();
+    while !super::settled(&db, n).await {
+        assert!(t.elapsed() < Duration::from_secs(120), "the verdicts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (cpu1, _, peak) = proc_stats(daemon.child.id());
     let (_, watches) = daemon.kube_requests(&http).await;
     daemon.stop();

@@ -62,18 +62,19 @@ pub async fn run(n: usize) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let store = || depwatch::store::Store::open(&dir.path().join("state")).ok();
-    let done = |version: &str| {
-        store().is_some_and(|s| {
-            s.services().is_ok_and(|v| {
-                v.len() == n
-                    && v.iter().all(|r| {
-                        !r.status.in_flight() && r.deployed.values().all(|i| i.ends_with(version))
-                    })
-            })
+    let done = async |version: &str| {
+        let Some(s) = store() else {
+            return false;
+        };
+        s.services().await.is_ok_and(|v| {
+            v.len() == n
+                && v.iter().all(|r| {
+                    !r.status.in_flight() && r.deployed.values().all(|i| i.ends_with(version))
+                })
         })
     };
     let t = Instant::now();
-    while !done("1.0.0") {
+    while !done("1.0.0").await {
         assert!(t.elapsed() < Duration::from_secs(600), "adoption");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -82,7 +83,7 @@ pub async fn run(n: usize) {
     let heads0 = heads.load(Ordering::SeqCst);
     let t0 = Instant::now();
     write("1.1.0");
-    while !done("1.1.0") {
+    while !done("1.1.0").await {
         assert!(t0.elapsed() < Duration::from_secs(900), "the burst");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -130,6 +130,7 @@ pub async fn view(state: &HttpState, r: ServiceRecord) -> ServiceView {
     let last_deploy = state
         .store
         .history(Some(&key), 1)
+        .await
         .ok()
         .and_then(|h| h.into_iter().next());
     let running = state.live.of(&key, r.kind).unwrap_or_default();
@@ -153,7 +154,7 @@ pub async fn healthz() -> &'static str {
     (status = 503, description = "not ready, with the reason", body = ErrorBody)))]
 pub async fn readyz(State(state): Shared) -> Result<String, ApiError> {
     if state.standby.load(Ordering::SeqCst) {
-        return match state.store.history(None, 1) {
+        return match state.store.history(None, 1).await {
             Ok(_) => Ok("ok: standby, serving reads (another replica holds the Lease and acts; see /leaderz)".into()),
             Err(e) => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -238,6 +239,7 @@ pub async fn metrics(State(state): Shared) -> impl IntoResponse {
     let statuses: Vec<(ServiceStatus, WorkloadKind)> = state
         .store
         .services()
+        .await
         .unwrap_or_default()
         .into_iter()
         .map(|s| (s.status, s.kind))
@@ -340,7 +342,7 @@ pub async fn list_services(
         filter,
         limit,
     };
-    let page = state.store.services_page(&query)?;
+    let page = state.store.services_page(&query).await?;
     let last = page.next.map(|k| k.to_string());
     let (limit_text, status) = (limit.to_string(), q.status.unwrap_or_default());
     let mut params = vec![("limit", limit_text.as_str())];
@@ -375,7 +377,7 @@ pub async fn refused_files(
 ) -> Result<(HeaderMap, Json<Vec<crate::store::RefusedFile>>), ApiError> {
     let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or_default();
-    let (files, total) = state.store.refused_page(&after, limit)?;
+    let (files, total) = state.store.refused_page(&after, limit).await?;
     let last = files
         .last()
         .filter(|_| files.len() == limit)
@@ -402,13 +404,13 @@ pub async fn get_service(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<ServiceDetail>, ApiError> {
     let key = key_from_path(&namespace, &name)?;
-    let r = state.store.service(&key)?.ok_or_else(|| {
+    let r = state.store.service(&key).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!("service {key} is not managed by depwatch"),
         )
     })?;
-    let history = state.store.history(Some(&key), 50)?;
+    let history = state.store.history(Some(&key), 50).await?;
     Ok(Json(ServiceDetail {
         service: view(&state, r).await,
         history,
@@ -443,7 +445,10 @@ pub async fn list_deploys(
         None => None,
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let rows = state.store.history_page(key.as_ref(), q.after, limit)?;
+    let rows = state
+        .store
+        .history_page(key.as_ref(), q.after, limit)
+        .await?;
     let last = (rows.len() == limit)
         .then(|| rows.last().map(|d| d.id.to_string()))
         .flatten();
@@ -515,10 +520,11 @@ pub struct RequestView {
     pub deploy: Option<DeployRecord>,
 }
 
-fn dep_path(state: &HttpState, key: &ServiceKey) -> std::path::PathBuf {
+async fn dep_path(state: &HttpState, key: &ServiceKey) -> std::path::PathBuf {
     state
         .store
         .service(key)
+        .await
         .ok()
         .flatten()
         .map(|r| std::path::PathBuf::from(r.path))
@@ -531,8 +537,8 @@ async fn request_view(state: &HttpState, r: &RequestRecord) -> Result<RequestVie
         name: r.name.clone(),
         namespace: r.namespace.clone(),
     };
-    let path = dep_path(state, &key);
-    let deploy = state.store.deploy_for_request(&r.id)?;
+    let path = dep_path(state, &key).await;
+    let deploy = state.store.deploy_for_request(&r.id).await?;
     let status = match &deploy {
         Some(d) => RequestStatus::from(d.outcome),
         None => {
@@ -732,7 +738,7 @@ pub async fn create_deploy(
         actor: actor.clone(),
     };
     // An earlier request under this key: the same one again, or a conflicting reuse.
-    if let Some(r) = state.store.request_by_key(&idempotency_key)? {
+    if let Some(r) = state.store.request_by_key(&idempotency_key).await? {
         if r.body_hash != body_hash {
             return Err(ApiError::field(
                 StatusCode::CONFLICT,
@@ -753,7 +759,7 @@ pub async fn create_deploy(
             ),
         ));
     }
-    let path = dep_path(&state, &key);
+    let path = dep_path(&state, &key).await;
     let spec = match &body.version {
         Some(v) => depfile::classify(v).unwrap_or_else(|_| ImageSpec::Tag(v.clone())),
         None => ImageSpec::Reference(value.clone()),
@@ -777,7 +783,7 @@ pub async fn create_deploy(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(write_error)?;
-    let recorded = state.store.put_request(&candidate)?;
+    let recorded = state.store.put_request(&candidate).await?;
     tracing::info!(service = %key, request = %id, %actor, "deploy requested through the API");
     Ok((
         StatusCode::ACCEPTED,
@@ -820,7 +826,7 @@ async fn edited_file(
     if let Some(edited) = crate::depedit::set_plain(&text, value, header) {
         return Ok(edited);
     }
-    let record = state.store.service(key).ok().flatten();
+    let record = state.store.service(key).await.ok().flatten();
     let kind = record.as_ref().map(|r| r.kind).unwrap_or_default();
     let recorded = record.map(|r| r.desired).filter(|d| !d.is_empty());
     let current = recorded
@@ -880,7 +886,7 @@ pub async fn get_request(
     State(state): Shared,
     Path(id): Path<String>,
 ) -> Result<Json<RequestView>, ApiError> {
-    let r = state.store.request(&id)?.ok_or_else(|| {
+    let r = state.store.request(&id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no deploy request {}", crate::safefs::escape(&id)),
@@ -904,45 +910,36 @@ fn operator_error(e: operator::OperatorError) -> ApiError {
     }
 }
 
-/// Run an operator command for the token's owner, on the blocking pool (it reads and writes
-/// files).
-async fn operator_call<F>(
+/// An operator command the API runs for a token's owner.
+enum Command {
+    Retry,
+    Rollback(Option<i64>),
+    Suspend(bool),
+    Forget,
+}
+
+/// Run an operator command for the token's owner.
+async fn operator_call(
     state: &HttpState,
     headers: &HeaderMap,
     (namespace, name): (String, String),
     what: &str,
-    call: F,
-) -> Result<(StatusCode, Json<Accepted>), ApiError>
-where
-    F: FnOnce(
-            &crate::store::Store,
-            &ServiceKey,
-            operator::Caller<'_>,
-        ) -> Result<String, operator::OperatorError>
-        + Send
-        + 'static,
-{
+    command: Command,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let actor = authorize(state, headers)?;
     not_a_standby(state)?;
     let key = key_from_path(&namespace, &name)?;
-    let (store, root, k, a) = (
-        state.store.clone(),
-        state.deps_dir.clone(),
-        key.clone(),
-        actor.clone(),
-    );
-    let message = tokio::task::spawn_blocking(move || {
-        call(
-            &store,
-            &k,
-            operator::Caller {
-                actor: &a,
-                root: Some(&root),
-            },
-        )
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    let caller = operator::Caller {
+        actor: &actor,
+        root: Some(&state.deps_dir),
+    };
+    let store = &state.store;
+    let message = match command {
+        Command::Retry => operator::retry(store, &key, caller).await,
+        Command::Rollback(to) => operator::rollback(store, &key, to, caller).await,
+        Command::Suspend(on) => operator::suspend(store, &key, on, caller).await,
+        Command::Forget => operator::forget(store, &key, caller).await,
+    }
     .map_err(operator_error)?;
     tracing::info!(service = %key, %actor, "{what} requested through the API");
     Ok((StatusCode::ACCEPTED, Json(Accepted { message })))
@@ -957,7 +954,7 @@ pub async fn retry_service(
     headers: HeaderMap,
     Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    operator_call(&state, &headers, service, "retry", operator::retry).await
+    operator_call(&state, &headers, service, "retry", Command::Retry).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -984,7 +981,7 @@ pub async fn rollback_service(
         &headers,
         service,
         "rollback",
-        move |store, key, caller| operator::rollback(store, key, q.to, caller),
+        Command::Rollback(q.to),
     )
     .await
 }
@@ -998,14 +995,7 @@ pub async fn suspend_service(
     headers: HeaderMap,
     Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    operator_call(
-        &state,
-        &headers,
-        service,
-        "suspend",
-        |store, key, caller| operator::suspend(store, key, true, caller),
-    )
-    .await
+    operator_call(&state, &headers, service, "suspend", Command::Suspend(true)).await
 }
 
 /// Deploy a suspended service's file changes again (`depwatch resume`). 409 when not
@@ -1018,10 +1008,7 @@ pub async fn resume_service(
     headers: HeaderMap,
     Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    operator_call(&state, &headers, service, "resume", |store, key, caller| {
-        operator::suspend(store, key, false, caller)
-    })
-    .await
+    operator_call(&state, &headers, service, "resume", Command::Suspend(false)).await
 }
 
 /// Remove a service whose file is gone from the record, its history kept (`depwatch forget`).
@@ -1034,7 +1021,7 @@ pub async fn forget_service(
     headers: HeaderMap,
     Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    operator_call(&state, &headers, service, "forget", operator::forget).await
+    operator_call(&state, &headers, service, "forget", Command::Forget).await
 }
 
 /// Server-sent events: a `change` event whenever the record changes. At most

@@ -186,7 +186,7 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
 
 /// Rows for files refused for their names, after the services (`?status=refused` shows only
 /// them).
-fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
+async fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
     if filter.is_some_and(|f| f != "refused") {
         return String::new();
     }
@@ -194,6 +194,7 @@ fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
     let (files, total) = state
         .store
         .refused_page("", REFUSED_ON_PAGE)
+        .await
         .unwrap_or_default();
     let more = match total.saturating_sub(files.len()) {
         0 => String::new(),
@@ -224,7 +225,7 @@ fn refused_rows(state: &HttpState, filter: Option<&str>) -> String {
 const REFUSED_ON_PAGE: usize = 50;
 
 async fn rows(state: &HttpState, filter: Option<&str>) -> String {
-    let refused = refused_rows(state, filter);
+    let refused = refused_rows(state, filter).await;
     if filter == Some("refused") {
         return refused;
     }
@@ -236,25 +237,29 @@ const SERVICES_ON_PAGE: usize = 200;
 
 async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
     let Ok(parsed) = ServiceFilter::parse(filter) else {
-        return nothing_is(state, filter.unwrap_or_default());
+        return nothing_is(state, filter.unwrap_or_default()).await;
     };
     let query = ServicesQuery {
         after: None,
         filter: parsed,
         limit: SERVICES_ON_PAGE,
     };
-    let page = state.store.services_page(&query).unwrap_or_default();
+    let page = state.store.services_page(&query).await.unwrap_or_default();
     let (records, total) = (page.rows, page.total);
     if records.is_empty() {
         return match parsed {
             ServiceFilter::All => "<tr><td colspan=\"7\" class=\"empty\">No services yet: write a dependency file to start.</td></tr>".into(),
-            _ => nothing_is(state, filter.unwrap_or_default()),
+            _ => nothing_is(state, filter.unwrap_or_default()).await,
         };
     }
     let more = total.saturating_sub(records.len());
     let mut out = String::new();
     for r in records {
-        let history = state.store.history(Some(&r.key()), 8).unwrap_or_default();
+        let history = state
+            .store
+            .history(Some(&r.key()), 8)
+            .await
+            .unwrap_or_default();
         let mut v = view(state, r).await;
         v.next_step = crate::advice::with_flags(&v.next_step, &state.cli_flags);
         out.push_str(&row(&v, &history));
@@ -282,7 +287,7 @@ fn more_services(more: usize, filter: Option<&str>) -> String {
 }
 
 /// The row for a filter that keeps no service, with a link to all of them.
-fn nothing_is(state: &HttpState, filter: &str) -> String {
+async fn nothing_is(state: &HttpState, filter: &str) -> String {
     let all = ServicesQuery {
         limit: 0,
         ..ServicesQuery::default()
@@ -290,6 +295,7 @@ fn nothing_is(state: &HttpState, filter: &str) -> String {
     let total = state
         .store
         .services_page(&all)
+        .await
         .map(|page| page.total)
         .unwrap_or_default();
     if total == 0 {

@@ -177,7 +177,7 @@ pub async fn run(
                     _ = engine.deploy_and_compare(&key, &desired, superseded) => {
                         // The file went away during the deploy: let the service go now.
                         if slot.desired().is_none() {
-                            engine.let_go(&key);
+                            engine.let_go(&key).await;
                         }
                     }
                     _ = lost.cancelled() => {

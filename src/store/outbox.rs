@@ -138,25 +138,25 @@ pub fn resolve(w: &Write, ids: &HashMap<i64, i64>) -> Result<Write, StoreError> 
 }
 
 /// Carry out one write whose ids are the backend's; a deploy row's id when it starts one.
-pub fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
+pub async fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
     {
         match w {
             Write::Service { key, change, at } => {
-                backend.change_service(key, change, at)?;
+                backend.change_service(key, change, at).await?;
                 Ok(None)
             }
-            Write::Start { record, .. } => Ok(Some(backend.start_deploy(record)?)),
+            Write::Start { record, .. } => Ok(Some(backend.start_deploy(record).await?)),
             Write::Finish {
                 id,
                 outcome,
                 message,
                 at,
             } => {
-                backend.finish_deploy(*id, *outcome, message, at)?;
+                backend.finish_deploy(*id, *outcome, message, at).await?;
                 Ok(None)
             }
             Write::Restore { id, restore, why } => {
-                backend.set_restore(*id, restore, why)?;
+                backend.set_restore(*id, restore, why).await?;
                 Ok(None)
             }
         }

@@ -1,8 +1,6 @@
 //! The PostgreSQL backend (`--database-url`): one record shared by replicas, through a pooled
-//! async client (tokio-postgres with a deadpool pool). The pool and its connections live on a
-//! small runtime of their own, so the synchronous [`Backend`] calls can wait for a query from
-//! any thread, the daemon's async workers included, without starving the connections that
-//! answer them. Migrations run at connect, each once, in a transaction.
+//! async client (tokio-postgres with a deadpool pool) on the daemon's own runtime: a query
+//! waits without holding a worker. Migrations run at connect, each once, in a transaction.
 
 use std::future::Future;
 
@@ -94,16 +92,6 @@ pub struct Postgres {
     /// How the connections are protected, for the start-up line.
     tls: &'static str,
     pool: Pool,
-    /// Drives the pool's connections; shut down without blocking when the store goes.
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 /// An error with its causes (a TLS failure's reason is a cause); never the URL.
@@ -113,9 +101,9 @@ fn pg_error(e: impl std::error::Error) -> StoreError {
 
 impl Postgres {
     /// Connect and bring the schema up to date (the daemon and commands that write).
-    pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+    pub async fn connect(url: &str) -> Result<Postgres, StoreError> {
         let pg = Postgres::connect_only(url)?;
-        pg.migrate()?;
+        pg.migrate().await?;
         Ok(pg)
     }
 
@@ -130,12 +118,6 @@ impl Postgres {
                 "--database-url is not a PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database"
             ))
         })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("depwatch-postgres")
-            .enable_all()
-            .build()
-            .map_err(pg_error)?;
         config.ssl_mode(tls.mode);
         // A record that does not answer is an outage (writes are kept, reads wait), not a
         // hang: give up on a connection attempt after a few seconds unless the URL says.
@@ -149,64 +131,42 @@ impl Postgres {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = {
-            let _entered = runtime.enter();
-            Pool::builder(manager)
-                .max_size(8)
-                .runtime(deadpool_postgres::Runtime::Tokio1)
-                .build()
-                .map_err(pg_error)?
-        };
+        // Connections are made when first needed, on the runtime of whoever asks.
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(pg_error)?;
         let pg = Postgres {
             pool,
-            runtime: Some(runtime),
             tls: tls.describe(),
         };
         Ok(pg)
     }
 
-    /// Run `f` with a pooled client on the store's runtime and wait for it here.
-    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    /// Run `f` with a pooled client. A record cut off mid-conversation (a partition) answers
+    /// nothing, ever: each call gives up after a while, like a connection attempt, so the
+    /// writer can say the record is away and callers stop waiting on it.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        T: Send + 'static,
-        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let pool = self.pool.clone();
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| StoreError::Postgres("the store is shut down".into()))?;
-        let task = runtime.spawn(async move {
-            // A record cut off mid-conversation (a partition) answers nothing, ever: each call
-            // gives up after a while, like a connection attempt, so the writer can say the
-            // record is away and callers stop waiting on it.
-            let call = async {
-                let client = pool.get().await.map_err(pg_error)?;
-                f(client).await.map_err(pg_error)
-            };
-            tokio::time::timeout(CALL_TIMEOUT, call)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Postgres(format!(
-                        "no answer within {}s",
-                        CALL_TIMEOUT.as_secs()
-                    )))
-                })
-        });
-        // Off the async workers: on the daemon's multi-threaded runtime this worker hands its
-        // other tasks to a fresh one while it waits for the database.
-        let wait = || futures::executor::block_on(task);
-        let joined = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
+        let call = async {
+            let client = self.pool.get().await.map_err(pg_error)?;
+            f(client).await.map_err(pg_error)
         };
-        joined.map_err(pg_error)?
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Postgres(format!(
+                    "no answer within {}s",
+                    CALL_TIMEOUT.as_secs()
+                )))
+            })
     }
 
-    fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate(&self) -> Result<(), StoreError> {
         self.run(|mut client| async move {
             let tx = client.transaction().await?;
             // One migrator at a time, whichever replica starts first.
@@ -235,6 +195,7 @@ impl Postgres {
             }
             tx.commit().await
         })
+        .await
     }
 }
 
@@ -318,16 +279,18 @@ fn pg_refs(
         .collect()
 }
 
+#[async_trait::async_trait]
 impl Backend for Postgres {
     fn describe(&self) -> String {
         format!("postgresql ({})", self.tls)
     }
 
-    fn ping(&self) -> Result<(), StoreError> {
+    async fn ping(&self) -> Result<(), StoreError> {
         self.run(|client| async move { client.batch_execute("SELECT 1").await })
+            .await
     }
 
-    fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
+    async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
         let r = r.clone();
         self.run(move |client| async move {
             client
@@ -345,9 +308,13 @@ impl Backend for Postgres {
                 .await?;
             Ok(request_row(&row))
         })
+        .await
     }
 
-    fn request_by_key(&self, idempotency_key: &str) -> Result<Option<RequestRecord>, StoreError> {
+    async fn request_by_key(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<RequestRecord>, StoreError> {
         let key = idempotency_key.to_string();
         self.run(move |client| async move {
             let sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE idempotency_key = $1");
@@ -356,9 +323,10 @@ impl Backend for Postgres {
                 .await?
                 .map(|r| request_row(&r)))
         })
+        .await
     }
 
-    fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+    async fn request(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
         let id = id.to_string();
         self.run(move |client| async move {
             let sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1");
@@ -367,9 +335,10 @@ impl Backend for Postgres {
                 .await?
                 .map(|r| request_row(&r)))
         })
+        .await
     }
 
-    fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
+    async fn deploy_for_request(&self, id: &str) -> Result<Option<DeployRecord>, StoreError> {
         let id = id.to_string();
         self.run(move |client| async move {
             let sql = format!(
@@ -377,9 +346,10 @@ impl Backend for Postgres {
             );
             Ok(client.query_opt(&sql, &[&id]).await?.map(|r| deploy_row(&r)))
         })
+        .await
     }
 
-    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
+    async fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
         let key = key.clone();
         self.run(move |client| async move {
             let sql = format!(
@@ -391,9 +361,10 @@ impl Backend for Postgres {
                 .await?
                 .map(|r| service_row(&r)))
         })
+        .await
     }
 
-    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+    async fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
         self.run(move |client| async move {
             let sql = format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY namespace, name");
             Ok(client
@@ -403,9 +374,10 @@ impl Backend for Postgres {
                 .map(service_row)
                 .collect())
         })
+        .await
     }
 
-    fn services_page(
+    async fn services_page(
         &self,
         q: &super::ServicesQuery,
     ) -> Result<(Vec<ServiceRecord>, usize), StoreError> {
@@ -420,9 +392,10 @@ impl Backend for Postgres {
             let rows = client.query(&sql.rows, &pg_refs(&rows_values)).await?;
             Ok((rows.iter().map(service_row).collect(), total as usize))
         })
+        .await
     }
 
-    fn change_service(
+    async fn change_service(
         &self,
         key: &ServiceKey,
         change: &ServiceChange,
@@ -435,9 +408,10 @@ impl Backend for Postgres {
             client.execute(&stmt, &pg_refs(&values)).await?;
             Ok(())
         })
+        .await
     }
 
-    fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
+    async fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
         let f = f.clone();
         self.run(move |client| async move {
             client
@@ -449,9 +423,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(())
         })
+        .await
     }
 
-    fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
+    async fn unrefuse_file(&self, path: &str) -> Result<(), StoreError> {
         let path = path.to_string();
         self.run(move |client| async move {
             client
@@ -459,9 +434,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(())
         })
+        .await
     }
 
-    fn refused_page(
+    async fn refused_page(
         &self,
         after: &str,
         limit: usize,
@@ -488,9 +464,10 @@ impl Backend for Postgres {
                 .collect();
             Ok((files, total as usize))
         })
+        .await
     }
 
-    fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
+    async fn refused_files(&self) -> Result<Vec<RefusedFile>, StoreError> {
         self.run(move |client| async move {
             Ok(client
                 .query(
@@ -506,9 +483,10 @@ impl Backend for Postgres {
                 })
                 .collect())
         })
+        .await
     }
 
-    fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
+    async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
         let key = key.clone();
         self.run(move |client| async move {
             let n = client
@@ -519,9 +497,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(n > 0)
         })
+        .await
     }
 
-    fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
+    async fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
         let (restore, why) = (restore.to_string(), why.to_string());
         self.run(move |client| async move {
             client
@@ -532,9 +511,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(())
         })
+        .await
     }
 
-    fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
+    async fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let d = d.clone();
         self.run(move |client| async move {
             let row = client
@@ -560,9 +540,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(row.get(0))
         })
+        .await
     }
 
-    fn finish_deploy(
+    async fn finish_deploy(
         &self,
         id: i64,
         outcome: DeployOutcome,
@@ -579,9 +560,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(())
         })
+        .await
     }
 
-    fn history(
+    async fn history(
         &self,
         key: Option<&ServiceKey>,
         before: Option<i64>,
@@ -607,9 +589,10 @@ impl Backend for Postgres {
             };
             Ok(rows.iter().map(deploy_row).collect())
         })
+        .await
     }
 
-    fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
+    async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
         let key = key.clone();
         self.run(move |client| async move {
             let sql = format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE namespace = $1 AND name = $2 AND outcome = $3 ORDER BY id DESC LIMIT 16");
@@ -621,9 +604,10 @@ impl Backend for Postgres {
                 .await?;
             Ok(rows.iter().map(deploy_row).collect())
         })
+        .await
     }
 
-    fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
+    async fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
         let keep = keep as i64;
         let cutoff = cutoff.map(String::from);
         self.run(move |client| async move {
@@ -647,9 +631,10 @@ impl Backend for Postgres {
             }
             Ok(removed as usize)
         })
+        .await
     }
 
-    fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
+    async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
         self.run(move |client| async move {
             let sql =
                 format!("SELECT {DEPLOY_COLUMNS} FROM deploys WHERE outcome = $1 ORDER BY id");
@@ -660,5 +645,6 @@ impl Backend for Postgres {
                 .map(deploy_row)
                 .collect())
         })
+        .await
     }
 }

@@ -90,10 +90,14 @@ fn failure(e: DeployError) -> Failure {
 
 impl Engine {
     /// What the record knows of the service as a deploy begins.
-    fn known(&self, key: &ServiceKey, desired: &Desired) -> Result<Known, StoreError> {
+    async fn known(&self, key: &ServiceKey, desired: &Desired) -> Result<Known, StoreError> {
         let store = &self.recorder.store;
-        let record = store.service(key)?.unwrap_or_default();
-        let mut open = store.open_deploys(key)?.into_iter().map(|d| unfinished(&d));
+        let record = store.service(key).await?.unwrap_or_default();
+        let mut open = store
+            .open_deploys(key)
+            .await?
+            .into_iter()
+            .map(|d| unfinished(&d));
         Ok(Known {
             pinned: !record.failed_hash.is_empty() && record.failed_hash == desired.hash,
             settled: record.content_hash,
@@ -115,7 +119,7 @@ impl Engine {
         let give_up = Instant::now() + patience;
         let mut said = false;
         loop {
-            match self.known(key, desired) {
+            match self.known(key, desired).await {
                 Ok(k) => return Some(k),
                 Err(e) if Instant::now() >= give_up => {
                     tracing::error!(error = %e, "the record cannot be read; the deploy is not started (tried again at the next resync or file change)");
@@ -160,7 +164,7 @@ impl Engine {
         let mut basis = None;
         loop {
             for e in &events {
-                attempt.apply(e);
+                attempt.apply(e).await;
             }
             let target = Target {
                 key,
@@ -191,13 +195,14 @@ impl Engine {
 
     /// The service's file was removed while its deploy ran: once that deploy is over, the
     /// service is no longer managed.
-    pub fn let_go(&self, key: &ServiceKey) {
+    pub async fn let_go(&self, key: &ServiceKey) {
         let change = super::recorder::verdict::unmanaged(
             "the dependency file was removed; the rollout under way was finished first",
         );
         self.recorder
             .store
             .change_service(key, change)
+            .await
             .or_log("change service");
     }
 

@@ -46,17 +46,22 @@ pub fn worth_a_row(
 
 /// What the record says of the service beside its row: the unfinished rollouts' images, and
 /// the last row.
-fn record_around(
+async fn record_around(
     store: &crate::store::Store,
     key: &ServiceKey,
 ) -> (Vec<Images>, Option<DeployRecord>) {
     let open = store
         .open_deploys(key)
+        .await
         .unwrap_or_default()
         .iter()
         .map(|d| Images::parse(&d.to_image))
         .collect();
-    let last = store.history(Some(key), 1).ok().and_then(|mut h| h.pop());
+    let last = store
+        .history(Some(key), 1)
+        .await
+        .ok()
+        .and_then(|mut h| h.pop());
     (open, last)
 }
 
@@ -97,7 +102,7 @@ pub async fn run(
     let watches = deployer.watches().clone();
     let store = recorder.store.clone();
     // Watch every namespace that has managed services, not only those deployed to since start.
-    if let Ok(records) = store.services() {
+    if let Ok(records) = store.services().await {
         let mut namespaces: Vec<String> = records
             .into_iter()
             .filter(|r| r.status != ServiceStatus::Unmanaged)
@@ -126,7 +131,7 @@ pub async fn run(
         }
         keys.extend(changed.take_now());
         for key in keys {
-            let Ok(Some(r)) = store.service(&key) else {
+            let Ok(Some(r)) = store.service(&key).await else {
                 continue;
             };
             if !r.status.watch_drift() || r.suspended || r.deployed.is_empty() {
@@ -139,7 +144,7 @@ pub async fn run(
             match seen(present, r.status == ServiceStatus::Missing) {
                 Seen::Gone => {
                     reported.remove(&key);
-                    recorder.missing(&key, r.kind, &r.deployed);
+                    recorder.missing(&key, r.kind, &r.deployed).await;
                     continue;
                 }
                 Seen::Back => {
@@ -161,23 +166,25 @@ pub async fn run(
             if reported.get(&key) == Some(&live) {
                 continue;
             }
-            let (open, last) = record_around(&store, &key);
+            let (open, last) = record_around(&store, &key).await;
             let last = last.as_ref().map(|d| (d.outcome, d.to_image.as_str()));
             if !worth_a_row(&live, &open, last) {
                 continue;
             }
             reported.insert(key.clone(), live.clone());
-            recorder.drift(
-                &key,
-                &Drift {
-                    recorded: r.deployed.clone(),
-                    running: live,
-                    drifted: drift,
-                    uid: dep.uid,
-                    kind: r.kind,
-                    self_heal,
-                },
-            );
+            recorder
+                .drift(
+                    &key,
+                    &Drift {
+                        recorded: r.deployed.clone(),
+                        running: live,
+                        drifted: drift,
+                        uid: dep.uid,
+                        kind: r.kind,
+                        self_heal,
+                    },
+                )
+                .await;
             if self_heal {
                 let _ = resubmit.send((key, crate::domain::Trigger::SelfHeal)).await;
             }

@@ -122,17 +122,17 @@ impl Ingest {
     }
 
     /// A service's record: from the start-up copy during the start-up scan, else the store.
-    fn record(&self, key: &ServiceKey) -> Option<ServiceRecord> {
+    async fn record(&self, key: &ServiceKey) -> Option<ServiceRecord> {
         if let Some(r) = self.startup_records.as_ref().and_then(|m| m.get(key)) {
             return Some(r.clone());
         }
-        self.store.service(key).ok().flatten()
+        self.store.service(key).await.ok().flatten()
     }
 
     /// Import a seed `<name>.last` beside a `.dep` on first sight of the service: if it records
     /// the same version the file asks for, that version counts as deployed.
     async fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
-        if self.record(key).is_some() {
+        if self.record(key).await.is_some() {
             return;
         }
         let last = path.with_extension("last");
@@ -149,6 +149,7 @@ impl Ingest {
                     key,
                     verdict::imported(hash, &shown(&last)).path(path.display().to_string()),
                 )
+                .await
                 .or_log("change service");
             tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
         }
@@ -156,7 +157,13 @@ impl Ingest {
 
     /// A file that cannot be acted on: say why once, record it, deploy nothing; the last good
     /// state stays.
-    fn refuse(&mut self, key: &ServiceKey, path: &Path, status: ServiceStatus, message: String) {
+    async fn refuse(
+        &mut self,
+        key: &ServiceKey,
+        path: &Path,
+        status: ServiceStatus,
+        message: String,
+    ) {
         tracing::error!(service = %key, error = %message, "dependency file refused; nothing deployed, the last good state stays");
         // A deploy under way keeps its status; its verdict comes later.
         self.store
@@ -164,16 +171,18 @@ impl Ingest {
                 key,
                 verdict::file_refused(status, message).path_if_unset(path.display().to_string()),
             )
+            .await
             .or_log("change service");
     }
 
     /// A file whose name is not a dependency file's: recorded (once) so status, the page and
     /// the API list it; cleared when it is gone.
-    fn refuse_name(&mut self, path: &Path, reason: String) {
+    async fn refuse_name(&mut self, path: &Path, reason: String) {
         if std::fs::symlink_metadata(path).is_err() {
             if self.refused_names.remove(path).is_some() {
                 self.store
                     .unrefuse_file(&path.display().to_string())
+                    .await
                     .or_log("unrefuse file");
             }
             return;
@@ -184,6 +193,7 @@ impl Ingest {
         tracing::error!(error = %reason, "invalid dependency file name; nothing is read from it");
         self.store
             .refuse_file(&path.display().to_string(), &reason)
+            .await
             .or_log("refuse file");
         self.refused_names.insert(path.to_path_buf(), reason);
     }
@@ -214,7 +224,7 @@ impl Ingest {
             match depfile::service_for_path(&p) {
                 Ok(Some(k)) => wanted.push((p, k)),
                 Ok(None) => {}
-                Err(e) => self.refuse_name(&p, e.to_string()),
+                Err(e) => self.refuse_name(&p, e.to_string()).await,
             }
         }
         let mut out = Vec::with_capacity(wanted.len());
@@ -251,19 +261,21 @@ impl Ingest {
                 let refused = !was_known
                     && self
                         .record(&key)
+                        .await
                         .is_some_and(|r| decide::refusal_of(&r, &shown_path));
                 if decide::gone(was_known, still_defined, refused) {
-                    self.unmanage(&key, path);
+                    self.unmanage(&key, path).await;
                 }
                 return;
             }
             Err(e) => {
-                self.refuse(&key, path, ServiceStatus::Unreadable, e.to_string());
+                self.refuse(&key, path, ServiceStatus::Unreadable, e.to_string())
+                    .await;
                 return;
             }
         };
         let hash = content_hash(&bytes);
-        let Some(spec) = self.admit(path, &key, &bytes, &hash) else {
+        let Some(spec) = self.admit(path, &key, &bytes, &hash).await else {
             return;
         };
         self.take(path, key, spec, &bytes, hash, trigger).await;
@@ -271,7 +283,7 @@ impl Ingest {
 
     /// A file as read: its namespace within `--namespaces`, the only file of its service, a
     /// valid dependency file asking for images within `--allowed-images`; else refused here.
-    fn admit(
+    async fn admit(
         &mut self,
         path: &Path,
         key: &ServiceKey,
@@ -284,7 +296,8 @@ impl Ingest {
                 path,
                 ServiceStatus::Invalid,
                 format!("{}: {e}", shown(path)),
-            );
+            )
+            .await;
             return None;
         }
         if let Some(other) = self.other_definition(key, path) {
@@ -296,6 +309,7 @@ impl Ingest {
             tracing::error!("{message}");
             self.store
                 .change_service(key, verdict::defined_twice(message))
+                .await
                 .or_log("change service");
             return None;
         }
@@ -313,6 +327,7 @@ impl Ingest {
                             .path(path.display().to_string())
                             .requested("", hash),
                     )
+                    .await
                     .or_log("change service");
                 None
             }
@@ -332,7 +347,7 @@ impl Ingest {
         let file = shown(path);
         self.import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
             .await;
-        let record = self.record(&key).unwrap_or_default();
+        let record = self.record(&key).await.unwrap_or_default();
         // What the file asks, when the record does not have it yet (written at the end).
         let shown_path = path.display().to_string();
         let asks = (record.requested_hash != hash || record.path != shown_path)
@@ -390,13 +405,14 @@ impl Ingest {
                 .path(path);
             self.store
                 .change_service(&service, change)
+                .await
                 .or_log("change service");
         }
     }
 
     /// The file is gone and nothing else defines the service: no longer managed (nothing in
     /// the cluster is deleted).
-    fn unmanage(&mut self, key: &ServiceKey, path: &Path) {
+    async fn unmanage(&mut self, key: &ServiceKey, path: &Path) {
         tracing::info!(service = %key, file = %shown(path), "dependency file removed; no longer managed (nothing is deleted in the cluster)");
         self.scheduler.forget(key);
         self.store
@@ -404,6 +420,7 @@ impl Ingest {
                 key,
                 verdict::unmanaged(format!("{} was removed", shown(path))),
             )
+            .await
             .or_log("change service");
     }
 
@@ -452,6 +469,7 @@ impl Ingest {
             refused_gone.extend(
                 self.store
                     .refused_files()
+                    .await
                     .unwrap_or_default()
                     .into_iter()
                     .map(|f| PathBuf::from(f.path))
@@ -463,14 +481,16 @@ impl Ingest {
             self.refused_names.remove(&p);
             self.store
                 .unrefuse_file(&p.display().to_string())
+                .await
                 .or_log("unrefuse file");
         }
         self.paths_changed(gone, trigger).await;
         if trigger == Trigger::Startup {
-            self.forget_removed_while_stopped(&paths);
+            self.forget_removed_while_stopped(&paths).await;
             self.startup_records = self
                 .store
                 .services()
+                .await
                 .ok()
                 .map(|all| all.into_iter().map(|r| (r.key(), r)).collect());
         }
@@ -478,8 +498,8 @@ impl Ingest {
     }
 
     /// Services whose file was deleted while depwatch was stopped are no longer managed.
-    fn forget_removed_while_stopped(&self, present: &[PathBuf]) {
-        let Ok(records) = self.store.services() else {
+    async fn forget_removed_while_stopped(&self, present: &[PathBuf]) {
+        let Ok(records) = self.store.services().await else {
             return;
         };
         let present: HashSet<&Path> = present.iter().map(PathBuf::as_path).collect();
@@ -493,6 +513,7 @@ impl Ingest {
                         &r.key(),
                         verdict::unmanaged(format!("{} was removed", r.path)),
                     )
+                    .await
                     .or_log("change service");
             }
         }

@@ -125,15 +125,16 @@ impl Recorder {
         }
     }
 
-    fn change(&self, key: &ServiceKey, change: ServiceChange) {
+    async fn change(&self, key: &ServiceKey, change: ServiceChange) {
         // Errors are logged by the store; a deploy goes on without its record.
         self.store
             .change_service(key, change)
+            .await
             .or_log("change service");
     }
 
     /// Write a complete history row; counted in `depwatch_deploys_total`.
-    fn row(&self, key: &ServiceKey, row: RowText) {
+    async fn row(&self, key: &ServiceKey, row: RowText) {
         let record = DeployRecord {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -147,9 +148,10 @@ impl Recorder {
             message: row.message,
             ..DeployRecord::default()
         };
-        if let Ok(id) = self.store.start_deploy(&record) {
+        if let Ok(id) = self.store.start_deploy(&record).await {
             self.store
                 .finish_deploy(id, row.outcome, &record.message)
+                .await
                 .or_log("finish deploy");
         }
         self.metrics.deploy(row.outcome);
@@ -195,7 +197,7 @@ impl Recorder {
 
     /// A change made outside depwatch: one history row, the service's status and message, and
     /// one report, all with the same from and to.
-    fn outside(&self, key: &ServiceKey, kind: WorkloadKind, seen: Outside, reason: String) {
+    async fn outside(&self, key: &ServiceKey, kind: WorkloadKind, seen: Outside, reason: String) {
         self.row(
             key,
             RowText {
@@ -207,13 +209,15 @@ impl Recorder {
                 outcome: seen.outcome,
                 message: seen.message.clone(),
             },
-        );
+        )
+        .await;
         self.change(
             key,
             ServiceChange::default()
                 .status(seen.status)
                 .message(seen.message),
-        );
+        )
+        .await;
         self.notifier.report(Report {
             outcome: seen.outcome,
             service: key.name.clone(),
@@ -228,7 +232,7 @@ impl Recorder {
 
     /// The workload was deleted outside depwatch: one history row, the service marked
     /// missing, people told. It comes back by itself when the workload is recreated.
-    pub fn missing(&self, key: &ServiceKey, kind: WorkloadKind, recorded: &Images) {
+    pub async fn missing(&self, key: &ServiceKey, kind: WorkloadKind, recorded: &Images) {
         let message = format!(
             "the {} was deleted outside depwatch; the file's version is deployed to it again when it is recreated",
             kind.api_kind()
@@ -241,12 +245,12 @@ impl Recorder {
             to: "-".into(),
             message: message.clone(),
         };
-        self.outside(key, kind, seen, message);
+        self.outside(key, kind, seen, message).await;
     }
 
     /// Images changed outside depwatch: one history row, the service marked drifted, people
     /// told, and an Event on the Deployment.
-    pub fn drift(&self, key: &ServiceKey, d: &Drift) {
+    pub async fn drift(&self, key: &ServiceKey, d: &Drift) {
         let message = format!(
             "images changed outside depwatch: {} → {}",
             d.recorded, d.drifted
@@ -264,7 +268,7 @@ impl Recorder {
             to: d.running.to_string(),
             message: message.clone(),
         };
-        self.outside(key, d.kind, seen, reason.into());
+        self.outside(key, d.kind, seen, reason.into()).await;
         self.kube_event(key, d.kind, &d.uid, DeployOutcome::Drift, &message);
     }
 }
@@ -282,45 +286,51 @@ struct RowText {
 
 impl Attempt<'_> {
     /// Apply one event to every sink.
-    pub fn apply(&mut self, event: &Event) {
+    pub async fn apply(&mut self, event: &Event) {
         match event {
             Event::Skipped(why) => tracing::info!("{why}"),
             Event::CloseInterrupted {
                 id,
                 outcome,
                 message,
-            } => self.close_unfinished(*id, *outcome, message),
+            } => self.close_unfinished(*id, *outcome, message).await,
             Event::HandedOver => self.handed_over(),
             Event::Adopted { id, from, to, pin } => self.adopted(*id, from, to, pin),
-            Event::RollingBack { restore, why } => self.rolling_back(restore, why),
-            Event::Repin => self.pin(),
-            Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in),
-            Event::ApiBack => self.api_back(),
+            Event::RollingBack { restore, why } => self.rolling_back(restore, why).await,
+            Event::Repin => self.pin().await,
+            Event::ApiUnreachable { error, retry_in } => self.unreachable(error, *retry_in).await,
+            Event::ApiBack => self.api_back().await,
             Event::NotStarted {
                 from,
                 requested,
                 message,
                 settled,
                 status,
-            } => self.not_started(from, requested, message, *settled, *status),
+            } => {
+                self.not_started(from, requested, message, *settled, *status)
+                    .await
+            }
             Event::AlreadyRunning {
                 images,
                 verified,
                 record,
-            } => self.already_running(images, *verified, *record),
+            } => self.already_running(images, *verified, *record).await,
             Event::Started {
                 from,
                 to,
                 resumed,
                 baseline,
                 digests,
-            } => self.started(from, to, *resumed, baseline.as_ref(), digests),
+            } => {
+                self.started(from, to, *resumed, baseline.as_ref(), digests)
+                    .await
+            }
             Event::Patched {
                 generation,
                 rollback,
             } => self.patched(*generation, *rollback),
-            Event::RolloutFailed { outcome, reason } => self.rollout_failed(*outcome, reason),
-            Event::Finished(f) => self.finished(f),
+            Event::RolloutFailed { outcome, reason } => self.rollout_failed(*outcome, reason).await,
+            Event::Finished(f) => self.finished(f).await,
         }
     }
 
@@ -358,28 +368,31 @@ impl Attempt<'_> {
     }
 
     /// A history row for a deploy that ended as it began.
-    fn complete_row(&self, from: String, to: String, outcome: DeployOutcome, message: &str) {
+    async fn complete_row(&self, from: String, to: String, outcome: DeployOutcome, message: &str) {
         let d = self.desired;
-        self.recorder.row(
-            self.key,
-            RowText {
-                trigger: d.trigger,
-                actor: d.actor.clone(),
-                request_id: d.request_id.clone(),
-                from,
-                to,
-                outcome,
-                message: message.to_string(),
-            },
-        );
+        self.recorder
+            .row(
+                self.key,
+                RowText {
+                    trigger: d.trigger,
+                    actor: d.actor.clone(),
+                    request_id: d.request_id.clone(),
+                    from,
+                    to,
+                    outcome,
+                    message: message.to_string(),
+                },
+            )
+            .await;
     }
 
     /// An unfinished deploy's row ends without a verdict on its version.
-    fn close_unfinished(&self, id: i64, outcome: DeployOutcome, message: &str) {
+    async fn close_unfinished(&self, id: i64, outcome: DeployOutcome, message: &str) {
         let r = self.recorder;
         tracing::info!(deploy = id, %outcome, "{message}");
         r.store
             .finish_deploy(id, outcome, message)
+            .await
             .or_log("finish deploy");
         r.metrics.deploy(outcome);
     }
@@ -403,7 +416,7 @@ impl Attempt<'_> {
     }
 
     /// Before the rollback's patch: its restore images on the deploy's row.
-    fn rolling_back(&mut self, restore: &Images, why: &str) {
+    async fn rolling_back(&mut self, restore: &Images, why: &str) {
         if self.failure.is_empty() {
             self.failure = why.to_string();
         }
@@ -411,30 +424,33 @@ impl Attempt<'_> {
             self.recorder
                 .store
                 .set_restore(id, restore, why)
+                .await
                 .or_log("set restore");
         }
     }
 
     /// The desired version failed: not deployed again until the file changes. An adopted
     /// rollout pins its own content, and leaves what the file holds as it was.
-    fn pin(&self) {
+    async fn pin(&self) {
         if self.adopted {
             if let Some(hash) = &self.adopted_pin {
                 let change = self.service_change().failed_hash(hash.clone());
-                self.recorder.change(self.key, change);
+                self.recorder.change(self.key, change).await;
             }
             return;
         }
         let hash = self.desired.hash.clone();
-        self.recorder.change(
-            self.key,
-            self.service_change()
-                .content_hash(hash.clone())
-                .failed_hash(hash),
-        );
+        self.recorder
+            .change(
+                self.key,
+                self.service_change()
+                    .content_hash(hash.clone())
+                    .failed_hash(hash),
+            )
+            .await;
     }
 
-    fn unreachable(&mut self, error: &str, retry_in: Duration) {
+    async fn unreachable(&mut self, error: &str, retry_in: Duration) {
         let r = self.recorder;
         if self.waiting {
             r.api_waits.note(error);
@@ -450,7 +466,8 @@ impl Attempt<'_> {
             self.service_change()
                 .status(ServiceStatus::WaitingForApi)
                 .message(message),
-        );
+        )
+        .await;
     }
 
     /// No longer waiting for the API server, because the deploy ended.
@@ -460,7 +477,7 @@ impl Attempt<'_> {
         }
     }
 
-    fn api_back(&mut self) {
+    async fn api_back(&mut self) {
         if !std::mem::take(&mut self.waiting) {
             return;
         }
@@ -472,10 +489,11 @@ impl Attempt<'_> {
             self.service_change()
                 .status(ServiceStatus::Deploying)
                 .message(""),
-        );
+        )
+        .await;
     }
 
-    fn not_started(
+    async fn not_started(
         &mut self,
         from: &Images,
         requested: &str,
@@ -492,7 +510,8 @@ impl Attempt<'_> {
             requested.to_string(),
             DeployOutcome::Failed,
             message,
-        );
+        )
+        .await;
         let mut change = self.service_change().status(status).message(message);
         if settled {
             // What this content asks, resolved when the plan got that far (a paused
@@ -502,7 +521,7 @@ impl Attempt<'_> {
                 .content_hash(d.hash.clone())
                 .desired(Images::parse(requested));
         }
-        r.change(self.key, change);
+        r.change(self.key, change).await;
         let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
         r.notifier.report(self.report(
             DeployOutcome::Failed,
@@ -512,7 +531,7 @@ impl Attempt<'_> {
         ));
     }
 
-    fn already_running(&mut self, images: &Images, verified: bool, record: bool) {
+    async fn already_running(&mut self, images: &Images, verified: bool, record: bool) {
         let r = self.recorder;
         let d = self.desired;
         let message = if verified {
@@ -536,14 +555,15 @@ impl Attempt<'_> {
         if verified {
             change = change.last_good(images.clone());
         }
-        r.change(self.key, change);
+        r.change(self.key, change).await;
         if record {
             let text = images.to_string();
-            self.complete_row(text.clone(), text, DeployOutcome::Unchanged, message);
+            self.complete_row(text.clone(), text, DeployOutcome::Unchanged, message)
+                .await;
         }
     }
 
-    fn started(
+    async fn started(
         &mut self,
         from: &Images,
         to: &Images,
@@ -583,6 +603,7 @@ impl Attempt<'_> {
                     outcome: DeployOutcome::InProgress,
                     ..DeployRecord::default()
                 })
+                .await
                 .ok(),
         };
         let mut change = self
@@ -593,7 +614,7 @@ impl Attempt<'_> {
         if let Some(base) = base {
             change = change.last_good_if_unset(base.clone());
         }
-        r.change(self.key, change);
+        r.change(self.key, change).await;
     }
 
     fn patched(&self, generation: i64, rollback: bool) {
@@ -608,18 +629,18 @@ impl Attempt<'_> {
         tracing::info!(from = %self.from, to = %self.to, generation, "patched; waiting for the rollout");
     }
 
-    fn rollout_failed(&mut self, outcome: DeployOutcome, reason: &str) {
+    async fn rollout_failed(&mut self, outcome: DeployOutcome, reason: &str) {
         let r = self.recorder;
         self.failure = reason.to_string();
         tracing::warn!(%outcome, %reason, "rollout failed; the version is pinned");
         // Pinned first, so a stop during the rollback never redeploys it.
-        self.pin();
+        self.pin().await;
         // People hear at once, with the pod's reason; the rollback's outcome follows.
         r.notifier
             .report(self.report(outcome, self.from.to_string(), self.to.to_string(), reason));
     }
 
-    fn finished(&mut self, f: &Finish) {
+    async fn finished(&mut self, f: &Finish) {
         let r = self.recorder;
         let d = self.desired;
         self.stop_waiting();
@@ -633,6 +654,7 @@ impl Attempt<'_> {
         if let Some(id) = self.row {
             r.store
                 .finish_deploy(id, f.outcome, &f.message)
+                .await
                 .or_log("finish deploy");
             r.metrics.deploy(f.outcome);
         }
@@ -671,7 +693,7 @@ impl Attempt<'_> {
                 f.message.clone()
             });
         }
-        r.change(self.key, change);
+        r.change(self.key, change).await;
         r.kube_event(
             self.key,
             self.kind(),
