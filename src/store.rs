@@ -289,6 +289,10 @@ pub struct Store {
     outbox: Arc<Mutex<outbox::Outbox>>,
     /// One replay at a time: each takes the oldest write, then removes it.
     replaying: Arc<tokio::sync::Mutex<()>>,
+    /// On a backend that answers in one order (SQLite): reads share it, and a batch holds it
+    /// alone from its first write until it is marked written, so a read sees each write
+    /// exactly once (in the backend or in the queue) without reading again.
+    gate: Arc<tokio::sync::RwLock<()>>,
     /// The daemon's record: writes are queued and carried out by the writer's task.
     writer: Arc<std::sync::OnceLock<Arc<writer::Writer>>>,
     /// With the writer: each service's row as last read, so a read while the record is away
@@ -358,18 +362,19 @@ type Answer<'a, T> =
 pub trait Backend: Send + Sync {
     /// What kind of record this is, for the start-up line (never a URL).
     fn describe(&self) -> String;
+    /// Every call runs in one order, a read never beside a write (SQLite's one thread).
+    fn ordered(&self) -> bool {
+        false
+    }
     /// Whether the record answers at all (the writer's check while it is away, or idle).
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Several writes as one transaction (the writer carries out what waits in batches):
-    /// `begin`, the writes, then `commit`, or `rollback` when one fails. A backend without
-    /// them writes each on its own.
-    async fn begin(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn commit(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn rollback(&self) {}
+    /// Carry out `batch` (the oldest waiting writes), in order, as one transaction where the
+    /// backend has them: all or none (see [`outbox::Batch`]).
+    async fn write_batch(
+        &self,
+        batch: Vec<outbox::Write>,
+        ids: std::collections::HashMap<i64, i64>,
+    ) -> Result<outbox::Batch, StoreError>;
     /// Record an API request, or return the one already under its idempotency key.
     async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
     async fn request_by_key(
@@ -540,6 +545,7 @@ impl Store {
             fence: Fence::open(),
             outbox: Arc::default(),
             replaying: Arc::default(),
+            gate: Arc::default(),
             writer: Arc::default(),
             known: Arc::default(),
         }
@@ -661,14 +667,20 @@ impl Store {
         got
     }
 
-    /// A read of the backend with the queued writes laid over it by `lay`, taken when the
-    /// writer carried out nothing meanwhile (else read again, a few times): a write is
-    /// seen in the backend or in the queue, never in both or neither.
+    /// A read of the backend with the queued writes laid over it by `lay`: a write is seen in
+    /// the backend or in the queue, never in both or neither. On SQLite the read holds the
+    /// gate no batch runs through; on PostgreSQL (reads run beside writes) it is taken when
+    /// the writer carried out nothing meanwhile, else read again, a few times.
     async fn consistent<'a, T>(
         &'a self,
         read: impl Fn() -> Answer<'a, T>,
         lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        if self.backend.ordered() {
+            let _shared = self.gate.read().await;
+            let got = self.ask(read()).await;
+            return lay(&self.outbox(), got);
+        }
         let mut tries = 0;
         loop {
             tries += 1;
@@ -762,8 +774,13 @@ impl Store {
         let _one = self.replaying.lock().await;
         let mut written = 0;
         let mut refused = false;
+        let ordered = self.backend.ordered();
         loop {
-            let (batch, mut ids) = {
+            let _alone = match ordered {
+                true => Some(self.gate.write().await),
+                false => None,
+            };
+            let (batch, ids) = {
                 let mut o = self.outbox();
                 let taken = o.front(BATCH);
                 o.carrying = !taken.0.is_empty();
@@ -772,7 +789,7 @@ impl Store {
             if batch.is_empty() {
                 break;
             }
-            match self.carry_out_batch(&batch, &mut ids).await {
+            match self.carry_out_batch(batch, ids).await {
                 Ok(done) => {
                     let mut o = self.outbox();
                     refused = refused || o.error.is_some();
@@ -823,42 +840,14 @@ impl Store {
     /// first, so it is dropped).
     async fn carry_out_batch(
         &self,
-        batch: &[outbox::Write],
-        ids: &mut std::collections::HashMap<i64, i64>,
+        batch: Vec<outbox::Write>,
+        ids: std::collections::HashMap<i64, i64>,
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let mut resolved = Vec::with_capacity(batch.len());
-        let mut done = Vec::with_capacity(batch.len());
-        self.backend.begin().await?;
-        for w in batch {
-            let r = match outbox::resolve(w, ids) {
-                Ok(r) => r,
-                Err(e) if done.is_empty() => {
-                    self.backend.rollback().await;
-                    return Err(e);
-                }
-                Err(_) => break,
-            };
-            let id = match outbox::carry_out(&*self.backend, &r).await {
-                Ok(id) => id,
-                Err(e) => {
-                    self.backend.rollback().await;
-                    return Err(e);
-                }
-            };
-            if let (outbox::Write::Start { local, .. }, Some(id)) = (w, id) {
-                ids.insert(*local, id);
-            }
-            done.push(id);
-            resolved.push(r);
-        }
-        if let Err(e) = self.backend.commit().await {
-            self.backend.rollback().await;
-            return Err(e);
-        }
-        for r in &resolved {
+        let done = self.backend.write_batch(batch, ids).await?;
+        for r in &done.resolved {
             self.remember_written(r);
         }
-        Ok(done)
+        Ok(done.done)
     }
 
     /// Writes waiting for the backend, and why.

@@ -137,6 +137,44 @@ pub fn resolve(w: &Write, ids: &HashMap<i64, i64>) -> Result<Write, StoreError> 
     })
 }
 
+/// One batch's bookkeeping, apart from its I/O: each write with its deploy row id made the
+/// backend's (rows started earlier in the batch included), what each carried out returned,
+/// and the writes as carried out.
+pub struct Batch {
+    pub ids: HashMap<i64, i64>,
+    pub done: Vec<Option<i64>>,
+    pub resolved: Vec<Write>,
+}
+
+impl Batch {
+    pub fn new(ids: HashMap<i64, i64>, size: usize) -> Batch {
+        Batch {
+            ids,
+            done: Vec::with_capacity(size),
+            resolved: Vec::with_capacity(size),
+        }
+    }
+
+    /// `w` ready to carry out; `None` when the batch ends before it (it names a row never
+    /// written), `RowLost` when that is the batch's first write (so it is dropped).
+    pub fn next(&self, w: &Write) -> Result<Option<Write>, StoreError> {
+        match resolve(w, &self.ids) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if self.done.is_empty() => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `w`, resolved as `r`, was carried out and answered `id`.
+    pub fn carried(&mut self, w: &Write, r: Write, id: Option<i64>) {
+        if let (Write::Start { local, .. }, Some(id)) = (w, id) {
+            self.ids.insert(*local, id);
+        }
+        self.done.push(id);
+        self.resolved.push(r);
+    }
+}
+
 /// Carry out one write whose ids are the backend's; a deploy row's id when it starts one.
 pub async fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, StoreError> {
     {

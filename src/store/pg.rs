@@ -281,6 +281,26 @@ fn pg_refs(
 
 #[async_trait::async_trait]
 impl Backend for Postgres {
+    /// Each write in turn, not as one transaction: a write the record took stays taken, so a
+    /// failure ends the batch there and only the writes after it wait for the next round (a
+    /// deploy row is never inserted twice).
+    async fn write_batch(
+        &self,
+        batch: Vec<super::outbox::Write>,
+        ids: std::collections::HashMap<i64, i64>,
+    ) -> Result<super::outbox::Batch, StoreError> {
+        let mut run = super::outbox::Batch::new(ids, batch.len());
+        for w in &batch {
+            let Some(r) = run.next(w)? else { break };
+            match super::outbox::carry_out(self, &r).await {
+                Ok(id) => run.carried(w, r, id),
+                Err(e) if run.done.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(run)
+    }
+
     fn describe(&self) -> String {
         format!("postgresql ({})", self.tls)
     }

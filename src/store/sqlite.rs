@@ -2,11 +2,13 @@
 //! mode). One connection, owned by a thread of its own that carries out each call in turn;
 //! async callers hand it a call and wait for the answer without blocking a runtime worker.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::change::{self, ServiceChange};
+use super::outbox;
 use super::page::{self, ServicesQuery};
 use super::{
     Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
@@ -189,17 +191,49 @@ impl Conn {
         Ok(())
     }
 
-    fn begin(&self) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch("BEGIN IMMEDIATE")?)
+    /// The writes of `batch` as one transaction, in one visit to the thread.
+    fn write_batch(
+        &self,
+        batch: &[outbox::Write],
+        ids: HashMap<i64, i64>,
+    ) -> Result<outbox::Batch, StoreError> {
+        let conn = self.conn();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut run = outbox::Batch::new(ids, batch.len());
+        let mut carry = || -> Result<(), StoreError> {
+            for w in batch {
+                let Some(r) = run.next(w)? else { break };
+                let id = self.carry_out(&r)?;
+                run.carried(w, r, id);
+            }
+            Ok(conn.execute_batch("COMMIT")?)
+        };
+        if let Err(e) = carry() {
+            // Nothing to do about a failed rollback: the connection ends the transaction anyway.
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        Ok(run)
     }
 
-    fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch("COMMIT")?)
-    }
-
-    fn rollback(&self) {
-        // Nothing to do about a failed rollback: the connection ends the transaction anyway.
-        let _ = self.conn().execute_batch("ROLLBACK");
+    /// One write whose ids are the backend's; a deploy row's id when it starts one.
+    fn carry_out(&self, w: &outbox::Write) -> Result<Option<i64>, StoreError> {
+        use outbox::Write;
+        match w {
+            Write::Service { key, change, at } => {
+                self.change_service(key, change, at).map(|_| None)
+            }
+            Write::Start { record, .. } => self.start_deploy(record).map(Some),
+            Write::Finish {
+                id,
+                outcome,
+                message,
+                at,
+            } => self.finish_deploy(*id, *outcome, message, at).map(|_| None),
+            Write::Restore { id, restore, why } => {
+                self.set_restore(*id, restore, why).map(|_| None)
+            }
+        }
     }
 
     fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
@@ -541,25 +575,20 @@ impl Backend for Sqlite {
         "sqlite".into()
     }
 
+    fn ordered(&self) -> bool {
+        true
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(|c| c.ping()).await
     }
 
-    async fn begin(&self) -> Result<(), StoreError> {
-        self.call(|c| c.begin()).await
-    }
-
-    async fn commit(&self) -> Result<(), StoreError> {
-        self.call(|c| c.commit()).await
-    }
-
-    async fn rollback(&self) {
-        let _ = self
-            .call(|c| {
-                c.rollback();
-                Ok(())
-            })
-            .await;
+    async fn write_batch(
+        &self,
+        batch: Vec<outbox::Write>,
+        ids: HashMap<i64, i64>,
+    ) -> Result<outbox::Batch, StoreError> {
+        self.call(move |c| c.write_batch(&batch, ids)).await
     }
 
     async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {

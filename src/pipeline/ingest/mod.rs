@@ -129,21 +129,20 @@ impl Ingest {
         self.store.service(key).await.ok().flatten()
     }
 
-    /// Import a seed `<name>.last` beside a `.dep` on first sight of the service: if it records
-    /// the same version the file asks for, that version counts as deployed.
-    async fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) {
-        if self.record(key).await.is_some() {
-            return;
-        }
+    /// Import a seed `<name>.last` beside a `.dep` on first sight of the service (no record
+    /// yet): if it records the same version the file asks for, that version counts as
+    /// deployed. Whether it was imported.
+    async fn import_last(&self, path: &Path, key: &ServiceKey, text: &str, hash: &str) -> bool {
         let last = path.with_extension("last");
         // The seed's record is read as carefully as the file itself.
         let read =
             safefs::read_capped_async(self.dir.clone(), last.clone(), self.rules.max_file_size);
         let Ok(previous) = read.await else {
-            return;
+            return false;
         };
         let previous = String::from_utf8_lossy(&previous);
-        if meaningful(&previous) == meaningful(text) {
+        let same = meaningful(&previous) == meaningful(text);
+        if same {
             self.store
                 .change_service(
                     key,
@@ -153,6 +152,7 @@ impl Ingest {
                 .or_log("change service");
             tracing::info!(service = %key, file = %shown(&last), "imported the seed's last deployed version; no redeploy");
         }
+        same
     }
 
     /// A file that cannot be acted on: say why once, record it, deploy nothing; the last good
@@ -345,9 +345,16 @@ impl Ingest {
         trigger: Trigger,
     ) {
         let file = shown(path);
-        self.import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
-            .await;
-        let record = self.record(&key).await.unwrap_or_default();
+        // One read of the row, again only when a seed was imported into it just now.
+        let mut record = self.record(&key).await;
+        if record.is_none()
+            && self
+                .import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
+                .await
+        {
+            record = self.record(&key).await;
+        }
+        let record = record.unwrap_or_default();
         // What the file asks, when the record does not have it yet (written at the end).
         let shown_path = path.display().to_string();
         let asks = (record.requested_hash != hash || record.path != shown_path)
