@@ -226,7 +226,11 @@ impl Daemon {
             .expect("free port")
             .port();
         let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        // DEPWATCH_BENCH_BIN measures another build of the daemon (an earlier commit's, for a
+        // comparison on the same machine in the same hour).
+        let bin = std::env::var_os("DEPWATCH_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_depwatch").into());
+        let child = Command::new(bin)
             .args(["run", "--deps"])
             .arg(deps)
             .arg("--state-dir")

@@ -24,6 +24,10 @@ pub enum FileEvent {
     Path(PathBuf, Signal),
     /// Anything may have changed: compare the whole directory.
     Rescan,
+    /// A directory (or a link) appeared: compare the whole directory now and once more a
+    /// moment later. notify hands over a new directory's event before it watches the
+    /// directory, so a file written into it in between has no event of its own.
+    NewFolder,
     /// The dependency directory itself was deleted, created, replaced or (a symlink) swapped:
     /// watch it again, then rescan.
     Root,
@@ -188,10 +192,10 @@ pub fn classify(event: &notify::Event, root: &Path) -> Vec<FileEvent> {
         // Attribute changes (chmod, chown, touch's timestamps) change no content, but may make
         // an unreadable file readable (or the reverse): read it again; the hash judges.
         EventKind::Modify(ModifyKind::Metadata(_)) => Signal::Touched,
-        EventKind::Create(CreateKind::Folder) => return vec![FileEvent::Rescan],
+        EventKind::Create(CreateKind::Folder) => return vec![FileEvent::NewFolder],
         EventKind::Create(_) => {
             if event.paths.iter().any(|p| link_or_dir(p)) {
-                return vec![FileEvent::Rescan];
+                return vec![FileEvent::NewFolder];
             }
             Signal::Touched
         }
@@ -535,7 +539,10 @@ mod tests {
             vec![FileEvent::Rescan]
         );
         let mkdir = ev(EventKind::Create(CreateKind::Folder), &["/d/team"]);
-        assert_eq!(classify(&mkdir, Path::new("/d")), vec![FileEvent::Rescan]);
+        assert_eq!(
+            classify(&mkdir, Path::new("/d")),
+            vec![FileEvent::NewFolder]
+        );
         let chmod = ev(
             EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any)),
             &["/d/a_b.dep"],

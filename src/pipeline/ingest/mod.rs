@@ -702,6 +702,8 @@ pub async fn run(
     let mut root_check = tokio::time::interval(ROOT_CHECK);
     root_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut root_ok = true;
+    // The second look at a new directory, once notify surely watches it.
+    let mut look_again: Option<tokio::time::Instant> = None;
     loop {
         // While the root is away nothing is read, so nothing is due: waking for the paths it
         // took with it would spin (the root check brings it back).
@@ -712,8 +714,20 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let again = async {
+            match look_again {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let mut root_event = false;
         tokio::select! {
+            _ = again => {
+                look_again = None;
+                if root_ok {
+                    files.rescan(&mut ingest, Trigger::Rescan).await;
+                }
+            }
             _ = cancel.cancelled() => return,
             _ = resync.tick() => {
                 if root_ok {
@@ -729,6 +743,10 @@ pub async fn run(
                     overflow.store(false, Ordering::SeqCst);
                     tracing::info!("rescanning the dependency directory");
                     files.rescan(&mut ingest, Trigger::Rescan).await;
+                }
+                Some(FileEvent::NewFolder) => {
+                    files.rescan(&mut ingest, Trigger::Rescan).await;
+                    look_again = Some(tokio::time::Instant::now() + NEW_FOLDER_SETTLE);
                 }
                 Some(FileEvent::Path(p, signal)) => files.event(p, signal),
                 Some(FileEvent::Barrier(n)) => files.barrier(&mut ingest, n).await,
@@ -748,6 +766,11 @@ pub async fn run(
         files.due(&mut ingest).await;
     }
 }
+
+/// How long after a new directory's event it is compared once more: notify starts watching
+/// it only after handing the event over (and reading what else waits), so files written into
+/// it meanwhile are found by this second look.
+const NEW_FOLDER_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Look at the dependency root again; `false` while it is missing.
 async fn refresh_root(
