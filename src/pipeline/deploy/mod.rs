@@ -192,17 +192,24 @@ struct Names<'a> {
 impl<'a> workload::KindVisitor for Names<'a> {
     type Out = futures::future::BoxFuture<'a, Vec<String>>;
     fn visit<K: workload::Kind>(self) -> Self::Out {
-        Box::pin(async move {
-            let api: Api<K> = Api::namespaced(self.client, self.namespace);
-            match api.list_metadata(&kube::api::ListParams::default()).await {
-                Ok(list) => list
-                    .items
-                    .into_iter()
-                    .filter_map(|o| o.metadata.name)
-                    .collect(),
-                Err(_) => Vec::new(),
-            }
-        })
+        Box::pin(
+            async move { listed_names(Api::<K>::namespaced(self.client, self.namespace)).await },
+        )
+    }
+}
+
+/// The names of the objects `api` lists (none when they cannot be listed).
+async fn listed_names<K>(api: Api<K>) -> Vec<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list_metadata(&kube::api::ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .filter_map(|o| o.metadata.name)
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -528,14 +535,7 @@ impl Deployer {
             return Ok(());
         }
         // Creating it could never help: the Deployment would not be there either.
-        let names: Vec<String> = match api.list_metadata(&Default::default()).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .filter_map(|o| o.metadata.name)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let names = listed_names(api).await;
         Err(DeployError::MissingNamespace {
             namespace: ns.to_string(),
             suggestion: crate::domain::closest(ns, names.iter().map(String::as_str))
