@@ -362,6 +362,10 @@ type Answer<'a, T> =
 pub trait Backend: Send + Sync {
     /// What kind of record this is, for the start-up line (never a URL).
     fn describe(&self) -> String;
+    /// A file on this machine: it answers reads even while it refuses writes.
+    fn local(&self) -> bool {
+        false
+    }
     /// Every call runs in one order, a read never beside a write (SQLite's one thread).
     fn ordered(&self) -> bool {
         false
@@ -433,6 +437,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<DeployRecord>, StoreError>;
     /// The service's deploys still in progress, newest first (at most a few).
     async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError>;
+    /// [`Self::service`] and [`Self::open_deploys`] together: what a deploy starts from, in
+    /// one visit where the backend can (SQLite's thread).
+    async fn deploy_basis(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<(Option<ServiceRecord>, Vec<DeployRecord>), StoreError> {
+        Ok((self.service(key).await?, self.open_deploys(key).await?))
+    }
     /// Remove finished deploys beyond `keep` per service and, with a cutoff, older than it.
     async fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError>;
     /// Every deploy still in progress, oldest first.
@@ -914,14 +926,46 @@ impl Store {
     pub async fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
         self.consistent(
             || self.backend.service(key),
-            |o, row| {
-                let row = self.remembered(key, row);
-                if o.is_empty() {
-                    return row;
+            |o, row| self.lay_service(o, key, row),
+        )
+        .await
+    }
+
+    fn lay_service(
+        &self,
+        o: &outbox::Outbox,
+        key: &ServiceKey,
+        row: Result<Option<ServiceRecord>, StoreError>,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        let row = self.remembered(key, row);
+        if o.is_empty() {
+            return row;
+        }
+        match row {
+            Ok(r) => Ok(o.overlay(key, r)),
+            Err(e) => o.overlay(key, None).map(Some).ok_or(e),
+        }
+    }
+
+    /// What a deploy starts from: the service's row ([`Self::service`]) and its unfinished
+    /// deploys ([`Self::open_deploys`]), read at once.
+    pub async fn deploy_basis(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<(Option<ServiceRecord>, Vec<DeployRecord>), StoreError> {
+        self.consistent(
+            || self.backend.deploy_basis(key),
+            |o, got| match got {
+                Ok((row, open)) => {
+                    let open = lay_open(o, key, Ok::<_, StoreError>(open))?;
+                    Ok((self.lay_service(o, key, Ok(row))?, open))
                 }
-                match row {
-                    Ok(r) => Ok(o.overlay(key, r)),
-                    Err(e) => o.overlay(key, None).map(Some).ok_or(e),
+                Err(e) => {
+                    // Both from the queued writes (and the row last read), or the error.
+                    let Ok(open) = lay_open(o, key, Err(())) else {
+                        return Err(e);
+                    };
+                    Ok((self.lay_service(o, key, Err(e))?, open))
                 }
             },
         )
@@ -939,14 +983,16 @@ impl Store {
         }
     }
 
-    /// With a writer: the backend's answer for `key` kept, or, when it gave none (away), the
-    /// row as last read instead.
+    /// With a writer on a record server: the backend's answer for `key` kept, or, when it
+    /// gave none (away), the row as last read instead. A local SQLite file keeps answering
+    /// reads while it refuses writes (a full disk), so no copy is kept for it: at 10,000
+    /// services the copies cost 8 MiB of resident memory.
     fn remembered(
         &self,
         key: &ServiceKey,
         row: Result<Option<ServiceRecord>, StoreError>,
     ) -> Result<Option<ServiceRecord>, StoreError> {
-        if self.writer().is_none() {
+        if self.writer().is_none() || self.backend.local() {
             return row;
         }
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
@@ -1146,21 +1192,7 @@ impl Store {
     pub async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
         self.consistent(
             || self.backend.open_deploys(key),
-            |o, rows| {
-                if o.is_empty() {
-                    return rows;
-                }
-                let mut rows = match rows {
-                    Ok(rows) => rows,
-                    Err(e) => return o.unfinished_of(key).map(|d| vec![d]).ok_or(e),
-                };
-                rows.retain(|d| !o.finishes(d.id));
-                // Started while the backend was away: newer than any row it holds.
-                if let Some(d) = o.unfinished_of(key) {
-                    rows.insert(0, d);
-                }
-                Ok(rows)
-            },
+            |o, rows| lay_open(o, key, rows),
         )
         .await
     }
@@ -1190,6 +1222,27 @@ impl Store {
     pub async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError> {
         self.ask(self.backend.interrupted()).await
     }
+}
+
+/// A service's unfinished deploys as read, with the queued writes laid over them: rows the
+/// queue finishes are left out, and one started while the backend was away comes first.
+fn lay_open<E>(
+    o: &outbox::Outbox,
+    key: &ServiceKey,
+    rows: Result<Vec<DeployRecord>, E>,
+) -> Result<Vec<DeployRecord>, E> {
+    if o.is_empty() {
+        return rows;
+    }
+    let mut rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => return o.unfinished_of(key).map(|d| vec![d]).ok_or(e),
+    };
+    rows.retain(|d| !o.finishes(d.id));
+    if let Some(d) = o.unfinished_of(key) {
+        rows.insert(0, d);
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -579,6 +579,10 @@ impl Backend for Sqlite {
         true
     }
 
+    fn local(&self) -> bool {
+        true
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(|c| c.ping()).await
     }
@@ -706,6 +710,15 @@ impl Backend for Sqlite {
     async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError> {
         let key = key.clone();
         self.call(move |c| c.open_deploys(&key)).await
+    }
+
+    async fn deploy_basis(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<(Option<ServiceRecord>, Vec<DeployRecord>), StoreError> {
+        let key = key.clone();
+        self.call(move |c| Ok((c.service(&key)?, c.open_deploys(&key)?)))
+            .await
     }
 
     async fn prune(&self, keep: usize, cutoff: Option<&str>) -> Result<usize, StoreError> {
