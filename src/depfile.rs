@@ -230,6 +230,7 @@ struct YamlForm {
     rollout_timeout: Option<String>,
     rollback: Option<Switch>,
     kind: Option<String>,
+    verify: Option<serde_json::Value>,
 }
 
 /// `rollback:` as YAML writes it (`true`/`false`) or as the command line does (`on`/`off`).
@@ -263,6 +264,7 @@ const FIELDS: &[&str] = &[
     "rolloutTimeout",
     "rollback",
     "kind",
+    "verify",
 ];
 
 /// The unknown field a parser message names, when it is a plain name (letters, digits, `_`,
@@ -488,6 +490,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
         rollback: read_rollback(&form, &mut problems),
         kind: read_kind(&form, &mut problems),
         rollout_timeout: read_timeout(&form, &mut problems),
+        verify: read_verify(&form, &mut problems),
         images: Vec::new(),
     };
     check_repository(&form, &mut problems);
@@ -501,6 +504,24 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
     match problems.list.is_empty() {
         true => Ok(spec),
         false => Err(problems.list),
+    }
+}
+
+fn read_verify(
+    form: &YamlForm,
+    problems: &mut Problems,
+) -> Option<crate::domain::verify::Verification> {
+    let v = form.verify.as_ref()?;
+    match crate::checks::form::read(v) {
+        Ok(v) => Some(v),
+        Err(list) => {
+            for p in list {
+                let needle = p.field.rsplit(['.', '[']).next().map(|f| format!("{f}:"));
+                let needle = needle.filter(|n| !n.starts_with(|c: char| c.is_ascii_digit()));
+                problems.add(needle.as_deref().or(Some("verify:")), p.message);
+            }
+            None
+        }
     }
 }
 
@@ -863,6 +884,26 @@ mod tests {
         assert!(
             e.message
                 .contains("kind: expected one of deployment, statefulset, daemonset, cronjob"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_verify_block_is_read_and_its_problems_name_their_lines() {
+        let text = b"version: 1.4.2\nverify:\n  bake: 5m\n  checks:\n    - http: /healthz\n    - name: errors\n      noData: wait\n      prometheus:\n        query: sum(rate(http_requests_total{code=~\"5..\"}[1m]))\n        condition: \"<= baseline * 1.2\"\n";
+        let d = parse("web_prod.dep", text).expect("valid verify");
+        let v = d.verify.expect("verify");
+        assert_eq!(v.bake, Duration::from_secs(300));
+        assert_eq!(v.checks.len(), 2);
+        assert_eq!(v.checks[1].name, "errors");
+
+        let bad = b"version: 1.4.2\nverify:\n  checks:\n    - prometheus:\n        query: rate(x[5m]\n        condition: \"< 1\"\n";
+        let e = parse("web_prod.dep", bad).expect_err("bad promql");
+        assert_eq!(e.file, "web_prod.dep");
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(
+            e.message
+                .contains("verify.checks[0].prometheus.query: not valid PromQL"),
             "{e}"
         );
     }

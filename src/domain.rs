@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
+pub mod verify;
+
 /// The extension of dependency files.
 pub const EXTENSION: &str = "dep";
 
@@ -102,6 +104,8 @@ pub struct DepSpec {
     pub rollback: Option<bool>,
     /// Which workload the file names when more than one kind has its name.
     pub kind: Option<WorkloadKind>,
+    /// The checks that must pass after the rollout is healthy, and for how long.
+    pub verify: Option<verify::Verification>,
 }
 
 impl DepSpec {

@@ -17,6 +17,7 @@ pub mod advice;
 pub mod alert;
 pub mod bounds;
 pub mod check;
+pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod daemon;
