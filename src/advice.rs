@@ -138,6 +138,7 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
     Some(match s.status {
         ServiceStatus::Pending
         | ServiceStatus::Deploying
+        | ServiceStatus::Verifying
         | ServiceStatus::Retry
         | ServiceStatus::Succeeded
         | ServiceStatus::Applied
@@ -221,6 +222,7 @@ mod tests {
         let table: &[(ServiceStatus, bool, bool, &str, &str)] = &[
             (S::Succeeded, false, false, "", ""),
             (S::Deploying, false, false, "", ""),
+            (S::Verifying, false, false, "rollout healthy; verifying 1 check for 5m", ""),
             (S::Pending, false, false, "", ""),
             (S::Retry, false, false, "", ""),
             (S::Unmanaged, false, false, "", ""),

@@ -183,6 +183,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. 100ms, 30s, 5m"))
 }
 
+fn parse_prometheus_url(s: &str) -> Result<reqwest::Url, String> {
+    let mut u = reqwest::Url::parse(s)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| {
+            format!("{s:?} is not an http:// or https:// URL; expected e.g. http://prometheus:9090")
+        })?;
+    // A base without a trailing slash would lose its last segment when joined.
+    if !u.path().ends_with('/') {
+        let path = format!("{}/", u.path());
+        u.set_path(&path);
+    }
+    Ok(u)
+}
+
 fn parse_nats_url(s: &str) -> Result<String, String> {
     crate::alert::nats::servers(s).map(|_| s.to_string())
 }
@@ -496,6 +511,11 @@ pub struct DaemonArgs {
     /// JetStream when a stream captures the subject.
     #[arg(long, env = "DEPWATCH_NATS_URL", hide_env_values = true, value_parser = parse_nats_url, help_heading = "Notifications")]
     pub nats_url: Option<String>,
+
+    /// Prometheus to ask for the `prometheus` checks of a file's `verify:` block
+    /// (`http://prometheus:9090`; its `/api/v1/query` is used).
+    #[arg(long, env = "DEPWATCH_PROMETHEUS_URL", value_parser = parse_prometheus_url, help_heading = "Verification")]
+    pub prometheus_url: Option<reqwest::Url>,
 }
 
 impl DaemonArgs {
@@ -524,6 +544,7 @@ impl DaemonArgs {
             slack_webhook: self.slack_webhook.clone(),
             webhook_url: self.webhook_url.clone(),
             nats_url: self.nats_url.clone(),
+            prometheus_url: self.prometheus_url.clone(),
             fail_fast: crate::pipeline::deploy::rollout::FailFast {
                 pull_grace: self.pull_grace,
                 crash_restarts: self.crash_restarts,

@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     pub webhook_url: Option<String>,
     /// NATS server(s) on which every outcome is published.
     pub nats_url: Option<String>,
+    /// Prometheus, for the `prometheus` checks of a `verify:` block.
+    pub prometheus_url: Option<reqwest::Url>,
     pub fail_fast: FailFast,
     /// How long shutdown waits for in-flight deploys before leaving them to the next start.
     pub shutdown_grace: Duration,
@@ -108,6 +110,7 @@ impl DaemonConfig {
             slack_webhook: None,
             webhook_url: None,
             nats_url: None,
+            prometheus_url: None,
             fail_fast: FailFast::default(),
             shutdown_grace: Duration::from_secs(30),
             history_keep: 200,
@@ -403,6 +406,7 @@ async fn start(
         permits: Permits::new(config.workers),
         rollback: config.rollback,
         shutdown: stages.clone(),
+        prober: crate::checks::probe::Prober::new(client.clone(), config.prometheus_url.clone()),
     };
     let (scheduler, queue_rx) = Scheduler::new(config.queue_capacity);
     // Watch before the first scan, so nothing written in between is missed.

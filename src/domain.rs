@@ -304,6 +304,8 @@ vocabulary! {
         #[default]
         Pending = "pending",
         Deploying = "deploying",
+        /// The rollout is healthy and its checks are baking: not last good yet.
+        Verifying = "verifying",
         /// A transient API error (connection, timeout, 5xx, 429, 409): retrying with backoff.
         WaitingForApi = "waiting_for_api",
         Succeeded = "succeeded",
@@ -483,6 +485,7 @@ impl ServiceStatus {
         match self {
             ServiceStatus::Pending => "pending",
             ServiceStatus::Deploying => "deploying",
+            ServiceStatus::Verifying => "verifying",
             ServiceStatus::WaitingForApi => "waiting for the API server",
             ServiceStatus::Succeeded => "healthy",
             ServiceStatus::Unverified => "deployed, unverified",

@@ -100,9 +100,10 @@ pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
             "fix the file first; depwatch reads it again on the next save"
         }
         ServiceStatus::WaitingForApi => "depwatch is already retrying until the API server answers",
-        ServiceStatus::Pending | ServiceStatus::Deploying | ServiceStatus::Retry => {
-            "a deploy is already due or under way"
-        }
+        ServiceStatus::Pending
+        | ServiceStatus::Deploying
+        | ServiceStatus::Verifying
+        | ServiceStatus::Retry => "a deploy is already due or under way",
         ServiceStatus::Succeeded | ServiceStatus::Unverified | ServiceStatus::Applied => {
             "nothing is pinned and nothing failed"
         }

@@ -162,7 +162,7 @@ impl ServiceRecord {
     pub fn desired_shown(&self) -> (String, Option<NotRunning>) {
         let deploying = matches!(
             self.status,
-            ServiceStatus::Deploying | ServiceStatus::WaitingForApi
+            ServiceStatus::Deploying | ServiceStatus::WaitingForApi | ServiceStatus::Verifying
         );
         // The resolved images are this content's (or the deploy under way's).
         let fresh =

@@ -147,7 +147,7 @@ pub fn read(v: &Value) -> Result<Verification, Vec<Problem>> {
         .duration(
             "verify.interval",
             m.get("interval"),
-            (Duration::from_secs(1), Duration::from_secs(3600)),
+            (Duration::from_millis(100), Duration::from_secs(3600)),
         )
         .unwrap_or(Verification::DEFAULT_INTERVAL);
     let failure_limit = match m.get("failureLimit") {

@@ -4,3 +4,4 @@
 //! `domain::verify`, pure.
 
 pub mod form;
+pub mod probe;

@@ -305,6 +305,30 @@ pub struct CheckResult {
     pub why: String,
 }
 
+// A baseline is a finite number (NaN is no data), so equality is total.
+impl Eq for CheckResult {}
+
+/// How the verification of a healthy rollout ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VerifyOutcome {
+    Passed {
+        results: Vec<CheckResult>,
+    },
+    /// A check reached its failure limit (or stayed silent under `noData: wait`).
+    Failed {
+        reason: String,
+        results: Vec<CheckResult>,
+    },
+    /// A newer version arrived during the bake.
+    Superseded,
+    /// The workload was deleted during the bake.
+    Disappeared,
+    /// Someone else wrote the workload's images during the bake.
+    ChangedOutside {
+        running: super::Images,
+    },
+}
+
 /// How a bake stands after a round.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BakeVerdict {

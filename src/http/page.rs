@@ -90,7 +90,7 @@ fn status_class(status: ServiceStatus) -> &'static str {
         | ServiceStatus::WaitingForApi
         | ServiceStatus::Paused => "warn",
         ServiceStatus::Applied => "neutral",
-        ServiceStatus::Deploying | ServiceStatus::Retry => "busy",
+        ServiceStatus::Deploying | ServiceStatus::Verifying | ServiceStatus::Retry => "busy",
         ServiceStatus::Pending | ServiceStatus::Unmanaged => "idle",
     }
 }

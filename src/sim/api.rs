@@ -220,6 +220,25 @@ async fn route(
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["version"] => return Ok(json_response(200, &discovery::version())),
         ["healthz"] | ["readyz"] | ["livez"] => return Ok("ok".into_response()),
+        ["sim", "metrics"] => {
+            let body = super::services::metrics(&state.store);
+            return Ok(
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+            );
+        }
+        ["api", "v1", "namespaces", ns, "services", service, "proxy", rest @ ..] => {
+            if *method != Method::GET {
+                return Err(ApiError::new(
+                    405,
+                    "MethodNotAllowed",
+                    "the simulated pods answer GET only",
+                ));
+            }
+            let path = format!("/{}", rest.join("/"));
+            let a = super::services::proxy(&state.store, ns, service, &path)?;
+            let status = StatusCode::from_u16(a.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Ok((status, [(header::CONTENT_TYPE, a.content_type)], a.body).into_response());
+        }
         ["api"] => {
             return Ok(json_response(
                 200,

@@ -27,6 +27,7 @@ pub mod puller;
 pub mod rbac;
 pub mod resources;
 pub mod selector;
+pub mod services;
 pub mod store;
 pub mod table;
 pub mod workloads;

@@ -230,9 +230,10 @@ impl ServiceChange {
                 .then_some("services.last_good <> ''"),
         );
         let busy = format!(
-            "services.status IN ('{}', '{}')",
+            "services.status IN ('{}', '{}', '{}')",
             ServiceStatus::Deploying.as_str(),
-            ServiceStatus::WaitingForApi.as_str()
+            ServiceStatus::WaitingForApi.as_str(),
+            ServiceStatus::Verifying.as_str()
         );
         text(
             "status",
@@ -283,7 +284,7 @@ impl ServiceChange {
 fn deploying(status: ServiceStatus) -> bool {
     matches!(
         status,
-        ServiceStatus::Deploying | ServiceStatus::WaitingForApi
+        ServiceStatus::Deploying | ServiceStatus::WaitingForApi | ServiceStatus::Verifying
     )
 }
 

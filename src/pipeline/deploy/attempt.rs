@@ -43,6 +43,8 @@ pub struct Engine {
     /// Shutdown: a deploy that is only waiting to try the API server again stops at once (what
     /// it already wrote is finished at the next start).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Takes the samples of a file's `verify:` checks.
+    pub prober: crate::checks::probe::Prober,
 }
 
 /// The workload one deploy acts on: its service, and its kind once the plan found it.
@@ -274,6 +276,32 @@ impl Engine {
                 };
                 let wait = self.deployer.wait(key, *kind, target, deadline, rx);
                 Input::Waited(wait.await)
+            }
+            Action::Measure => {
+                let v = desired.spec.verify.as_ref();
+                let measured = match v {
+                    Some(v) => Box::pin(self.prober.baselines(v)).await,
+                    None => Vec::new(),
+                };
+                attempt.baselines(&measured);
+                Input::Measured(measured)
+            }
+            Action::Verify { applied, baselines } => {
+                let b = super::verify::Baking {
+                    key,
+                    kind: *kind,
+                    desired,
+                    applied: &applied,
+                    baselines: &baselines,
+                };
+                let bake = super::verify::bake(
+                    &self.deployer,
+                    &self.prober,
+                    b,
+                    superseded,
+                    &self.shutdown,
+                );
+                Input::Verified(Box::pin(bake).await?)
             }
             Action::Sleep {
                 delay,

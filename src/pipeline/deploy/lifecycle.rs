@@ -43,6 +43,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use tokio::time::Instant;
 
+use crate::domain::verify::{summary, CheckResult, VerifyOutcome};
 use crate::domain::{
     human_duration, DeployOutcome, Desired, Images, ServiceStatus, Trigger, WorkloadKind,
 };
@@ -126,7 +127,7 @@ pub enum HealthNow {
 }
 
 /// What the driver must do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Read the Deployment and work out the images (answer: [`Input::Planned`]).
     Plan,
@@ -162,6 +163,15 @@ pub enum Action {
     Observe {
         kind: Option<WorkloadKind>,
     },
+    /// Measure the verification's baselines before the PATCH (answer: [`Input::Measured`]).
+    Measure,
+    /// Bake: sample the file's checks until they pass for the bake, fail, or a newer version
+    /// or someone else takes the workload (answer: [`Input::Verified`]).
+    Verify {
+        /// The images the healthy rollout runs: a template with others is someone else's.
+        applied: Images,
+        baselines: Vec<Option<f64>>,
+    },
     Done,
 }
 
@@ -176,6 +186,9 @@ pub enum Input {
     Superseded,
     /// The workload as it is (a plan with nothing to change), or `None` when it is gone.
     Observed(Result<Option<Plan>, Failure>),
+    /// Each check's baseline (by position), when it has one.
+    Measured(Vec<Option<f64>>),
+    Verified(VerifyOutcome),
 }
 
 /// What happened, for the recorder.
@@ -236,6 +249,11 @@ pub enum Event {
     },
     /// Images written; `rollback` tells the rollback's patch from the deploy's.
     Patched { generation: i64, rollback: bool },
+    /// The rollout is healthy and its checks are being baked for `bake`: the service is
+    /// `verifying`, and the version is not last good yet.
+    Verifying { bake: Duration, checks: usize },
+    /// The checks' record over the bake, for the history row and the notifications.
+    Verified { results: Vec<CheckResult> },
     /// The rollout's verdict is failure: the version is pinned and people are told at once.
     RolloutFailed {
         outcome: DeployOutcome,
@@ -277,6 +295,10 @@ enum Phase {
         plan: Plan,
         deadline: Instant,
     },
+    /// Measuring the baselines of the checks before the PATCH.
+    Measuring(Plan),
+    /// The rollout is healthy; its checks are baking.
+    Verifying(Plan),
     Reverting(Revert),
     RevertWait {
         revert: Revert,
@@ -335,6 +357,8 @@ pub struct Lifecycle {
     /// What the file asks for, when an unfinished rollout is finished before this deploy
     /// plans again: a workload running it replaced that rollout.
     wanted: Option<Images>,
+    /// The checks' baselines, measured before this deploy's PATCH.
+    baselines: Option<Vec<Option<f64>>>,
 }
 
 /// The images a rollback restores: every container this deploy changed, and every container
@@ -405,6 +429,7 @@ impl Lifecycle {
             adopted: false,
             then_plan: false,
             wanted: None,
+            baselines: None,
         }
     }
 
@@ -470,6 +495,11 @@ impl Lifecycle {
             }
             (Phase::Patching(plan), Input::Patched(Err(f))) => self.patch_failed(plan, f, now),
             (Phase::Rolling { plan, .. }, Input::Waited(w)) => self.judged(plan, w, now),
+            (Phase::Measuring(plan), Input::Measured(b)) => {
+                self.baselines = Some(b);
+                self.patch(plan)
+            }
+            (Phase::Verifying(plan), Input::Verified(v)) => self.verified(plan, v, now),
             (Phase::Reverting(revert), Input::Patched(Ok(generation))) => {
                 self.revert_patched(revert, generation, now)
             }
@@ -484,7 +514,9 @@ impl Lifecycle {
                 self.again(phase)
             }
             // A rollout on the cluster is handed to the newer version's deploy.
-            (Phase::Rolling { .. }, Input::Superseded) => self.superseded(true),
+            (Phase::Rolling { .. } | Phase::Verifying(_), Input::Superseded) => {
+                self.superseded(true)
+            }
             (_, Input::Superseded) => self.superseded(false),
             // A retry's sleep is over, or an answer that does not fit the phase: ask again.
             (phase, _) => self.again(phase),
@@ -519,6 +551,8 @@ impl Lifecycle {
                 supersedable: false,
             },
             Phase::Adopting(u) => Action::Observe { kind: u.kind },
+            Phase::Measuring(_) => Action::Measure,
+            Phase::Verifying(plan) => self.verify_action(plan),
             Phase::Done => Action::Done,
         };
         self.phase = phase;
@@ -941,6 +975,16 @@ impl Lifecycle {
     }
 
     fn patch(&mut self, plan: Plan) -> (Vec<Event>, Action) {
+        let measure = self
+            .desired
+            .spec
+            .verify
+            .as_ref()
+            .is_some_and(|v| v.needs_baseline());
+        if measure && self.baselines.is_none() {
+            self.phase = Phase::Measuring(plan);
+            return (Vec::new(), Action::Measure);
+        }
         let cause = format!(
             "depwatch: {} ({}) set {}",
             self.desired.file_name(),
@@ -1081,6 +1125,9 @@ impl Lifecycle {
 
     fn judged(&mut self, plan: Plan, waited: WaitOutcome, now: Instant) -> (Vec<Event>, Action) {
         let (outcome, why) = match waited {
+            WaitOutcome::Healthy if self.desired.spec.verify.is_some() && !self.adopted => {
+                return self.verifying(plan);
+            }
             WaitOutcome::Healthy => {
                 let running = Some(plan.after);
                 return self.finish(
@@ -1129,6 +1176,51 @@ impl Lifecycle {
         let at = usize::from(matches!(events.first(), Some(Event::RollingBack { .. })));
         events.insert(at, failed);
         (events, action)
+    }
+
+    /// The rollout is healthy: bake its checks before it counts as good.
+    fn verifying(&mut self, plan: Plan) -> (Vec<Event>, Action) {
+        let (bake, checks) = self
+            .desired
+            .spec
+            .verify
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |v| (v.bake, v.checks.len()));
+        let action = self.verify_action(&plan);
+        self.phase = Phase::Verifying(plan);
+        (vec![Event::Verifying { bake, checks }], action)
+    }
+
+    fn verify_action(&self, plan: &Plan) -> Action {
+        Action::Verify {
+            applied: plan.after.clone(),
+            baselines: self.baselines.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The bake is over: the version is good only when its checks passed; a failed check is
+    /// a failed rollout (rolled back and pinned, the check and its values in the reason).
+    fn verified(&mut self, plan: Plan, v: VerifyOutcome, now: Instant) -> (Vec<Event>, Action) {
+        match v {
+            VerifyOutcome::Passed { results } => {
+                let message = format!("rollout healthy and verified: {}", summary(&results));
+                let running = Some(plan.after);
+                let events = vec![Event::Verified { results }];
+                self.finish(events, DeployOutcome::Succeeded, message, running)
+            }
+            VerifyOutcome::Failed { reason, results } => {
+                let failed = WaitOutcome::Failed {
+                    reason: "verification failed".into(),
+                    message: reason,
+                };
+                let (mut events, action) = self.judged(plan, failed, now);
+                events.insert(0, Event::Verified { results });
+                (events, action)
+            }
+            VerifyOutcome::Superseded => self.superseded(true),
+            VerifyOutcome::Disappeared => self.disappeared(),
+            VerifyOutcome::ChangedOutside { running } => self.changed_outside(plan.after, &running),
+        }
     }
 
     /// How long the rollout ran when it timed out: its timeout, or for one resumed after a
@@ -1449,6 +1541,151 @@ mod tests {
             conflict: false,
             message: "boom".into(),
         }
+    }
+
+    /// A file with checks: `/healthz` baked for 5m, and with `baseline` an error ratio
+    /// compared with the value before the PATCH.
+    fn verified_desired(baseline: bool) -> Desired {
+        let mut text = String::from(
+            "version: \"2.0\"\nverify:\n  bake: 5m\n  checks:\n    - http: /healthz\n",
+        );
+        if baseline {
+            text.push_str("    - name: errors\n      prometheus:\n        query: sum(rate(errors_total[1m]))\n        condition: \"<= baseline * 1.2\"\n");
+        }
+        Desired {
+            spec: depfile::parse("web_prod.dep", text.as_bytes()).expect("parses"),
+            ..desired(Trigger::File)
+        }
+    }
+
+    fn passed() -> Input {
+        Input::Verified(VerifyOutcome::Passed {
+            results: vec![CheckResult {
+                name: "GET /healthz".into(),
+                samples: 31,
+                passed: 31,
+                ..CheckResult::default()
+            }],
+        })
+    }
+
+    #[test]
+    fn a_verified_deploy_becomes_last_good_only_after_its_bake() {
+        let (events, actions) = run(
+            verified_desired(false),
+            Known::default(),
+            patched_then(vec![Input::Waited(WaitOutcome::Healthy), passed()]),
+        );
+        // No baseline to measure: plan, patch, wait, then the bake.
+        assert!(matches!(&actions[1], Action::Patch { .. }));
+        assert!(
+            matches!(&actions[3], Action::Verify { applied, .. } if *applied == images("web=w:2"))
+        );
+        let at = |pred: &dyn Fn(&Event) -> bool| events.iter().position(pred);
+        let verifying = at(&|e| matches!(e, Event::Verifying { checks: 1, .. }));
+        let finished = at(&|e| matches!(e, Event::Finished(_)));
+        assert!(verifying.is_some() && verifying < finished, "{events:?}");
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::Succeeded);
+        assert!(f.good);
+        assert!(
+            f.message.contains("verified: GET /healthz 31/31 passed"),
+            "{}",
+            f.message
+        );
+        assert_eq!(rows(&events), 1);
+    }
+
+    #[test]
+    fn a_failed_check_rolls_back_and_pins_with_its_values() {
+        let reason = "errors: 0.042 > baseline 0.01 × 1.2 for 3 of 5 samples";
+        let (events, actions) = run(
+            verified_desired(true),
+            Known {
+                last_good: images("web=w:1"),
+                ..Known::default()
+            },
+            vec![
+                Input::Planned(Ok(plan("web=w:1", "web=w:2"))),
+                Input::Measured(vec![None, Some(0.01)]),
+                Input::Patched(Ok(5)),
+                Input::Waited(WaitOutcome::Healthy),
+                Input::Verified(VerifyOutcome::Failed {
+                    reason: reason.into(),
+                    results: Vec::new(),
+                }),
+                Input::Patched(Ok(6)),
+                Input::Waited(WaitOutcome::Healthy),
+            ],
+        );
+        // The baseline is measured before the PATCH and handed to the bake.
+        assert_eq!(actions[1], Action::Measure);
+        assert!(matches!(&actions[2], Action::Patch { .. }));
+        assert!(matches!(
+            &actions[4],
+            Action::Verify { baselines, .. } if *baselines == vec![None, Some(0.01)]
+        ));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::RolloutFailed { reason: r, .. } if r == &format!("verification failed: {reason}")
+        )));
+        assert!(matches!(&actions[5], Action::Patch { images: i, .. } if *i == images("web=w:1")));
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::RolledBack);
+        assert!(!f.good || f.running == Some(images("web=w:1")));
+        assert!(
+            f.message.contains("0.042 > baseline 0.01 × 1.2"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn a_bake_ends_without_a_verdict_when_superseded_changed_or_gone() {
+        // A newer version: the rollout is handed over, never last good.
+        let (events, _) = run(
+            verified_desired(false),
+            Known::default(),
+            patched_then(vec![
+                Input::Waited(WaitOutcome::Healthy),
+                Input::Verified(VerifyOutcome::Superseded),
+            ]),
+        );
+        assert!(events.contains(&Event::HandedOver), "{events:?}");
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::Finished(f) if f.good)));
+        // The same when the newer version arrives between two rounds.
+        let (events, _) = run(
+            verified_desired(false),
+            Known::default(),
+            patched_then(vec![Input::Waited(WaitOutcome::Healthy), Input::Superseded]),
+        );
+        assert!(events.contains(&Event::HandedOver), "{events:?}");
+        // Someone else's images: changed outside, not judged.
+        let (events, _) = run(
+            verified_desired(false),
+            Known::default(),
+            patched_then(vec![
+                Input::Waited(WaitOutcome::Healthy),
+                Input::Verified(VerifyOutcome::ChangedOutside {
+                    running: images("web=w:9"),
+                }),
+            ]),
+        );
+        let f = finish(&events);
+        assert_eq!(f.outcome, DeployOutcome::ChangedOutside);
+        assert!(!f.good);
+        // Gone: interrupted, nothing pinned.
+        let (events, _) = run(
+            verified_desired(false),
+            Known::default(),
+            patched_then(vec![
+                Input::Waited(WaitOutcome::Healthy),
+                Input::Verified(VerifyOutcome::Disappeared),
+            ]),
+        );
+        assert_eq!(finish(&events).outcome, DeployOutcome::Interrupted);
     }
 
     #[test]
@@ -2685,6 +2922,11 @@ mod tests {
                     }))
                 }
                 Action::Observe { .. } => Input::Observed(Ok(Some(as_is()))),
+                // The world's files declare no checks.
+                Action::Measure => Input::Measured(Vec::new()),
+                Action::Verify { .. } => Input::Verified(VerifyOutcome::Passed {
+                    results: Vec::new(),
+                }),
                 Action::CheckHealth { .. } => Input::Health(match behaviour(&w.template) {
                     "good" => HealthNow::Healthy,
                     _ => HealthNow::NotHealthy,

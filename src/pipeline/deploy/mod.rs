@@ -12,6 +12,7 @@ pub mod owner;
 pub mod pull;
 pub mod recorder;
 pub mod rollout;
+pub mod verify;
 pub mod watches;
 pub mod workload;
 

@@ -330,6 +330,10 @@ impl Attempt<'_> {
                 rollback,
             } => self.patched(*generation, *rollback),
             Event::RolloutFailed { outcome, reason } => self.rollout_failed(*outcome, reason).await,
+            Event::Verifying { bake, checks } => self.verifying(*bake, *checks).await,
+            Event::Verified { results } => {
+                tracing::info!(checks = %crate::domain::verify::summary(results), "verification over");
+            }
             Event::Finished(f) => self.finished(f).await,
         }
     }
@@ -615,6 +619,36 @@ impl Attempt<'_> {
             change = change.last_good_if_unset(base.clone());
         }
         r.change(self.key, change).await;
+    }
+
+    /// The checks' baselines, measured before the PATCH.
+    pub fn baselines(&self, values: &[Option<f64>]) {
+        let shown: Vec<String> = values
+            .iter()
+            .flatten()
+            .map(|v| crate::domain::verify::fmt_value(*v))
+            .collect();
+        tracing::info!(baselines = %shown.join(", "), "verification baselines measured before the patch");
+    }
+
+    /// The rollout is healthy and its checks bake: the service is `verifying`, its images
+    /// not last good yet.
+    async fn verifying(&self, bake: std::time::Duration, checks: usize) {
+        let until = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::try_from(bake).unwrap_or_default())
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let message = format!(
+            "rollout healthy; verifying {checks} check{} for {} (until {})",
+            if checks == 1 { "" } else { "s" },
+            human_duration(bake),
+            until.strftime("%Y-%m-%dT%H:%M:%SZ")
+        );
+        tracing::info!("{message}");
+        let change = self
+            .service_change()
+            .status(ServiceStatus::Verifying)
+            .message(message);
+        self.recorder.change(self.key, change).await;
     }
 
     fn patched(&self, generation: i64, rollback: bool) {
