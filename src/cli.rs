@@ -54,6 +54,7 @@ pub enum Command {
     /// cluster at all.
     Demo(DemoArgs),
     /// Serve a simulated Kubernetes API server on loopback, for tests and demos.
+    #[command(after_long_help = SIM_RULES)]
     Sim(SimArgs),
     /// Print a shell completion script: `source <(depwatch completions bash)`.
     Completions(CompletionsArgs),
@@ -759,6 +760,25 @@ pub struct DemoArgs {
     #[arg(long, env = "DEPWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_addr)]
     pub http_addr: std::net::SocketAddr,
 }
+
+/// What simulated pods do, by their image (the first matching rule wins).
+const SIM_RULES: &str = "\
+Image rules (a substring of the image; a --scenario file replaces the first four):
+  fail-pull      ErrImagePull, then ImagePullBackOff
+  crash          starts, exits, CrashLoopBackOff
+  hang           running, never ready
+  config-error   CreateContainerConfigError
+  otherwise      ready after --ready-delay
+
+What a ready pod serves, by its main image's tag, through the service proxy
+(/api/v1/namespaces/NS/services/WORKLOAD[:PORT]/proxy/PATH; every workload has a
+Service of its own name, the port is ignored, one ready pod answers, 503 when none is):
+  /healthz       200 ok; 500 when the tag contains `unhealthy`
+  /version       {\"version\": \"<tag>\"}
+  /metrics       the pod's request counters
+Every pod's counters are one Prometheus scrape target at /sim/metrics:
+  sim_http_requests_total{namespace, workload, pod, version, code} grows by 10 a second
+  from the pod's start; a tag with `errors-N` makes N% of them code 500.";
 
 #[derive(Debug, clap::Args)]
 pub struct SimArgs {

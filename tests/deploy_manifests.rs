@@ -236,6 +236,8 @@ fn permission(entry: &Value) -> Option<(String, String)> {
         _ => return None,
     };
     let (resource, named) = match rest {
+        // The service proxy is a subresource of its own (`services/proxy`).
+        ["namespaces", _ns, "services", _name, "proxy", ..] => ("services/proxy", true),
         ["namespaces", _ns, resource, name @ ..] => (*resource, !name.is_empty()),
         [resource, name @ ..] => (*resource, !name.is_empty()),
         [] => return None,
@@ -344,7 +346,11 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     env.write_dep("wbe_prod.dep", "1.0.0\n");
     env.write_dep("web_prdo.dep", "1.0.0\n");
     env.write_dep("db_prod.dep", "1.1.0-crash\n");
-    env.write_dep("agent_prod.dep", "1.1.0\n");
+    // Verified by its /healthz, through the API server's service proxy.
+    env.write_dep(
+        "agent_prod.dep",
+        "version: 1.1.0\nverify:\n  checks:\n    - http: /healthz\n",
+    );
     env.write_dep("report_prod.dep", "1.1.0\n");
     let store = env.store();
     let status = async |name: &str, ns: &str| {
@@ -415,6 +421,7 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
         ("patch", "batch/cronjobs"),
         ("delete", "/pods"),
         ("get", "/secrets"),
+        ("get", "/services/proxy"),
     ] {
         let p = (used_by_kinds.0.to_string(), used_by_kinds.1.to_string());
         assert!(used.contains(&p), "{p:?} in {used:?}");
