@@ -136,3 +136,117 @@ async fn a_newer_version_during_the_bake_supersedes_it_and_it_never_becomes_last
     assert_eq!(baked.outcome, DeployOutcome::Superseded, "{baked:?}");
     daemon.stop();
 }
+
+/// A service's error ratio over the last 5 s, from the simulated pods' counters.
+fn error_ratio(name: &str) -> String {
+    format!(
+        "sum(rate(sim_http_requests_total{{namespace=\"prod\",workload=\"{name}\",code=\"500\"}}[5s])) / sum(rate(sim_http_requests_total{{namespace=\"prod\",workload=\"{name}\"}}[5s]))"
+    )
+}
+
+fn prometheus_file(version: &str, query: &str, condition: &str, no_data: &str) -> String {
+    format!(
+        "version: \"{version}\"\nverify:\n  bake: 4s\n  interval: 1s\n  failureLimit: 2\n  checks:\n    - name: errors\n      noData: {no_data}\n      prometheus:\n        query: '{query}'\n        condition: \"{condition}\"\n"
+    )
+}
+
+/// Against a real Prometheus scraping the simulated pods: an error-rate regression against
+/// the baseline measured before the PATCH is rolled back with the values; a version without
+/// errors passes; a query with no data follows its check's `noData`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_means() {
+    let env = Env::new(SimConfig::default()).await;
+    for name in ["web", "quiet", "strict"] {
+        let image = format!("example.com/{name}:1.0");
+        env.deployment("prod", name, &[(name, image.as_str())], 2)
+            .await;
+    }
+    let prom = common::prometheus::Prometheus::scraping(env.sim.addr()).await;
+    // The old version's traffic is in Prometheus before anything is deployed.
+    let ratio = error_ratio("web");
+    wait_for(
+        "web's error ratio in Prometheus",
+        Duration::from_secs(60),
+        || async { prom.value(&ratio).await.map(|_| ()) },
+    )
+    .await;
+    let daemon = env
+        .daemon(&["--rollout-timeout", "30s", "--prometheus-url", &prom.url])
+        .await;
+    let store = env.store();
+    let web = key("web", "prod");
+
+    // 30% of its requests fail: more than the baseline (0) allows.
+    env.write_dep(
+        "web_prod.dep",
+        &prometheus_file("1.1-errors-30", &ratio, "<= baseline * 1.2", "wait"),
+    );
+    wait_status(
+        &env,
+        &web,
+        ServiceStatus::RolledBack,
+        Duration::from_secs(60),
+    )
+    .await;
+    env.wait_image("prod", "web", "example.com/web:1.0").await;
+    let h = store.history(Some(&web), 10).await.expect("history");
+    let m = &h[0].message;
+    assert!(m.contains("verification failed: errors: 0."), "{m}");
+    assert!(m.contains(" > baseline 0 × 1.2 for 2 of "), "{m}");
+
+    // No errors: the same check passes, and the version becomes last good.
+    env.write_dep(
+        "web_prod.dep",
+        &prometheus_file("1.2", &ratio, "<= baseline * 1.2", "wait"),
+    );
+    let h = wait_for("1.2's verdict", Duration::from_secs(60), || async {
+        let h = env.store().history(Some(&web), 10).await.ok()?;
+        (h[0].to_image.contains("web:1.2") && h[0].outcome != DeployOutcome::InProgress)
+            .then_some(h)
+    })
+    .await;
+    assert_eq!(h[0].outcome, DeployOutcome::Succeeded, "{}", h[0].message);
+    let row = store.service(&web).await.expect("read").expect("row");
+    assert_eq!(row.last_good.to_string(), "web=example.com/web:1.2");
+
+    // A query that finds nothing: `pass` passes, `fail` fails, each saying so.
+    let nothing = "sum(rate(no_such_metric_total[5s]))";
+    env.write_dep(
+        "quiet_prod.dep",
+        &prometheus_file("1.1", nothing, "< 1", "pass"),
+    );
+    env.write_dep(
+        "strict_prod.dep",
+        &prometheus_file("1.1", nothing, "< 1", "fail"),
+    );
+    let quiet = key("quiet", "prod");
+    let strict = key("strict", "prod");
+    wait_status(
+        &env,
+        &quiet,
+        ServiceStatus::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_status(
+        &env,
+        &strict,
+        ServiceStatus::RolledBack,
+        Duration::from_secs(60),
+    )
+    .await;
+    let h = store.history(Some(&quiet), 1).await.expect("history");
+    let m = &h[0].message;
+    assert!(
+        m.contains("verified: errors ") && m.contains("last no data"),
+        "{m}"
+    );
+    let h = store.history(Some(&strict), 1).await.expect("history");
+    assert!(
+        h[0].message
+            .contains("errors: the query returned no series for 2 of 2 samples"),
+        "{}",
+        h[0].message
+    );
+    daemon.stop();
+}

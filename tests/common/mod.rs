@@ -5,6 +5,7 @@ pub mod chromium;
 pub mod daemon;
 pub mod ecr;
 pub mod postgres;
+pub mod prometheus;
 pub mod proxy;
 pub mod registry;
 
