@@ -250,3 +250,35 @@ async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_mea
     );
     daemon.stop();
 }
+
+/// A kill -9 during the bake: the next start takes the rollout up on its own row and bakes it
+/// again before the version counts as good (never good on readiness alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_the_bake_never_leaves_the_version_good_unverified() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    let k = key("web", "prod");
+    let store = env.store();
+    let daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
+    env.write_dep(
+        "web_prod.dep",
+        "version: \"1.1\"\nverify:\n  bake: 3s\n  interval: 200ms\n  checks:\n    - http: /healthz\n",
+    );
+    wait_status(&env, &k, ServiceStatus::Verifying, Duration::from_secs(20)).await;
+    daemon.kill();
+    let row = store.service(&k).await.expect("read").expect("row");
+    assert_ne!(row.last_good.to_string(), "web=example.com/web:1.1");
+
+    let daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
+    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    let h = store.history(Some(&k), 10).await.expect("history");
+    assert_eq!(h.len(), 1, "the deploy keeps its one row: {h:?}");
+    assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
+    assert!(
+        h[0].message.contains("verified: GET /healthz"),
+        "baked again after the restart: {}",
+        h[0].message
+    );
+    daemon.stop();
+}
