@@ -1,7 +1,7 @@
 //! Prometheus metrics (`/metrics`): deploys by outcome, change→healthy and change→patch
 //! durations, queue depth, pending and running deploys, services by status, notifications by
 //! result, Kubernetes requests by verb and code, ECR pull secret refresh failures and token
-//! expiry.
+//! expiry, verification samples by result and how long bakes ran.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -69,6 +69,10 @@ pub struct Metrics {
     pub ecr_refresh_failures: Family<StepLabel, Counter>,
     /// `--ecr-pull-secret`: seconds until the current ECR token expires, by registry.
     pub ecr_token_expiry: Family<RegistryLabel, Gauge>,
+    /// Samples of `verify:` checks by result (`pass`, `fail`, `no_data`).
+    pub verify_checks: Family<ResultLabel, Counter>,
+    /// How long bakes ran until they passed or failed.
+    pub bake: Histogram,
 }
 
 impl Default for Metrics {
@@ -150,8 +154,22 @@ impl Metrics {
             "ECR pull secrets: seconds until the current token expires",
             ecr_token_expiry.clone(),
         );
+        let verify_checks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "verify_checks",
+            "Samples of verification checks by result (pass, fail, no_data)",
+            verify_checks.clone(),
+        );
+        let bake = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "verify_bake_seconds",
+            "How long a healthy rollout's checks were baked until they passed or failed",
+            bake.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            verify_checks,
+            bake,
             ecr_refresh_failures,
             ecr_token_expiry,
             deploys,

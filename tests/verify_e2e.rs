@@ -88,6 +88,20 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
         h[0].message
     );
 
+    // Every sample is counted by result, and each bake's length observed.
+    let metrics = common::get_metrics(&reqwest::Client::new(), &daemon.http_url()).await;
+    let passed = common::sample(&metrics, "depwatch_verify_checks_total{result=\"pass\"}");
+    let failed = common::sample(&metrics, "depwatch_verify_checks_total{result=\"fail\"}");
+    assert!(
+        passed >= 2.0 && failed >= 1.0,
+        "pass {passed}, fail {failed}"
+    );
+    assert_eq!(
+        common::sample(&metrics, "depwatch_verify_bake_seconds_count"),
+        2.0,
+        "two bakes ended"
+    );
+
     // /version says another version than the one deployed: rolled back too.
     env.write_dep(
         "web_prod.dep",

@@ -285,6 +285,17 @@ pub enum Sample {
     },
 }
 
+impl Sample {
+    /// The sample's result as metrics label it.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Sample::Pass { .. } => "pass",
+            Sample::Fail { .. } => "fail",
+            Sample::NoData { .. } => "no_data",
+        }
+    }
+}
+
 /// One check's record over a bake, as shown on the history row and in notifications.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CheckResult {

@@ -293,6 +293,7 @@ impl Engine {
                     desired,
                     applied: &applied,
                     baselines: &baselines,
+                    metrics: &self.recorder.metrics,
                 };
                 let bake = super::verify::bake(
                     &self.deployer,

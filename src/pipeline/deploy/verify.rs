@@ -34,6 +34,7 @@ pub struct Baking<'a> {
     pub desired: &'a Desired,
     pub applied: &'a Images,
     pub baselines: &'a [Option<f64>],
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// Bake the file's checks; `None` when the daemon stops meanwhile (the row stays open and
@@ -67,7 +68,17 @@ pub async fn bake(
             _ = superseded.changed() => return Some(VerifyOutcome::Superseded),
             _ = shutdown.cancelled() => return None,
         };
-        match tally.round(samples, start.elapsed()) {
+        for s in &samples {
+            let label = crate::metrics::ResultLabel {
+                result: s.result().to_string(),
+            };
+            b.metrics.verify_checks.get_or_create(&label).inc();
+        }
+        let verdict = tally.round(samples, start.elapsed());
+        if verdict != BakeVerdict::Continue {
+            b.metrics.bake.observe(start.elapsed().as_secs_f64());
+        }
+        match verdict {
             BakeVerdict::Passed => {
                 return Some(VerifyOutcome::Passed {
                     results: tally.results,
