@@ -248,6 +248,10 @@ pub struct DeployRecord {
     pub content_hash: String,
     /// The kind of workload patched (`deployment`, …), when known.
     pub kind: String,
+    /// Set when the rollout was healthy and its checks began to bake: when, and the
+    /// baselines (JSON), so a stop during the bake is resumed with the time it had left.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub bake: String,
 }
 
 /// A file in the dependency directory that looks like a dependency file but whose name is not
@@ -329,7 +333,7 @@ pub fn timestamp(t: jiff::Timestamp) -> String {
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
 const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind, requested, requested_hash";
-const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind";
+const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind, bake";
 
 /// The state directory 0700 and the database 0600 (SQLite gives its -wal and -shm files the
 /// database's mode), whatever the umask: history, pins and request records are nobody else's.
@@ -405,6 +409,8 @@ pub trait Backend: Send + Sync {
     async fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError>;
     /// Record the images a rollback is about to restore on its deploy row.
     async fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError>;
+    /// Record on the deploy row that its checks began to bake (JSON).
+    async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError>;
     /// Remove a service's row (its history stays); `false` when there was none.
     async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
     /// Note a refused file name (or update its reason).
@@ -1158,6 +1164,16 @@ impl Store {
             id,
             restore: restore.to_string(),
             why: why.to_string(),
+        };
+        self.write("a record write (deploy)", w).await.map(|_| ())
+    }
+
+    /// The rollout is healthy and its checks bake: when they began and their baselines, on
+    /// the deploy's row (a stop during the bake resumes it with the time left).
+    pub async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError> {
+        let w = outbox::Write::Bake {
+            id,
+            bake: bake.to_string(),
         };
         self.write("a record write (deploy)", w).await.map(|_| ())
     }

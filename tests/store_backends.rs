@@ -129,6 +129,13 @@ async fn suite(s: &Store) {
         ("h-crash", "statefulset"),
         "the row keeps the content it deployed and the kind it patched"
     );
+    let bake = r#"{"startedAt":"2026-12-06T10:00:00Z","baselines":[null,0.01]}"#;
+    s.set_bake(first, bake).await.expect("bake");
+    assert_eq!(
+        s.interrupted().await.expect("q")[0].bake,
+        bake,
+        "a bake's start and baselines are on its row"
+    );
     // A second open row: both listed, newest first.
     let newer = s.start_deploy(&deploy("demo", "web")).await.expect("start");
     let ids: Vec<i64> = s

@@ -266,9 +266,9 @@ async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_mea
 }
 
 /// A kill -9 during the bake: the next start takes the rollout up on its own row and bakes it
-/// again before the version counts as good (never good on readiness alone).
+/// for the time it had left (its end unchanged), before the version counts as good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kill_during_the_bake_never_leaves_the_version_good_unverified() {
+async fn a_kill_during_the_bake_resumes_it_for_the_time_left() {
     let env = Env::new(SimConfig::default()).await;
     env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
         .await;
@@ -277,21 +277,37 @@ async fn a_kill_during_the_bake_never_leaves_the_version_good_unverified() {
     let daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
     env.write_dep(
         "web_prod.dep",
-        "version: \"1.1\"\nverify:\n  bake: 3s\n  interval: 200ms\n  checks:\n    - http: /healthz\n",
+        "version: \"1.1\"\nverify:\n  bake: 8s\n  interval: 200ms\n  checks:\n    - http: /healthz\n",
     );
     wait_status(&env, &k, ServiceStatus::Verifying, Duration::from_secs(20)).await;
+    let until = |message: &str| -> jiff::Timestamp {
+        let at = message.find("until ").expect("until") + 6;
+        message[at..at + 20].parse().expect("a time")
+    };
+    let first = until(&store.service(&k).await.expect("read").expect("row").message);
     daemon.kill();
     let row = store.service(&k).await.expect("read").expect("row");
     assert_ne!(row.last_good.to_string(), "web=example.com/web:1.1");
 
     let daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
+    let message = wait_for("the bake resumed", Duration::from_secs(20), || async {
+        let r = env.store().service(&k).await.ok()??;
+        r.message.contains("resumed after").then_some(r.message)
+    })
+    .await;
+    let again = until(&message);
+    let moved = again.duration_since(first).abs();
+    assert!(
+        moved <= jiff::SignedDuration::from_secs(2),
+        "the bake ends when it would have: {first} then {again} ({message})"
+    );
     wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
     let h = store.history(Some(&k), 10).await.expect("history");
     assert_eq!(h.len(), 1, "the deploy keeps its one row: {h:?}");
     assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
     assert!(
         h[0].message.contains("verified: GET /healthz"),
-        "baked again after the restart: {}",
+        "{}",
         h[0].message
     );
     daemon.stop();

@@ -340,6 +340,30 @@ pub enum VerifyOutcome {
     },
 }
 
+/// The checks' baselines by position (None: the check has none, or none was measured).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Baselines(pub Vec<Option<f64>>);
+
+// Baselines are finite numbers (NaN is no data), so equality is total.
+impl Eq for Baselines {}
+
+/// A bake a stop interrupted, as its deploy row recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResumedBake {
+    /// How long it had baked.
+    pub baked: Duration,
+    pub baselines: Baselines,
+}
+
+/// What a deploy row keeps of its bake (JSON in the record).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BakeRow {
+    /// RFC 3339: when the checks began to bake.
+    pub started_at: String,
+    pub baselines: Baselines,
+}
+
 /// How a bake stands after a round.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BakeVerdict {

@@ -24,7 +24,10 @@ pub enum Write {
         at: String,
     },
     /// A deploy row; `local` is the id handed out while it waits (negative).
-    Start { local: i64, record: DeployRecord },
+    Start {
+        local: i64,
+        record: DeployRecord,
+    },
     Finish {
         id: i64,
         outcome: DeployOutcome,
@@ -36,6 +39,10 @@ pub enum Write {
         restore: String,
         /// Why the rollout failed: the row's message until it is finished.
         why: String,
+    },
+    Bake {
+        id: i64,
+        bake: String,
     },
 }
 
@@ -133,6 +140,10 @@ pub fn resolve(w: &Write, ids: &HashMap<i64, i64>) -> Result<Write, StoreError> 
             restore: restore.clone(),
             why: why.clone(),
         },
+        Write::Bake { id, bake } => Write::Bake {
+            id: real(*id)?,
+            bake: bake.clone(),
+        },
         other => other.clone(),
     })
 }
@@ -195,6 +206,10 @@ pub async fn carry_out(backend: &dyn Backend, w: &Write) -> Result<Option<i64>, 
             }
             Write::Restore { id, restore, why } => {
                 backend.set_restore(*id, restore, why).await?;
+                Ok(None)
+            }
+            Write::Bake { id, bake } => {
+                backend.set_bake(*id, bake).await?;
                 Ok(None)
             }
         }
@@ -336,6 +351,11 @@ impl Outbox {
                     if let Some(d) = open.as_mut().filter(|d| d.id == *id) {
                         d.restore = restore.clone();
                         d.message = why.clone();
+                    }
+                }
+                Write::Bake { id, bake } => {
+                    if let Some(d) = open.as_mut().filter(|d| d.id == *id) {
+                        d.bake = bake.clone();
                     }
                 }
                 _ => {}

@@ -83,6 +83,9 @@ ALTER TABLE deploys ADD COLUMN kind TEXT NOT NULL DEFAULT '';
 ALTER TABLE services ADD COLUMN requested TEXT NOT NULL DEFAULT '';
 ALTER TABLE services ADD COLUMN requested_hash TEXT NOT NULL DEFAULT '';
 ",
+    "
+ALTER TABLE deploys ADD COLUMN bake TEXT NOT NULL DEFAULT '';
+",
 ];
 
 /// How long one call to the record may take before it counts as a failure.
@@ -241,6 +244,7 @@ fn deploy_row(row: &Row) -> DeployRecord {
         digests: row.get(13),
         content_hash: row.get(14),
         kind: row.get(15),
+        bake: row.get(16),
     }
 }
 
@@ -516,6 +520,17 @@ impl Backend for Postgres {
                 )
                 .await?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError> {
+        let bake = bake.to_string();
+        self.run(move |client| async move {
+            client
+                .execute("UPDATE deploys SET bake = $2 WHERE id = $1", &[&id, &bake])
+                .await?;
+            Ok(())
         })
         .await
     }

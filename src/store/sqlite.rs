@@ -130,6 +130,7 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         digests: r.get(13)?,
         content_hash: r.get(14)?,
         kind: r.get(15)?,
+        bake: r.get(16)?,
     })
 }
 
@@ -143,6 +144,7 @@ const SQLITE_ADDED: &[(&str, &str, &str)] = &[
     ("deploys", "kind", "TEXT NOT NULL DEFAULT ''"),
     ("services", "requested", "TEXT NOT NULL DEFAULT ''"),
     ("services", "requested_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("deploys", "bake", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Create the tables, and add the columns an older database lacks.
@@ -230,6 +232,7 @@ impl Conn {
                 message,
                 at,
             } => self.finish_deploy(*id, *outcome, message, at).map(|_| None),
+            Write::Bake { id, bake } => self.set_bake(*id, bake).map(|_| None),
             Write::Restore { id, restore, why } => {
                 self.set_restore(*id, restore, why).map(|_| None)
             }
@@ -395,6 +398,14 @@ impl Conn {
             params![key.namespace, key.name],
         )?;
         Ok(n > 0)
+    }
+
+    fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deploys SET bake = ?2 WHERE id = ?1",
+            params![id, bake],
+        )?;
+        Ok(())
     }
 
     fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {
@@ -649,6 +660,11 @@ impl Backend for Sqlite {
     async fn start_deploy(&self, d: &DeployRecord) -> Result<i64, StoreError> {
         let d = d.clone();
         self.call(move |c| c.start_deploy(&d)).await
+    }
+
+    async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError> {
+        let bake = bake.to_string();
+        self.call(move |c| c.set_bake(id, &bake)).await
     }
 
     async fn set_restore(&self, id: i64, restore: &str, why: &str) -> Result<(), StoreError> {

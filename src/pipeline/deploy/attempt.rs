@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::lifecycle::{Action, Failure, Input, Known, Lifecycle, Settings, Unfinished};
 use super::recorder::{Attempt, Recorder};
 use super::{DeployError, Deployer};
+use crate::domain::verify::{BakeRow, ResumedBake};
 use crate::domain::{Desired, Images, Plan, ServiceKey};
 use crate::store::OrLog;
 use crate::store::{DeployRecord, StoreError};
@@ -78,7 +79,20 @@ fn unfinished(d: &DeployRecord) -> Unfinished {
         ran_for,
         kind: d.kind.parse().ok(),
         hash: d.content_hash.clone(),
+        bake: resumed_bake(&d.bake),
     }
+}
+
+/// A bake recorded on a deploy row: how long it has baked since it began.
+fn resumed_bake(text: &str) -> Option<ResumedBake> {
+    let row: BakeRow = serde_json::from_str(text).ok()?;
+    let began = row.started_at.parse::<jiff::Timestamp>().ok()?;
+    let baked = std::time::Duration::try_from(jiff::Timestamp::now().duration_since(began))
+        .unwrap_or_default();
+    Some(ResumedBake {
+        baked,
+        baselines: row.baselines,
+    })
 }
 
 fn failure(e: DeployError) -> Failure {
@@ -286,13 +300,18 @@ impl Engine {
                 attempt.baselines(&measured);
                 Input::Measured(measured)
             }
-            Action::Verify { applied, baselines } => {
+            Action::Verify {
+                applied,
+                baselines,
+                baked,
+            } => {
                 let b = super::verify::Baking {
                     key,
                     kind: *kind,
                     desired,
                     applied: &applied,
-                    baselines: &baselines,
+                    baselines: &baselines.0,
+                    baked,
                     metrics: &self.recorder.metrics,
                 };
                 let bake = super::verify::bake(

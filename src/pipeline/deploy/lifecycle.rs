@@ -43,7 +43,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use tokio::time::Instant;
 
-use crate::domain::verify::{summary, CheckResult, VerifyOutcome};
+use crate::domain::verify::{summary, Baselines, CheckResult, ResumedBake, VerifyOutcome};
 use crate::domain::{
     human_duration, DeployOutcome, Desired, Images, ServiceStatus, Trigger, WorkloadKind,
 };
@@ -88,6 +88,8 @@ pub struct Unfinished {
     pub kind: Option<WorkloadKind>,
     /// The file content it deployed: what a failure of its rollout pins. Empty when unknown.
     pub hash: String,
+    /// Its rollout was healthy and its checks were baking: for how long, and against what.
+    pub bake: Option<ResumedBake>,
 }
 
 /// The least a resumed rollout is given to be seen healthy, even past its timeout.
@@ -170,7 +172,9 @@ pub enum Action {
     Verify {
         /// The images the healthy rollout runs: a template with others is someone else's.
         applied: Images,
-        baselines: Vec<Option<f64>>,
+        baselines: Baselines,
+        /// How long it baked before a stop: the bake goes on for the time left.
+        baked: Duration,
     },
     Done,
 }
@@ -251,7 +255,13 @@ pub enum Event {
     Patched { generation: i64, rollback: bool },
     /// The rollout is healthy and its checks are being baked for `bake`: the service is
     /// `verifying`, and the version is not last good yet.
-    Verifying { bake: Duration, checks: usize },
+    Verifying {
+        bake: Duration,
+        checks: usize,
+        /// Baked before a stop, when resumed.
+        baked: Duration,
+        baselines: Baselines,
+    },
     /// The checks' record over the bake, for the history row and the notifications.
     Verified { results: Vec<CheckResult> },
     /// The rollout's verdict is failure: the version is pinned and people are told at once.
@@ -359,6 +369,8 @@ pub struct Lifecycle {
     wanted: Option<Images>,
     /// The checks' baselines, measured before this deploy's PATCH.
     baselines: Option<Vec<Option<f64>>>,
+    /// The bake a stop interrupted, resumed on this deploy's row.
+    resumed_bake: Option<ResumedBake>,
 }
 
 /// The images a rollback restores: every container this deploy changed, and every container
@@ -430,6 +442,7 @@ impl Lifecycle {
             then_plan: false,
             wanted: None,
             baselines: None,
+            resumed_bake: None,
         }
     }
 
@@ -786,6 +799,10 @@ impl Lifecycle {
     /// started, with a little time to be seen healthy.
     fn judge_resumed(&mut self, plan: Plan, u: &Unfinished, now: Instant) -> Action {
         self.ran_before = u.ran_for;
+        if let Some(b) = &u.bake {
+            self.baselines = Some(b.baselines.0.clone());
+        }
+        self.resumed_bake = u.bake.clone();
         let left = self
             .settings
             .rollout_timeout
@@ -1188,13 +1205,27 @@ impl Lifecycle {
             .map_or((Duration::ZERO, 0), |v| (v.bake, v.checks.len()));
         let action = self.verify_action(&plan);
         self.phase = Phase::Verifying(plan);
-        (vec![Event::Verifying { bake, checks }], action)
+        let event = Event::Verifying {
+            bake,
+            checks,
+            baked: self.baked(),
+            baselines: Baselines(self.baselines.clone().unwrap_or_default()),
+        };
+        (vec![event], action)
+    }
+
+    /// How long a resumed bake had baked.
+    fn baked(&self) -> Duration {
+        self.resumed_bake
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.baked)
     }
 
     fn verify_action(&self, plan: &Plan) -> Action {
         Action::Verify {
             applied: plan.after.clone(),
-            baselines: self.baselines.clone().unwrap_or_default(),
+            baselines: Baselines(self.baselines.clone().unwrap_or_default()),
+            baked: self.baked(),
         }
     }
 
@@ -1623,7 +1654,7 @@ mod tests {
         assert!(matches!(&actions[2], Action::Patch { .. }));
         assert!(matches!(
             &actions[4],
-            Action::Verify { baselines, .. } if *baselines == vec![None, Some(0.01)]
+            Action::Verify { baselines, .. } if baselines.0 == vec![None, Some(0.01)]
         ));
         assert!(events.iter().any(|e| matches!(
             e,
@@ -1638,6 +1669,55 @@ mod tests {
             "{}",
             f.message
         );
+    }
+
+    #[test]
+    fn a_bake_a_stop_interrupted_goes_on_for_the_time_it_had_left() {
+        let bake = ResumedBake {
+            baked: Duration::from_secs(120),
+            baselines: Baselines(vec![None, Some(0.01)]),
+        };
+        let known = Known {
+            last_good: images("web=w:1"),
+            interrupted: Some(Unfinished {
+                id: 7,
+                to: images("web=w:2"),
+                bake: Some(bake.clone()),
+                ..Unfinished::default()
+            }),
+            ..Known::default()
+        };
+        let (events, actions) = run(
+            verified_desired(true),
+            known,
+            vec![
+                Input::Planned(Ok(plan("web=w:2", "web=w:2"))),
+                Input::Waited(WaitOutcome::Healthy),
+                passed(),
+            ],
+        );
+        // Judged on its own row; neither measured nor patched again; baked for the time left
+        // against the baselines it measured before its PATCH.
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, Action::Patch { .. } | Action::Measure)));
+        assert!(actions.contains(&Action::Verify {
+            applied: images("web=w:2"),
+            baselines: bake.baselines.clone(),
+            baked: bake.baked,
+        }));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Verifying { baked, .. } if *baked == Duration::from_secs(120)
+        )));
+        assert!(matches!(
+            &events[0],
+            Event::Started {
+                resumed: Some(7),
+                ..
+            }
+        ));
+        assert!(finish(&events).good);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Baking<'a> {
     pub desired: &'a Desired,
     pub applied: &'a Images,
     pub baselines: &'a [Option<f64>],
+    /// Baked before a stop: the bake goes on for the time left.
+    pub baked: std::time::Duration,
     pub metrics: &'a crate::metrics::Metrics,
 }
 
@@ -58,7 +60,8 @@ pub async fn bake(
         version: &version,
     };
     let mut tally = Bake::new(v, b.baselines);
-    let start = Instant::now();
+    let now = Instant::now();
+    let start = now.checked_sub(b.baked).unwrap_or(now);
     loop {
         if let Some(end) = outside(deployer, &b).await {
             return Some(end);

@@ -330,7 +330,12 @@ impl Attempt<'_> {
                 rollback,
             } => self.patched(*generation, *rollback),
             Event::RolloutFailed { outcome, reason } => self.rollout_failed(*outcome, reason).await,
-            Event::Verifying { bake, checks } => self.verifying(*bake, *checks).await,
+            Event::Verifying {
+                bake,
+                checks,
+                baked,
+                baselines,
+            } => self.verifying(*bake, *checks, *baked, baselines).await,
             Event::Verified { results } => {
                 tracing::info!(checks = %crate::domain::verify::summary(results), "verification over");
             }
@@ -633,17 +638,40 @@ impl Attempt<'_> {
 
     /// The rollout is healthy and its checks bake: the service is `verifying`, its images
     /// not last good yet.
-    async fn verifying(&self, bake: std::time::Duration, checks: usize) {
-        let until = jiff::Timestamp::now()
-            .checked_add(jiff::SignedDuration::try_from(bake).unwrap_or_default())
-            .unwrap_or_else(|_| jiff::Timestamp::now());
+    async fn verifying(
+        &self,
+        bake: std::time::Duration,
+        checks: usize,
+        baked: std::time::Duration,
+        baselines: &crate::domain::verify::Baselines,
+    ) {
+        let now = jiff::Timestamp::now();
+        let span = |d: std::time::Duration| jiff::SignedDuration::try_from(d).unwrap_or_default();
+        let began = now.checked_sub(span(baked)).unwrap_or(now);
+        let until = began.checked_add(span(bake)).unwrap_or(now);
+        let resumed = match baked.is_zero() {
+            true => String::new(),
+            false => format!(", resumed after {} baked", human_duration(baked)),
+        };
         let message = format!(
-            "rollout healthy; verifying {checks} check{} for {} (until {})",
+            "rollout healthy; verifying {checks} check{} for {} (until {}{resumed})",
             if checks == 1 { "" } else { "s" },
             human_duration(bake),
             until.strftime("%Y-%m-%dT%H:%M:%SZ")
         );
         tracing::info!("{message}");
+        if let Some(id) = self.row {
+            let row = crate::domain::verify::BakeRow {
+                started_at: began.to_string(),
+                baselines: baselines.clone(),
+            };
+            let text = serde_json::to_string(&row).unwrap_or_default();
+            self.recorder
+                .store
+                .set_bake(id, &text)
+                .await
+                .or_log("record the bake");
+        }
         let change = self
             .service_change()
             .status(ServiceStatus::Verifying)
