@@ -312,3 +312,36 @@ async fn a_kill_during_the_bake_resumes_it_for_the_time_left() {
     );
     daemon.stop();
 }
+
+/// A StatefulSet is verified the same way: ready but unhealthy by its checks, rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_is_verified_the_same_way() {
+    let env = Env::new(SimConfig::default()).await;
+    env.workload(
+        "statefulset",
+        "prod",
+        "db",
+        &[("db", "example.com/db:1.0")],
+        serde_json::json!({"replicas": 2}),
+    )
+    .await;
+    let daemon = env.daemon(&["--rollout-timeout", "30s"]).await;
+    let k = key("db", "prod");
+    env.write_dep(
+        "db_prod.dep",
+        &verify_file("1.1-unhealthy", "    - http: /healthz\n"),
+    );
+    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(60)).await;
+    assert_eq!(
+        env.workload_image("statefulset", "prod", "db").await,
+        "example.com/db:1.0"
+    );
+    let h = env.store().history(Some(&k), 1).await.expect("history");
+    assert!(
+        h[0].message
+            .contains("verification failed: GET /healthz: HTTP 500"),
+        "{}",
+        h[0].message
+    );
+    daemon.stop();
+}
