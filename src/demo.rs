@@ -1,6 +1,7 @@
 //! `depwatch demo`: the one place that starts both the simulated cluster and the daemon, which
 //! still meet only through a kubeconfig. A new user sees a deploy, a failure with the pod's own
-//! reason and rollback, and a timeout, with no cluster at all.
+//! reason and rollback, a timeout, and a version ready but failing its own checks, with no
+//! cluster at all.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +33,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     (
         "reports_demo.dep",
         include_str!("../examples/deps/reports_demo.dep"),
+    ),
+    (
+        "checkout_demo.dep",
+        include_str!("../examples/deps/checkout_demo.dep"),
     ),
 ];
 
@@ -130,11 +135,12 @@ pub async fn run(
         std::fs::write(deps.join(name), text).map_err(io)?;
     }
 
-    say("depwatch demo: a simulated cluster with 4 Deployments in namespace demo, each running 1.0.0");
+    say("depwatch demo: a simulated cluster with 5 Deployments in namespace demo, each running 1.0.0");
     say(&format!("  dependency files: {}", deps.display()));
     say(&format!("  kubeconfig:       {}", kubeconfig.display()));
     say("  web_demo.dep asks for a good version, api_demo.dep one that cannot be pulled,");
-    say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready.");
+    say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready,");
+    say("  checkout_demo.dep one that becomes ready but fails its own /healthz check.");
     if once {
         say("  --once: the demo stops when every example has an outcome, and prints them.");
     } else {

@@ -466,6 +466,7 @@ impl ServiceStatus {
             self,
             ServiceStatus::Pending
                 | ServiceStatus::Deploying
+                | ServiceStatus::Verifying
                 | ServiceStatus::WaitingForApi
                 | ServiceStatus::Retry
         )

@@ -1,4 +1,5 @@
-//! `depwatch demo` as a new user runs it: a deploy, a failure and a timeout, no cluster.
+//! `depwatch demo` as a new user runs it: a deploy, a failure, a timeout and a version that
+//! fails its own checks, no cluster.
 
 use std::process::Command;
 
@@ -34,6 +35,11 @@ fn the_demo_shows_a_deploy_a_failure_and_a_timeout() {
         line("reports").contains("not healthy after"),
         "{}",
         line("reports")
+    );
+    assert!(
+        line("checkout").contains("verification failed: GET /healthz: HTTP 500"),
+        "{}",
+        line("checkout")
     );
     assert!(
         stderr.contains("rollout healthy"),
