@@ -88,6 +88,29 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
         h[0].message
     );
 
+    // Slack carries the checks' record next to the reason.
+    let told = wait_for(
+        "Slack told of the rollback",
+        Duration::from_secs(20),
+        || async {
+            env.messages().into_iter().find(|m| {
+                m.body["text"].as_str().is_some_and(|t| {
+                    t.contains("web:1.2-unhealthy") && t.contains("verification failed")
+                })
+            })
+        },
+    )
+    .await;
+    let fields = told.body["attachments"][0]["fields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let checks = fields
+        .iter()
+        .find(|f| f["title"] == "Checks")
+        .unwrap_or_else(|| panic!("a Checks field: {}", told.body));
+    assert_eq!(checks["value"], "GET /healthz 0/1 passed, last HTTP 500");
+
     // Every sample is counted by result, and each bake's length observed.
     let metrics = common::get_metrics(&reqwest::Client::new(), &daemon.http_url()).await;
     let passed = common::sample(&metrics, "depwatch_verify_checks_total{result=\"pass\"}");

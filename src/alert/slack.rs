@@ -52,6 +52,8 @@ pub struct Report {
     pub duration: Duration,
     /// The reason and the pod's own message, for failures.
     pub reason: String,
+    /// The verification checks' record over the bake, when the file declared checks.
+    pub checks: Vec<crate::domain::verify::CheckResult>,
 }
 
 impl Report {
@@ -84,6 +86,7 @@ impl Report {
             "to": self.to,
             "duration_seconds": (self.duration.as_secs_f64() * 1000.0).round() / 1000.0,
             "reason": self.reason,
+            "checks": self.checks,
             "time": crate::store::now(),
         })
     }
@@ -121,6 +124,10 @@ impl Report {
         ];
         if !self.reason.is_empty() {
             fields.push(json!({"title": "Reason", "value": self.reason, "short": false}));
+        }
+        if !self.checks.is_empty() {
+            let summary = crate::domain::verify::summary(&self.checks);
+            fields.push(json!({"title": "Checks", "value": summary, "short": false}));
         }
         let text = if self.reason.is_empty() {
             format!("{} from {from} to {to}", self.title())
@@ -386,6 +393,7 @@ mod tests {
             to: to.into(),
             duration: Duration::ZERO,
             reason: "rolled back to web=w:1, envoy=e:1: CrashLoopBackOff".into(),
+            checks: Vec::new(),
         };
         let table = [
             (
@@ -432,6 +440,7 @@ mod tests {
             to: "repo:1.1".into(),
             duration: Duration::from_millis(2500),
             reason: "ImagePullBackOff: not found".into(),
+            checks: Vec::new(),
         };
         let db = Report {
             kind: WorkloadKind::StatefulSet,

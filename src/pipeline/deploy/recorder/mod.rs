@@ -83,6 +83,8 @@ pub struct Attempt<'a> {
     adopted: bool,
     /// What a failure of the adopted rollout pins (its own content), if anything.
     adopted_pin: Option<String>,
+    /// The verification checks' record, once the bake is over.
+    checks: Vec<crate::domain::verify::CheckResult>,
 }
 
 /// What a change outside depwatch makes of the record.
@@ -122,6 +124,7 @@ impl Recorder {
             failure: String::new(),
             adopted: false,
             adopted_pin: None,
+            checks: Vec::new(),
         }
     }
 
@@ -227,6 +230,7 @@ impl Recorder {
             to: seen.to,
             duration: Duration::ZERO,
             reason,
+            checks: Vec::new(),
         });
     }
 
@@ -338,6 +342,7 @@ impl Attempt<'_> {
             } => self.verifying(*bake, *checks, *baked, baselines).await,
             Event::Verified { results } => {
                 tracing::info!(checks = %crate::domain::verify::summary(results), "verification over");
+                self.checks = results.clone();
             }
             Event::Finished(f) => self.finished(f).await,
         }
@@ -373,6 +378,7 @@ impl Attempt<'_> {
             to,
             duration: self.began.elapsed(),
             reason: reason.to_string(),
+            checks: self.checks.clone(),
         }
     }
 
