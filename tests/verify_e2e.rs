@@ -125,6 +125,32 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
         "two bakes ended"
     );
 
+    // `depwatch retry` lifts the pin, and the version is verified again (and fails again).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(["retry", "prod/web", "--state-dir"])
+        .arg(&env.state)
+        .env("NO_COLOR", "1")
+        .env_remove("DEPWATCH_API")
+        .output()
+        .expect("retry runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the retry's verdict", Duration::from_secs(30), || async {
+        let h = env.store().history(Some(&k), 10).await.ok()?;
+        let retried = h
+            .iter()
+            .filter(|d| d.to_image.contains("web:1.2-unhealthy"))
+            .count();
+        (retried == 2
+            && h[0].outcome == DeployOutcome::RolledBack
+            && h[0].message.contains("verification failed"))
+        .then_some(())
+    })
+    .await;
+
     // /version says another version than the one deployed: rolled back too.
     env.write_dep(
         "web_prod.dep",
