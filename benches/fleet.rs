@@ -459,6 +459,11 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     tokio::time::sleep(Duration::from_secs(5)).await;
     f.restart_patches = audit_patches(&audit) - patches_before;
     f.idle_rss_mib = proc_stats(daemon.child.id()).1;
+    // DEPWATCH_BENCH_SMAPS: where the idle resident set is (anonymous or file-backed).
+    if std::env::var_os("DEPWATCH_BENCH_SMAPS").is_some() {
+        let smaps = format!("/proc/{}/smaps_rollup", daemon.child.id());
+        eprintln!("[{n}] idle {smaps}:\n{}", std::fs::read_to_string(&smaps).unwrap_or_default());
+    }
 
     eprintln!("[{n}] burst of {n} changed files");
     let (cpu0, _, _) = proc_stats(daemon.child.id());
