@@ -462,7 +462,10 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
     // DEPWATCH_BENCH_SMAPS: where the idle resident set is (anonymous or file-backed).
     if std::env::var_os("DEPWATCH_BENCH_SMAPS").is_some() {
         let smaps = format!("/proc/{}/smaps_rollup", daemon.child.id());
-        eprintln!("[{n}] idle {smaps}:\n{}", std::fs::read_to_string(&smaps).unwrap_or_default());
+        eprintln!(
+            "[{n}] idle {smaps}:\n{}",
+            std::fs::read_to_string(&smaps).unwrap_or_default()
+        );
     }
 
     eprintln!("[{n}] burst of {n} changed files");

@@ -349,7 +349,8 @@ async fn rbac_grants_exactly_what_depwatch_uses() {
     // Verified by its /healthz, through the API server's service proxy.
     env.write_dep(
         "agent_prod.dep",
-        "version: 1.1.0\nverify:\n  checks:\n    - http: /healthz\n",
+        // A short bake that a transient answer (a pod between ready and serving) cannot fail.
+        "version: 1.1.0\nverify:\n  bake: 1s\n  interval: 200ms\n  failureLimit: 3\n  checks:\n    - http: /healthz\n",
     );
     env.write_dep("report_prod.dep", "1.1.0\n");
     let store = env.store();
