@@ -10,31 +10,11 @@ use std::time::Duration;
 use common::daemon::{colour, text, Env};
 use common::key;
 use common::{wait_for, Kubectl};
-use depwatch::domain::{DeployOutcome, ServiceKey, ServiceStatus};
+use depwatch::domain::{DeployOutcome, ServiceStatus};
 use depwatch::sim::SimConfig;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-
-/// [`wait_for`], showing the daemon's logs if the condition never holds.
-async fn wait_or_show<T, F, Fut>(env: &Env, what: &str, within: Duration, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    match tokio::time::timeout(within, wait_for(what, within * 2, check)).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}\n{}", env.daemon_logs()),
-    }
-}
-
-async fn wait_status(env: &Env, k: &ServiceKey, want: ServiceStatus, within: Duration) {
-    let what = format!("{k} to be {want}");
-    wait_or_show(env, &what, within, || async {
-        (env.store().service(k).await.ok()??.status == want).then_some(())
-    })
-    .await
-}
 
 /// The demo's four kinds of service, many copies each, several rounds: every verdict must be
 /// the right one (a working rollback is never reported as failed).
@@ -147,13 +127,8 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
     env.write_dep("web_prod.dep", "1.1.0\n");
     env.write_dep("api_prod.dep", "version: 1.1.0\nrolloutTimeout: 60s\n");
     let (web, api) = (key("web", "prod"), key("api", "prod"));
-    wait_status(
-        &env,
-        &api,
-        ServiceStatus::WaitingForApi,
-        Duration::from_secs(20),
-    )
-    .await;
+    env.wait_status(&api, ServiceStatus::WaitingForApi, Duration::from_secs(20))
+        .await;
     let http = reqwest::Client::new();
     let url = daemon.http_url();
     let ready = http
@@ -175,11 +150,12 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
     );
     // web's deadline passes: one failed row, not pinned. (The record's own message may already
     // be the next resync's "waiting" by the time it is read: the failed row keeps the verdict.)
-    let failed = wait_or_show(&env, "web to give up", Duration::from_secs(20), || async {
-        let h = env.store().history(Some(&web), 5).await.ok()?;
-        (h.len() == 1 && h[0].outcome == DeployOutcome::Failed).then(|| h[0].clone())
-    })
-    .await;
+    let failed = env
+        .wait_or_show("web to give up", Duration::from_secs(20), || async {
+            let h = env.store().history(Some(&web), 5).await.ok()?;
+            (h.len() == 1 && h[0].outcome == DeployOutcome::Failed).then(|| h[0].clone())
+        })
+        .await;
     let record = env.store().service(&web).await.expect("q").expect("record");
     assert!(
         record.failed_hash.is_empty(),
@@ -188,20 +164,10 @@ async fn an_api_server_outage_is_retried_and_never_pins() {
     assert!(failed.message.contains("next resync"), "{}", failed.message);
 
     env.sim.restart().await.expect("the API server is back");
-    wait_status(
-        &env,
-        &api,
-        ServiceStatus::Succeeded,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_status(
-        &env,
-        &web,
-        ServiceStatus::Succeeded,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_status(&api, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    env.wait_status(&web, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
     assert_eq!(env.image("prod", "api").await, "example.com/api:1.1.0");
     assert_eq!(env.image("prod", "web").await, "example.com/web:1.1.0");
     assert_eq!(env.patches("prod", "api"), 1);
@@ -233,7 +199,8 @@ async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
     let daemon = env.daemon(&[]).await;
     let k = key("web", "prod");
     env.write_dep("web_prod.dep", "1.1.0\n");
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
 
     let api: Api<Deployment> = Api::namespaced(env.client.clone(), "prod");
     let scale = |n: i32| {
@@ -250,7 +217,8 @@ async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
     };
     scale(0).await;
     env.write_dep("web_prod.dep", "1.2.0-crash\n");
-    wait_status(&env, &k, ServiceStatus::Unverified, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Unverified, Duration::from_secs(30))
+        .await;
     let record = env.store().service(&k).await.expect("q").expect("record");
     assert_eq!(record.last_good.to_string(), "web=example.com/web:1.1.0");
     assert_eq!(
@@ -265,7 +233,8 @@ async fn zero_replicas_deploy_unverified_and_never_become_last_good() {
 
     scale(1).await;
     env.write_dep("web_prod.dep", "1.3.0-fail-pull\n");
-    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::RolledBack, Duration::from_secs(30))
+        .await;
     assert_eq!(
         env.image("prod", "web").await,
         "example.com/web:1.1.0",
@@ -295,7 +264,8 @@ async fn a_paused_deployment_is_reported_paused_at_once_without_a_patch() {
     let k = key("web", "prod");
     env.write_dep("web_prod.dep", "1.1.0\n");
     // Well inside the rollout timeout: the verdict does not wait for it.
-    wait_status(&env, &k, ServiceStatus::Paused, Duration::from_secs(15)).await;
+    env.wait_status(&k, ServiceStatus::Paused, Duration::from_secs(15))
+        .await;
     let m = env.wait_messages(1).await;
     assert_eq!(colour(&m[0]), "#d40e0d");
     assert!(
@@ -332,9 +302,11 @@ async fn kubectl_describe_lists_depwatchs_events() {
     let _daemon = env.daemon(&[]).await;
     let k = key("web", "prod");
     env.write_dep("web_prod.dep", "1.1.0\n");
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
     env.write_dep("web_prod.dep", "1.2.0-fail-pull\n");
-    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::RolledBack, Duration::from_secs(30))
+        .await;
     let kubectl = Kubectl::new(env.dir.path(), &env.sim.kubeconfig());
     let out = wait_for(
         "the Events in kubectl describe",
@@ -394,7 +366,8 @@ async fn a_deploy_that_fails_before_any_change_is_one_row() {
     let k = key("web", "prod");
     // The file names a container the Deployment does not have.
     env.write_dep("web_prod.dep", "images:\n  sidecar: example.com/side:2\n");
-    wait_status(&env, &k, ServiceStatus::Failed, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Failed, Duration::from_secs(30))
+        .await;
     let h = env.store().history(Some(&k), 10).await.expect("history");
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(
@@ -419,7 +392,8 @@ async fn a_lagging_view_of_the_cluster_never_causes_a_rollback() {
     let _daemon = env.daemon(&["--rollout-timeout", "2s"]).await;
     let k = key("web", "prod");
     env.write_dep("web_prod.dep", "1.1.0\n");
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
     assert_eq!(env.patches("prod", "web"), 1, "no rollback");
     let h = env.store().history(Some(&k), 5).await.expect("history");
     assert_eq!(h.len(), 1);

@@ -8,22 +8,8 @@ use std::time::Duration;
 
 use common::daemon::Env;
 use common::{key, wait_for};
-use depwatch::domain::{DeployOutcome, ServiceKey, ServiceStatus};
+use depwatch::domain::{DeployOutcome, ServiceStatus};
 use depwatch::sim::SimConfig;
-
-async fn wait_status(env: &Env, k: &ServiceKey, want: ServiceStatus, within: Duration) {
-    let what = format!("{k} to be {want}");
-    let got = tokio::time::timeout(
-        within,
-        wait_for(&what, within * 2, || async {
-            (env.store().service(k).await.ok()??.status == want).then_some(())
-        }),
-    )
-    .await;
-    if got.is_err() {
-        panic!("timed out waiting for {what}\n{}", env.daemon_logs());
-    }
-}
 
 fn verify_file(version: &str, checks: &str) -> String {
     format!("version: {version}\nverify:\n  bake: 1s\n  interval: 300ms\n  checks:\n{checks}")
@@ -46,7 +32,8 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
             "    - http: /healthz\n    - http: {path: /version, versionField: version}\n",
         ),
     );
-    wait_status(&env, &k, ServiceStatus::Verifying, Duration::from_secs(20)).await;
+    env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
+        .await;
     let row = store.service(&k).await.expect("read").expect("row");
     assert!(
         row.message.contains("verifying 2 checks for 1s"),
@@ -58,7 +45,8 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
         "web=example.com/web:1.1",
         "not last good while verifying"
     );
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(20)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(20))
+        .await;
     let row = store.service(&k).await.expect("read").expect("row");
     assert_eq!(row.last_good.to_string(), "web=example.com/web:1.1");
     let h = store.history(Some(&k), 10).await.expect("history");
@@ -74,7 +62,8 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
         "web_prod.dep",
         &verify_file("1.2-unhealthy", "    - http: /healthz\n"),
     );
-    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::RolledBack, Duration::from_secs(30))
+        .await;
     env.wait_image("prod", "web", "example.com/web:1.1").await;
     let row = store.service(&k).await.expect("read").expect("row");
     assert!(!row.failed_hash.is_empty(), "the version is pinned");
@@ -186,9 +175,11 @@ async fn a_newer_version_during_the_bake_supersedes_it_and_it_never_becomes_last
         "api_prod.dep",
         "version: \"1.1\"\nverify:\n  bake: 1h\n  interval: 200ms\n  checks:\n    - http: /healthz\n",
     );
-    wait_status(&env, &k, ServiceStatus::Verifying, Duration::from_secs(20)).await;
+    env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
+        .await;
     env.write_dep("api_prod.dep", "1.2\n");
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(20)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(20))
+        .await;
     let row = store.service(&k).await.expect("read").expect("row");
     assert_eq!(row.last_good.to_string(), "api=example.com/api:1.2");
     let h = store.history(Some(&k), 10).await.expect("history");
@@ -244,13 +235,8 @@ async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_mea
         "web_prod.dep",
         &prometheus_file("1.1-errors-30", &ratio, "<= baseline * 1.2", "wait"),
     );
-    wait_status(
-        &env,
-        &web,
-        ServiceStatus::RolledBack,
-        Duration::from_secs(60),
-    )
-    .await;
+    env.wait_status(&web, ServiceStatus::RolledBack, Duration::from_secs(60))
+        .await;
     env.wait_image("prod", "web", "example.com/web:1.0").await;
     let h = store.history(Some(&web), 10).await.expect("history");
     let m = &h[0].message;
@@ -284,20 +270,10 @@ async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_mea
     );
     let quiet = key("quiet", "prod");
     let strict = key("strict", "prod");
-    wait_status(
-        &env,
-        &quiet,
-        ServiceStatus::Succeeded,
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_status(
-        &env,
-        &strict,
-        ServiceStatus::RolledBack,
-        Duration::from_secs(60),
-    )
-    .await;
+    env.wait_status(&quiet, ServiceStatus::Succeeded, Duration::from_secs(60))
+        .await;
+    env.wait_status(&strict, ServiceStatus::RolledBack, Duration::from_secs(60))
+        .await;
     let h = store.history(Some(&quiet), 1).await.expect("history");
     let m = &h[0].message;
     assert!(
@@ -328,7 +304,8 @@ async fn a_kill_during_the_bake_resumes_it_for_the_time_left() {
         "web_prod.dep",
         "version: \"1.1\"\nverify:\n  bake: 8s\n  interval: 200ms\n  checks:\n    - http: /healthz\n",
     );
-    wait_status(&env, &k, ServiceStatus::Verifying, Duration::from_secs(20)).await;
+    env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
+        .await;
     let until = |message: &str| -> jiff::Timestamp {
         let at = message.find("until ").expect("until") + 6;
         message[at..at + 20].parse().expect("a time")
@@ -350,7 +327,8 @@ async fn a_kill_during_the_bake_resumes_it_for_the_time_left() {
         moved <= jiff::SignedDuration::from_secs(2),
         "the bake ends when it would have: {first} then {again} ({message})"
     );
-    wait_status(&env, &k, ServiceStatus::Succeeded, Duration::from_secs(30)).await;
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
     let h = store.history(Some(&k), 10).await.expect("history");
     assert_eq!(h.len(), 1, "the deploy keeps its one row: {h:?}");
     assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
@@ -380,7 +358,8 @@ async fn a_statefulset_is_verified_the_same_way() {
         "db_prod.dep",
         &verify_file("1.1-unhealthy", "    - http: /healthz\n"),
     );
-    wait_status(&env, &k, ServiceStatus::RolledBack, Duration::from_secs(60)).await;
+    env.wait_status(&k, ServiceStatus::RolledBack, Duration::from_secs(60))
+        .await;
     assert_eq!(
         env.workload_image("statefulset", "prod", "db").await,
         "example.com/db:1.0"

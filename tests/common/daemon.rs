@@ -403,6 +403,32 @@ impl Env {
     }
 
     /// Every daemon log of this environment, oldest first, for failure messages.
+    /// [`wait_for`], showing the daemon's logs if the condition never holds within `within`.
+    pub async fn wait_or_show<T, F, Fut>(&self, what: &str, within: Duration, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        match tokio::time::timeout(within, wait_for(what, within * 2, check)).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out waiting for {what}\n{}", self.daemon_logs()),
+        }
+    }
+
+    /// Wait until the service's recorded status is `want`, showing the daemon's logs if not.
+    pub async fn wait_status(
+        &self,
+        k: &depwatch::domain::ServiceKey,
+        want: depwatch::domain::ServiceStatus,
+        within: Duration,
+    ) {
+        let what = format!("{k} to be {want}");
+        self.wait_or_show(&what, within, || async {
+            (self.store().service(k).await.ok()??.status == want).then_some(())
+        })
+        .await
+    }
+
     pub fn daemon_logs(&self) -> String {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .map(|d| {
