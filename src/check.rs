@@ -39,6 +39,7 @@ pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
         }
     };
     let mut problems = Vec::new();
+    let policy = read_policy(dir, &mut problems);
     let mut good = 0;
     let mut seen: HashMap<ServiceKey, PathBuf> = HashMap::new();
     for path in paths {
@@ -58,9 +59,8 @@ pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
             ));
             continue;
         }
-        let namespace = key.namespace.clone();
-        seen.insert(key, path.clone());
-        if let Err(e) = rules.bounds.check_namespace(&namespace) {
+        seen.insert(key.clone(), path.clone());
+        if let Err(e) = rules.bounds.check_namespace(&key.namespace) {
             problems.push(format!("{}: {e}", crate::safefs::shown(&path)));
             continue;
         }
@@ -75,12 +75,41 @@ pub fn check_dir(dir: &Path, rules: &Rules) -> (usize, Vec<Problem>) {
         let checked = depfile::parse_all(&file, &bytes).and_then(|spec| {
             crate::pipeline::ingest::within_bounds(&rules.bounds, &file, spec).map_err(|e| vec![e])
         });
-        match checked {
+        let under_policy = checked.map_err(|all| all.iter().map(ToString::to_string).collect());
+        let under_policy = under_policy.and_then(|spec| match &policy {
+            Some(p) => p
+                .verification(&key, &file, spec.verify)
+                .map_err(|c| vec![c.0]),
+            None => Ok(None),
+        });
+        match under_policy {
             Ok(_) => good += 1,
-            Err(all) => problems.extend(all.iter().map(ToString::to_string)),
+            Err(all) => problems.extend(all),
         }
     }
     (good, problems)
+}
+
+/// The directory's policy file, when it has one: its problems are listed, and the files are
+/// checked under it only when it is valid.
+fn read_policy(dir: &Path, problems: &mut Vec<Problem>) -> Option<crate::policy::Policy> {
+    let path = dir.join(crate::policy::FILE_NAME);
+    let bytes = match crate::safefs::read_capped(dir, &path, crate::policy::MAX_SIZE) {
+        Ok(b) => b,
+        Err(e) if e.is_missing() => return None,
+        Err(e) => {
+            problems.push(e.to_string());
+            return None;
+        }
+    };
+    match crate::policy::parse(&bytes) {
+        Ok(p) => Some(p),
+        Err(list) => {
+            let shown = crate::safefs::shown(&path);
+            problems.extend(list.iter().map(|p| p.at(&shown)));
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +137,39 @@ mod tests {
             .iter()
             .any(|p| p.contains("empty_prod.dep") && p.contains("empty")));
         assert!(problems.iter().any(|p| p.contains("already defined")));
+    }
+
+    #[test]
+    fn the_policy_file_is_checked_and_the_files_are_checked_under_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w =
+            |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+        w("web_prod.dep", "1.2.3\n");
+        w(
+            "api_prod.dep",
+            "version: 1.2\nverify:\n  checks:\n    - name: healthz\n      http: /ok\n",
+        );
+        w(
+            "api_staging.dep",
+            "version: 1.2\nverify:\n  checks:\n    - name: healthz\n      http: /ok\n",
+        );
+        w(crate::policy::FILE_NAME, "rules:\n  - namespaces: prod\n    verify:\n      checks:\n        - name: healthz\n          http: /healthz\n");
+        let (good, problems) = check_dir(dir.path(), &Rules::default());
+        assert_eq!(good, 2, "{problems:#?}");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].contains("api_prod.dep: the check `healthz` is also declared by depwatch-policy.yaml rules[0]"),
+            "{problems:#?}"
+        );
+        // A policy with a problem is named with its line; the files are still checked.
+        w(crate::policy::FILE_NAME, "rules:\n  - namespaces: prod\n    verify:\n      bake: often\n      checks: [{http: /h}]\n");
+        let (good, problems) = check_dir(dir.path(), &Rules::default());
+        assert_eq!(good, 3, "{problems:#?}");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].contains("depwatch-policy.yaml:4: rules[0].verify.bake: not a duration"),
+            "{problems:#?}"
+        );
     }
 
     #[test]

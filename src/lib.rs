@@ -34,6 +34,7 @@ pub mod logging;
 pub mod metrics;
 pub mod operator;
 pub mod pipeline;
+pub mod policy;
 pub mod registry;
 pub mod safefs;
 pub mod sdnotify;

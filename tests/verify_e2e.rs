@@ -373,3 +373,114 @@ async fn a_statefulset_is_verified_the_same_way() {
     );
     daemon.stop();
 }
+
+/// A platform team's checks for a namespace glob, from the policy file: plain version files
+/// are verified by them; a namespace no rule covers is not; an invalid policy deploys nothing
+/// until it is fixed, and then the save waiting is taken by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_file_verifies_every_service_of_its_namespaces() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 2)
+        .await;
+    env.deployment("staging", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    let policy = "# production services must answer /healthz for a second\nrules:\n  - namespaces: [\"prod*\"]\n    verify:\n      bake: 1s\n      interval: 300ms\n      checks:\n        - name: healthz\n          http: /healthz\n";
+    env.write_dep("depwatch-policy.yaml", policy);
+    let _daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
+    let (prod, staging) = (key("web", "prod"), key("web", "staging"));
+    let store = env.store();
+
+    // A plain version in prod is verified by the policy's check.
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_status(&prod, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    let h = store.history(Some(&prod), 10).await.expect("history");
+    assert!(
+        h[0].message.contains("verified: healthz"),
+        "{}",
+        h[0].message
+    );
+    env.write_dep("web_prod.dep", "1.2-unhealthy\n");
+    env.wait_status(&prod, ServiceStatus::RolledBack, Duration::from_secs(30))
+        .await;
+    env.wait_image("prod", "web", "example.com/web:1.1").await;
+    let h = store.history(Some(&prod), 10).await.expect("history");
+    assert!(
+        h[0].message
+            .contains("verification failed: healthz: HTTP 500"),
+        "{}",
+        h[0].message
+    );
+    // No rule covers staging: readiness alone judges it.
+    env.write_dep("web_staging.dep", "1.2-unhealthy\n");
+    env.wait_status(&staging, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+
+    // A file cannot drop the policy's check by declaring its own under the same name.
+    env.write_dep(
+        "web_prod.dep",
+        &verify_file("1.3", "    - name: healthz\n      http: /version\n"),
+    );
+    env.wait_or_show("the conflict refused", Duration::from_secs(20), || async {
+        let row = store.service(&prod).await.ok()??;
+        (row.status == ServiceStatus::Invalid
+            && row
+                .message
+                .contains("the check `healthz` is also declared by depwatch-policy.yaml rules[0]"))
+        .then_some(())
+    })
+    .await;
+
+    // An invalid policy: the save is refused naming it, nothing is patched, the policy is
+    // listed among the refused files.
+    let patches = env.patches("prod", "web");
+    env.write_dep(
+        "depwatch-policy.yaml",
+        &policy.replace("bake: 1s", "bake: a while"),
+    );
+    env.write_dep("web_prod.dep", "1.4\n");
+    env.wait_or_show(
+        "the save refused under the invalid policy",
+        Duration::from_secs(20),
+        || async {
+            let row = store.service(&prod).await.ok()??;
+            (row.status == ServiceStatus::Invalid
+                && row
+                    .message
+                    .contains("not deployed while the policy file is invalid")
+                && row
+                    .message
+                    .contains("depwatch-policy.yaml:5: rules[0].verify.bake: not a duration"))
+            .then_some(())
+        },
+    )
+    .await;
+    let refused = store.refused_files().await.expect("refused files");
+    assert!(
+        refused.iter().any(
+            |f| f.path.ends_with("depwatch-policy.yaml") && f.reason.contains("not a duration")
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(env.patches("prod", "web"), patches, "nothing patched");
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1");
+
+    // Fixed: the waiting save is taken by itself, and verified.
+    env.write_dep("depwatch-policy.yaml", policy);
+    env.wait_status(&prod, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    env.wait_image("prod", "web", "example.com/web:1.4").await;
+    let h = store.history(Some(&prod), 10).await.expect("history");
+    assert!(
+        h[0].message.contains("verified: healthz"),
+        "{}",
+        h[0].message
+    );
+    let refused = store.refused_files().await.expect("refused files");
+    assert!(
+        refused
+            .iter()
+            .all(|f| !f.path.ends_with("depwatch-policy.yaml")),
+        "{refused:?}"
+    );
+}

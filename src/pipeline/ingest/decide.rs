@@ -38,6 +38,7 @@ pub enum Outcome {
     Remember,
     /// The queue is on this very content already.
     Busy,
+
     /// A new desired version, with who asked.
     Submit {
         trigger: Trigger,

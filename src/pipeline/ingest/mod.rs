@@ -19,11 +19,13 @@ mod decide;
 
 use crate::bounds::Bounds;
 use crate::depfile;
+use crate::domain::verify::Verification;
 use crate::domain::{Asker, DepSpec, Desired, ServiceKey, ServiceStatus, Trigger};
 use crate::pipeline::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
 use crate::pipeline::deploy::recorder::verdict;
 use crate::pipeline::queue::Scheduler;
 use crate::pipeline::watch::{Barriers, FileEvent};
+use crate::policy::{self, Policy};
 use crate::safefs::{self, shown};
 use crate::store::OrLog;
 use crate::store::{ServiceChange, ServiceRecord, Store};
@@ -74,6 +76,27 @@ pub struct Ingest {
     unfinished: HashSet<ServiceKey>,
     /// Files refused for their names, with why: recorded once, cleared when they go.
     refused_names: HashMap<PathBuf, String>,
+    /// The policy file as last read.
+    policy: PolicyState,
+    /// The policy changed since the last rescan: every file is judged again under it.
+    policy_changed: bool,
+}
+
+/// The policy file (`depwatch-policy.yaml`) as last read.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum PolicyState {
+    #[default]
+    Absent,
+    Valid {
+        hash: String,
+        policy: Arc<Policy>,
+    },
+    /// Nothing deploys while the policy cannot be read: deploying without its rules could
+    /// loosen what the platform team set.
+    Invalid {
+        hash: String,
+        problems: String,
+    },
 }
 
 impl Ingest {
@@ -88,6 +111,106 @@ impl Ingest {
             startup_records: None,
             unfinished: HashSet::new(),
             refused_names: HashMap::new(),
+            policy: PolicyState::Absent,
+            policy_changed: false,
+        }
+    }
+
+    fn policy_path(&self) -> PathBuf {
+        self.dir.join(policy::FILE_NAME)
+    }
+
+    /// Read the policy file again; whether it changed (a rescan then judges every file
+    /// under it: files refused while it was invalid are taken).
+    async fn reload_policy(&mut self) -> bool {
+        let path = self.policy_path();
+        let read =
+            safefs::read_capped_async(self.dir.clone(), path.clone(), policy::MAX_SIZE).await;
+        let next = match read {
+            Err(e) if e.is_missing() => PolicyState::Absent,
+            Err(e) => PolicyState::Invalid {
+                hash: String::new(),
+                problems: e.to_string(),
+            },
+            Ok(bytes) => {
+                let hash = content_hash(&bytes);
+                match &self.policy {
+                    PolicyState::Valid { hash: h, .. } | PolicyState::Invalid { hash: h, .. }
+                        if *h == hash =>
+                    {
+                        return false;
+                    }
+                    _ => {}
+                }
+                match policy::parse(&bytes) {
+                    Ok(p) => PolicyState::Valid {
+                        hash,
+                        policy: Arc::new(p),
+                    },
+                    Err(list) => PolicyState::Invalid {
+                        hash,
+                        problems: list
+                            .iter()
+                            .map(|p| p.at(&shown(&path)))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    },
+                }
+            }
+        };
+        if next == self.policy {
+            return false;
+        }
+        let shown_path = path.display().to_string();
+        match &next {
+            PolicyState::Absent => {
+                tracing::info!(file = %shown(&path), "no policy file; services get only their own files' settings")
+            }
+            PolicyState::Valid { policy, .. } => {
+                tracing::info!(file = %shown(&path), rules = policy.len(), "policy read; it applies to every deploy from now on")
+            }
+            PolicyState::Invalid { problems, .. } => {
+                tracing::error!(file = %shown(&path), error = %problems, "the policy file is invalid; nothing is deployed until it is fixed")
+            }
+        }
+        let was_invalid = matches!(self.policy, PolicyState::Invalid { .. });
+        match &next {
+            PolicyState::Invalid { problems, .. } => self
+                .store
+                .refuse_file(&shown_path, problems)
+                .await
+                .or_log("refuse file"),
+            _ if was_invalid => self
+                .store
+                .unrefuse_file(&shown_path)
+                .await
+                .or_log("unrefuse file"),
+            _ => {}
+        }
+        self.policy = next;
+        true
+    }
+
+    /// Whether the policy changed since this was last asked (the loop rescans).
+    pub fn take_policy_changed(&mut self) -> bool {
+        std::mem::take(&mut self.policy_changed)
+    }
+
+    /// A file's verification under the policy, or why it cannot be deployed now.
+    fn under_policy(
+        &self,
+        key: &ServiceKey,
+        file: &str,
+        own: Option<Verification>,
+    ) -> Result<Option<Verification>, String> {
+        match &self.policy {
+            PolicyState::Absent => Ok(own),
+            PolicyState::Valid { policy, .. } => {
+                policy.verification(key, file, own).map_err(|c| c.0)
+            }
+            PolicyState::Invalid { problems, .. } => Err(format!(
+                "{file}: not deployed while the policy file is invalid ({problems}); it is read again once the policy is fixed"
+            )),
         }
     }
 
@@ -220,12 +343,21 @@ impl Ingest {
     /// [`READ_BATCH`] files); a path whose name is no service's is refused here.
     pub async fn read(&mut self, paths: Vec<PathBuf>) -> Vec<(PathBuf, Read)> {
         let mut wanted: Vec<(PathBuf, ServiceKey)> = Vec::new();
+        let policy_path = self.policy_path();
+        let mut policy_touched = false;
         for p in paths {
+            if p == policy_path {
+                policy_touched = true;
+                continue;
+            }
             match depfile::service_for_path(&p) {
                 Ok(Some(k)) => wanted.push((p, k)),
                 Ok(None) => {}
                 Err(e) => self.refuse_name(&p, e.to_string()).await,
             }
+        }
+        if policy_touched && self.reload_policy().await {
+            self.policy_changed = true;
         }
         let mut out = Vec::with_capacity(wanted.len());
         for chunk in wanted.chunks(READ_BATCH) {
@@ -358,18 +490,34 @@ impl Ingest {
         // What the file asks, when the record does not have it yet (written at the end).
         let shown_path = path.display().to_string();
         let asks = (record.requested_hash != hash || record.path != shown_path)
-            .then(|| (spec.requested(), key.clone(), shown_path));
+            .then(|| (spec.requested(), key.clone(), shown_path, hash.clone()));
         let queued = decide::Queued {
             desired_hash: self.scheduler.wanted(&key).map(|d| d.hash),
             busy_with_this: self.scheduler.busy_with(&key, &hash),
         };
+        let unfinished = self.unfinished.remove(&key);
         let read = decide::Valid {
             hash: &hash,
             asker: Asker::find(&String::from_utf8_lossy(bytes)),
             trigger,
-            unfinished: self.unfinished.remove(&key),
+            unfinished,
         };
         let outcome = decide::valid(read, &record, &queued);
+        let mut spec = spec;
+        match self.under_policy(&key, &file, spec.verify.take()) {
+            Ok(verify) => spec.verify = verify,
+            // Nothing is deployed from this read; a deploy left unfinished is finished once
+            // the policy allows.
+            Err(why) if matches!(outcome, decide::Outcome::Submit { .. }) => {
+                if unfinished {
+                    self.unfinished.insert(key.clone());
+                }
+                self.refuse(&key, path, ServiceStatus::Invalid, why).await;
+                self.write_asks(asks).await;
+                return;
+            }
+            Err(_) => {}
+        }
         let desired = |trigger, actor, request_id| Desired {
             spec,
             hash: hash.clone(),
@@ -404,12 +552,14 @@ impl Ingest {
                 self.scheduler.submit(key, d).await;
             }
         }
-        // What the file asks is shown as soon as it is read, whatever happens to it next:
-        // written once the version is handed on, so the write is not on the save → PATCH path.
-        if let Some((words, service, path)) = asks {
-            let change = ServiceChange::default()
-                .requested(words, hash.clone())
-                .path(path);
+        self.write_asks(asks).await;
+    }
+
+    /// What the file asks is shown as soon as it is read, whatever happens to it next:
+    /// written once the version is handed on, so the write is not on the save → PATCH path.
+    async fn write_asks(&self, asks: Option<(String, ServiceKey, String, String)>) {
+        if let Some((words, service, path, hash)) = asks {
+            let change = ServiceChange::default().requested(words, hash).path(path);
             self.store
                 .change_service(&service, change)
                 .await
@@ -447,6 +597,9 @@ impl Ingest {
         trigger: Trigger,
         busy: &std::collections::HashSet<PathBuf>,
     ) -> Vec<PathBuf> {
+        // Every file is judged below, so a changed policy needs no rescan of its own.
+        self.reload_policy().await;
+        self.policy_changed = false;
         let dir = self.dir.clone();
         let scanned = tokio::task::spawn_blocking(move || crate::pipeline::watch::scan(&dir))
             .await
@@ -764,6 +917,10 @@ pub async fn run(
             files.rescan(&mut ingest, Trigger::Rescan).await;
         }
         files.due(&mut ingest).await;
+        if ingest.take_policy_changed() {
+            tracing::info!("the policy changed; every file is judged again under it");
+            files.rescan(&mut ingest, Trigger::Rescan).await;
+        }
     }
 }
 
