@@ -44,6 +44,8 @@ pub enum Command {
     /// Undo: write the previous healthy deploy's images (or deploy --to's) into the service's
     /// file, changing only the containers that differ.
     Rollback(RollbackArgs),
+    /// Cut a verifying version's bake short: it becomes last good without the time left.
+    Promote(ServiceArgs),
     /// Stop deploying a service's file changes until it is resumed.
     Suspend(ServiceArgs),
     /// Deploy a suspended service's file changes again.

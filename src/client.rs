@@ -337,6 +337,7 @@ pub fn history_heading(key: &ServiceKey, kind: WorkloadKind) -> String {
 pub enum Action {
     Retry,
     Rollback { to: Option<i64> },
+    Promote,
     Suspend,
     Resume,
     Forget,
@@ -351,6 +352,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
             Action::Retry => format!("{base}/retry"),
             Action::Rollback { to: None } => format!("{base}/rollback"),
             Action::Rollback { to: Some(id) } => format!("{base}/rollback?to={id}"),
+            Action::Promote => format!("{base}/promote"),
             Action::Suspend => format!("{base}/suspend"),
             Action::Resume => format!("{base}/resume"),
             Action::Forget => format!("{base}/forget"),
@@ -366,6 +368,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
     Ok(match action {
         Action::Retry => operator::retry(&store, &key, caller).await?,
         Action::Rollback { to } => operator::rollback(&store, &key, to, caller).await?,
+        Action::Promote => operator::promote(&store, &key, caller).await?,
         Action::Suspend => operator::suspend(&store, &key, true, caller).await?,
         Action::Resume => operator::suspend(&store, &key, false, caller).await?,
         Action::Forget => operator::forget(&store, &key, caller).await?,
@@ -469,7 +472,7 @@ pub fn render_services(services: &[ServiceView], output: Output) -> Result<Strin
         let mut row = vec![
             s.key(),
             s.kind.to_string(),
-            s.status.to_string(),
+            s.status_shown(),
             match s.desired_cell() {
                 (shown, Some(why)) => format!("{shown} ({why})"),
                 (shown, None) => shown,

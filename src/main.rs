@@ -203,6 +203,7 @@ async fn run(
         Command::Rollback(r) => say(&client::act(&r.service, Action::Rollback { to: r.to })
             .await
             .map_err(fail)?),
+        Command::Promote(a) => say(&client::act(&a, Action::Promote).await.map_err(fail)?),
         Command::Suspend(a) => say(&client::act(&a, Action::Suspend).await.map_err(fail)?),
         Command::Forget(a) => say(&client::act(&a, Action::Forget).await.map_err(fail)?),
         Command::Resume(a) => say(&client::act(&a, Action::Resume).await.map_err(fail)?),

@@ -1,12 +1,13 @@
-//! Operator commands (`depwatch retry|rollback|suspend|resume SERVICE`). They act through the
+//! Operator commands (`depwatch retry|rollback|promote|suspend|resume SERVICE`). They act through the
 //! record and the dependency file, never on the cluster directly: the file stays the source of
 //! truth and the running daemon picks the change up like any other save.
 
 use std::path::Path;
 
+use crate::domain::verify::{Judgement, Ruling};
 use crate::domain::{Asker, DeployOutcome, Images, ServiceKey, ServiceStatus};
 use crate::pipeline::deploy::recorder::verdict;
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, ServiceChange, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -235,6 +236,18 @@ pub async fn rollback(
     let file = crate::safefs::shown(path);
     let edited = crate::depedit::set_images(&file, &text, key, &r.desired, &target, &header)
         .map_err(|e| OperatorError::Refused(e.to_string()))?;
+    // A version verifying is failed by this undo, not merely replaced: the word is recorded
+    // before the file is written, so the bake finds it when the new version reaches it.
+    let word = match r.status {
+        ServiceStatus::Verifying => judgement(store, key, Ruling::Fail, caller).await?,
+        _ => None,
+    };
+    let verifying = word.is_some();
+    if let Some(word) = word {
+        store
+            .change_service(key, ServiceChange::default().judged(word))
+            .await?;
+    }
     write_atomically(caller.root, path, &edited)?;
     let changes = r.desired.changed_in(&target);
     let suspended = if r.suspended {
@@ -242,9 +255,62 @@ pub async fn rollback(
     } else {
         String::new()
     };
+    let failed = match verifying {
+        true => format!(
+            "; {} was verifying: its bake fails, as a failed check would",
+            r.desired
+        ),
+        false => String::new(),
+    };
     Ok(format!(
-        "rolling back {key} to {what}: {changes} written to {}{suspended}",
+        "rolling back {key} to {what}: {changes} written to {}{failed}{suspended}",
         r.path
+    ))
+}
+
+/// An operator's word on the version verifying now: for the content its open deploy row
+/// deployed (the service row names its content only once the deploy ends). `None` when no
+/// open row bakes.
+async fn judgement(
+    store: &Store,
+    key: &ServiceKey,
+    ruling: Ruling,
+    caller: Caller<'_>,
+) -> Result<Option<Judgement>, OperatorError> {
+    let open = store.open_deploys(key).await?;
+    let baking = open.into_iter().find(|d| d.bake.is_some());
+    Ok(baking.map(|d| Judgement {
+        hash: d.content_hash,
+        ruling,
+        by: caller.actor.to_string(),
+        at: store::now(),
+    }))
+}
+
+/// Cut a bake short: the version verifying now is good without the time left (the bake
+/// looks for the word every second). Refused unless a version is verifying.
+pub async fn promote(
+    store: &Store,
+    key: &ServiceKey,
+    caller: Caller<'_>,
+) -> Result<String, OperatorError> {
+    let r = record(store, key).await?;
+    let word = match r.status {
+        ServiceStatus::Verifying => judgement(store, key, Ruling::Promote, caller).await?,
+        _ => None,
+    };
+    let Some(word) = word else {
+        return Err(OperatorError::Refused(format!(
+            "nothing to promote for {key}: it is {} (only a version verifying after a healthy rollout can be promoted)",
+            r.status.label()
+        )));
+    };
+    store
+        .change_service(key, ServiceChange::default().judged(word))
+        .await?;
+    Ok(format!(
+        "{key} promoted: {} becomes last good without the rest of its bake",
+        r.desired
     ))
 }
 

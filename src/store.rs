@@ -131,6 +131,12 @@ pub struct ServiceRecord {
     pub requested: String,
     /// The content hash `requested` was read from.
     pub requested_hash: String,
+    /// An operator's word on the bake of a version (`depwatch promote`, or `depwatch
+    /// rollback` during the bake).
+    pub judged: Option<crate::domain::verify::Judgement>,
+    /// When the bake of the version verifying ends (RFC 3339); meaningful while the status
+    /// is `verifying`.
+    pub bake_ends_at: String,
 }
 
 impl DeployRecord {
@@ -148,6 +154,16 @@ impl ServiceRecord {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
         }
+    }
+
+    /// How long the bake of the version verifying has left at `now` (none unless verifying).
+    pub fn bake_left(&self, now: jiff::Timestamp) -> Option<std::time::Duration> {
+        if self.status != ServiceStatus::Verifying {
+            return None;
+        }
+        let ends: jiff::Timestamp = self.bake_ends_at.parse().ok()?;
+        let left = now.duration_until(ends);
+        Some(std::time::Duration::try_from(left).unwrap_or_default())
     }
 
     /// The images of a version that failed and stays pinned until the file changes or an
@@ -249,9 +265,10 @@ pub struct DeployRecord {
     /// The kind of workload patched (`deployment`, …), when known.
     pub kind: String,
     /// Set when the rollout was healthy and its checks began to bake: when, and the
-    /// baselines (JSON), so a stop during the bake is resumed with the time it had left.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub bake: String,
+    /// baselines, so a stop during the bake is resumed with the time it had left; the checks'
+    /// results once it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bake: Option<crate::domain::verify::BakeRow>,
 }
 
 /// A file in the dependency directory that looks like a dependency file but whose name is not
@@ -332,7 +349,7 @@ pub fn timestamp(t: jiff::Timestamp) -> String {
 
 const REQUEST_COLUMNS: &str =
     "id, idempotency_key, body_hash, namespace, name, content, actor, created_at";
-const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind, requested, requested_hash";
+const SERVICE_COLUMNS: &str = "namespace, name, path, content_hash, desired, deployed, last_good, status, failed_hash, message, updated_at, suspended, kind, requested, requested_hash, judged, bake_ends_at";
 const DEPLOY_COLUMNS: &str = "id, namespace, name, trigger, actor, from_image, to_image, started_at, ended_at, outcome, message, request_id, restore, digests, content_hash, kind, bake";
 
 /// The state directory 0700 and the database 0600 (SQLite gives its -wal and -shm files the
@@ -443,6 +460,18 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<DeployRecord>, StoreError>;
     /// The service's deploys still in progress, newest first (at most a few).
     async fn open_deploys(&self, key: &ServiceKey) -> Result<Vec<DeployRecord>, StoreError>;
+    /// [`Self::service`] for each of `keys`, in order, in one visit where the backend can
+    /// (SQLite's thread).
+    async fn services_of(
+        &self,
+        keys: &[ServiceKey],
+    ) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
+        let mut rows = Vec::with_capacity(keys.len());
+        for k in keys {
+            rows.push(self.service(k).await?);
+        }
+        Ok(rows)
+    }
     /// [`Self::service`] and [`Self::open_deploys`] together: what a deploy starts from, in
     /// one visit where the backend can (SQLite's thread).
     async fn deploy_basis(
@@ -937,6 +966,24 @@ impl Store {
         .await
     }
 
+    /// Several services' rows at once ([`Self::service`] for each, in order): one trip to the
+    /// record for a batch of files read together.
+    pub async fn services_of(
+        &self,
+        keys: &[ServiceKey],
+    ) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
+        self.consistent(
+            || self.backend.services_of(keys),
+            |o, got| {
+                keys.iter()
+                    .zip(got?)
+                    .map(|(k, row)| self.lay_service(o, k, Ok(row)))
+                    .collect()
+            },
+        )
+        .await
+    }
+
     fn lay_service(
         &self,
         o: &outbox::Outbox,
@@ -1170,10 +1217,14 @@ impl Store {
 
     /// The rollout is healthy and its checks bake: when they began and their baselines, on
     /// the deploy's row (a stop during the bake resumes it with the time left).
-    pub async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError> {
+    pub async fn set_bake(
+        &self,
+        id: i64,
+        bake: &crate::domain::verify::BakeRow,
+    ) -> Result<(), StoreError> {
         let w = outbox::Write::Bake {
             id,
-            bake: bake.to_string(),
+            bake: bake.to_text(),
         };
         self.write("a record write (deploy)", w).await.map(|_| ())
     }

@@ -115,11 +115,13 @@ fn each_service_field_is_set_only_by_its_owner() {
         ("kind", RECORDER),
         ("content_hash", RECORDER),
         ("failed_hash", RECORDER),
+        ("bake_ends_at", RECORDER),
         ("unpin", RECORDER),
         ("requested", INGEST),
         ("path", INGEST),
         ("path_if_unset", INGEST),
         ("suspended", OPERATOR),
+        ("judged", OPERATOR),
     ];
     let mut builders = Vec::new();
     for (rel, code) in code() {

@@ -64,6 +64,34 @@ async fn suite(s: &Store) {
     assert_eq!(r.status, ServiceStatus::Unreadable);
     assert!(!r.suspended);
     assert_eq!(r.path, "/deps/web_demo.dep", "other fields are kept");
+    // An operator's word on a bake, and the bake's end, kept as written.
+    let word = depwatch::domain::verify::Judgement {
+        hash: "c0ffee".into(),
+        ruling: depwatch::domain::verify::Ruling::Promote,
+        by: "alice".into(),
+        at: "2026-12-06T10:00:00Z".into(),
+    };
+    s.change_service(
+        &key,
+        ServiceChange::default()
+            .judged(word.clone())
+            .bake_ends_at("2026-12-06T10:05:00Z"),
+    )
+    .await
+    .expect("judged");
+    let r = s.service(&key).await.expect("q").expect("exists");
+    assert_eq!(r.judged, Some(word));
+    assert_eq!(r.bake_ends_at, "2026-12-06T10:05:00Z");
+    assert_eq!(r.status, ServiceStatus::Unreadable, "other fields are kept");
+    // Several rows in one read, in the order asked, an unknown service as none.
+    let nobody = ServiceKey::new("nobody", "demo").expect("key");
+    let rows = s
+        .services_of(&[nobody.clone(), key.clone()])
+        .await
+        .expect("batch");
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].is_none());
+    assert_eq!(rows[1].as_ref().map(|r| r.key()), Some(key.clone()));
     // Guarded fields: a refusal never hides a deploy under way, a path is kept once set.
     s.change_service(
         &key,
@@ -129,12 +157,33 @@ async fn suite(s: &Store) {
         ("h-crash", "statefulset"),
         "the row keeps the content it deployed and the kind it patched"
     );
-    let bake = r#"{"startedAt":"2026-12-06T10:00:00Z","baselines":[null,0.01]}"#;
-    s.set_bake(first, bake).await.expect("bake");
+    let mut bake = depwatch::domain::verify::BakeRow {
+        started_at: "2026-12-06T10:00:00Z".into(),
+        baselines: depwatch::domain::verify::Baselines(vec![None, Some(0.01)]),
+        results: Vec::new(),
+    };
+    s.set_bake(first, &bake).await.expect("bake");
     assert_eq!(
-        s.interrupted().await.expect("q")[0].bake,
-        bake,
+        s.interrupted().await.expect("q")[0].bake.as_ref(),
+        Some(&bake),
         "a bake's start and baselines are on its row"
+    );
+    // Its end adds the checks' record, as fields of their own.
+    bake.results = vec![depwatch::domain::verify::CheckResult {
+        name: "errors".into(),
+        samples: 5,
+        passed: 2,
+        failed: 3,
+        last: "0.042".into(),
+        baseline: Some(0.01),
+        why: "0.042 > baseline 0.01 × 1.2".into(),
+        ..Default::default()
+    }];
+    s.set_bake(first, &bake).await.expect("bake");
+    assert_eq!(
+        s.interrupted().await.expect("q")[0].bake.as_ref(),
+        Some(&bake),
+        "the checks' results are on its row"
     );
     // A second open row: both listed, newest first.
     let newer = s.start_deploy(&deploy("demo", "web")).await.expect("start");

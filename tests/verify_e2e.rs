@@ -484,3 +484,177 @@ async fn the_policy_file_verifies_every_service_of_its_namespaces() {
         "{refused:?}"
     );
 }
+
+/// Runs `depwatch ARGS` on the environment's record, as a local operator would.
+fn operator(env: &Env, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(&env.state)
+        .env("NO_COLOR", "1")
+        .env("USER", "alice")
+        .env_remove("DEPWATCH_API")
+        .output()
+        .expect("the command runs")
+}
+
+/// An operator cuts an hour's bake short with `depwatch promote`, recorded with their name;
+/// `depwatch rollback` during a bake fails it (its row says rolled back, by whom), not merely
+/// replaces it. Both say what they did, and are refused when nothing is verifying. The time left shows
+/// on `depwatch status`, the API and the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_promotes_a_bake_or_fails_it_with_a_rollback() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "api", &[("api", "example.com/api:1.0")], 1)
+        .await;
+    let daemon = env.daemon(&["--rollout-timeout", "20s"]).await;
+    let k = key("api", "prod");
+    let store = env.store();
+    let hour = |v: &str| {
+        format!("version: \"{v}\"\nverify:\n  bake: 1h\n  interval: 30s\n  checks:\n    - http: /healthz\n")
+    };
+
+    // Nothing verifying: refused, saying why.
+    env.write_dep("api_prod.dep", "1.1\n");
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(20))
+        .await;
+    let out = operator(&env, &["promote", "prod/api"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("nothing to promote for prod/api: it is healthy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An hour's bake, with its time left shown everywhere.
+    env.write_dep("api_prod.dep", &hour("1.2"));
+    env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
+        .await;
+    let out = operator(&env, &["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("prod/api") && l.contains("verifying (59m")),
+        "{table}"
+    );
+    let api: serde_json::Value =
+        reqwest::get(format!("{}/api/v1/services/prod/api", daemon.http_url()))
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+    let view = &api["service"];
+    let left = view["bake_left_seconds"]
+        .as_u64()
+        .expect("time left in the API");
+    assert!((3500..=3600).contains(&left), "{api}");
+    assert!(
+        view["bake_ends_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{api}"
+    );
+    let page = reqwest::get(format!("{}/", daemon.http_url()))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        page.contains("verifying (59m"),
+        "the page shows the time left"
+    );
+
+    // Promoted: good at once (within a second, not after the interval), with who said so.
+    let out = operator(&env, &["promote", "prod/api"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("prod/api promoted: api=example.com/api:1.2 becomes last good"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(10))
+        .await;
+    let row = store.service(&k).await.expect("read").expect("row");
+    assert_eq!(row.last_good.to_string(), "api=example.com/api:1.2");
+    let h = store.history(Some(&k), 10).await.expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::Succeeded);
+    assert!(
+        h[0].message
+            .contains("promoted by alice before its bake ended"),
+        "{}",
+        h[0].message
+    );
+    // The checks' record is on the row as fields of its own, in the API too.
+    let deploys: serde_json::Value = reqwest::get(format!(
+        "{}/api/v1/deploys?service=prod/api&limit=1",
+        daemon.http_url()
+    ))
+    .await
+    .expect("deploys")
+    .json()
+    .await
+    .expect("json");
+    let row = deploys
+        .as_array()
+        .and_then(|a| a.first())
+        .or_else(|| deploys["items"].as_array().and_then(|a| a.first()))
+        .cloned()
+        .unwrap_or_else(|| panic!("a row: {deploys}"));
+    let result = &row["bake"]["results"][0];
+    assert_eq!(result["name"], "GET /healthz", "{row}");
+    assert!(result["passed"].as_u64() >= Some(1), "{row}");
+    assert!(row["bake"]["startedAt"].as_str().is_some(), "{row}");
+
+    // A rollback during the next bake fails it: rolled back to 1.2.
+    env.write_dep("api_prod.dep", &hour("1.3"));
+    env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
+        .await;
+    let out = operator(&env, &["rollback", "prod/api"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(
+            "api=example.com/api:1.3 was verifying: its bake fails, as a failed check would"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let h = env
+        .wait_or_show(
+            "1.3 failed by the rollback",
+            Duration::from_secs(20),
+            || async {
+                let h = store.history(Some(&k), 10).await.ok()?;
+                let row = h.iter().find(|d| d.to_image.contains("api:1.3"))?;
+                (row.outcome == DeployOutcome::RolledBack).then_some(row.clone())
+            },
+        )
+        .await;
+    assert!(
+        h.message
+            .contains("failed by alice during the bake (depwatch rollback)"),
+        "{}",
+        h.message
+    );
+    env.wait_image("prod", "api", "example.com/api:1.2").await;
+    env.wait_or_show("settled on 1.2", Duration::from_secs(20), || async {
+        let row = store.service(&k).await.ok()??;
+        (row.status.settled() && row.last_good.to_string() == "api=example.com/api:1.2")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.image("prod", "api").await, "example.com/api:1.2");
+    daemon.stop();
+}

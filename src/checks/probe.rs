@@ -16,6 +16,10 @@ use crate::domain::verify::{
 const CAP: usize = 256 * 1024;
 /// The longest one sample may take.
 const MAX_WAIT: Duration = Duration::from_secs(10);
+/// The most samples in flight at once across the daemon: a thousand services baking sixteen
+/// checks every 100 ms would otherwise ask the API server's proxy, the services and
+/// Prometheus without bound. More wait their turn (the wait is not counted against a sample).
+pub const MAX_IN_FLIGHT: usize = 32;
 
 /// Takes samples. Cheap to clone.
 #[derive(Clone)]
@@ -23,6 +27,7 @@ pub struct Prober {
     kube: kube::Client,
     http: reqwest::Client,
     prometheus: Option<reqwest::Url>,
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// What one sample is about.
@@ -45,6 +50,7 @@ impl Prober {
             kube,
             http,
             prometheus,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
 
@@ -59,6 +65,8 @@ impl Prober {
         let samples = v.checks.iter().enumerate().map(|(i, c)| {
             let baseline = baselines.get(i).copied().flatten();
             async move {
+                // The semaphore is never closed; without a permit the sample goes anyway.
+                let _turn = self.in_flight.acquire().await.ok();
                 match tokio::time::timeout(wait, self.sample(c, target, baseline)).await {
                     Ok(s) => s,
                     Err(_) => Sample::Fail {
@@ -76,6 +84,7 @@ impl Prober {
     pub async fn baselines(&self, v: &Verification) -> Vec<Option<f64>> {
         let values = v.checks.iter().map(|c| async move {
             let q = c.baseline_query()?;
+            let _turn = self.in_flight.acquire().await.ok();
             let why = match tokio::time::timeout(MAX_WAIT, self.query(q)).await {
                 Ok(Ok(v)) => return v,
                 Ok(Err(why)) => why,
@@ -326,6 +335,75 @@ pub fn prom_value(status: u16, body: &[u8]) -> Result<Option<f64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many services baking at once never have more than [`MAX_IN_FLIGHT`] samples out, and
+    /// the ones that wait their turn still pass.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn samples_in_flight_are_bounded_across_every_bake() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let now = std::sync::Arc::new(AtomicUsize::new(0));
+        let peak = std::sync::Arc::new(AtomicUsize::new(0));
+        let (n, p) = (now.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (n, p) = (n.clone(), p.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let inside = n.fetch_add(1, SeqCst) + 1;
+                    p.fetch_max(inside, SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    n.fetch_sub(1, SeqCst);
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let prober = Prober::new(kube::Client::try_from(config).expect("client"), None);
+        let check = Check {
+            name: "up".into(),
+            probe: Probe::Http(HttpCheck {
+                target: HttpTarget::Url(format!("http://{addr}/healthz")),
+                expect_class: 2,
+                body_contains: None,
+                version_field: None,
+            }),
+            no_data: Default::default(),
+        };
+        let v = Verification {
+            checks: vec![check; 16],
+            bake: Duration::ZERO,
+            interval: Duration::from_secs(2),
+            failure_limit: 1,
+        };
+        let target = Target {
+            namespace: "prod",
+            workload: "web",
+            version: "1",
+        };
+        let rounds = (0..4).map(|_| prober.round(&v, &target, &[]));
+        let all: Vec<Sample> = futures::future::join_all(rounds).await.concat();
+        assert_eq!(all.len(), 64);
+        assert!(
+            all.iter().all(|s| matches!(s, Sample::Pass { .. })),
+            "{all:?}"
+        );
+        let peak = peak.load(SeqCst);
+        assert!(peak <= MAX_IN_FLIGHT, "{peak} samples at once");
+        assert!(peak > 1, "they still go together");
+    }
 
     fn http(expect: u16, body: Option<&str>, field: Option<&str>) -> HttpCheck {
         HttpCheck {

@@ -297,7 +297,9 @@ impl Sample {
 }
 
 /// One check's record over a bake, as shown on the history row and in notifications.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct CheckResult {
     pub name: String,
     /// Samples taken (with data or not).
@@ -325,6 +327,11 @@ pub enum VerifyOutcome {
     Passed {
         results: Vec<CheckResult>,
     },
+    /// An operator cut the bake short (`depwatch promote`): good without the time left.
+    Promoted {
+        by: String,
+        results: Vec<CheckResult>,
+    },
     /// A check reached its failure limit (or stayed silent under `noData: wait`).
     Failed {
         reason: String,
@@ -340,8 +347,65 @@ pub enum VerifyOutcome {
     },
 }
 
+/// An operator's word on a bake, recorded on the service before it is acted on, for the
+/// content it was given for: `depwatch promote` ends the bake as passed, `depwatch rollback`
+/// during it as failed. A word for other content (an earlier version's) means nothing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Judgement {
+    /// The content hash of the version judged.
+    pub hash: String,
+    pub ruling: Ruling,
+    /// Who: the local user or the API token's name.
+    pub by: String,
+    pub at: String,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Ruling {
+    /// Good now, without the rest of the bake.
+    Promote,
+    /// Bad: rolled back and pinned like a failed check.
+    Fail,
+}
+
+impl Judgement {
+    /// The record's text for it (JSON).
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Read back from the record's text; nothing for empty or unreadable text.
+    pub fn from_text(text: &str) -> Option<Judgement> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// How the bake ends under this word, for the version with content `hash`: nothing when
+    /// the word is for other content.
+    pub fn outcome(&self, hash: &str, results: Vec<CheckResult>) -> Option<VerifyOutcome> {
+        if self.hash != hash {
+            return None;
+        }
+        Some(match self.ruling {
+            Ruling::Promote => VerifyOutcome::Promoted {
+                by: self.by.clone(),
+                results,
+            },
+            Ruling::Fail => VerifyOutcome::Failed {
+                reason: format!("failed by {} during the bake (depwatch rollback)", self.by),
+                results,
+            },
+        })
+    }
+}
+
 /// The checks' baselines by position (None: the check has none, or none was measured).
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct Baselines(pub Vec<Option<f64>>);
 
 // Baselines are finite numbers (NaN is no data), so equality is total.
@@ -355,13 +419,37 @@ pub struct ResumedBake {
     pub baselines: Baselines,
 }
 
-/// What a deploy row keeps of its bake (JSON in the record).
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+/// What a deploy row keeps of its bake (JSON in the record, an object in the API): written
+/// when it begins (a stop resumes it from here), and again with the checks' results when it
+/// ends.
+#[derive(
+    Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct BakeRow {
     /// RFC 3339: when the checks began to bake.
     pub started_at: String,
+    /// The value each check's query gave just before the PATCH, by position (null: the check
+    /// compares with none).
     pub baselines: Baselines,
+    /// Each check's record over the bake, once it has ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<CheckResult>,
+}
+
+// Baselines and results hold finite numbers only, so equality is total.
+impl Eq for BakeRow {}
+
+impl BakeRow {
+    /// The record's text for it (JSON).
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Read back from the record's text; nothing for empty or unreadable text.
+    pub fn from_text(text: &str) -> Option<BakeRow> {
+        serde_json::from_str(text).ok()
+    }
 }
 
 /// How a bake stands after a round.
@@ -502,6 +590,42 @@ pub fn summary(results: &[CheckResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operator_s_word_ends_only_the_bake_of_the_version_it_names() {
+        let word = |ruling| Judgement {
+            hash: "aa".into(),
+            ruling,
+            by: "alice".into(),
+            at: "2026-12-06T10:00:00Z".into(),
+        };
+        let results = vec![CheckResult {
+            name: "GET /healthz".into(),
+            samples: 1,
+            passed: 1,
+            ..CheckResult::default()
+        }];
+        assert_eq!(word(Ruling::Promote).outcome("bb", results.clone()), None);
+        assert_eq!(
+            word(Ruling::Promote).outcome("aa", results.clone()),
+            Some(VerifyOutcome::Promoted {
+                by: "alice".into(),
+                results: results.clone()
+            })
+        );
+        assert_eq!(
+            word(Ruling::Fail).outcome("aa", results.clone()),
+            Some(VerifyOutcome::Failed {
+                reason: "failed by alice during the bake (depwatch rollback)".into(),
+                results
+            })
+        );
+        // The record's text reads back; anything else is no word at all.
+        let w = word(Ruling::Fail);
+        assert_eq!(Judgement::from_text(&w.to_text()), Some(w));
+        assert_eq!(Judgement::from_text(""), None);
+        assert_eq!(Judgement::from_text("{\"hash\": 1}"), None);
+    }
 
     fn v(checks: Vec<NoData>, bake: u64, limit: u32) -> Verification {
         Verification {

@@ -62,13 +62,24 @@ pub struct ServiceView {
     pub path: String,
     pub updated_at: String,
     pub last_deploy: Option<DeployRecord>,
+    /// While verifying: when the bake ends (RFC 3339), and how many seconds it has left.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bake_ends_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_left_seconds: Option<u64>,
 }
 
 impl ServiceView {
     /// A record as people and programs see it.
     pub fn new(r: ServiceRecord, running: Images, last_deploy: Option<DeployRecord>) -> Self {
         let (asks, why) = r.desired_shown();
+        let bake_left_seconds = r.bake_left(jiff::Timestamp::now()).map(|d| d.as_secs());
         ServiceView {
+            bake_ends_at: match bake_left_seconds {
+                Some(_) => r.bake_ends_at.clone(),
+                None => String::new(),
+            },
+            bake_left_seconds,
             asks,
             not_running: why.map(|w| w.as_str().to_string()).unwrap_or_default(),
             pinned: r.pinned().cloned().unwrap_or_default(),
@@ -91,6 +102,18 @@ impl ServiceView {
 
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The status as people read it: `verifying (4m 12s left)` during a bake.
+    pub fn status_shown(&self) -> String {
+        match self.bake_left_seconds {
+            Some(left) => format!(
+                "{} ({} left)",
+                self.status,
+                humantime::format_duration(std::time::Duration::from_secs(left))
+            ),
+            None => self.status.to_string(),
+        }
     }
 
     /// What DESIRED shows (one container's image alone, several as `name=image`) and why it
@@ -914,6 +937,7 @@ fn operator_error(e: operator::OperatorError) -> ApiError {
 enum Command {
     Retry,
     Rollback(Option<i64>),
+    Promote,
     Suspend(bool),
     Forget,
 }
@@ -937,6 +961,7 @@ async fn operator_call(
     let message = match command {
         Command::Retry => operator::retry(store, &key, caller).await,
         Command::Rollback(to) => operator::rollback(store, &key, to, caller).await,
+        Command::Promote => operator::promote(store, &key, caller).await,
         Command::Suspend(on) => operator::suspend(store, &key, on, caller).await,
         Command::Forget => operator::forget(store, &key, caller).await,
     }
@@ -984,6 +1009,19 @@ pub async fn rollback_service(
         Command::Rollback(q.to),
     )
     .await
+}
+
+/// Cut the bake of the version verifying now short (`depwatch promote`): it becomes last good
+/// without the time left, recorded with the token's name. 409 unless a version is verifying.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/promote", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "nothing verifying", body = ErrorBody)))]
+pub async fn promote_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    operator_call(&state, &headers, service, "promote", Command::Promote).await
 }
 
 /// Stop deploying the service's file changes (`depwatch suspend`). 409 when already suspended.

@@ -139,7 +139,7 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
     let status = if s.suspended {
         format!("{} (suspended)", s.status.as_str())
     } else {
-        s.status.as_str().to_string()
+        s.status_shown()
     };
     let (asks, why) = s.desired_cell();
     let desired = match why {

@@ -3,6 +3,7 @@
 //! statement (an upsert). No writer reads the row and writes it back, so two writers of one
 //! row never undo each other: a `suspend` and a pin landing together both stay.
 
+use crate::domain::verify::Judgement;
 use crate::domain::{Images, ServiceStatus, WorkloadKind};
 
 /// The fields one writer sets on a service row; `None` leaves a field as it is.
@@ -30,6 +31,10 @@ pub struct ServiceChange {
     pub kind: Option<WorkloadKind>,
     /// What the file asks in its own words, and the content hash it was read from.
     pub requested: Option<(String, String)>,
+    /// An operator's word on a bake.
+    pub judged: Option<Judgement>,
+    /// When the bake of the version verifying ends.
+    pub bake_ends_at: Option<String>,
 }
 
 /// A value bound to a statement.
@@ -131,6 +136,18 @@ impl ServiceChange {
         self
     }
 
+    /// An operator's word on the bake of the version it names.
+    pub fn judged(mut self, judgement: Judgement) -> Self {
+        self.judged = Some(judgement);
+        self
+    }
+
+    /// When the bake now beginning (or resumed) ends.
+    pub fn bake_ends_at(mut self, at: impl Into<String>) -> Self {
+        self.bake_ends_at = Some(at.into());
+        self
+    }
+
     /// Apply to a row in memory, exactly as the statement does in the database.
     pub fn apply(&self, row: &mut super::ServiceRecord) {
         if let Some(p) = &self.path {
@@ -177,6 +194,12 @@ impl ServiceChange {
         if let Some((words, hash)) = &self.requested {
             row.requested = words.clone();
             row.requested_hash = hash.clone();
+        }
+        if let Some(j) = &self.judged {
+            row.judged = Some(j.clone());
+        }
+        if let Some(at) = &self.bake_ends_at {
+            row.bake_ends_at = at.clone();
         }
     }
 
@@ -252,6 +275,8 @@ impl ServiceChange {
         let (words, hash) = self.requested.clone().unzip();
         text("requested", words, None);
         text("requested_hash", hash, None);
+        text("judged", self.judged.as_ref().map(Judgement::to_text), None);
+        text("bake_ends_at", self.bake_ends_at.clone(), None);
         if let Some(s) = self.suspended {
             columns.push("suspended");
             values.push(Value::Bool(s));

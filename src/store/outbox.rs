@@ -355,7 +355,7 @@ impl Outbox {
                 }
                 Write::Bake { id, bake } => {
                     if let Some(d) = open.as_mut().filter(|d| d.id == *id) {
-                        d.bake = bake.clone();
+                        d.bake = crate::domain::verify::BakeRow::from_text(bake);
                     }
                 }
                 _ => {}

@@ -86,6 +86,10 @@ ALTER TABLE services ADD COLUMN requested_hash TEXT NOT NULL DEFAULT '';
     "
 ALTER TABLE deploys ADD COLUMN bake TEXT NOT NULL DEFAULT '';
 ",
+    "
+ALTER TABLE services ADD COLUMN judged TEXT NOT NULL DEFAULT '';
+ALTER TABLE services ADD COLUMN bake_ends_at TEXT NOT NULL DEFAULT '';
+",
 ];
 
 /// How long one call to the record may take before it counts as a failure.
@@ -223,6 +227,8 @@ fn service_row(row: &Row) -> ServiceRecord {
         kind: text_or_default(row, 12),
         requested: row.get(13),
         requested_hash: row.get(14),
+        judged: crate::domain::verify::Judgement::from_text(row.get::<_, &str>(15)),
+        bake_ends_at: row.get(16),
     }
 }
 
@@ -244,7 +250,7 @@ fn deploy_row(row: &Row) -> DeployRecord {
         digests: row.get(13),
         content_hash: row.get(14),
         kind: row.get(15),
-        bake: row.get(16),
+        bake: crate::domain::verify::BakeRow::from_text(row.get::<_, &str>(16)),
     }
 }
 

@@ -22,8 +22,8 @@ use crate::domain::{DeployOutcome, ServiceKey};
 /// | column | owner (built in) |
 /// |---|---|
 /// | `requested`, `requested_hash`, `path` | ingest (`pipeline/ingest/`), when a file is read |
-/// | `status`, `message`, `desired`, `deployed`, `last_good`, `kind`, `content_hash`, `failed_hash` | the recorder (`pipeline/deploy/recorder/`, and `pipeline/deploy/recorder/verdict.rs` for the changes ingest and operator commands send: a refused or removed file, a seed imported, a retry, a note) |
-/// | `suspended` | operator commands (`operator.rs`) |
+/// | `status`, `message`, `desired`, `deployed`, `last_good`, `kind`, `content_hash`, `failed_hash`, `bake_ends_at` | the recorder (`pipeline/deploy/recorder/`, and `pipeline/deploy/recorder/verdict.rs` for the changes ingest and operator commands send: a refused or removed file, a seed imported, a retry, a note) |
+/// | `suspended`, `judged` | operator commands (`operator.rs`) |
 ///
 /// A retry lifts only the pin it saw (`failed_hash` is cleared while it still names that
 /// version), so a pin the recorder makes meanwhile stays. `deploys` rows are the recorder's
@@ -96,6 +96,8 @@ fn service_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceRecord> {
         kind: r.get(12)?,
         requested: r.get(13)?,
         requested_hash: r.get(14)?,
+        judged: crate::domain::verify::Judgement::from_text(&r.get::<_, String>(15)?),
+        bake_ends_at: r.get(16)?,
     })
 }
 
@@ -130,7 +132,7 @@ fn deploy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeployRecord> {
         digests: r.get(13)?,
         content_hash: r.get(14)?,
         kind: r.get(15)?,
-        bake: r.get(16)?,
+        bake: crate::domain::verify::BakeRow::from_text(&r.get::<_, String>(16)?),
     })
 }
 
@@ -145,6 +147,8 @@ const SQLITE_ADDED: &[(&str, &str, &str)] = &[
     ("services", "requested", "TEXT NOT NULL DEFAULT ''"),
     ("services", "requested_hash", "TEXT NOT NULL DEFAULT ''"),
     ("deploys", "bake", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "judged", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "bake_ends_at", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Create the tables, and add the columns an older database lacks.
@@ -632,6 +636,15 @@ impl Backend for Sqlite {
     async fn service(&self, key: &ServiceKey) -> Result<Option<ServiceRecord>, StoreError> {
         let key = key.clone();
         self.call(move |c| c.service(&key)).await
+    }
+
+    async fn services_of(
+        &self,
+        keys: &[ServiceKey],
+    ) -> Result<Vec<Option<ServiceRecord>>, StoreError> {
+        let keys = keys.to_vec();
+        self.call(move |c| keys.iter().map(|k| c.service(k)).collect())
+            .await
     }
 
     async fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {

@@ -79,19 +79,18 @@ fn unfinished(d: &DeployRecord) -> Unfinished {
         ran_for,
         kind: d.kind.parse().ok(),
         hash: d.content_hash.clone(),
-        bake: resumed_bake(&d.bake),
+        bake: d.bake.as_ref().and_then(resumed_bake),
     }
 }
 
 /// A bake recorded on a deploy row: how long it has baked since it began.
-fn resumed_bake(text: &str) -> Option<ResumedBake> {
-    let row: BakeRow = serde_json::from_str(text).ok()?;
+fn resumed_bake(row: &BakeRow) -> Option<ResumedBake> {
     let began = row.started_at.parse::<jiff::Timestamp>().ok()?;
     let baked = std::time::Duration::try_from(jiff::Timestamp::now().duration_since(began))
         .unwrap_or_default();
     Some(ResumedBake {
         baked,
-        baselines: row.baselines,
+        baselines: row.baselines.clone(),
     })
 }
 
@@ -313,6 +312,7 @@ impl Engine {
                     baselines: &baselines.0,
                     baked,
                     metrics: &self.recorder.metrics,
+                    store: &self.recorder.store,
                 };
                 let bake = super::verify::bake(
                     &self.deployer,

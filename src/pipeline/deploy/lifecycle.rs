@@ -1239,6 +1239,17 @@ impl Lifecycle {
                 let events = vec![Event::Verified { results }];
                 self.finish(events, DeployOutcome::Succeeded, message, running)
             }
+            VerifyOutcome::Promoted { by, results } => {
+                let so_far = match results.is_empty() {
+                    true => "no sample taken yet".to_string(),
+                    false => summary(&results),
+                };
+                let message =
+                    format!("rollout healthy; promoted by {by} before its bake ended ({so_far})");
+                let running = Some(plan.after);
+                let events = vec![Event::Verified { results }];
+                self.finish(events, DeployOutcome::Succeeded, message, running)
+            }
             VerifyOutcome::Failed { reason, results } => {
                 let failed = WaitOutcome::Failed {
                     reason: "verification failed".into(),

@@ -37,6 +37,29 @@ pub struct Baking<'a> {
     /// Baked before a stop: the bake goes on for the time left.
     pub baked: std::time::Duration,
     pub metrics: &'a crate::metrics::Metrics,
+    /// Where an operator's word on the bake is recorded (`depwatch promote`, `rollback`).
+    pub store: &'a crate::store::Store,
+}
+
+/// How often a bake looks for an operator's word between its rounds.
+const JUDGEMENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How the bake ends by an operator's word for this version, if one is recorded.
+async fn judged(
+    b: &Baking<'_>,
+    results: &[crate::domain::verify::CheckResult],
+) -> Option<VerifyOutcome> {
+    let row = b.store.service(b.key).await.ok().flatten()?;
+    row.judged?.outcome(&b.desired.hash, results.to_vec())
+}
+
+/// A newer version arrived: an operator's `rollback` (recorded before it wrote the file)
+/// fails the bake; anything else supersedes it.
+async fn newer(b: &Baking<'_>, results: &[crate::domain::verify::CheckResult]) -> VerifyOutcome {
+    match judged(b, results).await {
+        Some(failed @ VerifyOutcome::Failed { .. }) => failed,
+        _ => VerifyOutcome::Superseded,
+    }
 }
 
 /// Bake the file's checks; `None` when the daemon stops meanwhile (the row stays open and
@@ -66,9 +89,12 @@ pub async fn bake(
         if let Some(end) = outside(deployer, &b).await {
             return Some(end);
         }
+        if let Some(end) = judged(&b, &tally.results).await {
+            return Some(end);
+        }
         let samples = tokio::select! {
             s = prober.round(v, &target, b.baselines) => s,
-            _ = superseded.changed() => return Some(VerifyOutcome::Superseded),
+            _ = superseded.changed() => return Some(newer(&b, &tally.results).await),
             _ = shutdown.cancelled() => return None,
         };
         for s in &samples {
@@ -95,10 +121,20 @@ pub async fn bake(
             }
             BakeVerdict::Continue => {}
         }
-        tokio::select! {
-            _ = tokio::time::sleep(v.interval) => {}
-            _ = superseded.changed() => return Some(VerifyOutcome::Superseded),
-            _ = shutdown.cancelled() => return None,
+        // Until the next round, an operator's word is looked for every second.
+        let next = Instant::now() + v.interval;
+        while Instant::now() < next {
+            let step = next
+                .saturating_duration_since(Instant::now())
+                .min(JUDGEMENT_POLL);
+            tokio::select! {
+                _ = tokio::time::sleep(step) => {}
+                _ = superseded.changed() => return Some(newer(&b, &tally.results).await),
+                _ = shutdown.cancelled() => return None,
+            }
+            if let Some(end) = judged(&b, &tally.results).await {
+                return Some(end);
+            }
         }
     }
 }

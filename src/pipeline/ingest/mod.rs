@@ -72,6 +72,9 @@ pub struct Ingest {
     /// Every record, read once for the start-up scan: 10,000 files cost one query, not
     /// 10,000. Nothing deploys before that scan ends, so the copy cannot go stale.
     startup_records: Option<HashMap<ServiceKey, ServiceRecord>>,
+    /// Records read together for a batch of files about to be judged, each taken once: a
+    /// burst of saves costs one trip to the record, not one per file.
+    batch_records: HashMap<ServiceKey, Option<ServiceRecord>>,
     /// Services with a deploy left in progress by a stop, not yet handed to the scheduler.
     unfinished: HashSet<ServiceKey>,
     /// Files refused for their names, with why: recorded once, cleared when they go.
@@ -109,6 +112,7 @@ impl Ingest {
             known: HashMap::new(),
             paths_of: HashMap::new(),
             startup_records: None,
+            batch_records: HashMap::new(),
             unfinished: HashSet::new(),
             refused_names: HashMap::new(),
             policy: PolicyState::Absent,
@@ -244,12 +248,33 @@ impl Ingest {
             .cloned()
     }
 
-    /// A service's record: from the start-up copy during the start-up scan, else the store.
-    async fn record(&self, key: &ServiceKey) -> Option<ServiceRecord> {
+    /// A service's record: from the start-up copy during the start-up scan, or the batch
+    /// read just before, else the store.
+    async fn record(&mut self, key: &ServiceKey) -> Option<ServiceRecord> {
         if let Some(r) = self.startup_records.as_ref().and_then(|m| m.get(key)) {
             return Some(r.clone());
         }
+        if let Some(r) = self.batch_records.remove(key) {
+            return r;
+        }
         self.store.service(key).await.ok().flatten()
+    }
+
+    /// The batch is judged: what it did not use is let go.
+    pub fn end_batch(&mut self) {
+        self.batch_records.clear();
+    }
+
+    /// Read the records of a batch of files about to be judged in one trip (none for a
+    /// single file, or during the start-up scan, which has every record already).
+    pub async fn prefetch(&mut self, keys: Vec<ServiceKey>) {
+        self.batch_records.clear();
+        if keys.len() < 2 || self.startup_records.is_some() {
+            return;
+        }
+        if let Ok(rows) = self.store.services_of(&keys).await {
+            self.batch_records = keys.into_iter().zip(rows).collect();
+        }
     }
 
     /// Import a seed `<name>.last` beside a `.dep` on first sight of the service (no record
@@ -334,9 +359,13 @@ impl Ingest {
 
     /// Act on paths that may have changed: read, then judged one by one.
     pub async fn paths_changed(&mut self, paths: Vec<PathBuf>, trigger: Trigger) {
-        for (path, read) in self.read(paths).await {
+        let reads = self.read(paths).await;
+        self.prefetch(reads.iter().map(|(_, (k, _))| k.clone()).collect())
+            .await;
+        for (path, read) in reads {
             self.judge(&path, read, trigger).await;
         }
+        self.end_batch();
     }
 
     /// Read the dependency files among `paths` in batches on the blocking pool (one trip per
@@ -815,6 +844,10 @@ impl Files {
 
     /// Act on the gate's verdicts.
     async fn decided(&mut self, ingest: &mut Ingest, decided: Vec<Gated<(Read, Trigger)>>) {
+        let acting = decided.iter().filter(|g| g.verdict == Verdict::Act);
+        ingest
+            .prefetch(acting.map(|g| g.read.0 .0.clone()).collect())
+            .await;
         for Gated {
             path,
             read: (read, trigger),
@@ -834,6 +867,7 @@ impl Files {
                 }
             }
         }
+        ingest.end_batch();
     }
 }
 

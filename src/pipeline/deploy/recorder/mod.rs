@@ -85,6 +85,8 @@ pub struct Attempt<'a> {
     adopted_pin: Option<String>,
     /// The verification checks' record, once the bake is over.
     checks: Vec<crate::domain::verify::CheckResult>,
+    /// The bake as its row holds it, once it began.
+    bake: Option<crate::domain::verify::BakeRow>,
 }
 
 /// What a change outside depwatch makes of the record.
@@ -125,6 +127,7 @@ impl Recorder {
             adopted: false,
             adopted_pin: None,
             checks: Vec::new(),
+            bake: None,
         }
     }
 
@@ -340,10 +343,7 @@ impl Attempt<'_> {
                 baked,
                 baselines,
             } => self.verifying(*bake, *checks, *baked, baselines).await,
-            Event::Verified { results } => {
-                tracing::info!(checks = %crate::domain::verify::summary(results), "verification over");
-                self.checks = results.clone();
-            }
+            Event::Verified { results } => self.verified(results).await,
             Event::Finished(f) => self.finished(f).await,
         }
     }
@@ -645,7 +645,7 @@ impl Attempt<'_> {
     /// The rollout is healthy and its checks bake: the service is `verifying`, its images
     /// not last good yet.
     async fn verifying(
-        &self,
+        &mut self,
         bake: std::time::Duration,
         checks: usize,
         baked: std::time::Duration,
@@ -666,23 +666,39 @@ impl Attempt<'_> {
             until.strftime("%Y-%m-%dT%H:%M:%SZ")
         );
         tracing::info!("{message}");
+        let row = crate::domain::verify::BakeRow {
+            started_at: began.to_string(),
+            baselines: baselines.clone(),
+            results: Vec::new(),
+        };
         if let Some(id) = self.row {
-            let row = crate::domain::verify::BakeRow {
-                started_at: began.to_string(),
-                baselines: baselines.clone(),
-            };
-            let text = serde_json::to_string(&row).unwrap_or_default();
             self.recorder
                 .store
-                .set_bake(id, &text)
+                .set_bake(id, &row)
                 .await
                 .or_log("record the bake");
         }
+        self.bake = Some(row);
         let change = self
             .service_change()
             .status(ServiceStatus::Verifying)
+            .bake_ends_at(until.to_string())
             .message(message);
         self.recorder.change(self.key, change).await;
+    }
+
+    /// The bake is over: its checks' record goes on the deploy's row, as fields of their own.
+    async fn verified(&mut self, results: &[crate::domain::verify::CheckResult]) {
+        tracing::info!(checks = %crate::domain::verify::summary(results), "verification over");
+        self.checks = results.to_vec();
+        if let (Some(id), Some(bake)) = (self.row, self.bake.as_mut()) {
+            bake.results = results.to_vec();
+            self.recorder
+                .store
+                .set_bake(id, bake)
+                .await
+                .or_log("record the checks");
+        }
     }
 
     fn patched(&self, generation: i64, rollback: bool) {
