@@ -143,6 +143,9 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
         | ServiceStatus::Succeeded
         | ServiceStatus::Applied
         | ServiceStatus::Unmanaged => return None,
+        ServiceStatus::Held => format!(
+            "it is deployed by itself when the window opens or the FREEZE file is removed; `depwatch deploy {key} --now --reason \"…\"` deploys it now (break-glass)"
+        ),
         ServiceStatus::Missing => format!(
             "the {} was deleted outside depwatch: recreate it and depwatch deploys the file's version to it by itself, or delete the file to stop managing it",
             s.kind.api_kind()
@@ -226,6 +229,7 @@ mod tests {
             (S::Pending, false, false, "", ""),
             (S::Retry, false, false, "", ""),
             (S::Unmanaged, false, false, "", ""),
+            (S::Held, false, false, "held: frozen by deps/FREEZE: sale", "when the window opens or the FREEZE file is removed"),
             (S::Applied, false, false, "", ""),
             (S::Missing, false, false, "", "recreate it"),
             (S::Succeeded, true, false, "", "depwatch resume prod/web"),

@@ -46,6 +46,9 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Cut a verifying version's bake short: it becomes last good without the time left.
     Promote(ServiceArgs),
+    /// Break-glass: deploy the save a deploy window or a FREEZE holds, now
+    /// (`deploy NS/NAME --now --reason "…"`), recorded with who and why.
+    Deploy(DeployNowArgs),
     /// Stop deploying a service's file changes until it is resumed.
     Suspend(ServiceArgs),
     /// Deploy a suspended service's file changes again.
@@ -738,6 +741,19 @@ pub struct HistoryArgs {
     /// Same as `-o json`.
     #[arg(long, hide = true)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployNowArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Deploy now, past a deploy window or a freeze (required: a save otherwise deploys by
+    /// writing its file).
+    #[arg(long, required = true)]
+    pub now: bool,
+    /// Why, recorded with who asked.
+    #[arg(long, required = true)]
+    pub reason: String,
 }
 
 #[derive(Debug, clap::Args)]

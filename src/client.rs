@@ -333,11 +333,15 @@ pub fn history_heading(key: &ServiceKey, kind: WorkloadKind) -> String {
 }
 
 /// An operator action.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Action {
     Retry,
-    Rollback { to: Option<i64> },
+    Rollback {
+        to: Option<i64>,
+    },
     Promote,
+    /// Break-glass, with the reason.
+    DeployNow(String),
     Suspend,
     Resume,
     Forget,
@@ -348,11 +352,17 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
     let key = a.key().map_err(ClientError)?;
     if let Some(r) = remote(&a.target)? {
         let base = format!("/api/v1/services/{}/{}", key.namespace, key.name);
-        let path = match action {
+        let path = match &action {
             Action::Retry => format!("{base}/retry"),
             Action::Rollback { to: None } => format!("{base}/rollback"),
             Action::Rollback { to: Some(id) } => format!("{base}/rollback?to={id}"),
             Action::Promote => format!("{base}/promote"),
+            Action::DeployNow(reason) => {
+                let q: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("reason", reason)
+                    .finish();
+                format!("{base}/deploy-now?{q}")
+            }
             Action::Suspend => format!("{base}/suspend"),
             Action::Resume => format!("{base}/resume"),
             Action::Forget => format!("{base}/forget"),
@@ -369,6 +379,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
         Action::Retry => operator::retry(&store, &key, caller).await?,
         Action::Rollback { to } => operator::rollback(&store, &key, to, caller).await?,
         Action::Promote => operator::promote(&store, &key, caller).await?,
+        Action::DeployNow(reason) => operator::deploy_now(&store, &key, &reason, caller).await?,
         Action::Suspend => operator::suspend(&store, &key, true, caller).await?,
         Action::Resume => operator::suspend(&store, &key, false, caller).await?,
         Action::Forget => operator::forget(&store, &key, caller).await?,

@@ -231,6 +231,7 @@ struct YamlForm {
     rollback: Option<Switch>,
     kind: Option<String>,
     verify: Option<serde_json::Value>,
+    windows: Option<serde_json::Value>,
 }
 
 /// `rollback:` as YAML writes it (`true`/`false`) or as the command line does (`on`/`off`).
@@ -265,6 +266,7 @@ const FIELDS: &[&str] = &[
     "rollback",
     "kind",
     "verify",
+    "windows",
 ];
 
 /// The unknown field a parser message names, when it is a plain name (letters, digits, `_`,
@@ -491,6 +493,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
         kind: read_kind(&form, &mut problems),
         rollout_timeout: read_timeout(&form, &mut problems),
         verify: read_verify(&form, &mut problems),
+        windows: read_windows(&form, &mut problems),
         images: Vec::new(),
     };
     check_repository(&form, &mut problems);
@@ -523,6 +526,21 @@ fn read_verify(
             None
         }
     }
+}
+
+/// The file's own deploy windows: they add to the policy's, so they can only hold more.
+fn read_windows(form: &YamlForm, problems: &mut Problems) -> Vec<crate::domain::window::Window> {
+    let mut found = Vec::new();
+    let windows = crate::policy::read_windows("windows", form.windows.as_ref(), &mut found);
+    for (field, message) in found {
+        let key = field.rsplit('.').next().unwrap_or("windows").to_string();
+        let needle = match key.starts_with("windows") {
+            true => "windows:".to_string(),
+            false => format!("{key}:"),
+        };
+        problems.add(Some(&needle), format!("{field}: {message}"));
+    }
+    windows
 }
 
 fn read_rollback(form: &YamlForm, problems: &mut Problems) -> Option<bool> {
@@ -884,6 +902,24 @@ mod tests {
         assert!(
             e.message
                 .contains("kind: expected one of deployment, statefulset, daemonset, cronjob"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_adds_deploy_windows_of_its_own_and_their_problems_name_their_lines() {
+        let text = b"version: 1.4.2\nwindows:\n  - deny: \"0 18 * * Fri\"\n    duration: 63h\n    timeZone: Europe/Berlin\n";
+        let d = parse("web_prod.dep", text).expect("valid windows");
+        assert_eq!(d.windows.len(), 1);
+        assert_eq!(
+            d.windows[0].to_string(),
+            "deny \"0 18 * * Fri\" for 2days 15h (Europe/Berlin)"
+        );
+        let bad = b"version: 1.4.2\nwindows:\n  - deny: \"0 18 * * Fri\"\n    duration: 63h\n    timeZone: Nowhere/Land\n";
+        let e = parse("web_prod.dep", bad).expect_err("bad zone");
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(
+            e.message.contains("windows[0].timeZone: not a time zone"),
             "{e}"
         );
     }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod verify;
+pub mod window;
 
 /// The extension of dependency files.
 pub const EXTENSION: &str = "dep";
@@ -106,6 +107,8 @@ pub struct DepSpec {
     pub kind: Option<WorkloadKind>,
     /// The checks that must pass after the rollout is healthy, and for how long.
     pub verify: Option<verify::Verification>,
+    /// Deploy windows of its own, on top of the policy's (a file can only add them).
+    pub windows: Vec<window::Window>,
 }
 
 impl DepSpec {
@@ -332,6 +335,9 @@ vocabulary! {
         Paused = "paused",
         /// Its file was removed: no longer managed.
         Unmanaged = "unmanaged",
+        /// A save waits for a deploy window to open or a `FREEZE` to be lifted; it is
+        /// deployed by itself then.
+        Held = "held",
         /// An operator asked for a retry; the file is read again.
         Retry = "retry",
     }
@@ -500,6 +506,7 @@ impl ServiceStatus {
             ServiceStatus::Invalid => "invalid file",
             ServiceStatus::Unreadable => "unreadable file",
             ServiceStatus::Unmanaged => "not managed",
+            ServiceStatus::Held => "held (a deploy window or a freeze)",
             ServiceStatus::Paused => "Deployment paused",
             ServiceStatus::Retry => "retry requested",
         }

@@ -204,6 +204,9 @@ async fn run(
             .await
             .map_err(fail)?),
         Command::Promote(a) => say(&client::act(&a, Action::Promote).await.map_err(fail)?),
+        Command::Deploy(d) => say(&client::act(&d.service, Action::DeployNow(d.reason))
+            .await
+            .map_err(fail)?),
         Command::Suspend(a) => say(&client::act(&a, Action::Suspend).await.map_err(fail)?),
         Command::Forget(a) => say(&client::act(&a, Action::Forget).await.map_err(fail)?),
         Command::Resume(a) => say(&client::act(&a, Action::Resume).await.map_err(fail)?),

@@ -112,6 +112,7 @@ pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
             "its workload was deleted; recreate it and depwatch deploys to it by itself"
         }
         ServiceStatus::Unmanaged => "its file was removed",
+        ServiceStatus::Held => "a save waits for its deploy window or a freeze to end",
     };
     Some(format!(
         "nothing to retry for {key}: it is {} ({why})",
@@ -284,6 +285,7 @@ async fn judgement(
         ruling,
         by: caller.actor.to_string(),
         at: store::now(),
+        reason: String::new(),
     }))
 }
 
@@ -312,6 +314,60 @@ pub async fn promote(
         "{key} promoted: {} becomes last good without the rest of its bake",
         r.desired
     ))
+}
+
+/// The longest reason a break-glass release keeps.
+const MAX_REASON: usize = 500;
+
+/// Break-glass: deploy the save a deploy window or a freeze holds, now (approvals still
+/// apply). Recorded with who and why before the file is read again.
+pub async fn deploy_now(
+    store: &Store,
+    key: &ServiceKey,
+    reason: &str,
+    caller: Caller<'_>,
+) -> Result<String, OperatorError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(OperatorError::Refused(
+            "a break-glass deploy needs --reason: it is recorded with who asked".into(),
+        ));
+    }
+    let r = record(store, key).await?;
+    if r.status != ServiceStatus::Held || r.requested_hash.is_empty() {
+        return Err(OperatorError::Refused(format!(
+            "nothing is held for {key}: it is {} (--now deploys a save a deploy window or a FREEZE holds)",
+            r.status.label()
+        )));
+    }
+    let reason: String = crate::safefs::escape(reason)
+        .chars()
+        .take(MAX_REASON)
+        .collect();
+    let word = Judgement {
+        hash: r.requested_hash.clone(),
+        ruling: Ruling::Release,
+        by: caller.actor.to_string(),
+        at: store::now(),
+        reason: reason.clone(),
+    };
+    store
+        .change_service(key, ServiceChange::default().judged(word))
+        .await?;
+    resave(caller.root, &r.path)?;
+    tracing::warn!(service = %key, actor = caller.actor, %reason, "break-glass: a held save is deployed now");
+    Ok(format!(
+        "break-glass: {key} deploys {} now, past its window or freeze (recorded: {} — {reason})",
+        or_words(&r.requested),
+        caller.actor
+    ))
+}
+
+fn or_words(s: &str) -> &str {
+    match s.is_empty() {
+        true => "what its file asks",
+        false => s,
+    }
 }
 
 /// Remove a service whose file is gone (a deleted typo, a retired service) from the record;

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::bounds::Glob;
 use crate::domain::verify::Verification;
+use crate::domain::window::{Kind, Window};
 use crate::domain::ServiceKey;
 
 /// The policy file's name, at the root of the deps directory (files of that name in
@@ -32,7 +33,10 @@ pub const MAX_RULES: usize = 256;
 const MAX_GLOBS: usize = 64;
 
 const TOP_FIELDS: &[&str] = &["rules"];
-const RULE_FIELDS: &[&str] = &["namespaces", "verify"];
+const RULE_FIELDS: &[&str] = &["namespaces", "verify", "windows"];
+const WINDOW_FIELDS: &[&str] = &["allow", "deny", "duration", "timeZone"];
+/// The most windows one rule holds.
+const MAX_WINDOWS: usize = 32;
 
 /// The rules, in the file's order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,6 +50,7 @@ struct Rule {
     at: usize,
     namespaces: Vec<Glob>,
     verify: Option<Verification>,
+    windows: Vec<Window>,
 }
 
 impl Rule {
@@ -96,6 +101,16 @@ impl Policy {
     /// How many rules it holds.
     pub fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// The deploy windows of every rule covering the namespace: all of them hold (a deny of
+    /// any rule denies; with allow windows, one must be open).
+    pub fn windows(&self, namespace: &str) -> Vec<Window> {
+        self.rules
+            .iter()
+            .filter(|r| r.covers(namespace))
+            .flat_map(|r| r.windows.iter().cloned())
+            .collect()
     }
 
     /// A service's verification under the policy: that of every rule covering its namespace,
@@ -216,7 +231,7 @@ fn limits() -> serde_saphyr::Options {
 }
 
 /// A field path (`rules[1].verify.bake`) and what is wrong with it.
-type FieldProblem = (String, String);
+pub type FieldProblem = (String, String);
 
 fn unknown_keys(
     field: &str,
@@ -316,7 +331,8 @@ fn read_rule(i: usize, v: &Value, problems: &mut Vec<FieldProblem>) -> Option<Ru
                 None
             }
         });
-    if m.get("verify").is_none() && problems.len() == before {
+    let windows = read_windows(&format!("{field}.windows"), m.get("windows"), problems);
+    if m.get("verify").is_none() && m.get("windows").is_none() && problems.len() == before {
         problems.push((
             field,
             format!(
@@ -330,7 +346,104 @@ fn read_rule(i: usize, v: &Value, problems: &mut Vec<FieldProblem>) -> Option<Ru
         at: i,
         namespaces,
         verify,
+        windows,
     })
+}
+
+/// A `windows:` list (the policy's rules and a dependency file's own), each problem named
+/// by its field.
+pub fn read_windows(
+    field: &str,
+    v: Option<&Value>,
+    problems: &mut Vec<FieldProblem>,
+) -> Vec<Window> {
+    let list = match v {
+        None => return Vec::new(),
+        Some(Value::Array(list)) if list.len() > MAX_WINDOWS => {
+            problems.push((
+                field.into(),
+                format!("{} windows; at most {MAX_WINDOWS}", list.len()),
+            ));
+            return Vec::new();
+        }
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            problems.push((
+                field.into(),
+                "expected a list of windows, e.g. [{deny: \"0 18 * * Fri\", duration: 63h, timeZone: Europe/Berlin}]".into(),
+            ));
+            return Vec::new();
+        }
+    };
+    let mut windows = Vec::new();
+    for (i, w) in list.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let Some(m) = w.as_object() else {
+            problems.push((
+                at,
+                format!("expected a mapping with {}", WINDOW_FIELDS.join(", ")),
+            ));
+            continue;
+        };
+        let before = problems.len();
+        problems.extend(unknown_keys(&at, m, WINDOW_FIELDS));
+        let (kind, cron) = match (m.get("allow"), m.get("deny")) {
+            (Some(c), None) => (Kind::Allow, c),
+            (None, Some(c)) => (Kind::Deny, c),
+            _ => {
+                problems.push((
+                    at,
+                    "expected one of `allow` or `deny`, a cron schedule of the window's starts"
+                        .into(),
+                ));
+                continue;
+            }
+        };
+        let key = kind.as_str();
+        let Some(cron) = cron.as_str() else {
+            problems.push((
+                format!("{at}.{key}"),
+                "expected a cron schedule as text, e.g. \"0 18 * * Fri\"".into(),
+            ));
+            continue;
+        };
+        let duration = match m
+            .get("duration")
+            .and_then(Value::as_str)
+            .map(humantime::parse_duration)
+        {
+            Some(Ok(d)) => d,
+            Some(Err(_)) | None => {
+                problems.push((
+                    format!("{at}.duration"),
+                    "expected how long each window lasts, e.g. 8h or 2d 15h".into(),
+                ));
+                continue;
+            }
+        };
+        let zone = match m.get("timeZone") {
+            None => "UTC",
+            Some(Value::String(z)) if z.len() <= 64 => z.as_str(),
+            Some(_) => {
+                problems.push((
+                    format!("{at}.timeZone"),
+                    "expected an IANA time zone name such as Europe/Berlin".into(),
+                ));
+                continue;
+            }
+        };
+        if problems.len() > before {
+            continue;
+        }
+        match Window::new(kind, cron, duration, zone) {
+            Ok(w) => windows.push(w),
+            Err((part, why)) => {
+                let part = if part == "cron" { key } else { part };
+                problems.push((format!("{at}.{part}"), why));
+            }
+        }
+    }
+    windows
 }
 
 fn read_globs(field: &str, v: Option<&Value>, problems: &mut Vec<FieldProblem>) -> Vec<Glob> {
@@ -567,6 +680,43 @@ rules:
             )
             .expect_err("too many");
         assert!(e.0.contains("17 checks; at most 16"), "{e}");
+    }
+
+    #[test]
+    fn windows_are_read_per_rule_and_their_problems_named() {
+        let text = "rules:\n  - namespaces: \"prod*\"\n    windows:\n      - deny: \"0 18 * * Fri\"\n        duration: 63h\n        timeZone: Europe/Berlin\n  - namespaces: '*'\n    windows:\n      - allow: \"0 8 * * Mon-Fri\"\n        duration: 10h\n";
+        let p = parse(text.as_bytes()).expect("valid");
+        let prod: Vec<String> = p
+            .windows("prod-eu")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            prod,
+            [
+                "deny \"0 18 * * Fri\" for 2days 15h (Europe/Berlin)",
+                "allow \"0 8 * * Mon-Fri\" for 10h (UTC)"
+            ]
+        );
+        assert_eq!(p.windows("dev").len(), 1);
+        let cases: &[(&str, &str)] = &[
+            ("rules:\n  - namespaces: a\n    windows: {deny: x}\n", "rules[0].windows: expected a list of windows"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - duration: 1h\n", "rules[0].windows[0]: expected one of `allow` or `deny`"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 18 * *\"\n        duration: 1h\n", "depwatch-policy.yaml:4: rules[0].windows[0].deny: 4 fields; expected five"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 99 * * *\"\n        duration: 1h\n", "rules[0].windows[0].deny: not a cron schedule"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 18 * * *\"\n        duration: forever\n", "depwatch-policy.yaml:5: rules[0].windows[0].duration: expected how long"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 18 * * *\"\n        duration: 9d\n", "rules[0].windows[0].duration: expected from 1m to 7d"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 18 * * *\"\n        duration: 1h\n        timeZone: Mars/Base\n", "depwatch-policy.yaml:6: rules[0].windows[0].timeZone: not a time zone"),
+            ("rules:\n  - namespaces: a\n    windows:\n      - deny: \"0 18 * * *\"\n        duration: 1h\n        tz: UTC\n", "rules[0].windows[0].tz: unknown field"),
+        ];
+        for (text, want) in cases {
+            let got = parse(text.as_bytes()).expect_err(text);
+            let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
+            assert!(
+                shown.iter().any(|s| s.contains(want)),
+                "{text:?}: {shown:?}"
+            );
+        }
     }
 
     #[test]

@@ -456,6 +456,7 @@ async fn every_route_is_in_the_openapi_document_and_events_stream() {
         ("POST", "/api/v1/services/{namespace}/{name}/retry"),
         ("POST", "/api/v1/services/{namespace}/{name}/rollback"),
         ("POST", "/api/v1/services/{namespace}/{name}/promote"),
+        ("POST", "/api/v1/services/{namespace}/{name}/deploy-now"),
         ("POST", "/api/v1/services/{namespace}/{name}/suspend"),
         ("POST", "/api/v1/services/{namespace}/{name}/resume"),
         ("POST", "/api/v1/services/{namespace}/{name}/forget"),

@@ -70,6 +70,7 @@ async fn suite(s: &Store) {
         ruling: depwatch::domain::verify::Ruling::Promote,
         by: "alice".into(),
         at: "2026-12-06T10:00:00Z".into(),
+        reason: String::new(),
     };
     s.change_service(
         &key,

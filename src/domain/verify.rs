@@ -347,9 +347,10 @@ pub enum VerifyOutcome {
     },
 }
 
-/// An operator's word on a bake, recorded on the service before it is acted on, for the
-/// content it was given for: `depwatch promote` ends the bake as passed, `depwatch rollback`
-/// during it as failed. A word for other content (an earlier version's) means nothing.
+/// An operator's word on a version, recorded on the service before it is acted on, for the
+/// content it was given for: `depwatch promote` ends its bake as passed, `depwatch rollback`
+/// during it as failed, `depwatch deploy --now` releases it when a deploy window or a freeze
+/// holds it (break-glass). A word for other content (an earlier version's) means nothing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Judgement {
@@ -359,6 +360,9 @@ pub struct Judgement {
     /// Who: the local user or the API token's name.
     pub by: String,
     pub at: String,
+    /// Why, for a break-glass release.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 #[derive(
@@ -370,6 +374,8 @@ pub enum Ruling {
     Promote,
     /// Bad: rolled back and pinned like a failed check.
     Fail,
+    /// Deployed now, through a deploy window or a freeze (not through approvals).
+    Release,
 }
 
 impl Judgement {
@@ -386,10 +392,12 @@ impl Judgement {
     /// How the bake ends under this word, for the version with content `hash`: nothing when
     /// the word is for other content.
     pub fn outcome(&self, hash: &str, results: Vec<CheckResult>) -> Option<VerifyOutcome> {
+        // A release is no word on a bake.
         if self.hash != hash {
             return None;
         }
         Some(match self.ruling {
+            Ruling::Release => return None,
             Ruling::Promote => VerifyOutcome::Promoted {
                 by: self.by.clone(),
                 results,
@@ -598,6 +606,7 @@ mod tests {
             ruling,
             by: "alice".into(),
             at: "2026-12-06T10:00:00Z".into(),
+            reason: String::new(),
         };
         let results = vec![CheckResult {
             name: "GET /healthz".into(),
@@ -620,6 +629,8 @@ mod tests {
                 results
             })
         );
+        // A release is about a held save, not a bake.
+        assert_eq!(word(Ruling::Release).outcome("aa", Vec::new()), None);
         // The record's text reads back; anything else is no word at all.
         let w = word(Ruling::Fail);
         assert_eq!(Judgement::from_text(&w.to_text()), Some(w));

@@ -938,6 +938,7 @@ enum Command {
     Retry,
     Rollback(Option<i64>),
     Promote,
+    DeployNow(String),
     Suspend(bool),
     Forget,
 }
@@ -962,6 +963,7 @@ async fn operator_call(
         Command::Retry => operator::retry(store, &key, caller).await,
         Command::Rollback(to) => operator::rollback(store, &key, to, caller).await,
         Command::Promote => operator::promote(store, &key, caller).await,
+        Command::DeployNow(reason) => operator::deploy_now(store, &key, &reason, caller).await,
         Command::Suspend(on) => operator::suspend(store, &key, on, caller).await,
         Command::Forget => operator::forget(store, &key, caller).await,
     }
@@ -1022,6 +1024,33 @@ pub async fn promote_service(
     Path(service): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     operator_call(&state, &headers, service, "promote", Command::Promote).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeployNowQuery {
+    /// Why the window or freeze is passed; recorded with the token's name.
+    pub reason: String,
+}
+
+/// Break-glass (`depwatch deploy --now`): deploy the save a deploy window or a FREEZE holds,
+/// now, recorded with the token's name and the reason. 409 unless a save is held.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/deploy-now", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path), DeployNowQuery), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "nothing held", body = ErrorBody)))]
+pub async fn deploy_now_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+    Query(q): Query<DeployNowQuery>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    operator_call(
+        &state,
+        &headers,
+        service,
+        "deploy-now",
+        Command::DeployNow(q.reason),
+    )
+    .await
 }
 
 /// Stop deploying the service's file changes (`depwatch suspend`). 409 when already suspended.

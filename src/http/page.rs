@@ -91,7 +91,7 @@ fn status_class(status: ServiceStatus) -> &'static str {
         | ServiceStatus::Paused => "warn",
         ServiceStatus::Applied => "neutral",
         ServiceStatus::Deploying | ServiceStatus::Verifying | ServiceStatus::Retry => "busy",
-        ServiceStatus::Pending | ServiceStatus::Unmanaged => "idle",
+        ServiceStatus::Pending | ServiceStatus::Unmanaged | ServiceStatus::Held => "idle",
     }
 }
 

@@ -20,12 +20,16 @@ mod decide;
 use crate::bounds::Bounds;
 use crate::depfile;
 use crate::domain::verify::Verification;
+use crate::domain::window::Gate;
 use crate::domain::{Asker, DepSpec, Desired, ServiceKey, ServiceStatus, Trigger};
 use crate::pipeline::debounce::{Debouncer, Gated, ReadGate, Signal, Verdict};
 use crate::pipeline::deploy::recorder::verdict;
 use crate::pipeline::queue::Scheduler;
 use crate::pipeline::watch::{Barriers, FileEvent};
 use crate::policy::{self, Policy};
+
+/// A file of this name freezes every service whose file is in its directory or below.
+pub const FREEZE: &str = "FREEZE";
 use crate::safefs::{self, shown};
 use crate::store::OrLog;
 use crate::store::{ServiceChange, ServiceRecord, Store};
@@ -81,8 +85,12 @@ pub struct Ingest {
     refused_names: HashMap<PathBuf, String>,
     /// The policy file as last read.
     policy: PolicyState,
-    /// The policy changed since the last rescan: every file is judged again under it.
+    /// The policy or a `FREEZE` file changed since the last rescan: every file is judged
+    /// again.
     policy_changed: bool,
+    /// The earliest moment a held save may go (a deploy window opens): every file is judged
+    /// again then.
+    wake_at: Option<jiff::Timestamp>,
 }
 
 /// The policy file (`depwatch-policy.yaml`) as last read.
@@ -117,7 +125,63 @@ impl Ingest {
             refused_names: HashMap::new(),
             policy: PolicyState::Absent,
             policy_changed: false,
+            wake_at: None,
         }
+    }
+
+    /// Why a save may not go now, when it may not: a `FREEZE` file in its directory or one
+    /// above it (up to the deps root), or the deploy windows of its namespace. An operator's
+    /// rollback always goes.
+    fn gate(
+        &self,
+        key: &ServiceKey,
+        path: &Path,
+        asker: Option<&Asker>,
+        own: &[crate::domain::window::Window],
+    ) -> Gate {
+        if matches!(asker, Some(Asker::Rollback { .. })) {
+            return Gate::Open;
+        }
+        if let Some(why) = self.frozen(path) {
+            return Gate::Held { until: None, why };
+        }
+        let mut windows = match &self.policy {
+            PolicyState::Valid { policy, .. } => policy.windows(&key.namespace),
+            _ => Vec::new(),
+        };
+        windows.extend(own.iter().cloned());
+        match windows.is_empty() {
+            true => Gate::Open,
+            false => crate::domain::window::decide(&windows, jiff::Timestamp::now()),
+        }
+    }
+
+    /// The nearest `FREEZE` file at or above the file's directory, with its reason.
+    fn frozen(&self, path: &Path) -> Option<String> {
+        let start = path.parent()?;
+        for dir in start.ancestors() {
+            if !dir.starts_with(&self.dir) {
+                break;
+            }
+            let freeze = dir.join(FREEZE);
+            if std::fs::symlink_metadata(&freeze).is_err() {
+                continue;
+            }
+            let reason = safefs::read_capped(&self.dir, &freeze, 4096)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .unwrap_or_default();
+            let reason = match reason.is_empty() {
+                true => "no reason given".to_string(),
+                false => safefs::escape(&reason),
+            };
+            return Some(format!("frozen by {}: {reason}", shown(&freeze)));
+        }
+        None
+    }
+
+    /// When a held save may go, for the loop's timer (the earliest of them).
+    pub fn wake_at(&self) -> Option<jiff::Timestamp> {
+        self.wake_at
     }
 
     fn policy_path(&self) -> PathBuf {
@@ -379,6 +443,11 @@ impl Ingest {
                 policy_touched = true;
                 continue;
             }
+            if p.file_name().is_some_and(|n| n == FREEZE) {
+                tracing::info!(file = %shown(&p), "a FREEZE file changed; every file is judged again");
+                self.policy_changed = true;
+                continue;
+            }
             match depfile::service_for_path(&p) {
                 Ok(Some(k)) => wanted.push((p, k)),
                 Ok(None) => {}
@@ -525,13 +594,14 @@ impl Ingest {
             busy_with_this: self.scheduler.busy_with(&key, &hash),
         };
         let unfinished = self.unfinished.remove(&key);
+        let asker = Asker::find(&String::from_utf8_lossy(bytes));
         let read = decide::Valid {
             hash: &hash,
-            asker: Asker::find(&String::from_utf8_lossy(bytes)),
+            asker: asker.clone(),
             trigger,
             unfinished,
         };
-        let outcome = decide::valid(read, &record, &queued);
+        let mut outcome = decide::valid(read, &record, &queued);
         let mut spec = spec;
         match self.under_policy(&key, &file, spec.verify.take()) {
             Ok(verify) => spec.verify = verify,
@@ -546,6 +616,29 @@ impl Ingest {
                 return;
             }
             Err(_) => {}
+        }
+        if matches!(outcome, decide::Outcome::Submit { .. }) {
+            let released = break_glass(&record, &hash);
+            let gate = match released {
+                Some(_) => Gate::Open,
+                None => self.gate(&key, path, asker.as_ref(), &spec.windows),
+            };
+            if let Some(j) = released {
+                tracing::warn!(service = %key, actor = %j.by, reason = %j.reason, "break-glass: deployed past its window or freeze");
+                outcome = decide::Outcome::Submit {
+                    trigger: Trigger::Operator,
+                    actor: format!("{} (break-glass: {})", j.by, j.reason),
+                    request_id: String::new(),
+                };
+            }
+            if gate != Gate::Open {
+                if unfinished {
+                    self.unfinished.insert(key.clone());
+                }
+                self.hold(&key, &gate).await;
+                self.write_asks(asks).await;
+                return;
+            }
         }
         let desired = |trigger, actor, request_id| Desired {
             spec,
@@ -582,6 +675,20 @@ impl Ingest {
             }
         }
         self.write_asks(asks).await;
+    }
+
+    /// A save that may not go now: said on the row, and judged again when its window opens
+    /// (or its freeze is lifted: the FREEZE file's removal brings a rescan).
+    async fn hold(&mut self, key: &ServiceKey, gate: &Gate) {
+        let message = gate.message();
+        tracing::info!(service = %key, reason = %message, "save held; deployed by itself when it may go");
+        if let Some(until) = gate.until() {
+            self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
+        }
+        self.store
+            .change_service(key, verdict::held(message))
+            .await
+            .or_log("change service");
     }
 
     /// What the file asks is shown as soon as it is read, whatever happens to it next:
@@ -626,9 +733,11 @@ impl Ingest {
         trigger: Trigger,
         busy: &std::collections::HashSet<PathBuf>,
     ) -> Vec<PathBuf> {
-        // Every file is judged below, so a changed policy needs no rescan of its own.
+        // Every file is judged below, so a changed policy needs no rescan of its own, and
+        // the holds are found again.
         self.reload_policy().await;
         self.policy_changed = false;
+        self.wake_at = None;
         let dir = self.dir.clone();
         let scanned = tokio::task::spawn_blocking(move || crate::pipeline::watch::scan(&dir))
             .await
@@ -707,6 +816,22 @@ impl Ingest {
             }
         }
     }
+}
+
+/// How long a break-glass release stands for the content it names.
+const RELEASE_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(1);
+
+/// An operator's break-glass release of this very content (`depwatch deploy --now`), given
+/// within the last hour: a release is for the save held then, not for the same content saved
+/// again in a later window.
+fn break_glass<'r>(
+    record: &'r ServiceRecord,
+    hash: &str,
+) -> Option<&'r crate::domain::verify::Judgement> {
+    let j = record.judged.as_ref()?;
+    let at: jiff::Timestamp = j.at.parse().ok()?;
+    let fresh = jiff::Timestamp::now().duration_since(at) < RELEASE_FOR;
+    (j.ruling == crate::domain::verify::Ruling::Release && j.hash == hash && fresh).then_some(j)
 }
 
 /// Images the file names in full must be within `--allowed-images` (plain versions are checked
@@ -901,6 +1026,17 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let release = ingest.wake_at().map(|at| {
+            let wait = std::time::Duration::try_from(jiff::Timestamp::now().duration_until(at))
+                .unwrap_or_default();
+            tokio::time::Instant::now() + wait
+        });
+        let released = async {
+            match release {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let again = async {
             match look_again {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -909,6 +1045,12 @@ pub async fn run(
         };
         let mut root_event = false;
         tokio::select! {
+            _ = released => {
+                if root_ok {
+                    tracing::info!("a deploy window opens; the held saves are judged again");
+                    files.rescan(&mut ingest, Trigger::Resync).await;
+                }
+            }
             _ = again => {
                 look_again = None;
                 if root_ok {

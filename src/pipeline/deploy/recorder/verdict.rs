@@ -48,6 +48,14 @@ pub fn retry_requested(pinned: &str, note: impl Into<String>) -> ServiceChange {
         .message(note)
 }
 
+/// A save waits for a deploy window or a freeze (`message` says until when and why); a
+/// deploy under way keeps its status.
+pub fn held(message: impl Into<String>) -> ServiceChange {
+    ServiceChange::default()
+        .status_unless_deploying(ServiceStatus::Held)
+        .message(message)
+}
+
 /// A note on the row from an operator command (suspend, resume): its message only.
 pub fn noted(message: impl Into<String>) -> ServiceChange {
     ServiceChange::default().message(message)
