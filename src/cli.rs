@@ -503,6 +503,34 @@ pub struct DaemonArgs {
     )]
     pub slack_webhook: Option<String>,
 
+    /// Microsoft Teams Workflows webhook URL ("Post to a channel when a webhook request is
+    /// received"): each deploy outcome as an Adaptive Card.
+    #[arg(
+        long,
+        env = "DEPWATCH_TEAMS_WEBHOOK",
+        hide_env_values = true,
+        help_heading = "Notifications"
+    )]
+    pub teams_webhook: Option<String>,
+
+    /// Google Chat incoming-webhook URL: each deploy outcome as a card.
+    #[arg(
+        long,
+        env = "DEPWATCH_GOOGLE_CHAT_WEBHOOK",
+        hide_env_values = true,
+        help_heading = "Notifications"
+    )]
+    pub google_chat_webhook: Option<String>,
+
+    /// Discord webhook URL: each deploy outcome as an embed.
+    #[arg(
+        long,
+        env = "DEPWATCH_DISCORD_WEBHOOK",
+        hide_env_values = true,
+        help_heading = "Notifications"
+    )]
+    pub discord_webhook: Option<String>,
+
     /// A URL that receives every deploy outcome as a JSON document (POST).
     #[arg(
         long,
@@ -549,6 +577,9 @@ impl DaemonArgs {
             rollback: self.rollback == Toggle::On,
             slack_webhook: self.slack_webhook.clone(),
             webhook_url: self.webhook_url.clone(),
+            teams_webhook: self.teams_webhook.clone(),
+            google_chat_webhook: self.google_chat_webhook.clone(),
+            discord_webhook: self.discord_webhook.clone(),
             nats_url: self.nats_url.clone(),
             prometheus_url: self.prometheus_url.clone(),
             fail_fast: crate::pipeline::deploy::rollout::FailFast {

@@ -56,6 +56,10 @@ pub struct DaemonConfig {
     pub slack_webhook: Option<String>,
     /// A generic JSON webhook that receives every outcome.
     pub webhook_url: Option<String>,
+    /// Chat webhooks: Microsoft Teams (Workflows), Google Chat, Discord.
+    pub teams_webhook: Option<String>,
+    pub google_chat_webhook: Option<String>,
+    pub discord_webhook: Option<String>,
     /// NATS server(s) on which every outcome is published.
     pub nats_url: Option<String>,
     /// Prometheus, for the `prometheus` checks of a `verify:` block.
@@ -109,6 +113,9 @@ impl DaemonConfig {
             rollback: true,
             slack_webhook: None,
             webhook_url: None,
+            teams_webhook: None,
+            google_chat_webhook: None,
+            discord_webhook: None,
             nats_url: None,
             prometheus_url: None,
             fail_fast: FailFast::default(),
@@ -576,6 +583,15 @@ fn notifier(
     let mut notifier = Notifier::new(metrics.clone()).tracked(senders.clone());
     if let Some(url) = config.slack_webhook.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_slack(url, Duration::from_secs(10));
+    }
+    if let Some(url) = config.teams_webhook.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_teams(url, Duration::from_secs(10));
+    }
+    if let Some(url) = config.google_chat_webhook.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_google_chat(url, Duration::from_secs(10));
+    }
+    if let Some(url) = config.discord_webhook.clone().filter(|u| !u.is_empty()) {
+        notifier = notifier.with_discord(url, Duration::from_secs(10));
     }
     if let Some(url) = config.webhook_url.clone().filter(|u| !u.is_empty()) {
         notifier = notifier.with_webhook(url, Duration::from_secs(10));

@@ -284,6 +284,21 @@ impl Notifier {
         self.with_sink("Slack", webhook, timeout, Report::to_slack)
     }
 
+    /// Send to a Microsoft Teams Workflows webhook (an Adaptive Card). The URL is a secret.
+    pub fn with_teams(self, url: String, timeout: Duration) -> Self {
+        self.with_sink("Teams", url, timeout, Report::to_teams)
+    }
+
+    /// Send to a Google Chat incoming webhook (a card). The URL is a secret.
+    pub fn with_google_chat(self, url: String, timeout: Duration) -> Self {
+        self.with_sink("Google Chat", url, timeout, Report::to_google_chat)
+    }
+
+    /// Send to a Discord webhook (an embed). The URL is a secret.
+    pub fn with_discord(self, url: String, timeout: Duration) -> Self {
+        self.with_sink("Discord", url, timeout, Report::to_discord)
+    }
+
     /// Send every outcome as a JSON document to a generic webhook.
     pub fn with_webhook(self, url: String, timeout: Duration) -> Self {
         self.with_sink("webhook", url, timeout, Report::to_json)
