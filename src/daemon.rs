@@ -744,6 +744,7 @@ impl Running {
                 bounds: Arc::new(self.config.bounds.clone()),
             },
         );
+        ingest.notify(self.recorder.notifier.clone());
         ingest.unfinished(unfinished.iter().map(|d| d.key()));
         ingest.rescan(Trigger::Startup).await;
         for d in self.store.interrupted().await? {

@@ -91,6 +91,27 @@ async fn a_save_in_a_deny_window_is_held_then_deployed_when_it_ends() {
         Duration::from_secs(20),
     )
     .await;
+    // The team was told, once, that the save was held, and when it was released.
+    let told = |words: &str| {
+        env.messages()
+            .into_iter()
+            .filter(|m| m.body["text"].as_str().is_some_and(|t| t.contains(words)))
+            .collect::<Vec<_>>()
+    };
+    let held = told("held a save of web (prod)");
+    assert_eq!(
+        held.len(),
+        1,
+        "one message per hold, not one per save or resync"
+    );
+    assert_eq!(common::daemon::colour(&held[0]), "#daa038");
+    assert!(common::daemon::text(&held[0]).contains("in the deny window"));
+    let released = common::wait_for("the release message", Duration::from_secs(20), || async {
+        let r = told("released the held save of web (prod)");
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(common::daemon::colour(&released[0]), "#2eb886");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

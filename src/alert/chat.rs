@@ -7,7 +7,7 @@
 
 use serde_json::{json, Value};
 
-use super::slack::{colour, Report};
+use super::slack::Report;
 use crate::domain::{human_duration, Tone};
 
 /// At most `max` characters of `s`, with `…` when cut.
@@ -44,7 +44,7 @@ impl Report {
     /// A Teams Workflows webhook's message: one Adaptive Card (schema 1.4), its container
     /// styled by the outcome (`good`, `attention`, `warning`).
     pub fn to_teams(&self) -> Value {
-        let (style, text_colour) = match self.outcome.tone() {
+        let (style, text_colour) = match self.tone() {
             Tone::Good => ("good", "Good"),
             Tone::Bad => ("attention", "Attention"),
             Tone::Warning | Tone::Busy => ("warning", "Warning"),
@@ -89,7 +89,7 @@ impl Report {
         let widgets: Vec<Value> = std::iter::once(json!({
             "decoratedText": {
                 "topLabel": "Outcome",
-                "text": format!("<font color=\"{}\">{}</font>", colour(self.outcome), self.outcome),
+                "text": format!("<font color=\"{}\">{}</font>", self.colour(), self.outcome_word()),
             }
         }))
         .chain(facts(self).into_iter().map(|(t, v)| {
@@ -110,8 +110,8 @@ impl Report {
 
     /// A Discord webhook's message: one embed, its colour the Slack colour as a number.
     pub fn to_discord(&self) -> Value {
-        let colour = i64::from_str_radix(colour(self.outcome).trim_start_matches('#'), 16)
-            .unwrap_or_default();
+        let colour =
+            i64::from_str_radix(self.colour().trim_start_matches('#'), 16).unwrap_or_default();
         let fields: Vec<Value> = facts(self)
             .into_iter()
             .take(25)
@@ -132,6 +132,17 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The outcome in one word: the deploy's, or `held` and `released`.
+    fn outcome_word(&self) -> String {
+        match self.notice {
+            super::slack::Notice::Deploy => self.outcome.to_string(),
+            super::slack::Notice::Held => "held".into(),
+            super::slack::Notice::Released => "released".into(),
+        }
+    }
+}
+
 /// Text as Google Chat's card markup shows it literally.
 fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -147,6 +158,7 @@ mod tests {
 
     fn report(outcome: DeployOutcome, reason: &str) -> Report {
         Report {
+            notice: Default::default(),
             outcome,
             service: "web".into(),
             namespace: "prod".into(),

@@ -8,4 +8,4 @@ pub mod chat;
 pub mod nats;
 pub mod slack;
 
-pub use slack::{Notifier, Report};
+pub use slack::{Notice, Notifier, Report};

@@ -12,7 +12,11 @@ use crate::domain::{human_duration, DeployOutcome, Images, Shown, Tone, Workload
 
 /// Green for success, red for failure, amber for timeouts, rollbacks and drift.
 pub fn colour(outcome: DeployOutcome) -> &'static str {
-    match outcome.tone() {
+    tone_colour(outcome.tone())
+}
+
+fn tone_colour(tone: Tone) -> &'static str {
+    match tone {
         Tone::Good => "#2eb886",
         Tone::Bad => "#d40e0d",
         Tone::Warning | Tone::Busy => "#daa038",
@@ -39,9 +43,20 @@ fn verb(outcome: DeployOutcome) -> &'static str {
     }
 }
 
+/// What a message is about: a deploy's outcome, or a save a deploy window or a freeze holds
+/// or releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Notice {
+    #[default]
+    Deploy,
+    Held,
+    Released,
+}
+
 /// One message about one service.
 #[derive(Debug, Clone)]
 pub struct Report {
+    pub notice: Notice,
     pub outcome: DeployOutcome,
     pub service: String,
     pub namespace: String,
@@ -58,12 +73,26 @@ pub struct Report {
 
 impl Report {
     pub fn title(&self) -> String {
-        format!(
-            "{} {} ({})",
-            verb(self.outcome),
-            self.workload(),
-            self.namespace
-        )
+        let verb = match self.notice {
+            Notice::Deploy => verb(self.outcome),
+            Notice::Held => "held a save of",
+            Notice::Released => "released the held save of",
+        };
+        format!("{verb} {} ({})", self.workload(), self.namespace)
+    }
+
+    /// How the message is coloured: a deploy by its outcome, a hold amber, a release green.
+    pub fn tone(&self) -> Tone {
+        match self.notice {
+            Notice::Deploy => self.outcome.tone(),
+            Notice::Held => Tone::Warning,
+            Notice::Released => Tone::Good,
+        }
+    }
+
+    /// The colour of [`Self::tone`], as Slack writes it.
+    pub fn colour(&self) -> &'static str {
+        tone_colour(self.tone())
     }
 
     /// `web` for a Deployment (what a plain name means), `statefulset/db` for other kinds.
@@ -76,8 +105,13 @@ impl Report {
 
     /// The generic webhook document.
     pub fn to_json(&self) -> serde_json::Value {
+        let event = match self.notice {
+            Notice::Deploy => "depwatch.deploy",
+            Notice::Held => "depwatch.held",
+            Notice::Released => "depwatch.released",
+        };
         json!({
-            "event": "depwatch.deploy",
+            "event": event,
             "outcome": self.outcome,
             "service": self.service,
             "namespace": self.namespace,
@@ -137,7 +171,7 @@ impl Report {
         json!({
             "text": text,
             "attachments": [{
-                "color": colour(self.outcome),
+                "color": self.colour(),
                 "fallback": text,
                 "title": self.title(),
                 "fields": fields,
@@ -400,6 +434,7 @@ mod tests {
     #[test]
     fn messages_name_only_the_containers_that_change() {
         let report = |from: &str, to: &str| Report {
+            notice: Notice::Deploy,
             outcome: DeployOutcome::RolledBack,
             service: "web".into(),
             namespace: "prod".into(),
@@ -447,6 +482,7 @@ mod tests {
     #[test]
     fn messages_are_colour_coded_and_carry_the_reason() {
         let r = Report {
+            notice: Notice::Deploy,
             outcome: DeployOutcome::Failed,
             service: "payments".into(),
             namespace: "prod".into(),

@@ -91,6 +91,8 @@ pub struct Ingest {
     /// The earliest moment a held save may go (a deploy window opens): every file is judged
     /// again then.
     wake_at: Option<jiff::Timestamp>,
+    /// Tells the team when a save is held, and when it is released.
+    notifier: Option<crate::alert::Notifier>,
 }
 
 /// The policy file (`depwatch-policy.yaml`) as last read.
@@ -126,7 +128,39 @@ impl Ingest {
             policy: PolicyState::Absent,
             policy_changed: false,
             wake_at: None,
+            notifier: None,
         }
+    }
+
+    /// Tell the team (Slack and the other receivers) when a save is held or released.
+    pub fn notify(&mut self, notifier: crate::alert::Notifier) {
+        self.notifier = Some(notifier);
+    }
+
+    /// A message about a held or released save of `key`.
+    fn tell(
+        &self,
+        notice: crate::alert::Notice,
+        key: &ServiceKey,
+        record: &ServiceRecord,
+        asks: String,
+        why: String,
+    ) {
+        let Some(n) = &self.notifier else {
+            return;
+        };
+        n.report(crate::alert::Report {
+            notice,
+            outcome: crate::domain::DeployOutcome::InProgress,
+            service: key.name.clone(),
+            namespace: key.namespace.clone(),
+            kind: record.kind,
+            from: record.deployed.to_string(),
+            to: asks,
+            duration: Duration::ZERO,
+            reason: why,
+            checks: Vec::new(),
+        });
     }
 
     /// Why a save may not go now, when it may not: a `FREEZE` file in its directory or one
@@ -635,9 +669,23 @@ impl Ingest {
                 if unfinished {
                     self.unfinished.insert(key.clone());
                 }
+                let message = gate.message();
+                // Told once per hold (a resync finds the same hold again).
+                if record.status != ServiceStatus::Held || record.message != message {
+                    let what = spec.requested();
+                    self.tell(crate::alert::Notice::Held, &key, &record, what, message);
+                }
                 self.hold(&key, &gate).await;
                 self.write_asks(asks).await;
                 return;
+            }
+            if record.status == ServiceStatus::Held {
+                let why = match released {
+                    Some(j) => format!("break-glass by {}: {}", j.by, j.reason),
+                    None => "its window opened, or its freeze was lifted".to_string(),
+                };
+                let what = spec.requested();
+                self.tell(crate::alert::Notice::Released, &key, &record, what, why);
             }
         }
         let desired = |trigger, actor, request_id| Desired {

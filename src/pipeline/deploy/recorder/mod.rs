@@ -225,6 +225,7 @@ impl Recorder {
         )
         .await;
         self.notifier.report(Report {
+            notice: crate::alert::Notice::Deploy,
             outcome: seen.outcome,
             service: key.name.clone(),
             namespace: key.namespace.clone(),
@@ -370,6 +371,7 @@ impl Attempt<'_> {
 
     fn report(&self, outcome: DeployOutcome, from: String, to: String, reason: &str) -> Report {
         Report {
+            notice: crate::alert::Notice::Deploy,
             outcome,
             service: self.key.name.clone(),
             namespace: self.key.namespace.clone(),
