@@ -67,10 +67,21 @@ async fn a_crash_between_the_pin_and_the_rollback_is_finished_at_the_next_start(
     )
     .await;
     env.write_dep("web_prod.dep", "crash-2.0\n");
+    // Killed once the rollback's intent is in the record: it is written before the rollback's
+    // PATCH, which the simulated API server's latency keeps from landing for 300 ms. (The log
+    // line alone comes a moment before the intent is written: a kill right after it could
+    // land before the write, which is no crash between the pin and the rollback.)
     wait_for(
-        "the rollout to fail (then kill -9 at once)",
+        "the rollout to fail and the rollback's intent recorded (then kill -9 at once)",
         Duration::from_secs(60),
-        || async { daemon.log_text().contains("rollout failed").then_some(()) },
+        || async {
+            if !daemon.log_text().contains("rollout failed") {
+                return None;
+            }
+            let store = Store::open_read_only(&env.state).ok()?;
+            let open = store.interrupted().await.ok()?;
+            open.iter().any(|d| !d.restore.is_empty()).then_some(())
+        },
     )
     .await;
     daemon.kill();
