@@ -300,7 +300,7 @@ fn unknown_field_problem(msg: &str) -> String {
 /// What kind of YAML problem a parser message describes, in words that quote nothing from
 /// the file but a plain unknown field's name.
 /// Whether the parser stopped at one of [`yaml_limits`].
-fn beyond_limits(msg: &str) -> bool {
+pub(crate) fn beyond_limits(msg: &str) -> bool {
     msg.contains("budget breached") || msg.contains("limit exceeded")
 }
 
@@ -419,17 +419,31 @@ impl Problems<'_> {
 /// Limits fitted to a dependency file, a few dozen nodes: the parser's own defaults (a million
 /// events) let a 500-byte alias bomb cost half a second of CPU at every read and rescan.
 fn yaml_limits() -> serde_saphyr::Options {
+    yaml_limits_of(10_000)
+}
+
+/// The parser's limits for a document of at most `nodes` nodes: twice as many events, as many
+/// replayed through aliases, 256 aliases, 64 levels (the policy file allows more nodes).
+pub(crate) fn yaml_limits_of(nodes: usize) -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
-            max_events: 20_000,
-            max_nodes: 10_000,
+            max_events: 2 * nodes,
+            max_nodes: nodes,
             max_aliases: 256,
             max_depth: 64,
         },
         alias_limits: serde_saphyr::alias_limits! {
-            max_total_replayed_events: 10_000,
+            max_total_replayed_events: nodes,
         },
     }
+}
+
+/// The line a parser message names, if it names one.
+pub(crate) fn parser_line(msg: &str) -> Option<usize> {
+    msg.split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
 }
 
 /// The form and the top-level keys it does not know. The keys are read first on their own,
@@ -450,11 +464,7 @@ fn read_form(file: &str, text: &str) -> Result<(YamlForm, Vec<String>), DepFileE
 fn yaml_error(file: &str, text: &str, e: impl fmt::Display) -> DepFileError {
     // The parser's message may quote the file; only its position and kind are kept.
     let msg = e.to_string();
-    let line = msg
-        .split("line ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok());
+    let line = parser_line(&msg);
     let hint = line
         .filter(|_| !beyond_limits(&msg))
         .and_then(|n| indentation_hint(text, n, msg.contains("unknown field")));

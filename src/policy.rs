@@ -188,14 +188,11 @@ pub fn parse(bytes: &[u8]) -> Result<Policy, Vec<Problem>> {
     if !meaningful {
         return Ok(Policy::default());
     }
-    let doc: Value = serde_saphyr::from_str_with_options(text, limits()).map_err(|e| {
+    let limits = crate::depfile::yaml_limits_of(100_000);
+    let doc: Value = serde_saphyr::from_str_with_options(text, limits).map_err(|e| {
         let msg = e.to_string();
-        let line = msg
-            .split("line ")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok());
-        let what = match msg.contains("budget breached") || msg.contains("limit exceeded") {
+        let line = crate::depfile::parser_line(&msg);
+        let what = match crate::depfile::beyond_limits(&msg) {
             true => "too large: at most 64 levels of nesting, 100,000 nodes and 256 aliases",
             false => "not valid YAML",
         };
@@ -216,20 +213,6 @@ pub fn parse(bytes: &[u8]) -> Result<Policy, Vec<Problem>> {
     }
 }
 
-fn limits() -> serde_saphyr::Options {
-    serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_events: 200_000,
-            max_nodes: 100_000,
-            max_aliases: 256,
-            max_depth: 64,
-        },
-        alias_limits: serde_saphyr::alias_limits! {
-            max_total_replayed_events: 100_000,
-        },
-    }
-}
-
 /// A field path (`rules[1].verify.bake`) and what is wrong with it.
 pub type FieldProblem = (String, String);
 
@@ -243,7 +226,7 @@ fn unknown_keys(
         .map(|k| {
             let hint = crate::domain::closest(k, known.iter().copied())
                 .map_or(String::new(), |c| format!("did you mean `{c}`? "));
-            let name = printable(k);
+            let name = crate::checks::form::printable(k);
             let at = match field.is_empty() {
                 true => name,
                 false => format!("{field}.{name}"),
@@ -254,17 +237,6 @@ fn unknown_keys(
             )
         })
         .collect()
-}
-
-/// A key as it may be quoted back: plain characters only, at most 40.
-fn printable(k: &str) -> String {
-    let plain = k.len() <= 40
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    match plain {
-        true => k.to_string(),
-        false => "(a key)".to_string(),
-    }
 }
 
 fn read_rules(doc: &Value, problems: &mut Vec<FieldProblem>) -> Vec<Rule> {

@@ -174,12 +174,7 @@ async fn a_freeze_file_holds_what_is_below_it_until_it_is_removed() {
     assert_eq!(env.image("shop", "web").await, "example.com/web:1.0");
 
     // `depwatch status` says held.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-        .args(["status", "--state-dir"])
-        .arg(&env.state)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("status runs");
+    let out = env.cli(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         table
@@ -196,13 +191,7 @@ async fn a_freeze_file_holds_what_is_below_it_until_it_is_removed() {
 
     // Frozen again, from the root: an operator's rollback still goes.
     env.write_dep("FREEZE", "incident 42\n");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-        .args(["rollback", "shop/web", "--state-dir"])
-        .arg(&env.state)
-        .env("NO_COLOR", "1")
-        .env("USER", "alice")
-        .output()
-        .expect("rollback runs");
+    let out = env.cli(&["rollback", "shop/web"]);
     assert!(
         out.status.success(),
         "{}",
@@ -214,17 +203,7 @@ async fn a_freeze_file_holds_what_is_below_it_until_it_is_removed() {
 
     // Break-glass: refused while nothing is held; a held save goes now, recorded with who
     // and why.
-    let depwatch = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&env.state)
-            .env("NO_COLOR", "1")
-            .env("USER", "alice")
-            .output()
-            .expect("runs")
-    };
-    let out = depwatch(&["deploy", "shop/web", "--now", "--reason", "hotfix"]);
+    let out = env.cli(&["deploy", "shop/web", "--now", "--reason", "hotfix"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("nothing is held for shop/web"),
@@ -234,7 +213,7 @@ async fn a_freeze_file_holds_what_is_below_it_until_it_is_removed() {
     env.write_dep("shop/web_shop.dep", "1.3\n");
     env.wait_status(&shop, ServiceStatus::Held, Duration::from_secs(20))
         .await;
-    let out = depwatch(&[
+    let out = env.cli(&[
         "deploy",
         "shop/web",
         "--now",

@@ -115,13 +115,7 @@ async fn a_version_ready_but_unhealthy_by_its_checks_is_rolled_back_and_pinned()
     );
 
     // `depwatch retry` lifts the pin, and the version is verified again (and fails again).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-        .args(["retry", "prod/web", "--state-dir"])
-        .arg(&env.state)
-        .env("NO_COLOR", "1")
-        .env_remove("DEPWATCH_API")
-        .output()
-        .expect("retry runs");
+    let out = env.cli(&["retry", "prod/web"]);
     assert!(
         out.status.success(),
         "{}",
@@ -485,19 +479,6 @@ async fn the_policy_file_verifies_every_service_of_its_namespaces() {
     );
 }
 
-/// Runs `depwatch ARGS` on the environment's record, as a local operator would.
-fn operator(env: &Env, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
-        .args(args)
-        .arg("--state-dir")
-        .arg(&env.state)
-        .env("NO_COLOR", "1")
-        .env("USER", "alice")
-        .env_remove("DEPWATCH_API")
-        .output()
-        .expect("the command runs")
-}
-
 /// An operator cuts an hour's bake short with `depwatch promote`, recorded with their name;
 /// `depwatch rollback` during a bake fails it (its row says rolled back, by whom), not merely
 /// replaces it. Both say what they did, and are refused when nothing is verifying. The time left shows
@@ -518,7 +499,7 @@ async fn an_operator_promotes_a_bake_or_fails_it_with_a_rollback() {
     env.write_dep("api_prod.dep", "1.1\n");
     env.wait_status(&k, ServiceStatus::Succeeded, Duration::from_secs(20))
         .await;
-    let out = operator(&env, &["promote", "prod/api"]);
+    let out = env.cli(&["promote", "prod/api"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -531,7 +512,7 @@ async fn an_operator_promotes_a_bake_or_fails_it_with_a_rollback() {
     env.write_dep("api_prod.dep", &hour("1.2"));
     env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
         .await;
-    let out = operator(&env, &["status"]);
+    let out = env.cli(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         table
@@ -569,7 +550,7 @@ async fn an_operator_promotes_a_bake_or_fails_it_with_a_rollback() {
     );
 
     // Promoted: good at once (within a second, not after the interval), with who said so.
-    let out = operator(&env, &["promote", "prod/api"]);
+    let out = env.cli(&["promote", "prod/api"]);
     assert!(
         out.status.success(),
         "{}",
@@ -618,7 +599,7 @@ async fn an_operator_promotes_a_bake_or_fails_it_with_a_rollback() {
     env.write_dep("api_prod.dep", &hour("1.3"));
     env.wait_status(&k, ServiceStatus::Verifying, Duration::from_secs(20))
         .await;
-    let out = operator(&env, &["rollback", "prod/api"]);
+    let out = env.cli(&["rollback", "prod/api"]);
     assert!(
         out.status.success(),
         "{}",

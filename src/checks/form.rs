@@ -109,7 +109,7 @@ impl Reader {
 }
 
 /// A key as it may be quoted back: plain characters only, at most 40.
-fn printable(k: &str) -> String {
+pub(crate) fn printable(k: &str) -> String {
     let plain = k.len() <= 40
         && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');

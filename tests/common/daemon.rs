@@ -445,6 +445,20 @@ impl Env {
             .join("\n")
     }
 
+    /// `depwatch ARGS --state-dir STATE` on this environment's record, as the local user
+    /// `alice` runs it (never through an API the caller's environment names).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .env("NO_COLOR", "1")
+            .env("USER", "alice")
+            .env_remove("DEPWATCH_API")
+            .output()
+            .expect("the command runs")
+    }
+
     pub fn store(&self) -> depwatch::store::Store {
         depwatch::store::Store::open(&self.state).expect("state db")
     }
