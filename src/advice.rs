@@ -143,6 +143,13 @@ pub fn next_step(s: Situation<'_>) -> Option<String> {
         | ServiceStatus::Succeeded
         | ServiceStatus::Applied
         | ServiceStatus::Unmanaged => return None,
+        ServiceStatus::AwaitingApproval => format!(
+            "an approver runs `depwatch approve {key}` (or POST /api/v1/services/{}/{}/approve); `depwatch reject {key}` refuses it",
+            key.namespace, key.name
+        ),
+        ServiceStatus::Rejected => {
+            "nothing was deployed; save a newer version to ask for approval again".into()
+        }
         ServiceStatus::Held => format!(
             "it is deployed by itself when the window opens or the FREEZE file is removed; `depwatch deploy {key} --now --reason \"…\"` deploys it now (break-glass)"
         ),
@@ -230,6 +237,8 @@ mod tests {
             (S::Retry, false, false, "", ""),
             (S::Unmanaged, false, false, "", ""),
             (S::Held, false, false, "held: frozen by deps/FREEZE: sale", "when the window opens or the FREEZE file is removed"),
+            (S::AwaitingApproval, false, false, "awaiting approval (0 of 2), asked by ci", "`depwatch approve prod/web` (or POST /api/v1/services/prod/web/approve)"),
+            (S::Rejected, false, false, "rejected by alice: not today", "save a newer version to ask for approval again"),
             (S::Applied, false, false, "", ""),
             (S::Missing, false, false, "", "recreate it"),
             (S::Succeeded, true, false, "", "depwatch resume prod/web"),

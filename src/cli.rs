@@ -49,6 +49,11 @@ pub enum Command {
     /// Break-glass: deploy the save a deploy window or a FREEZE holds, now
     /// (`deploy NS/NAME --now --reason "…"`), recorded with who and why.
     Deploy(DeployNowArgs),
+    /// Approve the save awaiting approval (not your own): it deploys once enough distinct
+    /// approvers have. Locally, the approver is the Unix user; with --api, the token's name.
+    Approve(VoteArgs),
+    /// Reject the save awaiting approval: nothing of it deploys (a newer save asks again).
+    Reject(VoteArgs),
     /// Stop deploying a service's file changes until it is resumed.
     Suspend(ServiceArgs),
     /// Deploy a suspended service's file changes again.
@@ -772,6 +777,15 @@ pub struct HistoryArgs {
     /// Same as `-o json`.
     #[arg(long, hide = true)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VoteArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Why, recorded with the word.
+    #[arg(long, default_value = "")]
+    pub comment: String,
 }
 
 #[derive(Debug, clap::Args)]

@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::cli::{Output, ServiceArgs, Target};
-use crate::domain::{Images, ServiceKey, WorkloadKind};
+use crate::domain::approval::Vote;
+use crate::domain::{Images, ServiceKey, VoteKind, WorkloadKind};
 use crate::http::api::{Accepted, ServiceDetail, ServiceView};
 use crate::operator::{self, Caller};
 use crate::store::{DeployRecord, Store};
@@ -342,6 +343,8 @@ pub enum Action {
     Promote,
     /// Break-glass, with the reason.
     DeployNow(String),
+    /// An approver's word on the save awaiting approval, with a comment.
+    Vote(VoteKind, String),
     Suspend,
     Resume,
     Forget,
@@ -363,6 +366,16 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
                     .finish();
                 format!("{base}/deploy-now?{q}")
             }
+            Action::Vote(kind, comment) => {
+                let q: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("comment", comment)
+                    .finish();
+                let verb = match kind {
+                    VoteKind::Reject => "reject",
+                    _ => "approve",
+                };
+                format!("{base}/{verb}?{q}")
+            }
             Action::Suspend => format!("{base}/suspend"),
             Action::Resume => format!("{base}/resume"),
             Action::Forget => format!("{base}/forget"),
@@ -370,7 +383,12 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
         return r.post(&path).await;
     }
     let store = writing(&a.target).await?;
-    let actor = operator::local_actor();
+    // An approval is a control: its approver is the Unix user running the command, not
+    // whatever `$USER` says.
+    let actor = match action {
+        Action::Vote(..) => crate::safefs::current_user(),
+        _ => operator::local_actor(),
+    };
     let caller = Caller {
         actor: &actor,
         root: None,
@@ -380,6 +398,7 @@ pub async fn act(a: &ServiceArgs, action: Action) -> Result<String, ClientError>
         Action::Rollback { to } => operator::rollback(&store, &key, to, caller).await?,
         Action::Promote => operator::promote(&store, &key, caller).await?,
         Action::DeployNow(reason) => operator::deploy_now(&store, &key, &reason, caller).await?,
+        Action::Vote(kind, comment) => operator::vote(&store, &key, kind, &comment, caller).await?,
         Action::Suspend => operator::suspend(&store, &key, true, caller).await?,
         Action::Resume => operator::suspend(&store, &key, false, caller).await?,
         Action::Forget => operator::forget(&store, &key, caller).await?,
@@ -538,6 +557,46 @@ pub fn render_history(history: &[DeployRecord], output: Output) -> Result<String
         rows.push(row);
     }
     Ok(table(&rows))
+}
+
+/// The service's latest approval rows (requests, approvals, rejections), oldest first.
+pub async fn approvals(t: &Target, key: &ServiceKey) -> Result<Vec<Vote>, ClientError> {
+    if let Some(r) = remote(t)? {
+        return r
+            .get(&format!(
+                "/api/v1/services/{}/{}/approvals",
+                key.namespace, key.name
+            ))
+            .await;
+    }
+    Ok(reading(t)?.votes(key).await?)
+}
+
+/// The approvals part of `history`: who asked, approved and rejected what, newest first, at
+/// most `limit` rows; empty when the service never needed approval.
+pub fn render_approvals(votes: &[Vote], limit: usize) -> String {
+    let shown: Vec<&Vote> = votes
+        .iter()
+        .rev()
+        .filter(|v| v.kind != VoteKind::Recorded)
+        .take(limit)
+        .collect();
+    if shown.is_empty() {
+        return String::new();
+    }
+    let head = ["AT", "WORD", "BY", "ASKS", "CONTENT", "COMMENT"];
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for v in shown {
+        rows.push(vec![
+            v.at.clone(),
+            v.kind.to_string(),
+            or_dash(&v.actor),
+            or_dash(&v.images),
+            or_dash(v.hash.get(..12).unwrap_or(&v.hash)),
+            or_dash(&v.comment),
+        ]);
+    }
+    format!("\nApprovals, newest first:\n{}", table(&rows))
 }
 
 #[cfg(test)]

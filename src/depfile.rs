@@ -232,6 +232,8 @@ struct YamlForm {
     kind: Option<String>,
     verify: Option<serde_json::Value>,
     windows: Option<serde_json::Value>,
+    approvals: Option<serde_json::Value>,
+    approval_timeout: Option<serde_json::Value>,
 }
 
 /// `rollback:` as YAML writes it (`true`/`false`) or as the command line does (`on`/`off`).
@@ -267,6 +269,8 @@ const FIELDS: &[&str] = &[
     "kind",
     "verify",
     "windows",
+    "approvals",
+    "approvalTimeout",
 ];
 
 /// The unknown field a parser message names, when it is a plain name (letters, digits, `_`,
@@ -504,6 +508,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
         rollout_timeout: read_timeout(&form, &mut problems),
         verify: read_verify(&form, &mut problems),
         windows: read_windows(&form, &mut problems),
+        approvals: read_approvals(&form, &mut problems),
         images: Vec::new(),
     };
     check_repository(&form, &mut problems);
@@ -551,6 +556,26 @@ fn read_windows(form: &YamlForm, problems: &mut Problems) -> Vec<crate::domain::
         problems.add(Some(&needle), format!("{field}: {message}"));
     }
     windows
+}
+
+/// The file's own approvals: more approvers or a shorter wait than the policy's, never fewer.
+fn read_approvals(
+    form: &YamlForm,
+    problems: &mut Problems,
+) -> Option<crate::domain::approval::Needs> {
+    let mut m = serde_json::Map::new();
+    if let Some(v) = &form.approvals {
+        m.insert("approvals".into(), v.clone());
+    }
+    if let Some(v) = &form.approval_timeout {
+        m.insert("approvalTimeout".into(), v.clone());
+    }
+    let mut found = Vec::new();
+    let needs = crate::policy::read_approvals("", &m, &mut found);
+    for (field, message) in found {
+        problems.add(Some(&format!("{field}:")), format!("{field}: {message}"));
+    }
+    needs
 }
 
 fn read_rollback(form: &YamlForm, problems: &mut Problems) -> Option<bool> {
@@ -932,6 +957,48 @@ mod tests {
             e.message.contains("windows[0].timeZone: not a time zone"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_file_asks_for_approvers_of_its_own_and_their_problems_name_their_lines() {
+        use crate::domain::approval::Needs;
+        let d = parse(
+            "web_prod.dep",
+            b"version: 1.4.2\napprovals: 2\napprovalTimeout: 4h\n",
+        )
+        .expect("valid approvals");
+        assert_eq!(
+            d.approvals,
+            Some(Needs {
+                approvals: 2,
+                timeout: Some(Duration::from_secs(4 * 3600))
+            })
+        );
+        assert_eq!(
+            parse("web_prod.dep", b"1.4.2\n").expect("plain").approvals,
+            None
+        );
+        for (text, line, words) in [
+            (
+                &b"version: 1.4.2\napprovals: many\n"[..],
+                2,
+                "approvals: expected how many distinct people",
+            ),
+            (
+                b"version: 1.4.2\napprovals: 1\napprovalTimeout: later\n",
+                3,
+                "approvalTimeout: expected how long",
+            ),
+            (
+                b"version: 1.4.2\napprovalTimeout: 1h\n",
+                2,
+                "approvalTimeout: set without `approvals`",
+            ),
+        ] {
+            let e = parse("web_prod.dep", text).expect_err("bad approvals");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.message.contains(words), "{e}");
+        }
     }
 
     #[test]

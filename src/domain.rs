@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
+pub mod approval;
 pub mod verify;
 pub mod window;
 
@@ -109,6 +110,8 @@ pub struct DepSpec {
     pub verify: Option<verify::Verification>,
     /// Deploy windows of its own, on top of the policy's (a file can only add them).
     pub windows: Vec<window::Window>,
+    /// Approvals of its own, on top of the policy's (a file can only ask for more).
+    pub approvals: Option<approval::Needs>,
 }
 
 impl DepSpec {
@@ -338,6 +341,11 @@ vocabulary! {
         /// A save waits for a deploy window to open or a `FREEZE` to be lifted; it is
         /// deployed by itself then.
         Held = "held",
+        /// A save waits for its approvers (`depwatch approve`); deployed once enough approve.
+        AwaitingApproval = "awaiting_approval",
+        /// A save an approver rejected, or that was not approved in time: nothing deployed
+        /// until a newer save.
+        Rejected = "rejected",
         /// An operator asked for a retry; the file is read again.
         Retry = "retry",
     }
@@ -370,6 +378,22 @@ vocabulary! {
         Drift = "drift",
         /// Someone else changed the images during depwatch's own rollout: not judged, drift.
         ChangedOutside = "changed_outside",
+        /// A save that needed approval was rejected, or not approved in time: nothing was
+        /// deployed.
+        Rejected = "rejected",
+    }
+}
+
+vocabulary! {
+    /// What a row of the approvals table says of a save.
+    pub enum VoteKind ("approval word") {
+        /// A save needs approval: who asked, and when its wait began.
+        #[default]
+        Request = "request",
+        Approve = "approve",
+        Reject = "reject",
+        /// Its rejection is in the history (written once).
+        Recorded = "recorded",
     }
 }
 
@@ -507,6 +531,8 @@ impl ServiceStatus {
             ServiceStatus::Unreadable => "unreadable file",
             ServiceStatus::Unmanaged => "not managed",
             ServiceStatus::Held => "held (a deploy window or a freeze)",
+            ServiceStatus::AwaitingApproval => "awaiting approval",
+            ServiceStatus::Rejected => "rejected (not approved)",
             ServiceStatus::Paused => "Deployment paused",
             ServiceStatus::Retry => "retry requested",
         }
@@ -528,6 +554,7 @@ impl DeployOutcome {
             DeployOutcome::RolledBack => ServiceStatus::RolledBack,
             DeployOutcome::RollbackFailed => ServiceStatus::RollbackFailed,
             DeployOutcome::Drift | DeployOutcome::ChangedOutside => ServiceStatus::Drifted,
+            DeployOutcome::Rejected => ServiceStatus::Rejected,
         })
     }
 
@@ -548,6 +575,7 @@ impl DeployOutcome {
             DeployOutcome::Interrupted => "interrupted",
             DeployOutcome::Drift => "drifted",
             DeployOutcome::ChangedOutside => "changed outside depwatch",
+            DeployOutcome::Rejected => "rejected (not approved)",
         }
     }
 
@@ -556,7 +584,9 @@ impl DeployOutcome {
         match self {
             DeployOutcome::Succeeded | DeployOutcome::Unchanged => Tone::Good,
             DeployOutcome::Applied => Tone::Neutral,
-            DeployOutcome::Failed | DeployOutcome::RollbackFailed => Tone::Bad,
+            DeployOutcome::Failed | DeployOutcome::RollbackFailed | DeployOutcome::Rejected => {
+                Tone::Bad
+            }
             DeployOutcome::InProgress => Tone::Busy,
             DeployOutcome::Unverified
             | DeployOutcome::TimedOut

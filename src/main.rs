@@ -193,6 +193,7 @@ async fn run(
     let args = Args::try_parse().unwrap_or_else(|e| name_the_variable(e).exit());
     init_logging(args.log_format);
     use depwatch::client::{self, Action};
+    use depwatch::domain::VoteKind;
     match args.command {
         Command::Run(run) => {
             log_settings_sources(dotenv.as_deref(), &aliases);
@@ -204,6 +205,18 @@ async fn run(
             .await
             .map_err(fail)?),
         Command::Promote(a) => say(&client::act(&a, Action::Promote).await.map_err(fail)?),
+        Command::Approve(v) => say(&client::act(
+            &v.service,
+            Action::Vote(VoteKind::Approve, v.comment),
+        )
+        .await
+        .map_err(fail)?),
+        Command::Reject(v) => say(&client::act(
+            &v.service,
+            Action::Vote(VoteKind::Reject, v.comment),
+        )
+        .await
+        .map_err(fail)?),
         Command::Deploy(d) => say(&client::act(&d.service, Action::DeployNow(d.reason))
             .await
             .map_err(fail)?),
@@ -292,6 +305,13 @@ async fn run(
                 "{}",
                 client::render_history(&history, output).map_err(fail)?
             );
+            if matches!(output, Output::Table | Output::Wide) {
+                // Who asked, approved and rejected (a server without approvals answers
+                // 404: nothing to add).
+                if let Ok(votes) = client::approvals(&h.service.target, &key).await {
+                    print!("{}", client::render_approvals(&votes, h.limit));
+                }
+            }
         }
         Command::Sim(sim_args) => {
             let sim = depwatch::sim::Sim::start(sim_args.to_config())

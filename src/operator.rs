@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use crate::domain::approval::{self, Vote};
 use crate::domain::verify::{Judgement, Ruling};
-use crate::domain::{Asker, DeployOutcome, Images, ServiceKey, ServiceStatus};
+use crate::domain::{Asker, DeployOutcome, Images, ServiceKey, ServiceStatus, VoteKind};
 use crate::pipeline::deploy::recorder::verdict;
 use crate::store::{self, ServiceChange, Store, StoreError};
 
@@ -113,6 +114,8 @@ pub fn retry_refusal(r: &store::ServiceRecord) -> Option<String> {
         }
         ServiceStatus::Unmanaged => "its file was removed",
         ServiceStatus::Held => "a save waits for its deploy window or a freeze to end",
+        ServiceStatus::AwaitingApproval => "a save waits for its approvers (`depwatch approve`)",
+        ServiceStatus::Rejected => "its save was rejected; save a newer version to ask again",
     };
     Some(format!(
         "nothing to retry for {key}: it is {} ({why})",
@@ -361,6 +364,77 @@ pub async fn deploy_now(
         or_words(&r.requested),
         caller.actor
     ))
+}
+
+/// An approver's word on the save awaiting approval: `Approve` or `Reject`, with a comment.
+/// Bound to that save's content (a newer save asks afresh); the requester cannot approve
+/// their own save (they may withdraw it with a rejection). Recorded before the file is read
+/// again, which lets the daemon act on it at once.
+pub async fn vote(
+    store: &Store,
+    key: &ServiceKey,
+    kind: VoteKind,
+    comment: &str,
+    caller: Caller<'_>,
+) -> Result<String, OperatorError> {
+    let r = record(store, key).await?;
+    let verb = match kind {
+        VoteKind::Reject => "reject",
+        _ => "approve",
+    };
+    let votes = store.votes(key).await?;
+    let requester = approval::requester(&r.requested_hash, &votes);
+    let (ServiceStatus::AwaitingApproval, Some(requester)) = (r.status, requester) else {
+        return Err(OperatorError::Refused(format!(
+            "nothing awaits approval for {key}: it is {} (only a save waiting for its approvers can be approved or rejected)",
+            r.status.label()
+        )));
+    };
+    if kind == VoteKind::Approve && requester == caller.actor {
+        return Err(OperatorError::Refused(format!(
+            "{} asked for this save of {key}, so cannot approve it: another approver must (`depwatch reject {key}` withdraws it)",
+            caller.actor
+        )));
+    }
+    let given = votes
+        .iter()
+        .rev()
+        .take_while(|v| !(v.kind == VoteKind::Request && v.hash == r.requested_hash))
+        .any(|v| v.hash == r.requested_hash && v.kind == kind && v.actor == caller.actor);
+    if given {
+        return Err(OperatorError::Refused(format!(
+            "{} already {verb}d this save of {key}; approvals count distinct people",
+            caller.actor
+        )));
+    }
+    let comment: String = crate::safefs::escape(comment.trim())
+        .chars()
+        .take(MAX_REASON)
+        .collect();
+    let word = Vote {
+        hash: r.requested_hash.clone(),
+        images: r.requested.clone(),
+        kind,
+        actor: caller.actor.to_string(),
+        comment,
+        at: store::now(),
+    };
+    store.add_vote(key, &word).await?;
+    resave(caller.root, &r.path)?;
+    tracing::info!(service = %key, actor = caller.actor, "{verb}d a save awaiting approval");
+    let short = r.requested_hash.get(..12).unwrap_or(&r.requested_hash);
+    Ok(match kind {
+        VoteKind::Reject => format!(
+            "{key}: {} rejected {} (content {short}); nothing of it is deployed",
+            caller.actor,
+            or_words(&r.requested)
+        ),
+        _ => format!(
+            "{key}: {} approved {} (content {short}); it deploys once enough approvers have",
+            caller.actor,
+            or_words(&r.requested)
+        ),
+    })
 }
 
 fn or_words(s: &str) -> &str {

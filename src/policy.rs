@@ -18,6 +18,7 @@ use std::fmt;
 use serde_json::Value;
 
 use crate::bounds::Glob;
+use crate::domain::approval::{Needs, MAX_APPROVALS, MAX_TIMEOUT};
 use crate::domain::verify::Verification;
 use crate::domain::window::{Kind, Window};
 use crate::domain::ServiceKey;
@@ -33,7 +34,13 @@ pub const MAX_RULES: usize = 256;
 const MAX_GLOBS: usize = 64;
 
 const TOP_FIELDS: &[&str] = &["rules"];
-const RULE_FIELDS: &[&str] = &["namespaces", "verify", "windows"];
+const RULE_FIELDS: &[&str] = &[
+    "namespaces",
+    "verify",
+    "windows",
+    "approvals",
+    "approvalTimeout",
+];
 const WINDOW_FIELDS: &[&str] = &["allow", "deny", "duration", "timeZone"];
 /// The most windows one rule holds.
 const MAX_WINDOWS: usize = 32;
@@ -51,6 +58,7 @@ struct Rule {
     namespaces: Vec<Glob>,
     verify: Option<Verification>,
     windows: Vec<Window>,
+    approvals: Option<Needs>,
 }
 
 impl Rule {
@@ -111,6 +119,17 @@ impl Policy {
             .filter(|r| r.covers(namespace))
             .flat_map(|r| r.windows.iter().cloned())
             .collect()
+    }
+
+    /// The approvals every rule covering the namespace asks, then the file's own (`own`),
+    /// the strictest of each: most approvers, shortest wait.
+    pub fn approvals(&self, namespace: &str, own: Option<Needs>) -> Option<Needs> {
+        self.rules
+            .iter()
+            .filter(|r| r.covers(namespace))
+            .filter_map(|r| r.approvals)
+            .chain(own)
+            .reduce(Needs::stricter)
     }
 
     /// A service's verification under the policy: that of every rule covering its namespace,
@@ -304,7 +323,8 @@ fn read_rule(i: usize, v: &Value, problems: &mut Vec<FieldProblem>) -> Option<Ru
             }
         });
     let windows = read_windows(&format!("{field}.windows"), m.get("windows"), problems);
-    if m.get("verify").is_none() && m.get("windows").is_none() && problems.len() == before {
+    let approvals = read_approvals(&field, m, problems);
+    if RULE_FIELDS[1..].iter().all(|f| m.get(*f).is_none()) && problems.len() == before {
         problems.push((
             field,
             format!(
@@ -319,7 +339,64 @@ fn read_rule(i: usize, v: &Value, problems: &mut Vec<FieldProblem>) -> Option<Ru
         namespaces,
         verify,
         windows,
+        approvals,
     })
+}
+
+/// `approvals: N` (distinct approvers, 0 for none) and `approvalTimeout` (how long a save
+/// waits for them, 24h when not given) of a mapping; `prefix` names its fields in problems
+/// (empty for a dependency file's top level).
+pub fn read_approvals(
+    prefix: &str,
+    m: &serde_json::Map<String, Value>,
+    problems: &mut Vec<FieldProblem>,
+) -> Option<Needs> {
+    let field = |f: &str| match prefix.is_empty() {
+        true => f.to_string(),
+        false => format!("{prefix}.{f}"),
+    };
+    let count = match m.get("approvals") {
+        None => None,
+        Some(v) => match v.as_u64().filter(|n| *n <= u64::from(MAX_APPROVALS)) {
+            Some(n) => Some(n as u32),
+            None => {
+                problems.push((
+                    field("approvals"),
+                    format!("expected how many distinct people must approve each save, 0 to {MAX_APPROVALS}"),
+                ));
+                return None;
+            }
+        },
+    };
+    let timeout = match m.get("approvalTimeout") {
+        None => None,
+        Some(v) => {
+            let parsed = v.as_str().map(humantime::parse_duration);
+            match parsed {
+                Some(Ok(d)) if d >= std::time::Duration::from_secs(1) && d <= MAX_TIMEOUT => {
+                    Some(d)
+                }
+                _ => {
+                    problems.push((
+                        field("approvalTimeout"),
+                        "expected how long a save waits for its approvals, from 1s to 30d, e.g. 24h".into(),
+                    ));
+                    return None;
+                }
+            }
+        }
+    };
+    match count {
+        Some(approvals) => Some(Needs { approvals, timeout }),
+        None if m.contains_key("approvalTimeout") => {
+            problems.push((
+                field("approvalTimeout"),
+                "set without `approvals`: say how many must approve".into(),
+            ));
+            None
+        }
+        None => None,
+    }
 }
 
 /// A `windows:` list (the policy's rules and a dependency file's own), each problem named
@@ -692,6 +769,35 @@ rules:
     }
 
     #[test]
+    fn approvals_apply_by_namespace_and_merge_the_strict_way() {
+        use crate::domain::approval::Needs;
+        let p = parse(
+            b"rules:\n  - namespaces: [\"prod*\"]\n    approvals: 1\n    approvalTimeout: 8h\n  - namespaces: [prod]\n    approvals: 2\n",
+        )
+        .expect("valid");
+        let needs = |approvals, hours: Option<u64>| Needs {
+            approvals,
+            timeout: hours.map(|h| Duration::from_secs(h * 3600)),
+        };
+        assert_eq!(p.approvals("prod", None), Some(needs(2, Some(8))));
+        assert_eq!(p.approvals("prod-eu", None), Some(needs(1, Some(8))));
+        assert_eq!(p.approvals("staging", None), None);
+        // A file asks for more, never fewer; its shorter wait applies, its longer one not.
+        assert_eq!(
+            p.approvals("prod-eu", Some(needs(0, Some(48)))),
+            Some(needs(1, Some(8)))
+        );
+        assert_eq!(
+            p.approvals("prod-eu", Some(needs(3, Some(1)))),
+            Some(needs(3, Some(1)))
+        );
+        assert_eq!(
+            p.approvals("staging", Some(needs(1, None))),
+            Some(needs(1, None))
+        );
+    }
+
+    #[test]
     fn empty_and_comment_only_policies_hold_no_rule() {
         for text in ["", "\n\n", "# nothing yet\n", "rules:\n", "rules: []\n"] {
             let p = parse(text.as_bytes()).expect(text);
@@ -710,9 +816,15 @@ rules:
             ("rules:\n  - namespaces: []\n", "rules[0].namespaces: empty;"),
             ("rules:\n  - namespaces: prod\n", "depwatch-policy.yaml:2: rules[0]: sets nothing; expected at least one of verify"),
             (
-                "rules:\n  - namespaces: a\n    verify: {checks: [{http: /h}]}\n  - namespaces: b\n    approvals: 2\n    verify:\n      checks: [{http: /h}]\n",
-                "depwatch-policy.yaml:5: rules[1].approvals: unknown field; expected namespaces, verify",
+                "rules:\n  - namespaces: a\n    verify: {checks: [{http: /h}]}\n  - namespaces: b\n    approvls: 2\n    verify:\n      checks: [{http: /h}]\n",
+                "depwatch-policy.yaml:5: rules[1].approvls: unknown field; did you mean `approvals`?",
             ),
+            ("rules:\n  - namespaces: b\n    approvals: -1\n", "depwatch-policy.yaml:3: rules[0].approvals: expected how many distinct people must approve each save, 0 to 10"),
+            ("rules:\n  - namespaces: b\n    approvals: 11\n", "rules[0].approvals: expected how many"),
+            ("rules:\n  - namespaces: b\n    approvals: two\n", "rules[0].approvals: expected how many"),
+            ("rules:\n  - namespaces: b\n    approvals: 1\n    approvalTimeout: soon\n", "depwatch-policy.yaml:4: rules[0].approvalTimeout: expected how long a save waits"),
+            ("rules:\n  - namespaces: b\n    approvals: 1\n    approvalTimeout: 90d\n", "rules[0].approvalTimeout: expected how long a save waits for its approvals, from 1s to 30d"),
+            ("rules:\n  - namespaces: b\n    approvalTimeout: 1h\n", "depwatch-policy.yaml:3: rules[0].approvalTimeout: set without `approvals`"),
             (
                 "rules:\n  - namespaces: a\n    verify: {checks: [{http: /h}]}\n  - namespaces: b\n    verify:\n      bake: soon\n      checks: [{http: /h}]\n",
                 "depwatch-policy.yaml:6: rules[1].verify.bake: not a duration",

@@ -392,9 +392,52 @@ fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
 }
 
+/// The name of the Unix user `uid` (through the system's user database, so directory users
+/// are found too), or `uid 1234` when it has none.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: an all-zero `passwd` is a valid value to be written over.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory owned here, `buf.len()` is its true size, and the
+    // name read below points into `buf`, which outlives that read.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: `pw_name` is a NUL-terminated string inside `buf` (checked non-null above).
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    escape(&name.to_string_lossy())
+}
+
+/// Who owns the file at `path` (its Unix user's name), when it can be read.
+pub fn owner_name(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| user_name(m.uid()))
+}
+
+/// The Unix user running this process (its real uid: `$USER` can say anything).
+pub fn current_user() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    user_name(unsafe { libc::getuid() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_named_from_the_user_database_or_by_number() {
+        assert_eq!(user_name(0), "root");
+        assert_eq!(user_name(4_000_000_000), "uid 4000000000");
+        let dir = tempfile::tempdir().expect("dir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").expect("write");
+        assert_eq!(owner_name(&f), Some(current_user()));
+        assert_eq!(owner_name(&dir.path().join("none")), None);
+    }
     use std::os::unix::fs::symlink;
 
     #[test]

@@ -430,6 +430,18 @@ pub trait Backend: Send + Sync {
     async fn set_bake(&self, id: i64, bake: &str) -> Result<(), StoreError>;
     /// Remove a service's row (its history stays); `false` when there was none.
     async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError>;
+    /// Append a row to the approvals table.
+    async fn add_vote(
+        &self,
+        key: &ServiceKey,
+        v: &crate::domain::approval::Vote,
+    ) -> Result<(), StoreError>;
+    /// The service's latest `limit` approval rows, oldest first.
+    async fn votes(
+        &self,
+        key: &ServiceKey,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::approval::Vote>, StoreError>;
     /// Note a refused file name (or update its reason).
     async fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError>;
     /// The file is gone or renamed.
@@ -485,6 +497,9 @@ pub trait Backend: Send + Sync {
     /// Every deploy still in progress, oldest first.
     async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError>;
 }
+
+/// The most approval rows read for a service: far more than one save's request and words.
+const MAX_VOTES: usize = 200;
 
 impl Store {
     /// Open (creating if needed) `depwatch.db` in `state_dir`.
@@ -1160,6 +1175,27 @@ impl Store {
         self.ask(self.backend.refuse_file(&file)).await?;
         self.changed();
         Ok(())
+    }
+
+    /// Append a request, an approver's word or a rejection's mark to the approvals table
+    /// (written at once: the word must be there when the file is read again).
+    pub async fn add_vote(
+        &self,
+        key: &ServiceKey,
+        v: &crate::domain::approval::Vote,
+    ) -> Result<(), StoreError> {
+        self.allowed("a record write (approval)")?;
+        self.ask(self.backend.add_vote(key, v)).await?;
+        self.changed();
+        Ok(())
+    }
+
+    /// The service's latest approval rows, oldest first (enough for any save's words).
+    pub async fn votes(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<Vec<crate::domain::approval::Vote>, StoreError> {
+        self.ask(self.backend.votes(key, MAX_VOTES)).await
     }
 
     /// A refused file is gone or renamed.

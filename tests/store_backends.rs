@@ -3,7 +3,8 @@
 
 mod common;
 
-use depwatch::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger};
+use depwatch::domain::approval::Vote;
+use depwatch::domain::{DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger, VoteKind};
 use depwatch::store::{now, DeployRecord, RequestRecord, ServiceChange, Store};
 
 fn deploy(ns: &str, name: &str) -> DeployRecord {
@@ -311,6 +312,51 @@ async fn suite(s: &Store) {
         .expect("late unpin");
     let row = s.service(&pinned).await.expect("q").expect("row");
     assert_eq!(row.failed_hash, "bb22", "a newer pin stays");
+
+    approvals(s).await;
+}
+
+/// The approvals table: rows appended per service, read back oldest first with every field,
+/// the latest 200 at most; another service's rows apart; kept when the service is forgotten.
+async fn approvals(s: &Store) {
+    let web = ServiceKey::new("approved", "demo").expect("key");
+    let other = ServiceKey::new("other", "demo").expect("key");
+    assert!(s.votes(&web).await.expect("votes").is_empty());
+    let word = |kind: VoteKind, actor: &str, i: usize| Vote {
+        hash: format!("h{i}"),
+        images: "1.4.2".into(),
+        kind,
+        actor: actor.into(),
+        comment: format!("comment {i} — ü"),
+        at: now(),
+    };
+    let written = vec![
+        word(VoteKind::Request, "ci", 1),
+        word(VoteKind::Approve, "alice", 1),
+        word(VoteKind::Reject, "bob", 1),
+        word(VoteKind::Recorded, "depwatch", 1),
+    ];
+    for v in &written {
+        s.add_vote(&web, v).await.expect("add");
+    }
+    s.add_vote(&other, &word(VoteKind::Request, "ci", 9))
+        .await
+        .expect("add other");
+    assert_eq!(s.votes(&web).await.expect("votes"), written);
+    s.forget_service(&web).await.expect("forget");
+    assert_eq!(s.votes(&web).await.expect("votes").len(), 4, "kept");
+    for i in 0..205 {
+        s.add_vote(&other, &word(VoteKind::Approve, "alice", i))
+            .await
+            .expect("add");
+    }
+    let latest = s.votes(&other).await.expect("votes");
+    assert_eq!(latest.len(), 200);
+    assert_eq!(
+        (latest[0].hash.as_str(), latest[199].hash.as_str()),
+        ("h5", "h204"),
+        "the latest 200, oldest first"
+    );
 }
 
 /// Services, deploys and refused files read one page at a time: every row once, in order,

@@ -139,6 +139,7 @@ impl Report {
             super::slack::Notice::Deploy => self.outcome.to_string(),
             super::slack::Notice::Held => "held".into(),
             super::slack::Notice::Released => "released".into(),
+            super::slack::Notice::Approval => "awaiting approval".into(),
         }
     }
 }

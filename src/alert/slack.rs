@@ -40,6 +40,7 @@ fn verb(outcome: DeployOutcome) -> &'static str {
         DeployOutcome::Superseded => "superseded",
         DeployOutcome::Interrupted => "interrupted",
         DeployOutcome::InProgress => "deploying",
+        DeployOutcome::Rejected => "rejected a save of",
     }
 }
 
@@ -51,6 +52,8 @@ pub enum Notice {
     Deploy,
     Held,
     Released,
+    /// A save waits for its approvers: the reason names the command and the API call.
+    Approval,
 }
 
 /// One message about one service.
@@ -77,6 +80,7 @@ impl Report {
             Notice::Deploy => verb(self.outcome),
             Notice::Held => "held a save of",
             Notice::Released => "released the held save of",
+            Notice::Approval => "needs approval to deploy",
         };
         format!("{verb} {} ({})", self.workload(), self.namespace)
     }
@@ -85,7 +89,7 @@ impl Report {
     pub fn tone(&self) -> Tone {
         match self.notice {
             Notice::Deploy => self.outcome.tone(),
-            Notice::Held => Tone::Warning,
+            Notice::Held | Notice::Approval => Tone::Warning,
             Notice::Released => Tone::Good,
         }
     }
@@ -109,6 +113,7 @@ impl Report {
             Notice::Deploy => "depwatch.deploy",
             Notice::Held => "depwatch.held",
             Notice::Released => "depwatch.released",
+            Notice::Approval => "depwatch.approval_needed",
         };
         json!({
             "event": event,

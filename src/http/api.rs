@@ -440,6 +440,19 @@ pub async fn get_service(
     }))
 }
 
+/// A service's approval rows, oldest first: each save that needed approval (who asked, when),
+/// and each approver's word on it, with the comment; the marks of recorded rejections too.
+#[utoipa::path(get, path = "/api/v1/services/{namespace}/{name}/approvals", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = Vec<crate::domain::approval::Vote>), (status = 400, body = ErrorBody)))]
+pub async fn list_approvals(
+    State(state): Shared,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<Vec<crate::domain::approval::Vote>>, ApiError> {
+    let key = key_from_path(&namespace, &name)?;
+    Ok(Json(state.store.votes(&key).await?))
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct DeploysQuery {
     /// `namespace/deployment`; all services when absent.
@@ -506,6 +519,8 @@ pub enum RequestStatus {
     Failed,
     RolledBack,
     Superseded,
+    /// It needed approval and was rejected, or not approved in time: nothing deployed.
+    Rejected,
 }
 
 impl From<DeployOutcome> for RequestStatus {
@@ -525,6 +540,7 @@ impl From<DeployOutcome> for RequestStatus {
             | DeployOutcome::Interrupted
             | DeployOutcome::Missing
             | DeployOutcome::Drift => RequestStatus::Failed,
+            DeployOutcome::Rejected => RequestStatus::Rejected,
         }
     }
 }
@@ -939,6 +955,7 @@ enum Command {
     Rollback(Option<i64>),
     Promote,
     DeployNow(String),
+    Vote(crate::domain::VoteKind, String),
     Suspend(bool),
     Forget,
 }
@@ -964,6 +981,7 @@ async fn operator_call(
         Command::Rollback(to) => operator::rollback(store, &key, to, caller).await,
         Command::Promote => operator::promote(store, &key, caller).await,
         Command::DeployNow(reason) => operator::deploy_now(store, &key, &reason, caller).await,
+        Command::Vote(kind, comment) => operator::vote(store, &key, kind, &comment, caller).await,
         Command::Suspend(on) => operator::suspend(store, &key, on, caller).await,
         Command::Forget => operator::forget(store, &key, caller).await,
     }
@@ -1051,6 +1069,44 @@ pub async fn deploy_now_service(
         Command::DeployNow(q.reason),
     )
     .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct VoteQuery {
+    /// Why, recorded with the word and the token's name.
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// Approve the save awaiting approval (`depwatch approve`), as the token's name: it deploys
+/// once enough distinct approvers have. 409 when nothing awaits approval, when the token
+/// asked for the save itself, or when it already approved.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/approve", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path), VoteQuery), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "nothing to approve, or the requester's own save", body = ErrorBody)))]
+pub async fn approve_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+    Query(q): Query<VoteQuery>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let command = Command::Vote(crate::domain::VoteKind::Approve, q.comment);
+    operator_call(&state, &headers, service, "approve", command).await
+}
+
+/// Reject the save awaiting approval (`depwatch reject`), as the token's name: nothing of it
+/// deploys, with one history row. 409 when nothing awaits approval.
+#[utoipa::path(post, path = "/api/v1/services/{namespace}/{name}/reject", tag = "services",
+    params(("namespace" = String, Path), ("name" = String, Path), VoteQuery), security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "nothing to reject", body = ErrorBody)))]
+pub async fn reject_service(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(service): Path<(String, String)>,
+    Query(q): Query<VoteQuery>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let command = Command::Vote(crate::domain::VoteKind::Reject, q.comment);
+    operator_call(&state, &headers, service, "reject", command).await
 }
 
 /// Stop deploying the service's file changes (`depwatch suspend`). 409 when already suspended.

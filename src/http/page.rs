@@ -81,7 +81,8 @@ fn status_class(status: ServiceStatus) -> &'static str {
         ServiceStatus::Failed
         | ServiceStatus::RollbackFailed
         | ServiceStatus::Invalid
-        | ServiceStatus::Unreadable => "bad",
+        | ServiceStatus::Unreadable
+        | ServiceStatus::Rejected => "bad",
         ServiceStatus::RolledBack
         | ServiceStatus::TimedOut
         | ServiceStatus::Drifted
@@ -91,6 +92,7 @@ fn status_class(status: ServiceStatus) -> &'static str {
         | ServiceStatus::Paused => "warn",
         ServiceStatus::Applied => "neutral",
         ServiceStatus::Deploying | ServiceStatus::Verifying | ServiceStatus::Retry => "busy",
+        ServiceStatus::AwaitingApproval => "warn",
         ServiceStatus::Pending | ServiceStatus::Unmanaged | ServiceStatus::Held => "idle",
     }
 }

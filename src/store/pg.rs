@@ -12,6 +12,7 @@ use super::{
     Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
 };
+use crate::domain::approval::Vote;
 use crate::domain::{DeployOutcome, Images, ServiceKey};
 
 /// Schema versions in order; each runs once.
@@ -89,6 +90,20 @@ ALTER TABLE deploys ADD COLUMN bake TEXT NOT NULL DEFAULT '';
     "
 ALTER TABLE services ADD COLUMN judged TEXT NOT NULL DEFAULT '';
 ALTER TABLE services ADD COLUMN bake_ends_at TEXT NOT NULL DEFAULT '';
+",
+    "
+CREATE TABLE approvals (
+    id BIGSERIAL PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    images TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX approvals_by_service ON approvals (namespace, name, id);
 ",
 ];
 
@@ -441,6 +456,60 @@ impl Backend for Postgres {
         .await
     }
 
+    async fn add_vote(&self, key: &ServiceKey, v: &Vote) -> Result<(), StoreError> {
+        let (key, v) = (key.clone(), v.clone());
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        &key.namespace,
+                        &key.name,
+                        &v.hash,
+                        &v.images,
+                        &v.kind.as_str(),
+                        &v.actor,
+                        &v.comment,
+                        &v.at,
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn votes(&self, key: &ServiceKey, limit: usize) -> Result<Vec<Vote>, StoreError> {
+        let key = key.clone();
+        let limit = limit as i64;
+        self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "SELECT hash, images, kind, actor, comment, at FROM approvals
+                     WHERE namespace = $1 AND name = $2 ORDER BY id DESC LIMIT $3",
+                    &[&key.namespace, &key.name, &limit],
+                )
+                .await?;
+            let mut votes = Vec::with_capacity(rows.len());
+            for r in rows.iter().rev() {
+                let Ok(kind) = r.get::<_, String>(2).parse() else {
+                    continue; // a word this version does not know
+                };
+                votes.push(Vote {
+                    hash: r.get(0),
+                    images: r.get(1),
+                    kind,
+                    actor: r.get(3),
+                    comment: r.get(4),
+                    at: r.get(5),
+                });
+            }
+            Ok(votes)
+        })
+        .await
+    }
+
     async fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
         let f = f.clone();
         self.run(move |client| async move {
@@ -668,6 +737,9 @@ impl Backend for Postgres {
                         "DELETE FROM deploys WHERE outcome != $2 AND started_at < $1",
                         &[&cutoff, &in_progress],
                     )
+                    .await?;
+                client
+                    .execute("DELETE FROM approvals WHERE at < $1", &[&cutoff])
                     .await?;
             }
             Ok(removed as usize)

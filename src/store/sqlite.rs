@@ -14,6 +14,7 @@ use super::{
     Backend, DeployRecord, RefusedFile, RequestRecord, ServiceRecord, StoreError, DEPLOY_COLUMNS,
     REQUEST_COLUMNS, SERVICE_COLUMNS,
 };
+use crate::domain::approval::Vote;
 use crate::domain::{DeployOutcome, ServiceKey};
 
 /// The tables. Each `services` column has one owner, and only the owner's module builds a
@@ -27,7 +28,9 @@ use crate::domain::{DeployOutcome, ServiceKey};
 ///
 /// A retry lifts only the pin it saw (`failed_hash` is cleared while it still names that
 /// version), so a pin the recorder makes meanwhile stays. `deploys` rows are the recorder's
-/// alone; `requests` the API's; `refused_files` ingest's.
+/// alone; `requests` the API's; `refused_files` ingest's. `approvals` rows are appended, never
+/// changed: a request or its rejection's mark by ingest, an approver's word by operator
+/// commands (`operator.rs`).
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
@@ -67,6 +70,18 @@ CREATE TABLE IF NOT EXISTS refused_files (
     reason TEXT NOT NULL,
     seen_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    images TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_by_service ON approvals (namespace, name, id);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
     idempotency_key TEXT NOT NULL UNIQUE,
@@ -347,6 +362,45 @@ impl Conn {
         Ok(conn.last_insert_rowid())
     }
 
+    fn add_vote(&self, key: &ServiceKey, v: &Vote) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                key.namespace,
+                key.name,
+                v.hash,
+                v.images,
+                v.kind,
+                v.actor,
+                v.comment,
+                v.at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn votes(&self, key: &ServiceKey, limit: usize) -> Result<Vec<Vote>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT hash, images, kind, actor, comment, at FROM approvals
+             WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![key.namespace, key.name, limit as i64], |r| {
+            Ok(Vote {
+                hash: r.get(0)?,
+                images: r.get(1)?,
+                kind: r.get(2)?,
+                actor: r.get(3)?,
+                comment: r.get(4)?,
+                at: r.get(5)?,
+            })
+        })?;
+        let mut votes: Vec<Vote> = rows.collect::<Result<_, _>>()?;
+        votes.reverse();
+        Ok(votes)
+    }
+
     fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO refused_files (path, reason, seen_at) VALUES (?1, ?2, ?3)
@@ -489,6 +543,7 @@ impl Conn {
                 "DELETE FROM deploys WHERE outcome != ?2 AND started_at < ?1",
                 params![cutoff, DeployOutcome::InProgress],
             )?;
+            conn.execute("DELETE FROM approvals WHERE at < ?1", params![cutoff])?;
         }
         Ok(removed)
     }
@@ -688,6 +743,16 @@ impl Backend for Sqlite {
     async fn forget_service(&self, key: &ServiceKey) -> Result<bool, StoreError> {
         let key = key.clone();
         self.call(move |c| c.forget_service(&key)).await
+    }
+
+    async fn add_vote(&self, key: &ServiceKey, v: &Vote) -> Result<(), StoreError> {
+        let (key, v) = (key.clone(), v.clone());
+        self.call(move |c| c.add_vote(&key, &v)).await
+    }
+
+    async fn votes(&self, key: &ServiceKey, limit: usize) -> Result<Vec<Vote>, StoreError> {
+        let key = key.clone();
+        self.call(move |c| c.votes(&key, limit)).await
     }
 
     async fn refuse_file(&self, f: &RefusedFile) -> Result<(), StoreError> {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod decide;
+mod gates;
 
 use crate::bounds::Bounds;
 use crate::depfile;
@@ -137,50 +138,14 @@ impl Ingest {
         self.notifier = Some(notifier);
     }
 
-    /// A message about a held or released save of `key`.
-    fn tell(
-        &self,
-        notice: crate::alert::Notice,
-        key: &ServiceKey,
-        record: &ServiceRecord,
-        asks: String,
-        why: String,
-    ) {
-        let Some(n) = &self.notifier else {
-            return;
-        };
-        n.report(crate::alert::Report {
-            notice,
-            outcome: crate::domain::DeployOutcome::InProgress,
-            service: key.name.clone(),
-            namespace: key.namespace.clone(),
-            kind: record.kind,
-            from: record.deployed.to_string(),
-            to: asks,
-            duration: Duration::ZERO,
-            reason: why,
-            checks: Vec::new(),
-        });
-    }
-
     /// Why a save may not go now, when it may not: a `FREEZE` file in its directory or one
-    /// above it (up to the deps root), or the deploy windows of its namespace. An operator's
-    /// rollback always goes.
-    fn gate(
-        &self,
-        key: &ServiceKey,
-        path: &Path,
-        asker: Option<&Asker>,
-        own: &[crate::domain::window::Window],
-    ) -> Gate {
-        if matches!(asker, Some(Asker::Rollback { .. })) {
-            return Gate::Open;
-        }
+    /// above it (up to the deps root), or the deploy windows of its namespace and its own.
+    fn gate(&self, path: &Path, namespace: &str, own: &[crate::domain::window::Window]) -> Gate {
         if let Some(why) = self.frozen(path) {
             return Gate::Held { until: None, why };
         }
         let mut windows = match &self.policy {
-            PolicyState::Valid { policy, .. } => policy.windows(&key.namespace),
+            PolicyState::Valid { policy, .. } => policy.windows(namespace),
             _ => Vec::new(),
         };
         windows.extend(own.iter().cloned());
@@ -651,41 +616,32 @@ impl Ingest {
             }
             Err(_) => {}
         }
-        if matches!(outcome, decide::Outcome::Submit { .. }) {
-            let released = break_glass(&record, &hash);
-            let gate = match released {
-                Some(_) => Gate::Open,
-                None => self.gate(&key, path, asker.as_ref(), &spec.windows),
+        if let decide::Outcome::Submit { actor, trigger, .. } = &mut outcome {
+            let save = gates::Save {
+                key: &key,
+                path,
+                record: &record,
+                spec: &spec,
+                hash: &hash,
+                asker: asker.as_ref(),
+                trigger: *trigger,
             };
-            if let Some(j) = released {
-                tracing::warn!(service = %key, actor = %j.by, reason = %j.reason, "break-glass: deployed past its window or freeze");
-                outcome = decide::Outcome::Submit {
-                    trigger: Trigger::Operator,
-                    actor: format!("{} (break-glass: {})", j.by, j.reason),
-                    request_id: String::new(),
-                };
-            }
-            if gate != Gate::Open {
-                if unfinished {
-                    self.unfinished.insert(key.clone());
+            match self.gates(save).await {
+                gates::Passed::Go { notes, released_by } => {
+                    if let Some(by) = released_by {
+                        (*trigger, *actor) = (Trigger::Operator, by);
+                    }
+                    if !notes.is_empty() {
+                        *actor = format!("{actor} ({})", notes.join("; "));
+                    }
                 }
-                let message = gate.message();
-                // Told once per hold (a resync finds the same hold again).
-                if record.status != ServiceStatus::Held || record.message != message {
-                    let what = spec.requested();
-                    self.tell(crate::alert::Notice::Held, &key, &record, what, message);
+                gates::Passed::Stop => {
+                    if unfinished {
+                        self.unfinished.insert(key.clone());
+                    }
+                    self.write_asks(asks).await;
+                    return;
                 }
-                self.hold(&key, &gate).await;
-                self.write_asks(asks).await;
-                return;
-            }
-            if record.status == ServiceStatus::Held {
-                let why = match released {
-                    Some(j) => format!("break-glass by {}: {}", j.by, j.reason),
-                    None => "its window opened, or its freeze was lifted".to_string(),
-                };
-                let what = spec.requested();
-                self.tell(crate::alert::Notice::Released, &key, &record, what, why);
             }
         }
         let desired = |trigger, actor, request_id| Desired {

@@ -184,6 +184,7 @@ impl Recorder {
             DeployOutcome::Drift => "ImagesDrifted",
             DeployOutcome::ChangedOutside => "RolloutChangedOutside",
             DeployOutcome::Failed => "DeployFailed",
+            DeployOutcome::Rejected => "DeployRejected",
             DeployOutcome::InProgress
             | DeployOutcome::Missing
             | DeployOutcome::Unchanged

@@ -56,6 +56,51 @@ pub fn held(message: impl Into<String>) -> ServiceChange {
         .message(message)
 }
 
+/// A save waits for its approvers (`message` says who approved so far, until when, and how
+/// to approve); a deploy under way keeps its status.
+pub fn awaiting_approval(message: impl Into<String>) -> ServiceChange {
+    ServiceChange::default()
+        .status_unless_deploying(ServiceStatus::AwaitingApproval)
+        .message(message)
+}
+
+/// A save an approver rejected, or that was not approved in time: nothing deployed.
+pub fn rejected(message: impl Into<String>) -> ServiceChange {
+    ServiceChange::default()
+        .status_unless_deploying(ServiceStatus::Rejected)
+        .message(message)
+}
+
+/// The one history row of a rejected save: asked at `asked` by `requester`, for `asks` (the
+/// save's own words) over `from`, rejected for `why`. Written started and finished at once.
+pub struct RejectedRow<'a> {
+    pub key: &'a crate::domain::ServiceKey,
+    pub trigger: crate::domain::Trigger,
+    pub requester: &'a str,
+    pub from: &'a str,
+    pub asks: &'a str,
+    pub hash: &'a str,
+    pub kind: crate::domain::WorkloadKind,
+    pub asked: &'a str,
+}
+
+impl RejectedRow<'_> {
+    pub fn record(&self) -> crate::store::DeployRecord {
+        crate::store::DeployRecord {
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            trigger: self.trigger,
+            actor: self.requester.to_string(),
+            from_image: self.from.to_string(),
+            to_image: self.asks.to_string(),
+            started_at: self.asked.to_string(),
+            content_hash: self.hash.to_string(),
+            kind: self.kind.to_string(),
+            ..crate::store::DeployRecord::default()
+        }
+    }
+}
+
 /// A note on the row from an operator command (suspend, resume): its message only.
 pub fn noted(message: impl Into<String>) -> ServiceChange {
     ServiceChange::default().message(message)

@@ -1,0 +1,393 @@
+//! Approvals end to end through the binary: a save the policy says needs approvers waits as
+//! `awaiting_approval` (nothing patched) until enough distinct people approve it, through the
+//! API (the token's name) or locally (the Unix user); the requester cannot approve it; a newer
+//! save voids the approvals of the one it replaces; the wait and the words survive a restart;
+//! a rejection, or the end of the wait, rejects it with one history row.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::{Daemon, Env};
+use common::key;
+use depwatch::domain::{DeployOutcome, ServiceStatus, VoteKind};
+use depwatch::sim::SimConfig;
+use serde_json::{json, Value};
+
+const CI: &str = "ci-token-0123456789";
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+/// Tokens named `ci`, `alice` and `bob`.
+fn tokens(env: &Env) -> std::path::PathBuf {
+    let path = env.dir.path().join("tokens");
+    std::fs::write(&path, format!("ci:{CI}\nalice:{ALICE}\nbob:{BOB}\n")).expect("tokens");
+    path
+}
+
+async fn daemon(env: &Env, tokens: &Path) -> Daemon {
+    env.daemon(&[
+        "--http-addr",
+        "127.0.0.1:0",
+        "--api-token-file",
+        tokens.to_str().expect("utf-8"),
+        "--rollout-timeout",
+        "20s",
+    ])
+    .await
+}
+
+/// `POST …/prod/web/{verb}?comment=…` as the token's owner: the status and the answer.
+async fn vote(url: &str, token: &str, verb: &str, comment: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/v1/services/prod/web/{verb}"))
+        .query(&[("comment", comment)])
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("body"))
+}
+
+async fn message(env: &Env) -> String {
+    let row = env
+        .store()
+        .service(&key("web", "prod"))
+        .await
+        .expect("read");
+    row.map(|r| r.message).unwrap_or_default()
+}
+
+async fn wait_message(env: &Env, words: &str) -> String {
+    env.wait_or_show(words, Duration::from_secs(20), || async {
+        let m = message(env).await;
+        m.contains(words).then_some(m)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_distinct_approvers_let_a_save_go_and_a_newer_save_voids_earlier_approvals() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.deployment("staging", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep(
+        "depwatch-policy.yaml",
+        "rules:\n  - namespaces: [prod]\n    approvals: 2\n",
+    );
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let web = key("web", "prod");
+    let http = reqwest::Client::new();
+    let deploy = |version: &str| {
+        http.post(format!("{url}/api/v1/deploys"))
+            .bearer_auth(CI)
+            .json(&json!({"service": "web", "namespace": "prod", "version": version}))
+            .send()
+    };
+
+    // Staging has no rule: deployed at once.
+    env.write_dep("web_staging.dep", "1.1\n");
+    env.wait_status(
+        &key("web", "staging"),
+        ServiceStatus::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Through the API as `ci`: the save waits, asked by the token's name.
+    assert_eq!(deploy("1.1").await.expect("deploy").status(), 202);
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    let m = message(&env).await;
+    assert!(
+        m.starts_with("awaiting approval (0 of 2), asked by ci")
+            && m.contains("`depwatch approve prod/web`")
+            && m.contains("POST /api/v1/services/prod/web/approve"),
+        "{m}"
+    );
+    // The team is told once, with the command and the API call that approve.
+    let asked = env
+        .wait_or_show("the approval message", Duration::from_secs(20), || async {
+            env.messages()
+                .into_iter()
+                .find(|m| common::daemon::text(m).contains("needs approval to deploy web (prod)"))
+        })
+        .await;
+    let text = common::daemon::text(&asked);
+    assert!(
+        text.contains("depwatch approve prod/web")
+            && text.contains("/api/v1/services/prod/web/approve"),
+        "{text}"
+    );
+    assert_eq!(common::daemon::colour(&asked), "#daa038");
+
+    // The requester cannot approve; an approver approves once.
+    let (status, body) = vote(&url, CI, "approve", "").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("ci asked for this save of prod/web, so cannot approve it"),
+        "{body}"
+    );
+    let (status, body) = vote(&url, ALICE, "approve", "looks good").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("alice approved 1.1"), "{body}");
+    wait_message(&env, "awaiting approval (1 of 2: alice)").await;
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("already approved"), "{body}");
+    assert_eq!(
+        env.patches("prod", "web"),
+        0,
+        "nothing patched while awaiting"
+    );
+
+    // A newer save replaces it: alice's approval was for 1.1 and no longer counts.
+    assert_eq!(deploy("1.2").await.expect("deploy").status(), 202);
+    wait_message(&env, "awaiting approval (0 of 2)").await;
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("alice approved 1.2"), "{body}");
+    wait_message(&env, "awaiting approval (1 of 2: alice)").await;
+    let (status, body) = vote(&url, BOB, "approve", "ship it").await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_status(&web, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.2");
+    assert_eq!(
+        env.patches("prod", "web"),
+        1,
+        "one deploy: the approved save"
+    );
+    let h = env.store().history(Some(&web), 5).await.expect("history");
+    assert_eq!(h[0].actor, "ci (approved by alice, bob)", "{h:?}");
+    assert_eq!(h.len(), 1, "{h:?}");
+
+    // The record holds every word, with its actor, content and comment.
+    let words: Vec<Value> = http
+        .get(format!("{url}/api/v1/services/prod/web/approvals"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let said: Vec<(String, String, String)> = words
+        .iter()
+        .map(|w| {
+            let s = |f: &str| w[f].as_str().unwrap_or_default().to_string();
+            (s("kind"), s("actor"), s("images"))
+        })
+        .collect();
+    let want = [
+        ("request", "ci", "1.1"),
+        ("approve", "alice", "1.1"),
+        ("request", "ci", "1.2"),
+        ("approve", "alice", "1.2"),
+        ("approve", "bob", "1.2"),
+    ];
+    assert_eq!(
+        said,
+        want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())),
+        "{words:?}"
+    );
+    assert_eq!(words[1]["comment"], "looks good");
+    // `history` shows them.
+    let out = env.cli(&["history", "prod/web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Approvals, newest first") && text.contains("ship it"),
+        "{text}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_awaiting_approval_keeps_its_wait_and_words_across_a_restart() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    // The file's own YAML asks for a second approver on top of the policy's one.
+    env.write_dep(
+        "depwatch-policy.yaml",
+        "rules:\n  - namespaces: [\"prod*\"]\n    approvals: 1\n    approvalTimeout: 2h\n",
+    );
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let web = key("web", "prod");
+    // Saved by CI as a file: the requester is the file's owner, the Unix user running this.
+    let me = depwatch::safefs::current_user();
+    env.write_dep("web_prod.dep", "version: \"1.1\"\napprovals: 2\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    let before = wait_message(&env, &format!("(0 of 2), asked by {me}")).await;
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 202, "{body}");
+    wait_message(&env, "(1 of 2: alice)").await;
+
+    // A restart: still waiting, with the same deadline and alice's approval.
+    d.stop();
+    let d = daemon(&env, &tokens).await;
+    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    let after = wait_message(&env, "(1 of 2: alice)").await;
+    let deadline = |m: &str| {
+        m.split("rejected if not approved by ")
+            .nth(1)
+            .map(|r| r[..23].to_string())
+    };
+    assert_eq!(deadline(&before), deadline(&after), "{before}\n{after}");
+    assert_eq!(env.patches("prod", "web"), 0);
+
+    // Locally the approver is the Unix user, who saved the file: refused.
+    let out = env.cli(&["approve", "prod/web"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{me} asked for this save")), "{err}");
+    // The second approver.
+    let (status, body) = vote(&url, BOB, "approve", "").await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_status(&web, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1");
+    let h = env.store().history(Some(&web), 5).await.expect("history");
+    assert_eq!(h[0].actor, "file (approved by alice, bob)", "{h:?}");
+    // Nothing awaits any more: approving again is refused.
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("nothing awaits approval for prod/web"),
+        "{body}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_not_approved_in_time_or_rejected_gets_one_history_row_and_never_deploys() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep(
+        "depwatch-policy.yaml",
+        "rules:\n  - namespaces: [prod]\n    approvals: 1\n    approvalTimeout: 6s\n",
+    );
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    let web = key("web", "prod");
+    let store = env.store();
+    let rejected = || async {
+        store
+            .history(Some(&web), 10)
+            .await
+            .expect("history")
+            .into_iter()
+            .filter(|h| h.outcome == DeployOutcome::Rejected)
+            .collect::<Vec<_>>()
+    };
+
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    // The wait runs out: rejected by itself, with one history row.
+    env.wait_status(&web, ServiceStatus::Rejected, Duration::from_secs(30))
+        .await;
+    let rows = rejected().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0]
+            .message
+            .contains("not approved within 6s (0 of 1 approvals: none)"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[0].to_image, "1.1");
+    // A restart finds it rejected, and writes no second row.
+    d.stop();
+    let d = daemon(&env, &tokens).await;
+    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    // (The daemon watches only once its start-up scan has judged every file.)
+    assert_eq!(rejected().await.len(), 1);
+    assert_eq!(
+        store
+            .service(&web)
+            .await
+            .expect("read")
+            .expect("row")
+            .status,
+        ServiceStatus::Rejected
+    );
+    // Nothing awaits: approving is refused.
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 409, "{body}");
+
+    // A newer save asks again; an approver rejects it, with a comment.
+    env.write_dep("web_prod.dep", "1.2\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    let (status, body) = vote(&url, ALICE, "reject", "not during the sale").await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_status(&web, ServiceStatus::Rejected, Duration::from_secs(20))
+        .await;
+    assert!(message(&env)
+        .await
+        .starts_with("rejected by alice: not during the sale"));
+    let rows = env
+        .wait_or_show("two rejected rows", Duration::from_secs(20), || async {
+            let r = rejected().await;
+            (r.len() == 2).then_some(r)
+        })
+        .await;
+    assert_eq!(rows[0].message, "rejected by alice: not during the sale");
+    assert_eq!(env.patches("prod", "web"), 0, "nothing ever deployed");
+    // Each rejection was told once, in red.
+    let told = env
+        .wait_or_show(
+            "two rejection messages",
+            Duration::from_secs(20),
+            || async {
+                let r: Vec<_> = env
+                    .messages()
+                    .into_iter()
+                    .filter(|m| common::daemon::text(m).contains("rejected a save of web (prod)"))
+                    .collect();
+                (r.len() == 2).then_some(r)
+            },
+        )
+        .await;
+    assert_eq!(common::daemon::colour(&told[0]), "#d40e0d");
+    let votes = store.votes(&web).await.expect("votes");
+    assert_eq!(
+        votes
+            .iter()
+            .filter(|v| v.kind == VoteKind::Recorded)
+            .count(),
+        2,
+        "{votes:?}"
+    );
+    d.stop();
+}
