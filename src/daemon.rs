@@ -745,6 +745,7 @@ impl Running {
             },
         );
         ingest.notify(self.recorder.notifier.clone());
+        ingest.resolve_with(self.deployer.clone());
         ingest.unfinished(unfinished.iter().map(|d| d.key()));
         ingest.rescan(Trigger::Startup).await;
         for d in self.store.interrupted().await? {

@@ -509,6 +509,7 @@ fn parse_yaml(file: &str, text: &str) -> Result<DepSpec, Vec<DepFileError>> {
         verify: read_verify(&form, &mut problems),
         windows: read_windows(&form, &mut problems),
         approvals: read_approvals(&form, &mut problems),
+        approved_digests: None,
         images: Vec::new(),
     };
     check_repository(&form, &mut problems);

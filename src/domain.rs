@@ -112,6 +112,9 @@ pub struct DepSpec {
     pub windows: Vec<window::Window>,
     /// Approvals of its own, on top of the policy's (a file can only ask for more).
     pub approvals: Option<approval::Needs>,
+    /// Set by ingest on an approved save: the digests its approvers approved (container →
+    /// digest). The deploy stops before its PATCH when the registry now says otherwise.
+    pub approved_digests: Option<Images>,
 }
 
 impl DepSpec {
@@ -394,6 +397,9 @@ vocabulary! {
         Reject = "reject",
         /// Its rejection is in the history (written once).
         Recorded = "recorded",
+        /// The registry pre-flight's digests for its images when it was requested: what its
+        /// approvers approve, and what its deploy must still find.
+        Resolved = "resolved",
     }
 }
 

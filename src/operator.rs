@@ -411,6 +411,11 @@ pub async fn vote(
         .chars()
         .take(MAX_REASON)
         .collect();
+    // The word binds to the content, and to the digests the pre-flight found for it when
+    // it was requested (the deploy must find the same).
+    let digests = approval::resolved(&r.requested_hash, &votes)
+        .unwrap_or_default()
+        .to_string();
     let word = Vote {
         hash: r.requested_hash.clone(),
         images: r.requested.clone(),
@@ -418,11 +423,16 @@ pub async fn vote(
         actor: caller.actor.to_string(),
         comment,
         at: store::now(),
+        digests: digests.clone(),
     };
     store.add_vote(key, &word).await?;
     resave(caller.root, &r.path)?;
     tracing::info!(service = %key, actor = caller.actor, "{verb}d a save awaiting approval");
     let short = r.requested_hash.get(..12).unwrap_or(&r.requested_hash);
+    let short = match digests.is_empty() {
+        true => short.to_string(),
+        false => format!("{short}, images {digests}"),
+    };
     Ok(match kind {
         VoteKind::Reject => format!(
             "{key}: {} rejected {} (content {short}); nothing of it is deployed",

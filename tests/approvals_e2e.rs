@@ -391,3 +391,101 @@ async fn a_save_not_approved_in_time_or_rejected_gets_one_history_row_and_never_
     );
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_binds_to_the_digest_the_registry_named_and_a_moved_tag_is_not_deployed() {
+    let registry = common::registry::Registry::start(false).await;
+    registry.push("team/web", "1.0").await;
+    let approved = registry.push("team/web", "1.1").await;
+    let image = |tag: &str| format!("{}/team/web:{tag}", registry.addr());
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", &image("1.0"))], 1)
+        .await;
+    env.write_dep(
+        "depwatch-policy.yaml",
+        "rules:\n  - namespaces: [prod]\n    approvals: 1\n",
+    );
+    let tokens = tokens(&env);
+    let d = env
+        .daemon(&[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--api-token-file",
+            tokens.to_str().expect("utf-8"),
+            "--registry-check",
+            "on",
+            "--registry-wait",
+            "2s",
+        ])
+        .await;
+    let url = d.http_url();
+    let web = key("web", "prod");
+    let store = env.store();
+    let resolved = |hash_of_digest: String| {
+        let store = &store;
+        let web = &web;
+        async move {
+            store
+                .votes(web)
+                .await
+                .ok()?
+                .into_iter()
+                .rev()
+                .find(|v| v.kind == VoteKind::Resolved)
+                .filter(|v| v.digests == format!("web={hash_of_digest}"))
+        }
+    };
+
+    // Requested: the pre-flight's digest of 1.1 is recorded beside the request.
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    env.wait_or_show("the digest of 1.1", Duration::from_secs(20), || {
+        resolved(approved.clone())
+    })
+    .await;
+    // The tag moves before the approval: the approval names what was requested…
+    let moved = registry.push_build("team/web", "1.1", "rebuilt").await;
+    assert_ne!(moved, approved);
+    let (status, body) = vote(&url, ALICE, "approve", "").await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains(&format!("images web={approved}")), "{body}");
+    // …and the deploy, finding another digest, stops before its PATCH.
+    env.wait_status(&web, ServiceStatus::Failed, Duration::from_secs(30))
+        .await;
+    let m = message(&env).await;
+    assert!(
+        m.contains(&format!(
+            "web was {approved} when approved, the registry now says {moved}"
+        )) && m.contains("nothing patched"),
+        "{m}"
+    );
+    assert_eq!(env.patches("prod", "web"), 0);
+
+    // Changing the file asks again, for what the tag names now.
+    env.write_dep("web_prod.dep", "1.1  # rebuilt\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    env.wait_or_show(
+        "the digest of the rebuilt 1.1",
+        Duration::from_secs(20),
+        || resolved(moved.clone()),
+    )
+    .await;
+    let (status, body) = vote(&url, BOB, "approve", "").await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_status(&web, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(env.image("prod", "web").await, image("1.1"));
+    let h = store.history(Some(&web), 1).await.expect("history");
+    assert!(h[0].digests.contains(&moved), "{h:?}");
+    d.stop();
+}

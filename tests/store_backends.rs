@@ -329,6 +329,7 @@ async fn approvals(s: &Store) {
         actor: actor.into(),
         comment: format!("comment {i} — ü"),
         at: now(),
+        digests: format!("web=sha256:{i:064}"),
     };
     let written = vec![
         word(VoteKind::Request, "ci", 1),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use super::VoteKind;
+use super::{Images, VoteKind};
 
 /// How many distinct approvers a save needs, and for how long it waits for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,10 @@ pub struct Vote {
     pub hash: String,
     /// What that save asks, in its own words (`1.4.2`, `web=…, envoy=…`).
     pub images: String,
+    /// The digests the registry named for its images when it was requested (container →
+    /// digest), when the pre-flight knew them: what an approver approved.
+    #[serde(default)]
+    pub digests: String,
     pub kind: VoteKind,
     /// Who: the requester of a request, the approver of a word (an API token's name or a
     /// Unix user), `depwatch` for a mark.
@@ -97,6 +101,43 @@ fn since_request<'v>(hash: &str, votes: &'v [Vote]) -> Option<(&'v Vote, &'v [Vo
 /// Who asked for the save of `hash` as it stands, if it was requested.
 pub fn requester<'v>(hash: &str, votes: &'v [Vote]) -> Option<&'v str> {
     since_request(hash, votes).map(|(r, _)| r.actor.as_str())
+}
+
+/// The digests the pre-flight found for the save of `hash` as it stands (a `Resolved` row
+/// after its latest request), when it found any.
+pub fn resolved<'v>(hash: &str, votes: &'v [Vote]) -> Option<&'v str> {
+    let (_, after) = since_request(hash, votes)?;
+    after
+        .iter()
+        .rev()
+        .find(|v| v.hash == hash && v.kind == VoteKind::Resolved && !v.digests.is_empty())
+        .map(|v| v.digests.as_str())
+}
+
+/// A value the registry proved (`sha256:…`), not a note that it could not check.
+fn is_digest(s: &str) -> bool {
+    s.starts_with("sha256:") || s.starts_with("sha512:")
+}
+
+/// Why the images found now are not those approved, if they are not: each container whose
+/// digest both sides know and that differs. A container either side could not check (a
+/// registry down) is not a difference; the deploy goes as the pre-flight's mode says.
+pub fn moved(approved: &Images, found: &Images) -> Option<String> {
+    let moved: Vec<String> = approved
+        .iter()
+        .filter_map(|(container, was)| {
+            let now = found.get(container)?;
+            (is_digest(was) && is_digest(now) && was != now).then(|| {
+                format!("{container} was {was} when approved, the registry now says {now}")
+            })
+        })
+        .collect();
+    (!moved.is_empty()).then(|| {
+        format!(
+            "the images changed since they were approved ({}): nothing patched; change the file (or name the digest) to ask for approval of what it names now",
+            moved.join("; ")
+        )
+    })
 }
 
 /// Decide where the save of `hash` stands under `needs` at `now`.
@@ -330,6 +371,50 @@ mod tests {
         for (name, votes, now, want) in cases {
             assert_eq!(standing(needs(2), "a", &votes, now), want, "{name}");
         }
+    }
+
+    #[test]
+    fn approved_digests_must_still_be_found_where_both_sides_know_them() {
+        let images = |s: &str| Images::parse(s);
+        let approved = images("web=sha256:aaa, envoy=sha256:eee");
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("same", "web=sha256:aaa, envoy=sha256:eee", None),
+            (
+                "a container moved",
+                "web=sha256:bbb, envoy=sha256:eee",
+                Some("web was sha256:aaa when approved, the registry now says sha256:bbb"),
+            ),
+            ("not checked now", "web=not checked, envoy=sha256:eee", None),
+            ("no longer changed", "envoy=sha256:eee", None),
+        ];
+        for (name, found, want) in cases {
+            let got = moved(&approved, &images(found));
+            match want {
+                None => assert_eq!(got, None, "{name}"),
+                Some(w) => assert!(
+                    got.as_deref()
+                        .is_some_and(|g| g.contains(w) && g.contains("nothing patched")),
+                    "{name}: {got:?}"
+                ),
+            }
+        }
+        assert_eq!(
+            moved(&images("web=not checked"), &images("web=sha256:bbb")),
+            None
+        );
+        // The digests of the save as it stands: after its latest request only.
+        let mut r = vote("a", VoteKind::Resolved, "depwatch", T0);
+        r.digests = "web=sha256:aaa".into();
+        let req = vote("a", VoteKind::Request, "ci", T0);
+        assert_eq!(
+            resolved("a", &[req.clone(), r.clone()]),
+            Some("web=sha256:aaa")
+        );
+        assert_eq!(resolved("a", &[r.clone(), req.clone()]), None);
+        assert_eq!(
+            resolved("a", &[req, vote("a", VoteKind::Resolved, "depwatch", T0)]),
+            None
+        );
     }
 
     #[test]

@@ -191,6 +191,16 @@ impl Registries {
     /// Whether `image` exists, asked at most once per answer's lifetime by the same
     /// credentials (callers asking at the same time share one request).
     pub async fn check(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
+        self.answer(image, creds, false).await
+    }
+
+    /// [`Self::check`], never from an answer kept from before (askers at the same moment
+    /// still share it): what comparing with digests approved earlier needs.
+    pub async fn check_fresh(&self, image: &ImageRef, creds: Option<&Credentials>) -> Answer {
+        self.answer(image, creds, true).await
+    }
+
+    async fn answer(&self, image: &ImageRef, creds: Option<&Credentials>, fresh: bool) -> Answer {
         let key = format!(
             "{}/{}:{}#{}",
             image.registry,
@@ -208,7 +218,8 @@ impl Registries {
                 .1
                 .get()
                 .is_some_and(|a| now.duration_since(entry.0) >= a.lifetime());
-            if stale {
+            let answered = entry.1.get().is_some();
+            if stale || (fresh && answered) {
                 *entry = (now, Arc::new(OnceCell::new()));
             }
             entry.1.clone()
@@ -761,6 +772,11 @@ mod tests {
             1,
             "twenty askers, one authorised HEAD"
         );
+        // A kept answer serves the next asker; a fresh check asks the registry again.
+        registries.check(&found, None).await;
+        assert_eq!(heads.load(Ordering::SeqCst), 1, "kept for a minute");
+        registries.check_fresh(&found, None).await;
+        assert_eq!(heads.load(Ordering::SeqCst), 2, "asked again");
         let missing = ImageRef::parse(&format!("{addr}/lib/app:1.1")).expect("image");
         assert_eq!(
             registries.check(&missing, None).await,

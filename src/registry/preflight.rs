@@ -157,6 +157,7 @@ impl Preflight {
         &self,
         changes: &Images,
         creds: &HashMap<String, Credentials>,
+        fresh: bool,
     ) -> Vec<(String, ImageRef, Answer)> {
         let deadline = Instant::now() + self.wait;
         let asks = changes.iter().filter_map(|(container, image)| {
@@ -164,7 +165,9 @@ impl Preflight {
             let host = image.registry.to_ascii_lowercase();
             let c = creds.get(&host).or_else(|| self.own.get(&host)).cloned();
             Some(async move {
-                let answer = self.until_answered(&image, c.as_ref(), deadline).await;
+                let answer = self
+                    .until_answered(&image, c.as_ref(), deadline, fresh)
+                    .await;
                 (container.clone(), image, answer)
             })
         });
@@ -176,6 +179,7 @@ impl Preflight {
         image: &ImageRef,
         creds: Option<&Credentials>,
         deadline: Instant,
+        fresh: bool,
     ) -> Answer {
         if self.registries.is_down(image) {
             return Answer::Unavailable {
@@ -189,10 +193,12 @@ impl Preflight {
         }
         let mut backoff = Duration::from_millis(250);
         loop {
-            let answer = match tokio::time::timeout_at(
-                deadline,
-                self.registries.check(image, creds),
-            )
+            let answer = match tokio::time::timeout_at(deadline, async {
+                match fresh {
+                    true => self.registries.check_fresh(image, creds).await,
+                    false => self.registries.check(image, creds).await,
+                }
+            })
             .await
             {
                 Ok(a) => a,

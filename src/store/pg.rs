@@ -503,6 +503,7 @@ impl Backend for Postgres {
                     actor: r.get(3),
                     comment: r.get(4),
                     at: r.get(5),
+                    digests: r.get(6),
                 });
             }
             Ok(votes)

@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS approvals (
     kind TEXT NOT NULL,
     actor TEXT NOT NULL,
     comment TEXT NOT NULL,
-    at TEXT NOT NULL
+    at TEXT NOT NULL,
+    digests TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS approvals_by_service ON approvals (namespace, name, id);
 CREATE TABLE IF NOT EXISTS requests (
@@ -364,8 +365,8 @@ impl Conn {
 
     fn add_vote(&self, key: &ServiceKey, v: &Vote) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at, digests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 key.namespace,
                 key.name,
@@ -374,7 +375,8 @@ impl Conn {
                 v.kind,
                 v.actor,
                 v.comment,
-                v.at
+                v.at,
+                v.digests
             ],
         )?;
         Ok(())
@@ -383,7 +385,7 @@ impl Conn {
     fn votes(&self, key: &ServiceKey, limit: usize) -> Result<Vec<Vote>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT hash, images, kind, actor, comment, at FROM approvals
+            "SELECT hash, images, kind, actor, comment, at, digests FROM approvals
              WHERE namespace = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![key.namespace, key.name, limit as i64], |r| {
@@ -394,6 +396,7 @@ impl Conn {
                 actor: r.get(3)?,
                 comment: r.get(4)?,
                 at: r.get(5)?,
+                digests: r.get(6)?,
             })
         })?;
         let mut votes: Vec<Vote> = rows.collect::<Result<_, _>>()?;

@@ -246,12 +246,22 @@ impl Registry {
     /// Push a small image as `repo:tag` (an OCI manifest over a config naming the tag and one
     /// empty tar layer); the manifest's digest as the registry reports it.
     pub async fn push(&self, repo: &str, tag: &str) -> String {
+        self.push_build(repo, tag, "").await
+    }
+
+    /// [`Self::push`] of another build under the same tag (`build` goes in a label): the tag
+    /// moves to a new digest, as a re-pushed mutable tag does.
+    pub async fn push_build(&self, repo: &str, tag: &str, build: &str) -> String {
         // An empty tar archive: two zero blocks.
         let layer_bytes = vec![0u8; 1024];
+        let mut labels = serde_json::json!({ "depwatch.test/image": format!("{repo}:{tag}") });
+        if !build.is_empty() {
+            labels["depwatch.test/build"] = build.into();
+        }
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": { "Labels": { "depwatch.test/image": format!("{repo}:{tag}") } },
+            "config": { "Labels": labels },
             "rootfs": { "type": "layers", "diff_ids": [digest(&layer_bytes)] },
         });
         let config = self

@@ -234,7 +234,10 @@ impl Engine {
                 // The registries are asked holding no worker: a deploy waiting on a hung
                 // registry never holds up another service's.
                 let result = match read {
-                    Ok(unchecked) => Box::pin(self.deployer.check_registries(unchecked)).await,
+                    Ok(unchecked) => {
+                        let approved = desired.spec.approved_digests.as_ref();
+                        Box::pin(self.deployer.check_registries(unchecked, approved)).await
+                    }
                     Err(e) => Err(e),
                 };
                 let found = match &result {

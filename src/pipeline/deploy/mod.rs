@@ -640,11 +640,46 @@ impl Deployer {
     }
 
     /// The pre-flight of a plan: every changed image asked of its registry (within the
-    /// bounded wait), the digests found kept on the plan.
-    pub async fn check_registries(&self, unchecked: Unchecked) -> Result<Plan, DeployError> {
+    /// bounded wait), the digests found kept on the plan. An approved save's images must still
+    /// be the digests its approvers approved.
+    pub async fn check_registries(
+        &self,
+        unchecked: Unchecked,
+        approved: Option<&Images>,
+    ) -> Result<Plan, DeployError> {
         let Unchecked { mut plan, pull } = unchecked;
-        plan.digests = self.preflight(&plan.key, &pull, &plan.changes).await?;
+        // Approved digests are compared with the registry's answer now, not one kept from
+        // before the approval.
+        let fresh = approved.is_some();
+        plan.digests = self
+            .preflight(&plan.key, &pull, &plan.changes, fresh)
+            .await?;
+        if let Some(why) = approved.and_then(|a| crate::domain::approval::moved(a, &plan.digests)) {
+            return Err(DeployError::Registry(why));
+        }
         Ok(plan)
+    }
+
+    /// The digests the pre-flight finds for what `spec` asks of the service now (empty when
+    /// the pre-flight is off, the workload cannot be read or nothing could be checked): what
+    /// approvers of a save awaiting approval approve.
+    pub async fn digests_for(&self, key: &ServiceKey, spec: &DepSpec) -> Images {
+        let plan = match self.plan(key, spec).await {
+            Ok(u) => self.check_registries(u, None).await,
+            Err(e) => Err(e),
+        };
+        match plan {
+            Ok(p) => p
+                .digests
+                .iter()
+                .filter(|(_, d)| d.starts_with("sha"))
+                .map(|(c, d)| (c.clone(), d.clone()))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(service = %key, error = %e, "no digests for the save awaiting approval");
+                Images::new()
+            }
+        }
     }
 
     /// Ask the registries whether every changed image exists, with the credentials the
@@ -654,6 +689,7 @@ impl Deployer {
         key: &ServiceKey,
         pull: &workload::Pull,
         changes: &Images,
+        fresh: bool,
     ) -> Result<Images, DeployError> {
         let Some(p) = self
             .config
@@ -675,7 +711,7 @@ impl Deployer {
             let own = identity.credentials_for(images, &creds, p.wait).await;
             creds.extend(own);
         }
-        let answers = p.ask(changes, &creds).await;
+        let answers = p.ask(changes, &creds, fresh).await;
         match crate::registry::preflight::verdict(p.mode, &answers) {
             crate::registry::Verdict::Refuse(why) => Err(DeployError::Registry(why)),
             crate::registry::Verdict::Go { digests, warnings } => {

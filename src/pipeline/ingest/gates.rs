@@ -9,7 +9,9 @@ use super::{break_glass, Ingest, PolicyState};
 use crate::alert::Notice;
 use crate::domain::approval::{self, Needs, Standing, Vote};
 use crate::domain::window::Gate;
-use crate::domain::{Asker, DepSpec, DeployOutcome, ServiceKey, ServiceStatus, Trigger, VoteKind};
+use crate::domain::{
+    Asker, DepSpec, DeployOutcome, Images, ServiceKey, ServiceStatus, Trigger, VoteKind,
+};
 use crate::pipeline::deploy::recorder::verdict;
 use crate::safefs;
 use crate::store::{self, OrLog, ServiceRecord};
@@ -33,6 +35,8 @@ pub(super) enum Passed {
     Go {
         notes: Vec<String>,
         released_by: Option<String>,
+        /// The digests its approvers approved, when the pre-flight knew them.
+        digests: Option<Images>,
     },
     /// Not now: the row says why, and a timer, an approver or a lifted freeze brings it back.
     Stop,
@@ -56,21 +60,25 @@ impl Ingest {
             return Passed::Go {
                 notes: Vec::new(),
                 released_by: None,
+                digests: None,
             };
         }
-        let mut approved = match self.needs(save.key, save.spec) {
-            None => Vec::new(),
+        let (mut approved, digests) = match self.needs(save.key, save.spec) {
+            None => (Vec::new(), None),
             Some(needs) => match self.approvals(&save, needs).await {
-                Passed::Go { notes, .. } => notes,
+                Passed::Go { notes, digests, .. } => (notes, digests),
                 Passed::Stop => return Passed::Stop,
             },
         };
         match self.windows(&save).await {
-            Passed::Go { notes, released_by } => {
+            Passed::Go {
+                notes, released_by, ..
+            } => {
                 approved.extend(notes);
                 Passed::Go {
                     notes: approved,
                     released_by,
+                    digests,
                 }
             }
             Passed::Stop => Passed::Stop,
@@ -84,6 +92,36 @@ impl Ingest {
             Some(Asker::Request { actor, .. }) => actor.clone(),
             _ => safefs::owner_name(save.path).unwrap_or_else(|| "unknown".into()),
         }
+    }
+
+    /// Ask the registries for the digests of a save just requested, and record them beside
+    /// its request (the approvers approve them; its deploy must find them still).
+    fn resolve(&mut self, save: &Save<'_>) {
+        while self.resolving.try_join_next().is_some() {}
+        let Some(deployer) = self.resolver.clone() else {
+            return;
+        };
+        let (store, key, spec) = (self.store.clone(), save.key.clone(), save.spec.clone());
+        let hash = save.hash.to_string();
+        self.resolving.spawn(async move {
+            let digests = deployer.digests_for(&key, &spec).await;
+            if digests.is_empty() {
+                return;
+            }
+            let found = Vote {
+                hash,
+                images: spec.requested(),
+                kind: VoteKind::Resolved,
+                actor: "depwatch".into(),
+                comment: String::new(),
+                at: store::now(),
+                digests: digests.to_string(),
+            };
+            store
+                .add_vote(&key, &found)
+                .await
+                .or_log("record approval digests");
+        });
     }
 
     /// The approvals step: the save is requested (once per save: a newer save, even back to
@@ -110,12 +148,14 @@ impl Ingest {
                 actor: Self::requester(save),
                 comment: String::new(),
                 at: store::timestamp(now),
+                digests: String::new(),
             };
             if let Err(e) = self.store.add_vote(key, &request).await {
                 tracing::warn!(service = %key, error = %e, "the approval request cannot be recorded; the save waits until it can");
                 return Passed::Stop;
             }
             votes.push(request);
+            self.resolve(save);
         }
         match approval::standing(needs, save.hash, &votes, now) {
             Standing::Approved { by } => {
@@ -123,6 +163,7 @@ impl Ingest {
                 Passed::Go {
                     notes: vec![format!("approved by {}", by.join(", "))],
                     released_by: None,
+                    digests: approval::resolved(save.hash, &votes).map(Images::parse),
                 }
             }
             Standing::Awaiting {
@@ -176,6 +217,7 @@ impl Ingest {
             actor: "depwatch".into(),
             comment: why.to_string(),
             at: store::now(),
+            digests: String::new(),
         };
         if let Err(e) = self.store.add_vote(key, &mark).await {
             tracing::warn!(service = %key, error = %e, "the rejection cannot be recorded yet; tried again at the next rescan");
@@ -253,6 +295,7 @@ impl Ingest {
                 .into_iter()
                 .collect(),
             released_by: released.map(|j| j.by.clone()),
+            digests: None,
         }
     }
 

@@ -94,6 +94,10 @@ pub struct Ingest {
     wake_at: Option<jiff::Timestamp>,
     /// Tells the team when a save is held, and when it is released.
     notifier: Option<crate::alert::Notifier>,
+    /// Asks the registries for the digests of a save awaiting approval (the pre-flight's).
+    resolver: Option<crate::pipeline::deploy::Deployer>,
+    /// Those questions under way, owned here: dropped with ingest.
+    resolving: tokio::task::JoinSet<()>,
 }
 
 /// The policy file (`depwatch-policy.yaml`) as last read.
@@ -130,7 +134,15 @@ impl Ingest {
             policy_changed: false,
             wake_at: None,
             notifier: None,
+            resolver: None,
+            resolving: tokio::task::JoinSet::new(),
         }
+    }
+
+    /// Ask the registries (as the pre-flight does) for the digests of each save that needs
+    /// approval: its approvers approve them, and its deploy must find them still.
+    pub fn resolve_with(&mut self, deployer: crate::pipeline::deploy::Deployer) {
+        self.resolver = Some(deployer);
     }
 
     /// Tell the team (Slack and the other receivers) when a save is held or released.
@@ -627,7 +639,12 @@ impl Ingest {
                 trigger: *trigger,
             };
             match self.gates(save).await {
-                gates::Passed::Go { notes, released_by } => {
+                gates::Passed::Go {
+                    notes,
+                    released_by,
+                    digests,
+                } => {
+                    spec.approved_digests = digests;
                     if let Some(by) = released_by {
                         (*trigger, *actor) = (Trigger::Operator, by);
                     }
