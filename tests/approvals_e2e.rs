@@ -129,6 +129,29 @@ async fn two_distinct_approvers_let_a_save_go_and_a_newer_save_voids_earlier_app
         "{text}"
     );
     assert_eq!(common::daemon::colour(&asked), "#daa038");
+    // The status word on the CLI, the API, the page and the metrics.
+    let out = env.cli(&["status", "-n", "prod"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("awaiting_approval"), "{text}");
+    let get = |path: &str| {
+        let http = http.clone();
+        let url = format!("{url}{path}");
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .expect("get")
+                .text()
+                .await
+                .expect("body")
+        }
+    };
+    let api: Value = serde_json::from_str(&get("/api/v1/services/prod/web").await).expect("json");
+    assert_eq!(api["service"]["status"], "awaiting_approval", "{api}");
+    assert!(get("/").await.contains("awaiting_approval"));
+    assert!(get("/metrics")
+        .await
+        .contains("depwatch_services{status=\"awaiting_approval\",kind=\"deployment\"} 1"));
 
     // The requester cannot approve; an approver approves once.
     let (status, body) = vote(&url, CI, "approve", "").await;
@@ -340,6 +363,18 @@ async fn a_save_not_approved_in_time_or_rejected_gets_one_history_row_and_never_
     // Nothing awaits: approving is refused.
     let (status, body) = vote(&url, ALICE, "approve", "").await;
     assert_eq!(status, 409, "{body}");
+    let out = env.cli(&["status", "-n", "prod"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rejected"));
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("depwatch_services{status=\"rejected\",kind=\"deployment\"} 1"),
+        "{metrics}"
+    );
 
     // A newer save asks again; an approver rejects it, with a comment.
     env.write_dep("web_prod.dep", "1.2\n");
@@ -487,5 +522,37 @@ async fn an_approval_binds_to_the_digest_the_registry_named_and_a_moved_tag_is_n
     assert_eq!(env.image("prod", "web").await, image("1.1"));
     let h = store.history(Some(&web), 1).await.expect("history");
     assert!(h[0].digests.contains(&moved), "{h:?}");
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_needing_approval_during_an_older_deploy_says_so_once_that_deploy_ends() {
+    let env = Env::new(SimConfig {
+        ready_delay: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    let web = key("web", "prod");
+    // 1.1 needs no approval and rolls out slowly; 1.2 asks for one meanwhile.
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_status(&web, ServiceStatus::Deploying, Duration::from_secs(20))
+        .await;
+    env.write_dep("web_prod.dep", "version: \"1.2\"\napprovals: 1\n");
+    // The older deploy is not superseded by a save that may not go: it finishes…
+    env.wait_image("prod", "web", "example.com/web:1.1").await;
+    // …and then the row says the newer save waits, without another save or a resync.
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    let h = env.store().history(Some(&web), 5).await.expect("history");
+    assert_eq!(h[0].outcome, DeployOutcome::Succeeded, "{h:?}");
+    assert_eq!(env.patches("prod", "web"), 1);
     d.stop();
 }

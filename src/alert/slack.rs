@@ -437,6 +437,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_notice_has_its_title_colour_and_webhook_event() {
+        let report = |notice, outcome| Report {
+            notice,
+            outcome,
+            service: "web".into(),
+            namespace: "prod".into(),
+            kind: WorkloadKind::Deployment,
+            from: "web=w:1".into(),
+            to: "1.2".into(),
+            duration: Duration::ZERO,
+            reason: "approve with `depwatch approve prod/web`".into(),
+            checks: Vec::new(),
+        };
+        let table = [
+            (
+                Notice::Approval,
+                DeployOutcome::InProgress,
+                "needs approval to deploy web (prod)",
+                "#daa038",
+                "depwatch.approval_needed",
+            ),
+            (
+                Notice::Deploy,
+                DeployOutcome::Rejected,
+                "rejected a save of web (prod)",
+                "#d40e0d",
+                "depwatch.deploy",
+            ),
+            (
+                Notice::Held,
+                DeployOutcome::InProgress,
+                "held a save of web (prod)",
+                "#daa038",
+                "depwatch.held",
+            ),
+            (
+                Notice::Released,
+                DeployOutcome::InProgress,
+                "released the held save of web (prod)",
+                "#2eb886",
+                "depwatch.released",
+            ),
+        ];
+        for (notice, outcome, title, colour, event) in table {
+            let r = report(notice, outcome);
+            assert_eq!((r.title().as_str(), r.colour()), (title, colour));
+            let doc = r.to_json();
+            assert_eq!(doc["event"], event);
+            assert_eq!(doc["reason"], "approve with `depwatch approve prod/web`");
+        }
+        assert_eq!(
+            report(Notice::Deploy, DeployOutcome::Rejected).to_json()["outcome"],
+            "rejected"
+        );
+    }
+
+    #[test]
     fn messages_name_only_the_containers_that_change() {
         let report = |from: &str, to: &str| Report {
             notice: Notice::Deploy,

@@ -179,6 +179,7 @@ impl Ingest {
                     let how = format!("asked by {requester}; {}", how_to_approve(key));
                     self.tell(Notice::Approval, DeployOutcome::InProgress, key, save, how);
                 }
+                self.recheck_after_deploy(save);
                 if save.record.status != ServiceStatus::AwaitingApproval
                     || save.record.message != message
                 {
@@ -277,6 +278,7 @@ impl Ingest {
                 self.tell(Notice::Held, DeployOutcome::InProgress, key, save, message);
             }
             self.hold(key, &gate).await;
+            self.recheck_after_deploy(save);
             return Passed::Stop;
         }
         if record.status == ServiceStatus::Held {
@@ -296,6 +298,16 @@ impl Ingest {
                 .collect(),
             released_by: released.map(|j| j.by.clone()),
             digests: None,
+        }
+    }
+
+    /// A save stopped here while an older version's deploy is under way keeps the row's
+    /// status until that deploy's verdict: the files are judged again shortly, until the
+    /// row can say the save waits.
+    fn recheck_after_deploy(&mut self, save: &Save<'_>) {
+        if save.record.status.in_flight() {
+            let soon = jiff::Timestamp::now() + RECHECK;
+            self.wake_at = Some(self.wake_at.map_or(soon, |w| w.min(soon)));
         }
     }
 
@@ -325,6 +337,9 @@ impl Ingest {
         });
     }
 }
+
+/// How soon the files are judged again while a stopped save waits behind a deploy under way.
+const RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
 
 /// How to approve a save of `key`, locally and through the API.
 pub fn how_to_approve(key: &ServiceKey) -> String {

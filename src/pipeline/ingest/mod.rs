@@ -89,8 +89,8 @@ pub struct Ingest {
     /// The policy or a `FREEZE` file changed since the last rescan: every file is judged
     /// again.
     policy_changed: bool,
-    /// The earliest moment a held save may go (a deploy window opens): every file is judged
-    /// again then.
+    /// The earliest moment a stopped save is due (a deploy window opens, an approval wait
+    /// ends, a deploy it waits behind may have ended): every file is judged again then.
     wake_at: Option<jiff::Timestamp>,
     /// Tells the team when a save is held, and when it is released.
     notifier: Option<crate::alert::Notifier>,
@@ -1068,7 +1068,7 @@ pub async fn run(
         tokio::select! {
             _ = released => {
                 if root_ok {
-                    tracing::info!("a deploy window opens; the held saves are judged again");
+                    tracing::debug!("a held or awaiting save is due (a window opens, a wait ends, a deploy it waited behind ended); the files are judged again");
                     files.rescan(&mut ingest, Trigger::Resync).await;
                 }
             }
