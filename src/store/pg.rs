@@ -101,7 +101,8 @@ CREATE TABLE approvals (
     kind TEXT NOT NULL,
     actor TEXT NOT NULL,
     comment TEXT NOT NULL,
-    at TEXT NOT NULL
+    at TEXT NOT NULL,
+    digests TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX approvals_by_service ON approvals (namespace, name, id);
 ",
@@ -461,8 +462,8 @@ impl Backend for Postgres {
         self.run(move |client| async move {
             client
                 .execute(
-                    "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO approvals (namespace, name, hash, images, kind, actor, comment, at, digests)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &[
                         &key.namespace,
                         &key.name,
@@ -472,6 +473,7 @@ impl Backend for Postgres {
                         &v.actor,
                         &v.comment,
                         &v.at,
+                        &v.digests,
                     ],
                 )
                 .await?;
@@ -486,7 +488,7 @@ impl Backend for Postgres {
         self.run(move |client| async move {
             let rows = client
                 .query(
-                    "SELECT hash, images, kind, actor, comment, at FROM approvals
+                    "SELECT hash, images, kind, actor, comment, at, digests FROM approvals
                      WHERE namespace = $1 AND name = $2 ORDER BY id DESC LIMIT $3",
                     &[&key.namespace, &key.name, &limit],
                 )
