@@ -2,7 +2,9 @@
 //! `awaiting_approval` (nothing patched) until enough distinct people approve it, through the
 //! API (the token's name) or locally (the Unix user); the requester cannot approve it; a newer
 //! save voids the approvals of the one it replaces; the wait and the words survive a restart;
-//! a rejection, or the end of the wait, rejects it with one history row.
+//! a rejection, or the end of the wait, rejects it with one history row; an approval binds to
+//! the digests the registry named; an approved deploy that fails is rolled back without
+//! asking anyone.
 
 mod common;
 
@@ -554,5 +556,81 @@ async fn a_save_needing_approval_during_an_older_deploy_says_so_once_that_deploy
     let h = env.store().history(Some(&web), 5).await.expect("history");
     assert_eq!(h[0].outcome, DeployOutcome::Succeeded, "{h:?}");
     assert_eq!(env.patches("prod", "web"), 1);
+    d.stop();
+}
+
+/// `depwatch VERB prod/web --api URL --token-file FILE` as the token's owner.
+fn remote_cli(env: &Env, url: &str, token: &str, verb: &str) -> std::process::Output {
+    let file = env.dir.path().join(format!("token-{verb}-{}", &token[..3]));
+    std::fs::write(&file, format!("{token}\n")).expect("token file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_depwatch"))
+        .args([verb, "prod/web", "--api", url, "--token-file"])
+        .arg(&file)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the command runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_deploy_that_fails_is_rolled_back_at_once_without_asking_again() {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep(
+        "depwatch-policy.yaml",
+        "rules:\n  - namespaces: [prod]\n    approvals: 1\n",
+    );
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    let url = d.http_url();
+    let web = key("web", "prod");
+    let approve = || {
+        let out = remote_cli(&env, &url, ALICE, "approve");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    env.write_dep("web_prod.dep", "1.1\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    // `depwatch approve --api`: the token's name approves.
+    assert!(approve().contains("alice approved 1.1"));
+    env.wait_status(&web, ServiceStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    env.write_dep("web_prod.dep", "1.2-crash\n");
+    env.wait_status(
+        &web,
+        ServiceStatus::AwaitingApproval,
+        Duration::from_secs(20),
+    )
+    .await;
+    approve();
+    // The approved version crashes: rolled back to 1.1 at once, nothing asked of anyone.
+    env.wait_status(&web, ServiceStatus::RolledBack, Duration::from_secs(60))
+        .await;
+    assert_eq!(env.image("prod", "web").await, "example.com/web:1.1");
+    let votes = env.store().votes(&web).await.expect("votes");
+    let requests: Vec<&str> = votes
+        .iter()
+        .filter(|v| v.kind == VoteKind::Request)
+        .map(|v| v.images.as_str())
+        .collect();
+    assert_eq!(requests, ["1.1", "1.2-crash"], "{votes:?}");
+    // `depwatch reject --api` when nothing awaits: refused, naming the status.
+    let out = remote_cli(&env, &url, BOB, "reject");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing awaits approval for prod/web"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     d.stop();
 }
