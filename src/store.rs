@@ -310,10 +310,9 @@ pub struct Store {
     outbox: Arc<Mutex<outbox::Outbox>>,
     /// One replay at a time: each takes the oldest write, then removes it.
     replaying: Arc<tokio::sync::Mutex<()>>,
-    /// On a backend that answers in one order (SQLite): reads share it, and a batch holds it
-    /// alone from its first write until it is marked written, so a read sees each write
-    /// exactly once (in the backend or in the queue) without reading again.
-    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Held by a read that must see no batch under way ([`Store::read_alone`]); a batch
+    /// starts only when it is free.
+    pause: Arc<tokio::sync::Mutex<()>>,
     /// The daemon's record: writes are queued and carried out by the writer's task.
     writer: Arc<std::sync::OnceLock<Arc<writer::Writer>>>,
     /// With the writer: each service's row as last read, so a read while the record is away
@@ -394,11 +393,14 @@ pub trait Backend: Send + Sync {
     /// Whether the record answers at all (the writer's check while it is away, or idle).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Carry out `batch` (the oldest waiting writes), in order, as one transaction where the
-    /// backend has them: all or none (see [`outbox::Batch`]).
+    /// backend has them: all or none (see [`outbox::Batch`]). `seq` numbers the batch: a
+    /// backend that runs one call at a time (SQLite's thread) says with every later call
+    /// that it saw it ([`saw_batch`]).
     async fn write_batch(
         &self,
         batch: Vec<outbox::Write>,
         ids: std::collections::HashMap<i64, i64>,
+        seq: u64,
     ) -> Result<outbox::Batch, StoreError>;
     /// Record an API request, or return the one already under its idempotency key.
     async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError>;
@@ -497,6 +499,21 @@ pub trait Backend: Send + Sync {
     /// Every deploy still in progress, oldest first.
     async fn interrupted(&self) -> Result<Vec<DeployRecord>, StoreError>;
 }
+
+tokio::task_local! {
+    /// Inside [`Store::in_order`]: the last write batch the backend had committed when this
+    /// task's read ran (set by the backend as it answers).
+    static SEEN_BATCH: std::cell::Cell<Option<u64>>;
+}
+
+/// Said by a backend that runs one call at a time, as it answers a call: the call saw every
+/// write batch up to `seq`. Only a read inside [`Store::in_order`] listens.
+fn saw_batch(seq: u64) {
+    let _ = SEEN_BATCH.try_with(|s| s.set(Some(seq)));
+}
+
+/// How many times a read is tried before it goes the rare way ([`Store::read_alone`]).
+const TRIES: usize = 20;
 
 /// The most approval rows read for a service: far more than one save's request and words.
 const MAX_VOTES: usize = 200;
@@ -607,7 +624,7 @@ impl Store {
             fence: Fence::open(),
             outbox: Arc::default(),
             replaying: Arc::default(),
-            gate: Arc::default(),
+            pause: Arc::default(),
             writer: Arc::default(),
             known: Arc::default(),
         }
@@ -730,34 +747,59 @@ impl Store {
     }
 
     /// A read of the backend with the queued writes laid over it by `lay`: a write is seen in
-    /// the backend or in the queue, never in both or neither. On SQLite the read holds the
-    /// gate no batch runs through; on PostgreSQL (reads run beside writes) it is taken when
-    /// the writer carried out nothing meanwhile, else read again, a few times.
+    /// the backend or in the queue, never in both or neither. On SQLite (one call at a time)
+    /// the read says which write batch it saw last, and is laid over the queue once the queue
+    /// holds exactly the writes after it: at once, after the writer notes the batch it saw,
+    /// or read again when it missed one the writer has noted since. On PostgreSQL (reads run
+    /// beside writes) it is taken when the writer carried out nothing meanwhile, else read
+    /// again, a few times.
     async fn consistent<'a, T>(
         &'a self,
         read: impl Fn() -> Answer<'a, T>,
         lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if self.backend.ordered() {
-            let _shared = self.gate.read().await;
-            let got = self.ask(read()).await;
-            return lay(&self.outbox(), got);
+            return self.in_order(read, lay).await;
         }
-        let mut tries = 0;
-        loop {
-            tries += 1;
+        for _ in 0..TRIES {
             let before = self.outbox().mark();
             let got = self.ask(read()).await;
             let laid = {
                 let o = self.outbox();
                 let still = before.0 == o.written_total && !before.1 && !o.carrying;
-                (still || tries >= 20).then(|| lay(&o, got))
+                still.then(|| lay(&o, got))
             };
             if let Some(laid) = laid {
                 return laid;
             }
             tokio::task::yield_now().await;
         }
+        self.read_alone(read, lay).await
+    }
+
+    /// The rare way, for a read that kept meeting batches: no batch is under way when it
+    /// reads, and none starts until it is laid (the writer waits a moment).
+    async fn read_alone<'a, T>(
+        &'a self,
+        read: impl Fn() -> Answer<'a, T>,
+        lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _paused = self.pause.lock().await;
+        // A batch under way ends within the record's own timeouts; this waits longer than
+        // those, never for ever.
+        for _ in 0..500 {
+            let progress = self.writer().map(|w| w.progress.subscribe());
+            if !self.outbox().carrying {
+                break;
+            }
+            let wait = std::time::Duration::from_millis(20);
+            match progress {
+                Some(mut p) => drop(tokio::time::timeout(wait, p.changed()).await),
+                None => tokio::time::sleep(wait).await,
+            }
+        }
+        let got = self.ask(read()).await;
+        lay(&self.outbox(), got)
     }
 
     fn outbox(&self) -> MutexGuard<'_, outbox::Outbox> {
@@ -829,6 +871,48 @@ impl Store {
         }
     }
 
+    /// [`Self::consistent`] on a backend that runs one call at a time.
+    async fn in_order<'a, T>(
+        &'a self,
+        read: impl Fn() -> Answer<'a, T>,
+        lay: impl Fn(&outbox::Outbox, Result<T, StoreError>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        for _ in 0..TRIES {
+            let (got, seen) = SEEN_BATCH
+                .scope(std::cell::Cell::new(None), async {
+                    let got = self.ask(read()).await;
+                    (got, SEEN_BATCH.with(std::cell::Cell::get))
+                })
+                .await;
+            for _ in 0..TRIES {
+                let progress = self.writer().map(|w| w.progress.subscribe());
+                let noted = {
+                    let o = self.outbox();
+                    // Not from the backend (the record is away), or as the queue stands.
+                    if seen.is_none_or(|s| s == o.batch_noted) {
+                        return lay(&o, got);
+                    }
+                    o.batch_noted
+                };
+                if seen.is_some_and(|s| s < noted) {
+                    break; // It missed a batch no longer queued: read again.
+                }
+                // The writer notes a committed batch a moment later (a writer stopped between
+                // the two never does: the read goes the rare way).
+                let wait = std::time::Duration::from_millis(100);
+                match progress {
+                    Some(mut p) => {
+                        if tokio::time::timeout(wait, p.changed()).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => tokio::task::yield_now().await,
+                }
+            }
+        }
+        self.read_alone(read, lay).await
+    }
+
     /// Write what waits, in order, if the backend answers now (blocking). Returns how many
     /// still wait.
     /// The queue is not held while the backend is asked, so writers go on queueing meanwhile.
@@ -836,22 +920,20 @@ impl Store {
         let _one = self.replaying.lock().await;
         let mut written = 0;
         let mut refused = false;
-        let ordered = self.backend.ordered();
         loop {
-            let _alone = match ordered {
-                true => Some(self.gate.write().await),
-                false => None,
-            };
-            let (batch, ids) = {
+            let paused = self.pause.lock().await;
+            let (batch, ids, seq) = {
                 let mut o = self.outbox();
                 let taken = o.front(BATCH);
                 o.carrying = !taken.0.is_empty();
-                taken
+                o.batch_seq += 1;
+                (taken.0, taken.1, o.batch_seq)
             };
+            drop(paused);
             if batch.is_empty() {
                 break;
             }
-            match self.carry_out_batch(batch, ids).await {
+            match self.carry_out_batch(batch, ids, seq).await {
                 Ok(done) => {
                     let mut o = self.outbox();
                     refused = refused || o.error.is_some();
@@ -859,6 +941,7 @@ impl Store {
                     for id in done {
                         o.written(id);
                     }
+                    o.batch_noted = seq;
                     o.carrying = false;
                     drop(o);
                     if let Some(w) = self.writer() {
@@ -904,8 +987,9 @@ impl Store {
         &self,
         batch: Vec<outbox::Write>,
         ids: std::collections::HashMap<i64, i64>,
+        seq: u64,
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let done = self.backend.write_batch(batch, ids).await?;
+        let done = self.backend.write_batch(batch, ids, seq).await?;
         for r in &done.resolved {
             self.remember_written(r);
         }

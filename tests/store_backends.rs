@@ -650,3 +650,93 @@ async fn commands_that_only_read_never_migrate_a_shared_record() {
     let s = Store::connect(&url).await.expect("connect");
     assert!(s.services().await.expect("migrated").is_empty());
 }
+
+/// With the daemon's writer, reads racing a stream of writes see each write exactly once: in
+/// the backend or in the queue, never in both (an open deploy shown twice) nor in neither (a
+/// row going back in time, a deploy closed then open again).
+async fn reads_race_the_writer(s: Store) {
+    let s = s.with_writer().expect("writer");
+    let key = ServiceKey::new("raced", "demo").expect("key");
+    let writes = 4990; // the last deploy started (4900) is finished (4950)
+    let writer = {
+        let (s, key) = (s.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut open = None;
+            for i in 1..=writes {
+                s.change_service(&key, ServiceChange::default().path(format!("{i:06}")))
+                    .await
+                    .expect("change");
+                match (i % 100, open) {
+                    (0, None) => {
+                        open = Some(
+                            s.start_deploy(&deploy("demo", "raced"))
+                                .await
+                                .expect("start"),
+                        );
+                    }
+                    (50, Some(id)) => {
+                        s.finish_deploy(id, DeployOutcome::Succeeded, "done")
+                            .await
+                            .expect("finish");
+                        open = None;
+                    }
+                    _ => {}
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, key) = (s.clone(), key.clone());
+            tokio::spawn(async move {
+                let (mut last, mut reads, mut lengths) =
+                    (String::new(), 0, std::collections::HashSet::new());
+                while s.health().pending > 0 || last != format!("{writes:06}") {
+                    lengths.insert(s.health().pending);
+                    let (row, open) = s.deploy_basis(&key).await.expect("read");
+                    let path = row.map(|r| r.path).unwrap_or_default();
+                    assert!(
+                        path >= last,
+                        "read {reads}: {path} after {last}: a write seen, then not"
+                    );
+                    assert!(
+                        open.len() <= 1,
+                        "read {reads}: one deploy open at most: {open:?}"
+                    );
+                    last = path;
+                    reads += 1;
+                    assert!(
+                        reads < 1_000_000,
+                        "the writes never all showed: last {last}"
+                    );
+                }
+                (reads, lengths.len())
+            })
+        })
+        .collect();
+    writer.await.expect("joined");
+    let mut seen = (0, 0);
+    for r in readers {
+        let (reads, lengths) = r.await.expect("reader");
+        seen = (seen.0 + reads, seen.1.max(lengths));
+    }
+    assert!(seen.0 > 20, "the reads raced the writes: {seen:?}");
+    assert!(seen.1 > 5, "the queue was seen at many lengths: {seen:?}");
+    s.settled().await;
+    assert!(s.open_deploys(&key).await.expect("open").is_empty());
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_the_writer_see_each_write_once_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    reads_race_the_writer(Store::open(dir.path()).expect("open")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_the_writer_see_each_write_once_on_postgresql() {
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("raced").await;
+    reads_race_the_writer(Store::connect(&url).await.expect("connect")).await;
+}

@@ -64,6 +64,10 @@ pub struct Outbox {
     pub written_total: u64,
     /// The oldest write is being carried out (it may be in the backend, and still queued).
     pub carrying: bool,
+    /// The number of the last write batch handed to the backend.
+    pub batch_seq: u64,
+    /// The number of the last batch the backend committed whose writes left the queue.
+    pub batch_noted: u64,
     /// The record is known to be away (the writer's last try, or a read, failed): reads do
     /// not wait on it until it answers again.
     pub down: Option<String>,

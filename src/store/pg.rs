@@ -314,6 +314,7 @@ impl Backend for Postgres {
         &self,
         batch: Vec<super::outbox::Write>,
         ids: std::collections::HashMap<i64, i64>,
+        _seq: u64,
     ) -> Result<super::outbox::Batch, StoreError> {
         let mut run = super::outbox::Batch::new(ids, batch.len());
         for w in &batch {

@@ -200,8 +200,9 @@ fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The connection, owned by the record's SQLite thread: what each call does there.
-struct Conn(Connection);
+/// The connection, owned by the record's SQLite thread: what each call does there; and the
+/// sequence number of the last write batch it committed.
+struct Conn(Connection, std::cell::Cell<u64>);
 
 impl Conn {
     fn conn(&self) -> &Connection {
@@ -611,7 +612,7 @@ impl Sqlite {
     /// Hand `conn` to a thread of its own.
     pub(super) fn start(conn: Connection) -> Result<Sqlite, StoreError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let conn = Conn(conn);
+        let conn = Conn(conn, std::cell::Cell::new(0));
         let thread = std::thread::Builder::new()
             .name("depwatch-sqlite".into())
             .spawn(move || {
@@ -633,12 +634,17 @@ impl Sqlite {
     ) -> Result<T, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |c| {
+            // What this call saw: every batch up to the last one committed (calls run one
+            // at a time, in order).
+            let seen = c.1.get();
             // The caller may have stopped waiting; the answer then goes nowhere.
-            let _ = tx.send(f(c));
+            let _ = tx.send((f(c), seen));
         });
         let jobs = self.jobs.as_ref().ok_or(StoreError::Stopped)?;
         jobs.send(job).map_err(|_| StoreError::Stopped)?;
-        rx.await.map_err(|_| StoreError::Stopped)?
+        let (answer, seen) = rx.await.map_err(|_| StoreError::Stopped)?;
+        super::saw_batch(seen);
+        answer
     }
 }
 
@@ -664,8 +670,14 @@ impl Backend for Sqlite {
         &self,
         batch: Vec<outbox::Write>,
         ids: HashMap<i64, i64>,
+        seq: u64,
     ) -> Result<outbox::Batch, StoreError> {
-        self.call(move |c| c.write_batch(&batch, ids)).await
+        self.call(move |c| {
+            let done = c.write_batch(&batch, ids)?;
+            c.1.set(seq);
+            Ok(done)
+        })
+        .await
     }
 
     async fn put_request(&self, r: &RequestRecord) -> Result<RequestRecord, StoreError> {
