@@ -11,4 +11,4 @@ pub mod trust;
 
 pub use client::{Answer, Registries};
 pub use preflight::{Mode, Preflight, Verdict};
-pub use reference::{Credentials, ImageRef};
+pub use reference::{check_grammar, Credentials, ImageRef};
