@@ -586,16 +586,7 @@ impl Ingest {
         trigger: Trigger,
     ) {
         let file = shown(path);
-        // One read of the row, again only when a seed was imported into it just now.
-        let mut record = self.record(&key).await;
-        if record.is_none()
-            && self
-                .import_last(path, &key, &String::from_utf8_lossy(bytes), &hash)
-                .await
-        {
-            record = self.record(&key).await;
-        }
-        let record = record.unwrap_or_default();
+        let record = self.row_for(path, &key, bytes, &hash).await;
         // What the file asks, when the record does not have it yet (written at the end).
         let shown_path = path.display().to_string();
         let asks = (record.requested_hash != hash || record.path != shown_path)
@@ -628,38 +619,23 @@ impl Ingest {
             }
             Err(_) => {}
         }
-        if let decide::Outcome::Submit { actor, trigger, .. } = &mut outcome {
-            let save = gates::Save {
-                key: &key,
-                path,
-                record: &record,
-                spec: &spec,
-                hash: &hash,
-                asker: asker.as_ref(),
-                trigger: *trigger,
-            };
-            match self.gates(save).await {
-                gates::Passed::Go {
-                    notes,
-                    released_by,
-                    digests,
-                } => {
-                    spec.approved_digests = digests;
-                    if let Some(by) = released_by {
-                        (*trigger, *actor) = (Trigger::Operator, by);
-                    }
-                    if !notes.is_empty() {
-                        *actor = format!("{actor} ({})", notes.join("; "));
-                    }
-                }
-                gates::Passed::Stop => {
-                    if unfinished {
-                        self.unfinished.insert(key.clone());
-                    }
-                    self.write_asks(asks).await;
-                    return;
-                }
+        let save = gates::Save {
+            key: &key,
+            path,
+            record: &record,
+            spec: &spec,
+            hash: &hash,
+            asker: asker.as_ref(),
+            trigger,
+        };
+        if let Some(digests) = self.pass_gates(&mut outcome, save).await {
+            spec.approved_digests = digests;
+        } else {
+            if unfinished {
+                self.unfinished.insert(key.clone());
             }
+            self.write_asks(asks).await;
+            return;
         }
         let desired = |trigger, actor, request_id| Desired {
             spec,
@@ -696,6 +672,59 @@ impl Ingest {
             }
         }
         self.write_asks(asks).await;
+    }
+
+    /// The service's row for a file being taken: one read, again only when a seed (`.last`)
+    /// was imported into it just now.
+    async fn row_for(
+        &mut self,
+        path: &Path,
+        key: &ServiceKey,
+        bytes: &[u8],
+        hash: &str,
+    ) -> ServiceRecord {
+        let mut record = self.record(key).await;
+        if record.is_none()
+            && self
+                .import_last(path, key, &String::from_utf8_lossy(bytes), hash)
+                .await
+        {
+            record = self.record(key).await;
+        }
+        record.unwrap_or_default()
+    }
+
+    /// A new desired version passes its approvers, windows and freezes (anything else passes
+    /// as it is): `None` when it stops here, else the digests its approvers approved. The
+    /// deploy's trigger and actor say who let it through.
+    async fn pass_gates(
+        &mut self,
+        outcome: &mut decide::Outcome,
+        save: gates::Save<'_>,
+    ) -> Option<Option<crate::domain::Images>> {
+        let decide::Outcome::Submit { actor, trigger, .. } = outcome else {
+            return Some(None);
+        };
+        let save = gates::Save {
+            trigger: *trigger,
+            ..save
+        };
+        match self.gates(save).await {
+            gates::Passed::Go {
+                notes,
+                released_by,
+                digests,
+            } => {
+                if let Some(by) = released_by {
+                    (*trigger, *actor) = (Trigger::Operator, by);
+                }
+                if !notes.is_empty() {
+                    *actor = format!("{actor} ({})", notes.join("; "));
+                }
+                Some(digests)
+            }
+            gates::Passed::Stop => None,
+        }
     }
 
     /// A save that may not go now: said on the row, and judged again when its window opens
