@@ -140,22 +140,12 @@ impl Ingest {
         let new_save = save.record.requested_hash != save.hash;
         let unrequested =
             approval::standing(needs, save.hash, &votes, now) == Standing::Unrequested;
-        if new_save || unrequested {
-            let request = Vote {
-                hash: save.hash.to_string(),
-                images: save.spec.requested(),
-                kind: VoteKind::Request,
-                actor: Self::requester(save),
-                comment: String::new(),
-                at: store::timestamp(now),
-                digests: String::new(),
-            };
-            if let Err(e) = self.store.add_vote(key, &request).await {
-                tracing::warn!(service = %key, error = %e, "the approval request cannot be recorded; the save waits until it can");
+        let asked = new_save || unrequested;
+        if asked {
+            let Some(request) = self.request(save, now).await else {
                 return Passed::Stop;
-            }
+            };
             votes.push(request);
-            self.resolve(save);
         }
         match approval::standing(needs, save.hash, &votes, now) {
             Standing::Approved { by } => {
@@ -172,22 +162,9 @@ impl Ingest {
                 requester,
                 until,
             } => {
-                self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
                 let message = awaiting_message(key, &by, need, &requester, until);
-                if new_save || unrequested {
-                    tracing::info!(service = %key, %requester, "save needs approval before it deploys");
-                    let how = format!("asked by {requester}; {}", how_to_approve(key));
-                    self.tell(Notice::Approval, DeployOutcome::InProgress, key, save, how);
-                }
-                self.recheck_after_deploy(save);
-                if save.record.status != ServiceStatus::AwaitingApproval
-                    || save.record.message != message
-                {
-                    self.store
-                        .change_service(key, verdict::awaiting_approval(message))
-                        .await
-                        .or_log("change service");
-                }
+                self.await_approvers(save, until, message, asked.then_some(&requester))
+                    .await;
                 Passed::Stop
             }
             Standing::Rejected { why, recorded, .. } => {
@@ -204,6 +181,51 @@ impl Ingest {
                 Passed::Stop
             }
             Standing::Unrequested => Passed::Stop,
+        }
+    }
+
+    /// Record that a save needs approval (who asks, from now), and ask the registries for its
+    /// digests; `None` when the record cannot take it (the save then waits).
+    async fn request(&mut self, save: &Save<'_>, now: jiff::Timestamp) -> Option<Vote> {
+        let request = Vote {
+            hash: save.hash.to_string(),
+            images: save.spec.requested(),
+            kind: VoteKind::Request,
+            actor: Self::requester(save),
+            comment: String::new(),
+            at: store::timestamp(now),
+            digests: String::new(),
+        };
+        if let Err(e) = self.store.add_vote(save.key, &request).await {
+            tracing::warn!(service = %save.key, error = %e, "the approval request cannot be recorded; the save waits until it can");
+            return None;
+        }
+        self.resolve(save);
+        Some(request)
+    }
+
+    /// A save waits for its approvers: judged again at its deadline, the team told when it
+    /// was just asked (`asked_by`), the row saying so.
+    async fn await_approvers(
+        &mut self,
+        save: &Save<'_>,
+        until: jiff::Timestamp,
+        message: String,
+        asked_by: Option<&String>,
+    ) {
+        let key = save.key;
+        self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
+        if let Some(requester) = asked_by {
+            tracing::info!(service = %key, %requester, "save needs approval before it deploys");
+            let how = format!("asked by {requester}; {}", how_to_approve(key));
+            self.tell(Notice::Approval, DeployOutcome::InProgress, key, save, how);
+        }
+        self.recheck_after_deploy(save);
+        if save.record.status != ServiceStatus::AwaitingApproval || save.record.message != message {
+            self.store
+                .change_service(key, verdict::awaiting_approval(message))
+                .await
+                .or_log("change service");
         }
     }
 

@@ -637,15 +637,31 @@ impl Ingest {
             self.write_asks(asks).await;
             return;
         }
-        let desired = |trigger, actor, request_id| Desired {
+        let desired = Desired {
             spec,
-            hash: hash.clone(),
+            hash,
             path: path.to_path_buf(),
-            trigger,
-            actor,
-            request_id,
+            trigger: Trigger::SelfHeal,
+            actor: "depwatch".into(),
+            request_id: String::new(),
             seen_at: tokio::time::Instant::now(),
         };
+        let queue_knows = queued.desired_hash.is_some();
+        self.hand_on(key, &file, outcome, queue_knows, desired)
+            .await;
+        self.write_asks(asks).await;
+    }
+
+    /// Carry the decision out: the queue is handed the new version (with who asked), or
+    /// learns what is desired when it does not know yet (for --self-heal).
+    async fn hand_on(
+        &mut self,
+        key: ServiceKey,
+        file: &str,
+        outcome: decide::Outcome,
+        queue_knows: bool,
+        mut desired: Desired,
+    ) {
         match outcome {
             decide::Outcome::Suspended => {
                 tracing::info!(service = %key, "service is suspended; the change waits for `depwatch resume`")
@@ -654,24 +670,18 @@ impl Ingest {
                 tracing::debug!(service = %key, "content is a version that failed; pinned until it changes")
             }
             decide::Outcome::Busy => {}
-            decide::Outcome::Remember => {
-                // Nothing to deploy, but the queue knows what is desired (for --self-heal).
-                if queued.desired_hash.is_none() {
-                    let d = desired(Trigger::SelfHeal, "depwatch".into(), String::new());
-                    self.scheduler.remember(key, d);
-                }
-            }
+            decide::Outcome::Remember if queue_knows => {}
+            decide::Outcome::Remember => self.scheduler.remember(key, desired),
             decide::Outcome::Submit {
                 trigger,
                 actor,
                 request_id,
             } => {
                 tracing::info!(service = %key, %file, %trigger, "new desired version");
-                let d = desired(trigger, actor, request_id);
-                self.scheduler.submit(key, d).await;
+                (desired.trigger, desired.actor, desired.request_id) = (trigger, actor, request_id);
+                self.scheduler.submit(key, desired).await;
             }
         }
-        self.write_asks(asks).await;
     }
 
     /// The service's row for a file being taken: one read, again only when a seed (`.last`)
