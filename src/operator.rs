@@ -396,12 +396,7 @@ pub async fn vote(
             caller.actor
         )));
     }
-    let given = votes
-        .iter()
-        .rev()
-        .take_while(|v| !(v.kind == VoteKind::Request && v.hash == r.requested_hash))
-        .any(|v| v.hash == r.requested_hash && v.kind == kind && v.actor == caller.actor);
-    if given {
+    if approval::said(&r.requested_hash, &votes, caller.actor, kind) {
         return Err(OperatorError::Refused(format!(
             "{} already {verb}d this save of {key}; approvals count distinct people",
             caller.actor

@@ -40,6 +40,18 @@ async fn daemon(env: &Env, tokens: &Path) -> Daemon {
     .await
 }
 
+/// A simulated cluster with Deployment prod/web at `example.com/web:1.0`, the policy file
+/// `policy`, and the daemon with the three tokens; the environment, the daemon and the tokens.
+async fn started(policy: &str) -> (Env, Daemon, std::path::PathBuf) {
+    let env = Env::new(SimConfig::default()).await;
+    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
+        .await;
+    env.write_dep("depwatch-policy.yaml", policy);
+    let tokens = tokens(&env);
+    let d = daemon(&env, &tokens).await;
+    (env, d, tokens)
+}
+
 /// `POST …/prod/web/{verb}?comment=…` as the token's owner: the status and the answer.
 async fn vote(url: &str, token: &str, verb: &str, comment: &str) -> (u16, String) {
     let r = reqwest::Client::new()
@@ -72,18 +84,10 @@ async fn wait_message(env: &Env, words: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_distinct_approvers_let_a_save_go_and_a_newer_save_voids_earlier_approvals() {
-    let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
-        .await;
+    let (env, d, _) = started("rules:\n  - namespaces: [prod]\n    approvals: 2\n").await;
     env.deployment("staging", "web", &[("web", "example.com/web:1.0")], 1)
         .await;
-    env.write_dep(
-        "depwatch-policy.yaml",
-        "rules:\n  - namespaces: [prod]\n    approvals: 2\n",
-    );
-    let tokens = tokens(&env);
-    let d = daemon(&env, &tokens).await;
-    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let url = d.http_url();
     let web = key("web", "prod");
     let http = reqwest::Client::new();
     let deploy = |version: &str| {
@@ -237,17 +241,11 @@ async fn two_distinct_approvers_let_a_save_go_and_a_newer_save_voids_earlier_app
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_awaiting_approval_keeps_its_wait_and_words_across_a_restart() {
-    let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
-        .await;
+    let (env, d, tokens) =
+        started("rules:\n  - namespaces: [\"prod*\"]\n    approvals: 1\n    approvalTimeout: 2h\n")
+            .await;
     // The file's own YAML asks for a second approver on top of the policy's one.
-    env.write_dep(
-        "depwatch-policy.yaml",
-        "rules:\n  - namespaces: [\"prod*\"]\n    approvals: 1\n    approvalTimeout: 2h\n",
-    );
-    let tokens = tokens(&env);
-    let d = daemon(&env, &tokens).await;
-    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let url = d.http_url();
     let web = key("web", "prod");
     // Saved by CI as a file: the requester is the file's owner, the Unix user running this.
     let me = depwatch::safefs::current_user();
@@ -266,7 +264,7 @@ async fn a_save_awaiting_approval_keeps_its_wait_and_words_across_a_restart() {
     // A restart: still waiting, with the same deadline and alice's approval.
     d.stop();
     let d = daemon(&env, &tokens).await;
-    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let url = d.http_url();
     env.wait_status(
         &web,
         ServiceStatus::AwaitingApproval,
@@ -307,15 +305,9 @@ async fn a_save_awaiting_approval_keeps_its_wait_and_words_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_not_approved_in_time_or_rejected_gets_one_history_row_and_never_deploys() {
-    let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
-        .await;
-    env.write_dep(
-        "depwatch-policy.yaml",
-        "rules:\n  - namespaces: [prod]\n    approvals: 1\n    approvalTimeout: 6s\n",
-    );
-    let tokens = tokens(&env);
-    let d = daemon(&env, &tokens).await;
+    let (env, d, tokens) =
+        started("rules:\n  - namespaces: [prod]\n    approvals: 1\n    approvalTimeout: 6s\n")
+            .await;
     let web = key("web", "prod");
     let store = env.store();
     let rejected = || async {
@@ -350,7 +342,7 @@ async fn a_save_not_approved_in_time_or_rejected_gets_one_history_row_and_never_
     // A restart finds it rejected, and writes no second row.
     d.stop();
     let d = daemon(&env, &tokens).await;
-    let url = d.http_url().replace("0.0.0.0", "127.0.0.1");
+    let url = d.http_url();
     // (The daemon watches only once its start-up scan has judged every file.)
     assert_eq!(rejected().await.len(), 1);
     assert_eq!(
@@ -573,15 +565,7 @@ fn remote_cli(env: &Env, url: &str, token: &str, verb: &str) -> std::process::Ou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_deploy_that_fails_is_rolled_back_at_once_without_asking_again() {
-    let env = Env::new(SimConfig::default()).await;
-    env.deployment("prod", "web", &[("web", "example.com/web:1.0")], 1)
-        .await;
-    env.write_dep(
-        "depwatch-policy.yaml",
-        "rules:\n  - namespaces: [prod]\n    approvals: 1\n",
-    );
-    let tokens = tokens(&env);
-    let d = daemon(&env, &tokens).await;
+    let (env, d, _) = started("rules:\n  - namespaces: [prod]\n    approvals: 1\n").await;
     let url = d.http_url();
     let web = key("web", "prod");
     let approve = || {

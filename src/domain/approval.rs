@@ -98,9 +98,23 @@ fn since_request<'v>(hash: &str, votes: &'v [Vote]) -> Option<(&'v Vote, &'v [Vo
     Some((&votes[at], &votes[at + 1..]))
 }
 
+/// The request of the save of `hash` as it stands (who asked, and when), if it was requested.
+pub fn request<'v>(hash: &str, votes: &'v [Vote]) -> Option<&'v Vote> {
+    since_request(hash, votes).map(|(r, _)| r)
+}
+
 /// Who asked for the save of `hash` as it stands, if it was requested.
 pub fn requester<'v>(hash: &str, votes: &'v [Vote]) -> Option<&'v str> {
-    since_request(hash, votes).map(|(r, _)| r.actor.as_str())
+    request(hash, votes).map(|r| r.actor.as_str())
+}
+
+/// Whether `actor` already said `kind` of the save of `hash` as it stands.
+pub fn said(hash: &str, votes: &[Vote], actor: &str, kind: VoteKind) -> bool {
+    since_request(hash, votes).is_some_and(|(_, after)| {
+        after
+            .iter()
+            .any(|v| v.hash == hash && v.kind == kind && v.actor == actor)
+    })
 }
 
 /// The digests the pre-flight found for the save of `hash` as it stands (a `Resolved` row
@@ -425,6 +439,15 @@ mod tests {
         ];
         assert_eq!(requester("a", &votes), Some("bob"));
         assert_eq!(requester("b", &votes), None);
+        let mut words = votes.clone();
+        words.push(vote("a", VoteKind::Approve, "alice", T0));
+        assert!(said("a", &words, "alice", VoteKind::Approve));
+        assert!(!said("a", &words, "alice", VoteKind::Reject));
+        words.push(vote("a", VoteKind::Request, "ci", T0));
+        assert!(
+            !said("a", &words, "alice", VoteKind::Approve),
+            "a newer request voids it"
+        );
         let needs = |approvals, hours: Option<u64>| Needs {
             approvals,
             timeout: hours.map(|h| Duration::from_secs(h * 3600)),

@@ -246,12 +246,9 @@ impl Ingest {
             tracing::warn!(service = %key, error = %e, "the rejection cannot be recorded yet; tried again at the next rescan");
             return;
         }
-        let requester = approval::requester(save.hash, votes).unwrap_or("unknown");
-        let asked = votes
-            .iter()
-            .rev()
-            .find(|v| v.hash == save.hash && v.kind == VoteKind::Request)
-            .map_or_else(store::now, |v| v.at.clone());
+        let request = approval::request(save.hash, votes);
+        let requester = request.map_or("unknown", |r| r.actor.as_str());
+        let asked = request.map_or_else(store::now, |r| r.at.clone());
         let row = verdict::RejectedRow {
             key,
             trigger: save.trigger,
