@@ -467,6 +467,14 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
             std::fs::read_to_string(&smaps).unwrap_or_default()
         );
     }
+    // DEPWATCH_BENCH_STOP_IDLE: end the run here, killing the idle daemon, so that a heap
+    // profiler wrapping it (DEPWATCH_BENCH_BIN) reports what the idle daemon held.
+    if std::env::var_os("DEPWATCH_BENCH_STOP_IDLE").is_some() {
+        let mut child = daemon.child;
+        let _ = child.kill();
+        let _ = child.wait();
+        return f;
+    }
 
     eprintln!("[{n}] burst of {n} changed files");
     let (cpu0, _, _) = proc_stats(daemon.child.id());

@@ -383,23 +383,8 @@ async fn start(
         .ecr_pull_secret
         .as_deref()
         .map(crate::registry::ecr::EcrPullSecrets::new);
-    let deployer = Deployer::new(
-        client.clone(),
-        DeployConfig {
-            bounds: Arc::new(config.bounds.clone()),
-            image_repo: config.image_repo.clone(),
-            rollout_timeout: config.rollout_timeout,
-            fail_fast: config.fail_fast,
-            allow_owned: config.allow_owned,
-            preflight: preflight(&config)?,
-            ecr_identity: ecr
-                .is_none()
-                .then(crate::registry::ecr::identity::EcrIdentity::from_env),
-            ecr: ecr.clone(),
-            server,
-        },
-    )
-    .fenced(fence.clone(), senders.clone());
+    let deployer = Deployer::new(client.clone(), deploy_config(&config, server, &ecr)?)
+        .fenced(fence.clone(), senders.clone());
     let recorder = Recorder {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -448,17 +433,30 @@ async fn start(
         ecr,
         config,
     };
-    // Tokens from the start (a standby's pre-flight never runs, but its /readyz tells).
-    if let Some(ecr) = daemon.ecr.clone() {
-        let (metrics, stop) = (metrics.clone(), daemon.stages.clone());
-        daemon
-            .set
-            .spawn(crate::registry::ecr::keeper::refresh_tokens(
-                ecr, metrics, stop,
-            ));
-    }
+    daemon.keep_ecr_tokens(&metrics);
     daemon.serve_http(tokens, metrics, on_listen).await?;
     Ok(daemon)
+}
+
+/// What the deployer is told of the daemon's settings.
+fn deploy_config(
+    config: &DaemonConfig,
+    server: String,
+    ecr: &Option<crate::registry::ecr::EcrPullSecrets>,
+) -> Result<DeployConfig, DaemonError> {
+    Ok(DeployConfig {
+        bounds: Arc::new(config.bounds.clone()),
+        image_repo: config.image_repo.clone(),
+        rollout_timeout: config.rollout_timeout,
+        fail_fast: config.fail_fast,
+        allow_owned: config.allow_owned,
+        preflight: preflight(config)?,
+        ecr_identity: ecr
+            .is_none()
+            .then(crate::registry::ecr::identity::EcrIdentity::from_env),
+        ecr: ecr.clone(),
+        server,
+    })
 }
 
 /// The dependency directory checked and spelled absolutely, the state directory's lock taken,
@@ -603,6 +601,19 @@ fn notifier(
 }
 
 impl Running {
+    /// ECR tokens kept fresh from the start (a standby's pre-flight never runs, but its
+    /// /readyz tells).
+    fn keep_ecr_tokens(&mut self, metrics: &crate::metrics::Metrics) {
+        if let Some(ecr) = self.ecr.clone() {
+            let keeper = crate::registry::ecr::keeper::refresh_tokens(
+                ecr,
+                metrics.clone(),
+                self.stages.clone(),
+            );
+            self.set.spawn(keeper);
+        }
+    }
+
     /// Serve the status page and API (also on a standby: reads, and its readiness).
     async fn serve_http(
         &mut self,

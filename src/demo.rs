@@ -3,7 +3,7 @@
 //! reason and rollback, a timeout, and a version ready but failing its own checks, with no
 //! cluster at all.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -120,62 +120,19 @@ pub async fn run(
     })
     .await?;
     seed_cluster(sim.client()?).await?;
-
-    let root = std::env::temp_dir().join(format!("depwatch-demo-{}", std::process::id()));
-    let io = |source| DemoError::Dir {
-        path: root.clone(),
-        source,
-    };
-    let deps = root.join("deps");
-    let state = root.join("state");
-    std::fs::create_dir_all(&deps).map_err(io)?;
-    let kubeconfig = root.join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).map_err(io)?;
-    for (name, text) in EXAMPLES {
-        std::fs::write(deps.join(name), text).map_err(io)?;
-    }
-
-    say("depwatch demo: a simulated cluster with 5 Deployments in namespace demo, each running 1.0.0");
-    say(&format!("  dependency files: {}", deps.display()));
-    say(&format!("  kubeconfig:       {}", kubeconfig.display()));
-    say("  web_demo.dep asks for a good version, api_demo.dep one that cannot be pulled,");
-    say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready,");
-    say("  checkout_demo.dep one that becomes ready but fails its own /healthz check.");
-    if once {
-        say("  --once: the demo stops when every example has an outcome, and prints them.");
-    } else {
-        // Commands that work as printed: this very binary, whether or not it is on PATH.
-        say("Try, while it runs:");
-        say(&format!("  echo 1.2.0 > {}/web_demo.dep", deps.display()));
-        if on_path("kubectl").is_some() {
-            say(&format!(
-                "  kubectl --kubeconfig {} -n demo get deploy,pods",
-                kubeconfig.display()
-            ));
-        }
-        say(&format!(
-            "  {} history demo/web --state-dir {}",
-            this_binary(),
-            state.display()
-        ));
-    }
-    say("");
-
-    // A busy default port is no reason for a demo to fail: take any free one instead.
-    let http_addr = match std::net::TcpListener::bind(http_addr) {
-        Ok(l) => {
-            drop(l);
-            http_addr
-        }
-        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-    };
+    let dirs = Dirs::write(&sim)?;
+    introduce(once, &dirs);
     let config = DaemonConfig {
         rollout_timeout,
         shutdown_grace: Duration::from_secs(5),
-        http_addr: Some(http_addr),
+        http_addr: Some(free_or_any(http_addr)),
         // The examples' images live in no registry.
         registry_check: crate::registry::Mode::Off,
-        ..DaemonConfig::new(deps.clone(), state.clone(), Some(kubeconfig))
+        ..DaemonConfig::new(
+            dirs.deps.clone(),
+            dirs.state.clone(),
+            Some(dirs.kubeconfig.clone()),
+        )
     };
     let daemon_cancel = cancel.child_token();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -185,31 +142,7 @@ pub async fn run(
         say("");
     }
     if once {
-        let store = loop {
-            if let Ok(s) = Store::open(&state) {
-                break s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-            let services = store.services().await?;
-            if services.len() == EXAMPLES.len() && services.iter().all(|s| !s.status.in_flight()) {
-                say("summary:");
-                for s in services {
-                    let last = store.history(Some(&s.key()), 1).await?.into_iter().next();
-                    let message = last.map(|d| d.message).unwrap_or_default();
-                    say(&format!(
-                        "  {}/{}: {} — {}",
-                        s.namespace, s.name, s.status, message
-                    ));
-                }
-                break;
-            }
-        }
+        summarise_when_done(&dirs.state, &cancel).await?;
         daemon_cancel.cancel();
     }
     match daemon.await {
@@ -217,6 +150,112 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "the daemon task failed"),
     }
     drop(sim);
-    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&dirs.root);
     Ok(())
+}
+
+/// The demo's own directories under the temporary directory, with the example files.
+struct Dirs {
+    root: PathBuf,
+    deps: PathBuf,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Dirs {
+    fn write(sim: &Sim) -> Result<Dirs, DemoError> {
+        let root = std::env::temp_dir().join(format!("depwatch-demo-{}", std::process::id()));
+        let io = |source| DemoError::Dir {
+            path: root.clone(),
+            source,
+        };
+        let deps = root.join("deps");
+        std::fs::create_dir_all(&deps).map_err(io)?;
+        let kubeconfig = root.join("kubeconfig");
+        sim.write_kubeconfig(&kubeconfig).map_err(io)?;
+        for (name, text) in EXAMPLES {
+            std::fs::write(deps.join(name), text).map_err(io)?;
+        }
+        Ok(Dirs {
+            state: root.join("state"),
+            deps,
+            kubeconfig,
+            root,
+        })
+    }
+}
+
+/// What the demo shows, and commands to try that work as printed.
+fn introduce(once: bool, dirs: &Dirs) {
+    say("depwatch demo: a simulated cluster with 5 Deployments in namespace demo, each running 1.0.0");
+    say(&format!("  dependency files: {}", dirs.deps.display()));
+    say(&format!(
+        "  kubeconfig:       {}",
+        dirs.kubeconfig.display()
+    ));
+    say("  web_demo.dep asks for a good version, api_demo.dep one that cannot be pulled,");
+    say("  worker_demo.dep one that crashes, reports_demo.dep one that never becomes ready,");
+    say("  checkout_demo.dep one that becomes ready but fails its own /healthz check.");
+    if once {
+        say("  --once: the demo stops when every example has an outcome, and prints them.");
+    } else {
+        // Commands that work as printed: this very binary, whether or not it is on PATH.
+        say("Try, while it runs:");
+        say(&format!(
+            "  echo 1.2.0 > {}/web_demo.dep",
+            dirs.deps.display()
+        ));
+        if on_path("kubectl").is_some() {
+            say(&format!(
+                "  kubectl --kubeconfig {} -n demo get deploy,pods",
+                dirs.kubeconfig.display()
+            ));
+        }
+        say(&format!(
+            "  {} history demo/web --state-dir {}",
+            this_binary(),
+            dirs.state.display()
+        ));
+    }
+    say("");
+}
+
+/// A busy default port is no reason for a demo to fail: take any free one instead.
+fn free_or_any(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => {
+            drop(l);
+            addr
+        }
+        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    }
+}
+
+/// `--once`: wait until every example has an outcome, then print each.
+async fn summarise_when_done(state: &Path, cancel: &CancellationToken) -> Result<(), DemoError> {
+    let store = loop {
+        if let Ok(s) = Store::open(state) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let services = store.services().await?;
+        if services.len() == EXAMPLES.len() && services.iter().all(|s| !s.status.in_flight()) {
+            say("summary:");
+            for s in services {
+                let last = store.history(Some(&s.key()), 1).await?.into_iter().next();
+                let message = last.map(|d| d.message).unwrap_or_default();
+                say(&format!(
+                    "  {}/{}: {} — {}",
+                    s.namespace, s.name, s.status, message
+                ));
+            }
+            return Ok(());
+        }
+    }
 }

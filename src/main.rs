@@ -234,102 +234,117 @@ async fn run(
             let cancel = shutdown_token();
             depwatch::demo::run(demo.once, demo.rollout_timeout, demo.http_addr, cancel).await?;
         }
-        Command::Check(check) => {
-            let dir = check
-                .dir
-                .clone()
-                .or(check.deps.clone())
-                .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/depwatch/deps"));
-            let (good, mut problems) = depwatch::check::check_dir(&dir, &check.rules());
-            if let Some(path) = &check.api_token_file {
-                if let Err(e) = depwatch::http::read_tokens(path) {
-                    problems.push(e.to_string());
-                }
-            }
-            if let Some(path) = &check.kubeconfig {
-                if let Err(e) = depwatch::daemon::kube_client(Some(path), None, None).await {
-                    problems.push(e.to_string());
-                }
-            }
-            for p in &problems {
-                eprintln!("error: {p}");
-            }
-            say(&format!(
-                "{good} valid dependency file(s), {} problem(s) in {}",
-                problems.len(),
-                dir.display()
-            ));
-            if !problems.is_empty() {
-                std::process::exit(1);
-            }
+        Command::Check(check) => check_files(check).await,
+        Command::Status(st) => status(st).await?,
+        Command::History(h) => history(h).await?,
+        Command::Sim(sim_args) => sim(sim_args).await?,
+    }
+    Ok(())
+}
+
+/// `depwatch check`: every problem on stderr, the exit code 1 when there is one.
+async fn check_files(check: depwatch::cli::CheckArgs) {
+    let dir = check
+        .dir
+        .clone()
+        .or(check.deps.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/depwatch/deps"));
+    let (good, mut problems) = depwatch::check::check_dir(&dir, &check.rules());
+    if let Some(path) = &check.api_token_file {
+        if let Err(e) = depwatch::http::read_tokens(path) {
+            problems.push(e.to_string());
         }
-        Command::Status(st) => {
-            let mut services = client::services(&st.target).await.map_err(fail)?;
-            if let Some(ns) = &st.namespace {
-                services.retain(|s| &s.namespace == ns);
-            }
-            let output = if st.json { Output::Json } else { st.output };
-            let refused = if matches!(output, Output::Table | Output::Wide) {
-                client::refused_files(&st.target).await.unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            if services.is_empty()
-                && refused.is_empty()
-                && matches!(output, Output::Table | Output::Wide)
-            {
-                match &st.namespace {
-                    Some(ns) => eprintln!("No services in namespace {ns}."),
-                    None => eprintln!("No services yet: write a dependency file to start."),
-                }
-            } else {
-                if !services.is_empty() || !matches!(output, Output::Table | Output::Wide) {
-                    print!(
-                        "{}",
-                        client::render_services(&services, output).map_err(fail)?
-                    );
-                }
-                print!("{}", client::render_refused(&refused));
-            }
+    }
+    if let Some(path) = &check.kubeconfig {
+        if let Err(e) = depwatch::daemon::kube_client(Some(path), None, None).await {
+            problems.push(e.to_string());
         }
-        Command::History(h) => {
-            let key = h.service.key().map_err(anyhow::Error::msg)?;
-            let (kind, history) = client::history(&h.service.target, &key, h.limit)
-                .await
-                .map_err(fail)?;
-            let output = if h.json { Output::Json } else { h.output };
-            if matches!(output, Output::Table | Output::Wide) {
-                print!("{}", client::history_heading(&key, kind));
-            }
-            print!(
-                "{}",
-                client::render_history(&history, output).map_err(fail)?
-            );
-            if matches!(output, Output::Table | Output::Wide) {
-                // Who asked, approved and rejected (a server without approvals answers
-                // 404: nothing to add).
-                if let Ok(votes) = client::approvals(&h.service.target, &key).await {
-                    print!("{}", client::render_approvals(&votes, h.limit));
-                }
-            }
+    }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    say(&format!(
+        "{good} valid dependency file(s), {} problem(s) in {}",
+        problems.len(),
+        dir.display()
+    ));
+    if !problems.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// `depwatch status`: the services, and the refused file names in a table.
+async fn status(st: depwatch::cli::StatusArgs) -> anyhow::Result<()> {
+    use depwatch::client;
+    let mut services = client::services(&st.target).await.map_err(fail)?;
+    if let Some(ns) = &st.namespace {
+        services.retain(|s| &s.namespace == ns);
+    }
+    let output = if st.json { Output::Json } else { st.output };
+    let table = matches!(output, Output::Table | Output::Wide);
+    let refused = if table {
+        client::refused_files(&st.target).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if services.is_empty() && refused.is_empty() && table {
+        match &st.namespace {
+            Some(ns) => eprintln!("No services in namespace {ns}."),
+            None => eprintln!("No services yet: write a dependency file to start."),
         }
-        Command::Sim(sim_args) => {
-            let sim = depwatch::sim::Sim::start(sim_args.to_config())
-                .await
-                .context("starting the simulated cluster")?;
-            if let Some(path) = &sim_args.kubeconfig_out {
-                sim.write_kubeconfig(path)
-                    .with_context(|| format!("writing kubeconfig to {}", path.display()))?;
-            }
-            say(&format!("simulated cluster listening on {}", sim.url()));
-            if let Some(path) = &sim_args.kubeconfig_out {
-                say(&format!("kubeconfig written to {}", path.display()));
-            }
-            shutdown_signal().await;
-            sim.shutdown()
-                .await
-                .context("stopping the simulated cluster")?;
+        return Ok(());
+    }
+    if !services.is_empty() || !table {
+        print!(
+            "{}",
+            client::render_services(&services, output).map_err(fail)?
+        );
+    }
+    print!("{}", client::render_refused(&refused));
+    Ok(())
+}
+
+/// `depwatch history`: a service's deploys, newest first, then who asked and approved.
+async fn history(h: depwatch::cli::HistoryArgs) -> anyhow::Result<()> {
+    use depwatch::client;
+    let key = h.service.key().map_err(anyhow::Error::msg)?;
+    let (kind, history) = client::history(&h.service.target, &key, h.limit)
+        .await
+        .map_err(fail)?;
+    let output = if h.json { Output::Json } else { h.output };
+    let table = matches!(output, Output::Table | Output::Wide);
+    if table {
+        print!("{}", client::history_heading(&key, kind));
+    }
+    print!(
+        "{}",
+        client::render_history(&history, output).map_err(fail)?
+    );
+    if table {
+        // Who asked, approved and rejected (a server without approvals answers 404:
+        // nothing to add).
+        if let Ok(votes) = client::approvals(&h.service.target, &key).await {
+            print!("{}", client::render_approvals(&votes, h.limit));
         }
     }
     Ok(())
+}
+
+/// `depwatch sim`: the simulated cluster, until a signal.
+async fn sim(sim_args: depwatch::cli::SimArgs) -> anyhow::Result<()> {
+    let sim = depwatch::sim::Sim::start(sim_args.to_config())
+        .await
+        .context("starting the simulated cluster")?;
+    if let Some(path) = &sim_args.kubeconfig_out {
+        sim.write_kubeconfig(path)
+            .with_context(|| format!("writing kubeconfig to {}", path.display()))?;
+    }
+    say(&format!("simulated cluster listening on {}", sim.url()));
+    if let Some(path) = &sim_args.kubeconfig_out {
+        say(&format!("kubeconfig written to {}", path.display()));
+    }
+    shutdown_signal().await;
+    sim.shutdown()
+        .await
+        .context("stopping the simulated cluster")
 }

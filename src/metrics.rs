@@ -81,108 +81,92 @@ impl Default for Metrics {
     }
 }
 
+/// Register `metric` under `name` and hand it back for the daemon to update.
+fn add<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("depwatch");
-        let deploys = Family::<OutcomeLabel, Counter>::default();
-        registry.register("deploys", "Deploys by outcome", deploys.clone());
-        let change_to_healthy = Histogram::new(exponential_buckets(0.25, 2.0, 12));
-        registry.register(
-            "change_to_healthy_seconds",
-            "Time from seeing a file change to a healthy rollout",
-            change_to_healthy.clone(),
-        );
-        let change_to_patch = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "change_to_patch_seconds",
-            "Time from seeing a file change to the API server accepting the patch",
-            change_to_patch.clone(),
-        );
-        let queue_depth = Gauge::default();
-        registry.register(
-            "queue_depth",
-            "Services queued for a worker",
-            queue_depth.clone(),
-        );
-        let pending = Gauge::default();
-        registry.register(
-            "pending_deploys",
-            "Deploys waiting for their service's running deploy",
-            pending.clone(),
-        );
-        let running = Gauge::default();
-        registry.register("running_deploys", "Deploys in progress", running.clone());
-        let record_pending = Gauge::default();
-        registry.register(
-            "record_pending_writes",
-            "Record writes kept in memory while the record refuses them",
-            record_pending.clone(),
-        );
-        let record_dropped = Gauge::default();
-        registry.register(
-            "record_dropped_writes",
-            "Record writes lost because too many were waiting",
-            record_dropped.clone(),
-        );
-        let services = Family::<StatusLabel, Gauge>::default();
-        registry.register(
-            "services",
-            "Managed services by status and workload kind",
-            services.clone(),
-        );
-        let notifications = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "notifications",
-            "Notifications by result",
-            notifications.clone(),
-        );
-        let kube_requests = Family::<RequestLabel, Counter>::default();
-        registry.register(
-            "kubernetes_requests",
-            "Requests to the Kubernetes API server by verb and response code",
-            kube_requests.clone(),
-        );
-        let ecr_refresh_failures = Family::<StepLabel, Counter>::default();
-        registry.register(
-            "ecr_refresh_failures",
-            "ECR pull secrets: failed token fetches (step=token; reason=error, or expired for a token stale on arrival) and Secret writes (step=secret)",
-            ecr_refresh_failures.clone(),
-        );
-        let ecr_token_expiry = Family::<RegistryLabel, Gauge>::default();
-        registry.register(
-            "ecr_token_expiry_seconds",
-            "ECR pull secrets: seconds until the current token expires",
-            ecr_token_expiry.clone(),
-        );
-        let verify_checks = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "verify_checks",
-            "Samples of verification checks by result (pass, fail, no_data)",
-            verify_checks.clone(),
-        );
-        let bake = Histogram::new(exponential_buckets(1.0, 2.0, 14));
-        registry.register(
-            "verify_bake_seconds",
-            "How long a healthy rollout's checks were baked until they passed or failed",
-            bake.clone(),
-        );
+        let mut r = Registry::with_prefix("depwatch");
         Metrics {
-            registry: Arc::new(registry),
-            verify_checks,
-            bake,
-            ecr_refresh_failures,
-            ecr_token_expiry,
-            deploys,
-            change_to_healthy,
-            change_to_patch,
-            queue_depth,
-            pending,
-            running,
-            record_pending,
-            record_dropped,
-            services,
-            notifications,
-            kube_requests,
+            deploys: add(&mut r, "deploys", "Deploys by outcome", Family::default()),
+            change_to_healthy: add(
+                &mut r,
+                "change_to_healthy_seconds",
+                "Time from seeing a file change to a healthy rollout",
+                Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            ),
+            change_to_patch: add(
+                &mut r,
+                "change_to_patch_seconds",
+                "Time from seeing a file change to the API server accepting the patch",
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            ),
+            queue_depth: add(&mut r, "queue_depth", "Services queued for a worker", Gauge::default()),
+            pending: add(
+                &mut r,
+                "pending_deploys",
+                "Deploys waiting for their service's running deploy",
+                Gauge::default(),
+            ),
+            running: add(&mut r, "running_deploys", "Deploys in progress", Gauge::default()),
+            record_pending: add(
+                &mut r,
+                "record_pending_writes",
+                "Record writes kept in memory while the record refuses them",
+                Gauge::default(),
+            ),
+            record_dropped: add(
+                &mut r,
+                "record_dropped_writes",
+                "Record writes lost because too many were waiting",
+                Gauge::default(),
+            ),
+            services: add(
+                &mut r,
+                "services",
+                "Managed services by status and workload kind",
+                Family::default(),
+            ),
+            notifications: add(&mut r, "notifications", "Notifications by result", Family::default()),
+            kube_requests: add(
+                &mut r,
+                "kubernetes_requests",
+                "Requests to the Kubernetes API server by verb and response code",
+                Family::default(),
+            ),
+            ecr_refresh_failures: add(
+                &mut r,
+                "ecr_refresh_failures",
+                "ECR pull secrets: failed token fetches (step=token; reason=error, or expired for a token stale on arrival) and Secret writes (step=secret)",
+                Family::default(),
+            ),
+            ecr_token_expiry: add(
+                &mut r,
+                "ecr_token_expiry_seconds",
+                "ECR pull secrets: seconds until the current token expires",
+                Family::default(),
+            ),
+            verify_checks: add(
+                &mut r,
+                "verify_checks",
+                "Samples of verification checks by result (pass, fail, no_data)",
+                Family::default(),
+            ),
+            bake: add(
+                &mut r,
+                "verify_bake_seconds",
+                "How long a healthy rollout's checks were baked until they passed or failed",
+                Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            ),
+            registry: Arc::new(r),
         }
     }
 

@@ -424,75 +424,78 @@ pub fn read_windows(
             return Vec::new();
         }
     };
-    let mut windows = Vec::new();
-    for (i, w) in list.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let Some(m) = w.as_object() else {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, w)| read_window(format!("{field}[{i}]"), w, problems))
+        .collect()
+}
+
+/// One window of a `windows:` list, at `at`; None when it has a problem (said in `problems`).
+fn read_window(at: String, w: &Value, problems: &mut Vec<FieldProblem>) -> Option<Window> {
+    let Some(m) = w.as_object() else {
+        problems.push((
+            at,
+            format!("expected a mapping with {}", WINDOW_FIELDS.join(", ")),
+        ));
+        return None;
+    };
+    let before = problems.len();
+    problems.extend(unknown_keys(&at, m, WINDOW_FIELDS));
+    let (kind, cron) = match (m.get("allow"), m.get("deny")) {
+        (Some(c), None) => (Kind::Allow, c),
+        (None, Some(c)) => (Kind::Deny, c),
+        _ => {
             problems.push((
                 at,
-                format!("expected a mapping with {}", WINDOW_FIELDS.join(", ")),
+                "expected one of `allow` or `deny`, a cron schedule of the window's starts".into(),
             ));
-            continue;
-        };
-        let before = problems.len();
-        problems.extend(unknown_keys(&at, m, WINDOW_FIELDS));
-        let (kind, cron) = match (m.get("allow"), m.get("deny")) {
-            (Some(c), None) => (Kind::Allow, c),
-            (None, Some(c)) => (Kind::Deny, c),
-            _ => {
-                problems.push((
-                    at,
-                    "expected one of `allow` or `deny`, a cron schedule of the window's starts"
-                        .into(),
-                ));
-                continue;
-            }
-        };
-        let key = kind.as_str();
-        let Some(cron) = cron.as_str() else {
-            problems.push((
-                format!("{at}.{key}"),
-                "expected a cron schedule as text, e.g. \"0 18 * * Fri\"".into(),
-            ));
-            continue;
-        };
-        let duration = match m
-            .get("duration")
-            .and_then(Value::as_str)
-            .map(humantime::parse_duration)
-        {
-            Some(Ok(d)) => d,
-            Some(Err(_)) | None => {
-                problems.push((
-                    format!("{at}.duration"),
-                    "expected how long each window lasts, e.g. 8h or 2d 15h".into(),
-                ));
-                continue;
-            }
-        };
-        let zone = match m.get("timeZone") {
-            None => "UTC",
-            Some(Value::String(z)) if z.len() <= 64 => z.as_str(),
-            Some(_) => {
-                problems.push((
-                    format!("{at}.timeZone"),
-                    "expected an IANA time zone name such as Europe/Berlin".into(),
-                ));
-                continue;
-            }
-        };
-        if problems.len() > before {
-            continue;
+            return None;
         }
-        match Window::new(kind, cron, duration, zone) {
-            Ok(w) => windows.push(w),
-            Err((part, why)) => {
-                let part = if part == "cron" { key } else { part };
-                problems.push((format!("{at}.{part}"), why));
-            }
+    };
+    let key = kind.as_str();
+    let Some(cron) = cron.as_str() else {
+        problems.push((
+            format!("{at}.{key}"),
+            "expected a cron schedule as text, e.g. \"0 18 * * Fri\"".into(),
+        ));
+        return None;
+    };
+    let duration = match m
+        .get("duration")
+        .and_then(Value::as_str)
+        .map(humantime::parse_duration)
+    {
+        Some(Ok(d)) => d,
+        Some(Err(_)) | None => {
+            problems.push((
+                format!("{at}.duration"),
+                "expected how long each window lasts, e.g. 8h or 2d 15h".into(),
+            ));
+            return None;
+        }
+    };
+    let zone = match m.get("timeZone") {
+        None => "UTC",
+        Some(Value::String(z)) if z.len() <= 64 => z.as_str(),
+        Some(_) => {
+            problems.push((
+                format!("{at}.timeZone"),
+                "expected an IANA time zone name such as Europe/Berlin".into(),
+            ));
+            return None;
+        }
+    };
+    if problems.len() > before {
+        return None;
+    }
+    match Window::new(kind, cron, duration, zone) {
+        Ok(w) => Some(w),
+        Err((part, why)) => {
+            let part = if part == "cron" { key } else { part };
+            problems.push((format!("{at}.{part}"), why));
+            None
         }
     }
-    windows
 }
 
 fn read_globs(field: &str, v: Option<&Value>, problems: &mut Vec<FieldProblem>) -> Vec<Glob> {

@@ -398,6 +398,15 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
             .any(|l| l.starts_with("depwatch_record_pending_writes ") && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // The page says the record cannot be read, not that there are no services.
+    let page = reqwest::get(format!("{http}/"))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    assert!(page.contains("The record cannot be read"), "{page}");
+    assert!(!page.contains("No services yet"), "{page}");
 
     pg.restart().await;
     let r = wait_for("the kept writes replayed", Duration::from_secs(60), || {

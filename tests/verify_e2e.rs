@@ -237,7 +237,15 @@ async fn prometheus_checks_judge_against_the_baseline_and_state_what_no_data_mea
     assert!(m.contains("verification failed: errors: 0."), "{m}");
     assert!(m.contains(" > baseline 0 × 1.2 for 2 of "), "{m}");
 
-    // No errors: the same check passes, and the version becomes last good.
+    // No errors: the same check passes, and the version becomes last good. Its baseline is
+    // measured before its PATCH: once the failed version's errors have left the query's
+    // window, so that the baseline is 1.0's own.
+    wait_for(
+        "the failed version's errors to leave the window",
+        Duration::from_secs(60),
+        || async { (prom.value(&ratio).await == Some(0.0)).then_some(()) },
+    )
+    .await;
     env.write_dep(
         "web_prod.dep",
         &prometheus_file("1.2", &ratio, "<= baseline * 1.2", "wait"),

@@ -44,6 +44,60 @@ const STREAM_CHECK_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for a JetStream acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The connection, and which subjects a JetStream stream captures (asked at most once a
+/// minute per subject).
+struct Publisher {
+    client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    captured: HashMap<String, (bool, Instant)>,
+}
+
+impl Publisher {
+    /// Whether a stream captures `subject`: its reports are then acknowledged by JetStream.
+    async fn captured(&mut self, subject: &str) -> bool {
+        let known = self
+            .captured
+            .get(subject)
+            .filter(|(_, at)| at.elapsed() < STREAM_CHECK_TTL)
+            .map(|(yes, _)| *yes);
+        if let Some(yes) = known {
+            return yes;
+        }
+        let yes = tokio::time::timeout(
+            ACK_TIMEOUT,
+            self.jetstream.stream_by_subject(subject.to_string()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        self.captured
+            .insert(subject.to_string(), (yes, Instant::now()));
+        yes
+    }
+
+    /// Publish one report: through JetStream, acknowledged, when a stream captures its
+    /// subject; as a plain message otherwise.
+    async fn publish(&mut self, subject: &str, report: &Report) -> Result<(), String> {
+        let payload: bytes::Bytes = report.to_json().to_string().into();
+        if !self.captured(subject).await {
+            return self
+                .client
+                .publish(subject.to_string(), payload)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let ack = self
+            .jetstream
+            .publish(subject.to_string(), payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no JetStream acknowledgement in time".to_string()),
+        }
+    }
+}
+
 /// Spawn the publisher; reports sent to the returned queue are published in order. The URL may
 /// carry credentials: it is never logged.
 pub fn spawn(
@@ -69,49 +123,19 @@ pub fn spawn(
                 return;
             }
         };
-        let jetstream = async_nats::jetstream::new(client.clone());
-        let mut captured: HashMap<String, (bool, Instant)> = HashMap::new();
+        let mut publisher = Publisher {
+            jetstream: async_nats::jetstream::new(client.clone()),
+            client,
+            captured: HashMap::new(),
+        };
         while let Some(report) = rx.recv().await {
             let subject = subject(&report.namespace, &report.service);
-            let payload: bytes::Bytes = report.to_json().to_string().into();
-            let known = captured
-                .get(&subject)
-                .filter(|(_, at)| at.elapsed() < STREAM_CHECK_TTL)
-                .map(|(yes, _)| *yes);
-            let use_jetstream = match known {
-                Some(yes) => yes,
-                None => {
-                    let yes = tokio::time::timeout(
-                        ACK_TIMEOUT,
-                        jetstream.stream_by_subject(subject.clone()),
-                    )
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                    captured.insert(subject.clone(), (yes, Instant::now()));
-                    yes
-                }
-            };
-            let sent = if use_jetstream {
-                match jetstream.publish(subject.clone(), payload).await {
-                    Ok(ack) => match tokio::time::timeout(ACK_TIMEOUT, ack).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("no JetStream acknowledgement in time".to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                }
-            } else {
-                client
-                    .publish(subject.clone(), payload)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match sent {
+            match publisher.publish(&subject, &report).await {
                 Ok(()) => outcome("sent"),
                 Err(e) => {
                     outcome("failed");
                     // Ask again next time: the stream may have been created or removed.
-                    captured.remove(&subject);
+                    publisher.captured.remove(&subject);
                     tracing::warn!(%subject, error = %e, "cannot publish a deploy outcome on NATS");
                 }
             }

@@ -163,8 +163,22 @@ pub fn read(v: &Value) -> Result<Verification, Vec<Problem>> {
             }
         },
     };
+    let checks = read_checks(&mut r, m.get("checks"));
+    match r.problems.is_empty() {
+        true => Ok(Verification {
+            checks,
+            bake,
+            interval,
+            failure_limit,
+        }),
+        false => Err(r.problems),
+    }
+}
+
+/// The `checks:` list, each named once.
+fn read_checks(r: &mut Reader, v: Option<&Value>) -> Vec<Check> {
     let mut checks = Vec::new();
-    match m.get("checks") {
+    match v {
         None => r.add(
             "verify.checks",
             "missing; name at least one check (http or prometheus)",
@@ -179,7 +193,7 @@ pub fn read(v: &Value) -> Result<Verification, Vec<Problem>> {
         ),
         Some(Value::Array(list)) => {
             for (i, c) in list.iter().enumerate() {
-                if let Some(c) = read_check(&mut r, &format!("verify.checks[{i}]"), c) {
+                if let Some(c) = read_check(r, &format!("verify.checks[{i}]"), c) {
                     checks.push(c);
                 }
             }
@@ -198,15 +212,7 @@ pub fn read(v: &Value) -> Result<Verification, Vec<Problem>> {
             );
         }
     }
-    match r.problems.is_empty() {
-        true => Ok(Verification {
-            checks,
-            bake,
-            interval,
-            failure_limit,
-        }),
-        false => Err(r.problems),
-    }
+    checks
 }
 
 fn read_check(r: &mut Reader, field: &str, v: &Value) -> Option<Check> {
@@ -273,9 +279,38 @@ fn read_http(r: &mut Reader, field: &str, v: &Value) -> Option<HttpCheck> {
     }
     let m = r.mapping(field, v, HTTP_FIELDS)?;
     let text = |r: &mut Reader, k: &str| r.text(&format!("{field}.{k}"), m.get(k));
+    let target = http_target(r, field, m)?;
+    let expect_class = match text(r, "expect") {
+        None => 2,
+        Some(e) => match e.as_bytes() {
+            [c @ b'2'..=b'5', b'x', b'x'] => u16::from(c - b'0'),
+            _ => {
+                r.add(
+                    &format!("{field}.expect"),
+                    "expected a status class: 2xx, 3xx, 4xx or 5xx",
+                );
+                return None;
+            }
+        },
+    };
+    Some(HttpCheck {
+        target,
+        expect_class,
+        body_contains: text(r, "bodyContains"),
+        version_field: text(r, "versionField"),
+    })
+}
+
+/// Where an `http:` check asks: a path on the workload's Service, or a URL as written.
+fn http_target(
+    r: &mut Reader,
+    field: &str,
+    m: &serde_json::Map<String, Value>,
+) -> Option<HttpTarget> {
+    let text = |r: &mut Reader, k: &str| r.text(&format!("{field}.{k}"), m.get(k));
     let (path, url) = (text(r, "path"), text(r, "url"));
     let (service, port) = (text(r, "service"), text(r, "port"));
-    let target = match (path, url) {
+    Some(match (path, url) {
         (Some(p), None) => {
             HttpTarget::Service {
                 path: service_path(r, &format!("{field}.path"), &p)?,
@@ -323,25 +358,6 @@ fn read_http(r: &mut Reader, field: &str, v: &Value) -> Option<HttpCheck> {
             );
             return None;
         }
-    };
-    let expect_class = match text(r, "expect") {
-        None => 2,
-        Some(e) => match e.as_bytes() {
-            [c @ b'2'..=b'5', b'x', b'x'] => u16::from(c - b'0'),
-            _ => {
-                r.add(
-                    &format!("{field}.expect"),
-                    "expected a status class: 2xx, 3xx, 4xx or 5xx",
-                );
-                return None;
-            }
-        },
-    };
-    Some(HttpCheck {
-        target,
-        expect_class,
-        body_contains: text(r, "bodyContains"),
-        version_field: text(r, "versionField"),
     })
 }
 

@@ -625,60 +625,28 @@ fn parse_body(bytes: &[u8]) -> Result<DeployBody, ApiError> {
             }
         }
     })?;
-    if let Err(m) = ServiceKey::new(&body.service, "default") {
-        return Err(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "service",
-            m,
-        ));
-    }
-    if let Err(m) = ServiceKey::new("x", &body.namespace) {
-        return Err(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "namespace",
-            m,
-        ));
-    }
+    let bad = |field: &str, m: String| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, field, m);
+    ServiceKey::new(&body.service, "default").map_err(|m| bad("service", m))?;
+    ServiceKey::new("x", &body.namespace).map_err(|m| bad("namespace", m))?;
     match (&body.version, &body.image) {
         (Some(v), None) => match depfile::classify(v) {
             Ok(ImageSpec::Tag(_)) | Ok(ImageSpec::Digest(_)) => {}
             Ok(ImageSpec::Reference(_)) => {
-                return Err(ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "version",
-                    format!("{v:?} is a full image reference; send it as \"image\""),
-                ))
+                let m = format!("{v:?} is a full image reference; send it as \"image\"");
+                return Err(bad("version", m));
             }
-            Err(m) => {
-                return Err(ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "version",
-                    m,
-                ))
-            }
+            Err(m) => return Err(bad("version", m)),
         },
         (None, Some(i)) => {
-            if let Err(m) = depfile::validate_reference(i) {
-                return Err(ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "image",
-                    m,
-                ));
-            }
+            depfile::validate_reference(i).map_err(|m| bad("image", m))?;
             if i.chars().any(char::is_whitespace) {
-                return Err(ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "image",
-                    "the image reference contains spaces",
-                ));
+                return Err(bad("image", "the image reference contains spaces".into()));
             }
         }
         _ => {
-            return Err(ApiError::field(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "version",
-                "give exactly one of \"version\" (a tag or digest) or \"image\" (a full reference)",
-            ))
+            let m =
+                "give exactly one of \"version\" (a tag or digest) or \"image\" (a full reference)";
+            return Err(bad("version", m.into()));
         }
     }
     Ok(body)
@@ -704,7 +672,98 @@ pub async fn create_deploy(
     not_a_standby(&state)?;
     // Checked before the body is read: a bad key costs the client, not the daemon.
     let idempotency_key = idempotency_key(&headers)?;
-    let bytes = tokio::time::timeout(
+    let body = parse_body(&read_body(body).await?)?;
+    let key = allowed_key(&state, &body)?;
+    let body_hash = hex(&Sha256::digest(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ));
+    let id = hex(&rand::rng().random::<[u8; 12]>());
+    // Keys are scoped to the token: one holder's key never answers for another's request.
+    let idempotency_key = match idempotency_key {
+        Some(k) => format!("{actor}\n{k}"),
+        None => format!("auto-{id}"),
+    };
+
+    let _guard = state.post_lock.lock().await;
+    let value = body
+        .version
+        .clone()
+        .or(body.image.clone())
+        .unwrap_or_default();
+    let asker = Asker::Request {
+        id: id.clone(),
+        actor: actor.clone(),
+    };
+    // An earlier request under this key: the same one again, or a conflicting reuse.
+    if let Some(r) = state.store.request_by_key(&idempotency_key).await? {
+        return replayed(&state, &r, &body_hash).await;
+    }
+    if let Err(closest) = state.live.exists(&key).await {
+        return Err(no_such_workload(&key, closest));
+    }
+    let path = dep_path(&state, &key).await;
+    let spec = match &body.version {
+        Some(v) => depfile::classify(v).unwrap_or_else(|_| ImageSpec::Tag(v.clone())),
+        None => ImageSpec::Reference(value.clone()),
+    };
+    let content = edited_file(&state, &key, &path, &value, &spec, &asker.header()).await?;
+    let candidate = RequestRecord {
+        id: id.clone(),
+        idempotency_key: idempotency_key.clone(),
+        body_hash: body_hash.clone(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        content: content.clone(),
+        actor: actor.clone(),
+        created_at: store::now(),
+    };
+    write_file(&state, path, content).await?;
+    let recorded = state.store.put_request(&candidate).await?;
+    tracing::info!(service = %key, request = %id, %actor, "deploy requested through the API");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(request_view(&state, &recorded).await?),
+    ))
+}
+
+/// A request under an Idempotency-Key already used: the same answer for the same body,
+/// 409 for another.
+async fn replayed(
+    state: &HttpState,
+    earlier: &RequestRecord,
+    body_hash: &str,
+) -> Result<(StatusCode, Json<RequestView>), ApiError> {
+    if earlier.body_hash != body_hash {
+        return Err(ApiError::field(
+            StatusCode::CONFLICT,
+            "Idempotency-Key",
+            "this Idempotency-Key was used for a different request",
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(request_view(state, earlier).await?),
+    ))
+}
+
+/// Write a dependency file atomically, off the async workers.
+async fn write_file(
+    state: &HttpState,
+    path: std::path::PathBuf,
+    content: String,
+) -> Result<(), ApiError> {
+    let root = state.deps_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::safefs::write_atomic(&root, &path, content.as_bytes())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(write_error)
+}
+
+/// A deploy request's body, bounded in size and in the time it may take to arrive.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    tokio::time::timeout(
         crate::http::BODY_READ_TIMEOUT,
         axum::body::to_bytes(body, BODY_LIMIT),
     )
@@ -723,8 +782,12 @@ pub async fn create_deploy(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is larger than {BODY_LIMIT} bytes"),
         )
-    })?;
-    let body = parse_body(&bytes)?;
+    })
+}
+
+/// The service a deploy request names, when its file name can be written and the daemon's
+/// bounds allow its namespace and image.
+fn allowed_key(state: &HttpState, body: &DeployBody) -> Result<ServiceKey, ApiError> {
     let key = ServiceKey::new(&body.service, &body.namespace)
         .map_err(|m| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "service", m))?;
     let file = key.file_name();
@@ -749,85 +812,25 @@ pub async fn create_deploy(
             .check_image(image)
             .map_err(|e| ApiError::field(StatusCode::FORBIDDEN, "image", e.to_string()))?;
     }
-    let body_hash = {
-        let canonical = serde_json::to_vec(&body).unwrap_or_default();
-        Sha256::digest(&canonical)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let id: String = {
-        let b: [u8; 12] = rand::rng().random();
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    };
-    // Keys are scoped to the token: one holder's key never answers for another's request.
-    let idempotency_key = match idempotency_key {
-        Some(k) => format!("{actor}\n{k}"),
-        None => format!("auto-{id}"),
-    };
+    Ok(key)
+}
 
-    let _guard = state.post_lock.lock().await;
-    let value = body
-        .version
-        .clone()
-        .or(body.image.clone())
-        .unwrap_or_default();
-    let asker = Asker::Request {
-        id: id.clone(),
-        actor: actor.clone(),
-    };
-    // An earlier request under this key: the same one again, or a conflicting reuse.
-    if let Some(r) = state.store.request_by_key(&idempotency_key).await? {
-        if r.body_hash != body_hash {
-            return Err(ApiError::field(
-                StatusCode::CONFLICT,
-                "Idempotency-Key",
-                "this Idempotency-Key was used for a different request",
-            ));
-        }
-        return Ok((StatusCode::ACCEPTED, Json(request_view(&state, &r).await?)));
-    }
-    if let Err(closest) = state.live.exists(&key).await {
-        let hint = closest.map_or(String::new(), |c| format!("; did you mean {c}?"));
-        return Err(ApiError::field(
-            StatusCode::NOT_FOUND,
-            "service",
-            format!(
-                "no Deployment, StatefulSet, DaemonSet or CronJob named {} in namespace {}{hint}; nothing was written",
-                key.name, key.namespace
-            ),
-        ));
-    }
-    let path = dep_path(&state, &key).await;
-    let spec = match &body.version {
-        Some(v) => depfile::classify(v).unwrap_or_else(|_| ImageSpec::Tag(v.clone())),
-        None => ImageSpec::Reference(value.clone()),
-    };
-    let content = edited_file(&state, &key, &path, &value, &spec, &asker.header()).await?;
-    let candidate = RequestRecord {
-        id: id.clone(),
-        idempotency_key: idempotency_key.clone(),
-        body_hash: body_hash.clone(),
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        content: content.clone(),
-        actor: actor.clone(),
-        created_at: store::now(),
-    };
-    let root = state.deps_dir.clone();
-    let written = path.clone();
-    tokio::task::spawn_blocking(move || {
-        crate::safefs::write_atomic(&root, &written, content.as_bytes())
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(write_error)?;
-    let recorded = state.store.put_request(&candidate).await?;
-    tracing::info!(service = %key, request = %id, %actor, "deploy requested through the API");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(request_view(&state, &recorded).await?),
-    ))
+/// 404 for a deploy to a workload the cluster does not have, naming the closest one.
+fn no_such_workload(key: &ServiceKey, closest: Option<String>) -> ApiError {
+    let hint = closest.map_or(String::new(), |c| format!("; did you mean {c}?"));
+    ApiError::field(
+        StatusCode::NOT_FOUND,
+        "service",
+        format!(
+            "no Deployment, StatefulSet, DaemonSet or CronJob named {} in namespace {}{hint}; nothing was written",
+            key.name, key.namespace
+        ),
+    )
+}
+
+/// Lower-case hexadecimal of some bytes.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What an API deploy writes: the service's file edited in its own form (only the main

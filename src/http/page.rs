@@ -112,9 +112,9 @@ fn short_time(t: &str) -> String {
     t.get(..19).unwrap_or(t).replace('T', " ")
 }
 
-fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
-    let last = s
-        .last_deploy
+/// The last deploy's cell: when, how it ended and how long it took.
+fn last_cell(s: &ServiceView) -> String {
+    s.last_deploy
         .as_ref()
         .map(|d| {
             format!(
@@ -124,8 +124,12 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
                 duration(d)
             )
         })
-        .unwrap_or_else(|| "—".into());
-    let dots: String = history
+        .unwrap_or_else(|| "—".into())
+}
+
+/// A dot for each recent deploy, coloured by its outcome.
+fn dots(history: &[DeployRecord]) -> String {
+    history
         .iter()
         .map(|d| {
             format!(
@@ -136,7 +140,11 @@ fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
                 esc(&d.to_image)
             )
         })
-        .collect();
+        .collect()
+}
+
+fn row(s: &ServiceView, history: &[DeployRecord]) -> String {
+    let (last, dots) = (last_cell(s), dots(history));
     // The word the CLI and the API use; the longer words as a tooltip.
     let status = if s.suspended {
         format!("{} (suspended)", s.status.as_str())
@@ -246,7 +254,15 @@ async fn services_rows(state: &HttpState, filter: Option<&str>) -> String {
         filter: parsed,
         limit: SERVICES_ON_PAGE,
     };
-    let page = state.store.services_page(&query).await.unwrap_or_default();
+    let page = match state.store.services_page(&query).await {
+        Ok(page) => page,
+        Err(e) => {
+            return format!(
+                "<tr><td colspan=\"7\" class=\"empty\">The record cannot be read: {}</td></tr>",
+                esc(&e.to_string())
+            )
+        }
+    };
     let (records, total) = (page.rows, page.total);
     if records.is_empty() {
         return match parsed {

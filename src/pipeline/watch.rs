@@ -131,6 +131,55 @@ fn in_dot_dir(root: &Path, path: &Path) -> bool {
         .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
 }
 
+/// A path that may be a dependency file: a name not ignored, in no dot directory.
+fn relevant(root: &Path, p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| !depfile::is_ignored_name(n))
+        && !in_dot_dir(root, p)
+}
+
+fn link_or_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_symlink() || m.is_dir())
+        .unwrap_or(false)
+}
+
+/// A rename: the name it left is read again (gone, or replaced), the name it took is
+/// complete. A renamed symlink or directory (`..data`, a git-sync worktree) may change
+/// every file behind it: a rescan.
+fn renamed(event: &notify::Event, mode: RenameMode, root: &Path) -> Vec<FileEvent> {
+    let to = match mode {
+        RenameMode::Both => event.paths.get(1),
+        RenameMode::To | RenameMode::Any | RenameMode::Other => event.paths.first(),
+        RenameMode::From => None,
+    };
+    if to.is_some_and(|p| link_or_dir(p)) {
+        return vec![FileEvent::Rescan];
+    }
+    let mut out = Vec::new();
+    if let (RenameMode::Both, Some(from)) = (mode, event.paths.first()) {
+        if relevant(root, from) {
+            out.push(FileEvent::Path(from.clone(), Signal::Touched));
+        }
+    }
+    match mode {
+        RenameMode::From => out.extend(
+            event
+                .paths
+                .iter()
+                .filter(|p| relevant(root, p))
+                .map(|p| FileEvent::Path(p.clone(), Signal::Touched)),
+        ),
+        _ => {
+            if let Some(to) = to.filter(|p| relevant(root, p)) {
+                out.push(FileEvent::Path(to.clone(), Signal::Completed));
+            }
+        }
+    }
+    out
+}
+
 /// Map one notify event under `root` to what it means for dependency files.
 pub fn classify(event: &notify::Event, root: &Path) -> Vec<FileEvent> {
     if event.need_rescan() {
@@ -140,54 +189,12 @@ pub fn classify(event: &notify::Event, root: &Path) -> Vec<FileEvent> {
     if event.paths.iter().any(|p| root.starts_with(p)) {
         return vec![FileEvent::Root];
     }
-    let link_or_dir = |p: &Path| {
-        std::fs::symlink_metadata(p)
-            .map(|m| m.file_type().is_symlink() || m.is_dir())
-            .unwrap_or(false)
-    };
-    let relevant = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| !depfile::is_ignored_name(n))
-            && !in_dot_dir(root, p)
-    };
+    let relevant = |p: &Path| relevant(root, p);
     let signal = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => Signal::Completed,
         // Our own reads, and anyone else's.
         EventKind::Access(_) => return Vec::new(),
-        EventKind::Modify(ModifyKind::Name(mode)) => {
-            // A renamed symlink or directory (`..data`, a git-sync worktree) may change every
-            // file behind it.
-            let to = match mode {
-                RenameMode::Both => event.paths.get(1),
-                RenameMode::To | RenameMode::Any | RenameMode::Other => event.paths.first(),
-                RenameMode::From => None,
-            };
-            if to.is_some_and(|p| link_or_dir(p)) {
-                return vec![FileEvent::Rescan];
-            }
-            let mut out = Vec::new();
-            if let (RenameMode::Both, Some(from)) = (mode, event.paths.first()) {
-                if relevant(from) {
-                    out.push(FileEvent::Path(from.clone(), Signal::Touched));
-                }
-            }
-            match mode {
-                RenameMode::From => out.extend(
-                    event
-                        .paths
-                        .iter()
-                        .filter(|p| relevant(p))
-                        .map(|p| FileEvent::Path(p.clone(), Signal::Touched)),
-                ),
-                _ => {
-                    if let Some(to) = to.filter(|p| relevant(p)) {
-                        out.push(FileEvent::Path(to.clone(), Signal::Completed));
-                    }
-                }
-            }
-            return out;
-        }
+        EventKind::Modify(ModifyKind::Name(mode)) => return renamed(event, mode, root),
         EventKind::Modify(ModifyKind::Data(_)) => Signal::Writing,
         // Attribute changes (chmod, chown, touch's timestamps) change no content, but may make
         // an unreadable file readable (or the reverse): read it again; the hash judges.

@@ -219,64 +219,16 @@ impl ServiceChange {
             Value::Text(updated_at.into()),
         ];
         let mut sets = vec!["updated_at = excluded.updated_at".to_string()];
-        let mut text = |column: &'static str, value: Option<String>, guard: Option<&str>| {
-            let Some(v) = value else { return };
+        for (column, value, guard) in self.text_columns() {
             columns.push(column);
-            values.push(Value::Text(v));
+            values.push(Value::Text(value));
             sets.push(match guard {
                 None => format!("{column} = excluded.{column}"),
                 Some(keep_when) => format!(
                     "{column} = CASE WHEN {keep_when} THEN services.{column} ELSE excluded.{column} END"
                 ),
             });
-        };
-        text(
-            "path",
-            self.path.clone(),
-            self.path_if_unset.then_some("services.path <> ''"),
-        );
-        text("content_hash", self.content_hash.clone(), None);
-        text(
-            "desired",
-            self.desired.as_ref().map(|i| i.to_string()),
-            None,
-        );
-        text(
-            "deployed",
-            self.deployed.as_ref().map(|i| i.to_string()),
-            None,
-        );
-        text(
-            "last_good",
-            self.last_good.as_ref().map(|i| i.to_string()),
-            self.last_good_if_unset
-                .then_some("services.last_good <> ''"),
-        );
-        let busy = format!(
-            "services.status IN ('{}', '{}', '{}')",
-            ServiceStatus::Deploying.as_str(),
-            ServiceStatus::WaitingForApi.as_str(),
-            ServiceStatus::Verifying.as_str()
-        );
-        text(
-            "status",
-            self.status.map(|s| s.as_str().to_string()),
-            self.status_unless_deploying.then_some(busy.as_str()),
-        );
-        text("failed_hash", self.failed_hash.clone(), None);
-        let still_pinned = self
-            .unpinned()
-            .map(|was| format!("services.failed_hash <> '{was}'"));
-        if let Some(keep_when) = &still_pinned {
-            text("failed_hash", Some(String::new()), Some(keep_when));
         }
-        text("message", self.message.clone(), None);
-        text("kind", self.kind.map(|k| k.as_str().to_string()), None);
-        let (words, hash) = self.requested.clone().unzip();
-        text("requested", words, None);
-        text("requested_hash", hash, None);
-        text("judged", self.judged.as_ref().map(Judgement::to_text), None);
-        text("bake_ends_at", self.bake_ends_at.clone(), None);
         if let Some(s) = self.suspended {
             columns.push("suspended");
             values.push(Value::Bool(s));
@@ -296,6 +248,64 @@ impl ServiceChange {
 }
 
 impl ServiceChange {
+    /// Each text column the change sets, with its value and the SQL condition under which
+    /// the row keeps its own value instead.
+    fn text_columns(&self) -> Vec<(&'static str, String, Option<String>)> {
+        let busy = format!(
+            "services.status IN ('{}', '{}', '{}')",
+            ServiceStatus::Deploying.as_str(),
+            ServiceStatus::WaitingForApi.as_str(),
+            ServiceStatus::Verifying.as_str()
+        );
+        let unless = |keep: bool, when: &str| keep.then(|| when.to_string());
+        let (words, hash) = self.requested.clone().unzip();
+        let columns = [
+            (
+                "path",
+                self.path.clone(),
+                unless(self.path_if_unset, "services.path <> ''"),
+            ),
+            ("content_hash", self.content_hash.clone(), None),
+            (
+                "desired",
+                self.desired.as_ref().map(|i| i.to_string()),
+                None,
+            ),
+            (
+                "deployed",
+                self.deployed.as_ref().map(|i| i.to_string()),
+                None,
+            ),
+            (
+                "last_good",
+                self.last_good.as_ref().map(|i| i.to_string()),
+                unless(self.last_good_if_unset, "services.last_good <> ''"),
+            ),
+            (
+                "status",
+                self.status.map(|s| s.as_str().to_string()),
+                unless(self.status_unless_deploying, &busy),
+            ),
+            ("failed_hash", self.failed_hash.clone(), None),
+            (
+                "failed_hash",
+                self.unpinned().map(|_| String::new()),
+                self.unpinned()
+                    .map(|was| format!("services.failed_hash <> '{was}'")),
+            ),
+            ("message", self.message.clone(), None),
+            ("kind", self.kind.map(|k| k.as_str().to_string()), None),
+            ("requested", words, None),
+            ("requested_hash", hash, None),
+            ("judged", self.judged.as_ref().map(Judgement::to_text), None),
+            ("bake_ends_at", self.bake_ends_at.clone(), None),
+        ];
+        columns
+            .into_iter()
+            .filter_map(|(column, value, guard)| value.map(|v| (column, v, guard)))
+            .collect()
+    }
+
     /// The content hash whose pin to lift, when it is one (hex digits only: it is written into
     /// the statement).
     fn unpinned(&self) -> Option<&str> {

@@ -220,49 +220,22 @@ impl Engine {
     /// Carry out one action; `None` when the deploy is over (or the permits are closed).
     async fn act(
         &self,
-        Target { key, kind, basis }: Target<'_>,
+        target: Target<'_>,
         desired: &Desired,
         action: Action,
         superseded: &mut watch::Receiver<u64>,
         attempt: &mut Attempt<'_>,
     ) -> Option<Input> {
+        let Target { key, kind, basis } = target;
         Some(match action {
             Action::Done => return None,
             Action::Plan => {
-                let read =
-                    Box::pin(self.permits.hold(self.deployer.plan(key, &desired.spec))).await?;
-                // The registries are asked holding no worker: a deploy waiting on a hung
-                // registry never holds up another service's.
-                let result = match read {
-                    Ok(unchecked) => {
-                        let approved = desired.spec.approved_digests.as_ref();
-                        Box::pin(self.deployer.check_registries(unchecked, approved)).await
-                    }
-                    Err(e) => Err(e),
-                };
-                let found = match &result {
-                    Ok(p) => Some((p.uid.clone(), p.kind)),
-                    // Refused after the workload was found (owned, bounds, registry): the
-                    // record names its kind all the same.
-                    Err(_) => self.deployer.seen(key, desired.spec.kind),
-                };
-                if let Some((uid, found)) = found {
-                    attempt.set_workload(&uid, found);
-                    *kind = found;
-                }
-                if let Ok(p) = &result {
-                    *basis = Some(p.clone());
-                }
-                Input::Planned(result.map_err(failure))
+                let target = Target { key, kind, basis };
+                Box::pin(self.plan(target, desired, attempt)).await?
             }
             Action::Observe { kind: wanted } => {
-                let seen = Box::pin(self.permits.hold(self.deployer.observe(key, wanted))).await?;
-                if let Ok(Some(p)) = &seen {
-                    attempt.set_workload(&p.uid, p.kind);
-                    *kind = p.kind;
-                    *basis = Some(p.clone());
-                }
-                Input::Observed(seen.map_err(failure))
+                let target = Target { key, kind, basis };
+                Box::pin(self.observe(target, wanted, attempt)).await?
             }
             Action::CheckHealth { generation } => {
                 Input::Health(Box::pin(self.deployer.health_now(key, *kind, generation)).await)
@@ -293,30 +266,13 @@ impl Engine {
                 let wait = self.deployer.wait(key, *kind, target, deadline, rx);
                 Input::Waited(wait.await)
             }
-            Action::Measure => {
-                let v = desired.spec.verify.as_ref();
-                let measured = match v {
-                    Some(v) => Box::pin(self.prober.baselines(v)).await,
-                    None => Vec::new(),
-                };
-                attempt.baselines(&measured);
-                Input::Measured(measured)
-            }
+            Action::Measure => Box::pin(self.measure(desired, attempt)).await,
             Action::Verify {
                 applied,
                 baselines,
                 baked,
             } => {
-                let b = super::verify::Baking {
-                    key,
-                    kind: *kind,
-                    desired,
-                    applied: &applied,
-                    baselines: &baselines.0,
-                    baked,
-                    metrics: &self.recorder.metrics,
-                    store: &self.recorder.store,
-                };
+                let b = self.baking(key, *kind, desired, &applied, &baselines.0, baked);
                 let bake = super::verify::bake(
                     &self.deployer,
                     &self.prober,
@@ -329,22 +285,112 @@ impl Engine {
             Action::Sleep {
                 delay,
                 supersedable,
-            } => {
-                let newer = async {
-                    match supersedable {
-                        true if superseded.changed().await.is_ok() => {}
-                        _ => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => Input::Slept,
-                    _ = newer => Input::Superseded,
-                    _ = self.shutdown.cancelled() => {
-                        tracing::info!("stopping while waiting to try the API server again; the deploy is taken up at the next start");
-                        return None;
-                    }
-                }
-            }
+            } => Box::pin(self.sleep(delay, supersedable, superseded)).await?,
         })
+    }
+
+    /// Read the workload and check its images with the registries; the plan or why not.
+    async fn plan(
+        &self,
+        Target { key, kind, basis }: Target<'_>,
+        desired: &Desired,
+        attempt: &mut Attempt<'_>,
+    ) -> Option<Input> {
+        let read = Box::pin(self.permits.hold(self.deployer.plan(key, &desired.spec))).await?;
+        // The registries are asked holding no worker: a deploy waiting on a hung registry
+        // never holds up another service's.
+        let result = match read {
+            Ok(unchecked) => {
+                let approved = desired.spec.approved_digests.as_ref();
+                Box::pin(self.deployer.check_registries(unchecked, approved)).await
+            }
+            Err(e) => Err(e),
+        };
+        let found = match &result {
+            Ok(p) => Some((p.uid.clone(), p.kind)),
+            // Refused after the workload was found (owned, bounds, registry): the record
+            // names its kind all the same.
+            Err(_) => self.deployer.seen(key, desired.spec.kind),
+        };
+        if let Some((uid, found)) = found {
+            attempt.set_workload(&uid, found);
+            *kind = found;
+        }
+        if let Ok(p) = &result {
+            *basis = Some(p.clone());
+        }
+        Some(Input::Planned(result.map_err(failure)))
+    }
+
+    /// Find the workload a deploy left unfinished runs, by its kind.
+    async fn observe(
+        &self,
+        Target { key, kind, basis }: Target<'_>,
+        wanted: Option<crate::domain::WorkloadKind>,
+        attempt: &mut Attempt<'_>,
+    ) -> Option<Input> {
+        let seen = Box::pin(self.permits.hold(self.deployer.observe(key, wanted))).await?;
+        if let Ok(Some(p)) = &seen {
+            attempt.set_workload(&p.uid, p.kind);
+            *kind = p.kind;
+            *basis = Some(p.clone());
+        }
+        Some(Input::Observed(seen.map_err(failure)))
+    }
+
+    /// The checks' values before the rollout, recorded with the attempt.
+    async fn measure(&self, desired: &Desired, attempt: &mut Attempt<'_>) -> Input {
+        let measured = match desired.spec.verify.as_ref() {
+            Some(v) => Box::pin(self.prober.baselines(v)).await,
+            None => Vec::new(),
+        };
+        attempt.baselines(&measured);
+        Input::Measured(measured)
+    }
+
+    /// What a bake needs to know of this deploy.
+    fn baking<'a>(
+        &'a self,
+        key: &'a ServiceKey,
+        kind: crate::domain::WorkloadKind,
+        desired: &'a Desired,
+        applied: &'a Images,
+        baselines: &'a [Option<f64>],
+        baked: std::time::Duration,
+    ) -> super::verify::Baking<'a> {
+        super::verify::Baking {
+            key,
+            kind,
+            desired,
+            applied,
+            baselines,
+            baked,
+            metrics: &self.recorder.metrics,
+            store: &self.recorder.store,
+        }
+    }
+
+    /// Wait before trying the API server again, unless a newer version comes first; `None`
+    /// when the daemon stops meanwhile.
+    async fn sleep(
+        &self,
+        delay: std::time::Duration,
+        supersedable: bool,
+        superseded: &mut watch::Receiver<u64>,
+    ) -> Option<Input> {
+        let newer = async {
+            match supersedable {
+                true if superseded.changed().await.is_ok() => {}
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Some(Input::Slept),
+            _ = newer => Some(Input::Superseded),
+            _ = self.shutdown.cancelled() => {
+                tracing::info!("stopping while waiting to try the API server again; the deploy is taken up at the next start");
+                None
+            }
+        }
     }
 }

@@ -100,25 +100,18 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let watches = deployer.watches().clone();
-    let store = recorder.store.clone();
-    // Watch every namespace that has managed services, not only those deployed to since start.
-    if let Ok(records) = store.services().await {
-        let mut namespaces: Vec<String> = records
-            .into_iter()
-            .filter(|r| r.status != ServiceStatus::Unmanaged)
-            .map(|r| r.namespace)
-            .collect();
-        namespaces.sort();
-        namespaces.dedup();
-        for ns in namespaces {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = watches.namespace(&ns) => {}
-            }
-        }
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = watch_managed_namespaces(&watches, &recorder.store) => {}
     }
     let changed = watches.changed();
-    let mut reported: HashMap<ServiceKey, Images> = HashMap::new();
+    let mut looks = Looks {
+        watches: &watches,
+        recorder: &recorder,
+        resubmit: &resubmit,
+        self_heal,
+        reported: HashMap::new(),
+    };
     loop {
         // Coalesce bursts (a rollout is several events) into one look per Deployment.
         let mut keys = tokio::select! {
@@ -131,63 +124,106 @@ pub async fn run(
         }
         keys.extend(changed.take_now());
         for key in keys {
-            let Ok(Some(r)) = store.service(&key).await else {
-                continue;
-            };
-            if !r.status.watch_drift() || r.suspended || r.deployed.is_empty() {
-                continue;
+            looks.look(key).await;
+        }
+    }
+}
+
+/// Watch every namespace that has managed services, not only those deployed to since start.
+async fn watch_managed_namespaces(watches: &super::watches::Watches, store: &crate::store::Store) {
+    let records = match store.services().await {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the record to watch its namespaces for drift; each is watched from its next deploy");
+            return;
+        }
+    };
+    let mut namespaces: Vec<String> = records
+        .into_iter()
+        .filter(|r| r.status != ServiceStatus::Unmanaged)
+        .map(|r| r.namespace)
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    for ns in namespaces {
+        watches.namespace(&ns).await;
+    }
+}
+
+/// The drift loop's state: what it reported last for each service.
+struct Looks<'a> {
+    watches: &'a super::watches::Watches,
+    recorder: &'a Recorder,
+    resubmit: &'a Resubmit,
+    self_heal: bool,
+    reported: HashMap<ServiceKey, Images>,
+}
+
+impl Looks<'_> {
+    /// Compare what runs for one service with what was deployed, and record what differs.
+    async fn look(&mut self, key: ServiceKey) {
+        let store = &self.recorder.store;
+        let r = match store.service(&key).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(service = %key, error = %e, "cannot read the record to compare with what runs; looked at again at the next change");
+                return;
             }
-            let Some(ns) = watches.cached(&key.namespace) else {
-                continue;
-            };
-            let present = !matches!(ns.find(&key.name, None), cache::Found::None);
-            match seen(present, r.status == ServiceStatus::Missing) {
-                Seen::Gone => {
-                    reported.remove(&key);
-                    recorder.missing(&key, r.kind, &r.deployed).await;
-                    continue;
-                }
-                Seen::Back => {
-                    let _ = resubmit.send((key, crate::domain::Trigger::Drift)).await;
-                    continue;
-                }
-                Seen::Nothing => continue,
-                Seen::There => {}
+        };
+        if !r.status.watch_drift() || r.suspended || r.deployed.is_empty() {
+            return;
+        }
+        let Some(ns) = self.watches.cached(&key.namespace) else {
+            return;
+        };
+        let present = !matches!(ns.find(&key.name, None), cache::Found::None);
+        match seen(present, r.status == ServiceStatus::Missing) {
+            Seen::Gone => {
+                self.reported.remove(&key);
+                self.recorder.missing(&key, r.kind, &r.deployed).await;
+                return;
             }
-            let Some(dep) = ns.workload(r.kind, &key.name) else {
-                continue;
-            };
-            let live = dep.images.clone();
-            let drift = drifted(&r.deployed, &live);
-            if drift.is_empty() {
-                reported.remove(&key);
-                continue;
-            }
-            if reported.get(&key) == Some(&live) {
-                continue;
-            }
-            let (open, last) = record_around(&store, &key).await;
-            let last = last.as_ref().map(|d| (d.outcome, d.to_image.as_str()));
-            if !worth_a_row(&live, &open, last) {
-                continue;
-            }
-            reported.insert(key.clone(), live.clone());
-            recorder
-                .drift(
-                    &key,
-                    &Drift {
-                        recorded: r.deployed.clone(),
-                        running: live,
-                        drifted: drift,
-                        uid: dep.uid,
-                        kind: r.kind,
-                        self_heal,
-                    },
-                )
-                .await;
-            if self_heal {
-                let _ = resubmit.send((key, crate::domain::Trigger::SelfHeal)).await;
-            }
+            Seen::Back => return self.send(key, crate::domain::Trigger::Drift).await,
+            Seen::Nothing => return,
+            Seen::There => {}
+        }
+        let Some(dep) = ns.workload(r.kind, &key.name) else {
+            return;
+        };
+        let live = dep.images.clone();
+        let drift = drifted(&r.deployed, &live);
+        if drift.is_empty() {
+            self.reported.remove(&key);
+            return;
+        }
+        if self.reported.get(&key) == Some(&live) {
+            return;
+        }
+        let (open, last) = record_around(store, &key).await;
+        let last = last.as_ref().map(|d| (d.outcome, d.to_image.as_str()));
+        if !worth_a_row(&live, &open, last) {
+            return;
+        }
+        self.reported.insert(key.clone(), live.clone());
+        let drift = Drift {
+            recorded: r.deployed.clone(),
+            running: live,
+            drifted: drift,
+            uid: dep.uid,
+            kind: r.kind,
+            self_heal: self.self_heal,
+        };
+        self.recorder.drift(&key, &drift).await;
+        if self.self_heal {
+            self.send(key, crate::domain::Trigger::SelfHeal).await;
+        }
+    }
+
+    /// Ask for a deploy again (the queue is gone only when the daemon stops).
+    async fn send(&self, key: ServiceKey, trigger: crate::domain::Trigger) {
+        if self.resubmit.send((key, trigger)).await.is_err() {
+            tracing::debug!("the queue is closed: the daemon is stopping");
         }
     }
 }

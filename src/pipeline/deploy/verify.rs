@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::Deployer;
 use crate::checks::probe::{Prober, Target};
-use crate::domain::verify::{Bake, BakeVerdict, VerifyOutcome};
+use crate::domain::verify::{Bake, BakeVerdict, CheckResult, Sample, VerifyOutcome};
 use crate::domain::{Desired, ImageSpec, Images, ServiceKey, WorkloadKind};
 
 /// The version a file deploys, as a `/version` page would say it: the tag of its first
@@ -97,12 +97,7 @@ pub async fn bake(
             _ = superseded.changed() => return Some(newer(&b, &tally.results).await),
             _ = shutdown.cancelled() => return None,
         };
-        for s in &samples {
-            let label = crate::metrics::ResultLabel {
-                result: s.result().to_string(),
-            };
-            b.metrics.verify_checks.get_or_create(&label).inc();
-        }
+        count(b.metrics, &samples);
         let verdict = tally.round(samples, start.elapsed());
         if verdict != BakeVerdict::Continue {
             b.metrics.bake.observe(start.elapsed().as_secs_f64());
@@ -121,22 +116,46 @@ pub async fn bake(
             }
             BakeVerdict::Continue => {}
         }
-        // Until the next round, an operator's word is looked for every second.
         let next = Instant::now() + v.interval;
-        while Instant::now() < next {
-            let step = next
-                .saturating_duration_since(Instant::now())
-                .min(JUDGEMENT_POLL);
-            tokio::select! {
-                _ = tokio::time::sleep(step) => {}
-                _ = superseded.changed() => return Some(newer(&b, &tally.results).await),
-                _ = shutdown.cancelled() => return None,
-            }
-            if let Some(end) = judged(&b, &tally.results).await {
-                return Some(end);
-            }
+        if let Some(end) = until_next_round(&b, &tally.results, next, superseded, shutdown).await {
+            return end;
         }
     }
+}
+
+/// Each sample in the metrics, by its result.
+fn count(metrics: &crate::metrics::Metrics, samples: &[Sample]) {
+    for s in samples {
+        let label = crate::metrics::ResultLabel {
+            result: s.result().to_string(),
+        };
+        metrics.verify_checks.get_or_create(&label).inc();
+    }
+}
+
+/// Until the next round, an operator's word is looked for every second. `Some` ends the
+/// bake: with its outcome, or with `None` when the daemon stops.
+async fn until_next_round(
+    b: &Baking<'_>,
+    results: &[CheckResult],
+    next: Instant,
+    superseded: &mut watch::Receiver<u64>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<Option<VerifyOutcome>> {
+    while Instant::now() < next {
+        let step = next
+            .saturating_duration_since(Instant::now())
+            .min(JUDGEMENT_POLL);
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = superseded.changed() => return Some(Some(newer(b, results).await)),
+            _ = shutdown.cancelled() => return Some(None),
+        }
+        if let Some(end) = judged(b, results).await {
+            return Some(Some(end));
+        }
+    }
+    None
 }
 
 /// The workload is gone or runs other images than the bake's: the bake is not its to judge.

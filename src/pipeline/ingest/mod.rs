@@ -203,55 +203,14 @@ impl Ingest {
     /// under it: files refused while it was invalid are taken).
     async fn reload_policy(&mut self) -> bool {
         let path = self.policy_path();
-        let read =
-            safefs::read_capped_async(self.dir.clone(), path.clone(), policy::MAX_SIZE).await;
-        let next = match read {
-            Err(e) if e.is_missing() => PolicyState::Absent,
-            Err(e) => PolicyState::Invalid {
-                hash: String::new(),
-                problems: e.to_string(),
-            },
-            Ok(bytes) => {
-                let hash = content_hash(&bytes);
-                match &self.policy {
-                    PolicyState::Valid { hash: h, .. } | PolicyState::Invalid { hash: h, .. }
-                        if *h == hash =>
-                    {
-                        return false;
-                    }
-                    _ => {}
-                }
-                match policy::parse(&bytes) {
-                    Ok(p) => PolicyState::Valid {
-                        hash,
-                        policy: Arc::new(p),
-                    },
-                    Err(list) => PolicyState::Invalid {
-                        hash,
-                        problems: list
-                            .iter()
-                            .map(|p| p.at(&shown(&path)))
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    },
-                }
-            }
+        let Some(next) = self.read_policy(&path).await else {
+            return false;
         };
         if next == self.policy {
             return false;
         }
+        announce_policy(&path, &next);
         let shown_path = path.display().to_string();
-        match &next {
-            PolicyState::Absent => {
-                tracing::info!(file = %shown(&path), "no policy file; services get only their own files' settings")
-            }
-            PolicyState::Valid { policy, .. } => {
-                tracing::info!(file = %shown(&path), rules = policy.len(), "policy read; it applies to every deploy from now on")
-            }
-            PolicyState::Invalid { problems, .. } => {
-                tracing::error!(file = %shown(&path), error = %problems, "the policy file is invalid; nothing is deployed until it is fixed")
-            }
-        }
         let was_invalid = matches!(self.policy, PolicyState::Invalid { .. });
         match &next {
             PolicyState::Invalid { problems, .. } => self
@@ -268,6 +227,44 @@ impl Ingest {
         }
         self.policy = next;
         true
+    }
+
+    /// The policy file as it reads now, or None when its bytes are those last read.
+    async fn read_policy(&self, path: &Path) -> Option<PolicyState> {
+        let read =
+            safefs::read_capped_async(self.dir.clone(), path.to_path_buf(), policy::MAX_SIZE).await;
+        let bytes = match read {
+            Err(e) if e.is_missing() => return Some(PolicyState::Absent),
+            Err(e) => {
+                return Some(PolicyState::Invalid {
+                    hash: String::new(),
+                    problems: e.to_string(),
+                })
+            }
+            Ok(bytes) => bytes,
+        };
+        let hash = content_hash(&bytes);
+        if let PolicyState::Valid { hash: h, .. } | PolicyState::Invalid { hash: h, .. } =
+            &self.policy
+        {
+            if *h == hash {
+                return None;
+            }
+        }
+        Some(match policy::parse(&bytes) {
+            Ok(p) => PolicyState::Valid {
+                hash,
+                policy: Arc::new(p),
+            },
+            Err(list) => PolicyState::Invalid {
+                hash,
+                problems: list
+                    .iter()
+                    .map(|p| p.at(&shown(path)))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
     }
 
     /// Whether the policy changed since this was last asked (the loop rescans).
@@ -605,38 +602,30 @@ impl Ingest {
         };
         let mut outcome = decide::valid(read, &record, &queued);
         let mut spec = spec;
-        match self.under_policy(&key, &file, spec.verify.take()) {
-            Ok(verify) => spec.verify = verify,
-            // Nothing is deployed from this read; a deploy left unfinished is finished once
-            // the policy allows.
-            Err(why) if matches!(outcome, decide::Outcome::Submit { .. }) => {
-                if unfinished {
-                    self.unfinished.insert(key.clone());
-                }
-                self.refuse(&key, path, ServiceStatus::Invalid, why).await;
-                self.write_asks(asks).await;
-                return;
-            }
-            Err(_) => {}
-        }
-        let save = gates::Save {
-            key: &key,
-            path,
-            record: &record,
-            spec: &spec,
-            hash: &hash,
-            asker: asker.as_ref(),
-            trigger,
-        };
-        if let Some(digests) = self.pass_gates(&mut outcome, save).await {
-            spec.approved_digests = digests;
+        let digests = if self.apply_policy(&key, path, &mut spec, &outcome).await {
+            let save = gates::Save {
+                key: &key,
+                path,
+                record: &record,
+                spec: &spec,
+                hash: &hash,
+                asker: asker.as_ref(),
+                trigger,
+            };
+            self.pass_gates(&mut outcome, save).await
         } else {
+            None
+        };
+        let Some(digests) = digests else {
+            // Nothing is deployed from this read; a deploy left unfinished is finished once
+            // the policy and the gates allow.
             if unfinished {
                 self.unfinished.insert(key.clone());
             }
             self.write_asks(asks).await;
             return;
-        }
+        };
+        spec.approved_digests = digests;
         let desired = Desired {
             spec,
             hash,
@@ -650,6 +639,28 @@ impl Ingest {
         self.hand_on(key, &file, outcome, queue_knows, desired)
             .await;
         self.write_asks(asks).await;
+    }
+
+    /// The policy's verification laid over the file's own. False when the policy refuses a
+    /// save that would be deployed (the refusal is recorded here).
+    async fn apply_policy(
+        &mut self,
+        key: &ServiceKey,
+        path: &Path,
+        spec: &mut DepSpec,
+        outcome: &decide::Outcome,
+    ) -> bool {
+        match self.under_policy(key, &shown(path), spec.verify.take()) {
+            Ok(verify) => {
+                spec.verify = verify;
+                true
+            }
+            Err(why) if matches!(outcome, decide::Outcome::Submit { .. }) => {
+                self.refuse(key, path, ServiceStatus::Invalid, why).await;
+                false
+            }
+            Err(_) => true,
+        }
     }
 
     /// Carry the decision out: the queue is handed the new version (with who asked), or
@@ -816,32 +827,8 @@ impl Ingest {
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
-        // Refused names that are gone, including those recorded before a restart.
-        let mut refused_gone: Vec<PathBuf> = self
-            .refused_names
-            .keys()
-            .filter(|p| !present.contains(p))
-            .cloned()
-            .collect();
-        if trigger == Trigger::Startup {
-            refused_gone.extend(
-                self.store
-                    .refused_files()
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|f| PathBuf::from(f.path))
-                    .filter(|p| !present.contains(p)),
-            );
-        }
+        self.unrefuse_gone(&present, trigger).await;
         drop(present);
-        for p in refused_gone {
-            self.refused_names.remove(&p);
-            self.store
-                .unrefuse_file(&p.display().to_string())
-                .await
-                .or_log("unrefuse file");
-        }
         self.paths_changed(gone, trigger).await;
         if trigger == Trigger::Startup {
             self.forget_removed_while_stopped(&paths).await;
@@ -853,6 +840,37 @@ impl Ingest {
                 .map(|all| all.into_iter().map(|r| (r.key(), r)).collect());
         }
         paths.into_iter().filter(|p| !busy.contains(p)).collect()
+    }
+
+    /// Refused names that are gone are refused no longer, including, at start-up, those
+    /// recorded before a restart.
+    async fn unrefuse_gone(&mut self, present: &HashSet<&PathBuf>, trigger: Trigger) {
+        let mut gone: Vec<PathBuf> = self
+            .refused_names
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        if trigger == Trigger::Startup {
+            match self.store.refused_files().await {
+                Ok(files) => gone.extend(
+                    files
+                        .into_iter()
+                        .map(|f| PathBuf::from(f.path))
+                        .filter(|p| !present.contains(p)),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the refused files recorded before the restart; those since removed stay listed until the next rescan")
+                }
+            }
+        }
+        for p in gone {
+            self.refused_names.remove(&p);
+            self.store
+                .unrefuse_file(&p.display().to_string())
+                .await
+                .or_log("unrefuse file");
+        }
     }
 
     /// Services whose file was deleted while depwatch was stopped are no longer managed.
@@ -1079,50 +1097,22 @@ pub async fn run(
     loop {
         // While the root is away nothing is read, so nothing is due: waking for the paths it
         // took with it would spin (the root check brings it back).
-        let next = files.next_deadline().filter(|_| root_ok);
-        let sleep = async {
-            match next {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let release = ingest.wake_at().map(|at| {
-            let wait = std::time::Duration::try_from(jiff::Timestamp::now().duration_until(at))
-                .unwrap_or_default();
-            tokio::time::Instant::now() + wait
-        });
-        let released = async {
-            match release {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let again = async {
-            match look_again {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let sleep = until(files.next_deadline().filter(|_| root_ok));
+        let released = until(ingest.wake_at().map(instant_of));
+        let again = until(look_again);
         let mut root_event = false;
         tokio::select! {
-            _ = released => {
-                if root_ok {
-                    tracing::debug!("a held or awaiting save is due (a window opens, a wait ends, a deploy it waited behind ended); the files are judged again");
-                    files.rescan(&mut ingest, Trigger::Resync).await;
-                }
+            // While the root is away these wait (the root's return rescans anyway).
+            _ = released, if root_ok => {
+                tracing::debug!("a held or awaiting save is due (a window opens, a wait ends, a deploy it waited behind ended); the files are judged again");
+                files.rescan(&mut ingest, Trigger::Resync).await;
             }
-            _ = again => {
+            _ = again, if root_ok => {
                 look_again = None;
-                if root_ok {
-                    files.rescan(&mut ingest, Trigger::Rescan).await;
-                }
+                files.rescan(&mut ingest, Trigger::Rescan).await;
             }
             _ = cancel.cancelled() => return,
-            _ = resync.tick() => {
-                if root_ok {
-                    files.rescan(&mut ingest, Trigger::Resync).await;
-                }
-            }
+            _ = resync.tick(), if root_ok => files.rescan(&mut ingest, Trigger::Resync).await,
             _ = root_check.tick() => root_event = true,
             _ = sleep => {}
             ev = events.recv() => match ev {
@@ -1148,16 +1138,37 @@ pub async fn run(
             overflow.store(false, Ordering::SeqCst);
             continue;
         }
-        if overflow.swap(false, Ordering::SeqCst) {
-            tracing::warn!("file events overflowed; rescanning");
-            files.rescan(&mut ingest, Trigger::Rescan).await;
-        }
-        files.due(&mut ingest).await;
-        if ingest.take_policy_changed() {
-            tracing::info!("the policy changed; every file is judged again under it");
-            files.rescan(&mut ingest, Trigger::Rescan).await;
-        }
+        catch_up(&mut files, &mut ingest, &overflow).await;
     }
+}
+
+/// After each wake with the root in place: the files due are read, and an overflow of
+/// events or a changed policy rescans.
+async fn catch_up(files: &mut Files, ingest: &mut Ingest, overflow: &AtomicBool) {
+    if overflow.swap(false, Ordering::SeqCst) {
+        tracing::warn!("file events overflowed; rescanning");
+        files.rescan(ingest, Trigger::Rescan).await;
+    }
+    files.due(ingest).await;
+    if ingest.take_policy_changed() {
+        tracing::info!("the policy changed; every file is judged again under it");
+        files.rescan(ingest, Trigger::Rescan).await;
+    }
+}
+
+/// Sleeps until `t`, or for ever when there is none.
+async fn until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The runtime's instant for a wall-clock time (now, when it has passed).
+fn instant_of(at: jiff::Timestamp) -> tokio::time::Instant {
+    let wait = std::time::Duration::try_from(jiff::Timestamp::now().duration_until(at))
+        .unwrap_or_default();
+    tokio::time::Instant::now() + wait
 }
 
 /// How long after a new directory's event it is compared once more: notify starts watching
@@ -1180,5 +1191,20 @@ async fn refresh_root(
         // Nothing is forgotten while the directory is away: a rescan now would take every
         // service for removed.
         crate::pipeline::watch::RootState::Missing => false,
+    }
+}
+
+/// One log line for the policy the daemon now runs under.
+fn announce_policy(path: &Path, next: &PolicyState) {
+    match next {
+        PolicyState::Absent => {
+            tracing::info!(file = %shown(path), "no policy file; services get only their own files' settings")
+        }
+        PolicyState::Valid { policy, .. } => {
+            tracing::info!(file = %shown(path), rules = policy.len(), "policy read; it applies to every deploy from now on")
+        }
+        PolicyState::Invalid { problems, .. } => {
+            tracing::error!(file = %shown(path), error = %problems, "the policy file is invalid; nothing is deployed until it is fixed")
+        }
     }
 }
