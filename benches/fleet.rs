@@ -467,6 +467,13 @@ async fn scenario(n: usize, baseline_n: usize) -> Figures {
             std::fs::read_to_string(&smaps).unwrap_or_default()
         );
     }
+    // DEPWATCH_BENCH_SMAPS_TO=FILE: every mapping of the idle daemon, for a closer look.
+    if let Some(to) = std::env::var_os("DEPWATCH_BENCH_SMAPS_TO") {
+        let smaps = format!("/proc/{}/smaps", daemon.child.id());
+        if let Err(e) = std::fs::copy(&smaps, &to) {
+            eprintln!("[{n}] cannot copy {smaps}: {e}");
+        }
+    }
     // DEPWATCH_BENCH_STOP_IDLE: end the run here, killing the idle daemon, so that a heap
     // profiler wrapping it (DEPWATCH_BENCH_BIN) reports what the idle daemon held.
     if std::env::var_os("DEPWATCH_BENCH_STOP_IDLE").is_some() {

@@ -745,6 +745,10 @@ impl Running {
                 self.stages.clone(),
                 self.fence.lost(),
             ));
+            self.set.spawn(crate::memory::while_quiet(
+                self.scheduler.stats.clone(),
+                self.stages.clone(),
+            ));
         }
         let mut ingest = Ingest::new(
             self.config.deps_dir.clone(),

@@ -31,6 +31,7 @@ pub mod leader;
 pub mod lease;
 pub mod lock;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod operator;
 pub mod pipeline;
