@@ -740,3 +740,91 @@ async fn reads_racing_the_writer_see_each_write_once_on_postgresql() {
     let url = pg.database("raced").await;
     reads_race_the_writer(Store::connect(&url).await.expect("connect")).await;
 }
+
+/// A PostgreSQL record that stops answering (a partition: connections hang, no error comes
+/// back) delays no writer: 200 saves' changes and deploy rows are queued while it hangs
+/// (one enqueue each: a writer that waited on the record would still be waiting), and are
+/// written, each once and the newest last, when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_postgresql_delays_no_writer_and_gets_every_write_once_it_answers() {
+    use std::time::Duration;
+    let pg = common::postgres::Postgres::start().await;
+    let url = pg.database("hang").await;
+    let real = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port));
+    let hole = common::blackhole::Blackhole::start(real).await;
+    let through = url.replace(
+        &format!(":{}/", pg.port),
+        &format!(":{}/", hole.addr.port()),
+    );
+    let store = Store::connect(&through)
+        .await
+        .expect("connect")
+        .with_writer()
+        .expect("writer");
+    let key = |i: usize| ServiceKey::new(&format!("svc-{i:03}"), "prod").expect("key");
+    let version = |i: usize, v: &str| ServiceChange::default().path(format!("/deps/{i}/{v}"));
+    store
+        .change_service(&key(0), version(0, "before"))
+        .await
+        .expect("before the outage");
+    store.settled().await;
+
+    hole.hang();
+    // Every call returns while nothing can reach the record; the deadline only turns a
+    // writer stuck behind the record into a failure instead of a hang.
+    let saves = async {
+        let mut ids = Vec::new();
+        for i in 0..200 {
+            store
+                .change_service(&key(i), version(i, "first"))
+                .await
+                .expect("queued");
+            ids.push(
+                store
+                    .start_deploy(&deploy("prod", &format!("svc-{i:03}")))
+                    .await
+                    .expect("started"),
+            );
+            store
+                .change_service(&key(i), version(i, "last"))
+                .await
+                .expect("queued");
+        }
+        ids
+    };
+    let ids = tokio::time::timeout(Duration::from_secs(20), saves)
+        .await
+        .expect("200 saves queued while the record hangs");
+    assert!(store.health().pending >= 600, "{:?}", store.health());
+
+    hole.heal();
+    common::wait_for(
+        "every write to reach the record",
+        Duration::from_secs(60),
+        || async { (store.health().pending == 0).then_some(()) },
+    )
+    .await;
+    // Deploys started during the outage finish after it on their own rows.
+    for id in &ids {
+        store
+            .finish_deploy(*id, DeployOutcome::Succeeded, "healthy")
+            .await
+            .expect("finish");
+    }
+    store.close().await;
+    // Read back through a connection of its own, straight to the server.
+    let direct = Store::connect(&url).await.expect("direct");
+    let rows = direct.services().await.expect("services");
+    assert_eq!(rows.len(), 200);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.path, format!("/deps/{i}/last"), "{r:?}");
+    }
+    let history = direct.history(None, 1000).await.expect("history");
+    assert_eq!(history.len(), 200, "one row per deploy, none twice");
+    assert!(
+        history
+            .iter()
+            .all(|d| d.outcome == DeployOutcome::Succeeded),
+        "each finished on its own row"
+    );
+}

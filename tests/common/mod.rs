@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: waiting with deadlines and running kubectl.
 #![allow(dead_code)]
 
+pub mod blackhole;
 pub mod chromium;
 pub mod daemon;
 pub mod ecr;
