@@ -15,18 +15,19 @@ use tokio_util::sync::CancellationToken;
 use crate::pipeline::queue::QueueStats;
 
 /// How often the daemon looks whether it is quiet.
-pub const LOOK_EVERY: Duration = Duration::from_secs(2);
-/// After start-up or a deploy, what settles (watches filling their caches, rollouts' last
-/// events) is given back at every quiet look for this long.
-pub const SETTLING: Duration = Duration::from_secs(30);
-/// Later, while it stays quiet, what other work freed (file reads, resyncs, watch events)
-/// is given back this often.
+pub const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// Quiet for this long after start-up or a deploy, what it freed is given back, once. Not
+/// at once: a trim holds each arena's lock for a moment, and a save arriving then would
+/// wait, so saves that come in a row are never interrupted.
+pub const QUIET_FOR: Duration = Duration::from_secs(4);
+/// While it stays quiet, what other work freed (file reads, resyncs, watch events) is given
+/// back this often.
 pub const QUIET_EVERY: Duration = Duration::from_secs(60);
 
-/// Whether to give memory back now: only when quiet; at every look while settling after
-/// start-up or work, then once every [`QUIET_EVERY`].
-pub fn time_to_give_back(quiet: bool, since_busy: Duration, since_last: Duration) -> bool {
-    quiet && (since_busy <= SETTLING || since_last >= QUIET_EVERY)
+/// Whether to give memory back now: once the daemon has been quiet for [`QUIET_FOR`], when
+/// not done since the last work, and then once every [`QUIET_EVERY`].
+pub fn time_to_give_back(since_busy: Duration, since_last: Duration) -> bool {
+    since_busy >= QUIET_FOR && (since_last > since_busy || since_last >= QUIET_EVERY)
 }
 
 /// Hand the allocator's free pages back to the system (glibc; nothing elsewhere).
@@ -40,26 +41,30 @@ pub fn give_back() {
 }
 
 /// Until `stop`: every [`LOOK_EVERY`], give memory back when no deploy is queued or running
-/// and [`time_to_give_back`] says so.
+/// and [`time_to_give_back`] says so (a deploy queued, running or finished since the last
+/// look is work).
 pub async fn while_quiet(stats: Arc<QueueStats>, stop: CancellationToken) {
     let mut look = tokio::time::interval(LOOK_EVERY);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Start-up counts as work.
+    // Start-up counts as work; nothing was given back before it.
     let mut busy_at = tokio::time::Instant::now();
-    let mut last = busy_at;
+    let mut last: Option<tokio::time::Instant> = None;
+    let mut finished = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = look.tick() => {}
         }
+        let done = stats.finished.load(Ordering::Relaxed);
         let quiet =
             stats.queued.load(Ordering::Relaxed) == 0 && stats.running.load(Ordering::Relaxed) == 0;
-        if !quiet {
+        if !quiet || std::mem::replace(&mut finished, done) != done {
             busy_at = tokio::time::Instant::now();
         }
-        if time_to_give_back(quiet, busy_at.elapsed(), last.elapsed()) {
+        let since_last = last.map_or(Duration::MAX, |at| at.elapsed());
+        if quiet && time_to_give_back(busy_at.elapsed(), since_last) {
             tokio::task::spawn_blocking(give_back).await.ok();
-            last = tokio::time::Instant::now();
+            last = Some(tokio::time::Instant::now());
         }
     }
 }
@@ -69,23 +74,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_is_given_back_while_settling_after_work_then_once_a_minute() {
+    fn memory_is_given_back_once_quiet_after_work_then_once_a_minute() {
         let s = Duration::from_secs;
-        // (quiet, since work or start-up, since the last time) → give back
+        // (since work or start-up, since the last time) → give back
         let table = [
-            (false, s(0), s(600), false),
-            (false, s(600), s(600), false),
-            (true, s(2), s(2), true),
-            (true, s(30), s(2), true),
-            (true, s(32), s(2), false),
-            (true, s(300), s(59), false),
-            (true, s(300), s(60), true),
+            // Saves in a row: never in between.
+            (s(0), s(600), false),
+            (s(3), s(600), false),
+            // Quiet long enough, not given back since the work.
+            (s(4), s(600), true),
+            (s(4), s(5), true),
+            // Given back since the work: not again until a minute has passed.
+            (s(5), s(1), false),
+            (s(300), s(59), false),
+            (s(300), s(60), true),
         ];
-        for (quiet, since_busy, since_last, want) in table {
+        for (since_busy, since_last, want) in table {
             assert_eq!(
-                time_to_give_back(quiet, since_busy, since_last),
+                time_to_give_back(since_busy, since_last),
                 want,
-                "{quiet} {since_busy:?} {since_last:?}"
+                "{since_busy:?} {since_last:?}"
             );
         }
     }

@@ -50,6 +50,8 @@ impl Slot {
 pub struct QueueStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Deploys finished since start (work done between two looks counts as work).
+    pub finished: AtomicUsize,
 }
 
 /// The shared scheduling state. Cheap to clone.
@@ -203,5 +205,6 @@ impl<'a> Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::Relaxed);
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
