@@ -657,6 +657,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// A duration as people read it: `850ms`, `4.2s`, `3m 5s`.
+/// Lower-case hexadecimal of some bytes (digests, ids).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn human_duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {

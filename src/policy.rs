@@ -293,15 +293,8 @@ fn read_rules(doc: &Value, problems: &mut Vec<FieldProblem>) -> Vec<Rule> {
 
 fn read_rule(i: usize, v: &Value, problems: &mut Vec<FieldProblem>) -> Option<Rule> {
     let field = format!("rules[{i}]");
-    let Some(m) = v.as_object() else {
-        problems.push((
-            field,
-            format!("expected a mapping with {}", RULE_FIELDS.join(", ")),
-        ));
-        return None;
-    };
     let before = problems.len();
-    problems.extend(unknown_keys(&field, m, RULE_FIELDS));
+    let m = mapping(&field, v, RULE_FIELDS, problems)?;
     let namespaces = read_globs(
         &format!("{field}.namespaces"),
         m.get("namespaces"),
@@ -430,17 +423,29 @@ pub fn read_windows(
         .collect()
 }
 
-/// One window of a `windows:` list, at `at`; None when it has a problem (said in `problems`).
-fn read_window(at: String, w: &Value, problems: &mut Vec<FieldProblem>) -> Option<Window> {
-    let Some(m) = w.as_object() else {
+/// The mapping at `at`, each key it does not know named; None when it is no mapping (said
+/// in `problems`).
+fn mapping<'v>(
+    at: &str,
+    v: &'v Value,
+    known: &[&str],
+    problems: &mut Vec<FieldProblem>,
+) -> Option<&'v serde_json::Map<String, Value>> {
+    let Some(m) = v.as_object() else {
         problems.push((
-            at,
-            format!("expected a mapping with {}", WINDOW_FIELDS.join(", ")),
+            at.into(),
+            format!("expected a mapping with {}", known.join(", ")),
         ));
         return None;
     };
+    problems.extend(unknown_keys(at, m, known));
+    Some(m)
+}
+
+/// One window of a `windows:` list, at `at`; None when it has a problem (said in `problems`).
+fn read_window(at: String, w: &Value, problems: &mut Vec<FieldProblem>) -> Option<Window> {
     let before = problems.len();
-    problems.extend(unknown_keys(&at, m, WINDOW_FIELDS));
+    let m = mapping(&at, w, WINDOW_FIELDS, problems)?;
     let (kind, cron) = match (m.get("allow"), m.get("deny")) {
         (Some(c), None) => (Kind::Allow, c),
         (None, Some(c)) => (Kind::Deny, c),

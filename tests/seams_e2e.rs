@@ -386,12 +386,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
     env.wait_image("prod", "web", "r.example/web:1.0").await;
     let http = daemon.http_url();
     readyz_names_the_record(&http).await;
-    let metrics = reqwest::get(format!("{http}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::get_text(&format!("{http}/metrics")).await;
     assert!(
         metrics
             .lines()
@@ -399,12 +394,7 @@ async fn a_record_outage_keeps_every_write_and_replays_it_in_order() {
         "{metrics}"
     );
     // The page says the record cannot be read, not that there are no services.
-    let page = reqwest::get(format!("{http}/"))
-        .await
-        .expect("page")
-        .text()
-        .await
-        .expect("text");
+    let page = common::get_text(&format!("{http}/")).await;
     assert!(page.contains("The record cannot be read"), "{page}");
     assert!(!page.contains("No services yet"), "{page}");
 

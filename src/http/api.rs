@@ -674,10 +674,10 @@ pub async fn create_deploy(
     let idempotency_key = idempotency_key(&headers)?;
     let body = parse_body(&read_body(body).await?)?;
     let key = allowed_key(&state, &body)?;
-    let body_hash = hex(&Sha256::digest(
+    let body_hash = crate::domain::hex(&Sha256::digest(
         serde_json::to_vec(&body).unwrap_or_default(),
     ));
-    let id = hex(&rand::rng().random::<[u8; 12]>());
+    let id = crate::domain::hex(&rand::rng().random::<[u8; 12]>());
     // Keys are scoped to the token: one holder's key never answers for another's request.
     let idempotency_key = match idempotency_key {
         Some(k) => format!("{actor}\n{k}"),
@@ -826,11 +826,6 @@ fn no_such_workload(key: &ServiceKey, closest: Option<String>) -> ApiError {
             key.name, key.namespace
         ),
     )
-}
-
-/// Lower-case hexadecimal of some bytes.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What an API deploy writes: the service's file edited in its own form (only the main

@@ -150,10 +150,7 @@ fn identity(creds: Option<&Credentials>) -> String {
     h.update(c.username.as_bytes());
     h.update([0]);
     h.update(c.password.as_bytes());
-    h.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::domain::hex(&h.finalize()[..12])
 }
 
 impl Registries {

@@ -49,6 +49,16 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / per_second
 }
 
+/// The body of a GET to `url`, failing the test when there is none.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// Poll `check` until it returns `Some`, failing the test with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where

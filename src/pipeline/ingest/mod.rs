@@ -36,8 +36,7 @@ use crate::store::OrLog;
 use crate::store::{ServiceChange, ServiceRecord, Store};
 
 pub fn content_hash(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    crate::domain::hex(&Sha256::digest(bytes))
 }
 
 /// The meaningful text of a file, for comparing a seed `.last` with a `.dep`.
